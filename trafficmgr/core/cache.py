@@ -1,0 +1,266 @@
+"""Versioned snapshots of Envoy resources, one per view (a role such as ``sidecar`` or ``gateway``).
+
+Contracts:
+- A :class:`Resource` is serialized exactly once; its bytes, its ``Any`` encoding and its delta
+  ``Resource`` encoding are shared by every proxy and every response that carries it.
+- Versions are derived from content: unchanged resources keep their version and are not resent.
+- A :class:`Snapshot` is immutable and deterministic (sorted by name); :meth:`SnapshotCache.set_view`
+  refuses a snapshot that fails the consistency gate, and the previous one keeps being served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import attrs
+from google.protobuf.message import Message
+
+from trafficmgr.core import wire
+
+TYPE_PREFIX = "type.googleapis.com/"
+CLUSTER = TYPE_PREFIX + "envoy.config.cluster.v3.Cluster"
+ENDPOINT = TYPE_PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
+LISTENER = TYPE_PREFIX + "envoy.config.listener.v3.Listener"
+ROUTE = TYPE_PREFIX + "envoy.config.route.v3.RouteConfiguration"
+SECRET = TYPE_PREFIX + "envoy.extensions.transport_sockets.tls.v3.Secret"
+
+#: Push order (make-before-break): clusters before endpoints, listeners before routes.
+TYPE_ORDER: tuple[str, ...] = (CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET)
+#: Short names used by the CLI and admin views.
+SHORT_NAMES: dict[str, str] = {
+    "clusters": CLUSTER,
+    "endpoints": ENDPOINT,
+    "listeners": LISTENER,
+    "routes": ROUTE,
+    "secrets": SECRET,
+}
+#: Types whose resources are requested by name (others are wildcard).
+NAMED_TYPES = frozenset({ENDPOINT, ROUTE, SECRET})
+
+
+def content_version(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+@attrs.frozen(slots=True, eq=False)
+class Resource:
+    """One serialized xDS resource.
+
+    ``refs`` lists ``(type_url, name)`` of the resources this one needs (a cluster's EDS name, a
+    listener's RDS and SDS names); the consistency gate checks them.
+    """
+
+    type_url: str
+    name: str
+    body: bytes
+    version: str
+    refs: tuple[tuple[str, str], ...] = ()
+    any_bytes: bytes = b""
+    delta_bytes: bytes = b""
+
+    @classmethod
+    def from_message(cls, msg: Message, name: str, refs: Iterable[tuple[str, str]] = ()) -> Resource:
+        """Serialize ``msg`` (deterministically) once and wrap it."""
+        body = msg.SerializeToString(deterministic=True)
+        type_url = TYPE_PREFIX + msg.DESCRIPTOR.full_name
+        version = content_version(body)
+        any_bytes = wire.field_str(1, type_url) + wire.field(2, body)
+        delta = wire.field_str(1, version) + wire.field(2, any_bytes) + wire.field_str(3, name)
+        return cls(type_url, name, body, version, tuple(sorted(set(refs))), any_bytes, delta)
+
+    def message(self) -> Message:
+        """Parse the bytes back into a message (for config dumps and tests; not on the hot path)."""
+        from trafficmgr.core.build.resources import message_class
+
+        msg = message_class(self.type_url)()
+        msg.ParseFromString(self.body)
+        return msg
+
+
+class TypeSet:
+    """All resources of one type in one view; immutable once built; caches response bodies."""
+
+    __slots__ = ("type_url", "resources", "version", "_bodies", "_lock")
+
+    def __init__(self, type_url: str, resources: Iterable[Resource]) -> None:
+        self.type_url = type_url
+        self.resources: dict[str, Resource] = {r.name: r for r in sorted(resources, key=lambda r: r.name)}
+        h = hashlib.blake2b(digest_size=8)
+        for r in self.resources.values():
+            h.update(r.name.encode() + b"\0" + r.version.encode() + b"\n")
+        self.version = h.hexdigest() if self.resources else "empty"
+        self._bodies: dict[frozenset[str] | None, bytes] = {}
+        self._lock = threading.Lock()
+
+    def same_as(self, resources: Mapping[str, Resource]) -> bool:
+        """True when ``resources`` holds exactly the same Resource objects."""
+        if len(resources) != len(self.resources):
+            return False
+        mine = self.resources
+        return all(mine.get(name) is r for name, r in resources.items())
+
+    def select(self, names: frozenset[str] | None) -> list[Resource]:
+        """The resources named (all of them for ``None``), sorted by name; unknown names are skipped."""
+        if names is None:
+            return list(self.resources.values())
+        return [self.resources[n] for n in sorted(names) if n in self.resources]
+
+    def sotw_body(self, names: frozenset[str] | None) -> bytes:
+        """A ``DiscoveryResponse`` without nonce for ``names`` (all for ``None``), built once and cached.
+
+        Append ``wire.field_str(5, nonce)`` to complete it.
+        """
+        body = self._bodies.get(names)
+        if body is None:
+            parts = [wire.field_str(1, self.version)]
+            parts.extend(wire.field(2, r.any_bytes) for r in self.select(names))
+            parts.append(wire.field_str(4, self.type_url))
+            body = b"".join(parts)
+            with self._lock:
+                if len(self._bodies) > 256:
+                    self._bodies.clear()
+                self._bodies[names] = body
+        return body
+
+
+class InconsistentSnapshot(ValueError):
+    """The snapshot references resources it does not contain (or contains unreferenced ones)."""
+
+
+class Snapshot:
+    """Immutable resources of one view, by type. Equal inputs give byte-identical snapshots."""
+
+    __slots__ = ("types", "version")
+
+    def __init__(self, types: Mapping[str, TypeSet]) -> None:
+        self.types: dict[str, TypeSet] = {t: types.get(t) or TypeSet(t, ()) for t in TYPE_ORDER}
+        self.version = "-".join(self.types[t].version[:6] for t in TYPE_ORDER)
+
+    @classmethod
+    def build(cls, resources: Mapping[str, Iterable[Resource]], previous: Snapshot | None = None) -> Snapshot:
+        """Make a snapshot, reusing ``previous``'s TypeSets (and their cached bodies) where unchanged."""
+        types: dict[str, TypeSet] = {}
+        for type_url in TYPE_ORDER:
+            by_name = {r.name: r for r in resources.get(type_url, ())}
+            old = previous.types.get(type_url) if previous else None
+            types[type_url] = old if old is not None and old.same_as(by_name) else TypeSet(type_url, by_name.values())
+        return cls(types)
+
+    def errors(self) -> list[str]:
+        """Consistency problems: dangling references and unreferenced named resources."""
+        problems: list[str] = []
+        referenced: set[tuple[str, str]] = set()
+        for ts in self.types.values():
+            for r in ts.resources.values():
+                for ref in r.refs:
+                    referenced.add(ref)
+                    rtype, rname = ref
+                    if rname not in self.types.get(rtype, TypeSet(rtype, ())).resources:
+                        problems.append(f"{short_name(r.type_url)} {r.name!r} references missing {short_name(rtype)} {rname!r}")
+        for t in NAMED_TYPES:
+            for name in self.types[t].resources:
+                if (t, name) not in referenced:
+                    problems.append(f"{short_name(t)} {name!r} is not referenced by any resource")
+        return problems
+
+    def resource_count(self) -> int:
+        return sum(len(ts.resources) for ts in self.types.values())
+
+
+def short_name(type_url: str) -> str:
+    for short, full in SHORT_NAMES.items():
+        if full == type_url:
+            return short
+    return type_url.rsplit(".", 1)[-1]
+
+
+Resolver = Callable[[str, str, str], "str | None"]
+
+
+class SnapshotCache:
+    """The current snapshot of each view, plus change notification for xDS streams.
+
+    ``resolver(node_id, node_cluster, peer_address)`` returns the view name a connecting proxy gets, or
+    None for an unknown/refused node. Snapshots are set from any thread; streams wait on the asyncio
+    loop given to :meth:`attach_loop`.
+    """
+
+    def __init__(self, resolver: Resolver | None = None) -> None:
+        self._views: dict[str, Snapshot] = {}
+        self.resolver: Resolver = resolver or (lambda node_id, cluster, peer: None)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._changed: asyncio.Event | None = None
+        self.generation = 0
+        self._lock = threading.Lock()
+        self.rejected: dict[str, list[str]] = {}
+
+    def attach_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Bind change notification to the xDS server's loop (call from that loop)."""
+        self._loop = loop
+        self._changed = asyncio.Event()
+
+    def views(self) -> dict[str, Snapshot]:
+        return dict(self._views)
+
+    def get(self, view: str) -> Snapshot | None:
+        return self._views.get(view)
+
+    def resolve(self, node_id: str, node_cluster: str, peer: str = "") -> str | None:
+        return self.resolver(node_id, node_cluster, peer)
+
+    def set_view(self, view: str, snapshot: Snapshot) -> None:
+        """Publish ``snapshot`` for ``view`` after the consistency gate.
+
+        Raises :class:`InconsistentSnapshot` (and keeps serving the previous snapshot) when it fails.
+        """
+        problems = snapshot.errors()
+        if problems:
+            self.rejected[view] = problems
+            raise InconsistentSnapshot(f"view {view!r}: " + "; ".join(problems[:5]))
+        self.rejected.pop(view, None)
+        with self._lock:
+            if self._views.get(view) is snapshot:
+                return
+            self._views[view] = snapshot
+        self.notify()
+
+    def remove_view(self, view: str) -> None:
+        with self._lock:
+            self._views.pop(view, None)
+        self.notify()
+
+    def notify(self) -> None:
+        """Wake every stream so it re-resolves its node and compares versions."""
+        with self._lock:
+            self.generation += 1
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._wake()
+        else:
+            loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = asyncio.Event()
+
+    async def wait_change(self, generation: int) -> int:
+        """Wait until the cache generation is past ``generation``; return the new generation."""
+        while self.generation <= generation:
+            assert self._changed is not None, "attach_loop() first"
+            await self._changed.wait()
+        return self.generation
+
+
+def describe(resource: Resource) -> dict[str, Any]:
+    return {"name": resource.name, "version": resource.version, "bytes": len(resource.body)}

@@ -1,0 +1,197 @@
+"""The intermediate representation (IR) between Kubernetes and Envoy.
+
+Every class is a frozen ``attrs`` class with slots. Plugins and the builder read these objects, never raw
+Kubernetes dicts. Objects are replaced, never mutated: the Kubernetes layer keeps the same instance for an
+object that did not change, so the builder can detect change with an identity check (``is``) and rebuild
+only what a change affects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import attrs
+
+SIDECAR = "sidecar"
+GATEWAY = "gateway"
+GATEWAY_CLUSTER = "traffic-ingress"
+
+
+class Labels(Mapping[str, Any]):
+    """Parsed, valid ``traffic.*`` label values of one object (read-only mapping key -> parsed value).
+
+    Only labels that were present *and* valid are here; look defaults up with :meth:`value`.
+    """
+
+    __slots__ = ("_items", "_dict", "_hash")
+
+    def __init__(self, items: Mapping[str, Any] | None = None) -> None:
+        self._dict: dict[str, Any] = dict(sorted((items or {}).items()))
+        self._items = tuple(self._dict.items())
+        self._hash: int | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        return self._dict[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._dict)
+
+    def __len__(self) -> int:
+        return len(self._dict)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Labels):
+            return self._items == other._items
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        if self._hash is None:
+            self._hash = hash(self._items)
+        return self._hash
+
+    def __repr__(self) -> str:
+        return f"Labels({self._dict!r})"
+
+    def value(self, key: str, default: Any = None) -> Any:
+        """The parsed value of ``key``, or ``default`` when absent/invalid."""
+        return self._dict.get(key, default)
+
+    def merged(self, override: Labels) -> Labels:
+        """A new Labels where ``override`` wins over ``self``."""
+        if not self._dict:
+            return override
+        if not override._dict:
+            return self
+        return Labels({**self._dict, **override._dict})
+
+
+EMPTY_LABELS = Labels()
+
+
+@attrs.frozen(slots=True)
+class ObjectRef:
+    """Identity of a Kubernetes object, used for events and error reports."""
+
+    kind: str
+    namespace: str
+    name: str
+    uid: str = ""
+    resource_version: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.kind}/{self.namespace}/{self.name}" if self.namespace else f"{self.kind}/{self.name}"
+
+
+@attrs.frozen(slots=True)
+class LabelError:
+    """An invalid ``traffic.*`` label value on one object: it was ignored and its default applies."""
+
+    ref: ObjectRef
+    key: str
+    value: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.ref}: invalid label {self.key}={self.value!r}: {self.message}"
+
+
+@attrs.frozen(slots=True)
+class ServicePort:
+    """One port of a Service. ``protocol`` is the traffic protocol: ``http``, ``tcp``, ``direct`` or None
+    (unlabeled: traffic to it from a sidecar is blocked)."""
+
+    name: str
+    port: int
+    target_port: int | str
+    protocol: str | None = None
+    transport: str = "TCP"
+
+
+@attrs.frozen(slots=True)
+class Endpoint:
+    """A ready (or not) address behind a service port: pod IP and resolved target port."""
+
+    address: str
+    port: int
+    ready: bool = True
+    pod: str | None = None
+    namespace: str = ""
+    node: str | None = None
+    labels: Labels = EMPTY_LABELS
+
+
+@attrs.frozen(slots=True)
+class Service:
+    """A Kubernetes Service. ``labels`` are its parsed traffic labels. Endpoints live in
+    :attr:`Model.endpoints` so that a pod change leaves the Service object untouched."""
+
+    namespace: str
+    name: str
+    ports: tuple[ServicePort, ...] = ()
+    cluster_ip: str | None = None
+    labels: Labels = EMPTY_LABELS
+    headless: bool = False
+    uid: str = ""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+    def cluster_name(self, port: ServicePort) -> str:
+        """The Envoy cluster name ``<port>|<namespace>|<service>.outbound`` (kept from the original)."""
+        return f"{port.port}|{self.namespace}|{self.name}.outbound"
+
+    def hostnames(self) -> tuple[str, ...]:
+        """Names a client may use for this service, without port."""
+        n, ns = self.name, self.namespace
+        return (n, f"{n}.{ns}", f"{n}.{ns}.svc", f"{n}.{ns}.svc.cluster.local")
+
+
+@attrs.frozen(slots=True)
+class Pod:
+    """A pod with its *effective* traffic labels (workload labels merged, the pod's own labels win)."""
+
+    namespace: str
+    name: str
+    ip: str | None = None
+    node: str | None = None
+    ready: bool = False
+    labels: Labels = EMPTY_LABELS
+    uid: str = ""
+    ports: tuple[tuple[str, int], ...] = ()  # (container port name, number)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+    @property
+    def node_id(self) -> str:
+        """The Envoy node id of this pod's sidecar: ``<pod>.<namespace>``."""
+        return f"{self.name}.{self.namespace}"
+
+
+@attrs.frozen(slots=True)
+class Proxy:
+    """A connected (or expected) Envoy: a sidecar of a pod or an ingress gateway."""
+
+    node_id: str
+    role: str
+    pod: Pod | None = None
+
+
+@attrs.frozen(slots=True)
+class Model:
+    """Everything the builder needs, as of one point in time.
+
+    ``endpoints`` maps ``(namespace, service, port name)`` to its endpoints. ``extra`` holds objects of
+    kinds that plugins asked to watch (see ``trafficmgr_watch_kinds``), by kind then ``(namespace, name)``.
+    """
+
+    services: Mapping[tuple[str, str], Service] = attrs.field(factory=dict)
+    endpoints: Mapping[tuple[str, str, str], tuple[Endpoint, ...]] = attrs.field(factory=dict)
+    pods: Mapping[tuple[str, str], Pod] = attrs.field(factory=dict)
+    extra: Mapping[str, Mapping[tuple[str, str], Any]] = attrs.field(factory=dict)
+
+    def endpoints_of(self, service: Service, port: ServicePort) -> tuple[Endpoint, ...]:
+        return self.endpoints.get((service.namespace, service.name, port.name), ())

@@ -1,0 +1,193 @@
+"""Plugin discovery, selection and isolated hook calls.
+
+Plugins are modules (or objects) registered through the ``trafficmgr.plugins`` entry-point group. Built-in
+plugins use the same group as third-party ones. Selection (``--plugins a,b`` or ``TRAFFICMGR_PLUGINS``)
+loads only the named plugins: an unselected plugin is never imported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterable, Sequence
+from importlib import metadata
+from typing import Any
+
+import attrs
+import pluggy
+from google.protobuf.message import Message
+
+from trafficmgr.core import hookspecs, metrics
+from trafficmgr.core.labels import LabelRegistry
+
+log = logging.getLogger(__name__)
+
+GROUP = "trafficmgr.plugins"
+ENV_SELECTION = "TRAFFICMGR_PLUGINS"
+
+
+class PluginError(Exception):
+    """A plugin cannot be selected or loaded; the message is meant for the user."""
+
+
+@attrs.frozen(slots=True)
+class PluginInfo:
+    """What ``trafficmgr plugins list`` shows about one plugin."""
+
+    name: str
+    module: str
+    version: str
+    distribution: str
+    builtin: bool
+    hooks: tuple[str, ...] = ()
+    loaded: bool = True
+
+
+def available() -> dict[str, metadata.EntryPoint]:
+    """Installed plugin entry points by name (not imported)."""
+    found: dict[str, metadata.EntryPoint] = {}
+    for ep in metadata.entry_points(group=GROUP):
+        found.setdefault(ep.name, ep)
+    return dict(sorted(found.items()))
+
+
+def parse_selection(text: str | None) -> list[str] | None:
+    """``"lb, fault"`` -> ``["lb", "fault"]``; None or ``"all"`` -> None (every installed plugin)."""
+    if text is None:
+        return None
+    text = text.strip()
+    if text in ("", "all", "*"):
+        return None if text else []
+    names = [n.strip() for n in text.split(",")]
+    bad = [n for n in names if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", n)]
+    if bad:
+        raise PluginError(f"malformed plugin selection {text!r}: {', '.join(repr(b) for b in bad)} is not a plugin name (use a comma-separated list such as lb,fault)")
+    seen: list[str] = []
+    for n in names:
+        if n not in seen:
+            seen.append(n)
+    return seen
+
+
+def _hook_names(plugin: Any) -> tuple[str, ...]:
+    return tuple(sorted(n for n in dir(plugin) if n.startswith("trafficmgr_") and callable(getattr(plugin, n, None))))
+
+
+class PluginHost:
+    """The loaded plugins, their labels, and hook calls with per-plugin error isolation."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.infos: dict[str, PluginInfo] = {}
+        self.labels = LabelRegistry()
+        self._logged: set[tuple[str, str, str]] = set()
+
+    @classmethod
+    def load(
+        cls,
+        selection: Sequence[str] | str | None = None,
+        extra: Iterable[tuple[str, Any]] = (),
+    ) -> PluginHost:
+        """Load the selected entry-point plugins (all when ``selection`` is None) plus ``extra``
+        ``(name, plugin object)`` pairs. Raises :class:`PluginError` for unknown names or import errors."""
+        if selection is None:
+            selection = os.environ.get(ENV_SELECTION)
+        names = parse_selection(selection) if isinstance(selection, str) or selection is None else list(selection)
+        eps = available()
+        if names is not None:
+            unknown = [n for n in names if n not in eps]
+            if unknown:
+                raise PluginError(
+                    f"unknown plugin{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                    f"available: {', '.join(eps) or '(none installed)'}"
+                )
+        host = cls()
+        for name, ep in eps.items():
+            if names is not None and name not in names:
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # noqa: BLE001 - any import error is the plugin's fault
+                raise PluginError(f"plugin {name!r} ({ep.value}) failed to import: {exc}") from exc
+            dist = ep.dist
+            host.register(
+                name,
+                plugin,
+                version=getattr(dist, "version", "") or "",
+                distribution=getattr(dist, "name", "") or "",
+                builtin=ep.value.startswith("trafficmgr.plugins."),
+            )
+        for name, plugin in extra:
+            host.register(name, plugin, version="", distribution="", builtin=False)
+        host._load_labels()
+        return host
+
+    def register(self, name: str, plugin: Any, version: str = "", distribution: str = "", builtin: bool = False) -> None:
+        """Register one plugin object under ``name``; unknown ``trafficmgr_*`` hooks are an error."""
+        try:
+            self.pm.register(plugin, name=name)
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            if self.pm.is_registered(plugin):
+                self.pm.unregister(plugin)
+            raise PluginError(f"plugin {name!r} is invalid: {exc}") from exc
+        module = getattr(plugin, "__name__", type(plugin).__module__)
+        self.infos[name] = PluginInfo(name, module, version, distribution, builtin, _hook_names(plugin))
+
+    def _load_labels(self) -> None:
+        for name, plugin in self.pm.list_name_plugin():
+            impl = getattr(plugin, "trafficmgr_labels", None)
+            if impl is None:
+                continue
+            for spec in impl() or ():
+                try:
+                    self.labels.add(attrs.evolve(spec, plugin=name))
+                except ValueError as exc:
+                    raise PluginError(str(exc)) from exc
+
+    # -- hook calls -----------------------------------------------------------------------------
+
+    def _impls(self, hook: str) -> list[pluggy.HookImpl]:
+        # pluggy calls the last registered implementation first (LIFO, then tryfirst/trylast).
+        return list(reversed(getattr(self.pm.hook, hook).get_hookimpls()))
+
+    def _failed(self, plugin: str, hook: str, exc: BaseException, what: str) -> None:
+        metrics.PLUGIN_ERRORS.labels(plugin=plugin, hook=hook).inc()
+        key = (plugin, hook, f"{type(exc).__name__}: {exc}")
+        if key not in self._logged:
+            self._logged.add(key)
+            log.error("plugin %r hook %s failed for %s, its change was skipped: %s", plugin, hook, what, key[2], exc_info=exc)
+
+    def mutate(self, hook: str, message: Message, what: str = "", **kwargs: Any) -> None:
+        """Call a mutate-in-place hook on ``message``; a plugin that raises has its change undone."""
+        for impl in self._impls(hook):
+            backup = type(message)()
+            backup.CopyFrom(message)
+            try:
+                impl.function(*[kwargs[a] if a in kwargs else message for a in impl.argnames])
+            except Exception as exc:  # noqa: BLE001 - isolation is the contract
+                message.CopyFrom(backup)
+                self._failed(impl.plugin_name, hook, exc, what or message.DESCRIPTOR.name)
+
+    def collect(self, hook: str, what: str = "", **kwargs: Any) -> list[Any]:
+        """Call a contribution hook; returns the concatenated items of every plugin that succeeded."""
+        items: list[Any] = []
+        for impl in self._impls(hook):
+            try:
+                result = impl.function(*[kwargs[a] for a in impl.argnames])
+            except Exception as exc:  # noqa: BLE001
+                self._failed(impl.plugin_name, hook, exc, what or hook)
+                continue
+            if result:
+                items.extend(result)
+        return items
+
+    def call_all(self, hook: str, **kwargs: Any) -> None:
+        """Call a hook that returns nothing and mutates plain Python data (bootstrap, argparse)."""
+        for impl in self._impls(hook):
+            impl.function(*[kwargs[a] for a in impl.argnames])
+
+    def hook_names(self) -> list[str]:
+        return sorted(n for n in dir(self.pm.hook) if n.startswith("trafficmgr_"))
