@@ -1,0 +1,450 @@
+"""IR -> Envoy resources. The core makes the base resources and lets plugin hooks mutate them.
+
+Incremental by construction: every intermediate product (cluster, assignment, virtual host, filter chain,
+route configuration, listener) is memoized on the identity of the IR objects it was made from, so a
+change to one pod re-translates and re-serializes only the ClusterLoadAssignment it affects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import attrs
+from google.protobuf.message import Message
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.listener.http_inspector.v3 import http_inspector_pb2
+from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+
+from trafficmgr.core import cache, metrics
+from trafficmgr.core.build.context import ORDER_ROUTER, BuildContext, HttpFilter
+from trafficmgr.core.build.resources import ads_config_source, duration_ms, pack, socket_address
+from trafficmgr.core.model import (
+    GATEWAY,
+    SIDECAR,
+    Endpoint,
+    Model,
+    ObjectRef,
+    Service,
+    ServicePort,
+)
+from trafficmgr.core.plugins import PluginHost
+
+log = logging.getLogger(__name__)
+
+HTTP, TCP, DIRECT = "http", "tcp", "direct"
+OUTBOUND_LISTENER = "outbound"
+BLOCKED_BODY = "trafficmgr: port not enabled (label the service with traffic.port.<port>=http|tcp|direct)\n"
+DEFAULT_CONNECT_TIMEOUT_MS = 60000
+
+
+def route_config_name(port: int) -> str:
+    """The sidecar RouteConfiguration for every HTTP service on ``port``."""
+    return f"outbound|{port}"
+
+
+def default_options() -> argparse.Namespace:
+    return argparse.Namespace(sidecar_port=10000, sidecar_address="0.0.0.0")
+
+
+@attrs.define
+class BuildStats:
+    """What the last build did (for benchmarks, logs and ``/debug/build``)."""
+
+    seconds: float = 0.0
+    serialized: dict[str, int] = attrs.field(factory=dict)
+    resources: int = 0
+    bytes: int = 0
+
+    @property
+    def total_serialized(self) -> int:
+        return sum(self.serialized.values())
+
+
+class Builder:
+    """Builds one :class:`~trafficmgr.core.cache.Snapshot` per role from a :class:`Model`.
+
+    ``build(model)`` is cheap to call repeatedly: unchanged IR objects reuse their resources. Not
+    thread-safe: call it from one thread at a time.
+    """
+
+    def __init__(
+        self,
+        plugins: PluginHost,
+        options: argparse.Namespace | None = None,
+        reporter: Callable[[ObjectRef, str, str], None] | None = None,
+    ) -> None:
+        self.plugins = plugins
+        self.options = options or default_options()
+        for key, value in vars(default_options()).items():
+            if not hasattr(self.options, key):
+                setattr(self.options, key, value)
+        self.reporter = reporter or (lambda ref, msg, reason: log.warning("%s: %s", ref, msg))
+        self.stats = BuildStats()
+        self._resources: dict[tuple[str, str], cache.Resource] = {}
+        self._clusters: dict[str, tuple[Service, ServicePort, cache.Resource]] = {}
+        self._assignments: dict[str, tuple[Service, ServicePort, tuple[Endpoint, ...], cache.Resource]] = {}
+        self._vhosts: dict[tuple[str, str, str, str], tuple[Service, ServicePort, route_components_pb2.VirtualHost]] = {}
+        self._route_configs: dict[tuple[str, str], tuple[tuple[int, ...], cache.Resource]] = {}
+        self._chains: dict[tuple[str, str, str], tuple[Any, listener_components_pb2.FilterChain]] = {}
+        self._listeners: dict[str, tuple[tuple[int, ...], cache.Resource]] = {}
+        self._implied: dict[tuple[str, str], tuple[Service, tuple[Any, ...], Service]] = {}
+        self._memos: dict[str, dict[str, Any]] = {SIDECAR: {}, GATEWAY: {}}
+        self._filters: dict[str, tuple[bytes, list[hcm_pb2.HttpFilter]]] = {}
+        self._previous: dict[str, cache.Snapshot] = {}
+
+    # -- public -------------------------------------------------------------------------------
+
+    def build(self, model: Model) -> dict[str, cache.Snapshot]:
+        """Snapshots by role (``sidecar``, ``gateway``); deterministic for equal inputs."""
+        start = time.perf_counter()
+        self.stats = BuildStats()
+        services = self._effective_services(model)
+        self._cluster_ctx = self._context(SIDECAR, model)
+        clusters: list[cache.Resource] = []
+        assignments: list[cache.Resource] = []
+        live_clusters: set[str] = set()
+        for svc in services:
+            for port in svc.ports:
+                if port.protocol not in (HTTP, TCP, DIRECT):
+                    continue
+                name = svc.cluster_name(port)
+                live_clusters.add(name)
+                clusters.append(self._cluster(svc, port, name))
+                if self._is_eds(svc, port):
+                    assignments.append(self._assignment(model, svc, port, name))
+        for memo in (self._clusters, self._assignments):
+            for stale in memo.keys() - live_clusters:
+                del memo[stale]
+        snapshots: dict[str, cache.Snapshot] = {}
+        for role in (SIDECAR, GATEWAY):
+            ctx = self._context(role, model)
+            resources: dict[str, list[cache.Resource]] = {t: [] for t in cache.TYPE_ORDER}
+            resources[cache.CLUSTER].extend(clusters)
+            resources[cache.ENDPOINT].extend(assignments)
+            if role == SIDECAR:
+                listener, routes = self._sidecar_listener(ctx, services)
+                resources[cache.LISTENER].append(listener)
+                resources[cache.ROUTE].extend(routes)
+            for res in self.plugins.collect("trafficmgr_resources", what=f"{role} resources", ctx=ctx):
+                if res.type_url == cache.SECRET and role != GATEWAY:
+                    log.error("a plugin contributed secret %r to the %s view: dropped (secrets go to gateways only)", res.name, role)
+                    continue
+                resources[res.type_url].append(res)
+            snapshots[role] = cache.Snapshot.build(resources, self._previous.get(role))
+        self._previous = snapshots
+        self.stats.seconds = time.perf_counter() - start
+        self.stats.resources = sum(s.resource_count() for s in snapshots.values())
+        metrics.BUILD_DURATION.observe(self.stats.seconds)
+        return snapshots
+
+    # -- resources ----------------------------------------------------------------------------
+
+    def resource(self, message: Message, name: str, refs: Iterable[tuple[str, str]] = ()) -> cache.Resource:
+        """Serialize once; keep the previous Resource object when the bytes are unchanged."""
+        res = cache.Resource.from_message(message, name, refs)
+        type_short = cache.short_name(res.type_url)
+        self.stats.serialized[type_short] = self.stats.serialized.get(type_short, 0) + 1
+        metrics.RESOURCES_SERIALIZED.labels(type=type_short).inc()
+        key = (res.type_url, name)
+        old = self._resources.get(key)
+        if old is not None and old.body == res.body and old.refs == res.refs:
+            return old
+        self._resources[key] = res
+        return res
+
+    def _context(self, role: str, model: Model) -> BuildContext:
+        return BuildContext(role, model, self.options, self.resource, self._route_hooks, self.reporter, self._memos[role])
+
+    def _route_hooks(self, route: Message, service: Service, port: ServicePort, ctx: BuildContext) -> None:
+        self.plugins.mutate("trafficmgr_route", route, what=service.cluster_name(port), service=service, port=port, ctx=ctx)
+
+    # -- model preparation --------------------------------------------------------------------
+
+    def _effective_services(self, model: Model) -> list[Service]:
+        """Services sorted by key, with protocols implied by plugins applied, plus pod destinations."""
+        implied: dict[tuple[str, str], list[tuple[int | str, str]]] = {}
+        for ns, name, port, proto in self.plugins.collect("trafficmgr_port_protocols", model=model):
+            implied.setdefault((ns, name), []).append((port, proto))
+        out: list[Service] = []
+        seen: set[tuple[str, str]] = set()
+        for key in sorted(model.services):
+            svc = model.services[key]
+            extra = tuple(sorted(implied.get(key, ()), key=str))
+            if extra:
+                prev = self._implied.get(key)
+                if prev is not None and prev[0] is svc and prev[1] == extra:
+                    svc = prev[2]
+                else:
+                    evolved = _apply_implied(svc, extra)
+                    self._implied[key] = (model.services[key], extra, evolved)
+                    svc = evolved
+            seen.add(key)
+            out.append(svc)
+        for stale in self._implied.keys() - seen:
+            del self._implied[stale]
+        return out
+
+    @staticmethod
+    def _is_eds(svc: Service, port: ServicePort) -> bool:
+        return port.protocol in (HTTP, TCP) and not svc.headless
+
+    # -- clusters and endpoints ---------------------------------------------------------------
+
+    def _cluster(self, svc: Service, port: ServicePort, name: str) -> cache.Resource:
+        memo = self._clusters.get(name)
+        if memo is not None and memo[0] is svc and memo[1] is port:
+            return memo[2]
+        c = cluster_pb2.Cluster(name=name, connect_timeout=duration_ms(DEFAULT_CONNECT_TIMEOUT_MS))
+        refs: list[tuple[str, str]] = []
+        if port.protocol == DIRECT:
+            c.type = cluster_pb2.Cluster.STATIC
+            c.load_assignment.cluster_name = name
+            if svc.cluster_ip:
+                lb = c.load_assignment.endpoints.add().lb_endpoints.add()
+                lb.endpoint.address.CopyFrom(socket_address(svc.cluster_ip, port.port))
+        elif svc.headless:
+            c.type = cluster_pb2.Cluster.ORIGINAL_DST
+            c.lb_policy = cluster_pb2.Cluster.CLUSTER_PROVIDED
+        else:
+            c.type = cluster_pb2.Cluster.EDS
+            c.eds_cluster_config.eds_config.CopyFrom(ads_config_source())
+            refs.append((cache.ENDPOINT, name))
+        self.plugins.mutate("trafficmgr_cluster", c, what=name, service=svc, port=port, ctx=self._cluster_ctx)
+        res = self.resource(c, name, refs)
+        self._clusters[name] = (svc, port, res)
+        return res
+
+    def _assignment(self, model: Model, svc: Service, port: ServicePort, name: str) -> cache.Resource:
+        endpoints = model.endpoints_of(svc, port)
+        memo = self._assignments.get(name)
+        if memo is not None and memo[0] is svc and memo[1] is port and memo[2] is endpoints:
+            return memo[3]
+        ready = tuple(e for e in endpoints if e.ready)
+        cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
+        loc = cla.endpoints.add()
+        loc.locality.zone = "default"
+        for ep in ready:
+            lb = loc.lb_endpoints.add()
+            lb.endpoint.address.CopyFrom(socket_address(ep.address, ep.port))
+        self.plugins.mutate(
+            "trafficmgr_endpoints", cla, what=name, service=svc, port=port, endpoints=ready, ctx=self._cluster_ctx
+        )
+        res = self.resource(cla, name)
+        self._assignments[name] = (svc, port, endpoints, res)
+        return res
+
+    # -- sidecar listener and routes ----------------------------------------------------------
+
+    def _http_filters(self, ctx: BuildContext) -> list[hcm_pb2.HttpFilter]:
+        contributed: list[HttpFilter] = self.plugins.collect("trafficmgr_http_filters", what=f"{ctx.role} filters", ctx=ctx)
+        names: set[str] = set()
+        ordered: list[HttpFilter] = []
+        for f in sorted(contributed, key=lambda f: (f.order, f.name)):
+            if f.name in names:
+                log.error("HTTP filter %r contributed twice: the second one was dropped", f.name)
+                continue
+            names.add(f.name)
+            ordered.append(f)
+        filters = [hcm_pb2.HttpFilter(name=f.name, typed_config=pack(f.config)) for f in ordered]
+        filters.append(hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=pack(router_pb2.Router())))
+        key = b"".join(f.SerializeToString(deterministic=True) for f in filters)
+        prev = self._filters.get(ctx.role)
+        if prev is not None and prev[0] == key:
+            return prev[1]
+        self._filters[ctx.role] = (key, filters)
+        return filters
+
+    def _hcm(self, ctx: BuildContext, stat_prefix: str, filters: list[hcm_pb2.HttpFilter], rds: str | None) -> hcm_pb2.HttpConnectionManager:
+        hcm = hcm_pb2.HttpConnectionManager(stat_prefix=stat_prefix, codec_type=hcm_pb2.HttpConnectionManager.AUTO)
+        hcm.http_filters.extend(filters)
+        if rds is not None:
+            hcm.rds.config_source.CopyFrom(ads_config_source())
+            hcm.rds.route_config_name = rds
+        self.plugins.mutate("trafficmgr_http_connection_manager", hcm, what=stat_prefix, ctx=ctx)
+        return hcm
+
+    def _vhost(self, ctx: BuildContext, svc: Service, port: ServicePort) -> route_components_pb2.VirtualHost:
+        key = (ctx.role, svc.namespace, svc.name, port.name or str(port.port))
+        memo = self._vhosts.get(key)
+        if memo is not None and memo[0] is svc and memo[1] is port:
+            return memo[2]
+        name = svc.cluster_name(port)
+        vh = route_components_pb2.VirtualHost(name=f"{svc.name}.{svc.namespace}:{port.port}")
+        domains: list[str] = []
+        hosts = list(svc.hostnames())
+        if svc.cluster_ip and not svc.headless:
+            hosts.append(svc.cluster_ip)
+        for h in hosts:
+            domains.append(f"{h}:{port.port}")
+            if port.port == 80:
+                domains.append(h)
+        if not domains:
+            domains = ["*"]
+        vh.domains.extend(dict.fromkeys(domains))
+        route = vh.routes.add()
+        route.match.prefix = "/"
+        route.route.cluster = name
+        self.plugins.mutate("trafficmgr_virtual_host", vh, what=name, service=svc, port=port, ctx=ctx)
+        self._route_hooks(route, svc, port, ctx)
+        self._vhosts[key] = (svc, port, vh)
+        return vh
+
+    def _route_config(self, ctx: BuildContext, name: str, vhosts: list[route_components_pb2.VirtualHost]) -> cache.Resource:
+        ids = tuple(id(v) for v in vhosts)
+        memo = self._route_configs.get((ctx.role, name))
+        if memo is not None and memo[0] == ids:
+            return memo[1]
+        rc = route_pb2.RouteConfiguration(name=name)
+        rc.virtual_hosts.extend(vhosts)
+        rc.validate_clusters.value = False
+        res = self.resource(rc, name)
+        self._route_configs[(ctx.role, name)] = (ids, res)
+        return res
+
+    def _chain(self, ctx: BuildContext, svc: Service, port: ServicePort, ips: tuple[str, ...], filters: list[hcm_pb2.HttpFilter]) -> listener_components_pb2.FilterChain:
+        key = (svc.namespace, svc.name, port.name or str(port.port))
+        inputs = (svc, port, ips, id(filters))
+        memo = self._chains.get(key)
+        if memo is not None and memo[0][0] is svc and memo[0][1] is port and memo[0][2] == ips and memo[0][3] == inputs[3]:
+            return memo[1]
+        chain = listener_components_pb2.FilterChain(name=svc.cluster_name(port))
+        match = chain.filter_chain_match
+        match.destination_port.value = port.port
+        for ip in ips:
+            match.prefix_ranges.add(address_prefix=ip).prefix_len.value = _host_prefix_len(ip)
+        if port.protocol == HTTP:
+            ctx.service, ctx.port = svc, port
+            ctx.listener_name = OUTBOUND_LISTENER
+            hcm = self._hcm(ctx, f"outbound_{port.port}", filters, route_config_name(port.port))
+            ctx.service = ctx.port = None
+            chain.filters.add(name="envoy.filters.network.http_connection_manager", typed_config=pack(hcm))
+        else:
+            tcp = tcp_proxy_pb2.TcpProxy(stat_prefix=f"outbound_tcp_{port.port}", cluster=svc.cluster_name(port))
+            chain.filters.add(name="envoy.filters.network.tcp_proxy", typed_config=pack(tcp))
+        self._chains[key] = (inputs, chain)
+        return chain
+
+    def _sidecar_listener(self, ctx: BuildContext, services: list[Service]) -> tuple[cache.Resource, list[cache.Resource]]:
+        ctx.service = ctx.port = None
+        filters = self._http_filters(ctx)
+        chains: list[listener_components_pb2.FilterChain] = []
+        vhosts_by_port: dict[int, list[route_components_pb2.VirtualHost]] = {}
+        tcp_ports: set[int] = set()
+        used_chains: set[tuple[str, str, str]] = set()
+        used_vhosts: set[tuple[str, str, str, str]] = set()
+        seen_match: dict[tuple[str, int], str] = {}
+        for svc in services:
+            for port in svc.ports:
+                if port.protocol not in (HTTP, TCP, DIRECT):
+                    continue
+                if svc.headless:
+                    ips = tuple(sorted({e.address for e in ctx.model.endpoints_of(svc, port)}))
+                elif svc.cluster_ip:
+                    ips = (svc.cluster_ip,)
+                else:
+                    ips = ()
+                ips = tuple(ip for ip in ips if _claim(seen_match, ip, port.port, svc.cluster_name(port), self.reporter, svc))
+                if not ips:
+                    continue
+                chains.append(self._chain(ctx, svc, port, ips, filters))
+                used_chains.add((svc.namespace, svc.name, port.name or str(port.port)))
+                if port.protocol == HTTP:
+                    vhosts_by_port.setdefault(port.port, []).append(self._vhost(ctx, svc, port))
+                    used_vhosts.add((ctx.role, svc.namespace, svc.name, port.name or str(port.port)))
+                else:
+                    tcp_ports.add(port.port)
+        for stale in self._chains.keys() - used_chains:
+            del self._chains[stale]
+        for stale in [k for k in self._vhosts if k[0] == ctx.role and k not in used_vhosts]:
+            del self._vhosts[stale]
+        routes = [self._route_config(ctx, route_config_name(p), vhosts_by_port[p]) for p in sorted(vhosts_by_port)]
+        live_routes = {(ctx.role, r.name) for r in routes}
+        for stale in [k for k in self._route_configs if k[0] == ctx.role and k not in live_routes]:
+            del self._route_configs[stale]
+        chains.append(self._blocked_chain(ctx, filters))
+        ids = tuple(id(c) for c in chains) + tuple(sorted(tcp_ports))
+        memo = self._listeners.get(OUTBOUND_LISTENER)
+        if memo is not None and memo[0] == ids:
+            return memo[1], routes
+        lst = listener_pb2.Listener(name=OUTBOUND_LISTENER, stat_prefix=OUTBOUND_LISTENER)
+        lst.address.CopyFrom(socket_address(self.options.sidecar_address, int(self.options.sidecar_port)))
+        lst.traffic_direction = base_pb2.OUTBOUND
+        lst.listener_filters.add(name="envoy.filters.listener.original_dst", typed_config=pack(original_dst_pb2.OriginalDst()))
+        inspector = lst.listener_filters.add(name="envoy.filters.listener.http_inspector", typed_config=pack(http_inspector_pb2.HttpInspector()))
+        if tcp_ports:
+            # Server-first TCP protocols would wait for the inspector's timeout: skip it on TCP ports.
+            any_of = inspector.filter_disabled.or_match
+            for p in sorted(tcp_ports):
+                rule = any_of.rules.add()
+                rule.destination_port_range.start = p
+                rule.destination_port_range.end = p + 1
+            if len(tcp_ports) == 1:  # a MatchSet needs two or more rules
+                only = type(any_of.rules[0])()
+                only.CopyFrom(any_of.rules[0])
+                inspector.filter_disabled.CopyFrom(only)
+        lst.listener_filters_timeout.CopyFrom(duration_ms(5000))
+        lst.continue_on_listener_filters_timeout = False
+        lst.filter_chains.extend(chains)
+        ctx.listener_name = OUTBOUND_LISTENER
+        self.plugins.mutate("trafficmgr_listener", lst, what=OUTBOUND_LISTENER, ctx=ctx)
+        refs = [(cache.ROUTE, r.name) for r in routes]
+        res = self.resource(lst, OUTBOUND_LISTENER, refs)
+        self._listeners[OUTBOUND_LISTENER] = (ids, res)
+        return res, routes
+
+    def _blocked_chain(self, ctx: BuildContext, filters: list[hcm_pb2.HttpFilter]) -> listener_components_pb2.FilterChain:
+        memo = self._chains.get(("", "", "blocked"))
+        if memo is not None and memo[0] == id(filters):
+            return memo[1]
+        chain = listener_components_pb2.FilterChain(name="blocked")
+        chain.filter_chain_match.application_protocols.extend(["http/1.1", "h2c"])
+        hcm = hcm_pb2.HttpConnectionManager(stat_prefix="outbound_blocked", codec_type=hcm_pb2.HttpConnectionManager.AUTO)
+        hcm.http_filters.add(name="envoy.filters.http.router", typed_config=pack(router_pb2.Router()))
+        vh = hcm.route_config.virtual_hosts.add(name="blocked", domains=["*"])
+        r = vh.routes.add()
+        r.match.prefix = "/"
+        r.direct_response.status = 404
+        r.direct_response.body.inline_string = BLOCKED_BODY
+        hcm.route_config.name = "blocked"
+        chain.filters.add(name="envoy.filters.network.http_connection_manager", typed_config=pack(hcm))
+        self._chains[("", "", "blocked")] = (id(filters), chain)
+        return chain
+
+
+def _host_prefix_len(ip: str) -> int:
+    return 128 if ":" in ip else 32
+
+
+def _claim(seen: dict[tuple[str, int], str], ip: str, port: int, owner: str, report: Callable[..., None], svc: Service) -> bool:
+    """Two services claiming the same IP:port would make Envoy reject the listener: first one wins."""
+    key = (ip, port)
+    if key in seen:
+        report(ObjectRef("Service", svc.namespace, svc.name, svc.uid), f"{ip}:{port} is already served by {seen[key]}; ignored for {owner}", "TrafficConfigConflict")
+        return False
+    seen[key] = owner
+    return True
+
+
+def _apply_implied(svc: Service, implied: tuple[tuple[int | str, str], ...]) -> Service:
+    ports = []
+    for p in svc.ports:
+        proto = p.protocol
+        if proto is None:
+            for which, implied_proto in implied:
+                if which == p.port or (isinstance(which, str) and which == p.name):
+                    proto = implied_proto
+                    break
+        ports.append(p if proto == p.protocol else attrs.evolve(p, protocol=proto))
+    return attrs.evolve(svc, ports=tuple(ports))

@@ -1,0 +1,107 @@
+"""What hooks receive: the build context, HTTP filter contributions, extra watched kinds."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+from google.protobuf.message import Message
+
+from trafficmgr.core.model import Model, ObjectRef
+
+if TYPE_CHECKING:
+    from trafficmgr.core.cache import Resource
+
+# Well-known HTTP filter order values (lower runs first). The router is always last.
+ORDER_FAULT = 100
+ORDER_RATELIMIT = 200
+ORDER_BANDWIDTH = 300
+ORDER_DEFAULT = 500
+ORDER_ROUTER = 10_000
+
+
+@attrs.frozen(slots=True)
+class HttpFilter:
+    """An HTTP filter for the connection managers of one role.
+
+    ``name`` is the HCM filter name *and* the key of its ``typed_per_filter_config`` entries (Envoy
+    silently ignores per-route config under any other key). ``config`` is the filter's typed config.
+    """
+
+    name: str
+    order: int
+    config: Message
+
+
+@attrs.frozen(slots=True)
+class WatchKind:
+    """A Kubernetes kind a plugin needs watched.
+
+    ``convert(raw, ctx)`` turns one raw object dict into an IR object (or None to ignore it); it is the
+    only place a plugin sees a raw Kubernetes dict. ``ctx`` offers ``ctx.labels`` (the registry) and
+    ``ctx.report(ref, message)`` for Warning Events.
+    """
+
+    kind: str
+    api_version: str
+    plural: str
+    convert: Callable[[dict[str, Any], Any], Any]
+    namespaced: bool = True
+    field_selector: str = ""
+    label_selector: str = ""
+
+    @property
+    def group(self) -> str:
+        return self.api_version.rpartition("/")[0]
+
+    @property
+    def version(self) -> str:
+        return self.api_version.rpartition("/")[2]
+
+
+class BuildContext:
+    """Passed to every build hook. Attributes:
+
+    - ``role``: ``sidecar`` or ``gateway``;
+    - ``model``: the whole :class:`~trafficmgr.core.model.Model`;
+    - ``options``: parsed command-line options (``trafficmgr_add_arguments``);
+    - ``listener_name``: the listener being built (HCM and listener hooks);
+    - ``memo``: a dict kept across builds for this role, for plugins to cache their own work.
+    """
+
+    def __init__(
+        self,
+        role: str,
+        model: Model,
+        options: argparse.Namespace,
+        resource_factory: Callable[..., Resource],
+        route_hooks: Callable[..., None],
+        reporter: Callable[[ObjectRef, str, str], None],
+        memo: dict[str, Any],
+    ) -> None:
+        self.role = role
+        self.model = model
+        self.options = options
+        self.listener_name = ""
+        self.service: Any = None
+        self.port: Any = None
+        self.memo = memo
+        self._resource = resource_factory
+        self._route_hooks = route_hooks
+        self._reporter = reporter
+
+    def resource(self, message: Message, name: str, refs: Iterable[tuple[str, str]] = ()) -> Resource:
+        """Serialize ``message`` as resource ``name``; returns the previous Resource object when the bytes
+        did not change, so unchanged resources keep their identity and version."""
+        return self._resource(message, name, refs)
+
+    def apply_route_hooks(self, route: Any, service: Any, port: Any) -> None:
+        """Run every plugin's ``trafficmgr_route`` on ``route`` (for routes a plugin builds itself,
+        such as Ingress paths), with the usual error isolation."""
+        self._route_hooks(route, service, port, self)
+
+    def report(self, ref: ObjectRef, message: str, reason: str = "TrafficConfigError") -> None:
+        """Report a problem with a user object as a Warning Event (deduplicated by the core)."""
+        self._reporter(ref, message, reason)
