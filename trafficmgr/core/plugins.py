@@ -119,6 +119,10 @@ class PluginHost:
                 distribution=getattr(dist, "name", "") or "",
                 builtin=ep.value.startswith("trafficmgr.plugins."),
             )
+        from trafficmgr import __version__
+        from trafficmgr.core import corelabels
+
+        host.register("core", corelabels, version=__version__, distribution="trafficmgr", builtin=True)
         for name, plugin in extra:
             host.register(name, plugin, version="", distribution="", builtin=False)
         host._load_labels()
