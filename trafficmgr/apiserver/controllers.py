@@ -1,0 +1,483 @@
+"""Built-in controllers: EndpointSlices + Service clusterIPs, and optional Deployment/ReplicaSet/Pod.
+
+Controllers run on one worker thread fed by store events; bursts of writes are coalesced, so a
+slice reflects a change within milliseconds (``Controllers.wait_idle`` waits for quiescence).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import logging
+import queue
+import threading
+from typing import Protocol
+
+from .discovery import BY_KEY, ResourceType
+from .errors import ApiError
+from .selectors import match_label_map, match_label_selector_obj
+from .store import Store, WatchEvent, now_iso, random_suffix
+
+log = logging.getLogger(__name__)
+
+MANAGED_BY = "endpointslice-controller.k8s.io"
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
+_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
+
+PODS, SERVICES, SLICES = BY_KEY["pods"], BY_KEY["services"], BY_KEY["endpointslices.discovery.k8s.io"]
+DEPLOYMENTS, REPLICASETS = BY_KEY["deployments.apps"], BY_KEY["replicasets.apps"]
+
+
+class PodRuntime(Protocol):
+    """Hook that "runs" controller-created pods (local mode may start processes)."""
+
+    def start(self, pod: dict) -> dict | None:
+        """Called after a pod is created; return a ``status`` dict to store, or None to leave it Pending."""
+
+    def stop(self, pod: dict) -> None:
+        """Called after a controller-owned pod is deleted."""
+
+
+class FakePodRuntime:
+    """Default runtime: every pod is immediately Running and Ready with an IP from 10.244.0.0/16."""
+
+    def __init__(self, node_name: str = "trafficmgr-node") -> None:
+        self.node_name = node_name
+        self._next = 2
+
+    def start(self, pod: dict) -> dict | None:
+        n, self._next = self._next, self._next + 1
+        ip = str(ipaddress.IPv4Address("10.244.0.0") + n)
+        now = now_iso()
+        containers = (pod.get("spec") or {}).get("containers") or []
+        return {
+            "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": "10.0.0.1", "startTime": now,
+            "conditions": [{"type": t, "status": "True", "lastTransitionTime": now}
+                           for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")],
+            "containerStatuses": [{"name": c.get("name"), "image": c.get("image", ""), "ready": True,
+                                   "started": True, "restartCount": 0,
+                                   "state": {"running": {"startedAt": now}}} for c in containers],
+        }
+
+    def stop(self, pod: dict) -> None:
+        return None
+
+
+def pod_ready(pod: dict) -> bool:
+    """True when the pod's ``Ready`` condition is ``True``."""
+    for c in (pod.get("status") or {}).get("conditions") or []:
+        if c.get("type") == "Ready":
+            return c.get("status") == "True"
+    return False
+
+
+def _short_hash(data: object, n: int) -> str:
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).digest()
+    return "".join(_ALPHABET[b % len(_ALPHABET)] for b in digest[:n])
+
+
+def _owner_ref(obj: dict, rt: ResourceType) -> dict:
+    return {"apiVersion": rt.api_version, "kind": rt.kind, "name": obj["metadata"]["name"],
+            "uid": obj["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
+
+
+def _controller_uid(obj: dict) -> str | None:
+    for ref in obj["metadata"].get("ownerReferences") or []:
+        if ref.get("controller"):
+            return ref.get("uid")
+    return None
+
+
+class ClusterIPAllocator:
+    """Admission hook: sequential Service clusterIPs from ``cidr``; ``None``/ExternalName untouched."""
+
+    def __init__(self, store: Store, cidr: str = "10.96.0.0/16") -> None:
+        self.net = ipaddress.IPv4Network(cidr)
+        self.store = store
+        self._next = 1
+        self._used: set[str] | None = None
+
+    def __call__(self, rt: ResourceType, obj: dict, old: dict | None) -> None:
+        if rt is not SERVICES:
+            return
+        spec = obj.setdefault("spec", {})
+        if spec.get("type") == "ExternalName":
+            return
+        if not spec.get("clusterIP") and old is not None and (old.get("spec") or {}).get("clusterIP"):
+            spec["clusterIP"] = old["spec"]["clusterIP"]
+        if not spec.get("clusterIP"):
+            spec["clusterIP"] = self._allocate()
+        spec.setdefault("clusterIPs", [spec["clusterIP"]])
+        if spec["clusterIP"] != "None":
+            spec.setdefault("ipFamilies", ["IPv4"])
+            spec.setdefault("ipFamilyPolicy", "SingleStack")
+        spec.setdefault("internalTrafficPolicy", "Cluster")
+
+    def _allocate(self) -> str:
+        if self._used is None:
+            items, _ = self.store.list_raw(SERVICES, None)
+            self._used = {(s.get("spec") or {}).get("clusterIP", "") for s in items}
+        while True:
+            if self._next >= self.net.num_addresses - 1:
+                raise ApiError(500, "InternalError", "clusterIP range exhausted")
+            ip = str(self.net.network_address + self._next)
+            self._next += 1
+            if ip not in self._used:
+                self._used.add(ip)
+                return ip
+
+
+class Controllers:
+    """Runs the enabled controllers on a worker thread fed by store events.
+
+    ``endpointslices``: EndpointSlice controller and clusterIP allocation (default on).
+    ``workloads``: Deployment -> ReplicaSet -> Pod controllers using ``pod_runtime``
+    (default ``FakePodRuntime``).
+    """
+
+    def __init__(self, store: Store, endpointslices: bool = True, workloads: bool = False,
+                 pod_runtime: PodRuntime | None = None) -> None:
+        self.store = store
+        self.endpointslices = endpointslices
+        self.workloads = workloads
+        self.runtime: PodRuntime = pod_runtime or FakePodRuntime()
+        self._queue: "queue.SimpleQueue[WatchEvent | None]" = queue.SimpleQueue()
+        self._pending = 0
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._allocator: ClusterIPAllocator | None = None
+        self._services: dict[str, dict[str, dict]] = {}
+        self._pods: dict[str, dict[str, dict]] = {}
+        self._label_index: dict[tuple[str, str, str], set[str]] = {}
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None or not (self.endpointslices or self.workloads):
+            return
+        if self.endpointslices:
+            self._allocator = ClusterIPAllocator(self.store)
+            self.store.add_admission(self._allocator)
+        with self.store.lock:
+            self.store.subscribe(self._on_event)
+            for rt in (SERVICES, PODS, DEPLOYMENTS, REPLICASETS):
+                items, _ = self.store.list_raw(rt, None)
+                for obj in items:
+                    self._on_event(WatchEvent("ADDED", 0, rt, obj, None))
+        self._thread = threading.Thread(target=self._run, name="apiserver-controllers", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        self.store.unsubscribe(self._on_event)
+        if self._allocator is not None and self._allocator in self.store._admission:
+            self.store._admission.remove(self._allocator)
+        self._queue.put(None)
+        self._thread.join(5)
+        self._thread = None
+        self._services.clear()
+        self._pods.clear()
+        self._label_index.clear()
+
+    def wait_idle(self, timeout: float = 5.0) -> bool:
+        """Block until every queued event has been processed; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._pending == 0, timeout)
+
+    def _on_event(self, ev: WatchEvent) -> None:
+        if ev.rt not in (SERVICES, PODS, DEPLOYMENTS, REPLICASETS):
+            return
+        with self._cond:
+            self._pending += 1
+        self._queue.put(ev)
+
+    def _run(self) -> None:
+        while True:
+            ev = self._queue.get()
+            if ev is None:
+                return
+            batch = [ev]
+            try:
+                while True:
+                    nxt = self._queue.get_nowait()
+                    if nxt is None:
+                        self._queue.put(None)
+                        break
+                    batch.append(nxt)
+            except queue.Empty:
+                pass
+            try:
+                self._process(batch)
+            except Exception:
+                log.exception("controller batch failed")
+            with self._cond:
+                self._pending -= len(batch)
+                self._cond.notify_all()
+
+    # ---- dispatch ----------------------------------------------------------------------------
+
+    def _process(self, batch: list[WatchEvent]) -> None:
+        dirty_svcs: set[tuple[str, str]] = set()
+        dirty_rs: set[tuple[str, str]] = set()
+        dirty_deploy: set[tuple[str, str]] = set()
+        deleted_pods: list[dict] = []
+        for ev in batch:
+            md = ev.obj["metadata"]
+            ns, name = md.get("namespace", ""), md["name"]
+            if ev.rt is SERVICES:
+                if ev.type == "DELETED":
+                    self._services.get(ns, {}).pop(name, None)
+                else:
+                    self._services.setdefault(ns, {})[name] = ev.obj
+                dirty_svcs.add((ns, name))
+            elif ev.rt is PODS:
+                old = self._pods.get(ns, {}).get(name)
+                if old is not None:
+                    self._unindex(ns, name, old)
+                if ev.type == "DELETED":
+                    self._pods.get(ns, {}).pop(name, None)
+                    deleted_pods.append(ev.obj)
+                else:
+                    self._pods.setdefault(ns, {})[name] = ev.obj
+                    self._index(ns, name, ev.obj)
+                labels = [(o["metadata"].get("labels") or {}) for o in (old, ev.obj) if o is not None]
+                for sname, svc in self._services.get(ns, {}).items():
+                    sel = (svc.get("spec") or {}).get("selector")
+                    if sel and any(match_label_map(sel, lb) for lb in labels):
+                        dirty_svcs.add((ns, sname))
+                owner = self._owner_name(ev.obj, "ReplicaSet")
+                if owner:
+                    dirty_rs.add((ns, owner))
+            elif ev.rt is REPLICASETS:
+                dirty_rs.add((ns, name))
+                owner = self._owner_name(ev.obj, "Deployment")
+                if owner:
+                    dirty_deploy.add((ns, owner))
+            elif ev.rt is DEPLOYMENTS:
+                dirty_deploy.add((ns, name))
+        if self.endpointslices:
+            for ns, name in sorted(dirty_svcs):
+                self._guard(self._reconcile_slices, ns, name)
+        if self.workloads:
+            for pod in deleted_pods:
+                if self._owner_name(pod, "ReplicaSet"):
+                    self._guard(self.runtime.stop, pod)
+            for ns, name in sorted(dirty_deploy):
+                self._guard(self._reconcile_deployment, ns, name)
+            for ns, name in sorted(dirty_rs):
+                self._guard(self._reconcile_replicaset, ns, name)
+
+    @staticmethod
+    def _guard(fn, *args) -> None:  # type: ignore[no-untyped-def]
+        try:
+            fn(*args)
+        except ApiError as e:
+            log.debug("controller %s%s: %s", fn.__name__, args, e)
+        except Exception:
+            log.exception("controller %s%s failed", getattr(fn, "__name__", fn), args)
+
+    @staticmethod
+    def _owner_name(obj: dict, kind: str) -> str | None:
+        for ref in obj["metadata"].get("ownerReferences") or []:
+            if ref.get("kind") == kind and ref.get("controller"):
+                return ref.get("name")
+        return None
+
+    def _index(self, ns: str, name: str, pod: dict) -> None:
+        for k, v in (pod["metadata"].get("labels") or {}).items():
+            self._label_index.setdefault((ns, k, v), set()).add(name)
+
+    def _unindex(self, ns: str, name: str, pod: dict) -> None:
+        for k, v in (pod["metadata"].get("labels") or {}).items():
+            s = self._label_index.get((ns, k, v))
+            if s is not None:
+                s.discard(name)
+                if not s:
+                    del self._label_index[(ns, k, v)]
+
+    def _select_pods(self, ns: str, selector: dict[str, str]) -> list[dict]:
+        sets = [self._label_index.get((ns, k, v), set()) for k, v in selector.items()]
+        if not sets:
+            return []
+        names = set.intersection(*sorted(sets, key=len))
+        pods = self._pods.get(ns, {})
+        return [pods[n] for n in sorted(names) if n in pods]
+
+    # ---- EndpointSlices ----------------------------------------------------------------------
+
+    def _reconcile_slices(self, ns: str, name: str) -> None:
+        svc = self._services.get(ns, {}).get(name)
+        existing, _ = self.store.list_raw(SLICES, ns, lambda lb: lb.get(SERVICE_NAME_LABEL) == name
+                                          and lb.get(MANAGED_BY_LABEL) == MANAGED_BY)
+        spec = (svc or {}).get("spec") or {}
+        selector = spec.get("selector")
+        if svc is None or not selector or spec.get("type") == "ExternalName":
+            for s in existing:
+                self._delete_quiet(SLICES, s["metadata"]["name"], ns)
+            return
+        publish_not_ready = bool(spec.get("publishNotReadyAddresses"))
+        groups: dict[tuple, list[dict]] = {}
+        for pod in self._select_pods(ns, selector):
+            st = pod.get("status") or {}
+            ip = st.get("podIP")
+            if not ip or ":" in ip or st.get("phase") in ("Succeeded", "Failed"):
+                continue
+            ports = tuple(self._resolve_ports(spec, pod))
+            ready = publish_not_ready or pod_ready(pod)
+            ep: dict = {"addresses": [ip],
+                        "conditions": {"ready": ready, "serving": ready, "terminating": False},
+                        "targetRef": {"kind": "Pod", "namespace": ns, "name": pod["metadata"]["name"],
+                                      "uid": pod["metadata"]["uid"]}}
+            node = (pod.get("spec") or {}).get("nodeName")
+            if node:
+                ep["nodeName"] = node
+            groups.setdefault(ports, []).append(ep)
+        if not groups:
+            groups[()] = []
+        labels = dict((svc["metadata"].get("labels") or {}))
+        labels.update({SERVICE_NAME_LABEL: name, MANAGED_BY_LABEL: MANAGED_BY})
+        desired: dict[str, dict] = {}
+        for ports, eps in groups.items():
+            slice_name = f"{name}-{_short_hash([svc['metadata']['uid'], ports], 5)}"
+            desired[slice_name] = {
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": slice_name, "namespace": ns, "labels": labels,
+                             "ownerReferences": [dict(_owner_ref(svc, SERVICES))]},
+                "addressType": "IPv4",
+                "endpoints": eps,
+                "ports": [dict(p) for p in ports] if ports else None,
+            }
+        have = {s["metadata"]["name"]: s for s in existing}
+        for slice_name, want in desired.items():
+            cur = have.get(slice_name)
+            if cur is None:
+                try:
+                    self.store.create(want, namespace=ns, resource=SLICES)
+                except ApiError as e:
+                    if e.code != 409:
+                        raise
+                    self.store.update(want, namespace=ns, resource=SLICES)
+            elif (cur.get("endpoints") != want["endpoints"] or cur.get("ports") != want["ports"]
+                  or cur["metadata"].get("labels") != labels):
+                want["metadata"]["resourceVersion"] = cur["metadata"]["resourceVersion"]
+                self.store.update(want, namespace=ns, resource=SLICES)
+        for slice_name in have:
+            if slice_name not in desired:
+                self._delete_quiet(SLICES, slice_name, ns)
+
+    @staticmethod
+    def _resolve_ports(spec: dict, pod: dict) -> list[tuple[tuple[str, object], ...]]:
+        out = []
+        for sp in spec.get("ports") or []:
+            target = sp.get("targetPort", sp.get("port"))
+            proto = sp.get("protocol", "TCP")
+            port: int | None = None
+            if isinstance(target, int):
+                port = target
+            elif isinstance(target, str) and target.isdigit():
+                port = int(target)
+            elif isinstance(target, str):
+                for c in (pod.get("spec") or {}).get("containers") or []:
+                    for cp in c.get("ports") or []:
+                        if cp.get("name") == target and cp.get("protocol", "TCP") == proto:
+                            port = cp.get("containerPort")
+            if port is None:
+                continue
+            entry: list[tuple[str, object]] = [("name", sp.get("name", "")), ("port", port), ("protocol", proto)]
+            if sp.get("appProtocol"):
+                entry.append(("appProtocol", sp["appProtocol"]))
+            out.append(tuple(entry))
+        return out
+
+    def _delete_quiet(self, rt: ResourceType, name: str, ns: str) -> None:
+        try:
+            self.store.delete(rt, name, ns)
+        except ApiError:
+            pass
+
+    # ---- workloads ---------------------------------------------------------------------------
+
+    def _reconcile_deployment(self, ns: str, name: str) -> None:
+        try:
+            d = self.store.get_raw(DEPLOYMENTS, name, ns)
+        except ApiError:
+            return
+        spec = d.get("spec") or {}
+        template = spec.get("template") or {}
+        h = _short_hash(template, 10)
+        rs_name = f"{name}-{h}"
+        owned, _ = self.store.list_raw(REPLICASETS, ns)
+        owned = [rs for rs in owned if _controller_uid(rs) == d["metadata"]["uid"]]
+        replicas = spec.get("replicas", 1)
+        current = next((rs for rs in owned if rs["metadata"]["name"] == rs_name), None)
+        if current is None:
+            tmpl = json.loads(json.dumps(template))
+            tmpl.setdefault("metadata", {}).setdefault("labels", {})["pod-template-hash"] = h
+            sel = json.loads(json.dumps(spec.get("selector") or {}))
+            sel.setdefault("matchLabels", {})["pod-template-hash"] = h
+            rs_labels = dict(tmpl["metadata"]["labels"])
+            current = self.store.create({
+                "apiVersion": "apps/v1", "kind": "ReplicaSet",
+                "metadata": {"name": rs_name, "namespace": ns, "labels": rs_labels,
+                             "annotations": {"deployment.kubernetes.io/revision": str(len(owned) + 1)},
+                             "ownerReferences": [_owner_ref(d, DEPLOYMENTS)]},
+                "spec": {"replicas": replicas, "selector": sel, "template": tmpl},
+            }, namespace=ns, resource=REPLICASETS)
+        elif (current.get("spec") or {}).get("replicas") != replicas:
+            current = self.store.patch(REPLICASETS, rs_name, {"spec": {"replicas": replicas}}, namespace=ns)
+        for rs in owned:
+            if rs["metadata"]["name"] != rs_name:
+                self._delete_quiet(REPLICASETS, rs["metadata"]["name"], ns)
+        rst = current.get("status") or {}
+        ready = rst.get("readyReplicas", 0)
+        status = {
+            "observedGeneration": d["metadata"].get("generation", 1),
+            "replicas": rst.get("replicas", 0), "updatedReplicas": rst.get("replicas", 0),
+            "readyReplicas": ready, "availableReplicas": ready,
+            "conditions": [{"type": "Available", "status": "True" if ready >= replicas else "False",
+                            "reason": "MinimumReplicasAvailable" if ready >= replicas
+                            else "MinimumReplicasUnavailable"}],
+        }
+        if ready < replicas:
+            status["unavailableReplicas"] = replicas - ready
+        if d.get("status") != status:
+            self.store.patch(DEPLOYMENTS, name, {"status": status}, namespace=ns, subresource="status")
+
+    def _reconcile_replicaset(self, ns: str, name: str) -> None:
+        try:
+            rs = self.store.get_raw(REPLICASETS, name, ns)
+        except ApiError:
+            return
+        spec = rs.get("spec") or {}
+        uid = rs["metadata"]["uid"]
+        pods = [p for p in self._pods.get(ns, {}).values() if _controller_uid(p) == uid]
+        want = spec.get("replicas", 1)
+        if len(pods) < want:
+            tmpl = spec.get("template") or {}
+            for _ in range(want - len(pods)):
+                md = json.loads(json.dumps(tmpl.get("metadata") or {}))
+                md.update(name=f"{name}-{random_suffix()}", namespace=ns,
+                          ownerReferences=[_owner_ref(rs, REPLICASETS)])
+                pod = self.store.create({"apiVersion": "v1", "kind": "Pod", "metadata": md,
+                                         "spec": json.loads(json.dumps(tmpl.get("spec") or {}))},
+                                        namespace=ns, resource=PODS)
+                status = self.runtime.start(pod)
+                if status:
+                    pod = self.store.patch(PODS, pod["metadata"]["name"], {"status": status}, namespace=ns,
+                                           subresource="status")
+                pods.append(pod)
+        elif len(pods) > want:
+            doomed = sorted(pods, key=lambda p: (pod_ready(p), p["metadata"]["creationTimestamp"]))[:len(pods) - want]
+            for p in doomed:
+                self._delete_quiet(PODS, p["metadata"]["name"], ns)
+            gone = {p["metadata"]["name"] for p in doomed}
+            pods = [p for p in pods if p["metadata"]["name"] not in gone]
+        matching = [p for p in pods if match_label_selector_obj(spec.get("selector"), p["metadata"].get("labels") or {})]
+        ready = sum(1 for p in pods if pod_ready(p))
+        status = {"replicas": len(pods), "fullyLabeledReplicas": len(matching), "readyReplicas": ready,
+                  "availableReplicas": ready, "observedGeneration": rs["metadata"].get("generation", 1)}
+        if rs.get("status") != status:
+            self.store.patch(REPLICASETS, name, {"status": status}, namespace=ns, subresource="status")

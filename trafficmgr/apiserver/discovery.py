@@ -1,0 +1,159 @@
+"""Resource registry and discovery documents (/version, /api, /apis, APIResourceLists)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
+SUB_VERBS = ["get", "patch", "update"]
+
+
+@dataclass(frozen=True)
+class ResourceType:
+    """One served resource: ``key`` is ``plural`` for the core group, else ``plural.group``."""
+
+    group: str
+    version: str
+    plural: str
+    kind: str
+    namespaced: bool
+    short_names: tuple[str, ...] = ()
+    categories: tuple[str, ...] = ()
+    subresources: tuple[str, ...] = ()
+    has_status: bool = field(default=False)
+
+    @property
+    def key(self) -> str:
+        return self.plural if not self.group else f"{self.plural}.{self.group}"
+
+    @property
+    def api_version(self) -> str:
+        return self.version if not self.group else f"{self.group}/{self.version}"
+
+    @property
+    def singular(self) -> str:
+        return self.kind.lower()
+
+    @property
+    def list_kind(self) -> str:
+        return self.kind + "List"
+
+
+def _rt(group: str, version: str, plural: str, kind: str, namespaced: bool = True,
+        short: tuple[str, ...] = (), cats: tuple[str, ...] = (), subs: tuple[str, ...] = ()) -> ResourceType:
+    return ResourceType(group, version, plural, kind, namespaced, short, cats, subs, "status" in subs)
+
+
+RESOURCES: list[ResourceType] = [
+    _rt("", "v1", "namespaces", "Namespace", False, ("ns",), (), ("status",)),
+    _rt("", "v1", "pods", "Pod", True, ("po",), ("all",), ("status",)),
+    _rt("", "v1", "services", "Service", True, ("svc",), ("all",), ("status",)),
+    _rt("", "v1", "endpoints", "Endpoints", True, ("ep",)),
+    _rt("", "v1", "events", "Event", True, ("ev",)),
+    _rt("", "v1", "secrets", "Secret", True),
+    _rt("", "v1", "configmaps", "ConfigMap", True, ("cm",)),
+    _rt("", "v1", "nodes", "Node", False, ("no",), (), ("status",)),
+    _rt("", "v1", "serviceaccounts", "ServiceAccount", True, ("sa",)),
+    _rt("apps", "v1", "deployments", "Deployment", True, ("deploy",), ("all",), ("status", "scale")),
+    _rt("apps", "v1", "replicasets", "ReplicaSet", True, ("rs",), ("all",), ("status", "scale")),
+    _rt("apps", "v1", "statefulsets", "StatefulSet", True, ("sts",), ("all",), ("status", "scale")),
+    _rt("apps", "v1", "daemonsets", "DaemonSet", True, ("ds",), ("all",), ("status",)),
+    _rt("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", True),
+    _rt("networking.k8s.io", "v1", "ingresses", "Ingress", True, ("ing",), (), ("status",)),
+    _rt("networking.k8s.io", "v1", "ingressclasses", "IngressClass", False),
+    _rt("events.k8s.io", "v1", "events", "Event", True, ("ev",)),
+    _rt("coordination.k8s.io", "v1", "leases", "Lease", True),
+]
+
+BY_KEY: dict[str, ResourceType] = {r.key: r for r in RESOURCES}
+BY_GVR: dict[tuple[str, str, str], ResourceType] = {(r.group, r.version, r.plural): r for r in RESOURCES}
+BY_GVK: dict[tuple[str, str], ResourceType] = {(r.api_version, r.kind): r for r in RESOURCES}
+
+GROUP_VERSIONS: dict[str, list[str]] = {}
+for _r in RESOURCES:
+    GROUP_VERSIONS.setdefault(_r.group, [])
+    if _r.version not in GROUP_VERSIONS[_r.group]:
+        GROUP_VERSIONS[_r.group].append(_r.version)
+
+
+def resolve(name: str) -> ResourceType:
+    """Resolve a resource key, plural, kind, short name or ``apiVersion/Kind``; raise KeyError if unknown.
+
+    Ambiguous names (``events``, ``Event``) resolve to the core group.
+    """
+    if name in BY_KEY:
+        return BY_KEY[name]
+    low = name.lower()
+    for r in RESOURCES:
+        if low in (r.plural, r.singular) or low in r.short_names or low == r.key:
+            return r
+    if "/" in name:
+        api_version, _, kind = name.rpartition("/")
+        if (api_version, kind) in BY_GVK:
+            return BY_GVK[(api_version, kind)]
+    raise KeyError(name)
+
+
+def version_info() -> dict:
+    return {
+        "major": "1", "minor": "32", "gitVersion": "v1.32.0", "gitCommit": "trafficmgr",
+        "gitTreeState": "clean", "buildDate": "2024-12-11T00:00:00Z", "goVersion": "go1.23.3",
+        "compiler": "gc", "platform": "linux/amd64",
+    }
+
+
+def api_versions(server_address: str) -> dict:
+    return {
+        "kind": "APIVersions", "versions": ["v1"],
+        "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": server_address}],
+    }
+
+
+def api_group_list() -> dict:
+    groups = []
+    for group, versions in GROUP_VERSIONS.items():
+        if not group:
+            continue
+        gvs = [{"groupVersion": f"{group}/{v}", "version": v} for v in versions]
+        groups.append({"name": group, "versions": gvs, "preferredVersion": gvs[0]})
+    groups.append({
+        "name": "autoscaling",
+        "versions": [{"groupVersion": "autoscaling/v1", "version": "v1"}],
+        "preferredVersion": {"groupVersion": "autoscaling/v1", "version": "v1"},
+    })
+    return {"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}
+
+
+def api_group(group: str) -> dict | None:
+    if group not in GROUP_VERSIONS or not group:
+        return None
+    gvs = [{"groupVersion": f"{group}/{v}", "version": v} for v in GROUP_VERSIONS[group]]
+    return {"kind": "APIGroup", "apiVersion": "v1", "name": group, "versions": gvs, "preferredVersion": gvs[0]}
+
+
+def api_resource_list(group: str, version: str) -> dict | None:
+    """APIResourceList for ``group/version`` or None if not served."""
+    gv = version if not group else f"{group}/{version}"
+    if group == "autoscaling" and version == "v1":
+        return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": []}
+    rts = [r for r in RESOURCES if r.group == group and r.version == version]
+    if not rts:
+        return None
+    out = []
+    for r in rts:
+        entry = {
+            "name": r.plural, "singularName": r.singular, "namespaced": r.namespaced, "kind": r.kind,
+            "verbs": list(VERBS), "storageVersionHash": r.kind[:8],
+        }
+        if r.short_names:
+            entry["shortNames"] = list(r.short_names)
+        if r.categories:
+            entry["categories"] = list(r.categories)
+        out.append(entry)
+        for sub in r.subresources:
+            se = {"name": f"{r.plural}/{sub}", "singularName": "", "namespaced": r.namespaced,
+                  "kind": r.kind, "verbs": list(SUB_VERBS)}
+            if sub == "scale":
+                se.update(group="autoscaling", version="v1", kind="Scale")
+            out.append(se)
+    return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": out}

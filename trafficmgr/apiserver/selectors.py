@@ -1,0 +1,126 @@
+"""Label and field selector parsing (Kubernetes string syntax)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+from .errors import ApiError
+
+LabelMatcher = Callable[[dict], bool]
+FieldMatcher = Callable[[dict], bool]
+
+_SET_RE = re.compile(r"^\s*([A-Za-z0-9_./-]+)\s+(in|notin)\s+\((.*)\)\s*$")
+_OP_RE = re.compile(r"^\s*([A-Za-z0-9_./-]+)\s*(==|!=|=)\s*([A-Za-z0-9_./-]*)\s*$")
+_EXISTS_RE = re.compile(r"^\s*(!?)\s*([A-Za-z0-9_./-]+)\s*$")
+
+
+def _split_top(s: str) -> list[str]:
+    parts, depth, cur = [], 0, []
+    for ch in s:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return [p for p in parts if p.strip()]
+
+
+def parse_label_selector(selector: str | None) -> LabelMatcher | None:
+    """Compile a label selector string (``=``, ``==``, ``!=``, ``in``, ``notin``, ``key``, ``!key``).
+
+    Returns a predicate over a labels dict, or None for an empty selector. Raises ApiError(400).
+    """
+    if not selector or not selector.strip():
+        return None
+    reqs: list[Callable[[dict], bool]] = []
+    for part in _split_top(selector):
+        m = _SET_RE.match(part)
+        if m:
+            key, op, vals = m.group(1), m.group(2), {v.strip() for v in m.group(3).split(",") if v.strip()}
+            if op == "in":
+                reqs.append(lambda lb, k=key, vs=vals: lb.get(k) in vs)
+            else:
+                reqs.append(lambda lb, k=key, vs=vals: lb.get(k) not in vs)
+            continue
+        m = _OP_RE.match(part)
+        if m:
+            key, op, val = m.groups()
+            if op == "!=":
+                reqs.append(lambda lb, k=key, v=val: lb.get(k) != v)
+            else:
+                reqs.append(lambda lb, k=key, v=val: lb.get(k) == v)
+            continue
+        m = _EXISTS_RE.match(part)
+        if m:
+            neg, key = m.groups()
+            if neg:
+                reqs.append(lambda lb, k=key: k not in lb)
+            else:
+                reqs.append(lambda lb, k=key: k in lb)
+            continue
+        raise ApiError.bad_request(f"unable to parse requirement: {part!r}")
+    return lambda labels: all(r(labels) for r in reqs)
+
+
+def match_label_map(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    """True if every key/value of an equality selector map is present in ``labels``."""
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def match_label_selector_obj(selector: dict | None, labels: dict[str, str]) -> bool:
+    """Evaluate a metav1.LabelSelector dict (matchLabels + matchExpressions); empty matches all."""
+    if not selector:
+        return True
+    if not match_label_map(selector.get("matchLabels") or {}, labels):
+        return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, vals = expr["key"], expr["operator"], set(expr.get("values") or [])
+        if op == "In" and labels.get(key) not in vals:
+            return False
+        if op == "NotIn" and labels.get(key) in vals:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def field_value(obj: dict, path: str) -> str:
+    """Value of a dotted field path rendered as a selector string ('' when missing)."""
+    cur: Any = obj
+    for part in path.split("."):
+        if not isinstance(cur, dict):
+            return ""
+        cur = cur.get(part)
+        if cur is None:
+            return ""
+    if isinstance(cur, bool):
+        return "true" if cur else "false"
+    return str(cur)
+
+
+def parse_field_selector(selector: str | None) -> FieldMatcher | None:
+    """Compile a field selector (``path=value``, ``path==value``, ``path!=value``, comma-joined)."""
+    if not selector or not selector.strip():
+        return None
+    reqs: list[Callable[[dict], bool]] = []
+    for part in selector.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "!=" in part:
+            path, _, val = part.partition("!=")
+            reqs.append(lambda o, p=path.strip(), v=val.strip(): field_value(o, p) != v)
+        elif "==" in part or "=" in part:
+            path, _, val = part.partition("==") if "==" in part else part.partition("=")
+            reqs.append(lambda o, p=path.strip(), v=val.strip(): field_value(o, p) == v)
+        else:
+            raise ApiError.bad_request(f"invalid field selector: {part!r}")
+    return lambda obj: all(r(obj) for r in reqs)

@@ -1,0 +1,557 @@
+"""HTTP front end: the Kubernetes REST API over ``http.server.ThreadingHTTPServer``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import select
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import yaml
+
+from . import discovery, openapi, protobuf, tables
+from .controllers import Controllers, PodRuntime
+from .discovery import BY_GVR, ResourceType
+from .errors import ApiError
+from .patch import json_patch, merge_patch, strategic_merge
+from .selectors import parse_field_selector, parse_label_selector
+from .store import PATCH_APPLY, PATCH_JSON, PATCH_MERGE, PATCH_STRATEGIC, Store, Watcher
+
+log = logging.getLogger(__name__)
+
+_TRUE = ("true", "1", "True", "TRUE")
+
+
+def _encode(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+class _Route:
+    __slots__ = ("rt", "namespace", "name", "sub")
+
+    def __init__(self, rt: ResourceType, namespace: str | None, name: str | None, sub: str | None) -> None:
+        self.rt, self.namespace, self.name, self.sub = rt, namespace, name, sub
+
+
+def _route(group: str, version: str, parts: list[str]) -> _Route:
+    def rt_of(plural: str) -> ResourceType:
+        rt = BY_GVR.get((group, version, plural))
+        if rt is None:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        return rt
+
+    if len(parts) >= 3 and parts[0] == "namespaces" and not (group == "" and len(parts) == 3
+                                                              and parts[2] in ("status", "finalize")):
+        rt = rt_of(parts[2])
+        if not rt.namespaced:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        name = parts[3] if len(parts) > 3 else None
+        sub = parts[4] if len(parts) > 4 else None
+        if len(parts) > 5:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        return _Route(rt, parts[1], name, sub)
+    if not parts or len(parts) > 3:
+        raise ApiError(404, "NotFound", "the server could not find the requested resource")
+    rt = rt_of(parts[0])
+    return _Route(rt, None, parts[1] if len(parts) > 1 else None, parts[2] if len(parts) > 2 else None)
+
+
+def _scale_of(obj: dict) -> dict:
+    md = obj["metadata"]
+    sel = ((obj.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+    return {
+        "kind": "Scale", "apiVersion": "autoscaling/v1",
+        "metadata": {k: md[k] for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp") if k in md},
+        "spec": {"replicas": (obj.get("spec") or {}).get("replicas", 0)},
+        "status": {"replicas": (obj.get("status") or {}).get("replicas", 0),
+                   "selector": ",".join(f"{k}={v}" for k, v in sorted(sel.items()))},
+    }
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    server: "_HTTPServer"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s " + format, self.address_string(), *args)
+
+    # ---- plumbing ----------------------------------------------------------------------------
+
+    def _send(self, code: int, body: bytes, ctype: str = "application/json") -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-cache, private")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _send_obj(self, code: int, obj: Any) -> None:
+        self._send(code, _encode(obj))
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().strip().split(b";")[0], 16)
+                if size == 0:
+                    self.rfile.readline()
+                    break
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+            return b"".join(chunks)
+        n = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(n) if n else b""
+
+    def _body(self, ctype: str = "") -> Any:
+        raw = self._read_body()
+        if "protobuf" in ctype:
+            try:
+                return protobuf.decode(raw)
+            except protobuf.ProtobufError as e:
+                raise ApiError(415, "UnsupportedMediaType", str(e)) from None
+        if "cbor" in ctype:
+            raise ApiError(415, "UnsupportedMediaType",
+                           f"the body of the request was in an unknown format - accepted media types include: "
+                           f"application/json, application/yaml")
+        if not raw.strip():
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            if "yaml" not in ctype:
+                raise ApiError.bad_request("invalid JSON in request body") from None
+        try:
+            return yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ApiError.bad_request(f"invalid YAML in request body: {e}") from None
+
+    def _dispatch(self) -> None:
+        try:
+            self._handle()
+        except ApiError as e:
+            self._send_obj(e.code, e.status())
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception as e:  # noqa: BLE001
+            log.exception("internal error handling %s %s", self.command, self.path)
+            self._send_obj(500, ApiError(500, "InternalError", f"Internal error occurred: {e}").status())
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _dispatch  # type: ignore[assignment]
+
+    # ---- routing -----------------------------------------------------------------------------
+
+    def _handle(self) -> None:
+        url = urlsplit(self.path)
+        self.query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
+        parts = [p for p in url.path.split("/") if p]
+        method = self.command
+        if method in ("GET", "HEAD"):
+            if url.path in ("/healthz", "/livez", "/readyz"):
+                return self._send(200, b"ok", "text/plain")
+            if url.path == "/version":
+                return self._send_obj(200, discovery.version_info())
+            if parts[:2] == ["openapi", "v3"]:
+                doc = openapi.root_document() if len(parts) == 2 else openapi.document_for_path("/".join(parts[2:]))
+                if doc is None:
+                    raise ApiError(404, "NotFound", "the server could not find the requested resource")
+                return self._send(200, doc)
+            if parts == ["api"]:
+                return self._send_obj(200, discovery.api_versions(f"{self.server.server_address[0]}:"
+                                                                  f"{self.server.server_address[1]}"))
+            if parts == ["apis"]:
+                return self._send_obj(200, discovery.api_group_list())
+            if len(parts) == 2 and parts[0] == "api":
+                doc = discovery.api_resource_list("", parts[1])
+                if doc is None:
+                    raise ApiError(404, "NotFound", "the server could not find the requested resource")
+                return self._send_obj(200, doc)
+            if len(parts) == 2 and parts[0] == "apis":
+                doc = discovery.api_group(parts[1])
+                if doc is None:
+                    raise ApiError(404, "NotFound", "the server could not find the requested resource")
+                return self._send_obj(200, doc)
+            if len(parts) == 3 and parts[0] == "apis":
+                doc = discovery.api_resource_list(parts[1], parts[2])
+                if doc is None:
+                    raise ApiError(404, "NotFound", "the server could not find the requested resource")
+                return self._send_obj(200, doc)
+        if len(parts) >= 3 and parts[0] == "api":
+            route = _route("", parts[1], parts[2:])
+        elif len(parts) >= 4 and parts[0] == "apis":
+            route = _route(parts[1], parts[2], parts[3:])
+        else:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        handler = getattr(self, f"_{method.lower()}_{'item' if route.name else 'collection'}", None)
+        if handler is None:
+            raise ApiError.method_not_allowed()
+        handler(route)
+
+    @property
+    def store(self) -> Store:
+        return self.server.store
+
+    def _wants_table(self) -> bool:
+        accept = self.headers.get("Accept", "")
+        return "as=Table" in accept
+
+    def _dry_run(self) -> bool:
+        return bool(self.query.get("dryRun"))
+
+    # ---- collection verbs --------------------------------------------------------------------
+
+    def _get_collection(self, r: _Route) -> None:
+        if self.query.get("watch") in _TRUE:
+            return self._watch(r)
+        labels = parse_label_selector(self.query.get("labelSelector"))
+        fields = parse_field_selector(self.query.get("fieldSelector"))
+        items, rv = self.store.list_raw(r.rt, r.namespace, labels, fields)
+        if self._wants_table():
+            return self._send_obj(200, tables.table(r.rt, items, rv, self.query.get("includeObject", "Metadata")))
+        self._send_obj(200, {"kind": r.rt.list_kind, "apiVersion": r.rt.api_version,
+                             "metadata": {"resourceVersion": rv}, "items": items})
+
+    def _post_collection(self, r: _Route) -> None:
+        if r.sub:
+            raise ApiError.method_not_allowed()
+        body = self._body(self.headers.get("Content-Type", ""))
+        if not isinstance(body, dict):
+            raise ApiError.bad_request("request body must be an object")
+        body_ns = (body.get("metadata") or {}).get("namespace")
+        if r.rt.namespaced and r.namespace is None:
+            raise ApiError.method_not_allowed("POST requires a namespace for namespaced resources")
+        if r.namespace and body_ns and body_ns != r.namespace:
+            raise ApiError.bad_request("the namespace of the provided object does not match the namespace sent "
+                                       "on the request")
+        kind = body.get("kind")
+        if kind and kind != r.rt.kind:
+            raise ApiError.bad_request(f"the kind of the object ({kind}) does not match the URL ({r.rt.kind})")
+        obj = self.store.create(body, namespace=r.namespace, resource=r.rt, dry_run=self._dry_run())
+        self._send_obj(201, obj)
+
+    def _delete_collection(self, r: _Route) -> None:
+        items = self.store.delete_collection(r.rt, r.namespace, self.query.get("labelSelector"),
+                                             self.query.get("fieldSelector"))
+        self._send_obj(200, {"kind": r.rt.list_kind, "apiVersion": r.rt.api_version,
+                             "metadata": {"resourceVersion": self.store.resource_version}, "items": items})
+
+    # ---- item verbs --------------------------------------------------------------------------
+
+    def _get_item(self, r: _Route) -> None:
+        if r.sub not in (None, "status", "scale"):
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        obj = self.store.get_raw(r.rt, r.name, r.namespace)
+        if r.sub == "scale":
+            self._check_scale(r)
+            return self._send_obj(200, _scale_of(obj))
+        if self._wants_table() and r.sub is None:
+            return self._send_obj(200, tables.table(r.rt, [obj], obj["metadata"]["resourceVersion"],
+                                                    self.query.get("includeObject", "Metadata")))
+        self._send_obj(200, obj)
+
+    def _check_scale(self, r: _Route) -> None:
+        if "scale" not in r.rt.subresources:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+
+    def _put_item(self, r: _Route) -> None:
+        body = self._body(self.headers.get("Content-Type", ""))
+        if not isinstance(body, dict):
+            raise ApiError.bad_request("request body must be an object")
+        if r.sub == "scale":
+            self._check_scale(r)
+            return self._set_replicas(r, body)
+        if r.sub not in (None, "status"):
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        md = body.setdefault("metadata", {})
+        if md.get("name") and md["name"] != r.name:
+            raise ApiError.bad_request("the name of the object does not match the name on the URL")
+        md["name"] = r.name
+        obj = self.store.update(body, namespace=r.namespace, resource=r.rt, subresource=r.sub,
+                                dry_run=self._dry_run())
+        self._send_obj(200, obj)
+
+    def _set_replicas(self, r: _Route, scale: dict) -> None:
+        replicas = (scale.get("spec") or {}).get("replicas")
+        if not isinstance(replicas, int) or replicas < 0:
+            raise ApiError.invalid(r.rt, r.name or "", "spec.replicas: Invalid value")
+        with self.store.lock:
+            cur = self.store.get_raw(r.rt, r.name, r.namespace)
+            rv = (scale.get("metadata") or {}).get("resourceVersion")
+            if rv and rv != cur["metadata"]["resourceVersion"]:
+                raise ApiError.conflict(r.rt, r.name or "")
+            obj = self.store.patch(r.rt, r.name, {"spec": {"replicas": replicas}}, namespace=r.namespace,
+                                   patch_type=PATCH_MERGE, dry_run=self._dry_run())
+        self._send_obj(200, _scale_of(obj))
+
+    def _patch_item(self, r: _Route) -> None:
+        ctype = self.headers.get("Content-Type", "").split(";")[0].strip()
+        body = self._body(ctype)
+        if body is None:
+            raise ApiError.bad_request("empty patch")
+        if r.sub == "scale":
+            self._check_scale(r)
+            cur = _scale_of(self.store.get_raw(r.rt, r.name, r.namespace))
+            if ctype == PATCH_JSON:
+                new = json_patch(cur, body)
+            elif ctype == PATCH_STRATEGIC:
+                new = strategic_merge(cur, body)
+            else:
+                new = merge_patch(cur, body)
+            return self._set_replicas(r, new)
+        if r.sub not in (None, "status"):
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        if ctype == PATCH_APPLY and isinstance(body, dict):
+            if body.get("kind") and body["kind"] != r.rt.kind:
+                raise ApiError.bad_request("the kind in the body does not match the URL")
+            body = dict(body)
+            body.pop("status", None) if r.sub is None and r.rt.has_status else None
+        obj = self.store.patch(r.rt, r.name, body, namespace=r.namespace, patch_type=ctype, subresource=r.sub,
+                               field_manager=self.query.get("fieldManager"), dry_run=self._dry_run())
+        self._send_obj(200, obj)
+
+    def _delete_item(self, r: _Route) -> None:
+        self._read_body()
+        if r.sub:
+            raise ApiError.method_not_allowed()
+        obj = self.store.delete(r.rt, r.name, r.namespace, dry_run=self._dry_run())
+        if r.rt.kind in ("Pod", "Namespace"):
+            return self._send_obj(200, obj)
+        details: dict = {"name": r.name, "kind": r.rt.plural, "uid": obj["metadata"]["uid"]}
+        if r.rt.group:
+            details["group"] = r.rt.group
+        self._send_obj(200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                             "details": details})
+
+    # ---- watch -------------------------------------------------------------------------------
+
+    def _watch(self, r: _Route) -> None:
+        q = self.query
+        timeout = float(q["timeoutSeconds"]) if q.get("timeoutSeconds") else None
+        bookmarks = q.get("allowWatchBookmarks") in _TRUE
+        table = self._wants_table()
+        deadline = time.monotonic() + timeout if timeout else None
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Cache-Control", "no-cache, private")
+        self.end_headers()
+        self.close_connection = True
+        try:
+            w = self.store.watch(r.rt, r.namespace, q.get("resourceVersion"), q.get("labelSelector"),
+                                 q.get("fieldSelector"))
+        except ApiError as e:
+            self._chunk(_encode({"type": "ERROR", "object": e.status()}) + b"\n")
+            self._chunk(b"")
+            return
+        sock = self.connection
+        w.on_close.append(lambda: _shutdown(sock))
+        self.server.register_watch(w)
+        interval = self.server.bookmark_interval
+        first = True
+        try:
+            last_bookmark = time.monotonic()
+            while True:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    break
+                wait = interval
+                if deadline is not None:
+                    wait = min(wait, deadline - now)
+                try:
+                    item = w.queue.get(timeout=max(0.01, wait))
+                except Exception:
+                    item = ()
+                if item is None:
+                    return
+                if item == ():
+                    if _peer_closed(sock):
+                        return
+                    if bookmarks and time.monotonic() - last_bookmark >= interval:
+                        rv = self.store.bookmark_version(w)
+                        if rv is not None:
+                            self._chunk(_encode({"type": "BOOKMARK", "object": {
+                                "kind": r.rt.kind, "apiVersion": r.rt.api_version,
+                                "metadata": {"resourceVersion": rv}}}) + b"\n")
+                            last_bookmark = time.monotonic()
+                    continue
+                etype, obj = item
+                if table:
+                    obj = tables.table(r.rt, [obj], obj["metadata"]["resourceVersion"],
+                                       q.get("includeObject", "Metadata"), columns=first)
+                    first = False
+                self._chunk(_encode({"type": etype, "object": obj}) + b"\n")
+            self._chunk(b"")
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            pass
+        finally:
+            self.server.unregister_watch(w)
+            self.store.stop_watch(w)
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        if readable:
+            return sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+    return False
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, addr: tuple[str, int], store: Store, bookmark_interval: float) -> None:
+        super().__init__(addr, _Handler)
+        self.store = store
+        self.bookmark_interval = bookmark_interval
+        self._watches: set[Watcher] = set()
+        self._wlock = threading.Lock()
+
+    def register_watch(self, w: Watcher) -> None:
+        with self._wlock:
+            self._watches.add(w)
+
+    def unregister_watch(self, w: Watcher) -> None:
+        with self._wlock:
+            self._watches.discard(w)
+
+    def open_watches(self) -> list[Watcher]:
+        with self._wlock:
+            return list(self._watches)
+
+
+class APIServer:
+    """An in-memory, kubectl-compatible Kubernetes API server.
+
+    ``store``: reuse an existing ``Store`` (restart with the same data). ``fresh_window``: expire the
+    event history at start so watches from old resourceVersions get 410. ``history``: event window
+    size for a new store. ``bookmark_interval``: seconds between BOOKMARK events.
+    ``endpointslice_controller`` (default on) maintains EndpointSlices and Service clusterIPs;
+    ``workload_controllers`` (default off) runs Deployment -> ReplicaSet -> Pod with ``pod_runtime``.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, store: Store | None = None,
+                 fresh_window: bool = False, history: int = 10000, bookmark_interval: float = 2.0,
+                 endpointslice_controller: bool = True, workload_controllers: bool = False,
+                 pod_runtime: PodRuntime | None = None) -> None:
+        self.host = host
+        self.port = port
+        self.store = store if store is not None else Store(history=history)
+        self.bookmark_interval = bookmark_interval
+        self._fresh_window = fresh_window
+        self._httpd: _HTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.controllers = Controllers(self.store, endpointslices=endpointslice_controller,
+                                       workloads=workload_controllers, pod_runtime=pod_runtime)
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. ``http://127.0.0.1:34567`` (valid after ``start``)."""
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> "APIServer":
+        """Bind, start serving on a daemon thread and start controllers; returns when listening."""
+        if self._fresh_window:
+            self.store.expire_history()
+        self._httpd = _HTTPServer((self.host, self.port), self.store, self.bookmark_interval)
+        self.port = self._httpd.server_address[1]
+        self.controllers.start()
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name=f"apiserver-{self.port}", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        """Start (if needed) and block until interrupted (used by ``python -m trafficmgr.apiserver``)."""
+        if self._httpd is None:
+            self.start()
+        try:
+            while self._thread and self._thread.is_alive():
+                self._thread.join(0.5)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        """Stop serving, close open watches and stop controllers; the store keeps its data."""
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self.drop_watches()
+            self._httpd.server_close()
+            self._httpd = None
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+        self.controllers.stop()
+
+    def __enter__(self) -> "APIServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def expire_history(self) -> None:
+        """Test hook: later watches from any older resourceVersion get ERROR 410 Expired."""
+        self.store.expire_history()
+
+    def drop_watches(self) -> None:
+        """Test hook: abruptly close every open HTTP watch connection."""
+        if self._httpd is None:
+            return
+        for w in self._httpd.open_watches():
+            self.store.stop_watch(w)
+
+    def wait_idle(self, timeout: float = 5.0) -> bool:
+        """Wait until controllers processed all pending changes; False on timeout."""
+        return self.controllers.wait_idle(timeout)
+
+    def kubeconfig(self, context: str = "trafficmgr", namespace: str = "default") -> dict:
+        """A kubeconfig dict pointing at this server (no auth)."""
+        return {
+            "apiVersion": "v1", "kind": "Config", "preferences": {},
+            "clusters": [{"name": context, "cluster": {"server": self.url}}],
+            "users": [{"name": context, "user": {}}],
+            "contexts": [{"name": context, "context": {"cluster": context, "user": context, "namespace": namespace}}],
+            "current-context": context,
+        }
+
+    def write_kubeconfig(self, path: str | Path, context: str = "trafficmgr") -> Path:
+        """Write ``kubeconfig()`` as YAML to ``path``; returns the path."""
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(yaml.safe_dump(self.kubeconfig(context), sort_keys=False))
+        return p
+
+    def api_client(self) -> Any:
+        """An official ``kubernetes.client.ApiClient`` configured for this server."""
+        from kubernetes import client
+
+        cfg = client.Configuration()
+        cfg.host = self.url
+        return client.ApiClient(cfg)
+
+
+__all__ = ["APIServer"]
+

@@ -1,0 +1,593 @@
+"""Thread-safe in-memory object store with resourceVersions, watch history and owner GC.
+
+Objects are plain dicts in their wire form. Stored objects are never mutated in place: every write
+stores a fresh dict, so readers may hold references without copying (public getters still copy).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import queue
+import re
+import secrets
+import string
+import threading
+import uuid
+from collections import deque
+from typing import Any, Callable, Iterable
+
+from . import patch as _patch
+from .discovery import BY_GVK, BY_KEY, RESOURCES, ResourceType, resolve
+from .errors import ApiError
+from .selectors import FieldMatcher, LabelMatcher, parse_field_selector, parse_label_selector
+
+PATCH_JSON = "application/json-patch+json"
+PATCH_MERGE = "application/merge-patch+json"
+PATCH_STRATEGIC = "application/strategic-merge-patch+json"
+PATCH_APPLY = "application/apply-patch+yaml"
+_PATCH_ALIASES = {"json": PATCH_JSON, "merge": PATCH_MERGE, "strategic": PATCH_STRATEGIC, "apply": PATCH_APPLY}
+
+_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+_GENERATION_KINDS = {"Deployment", "ReplicaSet", "StatefulSet", "DaemonSet", "Ingress", "IngressClass",
+                     "EndpointSlice"}
+_GEN_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
+
+Admission = Callable[[ResourceType, dict, "dict | None"], None]
+Listener = Callable[["WatchEvent"], None]
+
+
+def now_iso() -> str:
+    """Current UTC time in Kubernetes RFC 3339 form (seconds precision)."""
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def random_suffix(n: int = 5) -> str:
+    """Random name suffix from the alphabet Kubernetes uses for generateName."""
+    return "".join(secrets.choice(_GEN_ALPHABET) for _ in range(n))
+
+
+class WatchEvent:
+    """A committed change: ``type`` ADDED/MODIFIED/DELETED, ``obj`` new (or last) state, ``old`` prior."""
+
+    __slots__ = ("type", "rv", "rt", "obj", "old")
+
+    def __init__(self, type: str, rv: int, rt: ResourceType, obj: dict, old: dict | None) -> None:
+        self.type = type
+        self.rv = rv
+        self.rt = rt
+        self.obj = obj
+        self.old = old
+
+
+class Watcher:
+    """A registered watch; events arrive on ``queue`` as ``(type, obj)``; ``None`` means closed."""
+
+    def __init__(self, rt: ResourceType, namespace: str | None, labels: LabelMatcher | None,
+                 fields: FieldMatcher | None) -> None:
+        self.rt = rt
+        self.namespace = namespace
+        self.labels = labels
+        self.fields = fields
+        self.queue: "queue.SimpleQueue[tuple[str, dict] | None]" = queue.SimpleQueue()
+        self.closed = False
+        self.on_close: list[Callable[[], None]] = []
+
+    def matches(self, obj: dict | None) -> bool:
+        if obj is None:
+            return False
+        md = obj.get("metadata", {})
+        if self.namespace and md.get("namespace") != self.namespace:
+            return False
+        if self.labels and not self.labels(md.get("labels") or {}):
+            return False
+        if self.fields and not self.fields(obj):
+            return False
+        return True
+
+    def offer(self, ev: WatchEvent) -> None:
+        new_m = self.matches(ev.obj)
+        if ev.type == "ADDED":
+            if new_m:
+                self.queue.put(("ADDED", ev.obj))
+        elif ev.type == "DELETED":
+            if new_m:
+                self.queue.put(("DELETED", ev.obj))
+        else:
+            old_m = self.matches(ev.old)
+            if new_m and old_m:
+                self.queue.put(("MODIFIED", ev.obj))
+            elif new_m:
+                self.queue.put(("ADDED", ev.obj))
+            elif old_m:
+                self.queue.put(("DELETED", ev.obj))
+
+    def close(self) -> None:
+        """Stop the watch: the consumer sees ``None`` and socket-level closers run."""
+        if not self.closed:
+            self.closed = True
+            self.queue.put(None)
+            for fn in self.on_close:
+                try:
+                    fn()
+                except Exception:
+                    pass
+
+
+def _rt_for(resource: str | ResourceType | None, obj: dict | None = None) -> ResourceType:
+    if isinstance(resource, ResourceType):
+        return resource
+    if resource:
+        try:
+            return resolve(resource)
+        except KeyError:
+            raise ApiError(404, "NotFound", f"the server could not find the requested resource ({resource})") from None
+    if obj is not None:
+        key = (obj.get("apiVersion", ""), obj.get("kind", ""))
+        if key in BY_GVK:
+            return BY_GVK[key]
+        raise ApiError.bad_request(f"no kind {key[1]!r} is registered for version {key[0]!r}")
+    raise ApiError.bad_request("resource or object kind required")
+
+
+class Store:
+    """The object store. All public methods are thread-safe and raise ``ApiError`` on failure.
+
+    ``resource`` arguments accept a plural (``pods``), resource key (``deployments.apps``), kind,
+    short name, ``apiVersion/Kind`` or a ``ResourceType``; when omitted the object's
+    ``apiVersion``/``kind`` decide.
+    """
+
+    def __init__(self, history: int = 10000,
+                 namespaces: Iterable[str] = ("default", "kube-system", "kube-public", "kube-node-lease")) -> None:
+        self._lock = threading.RLock()
+        self._objects: dict[str, dict[tuple[str, str], dict]] = {r.key: {} for r in RESOURCES}
+        self._rv = 0
+        self._history: deque[WatchEvent] = deque(maxlen=max(1, history))
+        self._window_start = 0
+        self._watchers: dict[str, set[Watcher]] = {r.key: set() for r in RESOURCES}
+        self._listeners: list[Listener] = []
+        self._admission: list[Admission] = []
+        self._dependents: dict[str, set[tuple[str, str, str]]] = {}
+        self._uids: dict[str, tuple[str, str, str]] = {}
+        for ns in namespaces:
+            self.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+
+    @property
+    def lock(self) -> threading.RLock:
+        return self._lock
+
+    @property
+    def resource_version(self) -> str:
+        """Current global resourceVersion (string)."""
+        return str(self._rv)
+
+    def add_admission(self, fn: Admission) -> None:
+        """Register ``fn(rt, new_obj, old_obj_or_None)`` to mutate objects before create/update commits."""
+        self._admission.append(fn)
+
+    def subscribe(self, fn: Listener) -> None:
+        """Register an in-process listener called (under the store lock) for every committed event."""
+        with self._lock:
+            self._listeners.append(fn)
+
+    def unsubscribe(self, fn: Listener) -> None:
+        with self._lock:
+            if fn in self._listeners:
+                self._listeners.remove(fn)
+
+    # ---- reads -------------------------------------------------------------------------------
+
+    def get(self, resource: str | ResourceType, name: str, namespace: str | None = None) -> dict:
+        """Return a copy of one object; ``ApiError`` 404 when absent."""
+        return copy.deepcopy(self.get_raw(resource, name, namespace))
+
+    def get_raw(self, resource: str | ResourceType, name: str, namespace: str | None = None) -> dict:
+        """Like ``get`` but returns the stored dict itself (must not be mutated)."""
+        rt = _rt_for(resource)
+        ns = (namespace or "default") if rt.namespaced else ""
+        with self._lock:
+            obj = self._objects[rt.key].get((ns, name))
+        if obj is None:
+            raise ApiError.not_found(rt, name)
+        return obj
+
+    def list(self, resource: str | ResourceType, namespace: str | None = None,
+             label_selector: str | None = None, field_selector: str | None = None,
+             copy_items: bool = True) -> dict:
+        """Return a ``<Kind>List`` dict with ``metadata.resourceVersion`` and matching ``items``.
+
+        ``namespace=None`` lists across all namespaces. Items are sorted by namespace/name.
+        """
+        rt = _rt_for(resource)
+        items, rv = self.list_raw(rt, namespace, parse_label_selector(label_selector),
+                                  parse_field_selector(field_selector))
+        if copy_items:
+            items = copy.deepcopy(items)
+        return {"kind": rt.list_kind, "apiVersion": rt.api_version,
+                "metadata": {"resourceVersion": rv}, "items": items}
+
+    def list_raw(self, rt: ResourceType, namespace: str | None, labels: LabelMatcher | None = None,
+                 fields: FieldMatcher | None = None) -> tuple[list[dict], str]:
+        """Stored (uncopied) matching objects and the list resourceVersion."""
+        with self._lock:
+            bucket = self._objects[rt.key]
+            rv = str(self._rv)
+            if namespace and rt.namespaced:
+                objs = [o for (ns, _), o in bucket.items() if ns == namespace]
+            else:
+                objs = list(bucket.values())
+        objs.sort(key=lambda o: (o["metadata"].get("namespace", ""), o["metadata"]["name"]))
+        if labels:
+            objs = [o for o in objs if labels(o["metadata"].get("labels") or {})]
+        if fields:
+            objs = [o for o in objs if fields(o)]
+        return objs, rv
+
+    def count(self, resource: str | ResourceType) -> int:
+        rt = _rt_for(resource)
+        with self._lock:
+            return len(self._objects[rt.key])
+
+    # ---- writes ------------------------------------------------------------------------------
+
+    def create(self, obj: dict, namespace: str | None = None, resource: str | ResourceType | None = None,
+               dry_run: bool = False) -> dict:
+        """Create ``obj`` (copied); fills uid, resourceVersion, creationTimestamp, generation.
+
+        Honours ``metadata.generateName``. ``namespace`` overrides/sets ``metadata.namespace``
+        (default ``default`` for namespaced kinds). 409 AlreadyExists, 404 if the namespace is missing.
+        Returns a copy of the stored object.
+        """
+        rt = _rt_for(resource, obj)
+        obj = copy.deepcopy(obj)
+        obj["apiVersion"], obj["kind"] = rt.api_version, rt.kind
+        md = obj.setdefault("metadata", {})
+        if rt.namespaced:
+            md["namespace"] = namespace or md.get("namespace") or "default"
+        else:
+            md.pop("namespace", None)
+        with self._lock:
+            if not md.get("name"):
+                if not md.get("generateName"):
+                    raise ApiError.invalid(rt, "", "metadata.name: Required value: name or generateName is required")
+                for _ in range(100):
+                    md["name"] = md["generateName"] + random_suffix()
+                    if (md.get("namespace", ""), md["name"]) not in self._objects[rt.key]:
+                        break
+            name = md["name"]
+            self._validate_name(rt, name)
+            ns = md.get("namespace", "")
+            if rt.namespaced and ("", ns) not in self._objects["namespaces"]:
+                raise ApiError(404, "NotFound", f'namespaces "{ns}" not found',
+                               {"name": ns, "kind": "namespaces"})
+            if (ns, name) in self._objects[rt.key]:
+                raise ApiError.already_exists(rt, name)
+            md["uid"] = str(uuid.uuid4())
+            md["creationTimestamp"] = now_iso()
+            md.pop("resourceVersion", None)
+            md.pop("deletionTimestamp", None)
+            if rt.kind in _GENERATION_KINDS:
+                md["generation"] = 1
+            self._defaults(rt, obj)
+            for fn in self._admission:
+                fn(rt, obj, None)
+            if dry_run:
+                return copy.deepcopy(obj)
+            self._commit(rt, "ADDED", obj, None)
+            return copy.deepcopy(obj)
+
+    def update(self, obj: dict, namespace: str | None = None, resource: str | ResourceType | None = None,
+               subresource: str | None = None, dry_run: bool = False) -> dict:
+        """Replace an object (PUT semantics). 409 Conflict when ``metadata.resourceVersion`` is stale.
+
+        ``subresource="status"`` replaces only ``status``; a main-resource update of a kind with a
+        status subresource keeps the stored status. Bumps ``generation`` when ``spec`` changes.
+        """
+        rt = _rt_for(resource, obj)
+        obj = copy.deepcopy(obj)
+        md = obj.setdefault("metadata", {})
+        name = md.get("name")
+        if not name:
+            raise ApiError.invalid(rt, "", "metadata.name: Required value")
+        ns = (namespace or md.get("namespace") or "default") if rt.namespaced else ""
+        with self._lock:
+            old = self._objects[rt.key].get((ns, name))
+            if old is None:
+                raise ApiError.not_found(rt, name)
+            rv = md.get("resourceVersion")
+            if rv and rv != old["metadata"]["resourceVersion"]:
+                raise ApiError.conflict(rt, name)
+            return self._replace(rt, old, obj, subresource, dry_run)
+
+    def _replace(self, rt: ResourceType, old: dict, obj: dict, subresource: str | None, dry_run: bool) -> dict:
+        omd = old["metadata"]
+        if subresource == "status":
+            new = dict(old)
+            if "status" in obj:
+                new["status"] = obj["status"]
+            else:
+                new.pop("status", None)
+            new["metadata"] = dict(omd)
+        else:
+            new = obj
+            new["apiVersion"], new["kind"] = rt.api_version, rt.kind
+            md = new.setdefault("metadata", {})
+            for k in ("uid", "creationTimestamp", "name"):
+                md[k] = omd[k]
+            if rt.namespaced:
+                md["namespace"] = omd["namespace"]
+            else:
+                md.pop("namespace", None)
+            if "generation" in omd:
+                md["generation"] = omd["generation"]
+            if rt.has_status and subresource is None:
+                if "status" in old:
+                    new["status"] = old["status"]
+                else:
+                    new.pop("status", None)
+            if new.get("spec") != old.get("spec") and "generation" in omd:
+                md["generation"] = omd["generation"] + 1
+            self._defaults(rt, new)
+            for fn in self._admission:
+                fn(rt, new, old)
+        new["metadata"].pop("resourceVersion", None)
+        cmp_old = {k: v for k, v in old.items() if k != "metadata"}
+        cmp_new = {k: v for k, v in new.items() if k != "metadata"}
+        if cmp_old == cmp_new and _md_equal(omd, new["metadata"]):
+            return copy.deepcopy(old)
+        if dry_run:
+            return copy.deepcopy(new)
+        self._commit(rt, "MODIFIED", new, old)
+        return copy.deepcopy(new)
+
+    def patch(self, resource: str | ResourceType, name: str, body: Any, namespace: str | None = None,
+              patch_type: str = PATCH_MERGE, subresource: str | None = None,
+              field_manager: str | None = None, dry_run: bool = False) -> dict:
+        """Patch an object. ``patch_type`` is a content type or ``json|merge|strategic|apply``.
+
+        ``body`` is the decoded patch (list for JSON patch, dict otherwise). ``apply`` creates the
+        object when absent (server-side apply). Returns a copy of the result.
+        """
+        rt = _rt_for(resource)
+        ptype = _PATCH_ALIASES.get(patch_type, patch_type)
+        ns = (namespace or "default") if rt.namespaced else ""
+        with self._lock:
+            old = self._objects[rt.key].get((ns, name))
+            if old is None:
+                if ptype == PATCH_APPLY:
+                    obj = copy.deepcopy(body)
+                    obj.setdefault("metadata", {})["name"] = name
+                    _set_managed(obj, field_manager, "Apply")
+                    return self.create(obj, namespace=ns or None, resource=rt, dry_run=dry_run)
+                raise ApiError.not_found(rt, name)
+            base = old
+            if ptype == PATCH_JSON:
+                new = _patch.json_patch(base, body)
+            elif ptype == PATCH_MERGE:
+                new = _patch.merge_patch(base, body)
+            elif ptype == PATCH_STRATEGIC:
+                new = _patch.strategic_merge(base, body)
+            elif ptype == PATCH_APPLY:
+                if not isinstance(body, dict):
+                    raise ApiError.bad_request("apply patch must be an object")
+                new = _patch.strategic_merge(base, body)
+                _set_managed(new, field_manager, "Apply")
+            else:
+                raise ApiError(415, "UnsupportedMediaType", f"the body of the request was in an unknown format - "
+                               f"accepted media types include: {PATCH_JSON}, {PATCH_MERGE}, {PATCH_STRATEGIC}, "
+                               f"{PATCH_APPLY}")
+            if not isinstance(new, dict):
+                raise ApiError.bad_request("patch did not produce an object")
+            new = copy.deepcopy(new)
+            nmd = new.setdefault("metadata", {})
+            if nmd.get("name", name) != name:
+                raise ApiError.bad_request("the name of the object does not match the name in the URL")
+            nmd["name"] = name
+            rv = (body.get("metadata") or {}).get("resourceVersion") if isinstance(body, dict) else None
+            if rv and rv != old["metadata"]["resourceVersion"]:
+                raise ApiError.conflict(rt, name)
+            if subresource != "status" and ptype != PATCH_APPLY:
+                _set_managed(new, field_manager, "Update")
+            return self._replace(rt, old, new, subresource, dry_run)
+
+    def apply(self, obj: dict, field_manager: str = "trafficmgr", namespace: str | None = None,
+              force: bool = True) -> dict:
+        """Server-side apply (simplified): create when absent, else strategic-merge ``obj`` into it."""
+        rt = _rt_for(None, obj)
+        md = obj.get("metadata") or {}
+        return self.patch(rt, md["name"], obj, namespace=namespace or md.get("namespace"),
+                          patch_type=PATCH_APPLY, field_manager=field_manager)
+
+    def delete(self, resource: str | ResourceType, name: str, namespace: str | None = None,
+               dry_run: bool = False) -> dict:
+        """Delete immediately and garbage-collect dependents (ownerReferences uid, namespace contents).
+
+        Returns the last state of the deleted object; 404 when absent.
+        """
+        rt = _rt_for(resource)
+        ns = (namespace or "default") if rt.namespaced else ""
+        with self._lock:
+            old = self._objects[rt.key].get((ns, name))
+            if old is None:
+                raise ApiError.not_found(rt, name)
+            if dry_run:
+                return copy.deepcopy(old)
+            self._delete_cascade(rt, old)
+            return copy.deepcopy(old)
+
+    def delete_collection(self, resource: str | ResourceType, namespace: str | None = None,
+                          label_selector: str | None = None, field_selector: str | None = None) -> list[dict]:
+        """Delete every matching object; returns copies of the deleted objects."""
+        rt = _rt_for(resource)
+        with self._lock:
+            items, _ = self.list_raw(rt, namespace, parse_label_selector(label_selector),
+                                     parse_field_selector(field_selector))
+            for obj in items:
+                md = obj["metadata"]
+                if (md.get("namespace", ""), md["name"]) in self._objects[rt.key]:
+                    self._delete_cascade(rt, obj)
+            return copy.deepcopy(items)
+
+    def _delete_cascade(self, rt: ResourceType, obj: dict) -> None:
+        md = obj["metadata"]
+        key = (md.get("namespace", ""), md["name"])
+        if key not in self._objects[rt.key]:
+            return
+        self._commit(rt, "DELETED", obj, None)
+        if rt.key == "namespaces":
+            for other in RESOURCES:
+                if other.namespaced:
+                    for (ons, _), child in list(self._objects[other.key].items()):
+                        if ons == md["name"]:
+                            self._delete_cascade(other, child)
+        for dkey, dns, dname in list(self._dependents.pop(md["uid"], ())):
+            child = self._objects[dkey].get((dns, dname))
+            if child is None:
+                continue
+            owners = [r.get("uid") for r in child["metadata"].get("ownerReferences") or []]
+            if all(not self._uid_alive(u) for u in owners):
+                self._delete_cascade(BY_KEY[dkey], child)
+
+    def _uid_alive(self, uid: str | None) -> bool:
+        return bool(uid) and uid in self._uids
+
+    # ---- watch -------------------------------------------------------------------------------
+
+    def watch(self, resource: str | ResourceType, namespace: str | None = None,
+              resource_version: str | None = None, label_selector: str | None = None,
+              field_selector: str | None = None) -> Watcher:
+        """Register a watch. rv absent/"0": current objects arrive first as ADDED; else events after rv.
+
+        Raises ApiError 410 Expired when rv is older than the history window. Call ``stop_watch``
+        (or ``Watcher.close``) when done.
+        """
+        rt = _rt_for(resource)
+        w = Watcher(rt, namespace if rt.namespaced else None, parse_label_selector(label_selector),
+                    parse_field_selector(field_selector))
+        with self._lock:
+            if resource_version in (None, "", "0"):
+                for obj in self._objects[rt.key].values():
+                    if w.matches(obj):
+                        w.queue.put(("ADDED", obj))
+            else:
+                try:
+                    rv = int(resource_version)
+                except ValueError:
+                    raise ApiError.bad_request(f"invalid resource version {resource_version!r}") from None
+                if rv < self._window_start:
+                    raise ApiError.expired(f"too old resource version: {rv} ({self._window_start + 1})")
+                for ev in self._history:
+                    if ev.rv > rv and ev.rt is rt:
+                        w.offer(ev)
+            self._watchers[rt.key].add(w)
+        return w
+
+    def stop_watch(self, w: Watcher) -> None:
+        with self._lock:
+            self._watchers[w.rt.key].discard(w)
+        w.close()
+
+    def watchers(self) -> list[Watcher]:
+        with self._lock:
+            return [w for ws in self._watchers.values() for w in ws]
+
+    def expire_history(self) -> None:
+        """Drop the event window: any later watch from an older resourceVersion gets 410 Expired."""
+        with self._lock:
+            self._history.clear()
+            self._window_start = self._rv
+
+    def bookmark_version(self, w: Watcher) -> str | None:
+        """Current rv if ``w`` has no pending events (safe to bookmark), else None."""
+        with self._lock:
+            return str(self._rv) if w.queue.empty() else None
+
+    # ---- internals ---------------------------------------------------------------------------
+
+    def _commit(self, rt: ResourceType, type: str, obj: dict, old: dict | None) -> None:
+        self._rv += 1
+        md = obj["metadata"]
+        key = (md.get("namespace", ""), md["name"])
+        if type == "DELETED":
+            obj = dict(obj)
+            obj["metadata"] = md = dict(md)
+            md["resourceVersion"] = str(self._rv)
+            self._objects[rt.key].pop(key, None)
+            self._uids.pop(md["uid"], None)
+        else:
+            md["resourceVersion"] = str(self._rv)
+            self._objects[rt.key][key] = obj
+            self._uids[md["uid"]] = (rt.key, key[0], key[1])
+            for ref in md.get("ownerReferences") or []:
+                if ref.get("uid"):
+                    self._dependents.setdefault(ref["uid"], set()).add((rt.key, key[0], key[1]))
+        ev = WatchEvent(type, self._rv, rt, obj, old)
+        if len(self._history) == self._history.maxlen:
+            self._window_start = self._history[0].rv
+        self._history.append(ev)
+        for w in self._watchers[rt.key]:
+            w.offer(ev)
+        for fn in self._listeners:
+            fn(ev)
+
+    def _validate_name(self, rt: ResourceType, name: str) -> None:
+        if len(name) > 253 or not _NAME_RE.match(name):
+            raise ApiError.invalid(rt, name, f'metadata.name: Invalid value: "{name}": a lowercase RFC 1123 '
+                                   "subdomain must consist of lower case alphanumeric characters, '-' or '.', "
+                                   "and must start and end with an alphanumeric character")
+
+    @staticmethod
+    def _defaults(rt: ResourceType, obj: dict) -> None:
+        kind = rt.kind
+        if kind == "Secret":
+            sd = obj.pop("stringData", None)
+            if sd:
+                import base64
+                data = obj.setdefault("data", {}) or {}
+                obj["data"] = data
+                for k, v in sd.items():
+                    data[k] = base64.b64encode(str(v).encode()).decode()
+            obj.setdefault("type", "Opaque")
+        elif kind == "Service":
+            spec = obj.setdefault("spec", {})
+            if not spec.get("type"):
+                spec["type"] = "ClusterIP"
+            if spec["type"] != "ExternalName":
+                spec.setdefault("sessionAffinity", "None")
+            for p in spec.get("ports") or []:
+                p.setdefault("protocol", "TCP")
+                if spec["type"] != "ExternalName":
+                    p.setdefault("targetPort", p.get("port"))
+        elif kind == "Pod":
+            obj.setdefault("status", {}).setdefault("phase", "Pending")
+            spec = obj.setdefault("spec", {})
+            for c in spec.get("containers") or []:
+                for p in c.get("ports") or []:
+                    p.setdefault("protocol", "TCP")
+        elif kind in ("Deployment", "ReplicaSet", "StatefulSet"):
+            obj.setdefault("spec", {}).setdefault("replicas", 1)
+        elif kind == "Namespace":
+            obj.setdefault("spec", {}).setdefault("finalizers", ["kubernetes"])
+            obj["status"] = {"phase": "Active"}
+            md = obj["metadata"]
+            md.setdefault("labels", {})["kubernetes.io/metadata.name"] = md["name"]
+        elif kind == "Event":
+            if rt.group == "":
+                obj.setdefault("count", 1)
+
+
+def _md_equal(a: dict, b: dict) -> bool:
+    skip = ("resourceVersion", "managedFields")
+    return {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
+
+
+def _set_managed(obj: dict, manager: str | None, operation: str) -> None:
+    if not manager:
+        return
+    md = obj.setdefault("metadata", {})
+    entries = [e for e in md.get("managedFields") or [] if not (e.get("manager") == manager
+                                                                and e.get("operation") == operation)]
+    entries.append({"manager": manager, "operation": operation, "apiVersion": obj.get("apiVersion", "v1"),
+                    "time": now_iso(), "fieldsType": "FieldsV1", "fieldsV1": {}})
+    md["managedFields"] = entries
