@@ -1,0 +1,637 @@
+"""The ADS server: state-of-the-world and delta xDS over ``grpc.aio``, one asyncio loop, no thread per stream.
+
+Responses are assembled from bytes cached in :mod:`trafficmgr.core.cache` (each resource is serialized
+once, each SotW body once per name set); a push to a stream is a concatenation plus a nonce.
+
+Protocol rules (see FACTS.md, measured against Envoy 1.40):
+- SotW: answer a request only if it is the first of its type on the stream, its names changed, or a
+  newer version exists; a plain ACK gets no answer; a request with a stale nonce is ignored.
+- A NACK (``error_detail`` set) is recorded and the rejected version is not resent; a newer version is.
+- Pushes follow ``cache.TYPE_ORDER`` (CDS, EDS, LDS, RDS, SDS); in delta, all additions/updates of a
+  push go out before any ``removed_resources``.
+- Unknown node (resolver returns None): nothing is sent, the stream stays open and is re-resolved on
+  every cache change. Resolver raising ``PermissionError``: the stream is aborted with
+  ``PERMISSION_DENIED``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import os
+import threading
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import grpc
+from envoy.service.discovery.v3 import discovery_pb2
+
+from trafficmgr.core import cache as cache_mod
+from trafficmgr.core import metrics, wire
+from trafficmgr.core.cache import NAMED_TYPES, TYPE_ORDER, Resource, Snapshot, SnapshotCache, TypeSet
+
+log = logging.getLogger("trafficmgr.xds")
+
+ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+SOTW = "sotw"
+DELTA = "delta"
+NACK_HISTORY = 500
+_MAX_INFLIGHT = 64
+
+_CHANGED = object()
+_CLOSED = object()
+
+T = TypeVar("T")
+
+
+class PortInUse(OSError):
+    """The xDS server could not bind its address (usually: the port is already in use)."""
+
+
+def parse_peer(peer: str) -> str:
+    """The IP address in a gRPC peer string (``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``, URL-encoded forms);
+    ``""`` for other transports."""
+    peer = urllib.parse.unquote(peer or "")
+    scheme, _, rest = peer.partition(":")
+    if scheme == "ipv4":
+        return rest.rsplit(":", 1)[0]
+    if scheme == "ipv6":
+        if rest.startswith("["):
+            return rest[1:].split("]", 1)[0]
+        return rest.rsplit(":", 1)[0]
+    return ""
+
+
+class _TypeState:
+    """What one stream knows about one resource type."""
+
+    __slots__ = (
+        "type_url", "short", "names", "wildcard", "sent_version", "sent_nonce", "sent_at", "sent_typeset",
+        "acked_version", "last_nack", "nacked_version", "known", "inflight", "rejected", "synced_version",
+    )
+
+    def __init__(self, type_url: str) -> None:
+        self.type_url = type_url
+        self.short = cache_mod.short_name(type_url)
+        self.names: frozenset[str] | None = None  # SotW: None = wildcard
+        self.wildcard = False  # delta
+        self.sent_version: str | None = None
+        self.sent_nonce = ""
+        self.sent_at = 0.0
+        self.sent_typeset: TypeSet | None = None
+        self.acked_version: str | None = None
+        self.last_nack: dict[str, Any] | None = None
+        self.nacked_version: str | None = None
+        # delta only
+        self.known: dict[str, str] = {}  # name -> version the client has (optimistic after a send)
+        self.inflight: collections.OrderedDict[str, _DeltaSent] = collections.OrderedDict()
+        self.rejected: dict[str, str] = {}  # name -> NACKed version, never resent
+        self.synced_version: str | None = None  # TypeSet version ``known`` was last diffed against
+
+    def status(self) -> dict[str, Any]:
+        return {"sent": self.sent_version, "acked": self.acked_version, "last_nack": self.last_nack}
+
+
+class _DeltaSent:
+    __slots__ = ("version", "previous", "sent", "at")
+
+    def __init__(self, version: str, previous: dict[str, str | None], sent: dict[str, str | None]) -> None:
+        self.version = version
+        self.previous = previous  # name -> version known before this response (None: unknown)
+        self.sent = sent  # name -> version sent (None: removed)
+        self.at = time.monotonic()
+
+
+class _Stream:
+    __slots__ = (
+        "mode", "context", "peer", "node_id", "node_cluster", "identified", "view", "role", "connected_at",
+        "types", "queue", "change_pending", "unknown_logged",
+    )
+
+    def __init__(self, mode: str, context: grpc.aio.ServicerContext) -> None:
+        self.mode = mode
+        self.context = context
+        self.peer = parse_peer(context.peer())
+        self.node_id = ""
+        self.node_cluster = ""
+        self.identified = False
+        self.view: str | None = None
+        self.role: str | None = None  # label of CONNECTED_PROXIES currently counted
+        self.connected_at = time.time()
+        self.types: dict[str, _TypeState] = {}
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.change_pending = False
+        self.unknown_logged = False
+
+    def signal_change(self) -> None:
+        if not self.change_pending:
+            self.change_pending = True
+            self.queue.put_nowait(_CHANGED)
+
+
+class XdsServer:
+    """ADS server for ``cache`` on ``host:port`` (port 0: any free port, see :attr:`port`).
+
+    Run it on an asyncio loop: ``await start()`` ... ``await stop(grace)``.
+    """
+
+    def __init__(self, cache: SnapshotCache, host: str = "127.0.0.1", port: int = 18000) -> None:
+        self.cache = cache
+        self.host = host
+        self.port = port
+        self._server: grpc.aio.Server | None = None
+        self._streams: set[_Stream] = set()
+        self._watcher: asyncio.Task[None] | None = None
+        self._nacks: collections.deque[dict[str, Any]] = collections.deque(maxlen=NACK_HISTORY)
+        self._nonces = itertools.count(1)
+        self._nonce_prefix = os.urandom(3).hex()
+        self._sent_metric: dict[tuple[str, str], Any] = {}
+        self.stopping = False
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind and start serving; raises :class:`PortInUse` when the address cannot be bound."""
+        self.cache.attach_loop(asyncio.get_running_loop())
+        server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 0),  # else a second server silently shares a busy port
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                ("grpc.max_send_message_length", -1),
+                # Envoy sends HTTP/2 keepalive pings (bootstrap): never answer them with GOAWAY.
+                ("grpc.http2.max_ping_strikes", 0),
+                ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ]
+        )
+        handlers = {
+            "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                self._sotw_rpc, request_deserializer=discovery_pb2.DiscoveryRequest.FromString
+            ),
+            "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                self._delta_rpc, request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString
+            ),
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(ADS_SERVICE, handlers),))
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        try:
+            bound = server.add_insecure_port(f"{host}:{self.port}")
+        except RuntimeError as exc:
+            raise PortInUse(f"xDS server cannot bind {host}:{self.port} (port in use?): {exc}") from exc
+        if not bound:
+            raise PortInUse(f"xDS server cannot bind {host}:{self.port} (port in use?)")
+        self.port = bound
+        await server.start()
+        self._server = server
+        self.stopping = False
+        self._watcher = asyncio.create_task(self._watch_cache())
+        log.info("xDS server listening on %s:%d", host, bound)
+
+    async def stop(self, grace: float = 1.0) -> None:
+        """Stop accepting streams, close the open ones (clients reconnect elsewhere/later), then stop."""
+        self.stopping = True
+        if self._server is None:
+            return
+        stopping = asyncio.ensure_future(self._server.stop(grace))
+        for stream in list(self._streams):
+            stream.queue.put_nowait(_CLOSED)
+        await stopping
+        if self._watcher is not None:
+            self._watcher.cancel()
+            try:
+                await self._watcher
+            except asyncio.CancelledError:
+                pass
+        self._server = None
+
+    async def _watch_cache(self) -> None:
+        generation = self.cache.generation
+        while True:
+            generation = await self.cache.wait_change(generation)
+            for stream in list(self._streams):
+                stream.signal_change()
+
+    # -- introspection ---------------------------------------------------------------------------
+
+    def status(self) -> list[dict[str, Any]]:
+        """One dict per open stream (call on the server loop, or via :meth:`XdsServerThread.status`)."""
+        out = []
+        for s in sorted(self._streams, key=lambda s: (s.node_id, s.connected_at)):
+            item: dict[str, Any] = {
+                "node_id": s.node_id,
+                "node_cluster": s.node_cluster,
+                "view": s.view,
+                "peer": s.peer,
+                "mode": s.mode,
+                "connected_at": s.connected_at,
+            }
+            for short, type_url in cache_mod.SHORT_NAMES.items():
+                st = s.types.get(type_url)
+                item[short] = st.status() if st else {"sent": None, "acked": None, "last_nack": None}
+            out.append(item)
+        return out
+
+    def nacks(self) -> list[dict[str, Any]]:
+        """Recent NACKs, oldest first (bounded history)."""
+        return list(self._nacks)
+
+    # -- streams ---------------------------------------------------------------------------------
+
+    async def _sotw_rpc(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+        await self._serve(SOTW, requests, context)
+
+    async def _delta_rpc(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+        await self._serve(DELTA, requests, context)
+
+    async def _serve(self, mode: str, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+        if self.stopping:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "xDS server is stopping")
+        stream = _Stream(mode, context)
+        reader = asyncio.create_task(self._read(requests, stream.queue))
+        self._streams.add(stream)
+        try:
+            while True:
+                item = await stream.queue.get()
+                if item is _CLOSED:
+                    return
+                if item is _CHANGED:
+                    stream.change_pending = False
+                    await self._on_change(stream)
+                elif mode == SOTW:
+                    await self._on_sotw_request(stream, item)
+                else:
+                    await self._on_delta_request(stream, item)
+        finally:
+            self._streams.discard(stream)
+            reader.cancel()
+            if stream.role is not None:
+                metrics.CONNECTED_PROXIES.labels(stream.role, mode).dec()
+
+    @staticmethod
+    async def _read(requests: AsyncIterator[Any], queue: asyncio.Queue[Any]) -> None:
+        try:
+            async for request in requests:
+                queue.put_nowait(request)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the RPC broke; the handler ends the stream
+            log.debug("xDS stream read ended: %r", exc)
+        queue.put_nowait(_CLOSED)
+
+    async def _identify(self, stream: _Stream, node: Any) -> None:
+        stream.identified = True
+        stream.node_id = node.id
+        stream.node_cluster = node.cluster
+        await self._resolve(stream)
+
+    async def _resolve(self, stream: _Stream) -> None:
+        """(Re-)resolve the stream's view; aborts the RPC on ``PermissionError``."""
+        try:
+            view = self.cache.resolve(stream.node_id, stream.node_cluster, stream.peer)
+        except PermissionError as exc:
+            metrics.STREAMS_REFUSED.labels("permission").inc()
+            log.warning(
+                "xDS stream refused: node %r cluster %r peer %s: %s",
+                stream.node_id, stream.node_cluster, stream.peer, exc,
+            )
+            await stream.context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc) or "node not authorized")
+            raise AssertionError("unreachable")  # abort() raises
+        except Exception:
+            log.exception("resolver failed for node %r; treating it as unknown", stream.node_id)
+            view = None
+        if view is None and not stream.unknown_logged:
+            stream.unknown_logged = True
+            metrics.STREAMS_REFUSED.labels("unknown").inc()
+            log.info(
+                "xDS stream from unknown node %r cluster %r peer %s: waiting for it to appear",
+                stream.node_id, stream.node_cluster, stream.peer,
+            )
+        if view is not None and stream.view is None and stream.unknown_logged:
+            log.info("xDS node %r is now known as view %r", stream.node_id, view)
+        stream.view = view
+        role = view if view is not None else "unknown"
+        if role != stream.role:
+            if stream.role is not None:
+                metrics.CONNECTED_PROXIES.labels(stream.role, stream.mode).dec()
+            metrics.CONNECTED_PROXIES.labels(role, stream.mode).inc()
+            stream.role = role
+
+    def _snapshot(self, stream: _Stream) -> Snapshot | None:
+        return self.cache.get(stream.view) if stream.view is not None else None
+
+    async def _on_change(self, stream: _Stream) -> None:
+        if not stream.identified:
+            return
+        await self._resolve(stream)
+        if stream.mode == SOTW:
+            for type_url in _ordered(stream.types):
+                await self._sotw_send(stream, stream.types[type_url], force=False)
+        else:
+            await self._delta_push(stream, [stream.types[t] for t in _ordered(stream.types)], first=None)
+
+    def _nonce(self) -> str:
+        return f"{self._nonce_prefix}-{next(self._nonces):x}"
+
+    async def _write(self, stream: _Stream, st: _TypeState, data: bytes) -> None:
+        key = (st.short, stream.mode)
+        counter = self._sent_metric.get(key)
+        if counter is None:
+            counter = self._sent_metric[key] = metrics.RESPONSES_SENT.labels(*key)
+        await stream.context.write(data)
+        counter.inc()
+
+    def _record_nack(
+        self, stream: _Stream, st: _TypeState, nonce: str, version: str | None, error: str, resources: list[str]
+    ) -> None:
+        nack = {"nonce": nonce, "version": version, "error": error, "resources": resources, "at": time.time()}
+        st.last_nack = nack
+        st.nacked_version = version
+        self._nacks.append(
+            {"node_id": stream.node_id, "node_cluster": stream.node_cluster, "view": stream.view,
+             "type": st.short, "mode": stream.mode, **nack}
+        )
+        metrics.NACKS.labels(st.short).inc()
+        log.warning(
+            "NACK from %r for %s version %s (%d resources): %s",
+            stream.node_id, st.short, version, len(resources), error,
+        )
+
+    def _acked(self, st: _TypeState, sent_at: float) -> None:
+        metrics.PUSH_TO_ACK.labels(st.short).observe(time.monotonic() - sent_at)
+        st.last_nack = None
+        st.nacked_version = None
+
+    # -- state of the world ----------------------------------------------------------------------
+
+    async def _on_sotw_request(self, stream: _Stream, req: discovery_pb2.DiscoveryRequest) -> None:
+        if not stream.identified:
+            await self._identify(stream, req.node)
+        type_url = req.type_url
+        names = _sotw_names(type_url, req.resource_names)
+        st = stream.types.get(type_url)
+        if st is None:
+            st = stream.types[type_url] = _TypeState(type_url)
+            st.names = names
+            # After a reconnect Envoy sends its last accepted version with an empty nonce: answer it.
+            st.acked_version = req.version_info or None
+            await self._sotw_send(stream, st, force=True)
+            return
+        if st.sent_nonce and req.response_nonce != st.sent_nonce:
+            return  # stale: a newer response is on its way to the client
+        names_changed = names != st.names
+        st.names = names
+        if req.HasField("error_detail"):
+            if st.sent_nonce:
+                ts = st.sent_typeset
+                rejected = [r.name for r in ts.select(st.names)] if ts is not None else []
+                self._record_nack(stream, st, req.response_nonce, st.sent_version, req.error_detail.message, rejected)
+        elif st.sent_nonce:
+            st.acked_version = req.version_info
+            if req.version_info == st.sent_version:
+                self._acked(st, st.sent_at)
+        await self._sotw_send(stream, st, force=names_changed)
+
+    async def _sotw_send(self, stream: _Stream, st: _TypeState, force: bool) -> None:
+        snap = self._snapshot(stream)
+        if snap is None:
+            return
+        ts = snap.types.get(st.type_url)
+        if ts is None:
+            return  # a type this control plane does not serve
+        if not force and (ts.version == st.sent_version or ts.version == st.nacked_version):
+            return
+        nonce = self._nonce()
+        st.sent_version = ts.version
+        st.sent_nonce = nonce
+        st.sent_at = time.monotonic()
+        st.sent_typeset = ts
+        await self._write(stream, st, ts.sotw_body(st.names) + wire.field_str(5, nonce))
+
+    # -- delta -----------------------------------------------------------------------------------
+
+    async def _on_delta_request(self, stream: _Stream, req: discovery_pb2.DeltaDiscoveryRequest) -> None:
+        if not stream.identified:
+            await self._identify(stream, req.node)
+        type_url = req.type_url
+        st = stream.types.get(type_url)
+        subscribe = list(req.resource_names_subscribe)
+        unsubscribe = list(req.resource_names_unsubscribe)
+        if st is None:
+            st = stream.types[type_url] = _TypeState(type_url)
+            st.wildcard = type_url not in NAMED_TYPES and (not subscribe or "*" in subscribe)
+            st.names = frozenset(n for n in subscribe if n != "*")
+            st.known = dict(req.initial_resource_versions)
+            await self._delta_push(stream, [st], first=st)
+            return
+        if req.response_nonce:
+            sent = st.inflight.pop(req.response_nonce, None)
+            if sent is not None:
+                if req.HasField("error_detail"):
+                    self._delta_nack(stream, st, req.response_nonce, sent, req.error_detail.message)
+                else:
+                    st.acked_version = sent.version
+                    if req.response_nonce == st.sent_nonce:
+                        self._acked(st, sent.at)
+        if subscribe or unsubscribe:
+            names = set(st.names or ())
+            for name in subscribe:
+                if name == "*":
+                    st.wildcard = True
+                else:
+                    names.add(name)
+            for name in unsubscribe:
+                if name == "*":
+                    st.wildcard = False
+                else:
+                    names.discard(name)
+                    if not st.wildcard:
+                        st.known.pop(name, None)
+            st.names = frozenset(names)
+            st.synced_version = None
+        await self._delta_push(stream, [st], first=None)
+
+    def _delta_nack(self, stream: _Stream, st: _TypeState, nonce: str, sent: _DeltaSent, error: str) -> None:
+        # The client keeps what it had: restore our view of it, and never resend the rejected versions.
+        for name, previous in sent.previous.items():
+            if st.known.get(name) == sent.sent[name]:
+                if previous is None:
+                    st.known.pop(name, None)
+                else:
+                    st.known[name] = previous
+            version = sent.sent[name]
+            if version is not None:
+                st.rejected[name] = version
+        st.synced_version = None
+        self._record_nack(stream, st, nonce, sent.version, error, sorted(sent.sent))
+
+    async def _delta_push(self, stream: _Stream, states: Iterable[_TypeState], first: _TypeState | None) -> None:
+        """Send what differs for ``states``: every update first (in type order), then every removal."""
+        snap = self._snapshot(stream)
+        if snap is None:
+            return
+        plans: list[tuple[_TypeState, TypeSet, list[Resource], list[str]]] = []
+        for st in states:
+            ts = snap.types.get(st.type_url)
+            if ts is None:
+                continue
+            if st is not first and ts.version == st.synced_version:
+                continue
+            updates, removed = _delta_diff(st, ts)
+            st.synced_version = ts.version
+            plans.append((st, ts, updates, removed))
+        for st, ts, updates, removed in plans:
+            # The first request of a wildcard type always gets an answer, even an empty one.
+            if updates or (st is first and st.wildcard and not removed):
+                await self._delta_send(stream, st, ts, updates, [])
+        for st, ts, _, removed in plans:
+            if removed:
+                await self._delta_send(stream, st, ts, [], removed)
+
+    async def _delta_send(
+        self, stream: _Stream, st: _TypeState, ts: TypeSet, updates: list[Resource], removed: list[str]
+    ) -> None:
+        nonce = self._nonce()
+        previous: dict[str, str | None] = {}
+        sent: dict[str, str | None] = {}
+        for r in updates:
+            previous[r.name] = st.known.get(r.name)
+            sent[r.name] = r.version
+            st.known[r.name] = r.version
+        for name in removed:
+            previous[name] = st.known.pop(name, None)
+            sent[name] = None
+        st.inflight[nonce] = _DeltaSent(ts.version, previous, sent)
+        while len(st.inflight) > _MAX_INFLIGHT:
+            st.inflight.popitem(last=False)
+        st.sent_version = ts.version
+        st.sent_nonce = nonce
+        st.sent_at = time.monotonic()
+        st.sent_typeset = ts
+        data = b"".join(
+            [
+                wire.field_str(1, ts.version),
+                *(wire.field(2, r.delta_bytes) for r in updates),
+                wire.field_str(4, st.type_url),
+                *(wire.field_str(6, name) for name in removed),
+                wire.field_str(5, nonce),
+            ]
+        )
+        await self._write(stream, st, data)
+
+
+def _ordered(types: Iterable[str]) -> list[str]:
+    """Type URLs in push order (known types first, in ``TYPE_ORDER``)."""
+    present = set(types)
+    return [t for t in TYPE_ORDER if t in present] + sorted(present.difference(TYPE_ORDER))
+
+
+def _sotw_names(type_url: str, names: Iterable[str]) -> frozenset[str] | None:
+    """Requested names; None means wildcard (CDS/LDS with no names, or ``*``)."""
+    requested = frozenset(names)
+    if "*" in requested or (not requested and type_url not in NAMED_TYPES):
+        return None
+    return requested
+
+
+def _delta_diff(st: _TypeState, ts: TypeSet) -> tuple[list[Resource], list[str]]:
+    """Resources the client lacks or has in another version, and names it has that are gone."""
+    resources = ts.resources
+    if st.wildcard:
+        candidates: Iterable[Resource] = resources.values()
+    else:
+        candidates = [resources[n] for n in sorted(st.names or ()) if n in resources]
+    known = st.known
+    rejected = st.rejected
+    updates = []
+    for r in candidates:
+        if known.get(r.name) == r.version:
+            continue
+        bad = rejected.get(r.name)
+        if bad is not None:
+            if bad == r.version:
+                continue
+            del rejected[r.name]
+        updates.append(r)
+    in_scope = (lambda n: True) if st.wildcard else (lambda n: n in (st.names or ()))
+    removed = sorted(n for n in known if n not in resources and in_scope(n))
+    return updates, removed
+
+
+class XdsServerThread:
+    """An :class:`XdsServer` on its own asyncio loop in a daemon thread (for sync code and tests)."""
+
+    def __init__(self, cache: SnapshotCache, host: str = "127.0.0.1", port: int = 18000) -> None:
+        self.cache = cache
+        self.host = host
+        self.server = XdsServer(cache, host, port)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def start(self, timeout: float = 10.0) -> XdsServerThread:
+        """Start and return once listening; raises :class:`PortInUse` if the address cannot be bound."""
+        started: Future[None] = Future()
+        self._thread = threading.Thread(target=self._run, args=(started,), name="xds-server", daemon=True)
+        self._thread.start()
+        try:
+            started.result(timeout)
+        except BaseException:
+            self._thread.join(timeout)
+            raise
+        return self
+
+    def _run(self, started: Future[None]) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self.loop = loop
+        try:
+            loop.run_until_complete(self.server.start())
+        except BaseException as exc:
+            started.set_exception(exc)
+            loop.close()
+            return
+        started.set_result(None)
+        try:
+            loop.run_forever()
+        finally:
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    def call(self, fn: Callable[[], T], timeout: float = 10.0) -> T:
+        """Run ``fn()`` on the server loop (server state is only touched there) and return its result."""
+        assert self.loop is not None, "start() first"
+
+        async def run() -> T:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout)
+
+    def status(self) -> list[dict[str, Any]]:
+        return self.call(self.server.status)
+
+    def nacks(self) -> list[dict[str, Any]]:
+        return self.call(self.server.nacks)
+
+    def stop(self, grace: float = 1.0) -> None:
+        """Close all streams, stop the server and its loop; idempotent."""
+        loop, thread = self.loop, self._thread
+        if loop is None or thread is None or loop.is_closed():
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self.server.stop(grace), loop).result(grace + 10)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(10)
+            self._thread = None
