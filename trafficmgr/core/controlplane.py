@@ -1,0 +1,198 @@
+"""The control plane: Kubernetes watches -> sync loop (assemble IR, build, publish) -> xDS + admin.
+
+One thread (the sync loop) owns the IR and the builder. Watch threads only enqueue events; the loop
+applies every queued event and then builds once, so bursts are batched without a fixed debounce delay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from trafficmgr.core import cache as cache_mod
+from trafficmgr.core import metrics
+from trafficmgr.core.build.builder import Builder
+from trafficmgr.core.build.context import WatchKind
+from trafficmgr.core.cache import Resource, SnapshotCache
+from trafficmgr.core.kube.assemble import CORE_KINDS, Assembler
+from trafficmgr.core.kube.client import Kind, KubeClient
+from trafficmgr.core.kube.events import EventRecorder
+from trafficmgr.core.kube.watch import Watcher
+from trafficmgr.core.labels import LabelSpec
+from trafficmgr.core.model import GATEWAY, GATEWAY_CLUSTER, SIDECAR, Model, ObjectRef
+from trafficmgr.core.plugins import PluginHost, PluginInfo
+
+log = logging.getLogger(__name__)
+
+# How long the sync loop may keep applying queued events before it builds (bounds latency under load).
+MAX_BATCH_SECONDS = 0.05
+
+
+class ControlPlane:
+    """Wires plugins, the IR, the builder and the snapshot cache together.
+
+    Without a Kubernetes client it serves whatever :meth:`publish_model` is given (tests, local tools).
+    Implements the admin endpoint's ``AdminState`` protocol.
+    """
+
+    def __init__(self, plugins: PluginHost, options: argparse.Namespace | None = None, kube: KubeClient | None = None) -> None:
+        self.plugins = plugins
+        self.options = options or argparse.Namespace()
+        self.kube = kube
+        self.events = EventRecorder(kube, plugins.labels)
+        self.builder = Builder(plugins, self.options, reporter=self.events.warn)
+        self.cache = SnapshotCache(self.resolve)
+        self.extra_kinds: list[WatchKind] = plugins.collect("trafficmgr_watch_kinds")
+        self.assembler = Assembler(plugins.labels, self.extra_kinds, self.events.label_errors, self.events.warn)
+        self.xds: Any = None
+        self.watchers: list[Watcher] = []
+        self._queue: queue.Queue[tuple[str, Any, Any] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._published = threading.Event()
+        self._stopping = threading.Event()
+        self.builds = 0
+        self.last_error = ""
+
+    # -- identity -----------------------------------------------------------------------------
+
+    def resolve(self, node_id: str, node_cluster: str, peer: str = "") -> str | None:
+        """The view of a connecting proxy: gateways by node cluster, sidecars by ``<pod>.<namespace>``."""
+        if node_cluster == GATEWAY_CLUSTER or node_id == GATEWAY_CLUSTER:
+            return GATEWAY
+        pod, _, namespace = node_id.rpartition(".")
+        if pod and (namespace, pod) in self.assembler.pods:
+            return SIDECAR
+        return None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def watched_kinds(self) -> list[Kind | WatchKind]:
+        return [*CORE_KINDS, *self.extra_kinds]
+
+    def start_watches(self, namespace: str | None = None) -> None:
+        """Start one watcher per core kind and per plugin kind, and the sync loop."""
+        assert self.kube is not None
+        self.events.start()
+        for kind in self.watched_kinds():
+            k = kind if isinstance(kind, Kind) else Kind(kind.kind, kind.api_version, kind.plural, kind.namespaced)
+            w = Watcher(
+                self.kube, k, self._enqueue, namespace=namespace,
+                field_selector=getattr(kind, "field_selector", ""), label_selector=getattr(kind, "label_selector", ""),
+            )
+            self.watchers.append(w)
+            w.start()
+        self._thread = threading.Thread(target=self._loop, name="sync", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for w in self.watchers:
+            w.stop()
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.events.stop()
+
+    def _enqueue(self, etype: str, kind: Any, obj: Any) -> None:
+        self._queue.put((etype, kind, obj))
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            item = self._queue.get()
+            if item is None:
+                return
+            deadline = time.monotonic() + MAX_BATCH_SECONDS
+            while item is not None:
+                self._apply(item)
+                if time.monotonic() > deadline:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    item = None
+            if self.assembler.dirty and self.synced():
+                self.publish_model(self.assembler.model())
+
+    def _apply(self, item: tuple[str, Any, Any]) -> None:
+        etype, kind, obj = item
+        try:
+            self.assembler.apply(etype, kind, obj)
+        except Exception:  # noqa: BLE001 - one bad object must not stop the loop
+            log.exception("failed to apply %s %s event", etype, getattr(kind, "kind", kind))
+
+    def synced(self) -> bool:
+        return all(w.synced.is_set() for w in self.watchers)
+
+    # -- building -----------------------------------------------------------------------------
+
+    def publish_model(self, model: Model) -> None:
+        """Build snapshots from ``model`` and publish every view that passes the consistency gate."""
+        snapshots = self.builder.build(model)
+        self.builds += 1
+        for view, snap in snapshots.items():
+            try:
+                self.cache.set_view(view, snap)
+            except cache_mod.InconsistentSnapshot as exc:
+                metrics.SNAPSHOTS_REJECTED.labels(view=view).inc()
+                self.last_error = str(exc)
+                log.error("snapshot not published, the previous one is still served: %s", exc)
+        self._published.set()
+        self.cache.notify()  # unknown nodes may have become known
+
+    def wait_ready(self, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.ready()[0]:
+                return True
+            time.sleep(0.02)
+        return False
+
+    # -- AdminState ---------------------------------------------------------------------------
+
+    def healthy(self) -> bool:
+        return self._thread is None or self._thread.is_alive()
+
+    def ready(self) -> tuple[bool, str]:
+        waiting = [w.kind.plural for w in self.watchers if not w.synced.is_set()]
+        if waiting:
+            return False, "waiting for the initial list of: " + ", ".join(waiting)
+        if not self._published.is_set():
+            return False, "no snapshot published yet"
+        return True, "ok"
+
+    def proxy_status(self) -> list[dict[str, Any]]:
+        return self.xds.status() if self.xds is not None else []
+
+    def nacks(self) -> list[dict[str, Any]]:
+        return self.xds.nacks() if self.xds is not None else []
+
+    def config_dump(self, node_id: str) -> dict[str, list[Resource]] | None:
+        cluster = GATEWAY_CLUSTER if node_id == GATEWAY_CLUSTER else ""
+        for st in self.proxy_status():
+            if st.get("node_id") == node_id:
+                cluster = st.get("node_cluster", cluster)
+                break
+        view = self.resolve(node_id, cluster)
+        snap = self.cache.get(view) if view else None
+        if snap is None:
+            return None
+        return {cache_mod.short_name(t): list(ts.resources.values()) for t, ts in snap.types.items()}
+
+    def plugins_info(self) -> list[PluginInfo]:
+        return list(self.plugins.infos.values())
+
+    def labels(self) -> list[LabelSpec]:
+        return self.plugins.labels.specs
+
+    def report(self, ref: ObjectRef, message: str, reason: str) -> None:
+        self.events.warn(ref, message, reason)
+
+
+def kinds_of(plugins: PluginHost) -> Iterable[Kind | WatchKind]:
+    """Every kind a control plane with these plugins watches (used by the Helm RBAC test)."""
+    return [*CORE_KINDS, *plugins.collect("trafficmgr_watch_kinds")]

@@ -1,0 +1,138 @@
+"""List + watch with resourceVersion, bookmarks, relist on 410, and reconnect with backoff and jitter.
+
+Each :class:`Watcher` runs in its own thread and hands events to one callback (the sync loop's queue).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from trafficmgr.core.kube.client import ApiException, Kind, KubeClient
+
+log = logging.getLogger(__name__)
+
+# Event handed to the sink: ("RELIST", kind, [objects]) after a (re)list, or (type, kind, object).
+Sink = Callable[[str, Kind, Any], None]
+
+
+class Watcher(threading.Thread):
+    """Keeps one kind in sync. ``synced`` is set after the first successful list."""
+
+    def __init__(
+        self,
+        client: KubeClient,
+        kind: Kind,
+        sink: Sink,
+        namespace: str | None = None,
+        field_selector: str = "",
+        label_selector: str = "",
+        watch_timeout: float = 300.0,
+        max_backoff: float = 10.0,
+    ) -> None:
+        super().__init__(name=f"watch-{kind.plural}", daemon=True)
+        self.client = client
+        self.kind = kind
+        self.sink = sink
+        self.path = kind.path(namespace)
+        self.selectors: dict[str, str] = {}
+        if field_selector:
+            self.selectors["fieldSelector"] = field_selector
+        if label_selector:
+            self.selectors["labelSelector"] = label_selector
+        self.watch_timeout = watch_timeout
+        self.max_backoff = max_backoff
+        self.synced = threading.Event()
+        self._stop = threading.Event()
+        self.resource_version = ""
+        self.relists = 0
+        self._down_since: float | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        backoff = 0.2
+        while not self._stop.is_set():
+            try:
+                if not self.resource_version:
+                    self._list()
+                self._watch()
+                backoff = 0.2
+            except _Expired:
+                log.info("%s: resourceVersion %s expired, relisting", self.kind.plural, self.resource_version)
+                self.resource_version = ""
+            except Exception as exc:  # noqa: BLE001 - any failure means: wait, then reconnect
+                if self._stop.is_set():
+                    return
+                self._unreachable(exc)
+                delay = backoff * (0.5 + random.random())
+                self._stop.wait(delay)
+                backoff = min(backoff * 2, self.max_backoff)
+
+    def _unreachable(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+            log.warning("Kubernetes API %s unreachable while watching %s (%s); serving the last good config, retrying",
+                        self.client.host, self.kind.plural, _short(exc))
+        else:
+            log.debug("watch %s still failing: %s", self.kind.plural, _short(exc))
+
+    def _recovered(self) -> None:
+        if self._down_since is not None:
+            log.warning("Kubernetes API reachable again for %s after %.1fs", self.kind.plural, time.monotonic() - self._down_since)
+            self._down_since = None
+
+    def _list(self) -> None:
+        data = self.client.list(self.path, dict(self.selectors))
+        self._recovered()
+        self.resource_version = data.get("metadata", {}).get("resourceVersion", "")
+        items = data.get("items", [])
+        self.relists += 1
+        self.sink("RELIST", self.kind, items)
+        self.synced.set()
+
+    def _watch(self) -> None:
+        query = {
+            **self.selectors,
+            "resourceVersion": self.resource_version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(int(self.watch_timeout)),
+        }
+        try:
+            stream = self.client.watch(self.path, query, timeout=self.watch_timeout + 30)
+            for event in stream:
+                if self._stop.is_set():
+                    return
+                self._recovered()
+                etype = event.get("type")
+                obj = event.get("object") or {}
+                if etype == "ERROR":
+                    if obj.get("code") in (410, 504) or obj.get("reason") in ("Expired", "Gone"):
+                        raise _Expired()
+                    raise RuntimeError(f"watch error: {obj.get('message', obj)}")
+                rv = obj.get("metadata", {}).get("resourceVersion")
+                if rv:
+                    self.resource_version = rv
+                if etype == "BOOKMARK":
+                    continue
+                if etype in ("ADDED", "MODIFIED", "DELETED"):
+                    self.sink(etype, self.kind, obj)
+        except ApiException as exc:
+            if exc.status == 410:
+                raise _Expired() from None
+            raise
+
+
+class _Expired(Exception):
+    pass
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
