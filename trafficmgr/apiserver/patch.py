@@ -208,3 +208,59 @@ def strategic_merge(original: Any, patch: Any) -> Any:
     if isinstance(retain, list):
         result = {k: v for k, v in result.items() if k in retain or k not in (original or {})}
     return result
+
+
+def removals(last: dict, new: dict) -> dict:
+    """Strategic patch deleting what ``last`` had and ``new`` lacks (null keys, ``$patch: delete`` items)."""
+    out: dict = {}
+    for k, v in last.items():
+        if k not in new and not isinstance(v, (dict, list)):
+            out[k] = None
+            continue
+        nv = new.get(k, type(v)())
+        if isinstance(v, dict) and isinstance(nv, dict):
+            sub = removals(v, nv)
+            if sub:
+                out[k] = sub
+        elif isinstance(v, list) and isinstance(nv, list):
+            key = merge_key_for(k, v, nv)
+            if key is None or not all(isinstance(i, dict) for i in v + nv):
+                if k not in new:
+                    out[k] = None
+                continue
+            items = []
+            new_by_key = {i.get(key): i for i in nv}
+            for item in v:
+                kv = item.get(key)
+                if kv not in new_by_key:
+                    items.append({key: kv, "$patch": "delete"})
+                else:
+                    sub = removals(item, new_by_key[kv])
+                    if sub:
+                        items.append({key: kv, **sub})
+            if items:
+                out[k] = items
+    return out
+
+
+def combine_removals(dels: dict, applied: dict) -> dict:
+    """Merge a ``removals`` patch into a full applied object, yielding one strategic patch."""
+    out = dict(applied)
+    for k, v in dels.items():
+        if v is None or k not in out:
+            out[k] = v
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = combine_removals(v, out[k])
+        elif isinstance(v, list) and isinstance(out.get(k), list):
+            key = merge_key_for(k, v, out[k])
+            by_key = {i.get(key): i for i in v if isinstance(i, dict)}
+            merged = []
+            for item in out[k]:
+                d = by_key.get(item.get(key)) if isinstance(item, dict) else None
+                if d is not None and d.get("$patch") != "delete":
+                    sub = {kk: vv for kk, vv in d.items() if kk != key}
+                    item = combine_removals(sub, item)
+                merged.append(item)
+            merged.extend(i for i in v if isinstance(i, dict) and i.get("$patch") == "delete")
+            out[k] = merged
+    return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import json
 import queue
 import re
 import secrets
@@ -29,6 +30,38 @@ PATCH_APPLY = "application/apply-patch+yaml"
 _PATCH_ALIASES = {"json": PATCH_JSON, "merge": PATCH_MERGE, "strategic": PATCH_STRATEGIC, "apply": PATCH_APPLY}
 
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+EVENTS_CORE = BY_KEY["events"]
+EVENTS_V1 = BY_KEY["events.events.k8s.io"]
+_EVENT_FIELD_MAP = [("involvedObject", "regarding"), ("message", "note"), ("source", "deprecatedSource"),
+                    ("firstTimestamp", "deprecatedFirstTimestamp"), ("lastTimestamp", "deprecatedLastTimestamp"),
+                    ("count", "deprecatedCount"), ("reportingComponent", "reportingController")]
+_EVENT_SAME = ("metadata", "reason", "type", "action", "eventTime", "series", "related", "reportingInstance")
+
+
+def core_to_events_v1(obj: dict) -> dict:
+    """Convert a stored core/v1 Event to its events.k8s.io/v1 form (both share one storage)."""
+    out: dict = {"apiVersion": "events.k8s.io/v1", "kind": "Event"}
+    for k in _EVENT_SAME:
+        if k in obj:
+            out[k] = obj[k]
+    for core, new in _EVENT_FIELD_MAP:
+        if obj.get(core) not in (None, ""):
+            out[new] = obj[core]
+    return out
+
+
+def events_v1_to_core(obj: dict) -> dict:
+    """Convert an events.k8s.io/v1 Event to the core/v1 storage form."""
+    out: dict = {"apiVersion": "v1", "kind": "Event"}
+    for k in _EVENT_SAME:
+        if k in obj:
+            out[k] = obj[k]
+    for core, new in _EVENT_FIELD_MAP:
+        if obj.get(new) not in (None, ""):
+            out[core] = obj[new]
+    return out
+
+
 _GENERATION_KINDS = {"Deployment", "ReplicaSet", "StatefulSet", "DaemonSet", "Ingress", "IngressClass",
                      "EndpointSlice"}
 _GEN_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
@@ -70,6 +103,7 @@ class Watcher:
         self.labels = labels
         self.fields = fields
         self.queue: "queue.SimpleQueue[tuple[str, dict] | None]" = queue.SimpleQueue()
+        self.convert: Callable[[dict], dict] | None = None
         self.closed = False
         self.on_close: list[Callable[[], None]] = []
 
@@ -86,6 +120,9 @@ class Watcher:
         return True
 
     def offer(self, ev: WatchEvent) -> None:
+        if self.convert is not None:
+            ev = WatchEvent(ev.type, ev.rv, ev.rt, self.convert(ev.obj),
+                            self.convert(ev.old) if ev.old is not None else None)
         new_m = self.matches(ev.obj)
         if ev.type == "ADDED":
             if new_m:
@@ -146,6 +183,9 @@ class Store:
         self._history: deque[WatchEvent] = deque(maxlen=max(1, history))
         self._window_start = 0
         self._watchers: dict[str, set[Watcher]] = {r.key: set() for r in RESOURCES}
+        self._objects[EVENTS_V1.key] = self._objects[EVENTS_CORE.key]
+        self._watchers[EVENTS_V1.key] = self._watchers[EVENTS_CORE.key]
+        self._applied: dict[tuple[str, str], dict] = {}
         self._listeners: list[Listener] = []
         self._admission: list[Admission] = []
         self._dependents: dict[str, set[tuple[str, str, str]]] = {}
@@ -190,7 +230,7 @@ class Store:
             obj = self._objects[rt.key].get((ns, name))
         if obj is None:
             raise ApiError.not_found(rt, name)
-        return obj
+        return core_to_events_v1(obj) if rt is EVENTS_V1 else obj
 
     def list(self, resource: str | ResourceType, namespace: str | None = None,
              label_selector: str | None = None, field_selector: str | None = None,
@@ -218,6 +258,8 @@ class Store:
             else:
                 objs = list(bucket.values())
         objs.sort(key=lambda o: (o["metadata"].get("namespace", ""), o["metadata"]["name"]))
+        if rt is EVENTS_V1:
+            objs = [core_to_events_v1(o) for o in objs]
         if labels:
             objs = [o for o in objs if labels(o["metadata"].get("labels") or {})]
         if fields:
@@ -240,6 +282,8 @@ class Store:
         Returns a copy of the stored object.
         """
         rt = _rt_for(resource, obj)
+        if rt is EVENTS_V1:
+            return core_to_events_v1(self.create(events_v1_to_core(obj), namespace, EVENTS_CORE, dry_run))
         obj = copy.deepcopy(obj)
         obj["apiVersion"], obj["kind"] = rt.api_version, rt.kind
         md = obj.setdefault("metadata", {})
@@ -285,6 +329,9 @@ class Store:
         status subresource keeps the stored status. Bumps ``generation`` when ``spec`` changes.
         """
         rt = _rt_for(resource, obj)
+        if rt is EVENTS_V1:
+            return core_to_events_v1(self.update(events_v1_to_core(obj), namespace, EVENTS_CORE, subresource,
+                                                 dry_run))
         obj = copy.deepcopy(obj)
         md = obj.setdefault("metadata", {})
         name = md.get("name")
@@ -359,9 +406,14 @@ class Store:
                     obj = copy.deepcopy(body)
                     obj.setdefault("metadata", {})["name"] = name
                     _set_managed(obj, field_manager, "Apply")
-                    return self.create(obj, namespace=ns or None, resource=rt, dry_run=dry_run)
+                    created = self.create(obj, namespace=ns or None, resource=rt, dry_run=dry_run)
+                    if not dry_run:
+                        self._applied[(created["metadata"]["uid"], field_manager or "")] = copy.deepcopy(body)
+                    return created
                 raise ApiError.not_found(rt, name)
-            base = old
+            base = core_to_events_v1(old) if rt is EVENTS_V1 else old
+            if ptype == PATCH_APPLY and subresource is None:
+                body = self._apply_deletions(rt, base, body, field_manager)
             if ptype == PATCH_JSON:
                 new = _patch.json_patch(base, body)
             elif ptype == PATCH_MERGE:
@@ -389,6 +441,9 @@ class Store:
                 raise ApiError.conflict(rt, name)
             if subresource != "status" and ptype != PATCH_APPLY:
                 _set_managed(new, field_manager, "Update")
+            if rt is EVENTS_V1:
+                return core_to_events_v1(self._replace(EVENTS_CORE, old, events_v1_to_core(new), subresource,
+                                                       dry_run))
             return self._replace(rt, old, new, subresource, dry_run)
 
     def apply(self, obj: dict, field_manager: str = "trafficmgr", namespace: str | None = None,
@@ -411,10 +466,9 @@ class Store:
             old = self._objects[rt.key].get((ns, name))
             if old is None:
                 raise ApiError.not_found(rt, name)
-            if dry_run:
-                return copy.deepcopy(old)
-            self._delete_cascade(rt, old)
-            return copy.deepcopy(old)
+            if not dry_run:
+                self._delete_cascade(EVENTS_CORE if rt is EVENTS_V1 else rt, old)
+            return core_to_events_v1(old) if rt is EVENTS_V1 else copy.deepcopy(old)
 
     def delete_collection(self, resource: str | ResourceType, namespace: str | None = None,
                           label_selector: str | None = None, field_selector: str | None = None) -> list[dict]:
@@ -425,8 +479,9 @@ class Store:
                                      parse_field_selector(field_selector))
             for obj in items:
                 md = obj["metadata"]
-                if (md.get("namespace", ""), md["name"]) in self._objects[rt.key]:
-                    self._delete_cascade(rt, obj)
+                cur = self._objects[rt.key].get((md.get("namespace", ""), md["name"]))
+                if cur is not None:
+                    self._delete_cascade(EVENTS_CORE if rt is EVENTS_V1 else rt, cur)
             return copy.deepcopy(items)
 
     def _delete_cascade(self, rt: ResourceType, obj: dict) -> None:
@@ -465,9 +520,14 @@ class Store:
         rt = _rt_for(resource)
         w = Watcher(rt, namespace if rt.namespaced else None, parse_label_selector(label_selector),
                     parse_field_selector(field_selector))
+        storage_rt = EVENTS_CORE if rt is EVENTS_V1 else rt
+        if rt is EVENTS_V1:
+            w.convert = core_to_events_v1
         with self._lock:
             if resource_version in (None, "", "0"):
                 for obj in self._objects[rt.key].values():
+                    if w.convert is not None:
+                        obj = w.convert(obj)
                     if w.matches(obj):
                         w.queue.put(("ADDED", obj))
             else:
@@ -478,7 +538,7 @@ class Store:
                 if rv < self._window_start:
                     raise ApiError.expired(f"too old resource version: {rv} ({self._window_start + 1})")
                 for ev in self._history:
-                    if ev.rv > rv and ev.rt is rt:
+                    if ev.rv > rv and ev.rt is storage_rt:
                         w.offer(ev)
             self._watchers[rt.key].add(w)
         return w
@@ -515,6 +575,8 @@ class Store:
             md["resourceVersion"] = str(self._rv)
             self._objects[rt.key].pop(key, None)
             self._uids.pop(md["uid"], None)
+            for akey in [k for k in self._applied if k[0] == md["uid"]]:
+                del self._applied[akey]
         else:
             md["resourceVersion"] = str(self._rv)
             self._objects[rt.key][key] = obj
@@ -530,6 +592,27 @@ class Store:
             w.offer(ev)
         for fn in self._listeners:
             fn(ev)
+
+    def _apply_deletions(self, rt: ResourceType, current: dict, applied: Any, manager: str | None) -> Any:
+        """Turn an apply body into a strategic patch that also removes fields this manager dropped."""
+        if not isinstance(applied, dict):
+            return applied
+        uid = current["metadata"]["uid"]
+        last = self._applied.get((uid, manager or ""))
+        if last is None and manager == "kubectl":
+            ann = (current["metadata"].get("annotations") or {}).get("kubectl.kubernetes.io/last-applied-configuration")
+            if ann:
+                try:
+                    last = json.loads(ann)
+                except ValueError:
+                    last = None
+        self._applied[(uid, manager or "")] = copy.deepcopy(applied)
+        if not isinstance(last, dict):
+            return applied
+        dels = _patch.removals(last, applied)
+        if not dels:
+            return applied
+        return _patch.combine_removals(dels, applied)
 
     def _validate_name(self, rt: ResourceType, name: str) -> None:
         if len(name) > 253 or not _NAME_RE.match(name):
