@@ -1,0 +1,393 @@
+"""The ``trafficmgr`` command line.
+
+Subcommands are registered, not hard-coded::
+
+    from trafficmgr.core.cli import register_command
+
+    def setup(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--xds-port", type=int, default=18000)
+
+    def run(args: argparse.Namespace) -> int:
+        ...
+        return 0
+
+    register_command("serve", "run the control plane", setup, run)
+
+A module that registers commands at import time is listed in :data:`COMMAND_MODULES`; :func:`main`
+imports each one (a module that does not exist is skipped, one that fails to import shows up as a command
+that reports the import error). ``run`` returns the exit status (None = 0). It raises :class:`CliError`
+(or ``PluginError``/``AdminError``) for bad input: :func:`main` prints ``trafficmgr: error: <message>``
+on stderr, one line, and returns non-zero; any other exception prints one line plus a hint to rerun
+with ``--log-level debug``, which prints the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import logging
+import os
+import socket
+import sys
+import traceback
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NoReturn
+
+import attrs
+
+from trafficmgr import __version__
+from trafficmgr.core import render
+from trafficmgr.core.admin import DEFAULT_URL, AdminError
+from trafficmgr.core.plugins import ENV_SELECTION, PluginError, PluginHost, PluginInfo, available
+
+log = logging.getLogger(__name__)
+
+PROG = "trafficmgr"
+#: Environment variable with the default for ``--server``.
+ENV_SERVER = "TRAFFICMGR_SERVER"
+#: Modules imported by :func:`main` so that they can call :func:`register_command`.
+COMMAND_MODULES: list[str] = ["trafficmgr.core.serve"]
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class CliError(Exception):
+    """Bad input or an unreachable dependency; ``main`` prints the message and returns 1.
+
+    ``http_status`` is set when the admin endpoint answered with an error status.
+    """
+
+    def __init__(self, message: str, http_status: int | None = None) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+
+
+@attrs.frozen
+class Command:
+    """One subcommand: ``setup(parser)`` adds its arguments, ``run(args)`` returns the exit status."""
+
+    name: str
+    help: str
+    setup: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def register_command(
+    name: str,
+    help: str,  # noqa: A002 - mirrors argparse
+    setup: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], int | None],
+    *,
+    replace: bool = False,
+) -> None:
+    """Add subcommand ``name``. Registering a taken name is a ``ValueError`` unless ``replace``.
+
+    ``setup`` may add nested subcommands with ``parser.add_subparsers(...)``; ``run`` then dispatches on
+    the parsed arguments.
+    """
+    if name in COMMANDS and not replace:
+        raise ValueError(f"command {name!r} is already registered")
+    COMMANDS[name] = Command(name, help, setup, run)
+
+
+_loaded_modules: set[str] = set()
+
+
+def load_command_modules() -> None:
+    """Import every module of :data:`COMMAND_MODULES` once (see the module docstring)."""
+    for module in COMMAND_MODULES:
+        if module in _loaded_modules:
+            continue
+        _loaded_modules.add(module)
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name and (module == exc.name or module.startswith(exc.name + ".")):
+                continue  # not written/installed yet
+            _register_broken(module, exc)
+        except Exception as exc:  # noqa: BLE001 - a broken command must not break the others
+            _register_broken(module, exc)
+
+
+def _register_broken(module: str, exc: BaseException) -> None:
+    name = module.rsplit(".", 1)[-1].replace("_", "-")
+    message = f"{name!r} is unavailable: importing {module} failed: {type(exc).__name__}: {exc}"
+    log.debug("importing %s failed", module, exc_info=exc)
+    if name in COMMANDS:
+        return
+
+    def run(args: argparse.Namespace) -> int:
+        raise CliError(message)
+
+    register_command(name, "(unavailable: import error; run it to see why)", lambda p: None, run)
+
+
+# -- argument parsing ------------------------------------------------------------------------------
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``<prog>: error: <message> (see '<prog> --help')``, status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default=argparse.SUPPRESS,
+                        help="log level (default: warning); debug also prints tracebacks")
+    return common
+
+
+def build_parser() -> ArgumentParser:
+    """The full parser with every registered command (call :func:`load_command_modules` first)."""
+    parser = ArgumentParser(prog=PROG, description="A label-driven Envoy xDS control plane for Kubernetes.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default="warning",
+                        help="log level (default: warning); debug also prints tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    common = _common()
+    for name in sorted(COMMANDS):
+        cmd = COMMANDS[name]
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help, parents=[common])
+        cmd.setup(p)
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+def command_paths(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, argparse.ArgumentParser]:
+    """Leaf commands by their full path (``"plugins list"``, ``"labels"``) -> their parser."""
+    out: dict[str, argparse.ArgumentParser] = {}
+    for action in parser._actions:  # noqa: SLF001 - argparse has no public walker
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            for name, child in action.choices.items():
+                path = f"{prefix} {name}".strip()
+                out.update(command_paths(child, path) or {path: child})
+    return out
+
+
+# -- shared helpers --------------------------------------------------------------------------------
+
+
+def _add_plugins_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plugins", metavar="SEL", default=None,
+                        help=f"comma-separated plugins to load (default: ${ENV_SELECTION} or all installed)")
+
+
+def _add_server_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", metavar="URL", default=os.environ.get(ENV_SERVER, DEFAULT_URL),
+                        help=f"admin endpoint of 'trafficmgr serve' (default: ${ENV_SERVER} or {DEFAULT_URL})")
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def normalize_server(server: str) -> str:
+    """``host:port`` -> ``http://host:port``; raises :class:`CliError` for anything but http(s) URLs."""
+    server = server.strip().rstrip("/")
+    if "://" not in server:
+        server = "http://" + server
+    parts = urllib.parse.urlsplit(server)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise CliError(f"--server must be an http(s) URL such as {DEFAULT_URL}, not {server!r}")
+    try:
+        parts.port  # noqa: B018 - validates the port
+    except ValueError:
+        raise CliError(f"--server has an invalid port: {server!r}") from None
+    return server
+
+
+def fetch_json(server: str, path: str, params: dict[str, str] | None = None, timeout: float = 10.0) -> Any:
+    """GET ``path`` from the admin endpoint and decode JSON.
+
+    Raises :class:`CliError`: unreachable server (with a hint), or the endpoint's own error message with
+    ``http_status`` set (404, 400, ...).
+    """
+    base = normalize_server(server)
+    url = base + path + ("?" + urllib.parse.urlencode(params) if params else "")
+    log.debug("GET %s", url)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - URL scheme checked above
+            body = resp.read()
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read())["error"]
+        except (ValueError, TypeError, KeyError, OSError):
+            raise CliError(
+                f"{base} answered HTTP {exc.code} for {path}: is it a trafficmgr admin endpoint? (use --server)"
+            ) from None
+        raise CliError(str(message), http_status=exc.code) from None
+    except urllib.error.URLError as exc:
+        raise CliError(_unreachable(base, exc.reason)) from None
+    except (OSError, TimeoutError) as exc:
+        raise CliError(_unreachable(base, exc)) from None
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise CliError(f"{url} did not return JSON: is {base} a trafficmgr admin endpoint?") from None
+
+
+def _unreachable(server: str, reason: object) -> str:
+    if isinstance(reason, ConnectionRefusedError):
+        why = "connection refused"
+    elif isinstance(reason, (TimeoutError, socket.timeout)):
+        why = "timed out"
+    elif isinstance(reason, socket.gaierror):
+        why = f"unknown host {urllib.parse.urlsplit(server).hostname!r}"
+    elif isinstance(reason, OSError) and reason.strerror:
+        why = reason.strerror.lower()
+    else:
+        why = str(reason)
+    return f"cannot reach the trafficmgr admin endpoint at {server}: {why} (is 'trafficmgr serve' running? use --server)"
+
+
+def installed_plugins(host: PluginHost) -> list[PluginInfo]:
+    """The loaded plugins of ``host`` plus installed-but-unselected ones (``loaded=False``, not imported),
+    sorted by name. Includes the ``core`` pseudo-plugin (source ``core``)."""
+    infos = dict(host.infos)
+    for name, ep in available().items():
+        if name not in infos:
+            dist = ep.dist
+            infos[name] = PluginInfo(
+                name, ep.value, getattr(dist, "version", "") or "", getattr(dist, "name", "") or "",
+                ep.value.startswith("trafficmgr.plugins."), (), loaded=False,
+            )
+    return sorted(infos.values(), key=lambda i: i.name)
+
+
+# -- commands --------------------------------------------------------------------------------------
+
+
+def _setup_plugins(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="plugins_command", metavar="ACTION", required=True, parser_class=ArgumentParser)
+    p = sub.add_parser("list", help="list installed plugins", description="List installed plugins (built-in and third-party).",
+                       parents=[_common()])
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.add_argument("--hooks", action="store_true", help="show hook names instead of a count")
+    _add_plugins_option(p)
+
+
+def _run_plugins(args: argparse.Namespace) -> int:
+    infos = installed_plugins(PluginHost.load(args.plugins))
+    _write(render.to_json([render.plugin_row(i) for i in infos]) if args.json else render.plugins_table(infos, args.hooks))
+    return 0
+
+
+def _setup_labels(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print a JSON list")
+    _add_plugins_option(parser)
+
+
+def _run_labels(args: argparse.Namespace) -> int:
+    specs = PluginHost.load(args.plugins).labels.specs
+    _write(render.to_json([render.label_row(s) for s in specs]) if args.json else render.labels_table(specs))
+    return 0
+
+
+def _setup_proxy_status(parser: argparse.ArgumentParser) -> None:
+    _add_server_option(parser)
+    parser.add_argument("--json", action="store_true", help="print the admin endpoint's JSON")
+
+
+def _run_proxy_status(args: argparse.Namespace) -> int:
+    streams = fetch_json(args.server, "/debug/proxy-status")
+    if args.json:
+        _write(render.to_json(streams))
+    elif not streams:
+        print("No proxies connected.", file=sys.stderr)
+    else:
+        _write(render.proxy_status_table(streams))
+    return 0
+
+
+def _setup_config_dump(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--node-id", required=True, metavar="ID", help="Envoy node id (see 'trafficmgr proxy-status')")
+    parser.add_argument("--type", choices=render.TYPES, default=None, help="only this resource type")
+    parser.add_argument("-o", "--output", choices=("yaml", "json"), default="yaml", help="output format (default: yaml)")
+    _add_server_option(parser)
+
+
+def _run_config_dump(args: argparse.Namespace) -> int:
+    params = {"node_id": args.node_id}
+    if args.type:
+        params["type"] = args.type
+    try:
+        dump = fetch_json(args.server, "/debug/config-dump", params)
+    except CliError as exc:
+        if exc.http_status == 404:
+            raise CliError(f"unknown node id {args.node_id!r}; 'trafficmgr proxy-status' lists connected nodes") from None
+        raise
+    _write(render.to_json(dump) if args.output == "json" else render.to_yaml(dump))
+    return 0
+
+
+register_command("plugins", "list installed plugins", _setup_plugins, _run_plugins)
+register_command("labels", "list every traffic.* label of the loaded plugins", _setup_labels, _run_labels)
+register_command("proxy-status", "sync state of every connected Envoy", _setup_proxy_status, _run_proxy_status)
+register_command("config-dump", "resources the control plane serves a node", _setup_config_dump, _run_config_dump)
+
+
+# -- entry point -----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _logging(level: str) -> Iterator[None]:
+    """Configure root logging for one ``main`` call and restore it afterwards (main runs in-process in
+    tests and in ``demo``)."""
+    root = logging.getLogger()
+    old_level = root.level
+    handler: logging.Handler | None = None
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(level.upper())
+    try:
+        yield
+    finally:
+        root.setLevel(old_level)
+        if handler is not None:
+            root.removeHandler(handler)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 1 error, 2 usage error)."""
+    load_command_modules()
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    run = getattr(args, "_run", None)
+    if run is None:
+        parser.print_help(sys.stderr)
+        return 2
+    with _logging(args.log_level):
+        try:
+            return int(run(args) or 0)
+        except (CliError, PluginError, AdminError) as exc:
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
+        except BrokenPipeError:
+            return 1
+        except Exception as exc:  # noqa: BLE001 - never a traceback unless asked
+            if args.log_level == "debug":
+                traceback.print_exc()
+            print(f"{PROG}: error: unexpected {type(exc).__name__}: {exc} (rerun with --log-level debug for the traceback)",
+                  file=sys.stderr)
+            return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
