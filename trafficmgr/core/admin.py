@@ -243,7 +243,7 @@ class AdminServer:
                 ) from exc
             raise AdminError(f"cannot start the admin endpoint on {self.host}:{self._requested_port}: {exc.strerror or exc}") from exc
         self._bound_port = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="trafficmgr-admin", daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="trafficmgr-admin", daemon=True)
         self._thread.start()
         log.info("admin endpoint on %s", self.url)
 

@@ -168,16 +168,17 @@ def _short_version(version: Any) -> str:
 def sync_cell(entry: Mapping[str, Any] | None) -> str:
     """One CDS/EDS/... cell of ``proxy-status``.
 
-    ``-`` = not subscribed; ``SYNCED`` = the last version sent was ACKed; ``NACK: <error>`` = not synced and
+    ``-`` = not subscribed (nothing sent or acked); ``SYNCED`` = the last version sent was ACKed; ``NACK: <error>`` = not synced and
     Envoy rejected a response (error cut to 60 characters); else ``STALE (sent X, acked Y)`` with
     versions cut to 8 characters.
     """
     if not entry:
         return "-"
-    sent, acked = entry.get("sent"), entry.get("acked")
+    sent, acked, nack = entry.get("sent"), entry.get("acked"), entry.get("last_nack")
+    if sent in (None, "") and acked in (None, "") and not nack:
+        return "-"
     if sent not in (None, "") and sent == acked:
         return "SYNCED"
-    nack = entry.get("last_nack")
     if nack:
         error = " ".join(str(nack.get("error") or "rejected").split())
         return f"NACK: {error[:60]}"
@@ -316,7 +317,9 @@ def _cert_info_ssl(pem: str) -> dict[str, Any]:
         decoded = ssl._ssl._test_decode_cert(path)  # type: ignore[attr-defined]  # noqa: SLF001
     finally:
         os.unlink(path)
-    subject = ",".join(f"{k}={v}" for rdn in reversed(decoded.get("subject", ())) for k, v in rdn)
+    short = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C",
+             "stateOrProvinceName": "ST", "localityName": "L", "domainComponent": "DC"}
+    subject = ",".join(f"{short.get(k, k)}={v}" for rdn in reversed(decoded.get("subject", ())) for k, v in rdn)
     sans = [f"{'IP' if kind == 'IP Address' else kind}:{value}" for kind, value in decoded.get("subjectAltName", ())]
     not_after = _dt.datetime.strptime(decoded["notAfter"], "%b %d %H:%M:%S %Y %Z")
     return {
