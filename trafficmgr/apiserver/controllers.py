@@ -114,6 +114,16 @@ class ClusterIPAllocator:
             spec.setdefault("ipFamilies", ["IPv4"])
             spec.setdefault("ipFamilyPolicy", "SingleStack")
         spec.setdefault("internalTrafficPolicy", "Cluster")
+        if spec.get("type") in ("NodePort", "LoadBalancer"):
+            old_ports = {(p.get("port"), p.get("protocol")): p.get("nodePort")
+                         for p in ((old or {}).get("spec") or {}).get("ports") or []}
+            for p in spec.get("ports") or []:
+                if not p.get("nodePort"):
+                    p["nodePort"] = old_ports.get((p.get("port"), p.get("protocol"))) or self._node_port()
+
+    def _node_port(self) -> int:
+        self._next_node_port = getattr(self, "_next_node_port", 30000) + 1
+        return 30000 + (self._next_node_port - 30001) % 2768
 
     def _allocate(self) -> str:
         if self._used is None:

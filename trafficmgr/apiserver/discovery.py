@@ -116,11 +116,6 @@ def api_group_list() -> dict:
             continue
         gvs = [{"groupVersion": f"{group}/{v}", "version": v} for v in versions]
         groups.append({"name": group, "versions": gvs, "preferredVersion": gvs[0]})
-    groups.append({
-        "name": "autoscaling",
-        "versions": [{"groupVersion": "autoscaling/v1", "version": "v1"}],
-        "preferredVersion": {"groupVersion": "autoscaling/v1", "version": "v1"},
-    })
     return {"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}
 
 
@@ -134,8 +129,6 @@ def api_group(group: str) -> dict | None:
 def api_resource_list(group: str, version: str) -> dict | None:
     """APIResourceList for ``group/version`` or None if not served."""
     gv = version if not group else f"{group}/{version}"
-    if group == "autoscaling" and version == "v1":
-        return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": []}
     rts = [r for r in RESOURCES if r.group == group and r.version == version]
     if not rts:
         return None

@@ -38,12 +38,29 @@ SCHEMAS: dict[str, Schema] = {
     "ServiceSpec": {1: ("ports", "msg:ServicePort", True), 2: ("selector", "map:string", False),
                     3: ("clusterIP", "string", False), 4: ("type", "string", False),
                     5: ("externalIPs", "string", True), 7: ("sessionAffinity", "string", False),
-                    10: ("externalName", "string", False), 20: ("clusterIPs", "string", True)},
+                    10: ("externalName", "string", False), 13: ("publishNotReadyAddresses", "bool", False),
+                    18: ("clusterIPs", "string", True)},
     "ServicePort": {1: ("name", "string", False), 2: ("protocol", "string", False), 3: ("port", "int", False),
                     4: ("targetPort", "intorstr", False), 5: ("nodePort", "int", False),
                     6: ("appProtocol", "string", False)},
     "IntOrString": {1: ("type", "int", False), 2: ("intVal", "int", False), 3: ("strVal", "string", False)},
     "ServiceAccount": {1: ("metadata", "msg:ObjectMeta", False)},
+    "Deployment": {1: ("metadata", "msg:ObjectMeta", False), 2: ("spec", "msg:DeploymentSpec", False)},
+    "DeploymentSpec": {1: ("replicas", "pint", False), 2: ("selector", "msg:LabelSelector", False),
+                       3: ("template", "msg:PodTemplateSpec", False)},
+    "LabelSelector": {1: ("matchLabels", "map:string", False),
+                      2: ("matchExpressions", "msg:LabelSelectorRequirement", True)},
+    "LabelSelectorRequirement": {1: ("key", "string", False), 2: ("operator", "string", False),
+                                 3: ("values", "string", True)},
+    "PodTemplateSpec": {1: ("metadata", "msg:ObjectMeta", False), 2: ("spec", "msg:PodSpec", False)},
+    "PodSpec": {2: ("containers", "msg:Container", True), 20: ("initContainers", "msg:Container", True)},
+    "Container": {1: ("name", "string", False), 2: ("image", "string", False), 3: ("command", "string", True),
+                  4: ("args", "string", True), 5: ("workingDir", "string", False),
+                  6: ("ports", "msg:ContainerPort", True), 7: ("env", "msg:EnvVar", True),
+                  14: ("imagePullPolicy", "string", False)},
+    "ContainerPort": {1: ("name", "string", False), 2: ("hostPort", "int", False),
+                      3: ("containerPort", "pint", False), 4: ("protocol", "string", False)},
+    "EnvVar": {1: ("name", "string", False), 2: ("value", "string", False)},
 }
 
 
@@ -95,7 +112,7 @@ def _decode(buf: bytes, schema_name: str) -> dict:
             v: Any = val.decode()
         elif typ == "rawbytes":
             v = val
-        elif typ == "int":
+        elif typ in ("int", "pint"):
             v = val - (1 << 64) if val >= 1 << 63 else val
         elif typ == "bool":
             v = bool(val)
@@ -117,7 +134,7 @@ def _decode(buf: bytes, schema_name: str) -> dict:
             continue
         if repeated:
             obj.setdefault(name, []).append(v)
-        elif v not in ("", 0, False) or typ == "intorstr" or isinstance(v, dict):
+        elif v not in ("", 0, False) or typ in ("intorstr", "pint") or isinstance(v, dict):
             obj[name] = v
     return obj
 

@@ -648,8 +648,13 @@ class Store:
             for c in spec.get("containers") or []:
                 for p in c.get("ports") or []:
                     p.setdefault("protocol", "TCP")
-        elif kind in ("Deployment", "ReplicaSet", "StatefulSet"):
-            obj.setdefault("spec", {}).setdefault("replicas", 1)
+        elif kind in ("Deployment", "ReplicaSet", "StatefulSet", "DaemonSet"):
+            spec = obj.setdefault("spec", {})
+            if kind != "DaemonSet":
+                spec.setdefault("replicas", 1)
+            for c in ((spec.get("template") or {}).get("spec") or {}).get("containers") or []:
+                for p in c.get("ports") or []:
+                    p.setdefault("protocol", "TCP")
         elif kind == "Namespace":
             obj.setdefault("spec", {}).setdefault("finalizers", ["kubernetes"])
             obj["status"] = {"phase": "Active"}
