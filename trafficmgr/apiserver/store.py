@@ -47,6 +47,10 @@ def core_to_events_v1(obj: dict) -> dict:
     for core, new in _EVENT_FIELD_MAP:
         if obj.get(core) not in (None, ""):
             out[new] = obj[core]
+    if not out.get("eventTime"):
+        ts = obj.get("lastTimestamp") or obj.get("firstTimestamp") or obj["metadata"].get("creationTimestamp")
+        if ts:
+            out["eventTime"] = ts.replace("Z", ".000000Z") if ts.endswith("Z") and "." not in ts else ts
     return out
 
 
@@ -553,9 +557,11 @@ class Store:
             return [w for ws in self._watchers.values() for w in ws]
 
     def expire_history(self) -> None:
-        """Drop the event window: any later watch from an older resourceVersion gets 410 Expired."""
+        """Drop the event window (like a compaction): a later watch from any resourceVersion issued
+        before this call gets 410 Expired; versions listed afterwards watch normally."""
         with self._lock:
             self._history.clear()
+            self._rv += 1
             self._window_start = self._rv
 
     def bookmark_version(self, w: Watcher) -> str | None:
