@@ -30,7 +30,7 @@ from urllib.parse import parse_qs, urlsplit
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from trafficmgr.core import metrics, render
-from trafficmgr.core.cache import Resource
+from trafficmgr.core.cache import SHORT_NAMES, Resource, Snapshot
 from trafficmgr.core.labels import LabelSpec
 from trafficmgr.core.plugins import PluginInfo
 
@@ -95,6 +95,14 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return str(value)
+
+
+def snapshot_resources(snapshot: Snapshot | None) -> dict[str, list[Resource]]:
+    """A snapshot's resources by short type name: a ready-made :meth:`AdminState.config_dump` answer for
+    a node whose view is ``snapshot`` (empty when there is no snapshot yet)."""
+    if snapshot is None:
+        return {}
+    return {short: list(snapshot.types[url].resources.values()) for short, url in SHORT_NAMES.items() if url in snapshot.types}
 
 
 def config_dump(state: AdminState, node_id: str, type_name: str | None = None) -> dict[str, Any]:

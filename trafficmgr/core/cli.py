@@ -222,9 +222,7 @@ def fetch_json(server: str, path: str, params: dict[str, str] | None = None, tim
         try:
             message = json.loads(exc.read())["error"]
         except (ValueError, TypeError, KeyError, OSError):
-            raise CliError(
-                f"{base} answered HTTP {exc.code} for {path}: is it a trafficmgr admin endpoint? (use --server)"
-            ) from None
+            raise CliError(f"{_not_admin(server, path)} (HTTP {exc.code})") from None
         raise CliError(str(message), http_status=exc.code) from None
     except urllib.error.URLError as exc:
         raise CliError(_unreachable(base, exc.reason)) from None
@@ -233,7 +231,11 @@ def fetch_json(server: str, path: str, params: dict[str, str] | None = None, tim
     try:
         return json.loads(body)
     except ValueError:
-        raise CliError(f"{url} did not return JSON: is {base} a trafficmgr admin endpoint?") from None
+        raise CliError(_not_admin(server, path)) from None
+
+
+def _not_admin(server: str, path: str) -> str:
+    return f"unexpected answer from {normalize_server(server)}{path}: is it a trafficmgr admin endpoint? (use --server)"
 
 
 def _unreachable(server: str, reason: object) -> str:
@@ -300,6 +302,8 @@ def _setup_proxy_status(parser: argparse.ArgumentParser) -> None:
 
 def _run_proxy_status(args: argparse.Namespace) -> int:
     streams = fetch_json(args.server, "/debug/proxy-status")
+    if not isinstance(streams, list) or not all(isinstance(s, dict) for s in streams):
+        raise CliError(_not_admin(args.server, "/debug/proxy-status"))
     if args.json:
         _write(render.to_json(streams))
     elif not streams:
@@ -326,6 +330,8 @@ def _run_config_dump(args: argparse.Namespace) -> int:
         if exc.http_status == 404:
             raise CliError(f"unknown node id {args.node_id!r}; 'trafficmgr proxy-status' lists connected nodes") from None
         raise
+    if not isinstance(dump, dict) or "resources" not in dump:
+        raise CliError(_not_admin(args.server, "/debug/config-dump"))
     _write(render.to_json(dump) if args.output == "json" else render.to_yaml(dump))
     return 0
 
@@ -359,8 +365,15 @@ def _logging(level: str) -> Iterator[None]:
             root.removeHandler(handler)
 
 
+#: The arguments of the running ``main`` call, for commands whose options depend on other options
+#: (``serve`` adds the options of the plugins selected with ``--plugins``).
+CURRENT_ARGV: list[str] = []
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 error, 2 usage error)."""
+    global CURRENT_ARGV
+    CURRENT_ARGV = list(sys.argv[1:] if argv is None else argv)
     load_command_modules()
     parser = build_parser()
     try:
