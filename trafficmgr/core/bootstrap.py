@@ -21,6 +21,13 @@ def _socket_address(address: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": address, "port_value": port}}
 
 
+def _xds_address(host: str, port: int) -> dict[str, Any]:
+    """``unix:/path`` -> a pipe address (reachable from another network namespace), else host:port."""
+    if host.startswith("unix:"):
+        return {"pipe": {"path": host[len("unix:"):]}}
+    return _socket_address(host, port)
+
+
 def _is_ip(host: str) -> bool:
     import ipaddress
 
@@ -61,7 +68,7 @@ def bootstrap(
     """
     xds_cluster: dict[str, Any] = {
         "name": XDS_CLUSTER,
-        "type": "STATIC" if _is_ip(xds_host) else "STRICT_DNS",
+        "type": "STATIC" if _is_ip(xds_host) or xds_host.startswith("unix:") else "STRICT_DNS",
         "connect_timeout": "1s",
         # ADS is gRPC: HTTP/2 must be explicit, Envoy defaults upstreams to HTTP/1.1.
         "typed_extension_protocol_options": {
@@ -76,7 +83,7 @@ def bootstrap(
         },
         "load_assignment": {
             "cluster_name": XDS_CLUSTER,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket_address(xds_host, xds_port)}}]}],
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _xds_address(xds_host, xds_port)}}]}],
         },
     }
     if xds_source_address:

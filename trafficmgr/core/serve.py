@@ -77,3 +77,60 @@ def run_serve(args: argparse.Namespace, plugins: PluginHost, stop: threading.Eve
     xds.stop(grace=2.0)
     admin.stop()
     return 0
+
+
+def selection_from_argv(argv: list[str]) -> str | None:
+    """The ``--plugins`` value in ``argv`` (``--plugins X`` or ``--plugins=X``), else None."""
+    for i, arg in enumerate(argv):
+        if arg == "--plugins" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--plugins="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def load_selected_plugins(parser: argparse.ArgumentParser) -> None:
+    """Load the plugins selected on the command line (or by the environment) and let them add options.
+
+    A selection error is kept and raised by ``run`` so other commands keep working.
+    """
+    from trafficmgr.core import cli
+
+    if not cli.CURRENT_ARGV or "serve" not in cli.CURRENT_ARGV:
+        parser.set_defaults(_plugins=None, _plugin_error=None)
+        return
+    try:
+        host = PluginHost.load(selection_from_argv(cli.CURRENT_ARGV))
+    except Exception as exc:  # noqa: BLE001 - reported by run()
+        parser.set_defaults(_plugins=None, _plugin_error=exc)
+        return
+    host.call_all("trafficmgr_add_arguments", parser=parser)
+    parser.set_defaults(_plugins=host, _plugin_error=None)
+
+
+def _setup(parser: argparse.ArgumentParser) -> None:
+    add_serve_arguments(parser)
+    parser.add_argument("--plugins", metavar="LIST",
+                        help="comma-separated plugins to load (default: $TRAFFICMGR_PLUGINS or every installed plugin)")
+    load_selected_plugins(parser)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from trafficmgr.core.cli import CliError
+
+    if args._plugin_error is not None:
+        raise args._plugin_error
+    plugins = args._plugins or PluginHost.load(args.plugins)
+    try:
+        return run_serve(args, plugins)
+    except ServeError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _register() -> None:
+    from trafficmgr.core.cli import register_command
+
+    register_command("serve", "run the control plane against a Kubernetes cluster", _setup, _run, replace=True)
+
+
+_register()

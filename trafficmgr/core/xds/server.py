@@ -178,9 +178,13 @@ class XdsServer:
             ),
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(ADS_SERVICE, handlers),))
-        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        if self.host.startswith("unix:"):  # a Unix socket: reachable from other network namespaces
+            host, address = self.host, self.host
+        else:
+            host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+            address = f"{host}:{self.port}"
         try:
-            bound = server.add_insecure_port(f"{host}:{self.port}")
+            bound = server.add_insecure_port(address)
         except RuntimeError as exc:
             raise PortInUse(f"xDS server cannot bind {host}:{self.port} (port in use?): {exc}") from exc
         if not bound:
@@ -361,10 +365,11 @@ class XdsServer:
             stream.node_id, st.short, version, len(resources), error,
         )
 
-    def _acked(self, st: _TypeState, sent_at: float) -> None:
+    def _acked(self, st: _TypeState, sent_at: float, clear_nack: bool = True) -> None:
         metrics.PUSH_TO_ACK.labels(st.short).observe(time.monotonic() - sent_at)
-        st.last_nack = None
-        st.nacked_version = None
+        if clear_nack:
+            st.last_nack = None
+            st.nacked_version = None
 
     # -- state of the world ----------------------------------------------------------------------
 
@@ -436,7 +441,8 @@ class XdsServer:
                 else:
                     st.acked_version = sent.version
                     if req.response_nonce == st.sent_nonce:
-                        self._acked(st, sent.at)
+                        # Delta NACKs are per resource: the NACK stands while a rejected one is served.
+                        self._acked(st, sent.at, clear_nack=not st.rejected)
         if subscribe or unsubscribe:
             names = set(st.names or ())
             for name in subscribe:
@@ -484,6 +490,14 @@ class XdsServer:
             updates, removed = _delta_diff(st, ts)
             st.synced_version = ts.version
             plans.append((st, ts, updates, removed))
+            if (
+                st.last_nack is not None
+                and not st.rejected
+                and not updates
+                and not removed
+                and st.sent_nonce not in st.inflight
+            ):
+                st.last_nack = None  # the rejected resources are no longer served; nothing to wait for
         for st, ts, updates, removed in plans:
             # The first request of a wildcard type always gets an answer, even an empty one.
             if updates or (st is first and st.wildcard and not removed):
@@ -547,6 +561,8 @@ def _delta_diff(st: _TypeState, ts: TypeSet) -> tuple[list[Resource], list[str]]
         candidates = [resources[n] for n in sorted(st.names or ()) if n in resources]
     known = st.known
     rejected = st.rejected
+    for name in [n for n in rejected if n not in resources]:
+        del rejected[name]
     updates = []
     for r in candidates:
         if known.get(r.name) == r.version:

@@ -1,0 +1,3 @@
+from trafficmgr.core.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,197 @@
+"""End-to-end building blocks: the test API server with real kubectl, ``trafficmgr serve`` as a
+subprocess, and an Envoy sidecar in a pod network namespace (iptables redirect, uid 1337).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from trafficmgr.core.bootstrap import bootstrap
+from trafficmgr.core.envoy import find_envoy
+from trafficmgr.testing.envoy import free_port, wait_for
+from trafficmgr.testing.netns import NetNS, world_executable
+
+PROXY_UID = 1337
+
+
+class Kubectl:
+    """The real ``kubectl`` against a kubeconfig, with its own HOME (fresh discovery cache)."""
+
+    def __init__(self, kubeconfig: Path, home: Path) -> None:
+        self.env = {**os.environ, "KUBECONFIG": str(kubeconfig), "HOME": str(home)}
+
+    def __call__(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(["kubectl", *args], input=input, capture_output=True, text=True, env=self.env, timeout=60)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
+        return proc
+
+    def apply(self, manifest: str) -> None:
+        self("apply", "-f", "-", input=manifest)
+
+    def set_pod_status(self, name: str, ip: str, ready: bool, namespace: str = "default", node: str = "node-1") -> None:
+        """What a kubelet does: write podIP and the Ready condition through the status subresource."""
+        status = {"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": "192.0.2.1",
+                             "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
+        self("patch", "pod", name, "-n", namespace, "--subresource=status", "--type=merge", "-p", json.dumps(status))
+
+
+def http_get(url: str, timeout: float = 5.0, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+class ServeProcess:
+    """``trafficmgr serve`` as a subprocess (like a Deployment would run it)."""
+
+    def __init__(self, kubeconfig: Path, workdir: Path, xds_socket: str, args: Sequence[str] = ()) -> None:
+        self.admin_port = free_port()
+        self.xds_socket = xds_socket
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = workdir / "serve.log"
+        self.cmd = [
+            sys.executable, "-m", "trafficmgr", "serve", "--kubeconfig", str(kubeconfig),
+            "--xds-address", f"unix:{xds_socket}", "--admin-port", str(self.admin_port), *args,
+        ]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def start(self, timeout: float = 30.0) -> ServeProcess:
+        if os.path.exists(self.xds_socket):
+            os.unlink(self.xds_socket)
+        self.proc = subprocess.Popen(self.cmd, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for(self._ready, timeout)
+        except TimeoutError:
+            raise AssertionError(f"trafficmgr serve not ready within {timeout}s; log:\n{self.log()}") from None
+        os.chmod(self.xds_socket, 0o777)  # the sidecar runs as an unprivileged uid
+        return self
+
+    def _ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"trafficmgr serve exited with {self.proc.returncode}:\n{self.log()}")
+        try:
+            return http_get(self.admin_url + "/readyz", 1)[0] == 200
+        except OSError:
+            return False
+
+    def get_json(self, path: str) -> Any:
+        code, body = http_get(self.admin_url + path)
+        assert code == 200, f"{path}: {code} {body}"
+        return json.loads(body)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:] if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+            return None
+
+
+class SidecarPod:
+    """A pod network namespace whose outbound TCP is redirected to an Envoy sidecar (uid 1337).
+
+    ``addresses``: every pod IP that lives in this test network (client and backends); all are on the
+    namespace's loopback, so nothing leaves it.
+    """
+
+    def __init__(self, node_id: str, addresses: Sequence[str], xds_socket: str, workdir: Path | None = None,
+                 delta: bool = False, admin_port: int = 8900) -> None:
+        self.node_id = node_id
+        self.ns = NetNS("tmpod")
+        self.ns.add_pod_network(addresses)
+        self.ns.redirect_outbound(10000, PROXY_UID, exclude_ports=(admin_port,))
+        self.admin_port = admin_port
+        # Not under pytest's tmp_path: the sidecar's uid must be able to read its bootstrap.
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="tm-sidecar-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.workdir, 0o777)
+        config = bootstrap(node_id, "sidecar", f"unix:{xds_socket}", 0, admin_port=admin_port, delta=delta)
+        self.config_path = self.workdir / "envoy.json"
+        self.config_path.write_text(json.dumps(config))
+        os.chmod(self.config_path, 0o644)
+        self.log_path = self.workdir / "envoy.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> SidecarPod:
+        envoy = world_executable(find_envoy())
+        cmd = self.ns.exec_args(
+            "setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups",
+            envoy, "-c", str(self.config_path), "--use-dynamic-base-id", "--concurrency", "1", "-l", "info",
+        )
+        self.proc = subprocess.Popen(cmd, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for(self._live, timeout)
+        except TimeoutError:
+            raise AssertionError(f"sidecar Envoy not LIVE within {timeout}s; log:\n{self.log()}") from None
+        return self
+
+    def _live(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"Envoy exited with {self.proc.returncode}:\n{self.log()}")
+        try:
+            return self.admin("/ready").strip() == "LIVE"
+        except OSError:
+            return False
+
+    def admin(self, path: str) -> str:
+        """GET the sidecar's admin endpoint from inside the pod namespace."""
+        return self.ns.in_ns(lambda: http_get(f"http://127.0.0.1:{self.admin_port}{path}", 3)[1])
+
+    def stat(self, name: str) -> int:
+        for line in self.admin(f"/stats?filter=^{name.replace('|', '.')}$").splitlines():
+            key, _, value = line.partition(": ")
+            if key == name:
+                return int(value)
+        return 0
+
+    def curl(self, url: str, *args: str, timeout: float = 5.0) -> tuple[int, str]:
+        """Run the real ``curl`` inside the pod namespace; returns (HTTP status or 0, body/stderr)."""
+        proc = self.ns.run("curl", "-sS", "-m", str(timeout), "-o", "-", "-w", "\n%{http_code}", *args, url, check=False)
+        if proc.returncode != 0:
+            return 0, proc.stderr.strip()
+        body, _, code = proc.stdout.rpartition("\n")
+        return int(code or 0), body
+
+    def in_ns(self, fn: Any) -> Any:
+        return self.ns.in_ns(fn)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(5)
+        self.ns.delete()
+        shutil.rmtree(self.workdir, ignore_errors=True)

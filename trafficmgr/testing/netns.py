@@ -1,0 +1,143 @@
+"""Network namespaces for tests: a "pod" network with no route to the outside.
+
+Everything a test sends to a pod address stays inside a namespace the test created: pod IPs live on a
+dummy interface inside it, ClusterIP ranges are routed to that dummy interface (packets to them only
+ever get redirected to the sidecar by iptables), and there is no default route. Code runs inside the
+namespace either as a subprocess (``ip netns exec``) or in a thread switched with ``setns(2)``, so
+sockets made in that thread belong to the namespace.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import TypeVar
+
+T = TypeVar("T")
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class NetnsUnavailable(RuntimeError):
+    """Network namespaces cannot be made here (not root, or ``ip``/``iptables`` missing)."""
+
+
+def available() -> str | None:
+    """None when namespaces with iptables can be used, else the reason they cannot."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    for tool in ("ip", "iptables", "setpriv"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (apt-get install iproute2 iptables util-linux)"
+    return None
+
+
+def _run(args: Sequence[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(list(args), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc
+
+
+class NetNS:
+    """A named network namespace with loopback up; ``delete()`` (or the context manager) removes it."""
+
+    def __init__(self, prefix: str = "tm") -> None:
+        reason = available()
+        if reason:
+            raise NetnsUnavailable(reason)
+        self.name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        _run(["ip", "netns", "add", self.name])
+        self.path = f"/var/run/netns/{self.name}"
+        self.ip("link", "set", "lo", "up")
+
+    def __enter__(self) -> NetNS:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.delete()
+
+    def ip(self, *args: str) -> None:
+        _run(["ip", "-n", self.name, *args])
+
+    def exec_args(self, *cmd: str) -> list[str]:
+        """The argv that runs ``cmd`` inside the namespace."""
+        return ["ip", "netns", "exec", self.name, *cmd]
+
+    def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return _run(self.exec_args(*cmd), check=check)
+
+    def add_pod_network(self, addresses: Sequence[str], routed: Sequence[str] = ("10.96.0.0/16",)) -> None:
+        """Put ``addresses`` (pod IPs, /32) on the namespace's loopback device and route ``routed``
+        (ClusterIP ranges, only ever redirected to the sidecar) there too. No default route is added:
+        nothing can leave the namespace. (Loopback, because sandboxes often lack the dummy driver.)"""
+        for addr in addresses:
+            self.ip("addr", "add", f"{addr}/32", "dev", "lo")
+        for cidr in routed:
+            self.ip("route", "add", "local", cidr, "dev", "lo")
+
+    def redirect_outbound(self, to_port: int = 10000, proxy_uid: int = 1337, exclude_ports: Sequence[int] = (8900,)) -> None:
+        """nat OUTPUT: redirect TCP to ``to_port`` except the proxy's own uid, loopback and ``exclude_ports``."""
+        ipt = ["iptables", "-w", "-t", "nat"]
+        self.run(*ipt, "-N", "TRAFFICMGR_OUTPUT")
+        self.run(*ipt, "-A", "TRAFFICMGR_OUTPUT", "-m", "owner", "--uid-owner", str(proxy_uid), "-j", "RETURN")
+        self.run(*ipt, "-A", "TRAFFICMGR_OUTPUT", "-m", "owner", "--gid-owner", str(proxy_uid), "-j", "RETURN")
+        self.run(*ipt, "-A", "TRAFFICMGR_OUTPUT", "-d", "127.0.0.0/8", "-j", "RETURN")
+        for port in exclude_ports:
+            self.run(*ipt, "-A", "TRAFFICMGR_OUTPUT", "-p", "tcp", "--dport", str(port), "-j", "RETURN")
+        self.run(*ipt, "-A", "TRAFFICMGR_OUTPUT", "-p", "tcp", "-j", "REDIRECT", "--to-ports", str(to_port))
+        self.run(*ipt, "-A", "OUTPUT", "-p", "tcp", "-j", "TRAFFICMGR_OUTPUT")
+
+    def in_ns(self, fn: Callable[[], T], timeout: float = 60.0) -> T:
+        """Run ``fn()`` in a new thread switched into this namespace; return its result (or raise)."""
+        result: Future[T] = Future()
+
+        def target() -> None:
+            try:
+                fd = os.open(self.path, os.O_RDONLY)
+                try:
+                    if _libc.setns(fd, CLONE_NEWNET) != 0:
+                        err = ctypes.get_errno()
+                        raise OSError(err, f"setns({self.path}): {os.strerror(err)}")
+                finally:
+                    os.close(fd)
+                result.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                result.set_exception(exc)
+
+        t = threading.Thread(target=target, name=f"netns-{self.name}", daemon=True)
+        t.start()
+        return result.result(timeout)
+
+    def delete(self) -> None:
+        _run(["ip", "netns", "pids", self.name], check=False)
+        pids = _run(["ip", "netns", "pids", self.name], check=False).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), 9)
+            except (ProcessLookupError, ValueError):
+                pass
+        _run(["ip", "netns", "del", self.name], check=False)
+
+
+def world_executable(path: str, cache_dir: str = "/tmp/trafficmgr-bin") -> str:
+    """A copy (hard link when possible) of ``path`` that an unprivileged uid can execute."""
+    os.makedirs(cache_dir, mode=0o755, exist_ok=True)
+    os.chmod(cache_dir, 0o755)
+    st = os.stat(path)
+    target = os.path.join(cache_dir, f"{os.path.basename(path)}-{st.st_size}-{int(st.st_mtime)}")
+    if not os.path.exists(target):
+        tmp = target + ".tmp"
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copy2(path, tmp)
+        os.replace(tmp, target)
+    os.chmod(target, 0o755)
+    return target
