@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -240,7 +241,12 @@ def test_delta_nack_keeps_known_versions(cp: ControlPlane, clients: list[AdsClie
     fixed = c.recv()
     assert [x.name for x in fixed.resources] == ["d"] and not fixed.removed_resources
     c.ack(fixed)
+    time.sleep(0.2)
+    assert cp.status()[0]["clusters"]["last_nack"] is not None, "the rejected 'c' is still served"
+    # Dropping 'c' resolves the NACK; the client never had it, so nothing needs to be sent.
+    publish(cp, {"a": [A], "b": [B], "d": [A]})
     wait_for(lambda: cp.status()[0]["clusters"]["last_nack"] is None, 2)
+    assert c.silent(0.3)
 
 
 # -- identity ---------------------------------------------------------------------------------------

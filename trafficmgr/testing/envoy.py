@@ -184,12 +184,13 @@ class EnvoyProcess:
             return resp.read().decode()
 
     def stats(self) -> dict[str, int]:
-        """Counters and gauges by name (histograms left out)."""
+        """Counters and gauges by name (histograms and text stats left out)."""
         data = json.loads(self.admin("/stats?format=json"))
         out: dict[str, int] = {}
         for item in data.get("stats", []):
-            if "value" in item:
-                out[item["name"]] = int(item["value"])
+            value = item.get("value")
+            if isinstance(value, int):
+                out[item["name"]] = value
         return out
 
     def prometheus(self) -> str:
