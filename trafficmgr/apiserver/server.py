@@ -96,7 +96,19 @@ class _Handler(BaseHTTPRequestHandler):
     def _send_obj(self, code: int, obj: Any) -> None:
         self._send(code, _encode(obj))
 
+    def setup(self) -> None:
+        super().setup()
+        self.server.track(self.connection, True)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.track(self.connection, False)
+
     def _read_body(self) -> bytes:
+        if self._raw is not None:
+            return self._raw
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             chunks = []
             while True:
@@ -106,9 +118,11 @@ class _Handler(BaseHTTPRequestHandler):
                     break
                 chunks.append(self.rfile.read(size))
                 self.rfile.readline()
-            return b"".join(chunks)
+            self._raw = b"".join(chunks)
+            return self._raw
         n = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(n) if n else b""
+        self._raw = self.rfile.read(n) if n else b""
+        return self._raw
 
     def _body(self, ctype: str = "") -> Any:
         raw = self._read_body()
@@ -134,7 +148,9 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError.bad_request(f"invalid YAML in request body: {e}") from None
 
     def _dispatch(self) -> None:
+        self._raw: bytes | None = None
         try:
+            self._read_body()
             self._handle()
         except ApiError as e:
             self._send_obj(e.code, e.status())
@@ -426,7 +442,21 @@ class _HTTPServer(ThreadingHTTPServer):
         self.store = store
         self.bookmark_interval = bookmark_interval
         self._watches: set[Watcher] = set()
+        self._conns: set[socket.socket] = set()
         self._wlock = threading.Lock()
+
+    def track(self, conn: socket.socket, add: bool) -> None:
+        with self._wlock:
+            if add:
+                self._conns.add(conn)
+            else:
+                self._conns.discard(conn)
+
+    def close_connections(self) -> None:
+        with self._wlock:
+            conns = list(self._conns)
+        for c in conns:
+            _shutdown(c)
 
     def register_watch(self, w: Watcher) -> None:
         with self._wlock:
@@ -499,6 +529,7 @@ class APIServer:
         if self._httpd is not None:
             self._httpd.shutdown()
             self.drop_watches()
+            self._httpd.close_connections()
             self._httpd.server_close()
             self._httpd = None
         if self._thread is not None:
