@@ -166,6 +166,14 @@ def test_delta_wildcard_first_reply_even_empty(xds_server: ControlPlane, clients
     assert len(r.resources) == 0 and not r.removed_resources and r.type_url == cache.CLUSTER
     c.send(type_url=cache.ENDPOINT, resource_names_subscribe=["nothing-yet"])
     assert c.silent(0.3), "named resources that do not exist are not answered"
+    # Also when the node becomes known only later.
+    late = connect(xds_server, clients, delta=True, node_id="late")
+    late.send(type_url=cache.LISTENER)
+    assert late.silent(0.3)
+    xds_server.nodes["late"] = "sidecar"
+    xds_server.cache.notify()
+    r = late.recv()
+    assert r.type_url == cache.LISTENER and len(r.resources) == 0
 
 
 def test_delta_diff_ack_and_subscriptions(cp: ControlPlane, clients: list[AdsClient]) -> None:

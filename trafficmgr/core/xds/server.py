@@ -336,7 +336,7 @@ class XdsServer:
             for type_url in _ordered(stream.types):
                 await self._sotw_send(stream, stream.types[type_url], force=False)
         else:
-            await self._delta_push(stream, [stream.types[t] for t in _ordered(stream.types)], first=None)
+            await self._delta_push(stream, [stream.types[t] for t in _ordered(stream.types)])
 
     def _nonce(self) -> str:
         return f"{self._nonce_prefix}-{next(self._nonces):x}"
@@ -431,7 +431,7 @@ class XdsServer:
             st.wildcard = type_url not in NAMED_TYPES and (not subscribe or "*" in subscribe)
             st.names = frozenset(n for n in subscribe if n != "*")
             st.known = dict(req.initial_resource_versions)
-            await self._delta_push(stream, [st], first=st)
+            await self._delta_push(stream, [st])
             return
         if req.response_nonce:
             sent = st.inflight.pop(req.response_nonce, None)
@@ -459,7 +459,7 @@ class XdsServer:
                         st.known.pop(name, None)
             st.names = frozenset(names)
             st.synced_version = None
-        await self._delta_push(stream, [st], first=None)
+        await self._delta_push(stream, [st])
 
     def _delta_nack(self, stream: _Stream, st: _TypeState, nonce: str, sent: _DeltaSent, error: str) -> None:
         # The client keeps what it had: restore our view of it, and never resend the rejected versions.
@@ -475,7 +475,7 @@ class XdsServer:
         st.synced_version = None
         self._record_nack(stream, st, nonce, sent.version, error, sorted(sent.sent))
 
-    async def _delta_push(self, stream: _Stream, states: Iterable[_TypeState], first: _TypeState | None) -> None:
+    async def _delta_push(self, stream: _Stream, states: Iterable[_TypeState]) -> None:
         """Send what differs for ``states``: every update first (in type order), then every removal."""
         snap = self._snapshot(stream)
         if snap is None:
@@ -485,8 +485,8 @@ class XdsServer:
             ts = snap.types.get(st.type_url)
             if ts is None:
                 continue
-            if st is not first and ts.version == st.synced_version:
-                continue
+            if ts.version == st.synced_version:
+                continue  # nothing changed since the last diff (subscription changes reset it)
             updates, removed = _delta_diff(st, ts)
             st.synced_version = ts.version
             plans.append((st, ts, updates, removed))
@@ -499,8 +499,8 @@ class XdsServer:
             ):
                 st.last_nack = None  # the rejected resources are no longer served; nothing to wait for
         for st, ts, updates, removed in plans:
-            # The first request of a wildcard type always gets an answer, even an empty one.
-            if updates or (st is first and st.wildcard and not removed):
+            # A wildcard type's first answer is always sent, even an empty one.
+            if updates or (st.wildcard and not st.sent_nonce and not removed):
                 await self._delta_send(stream, st, ts, updates, [])
         for st, ts, _, removed in plans:
             if removed:
