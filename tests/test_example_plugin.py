@@ -127,7 +127,7 @@ def test_invalid_value_is_rejected_by_the_label_registry() -> None:
 def test_absent_label_changes_nothing() -> None:
     """Same snapshot bytes with and without the plugin loaded when no service carries the label."""
     backend = HttpBackend("x")  # not started: only its port number is used
-    with_plugin, without = PluginHost.load(["served_by"]), PluginHost.load(["lb"])
+    with_plugin, without = PluginHost.load(["served_by"]), PluginHost.load([])
     options = argparse.Namespace(sidecar_address="127.0.0.1", sidecar_port=15001)
     a = Builder(with_plugin, options).build(_model(15001, backend, with_plugin, {}))["sidecar"]
     b = Builder(without, options).build(_model(15001, backend, without, {}))["sidecar"]

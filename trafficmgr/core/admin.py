@@ -79,8 +79,9 @@ class AdminState(Protocol):
         ...
 
 
-class AdminError(RuntimeError):
-    """The admin endpoint cannot start; the message is meant for the user."""
+class AdminError(OSError):
+    """The admin endpoint cannot start; the message is meant for the user (an ``OSError``, so callers
+    that handle bind errors generically catch it too)."""
 
 
 class _HTTPError(Exception):

@@ -115,6 +115,7 @@ def labels_markdown(specs: Iterable[LabelSpec]) -> str:
     for s in specs:
         cells = [f"`{s.key}`", format_kinds(s.kinds), f"`{format_default(s.default)}`" if s.default is not None else "none",
                  s.allowed, s.doc]
+        cells[3:] = [c.replace("`", "\\`") for c in cells[3:]]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -1,0 +1,170 @@
+"""Meta-tests that keep the documentation and the contract honest (in the spirit of datasette's
+tests/test_docs.py): the README label table matches the label registry, every hook is documented and
+exercised by a test, and the README's CLI reference matches the real commands."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+
+from trafficmgr.core import admin, cli, hookspecs, render
+from trafficmgr.core.labels import LabelSpec
+from trafficmgr.core.plugins import PluginHost, available
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+TESTS = ROOT / "tests"
+
+#: Hooks no test exercises yet. This set must shrink to empty: when a plugin's tests use a hook, remove
+#: it here (``test_not_yet_exercised_is_current`` fails until you do).
+NOT_YET_EXERCISED = {
+    "trafficmgr_add_arguments",
+    "trafficmgr_bootstrap",
+    "trafficmgr_cluster",
+    "trafficmgr_endpoints",
+    "trafficmgr_http_connection_manager",
+    "trafficmgr_http_filters",
+    "trafficmgr_listener",
+    "trafficmgr_port_protocols",
+    "trafficmgr_resources",
+    "trafficmgr_route",
+    "trafficmgr_watch_kinds",
+}
+
+
+def readme_section(title: str) -> str:
+    """The text of ``## title`` up to the next ``## `` heading."""
+    text = README.read_text()
+    m = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+    assert m, f"README.md has no '## {title}' section"
+    return m.group(1)
+
+
+# -- labels ---------------------------------------------------------------------------------------
+
+ROW = re.compile(r"^\| `(traffic\.[^`]+)` \| ([^|]+?) \| ((?:[^|\\]|\\.)+?) \|", re.M)
+
+
+def builtin_specs() -> list[LabelSpec]:
+    names = [n for n, ep in available().items() if ep.value.startswith("trafficmgr.plugins.")]
+    return PluginHost.load(names).labels.specs
+
+
+def readme_labels() -> dict[str, tuple[str, str]]:
+    """``{label: (On, Default)}`` from the README's label table (Default without backticks)."""
+    rows: dict[str, tuple[str, str]] = {}
+    for key, on, default in ROW.findall(readme_section("Labels")):
+        assert key not in rows, f"{key} appears twice in the README label table"
+        rows[key] = (on.strip(), default.strip().strip("`"))
+    return rows
+
+
+def test_readme_label_table_matches_registry() -> None:
+    specs = builtin_specs()
+    rows = readme_labels()
+    regenerate = "\nregenerate the table with:\n  python -c \"from tests.test_docs import *; print(render.labels_markdown(builtin_specs()))\"\n"
+    missing = [s.key for s in specs if s.key not in rows]
+    assert not missing, f"labels missing from the README table: {missing}{regenerate}"
+    unknown = sorted(set(rows) - {s.key for s in specs})
+    assert not unknown, f"README documents labels no built-in plugin declares: {unknown}"
+    for spec in specs:
+        on, default = rows[spec.key]
+        assert default == render.format_default(spec.default), f"{spec.key}: README default {default!r}{regenerate}"
+        assert on == render.format_kinds(spec.kinds), f"{spec.key}: README 'On' {on!r}{regenerate}"
+
+
+def test_readme_label_table_parser_sees_every_row() -> None:
+    table_rows = [ln for ln in readme_section("Labels").splitlines() if ln.startswith("| `traffic.")]
+    assert len(table_rows) == len(readme_labels()) == len(builtin_specs())
+
+
+# -- hooks ----------------------------------------------------------------------------------------
+
+
+def hookspec_names() -> list[str]:
+    return sorted(
+        name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
+        if name.startswith("trafficmgr_") and hasattr(fn, f"{hookspecs.PROJECT}_spec")
+    )
+
+
+def test_hookspecs_found() -> None:
+    assert "trafficmgr_cluster" in hookspec_names() and "trafficmgr_labels" in hookspec_names()
+
+
+@pytest.mark.parametrize("name", hookspec_names())
+def test_hookspec_has_docstring(name: str) -> None:
+    doc = inspect.getdoc(getattr(hookspecs, name)) or ""
+    assert len(doc) > 30, f"hookspec {name} needs a docstring saying when it is called and what it may change"
+
+
+def _test_sources() -> str:
+    me = Path(__file__).resolve()
+    return "\n".join(p.read_text(errors="replace") for p in sorted(TESTS.rglob("*.py")) if p.resolve() != me)
+
+
+def test_every_hookspec_is_exercised_by_a_test() -> None:
+    sources = _test_sources()
+    unexercised = {name for name in hookspec_names() if name not in sources}
+    missing = sorted(unexercised - NOT_YET_EXERCISED)
+    assert not missing, f"hooks no file under tests/ mentions: {missing}"
+
+
+def test_not_yet_exercised_is_current() -> None:
+    """``NOT_YET_EXERCISED`` names only real hooks; entries that tests now exercise are reported as a
+    warning (not a failure, so a plugin's tests can land before this file is edited): remove them."""
+    sources = _test_sources()
+    assert NOT_YET_EXERCISED <= set(hookspec_names()), f"not hooks: {sorted(NOT_YET_EXERCISED - set(hookspec_names()))}"
+    now_exercised = sorted(n for n in NOT_YET_EXERCISED if n in sources)
+    if now_exercised:
+        warnings.warn(f"tests now exercise {now_exercised}: remove them from NOT_YET_EXERCISED in tests/test_docs.py",
+                      stacklevel=1)
+
+
+# -- CLI reference --------------------------------------------------------------------------------
+
+HEADING = re.compile(r"^### `trafficmgr ([a-z][a-z -]*)`\s*$", re.M)
+
+
+def readme_commands() -> dict[str, str]:
+    """``{"plugins list": section text}`` for every ``### `trafficmgr ...` `` heading."""
+    section = readme_section("CLI reference")
+    heads = list(HEADING.finditer(section))
+    return {m.group(1).strip(): section[m.end(): heads[i + 1].start() if i + 1 < len(heads) else len(section)]
+            for i, m in enumerate(heads)}
+
+
+def real_commands() -> dict[str, object]:
+    """Leaf commands of the parser as built for a plain ``trafficmgr --help`` (no plugin options)."""
+    cli.load_command_modules()
+    saved, cli.CURRENT_ARGV = cli.CURRENT_ARGV, []
+    try:
+        return cli.command_paths(cli.build_parser())
+    finally:
+        cli.CURRENT_ARGV = saved
+
+
+def test_cli_reference_matches_commands() -> None:
+    documented, real = set(readme_commands()), set(real_commands())
+    assert not real - documented, f"commands missing from the README's CLI reference: {sorted(real - documented)}"
+    assert not documented - real, f"README documents commands that do not exist: {sorted(documented - real)}"
+
+
+def test_cli_reference_documents_every_option() -> None:
+    sections = readme_commands()
+    for path, parser in real_commands().items():
+        for action in parser._actions:  # noqa: SLF001
+            longs = [o for o in action.option_strings if o.startswith("--")]
+            if not longs or longs[0] in ("--help", "--log-level"):
+                continue
+            assert any(o in sections[path] for o in longs), f"README: 'trafficmgr {path}' does not mention {longs[0]}"
+
+
+def test_admin_routes_documented() -> None:
+    text = README.read_text()
+    for route in admin.ROUTES:
+        assert f"`{route}" in text, f"README does not mention the admin route {route}"
