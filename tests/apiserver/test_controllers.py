@@ -79,6 +79,10 @@ def test_endpointslice_readiness_and_pod_changes(server: APIServer) -> None:
     assert ep["conditions"] == {"ready": True, "serving": True, "terminating": False}
     assert ep["nodeName"] == "node-1" and ep["targetRef"]["kind"] == "Pod" and ep["targetRef"]["uid"]
     assert s["metadata"]["ownerReferences"][0]["kind"] == "Service"
+    ep = server.store.get("endpoints", "web", NS)
+    assert [a["ip"] for a in ep["subsets"][0]["addresses"]] == ["10.0.0.1"]
+    assert [a["ip"] for a in ep["subsets"][0]["notReadyAddresses"]] == ["10.0.0.2"]
+    assert ep["subsets"][0]["ports"] == [{"name": "http", "port": 8080, "protocol": "TCP"}]
 
     store.patch("pods", "web-2", {"status": {"conditions": [{"type": "Ready", "status": "True"}]}},
                 namespace=NS, patch_type="strategic", subresource="status")

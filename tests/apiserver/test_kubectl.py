@@ -194,6 +194,8 @@ def test_not_found_and_delete(kubectl: Kubectl) -> None:
     kubectl("create", "configmap", "doomed")
     assert 'configmap "doomed" deleted' in kubectl("delete", "configmap", "doomed")
     assert kubectl.run("get", "cm", "doomed", check=False).returncode == 1
+    res = kubectl.run("delete", "namespace", "default", check=False)
+    assert res.returncode == 1 and "Forbidden" in res.stderr
     res = kubectl.run("create", "configmap", "lbl", check=False)
     assert res.returncode == 1 and 'configmaps "lbl" already exists' in res.stderr
 

@@ -27,6 +27,8 @@ MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
 _ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 
 PODS, SERVICES, SLICES = BY_KEY["pods"], BY_KEY["services"], BY_KEY["endpointslices.discovery.k8s.io"]
+ENDPOINTS = BY_KEY["endpoints"]
+SKIP_MIRROR_LABEL = "endpointslice.kubernetes.io/skip-mirror"
 DEPLOYMENTS, REPLICASETS = BY_KEY["deployments.apps"], BY_KEY["replicasets.apps"]
 
 
@@ -327,6 +329,12 @@ class Controllers:
         if svc is None or not selector or spec.get("type") == "ExternalName":
             for s in existing:
                 self._delete_quiet(SLICES, s["metadata"]["name"], ns)
+            try:
+                ep = self.store.get_raw(ENDPOINTS, name, ns)
+                if (ep["metadata"].get("labels") or {}).get(SKIP_MIRROR_LABEL) == "true":
+                    self._delete_quiet(ENDPOINTS, name, ns)
+            except ApiError:
+                pass
             return
         publish_not_ready = bool(spec.get("publishNotReadyAddresses"))
         groups: dict[tuple, list[dict]] = {}
@@ -360,6 +368,7 @@ class Controllers:
                 "endpoints": eps,
                 "ports": [dict(p) for p in ports] if ports else None,
             }
+        self._write_endpoints(svc, groups, labels)
         have = {s["metadata"]["name"]: s for s in existing}
         for slice_name, want in desired.items():
             cur = have.get(slice_name)
@@ -377,6 +386,37 @@ class Controllers:
         for slice_name in have:
             if slice_name not in desired:
                 self._delete_quiet(SLICES, slice_name, ns)
+
+    def _write_endpoints(self, svc: dict, groups: dict[tuple, list[dict]], labels: dict) -> None:
+        ns, name = svc["metadata"]["namespace"], svc["metadata"]["name"]
+        subsets = []
+        for ports, eps in groups.items():
+            if not eps:
+                continue
+            sub: dict = {}
+            for key, ready in (("addresses", True), ("notReadyAddresses", False)):
+                addrs = [{"ip": e["addresses"][0], "nodeName": e.get("nodeName"), "targetRef": e["targetRef"]}
+                         for e in eps if e["conditions"]["ready"] is ready]
+                for a in addrs:
+                    if a["nodeName"] is None:
+                        del a["nodeName"]
+                if addrs:
+                    sub[key] = addrs
+            if ports:
+                sub["ports"] = [{k: v for k, v in p if k != "name" or v} for p in ports]
+            subsets.append(sub)
+        want = {"apiVersion": "v1", "kind": "Endpoints",
+                "metadata": {"name": name, "namespace": ns, "labels": {**labels, SKIP_MIRROR_LABEL: "true"}},
+                "subsets": subsets}
+        want["metadata"]["labels"].pop(MANAGED_BY_LABEL, None)
+        want["metadata"]["labels"].pop(SERVICE_NAME_LABEL, None)
+        try:
+            cur = self.store.get_raw(ENDPOINTS, name, ns)
+        except ApiError:
+            self.store.create(want, namespace=ns, resource=ENDPOINTS)
+            return
+        if cur.get("subsets") != subsets or cur["metadata"].get("labels") != want["metadata"]["labels"]:
+            self.store.update(want, namespace=ns, resource=ENDPOINTS)
 
     @staticmethod
     def _resolve_ports(spec: dict, pod: dict) -> list[tuple[tuple[str, object], ...]]:

@@ -66,6 +66,7 @@ def events_v1_to_core(obj: dict) -> dict:
     return out
 
 
+_PROTECTED_NAMESPACES = {"default", "kube-system", "kube-public"}
 _GENERATION_KINDS = {"Deployment", "ReplicaSet", "StatefulSet", "DaemonSet", "Ingress", "IngressClass",
                      "EndpointSlice"}
 _GEN_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
@@ -470,6 +471,9 @@ class Store:
             old = self._objects[rt.key].get((ns, name))
             if old is None:
                 raise ApiError.not_found(rt, name)
+            if rt.key == "namespaces" and name in _PROTECTED_NAMESPACES:
+                raise ApiError(403, "Forbidden", f'namespaces "{name}" is forbidden: this namespace may not be deleted',
+                               {"name": name, "kind": "namespaces"})
             if not dry_run:
                 self._delete_cascade(EVENTS_CORE if rt is EVENTS_V1 else rt, old)
             return core_to_events_v1(old) if rt is EVENTS_V1 else copy.deepcopy(old)
