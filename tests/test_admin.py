@@ -111,7 +111,7 @@ class FakeState:
     def nacks(self) -> list[dict[str, Any]]:
         return [{"node_id": NODE, "type": "clusters", "error": "bad", "version": "v2", "nonce": "3", "resources": [], "at": 1.0}]
 
-    def plugins(self) -> list[PluginInfo]:
+    def plugins_info(self) -> list[PluginInfo]:
         return list(self.host.infos.values())
 
     def labels(self) -> list[LabelSpec]:
@@ -139,9 +139,21 @@ def get(server: AdminServer, path: str) -> tuple[int, str, str]:
         return exc.code, exc.headers["Content-Type"], exc.read().decode()
 
 
+def _protocol_methods() -> set[str]:
+    return {n for n, v in vars(AdminState).items() if callable(v) and not n.startswith("_")}
+
+
 def test_fake_state_satisfies_protocol(state: FakeState) -> None:
     s: AdminState = state  # type-checked use of the Protocol
     assert s.healthy()
+    assert _protocol_methods() == {"proxy_status", "config_dump", "healthy", "ready", "nacks", "plugins_info", "labels"}
+
+
+def test_serve_control_plane_implements_admin_state() -> None:
+    """What ``trafficmgr serve`` hands to AdminServer has every AdminState method."""
+    controlplane = pytest.importorskip("trafficmgr.core.controlplane")
+    missing = {m for m in _protocol_methods() if not callable(getattr(controlplane.ControlPlane, m, None))}
+    assert not missing, f"ControlPlane lacks AdminState methods: {sorted(missing)}"
 
 
 def test_healthz(admin: AdminServer, state: FakeState) -> None:

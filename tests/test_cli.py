@@ -321,7 +321,7 @@ class State:
     def nacks(self) -> list[dict[str, Any]]:
         return []
 
-    def plugins(self) -> list[PluginInfo]:
+    def plugins_info(self) -> list[PluginInfo]:
         return []
 
     def labels(self) -> list[LabelSpec]:

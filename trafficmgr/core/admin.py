@@ -70,8 +70,8 @@ class AdminState(Protocol):
         """Recent NACKs, as ``XdsServer.nacks()`` returns them."""
         ...
 
-    def plugins(self) -> list[PluginInfo]:
-        """The loaded plugins."""
+    def plugins_info(self) -> list[PluginInfo]:
+        """The loaded plugins (named so that an implementation can keep its PluginHost as ``.plugins``)."""
         ...
 
     def labels(self) -> list[LabelSpec]:
@@ -198,7 +198,7 @@ ROUTES: dict[str, Route] = {
     "/debug/proxy-status": lambda state, q: _json_response(state.proxy_status()),
     "/debug/config-dump": _config_dump,
     "/debug/nacks": lambda state, q: _json_response(state.nacks()),
-    "/debug/plugins": lambda state, q: _json_response([render.plugin_row(p) for p in state.plugins()]),
+    "/debug/plugins": lambda state, q: _json_response([render.plugin_row(p) for p in state.plugins_info()]),
     "/debug/labels": lambda state, q: _json_response([render.label_row(s) for s in state.labels()]),
 }
 
