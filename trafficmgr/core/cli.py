@@ -392,7 +392,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         except KeyboardInterrupt:
             return 130
-        except BrokenPipeError:
+        except BrokenPipeError:  # e.g. `trafficmgr labels | head -1`: stop quietly
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 1
         except Exception as exc:  # noqa: BLE001 - never a traceback unless asked
             if args.log_level == "debug":
