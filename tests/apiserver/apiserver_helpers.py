@@ -1,4 +1,4 @@
-"""Helpers shared by the apiserver tests (imported by module name; pytest puts this folder on sys.path)."""
+"""Helpers shared by the apiserver tests."""
 
 from __future__ import annotations
 

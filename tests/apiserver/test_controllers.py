@@ -6,7 +6,7 @@ import pytest
 from kubernetes import client
 
 from trafficmgr.apiserver import APIServer
-from apiserver_helpers import eventually
+from .apiserver_helpers import eventually
 
 NS = "eps"
 

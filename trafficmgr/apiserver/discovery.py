@@ -85,7 +85,7 @@ def resolve(name: str) -> ResourceType:
         return BY_KEY[name]
     low = name.lower()
     for r in RESOURCES:
-        if low in (r.plural, r.singular) or low in r.short_names or low == r.key:
+        if low in (r.plural, r.singular, r.singular + "s") or low in r.short_names or low == r.key:
             return r
     if "/" in name:
         api_version, _, kind = name.rpartition("/")

@@ -326,8 +326,8 @@ class _Handler(BaseHTTPRequestHandler):
         if ctype == PATCH_APPLY and isinstance(body, dict):
             if body.get("kind") and body["kind"] != r.rt.kind:
                 raise ApiError.bad_request("the kind in the body does not match the URL")
-            body = dict(body)
-            body.pop("status", None) if r.sub is None and r.rt.has_status else None
+            if r.sub is None and r.rt.has_status:
+                body = {k: v for k, v in body.items() if k != "status"}
         obj = self.store.patch(r.rt, r.name, body, namespace=r.namespace, patch_type=ctype, subresource=r.sub,
                                field_manager=self.query.get("fieldManager"), dry_run=self._dry_run())
         self._send_obj(200, obj)

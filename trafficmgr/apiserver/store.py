@@ -453,7 +453,9 @@ class Store:
 
     def apply(self, obj: dict, field_manager: str = "trafficmgr", namespace: str | None = None,
               force: bool = True) -> dict:
-        """Server-side apply (simplified): create when absent, else strategic-merge ``obj`` into it."""
+        """Server-side apply (simplified): create when absent, else strategic-merge ``obj`` into it and
+        drop fields this ``field_manager`` applied before but omits now. ``force`` is accepted for
+        API symmetry; conflicts between managers are never reported."""
         rt = _rt_for(None, obj)
         md = obj.get("metadata") or {}
         return self.patch(rt, md["name"], obj, namespace=namespace or md.get("namespace"),
