@@ -13,7 +13,7 @@ import pytest
 
 from trafficmgr.core import envoy as envoy_mod
 from trafficmgr.core.bootstrap import bootstrap, write_bootstrap
-from trafficmgr.testing import EnvoyNotFound, HttpBackend, find_envoy
+from trafficmgr.testing import EnvoyNotFound, EnvoyProcess, EnvoyStartError, HttpBackend, find_envoy
 
 
 def validate(envoy_binary: str, path: Path) -> subprocess.CompletedProcess[str]:
@@ -100,3 +100,12 @@ def test_http_backend_behaviours() -> None:
         assert b.hits == 6
         b.reset()
         assert b.hits == 0 and fetch(b.url)[0] == 200
+
+
+@pytest.mark.envoy
+def test_envoy_start_error_shows_log_tail(envoy_binary: str, tmp_path: Path) -> None:
+    config = bootstrap("n", "c", "127.0.0.1", 1, 0)
+    config["static_resources"]["clusters"][0]["lb_policy"] = "NO_SUCH_POLICY"
+    with pytest.raises(EnvoyStartError) as info:
+        EnvoyProcess(config, tmp_path, timeout=10).start()
+    assert "exited with status" in str(info.value) and "NO_SUCH_POLICY" in str(info.value)

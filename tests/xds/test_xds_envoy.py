@@ -229,10 +229,12 @@ def test_unknown_node_gets_config_when_known(
     one = backend_factory("one")
     port = free_port()
     xds_server.cache.set_view("sidecar", web_snapshot(port, {"svc": [ep(one, 1)]}))
-    envoy = envoy_factory("late-pod", delta=delta, wait="admin")
+    # The xDS connection comes from a chosen source address: the resolver sees it as the peer.
+    envoy = envoy_factory("late-pod", delta=delta, wait="admin", xds_source_address="127.0.0.77")
     envoy.wait_for(lambda: xds_server.status(), message="Envoy did not connect")
     time.sleep(0.5)
     assert xds_server.status()[0]["view"] is None
+    assert xds_server.status()[0]["peer"] == "127.0.0.77"
     assert envoy.dynamic("clusters") == [] and envoy.dynamic("listeners") == []
     assert json.loads(envoy.admin("/server_info"))["state"] != "LIVE"  # still waiting for CDS
 
