@@ -195,3 +195,118 @@ class SidecarPod:
             self.proc.wait(5)
         self.ns.delete()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class LocalCluster:
+    """In-process end-to-end rig for feature tests (no subprocess but Envoy):
+
+    the test API server (with its EndpointSlice controller), a real :class:`ControlPlane` watching it
+    through the official client, its xDS server on a Unix socket, and a :class:`SidecarPod` named
+    ``client.default`` whose namespace also holds every backend pod address.
+
+    ``apply(yaml)`` creates or replaces objects (pods get ``status`` with their IP and readiness
+    from the manifest, as a kubelet would); ``label(kind, name, {k: v or None})`` patches labels;
+    ``backend(name, ip, port)`` starts an :class:`HttpBackend` inside the pod network.
+    """
+
+    def __init__(self, pod_addresses: Sequence[str], plugins: Any = None, options: Any = None,
+                 delta: bool = False, client_ip: str = "10.244.0.2") -> None:
+        import argparse
+
+        from trafficmgr.apiserver import APIServer
+        from trafficmgr.core.controlplane import ControlPlane
+        from trafficmgr.core.kube.client import KubeClient, load_api_client
+        from trafficmgr.core.plugins import PluginHost
+        from trafficmgr.core.xds.server import XdsServerThread
+
+        self.client_ip = client_ip
+        self.addresses = [client_ip, *pod_addresses]
+        self.tmp = Path(tempfile.mkdtemp(prefix="tm-cluster-"))
+        os.chmod(self.tmp, 0o755)
+        self.api = APIServer().start()
+        self.store = self.api.store
+        kubeconfig = self.tmp / "kubeconfig"
+        self.api.write_kubeconfig(str(kubeconfig))
+        self.kubeconfig = kubeconfig
+        opts = options or argparse.Namespace()
+        for key, value in {"sidecar_port": 10000, "sidecar_address": "0.0.0.0"}.items():
+            if not hasattr(opts, key):
+                setattr(opts, key, value)
+        self.plugins = plugins if plugins is not None else PluginHost.load()
+        self.cp = ControlPlane(self.plugins, opts, KubeClient(load_api_client(str(kubeconfig))))
+        self.xds_socket = str(self.tmp / "xds.sock")
+        self.xds = XdsServerThread(self.cp.cache, f"unix:{self.xds_socket}", 0).start()
+        os.chmod(self.xds_socket, 0o777)
+        self.cp.xds = self.xds
+        self.cp.start_watches()
+        if not self.cp.wait_ready(15):
+            raise AssertionError(f"control plane not ready: {self.cp.ready()[1]}")
+        self.apply(f"""
+apiVersion: v1
+kind: Pod
+metadata: {{name: client, namespace: default, labels: {{app: client}}}}
+spec: {{nodeName: node-1, containers: [{{name: client, image: client}}]}}
+status: {{podIP: {client_ip}, conditions: [{{type: Ready, status: "True"}}]}}
+""")
+        self.backends: list[Any] = []
+        self.pod = SidecarPod("client.default", self.addresses, self.xds_socket, delta=delta)
+        self.pod.start()
+
+    def apply(self, manifests: str) -> None:
+        """Create or replace each object of a multi-document YAML string (status included)."""
+        import yaml
+
+        from trafficmgr.apiserver.errors import ApiError
+
+        for obj in (d for d in yaml.safe_load_all(manifests) if d):
+            meta = obj.setdefault("metadata", {})
+            meta.setdefault("namespace", "default")
+            status = obj.get("status")
+            try:
+                current = self.store.get(obj["kind"].lower() + "s", meta["name"], meta["namespace"])
+            except ApiError:
+                current = None
+            if current is None:
+                self.store.create(obj)
+            else:
+                obj["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+                self.store.update(obj)
+            if status is not None:
+                self.store.patch(obj["kind"].lower() + "s", meta["name"], {"status": status}, meta["namespace"],
+                                 patch_type="merge", subresource="status")
+
+    def label(self, kind: str, name: str, labels: dict[str, str | None], namespace: str = "default") -> None:
+        """Set (value) or remove (None) labels, like ``kubectl label``."""
+        plural = {"service": "services", "pod": "pods", "deployment": "deployments",
+                  "statefulset": "statefulsets", "daemonset": "daemonsets"}[kind.lower()]
+        self.store.patch(plural, name, {"metadata": {"labels": labels}}, namespace, patch_type="merge")
+
+    def backend(self, name: str, ip: str, port: int) -> Any:
+        """An HttpBackend listening on ``ip:port`` inside the pod network."""
+        from trafficmgr.testing.backends import HttpBackend
+
+        b = self.pod.in_ns(lambda: HttpBackend(name, host=ip, port=port).start())
+        self.backends.append(b)
+        return b
+
+    def cluster_ip(self, service: str, namespace: str = "default") -> str:
+        return self.store.get("services", service, namespace)["spec"]["clusterIP"]
+
+    def wait_config(self, predicate: Any, timeout: float = 5.0, message: str = "") -> Any:
+        """Poll until ``predicate()`` is truthy (e.g. the sidecar's config dump shows a change)."""
+        return wait_for(predicate, timeout, message=message)
+
+    def close(self) -> None:
+        for b in self.backends:
+            b.stop()
+        self.pod.stop()
+        self.cp.stop()
+        self.xds.stop(0.5)
+        self.api.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

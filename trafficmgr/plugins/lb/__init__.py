@@ -26,3 +26,47 @@ def trafficmgr_labels() -> list[LabelSpec]:
         LabelSpec(WEIGHT, L.POD_AND_WORKLOADS, L.integer(0, 128), 100,
                   "endpoint load-balancing weight; 0 removes the pod from the endpoints"),
     ]
+
+
+@hookimpl
+def trafficmgr_cluster(cluster, service, port, ctx) -> None:  # type: ignore[no-untyped-def]
+    """Set the lb policy on EDS clusters (ORIGINAL_DST and STATIC clusters keep theirs)."""
+    policy = service.labels.value(POLICY)
+    if policy is None or cluster.type != cluster.EDS:
+        return
+    cluster.lb_policy = cluster.LbPolicy.Value(policy)
+
+
+@hookimpl
+def trafficmgr_endpoints(assignment, service, port, endpoints, ctx) -> None:  # type: ignore[no-untyped-def]
+    """Weight every endpoint (default 100); weight 0 removes the endpoint."""
+    for locality in assignment.endpoints:
+        kept = []
+        for lb, ep in zip(locality.lb_endpoints, endpoints):
+            weight = ep.labels.value(WEIGHT, 100)
+            if weight > 0:
+                lb.load_balancing_weight.value = weight
+                kept.append(lb)
+        if len(kept) != len(locality.lb_endpoints):
+            copies = [type(k)() for k in kept]
+            for dst, src in zip(copies, kept):
+                dst.CopyFrom(src)
+            del locality.lb_endpoints[:]
+            locality.lb_endpoints.extend(copies)
+
+
+@hookimpl
+def trafficmgr_route(route, service, port, ctx) -> None:  # type: ignore[no-untyped-def]
+    """Cookie and header hash policies (they take effect with RING_HASH / MAGLEV)."""
+    cookie = service.labels.value(COOKIE_NAME)
+    header = service.labels.value(HEADER_NAME)
+    if not cookie and not header:
+        return
+    if header:
+        route.route.hash_policy.add().header.header_name = header
+    if cookie:
+        policy = route.route.hash_policy.add().cookie
+        policy.name = cookie
+        ttl = service.labels.value(COOKIE_TTL, 0)
+        if ttl > 0:
+            policy.ttl.FromMilliseconds(ttl)
