@@ -57,10 +57,10 @@ status: {{podIP: {ip}, conditions: [{{type: Ready, status: "True"}}]}}
 """ for name, ip in PODS.items())
 
 
-@pytest.fixture
-def cluster(envoy_binary: str) -> Iterator[LocalCluster]:
+@pytest.fixture(params=["sotw", "delta"])
+def cluster(request: pytest.FixtureRequest, envoy_binary: str) -> Iterator[LocalCluster]:
     _require_netns()
-    with LocalCluster(list(PODS.values())) as c:
+    with LocalCluster(list(PODS.values()), delta=request.param == "delta") as c:
         for name, ip in PODS.items():
             c.backend(name, ip, 9080)
         c.apply(MANIFESTS)

@@ -333,8 +333,13 @@ class XdsServer:
             return
         await self._resolve(stream)
         if stream.mode == SOTW:
+            forced: set[str] = set()
             for type_url in _ordered(stream.types):
-                await self._sotw_send(stream, stream.types[type_url], force=False)
+                sent = await self._sotw_send(stream, stream.types[type_url], force=type_url in forced)
+                if sent and type_url in _DEPENDENT:
+                    # A replaced cluster (listener) warms until it gets its endpoints (routes) again,
+                    # and Envoy does not always ask: resend them right after, even if unchanged.
+                    forced.add(_DEPENDENT[type_url])
         else:
             await self._delta_push(stream, [stream.types[t] for t in _ordered(stream.types)])
 
@@ -401,21 +406,23 @@ class XdsServer:
                 self._acked(st, st.sent_at)
         await self._sotw_send(stream, st, force=names_changed)
 
-    async def _sotw_send(self, stream: _Stream, st: _TypeState, force: bool) -> None:
+    async def _sotw_send(self, stream: _Stream, st: _TypeState, force: bool) -> bool:
+        """Send the current version of ``st``'s type if it is new (or ``force``); True if sent."""
         snap = self._snapshot(stream)
         if snap is None:
-            return
+            return False
         ts = snap.types.get(st.type_url)
         if ts is None:
-            return  # a type this control plane does not serve
+            return False  # a type this control plane does not serve
         if not force and (ts.version == st.sent_version or ts.version == st.nacked_version):
-            return
+            return False
         nonce = self._nonce()
         st.sent_version = ts.version
         st.sent_nonce = nonce
         st.sent_at = time.monotonic()
         st.sent_typeset = ts
         await self._write(stream, st, ts.sotw_body(st.names) + wire.field_str(5, nonce))
+        return True
 
     # -- delta -----------------------------------------------------------------------------------
 
@@ -481,7 +488,8 @@ class XdsServer:
         if snap is None:
             return
         plans: list[tuple[_TypeState, TypeSet, list[Resource], list[str]]] = []
-        for st in states:
+        pending = list(states)
+        for st in pending:
             ts = snap.types.get(st.type_url)
             if ts is None:
                 continue
@@ -490,6 +498,16 @@ class XdsServer:
             updates, removed = _delta_diff(st, ts)
             st.synced_version = ts.version
             plans.append((st, ts, updates, removed))
+            dependent = stream.types.get(_DEPENDENT.get(st.type_url, ""))
+            if updates and dependent is not None:
+                # A replaced cluster (listener) warms until it gets its endpoints (routes) again:
+                # resend the ones it references even if the client has them.
+                for r in updates:
+                    for ref_type, ref_name in r.refs:
+                        if ref_type == dependent.type_url and dependent.known.pop(ref_name, None) is not None:
+                            dependent.synced_version = None
+                if dependent.synced_version is None and dependent not in pending:
+                    pending.append(dependent)
             if (
                 st.last_nack is not None
                 and not st.rejected
@@ -536,6 +554,10 @@ class XdsServer:
             ]
         )
         await self._write(stream, st, data)
+
+
+#: When a resource of the key type is (re)sent, the resources it references of the value type follow.
+_DEPENDENT = {cache_mod.CLUSTER: cache_mod.ENDPOINT, cache_mod.LISTENER: cache_mod.ROUTE}
 
 
 def _ordered(types: Iterable[str]) -> list[str]:
