@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+from envoy.config.core.v3 import base_pb2
+
 from trafficmgr import hookimpl
 from trafficmgr.core import labels as L
 from trafficmgr.core.labels import LabelSpec
+
+if TYPE_CHECKING:
+    from envoy.config.cluster.v3.cluster_pb2 import Cluster
+    from envoy.config.route.v3.route_components_pb2 import Route
+
+    from trafficmgr.core.build.context import BuildContext
+    from trafficmgr.core.model import Service, ServicePort
 
 RETRIES_MAX = "traffic.retries.max"
 CONNECTION_MAX = "traffic.connection.max"
@@ -35,3 +46,74 @@ def trafficmgr_labels() -> list[LabelSpec]:
         LabelSpec(OUTLIER_5XX, SVC, L.integer(0), 0,
                   "eject an endpoint after this many consecutive 5xx (outlier detection)"),
     ]
+
+
+# Protobuf limits: counts are UInt32Value and Envoy keeps durations as int64 milliseconds. Larger label
+# values mean "practically unlimited", so they are clamped instead of failing to serialize.
+UINT32_MAX = 2**32 - 1
+MAX_DURATION_MS = 10 * 365 * 24 * 3600 * 1000  # ten years
+
+# Outlier detection. Ejection on consecutive 5xx happens as soon as the threshold is reached (Envoy does
+# not wait for ``interval``); ``interval`` only bounds how late an ejected endpoint comes back (it is
+# checked on each sweep). A short base ejection lets a recovered pod rejoin quickly (Envoy multiplies it
+# by the number of times the host was ejected, up to 300 s). At most half a service is ever ejected, so
+# a failure shared by every pod (say, a broken dependency) cannot eject everything; Envoy still ejects
+# one host when that is more than the percentage (a 1-pod service). Success-rate ejection stays off.
+OUTLIER_INTERVAL_MS = 1000
+OUTLIER_BASE_EJECTION_MS = 10000
+OUTLIER_MAX_EJECTION_PERCENT = 50
+
+# Retry conditions (Envoy's ``retry_on`` names) in the order they appear in ``retry_on``.
+RETRY_CONDITIONS = ((RETRIES_5XX, "5xx"), (RETRIES_CONNECT, "connect-failure"), (RETRIES_GATEWAY, "gateway-error"))
+
+
+def _ms(duration: Any, ms: int) -> None:
+    duration.FromMilliseconds(min(ms, MAX_DURATION_MS))
+
+
+@hookimpl
+def trafficmgr_cluster(cluster: Cluster, service: Service, port: ServicePort, ctx: BuildContext) -> None:
+    """Circuit-breaker thresholds (only those > 0), connect timeout and outlier detection.
+
+    The cluster is shared by sidecars and gateways, so these apply to both.
+    """
+    labels = service.labels
+    thresholds = {
+        "max_retries": labels.value(RETRIES_MAX, 0),
+        "max_connections": labels.value(CONNECTION_MAX, 0),
+        "max_pending_requests": labels.value(PENDING_MAX, 0),
+        "max_requests": labels.value(REQUEST_MAX, 0),
+    }
+    if any(v > 0 for v in thresholds.values()):
+        t = cluster.circuit_breakers.thresholds.add(priority=base_pb2.DEFAULT)
+        for field, value in thresholds.items():
+            if value > 0:
+                getattr(t, field).value = min(value, UINT32_MAX)
+    timeout = labels.value(CONNECT_TIMEOUT)
+    if timeout is not None:
+        _ms(cluster.connect_timeout, timeout)
+    consecutive = labels.value(OUTLIER_5XX, 0)
+    if consecutive > 0:
+        od = cluster.outlier_detection
+        od.consecutive_5xx.value = min(consecutive, UINT32_MAX)
+        _ms(od.interval, OUTLIER_INTERVAL_MS)
+        _ms(od.base_ejection_time, OUTLIER_BASE_EJECTION_MS)
+        od.max_ejection_percent.value = OUTLIER_MAX_EJECTION_PERCENT
+
+
+@hookimpl
+def trafficmgr_route(route: Route, service: Service, port: ServicePort, ctx: BuildContext) -> None:
+    """Request timeout and retry policy, for sidecar and gateway routes alike.
+
+    ``retry_on`` lists every condition whose label is > 0; ``num_retries`` is the largest of them.
+    """
+    labels = service.labels
+    timeout = labels.value(REQUEST_TIMEOUT, 0)
+    if timeout > 0:
+        _ms(route.route.timeout, timeout)
+    retries = [(cond, labels.value(key, 0)) for key, cond in RETRY_CONDITIONS]
+    retries = [(cond, n) for cond, n in retries if n > 0]
+    if retries:
+        policy = route.route.retry_policy
+        policy.retry_on = ",".join(cond for cond, _ in retries)
+        policy.num_retries.value = min(max(n for _, n in retries), UINT32_MAX)

@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from envoy.extensions.filters.http.fault.v3 import fault_pb2
+from envoy.type.v3 import percent_pb2
+
 from trafficmgr import hookimpl
 from trafficmgr.core import labels as L
+from trafficmgr.core.build.context import ORDER_FAULT, HttpFilter
+from trafficmgr.core.build.resources import pack
 from trafficmgr.core.labels import LabelSpec
+from trafficmgr.core.model import SIDECAR
+
+if TYPE_CHECKING:
+    from envoy.config.route.v3.route_components_pb2 import VirtualHost
+
+    from trafficmgr.core.build.context import BuildContext
+    from trafficmgr.core.model import Labels, Service, ServicePort
 
 DELAY_TIME = "traffic.fault.delay.time"
 DELAY_PERCENT = "traffic.fault.delay.percentage"
@@ -21,3 +35,57 @@ def trafficmgr_labels() -> list[LabelSpec]:
         LabelSpec(ABORT_STATUS, ON, L.integer(200, 599), 0, "abort status (503 when only the percentage is set)"),
         LabelSpec(ABORT_PERCENT, ON, L.number(0, 100), 0.0, "share of requests aborted"),
     ]
+
+
+#: The HCM filter name; also the ``typed_per_filter_config`` key (Envoy ignores any other key silently).
+FILTER_NAME = "envoy.filters.http.fault"
+DEFAULT_ABORT_STATUS = 503
+MAX_DELAY_MS = 10 * 365 * 24 * 3600 * 1000  # ten years: larger values only risk overflow
+
+
+def _per_million(percent: float) -> int:
+    """``percent`` in parts per million (0.0001 % resolution; smaller shares round to 0: no fault)."""
+    return round(percent * 10000)
+
+
+def _percent(per_million: int) -> percent_pb2.FractionalPercent:
+    return percent_pb2.FractionalPercent(numerator=per_million, denominator=percent_pb2.FractionalPercent.MILLION)
+
+
+def fault_config(labels: Labels) -> fault_pb2.HTTPFault | None:
+    """The fault filter config for ``labels``, or None when they inject nothing.
+
+    A delay needs a time and a percentage > 0; an abort needs a percentage > 0 (status 503 unless
+    ``traffic.fault.abort.status`` is set). A status or a time alone does nothing.
+    """
+    fault = fault_pb2.HTTPFault()
+    delay_ms = labels.value(DELAY_TIME, 0)
+    delay_ppm = _per_million(labels.value(DELAY_PERCENT, 0.0))
+    if delay_ms > 0 and delay_ppm > 0:
+        fault.delay.fixed_delay.FromMilliseconds(min(delay_ms, MAX_DELAY_MS))
+        fault.delay.percentage.CopyFrom(_percent(delay_ppm))
+    abort_ppm = _per_million(labels.value(ABORT_PERCENT, 0.0))
+    if abort_ppm > 0:
+        fault.abort.http_status = labels.value(ABORT_STATUS, 0) or DEFAULT_ABORT_STATUS
+        fault.abort.percentage.CopyFrom(_percent(abort_ppm))
+    if not fault.HasField("delay") and not fault.HasField("abort"):
+        return None
+    return fault
+
+
+@hookimpl
+def trafficmgr_http_filters(ctx: BuildContext) -> list[HttpFilter]:
+    """A no-op fault filter in sidecar connection managers only (the ingress gateway ignores faults)."""
+    if ctx.role != SIDECAR:
+        return []
+    return [HttpFilter(FILTER_NAME, ORDER_FAULT, fault_pb2.HTTPFault())]
+
+
+@hookimpl
+def trafficmgr_virtual_host(vhost: VirtualHost, service: Service, port: ServicePort, ctx: BuildContext) -> None:
+    """Configure the fault filter for traffic to ``service`` (sidecar virtual hosts only)."""
+    if ctx.role != SIDECAR:
+        return
+    config = fault_config(service.labels)
+    if config is not None:
+        vhost.typed_per_filter_config[FILTER_NAME].CopyFrom(pack(config))
