@@ -2,17 +2,20 @@
 
 Cases are ``tests/golden/plugins/<feature>_<scenario>.in.yaml``; the expected output (``.out.yaml``) is
 the sidecar view, the gateway view when it has listeners, and the Warning Events. Regenerate with
-``pytest --update-golden`` and review the diff.
+``pytest --update-golden`` and review the diff. An optional ``<case>.options.yaml`` (a mapping) sets
+control-plane options for that case (for example ``zipkin_address``), over the builder's defaults.
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
 import yaml
 
 from trafficmgr.core import cache
+from trafficmgr.core.build.builder import default_options
 from trafficmgr.core.plugins import PluginHost, available
 from trafficmgr.testing.golden import build_from_manifests, check_golden, load_manifests, render
 
@@ -24,9 +27,19 @@ def builtin_plugins() -> PluginHost:
     return PluginHost.load(sorted(n for n, ep in available().items() if ep.value.startswith("trafficmgr.plugins.")))
 
 
+def case_options(case: str) -> argparse.Namespace:
+    """The builder's default options, plus ``<case>.options.yaml`` when present."""
+    options = default_options()
+    extra = HERE / f"{case}.options.yaml"
+    if extra.exists():
+        for key, value in (yaml.safe_load(extra.read_text()) or {}).items():
+            setattr(options, key, value)
+    return options
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_plugins_golden(case: str, update_golden: bool) -> None:
-    snaps, warnings = build_from_manifests(load_manifests(HERE / f"{case}.in.yaml"), builtin_plugins())
+    snaps, warnings = build_from_manifests(load_manifests(HERE / f"{case}.in.yaml"), builtin_plugins(), case_options(case))
     for view, snap in snaps.items():
         assert snap.errors() == [], f"{view} view inconsistent"
     views = ["sidecar"]

@@ -123,7 +123,8 @@ class SidecarPod:
     """
 
     def __init__(self, node_id: str, addresses: Sequence[str], xds_socket: str, workdir: Path | None = None,
-                 delta: bool = False, admin_port: int = 8900) -> None:
+                 delta: bool = False, admin_port: int = 8900, customize: Any = None) -> None:
+        """``customize(config)`` may change the bootstrap dict (e.g. the plugins' ``trafficmgr_bootstrap``)."""
         self.node_id = node_id
         self.ns = NetNS("tmpod")
         self.ns.add_pod_network(addresses)
@@ -134,6 +135,8 @@ class SidecarPod:
         self.workdir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.workdir, 0o777)
         config = bootstrap(node_id, "sidecar", f"unix:{xds_socket}", 0, admin_port=admin_port, delta=delta)
+        if customize is not None:
+            customize(config)
         self.config_path = self.workdir / "envoy.json"
         self.config_path.write_text(json.dumps(config))
         os.chmod(self.config_path, 0o644)
@@ -249,7 +252,9 @@ spec: {{nodeName: node-1, containers: [{{name: client, image: client}}]}}
 status: {{podIP: {client_ip}, conditions: [{{type: Ready, status: "True"}}]}}
 """)
         self.backends: list[Any] = []
-        self.pod = SidecarPod("client.default", self.addresses, self.xds_socket, delta=delta)
+        self.options = opts
+        self.pod = SidecarPod("client.default", self.addresses, self.xds_socket, delta=delta, customize=lambda cfg: self.plugins.call_all(
+            "trafficmgr_bootstrap", bootstrap=cfg, role="sidecar", options=opts))
         self.pod.start()
 
     def apply(self, manifests: str) -> None:

@@ -1,10 +1,41 @@
-"""Zipkin tracing on sidecar and gateway HTTP connection managers."""
+"""Zipkin tracing on sidecar and gateway HTTP connection managers.
+
+Needs ``trafficmgr serve --zipkin-address host:port`` (without it the labels do nothing and one log line
+says so). The collector becomes cluster ``zipkin`` in every view. A connection manager that serves one
+service port (sidecar outbound chains) traces only when that service has ``traffic.tracing.enabled``;
+a shared one (the gateway's) has tracing on with 0 % sampling, and the routes of traced services carry
+their own sampling. Applications must propagate the B3 headers (``x-b3-*``, ``x-request-id``) from
+incoming to outgoing requests for spans to join one trace, as with Istio.
+"""
 
 from __future__ import annotations
 
+import argparse
+import ipaddress
+import logging
+from typing import TYPE_CHECKING, Any
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.trace.v3 import zipkin_pb2
+from envoy.type.v3 import percent_pb2
+
 from trafficmgr import hookimpl
 from trafficmgr.core import labels as L
+from trafficmgr.core.build.resources import duration_ms, pack, socket_address
 from trafficmgr.core.labels import LabelSpec
+from trafficmgr.core.model import SIDECAR
+
+if TYPE_CHECKING:
+    from envoy.config.route.v3.route_components_pb2 import Route
+    from envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2 import (
+        HttpConnectionManager,
+    )
+
+    from trafficmgr.core.build.context import BuildContext
+    from trafficmgr.core.cache import Resource
+    from trafficmgr.core.model import Service, ServicePort
+
+log = logging.getLogger(__name__)
 
 ENABLED = "traffic.tracing.enabled"
 SAMPLING = "traffic.tracing.sampling"
@@ -18,3 +49,169 @@ def trafficmgr_labels() -> list[LabelSpec]:
                   "trace requests to or from Envoy-enabled pods of this service (Zipkin)"),
         LabelSpec(SAMPLING, ON, L.number(0, 100), 100.0, "sampling percentage"),
     ]
+
+
+COLLECTOR_CLUSTER = "zipkin"
+COLLECTOR_ENDPOINT = "/api/v2/spans"
+TRACER = "envoy.tracers.zipkin"
+#: Envoy's own defaults for the Zipkin span buffer (runtime keys below): flush every 5 spans or 5 s.
+DEFAULT_FLUSH_SPANS = 5
+DEFAULT_FLUSH_INTERVAL_MS = 5000
+RUNTIME_FLUSH_SPANS = "tracing.zipkin.min_flush_spans"
+RUNTIME_FLUSH_INTERVAL = "tracing.zipkin.flush_interval_ms"
+
+_warned_no_collector = False
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port); ValueError when malformed."""
+    host, sep, port_text = text.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536 or any(c in host for c in "/ "):
+        raise ValueError(f"{text!r} is not host:port (for example zipkin.tracing:9411)")
+    return host, int(port_text)
+
+
+def _address_arg(text: str) -> str:
+    try:
+        parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return int(text)
+
+
+@hookimpl
+def trafficmgr_add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("tracing plugin")
+    group.add_argument("--zipkin-address", type=_address_arg, metavar="HOST:PORT",
+                       help="Zipkin collector (API v2) that Envoys send spans to; without it tracing labels do nothing")
+    group.add_argument("--zipkin-flush-spans", type=_positive, default=DEFAULT_FLUSH_SPANS, metavar="N",
+                       help=f"Envoy sends buffered spans every N spans (bootstrap runtime; default {DEFAULT_FLUSH_SPANS})")
+    group.add_argument("--zipkin-flush-interval", type=_positive, default=DEFAULT_FLUSH_INTERVAL_MS, metavar="MS",
+                       help=f"... or every MS milliseconds (bootstrap runtime; default {DEFAULT_FLUSH_INTERVAL_MS})")
+
+
+def collector(options: argparse.Namespace) -> tuple[str, int] | None:
+    """The configured collector address, or None (no option, or a malformed one: logged)."""
+    text = getattr(options, "zipkin_address", None)
+    if not text:
+        return None
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        log.error("tracing disabled: --zipkin-address %s", exc)
+        return None
+
+
+def traced(service: Service) -> bool:
+    return bool(service.labels.value(ENABLED, False))
+
+
+def _sampling(service: Service) -> float:
+    return float(service.labels.value(SAMPLING, 100.0))
+
+
+def _warn_no_collector() -> None:
+    global _warned_no_collector
+    if not _warned_no_collector:
+        _warned_no_collector = True
+        log.warning("services are labeled %s=true but trafficmgr serve has no --zipkin-address: tracing is off", ENABLED)
+
+
+def collector_cluster(host: str, port: int) -> cluster_pb2.Cluster:
+    """STATIC for an IP address, STRICT_DNS for a name."""
+    c = cluster_pb2.Cluster(name=COLLECTOR_CLUSTER, connect_timeout=duration_ms(1000))
+    try:
+        ipaddress.ip_address(host)
+        c.type = cluster_pb2.Cluster.STATIC
+    except ValueError:
+        c.type = cluster_pb2.Cluster.STRICT_DNS
+        c.dns_lookup_family = cluster_pb2.Cluster.V4_PREFERRED
+    c.load_assignment.cluster_name = COLLECTOR_CLUSTER
+    lb = c.load_assignment.endpoints.add().lb_endpoints.add()
+    lb.endpoint.address.CopyFrom(socket_address(host, port))
+    return c
+
+
+@hookimpl
+def trafficmgr_resources(ctx: BuildContext) -> list[Resource]:
+    """The collector cluster, in every view, when ``--zipkin-address`` is set."""
+    address = collector(ctx.options)
+    if address is None:
+        return []
+    memo = ctx.memo.get("tracing.collector")
+    if memo is None or memo[0] != address:
+        memo = (address, ctx.resource(collector_cluster(*address), COLLECTOR_CLUSTER))
+        ctx.memo["tracing.collector"] = memo
+    return [memo[1]]
+
+
+def _provider(hcm: HttpConnectionManager) -> None:
+    zipkin = zipkin_pb2.ZipkinConfig(
+        collector_cluster=COLLECTOR_CLUSTER,
+        collector_endpoint=COLLECTOR_ENDPOINT,
+        collector_endpoint_version=zipkin_pb2.ZipkinConfig.HTTP_JSON,
+    )
+    hcm.tracing.provider.name = TRACER
+    hcm.tracing.provider.typed_config.CopyFrom(pack(zipkin))
+
+
+@hookimpl
+def trafficmgr_http_connection_manager(hcm: HttpConnectionManager, ctx: BuildContext) -> None:
+    """Zipkin tracing: for one traced service (``ctx.service``) at its sampling; for a shared connection
+    manager (any role) on with 0 % sampling, so that only routes of traced services are sampled."""
+    service = ctx.service
+    if service is not None and not traced(service):
+        return
+    if collector(ctx.options) is None:
+        if service is not None:
+            _warn_no_collector()
+        return
+    _provider(hcm)
+    if service is not None:
+        hcm.tracing.random_sampling.value = _sampling(service)
+    else:
+        hcm.tracing.random_sampling.value = 0.0
+        hcm.tracing.client_sampling.value = 0.0
+
+
+@hookimpl
+def trafficmgr_route(route: Route, service: Service, port: ServicePort, ctx: BuildContext) -> None:
+    """Routes to a traced service carry its sampling (it overrides a shared connection manager's 0 %)."""
+    if not traced(service) or collector(ctx.options) is None:
+        return
+    sampling = route.tracing.random_sampling
+    sampling.numerator = round(_sampling(service) * 10000)
+    sampling.denominator = percent_pb2.FractionalPercent.MILLION
+
+
+@hookimpl
+def trafficmgr_bootstrap(bootstrap: dict[str, Any], role: str, options: argparse.Namespace) -> None:
+    """Span buffer flushing (static runtime: Envoy reads it at startup) and, for sidecars whose node
+    cluster is generic, the node id as the Zipkin service name (Envoy reports its node cluster)."""
+    changed: dict[str, int] = {}
+    for key, option, default in ((RUNTIME_FLUSH_SPANS, "zipkin_flush_spans", DEFAULT_FLUSH_SPANS),
+                                 (RUNTIME_FLUSH_INTERVAL, "zipkin_flush_interval", DEFAULT_FLUSH_INTERVAL_MS)):
+        value = int(getattr(options, option, default))
+        if value != default:
+            changed[key] = value
+    if changed:
+        for layer in bootstrap.setdefault("layered_runtime", {}).setdefault("layers", []):
+            if "static_layer" in layer:
+                layer["static_layer"].update(changed)
+                break
+        else:
+            bootstrap["layered_runtime"]["layers"].insert(0, {"name": "static", "static_layer": changed})
+    node = bootstrap.get("node") or {}
+    if role == SIDECAR and node.get("id") and node.get("cluster") in (None, "", SIDECAR) and collector(options):
+        node["cluster"] = node["id"]
+
+
+__all__ = ["COLLECTOR_CLUSTER", "ENABLED", "SAMPLING", "collector", "collector_cluster", "parse_address", "traced"]
