@@ -141,11 +141,17 @@ class Snapshot:
         self.version = "-".join(self.types[t].version[:6] for t in TYPE_ORDER)
 
     @classmethod
-    def build(cls, resources: Mapping[str, Iterable[Resource]], previous: Snapshot | None = None) -> Snapshot:
-        """Make a snapshot, reusing ``previous``'s TypeSets (and their cached bodies) where unchanged."""
+    def build(cls, resources: Mapping[str, Iterable[Resource] | TypeSet], previous: Snapshot | None = None) -> Snapshot:
+        """Make a snapshot, reusing ``previous``'s TypeSets (and their cached bodies) where unchanged.
+
+        A value may be a ready :class:`TypeSet` (shared by several views as is)."""
         types: dict[str, TypeSet] = {}
         for type_url in TYPE_ORDER:
-            by_name = {r.name: r for r in resources.get(type_url, ())}
+            given = resources.get(type_url, ())
+            if isinstance(given, TypeSet):  # already built (and shared between views)
+                types[type_url] = given
+                continue
+            by_name = {r.name: r for r in given}
             old = previous.types.get(type_url) if previous else None
             types[type_url] = old if old is not None and old.same_as(by_name) else TypeSet(type_url, by_name.values())
         return cls(types)

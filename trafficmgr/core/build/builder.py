@@ -103,6 +103,9 @@ class Builder:
         self._memos: dict[str, dict[str, Any]] = {SIDECAR: {}, GATEWAY: {}}
         self._filters: dict[str, tuple[bytes, list[hcm_pb2.HttpFilter]]] = {}
         self._previous: dict[str, cache.Snapshot] = {}
+        self._services: dict[tuple[str, str], _ServiceOut] = {}
+        self._shared: dict[str, cache.TypeSet] | None = None
+        self._listener_inputs: tuple[Any, ...] | None = None
 
     # -- public -------------------------------------------------------------------------------
 
@@ -112,35 +115,41 @@ class Builder:
         self.stats = BuildStats()
         services = self._effective_services(model)
         self._cluster_ctx = self._context(SIDECAR, model)
-        clusters: list[cache.Resource] = []
-        assignments: list[cache.Resource] = []
-        live_clusters: set[str] = set()
+        outputs: list[_ServiceOut] = []
+        changed = False
+        live: dict[tuple[str, str], _ServiceOut] = {}
+        get_eps, previous = model.endpoints.get, self._services
         for svc in services:
-            for port in svc.ports:
-                if port.protocol not in (HTTP, TCP, DIRECT):
-                    continue
-                name = svc.cluster_name(port)
-                live_clusters.add(name)
-                clusters.append(self._cluster(svc, port, name))
-                if self._is_eds(svc, port):
-                    assignments.append(self._assignment(model, svc, port, name))
-        for memo in (self._clusters, self._assignments):
-            for stale in memo.keys() - live_clusters:
-                del memo[stale]
+            key = (svc.namespace, svc.name)
+            out = previous.get(key)
+            if out is None or out.svc is not svc or not all(
+                get_eps((key[0], key[1], p.name)) is e for p, e in zip(svc.ports, out.eps)
+            ):
+                eps = tuple(get_eps((key[0], key[1], p.name)) for p in svc.ports)
+                out = self._service_out(model, svc, eps, out)
+                changed = True
+            live[key] = out
+            outputs.append(out)
+        if live.keys() != self._services.keys():
+            changed = True
+        self._services = live
+        shared = self._shared_types(outputs, changed)
         snapshots: dict[str, cache.Snapshot] = {}
         for role in (SIDECAR, GATEWAY):
             ctx = self._context(role, model)
-            resources: dict[str, list[cache.Resource]] = {t: [] for t in cache.TYPE_ORDER}
-            resources[cache.CLUSTER].extend(clusters)
-            resources[cache.ENDPOINT].extend(assignments)
+            resources: dict[str, Any] = {t: [] for t in cache.TYPE_ORDER}
+            resources.update(shared)
             if role == SIDECAR:
-                listener, routes = self._sidecar_listener(ctx, services)
+                listener, routes = self._sidecar_listener(ctx, outputs)
                 resources[cache.LISTENER].append(listener)
                 resources[cache.ROUTE].extend(routes)
             for res in self.plugins.collect("trafficmgr_resources", what=f"{role} resources", ctx=ctx):
                 if res.type_url == cache.SECRET and role != GATEWAY:
                     log.error("a plugin contributed secret %r to the %s view: dropped (secrets go to gateways only)", res.name, role)
                     continue
+                if res.type_url in shared:
+                    if not isinstance(resources[res.type_url], list):
+                        resources[res.type_url] = list(resources[res.type_url].resources.values())
                 resources[res.type_url].append(res)
             snapshots[role] = cache.Snapshot.build(resources, self._previous.get(role))
         self._previous = snapshots
@@ -148,6 +157,42 @@ class Builder:
         self.stats.resources = sum(s.resource_count() for s in snapshots.values())
         metrics.BUILD_DURATION.observe(self.stats.seconds)
         return snapshots
+
+    def _service_out(self, model: Model, svc: Service, eps: tuple[Any, ...], old: _ServiceOut | None) -> _ServiceOut:
+        """Clusters and assignments of one service (reusing per-port memos where inputs are unchanged)."""
+        out = _ServiceOut(svc, eps)
+        if old is not None and old.svc is svc and not svc.headless:
+            out.sidecar, out.filters = old.sidecar, old.filters  # they depend on endpoints only when headless
+        for port in svc.ports:
+            if port.protocol not in (HTTP, TCP, DIRECT):
+                continue
+            name = svc.cluster_name(port)
+            out.names.append(name)
+            out.clusters.append(self._cluster(svc, port, name))
+            if self._is_eds(svc, port):
+                out.assignments.append(self._assignment(model, svc, port, name))
+        if old is not None:
+            for stale in set(old.names) - set(out.names):
+                self._clusters.pop(stale, None)
+                self._assignments.pop(stale, None)
+        return out
+
+    def _shared_types(self, outputs: list[_ServiceOut], changed: bool) -> dict[str, cache.TypeSet]:
+        """Cluster and endpoint TypeSets, shared by every view and rebuilt only when a service changed."""
+        if changed or self._shared is None:
+            live = {n for o in outputs for n in o.names}
+            for memo in (self._clusters, self._assignments):
+                for stale in memo.keys() - live:
+                    del memo[stale]
+            prev = self._shared or {}
+            shared = {}
+            for type_url, items in ((cache.CLUSTER, [r for o in outputs for r in o.clusters]),
+                                    (cache.ENDPOINT, [r for o in outputs for r in o.assignments])):
+                old = prev.get(type_url)
+                by_name = {r.name: r for r in items}
+                shared[type_url] = old if old is not None and old.same_as(by_name) else cache.TypeSet(type_url, items)
+            self._shared = shared
+        return self._shared
 
     # -- resources ----------------------------------------------------------------------------
 
@@ -165,10 +210,18 @@ class Builder:
         return res
 
     def _context(self, role: str, model: Model) -> BuildContext:
-        return BuildContext(role, model, self.options, self.resource, self._route_hooks, self.reporter, self._memos[role])
+        return BuildContext(role, model, self.options, self.resource, self._route_hooks, self.reporter, self._memos[role],
+                            hcm_factory=self._plugin_hcm, listener_hooks=self._listener_hooks)
 
     def _route_hooks(self, route: Message, service: Service, port: ServicePort, ctx: BuildContext) -> None:
         self.plugins.mutate("trafficmgr_route", route, what=service.cluster_name(port), service=service, port=port, ctx=ctx)
+
+    def _plugin_hcm(self, ctx: BuildContext, stat_prefix: str, rds: str) -> hcm_pb2.HttpConnectionManager:
+        """``ctx.http_connection_manager``: an HCM with the role's filters, for listeners plugins build."""
+        return self._hcm(ctx, stat_prefix, self._http_filters(ctx), rds)
+
+    def _listener_hooks(self, listener: Message, ctx: BuildContext) -> None:
+        self.plugins.mutate("trafficmgr_listener", listener, what=ctx.listener_name or listener.name, ctx=ctx)
 
     # -- model preparation --------------------------------------------------------------------
 
@@ -336,33 +389,35 @@ class Builder:
         self._chains[key] = (inputs, chain)
         return chain
 
-    def _sidecar_listener(self, ctx: BuildContext, services: list[Service]) -> tuple[cache.Resource, list[cache.Resource]]:
+    def _sidecar_listener(self, ctx: BuildContext, outputs: list[_ServiceOut]) -> tuple[cache.Resource, list[cache.Resource]]:
         ctx.service = ctx.port = None
         filters = self._http_filters(ctx)
+        for out in outputs:
+            if out.sidecar is None or out.filters is not filters:
+                out.sidecar = self._sidecar_parts(ctx, out, filters)
+                out.filters = filters
+        inputs = tuple(id(out.sidecar) for out in outputs)
+        memo = self._listener_inputs
+        if memo is not None and memo[0] == inputs and memo[1] is filters:
+            return memo[2], memo[3]
         chains: list[listener_components_pb2.FilterChain] = []
         vhosts_by_port: dict[int, list[route_components_pb2.VirtualHost]] = {}
         tcp_ports: set[int] = set()
         used_chains: set[tuple[str, str, str]] = set()
         used_vhosts: set[tuple[str, str, str, str]] = set()
         seen_match: dict[tuple[str, int], str] = {}
-        for svc in services:
-            for port in svc.ports:
-                if port.protocol not in (HTTP, TCP, DIRECT):
-                    continue
-                if svc.headless:
-                    ips = tuple(sorted({e.address for e in ctx.model.endpoints_of(svc, port)}))
-                elif svc.cluster_ip:
-                    ips = (svc.cluster_ip,)
-                else:
-                    ips = ()
-                ips = tuple(ip for ip in ips if _claim(seen_match, ip, port.port, svc.cluster_name(port), self.reporter, svc))
+        for out in outputs:
+            for port, ips, chain, vhost, key in out.sidecar or ():
+                ips = tuple(ip for ip in ips if _claim(seen_match, ip, port.port, chain.name, self.reporter, out.svc))
                 if not ips:
                     continue
-                chains.append(self._chain(ctx, svc, port, ips, filters))
-                used_chains.add((svc.namespace, svc.name, port.name or str(port.port)))
-                if port.protocol == HTTP:
-                    vhosts_by_port.setdefault(port.port, []).append(self._vhost(ctx, svc, port))
-                    used_vhosts.add((ctx.role, svc.namespace, svc.name, port.name or str(port.port)))
+                if len(ips) != len(chain.filter_chain_match.prefix_ranges):
+                    chain = self._chain(ctx, out.svc, port, ips, filters)
+                chains.append(chain)
+                used_chains.add(key)
+                if vhost is not None:
+                    vhosts_by_port.setdefault(port.port, []).append(vhost)
+                    used_vhosts.add((ctx.role, *key))
                 else:
                     tcp_ports.add(port.port)
         for stale in self._chains.keys() - used_chains:
@@ -377,6 +432,7 @@ class Builder:
         ids = tuple(id(c) for c in chains) + tuple(sorted(tcp_ports))
         memo = self._listeners.get(OUTBOUND_LISTENER)
         if memo is not None and memo[0] == ids:
+            self._listener_inputs = (inputs, filters, memo[1], routes)
             return memo[1], routes
         lst = listener_pb2.Listener(name=OUTBOUND_LISTENER, stat_prefix=OUTBOUND_LISTENER)
         lst.address.CopyFrom(socket_address(self.options.sidecar_address, int(self.options.sidecar_port)))
@@ -402,7 +458,29 @@ class Builder:
         refs = [(cache.ROUTE, r.name) for r in routes]
         res = self.resource(lst, OUTBOUND_LISTENER, refs)
         self._listeners[OUTBOUND_LISTENER] = (ids, res)
+        self._listener_inputs = (inputs, filters, res, routes)
         return res, routes
+
+    def _sidecar_parts(self, ctx: BuildContext, out: _ServiceOut, filters: list[hcm_pb2.HttpFilter]) -> list[tuple[Any, ...]]:
+        """(port, destination IPs, filter chain, virtual host or None, key) for each enabled port."""
+        svc = out.svc
+        parts: list[tuple[Any, ...]] = []
+        for port in svc.ports:
+            if port.protocol not in (HTTP, TCP, DIRECT):
+                continue
+            if svc.headless:
+                ips = tuple(sorted({e.address for e in ctx.model.endpoints_of(svc, port)}))
+            elif svc.cluster_ip:
+                ips = (svc.cluster_ip,)
+            else:
+                ips = ()
+            if not ips:
+                continue
+            key = (svc.namespace, svc.name, port.name or str(port.port))
+            chain = self._chain(ctx, svc, port, ips, filters)
+            vhost = self._vhost(ctx, svc, port) if port.protocol == HTTP else None
+            parts.append((port, ips, chain, vhost, key))
+        return parts
 
     def _blocked_chain(self, ctx: BuildContext, filters: list[hcm_pb2.HttpFilter]) -> listener_components_pb2.FilterChain:
         memo = self._chains.get(("", "", "blocked"))
@@ -421,6 +499,19 @@ class Builder:
         chain.filters.add(name="envoy.filters.network.http_connection_manager", typed_config=pack(hcm))
         self._chains[("", "", "blocked")] = (id(filters), chain)
         return chain
+
+
+@attrs.define(eq=False)
+class _ServiceOut:
+    """Everything built for one service, reused while the service and its endpoints are unchanged."""
+
+    svc: Service
+    eps: tuple[Any, ...]
+    names: list[str] = attrs.field(factory=list)
+    clusters: list[cache.Resource] = attrs.field(factory=list)
+    assignments: list[cache.Resource] = attrs.field(factory=list)
+    sidecar: list[tuple[Any, ...]] | None = None
+    filters: Any = None
 
 
 def _host_prefix_len(ip: str) -> int:
