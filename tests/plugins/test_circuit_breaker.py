@@ -1,0 +1,330 @@
+"""circuit_breaker plugin: thresholds, retries, timeouts, connect timeout and outlier detection, proven
+through a real sidecar Envoy (LocalCluster: in-memory API server, real control plane, iptables redirect)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from tests.e2e.test_kube_sidecar import _require_netns
+from trafficmgr.core.kube.events import INVALID_LABEL
+from trafficmgr.testing.cluster import LocalCluster
+
+PODS = {"reviews-1": "10.244.0.11", "reviews-2": "10.244.0.12", "reviews-3": "10.244.0.13"}
+CLUSTER = "9080|default|reviews.outbound"
+STAT = "cluster.9080|default|reviews.outbound."
+
+SERVICE = """
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: default, labels: {traffic.port.9080: http}}
+spec:
+  selector: {app: reviews}
+  ports: [{name: http, port: 9080, targetPort: 9080}]
+"""
+
+POD = """
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: default, labels: {{app: reviews}}}}
+spec: {{nodeName: node-1, containers: [{{name: app, image: reviews}}]}}
+status: {{podIP: {ip}, conditions: [{{type: Ready, status: "True"}}]}}
+"""
+
+
+def _start(delta: bool, pods: dict[str, str]) -> LocalCluster:
+    """A LocalCluster with the reviews Service, the given pods and one HttpBackend per pod."""
+    c = LocalCluster(list(pods.values()), delta=delta)
+    try:
+        for name, ip in pods.items():
+            c.backend(name, ip, 9080)
+        c.apply(SERVICE + "".join(POD.format(name=name, ip=ip) for name, ip in pods.items()))
+        c.wait_config(lambda: _route_has(c, CLUSTER) and all(f"{CLUSTER}::{ip}:9080::" in c.pod.admin("/clusters")
+                                                             for ip in pods.values()), message="reviews not configured")
+    except BaseException:
+        c.close()
+        raise
+    return c
+
+
+@pytest.fixture(params=["sotw", "delta"])
+def cluster(request: pytest.FixtureRequest, envoy_binary: str) -> Iterator[LocalCluster]:
+    """Three reviews pods behind one Service (both xDS modes)."""
+    _require_netns()
+    c = _start(request.param == "delta", PODS)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def single(envoy_binary: str) -> Iterator[LocalCluster]:
+    """One reviews pod (so status sequences are deterministic), state-of-the-world xDS."""
+    _require_netns()
+    c = _start(False, {"reviews-1": PODS["reviews-1"]})
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def _url(c: LocalCluster) -> str:
+    return f"http://{c.cluster_ip('reviews')}:9080/reviews/0"
+
+
+def _get(url: str, timeout: float = 10.0) -> tuple[int, dict[str, str], float]:
+    """(status, lower-cased headers, seconds); call inside the pod namespace."""
+    start = time.monotonic()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            resp.read()
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, time.monotonic() - start
+    except urllib.error.HTTPError as exc:
+        exc.read()
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, time.monotonic() - start
+
+
+def _request(c: LocalCluster, timeout: float = 10.0) -> tuple[int, dict[str, str], float]:
+    url = _url(c)
+    return c.pod.in_ns(lambda: _get(url, timeout))
+
+
+def _dump(c: LocalCluster, resource: str) -> str:
+    return c.pod.admin(f"/config_dump?resource={resource}")
+
+
+def _cluster_has(c: LocalCluster, *fragments: str) -> bool:
+    """The sidecar's active reviews cluster contains every JSON fragment."""
+    dump = json.loads(_dump(c, "dynamic_active_clusters"))
+    for item in dump.get("configs", []):
+        cluster = item.get("cluster", {})
+        if cluster.get("name") == CLUSTER:
+            text = json.dumps(cluster, separators=(",", ":"))
+            return all(f in text for f in fragments)
+    return False
+
+
+def _route_has(c: LocalCluster, *fragments: str) -> bool:
+    text = json.dumps(json.loads(_dump(c, "dynamic_route_configs")), separators=(",", ":"))
+    return all(f in text for f in fragments)
+
+
+def _no_nacks(c: LocalCluster) -> None:
+    streams = c.xds.status()
+    assert streams, "the sidecar has no xDS stream"
+    for st in streams:
+        for type_name, state in st.items():
+            if isinstance(state, dict) and "last_nack" in state:
+                assert state["last_nack"] is None, f"{type_name} NACKed: {state['last_nack']}"
+
+
+def _burst(c: LocalCluster, n: int = 8) -> list[tuple[int, dict[str, str], float]]:
+    """``n`` concurrent requests; the first one is sent 0.1 s ahead so it is active upstream first."""
+    url = _url(c)
+
+    def run() -> list[tuple[int, dict[str, str], float]]:
+        results: list[tuple[int, dict[str, str], float]] = []
+        lock = threading.Lock()
+
+        def one() -> None:
+            r = _get(url)
+            with lock:
+                results.append(r)
+
+        # Threads started here inherit the pod network namespace of this thread.
+        threads = [threading.Thread(target=one) for _ in range(n)]
+        for i, t in enumerate(threads):
+            t.start()
+            if i == 0:
+                time.sleep(0.1)
+        for t in threads:
+            t.join(15)
+        return results
+
+    return c.pod.in_ns(run)
+
+
+def _assert_overloaded(results: list[tuple[int, dict[str, str], float]], served: int) -> None:
+    statuses = sorted(r[0] for r in results)
+    assert statuses.count(200) == served, statuses
+    overloaded = [r for r in results if r[0] != 200]
+    assert all(r[0] == 503 and r[1].get("x-envoy-overloaded") == "true" for r in overloaded), overloaded
+    assert all(r[2] < 0.5 for r in overloaded), "an overflow must be answered at once, not after the upstream delay"
+
+
+def test_overflow_gives_503_overloaded_and_counts(single: LocalCluster) -> None:
+    # One endpoint: Envoy lets every host open one connection whatever max_connections says (so that
+    # its pending requests can be served), which would make the counts below depend on the lb choice.
+    c = single
+    for b in c.backends:
+        b.set(delay=0.6)
+    # The README's circuit breaker: one request at a time. While the first (slow) request is active,
+    # every other one overflows max_requests at once.
+    c.label("service", "reviews", {"traffic.request.max": "1", "traffic.request.max-pending": "1"})
+    c.wait_config(lambda: _cluster_has(c, '"max_pending_requests":1', '"max_requests":1'), message="thresholds not applied")
+    _assert_overloaded(_burst(c), served=1)
+    assert c.pod.stat(STAT + "upstream_rq_active_overflow") == 7
+    # Pending requests: with one connection, the second request waits for it (pending) and is served
+    # after the first; with the one pending slot taken, the rest overflow max_pending_requests.
+    c.label("service", "reviews", {"traffic.request.max": None, "traffic.connection.max": "1"})
+    c.wait_config(lambda: _cluster_has(c, '"max_connections":1', '"max_pending_requests":1') and not _cluster_has(c, "max_requests"),
+                  message="thresholds not applied")
+    _assert_overloaded(_burst(c), served=2)
+    assert c.pod.stat(STAT + "upstream_rq_pending_overflow") == 6
+    # Without thresholds the same burst is served completely.
+    c.label("service", "reviews", {"traffic.connection.max": None, "traffic.request.max-pending": None})
+    c.wait_config(lambda: not _cluster_has(c, "circuit_breakers"), message="thresholds not removed")
+    assert sorted(r[0] for r in _burst(c)) == [200] * 8
+    _no_nacks(c)
+
+
+def test_retries_5xx_and_largest_count_wins(single: LocalCluster) -> None:
+    c = single
+    backend = c.backends[0]
+    backend.set(statuses=[503, 503])
+    assert _request(c)[0] == 503, "without retries the first failure reaches the client"
+    # The original README: an upstream that fails twice then succeeds is fine with retries.5xx=2.
+    c.label("service", "reviews", {"traffic.retries.5xx": "2"})
+    c.wait_config(lambda: _route_has(c, '"retry_on":"5xx"', '"num_retries":2'), message="retry policy not applied")
+    backend.reset().set(statuses=[503, 503])
+    assert _request(c)[0] == 200
+    assert backend.hits == 3
+    assert c.pod.stat(STAT + "upstream_rq_retry") == 2
+    # One retry is not enough for two failures.
+    c.label("service", "reviews", {"traffic.retries.5xx": "1"})
+    c.wait_config(lambda: _route_has(c, '"num_retries":1'), message="retry count not updated")
+    backend.reset().set(statuses=[503, 503])
+    assert _request(c)[0] == 503
+    assert backend.hits == 2
+    # Several conditions: retry_on lists all, num_retries is the largest (3 from gateway-error).
+    c.label("service", "reviews", {"traffic.retries.gateway-error": "3"})
+    c.wait_config(lambda: _route_has(c, '"retry_on":"5xx,gateway-error"', '"num_retries":3'), message="retry policy not merged")
+    backend.reset().set(statuses=[502, 504, 503])
+    assert _request(c)[0] == 200
+    assert backend.hits == 4
+    # gateway-error alone does not retry a plain 500.
+    c.label("service", "reviews", {"traffic.retries.5xx": None})
+    c.wait_config(lambda: _route_has(c, '"retry_on":"gateway-error"'), message="5xx condition not removed")
+    backend.reset().set(statuses=[500])
+    assert _request(c)[0] == 500
+    assert backend.hits == 1
+    c.label("service", "reviews", {"traffic.retries.gateway-error": None})
+    c.wait_config(lambda: not _route_has(c, "retry_policy"), message="retry policy not removed")
+    _no_nacks(c)
+
+
+def test_request_timeout_gives_504(single: LocalCluster) -> None:
+    c = single
+    c.backends[0].set(delay=0.8)
+    assert _request(c)[0] == 200, "a slow upstream is fine without a timeout"
+    c.label("service", "reviews", {"traffic.request.timeout": "300"})
+    c.wait_config(lambda: _route_has(c, '"timeout":"0.300s"'), message="route timeout not applied")
+    status, _, seconds = _request(c)
+    assert status == 504
+    assert 0.28 <= seconds < 0.7, seconds
+    assert c.pod.stat(STAT + "upstream_rq_timeout") == 1
+    c.label("service", "reviews", {"traffic.request.timeout": None})
+    c.wait_config(lambda: not _route_has(c, '"timeout":"0.300s"'), message="route timeout not removed")
+    assert _request(c)[0] == 200
+    _no_nacks(c)
+
+
+def _health_flags(c: LocalCluster, ip: str) -> str:
+    for line in c.pod.admin("/clusters").splitlines():
+        if line.startswith(f"{CLUSTER}::{ip}:9080::health_flags::"):
+            return line.rpartition("::")[2]
+    return "<absent>"
+
+
+def test_outlier_detection_ejects_failing_endpoint(cluster: LocalCluster) -> None:
+    c = cluster
+    bad = c.backends[2]
+    bad_ip = PODS["reviews-3"]
+    bad.set(status=500)
+    seen = [_request(c)[0] for _ in range(9)]
+    assert seen.count(500) == 3, f"round robin sends a third of the traffic to the failing pod: {seen}"
+    c.label("service", "reviews", {"traffic.outlier.consecutive-5xx": "3"})
+    c.wait_config(lambda: _cluster_has(c, '"consecutive_5xx":3', '"max_ejection_percent":50'), message="outlier detection not applied")
+    bad.reset().set(status=500)
+    failures = 0
+    for _ in range(30):
+        if _request(c)[0] == 500:
+            failures += 1
+            if failures == 3:
+                break
+    assert failures == 3, "the failing pod never got three requests"
+    ejected_at = time.monotonic()
+    c.wait_config(lambda: _health_flags(c, bad_ip) == "/failed_outlier_check", timeout=2,
+                  message=f"not ejected: {_health_flags(c, bad_ip)}")
+    assert time.monotonic() - ejected_at < 1.0
+    hits = bad.hits
+    assert [_request(c)[0] for _ in range(30)] == [200] * 30
+    assert bad.hits == hits, "an ejected endpoint must get no traffic"
+    assert c.pod.stat(STAT + "outlier_detection.ejections_enforced_consecutive_5xx") == 1
+    for ip in (PODS["reviews-1"], PODS["reviews-2"]):
+        assert _health_flags(c, ip) == "healthy"
+    _no_nacks(c)
+
+
+def test_connect_timeout_is_honoured(single: LocalCluster) -> None:
+    c = single
+    ip = PODS["reviews-1"]
+    # A blackhole: SYNs from the sidecar to the pod are dropped, so connecting times out (a closed
+    # port would refuse at once). The rule lives in the pod namespace and goes away with it.
+    c.pod.ns.run("iptables", "-w", "-I", "OUTPUT", "-p", "tcp", "-d", ip, "--dport", "9080", "-j", "DROP")
+    code, body = c.pod.curl(_url(c), timeout=1.0)
+    assert code == 0, f"with the default 60 s connect timeout the client gives up first: {code} {body}"
+    c.label("service", "reviews", {"traffic.connection.timeout": "300"})
+    c.wait_config(lambda: _cluster_has(c, '"connect_timeout":"0.300s"'), message="connect timeout not applied")
+    status, _, seconds = _request(c)
+    assert status == 503
+    assert 0.28 <= seconds < 0.9, seconds
+    assert c.pod.stat(STAT + "upstream_cx_connect_timeout") >= 1
+    # Retrying on connect failure reaches the pod once the blackhole is gone.
+    c.label("service", "reviews", {"traffic.retries.connect-failure": "5"})
+    c.wait_config(lambda: _route_has(c, '"retry_on":"connect-failure"'), message="retry policy not applied")
+    c.pod.ns.run("iptables", "-w", "-D", "OUTPUT", "-p", "tcp", "-d", ip, "--dport", "9080", "-j", "DROP")
+    assert _request(c)[0] == 200
+    _no_nacks(c)
+
+
+BAD = {
+    "traffic.retries.max": "-1",
+    "traffic.connection.max": "lots",
+    "traffic.request.max": "1.5",
+    "traffic.connection.timeout": "0",
+    "traffic.retries.5xx": "x",
+    "traffic.retries.connect-failure": "-3",
+}
+# Valid but beyond what protobuf/Envoy hold: clamped (uint32 counts, ten-year durations).
+HUGE = {
+    "traffic.request.max-pending": "99999999999999999999",
+    "traffic.outlier.consecutive-5xx": "4294967296",
+    "traffic.request.timeout": "99999999999999999999",
+    "traffic.retries.gateway-error": "99999999999",
+}
+
+
+def test_bad_values_give_events_and_no_nack(single: LocalCluster) -> None:
+    c = single
+    c.label("service", "reviews", {**BAD, **HUGE})
+    c.wait_config(lambda: _cluster_has(c, '"max_pending_requests":4294967295', '"consecutive_5xx":4294967295'),
+                  message="clamped values not applied")
+    c.wait_config(lambda: _route_has(c, '"timeout":"315360000s"', '"num_retries":4294967295'), message="clamped route values")
+    assert _cluster_has(c, '"connect_timeout":"60s"')
+
+    def reported() -> set[str]:
+        items = c.store.list("events", "default")["items"]
+        return {key for e in items if e.get("reason") == INVALID_LABEL for key in BAD if key in e.get("message", "")}
+
+    c.wait_config(lambda: reported() == set(BAD), message=f"Events missing for {set(BAD) - reported()}")
+    assert _request(c)[0] == 200
+    _no_nacks(c)
