@@ -1,0 +1,42 @@
+{{/*
+What the control plane reads, per plugin: the kinds `trafficmgr.core.controlplane.kinds_of()` returns for
+a selection (tests/helm/test_rbac.py derives the expected rules from that code, so the two cannot drift).
+"core" is always watched. Writes are separate: Events (always) and Ingress status (with `ingress`).
+*/}}
+{{- define "trafficmgr.watchedResources" -}}
+core:
+  "": [services, pods]
+  discovery.k8s.io: [endpointslices]
+  apps: [replicasets, deployments, statefulsets, daemonsets]
+ingress:
+  networking.k8s.io: [ingresses, ingressclasses]
+tls:
+  "": [secrets]
+{{- end }}
+
+{{/* The control plane's ClusterRole rules for the selected plugins, as a YAML list. */}}
+{{- define "trafficmgr.controlPlaneRules" -}}
+{{- $table := include "trafficmgr.watchedResources" . | fromYaml }}
+{{- $read := dict }}
+{{- range $plugin := prepend .Values.plugins "core" }}
+{{- range $group, $resources := (get $table $plugin | default dict) }}
+{{- $_ := set $read $group (concat (get $read $group | default list) $resources | uniq | sortAlpha) }}
+{{- end }}
+{{- end }}
+{{- range $group := keys $read | sortAlpha }}
+- apiGroups: [{{ $group | quote }}]
+  resources: [{{ get $read $group | join ", " }}]
+  verbs: [get, list, watch]
+{{- end }}
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create, patch]
+{{- if has "ingress" .Values.plugins }}
+- apiGroups: [networking.k8s.io]
+  resources: [ingresses/status]
+  verbs: [update, patch]
+{{- end }}
+{{- with .Values.rbac.extraRules }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
