@@ -183,8 +183,9 @@ class SidecarPod:
         body, _, code = proc.stdout.rpartition("\n")
         return int(code or 0), body
 
-    def in_ns(self, fn: Any) -> Any:
-        return self.ns.in_ns(fn)
+    def in_ns(self, fn: Any, timeout: float = 60.0) -> Any:
+        """Run ``fn()`` inside the pod network namespace (sockets it makes belong there)."""
+        return self.ns.in_ns(fn, timeout)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
