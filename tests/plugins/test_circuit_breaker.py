@@ -15,6 +15,7 @@ import pytest
 from tests.e2e.test_kube_sidecar import _require_netns
 from trafficmgr.core.kube.events import INVALID_LABEL
 from trafficmgr.testing.cluster import LocalCluster
+from trafficmgr.testing.envoy import wait_for
 
 PODS = {"reviews-1": "10.244.0.11", "reviews-2": "10.244.0.12", "reviews-3": "10.244.0.13"}
 CLUSTER = "9080|default|reviews.outbound"
@@ -127,7 +128,7 @@ def _no_nacks(c: LocalCluster) -> None:
 
 
 def _burst(c: LocalCluster, n: int = 8) -> list[tuple[int, dict[str, str], float]]:
-    """``n`` concurrent requests; the first one is sent 0.1 s ahead so it is active upstream first."""
+    """``n`` concurrent requests; the others start once the first one has reached a backend (is active)."""
     url = _url(c)
 
     def run() -> list[tuple[int, dict[str, str], float]]:
@@ -141,10 +142,11 @@ def _burst(c: LocalCluster, n: int = 8) -> list[tuple[int, dict[str, str], float
 
         # Threads started here inherit the pod network namespace of this thread.
         threads = [threading.Thread(target=one) for _ in range(n)]
-        for i, t in enumerate(threads):
+        hits = sum(b.hits for b in c.backends)
+        threads[0].start()
+        wait_for(lambda: sum(b.hits for b in c.backends) > hits, timeout=5, interval=0.005, message="first request lost")
+        for t in threads[1:]:
             t.start()
-            if i == 0:
-                time.sleep(0.1)
         for t in threads:
             t.join(15)
         return results
@@ -229,7 +231,7 @@ def test_request_timeout_gives_504(single: LocalCluster) -> None:
     c.wait_config(lambda: _route_has(c, '"timeout":"0.300s"'), message="route timeout not applied")
     status, _, seconds = _request(c)
     assert status == 504
-    assert 0.28 <= seconds < 0.7, seconds
+    assert seconds >= 0.28, seconds  # 504 before the upstream's 0.8 s answer: the route timeout fired
     assert c.pod.stat(STAT + "upstream_rq_timeout") == 1
     c.label("service", "reviews", {"traffic.request.timeout": None})
     c.wait_config(lambda: not _route_has(c, '"timeout":"0.300s"'), message="route timeout not removed")
@@ -286,7 +288,7 @@ def test_connect_timeout_is_honoured(single: LocalCluster) -> None:
     c.wait_config(lambda: _cluster_has(c, '"connect_timeout":"0.300s"'), message="connect timeout not applied")
     status, _, seconds = _request(c)
     assert status == 503
-    assert 0.28 <= seconds < 0.9, seconds
+    assert 0.28 <= seconds < 5, seconds  # far below the default 60 s
     assert c.pod.stat(STAT + "upstream_cx_connect_timeout") >= 1
     # Retrying on connect failure reaches the pod once the blackhole is gone.
     c.label("service", "reviews", {"traffic.retries.connect-failure": "5"})
