@@ -51,7 +51,7 @@ PROG = "trafficmgr"
 #: Environment variable with the default for ``--server``.
 ENV_SERVER = "TRAFFICMGR_SERVER"
 #: Modules imported by :func:`main` so that they can call :func:`register_command`.
-COMMAND_MODULES: list[str] = ["trafficmgr.core.serve"]
+COMMAND_MODULES: list[str] = ["trafficmgr.core.serve", "trafficmgr.apps.zipkin", "trafficmgr.core.agent.cli"]
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 

@@ -1,0 +1,365 @@
+"""A small in-memory Zipkin collector (API v2 subset, standard library only) for local mode and tests.
+
+Endpoints (as Zipkin's):
+
+- ``POST /api/v2/spans``: a JSON list of v2 spans; ``Content-Encoding: gzip`` and chunked bodies (Envoy
+  sends chunked) are accepted; answers 202.
+- ``GET /api/v2/traces?serviceName=&spanName=&limit=10&endTs=&lookback=``: a list of traces (each a list
+  of spans), newest first.
+- ``GET /api/v2/trace/{traceId}``: the spans of one trace (404 when unknown).
+- ``GET /api/v2/services``: service names (``localEndpoint.serviceName``), sorted.
+- ``GET /api/v2/spans?serviceName=``: span names of that service, sorted.
+
+Run ``python -m trafficmgr.apps.zipkin --port 9411`` (or ``trafficmgr zipkin``), or in Python
+``ZipkinCollector(host, port).start()`` ... ``.stop()``. Service and span names are lower-cased and
+trace ids normalized to 16 or 32 lower-case hex digits, as Zipkin does. Spans are kept in memory up to
+``max_spans`` (the oldest traces are dropped first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import http.server
+import json
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.parse
+import zlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+DEFAULT_PORT = 9411
+MAX_BODY = 64 * 1024 * 1024
+_HEX = re.compile(r"[0-9a-f]{1,32}")
+
+
+class BadRequest(ValueError):
+    """The request is malformed (answered with 400 and this message)."""
+
+
+def normalize_id(value: Any, what: str) -> str:
+    """A hex id lower-cased and left-padded to 16 (or 32) digits; BadRequest when not hex."""
+    if not isinstance(value, str) or not _HEX.fullmatch(value.lower()):
+        raise BadRequest(f"{what} must be 1 to 32 hex digits, got {value!r}")
+    value = value.lower()
+    return value.zfill(16) if len(value) <= 16 else value.zfill(32)
+
+
+def normalize_span(span: Any) -> dict[str, Any]:
+    """A validated copy of one v2 span with normalized ids and lower-case names."""
+    if not isinstance(span, dict):
+        raise BadRequest("each span must be a JSON object")
+    out = dict(span)
+    out["traceId"] = normalize_id(span.get("traceId"), "traceId")
+    out["id"] = normalize_id(span.get("id"), "id")[-16:]
+    if span.get("parentId") is not None:
+        out["parentId"] = normalize_id(span["parentId"], "parentId")[-16:]
+    if isinstance(span.get("name"), str):
+        out["name"] = span["name"].lower()
+    for key in ("localEndpoint", "remoteEndpoint"):
+        ep = span.get(key)
+        if isinstance(ep, dict) and isinstance(ep.get("serviceName"), str):
+            out[key] = {**ep, "serviceName": ep["serviceName"].lower()}
+    for key in ("timestamp", "duration"):
+        if key in span and not isinstance(span[key], int):
+            raise BadRequest(f"{key} must be an integer (microseconds)")
+    return out
+
+
+def service_name(span: dict[str, Any]) -> str:
+    return ((span.get("localEndpoint") or {}).get("serviceName")) or ""
+
+
+class SpanStore:
+    """Thread-safe in-memory spans grouped by trace id, in arrival order."""
+
+    def __init__(self, max_spans: int = 100_000) -> None:
+        self.max_spans = max_spans
+        self._lock = threading.Lock()
+        self._traces: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
+        self._count = 0
+
+    def add(self, spans: Sequence[dict[str, Any]]) -> None:
+        with self._lock:
+            for span in spans:
+                self._traces.setdefault(span["traceId"], []).append(span)
+                self._count += 1
+            while self._count > self.max_spans and self._traces:
+                _, dropped = self._traces.popitem(last=False)
+                self._count -= len(dropped)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._traces.clear()
+            self._count = 0
+
+    def spans(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [s for spans in self._traces.values() for s in spans]
+
+    def trace(self, trace_id: str) -> list[dict[str, Any]] | None:
+        with self._lock:
+            spans = self._traces.get(trace_id)
+            return list(spans) if spans is not None else None
+
+    def traces(self, service: str = "", span_name: str = "", limit: int = 10, end_ts_ms: int | None = None,
+               lookback_ms: int | None = None, min_duration_us: int = 0) -> list[list[dict[str, Any]]]:
+        """Traces with a span matching every given criterion, newest (latest span timestamp) first."""
+        end_us = (end_ts_ms if end_ts_ms is not None else int(time.time() * 1000)) * 1000
+        start_us = end_us - lookback_ms * 1000 if lookback_ms is not None else None
+        service, span_name = service.lower(), span_name.lower()
+
+        def matches(span: dict[str, Any]) -> bool:
+            ts = span.get("timestamp")
+            if ts is not None and (ts > end_us or (start_us is not None and ts < start_us)):
+                return False
+            if service and service_name(span) != service:
+                return False
+            if span_name and span.get("name") != span_name:
+                return False
+            return span.get("duration", 0) >= min_duration_us
+
+        with self._lock:
+            found = [list(spans) for spans in self._traces.values() if any(matches(s) for s in spans)]
+        found.sort(key=lambda spans: max((s.get("timestamp") or 0) for s in spans), reverse=True)
+        return found[:limit]
+
+    def services(self) -> list[str]:
+        return sorted({n for n in map(service_name, self.spans()) if n})
+
+    def span_names(self, service: str) -> list[str]:
+        service = service.lower()
+        return sorted({s["name"] for s in self.spans() if service_name(s) == service and s.get("name")})
+
+
+def read_body(handler: http.server.BaseHTTPRequestHandler) -> bytes:
+    """The request body: Content-Length or chunked, then gzip/deflate-decoded per Content-Encoding."""
+    if "chunked" in (handler.headers.get("Transfer-Encoding") or "").lower():
+        parts: list[bytes] = []
+        total = 0
+        while True:
+            line = handler.rfile.readline(1024)
+            if not line:
+                raise BadRequest("truncated chunked body")
+            size = int(line.split(b";", 1)[0].strip() or b"0", 16)
+            if size == 0:
+                while handler.rfile.readline(1024).strip():  # trailers up to the empty line
+                    pass
+                break
+            total += size
+            if total > MAX_BODY:
+                raise BadRequest("body too large")
+            parts.append(handler.rfile.read(size))
+            handler.rfile.readline(8)  # CRLF after each chunk
+        body = b"".join(parts)
+    else:
+        length = int(handler.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            raise BadRequest("body too large")
+        body = handler.rfile.read(length) if length else b""
+    encoding = (handler.headers.get("Content-Encoding") or "identity").lower()
+    try:
+        if encoding == "gzip":
+            body = gzip.decompress(body)
+        elif encoding == "deflate":
+            body = zlib.decompress(body)
+        elif encoding != "identity":
+            raise BadRequest(f"unsupported Content-Encoding {encoding}")
+    except (OSError, EOFError, zlib.error) as exc:
+        raise BadRequest(f"cannot decode {encoding} body: {exc}") from None
+    return body
+
+
+def _int_param(query: dict[str, list[str]], name: str, default: int | None) -> int | None:
+    values = query.get(name)
+    if not values or values[0] == "":
+        return default
+    try:
+        return int(values[0])
+    except ValueError:
+        raise BadRequest(f"{name} must be an integer") from None
+
+
+class ZipkinCollector:
+    """The collector as an object: ``start()`` serves on ``host:port`` (0 = any free port) in a thread."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = DEFAULT_PORT, max_spans: int = 100_000) -> None:
+        self.host = host
+        self._port = port
+        self.store = SpanStore(max_spans)
+        self.posts = 0
+        self._server: http.server.ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self._port}"
+
+    def spans(self) -> list[dict[str, Any]]:
+        """Every stored span (a copy), in arrival order."""
+        return self.store.spans()
+
+    def clear(self) -> None:
+        self.store.clear()
+
+    def start(self) -> ZipkinCollector:
+        collector = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+
+            def _send(self, status: int, payload: Any = None) -> None:
+                body = b"" if payload is None else json.dumps(payload).encode()
+                self.send_response(status)
+                if payload is not None:
+                    self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server API
+                try:
+                    body = read_body(self)
+                    if urllib.parse.urlsplit(self.path).path != "/api/v2/spans":
+                        return self._send(404, {"error": f"no such endpoint: POST {self.path}"})
+                    try:
+                        payload = json.loads(body or b"[]")
+                    except ValueError as exc:
+                        raise BadRequest(f"body is not JSON: {exc}") from None
+                    if not isinstance(payload, list):
+                        raise BadRequest("body must be a JSON list of spans")
+                    spans = [normalize_span(s) for s in payload]
+                except BadRequest as exc:
+                    self.close_connection = True
+                    return self._send(400, {"error": str(exc)})
+                collector.store.add(spans)
+                collector.posts += 1
+                self._send(202)
+
+            def do_GET(self) -> None:  # noqa: N802
+                url = urllib.parse.urlsplit(self.path)
+                query = urllib.parse.parse_qs(url.query)
+                one = lambda name: (query.get(name) or [""])[0]  # noqa: E731
+                store = collector.store
+                try:
+                    if url.path == "/api/v2/services":
+                        return self._send(200, store.services())
+                    if url.path == "/api/v2/spans":
+                        if not one("serviceName"):
+                            raise BadRequest("serviceName is required")
+                        return self._send(200, store.span_names(one("serviceName")))
+                    if url.path == "/api/v2/traces":
+                        return self._send(200, store.traces(
+                            service=one("serviceName"), span_name=one("spanName"),
+                            limit=_int_param(query, "limit", 10) or 10, end_ts_ms=_int_param(query, "endTs", None),
+                            lookback_ms=_int_param(query, "lookback", None),
+                            min_duration_us=_int_param(query, "minDuration", 0) or 0))
+                    if url.path.startswith("/api/v2/trace/"):
+                        trace = store.trace(normalize_id(url.path.rsplit("/", 1)[1], "traceId"))
+                        if trace is None:
+                            return self._send(404, {"error": "trace not found"})
+                        return self._send(200, trace)
+                    if url.path == "/health":
+                        return self._send(200, {"status": "UP"})
+                except BadRequest as exc:
+                    return self._send(400, {"error": str(exc)})
+                self._send(404, {"error": f"no such endpoint: GET {url.path}"})
+
+            do_HEAD = do_GET
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+            address_family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+        self._server = Server((self.host, self._port), Handler)
+        self._port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name="zipkin", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+    def __enter__(self) -> ZipkinCollector:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1; 0.0.0.0 in a pod)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"listen port (default {DEFAULT_PORT})")
+    parser.add_argument("--max-spans", type=int, default=100_000, help="spans kept in memory (default 100000)")
+
+
+def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
+    """Serve until SIGTERM/SIGINT (or ``stop``); OSError when the address cannot be bound."""
+    collector = ZipkinCollector(args.host, args.port, args.max_spans).start()
+    print(f"zipkin collector on {collector.url} (POST /api/v2/spans)", file=sys.stderr, flush=True)
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    collector.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trafficmgr.apps.zipkin", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return serve(args)
+    except OSError as exc:
+        parser.exit(1, f"zipkin: error: cannot listen on {args.host}:{args.port}: {exc}\n")
+
+
+def _cli_run(args: argparse.Namespace) -> int:
+    from trafficmgr.core.cli import CliError
+
+    try:
+        return serve(args)
+    except OSError as exc:
+        raise CliError(f"cannot listen on {args.host}:{args.port}: {exc} (use --port)") from None
+
+
+def _register() -> None:
+    from trafficmgr.core.cli import register_command
+
+    register_command("zipkin", "run a small in-memory Zipkin collector (API v2) for local mode and tests",
+                     add_arguments, _cli_run, replace=True)
+
+
+_register()
+
+if __name__ == "__main__":
+    sys.exit(main())
