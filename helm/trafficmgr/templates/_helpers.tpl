@@ -103,6 +103,9 @@ imagePullSecrets:
   env:
     - name: HOME
       value: /tmp
+  resources:
+    requests: {cpu: 50m, memory: 128Mi}
+    limits: {memory: 256Mi}
   securityContext:
     {{- toYaml .Values.containerSecurityContext | nindent 4 }}
   volumeMounts:

@@ -1,0 +1,277 @@
+"""The Helm chart renders valid Kubernetes objects for every supported value combination.
+
+helm comes from .ci/install.d/helm.sh; manifests are checked against the Kubernetes 1.29 and 1.32 OpenAPI
+schemas in strict mode (unknown fields are errors) by kubernetes-validate, offline.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.helm.chart import BUILTIN_PLUGINS, CHART, NAMESPACE, RELEASE, container, find, one, pod_spec, render, run_helm
+
+# name -> values; the combinations the issue names plus one that turns on every optional knob.
+COMBOS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "only-lb": {"plugins": ["lb"]},
+    "no-tls": {"plugins": [p for p in BUILTIN_PLUGINS if p != "tls"]},
+    "agent-docker": {"agent": {"runtime": "docker"}},
+    "agent-netns": {"agent": {"runtime": "netns"}},
+    "no-prometheus-no-zipkin": {"prometheus": {"enabled": False}, "zipkin": {"enabled": False}},
+    "everything": {
+        "extraPlugins": ["served_by"],
+        "extraPipPackages": ["trafficmgr-served-by==0.1.0"],
+        "extraPipArgs": ["--index-url", "https://pypi.example.com/simple"],
+        "image": {"digest": "sha256:" + "a" * 64},
+        "envoyImage": {"digest": "sha256:" + "b" * 64},
+        "imagePullSecrets": [{"name": "regcred"}],
+        "controlPlane": {"watchNamespace": "shop", "replicas": 2},
+        "gateway": {"podDisruptionBudget": {"enabled": True}, "replicas": 2,
+                    "service": {"externalTrafficPolicy": "Local", "loadBalancerSourceRanges": ["10.0.0.0/8"]},
+                    "ingressClass": {"default": True}},
+        "prometheus": {"ingress": {"enabled": True}},
+        "zipkin": {"address": "zipkin.tracing.svc:9411", "enabled": False},
+        "rbac": {"extraRules": [{"apiGroups": ["example.com"], "resources": ["widgets"], "verbs": ["get", "list", "watch"]}]},
+    },
+    "minimal": {"agent": {"enabled": False}, "gateway": {"enabled": False}, "prometheus": {"enabled": False},
+                "zipkin": {"enabled": False}, "plugins": []},
+}
+KUBE_VERSIONS = ["1.29.0", "1.32.0"]
+
+
+@pytest.mark.parametrize("combo", COMBOS)
+def test_helm_lint_strict(combo: str) -> None:
+    proc = run_helm("lint", "--strict", values=COMBOS[combo])
+    assert "0 chart(s) failed" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("combo", COMBOS)
+def test_rendered_manifests_validate_strict(combo: str, kube_version: str) -> None:
+    objects = render(COMBOS[combo], kube_version=kube_version)
+    assert objects
+    errors = []
+    for obj in objects:
+        try:
+            kubernetes_validate.validate(obj, kube_version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            errors.append(f"{obj['kind']}/{obj['metadata']['name']}: {exc.message} at {list(exc.path)}")
+    assert not errors, "\n".join(errors)
+
+
+def test_strict_validation_catches_an_unknown_field() -> None:
+    """The validator really is strict (else the test above could not fail)."""
+    svc = one(render({}), "Service", "traffic-ingress")
+    svc["spec"]["bogus"] = 1
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(svc, "1.32.0", strict=True)
+
+
+def _all_containers(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = pod_spec(obj)
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def _workloads(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] in ("Deployment", "DaemonSet")]
+
+
+@pytest.mark.parametrize("combo", COMBOS)
+def test_every_container_is_locked_down(combo: str) -> None:
+    """Read-only root, no privilege escalation, all capabilities dropped (the agent adds back only what
+    its runtime needs), resources set; non-root everywhere but the agent."""
+    for obj in _workloads(render(COMBOS[combo])):
+        name = obj["metadata"]["name"]
+        spec = pod_spec(obj)
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        assert not spec.get("hostNetwork"), name
+        for c in _all_containers(obj):
+            sc = c["securityContext"]
+            where = f"{name}/{c['name']}"
+            assert sc["readOnlyRootFilesystem"] is True, where
+            assert sc["allowPrivilegeEscalation"] is False, where
+            assert sc["capabilities"]["drop"] == ["ALL"], where
+            assert not sc.get("privileged"), where
+            assert c["resources"]["requests"] and c["resources"]["limits"]["memory"], where
+            assert "@sha256:" in c["image"] or ":" in c["image"].rsplit("/", 1)[-1], f"{where}: untagged image {c['image']}"
+        if name != f"{RELEASE}-agent":
+            assert spec["securityContext"]["runAsNonRoot"] is True, name
+            assert not spec.get("hostPID"), name
+            assert all("add" not in c["securityContext"]["capabilities"] for c in _all_containers(obj)), name
+        for c in spec["containers"]:
+            assert c.get("livenessProbe") and c.get("readinessProbe"), f"{name}/{c['name']}"
+
+
+def test_control_plane_deployment_and_service() -> None:
+    objects = render({})
+    dep = one(objects, "Deployment", RELEASE)
+    cp = container(dep, "control-plane")
+    assert cp["args"][0] == "serve"
+    assert "--xds-port=18000" in cp["args"] and "--admin-address=0.0.0.0" in cp["args"] and "--admin-port=18080" in cp["args"]
+    assert cp["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert cp["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert {p["name"]: p["containerPort"] for p in cp["ports"]} == {"grpc-xds": 18000, "http-admin": 18080}
+    assert pod_spec(dep)["serviceAccountName"] == RELEASE
+    svc = one(objects, "Service", RELEASE)
+    assert {p["port"] for p in svc["spec"]["ports"]} == {18000, 18080}
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+
+
+@pytest.mark.parametrize(("values", "expected"), [
+    ({}, ",".join(BUILTIN_PLUGINS)),
+    ({"plugins": ["lb"]}, "lb"),
+    ({"plugins": ["lb", "fault"], "extraPlugins": ["served_by"]}, "lb,fault,served_by"),
+    ({"plugins": []}, ""),
+])
+def test_plugin_selection_reaches_every_component(values: dict[str, Any], expected: str) -> None:
+    objects = render(values)
+    args = [
+        container(one(objects, "Deployment", RELEASE), "control-plane")["args"],
+        container(one(objects, "DaemonSet", f"{RELEASE}-agent"), "agent")["args"],
+        container(one(objects, "Deployment", f"{RELEASE}-gateway"), "bootstrap", init=True)["args"],
+    ]
+    for a in args:
+        assert f"--plugins={expected}" in a, a
+
+
+def test_the_selection_is_a_valid_plugins_option() -> None:
+    """What the chart passes is accepted by the code's own parser."""
+    from trafficmgr.core.plugins import parse_selection
+
+    arg = next(a for a in container(one(render({}), "Deployment", RELEASE), "control-plane")["args"] if a.startswith("--plugins="))
+    assert parse_selection(arg.split("=", 1)[1]) == BUILTIN_PLUGINS
+
+
+@pytest.mark.parametrize(("values", "address"), [
+    ({}, f"{RELEASE}-zipkin.{NAMESPACE}.svc:9411"),
+    ({"zipkin": {"enabled": False}}, None),
+    ({"plugins": ["lb"]}, None),  # --zipkin-address is the tracing plugin's option: absent without it
+    ({"zipkin": {"enabled": False, "address": "zipkin.obs:9411"}}, "zipkin.obs:9411"),
+])
+def test_zipkin_address(values: dict[str, Any], address: str | None) -> None:
+    objects = render(values)
+    args = container(one(objects, "Deployment", RELEASE), "control-plane")["args"]
+    zipkin = [a.split("=", 1)[1] for a in args if a.startswith("--zipkin-address=")]
+    assert zipkin == ([address] if address else [])
+    deployed = bool(find(objects, "Deployment", f"{RELEASE}-zipkin"))
+    assert deployed == (values.get("zipkin", {}).get("enabled", True))
+
+
+@pytest.mark.parametrize("runtime", ["docker", "netns"])
+def test_agent_gets_only_what_its_runtime_needs(runtime: str) -> None:
+    ds = one(render({"agent": {"runtime": runtime}}), "DaemonSet", f"{RELEASE}-agent")
+    spec = pod_spec(ds)
+    agent = container(ds, "agent")
+    args = agent["args"]
+    assert args[0] == "agent" and f"--runtime={runtime}" in args
+    assert "--node-name=$(NODE_NAME)" in args
+    (node_env,) = [e for e in agent["env"] if e["name"] == "NODE_NAME"]
+    assert node_env["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    assert f"--xds-address={RELEASE}.{NAMESPACE}.svc:18000" in args
+    assert "--envoy-image=trafficmgr-envoy:1.40.0" in args
+    assert {"--admin-port=8900", "--proxy-uid=1337", "--health-port=18081"} <= set(args)
+    pre_stop = agent["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[:3] == ["trafficmgr", "proxies", "--remove-all"] and f"--runtime={runtime}" in pre_stop
+    host_paths = [v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v]
+    caps = agent["securityContext"]["capabilities"]
+    if runtime == "docker":
+        assert host_paths == ["/var/run/docker.sock"]
+        assert "--docker-host=unix:///var/run/docker.sock" in args and "--docker-host=unix:///var/run/docker.sock" in pre_stop
+        assert not spec.get("hostPID") and "add" not in caps
+    else:
+        assert host_paths == []
+        assert spec["hostPID"] is True
+        assert set(caps["add"]) == {"NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_PTRACE", "SETUID", "SETGID", "KILL"}
+        assert not any(a.startswith("--docker-host") for a in args)
+
+
+def test_gateway() -> None:
+    objects = render({})
+    dep = one(objects, "Deployment", f"{RELEASE}-gateway")
+    spec = pod_spec(dep)
+    assert spec["automountServiceAccountToken"] is False
+    boot = container(dep, "bootstrap", init=True)
+    assert boot["args"][0] == "bootstrap"
+    assert {"--node-id=$(POD_NAME)", "--node-cluster=traffic-ingress", f"--xds-address={RELEASE}.{NAMESPACE}.svc:18000",
+            "--admin-port=8900", "--output=/etc/envoy/bootstrap.json"} <= set(boot["args"])
+    envoy = container(dep, "envoy")
+    assert envoy["image"] == "trafficmgr-envoy:1.40.0"
+    assert "--config-path=/etc/envoy/bootstrap.json" in envoy["args"]
+    assert envoy["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http-admin"}
+    ports = {p["name"]: p["containerPort"] for p in envoy["ports"]}
+    assert ports == {"http-gateway": 10000, "http-admin": 8900}
+    annotations = dep["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["traffic.envoy.proxy"] == "ingress" and annotations["prometheus.io/port"] == "8900"
+    assert spec["securityContext"]["runAsUser"] == 1337
+    svc = one(objects, "Service", "traffic-ingress")
+    assert svc["spec"]["type"] == "LoadBalancer"
+    assert {p["port"]: p["targetPort"] for p in svc["spec"]["ports"]} == {80: "http-gateway", 443: "http-gateway"}
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    ic = one(objects, "IngressClass", "traffic")
+    assert "annotations" not in ic["metadata"]
+
+
+def test_extra_pip_packages_install_into_an_emptydir_on_pythonpath() -> None:
+    objects = render(COMBOS["everything"])
+    for obj in (one(objects, "Deployment", RELEASE), one(objects, "DaemonSet", f"{RELEASE}-agent"), one(objects, "Deployment", f"{RELEASE}-gateway")):
+        init = container(obj, "install-plugins", init=True)
+        assert init["args"] == ["--index-url", "https://pypi.example.com/simple", "trafficmgr-served-by==0.1.0"]
+        assert "--target" in init["command"]
+        assert pod_spec(obj)["initContainers"][0]["name"] == "install-plugins"  # before the bootstrap
+        main = next(c for c in _all_containers(obj) if c["name"] in ("control-plane", "agent", "bootstrap"))
+        assert {"name": "PYTHONPATH", "value": "/opt/trafficmgr-plugins"} in main["env"]
+        assert any(v["name"] == "plugins" and "emptyDir" in v for v in pod_spec(obj)["volumes"])
+    assert not any(c["name"] == "install-plugins" for o in _workloads(render({})) for c in _all_containers(o))
+
+
+def test_image_digest_wins_over_tag() -> None:
+    objects = render(COMBOS["everything"])
+    assert container(one(objects, "Deployment", RELEASE), "control-plane")["image"] == "trafficmgr@sha256:" + "a" * 64
+    assert container(one(objects, "Deployment", f"{RELEASE}-gateway"), "envoy")["image"] == "trafficmgr-envoy@sha256:" + "b" * 64
+    assert container(one(render({}), "Deployment", RELEASE), "control-plane")["image"] == "trafficmgr:0.1.0"
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"plugins": ["lb", "loadbalancer"]}, "plugins.1 must be one of the following"),
+    ({"controlPlane": {"xdsPort": 70000}}, "controlPlane.xdsPort: Must be less than or equal to 65535"),
+    ({"gateway": {"listenerPort": 0}}, "gateway.listenerPort: Must be greater than or equal to 1"),
+    ({"agent": {"adminPort": "8900"}}, "agent.adminPort: Invalid type. Expected: integer, given: string"),
+    ({"agent": {"runtime": "containerd"}}, 'agent.runtime must be one of the following: "docker", "netns"'),
+    ({"controlPlane": {"xdsPrt": 18000}}, "Additional property xdsPrt is not allowed"),
+    ({"extraPlugins": ["bad name"]}, "extraPlugins.0: Does not match pattern"),
+    ({"image": {"digest": "sha256:abc"}}, "image.digest: Does not match pattern"),
+    ({"rbac": {"extraRules": [{"apiGroups": [""], "resources": ["*"], "verbs": ["get"]}]}}, "rbac.extraRules.0.resources.0"),
+])
+def test_schema_rejects_bad_values(values: dict[str, Any], message: str) -> None:
+    proc = run_helm("template", RELEASE, values=values, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr
+
+
+def _notes(values: dict[str, Any], tmp_path: Path) -> str:
+    """NOTES.txt as `helm install` would print it (helm template does not render NOTES: render a copy
+    of the chart where a ConfigMap carries the rendered text)."""
+    chart = tmp_path / "trafficmgr"
+    shutil.copytree(CHART, chart)
+    (chart / "files").mkdir()
+    shutil.copy(chart / "templates" / "NOTES.txt", chart / "files" / "NOTES.txt")
+    (chart / "templates" / "zz-notes.yaml").write_text(
+        'apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\ndata:\n  notes: {{ tpl (.Files.Get "files/NOTES.txt") . | toJson }}\n'
+    )
+    return one(render(values, chart=chart), "ConfigMap", "notes")["data"]["notes"]
+
+
+def test_notes_tell_what_to_do_next(tmp_path: Path) -> None:
+    notes = _notes({}, tmp_path)
+    assert f"rollout status deployment/{RELEASE}" in notes
+    assert "traffic.envoy.enabled=true" in notes and "traffic.port.9080=http" in notes
+    assert "get svc traffic-ingress -o jsonpath='{.status.loadBalancer.ingress[0].ip}'" in notes
+    assert "WARNING" not in notes
+    lb_only = _notes({"plugins": ["lb"]}, tmp_path / "2")
+    assert 'the "ingress" plugin is not selected' in lb_only and "tracing" in lb_only
