@@ -24,14 +24,11 @@ TESTS = ROOT / "tests"
 NOT_YET_EXERCISED = {
     "trafficmgr_add_arguments",
     "trafficmgr_bootstrap",
-    "trafficmgr_cluster",
     "trafficmgr_endpoints",
     "trafficmgr_http_connection_manager",
-    "trafficmgr_http_filters",
     "trafficmgr_listener",
     "trafficmgr_port_protocols",
     "trafficmgr_resources",
-    "trafficmgr_route",
     "trafficmgr_watch_kinds",
 }
 

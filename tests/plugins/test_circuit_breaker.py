@@ -1,5 +1,8 @@
 """circuit_breaker plugin: thresholds, retries, timeouts, connect timeout and outlier detection, proven
-through a real sidecar Envoy (LocalCluster: in-memory API server, real control plane, iptables redirect)."""
+through a real sidecar Envoy (LocalCluster: in-memory API server, real control plane, iptables redirect).
+
+Exercises the hooks ``trafficmgr_cluster`` (thresholds, connect timeout, outlier detection) and
+``trafficmgr_route`` (timeout, retry policy)."""
 
 from __future__ import annotations
 
