@@ -112,6 +112,14 @@ def test_label_unblocks_then_endpoints_follow_pods(cluster: dict) -> None:
     assert served == set(REVIEWS), "both ready pods receive traffic through Envoy"
     assert pod.stat("cluster.9080|default|reviews.outbound.upstream_rq_completed") >= 20
 
+    # Traffic addressed to a pod IP directly is blocked until the pod labels that port.
+    direct = f"http://{REVIEWS['reviews-1']}:9081/direct"
+    assert pod.curl(direct)[0] == 404, pod.curl(direct)
+    kubectl("label", "pod", "reviews-1", "traffic.port.9081=http")
+    wait_for(lambda: pod.curl(direct, timeout=1)[0] == 200, 5, message="pod port label did not unblock the pod IP")
+    assert json.loads(pod.curl(direct)[1])["backend"] == "reviews-1"
+    assert pod.curl(f"http://{REVIEWS['reviews-2']}:9081/direct")[0] == 404  # the other pod is not labeled
+
     # Not ready -> removed from Envoy's endpoints.
     kubectl.set_pod_status("reviews-2", REVIEWS["reviews-2"], ready=False)
     wait_for(lambda: _reviews_cluster_hosts(pod) == {REVIEWS["reviews-1"]}, 5, message="not-ready pod still an endpoint")

@@ -124,7 +124,11 @@ class Endpoint:
 @attrs.frozen(slots=True)
 class Service:
     """A Kubernetes Service. ``labels`` are its parsed traffic labels. Endpoints live in
-    :attr:`Model.endpoints` so that a pod change leaves the Service object untouched."""
+    :attr:`Model.endpoints` so that a pod change leaves the Service object untouched.
+
+    The builder also makes one with ``kind="Pod"`` for a pod that carries ``traffic.port.<port>`` labels:
+    ``cluster_ip`` is then the pod IP, ``headless`` is True and ``labels`` are the pod's labels, so that
+    plugins apply a pod's labels to traffic addressed to that pod directly."""
 
     namespace: str
     name: str
@@ -133,6 +137,8 @@ class Service:
     labels: Labels = EMPTY_LABELS
     headless: bool = False
     uid: str = ""
+    load_balancer: tuple[str, ...] = ()  # status.loadBalancer.ingress addresses (ip or hostname)
+    kind: str = "Service"  # "Pod": a pod's own labeled ports (traffic addressed to the pod IP directly)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -144,6 +150,8 @@ class Service:
 
     def hostnames(self) -> tuple[str, ...]:
         """Names a client may use for this service, without port."""
+        if self.kind == "Pod":
+            return (self.cluster_ip,) if self.cluster_ip else ()
         n, ns = self.name, self.namespace
         return (n, f"{n}.{ns}", f"{n}.{ns}.svc", f"{n}.{ns}.svc.cluster.local")
 

@@ -32,6 +32,7 @@ from trafficmgr.core.build.context import ORDER_ROUTER, BuildContext, HttpFilter
 from trafficmgr.core.build.resources import ads_config_source, duration_ms, pack, socket_address
 from trafficmgr.core.model import (
     GATEWAY,
+    Pod,
     SIDECAR,
     Endpoint,
     Model,
@@ -44,6 +45,7 @@ from trafficmgr.core.plugins import PluginHost
 log = logging.getLogger(__name__)
 
 HTTP, TCP, DIRECT = "http", "tcp", "direct"
+PORT_LABEL_PREFIX = "traffic.port."
 OUTBOUND_LISTENER = "outbound"
 BLOCKED_BODY = "trafficmgr: port not enabled (label the service with traffic.port.<port>=http|tcp|direct)\n"
 DEFAULT_CONNECT_TIMEOUT_MS = 60000
@@ -106,6 +108,8 @@ class Builder:
         self._services: dict[tuple[str, str], _ServiceOut] = {}
         self._shared: dict[str, cache.TypeSet] | None = None
         self._listener_inputs: tuple[Any, ...] | None = None
+        self._pod_services: dict[tuple[str, str], tuple[Pod, Service]] = {}
+        self._blocked: dict[int | None, listener_components_pb2.FilterChain] = {}
 
     # -- public -------------------------------------------------------------------------------
 
@@ -228,7 +232,7 @@ class Builder:
     def _effective_services(self, model: Model) -> list[Service]:
         """Services sorted by key, with protocols implied by plugins applied, plus pod destinations."""
         implied: dict[tuple[str, str], list[tuple[int | str, str]]] = {}
-        for ns, name, port, proto in self.plugins.collect("trafficmgr_port_protocols", model=model):
+        for ns, name, port, proto in self.plugins.collect("trafficmgr_port_protocols", model=model, options=self.options):
             implied.setdefault((ns, name), []).append((port, proto))
         out: list[Service] = []
         seen: set[tuple[str, str]] = set()
@@ -247,7 +251,36 @@ class Builder:
             out.append(svc)
         for stale in self._implied.keys() - seen:
             del self._implied[stale]
+        out.extend(self._pod_destinations(model))
         return out
+
+    def _pod_destinations(self, model: Model) -> list[Service]:
+        """Service-like destinations for pods with their own ``traffic.port.<port>`` labels."""
+        out: list[Service] = []
+        memo: dict[tuple[str, str], tuple[Pod, Service]] = {}
+        for key, pod in model.pods.items():
+            if not pod.ip or not any(k.startswith(PORT_LABEL_PREFIX) for k in pod.labels):
+                continue
+            prev = self._pod_services.get(key)
+            if prev is not None and prev[0] is pod:
+                svc = prev[1]
+            else:
+                ports = []
+                for k, v in sorted(pod.labels.items()):
+                    if k.startswith(PORT_LABEL_PREFIX):
+                        number = int(k[len(PORT_LABEL_PREFIX):])
+                        ports.append(ServicePort(f"pod-{number}", number, number, v))
+                svc = Service(pod.namespace, pod.name, tuple(ports), cluster_ip=pod.ip, labels=pod.labels,
+                              headless=True, uid=pod.uid, kind="Pod")
+            if key in model.services:
+                self.reporter(ObjectRef("Pod", pod.namespace, pod.name, pod.uid),
+                              f"pod {pod.name} has traffic.port labels but a Service of the same name exists; "
+                              "its own ports are ignored", "TrafficConfigConflict")
+                continue
+            memo[key] = (pod, svc)
+            out.append(svc)
+        self._pod_services = memo
+        return sorted(out, key=lambda s: (s.namespace, s.name))
 
     @staticmethod
     def _is_eds(svc: Service, port: ServicePort) -> bool:
@@ -337,7 +370,7 @@ class Builder:
         vh = route_components_pb2.VirtualHost(name=f"{svc.name}.{svc.namespace}:{port.port}")
         domains: list[str] = []
         hosts = list(svc.hostnames())
-        if svc.cluster_ip and not svc.headless:
+        if svc.cluster_ip and not svc.headless and svc.kind == "Service":
             hosts.append(svc.cluster_ip)
         for h in hosts:
             domains.append(f"{h}:{port.port}")
@@ -428,7 +461,9 @@ class Builder:
         live_routes = {(ctx.role, r.name) for r in routes}
         for stale in [k for k in self._route_configs if k[0] == ctx.role and k not in live_routes]:
             del self._route_configs[stale]
-        chains.append(self._blocked_chain(ctx, filters))
+        for p in sorted({c.filter_chain_match.destination_port.value for c in chains} - tcp_ports):
+            chains.append(self._blocked_chain(p))
+        chains.append(self._blocked_chain(None))
         ids = tuple(id(c) for c in chains) + tuple(sorted(tcp_ports))
         memo = self._listeners.get(OUTBOUND_LISTENER)
         if memo is not None and memo[0] == ids:
@@ -468,7 +503,9 @@ class Builder:
         for port in svc.ports:
             if port.protocol not in (HTTP, TCP, DIRECT):
                 continue
-            if svc.headless:
+            if svc.kind == "Pod":
+                ips = (svc.cluster_ip,) if svc.cluster_ip else ()
+            elif svc.headless:
                 ips = tuple(sorted({e.address for e in ctx.model.endpoints_of(svc, port)}))
             elif svc.cluster_ip:
                 ips = (svc.cluster_ip,)
@@ -482,11 +519,17 @@ class Builder:
             parts.append((port, ips, chain, vhost, key))
         return parts
 
-    def _blocked_chain(self, ctx: BuildContext, filters: list[hcm_pb2.HttpFilter]) -> listener_components_pb2.FilterChain:
-        memo = self._chains.get(("", "", "blocked"))
-        if memo is not None and memo[0] == id(filters):
-            return memo[1]
-        chain = listener_components_pb2.FilterChain(name="blocked")
+    def _blocked_chain(self, port: int | None) -> listener_components_pb2.FilterChain:
+        """HTTP to a destination no chain serves gets a 404 explaining why; other TCP is closed.
+
+        Envoy matches the destination port before the IP and does not fall back to less specific ports,
+        so every port that has chains gets its own blocked chain (``port`` None: every other port)."""
+        chain = self._blocked.get(port)
+        if chain is not None:
+            return chain
+        chain = listener_components_pb2.FilterChain(name="blocked" if port is None else f"blocked|{port}")
+        if port is not None:
+            chain.filter_chain_match.destination_port.value = port
         chain.filter_chain_match.application_protocols.extend(["http/1.1", "h2c"])
         hcm = hcm_pb2.HttpConnectionManager(stat_prefix="outbound_blocked", codec_type=hcm_pb2.HttpConnectionManager.AUTO)
         hcm.http_filters.add(name="envoy.filters.http.router", typed_config=pack(router_pb2.Router()))
@@ -497,7 +540,7 @@ class Builder:
         r.direct_response.body.inline_string = BLOCKED_BODY
         hcm.route_config.name = "blocked"
         chain.filters.add(name="envoy.filters.network.http_connection_manager", typed_config=pack(hcm))
-        self._chains[("", "", "blocked")] = (id(filters), chain)
+        self._blocked[port] = chain
         return chain
 
 
