@@ -22,6 +22,7 @@ from trafficmgr.core.cache import Resource, SnapshotCache
 from trafficmgr.core.kube.assemble import CORE_KINDS, Assembler
 from trafficmgr.core.kube.client import Kind, KubeClient
 from trafficmgr.core.kube.events import EventRecorder
+from trafficmgr.core.kube.status import StatusWriter
 from trafficmgr.core.kube.watch import Watcher
 from trafficmgr.core.labels import LabelSpec
 from trafficmgr.core.model import GATEWAY, GATEWAY_CLUSTER, SIDECAR, Model, ObjectRef
@@ -45,6 +46,7 @@ class ControlPlane:
         self.options = options or argparse.Namespace()
         self.kube = kube
         self.events = EventRecorder(kube, plugins.labels)
+        self.status = StatusWriter(kube)
         self.builder = Builder(plugins, self.options, reporter=self.events.warn)
         self.cache = SnapshotCache(self.resolve)
         self.extra_kinds: list[WatchKind] = plugins.collect("trafficmgr_watch_kinds")
@@ -78,6 +80,7 @@ class ControlPlane:
         """Start one watcher per core kind and per plugin kind, and the sync loop."""
         assert self.kube is not None
         self.events.start()
+        self.status.start()
         for kind in self.watched_kinds():
             k = kind if isinstance(kind, Kind) else Kind(kind.kind, kind.api_version, kind.plural, kind.namespaced)
             w = Watcher(
@@ -97,6 +100,7 @@ class ControlPlane:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self.events.stop()
+        self.status.stop()
 
     def _enqueue(self, etype: str, kind: Any, obj: Any) -> None:
         self._queue.put((etype, kind, obj))
@@ -143,6 +147,7 @@ class ControlPlane:
                 log.error("snapshot not published, the previous one is still served: %s", exc)
         self._published.set()
         self.cache.notify()  # unknown nodes may have become known
+        self.status.submit(self.plugins.collect("trafficmgr_object_status", what="object status", model=model, options=self.options))
 
     def wait_ready(self, timeout: float) -> bool:
         end = time.monotonic() + timeout

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
         HttpConnectionManager,
     )
 
-    from trafficmgr.core.build.context import BuildContext, HttpFilter, WatchKind
+    from trafficmgr.core.build.context import BuildContext, HttpFilter, ObjectStatus, WatchKind
     from trafficmgr.core.cache import Resource
     from trafficmgr.core.labels import LabelSpec
     from trafficmgr.core.model import Endpoint, Model, Service, ServicePort
@@ -70,8 +70,10 @@ def trafficmgr_watch_kinds() -> list[WatchKind]:
 
 
 @hookspec
-def trafficmgr_port_protocols(model: Model) -> list[tuple[str, str, int | str, str]]:
+def trafficmgr_port_protocols(model: Model, options: argparse.Namespace) -> list[tuple[str, str, int | str, str]]:
     """Declare traffic protocols implied by other objects: ``(namespace, service, port, protocol)``.
+
+    ``options`` are the parsed command-line options (an implementation may leave the argument out).
 
     ``port`` is a service port number or name; ``protocol`` is ``http``, ``tcp`` or ``direct``. An
     explicit ``traffic.port.<port>`` label on the Service wins. (The ingress plugin uses this so that
@@ -164,4 +166,18 @@ def trafficmgr_bootstrap(bootstrap: dict[str, Any], role: str, options: argparse
 
     Used by the node agent, local mode and tests; for settings Envoy reads only at startup (for example
     static runtime keys).
+    """
+
+
+@hookspec
+def trafficmgr_object_status(model: Model, options: argparse.Namespace) -> list[ObjectStatus]:
+    """Declare the desired ``status`` of Kubernetes objects this plugin owns (e.g. Ingress load-balancer
+    addresses).
+
+    Called by the control plane after each published build (in the sync loop: keep it cheap, no I/O).
+    Return an :class:`ObjectStatus` only for objects whose current status (as read into your IR) differs
+    from the desired one. The core writes each with a JSON merge patch to the object's ``/status``
+    subresource from a background thread (never blocking the build), at most once per
+    ``(path, resource_version, status)``, retrying a few times on errors. Without a Kubernetes client
+    nothing is written.
     """

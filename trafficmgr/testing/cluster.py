@@ -316,3 +316,102 @@ status: {{podIP: {client_ip}, conditions: [{{type: Ready, status: "True"}}]}}
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class GatewayCluster:
+    """In-process rig for ingress gateway tests (no network namespace needed):
+
+    the test API server, a real :class:`ControlPlane` watching it, its xDS server on loopback TCP, and
+    one gateway Envoy (node cluster ``traffic-ingress``) whose ingress listener is on
+    ``127.0.0.1:<gateway_port>`` (a free port unless given). Backends are :class:`HttpBackend` on
+    127.0.0.x loopback addresses used as pod IPs. ``apply``/``label`` work as in :class:`LocalCluster`.
+    """
+
+    NODE_ID = "traffic-ingress-test"
+
+    def __init__(self, plugins: Any = None, options: Any = None, delta: bool = False,
+                 gateway_port: int | None = None) -> None:
+        import argparse
+
+        from trafficmgr.apiserver import APIServer
+        from trafficmgr.core.controlplane import ControlPlane
+        from trafficmgr.core.kube.client import KubeClient, load_api_client
+        from trafficmgr.core.model import GATEWAY_CLUSTER
+        from trafficmgr.core.plugins import PluginHost
+        from trafficmgr.core.xds.server import XdsServerThread
+        from trafficmgr.testing.envoy import EnvoyProcess
+
+        self.tmp = Path(tempfile.mkdtemp(prefix="tm-gateway-"))
+        self.api = APIServer().start()
+        self.store = self.api.store
+        self.kubeconfig = self.tmp / "kubeconfig"
+        self.api.write_kubeconfig(str(self.kubeconfig))
+        self.kubectl = Kubectl(self.kubeconfig, self.tmp)
+        self.gateway_port = gateway_port or free_port()
+        opts = options or argparse.Namespace()
+        for key, value in {"sidecar_port": 10000, "sidecar_address": "0.0.0.0",
+                           "gateway_port": self.gateway_port, "gateway_address": "127.0.0.1"}.items():
+            if getattr(opts, key, None) is None:
+                setattr(opts, key, value)
+        self.options = opts
+        self.plugins = plugins if plugins is not None else PluginHost.load()
+        self.cp = ControlPlane(self.plugins, opts, KubeClient(load_api_client(str(self.kubeconfig))))
+        self.xds = XdsServerThread(self.cp.cache, "127.0.0.1", 0).start()
+        self.cp.xds = self.xds
+        self.backends: list[Any] = []
+        self.envoy: Any = None
+        try:
+            self.cp.start_watches()
+            if not self.cp.wait_ready(15):
+                raise AssertionError(f"control plane not ready: {self.cp.ready()[1]}")
+            config = bootstrap(self.NODE_ID, GATEWAY_CLUSTER, "127.0.0.1", self.xds.port, admin_port=0, delta=delta)
+            self.envoy = EnvoyProcess(config, self.tmp / "envoy").start()
+        except BaseException:
+            self.close()
+            raise
+
+    def apply(self, manifests: str) -> None:
+        """Create or replace each object (pods get their ``status``), as :meth:`LocalCluster.apply`."""
+        LocalCluster.apply(self, manifests)  # type: ignore[arg-type]
+
+    def label(self, kind: str, name: str, labels: dict[str, str | None], namespace: str = "default") -> None:
+        LocalCluster.label(self, kind, name, labels, namespace)  # type: ignore[arg-type]
+
+    def delete(self, plural: str, name: str, namespace: str = "default") -> None:
+        self.store.delete(plural, name, namespace)
+
+    def backend(self, name: str, ip: str, port: int) -> Any:
+        """An HttpBackend on ``ip:port`` (a 127.0.0.x address standing for a pod IP)."""
+        from trafficmgr.testing.backends import HttpBackend
+
+        b = HttpBackend(name, host=ip, port=port).start()
+        self.backends.append(b)
+        return b
+
+    def get(self, path: str, host: str | None = None, timeout: float = 5.0,
+            headers: dict[str, str] | None = None) -> tuple[int, str]:
+        """GET ``path`` through the gateway's plain HTTP port with ``Host: host``."""
+        hdrs = dict(headers or {})
+        if host:
+            hdrs["Host"] = host
+        return http_get(f"http://127.0.0.1:{self.gateway_port}{path}", timeout, hdrs)
+
+    def wait_config(self, predicate: Any, timeout: float = 10.0, message: str = "") -> Any:
+        """Poll ``predicate`` until truthy; fails fast with Envoy's log if it died."""
+        return self.envoy.wait_for(predicate, timeout, message=message)
+
+    def close(self) -> None:
+        for b in self.backends:
+            b.stop()
+        if self.envoy is not None:
+            self.envoy.stop()
+        self.cp.stop()
+        self.xds.stop(0.5)
+        self.api.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> GatewayCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -61,6 +61,22 @@ class WatchKind:
         return self.api_version.rpartition("/")[2]
 
 
+@attrs.frozen(slots=True)
+class ObjectStatus:
+    """Desired content of one object's ``status`` subresource (see ``trafficmgr_object_status``).
+
+    ``path`` is the object's API path without ``/status`` (e.g.
+    ``/apis/networking.k8s.io/v1/namespaces/default/ingresses/web``); ``status`` is merged into the
+    current status with a JSON merge patch (lists are replaced whole). ``resource_version`` is the version
+    the plugin saw: the core writes a given status at most once per version.
+    """
+
+    path: str
+    status: dict[str, Any] = attrs.field(eq=False)
+    resource_version: str = ""
+    ref: ObjectRef | None = None
+
+
 class BuildContext:
     """Passed to every build hook. Attributes:
 
@@ -80,6 +96,8 @@ class BuildContext:
         route_hooks: Callable[..., None],
         reporter: Callable[[ObjectRef, str, str], None],
         memo: dict[str, Any],
+        hcm_factory: Callable[..., Any] | None = None,
+        listener_hooks: Callable[..., None] | None = None,
     ) -> None:
         self.role = role
         self.model = model
@@ -91,6 +109,8 @@ class BuildContext:
         self._resource = resource_factory
         self._route_hooks = route_hooks
         self._reporter = reporter
+        self._hcm_factory = hcm_factory
+        self._listener_hooks = listener_hooks
 
     def resource(self, message: Message, name: str, refs: Iterable[tuple[str, str]] = ()) -> Resource:
         """Serialize ``message`` as resource ``name``; returns the previous Resource object when the bytes
@@ -101,6 +121,21 @@ class BuildContext:
         """Run every plugin's ``trafficmgr_route`` on ``route`` (for routes a plugin builds itself,
         such as Ingress paths), with the usual error isolation."""
         self._route_hooks(route, service, port, self)
+
+    def http_connection_manager(self, stat_prefix: str, route_config_name: str) -> Any:
+        """A new HttpConnectionManager for ``ctx.role``: the role's HTTP filters in order (router last),
+        routes ``route_config_name`` fetched over ADS, after every plugin's
+        ``trafficmgr_http_connection_manager`` ran on it (for listeners a plugin builds itself, such as
+        the ingress gateway's). Set ``ctx.listener_name`` first."""
+        if self._hcm_factory is None:
+            raise RuntimeError("this BuildContext cannot make connection managers")
+        return self._hcm_factory(self, stat_prefix, route_config_name)
+
+    def apply_listener_hooks(self, listener: Any) -> None:
+        """Run every plugin's ``trafficmgr_listener`` on ``listener`` (for listeners a plugin builds
+        itself), with the usual error isolation. Set ``ctx.listener_name`` first."""
+        if self._listener_hooks is not None:
+            self._listener_hooks(listener, self)
 
     def report(self, ref: ObjectRef, message: str, reason: str = "TrafficConfigError") -> None:
         """Report a problem with a user object as a Warning Event (deduplicated by the core)."""

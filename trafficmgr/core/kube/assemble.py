@@ -181,6 +181,11 @@ class Assembler:
             namespace=key[0], name=key[1], ports=tuple(ports),
             cluster_ip=None if headless else cluster_ip, labels=labels, headless=headless,
             uid=_meta(obj).get("uid") or "",
+            load_balancer=tuple(
+                i.get("ip") or i.get("hostname")
+                for i in ((obj.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
+                if i.get("ip") or i.get("hostname")
+            ),
         )
         self._set(self.services, key, svc)
 

@@ -1,3 +1,98 @@
-"""Ingress gateway: serves Kubernetes Ingress resources on gateway Envoys (feature in a later issue)."""
+"""Ingress gateway: gateway Envoys (node cluster ``traffic-ingress``) serve every Ingress of class
+``traffic`` (``--ingress-class``; Ingresses without a class too when that IngressClass is the default).
+
+- Hosts (exact and ``*.wildcard``), paths (``Exact``, ``Prefix``, ``ImplementationSpecific`` = plain string
+  prefix), ``defaultBackend``, service ports by number or name; backends count as ``http`` ports.
+- The backends' service policies (lb, retries, timeouts, circuit breaking, tracing) apply through
+  ``trafficmgr_route``; fault injection and rate limits are sidecar-only.
+- One listener (``--gateway-port``, default 10000) serves plain HTTP; the tls plugin adds SNI chains.
+- ``status.loadBalancer.ingress`` of served Ingresses = the gateway Service's address.
+"""
 
 from __future__ import annotations
+
+import argparse
+import ipaddress
+from typing import TYPE_CHECKING
+
+from trafficmgr import hookimpl
+from trafficmgr.core.build.context import ObjectStatus, WatchKind
+from trafficmgr.core.model import GATEWAY, Model
+from trafficmgr.plugins.ingress import gateway
+from trafficmgr.plugins.ingress.ir import (
+    DEFAULTS,
+    INGRESS,
+    INGRESS_CLASS,
+    convert_class,
+    convert_ingress,
+    option,
+    selected_ingresses,
+)
+
+if TYPE_CHECKING:
+    from trafficmgr.core.build.context import BuildContext
+    from trafficmgr.core.cache import Resource
+
+
+@hookimpl
+def trafficmgr_add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("ingress plugin")
+    group.add_argument("--ingress-class", default=DEFAULTS["ingress_class"],
+                       help="IngressClass served by the gateway (default traffic)")
+    group.add_argument("--gateway-port", type=int, default=DEFAULTS["gateway_port"],
+                       help="gateway listener port, plain HTTP and TLS (default 10000)")
+    group.add_argument("--gateway-address", default=DEFAULTS["gateway_address"],
+                       help="gateway listener address (default 0.0.0.0)")
+    group.add_argument("--gateway-service", default=DEFAULTS["gateway_service"],
+                       help="the gateway's Service, whose address goes into Ingress status (default traffic-ingress)")
+    group.add_argument("--gateway-namespace", default=DEFAULTS["gateway_namespace"],
+                       help="namespace of --gateway-service (default $POD_NAMESPACE or default)")
+
+
+@hookimpl
+def trafficmgr_watch_kinds() -> list[WatchKind]:
+    return [
+        WatchKind(INGRESS, "networking.k8s.io/v1", "ingresses", convert_ingress),
+        WatchKind(INGRESS_CLASS, "networking.k8s.io/v1", "ingressclasses", convert_class, namespaced=False),
+    ]
+
+
+@hookimpl
+def trafficmgr_port_protocols(model: Model, options: argparse.Namespace) -> list[tuple[str, str, int | str, str]]:
+    """Backends of served Ingresses are HTTP ports."""
+    return gateway.backends(model, options)
+
+
+@hookimpl
+def trafficmgr_resources(ctx: BuildContext) -> list[Resource]:
+    if ctx.role != GATEWAY:
+        return []
+    return gateway.resources(ctx)
+
+
+@hookimpl
+def trafficmgr_object_status(model: Model, options: argparse.Namespace) -> list[ObjectStatus]:
+    """``status.loadBalancer.ingress`` of each served Ingress = the gateway Service's load-balancer
+    addresses, else its ClusterIP (nothing is written while that Service does not exist)."""
+    svc = model.services.get((str(option(options, "gateway_namespace")), str(option(options, "gateway_service"))))
+    if svc is None:
+        return []
+    addresses = svc.load_balancer or ((svc.cluster_ip,) if svc.cluster_ip else ())
+    if not addresses:
+        return []
+    desired = [{"ip": a} if _is_ip(a) else {"hostname": a} for a in addresses]
+    out = []
+    for ing in selected_ingresses(model, options):
+        if tuple(ing.lb_status) == tuple(addresses):
+            continue
+        path = f"/apis/networking.k8s.io/v1/namespaces/{ing.namespace}/ingresses/{ing.name}"
+        out.append(ObjectStatus(path, {"loadBalancer": {"ingress": desired}}, ing.resource_version, ing.ref))
+    return out
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
