@@ -83,16 +83,11 @@ class NetNS:
             self.ip("route", "add", "local", cidr, "dev", "lo")
 
     def redirect_outbound(self, to_port: int = 10000, proxy_uid: int = 1337, exclude_ports: Sequence[int] = (8900,)) -> None:
-        """nat OUTPUT: redirect TCP to ``to_port`` except the proxy's own uid, loopback and ``exclude_ports``."""
-        ipt = ["iptables", "-w", "-t", "nat"]
-        self.run(*ipt, "-N", "TRAFFICMGR_OUTPUT")
-        self.run(*ipt, "-A", "TRAFFICMGR_OUTPUT", "-m", "owner", "--uid-owner", str(proxy_uid), "-j", "RETURN")
-        self.run(*ipt, "-A", "TRAFFICMGR_OUTPUT", "-m", "owner", "--gid-owner", str(proxy_uid), "-j", "RETURN")
-        self.run(*ipt, "-A", "TRAFFICMGR_OUTPUT", "-d", "127.0.0.0/8", "-j", "RETURN")
-        for port in exclude_ports:
-            self.run(*ipt, "-A", "TRAFFICMGR_OUTPUT", "-p", "tcp", "--dport", str(port), "-j", "RETURN")
-        self.run(*ipt, "-A", "TRAFFICMGR_OUTPUT", "-p", "tcp", "-j", "REDIRECT", "--to-ports", str(to_port))
-        self.run(*ipt, "-A", "OUTPUT", "-p", "tcp", "-j", "TRAFFICMGR_OUTPUT")
+        """nat OUTPUT: redirect TCP to ``to_port`` except the proxy's own uid, loopback and ``exclude_ports``
+        (the node agent's rules: :func:`trafficmgr.core.agent.iptables.install`)."""
+        from trafficmgr.core.agent import iptables
+
+        iptables.install(iptables.netns_runner(self.path), to_port, proxy_uid, exclude_ports)
 
     def in_ns(self, fn: Callable[[], T], timeout: float = 60.0) -> T:
         """Run ``fn()`` in a new thread switched into this namespace; return its result (or raise)."""
@@ -133,7 +128,7 @@ def world_executable(path: str, cache_dir: str = "/tmp/trafficmgr-bin") -> str:
     st = os.stat(path)
     target = os.path.join(cache_dir, f"{os.path.basename(path)}-{st.st_size}-{int(st.st_mtime)}")
     if not os.path.exists(target):
-        tmp = target + ".tmp"
+        tmp = f"{target}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
             os.link(path, tmp)
         except OSError:

@@ -1,0 +1,215 @@
+"""Test rig for the node agent: the test API server, the real control plane serving xDS on a Unix socket,
+"pods" made of Docker containers (a pause container whose network namespace holds the pod addresses on
+its loopback, no route out, plus an app container joined to it), and the agent under test."""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+
+from trafficmgr.core.agent.agent import Agent, AgentConfig
+from trafficmgr.core.agent.runtime import Runtime
+from trafficmgr.testing.cluster import http_get
+from trafficmgr.testing.envoy import wait_for
+
+T = TypeVar("T")
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+NODE = "node-1"
+#: Default socket of the Docker engine that .ci/install.d/docker.sh starts.
+DOCKER_HOST = os.environ.get("TRAFFICMGR_TEST_DOCKER_HOST", "unix:///run/trafficmgr-ci/docker.sock")
+
+
+def require(reason: str | None) -> None:
+    """Skip when ``reason`` (a missing prerequisite) is set, but fail under CI."""
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the node agent tests: {reason}")
+        pytest.skip(reason)
+
+
+def in_netns(path: str, fn: Callable[[], T], timeout: float = 30.0) -> T:
+    """Run ``fn()`` in a new thread switched into the network namespace at ``path``."""
+    result: Future[T] = Future()
+
+    def target() -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns({path})")
+            finally:
+                os.close(fd)
+            result.set_result(fn())
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            result.set_exception(exc)
+
+    threading.Thread(target=target, daemon=True).start()
+    return result.result(timeout)
+
+
+def nat_rules(netns: str) -> str:
+    return subprocess.run(["nsenter", f"--net={netns}", "iptables", "-w", "-t", "nat", "-S"],
+                          capture_output=True, text=True, check=True).stdout
+
+
+class Cluster:
+    """API server + control plane (xDS on ``unix:<xds_socket>``)."""
+
+    def __init__(self) -> None:
+        from trafficmgr.apiserver import APIServer
+        from trafficmgr.core.controlplane import ControlPlane
+        from trafficmgr.core.kube.client import KubeClient, load_api_client
+        from trafficmgr.core.plugins import PluginHost
+        from trafficmgr.core.xds.server import XdsServerThread
+
+        # Under /tmp with short names: the socket directory is bind-mounted into sidecar containers.
+        self.tmp = Path(tempfile.mkdtemp(prefix="tm-agent-"))
+        os.chmod(self.tmp, 0o755)
+        self.api = APIServer().start()
+        self.store = self.api.store
+        self.kubeconfig = self.tmp / "kubeconfig"
+        self.api.write_kubeconfig(str(self.kubeconfig))
+        self.plugins = PluginHost.load()
+        opts = argparse.Namespace(sidecar_port=10000, sidecar_address="0.0.0.0")
+        self.cp = ControlPlane(self.plugins, opts, KubeClient(load_api_client(str(self.kubeconfig))))
+        sock_dir = self.tmp / "xds"
+        sock_dir.mkdir(mode=0o755)
+        os.chmod(sock_dir, 0o755)
+        self.xds_socket = str(sock_dir / "xds.sock")
+        self.xds = XdsServerThread(self.cp.cache, f"unix:{self.xds_socket}", 0).start()
+        os.chmod(self.xds_socket, 0o777)  # the sidecar runs as uid 1337
+        self.cp.xds = self.xds
+        self.cp.start_watches()
+        assert self.cp.wait_ready(15), self.cp.ready()
+        self.agents: list[Agent] = []
+
+    def kube_client(self) -> Any:
+        from trafficmgr.core.kube.client import KubeClient, load_api_client
+
+        return KubeClient(load_api_client(str(self.kubeconfig)))
+
+    def agent(self, runtime: Runtime, **config: Any) -> Agent:
+        """Start an in-process agent for :data:`NODE` and wait until its watches are synced."""
+        cfg = AgentConfig(node_name=NODE, xds_address=f"unix:{self.xds_socket}", resync_s=config.pop("resync_s", 2.0),
+                          min_backoff_s=0.2, max_backoff_s=1.0, **config)
+        agent = Agent(self.kube_client(), runtime, cfg, self.plugins).start()
+        self.agents.append(agent)
+        wait_for(agent.synced, 10, message="agent watches not synced")
+        return agent
+
+    def apply(self, manifests: str) -> None:
+        for obj in (d for d in yaml.safe_load_all(manifests) if d):
+            meta = obj.setdefault("metadata", {})
+            meta.setdefault("namespace", "default")
+            status = obj.pop("status", None)
+            plural = obj["kind"].lower() + "s"
+            self.store.create(obj)
+            if status is not None:
+                self.store.patch(plural, meta["name"], {"status": status}, meta["namespace"], patch_type="merge",
+                                 subresource="status")
+
+    def label(self, plural: str, name: str, labels: dict[str, str | None], namespace: str = "default") -> None:
+        self.store.patch(plural, name, {"metadata": {"labels": labels}}, namespace, patch_type="merge")
+
+    def pod(self, name: str, namespace: str = "default") -> dict[str, Any] | None:
+        from trafficmgr.apiserver.errors import ApiError
+
+        try:
+            return self.store.get("pods", name, namespace)
+        except ApiError:
+            return None
+
+    def annotation(self, name: str, namespace: str = "default") -> str | None:
+        pod = self.pod(name, namespace)
+        return ((pod or {}).get("metadata", {}).get("annotations") or {}).get("traffic.envoy.proxy")
+
+    def events(self, name: str, namespace: str = "default") -> list[dict[str, Any]]:
+        return [e for e in self.store.list("events", namespace)["items"]
+                if (e.get("involvedObject") or {}).get("name") == name]
+
+    def cluster_ip(self, service: str) -> str:
+        return self.store.get("services", service, "default")["spec"]["clusterIP"]
+
+    def close(self) -> None:
+        for agent in self.agents:
+            agent.stop()
+        self.cp.stop()
+        self.xds.stop(0.5)
+        self.api.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class DockerPod:
+    """A "pod" on the test Docker engine: a pause container (labels as the kubelet sets them) whose
+    network namespace gets ``addresses`` on its loopback (no route out) and ClusterIPs routed locally,
+    plus an app container sharing that namespace."""
+
+    def __init__(self, api: Any, image: str, name: str, uid: str, addresses: list[str], namespace: str = "default") -> None:
+        self.api = api
+        self.name = name
+        self.ip = addresses[0]
+        labels = {"io.kubernetes.pod.name": name, "io.kubernetes.pod.namespace": namespace,
+                  "io.kubernetes.pod.uid": uid, "io.kubernetes.docker.type": "podsandbox",
+                  "trafficmgr.test": "1"}
+        suffix = uuid.uuid4().hex[:6]
+        self.pause = api.create_container(image, ["sleep", "3600"], labels=labels, name=f"k8s_POD_{name}_{suffix}",
+                                          host_config=api.create_host_config(network_mode="none"))["Id"]
+        self.app = ""
+        try:
+            api.start(self.pause)
+            pid = api.inspect_container(self.pause)["State"]["Pid"]
+            self.netns = f"/proc/{pid}/ns/net"
+            self._ip("link", "set", "lo", "up")
+            for addr in addresses:
+                self._ip("addr", "add", f"{addr}/32", "dev", "lo")
+            self._ip("route", "add", "local", "10.96.0.0/16", "dev", "lo")
+            self.app = api.create_container(image, ["sleep", "3600"], name=f"k8s_app_{name}_{suffix}",
+                                            labels={"trafficmgr.test": "1"},
+                                            host_config=api.create_host_config(network_mode=f"container:{self.pause}"))["Id"]
+            api.start(self.app)
+        except BaseException:
+            self.close()
+            raise
+
+    def _ip(self, *args: str) -> None:
+        subprocess.run(["nsenter", f"--net={self.netns}", "ip", *args], check=True, capture_output=True)
+
+    def in_ns(self, fn: Callable[[], T]) -> T:
+        return in_netns(self.netns, fn)
+
+    def wget(self, url: str, timeout: int = 3) -> tuple[int, str]:
+        """The app container's ``wget``: (0 on success else its exit code, output)."""
+        ex = self.api.exec_create(self.app, ["wget", "-q", "-O", "-", "-T", str(timeout), url])
+        out = self.api.exec_start(ex["Id"]).decode(errors="replace")
+        return self.api.exec_inspect(ex["Id"])["ExitCode"], out
+
+    def stat(self, name: str) -> int:
+        """A counter of the sidecar's admin endpoint (bound to the pod IP, port 8900)."""
+        text = self.in_ns(lambda: http_get(f"http://{self.ip}:8900/stats?filter=^{name.replace('|', '.')}$", 3)[1])
+        for line in text.splitlines():
+            key, _, value = line.partition(": ")
+            if key == name:
+                return int(value)
+        return 0
+
+    def close(self) -> None:
+        for cid in (self.app, self.pause):
+            if cid:
+                try:
+                    self.api.remove_container(cid, force=True)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass

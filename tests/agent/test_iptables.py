@@ -1,0 +1,62 @@
+"""The capture rules: exact install and removal inside a network namespace, idempotent both ways."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.agent.rig import require
+from trafficmgr.core.agent import iptables
+from trafficmgr.testing import netns
+
+
+@pytest.fixture
+def ns() -> Iterator[netns.NetNS]:
+    require(netns.available() or iptables.available())
+    with netns.NetNS("tmipt") as n:
+        yield n
+
+
+def test_install_remove_is_exact_and_idempotent(ns: netns.NetNS) -> None:
+    run = iptables.netns_runner(ns.path)
+    # Something of the pod's own that removal must leave alone.
+    ns.run("iptables", "-w", "-t", "nat", "-A", "OUTPUT", "-p", "udp", "-j", "RETURN")
+    before = iptables.dump(run)
+    assert not iptables.installed(run)
+
+    iptables.install(run, 10000, 1337, (8900,))
+    iptables.install(run, 10000, 1337, (8900,))  # again: same result, no duplicate jump or rules
+    rules = iptables.dump(run)
+    assert rules.count(f"-A OUTPUT -p tcp -j {iptables.CHAIN}") == 1
+    chain = [ln for ln in rules.splitlines() if ln.startswith(f"-A {iptables.CHAIN}")]
+    assert chain == [
+        f"-A {iptables.CHAIN} -m owner --uid-owner 1337 -j RETURN",
+        f"-A {iptables.CHAIN} -m owner --gid-owner 1337 -j RETURN",
+        f"-A {iptables.CHAIN} -d 127.0.0.0/8 -j RETURN",
+        f"-A {iptables.CHAIN} -p tcp -m tcp --dport 8900 -j RETURN",
+        f"-A {iptables.CHAIN} -p tcp -j REDIRECT --to-ports 10000",
+    ]
+    assert iptables.installed(run)
+
+    iptables.remove(run)
+    assert iptables.dump(run) == before
+    iptables.remove(run)  # nothing to remove: fine
+    assert iptables.dump(run) == before and not iptables.installed(run)
+
+
+def test_reinstall_replaces_changed_rules(ns: netns.NetNS) -> None:
+    run = iptables.netns_runner(ns.path)
+    iptables.install(run, 10000, 1337, (8900,))
+    iptables.install(run, 15001, 1000, (9901,))
+    rules = iptables.dump(run)
+    assert "--to-ports 15001" in rules and "--to-ports 10000" not in rules
+    assert "--uid-owner 1000" in rules and "--dport 9901" in rules and "--dport 8900" not in rules
+    iptables.remove(run)
+    assert iptables.CHAIN not in iptables.dump(run)
+
+
+def test_failure_names_the_command(ns: netns.NetNS) -> None:
+    run = iptables.netns_runner("/nonexistent/netns")
+    with pytest.raises(iptables.IptablesError, match="iptables -w -t nat"):
+        iptables.install(run)

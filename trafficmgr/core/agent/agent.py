@@ -1,0 +1,443 @@
+"""The node agent: one per node, it runs an Envoy sidecar for every enabled pod of its node.
+
+Watches the pods of its node (``spec.nodeName=<node>``) and the workloads (ReplicaSets, Deployments,
+StatefulSets, DaemonSets), and resolves ``traffic.envoy.enabled`` exactly like the control plane (the
+same :class:`~trafficmgr.core.kube.assemble.Assembler`: the Pod's label wins over its workload's).
+
+One thread reconciles desired against actual state after every batch of watch events, every
+``resync_s`` and when a retry is due:
+
+- enabled pod with an IP: start the sidecar in the pod's network namespace, install the iptables rules
+  there, then annotate the pod ``traffic.envoy.proxy=<sidecar id>``;
+- disabled, terminating or deleted pod: remove the rules first, then stop and remove the sidecar, then
+  set the annotation to ``""``;
+- a sidecar whose pod is gone (or is a new pod with the same name) is an orphan and is removed.
+
+Sidecars survive agent restarts; a new agent adopts them (found by their labels). Every step is
+idempotent; a failed step is retried with exponential backoff and reported as a ``Warning`` Event on the
+pod; one bad pod never stops the others, and an unreachable runtime (Docker daemon down) is logged once
+and retried until it returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from trafficmgr.core.agent import iptables
+from trafficmgr.core.agent.runtime import (
+    NetworkNotReady,
+    PodNetwork,
+    PodRef,
+    Runtime,
+    RuntimeUnavailable,
+    Sidecar,
+    SidecarError,
+    SidecarSpec,
+)
+from trafficmgr.core.bootstrap import bootstrap
+from trafficmgr.core.corelabels import ENVOY_ENABLED
+from trafficmgr.core.kube.assemble import DAEMON_SET, DEPLOYMENT, POD, REPLICA_SET, STATEFUL_SET, Assembler
+from trafficmgr.core.kube.client import Kind, KubeClient
+from trafficmgr.core.kube.events import EventRecorder
+from trafficmgr.core.kube.watch import Watcher
+from trafficmgr.core.model import ObjectRef, Pod
+from trafficmgr.core.plugins import PluginHost
+
+log = logging.getLogger(__name__)
+
+#: The pod annotation naming its sidecar (``""`` once the sidecar is removed).
+ANNOTATION = "traffic.envoy.proxy"
+#: Event reasons.
+REASON_FAILED = "SidecarFailed"
+SIDECAR_CLUSTER = "sidecar"
+WATCHED_KINDS: tuple[Kind, ...] = (POD, REPLICA_SET, DEPLOYMENT, STATEFUL_SET, DAEMON_SET)
+
+Key = tuple[str, str]  # (namespace, pod name)
+
+
+@attrs.define
+class AgentConfig:
+    """Agent settings (the ``trafficmgr agent`` options)."""
+
+    node_name: str
+    xds_address: str  # host:port or unix:/path
+    admin_port: int = 8900
+    proxy_uid: int = 1337
+    proxy_port: int = 10000
+    namespace: str | None = None
+    delta: bool = False
+    resync_s: float = 30.0
+    min_backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+
+
+def parse_xds_address(text: str) -> tuple[str, int]:
+    """``host:port`` -> (host, port); ``unix:/path`` -> (``unix:/path``, 0). Raises ``ValueError``."""
+    text = text.strip()
+    if text.startswith("unix:"):
+        if not text[len("unix:"):].startswith("/"):
+            raise ValueError(f"xDS address {text!r}: a Unix socket must be an absolute path (unix:/path)")
+        return text, 0
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"xDS address {text!r} must be HOST:PORT or unix:/path")
+    return host, int(port)
+
+
+def sidecar_bootstrap(pod: PodRef, config: AgentConfig, plugins: PluginHost | None = None,
+                      options: argparse.Namespace | None = None) -> dict[str, Any]:
+    """The bootstrap of ``pod``'s sidecar: node id ``<pod>.<namespace>``, admin on the pod IP at
+    ``admin_port`` (scraped by Prometheus like the original's PodIP:8900), xDS from the pod IP over TCP
+    (the control plane sees the pod as peer), then every plugin's ``trafficmgr_bootstrap`` hook."""
+    host, port = parse_xds_address(config.xds_address)
+    tcp = not host.startswith("unix:")
+    result = bootstrap(
+        pod.node_id, SIDECAR_CLUSTER, host, port, admin_port=config.admin_port, admin_address=pod.ip,
+        delta=config.delta, xds_source_address=pod.ip if tcp else None,
+    )
+    if plugins is not None:
+        plugins.call_all("trafficmgr_bootstrap", bootstrap=result, role=SIDECAR_CLUSTER,
+                         options=options or argparse.Namespace())
+    return result
+
+
+@attrs.define
+class _Retry:
+    failures: int = 0
+    due: float = 0.0
+
+
+class Agent:
+    """The reconcile loop (see the module docstring). ``start()``, ``stop()``; sidecars are left running
+    on stop (a restarted agent adopts them)."""
+
+    def __init__(self, kube: KubeClient, runtime: Runtime, config: AgentConfig,
+                 plugins: PluginHost | None = None, options: argparse.Namespace | None = None) -> None:
+        self.kube = kube
+        self.runtime = runtime
+        self.config = config
+        self.plugins = plugins or PluginHost.load([])
+        self.options = options or argparse.Namespace()
+        self.events = EventRecorder(kube)
+        self.assembler = Assembler(self.plugins.labels)
+        self.raw_pods: dict[Key, dict[str, Any]] = {}
+        self.watchers: list[Watcher] = []
+        self._queue: queue.Queue[tuple[str, Kind, Any] | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._retries: dict[Key, _Retry] = {}
+        self._runtime_retry = _Retry()
+        self._runtime_down_since: float | None = None
+        self._verified: dict[Key, tuple[str, str]] = {}  # pod -> (uid, sidecar id) fully set up
+        self._last_resync = 0.0
+        self.runtime_ok = False
+        self.passes = 0
+        self.last_error = ""
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> Agent:
+        self.events.start()
+        for kind in WATCHED_KINDS:
+            selector = f"spec.nodeName={self.config.node_name}" if kind is POD else ""
+            w = Watcher(self.kube, kind, self._enqueue, namespace=self.config.namespace, field_selector=selector)
+            self.watchers.append(w)
+            w.start()
+        self._thread = threading.Thread(target=self._loop, name="agent", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for w in self.watchers:
+            w.stop()
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+        self.events.stop()
+        self.runtime.close()
+
+    def synced(self) -> bool:
+        return bool(self.watchers) and all(w.synced.is_set() for w in self.watchers)
+
+    def ready(self) -> tuple[bool, str]:
+        """(ready, reason): watches synced and the runtime reachable on the last pass."""
+        if not self.synced():
+            return False, "watches not synced"
+        if not self.runtime_ok:
+            return False, f"runtime unreachable: {self.last_error}"
+        return True, "ok"
+
+    def kick(self) -> None:
+        """Reconcile now (tests, signals)."""
+        self._queue.put(("KICK", POD, None))
+
+    def _enqueue(self, etype: str, kind: Kind, obj: Any) -> None:
+        self._queue.put((etype, kind, obj))
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            timeout = self._next_wakeup() - time.monotonic()
+            try:
+                item = self._queue.get(timeout=max(0.01, timeout))
+            except queue.Empty:
+                item = ("TICK", POD, None)
+            while item is not None:
+                self._apply(item)
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if item is None or self._stop.is_set():
+                return
+            if self.synced():
+                try:
+                    self.reconcile()
+                except Exception:  # noqa: BLE001 - the loop must survive anything
+                    log.exception("reconcile pass failed; retrying")
+
+    def _apply(self, item: tuple[str, Kind, Any]) -> None:
+        etype, kind, obj = item
+        if etype in ("KICK", "TICK"):
+            return
+        if kind.kind == "Pod":
+            if etype == "RELIST":
+                self.raw_pods = {_key(o): o for o in obj}
+            elif etype == "DELETED":
+                self.raw_pods.pop(_key(obj), None)
+            else:
+                self.raw_pods[_key(obj)] = obj
+        self.assembler.apply(etype, kind, obj)
+
+    def _next_wakeup(self) -> float:
+        due = [self._last_resync + self.config.resync_s]
+        due += [r.due for r in self._retries.values()]
+        if not self.runtime_ok and self._runtime_retry.due:
+            due.append(self._runtime_retry.due)
+        return min(due)
+
+    def reconcile(self) -> None:
+        """One pass over every pod of the node and every sidecar of the runtime."""
+        now = time.monotonic()
+        if not self.runtime_ok and now < self._runtime_retry.due:
+            return
+        full = now - self._last_resync >= self.config.resync_s
+        if full:
+            self._last_resync = now
+        try:
+            sidecars = self.runtime.list()
+        except Exception as exc:  # noqa: BLE001 - the runtime is away: try again later
+            self._runtime_failed(exc)
+            return
+        self._runtime_recovered()
+        self.passes += 1
+        by_pod: dict[Key, list[Sidecar]] = {}
+        for s in sidecars:
+            by_pod.setdefault((s.namespace, s.pod), []).append(s)
+        for key in sorted(set(self.raw_pods) | set(by_pod)):
+            retry = self._retries.get(key)
+            if retry is not None and now < retry.due:
+                continue
+            try:
+                self.sync_pod(key, by_pod.get(key, []), verify=full or retry is not None)
+            except NetworkNotReady as exc:
+                self._retry(key, exc, report=False)
+            except RuntimeUnavailable as exc:
+                self._runtime_failed(exc)
+                return
+            except Exception as exc:  # noqa: BLE001 - one bad pod never stops the others
+                self._retry(key, exc, report=True)
+            else:
+                self._retries.pop(key, None)
+
+    def _retry(self, key: Key, exc: BaseException, report: bool) -> None:
+        retry = self._retries.setdefault(key, _Retry())
+        retry.failures += 1
+        delay = min(self.config.max_backoff_s, self.config.min_backoff_s * 2 ** (retry.failures - 1))
+        retry.due = time.monotonic() + delay
+        message = str(exc) or type(exc).__name__
+        self.last_error = message
+        raw = self.raw_pods.get(key)
+        if report and raw is not None:
+            self.events.warn(_pod_ref(raw), f"sidecar: {message}", REASON_FAILED)  # also logs it
+        else:
+            log.info("pod %s/%s: %s (retrying in %.1fs)", key[0], key[1], message, delay)
+
+    def _runtime_failed(self, exc: BaseException) -> None:
+        self.runtime_ok = False
+        self.last_error = str(exc)
+        r = self._runtime_retry
+        r.failures += 1
+        delay = min(self.config.max_backoff_s, self.config.min_backoff_s * 2 ** (r.failures - 1))
+        r.due = time.monotonic() + delay
+        if self._runtime_down_since is None:
+            self._runtime_down_since = time.monotonic()
+            log.error("sidecar runtime %s unreachable: %s; retrying with backoff", self.runtime.describe(), exc)
+        else:
+            log.debug("runtime still unreachable: %s", exc)
+
+    def _runtime_recovered(self) -> None:
+        if self._runtime_down_since is not None:
+            log.warning("sidecar runtime %s reachable again after %.1fs", self.runtime.describe(),
+                        time.monotonic() - self._runtime_down_since)
+            self._runtime_down_since = None
+        self.runtime_ok = True
+        self._runtime_retry = _Retry()
+
+    # -- one pod ------------------------------------------------------------------------------
+
+    def wanted(self, key: Key) -> bool:
+        """Whether the pod ``key`` should have a sidecar now."""
+        raw = self.raw_pods.get(key)
+        pod: Pod | None = self.assembler.pods.get(key)
+        if raw is None or pod is None or (raw.get("metadata") or {}).get("deletionTimestamp"):
+            return False
+        if (raw.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            return False
+        return bool(pod.labels.value(ENVOY_ENABLED, False))
+
+    def sync_pod(self, key: Key, sidecars: list[Sidecar], verify: bool = True) -> None:
+        """Bring one pod to its desired state (idempotent). ``verify`` re-checks the iptables rules of an
+        already set-up pod (done on full resyncs and retries, skipped on event-driven passes)."""
+        raw = self.raw_pods.get(key)
+        uid = ((raw or {}).get("metadata") or {}).get("uid") or ""
+        ip = ((raw or {}).get("status") or {}).get("podIP") or ""
+        if not self.wanted(key):
+            for s in sidecars:
+                self._teardown(s)
+            self._verified.pop(key, None)
+            if raw is not None and _annotation(raw):
+                self._annotate(key, "")
+            return
+        keep = [s for s in sidecars if s.pod_uid == uid and s.running]
+        dead: list[tuple[Sidecar, str]] = []
+        for s in sidecars:
+            if s not in keep[:1]:
+                if s.pod_uid == uid and not s.running:
+                    dead.append((s, _one_line(self.runtime.logs(s, 3))))
+                log.info("removing sidecar %s of %s/%s (%s)", s.id[:12], key[0], key[1],
+                         "stale pod uid" if s.pod_uid != uid else s.state if not s.running else "duplicate")
+                self._teardown(s)
+        if dead and not keep:
+            s, last = dead[0]
+            self._verified.pop(key, None)
+            raise SidecarError(f"sidecar {s.id[:12]} stopped ({s.status}); last log: {last or '(empty)'}")
+        if not ip:
+            return  # waits: the pod update with its IP triggers the next pass
+        sidecar = keep[0] if keep else None
+        if sidecar is not None and not verify and self._verified.get(key) == (uid, sidecar.id) and _annotation(raw) == sidecar.id:
+            return
+        pod = PodRef(key[1], key[0], uid, ip)
+        network = self.runtime.pod_network(pod)
+        if sidecar is None:
+            sidecar = self._start(pod, network)
+        if self.runtime.captures_traffic:
+            run = iptables.netns_runner(network.netns)
+            if verify or not iptables.installed(run) or self._verified.get(key) != (uid, sidecar.id):
+                iptables.install(run, self.config.proxy_port, self.config.proxy_uid, (self.config.admin_port,))
+        if _annotation(raw) != sidecar.id:
+            self._annotate(key, sidecar.id)
+        self._verified[key] = (uid, sidecar.id)
+
+    def _start(self, pod: PodRef, network: PodNetwork) -> Sidecar:
+        host, _ = parse_xds_address(self.config.xds_address)
+        spec = SidecarSpec(
+            pod, sidecar_bootstrap(pod, self.config, self.plugins, self.options), self.config.proxy_uid,
+            xds_socket=host[len("unix:"):] if host.startswith("unix:") else None,
+        )
+        sidecar = self.runtime.start(spec, network)
+        log.info("started sidecar %s for pod %s/%s", sidecar.id[:12], pod.namespace, pod.name)
+        return sidecar
+
+    def _teardown(self, sidecar: Sidecar) -> None:
+        """Rules first (no traffic is redirected to a dying Envoy), then the sidecar."""
+        if self.runtime.captures_traffic:
+            netns = self.runtime.sidecar_netns(sidecar)
+            if netns is not None:
+                iptables.remove(iptables.netns_runner(netns))
+        self.runtime.remove(sidecar)
+        log.info("removed sidecar %s of %s/%s", sidecar.id[:12], sidecar.namespace, sidecar.pod)
+
+    def _annotate(self, key: Key, value: str) -> None:
+        from trafficmgr.core.kube.client import ApiException
+
+        body = {"metadata": {"annotations": {ANNOTATION: value}}}
+        try:
+            self.kube.request("PATCH", f"/api/v1/namespaces/{key[0]}/pods/{key[1]}", body=body,
+                              content_type="application/merge-patch+json")
+        except ApiException as exc:
+            if exc.status == 404:
+                return  # the pod is gone: the next pass removes its sidecar
+            raise
+
+
+def _key(obj: dict[str, Any]) -> Key:
+    meta = obj.get("metadata") or {}
+    return (meta.get("namespace") or "", meta.get("name") or "")
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    return " | ".join(line.strip() for line in text.strip().splitlines())[-limit:]
+
+
+def _annotation(raw: dict[str, Any] | None) -> str | None:
+    return (((raw or {}).get("metadata") or {}).get("annotations") or {}).get(ANNOTATION)
+
+
+def _pod_ref(raw: dict[str, Any]) -> ObjectRef:
+    meta = raw.get("metadata") or {}
+    return ObjectRef("Pod", meta.get("namespace") or "", meta.get("name") or "", meta.get("uid") or "",
+                     meta.get("resourceVersion") or "")
+
+
+class HealthServer:
+    """``/healthz`` (the loop is alive) and ``/readyz`` (:meth:`Agent.ready`) on ``address:port``."""
+
+    def __init__(self, agent: Agent, address: str, port: int) -> None:
+        ready: Callable[[], tuple[bool, str]] = agent.ready
+        alive = agent._thread
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server API
+                if self.path.startswith("/healthz"):
+                    ok, reason = (alive is None or alive.is_alive()), "loop stopped"
+                    reason = "ok" if ok else reason
+                elif self.path.startswith("/readyz"):
+                    ok, reason = ready()
+                else:
+                    self.send_error(404)
+                    return
+                body = json.dumps({"ok": ok, "reason": reason}).encode()
+                self.send_response(200 if ok else 503)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer((address, port), Handler)
+        self.port = self.httpd.server_address[1]
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="agent-health", daemon=True)
+
+    def start(self) -> HealthServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

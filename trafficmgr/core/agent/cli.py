@@ -1,0 +1,240 @@
+"""``trafficmgr agent``, ``trafficmgr proxies`` and ``trafficmgr bootstrap``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+
+from trafficmgr.core.agent.runtime import Runtime, RuntimeUnavailable, SidecarError, find
+from trafficmgr.core.plugins import ENV_SELECTION, PluginHost
+
+log = logging.getLogger(__name__)
+
+ENV_NODE_NAME = "NODE_NAME"
+ENV_DOCKER_HOST = "DOCKER_HOST"
+RUNTIMES = ("docker", "netns", "local")
+
+
+def _port(text: str) -> int:
+    from trafficmgr.core.serve import _port as port
+
+    return port(text)
+
+
+def _docker_host_default() -> str:
+    from trafficmgr.core.agent.docker_runtime import DEFAULT_DOCKER_HOST
+
+    return os.environ.get(ENV_DOCKER_HOST) or DEFAULT_DOCKER_HOST
+
+
+def _add_runtime_options(parser: argparse.ArgumentParser, choices: tuple[str, ...]) -> None:
+    from trafficmgr.core.agent.netns_runtime import DEFAULT_NETNS_DIR, DEFAULT_STATE_DIR
+
+    parser.add_argument("--runtime", choices=choices, default="docker", help="how sidecars run (default: docker)")
+    parser.add_argument("--docker-host", metavar="URL", default=_docker_host_default(),
+                        help="Docker engine (default: $DOCKER_HOST or unix:///var/run/docker.sock)")
+    parser.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR,
+                        help=f"netns/local runtimes: where sidecar processes are recorded (default {DEFAULT_STATE_DIR})")
+    parser.add_argument("--netns-dir", metavar="DIR", default=DEFAULT_NETNS_DIR,
+                        help=f"netns runtime: where pod network namespaces are found (default {DEFAULT_NETNS_DIR})")
+
+
+def make_runtime(args: argparse.Namespace) -> Runtime:
+    """The runtime selected by ``--runtime`` and its options."""
+    if args.runtime == "docker":
+        from trafficmgr.core.agent.docker_runtime import DockerRuntime
+
+        return DockerRuntime(args.docker_host, getattr(args, "envoy_image", "") or "")
+    from trafficmgr.core.agent.netns_runtime import ProcessRuntime
+
+    return ProcessRuntime(args.state_dir, args.netns_dir, use_netns=args.runtime == "netns")
+
+
+# -- agent ------------------------------------------------------------------------------------------
+
+
+def _setup_agent(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--node-name", metavar="NAME", default=os.environ.get(ENV_NODE_NAME),
+                        help=f"this node (default: ${ENV_NODE_NAME}); only its pods are managed")
+    parser.add_argument("--xds-address", metavar="HOST:PORT", required=True,
+                        help="the control plane's xDS address as sidecars reach it (HOST:PORT or unix:/path)")
+    parser.add_argument("--envoy-image", metavar="IMAGE", default="",
+                        help="docker runtime: the sidecar image (Envoy at /usr/local/bin/envoy)")
+    parser.add_argument("--kubeconfig", metavar="FILE", help="kubeconfig file (default: in-cluster config, else ~/.kube/config)")
+    parser.add_argument("--namespace", metavar="NS", help="manage only pods of this namespace (default: all)")
+    parser.add_argument("--plugins", metavar="SEL", default=None,
+                        help=f"plugins whose labels and bootstrap hooks apply (default: ${ENV_SELECTION} or all installed)")
+    parser.add_argument("--admin-port", type=_port, default=8900, help="sidecar Envoy admin port, bound to the pod IP (default 8900)")
+    parser.add_argument("--proxy-uid", type=int, default=1337, help="uid and gid Envoy runs as; its traffic is not redirected (default 1337)")
+    parser.add_argument("--proxy-port", type=_port, default=10000,
+                        help="the sidecar's outbound listener port that TCP is redirected to (default 10000)")
+    parser.add_argument("--health-port", type=_port, default=18081, help="/healthz and /readyz port (default 18081; 0 disables)")
+    parser.add_argument("--health-address", default="0.0.0.0", help="/healthz and /readyz address (default 0.0.0.0)")
+    parser.add_argument("--delta", action="store_true", help="sidecars use incremental (delta) xDS")
+    parser.add_argument("--resync", type=float, default=30.0, metavar="SECONDS",
+                        help="full reconcile interval: rules re-checked, dead sidecars replaced (default 30)")
+    _add_runtime_options(parser, RUNTIMES)
+
+
+def _run_agent(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
+    from trafficmgr.core.agent.agent import Agent, AgentConfig, HealthServer, parse_xds_address
+    from trafficmgr.core.cli import CliError
+    from trafficmgr.core.kube.client import KubeClient, load_api_client
+
+    if not args.node_name:
+        raise CliError(f"--node-name is required (or set ${ENV_NODE_NAME}, e.g. from the pod's spec.nodeName)")
+    try:
+        parse_xds_address(args.xds_address)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if args.runtime == "docker" and not args.envoy_image:
+        raise CliError("--envoy-image is required with --runtime docker")
+    plugins = PluginHost.load(args.plugins)
+    try:
+        api = load_api_client(args.kubeconfig)
+    except Exception as exc:  # noqa: BLE001 - config errors come in many types
+        raise CliError(f"cannot load Kubernetes configuration: {exc}") from None
+    config = AgentConfig(
+        node_name=args.node_name, xds_address=args.xds_address, admin_port=args.admin_port, proxy_uid=args.proxy_uid,
+        proxy_port=args.proxy_port, namespace=args.namespace, delta=args.delta, resync_s=args.resync,
+    )
+    agent = Agent(KubeClient(api), make_runtime(args), config, plugins, args).start()
+    health = None
+    if args.health_port:
+        try:
+            health = HealthServer(agent, args.health_address, args.health_port).start()
+        except OSError as exc:
+            agent.stop()
+            raise CliError(f"cannot listen on {args.health_address}:{args.health_port}: {exc} (use --health-port)") from None
+    log.info("node agent for %s: runtime %s, xDS %s", args.node_name, agent.runtime.describe(), args.xds_address)
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    # Sidecars stay: a restarted agent adopts them (`trafficmgr proxies --remove-all` removes them).
+    agent.stop()
+    if health is not None:
+        health.stop()
+    return 0
+
+
+# -- proxies ----------------------------------------------------------------------------------------
+
+
+def _setup_proxies(parser: argparse.ArgumentParser) -> None:
+    _add_runtime_options(parser, ("docker", "netns", "local"))
+    parser.add_argument("--json", action="store_true", help="print a JSON list")
+    parser.add_argument("--id", metavar="PREFIX", help="select the sidecar whose id starts with PREFIX")
+    parser.add_argument("--log", action="store_true", help="with --id: print that sidecar's log")
+    parser.add_argument("--tail", type=int, default=None, metavar="N", help="with --log: only the last N lines")
+    parser.add_argument("--remove-all", action="store_true",
+                        help="remove every sidecar and its iptables rules (the DaemonSet's preStop)")
+
+
+def _run_proxies(args: argparse.Namespace) -> int:
+    from trafficmgr.core import render
+    from trafficmgr.core.agent import iptables
+    from trafficmgr.core.cli import CliError, _write
+
+    if args.log and not args.id:
+        raise CliError("--log needs --id PREFIX")
+    runtime = make_runtime(args)
+    try:
+        sidecars = runtime.list()
+        if args.remove_all:
+            failed = 0
+            for s in sidecars:
+                try:
+                    netns = runtime.sidecar_netns(s) if runtime.captures_traffic else None
+                    if netns is not None:
+                        iptables.remove(iptables.netns_runner(netns))
+                    runtime.remove(s)
+                    print(f"removed {s.id} ({s.namespace}/{s.pod})")
+                except (SidecarError, iptables.IptablesError) as exc:
+                    failed += 1
+                    print(f"{s.id}: {exc}", file=sys.stderr)
+            return 1 if failed else 0
+        if args.id:
+            try:
+                sidecar = find(sidecars, args.id)
+            except LookupError as exc:
+                raise CliError(str(exc)) from None
+            if args.log:
+                _write(runtime.logs(sidecar, args.tail))
+                return 0
+            sidecars = [sidecar]
+    except RuntimeUnavailable as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        runtime.close()
+    if args.json:
+        _write(render.to_json([s.row() for s in sidecars]))
+    elif not sidecars:
+        print("No sidecars on this node.", file=sys.stderr)
+    else:
+        _write(render.table(("ID", "POD", "NAMESPACE", "STATUS", "STATE"),
+                            [(s.id, s.pod, s.namespace, s.status, s.state) for s in sidecars]))
+    return 0
+
+
+# -- bootstrap --------------------------------------------------------------------------------------
+
+
+def _setup_bootstrap(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--node-id", metavar="ID", required=True, help="Envoy node id (sidecars: <pod>.<namespace>)")
+    parser.add_argument("--node-cluster", metavar="CLUSTER", required=True,
+                        help="Envoy node cluster (the gateway's role name for gateways, 'sidecar' for sidecars)")
+    parser.add_argument("--xds-address", metavar="HOST:PORT", required=True, help="the control plane's xDS address (HOST:PORT or unix:/path)")
+    parser.add_argument("--admin-port", type=_port, default=8900, help="Envoy admin port (default 8900)")
+    parser.add_argument("--admin-address", default="0.0.0.0",
+                        help="Envoy admin address (default 0.0.0.0, so Prometheus can scrape PodIP:8900)")
+    parser.add_argument("--delta", action="store_true", help="incremental (delta) xDS instead of state of the world")
+    parser.add_argument("--plugins", metavar="SEL", default=None,
+                        help=f"plugins whose trafficmgr_bootstrap hooks apply (default: ${ENV_SELECTION} or all installed)")
+    parser.add_argument("-o", "--output", metavar="FILE", default="-", help="write to FILE (default: stdout)")
+
+
+def _run_bootstrap(args: argparse.Namespace) -> int:
+    from trafficmgr.core.agent.agent import parse_xds_address
+    from trafficmgr.core.bootstrap import bootstrap
+    from trafficmgr.core.cli import CliError, _write
+
+    try:
+        host, port = parse_xds_address(args.xds_address)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    config = bootstrap(args.node_id, args.node_cluster, host, port, admin_port=args.admin_port,
+                       admin_address=args.admin_address, delta=args.delta)
+    PluginHost.load(args.plugins).call_all("trafficmgr_bootstrap", bootstrap=config, role=args.node_cluster, options=args)
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    if args.output in ("-", ""):
+        _write(text)
+    else:
+        tmp = f"{args.output}.tmp{os.getpid()}"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, args.output)
+        except OSError as exc:
+            raise CliError(f"cannot write {args.output}: {exc.strerror or exc}") from None
+    return 0
+
+
+def _register() -> None:
+    from trafficmgr.core.cli import register_command
+
+    register_command("agent", "node agent: run Envoy sidecars for the enabled pods of this node", _setup_agent, _run_agent,
+                     replace=True)
+    register_command("proxies", "list, inspect or remove the Envoy sidecars of this node", _setup_proxies, _run_proxies,
+                     replace=True)
+    register_command("bootstrap", "print an Envoy bootstrap (JSON) for a proxy of the control plane", _setup_bootstrap,
+                     _run_bootstrap, replace=True)
+
+
+_register()
