@@ -333,3 +333,21 @@ def test_bad_values_give_events_and_no_nack(single: LocalCluster) -> None:
     c.wait_config(lambda: reported() == set(BAD), message=f"Events missing for {set(BAD) - reported()}")
     assert _request(c)[0] == 200
     _no_nacks(c)
+
+
+def test_pod_labels_apply_to_traffic_addressed_to_the_pod(single: LocalCluster) -> None:
+    """A pod with its own ``traffic.port.<port>`` label is a destination of its own: its timeout and
+    retry labels apply to requests sent to its IP, not to requests sent to its Service."""
+    c = single
+    backend = c.backends[0]
+    ip = PODS["reviews-1"]
+    pod_url = f"http://{ip}:9080/direct"
+    c.label("pod", "reviews-1", {"traffic.port.9080": "http", "traffic.request.timeout": "300", "traffic.retries.5xx": "2"})
+    c.wait_config(lambda: _route_has(c, f'"{ip}:9080"', '"timeout":"0.300s"', '"num_retries":2'), message="pod route not configured")
+    backend.set(delay=0.8)
+    assert c.pod.in_ns(lambda: _get(pod_url))[0] == 504
+    assert _request(c)[0] == 200, "the Service has no timeout label"
+    backend.reset().set(statuses=[503, 503])
+    assert c.pod.in_ns(lambda: _get(pod_url))[0] == 200
+    assert backend.hits == 3
+    _no_nacks(c)
