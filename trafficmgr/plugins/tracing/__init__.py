@@ -187,9 +187,11 @@ def trafficmgr_route(route: Route, service: Service, port: ServicePort, ctx: Bui
     """Routes to a traced service carry its sampling (it overrides a shared connection manager's 0 %)."""
     if not traced(service) or collector(ctx.options) is None:
         return
+    # TEN_THOUSAND, not MILLION: Envoy compares against (request id % 10000), so with a MILLION
+    # denominator any share above 1 % would sample every request.
     sampling = route.tracing.random_sampling
-    sampling.numerator = round(_sampling(service) * 10000)
-    sampling.denominator = percent_pb2.FractionalPercent.MILLION
+    sampling.numerator = round(_sampling(service) * 100)
+    sampling.denominator = percent_pb2.FractionalPercent.TEN_THOUSAND
 
 
 @hookimpl
