@@ -51,7 +51,8 @@ PROG = "trafficmgr"
 #: Environment variable with the default for ``--server``.
 ENV_SERVER = "TRAFFICMGR_SERVER"
 #: Modules imported by :func:`main` so that they can call :func:`register_command`.
-COMMAND_MODULES: list[str] = ["trafficmgr.core.serve", "trafficmgr.apps.zipkin", "trafficmgr.core.agent.cli"]
+COMMAND_MODULES: list[str] = ["trafficmgr.core.serve", "trafficmgr.apps.zipkin", "trafficmgr.core.agent.cli",
+                              "trafficmgr.apps.text_response"]
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
