@@ -90,7 +90,7 @@ def trafficmgr_http_filters(ctx: BuildContext) -> list[HttpFilter]:
 def _clamped(labels: Labels, key: str, maximum: int, service: Service, ctx: BuildContext) -> int:
     value = labels.value(key, 0)
     if value > maximum:
-        ctx.report(ObjectRef("Service", service.namespace, service.name, service.uid),
+        ctx.report(ObjectRef(service.kind, service.namespace, service.name, service.uid),
                    f"{key}={value} is larger than {maximum}; {maximum} is used", "TrafficConfigClamped")
         return maximum
     return value
