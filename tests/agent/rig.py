@@ -193,7 +193,7 @@ class DockerPod:
 
     def wget(self, url: str, timeout: int = 3) -> tuple[int, str]:
         """The app container's ``wget``: (0 on success else its exit code, output)."""
-        ex = self.api.exec_create(self.app, ["wget", "-q", "-O", "-", "-T", str(timeout), url])
+        ex = self.api.exec_create(self.app, ["timeout", str(timeout), "wget", "-q", "-O", "-", url])
         out = self.api.exec_start(ex["Id"]).decode(errors="replace")
         return self.api.exec_inspect(ex["Id"])["ExitCode"], out
 

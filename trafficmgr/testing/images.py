@@ -20,7 +20,8 @@ from trafficmgr.core.agent.runtime import IMAGE_ENVOY_PATH
 from trafficmgr.core.envoy import find_envoy
 
 BUSYBOX = "/bin/busybox"
-BUSYBOX_APPLETS = ("sh", "sleep", "wget", "nc", "cat", "ip", "ls", "true", "echo", "id")
+# (busybox-static 1.35's `wget -T` segfaults: use `timeout N wget ...`)
+BUSYBOX_APPLETS = ("sh", "sleep", "wget", "nc", "cat", "ip", "ls", "true", "echo", "id", "timeout")
 PASSWD = "root:x:0:0:root:/root:/bin/sh\nenvoy:x:1337:1337:envoy:/tmp:/bin/false\n"
 GROUP = "root:x:0:\nenvoy:x:1337:\n"
 
@@ -100,7 +101,7 @@ def busybox_image(api: Any, repository: str = "trafficmgr-test/busybox") -> str:
             link.linkname = "busybox"
             tar.addfile(link)
 
-    return _import(api, build, repository, _tag(BUSYBOX))
+    return _import(api, build, repository, f"{_tag(BUSYBOX)}-{len(BUSYBOX_APPLETS)}")
 
 
 def shared_libraries(binary: str) -> list[str]:
