@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import queue
 import threading
 import time
@@ -15,6 +16,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from trafficmgr.core import cache as cache_mod
+from trafficmgr.core.access import AccessControl, parse_selector
 from trafficmgr.core import metrics
 from trafficmgr.core.build.builder import Builder
 from trafficmgr.core.build.context import WatchKind
@@ -51,6 +53,13 @@ class ControlPlane:
         self.cache = SnapshotCache(self.resolve)
         self.extra_kinds: list[WatchKind] = plugins.collect("trafficmgr_watch_kinds")
         self.assembler = Assembler(plugins.labels, self.extra_kinds, self.events.label_errors, self.events.warn)
+        self.access = AccessControl(
+            getattr(self.options, "xds_auth", None) or "peer-ip",
+            self.assembler.pods,
+            self.assembler.pods_with_ip,
+            gateway_namespace=getattr(self.options, "xds_gateway_namespace", None) or os.environ.get("POD_NAMESPACE", "default"),
+            gateway_selector=parse_selector(getattr(self.options, "xds_gateway_selector", None) or "app=traffic-ingress"),
+        )
         self.xds: Any = None
         self.watchers: list[Watcher] = []
         self._queue: queue.Queue[tuple[str, Any, Any] | None] = queue.Queue()
@@ -61,6 +70,12 @@ class ControlPlane:
         self.last_error = ""
 
     # -- identity -----------------------------------------------------------------------------
+
+    def authorize(self, node_id: str, node_cluster: str, peer: str, identities: tuple[str, ...] = ()) -> None:
+        """The xDS server's authorizer: raises PermissionError for a claim the access mode refuses."""
+        if not peer and str(getattr(self.xds, "host", "")).startswith("unix:"):
+            return  # a Unix socket: its file permissions are the access control
+        self.access(node_id, node_cluster, peer, identities)
 
     def resolve(self, node_id: str, node_cluster: str, peer: str = "") -> str | None:
         """The view of a connecting proxy: gateways by node cluster, sidecars by ``<pod>.<namespace>``."""

@@ -23,6 +23,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="admin/metrics listen address (default 127.0.0.1; binding elsewhere exposes /debug views)")
     parser.add_argument("--admin-port", type=_port, default=18080, help="admin/metrics port (default 18080)")
     parser.add_argument("--sidecar-port", type=_port, default=10000, help="sidecar outbound listener port (default 10000)")
+    parser.add_argument("--xds-auth", choices=("peer-ip", "mtls", "none"), default="peer-ip",
+                        help="who may claim a proxy identity: peer-ip (default), mtls, none (development only)")
+    parser.add_argument("--xds-gateway-namespace", metavar="NS",
+                        help="namespace of the gateway pods (default: $POD_NAMESPACE or default)")
+    parser.add_argument("--xds-gateway-selector", metavar="K=V[,K=V]", default="app=traffic-ingress",
+                        help="labels of the gateway pods allowed to claim the gateway role (default app=traffic-ingress)")
+    parser.add_argument("--xds-tls-cert", metavar="FILE", help="xDS server certificate (PEM; with --xds-auth mtls)")
+    parser.add_argument("--xds-tls-key", metavar="FILE", help="xDS server private key (PEM; with --xds-auth mtls)")
+    parser.add_argument("--xds-client-ca", metavar="FILE", help="CA that signs proxy client certificates (with --xds-auth mtls)")
 
 
 def _port(text: str) -> int:
@@ -51,8 +60,16 @@ def run_serve(args: argparse.Namespace, plugins: PluginHost, stop: threading.Eve
     except Exception as exc:  # noqa: BLE001 - config errors come in many types
         raise ServeError(f"cannot load Kubernetes configuration: {exc}") from None
     args.sidecar_address = getattr(args, "sidecar_address", "0.0.0.0")
+    from trafficmgr.core.access import parse_selector, warn_if_open
+
+    try:
+        parse_selector(args.xds_gateway_selector)
+    except ValueError as exc:
+        raise ServeError(f"--xds-gateway-selector: {exc}") from None
+    credentials = _xds_credentials(args)
+    warn_if_open(args.xds_auth)
     cp = ControlPlane(plugins, args, KubeClient(api))
-    xds = XdsServerThread(cp.cache, args.xds_address, args.xds_port)
+    xds = XdsServerThread(cp.cache, args.xds_address, args.xds_port, credentials, cp.authorize)
     try:
         xds.start()
     except OSError as exc:
@@ -77,6 +94,30 @@ def run_serve(args: argparse.Namespace, plugins: PluginHost, stop: threading.Eve
     xds.stop(grace=2.0)
     admin.stop()
     return 0
+
+
+def _xds_credentials(args: argparse.Namespace):  # -> grpc.ServerCredentials | None
+    """Server credentials for ``--xds-auth mtls`` (client certificates required), else None."""
+    if args.xds_auth != "mtls":
+        for flag in ("xds_tls_cert", "xds_tls_key", "xds_client_ca"):
+            if getattr(args, flag):
+                raise ServeError(f"--{flag.replace('_', '-')} needs --xds-auth mtls")
+        return None
+    import grpc
+
+    files = {}
+    for flag in ("xds_tls_cert", "xds_tls_key", "xds_client_ca"):
+        path = getattr(args, flag)
+        if not path:
+            raise ServeError(f"--xds-auth mtls needs --{flag.replace('_', '-')}")
+        try:
+            with open(path, "rb") as f:
+                files[flag] = f.read()
+        except OSError as exc:
+            raise ServeError(f"--{flag.replace('_', '-')}: cannot read {path}: {exc.strerror}") from None
+    return grpc.ssl_server_credentials(
+        [(files["xds_tls_key"], files["xds_tls_cert"])], root_certificates=files["xds_client_ca"], require_client_auth=True
+    )
 
 
 def selection_from_argv(argv: list[str]) -> str | None:

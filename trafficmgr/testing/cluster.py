@@ -239,7 +239,7 @@ class LocalCluster:
         self.plugins = plugins if plugins is not None else PluginHost.load()
         self.cp = ControlPlane(self.plugins, opts, KubeClient(load_api_client(str(kubeconfig))))
         self.xds_socket = str(self.tmp / "xds.sock")
-        self.xds = XdsServerThread(self.cp.cache, f"unix:{self.xds_socket}", 0).start()
+        self.xds = XdsServerThread(self.cp.cache, f"unix:{self.xds_socket}", 0, authorizer=self.cp.authorize).start()
         os.chmod(self.xds_socket, 0o777)
         self.cp.xds = self.xds
         self.cp.start_watches()

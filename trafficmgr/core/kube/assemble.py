@@ -86,6 +86,7 @@ class Assembler:
         self._service_pods: dict[Key, set[Key]] = {}
         self._rs_pods: dict[Key, set[Key]] = {}
         self._endpoint_keys: dict[Key, set[tuple[str, str, str]]] = {}
+        self._ip_pods: dict[str, set[Key]] = {}
         self.dirty = True
 
     # -- entry points -------------------------------------------------------------------------
@@ -257,7 +258,9 @@ class Assembler:
             owner = self._pod_owner.pop(key, None)
             if owner:
                 self._owner_pods.get((owner[0], key[0], owner[1]), set()).discard(key)
-            if self.pods.pop(key, None) is not None:
+            gone = self.pods.pop(key, None)
+            if gone is not None:
+                self._index_ip(key, gone.ip, None)
                 self.dirty = True
                 self._refresh_endpoints_of_pod(key)
             return
@@ -291,8 +294,30 @@ class Assembler:
             ready=ready, labels=workload.merged(own), uid=_meta(obj).get("uid") or "", ports=ports,
         )
         old = self.pods.get(key)
+        self._index_ip(key, old.ip if old else None, pod.ip)
         if self._set(self.pods, key, pod) and (old is None or old.labels != pod.labels):
             self._refresh_endpoints_of_pod(key)
+
+    def _index_ip(self, key: Key, old_ip: str | None, new_ip: str | None) -> None:
+        if old_ip == new_ip:
+            return
+        if old_ip:
+            keys = self._ip_pods.get(old_ip)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._ip_pods[old_ip]
+        if new_ip:
+            self._ip_pods.setdefault(new_ip, set()).add(key)
+
+    def pods_with_ip(self, ip: str) -> list[tuple[str, str, dict[str, str]]]:
+        """``(namespace, name, all labels)`` of every pod whose IP is ``ip`` (for access control)."""
+        out = []
+        for key in list(self._ip_pods.get(ip, ())):
+            raw = self._raw["Pod"].get(key)
+            if raw is not None:
+                out.append((key[0], key[1], dict(_meta(raw).get("labels") or {})))
+        return out
 
     # -- endpoint slices ----------------------------------------------------------------------
 

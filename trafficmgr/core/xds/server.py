@@ -67,6 +67,22 @@ def parse_peer(peer: str) -> str:
     return ""
 
 
+def peer_identities(context: Any) -> tuple[str, ...]:
+    """The verified client certificate's URI/DNS SANs and CN (empty without mutual TLS)."""
+    try:
+        auth = context.auth_context() or {}
+    except Exception:  # noqa: BLE001 - no auth context on insecure transports in some versions
+        return ()
+    out: list[str] = []
+    for key in ("x509_subject_alternative_name", "x509_common_name"):
+        out.extend(v.decode() if isinstance(v, bytes) else str(v) for v in auth.get(key, ()))
+    return tuple(out)
+
+
+#: ``authorizer(node_id, node_cluster, peer_ip, identities)``: raise PermissionError to refuse a stream.
+Authorizer = Callable[[str, str, str, tuple[str, ...]], None]
+
+
 class _TypeState:
     """What one stream knows about one resource type."""
 
@@ -110,13 +126,14 @@ class _DeltaSent:
 class _Stream:
     __slots__ = (
         "mode", "context", "peer", "node_id", "node_cluster", "identified", "view", "role", "connected_at",
-        "types", "queue", "change_pending", "unknown_logged",
+        "types", "queue", "change_pending", "unknown_logged", "identities",
     )
 
     def __init__(self, mode: str, context: grpc.aio.ServicerContext) -> None:
         self.mode = mode
         self.context = context
         self.peer = parse_peer(context.peer())
+        self.identities = peer_identities(context)
         self.node_id = ""
         self.node_cluster = ""
         self.identified = False
@@ -140,10 +157,13 @@ class XdsServer:
     Run it on an asyncio loop: ``await start()`` ... ``await stop(grace)``.
     """
 
-    def __init__(self, cache: SnapshotCache, host: str = "127.0.0.1", port: int = 18000) -> None:
+    def __init__(self, cache: SnapshotCache, host: str = "127.0.0.1", port: int = 18000,
+                 credentials: grpc.ServerCredentials | None = None, authorizer: Authorizer | None = None) -> None:
         self.cache = cache
         self.host = host
         self.port = port
+        self.credentials = credentials
+        self.authorizer = authorizer
         self._server: grpc.aio.Server | None = None
         self._streams: set[_Stream] = set()
         self._watcher: asyncio.Task[None] | None = None
@@ -184,7 +204,10 @@ class XdsServer:
             host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
             address = f"{host}:{self.port}"
         try:
-            bound = server.add_insecure_port(address)
+            if self.credentials is not None:
+                bound = server.add_secure_port(address, self.credentials)
+            else:
+                bound = server.add_insecure_port(address)
         except RuntimeError as exc:
             raise PortInUse(f"xDS server cannot bind {host}:{self.port} (port in use?): {exc}") from exc
         if not bound:
@@ -296,6 +319,8 @@ class XdsServer:
     async def _resolve(self, stream: _Stream) -> None:
         """(Re-)resolve the stream's view; aborts the RPC on ``PermissionError``."""
         try:
+            if self.authorizer is not None:
+                self.authorizer(stream.node_id, stream.node_cluster, stream.peer, stream.identities)
             view = self.cache.resolve(stream.node_id, stream.node_cluster, stream.peer)
         except PermissionError as exc:
             metrics.STREAMS_REFUSED.labels("permission").inc()
@@ -603,10 +628,11 @@ def _delta_diff(st: _TypeState, ts: TypeSet) -> tuple[list[Resource], list[str]]
 class XdsServerThread:
     """An :class:`XdsServer` on its own asyncio loop in a daemon thread (for sync code and tests)."""
 
-    def __init__(self, cache: SnapshotCache, host: str = "127.0.0.1", port: int = 18000) -> None:
+    def __init__(self, cache: SnapshotCache, host: str = "127.0.0.1", port: int = 18000,
+                 credentials: grpc.ServerCredentials | None = None, authorizer: Authorizer | None = None) -> None:
         self.cache = cache
         self.host = host
-        self.server = XdsServer(cache, host, port)
+        self.server = XdsServer(cache, host, port, credentials, authorizer)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
