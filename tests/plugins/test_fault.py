@@ -221,3 +221,15 @@ def test_pod_labels_fault_traffic_addressed_to_the_pod(sotw: LocalCluster) -> No
     assert c.pod.curl(f"http://{ip}:9080/direct")[0] == 418
     assert _request(c)[0] == 200, "the Service has no fault labels"
     _no_nacks(c)
+
+
+def test_gateway_view_has_no_fault_config() -> None:
+    """With every built-in plugin (ingress included), an Ingress to a fault-labelled Service gets a gateway
+    route without the fault filter or its config, while sidecars get both (the golden case's input)."""
+    from tests.plugins.test_golden_plugins import HERE, builtin_plugins
+    from trafficmgr.testing.golden import load_manifests, render
+
+    snaps, _ = build_from_manifests(load_manifests(HERE / "fault_injection.in.yaml"), builtin_plugins())
+    assert snaps[GATEWAY].types[cache.ROUTE].resources, "the Ingress must give the gateway a route"
+    assert fault.FILTER_NAME not in render(snaps, views=[GATEWAY])
+    assert "http_status: 505" in render(snaps, views=[SIDECAR])
