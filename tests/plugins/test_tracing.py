@@ -247,3 +247,17 @@ def test_without_collector_labels_do_nothing_and_one_line_says_why(caplog: pytes
     assert len(lines) == 1 and "--zipkin-address" in lines[0].getMessage()
     out = render(snaps)
     assert "zipkin" not in out and "tracing" not in out.replace("traffic.tracing", "")
+
+
+def test_collector_cluster_is_contributed_with_trafficmgr_resources() -> None:
+    from envoy.config.cluster.v3.cluster_pb2 import Cluster
+
+    made: list[tuple[Any, str]] = []
+    for address, kind in (("zipkin.tracing:9411", Cluster.STRICT_DNS), ("10.0.0.9:9411", Cluster.STATIC)):
+        ctx = BuildContext(SIDECAR, Model(), argparse.Namespace(zipkin_address=address), lambda m, n, refs=(): made.append((m, n)) or n,
+                           lambda *a: None, lambda *a: None, {})
+        assert tracing.trafficmgr_resources(ctx) == [tracing.COLLECTOR_CLUSTER]
+        message, name = made[-1]
+        assert name == tracing.COLLECTOR_CLUSTER and message.type == kind
+        assert message.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.port_value == 9411
+    assert tracing.trafficmgr_resources(_ctx(SIDECAR, argparse.Namespace())) == []
