@@ -44,6 +44,23 @@ def _add_runtime_options(parser: argparse.ArgumentParser, choices: tuple[str, ..
                         help=f"netns runtime: where pod network namespaces are found (default {DEFAULT_NETNS_DIR})")
 
 
+def _add_plugin_options(parser: argparse.ArgumentParser, command: str) -> None:
+    """Options of the selected plugins (their ``trafficmgr_bootstrap`` hooks read them, e.g. tracing's
+    ``--zipkin-address``), like ``serve`` has; only when ``command`` is the one being run."""
+    from trafficmgr.core import cli
+    from trafficmgr.core.serve import selection_from_argv
+
+    parser.set_defaults(_plugins=None)
+    if command not in cli.CURRENT_ARGV:
+        return
+    try:
+        host = PluginHost.load(selection_from_argv(cli.CURRENT_ARGV))
+    except Exception:  # noqa: BLE001 - run() loads again and reports the error
+        return
+    host.call_all("trafficmgr_add_arguments", parser=parser)
+    parser.set_defaults(_plugins=host)
+
+
 def make_runtime(args: argparse.Namespace) -> Runtime:
     """The runtime selected by ``--runtime`` and its options."""
     if args.runtime == "docker":
@@ -79,6 +96,7 @@ def _setup_agent(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resync", type=float, default=30.0, metavar="SECONDS",
                         help="full reconcile interval: rules re-checked, dead sidecars replaced (default 30)")
     _add_runtime_options(parser, RUNTIMES)
+    _add_plugin_options(parser, "agent")
 
 
 def _run_agent(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
@@ -94,7 +112,7 @@ def _run_agent(args: argparse.Namespace, stop: threading.Event | None = None) ->
         raise CliError(str(exc)) from None
     if args.runtime == "docker" and not args.envoy_image:
         raise CliError("--envoy-image is required with --runtime docker")
-    plugins = PluginHost.load(args.plugins)
+    plugins = args._plugins or PluginHost.load(args.plugins)
     try:
         api = load_api_client(args.kubeconfig)
     except Exception as exc:  # noqa: BLE001 - config errors come in many types
@@ -198,6 +216,7 @@ def _setup_bootstrap(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plugins", metavar="SEL", default=None,
                         help=f"plugins whose trafficmgr_bootstrap hooks apply (default: ${ENV_SELECTION} or all installed)")
     parser.add_argument("-o", "--output", metavar="FILE", default="-", help="write to FILE (default: stdout)")
+    _add_plugin_options(parser, "bootstrap")
 
 
 def _run_bootstrap(args: argparse.Namespace) -> int:
@@ -211,7 +230,7 @@ def _run_bootstrap(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     config = bootstrap(args.node_id, args.node_cluster, host, port, admin_port=args.admin_port,
                        admin_address=args.admin_address, delta=args.delta)
-    PluginHost.load(args.plugins).call_all("trafficmgr_bootstrap", bootstrap=config, role=args.node_cluster, options=args)
+    (args._plugins or PluginHost.load(args.plugins)).call_all("trafficmgr_bootstrap", bootstrap=config, role=args.node_cluster, options=args)
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     if args.output in ("-", ""):
         _write(text)
