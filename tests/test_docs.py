@@ -23,9 +23,6 @@ TESTS = ROOT / "tests"
 #: it here (``test_not_yet_exercised_is_current`` fails until you do).
 NOT_YET_EXERCISED = {
     "trafficmgr_endpoints",
-    "trafficmgr_listener",
-    "trafficmgr_port_protocols",
-    "trafficmgr_watch_kinds",
 }
 
 

@@ -2,6 +2,11 @@
 
 The README's "Ingress gateway" walkthrough (samples/ingress.yaml), hosts and path types, the default
 IngressClass, conflicts, missing backends, service policies at the gateway, and Ingress status.
+
+Hooks exercised here: ``trafficmgr_watch_kinds`` (Ingress, IngressClass), ``trafficmgr_port_protocols``
+(backends are http without labels), ``trafficmgr_resources`` and ``trafficmgr_listener`` (the gateway
+listener, routes and, with tls, SNI chains), ``trafficmgr_route`` at the gateway, and
+``trafficmgr_object_status`` (Ingress ``status.loadBalancer``).
 """
 
 from __future__ import annotations
@@ -289,7 +294,7 @@ spec:
 
 def test_ingress_status_address(gw: GatewayCluster) -> None:
     """``status.loadBalancer.ingress`` = the gateway Service's ClusterIP, then its load-balancer IP;
-    ``kubectl get ingress`` shows it as ADDRESS."""
+    ``kubectl get ingress`` shows it as ADDRESS (``trafficmgr_object_status`` -> the core's StatusWriter)."""
     gw.apply("""
 apiVersion: networking.k8s.io/v1
 kind: Ingress
