@@ -174,21 +174,28 @@ def test_agent_gets_only_what_its_runtime_needs(runtime: str) -> None:
     (node_env,) = [e for e in agent["env"] if e["name"] == "NODE_NAME"]
     assert node_env["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
     assert f"--xds-address={RELEASE}.{NAMESPACE}.svc:18000" in args
-    assert "--envoy-image=trafficmgr-envoy:1.40.0" in args
     assert {"--admin-port=8900", "--proxy-uid=1337", "--health-port=18081"} <= set(args)
+    assert agent["readinessProbe"]["httpGet"]["path"] == "/readyz"
     pre_stop = agent["lifecycle"]["preStop"]["exec"]["command"]
-    assert pre_stop[:3] == ["trafficmgr", "proxies", "--remove-all"] and f"--runtime={runtime}" in pre_stop
-    host_paths = [v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v]
-    caps = agent["securityContext"]["capabilities"]
+    assert pre_stop[:3] == ["trafficmgr", "proxies", "--remove-all"]
+    # preStop addresses the same sidecars as the agent: the same runtime options.
+    assert [a for a in pre_stop if a.split("=")[0] in ("--runtime", "--docker-host", "--netns-dir", "--state-dir")] == [
+        a for a in args if a.split("=")[0] in ("--runtime", "--docker-host", "--netns-dir", "--state-dir")]
+    host_paths = {v["name"]: v["hostPath"] for v in spec["volumes"] if "hostPath" in v}
+    mounts = {m["name"]: m for m in agent["volumeMounts"]}
+    caps = set(agent["securityContext"]["capabilities"]["add"])
     if runtime == "docker":
-        assert host_paths == ["/var/run/docker.sock"]
-        assert "--docker-host=unix:///var/run/docker.sock" in args and "--docker-host=unix:///var/run/docker.sock" in pre_stop
-        assert not spec.get("hostPID") and "add" not in caps
+        assert host_paths == {"docker-socket": {"path": "/var/run/docker.sock", "type": "Socket"}}
+        assert "--docker-host=unix:///var/run/docker.sock" in args
+        assert "--envoy-image=trafficmgr-envoy:1.40.0" in args
+        assert spec["hostPID"] is True  # pod namespaces are /proc/<pid>/ns/net of host pids
+        assert caps == {"NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_PTRACE"}
     else:
-        assert host_paths == []
-        assert spec["hostPID"] is True
-        assert set(caps["add"]) == {"NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_PTRACE", "SETUID", "SETGID", "KILL"}
-        assert not any(a.startswith("--docker-host") for a in args)
+        assert host_paths == {"netns": {"path": "/var/run/netns", "type": "DirectoryOrCreate"}}
+        assert mounts["netns"]["readOnly"] is True and mounts["netns"]["mountPropagation"] == "HostToContainer"
+        assert not spec.get("hostPID")
+        assert caps == {"NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SETUID", "SETGID", "KILL"}
+        assert not any(a.startswith(("--docker-host", "--envoy-image")) for a in args)
 
 
 def test_gateway() -> None:
@@ -202,7 +209,7 @@ def test_gateway() -> None:
             "--admin-port=8900", "--output=/etc/envoy/bootstrap.json"} <= set(boot["args"])
     envoy = container(dep, "envoy")
     assert envoy["image"] == "trafficmgr-envoy:1.40.0"
-    assert "--config-path=/etc/envoy/bootstrap.json" in envoy["args"]
+    assert envoy["args"][:2] == ["--config-path", "/etc/envoy/bootstrap.json"]
     assert envoy["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http-admin"}
     ports = {p["name"]: p["containerPort"] for p in envoy["ports"]}
     assert ports == {"http-gateway": 10000, "http-admin": 8900}

@@ -77,7 +77,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{- define "trafficmgr.imagePullSecrets" -}}
-{{- with .Values.imagePullSecrets }}
+{{- with .Values.imagePullSecrets -}}
 imagePullSecrets:
 {{- toYaml . | nindent 2 }}
 {{- end }}
