@@ -102,10 +102,18 @@ def test_no_wildcards_and_no_cluster_admin(values: dict[str, Any]) -> None:
         assert binding["roleRef"]["name"] not in ("cluster-admin", "admin", "edit"), binding["metadata"]["name"]
 
 
-def test_agent_and_prometheus_roles() -> None:
+def test_agent_role_matches_what_the_agent_watches_and_writes() -> None:
+    """Derived from the agent's code: read its watched kinds, patch pods (the traffic.envoy.proxy
+    annotation), write Events."""
+    from trafficmgr.core.agent.agent import WATCHED_KINDS
+
+    expected = {(_group(k), k.plural, v) for k in WATCHED_KINDS for v in READ}
+    expected |= {("", "pods", "patch"), ("", "events", "create"), ("", "events", "patch")}
+    assert grants_of(one(render({}), "ClusterRole", f"{RELEASE}-agent")) == expected
+
+
+def test_prometheus_role() -> None:
     objects = render({})
-    assert grants_of(one(objects, "ClusterRole", f"{RELEASE}-agent")) == {
-        ("", "pods", v) for v in (*READ, "patch")} | {("", "events", "create"), ("", "events", "patch")}
     assert grants_of(one(objects, "ClusterRole", f"{RELEASE}-prometheus")) == {("", "pods", v) for v in READ}
 
 
