@@ -383,3 +383,44 @@ def test_backends_count_as_http_without_labels() -> None:
     assert sorted(snaps["sidecar"].types[cache.CLUSTER].resources) == [
         "9080|default|productpage.outbound", "9080|default|reviews.outbound", "9090|default|prometheus.outbound"]
     assert warnings == []
+
+
+def test_bad_input_never_nacks(gw: GatewayCluster) -> None:
+    """Odd but API-valid (and some invalid) Ingress content: reported or served, never rejected by Envoy."""
+    gw.apply((ROOT / "tests/golden/plugins/ingress_conflicts.in.yaml").read_text())
+    gw.apply("""
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: odd, namespace: default}
+spec:
+  ingressClassName: traffic
+  rules:
+  - host: odd.test
+    http:
+      paths:
+      - {path: "/café/ü", pathType: Prefix, backend: {service: {name: web, port: {number: 8080}}}}
+      - {path: "/a//b/../c%zz*[x]", pathType: Exact, backend: {service: {name: web, port: {number: 8080}}}}
+      - {path: "/x/", pathType: Prefix, backend: {service: {name: web, port: {number: 8080}}}}
+      - {path: "///", pathType: Prefix, backend: {service: {name: web, port: {number: 8080}}}}
+      - {path: "/%s", pathType: ImplementationSpecific, backend: {service: {name: web, port: {number: 0}}}}
+      - {path: "", pathType: Prefix, backend: {service: {name: web, port: {number: 8080}}}}
+      - {path: "relative", pathType: Prefix, backend: {service: {name: web, port: {number: 8080}}}}
+  - host: "*.*.test"
+    http:
+      paths: [{path: /, pathType: Prefix, backend: {service: {name: web, port: {number: 8080}}}}]
+  - host: "ünï.test"
+    http:
+      paths: [{path: /, pathType: Prefix, backend: {service: {name: web, port: {number: 8080}}}}]
+  - host: "%s" % {"a" * 300}
+    http:
+      paths: [{path: /, pathType: Prefix, backend: {service: {name: web, port: {number: 8080}}}}]
+""".replace('"%s" % {"a" * 300}', "a" * 63 + ".test"))
+    gw.wait_config(lambda: served_by(gw, "/x/1", "odd.test") == (200, "web"))
+    wait_event(gw, "odd", "InvalidIngress", "'relative'")
+    wait_event(gw, "odd", "InvalidIngress", "'*.*.test'")
+    wait_event(gw, "b-second", "IngressConflict")
+    assert served_by(gw, "/", "app.example.com") == (200, "web")
+    # Envoy took every listener/route version we sent.
+    assert gw.cp.nacks() == []
+    status = {s["node_id"]: s for s in gw.cp.proxy_status()}[GatewayCluster.NODE_ID]
+    assert "NACK" not in json.dumps(status)
