@@ -111,6 +111,19 @@ class Cluster:
         wait_for(agent.synced, 10, message="agent watches not synced")
         return agent
 
+    @staticmethod
+    def settle(agent: Agent, passes: int = 2) -> None:
+        """Make ``agent`` run ``passes`` more reconcile passes (after everything queued so far)."""
+        target = agent.passes + passes
+
+        def done() -> bool:
+            if agent.passes >= target:
+                return True
+            agent.kick()  # queued kicks are merged into one pass: kick again until enough passes ran
+            return False
+
+        wait_for(done, 10, message="agent does not reconcile")
+
     def apply(self, manifests: str) -> None:
         for obj in (d for d in yaml.safe_load_all(manifests) if d):
             meta = obj.setdefault("metadata", {})

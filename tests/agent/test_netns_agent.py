@@ -69,8 +69,10 @@ def test_netns_runtime_enable_capture_adopt_disable(cluster: Cluster, podnet: tu
     cluster.apply(pod("web-6c9f-x1", "web", ip=None))
     cluster.label("deployments", "web", {"traffic.envoy.enabled": "true"})
     cluster.apply(pod("elsewhere", "web", ip="10.244.78.9", node="node-2"))  # another node's pod: not ours
-    passes = agent.passes
-    wait_for(lambda: agent.passes >= passes + 2, 10)
+    # A pod of this node whose network never shows up: retried with backoff, never blocks the others,
+    # reported as a Warning Event once it has waited a while (5 attempts: 0.2+0.4+0.8+1+1 s here).
+    cluster.apply(pod("web-6c9f-nonet", "web", ip="10.244.77.99"))
+    cluster.settle(agent)
     assert runtime.list() == [] and cluster.events("web-6c9f-x1") == []
     cluster.store.patch("pods", "web-6c9f-x1", {"status": {"podIP": APP_IP, "phase": "Running"}}, "default",
                         patch_type="merge", subresource="status")
@@ -95,11 +97,14 @@ def test_netns_runtime_enable_capture_adopt_disable(cluster: Cluster, podnet: tu
     code, body = curl(ns, f"http://{cluster.cluster_ip('blocked')}:9090/")
     assert code == 404 and "port not enabled" in body and blocked.hits == 0
 
+    waiting = wait_for(lambda: cluster.events("web-6c9f-nonet"), 15, message="no Event for the pod without network")
+    assert waiting[0]["reason"] == "SidecarWaiting" and "10.244.77.99" in waiting[0]["message"]
+    assert cluster.annotation("web-6c9f-nonet") is None and len(runtime.list()) == 1
+
     # A restarted agent adopts the running sidecar (same id and pid, no second Envoy).
     agent.stop()
     agent2 = cluster.agent(ProcessRuntime(state_dir))
-    passes = agent2.passes
-    wait_for(lambda: agent2.passes >= passes + 2, 10)
+    cluster.settle(agent2)
     [again] = ProcessRuntime(state_dir).list()
     assert again.id == sidecar_id and again.running
     assert json.load(open(os.path.join(state_dir, sidecar_id, "sidecar.json")))["pid"] == state["pid"]

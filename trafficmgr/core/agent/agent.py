@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 ANNOTATION = "traffic.envoy.proxy"
 #: Event reasons.
 REASON_FAILED = "SidecarFailed"
+REASON_WAITING = "SidecarWaiting"
+#: A pod whose network stays missing this many attempts (about 15 s with the default backoff) gets an Event.
+NETWORK_REPORT_AFTER = 5
 SIDECAR_CLUSTER = "sidecar"
 WATCHED_KINDS: tuple[Kind, ...] = (POD, REPLICA_SET, DEPLOYMENT, STATEFUL_SET, DAEMON_SET)
 
@@ -254,7 +257,7 @@ class Agent:
             try:
                 self.sync_pod(key, by_pod.get(key, []), verify=full or retry is not None)
             except NetworkNotReady as exc:
-                self._retry(key, exc, report=False)
+                self._retry(key, exc, report=False, reason=REASON_WAITING)
             except RuntimeUnavailable as exc:
                 self._runtime_failed(exc)
                 return
@@ -263,16 +266,17 @@ class Agent:
             else:
                 self._retries.pop(key, None)
 
-    def _retry(self, key: Key, exc: BaseException, report: bool) -> None:
+    def _retry(self, key: Key, exc: BaseException, report: bool, reason: str = REASON_FAILED) -> None:
         retry = self._retries.setdefault(key, _Retry())
         retry.failures += 1
+        report = report or retry.failures >= NETWORK_REPORT_AFTER
         delay = min(self.config.max_backoff_s, self.config.min_backoff_s * 2 ** (retry.failures - 1))
         retry.due = time.monotonic() + delay
         message = str(exc) or type(exc).__name__
         self.last_error = message
         raw = self.raw_pods.get(key)
         if report and raw is not None:
-            self.events.warn(_pod_ref(raw), f"sidecar: {message}", REASON_FAILED)  # also logs it
+            self.events.warn(_pod_ref(raw), f"sidecar: {message}", reason)  # also logs it
         else:
             log.info("pod %s/%s: %s (retrying in %.1fs)", key[0], key[1], message, delay)
 
