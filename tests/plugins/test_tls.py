@@ -195,3 +195,25 @@ def test_validate_rejects_what_envoy_would(pki: tuple[CA, dict[str, Cert]]) -> N
     assert "empty" in validate("", good.key)
     assert "encrypted" in validate(good.cert, good.key.replace("PRIVATE KEY", "ENCRYPTED PRIVATE KEY"))
     assert "private key" in validate(good.cert, "garbage")
+
+
+def test_only_referenced_tls_secrets_are_in_the_model(pki: tuple[CA, dict[str, Cert]], tmp_path: Path) -> None:
+    import yaml
+
+    from trafficmgr.core.controlplane import kinds_of
+    from trafficmgr.core.kube.assemble import Assembler
+
+    _, certs = pki
+    plugins = PluginHost.load(["ingress", "tls"])
+    asm = Assembler(plugins.labels, plugins.collect("trafficmgr_watch_kinds"))
+    secrets = [yaml.safe_load(secret_yaml(n, certs["shop"].cert, certs["shop"].key)) for n in ("shop-tls", "unused-tls")]
+    for s in secrets:
+        s["metadata"]["uid"] = s["metadata"]["name"]
+    ingress = yaml.safe_load(INGRESS)
+    kinds = {k.kind: k for k in kinds_of(plugins)}
+    asm.apply("RELIST", kinds["Secret"], secrets)
+    assert asm.model().extra["Secret"] == {}  # no Ingress yet
+    asm.apply("ADDED", kinds["Ingress"], ingress)
+    assert sorted(asm.model().extra["Secret"]) == [("default", "shop-tls")]
+    asm.apply("DELETED", kinds["Ingress"], ingress)
+    assert asm.model().extra["Secret"] == {}

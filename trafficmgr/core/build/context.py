@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -51,6 +51,11 @@ class WatchKind:
     namespaced: bool = True
     field_selector: str = ""
     label_selector: str = ""
+    #: Optional ``keep(extra) -> container of (namespace, name)``: called with every plugin kind's converted
+    #: objects (``{kind: {(namespace, name): obj}}``) each time the model is assembled; only the objects
+    #: of this kind whose key it returns appear in ``ctx.model.extra`` (e.g. only Secrets some Ingress
+    #: references). Keep it cheap.
+    keep: Callable[[Mapping[str, Mapping[tuple[str, str], Any]]], Container[tuple[str, str]]] | None = None
 
     @property
     def group(self) -> str:

@@ -136,8 +136,22 @@ class Assembler:
             services=dict(self.services),
             endpoints=dict(self.endpoints),
             pods=dict(self.pods),
-            extra={k: dict(v) for k, v in self.extra.items()},
+            extra=self._extra_model(),
         )
+
+    def _extra_model(self) -> dict[str, dict[Key, Any]]:
+        """Plugin kinds for the model; a kind with ``WatchKind.keep`` shows only the keys it keeps."""
+        extra = {k: dict(v) for k, v in self.extra.items()}
+        for kind, table in extra.items():
+            keep = self.extra_kinds[kind].keep
+            if keep is not None:
+                try:
+                    wanted = keep(extra)
+                except Exception:  # noqa: BLE001 - a plugin's filter must not stop the build
+                    log.exception("WatchKind %s keep() failed; none of its objects are in the model", kind)
+                    wanted = ()
+                extra[kind] = {key: obj for key, obj in table.items() if key in wanted}
+        return extra
 
     # -- labels -------------------------------------------------------------------------------
 

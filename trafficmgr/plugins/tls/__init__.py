@@ -5,12 +5,14 @@
 - Updating the Secret rotates the certificate without restarting Envoy (same SDS name, new content).
 - A missing or invalid Secret: its hosts are not served over TLS and the Ingress gets a Warning Event;
   everything else keeps working and Envoy never sees the bad Secret.
+- Only TLS Secrets referenced by an Ingress are in the model (other plugins never see other keys).
 - A host claimed by two Secrets: the oldest Ingress wins. A ``tls`` entry without hosts is the default
   certificate (TLS without SNI or with an SNI no chain names).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -51,7 +53,12 @@ class TlsChain:
 
 @hookimpl
 def trafficmgr_watch_kinds() -> list[WatchKind]:
-    return [WatchKind(SECRET, "v1", "secrets", convert_secret, field_selector=f"type={TLS_TYPE}")]
+    return [WatchKind(SECRET, "v1", "secrets", convert_secret, field_selector=f"type={TLS_TYPE}", keep=referenced)]
+
+
+def referenced(extra: Mapping[str, Mapping[tuple[str, str], Any]]) -> set[tuple[str, str]]:
+    """Only TLS Secrets some Ingress references (``spec.tls[].secretName``) are in the model."""
+    return {(ing.namespace, t.secret_name) for ing in (extra.get(INGRESS) or {}).values() for t in ing.tls}
 
 
 def tls_chains(ctx: BuildContext) -> list[TlsChain]:
