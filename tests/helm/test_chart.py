@@ -118,6 +118,11 @@ def test_control_plane_deployment_and_service() -> None:
     assert cp["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert {p["name"]: p["containerPort"] for p in cp["ports"]} == {"grpc-xds": 18000, "http-admin": 18080}
     assert pod_spec(dep)["serviceAccountName"] == RELEASE
+    # The ingress plugin is told which gateway it configures (else it would assume namespace "default").
+    assert {"--ingress-class=traffic", "--gateway-port=10000", "--gateway-service=traffic-ingress",
+            f"--gateway-namespace={NAMESPACE}"} <= set(cp["args"])
+    lb_only = container(one(render({"plugins": ["lb"]}), "Deployment", RELEASE), "control-plane")["args"]
+    assert not [a for a in lb_only if a.startswith(("--ingress-class", "--gateway-"))]
     svc = one(objects, "Service", RELEASE)
     assert {p["port"] for p in svc["spec"]["ports"]} == {18000, 18080}
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]

@@ -12,20 +12,11 @@ from typing import Any
 import pytest
 
 from tests.helm.chart import BUILTIN_PLUGINS, RELEASE, find, one, render
-from trafficmgr.core.build.context import WatchKind
 from trafficmgr.core.controlplane import kinds_of
 from trafficmgr.core.plugins import PluginHost
 
 Grant = tuple[str, str, str]  # (apiGroup, resource, verb)
 READ = ("get", "list", "watch")
-
-# The ingress and tls plugins are placeholders until their issues land; the chart already grants what the
-# design gives them (ARCHITECTURE.md: Ingresses + IngressClasses; kubernetes.io/tls Secrets). While such a
-# plugin declares no watch kind, these are expected in its place; once it declares any, only its code counts.
-DESIGNED_READS: dict[str, set[tuple[str, str]]] = {
-    "ingress": {("networking.k8s.io", "ingresses"), ("networking.k8s.io", "ingressclasses")},
-    "tls": {("", "secrets")},
-}
 
 SELECTIONS = [
     BUILTIN_PLUGINS,
@@ -44,12 +35,7 @@ def _group(kind: Any) -> str:
 
 def reads_of(selection: list[str]) -> set[tuple[str, str]]:
     """(group, plural) of every kind the control plane watches with this plugin selection."""
-    reads = {(_group(k), k.plural) for k in kinds_of(PluginHost.load(selection))}
-    for name in selection:
-        own = [k for k in PluginHost.load([name]).collect("trafficmgr_watch_kinds") if isinstance(k, WatchKind)]
-        if not own and name in DESIGNED_READS:
-            reads |= DESIGNED_READS[name]
-    return reads
+    return {(_group(k), k.plural) for k in kinds_of(PluginHost.load(selection))}
 
 
 def expected_grants(selection: list[str]) -> set[Grant]:
