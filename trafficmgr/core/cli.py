@@ -52,7 +52,7 @@ PROG = "trafficmgr"
 ENV_SERVER = "TRAFFICMGR_SERVER"
 #: Modules imported by :func:`main` so that they can call :func:`register_command`.
 COMMAND_MODULES: list[str] = ["trafficmgr.core.serve", "trafficmgr.apps.zipkin", "trafficmgr.core.agent.cli",
-                              "trafficmgr.apps.text_response"]
+                              "trafficmgr.apps.text_response", "trafficmgr.apps.bookinfo", "trafficmgr.local.demo", "trafficmgr.bench"]
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 

@@ -1,0 +1,325 @@
+"""``trafficmgr bench``: a scale benchmark of the whole pipeline (not a test).
+
+Against the test API server (a subprocess, loaded with objects through its HTTP API as a cluster would be),
+with the real control plane in this process and simulated Envoys in another:
+
+1. cold build: S services x P pods, every policy plugin enabled, labels on a realistic share of services;
+2. incremental change: one pod's weight label; CPU of the sync loop and resources re-serialized;
+3. propagation: K simulated ADS clients (+ one real Envoy when available), 20 label changes made through
+   the API: time from the API write to the last client's ACK, p50/p99, state-of-the-world and delta;
+4. limit: the same push by a minimal ADS loop sending prebuilt bytes; ``overhead_ratio`` = ours / minimal;
+5. memory: control-plane RSS with everything loaded and the largest K connected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+POLICY_LABELS = [
+    {"traffic.lb.policy": "RING_HASH", "traffic.hash.cookie.name": "session", "traffic.hash.cookie.ttl": "60000"},
+    {"traffic.retries.5xx": "2", "traffic.request.timeout": "3000", "traffic.request.max": "100"},
+    {"traffic.fault.delay.time": "10", "traffic.fault.delay.percentage": "1"},
+    {"traffic.rate.limit": "1024", "traffic.request.rate": "500"},
+    {"traffic.tracing.enabled": "true", "traffic.tracing.sampling": "10"},
+]
+
+
+def rss_mb(pid: int | None = None) -> float:
+    with open(f"/proc/{pid or 'self'}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+class Api:
+    """The test API server as a subprocess, and plain HTTP writes to it."""
+
+    def __init__(self, workdir: Path) -> None:
+        from trafficmgr.testing.envoy import free_port
+
+        self.port = free_port()
+        self.kubeconfig = workdir / "kubeconfig"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "trafficmgr.apiserver", "--port", str(self.port), "--kubeconfig", str(self.kubeconfig),
+             "--history", "200000"],
+            stdout=subprocess.DEVNULL, stderr=open(workdir / "apiserver.log", "wb"),
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(self.url + "/version", timeout=1).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("the test API server did not start") from None
+                time.sleep(0.05)
+
+    def request(self, method: str, path: str, body: Any, ctype: str = "application/json") -> None:
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method=method,
+                                     headers={"Content-Type": ctype})
+        urllib.request.urlopen(req, timeout=60).read()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def load(api: Api, services: int, pods: int) -> float:
+    """Create S services (policy labels on every other one) and S*P ready pods; returns seconds."""
+    t = time.perf_counter()
+    svc_bodies, pod_bodies = [], []
+    for i in range(services):
+        labels = {"traffic.port.9080": "http"}
+        if i % 2 == 0:
+            labels.update(POLICY_LABELS[(i // 2) % len(POLICY_LABELS)])
+        svc_bodies.append({"apiVersion": "v1", "kind": "Service",
+                           "metadata": {"name": f"svc-{i}", "namespace": "default", "labels": labels},
+                           "spec": {"selector": {"app": f"svc-{i}"}, "ports": [{"name": "http", "port": 9080, "targetPort": 9080}]}})
+        for j in range(pods):
+            n = i * pods + j
+            pod_bodies.append({"apiVersion": "v1", "kind": "Pod",
+                               "metadata": {"name": f"svc-{i}-{j}", "namespace": "default", "labels": {"app": f"svc-{i}"}},
+                               "spec": {"nodeName": "node-1", "containers": [{"name": "app", "image": "app"}]},
+                               "status": {"podIP": f"10.{64 + n // 65536}.{(n // 256) % 256}.{n % 256}",
+                                          "conditions": [{"type": "Ready", "status": "True"}]}})
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda b: api.request("POST", "/api/v1/namespaces/default/services", b), svc_bodies))
+        list(pool.map(lambda b: api.request("POST", "/api/v1/namespaces/default/pods", b), pod_bodies))
+    return time.perf_counter() - t
+
+
+class Clients:
+    """The simulated-clients subprocess (``trafficmgr.bench.clients``)."""
+
+    def __init__(self, target: str, count: int, delta: bool, services: int, pods: int) -> None:
+        cmd = [sys.executable, "-m", "trafficmgr.bench.clients", "--target", target, "--clients", str(count),
+               "--services", str(services), "--pods", str(pods)]
+        if delta:
+            cmd.append("--delta")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+
+    def ask(self, **cmd: Any) -> dict[str, Any]:
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the simulated clients exited")
+        return json.loads(line)
+
+    def close(self) -> None:
+        try:
+            self.ask(cmd="quit")
+        except Exception:  # noqa: BLE001 - it may be gone already
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def run_bench(services: int = 1000, pods: int = 10, clients: tuple[int, ...] = (100, 1000), changes: int = 20,
+              with_envoy: bool = True) -> dict[str, Any]:
+    """Run every phase and return the result dict (see the module docstring)."""
+    from trafficmgr.core.controlplane import ControlPlane
+    from trafficmgr.core.kube.client import KubeClient, load_api_client
+    from trafficmgr.core.plugins import PluginHost
+    from trafficmgr.core.xds.server import XdsServerThread
+    from trafficmgr.bench.minimal import MinimalAds
+
+    workdir = Path(tempfile.mkdtemp(prefix="tm-bench-"))
+    result: dict[str, Any] = {"services": services, "pods": services * pods, "clients": list(clients)}
+    api = Api(workdir)
+    envoy = None
+    cp = None
+    xds = None
+    try:
+        result["load_s"] = round(load(api, services, pods), 2)
+        rss0 = rss_mb()
+        options = argparse.Namespace(xds_auth="none", sidecar_port=10000, sidecar_address="0.0.0.0",
+                                     zipkin_address="127.0.0.1:9411")
+        cp = ControlPlane(PluginHost.load(), options, KubeClient(load_api_client(str(api.kubeconfig))))
+        xds = XdsServerThread(cp.cache, "127.0.0.1", 0, authorizer=cp.authorize).start()
+        cp.xds = xds
+        t = time.perf_counter()
+        cp.start_watches()
+        if not cp.wait_ready(300):
+            raise RuntimeError(f"control plane not ready: {cp.ready()[1]}")
+        result["cold_build_s"] = round(time.perf_counter() - t, 3)
+        first = cp.cache.get("sidecar")
+        assert first is not None
+        result["cold_build_only_s"] = round(cp.builder.stats.seconds, 3) if cp.builds == 1 else None
+        result["resources"] = first.resource_count()
+        result["bytes"] = sum(len(r.body) for ts in first.types.values() for r in ts.resources.values())
+        result["rss_mb_after_build"] = round(rss_mb(), 1)
+        result["rss_mb_model_and_snapshots"] = round(rss_mb() - rss0, 1)
+
+        if with_envoy:
+            envoy = _start_envoy(xds.port, workdir)
+
+        # Incremental change: one pod's weight, through the API.
+        cpu, ser = [], []
+        for i in range(5):
+            cp.last_cycle = {}
+            api.request("PATCH", "/api/v1/namespaces/default/pods/svc-7-0",
+                        {"metadata": {"labels": {"traffic.endpoint.weight": str(10 + i)}}}, "application/merge-patch+json")
+            deadline = time.monotonic() + 10
+            while not cp.last_cycle and time.monotonic() < deadline:
+                time.sleep(0.002)
+            cpu.append(cp.last_cycle.get("cpu_ms", float("nan")))
+            ser.append(int(cp.last_cycle.get("serialized", -1)))
+        result["incremental_cpu_ms"] = round(statistics.median(cpu), 3)
+        result["incremental_cpu_ms_all"] = [round(c, 3) for c in cpu]
+        result["incremental_resources_reserialized"] = statistics.median(ser)
+
+        # Propagation, then the minimal loop with the same clients.
+        prop50: dict[str, dict[str, float]] = {"sotw": {}, "delta": {}}
+        prop99: dict[str, dict[str, float]] = {"sotw": {}, "delta": {}}
+        min50: dict[str, dict[str, float]] = {"sotw": {}, "delta": {}}
+        ratio: dict[str, dict[str, float]] = {"sotw": {}, "delta": {}}
+        rss_streams = 0.0
+        weight = 20
+        for k in clients:
+            for mode in ("sotw", "delta"):
+                sim = Clients(f"127.0.0.1:{xds.port}", k, mode == "delta", services, pods)
+                try:
+                    ready = sim.ask(cmd="ready", timeout=180)["ready"]
+                    if ready < k:
+                        raise RuntimeError(f"only {ready} of {k} simulated clients got config")
+                    rss_streams = max(rss_streams, rss_mb())
+                    worst = []
+                    for _ in range(changes):
+                        weight = weight % 120 + 1
+                        sim.ask(cmd="drain")
+                        since = time.time()
+                        api.request("PATCH", "/api/v1/namespaces/default/pods/svc-11-0",
+                                    {"metadata": {"labels": {"traffic.endpoint.weight": str(weight)}}},
+                                    "application/merge-patch+json")
+                        lat = sim.ask(cmd="wait", since=since, type="endpoints", timeout=60)["latency_ms"]
+                        worst.append(max(lat) if lat else float("nan"))
+                    prop50[mode][str(k)] = round(_pct(worst, 0.5), 2)
+                    prop99[mode][str(k)] = round(_pct(worst, 0.99), 2)
+                finally:
+                    sim.close()
+                snap = cp.cache.get("sidecar")
+                assert snap is not None
+                minimal = MinimalAds(snap).start()
+                sim = Clients(f"127.0.0.1:{minimal.port}", k, mode == "delta", services, pods)
+                try:
+                    sim.ask(cmd="ready", timeout=180)
+                    worst = []
+                    for i in range(changes):
+                        sim.ask(cmd="drain")
+                        since = time.time()
+                        minimal.push(f"min-{i}")
+                        lat = sim.ask(cmd="wait", since=since, type="endpoints", timeout=60)["latency_ms"]
+                        worst.append(max(lat) if lat else float("nan"))
+                    min50[mode][str(k)] = round(_pct(worst, 0.5), 2)
+                finally:
+                    sim.close()
+                    minimal.stop()
+                ratio[mode][str(k)] = round(prop50[mode][str(k)] / min50[mode][str(k)], 2) if min50[mode][str(k)] else None
+        result["propagation_p50_ms"] = prop50
+        result["propagation_p99_ms"] = prop99
+        result["minimal_p50_ms"] = min50
+        result["overhead_ratio"] = ratio
+        result["rss_mb"] = round(rss_streams, 1)
+        if envoy is not None:
+            result["real_envoy_synced"] = _envoy_synced(envoy, cp)
+        result["nacks"] = len(xds.nacks())
+        return result
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        if cp is not None:
+            cp.stop()
+        if xds is not None:
+            xds.stop(0.5)
+        api.stop()
+
+
+def _start_envoy(port: int, workdir: Path) -> Any:
+    from trafficmgr.core.bootstrap import bootstrap
+    from trafficmgr.core.envoy import EnvoyNotFound
+    from trafficmgr.testing.envoy import EnvoyProcess
+
+    cfg = bootstrap("svc-0-0.default", "sidecar", "127.0.0.1", port, admin_port=0)
+    # The sidecar listener binds 0.0.0.0:10000; the bench Envoy only needs to accept config.
+    try:
+        return EnvoyProcess(cfg, workdir / "envoy", wait="admin").start()
+    except (EnvoyNotFound, Exception):  # noqa: BLE001 - the benchmark still runs without it
+        return None
+
+
+def _envoy_synced(envoy: Any, cp: Any) -> bool:
+    snap = cp.cache.get("sidecar")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            dump = envoy.config_dump(include_eds=False)
+            versions = {c.get("version_info") for cfg in dump.get("configs", []) for c in cfg.get("dynamic_active_clusters", [])}
+            if snap is not None and snap.types[next(iter(snap.types))].version in versions:
+                return True
+        except Exception:  # noqa: BLE001
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def _setup(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--services", type=int, default=1000, help="services (default 1000)")
+    parser.add_argument("--pods", type=int, default=10, help="pods per service (default 10)")
+    parser.add_argument("--clients", default="100,1000", help="simulated xDS clients, comma-separated (default 100,1000)")
+    parser.add_argument("--changes", type=int, default=20, help="label changes per propagation run (default 20)")
+    parser.add_argument("--no-envoy", action="store_true", help="do not connect a real Envoy")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from trafficmgr.core.cli import CliError
+
+    try:
+        clients = tuple(int(c) for c in args.clients.split(",") if c.strip())
+    except ValueError:
+        raise CliError(f"--clients must be comma-separated numbers, not {args.clients!r}") from None
+    if args.services < 1 or args.pods < 1 or not clients or min(clients) < 1 or args.changes < 1:
+        raise CliError("--services, --pods, --clients and --changes must be positive")
+    result = run_bench(args.services, args.pods, clients, args.changes, not args.no_envoy)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:36} {value}")
+    return 0
+
+
+def _register() -> None:
+    from trafficmgr.core.cli import register_command
+
+    register_command("bench", "scale benchmark of the whole pipeline (not a test)", _setup, _run, replace=True)
+
+
+_register()
+__all__ = ["run_bench", "rss_mb"]

@@ -1,0 +1,197 @@
+"""Simulated xDS clients for the benchmark: K ADS streams that behave like Envoy.
+
+Each stream subscribes to clusters and listeners (wildcard), then to the endpoints and routes those name,
+and ACKs every response. Run as ``python -m trafficmgr.bench.clients --target HOST:PORT --clients K
+[--delta]``; it reads commands on stdin and answers on stdout, one JSON line each:
+
+- ``{"cmd": "ready"}`` -> ``{"ready": n}`` once every stream has ACKed at least one endpoints response;
+- ``{"cmd": "wait", "since": T, "type": "endpoints"}`` -> ``{"latency_ms": [...]}``: for every stream,
+  the time from wall-clock ``T`` until it ACKed the first response of that type received after the
+  command arrived (the caller sends the command right after making the change);
+- ``{"cmd": "quit"}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from typing import Any
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+
+from trafficmgr.core import cache
+
+SOTW = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+DELTA = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
+SHORT = {cache.CLUSTER: "clusters", cache.ENDPOINT: "endpoints", cache.LISTENER: "listeners", cache.ROUTE: "routes"}
+
+
+class SimClient:
+    """One simulated Envoy stream."""
+
+    def __init__(self, channel: grpc.aio.Channel, node_id: str, delta: bool) -> None:
+        self.node = base_pb2.Node(id=node_id, cluster="bench")
+        self.delta = delta
+        self.channel = channel
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.acked: dict[str, float] = {}  # short type -> time of the last ACK
+        self.counts: dict[str, int] = {}
+        self.eds_names: set[str] = set()
+        self.rds_names: set[str] = set()
+        self.first = True
+
+    def _req(self, type_url: str, **kw: Any) -> Any:
+        cls = discovery_pb2.DeltaDiscoveryRequest if self.delta else discovery_pb2.DiscoveryRequest
+        msg = cls(type_url=type_url, **kw)
+        if self.first:
+            msg.node.CopyFrom(self.node)
+            self.first = False
+        return msg
+
+    async def run(self) -> None:
+        method = DELTA if self.delta else SOTW
+        resp_cls = discovery_pb2.DeltaDiscoveryResponse if self.delta else discovery_pb2.DiscoveryResponse
+        call = self.channel.stream_stream(method, request_serializer=lambda m: m.SerializeToString(),
+                                          response_deserializer=resp_cls.FromString)()
+        await call.write(self._req(cache.CLUSTER))
+        await call.write(self._req(cache.LISTENER))
+        async for resp in call:
+            await self._on_response(call, resp)
+
+    async def _on_response(self, call: Any, resp: Any) -> None:
+        t = resp.type_url
+        if self.delta:
+            names = [r.name for r in resp.resources]
+        else:
+            names = []
+            if t in (cache.CLUSTER, cache.LISTENER):
+                for any_msg in resp.resources:
+                    names.append(_name_of(t, any_msg))
+        if t == cache.CLUSTER and names:
+            new = set(names) if not self.delta else self.eds_names | set(names)
+            if new != self.eds_names:
+                added = new - self.eds_names
+                self.eds_names = new
+                if self.delta:
+                    await call.write(self._req(cache.ENDPOINT, resource_names_subscribe=sorted(added)))
+                else:
+                    await call.write(self._req(cache.ENDPOINT, resource_names=sorted(new)))
+        if t == cache.LISTENER and names:
+            routes = set()
+            for any_msg in resp.resources:
+                routes |= _route_names(any_msg.resource if self.delta else any_msg)
+            if routes - self.rds_names:
+                added = routes - self.rds_names
+                self.rds_names |= routes
+                if self.delta:
+                    await call.write(self._req(cache.ROUTE, resource_names_subscribe=sorted(added)))
+                else:
+                    await call.write(self._req(cache.ROUTE, resource_names=sorted(self.rds_names)))
+        # ACK
+        if self.delta:
+            await call.write(self._req(t, response_nonce=resp.nonce))
+        else:
+            subscribed = sorted(self.eds_names) if t == cache.ENDPOINT else sorted(self.rds_names) if t == cache.ROUTE else []
+            await call.write(self._req(t, response_nonce=resp.nonce, version_info=resp.version_info, resource_names=subscribed))
+        short = SHORT.get(t, t)
+        now = time.time()
+        self.acked[short] = now
+        self.counts[short] = self.counts.get(short, 0) + 1
+        self.queue.put_nowait((short, now))
+
+
+def _name_of(type_url: str, any_msg: Any) -> str:
+    from trafficmgr.core.build.resources import message_class
+
+    msg = message_class(type_url)()
+    msg.ParseFromString(any_msg.value)
+    return msg.name
+
+
+def _route_names(any_msg: Any) -> set[str]:
+    from envoy.config.listener.v3 import listener_pb2
+    from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+
+    lst = listener_pb2.Listener()
+    lst.ParseFromString(any_msg.value)
+    out = set()
+    for chain in lst.filter_chains:
+        for f in chain.filters:
+            if f.typed_config.type_url.endswith("HttpConnectionManager"):
+                hcm = hcm_pb2.HttpConnectionManager()
+                hcm.ParseFromString(f.typed_config.value)
+                if hcm.HasField("rds"):
+                    out.add(hcm.rds.route_config_name)
+    return out
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    channels = [grpc.aio.insecure_channel(args.target, options=[("grpc.max_receive_message_length", -1)])
+                for _ in range(max(1, args.clients // 100))]
+    # Node ids of pods that exist (``svc-<i>-<j>.default``), as real sidecars would claim.
+    n_pods = args.services * args.pods
+    clients = [SimClient(channels[i % len(channels)], f"svc-{(i % n_pods) // args.pods}-{i % args.pods}.default", args.delta)
+               for i in range(args.clients)]
+    tasks = [asyncio.create_task(c.run()) for c in clients]
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+
+    def out(obj: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    while True:
+        line = await reader.readline()
+        if not line:
+            break
+        cmd = json.loads(line)
+        if cmd["cmd"] == "quit":
+            break
+        if cmd["cmd"] == "ready":
+            deadline = time.monotonic() + cmd.get("timeout", 120)
+            while time.monotonic() < deadline and not all("endpoints" in c.acked and "routes" in c.acked for c in clients):
+                await asyncio.sleep(0.05)
+            out({"ready": sum(1 for c in clients if "endpoints" in c.acked)})
+        elif cmd["cmd"] == "drain":
+            for c in clients:
+                while not c.queue.empty():
+                    c.queue.get_nowait()
+            out({"drained": True})
+        elif cmd["cmd"] == "wait":
+            since, want = cmd["since"], cmd.get("type", "endpoints")
+
+            async def first(c: SimClient) -> float:
+                while True:
+                    short, t = await c.queue.get()
+                    if short == want and t >= since:
+                        return (t - since) * 1000
+
+            try:
+                lat = await asyncio.wait_for(asyncio.gather(*(first(c) for c in clients)), cmd.get("timeout", 60))
+            except asyncio.TimeoutError:
+                lat = []
+            out({"latency_ms": lat})
+    for t in tasks:
+        t.cancel()
+    for ch in channels:
+        await ch.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--target", required=True)
+    p.add_argument("--clients", type=int, default=100)
+    p.add_argument("--delta", action="store_true")
+    p.add_argument("--services", type=int, default=1000, help="services loaded (node ids name their pods)")
+    p.add_argument("--pods", type=int, default=10, help="pods per service")
+    asyncio.run(main_async(p.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
