@@ -146,12 +146,13 @@ class Controllers:
 
     ``endpointslices``: EndpointSlice controller and clusterIP allocation (default on).
     ``workloads``: Deployment -> ReplicaSet -> Pod controllers using ``pod_runtime``
-    (default ``FakePodRuntime``).
+    (default ``FakePodRuntime``). ``service_cidr``: where Service clusterIPs come from.
     """
 
     def __init__(self, store: Store, endpointslices: bool = True, workloads: bool = False,
-                 pod_runtime: PodRuntime | None = None) -> None:
+                 pod_runtime: PodRuntime | None = None, service_cidr: str = "10.96.0.0/16") -> None:
         self.store = store
+        self.service_cidr = service_cidr
         self.endpointslices = endpointslices
         self.workloads = workloads
         self.runtime: PodRuntime = pod_runtime or FakePodRuntime()
@@ -170,7 +171,7 @@ class Controllers:
         if self._thread is not None or not (self.endpointslices or self.workloads):
             return
         if self.endpointslices:
-            self._allocator = ClusterIPAllocator(self.store)
+            self._allocator = ClusterIPAllocator(self.store, self.service_cidr)
             self.store.add_admission(self._allocator)
         with self.store.lock:
             self.store.subscribe(self._on_event)

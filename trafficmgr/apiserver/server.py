@@ -478,13 +478,14 @@ class APIServer:
     event history at start so watches from old resourceVersions get 410. ``history``: event window
     size for a new store. ``bookmark_interval``: seconds between BOOKMARK events.
     ``endpointslice_controller`` (default on) maintains EndpointSlices and Service clusterIPs;
-    ``workload_controllers`` (default off) runs Deployment -> ReplicaSet -> Pod with ``pod_runtime``.
+    ``workload_controllers`` (default off) runs Deployment -> ReplicaSet -> Pod with ``pod_runtime``;
+    ``service_cidr`` is where Service clusterIPs come from (local mode uses 127.2.0.0/16).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, store: Store | None = None,
                  fresh_window: bool = False, history: int = 10000, bookmark_interval: float = 2.0,
                  endpointslice_controller: bool = True, workload_controllers: bool = False,
-                 pod_runtime: PodRuntime | None = None) -> None:
+                 pod_runtime: PodRuntime | None = None, service_cidr: str = "10.96.0.0/16") -> None:
         self.host = host
         self.port = port
         self.store = store if store is not None else Store(history=history)
@@ -493,7 +494,8 @@ class APIServer:
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.controllers = Controllers(self.store, endpointslices=endpointslice_controller,
-                                       workloads=workload_controllers, pod_runtime=pod_runtime)
+                                       workloads=workload_controllers, pod_runtime=pod_runtime,
+                                       service_cidr=service_cidr)
 
     @property
     def url(self) -> str:

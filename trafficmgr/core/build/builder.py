@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 HTTP, TCP, DIRECT = "http", "tcp", "direct"
 PORT_LABEL_PREFIX = "traffic.port."
 OUTBOUND_LISTENER = "outbound"
+#: ``--explicit-proxy``: the internal listener serving explicit HTTP proxy requests, and its routes.
+PROXY_LISTENER = "outbound_proxy"
+PROXY_ROUTE = "outbound|proxy"
 BLOCKED_BODY = "trafficmgr: port not enabled (label the service with traffic.port.<port>=http|tcp|direct)\n"
 DEFAULT_CONNECT_TIMEOUT_MS = 60000
 
@@ -57,7 +60,7 @@ def route_config_name(port: int) -> str:
 
 
 def default_options() -> argparse.Namespace:
-    return argparse.Namespace(sidecar_port=10000, sidecar_address="0.0.0.0")
+    return argparse.Namespace(sidecar_port=10000, sidecar_address="0.0.0.0", explicit_proxy=False)
 
 
 @attrs.define
@@ -110,6 +113,8 @@ class Builder:
         self._listener_inputs: tuple[Any, ...] | None = None
         self._pod_services: dict[tuple[str, str], tuple[Pod, Service]] = {}
         self._blocked: dict[int | None, listener_components_pb2.FilterChain] = {}
+        self._proxy: tuple[Any, ...] | None = None
+        self._blocked_vh: route_components_pb2.VirtualHost | None = None
 
     # -- public -------------------------------------------------------------------------------
 
@@ -147,6 +152,8 @@ class Builder:
                 listener, routes = self._sidecar_listener(ctx, outputs)
                 resources[cache.LISTENER].append(listener)
                 resources[cache.ROUTE].extend(routes)
+                if self.options.explicit_proxy:
+                    resources[cache.LISTENER].append(self._proxy_listener(ctx))
             for res in self.plugins.collect("trafficmgr_resources", what=f"{role} resources", ctx=ctx):
                 if res.type_url == cache.SECRET and role != GATEWAY:
                     log.error("a plugin contributed secret %r to the %s view: dropped (secrets go to gateways only)", res.name, role)
@@ -458,6 +465,9 @@ class Builder:
         for stale in [k for k in self._vhosts if k[0] == ctx.role and k not in used_vhosts]:
             del self._vhosts[stale]
         routes = [self._route_config(ctx, route_config_name(p), vhosts_by_port[p]) for p in sorted(vhosts_by_port)]
+        if self.options.explicit_proxy:
+            every = [vh for p in sorted(vhosts_by_port) for vh in vhosts_by_port[p]]
+            routes.append(self._route_config(ctx, PROXY_ROUTE, [*every, self._blocked_vhost()]))
         live_routes = {(ctx.role, r.name) for r in routes}
         for stale in [k for k in self._route_configs if k[0] == ctx.role and k not in live_routes]:
             del self._route_configs[stale]
@@ -472,6 +482,10 @@ class Builder:
         lst = listener_pb2.Listener(name=OUTBOUND_LISTENER, stat_prefix=OUTBOUND_LISTENER)
         lst.address.CopyFrom(socket_address(self.options.sidecar_address, int(self.options.sidecar_port)))
         lst.traffic_direction = base_pb2.OUTBOUND
+        if self.options.explicit_proxy:
+            # Local mode: nothing is redirected without iptables, and every sidecar of the machine would
+            # bind the same port; the listener still exists so both modes share one configuration.
+            lst.bind_to_port.value = False
         lst.listener_filters.add(name="envoy.filters.listener.original_dst", typed_config=pack(original_dst_pb2.OriginalDst()))
         inspector = lst.listener_filters.add(name="envoy.filters.listener.http_inspector", typed_config=pack(http_inspector_pb2.HttpInspector()))
         if tcp_ports:
@@ -518,6 +532,38 @@ class Builder:
             vhost = self._vhost(ctx, svc, port) if port.protocol == HTTP else None
             parts.append((port, ips, chain, vhost, key))
         return parts
+
+    def _blocked_vhost(self) -> route_components_pb2.VirtualHost:
+        """Catch-all virtual host of the explicit proxy routes: the blocked chains' 404."""
+        if self._blocked_vh is None:
+            vh = route_components_pb2.VirtualHost(name="blocked", domains=["*"])
+            r = vh.routes.add()
+            r.match.prefix = "/"
+            r.direct_response.status = 404
+            r.direct_response.body.inline_string = BLOCKED_BODY
+            self._blocked_vh = vh
+        return self._blocked_vh
+
+    def _proxy_listener(self, ctx: BuildContext) -> cache.Resource:
+        """``--explicit-proxy`` (local mode, no iptables): internal listener ``outbound_proxy`` serving
+        explicit HTTP proxy requests (``curl -x``) with the sidecar's filters and route configuration
+        ``outbound|proxy`` (the virtual hosts of every HTTP port, then a catch-all answering the blocked
+        404). It has no address: each sidecar's bootstrap forwards its own ``<pod IP>:15001`` to it (an
+        Envoy internal listener), so one listener serves every sidecar of the shared view."""
+        ctx.service = ctx.port = None
+        filters = self._http_filters(ctx)
+        if self._proxy is not None and self._proxy[0] is filters:
+            return self._proxy[1]
+        ctx.listener_name = PROXY_LISTENER
+        hcm = self._hcm(ctx, PROXY_LISTENER, filters, PROXY_ROUTE)
+        lst = listener_pb2.Listener(name=PROXY_LISTENER, stat_prefix=PROXY_LISTENER)
+        lst.internal_listener.SetInParent()
+        lst.traffic_direction = base_pb2.OUTBOUND
+        lst.filter_chains.add(name="proxy").filters.add(name="envoy.filters.network.http_connection_manager", typed_config=pack(hcm))
+        self.plugins.mutate("trafficmgr_listener", lst, what=PROXY_LISTENER, ctx=ctx)
+        res = self.resource(lst, PROXY_LISTENER, [(cache.ROUTE, PROXY_ROUTE)])
+        self._proxy = (filters, res)
+        return res
 
     def _blocked_chain(self, port: int | None) -> listener_components_pb2.FilterChain:
         """HTTP to a destination no chain serves gets a 404 explaining why; other TCP is closed.
