@@ -23,8 +23,6 @@ import gzip
 import http.server
 import json
 import re
-import signal
-import socket
 import sys
 import threading
 import time
@@ -33,6 +31,8 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
+
+from trafficmgr.apps.base import ThreadedHTTPApp, app_command, serve_until_signal
 
 DEFAULT_PORT = 9411
 MAX_BODY = 64 * 1024 * 1024
@@ -186,25 +186,15 @@ def _int_param(query: dict[str, list[str]], name: str, default: int | None) -> i
         raise BadRequest(f"{name} must be an integer") from None
 
 
-class ZipkinCollector:
+class ZipkinCollector(ThreadedHTTPApp):
     """The collector as an object: ``start()`` serves on ``host:port`` (0 = any free port) in a thread."""
 
+    thread_name = "zipkin"
+
     def __init__(self, host: str = "127.0.0.1", port: int = DEFAULT_PORT, max_spans: int = 100_000) -> None:
-        self.host = host
-        self._port = port
+        super().__init__(host, port)
         self.store = SpanStore(max_spans)
         self.posts = 0
-        self._server: http.server.ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def port(self) -> int:
-        return self._port
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self._port}"
 
     def spans(self) -> list[dict[str, Any]]:
         """Every stored span (a copy), in arrival order."""
@@ -213,7 +203,7 @@ class ZipkinCollector:
     def clear(self) -> None:
         self.store.clear()
 
-    def start(self) -> ZipkinCollector:
+    def make_handler(self) -> type[http.server.BaseHTTPRequestHandler]:
         collector = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -283,32 +273,7 @@ class ZipkinCollector:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        class Server(http.server.ThreadingHTTPServer):
-            daemon_threads = True
-            allow_reuse_address = True
-            address_family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-
-        self._server = Server((self.host, self._port), Handler)
-        self._port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="zipkin", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
-
-    def __enter__(self) -> ZipkinCollector:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        return Handler
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -322,44 +287,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
     """Serve until SIGTERM/SIGINT (or ``stop``); OSError when the address cannot be bound."""
-    collector = ZipkinCollector(args.host, args.port, args.max_spans).start()
-    print(f"zipkin collector on {collector.url} (POST /api/v2/spans)", file=sys.stderr, flush=True)
-    stop = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    collector.stop()
-    return 0
+    collector = ZipkinCollector(args.host, args.port, args.max_spans)
+    return serve_until_signal(collector, "zipkin collector on {url} (POST /api/v2/spans)", stop)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trafficmgr.apps.zipkin", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return serve(args)
-    except OSError as exc:
-        parser.exit(1, f"zipkin: error: cannot listen on {args.host}:{args.port}: {exc}\n")
-
-
-def _cli_run(args: argparse.Namespace) -> int:
-    from trafficmgr.core.cli import CliError
-
-    try:
-        return serve(args)
-    except OSError as exc:
-        raise CliError(f"cannot listen on {args.host}:{args.port}: {exc} (use --port)") from None
-
-
-def _register() -> None:
-    from trafficmgr.core.cli import register_command
-
-    register_command("zipkin", "run a small in-memory Zipkin collector (API v2) for local mode and tests",
-                     add_arguments, _cli_run, replace=True)
-
-
-_register()
+main = app_command("zipkin", "run a small in-memory Zipkin collector (API v2) for local mode and tests", add_arguments, serve)
 
 if __name__ == "__main__":
     sys.exit(main())

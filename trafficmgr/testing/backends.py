@@ -15,17 +15,17 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from trafficmgr.apps.base import ThreadedHTTPApp
 
-class HttpBackend:
+
+class HttpBackend(ThreadedHTTPApp):
     """A threaded HTTP/1.1 server. ``start()`` / ``stop()``, or use as a context manager."""
 
     def __init__(self, name: str, host: str = "127.0.0.1", port: int = 0) -> None:
+        super().__init__(host, port)
         self.name = name
-        self.host = host
-        self._port = port
+        self.thread_name = f"backend-{name}"
         self._lock = threading.Lock()
-        self._server: http.server.ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
         self.hits = 0
         self.requests: deque[dict[str, Any]] = deque(maxlen=1000)
         self.status = 200
@@ -77,7 +77,7 @@ class HttpBackend:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    def start(self) -> HttpBackend:
+    def make_handler(self) -> type[http.server.BaseHTTPRequestHandler]:
         backend = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -118,41 +118,7 @@ class HttpBackend:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        class Server(http.server.ThreadingHTTPServer):
-            daemon_threads = True
-            allow_reuse_address = True
-            request_queue_size = 128
-
-        self._server = Server((self.host, self._port), Handler)
-        self._port = self._server.server_address[1]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name=f"backend-{self.name}", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
-
-    def __enter__(self) -> HttpBackend:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        return self._port
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self._port}"
+        return Handler
 
     def __repr__(self) -> str:
         return f"HttpBackend({self.name!r}, {self.host}:{self._port}, hits={self.hits})"

@@ -298,7 +298,7 @@ status: {{podIP: {client_ip}, conditions: [{{type: Ready, status: "True"}}]}}
     def cluster_ip(self, service: str, namespace: str = "default") -> str:
         return self.store.get("services", service, namespace)["spec"]["clusterIP"]
 
-    def wait_config(self, predicate: Any, timeout: float = 5.0, message: str = "") -> Any:
+    def wait_config(self, predicate: Any, timeout: float = 10.0, message: str = "") -> Any:
         """Poll until ``predicate()`` is truthy (e.g. the sidecar's config dump shows a change)."""
         return wait_for(predicate, timeout, message=message)
 
