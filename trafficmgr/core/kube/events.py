@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import queue
 import socket
-import threading
-from collections import OrderedDict
 
 from trafficmgr.core.kube.client import KubeClient
+from trafficmgr.core.kube.writer import BackgroundWriter
 from trafficmgr.core.labels import LabelRegistry
 from trafficmgr.core.model import LabelError, ObjectRef
 
@@ -37,30 +35,16 @@ def label_error_message(error: LabelError, registry: LabelRegistry | None) -> st
     return f"invalid value {error.value!r} for label {error.key}: {error.message}{default}"
 
 
-class EventRecorder:
+class EventRecorder(BackgroundWriter):
     """Records Warning Events on objects; deduplicates; writes from a background thread."""
 
+    thread_name = "events"
+
     def __init__(self, client: KubeClient | None, registry: LabelRegistry | None = None, max_remembered: int = 50000) -> None:
-        self.client = client
+        super().__init__(client, max_remembered)
         self.registry = registry
-        self._seen: OrderedDict[tuple[str, str, str], None] = OrderedDict()
-        self._max = max_remembered
-        self._queue: queue.Queue[tuple[ObjectRef, str, str, str, int] | None] = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
         self.recorded: list[tuple[ObjectRef, str, str]] = []
         self.host = socket.gethostname()
-
-    def start(self) -> None:
-        if self.client is not None and self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="events", daemon=True)
-            self._thread.start()
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(timeout=5)
-            self._thread = None
 
     def label_errors(self, errors: list[LabelError]) -> None:
         for e in errors:
@@ -68,32 +52,18 @@ class EventRecorder:
 
     def warn(self, ref: ObjectRef, message: str, reason: str) -> None:
         """Record a Warning Event on ``ref`` unless this exact problem was already recorded."""
-        key = (ref.uid or str(ref), reason, message)
+        if not self.offer((ref.uid or str(ref), reason, message), (ref, reason, message, "Warning")):
+            return
         with self._lock:
-            if key in self._seen:
-                return
-            self._seen[key] = None
-            if len(self._seen) > self._max:
-                self._seen.popitem(last=False)
             self.recorded.append((ref, reason, message))
             del self.recorded[:-1000]
         log.warning("%s: %s", ref, message)
-        if self._thread is not None:
-            self._queue.put((ref, reason, message, "Warning", 0))
 
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            ref, reason, message, etype, attempt = item
-            try:
-                self._write(ref, reason, message, etype)
-            except Exception as exc:  # noqa: BLE001 - the API may be down: retry a few times
-                if attempt < 5:
-                    threading.Timer(0.5 * 2**attempt, self._queue.put, [(ref, reason, message, etype, attempt + 1)]).start()
-                else:
-                    log.warning("could not record event on %s: %s", ref, exc)
+    def write(self, item: tuple[ObjectRef, str, str, str]) -> None:
+        self._write(*item)
+
+    def describe(self, item: tuple[ObjectRef, str, str, str]) -> str:
+        return f"an event on {item[0]}"
 
     def _write(self, ref: ObjectRef, reason: str, message: str, etype: str) -> None:
         assert self.client is not None
