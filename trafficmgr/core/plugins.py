@@ -3,6 +3,11 @@
 Plugins are modules (or objects) registered through the ``trafficmgr.plugins`` entry-point group. Built-in
 plugins use the same group as third-party ones. Selection (``--plugins a,b`` or ``TRAFFICMGR_PLUGINS``)
 loads only the named plugins: an unselected plugin is never imported.
+
+Version compatibility: a plugin declares the trafficmgr versions it supports with its distribution's
+dependency (``dependencies = ["trafficmgr>=0.1,<0.2"]``, checked before it is imported) and/or a module
+attribute ``TRAFFICMGR_REQUIRES = ">=0.1,<0.2"`` (checked when it is registered). An incompatible plugin
+is refused at startup with :class:`PluginError`.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ log = logging.getLogger(__name__)
 
 GROUP = "trafficmgr.plugins"
 ENV_SELECTION = "TRAFFICMGR_PLUGINS"
+#: Module (or object) attribute with a PEP 440 specifier of the trafficmgr versions a plugin supports.
+REQUIRES_ATTR = "TRAFFICMGR_REQUIRES"
 
 
 class PluginError(Exception):
@@ -70,6 +77,51 @@ def parse_selection(text: str | None) -> list[str] | None:
     return seen
 
 
+def distribution_requirement(dist: metadata.Distribution | None) -> str | None:
+    """The version specifier of ``trafficmgr`` in ``dist``'s ``Requires-Dist`` (None when it has none, or
+    only under an extra)."""
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.utils import canonicalize_name
+
+    if dist is None:
+        return None
+    for line in dist.requires or ():
+        try:
+            req = Requirement(line)
+        except InvalidRequirement:
+            continue
+        if canonicalize_name(req.name) != "trafficmgr":
+            continue
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        return str(req.specifier) or None
+    return None
+
+
+def check_compatible(name: str, spec: str | None, version: str | None = None) -> None:
+    """Raise :class:`PluginError` unless trafficmgr ``version`` (default: this one) satisfies ``spec``."""
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    from trafficmgr import __version__
+
+    if spec is None or not str(spec).strip():
+        return
+    version = version or __version__
+    try:
+        allowed = SpecifierSet(str(spec))
+    except InvalidSpecifier:
+        raise PluginError(f"plugin {name!r} declares an invalid trafficmgr version range {spec!r} "
+                          "(use a PEP 440 specifier such as '>=0.1,<0.2')") from None
+    try:
+        ok = allowed.contains(Version(version), prereleases=True)
+    except InvalidVersion:
+        ok = True  # an unversioned development checkout: nothing to compare
+    if not ok:
+        raise PluginError(f"plugin {name!r} requires trafficmgr {allowed}, this is {version}; "
+                          f"install a version of the plugin that supports trafficmgr {version}, or deselect it with --plugins")
+
+
 def _hook_names(plugin: Any) -> tuple[str, ...]:
     return tuple(sorted(n for n in dir(plugin) if n.startswith("trafficmgr_") and callable(getattr(plugin, n, None))))
 
@@ -107,11 +159,13 @@ class PluginHost:
         for name, ep in eps.items():
             if names is not None and name not in names:
                 continue
+            dist = ep.dist
+            if getattr(dist, "name", "") != "trafficmgr":
+                check_compatible(name, distribution_requirement(dist))
             try:
                 plugin = ep.load()
             except Exception as exc:  # noqa: BLE001 - any import error is the plugin's fault
                 raise PluginError(f"plugin {name!r} ({ep.value}) failed to import: {exc}") from exc
-            dist = ep.dist
             host.register(
                 name,
                 plugin,
@@ -129,7 +183,9 @@ class PluginHost:
         return host
 
     def register(self, name: str, plugin: Any, version: str = "", distribution: str = "", builtin: bool = False) -> None:
-        """Register one plugin object under ``name``; unknown ``trafficmgr_*`` hooks are an error."""
+        """Register one plugin object under ``name``; unknown ``trafficmgr_*`` hooks and an unsupported
+        trafficmgr version (:data:`REQUIRES_ATTR`) are errors."""
+        check_compatible(name, getattr(plugin, REQUIRES_ATTR, None))
         try:
             self.pm.register(plugin, name=name)
             self.pm.check_pending()
