@@ -277,9 +277,18 @@ def _setup_plugins(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.add_argument("--hooks", action="store_true", help="show hook names instead of a count")
     _add_plugins_option(p)
+    from trafficmgr.core import scaffold
+
+    scaffold.setup_new(sub.add_parser("new", help="create a plugin project", parents=[_common()],
+                                      description="Write a ready-to-install plugin project trafficmgr-NAME/ "
+                                                  "(entry point, one label, one hook, a test using the kit)."))
 
 
 def _run_plugins(args: argparse.Namespace) -> int:
+    if args.plugins_command == "new":
+        from trafficmgr.core import scaffold
+
+        return scaffold.run_new(args)
     infos = installed_plugins(PluginHost.load(args.plugins))
     _write(render.to_json([render.plugin_row(i) for i in infos]) if args.json else render.plugins_table(infos, args.hooks))
     return 0
@@ -337,7 +346,7 @@ def _run_config_dump(args: argparse.Namespace) -> int:
     return 0
 
 
-register_command("plugins", "list installed plugins", _setup_plugins, _run_plugins)
+register_command("plugins", "list installed plugins or create a new one", _setup_plugins, _run_plugins)
 register_command("labels", "list every traffic.* label of the loaded plugins", _setup_labels, _run_labels)
 register_command("proxy-status", "sync state of every connected Envoy", _setup_proxy_status, _run_proxy_status)
 register_command("config-dump", "resources the control plane serves a node", _setup_config_dump, _run_config_dump)
