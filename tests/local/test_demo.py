@@ -230,6 +230,20 @@ def test_scale_and_delete_pod(demo: Demo) -> None:
     demo.kubectl("rollout", "status", "deployment/details-v1", "--timeout=20s")
 
 
+def test_crashed_container_restarts(demo: Demo) -> None:
+    name = next(p["metadata"]["name"] for p in demo.pods() if p["metadata"]["name"].startswith("ratings-v1-"))
+    pid = int((demo.state / "pods" / f"default_{name}" / "ratings.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+
+    def restarted() -> bool:
+        status = json.loads(demo.kubectl("get", "pod", name, "-o", "json"))["status"]
+        ready = any(c["type"] == "Ready" and c["status"] == "True" for c in status["conditions"])
+        return status["containerStatuses"][0]["restartCount"] == 1 and ready
+
+    wait_for(restarted, 15, 0.2, "the killed ratings process was not restarted")
+    assert demo.gateway("/ratings/0")[0] == 200
+
+
 def test_enable_envoy_blocks_then_unblocks(demo: Demo) -> None:
     client = demo.pod_ip("client")
     # details is not in the Ingress and has no traffic.port label: blocked from the client's sidecar
