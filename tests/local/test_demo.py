@@ -324,6 +324,9 @@ def test_tracing_half_sampled(demo: Demo) -> None:
     # 40 requests sampled at 50 % (Envoy decides per x-request-id, uniformly): Binomial(40, 0.5) is
     # outside 5..35 with probability 2 * P(X <= 4) = 1.8e-7, so this bound never flakes.
     assert 5 <= len(traces) <= 35, len(traces)
+    # the collector is also Service "zipkin", which samples/ingress.yaml routes /api/v2 to
+    status, _, body = demo.gateway("/api/v2/services")
+    assert status == 200 and any(x.startswith("client-") for x in json.loads(body))
     for t in traces:
         names = {s["localEndpoint"]["serviceName"] for s in t}
         # B3 propagation: the productpage's own outbound spans join the client's trace

@@ -293,7 +293,8 @@ class Demo:
 
     def _create_gateway_objects(self) -> None:
         """The gateway's Pod (its IP is its xDS identity), its LoadBalancer Service (Ingress status shows
-        127.0.0.1) and the default IngressClass ``traffic``, as the Helm chart would create them."""
+        127.0.0.1), the default IngressClass ``traffic`` and the Service ``zipkin`` (the collector), as the
+        Helm chart would create them."""
         c, store = self.config, self.api.store
         store.create({"apiVersion": "networking.k8s.io/v1", "kind": "IngressClass", "metadata": {
             "name": "traffic", "annotations": {"ingressclass.kubernetes.io/is-default-class": "true"}},
@@ -318,6 +319,14 @@ class Demo:
                 {"name": "https", "port": c.https_port, "targetPort": c.https_port}]}})
         store.patch("services", GATEWAY, {"status": {"loadBalancer": {"ingress": [{"ip": "127.0.0.1"}]}}},
                     namespace=NAMESPACE, subresource="status")
+        # The collector as Service "zipkin" (samples/ingress.yaml routes /api/v2 to it), like the chart's.
+        store.create({"apiVersion": "v1", "kind": "Service", "metadata": {
+            "name": "zipkin", "namespace": NAMESPACE, "labels": {"app": "zipkin"}},
+            "spec": {"ports": [{"name": "http", "port": 9411, "targetPort": c.zipkin_port}]}})
+        store.create({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "metadata": {
+            "name": "zipkin-local", "namespace": NAMESPACE, "labels": {"kubernetes.io/service-name": "zipkin"}},
+            "addressType": "IPv4", "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True}}],
+            "ports": [{"name": "http", "port": c.zipkin_port, "protocol": "TCP"}]})
 
     def gateway_bootstrap(self) -> dict[str, Any]:
         from trafficmgr.core.bootstrap import bootstrap
