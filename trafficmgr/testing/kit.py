@@ -217,13 +217,27 @@ def build(
     options: argparse.Namespace | Mapping[str, Any] | None = None,
 ) -> BuildResult:
     """Build every view for ``manifests`` through the same path as a cluster (API server store with its
-    EndpointSlice controller, the Kubernetes assembler, the builder and the plugins' hooks)."""
+    EndpointSlice controller, the Kubernetes assembler, the builder and the plugins' hooks).
+
+    A Pod without ``status.podIP`` is taken as started: Running, Ready, pod IP ``10.244.0.100`` and up
+    in manifest order. Services without a clusterIP get one from the API server (10.96.0.1 and up)."""
     from trafficmgr.testing.golden import build_from_manifests
 
     host = load_plugins(plugins)
     opts = make_options(host, options)
-    snapshots, warnings = build_from_manifests(load_manifests(manifests), host, opts)
+    objects = load_manifests(manifests)
+    pods = [o for o in objects if o.get("kind") == "Pod" and not (o.get("status") or {}).get("podIP")]
+    for i, pod in enumerate(pods):
+        _set_running(pod, f"10.244.0.{100 + i}")
+    snapshots, warnings = build_from_manifests(objects, host, opts)
     return BuildResult(snapshots, warnings, host, opts)
+
+
+def _set_running(pod: dict[str, Any], ip: str) -> None:
+    """What a kubelet does for a started pod: Running, Ready, a pod IP."""
+    status = pod.setdefault("status", {})
+    status.update({"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": "192.0.2.1"})
+    status.setdefault("conditions", [{"type": "Ready", "status": "True"}])
 
 
 # -- a real Envoy sidecar on loopback ---------------------------------------------------------------
@@ -364,8 +378,7 @@ class SidecarMesh:
                 if not old:
                     old = self._ip(self._next_pod)
                     self._next_pod += 1
-                status.update({"phase": "Running", "podIP": old, "podIPs": [{"ip": old}], "hostIP": "192.0.2.1"})
-                status.setdefault("conditions", [{"type": "Ready", "status": "True"}])
+                _set_running(obj, old)
             if not _is_loopback(status["podIP"]):
                 raise ValueError(f"Pod {meta['name']}: podIP {status['podIP']} is not a loopback address; leave status out")
 
