@@ -81,20 +81,68 @@ class Resource:
         return msg
 
 
+def _entry_hash(r: Resource) -> int:
+    return int.from_bytes(hashlib.blake2b(r.name.encode() + b"\0" + r.version.encode(), digest_size=8).digest(), "big")
+
+
 class TypeSet:
     """All resources of one type in one view; immutable once built; caches response bodies."""
 
-    __slots__ = ("type_url", "resources", "version", "_bodies", "_lock")
+    __slots__ = ("type_url", "resources", "version", "_bodies", "_lock", "_names", "_refs", "_acc")
 
-    def __init__(self, type_url: str, resources: Iterable[Resource]) -> None:
+    def __init__(self, type_url: str, resources: Iterable[Resource], _sorted: dict[str, Resource] | None = None,
+                 _acc: int | None = None) -> None:
         self.type_url = type_url
-        self.resources: dict[str, Resource] = {r.name: r for r in sorted(resources, key=lambda r: r.name)}
-        h = hashlib.blake2b(digest_size=8)
-        for r in self.resources.values():
-            h.update(r.name.encode() + b"\0" + r.version.encode() + b"\n")
-        self.version = h.hexdigest() if self.resources else "empty"
+        self.resources: dict[str, Resource] = (
+            _sorted if _sorted is not None else {r.name: r for r in sorted(resources, key=lambda r: r.name)}
+        )
+        if _acc is None:
+            _acc = 0
+            for r in self.resources.values():
+                _acc ^= _entry_hash(r)
+        # The version is an XOR of per-resource hashes, so a derived TypeSet updates it in O(changes).
+        self._acc = _acc
+        self.version = f"{_acc:016x}" if self.resources else "empty"
         self._bodies: dict[frozenset[str] | None, bytes] = {}
         self._lock = threading.Lock()
+        self._names: frozenset[str] | None = None
+        self._refs: frozenset[tuple[str, str]] | None = None
+
+    def names(self) -> frozenset[str]:
+        """The resource names (computed once)."""
+        if self._names is None:
+            self._names = frozenset(self.resources)
+        return self._names
+
+    def refs(self) -> frozenset[tuple[str, str]]:
+        """Every ``(type_url, name)`` the resources reference (computed once)."""
+        if self._refs is None:
+            self._refs = frozenset(ref for r in self.resources.values() for ref in r.refs)
+        return self._refs
+
+    def derive(self, changes: Mapping[str, Resource | None]) -> TypeSet:
+        """A new TypeSet with ``changes`` applied (``None`` removes the name); O(changes) when no name is
+        added, else one re-sort."""
+        if not changes:
+            return self
+        resources = dict(self.resources)
+        acc = self._acc
+        added = False
+        for name, res in changes.items():
+            old = resources.get(name)
+            if old is res:
+                continue
+            if old is not None:
+                acc ^= _entry_hash(old)
+            if res is None:
+                resources.pop(name, None)
+            else:
+                added = added or old is None
+                resources[name] = res
+                acc ^= _entry_hash(res)
+        if added:
+            resources = dict(sorted(resources.items()))
+        return TypeSet(self.type_url, (), _sorted=resources, _acc=acc)
 
     def same_as(self, resources: Mapping[str, Resource]) -> bool:
         """True when ``resources`` holds exactly the same Resource objects."""
@@ -157,20 +205,24 @@ class Snapshot:
         return cls(types)
 
     def errors(self) -> list[str]:
-        """Consistency problems: dangling references and unreferenced named resources."""
-        problems: list[str] = []
+        """Consistency problems: dangling references and unreferenced named resources.
+
+        Set operations over per-TypeSet caches, so an unchanged type costs nothing to check again."""
         referenced: set[tuple[str, str]] = set()
         for ts in self.types.values():
-            for r in ts.resources.values():
-                for ref in r.refs:
-                    referenced.add(ref)
-                    rtype, rname = ref
-                    if rname not in self.types.get(rtype, TypeSet(rtype, ())).resources:
-                        problems.append(f"{short_name(r.type_url)} {r.name!r} references missing {short_name(rtype)} {rname!r}")
+            referenced |= ts.refs()
+        problems: list[str] = []
+        by_type: dict[str, set[str]] = {}
+        for rtype, rname in referenced:
+            by_type.setdefault(rtype, set()).add(rname)
+        for rtype, names in by_type.items():
+            ts = self.types.get(rtype)
+            for rname in sorted(names - (ts.names() if ts is not None else frozenset())):
+                holders = [r for t in self.types.values() for r in t.resources.values() if (rtype, rname) in r.refs]
+                problems.append(f"{short_name(holders[0].type_url)} {holders[0].name!r} references missing {short_name(rtype)} {rname!r}")
         for t in NAMED_TYPES:
-            for name in self.types[t].resources:
-                if (t, name) not in referenced:
-                    problems.append(f"{short_name(t)} {name!r} is not referenced by any resource")
+            for name in sorted(self.types[t].names() - by_type.get(t, set())):
+                problems.append(f"{short_name(t)} {name!r} is not referenced by any resource")
         return problems
 
     def resource_count(self) -> int:

@@ -174,6 +174,11 @@ class Pod:
         return (self.namespace, self.name)
 
     @property
+    def has_port_labels(self) -> bool:
+        """True when the pod opens ports of its own (``traffic.port.<port>`` labels)."""
+        return any(k.startswith("traffic.port.") for k in self.labels)
+
+    @property
     def node_id(self) -> str:
         """The Envoy node id of this pod's sidecar: ``<pod>.<namespace>``."""
         return f"{self.name}.{self.namespace}"
@@ -200,6 +205,11 @@ class Model:
     endpoints: Mapping[tuple[str, str, str], tuple[Endpoint, ...]] = attrs.field(factory=dict)
     pods: Mapping[tuple[str, str], Pod] = attrs.field(factory=dict)
     extra: Mapping[str, Mapping[tuple[str, str], Any]] = attrs.field(factory=dict)
+    #: The pods carrying their own ``traffic.port.<port>`` labels (derived from ``pods`` unless given:
+    #: the Kubernetes layer keeps it up to date so the builder never scans every pod).
+    port_pods: Mapping[tuple[str, str], Pod] = attrs.field(
+        default=attrs.Factory(lambda self: {k: p for k, p in self.pods.items() if p.ip and p.has_port_labels}, takes_self=True)
+    )
 
     def endpoints_of(self, service: Service, port: ServicePort) -> tuple[Endpoint, ...]:
         return self.endpoints.get((service.namespace, service.name, port.name), ())

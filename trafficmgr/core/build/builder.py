@@ -126,6 +126,7 @@ class Builder:
         self._cluster_ctx = self._context(SIDECAR, model)
         outputs: list[_ServiceOut] = []
         changed = False
+        replaced: list[tuple[_ServiceOut | None, _ServiceOut]] = []
         live: dict[tuple[str, str], _ServiceOut] = {}
         get_eps, previous = model.endpoints.get, self._services
         for svc in services:
@@ -135,14 +136,15 @@ class Builder:
                 get_eps((key[0], key[1], p.name)) is e for p, e in zip(svc.ports, out.eps)
             ):
                 eps = tuple(get_eps((key[0], key[1], p.name)) for p in svc.ports)
+                old_out = out
                 out = self._service_out(model, svc, eps, out)
+                replaced.append((old_out, out))
                 changed = True
             live[key] = out
             outputs.append(out)
-        if live.keys() != self._services.keys():
-            changed = True
+        removed = [o for k, o in self._services.items() if k not in live]
         self._services = live
-        shared = self._shared_types(outputs, changed)
+        shared = self._shared_types(outputs, changed or bool(removed), replaced, removed)
         snapshots: dict[str, cache.Snapshot] = {}
         for role in (SIDECAR, GATEWAY):
             ctx = self._context(role, model)
@@ -188,21 +190,38 @@ class Builder:
                 self._assignments.pop(stale, None)
         return out
 
-    def _shared_types(self, outputs: list[_ServiceOut], changed: bool) -> dict[str, cache.TypeSet]:
-        """Cluster and endpoint TypeSets, shared by every view and rebuilt only when a service changed."""
-        if changed or self._shared is None:
-            live = {n for o in outputs for n in o.names}
+    def _shared_types(self, outputs: list[_ServiceOut], changed: bool, replaced: list[tuple[_ServiceOut | None, _ServiceOut]],
+                      removed: list[_ServiceOut]) -> dict[str, cache.TypeSet]:
+        """Cluster and endpoint TypeSets, shared by every view; derived from the previous ones in
+        O(changed services), rebuilt from scratch only the first time."""
+        if self._shared is not None and not changed:
+            return self._shared
+        live = {n for o in outputs for n in o.names} if removed or self._shared is None else None
+        if live is not None:
             for memo in (self._clusters, self._assignments):
                 for stale in memo.keys() - live:
                     del memo[stale]
-            prev = self._shared or {}
-            shared = {}
-            for type_url, items in ((cache.CLUSTER, [r for o in outputs for r in o.clusters]),
-                                    (cache.ENDPOINT, [r for o in outputs for r in o.assignments])):
-                old = prev.get(type_url)
-                by_name = {r.name: r for r in items}
-                shared[type_url] = old if old is not None and old.same_as(by_name) else cache.TypeSet(type_url, items)
-            self._shared = shared
+        if self._shared is None:
+            self._shared = {
+                cache.CLUSTER: cache.TypeSet(cache.CLUSTER, [r for o in outputs for r in o.clusters]),
+                cache.ENDPOINT: cache.TypeSet(cache.ENDPOINT, [r for o in outputs for r in o.assignments]),
+            }
+            return self._shared
+        cluster_changes: dict[str, cache.Resource | None] = {}
+        assignment_changes: dict[str, cache.Resource | None] = {}
+        for old, new in [*replaced, *((o, None) for o in removed)]:
+            for changes, attr in ((cluster_changes, "clusters"), (assignment_changes, "assignments")):
+                before = {r.name: r for r in getattr(old, attr)} if old is not None else {}
+                after = {r.name: r for r in getattr(new, attr)} if new is not None else {}
+                for name, res in after.items():
+                    if before.get(name) is not res:
+                        changes[name] = res
+                for name in before.keys() - after.keys():
+                    changes.setdefault(name, None)
+        self._shared = {
+            cache.CLUSTER: self._shared[cache.CLUSTER].derive(cluster_changes),
+            cache.ENDPOINT: self._shared[cache.ENDPOINT].derive(assignment_changes),
+        }
         return self._shared
 
     # -- resources ----------------------------------------------------------------------------
@@ -265,9 +284,7 @@ class Builder:
         """Service-like destinations for pods with their own ``traffic.port.<port>`` labels."""
         out: list[Service] = []
         memo: dict[tuple[str, str], tuple[Pod, Service]] = {}
-        for key, pod in model.pods.items():
-            if not pod.ip or not any(k.startswith(PORT_LABEL_PREFIX) for k in pod.labels):
-                continue
+        for key, pod in model.port_pods.items():
             prev = self._pod_services.get(key)
             if prev is not None and prev[0] is pod:
                 svc = prev[1]

@@ -87,6 +87,7 @@ class Assembler:
         self._rs_pods: dict[Key, set[Key]] = {}
         self._endpoint_keys: dict[Key, set[tuple[str, str, str]]] = {}
         self._ip_pods: dict[str, set[Key]] = {}
+        self.port_pods: dict[Key, Pod] = {}
         self.dirty = True
 
     # -- entry points -------------------------------------------------------------------------
@@ -136,6 +137,7 @@ class Assembler:
             services=dict(self.services),
             endpoints=dict(self.endpoints),
             pods=dict(self.pods),
+            port_pods=dict(self.port_pods),
             extra=self._extra_model(),
         )
 
@@ -273,6 +275,7 @@ class Assembler:
             if owner:
                 self._owner_pods.get((owner[0], key[0], owner[1]), set()).discard(key)
             gone = self.pods.pop(key, None)
+            self.port_pods.pop(key, None)
             if gone is not None:
                 self._index_ip(key, gone.ip, None)
                 self.dirty = True
@@ -309,7 +312,12 @@ class Assembler:
         )
         old = self.pods.get(key)
         self._index_ip(key, old.ip if old else None, pod.ip)
-        if self._set(self.pods, key, pod) and (old is None or old.labels != pod.labels):
+        changed = self._set(self.pods, key, pod)
+        if pod.ip and pod.has_port_labels:
+            self.port_pods[key] = self.pods[key]  # the stored object: identity drives the builder's memo
+        else:
+            self.port_pods.pop(key, None)
+        if changed and (old is None or old.labels != pod.labels):
             self._refresh_endpoints_of_pod(key)
 
     def _index_ip(self, key: Key, old_ip: str | None, new_ip: str | None) -> None:
