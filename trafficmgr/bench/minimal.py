@@ -40,11 +40,13 @@ class MinimalAds:
             body = wire.field_str(1, version) + body
         return body + wire.field_str(5, f"m{self._nonce}")
 
-    def _delta(self, type_url: str, version: str) -> bytes:
+    def _delta(self, type_url: str, version: str, only_one: bool = False) -> bytes:
+        """All resources (a first answer), or just one (a change, as the real server sends it)."""
         ts = self.snapshot.types[type_url]
         self._nonce += 1
         parts = [wire.field_str(1, version or ts.version)]
-        parts += [wire.field(2, r.delta_bytes) for r in ts.resources.values()]
+        resources = list(ts.resources.values())
+        parts += [wire.field(2, r.delta_bytes) for r in (resources[:1] if only_one else resources)]
         parts += [wire.field_str(4, type_url), wire.field_str(5, f"m{self._nonce}")]
         return b"".join(parts)
 
@@ -82,7 +84,7 @@ class MinimalAds:
 
         def send() -> None:
             sotw = self._sotw(cache.ENDPOINT, version)
-            delta = self._delta(cache.ENDPOINT, version)
+            delta = self._delta(cache.ENDPOINT, version, only_one=True)
             for q, is_delta in self._streams:
                 q.put_nowait(delta if is_delta else sotw)
 
