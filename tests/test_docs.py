@@ -4,6 +4,7 @@ exercised by a test, and the README's CLI reference matches the real commands.""
 
 from __future__ import annotations
 
+import ast
 import inspect
 import re
 import warnings
@@ -17,13 +18,12 @@ from trafficmgr.core.plugins import PluginHost, available
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+PLUGINS_DOC = ROOT / "docs" / "plugins.md"
 TESTS = ROOT / "tests"
 
 #: Hooks no test exercises yet. This set must shrink to empty: when a plugin's tests use a hook, remove
 #: it here (``test_not_yet_exercised_is_current`` fails until you do).
-NOT_YET_EXERCISED = {
-    "trafficmgr_endpoints",
-}
+NOT_YET_EXERCISED: set[str] = set()
 
 
 def readme_section(title: str) -> str:
@@ -113,6 +113,63 @@ def test_not_yet_exercised_is_current() -> None:
     if now_exercised:
         warnings.warn(f"tests now exercise {now_exercised}: remove them from NOT_YET_EXERCISED in tests/test_docs.py",
                       stacklevel=1)
+
+
+# -- docs/plugins.md ------------------------------------------------------------------------------
+
+
+def _normalized(annotation: str) -> str:
+    return ast.unparse(ast.parse(annotation, mode="eval").body)
+
+
+def spec_signature(name: str) -> tuple[list[tuple[str, str]], str]:
+    """``([(param, annotation)], return annotation)`` of a hookspec, annotations normalized."""
+    sig = inspect.signature(getattr(hookspecs, name))
+    params = [(p.name, _normalized(str(p.annotation))) for p in sig.parameters.values()]
+    return params, _normalized(str(sig.return_annotation))
+
+
+def documented_signatures() -> dict[str, tuple[list[tuple[str, str]], str]]:
+    """Every ``def trafficmgr_*(...) -> ...`` line that opens a python code block right under a
+    ``### trafficmgr_*`` heading of docs/plugins.md."""
+    text = PLUGINS_DOC.read_text()
+    out: dict[str, tuple[list[tuple[str, str]], str]] = {}
+    for m in re.finditer(r"^### (trafficmgr_\w+)\n```python\n(def .*)\n```", text, re.M):
+        name, line = m.group(1), m.group(2)
+        fn = ast.parse(line.rstrip(":") + ":\n    pass").body[0]
+        assert isinstance(fn, ast.FunctionDef) and fn.name == name, f"docs/plugins.md: heading {name} has signature {line!r}"
+        params = [(a.arg, ast.unparse(a.annotation) if a.annotation else "") for a in fn.args.args]
+        out[name] = (params, ast.unparse(fn.returns) if fn.returns else "")
+    return out
+
+
+def test_plugins_doc_documents_every_hook_with_its_signature() -> None:
+    documented = documented_signatures()
+    missing = sorted(set(hookspec_names()) - set(documented))
+    assert not missing, f"docs/plugins.md has no '### <hook>' section with a signature block for {missing}"
+    stale = sorted(set(documented) - set(hookspec_names()))
+    assert not stale, f"docs/plugins.md documents hooks that do not exist: {stale}"
+    for name in hookspec_names():
+        assert documented[name] == spec_signature(name), (
+            f"docs/plugins.md: {name} signature differs from trafficmgr/core/hookspecs.py\n"
+            f"  docs: {documented[name]}\n  spec: {spec_signature(name)}")
+
+
+def test_plugins_doc_signature_parser_sees_every_section() -> None:
+    headings = re.findall(r"^### (trafficmgr_\w+)\s*$", PLUGINS_DOC.read_text(), re.M)
+    assert len(headings) == len(documented_signatures()) == len(hookspec_names())
+
+
+def test_plugins_doc_examples_are_valid_python() -> None:
+    """Every python block of docs/plugins.md parses (signature lines as a def)."""
+    for block in re.findall(r"```python\n(.*?)```", PLUGINS_DOC.read_text(), re.S):
+        signature = block.startswith("def ") and block.count("\n") == 1
+        source = block.rstrip() + ":\n    pass\n" if signature else block
+        ast.parse(source)
+
+
+def test_readme_points_at_plugins_doc() -> None:
+    assert "docs/plugins.md" in readme_section("Plugins")
 
 
 # -- CLI reference --------------------------------------------------------------------------------

@@ -6,12 +6,13 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from tests.e2e.test_kube_sidecar import _require_netns
 from trafficmgr.testing.cluster import LocalCluster
+from trafficmgr.testing.kit import BuildResult, SidecarMesh
 
 PODS = {"reviews-v1": "10.244.0.11", "reviews-v2": "10.244.0.12", "reviews-v3": "10.244.0.13"}
 
@@ -137,3 +138,40 @@ def test_header_hash_is_sticky_per_value(cluster: LocalCluster) -> None:
     owners = {user: set(_spread(c, 15, f"x-user: {user}")) for user in ("alice", "bob", "carol", "dave", "erin", "frank")}
     assert all(len(o) == 1 for o in owners.values()), owners
     assert len(set().union(*owners.values())) > 1, "different header values should spread over pods"
+
+
+# -- through the plugin kit (real Envoy on loopback, no root) ----------------------------------------
+
+KIT_MANIFESTS = """
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, labels: {traffic.port.9080: http}}
+spec: {selector: {app: reviews}, ports: [{name: http, port: 9080}]}
+""" + "".join(f"""
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, labels: {{app: reviews, traffic.endpoint.weight: "{weight}"}}}}
+spec: {{containers: [{{name: app, image: reviews}}]}}
+""" for name, weight in (("reviews-v1", 100), ("reviews-v2", 10), ("reviews-v3", 0)))
+
+
+def test_endpoint_weights_through_the_kit(trafficmgr_build: Callable[..., BuildResult],
+                                          trafficmgr_envoy: Callable[..., SidecarMesh]) -> None:
+    """trafficmgr_endpoints: Pod weights become lb_endpoint weights and weight 0 removes the pod, in the
+    built ClusterLoadAssignment and in what a real Envoy does with it."""
+    cla = trafficmgr_build(KIT_MANIFESTS, plugins=["lb"]).sidecar.endpoints["9080|default|reviews.outbound"]
+    weights = sorted(e.get("load_balancing_weight") for e in cla["endpoints"][0]["lb_endpoints"])
+    assert weights == [10, 100]
+    mesh = trafficmgr_envoy(KIT_MANIFESTS, plugins=["lb"])
+    n = 330
+    seen = Counter(mesh.get("reviews", "/").json()["backend"] for _ in range(n))
+    assert seen["reviews-v3"] == 0
+    # As in test_weights_membership_and_split: +-6 binomial sd (~30) around n*10/110 = 30 cannot flake,
+    # and equal weights (165) are far outside.
+    p = 10 / 110
+    assert abs(seen["reviews-v2"] - n * p) < 6 * math.sqrt(n * p * (1 - p)), seen
+    # Removing the label restores the default weight (100): reviews-v3 gets traffic again.
+    mesh.label("pod", "reviews-v3", {"traffic.endpoint.weight": None})
+    assert mesh.wait_for(lambda: mesh.get("reviews", "/").json()["backend"] == "reviews-v3", timeout=5,
+                         message="reviews-v3 back at the default weight must get traffic")
