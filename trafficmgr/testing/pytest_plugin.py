@@ -1,5 +1,6 @@
 """The trafficmgr pytest plugin: fixtures for plugin authors (enabled automatically through the ``pytest11``
-entry point when trafficmgr is installed; ``pytest -p trafficmgr.testing.pytest_plugin`` also works).
+entry point when trafficmgr is installed; with ``PYTEST_DISABLE_PLUGIN_AUTOLOAD=1`` use
+``pytest -p trafficmgr.testing.pytest_plugin``).
 
 Fixtures (each is a factory; everything it starts is stopped at teardown):
 
