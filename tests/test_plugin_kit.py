@@ -196,6 +196,10 @@ def test_envoy_routes_to_every_service_and_pod(trafficmgr_envoy: Callable[..., S
     mesh.backends["cart-1"].set(status=503)
     assert mesh.get("cart", "/", namespace="store").status == 503
     assert mesh.stats()["cluster.8081|store|cart.outbound.upstream_rq_503"] >= 1
+    # A port without traffic.port.<port> gets the sidecar's blocked answer, as in a cluster.
+    mesh.apply(SHOP.split("---")[0].replace("shop", "closed").replace("{traffic.port.8080: http}", "{}"))
+    r = mesh.get("closed")
+    assert r.status == 404 and "port not enabled" in r.text
 
 
 def test_envoy_follows_label_changes_and_deletes(trafficmgr_envoy: Callable[..., SidecarMesh]) -> None:
@@ -219,9 +223,13 @@ def test_envoy_nack_fails_loudly(trafficmgr_envoy: Callable[..., SidecarMesh]) -
         mesh.label("service", "shop", {BREAK: "true"})
 
 
-def test_envoy_refuses_addresses_it_cannot_serve(trafficmgr_envoy: Callable[..., SidecarMesh]) -> None:
+def test_envoy_refuses_addresses_it_cannot_serve(trafficmgr_envoy: Callable[..., SidecarMesh],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="not a loopback address"):
         trafficmgr_envoy(SHOP.replace("spec: {selector: {app: shop}", "spec: {clusterIP: 10.96.0.5, selector: {app: shop}"))
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(ValueError, match="port 80 needs root"):
+        trafficmgr_envoy(SHOP.replace("port: 8080", "port: 80"))
 
 
 def test_gateway_fixture(trafficmgr_gateway: Callable[..., Any]) -> None:
