@@ -208,6 +208,7 @@ def run_bench(services: int = 1000, pods: int = 10, clients: tuple[int, ...] = (
                     ready = sim.ask(cmd="ready", timeout=180)["ready"]
                     if ready < k:
                         raise RuntimeError(f"only {ready} of {k} simulated clients got config")
+                    time.sleep(3)  # let the initial burst's buffers go (the server trims after 2 s of quiet)
                     rss_streams = max(rss_streams, rss_mb())
                     worst = []
                     for _ in range(changes):

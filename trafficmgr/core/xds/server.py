@@ -89,6 +89,7 @@ class _TypeState:
     __slots__ = (
         "type_url", "short", "names", "wildcard", "sent_version", "sent_nonce", "sent_at", "sent_typeset",
         "acked_version", "last_nack", "nacked_version", "known", "inflight", "rejected", "synced_version",
+        "synced_ts",
     )
 
     def __init__(self, type_url: str) -> None:
@@ -108,6 +109,7 @@ class _TypeState:
         self.inflight: collections.OrderedDict[str, _DeltaSent] = collections.OrderedDict()
         self.rejected: dict[str, str] = {}  # name -> NACKed version, never resent
         self.synced_version: str | None = None  # TypeSet version ``known`` was last diffed against
+        self.synced_ts: TypeSet | None = None  # that TypeSet itself (for the shared fast diff)
 
     def status(self) -> dict[str, Any]:
         return {"sent": self.sent_version, "acked": self.acked_version, "last_nack": self.last_nack}
@@ -238,10 +240,16 @@ class XdsServer:
 
     async def _watch_cache(self) -> None:
         generation = self.cache.generation
+        trim: asyncio.TimerHandle | None = None
         while True:
             generation = await self.cache.wait_change(generation)
             for stream in list(self._streams):
                 stream.signal_change()
+            # A push to many streams makes large transient buffers (a state-of-the-world response per
+            # stream); give the memory back once the burst is over instead of keeping the high-water mark.
+            if trim is not None:
+                trim.cancel()
+            trim = asyncio.get_running_loop().call_later(2.0, _release_memory)
 
     # -- introspection ---------------------------------------------------------------------------
 
@@ -520,8 +528,13 @@ class XdsServer:
                 continue
             if ts.version == st.synced_version:
                 continue  # nothing changed since the last diff (subscription changes reset it)
-            updates, removed = _delta_diff(st, ts)
+            prev = st.synced_ts
+            if prev is not None and st.synced_version == prev.version and not st.rejected:
+                updates, removed = _delta_diff_from(st, _transition(prev, ts))
+            else:
+                updates, removed = _delta_diff(st, ts)
             st.synced_version = ts.version
+            st.synced_ts = ts
             plans.append((st, ts, updates, removed))
             dependent = stream.types.get(_DEPENDENT.get(st.type_url, ""))
             if updates and dependent is not None:
@@ -597,6 +610,49 @@ def _sotw_names(type_url: str, names: Iterable[str]) -> frozenset[str] | None:
     if "*" in requested or (not requested and type_url not in NAMED_TYPES):
         return None
     return requested
+
+
+def _release_memory() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+_TRANSITIONS: collections.OrderedDict[tuple[str, str, str], list[tuple[str, Resource | None]]] = collections.OrderedDict()
+
+
+def _transition(old: TypeSet, new: TypeSet) -> list[tuple[str, Resource | None]]:
+    """What changed from ``old`` to ``new`` (``None`` = removed), computed once and shared by every stream
+    that was in sync with ``old``: a push to N streams costs O(resources + N x changes), not O(N x resources)."""
+    key = (new.type_url, old.version, new.version)
+    changes = _TRANSITIONS.get(key)
+    if changes is None:
+        before, after = old.resources, new.resources
+        changes = [(n, r) for n, r in after.items() if before.get(n) is not r]
+        changes += [(n, None) for n in before if n not in after]
+        _TRANSITIONS[key] = changes
+        while len(_TRANSITIONS) > 32:
+            _TRANSITIONS.popitem(last=False)
+    return changes
+
+
+def _delta_diff_from(st: _TypeState, changes: list[tuple[str, Resource | None]]) -> tuple[list[Resource], list[str]]:
+    """:func:`_delta_diff` for a stream whose ``known`` matched the previous TypeSet exactly."""
+    names = st.names or frozenset()
+    updates: list[Resource] = []
+    removed: list[str] = []
+    for name, res in changes:
+        if not st.wildcard and name not in names:
+            continue
+        if res is None:
+            if name in st.known:
+                removed.append(name)
+        elif st.known.get(name) != res.version:
+            updates.append(res)
+    return updates, sorted(removed)
 
 
 def _delta_diff(st: _TypeState, ts: TypeSet) -> tuple[list[Resource], list[str]]:
