@@ -287,3 +287,28 @@ def test_notes_tell_what_to_do_next(tmp_path: Path) -> None:
     assert "WARNING" not in notes
     lb_only = _notes({"plugins": ["lb"]}, tmp_path / "2")
     assert 'the "ingress" plugin is not selected' in lb_only and "tracing" in lb_only
+
+
+def test_xds_access_control_admits_exactly_the_gateway_pods() -> None:
+    """With the default --xds-auth peer-ip, the control plane's gateway selector must match the gateway
+    pods' labels (else the gateway is refused), and must not match the control plane's or agent's pods."""
+    from trafficmgr.core.access import AccessControl, parse_selector
+
+    objects = render({})
+    cp = one(objects, "Deployment", RELEASE)
+    args = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in container(cp, "control-plane")["args"] if a.startswith("--xds-")}
+    assert args["--xds-auth"] == "peer-ip"
+    assert args["--xds-gateway-namespace"] == NAMESPACE
+    selector = parse_selector(args["--xds-gateway-selector"])
+    gateway_labels = one(objects, "Deployment", f"{RELEASE}-gateway")["spec"]["template"]["metadata"]["labels"]
+    others = [cp["spec"]["template"]["metadata"]["labels"],
+              one(objects, "DaemonSet", f"{RELEASE}-agent")["spec"]["template"]["metadata"]["labels"]]
+    pods = {"10.0.0.1": [(NAMESPACE, "gw", gateway_labels)], "10.0.0.2": [(NAMESPACE, "cp", others[0])],
+            "10.0.0.3": [(NAMESPACE, "agent", others[1])]}
+    ac = AccessControl("peer-ip", {}, lambda ip: pods.get(ip, []), args["--xds-gateway-namespace"], selector)
+    ac("gw", "traffic-ingress", "10.0.0.1")
+    for ip in ("10.0.0.2", "10.0.0.3"):
+        with pytest.raises(PermissionError):
+            ac("gw", "traffic-ingress", ip)
+    assert "xdsAuth" in yaml.safe_load((CHART / "values.yaml").read_text())["controlPlane"]
+    assert run_helm("template", "t", str(CHART), values={"controlPlane": {"xdsAuth": "trust-me"}}, check=False).returncode != 0
