@@ -8,26 +8,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.test_kube_sidecar import _require_netns
+from trafficmgr.testing.netns import require as _require_netns
 from trafficmgr.core.plugins import PluginHost
 from trafficmgr.testing.cluster import Kubectl, LocalCluster
+from trafficmgr.testing.manifests import join, pod, service
 from trafficmgr.testing.envoy import wait_for
 
 POD_IP = "10.244.0.11"
-MANIFESTS = f"""
-apiVersion: v1
-kind: Service
-metadata: {{name: reviews, namespace: default, labels: {{traffic.port.9080: http}}}}
-spec:
-  selector: {{app: reviews}}
-  ports: [{{name: http, port: 9080, targetPort: 9080}}]
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: reviews-1, namespace: default, labels: {{app: reviews}}}}
-spec: {{nodeName: node-1, containers: [{{name: app, image: reviews}}]}}
-status: {{podIP: {POD_IP}, conditions: [{{type: Ready, status: "True"}}]}}
-"""
+MANIFESTS = join(service("reviews"), pod("reviews-1", POD_IP, "reviews"))
 
 # Every label of LABELS.md with values that must be refused. Kubernetes itself limits label values to
 # [A-Za-z0-9._-]{0,63}, so only values of that shape are tried.

@@ -9,7 +9,7 @@ import time
 import urllib.error
 import urllib.request
 
-from tests.e2e.test_kube_sidecar import _require_netns
+from trafficmgr.testing.netns import require as _require_netns
 from trafficmgr.apiserver import APIServer
 from trafficmgr.core.controlplane import ControlPlane
 from trafficmgr.core.kube.client import KubeClient, load_api_client

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e.test_kube_sidecar import _require_netns
+from trafficmgr.testing.netns import require as _require_netns
 from tests.plugins.test_golden_plugins import builtin_plugins, case_options
 from trafficmgr.apps.zipkin import ZipkinCollector
 from trafficmgr.core.plugins import PluginHost, available

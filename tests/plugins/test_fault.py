@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from envoy.config.route.v3 import route_components_pb2
 
-from tests.e2e.test_kube_sidecar import _require_netns
+from trafficmgr.testing.netns import require as _require_netns
 from tests.plugins.test_circuit_breaker import PODS, _no_nacks, _request, _route_has, _start, _url
 from trafficmgr.core.build.context import ORDER_FAULT, BuildContext
 from trafficmgr.core.kube.events import INVALID_LABEL

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.e2e.test_kube_sidecar import _require_netns
+from trafficmgr.testing.netns import require as _require_netns
 from trafficmgr.testing.cluster import LocalCluster
 from trafficmgr.testing.kit import BuildResult, SidecarMesh
 

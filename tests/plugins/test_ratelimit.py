@@ -13,25 +13,13 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.test_kube_sidecar import _require_netns
+from trafficmgr.testing.netns import require as _require_netns
 from trafficmgr.plugins.ratelimit import BANDWIDTH_FILTER, MAX_BANDWIDTH_KIBPS, MAX_REQUEST_RATE, RATELIMIT_FILTER
 from trafficmgr.testing.cluster import LocalCluster
+from trafficmgr.testing.manifests import join, pod, service
 
 REVIEWS_IP = "10.244.0.11"
-MANIFESTS = f"""
-apiVersion: v1
-kind: Service
-metadata: {{name: reviews, namespace: default, labels: {{traffic.port.9080: http}}}}
-spec:
-  selector: {{app: reviews}}
-  ports: [{{name: http, port: 9080, targetPort: 9080}}]
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: reviews-1, namespace: default, labels: {{app: reviews}}}}
-spec: {{nodeName: node-1, containers: [{{name: app, image: reviews}}]}}
-status: {{podIP: {REVIEWS_IP}, conditions: [{{type: Ready, status: "True"}}]}}
-"""
+MANIFESTS = join(service("reviews"), pod("reviews-1", REVIEWS_IP, "reviews"))
 LABELS = ("traffic.rate.limit", "traffic.request.rate")
 
 

@@ -12,31 +12,19 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.test_kube_sidecar import _require_netns
+from trafficmgr.testing.netns import require as _require_netns
 from trafficmgr.apps.zipkin import ZipkinCollector
 from trafficmgr.core.build.context import BuildContext
 from trafficmgr.core.model import GATEWAY, SIDECAR, Model
 from trafficmgr.core.plugins import PluginHost
 from trafficmgr.plugins import tracing
 from trafficmgr.testing.cluster import LocalCluster
+from trafficmgr.testing.manifests import join, pod, service
 from trafficmgr.testing.golden import build_from_manifests, render
 
 REVIEWS_IP = "10.244.0.11"
 COLLECTOR_IP = "10.244.0.50"  # a pod address: the collector runs inside the sidecar's network namespace
-MANIFESTS = f"""
-apiVersion: v1
-kind: Service
-metadata: {{name: reviews, namespace: default, labels: {{traffic.port.9080: http}}}}
-spec:
-  selector: {{app: reviews}}
-  ports: [{{name: http, port: 9080, targetPort: 9080}}]
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: reviews-1, namespace: default, labels: {{app: reviews}}}}
-spec: {{nodeName: node-1, containers: [{{name: app, image: reviews}}]}}
-status: {{podIP: {REVIEWS_IP}, conditions: [{{type: Ready, status: "True"}}]}}
-"""
+MANIFESTS = join(service("reviews"), pod("reviews-1", REVIEWS_IP, "reviews"))
 LABELS = (tracing.ENABLED, tracing.SAMPLING)
 
 

@@ -200,6 +200,7 @@ def run_bench(services: int = 1000, pods: int = 10, clients: tuple[int, ...] = (
         min50: dict[str, dict[str, float]] = {"sotw": {}, "delta": {}}
         ratio: dict[str, dict[str, float]] = {"sotw": {}, "delta": {}}
         rss_streams = 0.0
+        rss_by: dict[str, float] = {}
         weight = 20
         for k in clients:
             for mode in ("sotw", "delta"):
@@ -210,6 +211,7 @@ def run_bench(services: int = 1000, pods: int = 10, clients: tuple[int, ...] = (
                         raise RuntimeError(f"only {ready} of {k} simulated clients got config")
                     time.sleep(3)  # let the initial burst's buffers go (the server trims after 2 s of quiet)
                     rss_streams = max(rss_streams, rss_mb())
+                    rss_by[f"{mode}/{k}"] = round(rss_mb(), 1)
                     worst = []
                     for _ in range(changes):
                         weight = weight % 120 + 1
@@ -247,6 +249,7 @@ def run_bench(services: int = 1000, pods: int = 10, clients: tuple[int, ...] = (
         result["minimal_p50_ms"] = min50
         result["overhead_ratio"] = ratio
         result["rss_mb"] = round(rss_streams, 1)
+        result["rss_mb_by_mode"] = rss_by
         if envoy is not None:
             result["real_envoy_synced"] = _envoy_synced(envoy, cp)
         result["nacks"] = len(xds.nacks())

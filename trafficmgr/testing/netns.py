@@ -136,3 +136,14 @@ def world_executable(path: str, cache_dir: str = "/tmp/trafficmgr-bin") -> str:
         os.replace(tmp, target)
     os.chmod(target, 0o755)
     return target
+
+
+def require() -> None:
+    """In a test: skip when namespaces cannot be made here, but fail under ``CI`` (no silent skips)."""
+    import pytest
+
+    reason = available()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the network-namespace tests: {reason}")
+        pytest.skip(reason)
