@@ -157,6 +157,16 @@ class TypeSet:
             return list(self.resources.values())
         return [self.resources[n] for n in sorted(names) if n in self.resources]
 
+    def sotw_response(self, names: frozenset[str] | None, nonce: str) -> bytes:
+        """:meth:`sotw_body` with ``nonce`` appended, cached: streams sharing a nonce share the bytes."""
+        key = ("nonce", nonce, names)
+        data = self._bodies.get(key)  # type: ignore[call-overload]
+        if data is None:
+            data = self.sotw_body(names) + wire.field_str(5, nonce)
+            with self._lock:
+                self._bodies[key] = data  # type: ignore[index]
+        return data
+
     def sotw_body(self, names: frozenset[str] | None) -> bytes:
         """A ``DiscoveryResponse`` without nonce for ``names`` (all for ``None``), built once and cached.
 

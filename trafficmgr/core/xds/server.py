@@ -449,12 +449,21 @@ class XdsServer:
             return False  # a type this control plane does not serve
         if not force and (ts.version == st.sent_version or ts.version == st.nacked_version):
             return False
-        nonce = self._nonce()
+        # A nonce only has to be unique within a stream: every stream that gets this version for the
+        # first time shares one nonce, so the whole response (often hundreds of KB) is one cached bytes
+        # object for all of them instead of a copy per stream. A resend of the same version on the same
+        # stream gets a fresh nonce (and a per-stream copy).
+        nonce = f"{self._nonce_prefix}.{ts.version}"
+        if nonce == st.sent_nonce:
+            nonce = self._nonce()
+            data = ts.sotw_body(st.names) + wire.field_str(5, nonce)
+        else:
+            data = ts.sotw_response(st.names, nonce)
         st.sent_version = ts.version
         st.sent_nonce = nonce
         st.sent_at = time.monotonic()
         st.sent_typeset = ts
-        await self._write(stream, st, ts.sotw_body(st.names) + wire.field_str(5, nonce))
+        await self._write(stream, st, data)
         return True
 
     # -- delta -----------------------------------------------------------------------------------
