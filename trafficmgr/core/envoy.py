@@ -121,3 +121,25 @@ def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
             proc.send_signal(sig)
     except ProcessLookupError:
         pass
+
+
+def world_executable(path: str, cache_dir: str) -> str:
+    """A copy (a hard link when possible) of ``path`` in ``cache_dir`` that an unprivileged uid (the
+    proxy's, 1337) can execute: site-packages may sit under root's private home directory."""
+    import shutil
+    import threading
+
+    os.makedirs(cache_dir, mode=0o755, exist_ok=True)
+    os.chmod(cache_dir, 0o755)
+    st = os.stat(path)
+    target = os.path.join(cache_dir, f"{os.path.basename(path)}-{st.st_size}-{int(st.st_mtime)}")
+    if not os.path.exists(target):
+        tmp = f"{target}.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copy2(path, tmp)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, target)
+    return target
+

@@ -188,20 +188,9 @@ class ProcessRuntime(Runtime):
         if os.geteuid() != 0:
             return path
         # The proxy uid must be able to execute it (site-packages may sit in root's home).
-        cache = os.path.join(os.path.dirname(self.state_dir.rstrip("/")) or "/", "bin")
-        os.makedirs(cache, mode=0o755, exist_ok=True)
-        os.chmod(cache, 0o755)
-        st = os.stat(path)
-        target = os.path.join(cache, f"envoy-{st.st_size}-{int(st.st_mtime)}")
-        if not os.path.exists(target):
-            tmp = f"{target}.{os.getpid()}.tmp"
-            try:
-                os.link(path, tmp)
-            except OSError:
-                shutil.copy2(path, tmp)
-            os.chmod(tmp, 0o755)
-            os.replace(tmp, target)
-        return target
+        from trafficmgr.core.envoy import world_executable
+
+        return world_executable(path, os.path.join(os.path.dirname(self.state_dir.rstrip("/")) or "/", "bin"))
 
     def remove(self, sidecar: Sidecar) -> None:
         directory = os.path.join(self.state_dir, sidecar.id)
