@@ -529,7 +529,7 @@ class XdsServer:
         snap = self._snapshot(stream)
         if snap is None:
             return
-        plans: list[tuple[_TypeState, TypeSet, list[Resource], list[str]]] = []
+        plans: list[tuple[_TypeState, TypeSet, list[Resource], list[str], Any]] = []
         pending = list(states)
         for st in pending:
             ts = snap.types.get(st.type_url)
@@ -538,13 +538,16 @@ class XdsServer:
             if ts.version == st.synced_version:
                 continue  # nothing changed since the last diff (subscription changes reset it)
             prev = st.synced_ts
+            shared: Any = None
             if prev is not None and st.synced_version == prev.version and not st.rejected:
                 updates, removed = _delta_diff_from(st, _transition(prev, ts))
+                # Every stream in sync with ``prev`` and with the same subscription gets the same message.
+                shared = (st.type_url, prev.version, ts.version, "*" if st.wildcard else st.names)
             else:
                 updates, removed = _delta_diff(st, ts)
             st.synced_version = ts.version
             st.synced_ts = ts
-            plans.append((st, ts, updates, removed))
+            plans.append((st, ts, updates, removed, shared))
             dependent = stream.types.get(_DEPENDENT.get(st.type_url, ""))
             if updates and dependent is not None:
                 # A replaced cluster (listener) warms until it gets its endpoints (routes) again:
@@ -563,18 +566,23 @@ class XdsServer:
                 and st.sent_nonce not in st.inflight
             ):
                 st.last_nack = None  # the rejected resources are no longer served; nothing to wait for
-        for st, ts, updates, removed in plans:
+        for st, ts, updates, removed, shared in plans:
             # A wildcard type's first answer is always sent, even an empty one.
             if updates or (st.wildcard and not st.sent_nonce and not removed):
-                await self._delta_send(stream, st, ts, updates, [])
-        for st, ts, _, removed in plans:
+                await self._delta_send(stream, st, ts, updates, [], shared and (*shared, "u"))
+        for st, ts, _, removed, shared in plans:
             if removed:
-                await self._delta_send(stream, st, ts, [], removed)
+                await self._delta_send(stream, st, ts, [], removed, shared and (*shared, "r"))
 
     async def _delta_send(
-        self, stream: _Stream, st: _TypeState, ts: TypeSet, updates: list[Resource], removed: list[str]
+        self, stream: _Stream, st: _TypeState, ts: TypeSet, updates: list[Resource], removed: list[str],
+        shared: Any = None,
     ) -> None:
-        nonce = self._nonce()
+        """Send one delta response. With ``shared`` (a key that identifies the same message for every
+        stream in the same state), the nonce and the encoded bytes are shared too (see ``_sotw_send``)."""
+        nonce = f"{self._nonce_prefix}.{ts.version}.{shared[-1]}" if shared else ""
+        if not nonce or nonce == st.sent_nonce:
+            nonce, shared = self._nonce(), None
         previous: dict[str, str | None] = {}
         sent: dict[str, str | None] = {}
         for r in updates:
@@ -591,15 +599,21 @@ class XdsServer:
         st.sent_nonce = nonce
         st.sent_at = time.monotonic()
         st.sent_typeset = ts
-        data = b"".join(
-            [
-                wire.field_str(1, ts.version),
-                *(wire.field(2, r.delta_bytes) for r in updates),
-                wire.field_str(4, st.type_url),
-                *(wire.field_str(6, name) for name in removed),
-                wire.field_str(5, nonce),
-            ]
-        )
+        data = _DELTA_MESSAGES.get((shared, nonce)) if shared else None
+        if data is None:
+            data = b"".join(
+                [
+                    wire.field_str(1, ts.version),
+                    *(wire.field(2, r.delta_bytes) for r in updates),
+                    wire.field_str(4, st.type_url),
+                    *(wire.field_str(6, name) for name in removed),
+                    wire.field_str(5, nonce),
+                ]
+            )
+            if shared:
+                _DELTA_MESSAGES[(shared, nonce)] = data
+                while len(_DELTA_MESSAGES) > 64:
+                    _DELTA_MESSAGES.popitem(last=False)
         await self._write(stream, st, data)
 
 
@@ -630,6 +644,7 @@ def _release_memory() -> None:
         pass
 
 
+_DELTA_MESSAGES: collections.OrderedDict[Any, bytes] = collections.OrderedDict()
 _TRANSITIONS: collections.OrderedDict[tuple[str, str, str], list[tuple[str, Resource | None]]] = collections.OrderedDict()
 
 
