@@ -126,7 +126,7 @@ class ControlPlane:
             item = self._queue.get()
             if item is None:
                 return
-            cpu0, wall0 = time.thread_time(), time.perf_counter()
+            cpu0, wall0, started = time.thread_time(), time.perf_counter(), time.time()
             deadline = time.monotonic() + MAX_BATCH_SECONDS
             while item is not None:
                 self._apply(item)
@@ -143,6 +143,8 @@ class ControlPlane:
                     "cpu_ms": (time.thread_time() - cpu0) * 1000,
                     "wall_ms": (time.perf_counter() - wall0) * 1000,
                     "serialized": self.builder.stats.total_serialized,
+                    "started": started,  # wall clock when the batch's first event was taken
+                    "published": time.time(),
                 }
 
     def _apply(self, item: tuple[str, Any, Any]) -> None:
