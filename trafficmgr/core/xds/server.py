@@ -478,7 +478,7 @@ class XdsServer:
         if st is None:
             st = stream.types[type_url] = _TypeState(type_url)
             st.wildcard = type_url not in NAMED_TYPES and (not subscribe or "*" in subscribe)
-            st.names = frozenset(n for n in subscribe if n != "*")
+            st.names = _intern_names(frozenset(n for n in subscribe if n != "*"))
             st.known = dict(req.initial_resource_versions)
             await self._delta_push(stream, [st])
             return
@@ -506,7 +506,7 @@ class XdsServer:
                     names.discard(name)
                     if not st.wildcard:
                         st.known.pop(name, None)
-            st.names = frozenset(names)
+            st.names = _intern_names(frozenset(names))
             st.synced_version = None
         await self._delta_push(stream, [st])
 
@@ -632,7 +632,22 @@ def _sotw_names(type_url: str, names: Iterable[str]) -> frozenset[str] | None:
     requested = frozenset(names)
     if "*" in requested or (not requested and type_url not in NAMED_TYPES):
         return None
-    return requested
+    return _intern_names(requested)
+
+
+_NAME_SETS: collections.OrderedDict[frozenset[str], frozenset[str]] = collections.OrderedDict()
+
+
+def _intern_names(names: frozenset[str]) -> frozenset[str]:
+    """One shared object per distinct subscription: a thousand sidecars asking for the same thousand
+    endpoint names hold one set (and one copy of the strings), not a thousand. Equal sets also hit the
+    response-body cache by identity first."""
+    canonical = _NAME_SETS.get(names)
+    if canonical is None:
+        _NAME_SETS[names] = canonical = names
+        while len(_NAME_SETS) > 4096:
+            _NAME_SETS.popitem(last=False)
+    return canonical
 
 
 def _release_memory() -> None:
