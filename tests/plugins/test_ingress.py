@@ -330,6 +330,9 @@ spec:
     wait_for(lambda: gw.cp.assembler.services[("default", "web")].labels.value("traffic.lb.policy") == "RANDOM")
     wait_for(lambda: not gw.cp.assembler.dirty)
     assert len(gw.cp.status.written) == writes
+    # Moved to another controller's class: this gateway no longer serves it, so its address goes away.
+    gw.store.patch("ingresses", "status", {"spec": {"ingressClassName": "someone-else"}}, "default", patch_type="merge")
+    wait_for(lambda: address() == [], 10, message=f"status of an Ingress no longer served was kept: {address()}")
 
 
 # -- without Envoy ----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from trafficmgr import hookimpl
 from trafficmgr.core.build.context import ObjectStatus, WatchKind
@@ -82,12 +82,21 @@ def trafficmgr_object_status(model: Model, options: argparse.Namespace) -> list[
         return []
     desired = [{"ip": a} if _is_ip(a) else {"hostname": a} for a in addresses]
     out = []
-    for ing in selected_ingresses(model, options):
+    served = selected_ingresses(model, options)
+    for ing in served:
         if tuple(ing.lb_status) == tuple(addresses):
             continue
-        path = f"/apis/networking.k8s.io/v1/namespaces/{ing.namespace}/ingresses/{ing.name}"
-        out.append(ObjectStatus(path, {"loadBalancer": {"ingress": desired}}, ing.resource_version, ing.ref))
+        out.append(ObjectStatus(_path(ing), {"loadBalancer": {"ingress": desired}}, ing.resource_version, ing.ref))
+    # An Ingress this gateway stopped serving (its class changed) must not keep showing our address.
+    served_keys = {(i.namespace, i.name) for i in served}
+    for key, ing in (model.extra.get(INGRESS) or {}).items():
+        if key not in served_keys and ing.lb_status and tuple(ing.lb_status) == tuple(addresses):
+            out.append(ObjectStatus(_path(ing), {"loadBalancer": {"ingress": None}}, ing.resource_version, ing.ref))
     return out
+
+
+def _path(ing: Any) -> str:
+    return f"/apis/networking.k8s.io/v1/namespaces/{ing.namespace}/ingresses/{ing.name}"
 
 
 def _is_ip(text: str) -> bool:
