@@ -101,11 +101,11 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 def token(what: str = "an HTTP token") -> Parser:
-    """A non-empty HTTP token (valid cookie or header name)."""
+    """An HTTP token (valid cookie or header name); an empty value means "not set"."""
     allowed = f"{what} (letters, digits and !#$%&'*+-.^_`|~)"
 
     def parse(raw: str) -> str:
-        if not _TOKEN.fullmatch(raw):
+        if raw and not _TOKEN.fullmatch(raw):
             raise ValueError(f"must be {allowed}")
         return raw
 
