@@ -88,8 +88,9 @@ def test_netns_runtime_enable_capture_adopt_disable(cluster: Cluster, podnet: tu
         uids = next(line for line in f if line.startswith("Uid:")).split()[1:]
     assert set(uids) == {"1337"}, "Envoy runs as the proxy uid"
 
-    # The app's requests to the labeled service go through Envoy; the unlabeled port is blocked.
-    wait_for(lambda: curl(ns, reviews_url)[0] == 200, 10, message="no 200 through the sidecar")
+    # The app's requests to the labeled service go through Envoy; the unlabeled port is blocked. The
+    # rules went in only once Envoy was LIVE, so the very first request after the annotation succeeds.
+    assert curl(ns, reviews_url)[0] == 200, "the first request after enabling was refused"
     before = envoy_stat(ns, "cluster.9080|default|reviews.outbound.upstream_rq_completed")
     for _ in range(3):
         assert curl(ns, reviews_url)[0] == 200
@@ -136,3 +137,22 @@ def test_netns_runtime_orphan_and_pod_deletion(cluster: Cluster, podnet: tuple[N
     wait_for(lambda: ProcessRuntime(state_dir).list() == [], 15, message="orphan not removed")
     assert iptables.CHAIN not in nat_rules(ns.path) and os.listdir(state_dir) == []
     os.rmdir(state_dir)
+
+
+def test_wait_live_probes_envoy_ready_inside_the_pod_namespace() -> None:
+    """The agent captures a pod's traffic only once its sidecar says LIVE (inside the pod's netns)."""
+    from trafficmgr.apps.text_response import TextResponseServer
+    from trafficmgr.core.agent.agent import wait_live
+    from trafficmgr.testing.netns import NetNS, require
+
+    require()
+    with NetNS("tmlive") as ns:
+        ns.add_pod_network(["10.244.9.9"])
+        assert wait_live(ns.path, "10.244.9.9", 8900, 0.5) is False  # nothing answers yet
+        app = ns.in_ns(lambda: TextResponseServer("PRE_INITIALIZING", "10.244.9.9", 8900).start())
+        try:
+            assert wait_live(ns.path, "10.244.9.9", 8900, 0.5) is False
+            app.body = "LIVE\n"
+            assert wait_live(ns.path, "10.244.9.9", 8900, 2.0) is True
+        finally:
+            app.stop()

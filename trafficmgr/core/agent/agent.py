@@ -25,6 +25,7 @@ import argparse
 import http.server
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -348,6 +349,10 @@ class Agent:
         network = self.runtime.pod_network(pod)
         if sidecar is None:
             sidecar = self._start(pod, network)
+            if self.runtime.captures_traffic and not wait_live(network.netns, ip, self.config.admin_port, LIVE_TIMEOUT):
+                # Capture anyway: the pod's traffic must not bypass the sidecar (it is blocked by default).
+                log.warning("sidecar %s of %s/%s is not LIVE after %.0fs (control plane unreachable?); capturing anyway",
+                            sidecar.id[:12], key[0], key[1], LIVE_TIMEOUT)
         if self.runtime.captures_traffic:
             run = iptables.netns_runner(network.netns)
             if verify or not iptables.installed(run) or self._verified.get(key) != (uid, sidecar.id):
@@ -395,6 +400,48 @@ def _key(obj: dict[str, Any]) -> Key:
 
 def _one_line(text: str, limit: int = 400) -> str:
     return " | ".join(line.strip() for line in text.strip().splitlines())[-limit:]
+
+
+#: How long a new sidecar may take to get its first config before its pod's traffic is captured anyway.
+LIVE_TIMEOUT = 10.0
+
+
+def wait_live(netns: str | None, address: str, port: int, timeout: float) -> bool:
+    """Poll Envoy's admin ``/ready`` at ``address:port`` inside network namespace ``netns`` (None: this
+    one) until it says LIVE, so capture rules go in only once the sidecar has its listeners (else the
+    pod's first connections would be refused). Returns False on timeout."""
+    import ctypes
+    import http.client
+
+    result: list[bool] = [False]
+
+    def probe() -> None:
+        if netns is not None:
+            fd = os.open(netns, os.O_RDONLY)
+            try:
+                if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+                    return
+            finally:
+                os.close(fd)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                conn = http.client.HTTPConnection(address, port, timeout=1)
+                conn.request("GET", "/ready")
+                resp = conn.getresponse()
+                if resp.status == 200 and resp.read().strip() == b"LIVE":
+                    result[0] = True
+                    return
+                conn.close()
+            except OSError:
+                pass
+            time.sleep(0.05)
+
+    # A thread of its own: setns(2) switches only the calling thread's namespace.
+    t = threading.Thread(target=probe, name="sidecar-ready", daemon=True)
+    t.start()
+    t.join(timeout + 2)
+    return result[0]
 
 
 def _annotation(raw: dict[str, Any] | None) -> str | None:
