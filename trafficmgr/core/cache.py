@@ -280,8 +280,9 @@ class SnapshotCache:
     def resolve(self, node_id: str, node_cluster: str, peer: str = "") -> str | None:
         return self.resolver(node_id, node_cluster, peer)
 
-    def set_view(self, view: str, snapshot: Snapshot) -> None:
-        """Publish ``snapshot`` for ``view`` after the consistency gate.
+    def set_view(self, view: str, snapshot: Snapshot, notify: bool = True) -> None:
+        """Publish ``snapshot`` for ``view`` after the consistency gate; with ``notify=False`` the caller
+        wakes the streams once itself (see :meth:`notify`) after publishing several views.
 
         Raises :class:`InconsistentSnapshot` (and keeps serving the previous snapshot) when it fails.
         """
@@ -294,7 +295,8 @@ class SnapshotCache:
             if self._views.get(view) is snapshot:
                 return
             self._views[view] = snapshot
-        self.notify()
+        if notify:
+            self.notify()
 
     def remove_view(self, view: str) -> None:
         with self._lock:

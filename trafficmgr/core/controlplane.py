@@ -165,13 +165,14 @@ class ControlPlane:
         self.builds += 1
         for view, snap in snapshots.items():
             try:
-                self.cache.set_view(view, snap)
+                self.cache.set_view(view, snap, notify=False)
             except cache_mod.InconsistentSnapshot as exc:
                 metrics.SNAPSHOTS_REJECTED.labels(view=view).inc()
                 self.last_error = str(exc)
                 log.error("snapshot not published, the previous one is still served: %s", exc)
         self._published.set()
-        self.cache.notify()  # unknown nodes may have become known
+        # One wake-up per build for every stream (it also lets nodes that just became known resolve).
+        self.cache.notify()
         self.status.submit(self.plugins.collect("trafficmgr_object_status", what="object status", model=model, options=self.options))
 
     def wait_ready(self, timeout: float) -> bool:
