@@ -10,31 +10,18 @@ from contextlib import redirect_stdout
 
 import pytest
 
-from trafficmgr import LabelSpec, hookimpl
-from trafficmgr.core import cli, labels as L
-from trafficmgr.core import metrics
+from trafficmgr import hookimpl
+from trafficmgr.core import cli, metrics
 from trafficmgr.core.admin import AdminServer
 from trafficmgr.core.controlplane import ControlPlane
 from trafficmgr.core.model import Endpoint, Labels, Model, Service, ServicePort
 from trafficmgr.core.plugins import PluginHost
 from trafficmgr.core.xds.server import XdsServerThread
 from trafficmgr.testing.envoy import EnvoyProcess, free_port, wait_for
+from trafficmgr.testing.kit import NackingPlugin
 from trafficmgr.core.bootstrap import bootstrap
 
 BREAK = "traffic.test.break"
-
-
-class Breaker:
-    """Test-only plugin: ``traffic.test.break=true`` makes the service's cluster one Envoy rejects."""
-
-    @hookimpl
-    def trafficmgr_labels(self) -> list[LabelSpec]:
-        return [LabelSpec(BREAK, frozenset({L.SERVICE}), L.boolean(), False, "test only")]
-
-    @hookimpl
-    def trafficmgr_cluster(self, cluster, service, port, ctx) -> None:  # type: ignore[no-untyped-def]
-        if service.labels.value(BREAK):
-            cluster.lb_policy = cluster.CLUSTER_PROVIDED  # Envoy: not allowed on an EDS cluster
 
 
 class Boom:
@@ -62,7 +49,7 @@ def _model(port: int, backends: dict[str, list[tuple[str, int, int]]], labels: d
 @pytest.fixture
 def rig(envoy_binary: str, tmp_path, backend_factory):  # type: ignore[no-untyped-def]
     port = free_port()
-    plugins = PluginHost.load(["lb"], extra=[("breaker", Breaker()), ("boom", Boom())])
+    plugins = PluginHost.load(["lb"], extra=[("breaker", NackingPlugin(BREAK)), ("boom", Boom())])
     cp = ControlPlane(plugins, argparse.Namespace(sidecar_address="127.0.0.1", sidecar_port=port))
     cp.resolve = lambda node_id, cluster, peer="": "sidecar"  # type: ignore[method-assign]
     cp.cache.resolver = cp.resolve

@@ -14,11 +14,9 @@ from typing import Any
 
 import pytest
 
-from trafficmgr import LabelSpec, hookimpl
-from trafficmgr.core import labels as L
 from trafficmgr.core import scaffold
 from trafficmgr.core.cli import main
-from trafficmgr.testing.kit import BuildResult, SidecarMesh
+from trafficmgr.testing.kit import BuildResult, NackingPlugin, SidecarMesh
 
 SHOP = """
 apiVersion: v1
@@ -50,17 +48,8 @@ spec: {containers: [{name: app, image: cart}]}
 BREAK = "traffic.kit-test.break"
 
 
-class Breaker:
-    """Test-only plugin object (not installed): ``traffic.kit-test.break=true`` makes a cluster Envoy NACKs."""
-
-    @hookimpl
-    def trafficmgr_labels(self) -> list[LabelSpec]:
-        return [LabelSpec(BREAK, frozenset({L.SERVICE}), L.boolean(), False, "test only")]
-
-    @hookimpl
-    def trafficmgr_cluster(self, cluster, service, port, ctx) -> None:  # type: ignore[no-untyped-def]
-        if service.labels.value(BREAK):
-            cluster.lb_policy = cluster.CLUSTER_PROVIDED  # Envoy: not allowed on an EDS cluster
+def Breaker() -> NackingPlugin:  # noqa: N802 - reads like the plugin object it returns
+    return NackingPlugin(BREAK)
 
 
 # -- scaffold --------------------------------------------------------------------------------------
@@ -173,7 +162,7 @@ def test_build_options_and_plugin_objects(trafficmgr_build: Callable[..., BuildR
     broken = trafficmgr_build(SHOP.replace("traffic.port.8080: http", f"traffic.port.8080: http, {BREAK}: 'true'"),
                               plugins=["lb", Breaker()])
     assert broken.sidecar.cluster("shop", 8080)["lb_policy"] == "CLUSTER_PROVIDED"
-    assert "Breaker" in broken.plugins.infos
+    assert "NackingPlugin" in broken.plugins.infos
     with pytest.raises(TypeError):
         trafficmgr_build(SHOP, plugins="lb")
 

@@ -83,14 +83,14 @@ def test_netns_runtime_enable_capture_adopt_disable(cluster: Cluster, podnet: tu
     assert cluster.annotation("elsewhere") is None
     state = json.load(open(os.path.join(state_dir, sidecar_id, "sidecar.json")))
     assert state["netns"] == ns.path
-    assert f"--uid-owner 1337" in nat_rules(ns.path)
+    assert "--uid-owner 1337" in nat_rules(ns.path)
     with open(f"/proc/{state['pid']}/status") as f:
         uids = next(line for line in f if line.startswith("Uid:")).split()[1:]
     assert set(uids) == {"1337"}, "Envoy runs as the proxy uid"
 
-    # The app's requests to the labeled service go through Envoy; the unlabeled port is blocked. The
-    # rules went in only once Envoy was LIVE, so the very first request after the annotation succeeds.
-    assert curl(ns, reviews_url)[0] == 200, "the first request after enabling was refused"
+    # The app's requests to the labeled service go through Envoy; the unlabeled port is blocked.
+    # (That capture waits for a LIVE sidecar is shown by test_wait_live_probes_envoy_ready_... below.)
+    assert curl(ns, reviews_url)[0] == 200, "the first request after the annotation was refused"
     before = envoy_stat(ns, "cluster.9080|default|reviews.outbound.upstream_rq_completed")
     for _ in range(3):
         assert curl(ns, reviews_url)[0] == 200

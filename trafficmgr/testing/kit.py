@@ -33,7 +33,9 @@ import yaml
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from trafficmgr import hookimpl
 from trafficmgr.core import cache
+from trafficmgr.core import labels as L
 from trafficmgr.core.plugins import PluginHost
 
 T = TypeVar("T")
@@ -566,5 +568,22 @@ class SidecarMesh:
         self.close()
 
 
-__all__ = ["BuildResult", "Response", "SidecarMesh", "View", "build", "load_manifests", "load_plugins",
-           "make_options", "to_dict"]
+class NackingPlugin:
+    """Test-only plugin object: a Service labeled ``<label>=true`` gets a cluster Envoy rejects (an EDS
+    cluster with ``CLUSTER_PROVIDED``), to test what happens around a NACK. Pass it to ``plugins=``."""
+
+    def __init__(self, label: str = "traffic.test.break") -> None:
+        self.label = label
+
+    @hookimpl
+    def trafficmgr_labels(self) -> list[Any]:
+        return [L.LabelSpec(self.label, frozenset({L.SERVICE}), L.boolean(), False, "test only: break the cluster")]
+
+    @hookimpl
+    def trafficmgr_cluster(self, cluster: Any, service: Any, port: Any, ctx: Any) -> None:
+        if service.labels.value(self.label):
+            cluster.lb_policy = cluster.CLUSTER_PROVIDED
+
+
+__all__ = ["BuildResult", "NackingPlugin", "Response", "SidecarMesh", "View", "build", "load_manifests",
+           "load_plugins", "make_options", "to_dict"]
