@@ -29,7 +29,7 @@ class Boom:
 
     @hookimpl
     def trafficmgr_cluster(self, cluster, service, port, ctx) -> None:  # type: ignore[no-untyped-def]
-        cluster.connect_timeout.FromMilliseconds(1)
+        cluster.connect_timeout.FromMilliseconds(1234)
         if service.name == "boom":
             raise RuntimeError("boom")
 
@@ -127,6 +127,16 @@ def test_raising_plugin_is_isolated_and_counted(rig) -> None:  # type: ignore[no
     clusters = {name: r.message() for name, r in snap.types["type.googleapis.com/envoy.config.cluster.v3.Cluster"].resources.items()}
     # The raising plugin's half-made change was undone for "boom"; it applied for "good".
     assert clusters[f"{port}|default|boom.outbound"].connect_timeout.ToMilliseconds() == 60000
-    assert clusters[f"{port}|default|good.outbound"].connect_timeout.ToMilliseconds() == 1
-    # Serving continued: the good service still answers through Envoy.
-    assert _get(f"http://127.0.0.1:{port}/x") == 200
+    assert clusters[f"{port}|default|good.outbound"].connect_timeout.ToMilliseconds() == 1234
+
+    # Envoy accepted both clusters as built (the update is asynchronous: wait until it is applied) ...
+    def applied() -> dict[str, str]:
+        timeouts = {c["name"]: c.get("connect_timeout") for c in rig["envoy"].dynamic("clusters")}
+        return timeouts if timeouts.get(f"{port}|default|good.outbound") == "1.234s" and f"{port}|default|boom.outbound" in timeouts else {}
+
+    timeouts = rig["envoy"].wait_for(applied, 10, message="the update with the isolated plugin did not reach Envoy")
+    assert timeouts[f"{port}|default|boom.outbound"] == "60s"
+    assert not [s for s in cp.proxy_status() if s["clusters"]["last_nack"]]
+    # ... and serving continued: requests still answer through Envoy.
+    rig["envoy"].wait_for(lambda: _get(f"http://127.0.0.1:{port}/x") == 200, 10, message="Envoy stopped serving")
+    assert all(_get(f"http://127.0.0.1:{port}/x") == 200 for _ in range(5))
