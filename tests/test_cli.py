@@ -395,8 +395,9 @@ def test_config_dump(capsys: pytest.CaptureFixture[str], admin_url: Callable[[St
     dump = yaml.safe_load(out)
     assert dump["node_id"] == node and dump["view"] == "sidecar"
     assert list(dump["resources"]) == ["clusters", "endpoints", "listeners", "routes", "secrets"]
-    (cluster,) = dump["resources"]["clusters"]
-    assert cluster["name"] == "9080|default|reviews.outbound"
+    clusters = {c["name"]: c for c in dump["resources"]["clusters"]}
+    assert sorted(clusters) == ["9080|default|reviews.outbound", "inbound|passthrough"]
+    cluster = clusters["9080|default|reviews.outbound"]
     assert cluster["config"]["type"] == "EDS"
     assert out.startswith("node_id: productpage-1.default\nview: sidecar\nresources:\n")
 
@@ -455,7 +456,7 @@ def test_proxy_status_with_real_envoy(
     row = out.splitlines()[1].split()
     assert row == ["productpage-1.default", "sidecar", "sotw", "SYNCED", "SYNCED", "SYNCED", "SYNCED", "-"]
     code, out, _ = run(capsys, "config-dump", "--node-id", "productpage-1.default", "--server", url, "--type", "listeners")
-    assert code == 0 and yaml.safe_load(out)["resources"]["listeners"][0]["name"] == "outbound"
+    assert code == 0 and [lst["name"] for lst in yaml.safe_load(out)["resources"]["listeners"]] == ["inbound", "outbound"]
 
 
 def test_missing_envoy_is_one_clear_error(tmp_path) -> None:  # type: ignore[no-untyped-def]

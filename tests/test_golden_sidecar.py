@@ -34,3 +34,24 @@ def test_deterministic() -> None:
     pods = [m for m in manifests if m["kind"] != "Service"]
     b, _ = build_from_manifests(services + pods[::-1], PluginHost.load([]))
     assert render(a) == render(b)
+
+
+def test_inbound_listener_follows_the_option_and_stays_out_of_other_views() -> None:
+    import argparse
+
+    from trafficmgr.core import cache
+    from trafficmgr.core.build.builder import INBOUND_CLUSTER, INBOUND_LISTENER
+
+    manifests = load_manifests(HERE / "pod_ports.in.yaml")
+
+    def names(options: argparse.Namespace | None) -> dict[str, tuple[set[str], set[str]]]:
+        snaps, _ = build_from_manifests(manifests, PluginHost.load([]), options)
+        return {view: (set(s.types[cache.LISTENER].resources), set(s.types[cache.CLUSTER].resources)) for view, s in snaps.items()}
+
+    default = names(None)
+    assert INBOUND_LISTENER in default["sidecar"][0] and INBOUND_CLUSTER in default["sidecar"][1]
+    assert INBOUND_LISTENER not in default["gateway"][0] and INBOUND_CLUSTER not in default["gateway"][1]
+    base = {"sidecar_port": 10000, "sidecar_address": "0.0.0.0"}
+    for options in (argparse.Namespace(**base, sidecar_inbound_port=0), argparse.Namespace(**base, explicit_proxy=True)):
+        off = names(options)["sidecar"]
+        assert INBOUND_LISTENER not in off[0] and INBOUND_CLUSTER not in off[1], options

@@ -60,3 +60,26 @@ def test_failure_names_the_command(ns: netns.NetNS) -> None:
     run = iptables.netns_runner("/nonexistent/netns")
     with pytest.raises(iptables.IptablesError, match="iptables -w -t nat"):
         iptables.install(run)
+
+
+def test_inbound_capture_is_exact_and_can_be_turned_off(ns: netns.NetNS) -> None:
+    run = iptables.netns_runner(ns.path)
+    before = iptables.dump(run)
+    iptables.install(run, 10000, 1337, (8900,), inbound_port=15006)
+    iptables.install(run, 10000, 1337, (8900,), inbound_port=15006)
+    rules = iptables.dump(run)
+    assert rules.count(f"-A PREROUTING -p tcp -j {iptables.INBOUND_CHAIN}") == 1
+    assert [ln for ln in rules.splitlines() if ln.startswith(f"-A {iptables.INBOUND_CHAIN}")] == [
+        f"-A {iptables.INBOUND_CHAIN} -p tcp -m tcp --dport 8900 -j RETURN",
+        f"-A {iptables.INBOUND_CHAIN} -p tcp -m tcp --dport 15006 -j RETURN",
+        f"-A {iptables.INBOUND_CHAIN} -p tcp -j REDIRECT --to-ports 15006",
+    ]
+    assert iptables.installed(run, inbound=True)
+    # Re-installed without an inbound port (agent --inbound-port 0): the inbound chain goes, outbound stays.
+    iptables.install(run, 10000, 1337, (8900,))
+    rules = iptables.dump(run)
+    assert iptables.INBOUND_CHAIN not in rules and f"-A OUTPUT -p tcp -j {iptables.CHAIN}" in rules
+    assert iptables.installed(run) and not iptables.installed(run, inbound=True)
+    iptables.install(run, 10000, 1337, (8900,), inbound_port=15006)
+    iptables.remove(run)
+    assert iptables.dump(run) == before

@@ -84,6 +84,8 @@ def test_netns_runtime_enable_capture_adopt_disable(cluster: Cluster, podnet: tu
     state = json.load(open(os.path.join(state_dir, sidecar_id, "sidecar.json")))
     assert state["netns"] == ns.path
     assert "--uid-owner 1337" in nat_rules(ns.path)
+    assert f"-A PREROUTING -p tcp -j {iptables.INBOUND_CHAIN}" in nat_rules(ns.path), "connections to the pod are captured"
+    assert "--to-ports 15006" in nat_rules(ns.path)
     with open(f"/proc/{state['pid']}/status") as f:
         uids = next(line for line in f if line.startswith("Uid:")).split()[1:]
     assert set(uids) == {"1337"}, "Envoy runs as the proxy uid"
@@ -115,7 +117,7 @@ def test_netns_runtime_enable_capture_adopt_disable(cluster: Cluster, podnet: tu
     wait_for(lambda: cluster.annotation("web-6c9f-x1") == "", 15, message="annotation not cleared")
     assert ProcessRuntime(state_dir).list() == [] and os.listdir(state_dir) == []
     assert not os.path.exists(f"/proc/{state['pid']}") or state["id"].encode() not in open(f"/proc/{state['pid']}/cmdline", "rb").read()
-    assert iptables.CHAIN not in nat_rules(ns.path)
+    assert iptables.CHAIN not in nat_rules(ns.path) and iptables.INBOUND_CHAIN not in nat_rules(ns.path)
     assert curl(ns, reviews_url)[0] == 0, "without the sidecar a ClusterIP leads nowhere"
     assert curl(ns, f"http://{REVIEWS_IP}:9080/r")[0] == 200, "direct traffic is not redirected any more"
     os.rmdir(state_dir)

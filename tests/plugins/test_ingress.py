@@ -384,7 +384,8 @@ def test_backends_count_as_http_without_labels() -> None:
     snaps, warnings = build_from_manifests(load_manifests(ROOT / "tests/golden/plugins/ingress_hosts_paths.in.yaml"),
                                            PluginHost.load(["ingress"]))
     assert sorted(snaps["sidecar"].types[cache.CLUSTER].resources) == [
-        "9080|default|productpage.outbound", "9080|default|reviews.outbound", "9090|default|prometheus.outbound"]
+        "9080|default|productpage.outbound", "9080|default|reviews.outbound", "9090|default|prometheus.outbound",
+        "inbound|passthrough"]
     assert warnings == []
 
 

@@ -142,6 +142,8 @@ def trafficmgr_http_connection_manager(hcm: HttpConnectionManager, ctx: BuildCon
 
     Called after the filter chain is assembled. ``ctx.listener_name`` names the listener; for a sidecar
     chain that serves one service port, ``ctx.service`` and ``ctx.port`` name it (else they are None).
+    The sidecar's ``inbound`` connection manager (requests arriving at the pod, shared by every sidecar)
+    has only the router: filters of ``trafficmgr_http_filters`` are not in it.
     """
 
 

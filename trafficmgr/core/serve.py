@@ -23,6 +23,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="admin/metrics listen address (default 127.0.0.1; binding elsewhere exposes /debug views)")
     parser.add_argument("--admin-port", type=_port, default=18080, help="admin/metrics port (default 18080)")
     parser.add_argument("--sidecar-port", type=_port, default=10000, help="sidecar outbound listener port (default 10000)")
+    parser.add_argument("--sidecar-inbound-port", type=_port, default=15006,
+                        help="sidecar inbound listener port that the agent redirects connections to the pod to "
+                             "(default 15006; 0: no inbound listener)")
     parser.add_argument("--explicit-proxy", action="store_true",
                         help="local mode (no iptables): sidecars also serve explicit HTTP proxy requests "
                              "(internal listener outbound_proxy, see 'trafficmgr demo')")

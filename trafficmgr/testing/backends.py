@@ -91,6 +91,7 @@ class HttpBackend(ThreadedHTTPApp):
                     "backend": backend.name,
                     "method": self.command,
                     "path": self.path,
+                    "peer": self.client_address[0],
                     "headers": {k.lower(): v for k, v in self.headers.items()},
                     "body_bytes": len(request_body),
                 }

@@ -122,12 +122,15 @@ class SidecarPod:
     """
 
     def __init__(self, node_id: str, addresses: Sequence[str], xds_socket: str, workdir: Path | None = None,
-                 delta: bool = False, admin_port: int = 8900, customize: Any = None) -> None:
-        """``customize(config)`` may change the bootstrap dict (e.g. the plugins' ``trafficmgr_bootstrap``)."""
+                 delta: bool = False, admin_port: int = 8900, customize: Any = None, inbound_port: int = 0) -> None:
+        """``customize(config)`` may change the bootstrap dict (e.g. the plugins' ``trafficmgr_bootstrap``);
+        ``inbound_port``: also capture connections arriving from other namespaces (see :meth:`NetNS.link`),
+        as the node agent does."""
         self.node_id = node_id
+        self.addresses = list(addresses)
         self.ns = NetNS("tmpod")
         self.ns.add_pod_network(addresses)
-        self.ns.redirect_outbound(10000, PROXY_UID, exclude_ports=(admin_port,))
+        self.ns.redirect_outbound(10000, PROXY_UID, exclude_ports=(admin_port,), inbound_port=inbound_port)
         self.admin_port = admin_port
         # Not under pytest's tmp_path: the sidecar's uid must be able to read its bootstrap.
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="tm-sidecar-"))
@@ -166,6 +169,13 @@ class SidecarPod:
     def admin(self, path: str) -> str:
         """GET the sidecar's admin endpoint from inside the pod namespace."""
         return self.ns.in_ns(lambda: http_get(f"http://127.0.0.1:{self.admin_port}{path}", 3)[1])
+
+    def listener_config(self, name: str) -> str:
+        """The JSON of dynamic listener ``name`` from the sidecar's config dump ("" when absent)."""
+        for item in json.loads(self.admin("/config_dump?resource=dynamic_listeners")).get("configs", []):
+            if item.get("name") == name:
+                return json.dumps(item)
+        return ""
 
     def stat(self, name: str) -> int:
         for line in self.admin(f"/stats?filter=^{name.replace('|', '.')}$").splitlines():
@@ -252,6 +262,7 @@ spec: {{nodeName: node-1, containers: [{{name: client, image: client}}]}}
 status: {{podIP: {client_ip}, conditions: [{{type: Ready, status: "True"}}]}}
 """)
         self.backends: list[Any] = []
+        self.peers: list[SidecarPod] = []
         self.options = opts
         self.pod = SidecarPod("client.default", self.addresses, self.xds_socket, delta=delta, customize=lambda cfg: self.plugins.call_all(
             "trafficmgr_bootstrap", bootstrap=cfg, role="sidecar", options=opts))
@@ -294,6 +305,25 @@ status: {{podIP: {client_ip}, conditions: [{{type: Ready, status: "True"}}]}}
         self.backends.append(b)
         return b
 
+    def peer_pod(self, name: str, ip: str, inbound_port: int = 15006) -> SidecarPod:
+        """A second sidecar pod ``<name>.default`` (the Pod object must exist) in its own network namespace,
+        linked to the client pod's by a veth pair and capturing inbound connections as the node agent
+        does: traffic from the client pod to ``ip`` crosses a real network boundary into its sidecar."""
+        peer = SidecarPod(f"{name}.default", [ip], self.xds_socket, inbound_port=inbound_port,
+                          customize=lambda cfg: self.plugins.call_all("trafficmgr_bootstrap", bootstrap=cfg, role="sidecar",
+                                                                      options=self.options))
+        self.peers.append(peer)
+        self.pod.ns.link(peer.ns, self.addresses, [ip])
+        return peer.start()
+
+    def peer_backend(self, peer: SidecarPod, name: str, port: int) -> Any:
+        """An HttpBackend on the peer pod's address, inside its namespace."""
+        from trafficmgr.testing.backends import HttpBackend
+
+        b = peer.in_ns(lambda: HttpBackend(name, host=peer.addresses[0], port=port).start())
+        self.backends.append(b)
+        return b
+
     def cluster_ip(self, service: str, namespace: str = "default") -> str:
         return self.store.get("services", service, namespace)["spec"]["clusterIP"]
 
@@ -304,6 +334,8 @@ status: {{podIP: {client_ip}, conditions: [{{type: Ready, status: "True"}}]}}
     def close(self) -> None:
         for b in self.backends:
             b.stop()
+        for peer in self.peers:
+            peer.stop()
         self.pod.stop()
         self.cp.stop()
         self.xds.stop(0.5)

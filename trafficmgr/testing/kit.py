@@ -169,9 +169,12 @@ class View:
 
     def http_filters(self) -> list[list[str]]:
         """The HTTP filter names of every HTTP connection manager in this view's listeners, one list per
-        connection manager (the sidecar's ``blocked`` chains left out)."""
+        connection manager (the sidecar's ``blocked`` chains and its ``inbound`` listener, which has
+        only the router, left out)."""
         out: list[list[str]] = []
-        for lst in self.listeners.values():
+        for name, lst in self.listeners.items():
+            if name == "inbound":
+                continue
             for chain in lst.get("filter_chains", []):
                 if chain.get("name", "").startswith("blocked"):
                     continue

@@ -82,12 +82,32 @@ class NetNS:
         for cidr in routed:
             self.ip("route", "add", "local", cidr, "dev", "lo")
 
-    def redirect_outbound(self, to_port: int = 10000, proxy_uid: int = 1337, exclude_ports: Sequence[int] = (8900,)) -> None:
-        """nat OUTPUT: redirect TCP to ``to_port`` except the proxy's own uid, loopback and ``exclude_ports``
+    def redirect_outbound(self, to_port: int = 10000, proxy_uid: int = 1337, exclude_ports: Sequence[int] = (8900,),
+                          inbound_port: int = 0) -> None:
+        """nat OUTPUT: redirect TCP to ``to_port`` except the proxy's own uid, loopback and ``exclude_ports``;
+        with ``inbound_port``, nat PREROUTING too: TCP arriving from another namespace goes to that port
         (the node agent's rules: :func:`trafficmgr.core.agent.iptables.install`)."""
         from trafficmgr.core.agent import iptables
 
-        iptables.install(iptables.netns_runner(self.path), to_port, proxy_uid, exclude_ports)
+        iptables.install(iptables.netns_runner(self.path), to_port, proxy_uid, exclude_ports, inbound_port)
+
+    def link(self, other: NetNS, local: Sequence[str], remote: Sequence[str]) -> None:
+        """Connect this namespace to ``other`` with a veth pair: ``remote`` addresses (which live in
+        ``other``) are routed over it from here, ``local`` ones (which live here) from there. Nothing
+        else is routed, so traffic still cannot leave the two namespaces."""
+        tag = uuid.uuid4().hex[:6]
+        here, there = f"tm{tag}a", f"tm{tag}b"
+        _run(["ip", "link", "add", here, "netns", self.name, "type", "veth", "peer", "name", there, "netns", other.name])
+        # Each end carries its pod's first address, as a pod's eth0 does: nat REDIRECT of arriving
+        # traffic rewrites the destination to the incoming interface's address (none: dropped).
+        self.ip("addr", "add", f"{local[0]}/32", "dev", here)
+        other.ip("addr", "add", f"{remote[0]}/32", "dev", there)
+        self.ip("link", "set", here, "up")
+        other.ip("link", "set", there, "up")
+        for addr in remote:
+            self.ip("route", "add", f"{addr}/32", "dev", here, "src", local[0])
+        for addr in local:
+            other.ip("route", "add", f"{addr}/32", "dev", there, "src", remote[0])
 
     def in_ns(self, fn: Callable[[], T], timeout: float = 60.0) -> T:
         """Run ``fn()`` in a new thread switched into this namespace; return its result (or raise)."""

@@ -78,6 +78,7 @@ class AgentConfig:
     admin_port: int = 8900
     proxy_uid: int = 1337
     proxy_port: int = 10000
+    inbound_port: int = 15006  # 0: connections to the pod are not captured
     namespace: str | None = None
     delta: bool = False
     resync_s: float = 30.0
@@ -355,8 +356,9 @@ class Agent:
                             sidecar.id[:12], key[0], key[1], LIVE_TIMEOUT)
         if self.runtime.captures_traffic:
             run = iptables.netns_runner(network.netns)
-            if verify or not iptables.installed(run) or self._verified.get(key) != (uid, sidecar.id):
-                iptables.install(run, self.config.proxy_port, self.config.proxy_uid, (self.config.admin_port,))
+            inbound = self.config.inbound_port
+            if verify or not iptables.installed(run, bool(inbound)) or self._verified.get(key) != (uid, sidecar.id):
+                iptables.install(run, self.config.proxy_port, self.config.proxy_uid, (self.config.admin_port,), inbound)
         if _annotation(raw) != sidecar.id:
             self._annotate(key, sidecar.id)
         self._verified[key] = (uid, sidecar.id)

@@ -90,6 +90,9 @@ def _setup_agent(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--proxy-uid", type=int, default=1337, help="uid and gid Envoy runs as; its traffic is not redirected (default 1337)")
     parser.add_argument("--proxy-port", type=_port, default=10000,
                         help="the sidecar's outbound listener port that TCP is redirected to (default 10000)")
+    parser.add_argument("--inbound-port", type=_port, default=15006,
+                        help="the sidecar's inbound listener port that connections to the pod are redirected to "
+                             "(default 15006, as 'serve --sidecar-inbound-port'; 0: not captured)")
     parser.add_argument("--health-port", type=_port, default=18081, help="/healthz and /readyz port (default 18081; 0 disables)")
     parser.add_argument("--health-address", default="0.0.0.0", help="/healthz and /readyz address (default 0.0.0.0)")
     parser.add_argument("--delta", action="store_true", help="sidecars use incremental (delta) xDS")
@@ -119,7 +122,7 @@ def _run_agent(args: argparse.Namespace, stop: threading.Event | None = None) ->
         raise CliError(f"cannot load Kubernetes configuration: {exc}") from None
     config = AgentConfig(
         node_name=args.node_name, xds_address=args.xds_address, admin_port=args.admin_port, proxy_uid=args.proxy_uid,
-        proxy_port=args.proxy_port, namespace=args.namespace, delta=args.delta, resync_s=args.resync,
+        proxy_port=args.proxy_port, inbound_port=args.inbound_port, namespace=args.namespace, delta=args.delta, resync_s=args.resync,
     )
     agent = Agent(KubeClient(api), make_runtime(args), config, plugins, args).start()
     health = None

@@ -26,6 +26,7 @@ from envoy.extensions.filters.listener.http_inspector.v3 import http_inspector_p
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
 from trafficmgr.core import cache, metrics
 from trafficmgr.core.build.context import ORDER_ROUTER, BuildContext, HttpFilter
@@ -47,6 +48,10 @@ log = logging.getLogger(__name__)
 HTTP, TCP, DIRECT = "http", "tcp", "direct"
 PORT_LABEL_PREFIX = "traffic.port."
 OUTBOUND_LISTENER = "outbound"
+#: Inbound side of sidecars: connections to the pod, redirected by the agent (nat PREROUTING).
+INBOUND_LISTENER = "inbound"
+#: ORIGINAL_DST cluster the inbound listener forwards to: the pod's own address, as the caller dialled it.
+INBOUND_CLUSTER = "inbound|passthrough"
 #: ``--explicit-proxy``: the internal listener serving explicit HTTP proxy requests, and its routes.
 PROXY_LISTENER = "outbound_proxy"
 PROXY_ROUTE = "outbound|proxy"
@@ -60,7 +65,7 @@ def route_config_name(port: int) -> str:
 
 
 def default_options() -> argparse.Namespace:
-    return argparse.Namespace(sidecar_port=10000, sidecar_address="0.0.0.0", explicit_proxy=False)
+    return argparse.Namespace(sidecar_port=10000, sidecar_address="0.0.0.0", explicit_proxy=False, sidecar_inbound_port=15006)
 
 
 @attrs.define
@@ -115,6 +120,8 @@ class Builder:
         self._blocked: dict[int | None, listener_components_pb2.FilterChain] = {}
         self._proxy: tuple[Any, ...] | None = None
         self._blocked_vh: route_components_pb2.VirtualHost | None = None
+        self._inbound: tuple[Any, ...] | None = None
+        self._sidecar_cluster_set: tuple[cache.TypeSet, cache.TypeSet] | None = None
 
     # -- public -------------------------------------------------------------------------------
 
@@ -156,6 +163,9 @@ class Builder:
                 resources[cache.ROUTE].extend(routes)
                 if self.options.explicit_proxy:
                     resources[cache.LISTENER].append(self._proxy_listener(ctx))
+                elif self._inbound_port():
+                    resources[cache.LISTENER].append(self._inbound_listener(ctx, outputs))
+                    resources[cache.CLUSTER] = self._sidecar_clusters(shared[cache.CLUSTER])
             for res in self.plugins.collect("trafficmgr_resources", what=f"{role} resources", ctx=ctx):
                 if res.type_url == cache.SECRET and role != GATEWAY:
                     log.error("a plugin contributed secret %r to the %s view: dropped (secrets go to gateways only)", res.name, role)
@@ -582,6 +592,71 @@ class Builder:
         self._proxy = (filters, res)
         return res
 
+    def _inbound_port(self) -> int:
+        """The inbound listener's port; 0 when there is none (``--sidecar-inbound-port 0``, or local mode:
+        nothing is redirected to it without iptables)."""
+        if self.options.explicit_proxy:
+            return 0
+        return int(getattr(self.options, "sidecar_inbound_port", 0) or 0)
+
+    def _sidecar_clusters(self, shared: cache.TypeSet) -> cache.TypeSet:
+        """The shared cluster set plus ``inbound|passthrough`` (sidecars only); re-derived only when the
+        shared set changes."""
+        memo = self._sidecar_cluster_set
+        if memo is None or memo[0] is not shared:
+            c = cluster_pb2.Cluster(name=INBOUND_CLUSTER, type=cluster_pb2.Cluster.ORIGINAL_DST,
+                                    lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED)
+            c.connect_timeout.CopyFrom(duration_ms(10000))
+            # HTTP/2 (gRPC) arriving at the pod stays HTTP/2 to the application.
+            options = http_protocol_options_pb2.HttpProtocolOptions()
+            options.use_downstream_protocol_config.http_protocol_options.SetInParent()
+            options.use_downstream_protocol_config.http2_protocol_options.SetInParent()
+            c.typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].CopyFrom(pack(options))
+            memo = (shared, shared.derive({INBOUND_CLUSTER: self.resource(c, INBOUND_CLUSTER)}))
+            self._sidecar_cluster_set = memo
+        return memo[1]
+
+    def _inbound_listener(self, ctx: BuildContext, outputs: list[_ServiceOut]) -> cache.Resource:
+        """Listener ``inbound``: connections to the pod that the agent redirected (nat PREROUTING).
+
+        Every connection goes on to the address the caller dialled (``inbound|passthrough``). Ports that
+        some service labels ``http`` (their endpoint ports) get an HTTP connection manager, so the pod's
+        side of a request is observable (plugins' ``trafficmgr_http_connection_manager`` with
+        ``ctx.listener_name == "inbound"`` and no service: tracing adds the server span when the caller
+        sampled); every other port is plain TCP, without waiting for client bytes (server-first
+        protocols work). Shared by every sidecar, so it changes only when that set of ports does."""
+        ports = tuple(sorted({p for out in outputs for p in out.http_target_ports()}))
+        if self._inbound is not None and self._inbound[0] == ports:
+            return self._inbound[1]
+        ctx.service = ctx.port = None
+        ctx.listener_name = INBOUND_LISTENER
+        hcm = hcm_pb2.HttpConnectionManager(stat_prefix="inbound_http", codec_type=hcm_pb2.HttpConnectionManager.AUTO)
+        # The caller's sidecar already made the request id and the sampling decision: keep them.
+        hcm.preserve_external_request_id = True
+        hcm.http_filters.add(name="envoy.filters.http.router", typed_config=pack(router_pb2.Router()))
+        hcm.route_config.name = INBOUND_LISTENER
+        route = hcm.route_config.virtual_hosts.add(name=INBOUND_LISTENER, domains=["*"]).routes.add()
+        route.match.prefix = "/"
+        route.route.cluster = INBOUND_CLUSTER
+        route.route.timeout.CopyFrom(duration_ms(0))  # the caller's route timeout applies, not a second one
+        self.plugins.mutate("trafficmgr_http_connection_manager", hcm, what=INBOUND_LISTENER, ctx=ctx)
+        packed_hcm = pack(hcm)
+        lst = listener_pb2.Listener(name=INBOUND_LISTENER, stat_prefix=INBOUND_LISTENER)
+        lst.address.CopyFrom(socket_address(self.options.sidecar_address, self._inbound_port()))
+        lst.traffic_direction = base_pb2.INBOUND
+        lst.listener_filters.add(name="envoy.filters.listener.original_dst", typed_config=pack(original_dst_pb2.OriginalDst()))
+        for p in ports:
+            chain = lst.filter_chains.add(name=f"inbound|http|{p}")
+            chain.filter_chain_match.destination_port.value = p
+            chain.filters.add(name="envoy.filters.network.http_connection_manager", typed_config=packed_hcm)
+        tcp = tcp_proxy_pb2.TcpProxy(stat_prefix="inbound_tcp", cluster=INBOUND_CLUSTER)
+        lst.default_filter_chain.name = "inbound|tcp"
+        lst.default_filter_chain.filters.add(name="envoy.filters.network.tcp_proxy", typed_config=pack(tcp))
+        self.plugins.mutate("trafficmgr_listener", lst, what=INBOUND_LISTENER, ctx=ctx)
+        res = self.resource(lst, INBOUND_LISTENER, [(cache.CLUSTER, INBOUND_CLUSTER)])
+        self._inbound = (ports, res)
+        return res
+
     def _blocked_chain(self, port: int | None) -> listener_components_pb2.FilterChain:
         """HTTP to a destination no chain serves gets a 404 explaining why; other TCP is closed.
 
@@ -618,6 +693,21 @@ class _ServiceOut:
     assignments: list[cache.Resource] = attrs.field(factory=list)
     sidecar: list[tuple[Any, ...]] | None = None
     filters: Any = None
+    _http_ports: frozenset[int] | None = None
+
+    def http_target_ports(self) -> frozenset[int]:
+        """The pod ports behind this service's ``http`` ports (the inbound listener's HTTP chains)."""
+        if self._http_ports is None:
+            ports: set[int] = set()
+            for port, eps in zip(self.svc.ports, self.eps):
+                if port.protocol != HTTP:
+                    continue
+                if self.svc.kind == "Pod":  # a pod's own labeled port
+                    ports.add(port.port)
+                else:
+                    ports.update(e.port for e in eps or ())
+            self._http_ports = frozenset(ports)
+        return self._http_ports
 
 
 def _host_prefix_len(ip: str) -> int:

@@ -3,8 +3,9 @@
 Needs ``trafficmgr serve --zipkin-address host:port`` (without it the labels do nothing and one log line
 says so). The collector becomes cluster ``zipkin`` in every view. A connection manager that serves one
 service port (sidecar outbound chains) traces only when that service has ``traffic.tracing.enabled``;
-a shared one (the gateway's) has tracing on with 0 % sampling, and the routes of traced services carry
-their own sampling. Applications must propagate the B3 headers (``x-b3-*``, ``x-request-id``) from
+a shared one (the gateway's, the sidecars' ``inbound`` one) has tracing on with 0 % sampling: on the
+gateway the routes of traced services carry their own sampling, and a sidecar's inbound side reports the
+server span of every call its caller sampled (Envoy's Zipkin tracer follows ``x-b3-sampled``). Applications must propagate the B3 headers (``x-b3-*``, ``x-request-id``) from
 incoming to outgoing requests for spans to join one trace, as with Istio.
 """
 

@@ -1,0 +1,172 @@
+"""The sidecar's inbound side, end to end across a real network boundary: a client pod and a server pod
+in two network namespaces joined by a veth pair, each with its own sidecar Envoy; the server pod's
+connections are captured by the agent's nat PREROUTING rules and go through its ``inbound`` listener.
+
+What a user observes: requests still arrive (HTTP and TCP, including a server-first protocol without
+delay), the application sees its own sidecar as the peer, and tracing reports both sides of a call."""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import socket
+import socketserver
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from trafficmgr.apps.zipkin import ZipkinCollector
+from trafficmgr.plugins import tracing
+from trafficmgr.testing.cluster import LocalCluster, SidecarPod
+from trafficmgr.testing.manifests import join, pod, service
+from trafficmgr.testing.netns import require as _require_netns
+
+SERVER_IP = "10.244.1.5"  # lives only in the server pod's namespace
+COLLECTOR_IP = "10.244.0.50"  # in the client pod's namespace; the server's sidecar reaches it over the link
+GREETING = b"220 hello from a server-first protocol\r\n"
+
+
+class Greeter(socketserver.ThreadingTCPServer):
+    """A server-first TCP service (like SMTP or MySQL): it speaks before the client sends anything."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, host: str, port: int) -> None:
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                self.request.sendall(GREETING)
+                self.request.recv(100)
+
+        super().__init__((host, port), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+class Rig:
+    def __init__(self, c: LocalCluster, server: SidecarPod, web: Any, zipkin: ZipkinCollector) -> None:
+        self.c, self.server, self.web, self.zipkin = c, server, web, zipkin
+
+    def get(self, n: int = 1) -> list[dict[str, Any]]:
+        """``n`` GETs from the client pod to service ``web``; what the application saw, in order."""
+        host = self.c.cluster_ip("web")
+        before = self.web.hits
+
+        def run() -> None:
+            conn = http.client.HTTPConnection(host, 8080, timeout=10)
+            for _ in range(n):
+                conn.request("GET", "/hello", headers={"Host": "web:8080"})
+                resp = conn.getresponse()
+                resp.read()
+                assert resp.status == 200, resp.status
+            conn.close()
+
+        self.c.pod.in_ns(run)
+        assert self.web.hits == before + n
+        return list(self.web.requests)[-n:]
+
+    def inbound_http_requests(self) -> int:
+        return self.server.stat("http.inbound_http.downstream_rq_total")
+
+
+@pytest.fixture(scope="module")
+def rig(envoy_binary: str) -> Iterator[Rig]:
+    _require_netns()
+    options = argparse.Namespace(zipkin_address=f"{COLLECTOR_IP}:9411", zipkin_flush_spans=1)
+    with LocalCluster([COLLECTOR_IP], options=options) as c:
+        zipkin = c.pod.in_ns(lambda: ZipkinCollector(host=COLLECTOR_IP, port=9411).start())
+        try:
+            c.apply(join(
+                pod("web-1", SERVER_IP, "web"),
+                service("web", port=8080),
+                service("greeter", port=2525, labels={"traffic.port.2525": "tcp"}, app="web", http=False),
+            ))
+            server = c.peer_pod("web-1", SERVER_IP)
+            web = c.peer_backend(server, "web", 8080)
+            greeter = server.in_ns(lambda: Greeter(SERVER_IP, 2525))
+            c.wait_config(lambda: "inbound|http|8080" in server.listener_config("inbound"),
+                          message="the server sidecar has no inbound listener")
+            yield Rig(c, server, web, zipkin)
+            greeter.shutdown()
+        finally:
+            zipkin.stop()
+
+
+@pytest.fixture
+def traced(rig: Rig) -> Iterator[Rig]:
+    rig.zipkin.clear()
+    yield rig
+    rig.c.label("service", "web", {tracing.ENABLED: None, tracing.SAMPLING: None})
+
+
+def test_http_goes_through_the_server_sidecar(rig: Rig) -> None:
+    before = rig.inbound_http_requests()
+    seen = rig.get(3)
+    # The application's peer is its own sidecar (Envoy connects to the pod's address from inside the
+    # pod), not the client pod: the request crossed the server's inbound listener.
+    assert {r["peer"] for r in seen} == {SERVER_IP}, seen
+    assert rig.inbound_http_requests() == before + 3
+    # The caller's request id is kept, not replaced by the server's sidecar.
+    assert all(r["headers"].get("x-request-id") for r in seen)
+
+
+def test_tcp_port_is_passed_through_and_server_first_protocols_are_not_delayed(rig: Rig) -> None:
+    ip = rig.c.cluster_ip("greeter")
+    before = rig.server.stat("tcp.inbound_tcp.downstream_cx_total")
+
+    def greet() -> tuple[bytes, float]:
+        start = time.monotonic()
+        with socket.create_connection((ip, 2525), timeout=5) as s:
+            data = s.recv(100)
+            s.sendall(b"QUIT\r\n")
+        return data, time.monotonic() - start
+
+    data, took = rig.c.pod.in_ns(greet)
+    assert data == GREETING
+    # No listener filter waits for client bytes on the inbound side (an HTTP inspector would hold the
+    # connection for its timeout, seconds).
+    assert took < 1.0, f"greeting took {took:.2f}s"
+    rig.c.wait_config(lambda: rig.server.stat("tcp.inbound_tcp.downstream_cx_total") == before + 1,
+                      message="the TCP connection did not cross the inbound listener")
+
+
+def test_tracing_reports_both_sides_of_a_call(traced: Rig) -> None:
+    rig = traced
+    rig.c.label("service", "web", {tracing.ENABLED: "true"})
+    rig.c.wait_config(lambda: "envoy.tracers.zipkin" in rig.c.pod.listener_config("outbound"),
+                      message="no tracing on the client sidecar")
+    seen = rig.get(3)
+    spans = rig.c.wait_config(lambda: len(rig.zipkin.spans()) == 6 and rig.zipkin.spans(), 10,
+                              message=f"expected a client and a server span per request, have {rig.zipkin.spans()}")
+    by_trace: dict[str, dict[str, dict[str, Any]]] = {}
+    for span in spans:
+        by_trace.setdefault(span["traceId"], {})[span["kind"]] = span
+    assert set(by_trace) == {r["headers"]["x-b3-traceid"] for r in seen}
+    for trace in by_trace.values():
+        client, server = trace["CLIENT"], trace["SERVER"]
+        assert client["localEndpoint"]["serviceName"] == "client.default"
+        assert server["localEndpoint"]["serviceName"] == "web-1.default"
+        assert server["id"] == client["id"]  # Zipkin's shared span: one RPC, two sides
+    assert sorted(rig.zipkin.store.services()) == ["client.default", "web-1.default"]
+
+
+def test_unsampled_calls_produce_no_server_span(traced: Rig) -> None:
+    rig = traced
+    rig.c.label("service", "web", {tracing.ENABLED: "true", tracing.SAMPLING: "0"})
+    # Applied when the client sidecar starts marking requests unsampled (0 is omitted from config dumps).
+    rig.c.wait_config(lambda: rig.get(1)[0]["headers"].get("x-b3-sampled") == "0", message="sampling 0 not applied")
+    before = rig.inbound_http_requests()
+    seen = rig.get(5)
+    unsampled = {r["headers"]["x-b3-traceid"] for r in seen}
+    assert all(r["headers"].get("x-b3-sampled") == "0" for r in seen) and len(unsampled) == 5, seen
+    assert rig.inbound_http_requests() == before + 5
+    # Barrier: a sampled request afterwards. Each sidecar sends its spans in order (one per flush), so
+    # once both spans of this trace are in, a span of the five unsampled calls would be in too.
+    rig.c.label("service", "web", {tracing.SAMPLING: "100"})
+    barrier = rig.c.wait_config(lambda: [r for r in rig.get(1) if r["headers"].get("x-b3-sampled") == "1"],
+                                message="sampling 100 not applied")[0]["headers"]["x-b3-traceid"]
+    spans = rig.c.wait_config(lambda: {s["kind"]: s for s in rig.zipkin.spans() if s["traceId"] == barrier}.keys()
+                              == {"CLIENT", "SERVER"} and rig.zipkin.spans(), 10, message="no spans for the sampled call")
+    assert not [s for s in spans if s["traceId"] in unsampled], "an unsampled call was traced"
