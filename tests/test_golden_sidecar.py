@@ -55,3 +55,30 @@ def test_inbound_listener_follows_the_option_and_stays_out_of_other_views() -> N
     for options in (argparse.Namespace(**base, sidecar_inbound_port=0), argparse.Namespace(**base, explicit_proxy=True)):
         off = names(options)["sidecar"]
         assert INBOUND_LISTENER not in off[0] and INBOUND_CLUSTER not in off[1], options
+
+
+def test_inbound_http_ports_follow_labels_and_endpoints_incrementally() -> None:
+    from trafficmgr.core import cache
+    from trafficmgr.core.build.builder import INBOUND_LISTENER, Builder
+    from trafficmgr.core.model import Endpoint, Model, Service, ServicePort
+
+    def model(protocols: dict[str, str | None], target: int = 8080) -> Model:
+        services, endpoints = {}, {}
+        for name, proto in protocols.items():
+            svc = Service("default", name, (ServicePort("http", 80, target, proto),), cluster_ip=f"10.96.0.{len(services) + 1}")
+            services[svc.key] = svc
+            endpoints[("default", name, "http")] = (Endpoint("10.244.0.9", target),)
+        return Model(services=services, endpoints=endpoints)
+
+    builder = Builder(PluginHost.load([]))
+
+    def http_chains(m: Model) -> list[int]:
+        lst = builder.build(m)["sidecar"].types[cache.LISTENER].resources[INBOUND_LISTENER].message()
+        assert lst.default_filter_chain.filters[0].name == "envoy.filters.network.tcp_proxy"
+        return [c.filter_chain_match.destination_port.value for c in lst.filter_chains]
+
+    assert http_chains(model({"a": "http", "b": "http"})) == [8080]
+    assert http_chains(model({"a": "http", "b": "tcp"})) == [8080]  # still one http user of 8080
+    assert http_chains(model({"a": "tcp", "b": None})) == []
+    assert http_chains(model({"a": "http"}, target=9090)) == [9090]
+    assert http_chains(Model()) == []

@@ -121,6 +121,7 @@ class Builder:
         self._proxy: tuple[Any, ...] | None = None
         self._blocked_vh: route_components_pb2.VirtualHost | None = None
         self._inbound: tuple[Any, ...] | None = None
+        self._http_port_counts: dict[int, int] = {}
         self._sidecar_cluster_set: tuple[cache.TypeSet, cache.TypeSet] | None = None
 
     # -- public -------------------------------------------------------------------------------
@@ -151,6 +152,7 @@ class Builder:
             outputs.append(out)
         removed = [o for k, o in self._services.items() if k not in live]
         self._services = live
+        self._count_http_ports(replaced, removed)
         shared = self._shared_types(outputs, changed or bool(removed), replaced, removed)
         snapshots: dict[str, cache.Snapshot] = {}
         for role in (SIDECAR, GATEWAY):
@@ -164,7 +166,7 @@ class Builder:
                 if self.options.explicit_proxy:
                     resources[cache.LISTENER].append(self._proxy_listener(ctx))
                 elif self._inbound_port():
-                    resources[cache.LISTENER].append(self._inbound_listener(ctx, outputs))
+                    resources[cache.LISTENER].append(self._inbound_listener(ctx))
                     resources[cache.CLUSTER] = self._sidecar_clusters(shared[cache.CLUSTER])
             for res in self.plugins.collect("trafficmgr_resources", what=f"{role} resources", ctx=ctx):
                 if res.type_url == cache.SECRET and role != GATEWAY:
@@ -616,7 +618,23 @@ class Builder:
             self._sidecar_cluster_set = memo
         return memo[1]
 
-    def _inbound_listener(self, ctx: BuildContext, outputs: list[_ServiceOut]) -> cache.Resource:
+    def _count_http_ports(self, replaced: list[tuple[_ServiceOut | None, _ServiceOut]], removed: list[_ServiceOut]) -> None:
+        """Keep how many services use each pod port as ``http`` (the inbound listener's chains), in
+        O(changed services)."""
+        counts = self._http_port_counts
+        for old, new in [*replaced, *((o, None) for o in removed)]:
+            before = old.http_target_ports() if old is not None else frozenset()
+            after = new.http_target_ports() if new is not None else frozenset()
+            if before == after:
+                continue
+            for p in before - after:
+                counts[p] -= 1
+                if not counts[p]:
+                    del counts[p]
+            for p in after - before:
+                counts[p] = counts.get(p, 0) + 1
+
+    def _inbound_listener(self, ctx: BuildContext) -> cache.Resource:
         """Listener ``inbound``: connections to the pod that the agent redirected (nat PREROUTING).
 
         Every connection goes on to the address the caller dialled (``inbound|passthrough``). Ports that
@@ -625,9 +643,9 @@ class Builder:
         ``ctx.listener_name == "inbound"`` and no service: tracing adds the server span when the caller
         sampled); every other port is plain TCP, without waiting for client bytes (server-first
         protocols work). Shared by every sidecar, so it changes only when that set of ports does."""
-        ports = tuple(sorted({p for out in outputs for p in out.http_target_ports()}))
-        if self._inbound is not None and self._inbound[0] == ports:
+        if self._inbound is not None and self._inbound[0] == self._http_port_counts.keys():
             return self._inbound[1]
+        ports = tuple(sorted(self._http_port_counts))
         ctx.service = ctx.port = None
         ctx.listener_name = INBOUND_LISTENER
         hcm = hcm_pb2.HttpConnectionManager(stat_prefix="inbound_http", codec_type=hcm_pb2.HttpConnectionManager.AUTO)
@@ -654,7 +672,7 @@ class Builder:
         lst.default_filter_chain.filters.add(name="envoy.filters.network.tcp_proxy", typed_config=pack(tcp))
         self.plugins.mutate("trafficmgr_listener", lst, what=INBOUND_LISTENER, ctx=ctx)
         res = self.resource(lst, INBOUND_LISTENER, [(cache.CLUSTER, INBOUND_CLUSTER)])
-        self._inbound = (ports, res)
+        self._inbound = (set(ports), res)
         return res
 
     def _blocked_chain(self, port: int | None) -> listener_components_pb2.FilterChain:
