@@ -208,6 +208,43 @@ def test_delta_diff_ack_and_subscriptions(cp: ControlPlane, clients: list[AdsCli
     assert c.silent(0.4)
 
 
+def test_delta_first_answers_are_shared_and_known_maps_are_not_copied(cp: ControlPlane, clients: list[AdsClient]) -> None:
+    publish(cp, {"a": [A], "b": [B], "x": [B]})
+    c1, c2 = connect(cp, clients, node_id="node-1", delta=True), connect(cp, clients, node_id="node-2", delta=True)
+    firsts = []
+    for c in (c1, c2):
+        c.send(type_url=cache.CLUSTER)
+        r = c.recv()
+        c.ack(r)
+        firsts.append(r)
+    # A new stream's first answer is one message for every stream with the same subscription.
+    assert firsts[0].nonce == firsts[1].nonce and c1.raw[firsts[0].nonce] == c2.raw[firsts[1].nonce]
+    # In sync, each stream's record of what its client has is the shared TypeSet, not a copy.
+    states = cp.server.call(lambda: [s.types[cache.CLUSTER].known for s in cp.server.server._streams])
+    current = cp.cache.get("sidecar").types[cache.CLUSTER]
+    assert [k.base for k in states] == [current, current] and all(k.over == {} for k in states)
+    assert all(sorted(k) == ["a", "b", "x"] for k in states)
+
+
+def test_known_map_copy_on_write() -> None:
+    from trafficmgr.core.cache import Resource
+    from trafficmgr.core.xds.server import _Known
+
+    def ts(**versions: str) -> TypeSet:
+        return TypeSet(cache.CLUSTER, [Resource(cache.CLUSTER, n, b"", v) for n, v in versions.items()])
+
+    k = _Known({"old": "0"})
+    assert not k.empty() and k.get("old") == "0" and "old" in k
+    k.rebase(ts(a="1", b="1", c="1"), frozenset({"a", "b"}))
+    assert sorted(k) == ["a", "b"] and k.get("c") is None and "c" not in k  # out of scope
+    k["c"] = "2"
+    assert k.pop("a") == "1" and "a" not in k and k.get("a", "none") == "none"
+    assert k.pop("missing") is None
+    k["b"] = "3"
+    assert sorted(k) == ["b", "c"] and k.get("b") == "3"
+    assert _Known().empty() and not k.empty()
+
+
 def test_delta_reconnect_gets_only_the_diff(cp: ControlPlane, clients: list[AdsClient]) -> None:
     c = connect(cp, clients, delta=True)
     c.send(type_url=cache.CLUSTER)

@@ -194,7 +194,9 @@ def run_bench(services: int = 1000, pods: int = 10, clients: tuple[int, ...] = (
         result["incremental_cpu_ms_all"] = [round(c, 3) for c in cpu]
         result["incremental_resources_reserialized"] = statistics.median(ser)
 
-        # Propagation, then the minimal loop with the same clients.
+        # Propagation, then the minimal loop with the same clients. The control plane's garbage collector
+        # pauses are recorded meanwhile (a full collection over millions of objects stalls every thread).
+        gc_pauses = _GcPauses().start()
         prop50: dict[str, dict[str, float]] = {"sotw": {}, "delta": {}}
         prop99: dict[str, dict[str, float]] = {"sotw": {}, "delta": {}}
         min50: dict[str, dict[str, float]] = {"sotw": {}, "delta": {}}
@@ -258,6 +260,7 @@ def run_bench(services: int = 1000, pods: int = 10, clients: tuple[int, ...] = (
         # Where the time goes before the push: API write -> watch event in the sync loop -> snapshot published.
         result["api_write_to_event_p50_ms"] = round(_pct(to_model, 0.5), 2)
         result["api_write_to_published_p50_ms"] = round(_pct(to_publish, 0.5), 2)
+        result["gc_pauses_ms"] = gc_pauses.stop()
         result["rss_mb"] = round(rss_streams, 1)
         result["rss_mb_by_mode"] = rss_by
         if envoy is not None:
@@ -272,6 +275,34 @@ def run_bench(services: int = 1000, pods: int = 10, clients: tuple[int, ...] = (
         if xds is not None:
             xds.stop(0.5)
         api.stop()
+
+
+class _GcPauses:
+    """Collects this process's garbage-collection pauses by generation (``gc.callbacks``)."""
+
+    def __init__(self) -> None:
+        self.pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        self._t0 = 0.0
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.pauses[info["generation"]].append((time.perf_counter() - self._t0) * 1000)
+
+    def start(self) -> _GcPauses:
+        import gc
+
+        gc.callbacks.append(self._callback)
+        return self
+
+    def stop(self) -> dict[str, Any]:
+        """``{"gen<N>": {"count": n, "max": ms, "total": ms}}``."""
+        import gc
+
+        gc.callbacks.remove(self._callback)
+        return {f"gen{g}": {"count": len(p), "max": round(max(p, default=0.0), 2), "total": round(sum(p), 1)}
+                for g, p in self.pauses.items()}
 
 
 def _start_envoy(port: int, workdir: Path) -> Any:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import sys
 import time
@@ -157,6 +158,10 @@ async def main_async(args: argparse.Namespace) -> None:
             deadline = time.monotonic() + cmd.get("timeout", 120)
             while time.monotonic() < deadline and not all("endpoints" in c.acked and "routes" in c.acked for c in clients):
                 await asyncio.sleep(0.05)
+            # Like Envoy (C++), the measuring side must not add garbage-collector pauses of its own: move
+            # the initial configuration out of the collector's sight (see trafficmgr.core.controlplane).
+            gc.collect()
+            gc.freeze()
             out({"ready": sum(1 for c in clients if "endpoints" in c.acked)})
         elif cmd["cmd"] == "drain":
             for c in clients:

@@ -24,7 +24,7 @@ import os
 import threading
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -105,7 +105,7 @@ class _TypeState:
         self.last_nack: dict[str, Any] | None = None
         self.nacked_version: str | None = None
         # delta only
-        self.known: dict[str, str] = {}  # name -> version the client has (optimistic after a send)
+        self.known = _Known()  # name -> version the client has (optimistic after a send)
         self.inflight: collections.OrderedDict[str, _DeltaSent] = collections.OrderedDict()
         self.rejected: dict[str, str] = {}  # name -> NACKed version, never resent
         self.synced_version: str | None = None  # TypeSet version ``known`` was last diffed against
@@ -113,6 +113,68 @@ class _TypeState:
 
     def status(self) -> dict[str, Any]:
         return {"sent": self.sent_version, "acked": self.acked_version, "last_nack": self.last_nack}
+
+
+class _Known:
+    """What a delta client has: name -> version. Copy on write over a shared TypeSet.
+
+    After a complete push the client has exactly the current TypeSet (within its subscription), so
+    :meth:`rebase` points at that TypeSet, which every stream in sync shares, instead of keeping a
+    thousand-entry dict per stream; later differences (a send in flight, a NACK, an unsubscribe) are
+    kept in a small override dict (``None``: the client does not have it)."""
+
+    __slots__ = ("base", "scope", "over")
+
+    def __init__(self, initial: Mapping[str, str] | None = None) -> None:
+        self.base: TypeSet | None = None
+        self.scope: frozenset[str] | None = None  # None: every name of ``base``
+        self.over: dict[str, str | None] = dict(initial or {})
+
+    def rebase(self, ts: TypeSet, scope: frozenset[str] | None) -> None:
+        """The client has exactly ``ts``'s resources within ``scope`` (None: all of them)."""
+        self.base, self.scope, self.over = ts, scope, {}
+
+    def _base_version(self, name: str) -> str | None:
+        if self.base is None or (self.scope is not None and name not in self.scope):
+            return None
+        r = self.base.resources.get(name)
+        return r.version if r is not None else None
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        over = self.over
+        if name in over:
+            v = over[name]
+        else:
+            v = self._base_version(name)
+        return default if v is None else v
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name) is not None
+
+    def __setitem__(self, name: str, version: str) -> None:
+        self.over[name] = version
+
+    def pop(self, name: str, default: str | None = None) -> str | None:
+        v = self.get(name)
+        if self._base_version(name) is not None:
+            self.over[name] = None
+        else:
+            self.over.pop(name, None)
+        return default if v is None else v
+
+    def empty(self) -> bool:
+        return self.base is None and not any(v is not None for v in self.over.values())
+
+    def __iter__(self) -> Iterator[str]:
+        over = self.over
+        if self.base is not None:
+            scope = self.scope
+            for name in self.base.resources:
+                if name not in over and (scope is None or name in scope):
+                    yield name
+        for name, v in over.items():
+            if v is not None:
+                yield name
 
 
 class _DeltaSent:
@@ -479,7 +541,7 @@ class XdsServer:
             st = stream.types[type_url] = _TypeState(type_url)
             st.wildcard = type_url not in NAMED_TYPES and (not subscribe or "*" in subscribe)
             st.names = _intern_names(frozenset(n for n in subscribe if n != "*"))
-            st.known = dict(req.initial_resource_versions)
+            st.known = _Known(req.initial_resource_versions)
             await self._delta_push(stream, [st])
             return
         if req.response_nonce:
@@ -539,11 +601,15 @@ class XdsServer:
                 continue  # nothing changed since the last diff (subscription changes reset it)
             prev = st.synced_ts
             shared: Any = None
+            scope = "*" if st.wildcard else st.names
             if prev is not None and st.synced_version == prev.version and not st.rejected:
                 updates, removed = _delta_diff_from(st, _transition(prev, ts))
                 # Every stream in sync with ``prev`` and with the same subscription gets the same message.
-                shared = (st.type_url, prev.version, ts.version, "*" if st.wildcard else st.names)
+                shared = (st.type_url, prev.version, ts.version, scope)
             else:
+                if not st.rejected and st.known.empty():
+                    # A first answer: the same for every new stream with this subscription.
+                    shared = (st.type_url, "", ts.version, scope)
                 updates, removed = _delta_diff(st, ts)
             st.synced_version = ts.version
             st.synced_ts = ts
@@ -573,6 +639,10 @@ class XdsServer:
         for st, ts, _, removed, shared in plans:
             if removed:
                 await self._delta_send(stream, st, ts, [], removed, shared and (*shared, "r"))
+        for st, ts, _, _, _ in plans:
+            if not st.rejected:
+                # The client now has exactly ``ts`` (optimistically): share it instead of a per-stream map.
+                st.known.rebase(ts, None if st.wildcard else st.names)
 
     async def _delta_send(
         self, stream: _Stream, st: _TypeState, ts: TypeSet, updates: list[Resource], removed: list[str],
@@ -611,9 +681,7 @@ class XdsServer:
                 ]
             )
             if shared:
-                _DELTA_MESSAGES[(shared, nonce)] = data
-                while len(_DELTA_MESSAGES) > 64:
-                    _DELTA_MESSAGES.popitem(last=False)
+                _remember_delta_message((shared, nonce), data)
         await self._write(stream, st, data)
 
 
@@ -660,6 +728,15 @@ def _release_memory() -> None:
 
 
 _DELTA_MESSAGES: collections.OrderedDict[Any, bytes] = collections.OrderedDict()
+_DELTA_MESSAGES_MAX = 64
+_DELTA_MESSAGES_MAX_BYTES = 16 << 20  # first answers hold every resource (~1 MB at 1000 services)
+
+
+def _remember_delta_message(key: Any, data: bytes) -> None:
+    _DELTA_MESSAGES[key] = data
+    total = sum(len(d) for d in _DELTA_MESSAGES.values())
+    while len(_DELTA_MESSAGES) > 1 and (len(_DELTA_MESSAGES) > _DELTA_MESSAGES_MAX or total > _DELTA_MESSAGES_MAX_BYTES):
+        total -= len(_DELTA_MESSAGES.popitem(last=False)[1])
 _TRANSITIONS: collections.OrderedDict[tuple[str, str, str], list[tuple[str, Resource | None]]] = collections.OrderedDict()
 
 
@@ -705,6 +782,8 @@ def _delta_diff(st: _TypeState, ts: TypeSet) -> tuple[list[Resource], list[str]]
     rejected = st.rejected
     for name in [n for n in rejected if n not in resources]:
         del rejected[name]
+    if not rejected and known.empty():
+        return list(candidates), []  # a first answer: everything in scope
     updates = []
     for r in candidates:
         if known.get(r.name) == r.version:
