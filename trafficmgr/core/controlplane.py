@@ -232,6 +232,9 @@ def kinds_of(plugins: PluginHost) -> Iterable[Kind | WatchKind]:
     return [*CORE_KINDS, *plugins.collect("trafficmgr_watch_kinds")]
 
 
+GC_THRESHOLDS = (10_000, 20, 100)
+
+
 def _freeze_startup_objects() -> None:
     """After the first build: one full collection, then move every surviving object (the listed cluster,
     the model, the first snapshots: millions of objects at 10k pods) out of the garbage collector's
@@ -241,3 +244,6 @@ def _freeze_startup_objects() -> None:
     data (attrs model, tuples, dicts, bytes) has none."""
     gc.collect()
     gc.freeze()
+    # Fewer, larger young collections, and full ones ten times rarer: with a thousand streams the
+    # default thresholds (700, 10, 10) ran ~15 full collections of up to 140 ms in a 4-minute benchmark.
+    gc.set_threshold(GC_THRESHOLDS[0], GC_THRESHOLDS[1], GC_THRESHOLDS[2])
