@@ -19,6 +19,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "docker": {"agent": {"runtime": "docker"}, "zipkin": {"enabled": False}},
     "tracing-external-zipkin": {"plugins": ["tracing"], "zipkin": {"enabled": False, "address": "zipkin.obs:9411"},
                                 "controlPlane": {"watchNamespace": "shop"}},
+    "no-inbound-capture": {"agent": {"captureInbound": False}},
 }
 
 
@@ -41,6 +42,8 @@ def test_rendered_commands_parse(name: str) -> None:
     agent_c = container(one(objects, "DaemonSet", f"{RELEASE}-agent"), "agent")
     agent = parse(agent_c["args"])
     assert agent.command == "agent" and agent.node_name == "node-1"
+    # The agent redirects to the port the control plane puts the inbound listener on (0: neither).
+    assert agent.inbound_port == serve.sidecar_inbound_port == (0 if name == "no-inbound-capture" else 15006)
     pre_stop = agent_c["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "trafficmgr"
     proxies = parse(pre_stop[1:])

@@ -68,6 +68,7 @@ class ControlPlane:
         self._published = threading.Event()
         self._stopping = threading.Event()
         self.builds = 0
+        self.notified_at = 0.0  # wall clock of the last stream wake-up
         self.last_error = ""
         self.last_cycle: dict[str, float] = {}
 
@@ -145,6 +146,7 @@ class ControlPlane:
                     "wall_ms": (time.perf_counter() - wall0) * 1000,
                     "serialized": self.builder.stats.total_serialized,
                     "started": started,  # wall clock when the batch's first event was taken
+                    "notified": self.notified_at,  # streams were woken (pushes may start)
                     "published": time.time(),
                 }
 
@@ -176,6 +178,7 @@ class ControlPlane:
         self._published.set()
         # One wake-up per build for every stream (it also lets nodes that just became known resolve).
         self.cache.notify()
+        self.notified_at = time.time()
         self.status.submit(self.plugins.collect("trafficmgr_object_status", what="object status", model=model, options=self.options))
 
     def wait_ready(self, timeout: float) -> bool:
