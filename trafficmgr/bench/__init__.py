@@ -206,6 +206,7 @@ def run_bench(services: int = 1000, pods: int = 10, clients: tuple[int, ...] = (
         to_model: list[float] = []
         to_publish: list[float] = []
         to_notify: list[float] = []
+        builds: list[int] = []
         weight = 20
         for k in clients:
             for mode in ("sotw", "delta"):
@@ -220,6 +221,7 @@ def run_bench(services: int = 1000, pods: int = 10, clients: tuple[int, ...] = (
                     worst = []
                     for _ in range(changes):
                         cp.last_cycle = {}
+                        builds_before = cp.builds
                         weight = weight % 120 + 1
                         sim.ask(cmd="drain")
                         since = time.time()
@@ -228,6 +230,7 @@ def run_bench(services: int = 1000, pods: int = 10, clients: tuple[int, ...] = (
                                     "application/merge-patch+json")
                         lat = sim.ask(cmd="wait", since=since, type="endpoints", timeout=60)["latency_ms"]
                         worst.append(max(lat) if lat else float("nan"))
+                        builds.append(cp.builds - builds_before)
                         cycle = cp.last_cycle
                         if cycle:
                             to_model.append((cycle["started"] - since) * 1000)
@@ -260,6 +263,7 @@ def run_bench(services: int = 1000, pods: int = 10, clients: tuple[int, ...] = (
         result["minimal_p50_ms"] = min50
         result["overhead_ratio"] = ratio
         # Where the time goes before the push: API write -> watch event in the sync loop -> snapshot published.
+        result["builds_per_change"] = statistics.median(builds) if builds else None
         result["api_write_to_event_p50_ms"] = round(_pct(to_model, 0.5), 2)
         result["api_write_to_published_p50_ms"] = round(_pct(to_publish, 0.5), 2)
         # The xDS push alone against the minimal loop: our p50 minus the time until streams were woken.
