@@ -110,6 +110,7 @@ def test_http_goes_through_the_server_sidecar(rig: Rig) -> None:
     assert rig.inbound_http_requests() == before + 3
     # The caller's request id is kept, not replaced by the server's sidecar.
     assert all(r["headers"].get("x-request-id") for r in seen)
+    assert rig.c.cp.nacks() == []
 
 
 def test_tcp_port_is_passed_through_and_server_first_protocols_are_not_delayed(rig: Rig) -> None:
