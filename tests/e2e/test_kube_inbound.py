@@ -49,7 +49,7 @@ class Rig:
     def __init__(self, c: LocalCluster, server: SidecarPod, web: Any, zipkin: ZipkinCollector) -> None:
         self.c, self.server, self.web, self.zipkin = c, server, web, zipkin
 
-    def get(self, n: int = 1) -> list[dict[str, Any]]:
+    def get(self, n: int = 1, headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
         """``n`` GETs from the client pod to service ``web``; what the application saw, in order."""
         host = self.c.cluster_ip("web")
         before = self.web.hits
@@ -57,7 +57,7 @@ class Rig:
         def run() -> None:
             conn = http.client.HTTPConnection(host, 8080, timeout=10)
             for _ in range(n):
-                conn.request("GET", "/hello", headers={"Host": "web:8080"})
+                conn.request("GET", "/hello", headers={"Host": "web:8080", **(headers or {})})
                 resp = conn.getresponse()
                 resp.read()
                 assert resp.status == 200, resp.status
@@ -108,8 +108,9 @@ def test_http_goes_through_the_server_sidecar(rig: Rig) -> None:
     # pod), not the client pod: the request crossed the server's inbound listener.
     assert {r["peer"] for r in seen} == {SERVER_IP}, seen
     assert rig.inbound_http_requests() == before + 3
-    # The caller's request id is kept, not replaced by the server's sidecar.
-    assert all(r["headers"].get("x-request-id") for r in seen)
+    # The caller's request id reaches the application unchanged through both sidecars.
+    [one] = rig.get(1, headers={"x-request-id": "4bf92f35-77b3-4da6-a3ce-929d0e0e4736"})
+    assert one["headers"]["x-request-id"] == "4bf92f35-77b3-4da6-a3ce-929d0e0e4736" and one["peer"] == SERVER_IP
     assert rig.c.cp.nacks() == []
 
 
