@@ -510,3 +510,9 @@ def test_serve_port_in_use_is_one_clear_error(flag: str, tmp_path) -> None:  # t
     errors = [line for line in proc.stderr.splitlines() if line.startswith("trafficmgr: error:")]
     assert len(errors) == 1 and str(port) in errors[0] and flag in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_serve_refuses_one_port_for_both_sidecar_listeners(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "serve", "--sidecar-port", "15006")
+    assert code == 1 and out == ""
+    assert err.startswith("trafficmgr: error: ") and "--sidecar-inbound-port and --sidecar-port are both 15006" in err, err

@@ -101,6 +101,8 @@ def test_xds_addresses() -> None:
     (["agent", "--xds-address", "cp:18000", "--envoy-image", "e"], "--node-name is required"),
     (["agent", "--node-name", "n", "--xds-address", "cp:18000"], "--envoy-image is required with --runtime docker"),
     (["agent", "--node-name", "n", "--xds-address", "cp", "--runtime", "netns"], "must be HOST:PORT or unix:/path"),
+    (["agent", "--node-name", "n", "--xds-address", "cp:1", "--runtime", "netns", "--inbound-port", "10000"],
+     "--proxy-port and --inbound-port must differ"),
     (["bootstrap", "--node-id", "a", "--node-cluster", "b", "--xds-address", "nope"], "must be HOST:PORT"),
     (["proxies", "--log"], "--log needs --id PREFIX"),
     (["proxies", "--docker-host", "unix:///nonexistent/docker.sock"],

@@ -61,6 +61,9 @@ def run_serve(args: argparse.Namespace, plugins: PluginHost, stop: threading.Eve
     from trafficmgr.core.kube.client import KubeClient, load_api_client
     from trafficmgr.core.xds.server import XdsServerThread
 
+    if args.sidecar_inbound_port and args.sidecar_inbound_port == args.sidecar_port:
+        raise ServeError(f"--sidecar-inbound-port and --sidecar-port are both {args.sidecar_port}: "
+                         "the sidecar's inbound and outbound listeners need different ports")
     try:
         api = load_api_client(args.kubeconfig, args.context)
     except Exception as exc:  # noqa: BLE001 - config errors come in many types

@@ -115,6 +115,10 @@ def _run_agent(args: argparse.Namespace, stop: threading.Event | None = None) ->
         raise CliError(str(exc)) from None
     if args.runtime == "docker" and not args.envoy_image:
         raise CliError("--envoy-image is required with --runtime docker")
+    ports = {"--proxy-port": args.proxy_port, "--inbound-port": args.inbound_port, "--admin-port": args.admin_port}
+    taken = [name for name, port in ports.items() if port and list(ports.values()).count(port) > 1]
+    if taken:
+        raise CliError(f"{' and '.join(taken)} must differ: each is a different listener of the sidecar")
     plugins = args._plugins or PluginHost.load(args.plugins)
     try:
         api = load_api_client(args.kubeconfig)
