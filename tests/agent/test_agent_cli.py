@@ -4,6 +4,7 @@ runtime through ``proxies`` (list, log, remove-all)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import tempfile
 from pathlib import Path
@@ -139,8 +140,33 @@ def test_local_runtime_through_proxies(envoy_binary: str, capsys: pytest.Capture
         code, _, err = run(capsys, *base, "--id", "zzz")
         assert code == 1 and "no sidecar with an id starting with 'zzz'" in err
     finally:
-        code, out, _ = run(capsys, "proxies", "--runtime", "local", "--state-dir", state_dir, "--remove-all")
-    assert code == 0 and sidecar.id in out
+        # The pod's annotation names this sidecar: --remove-all clears it (Prometheus stops scraping).
+        from trafficmgr.apiserver import APIServer
+
+        api = APIServer().start()
+        kubeconfig = os.path.join(state_dir, "kubeconfig")
+        api.write_kubeconfig(kubeconfig)
+        api.store.create({"apiVersion": "v1", "kind": "Pod", "metadata": {
+            "name": "web-1", "namespace": "default", "annotations": {"traffic.envoy.proxy": sidecar.id}},
+            "spec": {"containers": [{"name": "web", "image": "web"}]}})
+        try:
+            code, out, err = run(capsys, "proxies", "--runtime", "local", "--state-dir", state_dir, "--remove-all",
+                                 "--kubeconfig", kubeconfig)
+            annotation = api.store.get("pods", "web-1", "default")["metadata"]["annotations"]["traffic.envoy.proxy"]
+        finally:
+            api.stop()
+    assert code == 0 and sidecar.id in out and err == "", err
+    assert annotation == ""
     assert runtime.list() == []
     code, out, err = run(capsys, "proxies", "--runtime", "local", "--state-dir", state_dir)
     assert code == 0 and out == "" and "No sidecars" in err
+
+
+def test_remove_all_without_kubernetes_says_annotations_were_left(capsys: pytest.CaptureFixture[str]) -> None:
+    from trafficmgr.core.agent.cli import _clear_annotations
+    from trafficmgr.core.agent.runtime import Sidecar
+
+    sidecar = Sidecar(id="abc", pod="web-1", namespace="default", pod_uid="u", status="Exited", state="exited")
+    _clear_annotations([sidecar], "/nonexistent/kubeconfig")
+    err = capsys.readouterr().err
+    assert err.startswith("annotations not cleared (no Kubernetes configuration") and len(err.splitlines()) == 1, err

@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 
-from trafficmgr.core.agent.runtime import Runtime, RuntimeUnavailable, SidecarError, find
+from trafficmgr.core.agent.runtime import Runtime, RuntimeUnavailable, Sidecar, SidecarError, find
 from trafficmgr.core.plugins import ENV_SELECTION, PluginHost
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,10 @@ def _setup_proxies(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log", action="store_true", help="with --id: print that sidecar's log")
     parser.add_argument("--tail", type=int, default=None, metavar="N", help="with --log: only the last N lines")
     parser.add_argument("--remove-all", action="store_true",
-                        help="remove every sidecar and its iptables rules (the DaemonSet's preStop)")
+                        help="remove every sidecar and its iptables rules, and clear the pods' traffic.envoy.proxy "
+                             "annotation when Kubernetes is reachable (the DaemonSet's preStop)")
+    parser.add_argument("--kubeconfig", metavar="FILE",
+                        help="with --remove-all: kubeconfig for clearing annotations (default: in-cluster config, else ~/.kube/config)")
 
 
 def _run_proxies(args: argparse.Namespace) -> int:
@@ -174,16 +177,20 @@ def _run_proxies(args: argparse.Namespace) -> int:
         sidecars = runtime.list()
         if args.remove_all:
             failed = 0
+            removed: list[Sidecar] = []
             for s in sidecars:
                 try:
                     netns = runtime.sidecar_netns(s) if runtime.captures_traffic else None
                     if netns is not None:
                         iptables.remove(iptables.netns_runner(netns))
                     runtime.remove(s)
+                    removed.append(s)
                     print(f"removed {s.id} ({s.namespace}/{s.pod})")
                 except (SidecarError, iptables.IptablesError) as exc:
                     failed += 1
                     print(f"{s.id}: {exc}", file=sys.stderr)
+            if removed:
+                _clear_annotations(removed, args.kubeconfig)
             return 1 if failed else 0
         if args.id:
             try:
@@ -206,6 +213,38 @@ def _run_proxies(args: argparse.Namespace) -> int:
         _write(render.table(("ID", "POD", "NAMESPACE", "STATUS", "STATE"),
                             [(s.id, s.pod, s.namespace, s.status, s.state) for s in sidecars]))
     return 0
+
+
+def _clear_annotations(removed: list[Sidecar], kubeconfig: str | None) -> None:
+    """Set ``traffic.envoy.proxy`` to "" on the pods whose sidecar was removed (as the agent does when it
+    disables one), so Prometheus stops scraping an admin port that is gone. Best effort: without
+    Kubernetes (or for a pod that is gone or has a newer sidecar) one line says so."""
+    from trafficmgr.core.agent.agent import ANNOTATION
+    from trafficmgr.core.kube.client import ApiException, KubeClient, load_api_client
+
+    try:
+        kube = KubeClient(load_api_client(kubeconfig))
+    except Exception as exc:  # noqa: BLE001 - config errors come in many types
+        print(f"annotations not cleared (no Kubernetes configuration: {_one_line(exc)})", file=sys.stderr)
+        return
+    for s in removed:
+        path = f"/api/v1/namespaces/{s.namespace}/pods/{s.pod}"
+        try:
+            pod = kube.request("GET", path, timeout=5)
+            if ((pod.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION) != s.id:
+                continue  # not this sidecar's annotation (already cleared, or a newer sidecar)
+            kube.request("PATCH", path, body={"metadata": {"annotations": {ANNOTATION: ""}}},
+                         content_type="application/merge-patch+json", timeout=5)
+        except ApiException as exc:
+            if exc.status != 404:
+                print(f"{s.namespace}/{s.pod}: annotation not cleared: {exc.status} {exc.reason}", file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001 - urllib3 and socket errors alike: the API is unreachable
+            print(f"annotations not cleared (Kubernetes unreachable: {_one_line(exc)})", file=sys.stderr)
+            return
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200]
 
 
 # -- bootstrap --------------------------------------------------------------------------------------
