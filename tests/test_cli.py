@@ -396,7 +396,7 @@ def test_config_dump(capsys: pytest.CaptureFixture[str], admin_url: Callable[[St
     assert dump["node_id"] == node and dump["view"] == "sidecar"
     assert list(dump["resources"]) == ["clusters", "endpoints", "listeners", "routes", "secrets"]
     clusters = {c["name"]: c for c in dump["resources"]["clusters"]}
-    assert sorted(clusters) == ["9080|default|reviews.outbound", "inbound|passthrough"]
+    assert sorted(clusters) == ["9080|default|reviews.outbound", "inbound|blackhole", "inbound|passthrough"]
     cluster = clusters["9080|default|reviews.outbound"]
     assert cluster["config"]["type"] == "EDS"
     assert out.startswith("node_id: productpage-1.default\nview: sidecar\nresources:\n")

@@ -75,7 +75,9 @@ def test_inbound_http_ports_follow_labels_and_endpoints_incrementally() -> None:
     def http_chains(m: Model) -> list[int]:
         lst = builder.build(m)["sidecar"].types[cache.LISTENER].resources[INBOUND_LISTENER].message()
         assert lst.default_filter_chain.filters[0].name == "envoy.filters.network.tcp_proxy"
-        return [c.filter_chain_match.destination_port.value for c in lst.filter_chains]
+        # First, always: the chain that ends connections made straight to the inbound port itself.
+        assert lst.filter_chains[0].name == "inbound|loop" and lst.filter_chains[0].filter_chain_match.destination_port.value == 15006
+        return [c.filter_chain_match.destination_port.value for c in lst.filter_chains[1:]]
 
     assert http_chains(model({"a": "http", "b": "http"})) == [8080]
     assert http_chains(model({"a": "http", "b": "tcp"})) == [8080]  # still one http user of 8080

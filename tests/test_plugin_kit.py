@@ -138,7 +138,8 @@ def test_build_resources_by_type_and_name(trafficmgr_build: Callable[..., BuildR
     assert result.warnings == [] and result.errors() == []
     side = result.sidecar
     assert side.cluster("shop", 8080)["lb_policy"] == "RING_HASH"
-    assert sorted(side.clusters) == ["8080|default|shop.outbound", "8081|store|cart.outbound", "inbound|passthrough"]
+    assert sorted(side.clusters) == ["8080|default|shop.outbound", "8081|store|cart.outbound", "inbound|blackhole",
+                                  "inbound|passthrough"]
     # Endpoints come from the pods (through the API server's EndpointSlice controller), named ports resolved.
     lbs = side.endpoints["8080|default|shop.outbound"]["endpoints"][0]["lb_endpoints"]
     assert sorted(e["endpoint"]["address"]["socket_address"]["port_value"] for e in lbs) == [9000, 9000]

@@ -134,6 +134,20 @@ def test_tcp_port_is_passed_through_and_server_first_protocols_are_not_delayed(r
                       message="the TCP connection did not cross the inbound listener")
 
 
+def test_a_connection_straight_to_the_inbound_port_is_ended_not_looped(rig: Rig) -> None:
+    # Not redirected, so its original destination is the inbound listener itself: passing it through
+    # would connect to the same port again, without end. From inside the pod, as an application could.
+    before = rig.server.stat("cluster.inbound|passthrough.upstream_cx_total")
+    start = time.monotonic()
+    proc = rig.server.ns.run("curl", "-sS", "-m", "5", "http://127.0.0.1:15006/", check=False)
+    assert proc.returncode in (52, 56), proc  # empty reply / connection reset: ended at once
+    assert time.monotonic() - start < 4
+    time.sleep(0.5)
+    assert rig.server.stat("cluster.inbound|passthrough.upstream_cx_total") == before
+    assert rig.server.stat("cluster.inbound|blackhole.upstream_cx_none_healthy") >= 1
+    assert rig.get(1)[0]["peer"] == SERVER_IP, "the sidecar still serves"
+
+
 def test_tracing_reports_both_sides_of_a_call(traced: Rig) -> None:
     rig = traced
     rig.c.label("service", "web", {tracing.ENABLED: "true"})

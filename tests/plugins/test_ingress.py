@@ -385,7 +385,7 @@ def test_backends_count_as_http_without_labels() -> None:
                                            PluginHost.load(["ingress"]))
     assert sorted(snaps["sidecar"].types[cache.CLUSTER].resources) == [
         "9080|default|productpage.outbound", "9080|default|reviews.outbound", "9090|default|prometheus.outbound",
-        "inbound|passthrough"]
+        "inbound|blackhole", "inbound|passthrough"]
     assert warnings == []
 
 

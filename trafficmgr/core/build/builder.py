@@ -52,6 +52,8 @@ OUTBOUND_LISTENER = "outbound"
 INBOUND_LISTENER = "inbound"
 #: ORIGINAL_DST cluster the inbound listener forwards to: the pod's own address, as the caller dialled it.
 INBOUND_CLUSTER = "inbound|passthrough"
+#: A cluster without endpoints: connections made straight to the inbound port end there (see below).
+BLACKHOLE_CLUSTER = "inbound|blackhole"
 #: ``--explicit-proxy``: the internal listener serving explicit HTTP proxy requests, and its routes.
 PROXY_LISTENER = "outbound_proxy"
 PROXY_ROUTE = "outbound|proxy"
@@ -614,7 +616,11 @@ class Builder:
             options.use_downstream_protocol_config.http_protocol_options.SetInParent()
             options.use_downstream_protocol_config.http2_protocol_options.SetInParent()
             c.typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].CopyFrom(pack(options))
-            memo = (shared, shared.derive({INBOUND_CLUSTER: self.resource(c, INBOUND_CLUSTER)}))
+            hole = cluster_pb2.Cluster(name=BLACKHOLE_CLUSTER, type=cluster_pb2.Cluster.STATIC)
+            hole.connect_timeout.CopyFrom(duration_ms(1000))
+            hole.load_assignment.cluster_name = BLACKHOLE_CLUSTER
+            memo = (shared, shared.derive({INBOUND_CLUSTER: self.resource(c, INBOUND_CLUSTER),
+                                           BLACKHOLE_CLUSTER: self.resource(hole, BLACKHOLE_CLUSTER)}))
             self._sidecar_cluster_set = memo
         return memo[1]
 
@@ -663,7 +669,16 @@ class Builder:
         lst.address.CopyFrom(socket_address(self.options.sidecar_address, self._inbound_port()))
         lst.traffic_direction = base_pb2.INBOUND
         lst.listener_filters.add(name="envoy.filters.listener.original_dst", typed_config=pack(original_dst_pb2.OriginalDst()))
+        # A connection made straight to the inbound port (not redirected, so its original destination
+        # is the listener itself: e.g. to 127.0.0.1:15006 inside the pod, or from a uid-1337 peer)
+        # would be passed through to the same port again, and again: end it instead.
+        loop = lst.filter_chains.add(name="inbound|loop")
+        loop.filter_chain_match.destination_port.value = self._inbound_port()
+        loop.filters.add(name="envoy.filters.network.tcp_proxy", typed_config=pack(
+            tcp_proxy_pb2.TcpProxy(stat_prefix="inbound_loop", cluster=BLACKHOLE_CLUSTER)))
         for p in ports:
+            if p == self._inbound_port():
+                continue
             chain = lst.filter_chains.add(name=f"inbound|http|{p}")
             chain.filter_chain_match.destination_port.value = p
             chain.filters.add(name="envoy.filters.network.http_connection_manager", typed_config=packed_hcm)
@@ -671,7 +686,7 @@ class Builder:
         lst.default_filter_chain.name = "inbound|tcp"
         lst.default_filter_chain.filters.add(name="envoy.filters.network.tcp_proxy", typed_config=pack(tcp))
         self.plugins.mutate("trafficmgr_listener", lst, what=INBOUND_LISTENER, ctx=ctx)
-        res = self.resource(lst, INBOUND_LISTENER, [(cache.CLUSTER, INBOUND_CLUSTER)])
+        res = self.resource(lst, INBOUND_LISTENER, [(cache.CLUSTER, INBOUND_CLUSTER), (cache.CLUSTER, BLACKHOLE_CLUSTER)])
         self._inbound = (set(ports), res)
         return res
 
