@@ -123,6 +123,7 @@ class Builder:
         self._proxy: tuple[Any, ...] | None = None
         self._blocked_vh: route_components_pb2.VirtualHost | None = None
         self._inbound: tuple[Any, ...] | None = None
+        self._sidecar_inputs_changed = True
         self._http_port_counts: dict[int, int] = {}
         self._sidecar_cluster_set: tuple[cache.TypeSet, cache.TypeSet] | None = None
 
@@ -137,24 +138,31 @@ class Builder:
         outputs: list[_ServiceOut] = []
         changed = False
         replaced: list[tuple[_ServiceOut | None, _ServiceOut]] = []
-        live: dict[tuple[str, str], _ServiceOut] = {}
         get_eps, previous = model.endpoints.get, self._services
+        added = False
         for svc in services:
-            key = (svc.namespace, svc.name)
-            out = previous.get(key)
-            if out is None or out.svc is not svc or not all(
-                get_eps((key[0], key[1], p.name)) is e for p, e in zip(svc.ports, out.eps)
-            ):
-                eps = tuple(get_eps((key[0], key[1], p.name)) for p in svc.ports)
+            out = previous.get((svc.namespace, svc.name))
+            # Unchanged when the same Service object and equal endpoints (identity first, in C).
+            if out is None or out.svc is not svc or tuple(map(get_eps, out.ep_keys)) != out.eps:
+                eps = tuple(get_eps((svc.namespace, svc.name, p.name)) for p in svc.ports)
+                added = added or out is None
                 old_out = out
                 out = self._service_out(model, svc, eps, out)
                 replaced.append((old_out, out))
                 changed = True
-            live[key] = out
             outputs.append(out)
-        removed = [o for k, o in self._services.items() if k not in live]
-        self._services = live
+        removed: list[_ServiceOut] = []
+        if added or len(outputs) != len(previous):
+            live = {(o.svc.namespace, o.svc.name): o for o in outputs}
+            removed = [o for k, o in previous.items() if k not in live]
+            self._services = live
+        else:  # the same services: update the replaced ones in place, O(changes)
+            for _, new in replaced:
+                previous[(new.svc.namespace, new.svc.name)] = new
         self._count_http_ports(replaced, removed)
+        # Whether the sidecar listener's inputs may differ from the last build's (else it is reused).
+        self._sidecar_inputs_changed = bool(removed) or any(
+            old is None or new.sidecar is None or new.sidecar is not old.sidecar for old, new in replaced)
         shared = self._shared_types(outputs, changed or bool(removed), replaced, removed)
         snapshots: dict[str, cache.Snapshot] = {}
         for role in (SIDECAR, GATEWAY):
@@ -187,7 +195,7 @@ class Builder:
 
     def _service_out(self, model: Model, svc: Service, eps: tuple[Any, ...], old: _ServiceOut | None) -> _ServiceOut:
         """Clusters and assignments of one service (reusing per-port memos where inputs are unchanged)."""
-        out = _ServiceOut(svc, eps)
+        out = _ServiceOut(svc, eps, tuple((svc.namespace, svc.name, p.name) for p in svc.ports))
         if old is not None and old.svc is svc and not svc.headless:
             out.sidecar, out.filters = old.sidecar, old.filters  # they depend on endpoints only when headless
         for port in svc.ports:
@@ -275,11 +283,10 @@ class Builder:
         for ns, name, port, proto in self.plugins.collect("trafficmgr_port_protocols", model=model, options=self.options):
             implied.setdefault((ns, name), []).append((port, proto))
         out: list[Service] = []
-        seen: set[tuple[str, str]] = set()
         for key in sorted(model.services):
             svc = model.services[key]
-            extra = tuple(sorted(implied.get(key, ()), key=str))
-            if extra:
+            if key in implied:
+                extra = tuple(sorted(implied[key], key=str))
                 prev = self._implied.get(key)
                 if prev is not None and prev[0] is svc and prev[1] == extra:
                     svc = prev[2]
@@ -287,9 +294,8 @@ class Builder:
                     evolved = _apply_implied(svc, extra)
                     self._implied[key] = (model.services[key], extra, evolved)
                     svc = evolved
-            seen.add(key)
             out.append(svc)
-        for stale in self._implied.keys() - seen:
+        for stale in [k for k in self._implied if k not in implied or k not in model.services]:
             del self._implied[stale]
         out.extend(self._pod_destinations(model))
         return out
@@ -463,12 +469,14 @@ class Builder:
     def _sidecar_listener(self, ctx: BuildContext, outputs: list[_ServiceOut]) -> tuple[cache.Resource, list[cache.Resource]]:
         ctx.service = ctx.port = None
         filters = self._http_filters(ctx)
+        memo = self._listener_inputs
+        if memo is not None and memo[1] is filters and not self._sidecar_inputs_changed:
+            return memo[2], memo[3]
         for out in outputs:
             if out.sidecar is None or out.filters is not filters:
                 out.sidecar = self._sidecar_parts(ctx, out, filters)
                 out.filters = filters
         inputs = tuple(id(out.sidecar) for out in outputs)
-        memo = self._listener_inputs
         if memo is not None and memo[0] == inputs and memo[1] is filters:
             return memo[2], memo[3]
         chains: list[listener_components_pb2.FilterChain] = []
@@ -721,6 +729,7 @@ class _ServiceOut:
 
     svc: Service
     eps: tuple[Any, ...]
+    ep_keys: tuple[tuple[str, str, str], ...]  # the model.endpoints keys ``eps`` came from
     names: list[str] = attrs.field(factory=list)
     clusters: list[cache.Resource] = attrs.field(factory=list)
     assignments: list[cache.Resource] = attrs.field(factory=list)
