@@ -86,6 +86,7 @@ class Assembler:
         self._service_pods: dict[Key, set[Key]] = {}
         self._rs_pods: dict[Key, set[Key]] = {}
         self._endpoint_keys: dict[Key, set[tuple[str, str, str]]] = {}
+        self._deferred: set[Key] | None = None  # during a relist: services whose endpoints wait for its end
         self._ip_pods: dict[str, set[Key]] = {}
         self.port_pods: dict[Key, Pod] = {}
         self.dirty = True
@@ -113,6 +114,17 @@ class Assembler:
             handler(key, obj)
 
     def _relist(self, kind: Kind | WatchKind, items: list[dict[str, Any]]) -> None:
+        # A relist touches many objects of one service (its pods, its slices): refresh each service's
+        # endpoints once at the end instead of once per object (10 pods per service: 10x fewer).
+        self._deferred = set()
+        try:
+            self._relist_items(kind, items)
+        finally:
+            deferred, self._deferred = self._deferred, None
+            for svc_key in sorted(deferred):
+                self._refresh_endpoints(svc_key)
+
+    def _relist_items(self, kind: Kind | WatchKind, items: list[dict[str, Any]]) -> None:
         fresh = {_key(o): o for o in items}
         if kind.kind in self.extra_kinds:
             for key in list(self.extra[kind.kind]):
@@ -360,6 +372,9 @@ class Assembler:
             self._refresh_endpoints(svc_key)
 
     def _refresh_endpoints(self, svc_key: Key) -> None:
+        if self._deferred is not None:
+            self._deferred.add(svc_key)
+            return
         ns, svc = svc_key
         by_port: dict[str, list[Endpoint]] = {}
         pods_seen: set[Key] = set()

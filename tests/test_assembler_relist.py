@@ -1,0 +1,54 @@
+"""A relist (the initial list, or after a 410) refreshes each service's endpoints once, at its end, and
+gives the same model whatever order the kinds arrive in."""
+
+from __future__ import annotations
+
+import pytest
+
+from trafficmgr.apiserver.controllers import Controllers
+from trafficmgr.apiserver.store import Store
+from trafficmgr.core.kube import assemble
+from trafficmgr.core.kube.assemble import CORE_KINDS, Assembler
+from trafficmgr.core.plugins import PluginHost
+from trafficmgr.testing.manifests import join, pod, service
+
+PODS = 8
+
+
+def _lists() -> dict[str, list[dict]]:
+    docs = [service("web")] + [pod(f"web-{i}", f"10.244.0.{i + 1}", "web", labels={"traffic.endpoint.weight": str(i + 1)})
+                               for i in range(PODS)]
+    store = Store()
+    controllers = Controllers(store, endpointslices=True)
+    controllers.start()
+    try:
+        for obj in load_manifests_text(join(*docs)):
+            store.create(obj)
+        controllers.wait_idle()
+        return {k.plural: store.list(k.plural)["items"] for k in CORE_KINDS}
+    finally:
+        controllers.stop()
+
+
+def load_manifests_text(text: str) -> list[dict]:
+    import yaml
+
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+@pytest.mark.parametrize("order", ["listed", "reversed"])
+def test_relist_refreshes_endpoints_once_per_service(order: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    lists = _lists()
+    made = []
+    real = assemble.Endpoint
+    monkeypatch.setattr(assemble, "Endpoint", lambda **kw: made.append(kw) or real(**kw))
+    asm = Assembler(PluginHost.load(["lb"]).labels)
+    kinds = CORE_KINDS if order == "listed" else list(reversed(CORE_KINDS))
+    for kind in kinds:
+        asm.apply("RELIST", kind, lists[kind.plural])
+    model = asm.model()
+    [eps] = [v for k, v in model.endpoints.items() if k[1] == "web"]
+    # Every endpoint carries its pod's weight label, whichever kind came first ...
+    assert sorted(e.labels.value("traffic.endpoint.weight") for e in eps) == list(range(1, PODS + 1))
+    # ... and each endpoint was made once or twice (slices, then pods), not once per pod of the service.
+    assert len(made) <= 2 * PODS, len(made)
