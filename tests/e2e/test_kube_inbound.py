@@ -9,20 +9,27 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import json
+import os
+import signal
 import socket
 import socketserver
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from trafficmgr.apps.zipkin import ZipkinCollector
+from trafficmgr.core.envoy import find_envoy
 from trafficmgr.plugins import tracing
 from trafficmgr.testing.cluster import LocalCluster, SidecarPod
 from trafficmgr.testing.manifests import join, pod, service
 from trafficmgr.testing.netns import require as _require_netns
+from trafficmgr.testing.netns import world_executable
 
 SERVER_IP = "10.244.1.5"  # lives only in the server pod's namespace
 COLLECTOR_IP = "10.244.0.50"  # in the client pod's namespace; the server's sidecar reaches it over the link
@@ -146,6 +153,49 @@ def test_a_connection_straight_to_the_inbound_port_is_ended_not_looped(rig: Rig)
     assert rig.server.stat("cluster.inbound|passthrough.upstream_cx_total") == before
     assert rig.server.stat("cluster.inbound|blackhole.upstream_cx_none_healthy") >= 1
     assert rig.get(1)[0]["peer"] == SERVER_IP, "the sidecar still serves"
+
+
+H2_PORT = 8081
+H2_BACKEND = {  # an Envoy inside the server pod that answers with the protocol it was spoken to in
+    "static_resources": {"listeners": [{
+        "name": "h2", "address": {"socket_address": {"address": SERVER_IP, "port_value": H2_PORT}},
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": "h2", "codec_type": "AUTO",
+            "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [{
+                "match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}},
+                "response_headers_to_add": [{"header": {"key": "x-backend-protocol", "value": "%PROTOCOL%"}}]}]}]},
+            "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}]}]},
+}
+
+
+def test_http2_reaches_the_application_as_http2(rig: Rig, tmp_path: Path) -> None:
+    """h2c (gRPC's transport) from a client outside the mesh stays HTTP/2 through the inbound side."""
+    rig.c.apply(service("h2", port=H2_PORT, app="web"))
+    rig.c.wait_config(lambda: f"inbound|http|{H2_PORT}" in rig.server.listener_config("inbound"),
+                      message="no HTTP chain for the h2 port")
+    config = tmp_path / "h2.json"
+    config.write_text(json.dumps(H2_BACKEND))
+    os.chmod(tmp_path, 0o755)
+    os.chmod(config, 0o644)
+    envoy = subprocess.Popen(rig.server.ns.exec_args(world_executable(find_envoy()), "-c", str(config), "--use-dynamic-base-id",
+                                                     "--concurrency", "1", "-l", "warning"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        # As uid 1337 the client pod's own capture lets the connection go straight to the server pod.
+        def get() -> str:
+            proc = rig.c.pod.ns.run("setpriv", "--reuid=1337", "--regid=1337", "--clear-groups", "curl", "-sS", "-m", "5",
+                                    "--http2-prior-knowledge", "-o", "/dev/null", "-D", "-",
+                                    f"http://{SERVER_IP}:{H2_PORT}/", check=False)
+            return proc.stdout if proc.returncode == 0 and proc.stdout.lower().startswith("http/2 200") else ""
+
+        headers = rig.c.wait_config(get, message="no answer from the h2 backend through the inbound side").lower()
+        assert "x-backend-protocol: http/2" in headers, headers
+        assert rig.server.stat("http.inbound_http.downstream_cx_http2_total") >= 1
+    finally:
+        os.killpg(envoy.pid, signal.SIGKILL)
+        envoy.wait(5)
 
 
 def test_tracing_reports_both_sides_of_a_call(traced: Rig) -> None:
