@@ -52,6 +52,22 @@ class Greeter(socketserver.ThreadingTCPServer):
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
 
+class Echo(socketserver.ThreadingTCPServer):
+    """A client-first line protocol that is not HTTP: ``PING`` -> ``PONG``."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, host: str, port: int) -> None:
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                for line in self.rfile:
+                    self.wfile.write(b"PONG\r\n" if line.strip() == b"PING" else b"ERR " + line)
+
+        super().__init__((host, port), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
 class Rig:
     def __init__(self, c: LocalCluster, server: SidecarPod, web: Any, zipkin: ZipkinCollector) -> None:
         self.c, self.server, self.web, self.zipkin = c, server, web, zipkin
@@ -139,6 +155,32 @@ def test_tcp_port_is_passed_through_and_server_first_protocols_are_not_delayed(r
     assert took < 3.0, f"greeting took {took:.2f}s"
     rig.c.wait_config(lambda: rig.server.stat("tcp.inbound_tcp.downstream_cx_total") == before + 1,
                       message="the TCP connection did not cross the inbound listener")
+
+
+def test_a_non_http_protocol_on_a_port_another_service_calls_http_passes_through(rig: Rig) -> None:
+    # Port 7070 of the server pod speaks a line protocol (service "echo", labeled tcp); another service
+    # ("web-alt") labels the same target port http, so the shared inbound listener has an HTTP chain
+    # for 7070. Only what is recognised as HTTP may go to the connection manager.
+    echo = rig.server.in_ns(lambda: Echo(SERVER_IP, 7070))
+    try:
+        rig.c.apply(join(service("echo", port=7070, labels={"traffic.port.7070": "tcp"}, app="web", http=False),
+                         service("web-alt", port=7071, target_port=7070, app="web")))
+        rig.c.wait_config(lambda: "inbound|http|7070" in rig.server.listener_config("inbound"),
+                          message="no HTTP chain for port 7070")
+        ip = rig.c.cluster_ip("echo")
+        before = rig.inbound_http_requests()
+
+        def ping() -> bytes:
+            with socket.create_connection((ip, 7070), timeout=5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(100)
+
+        assert rig.c.pod.in_ns(ping) == b"PONG\r\n"
+        assert rig.inbound_http_requests() == before, "the line protocol went to the HTTP connection manager"
+    finally:
+        echo.shutdown()
+        rig.c.store.delete("services", "echo", "default")
+        rig.c.store.delete("services", "web-alt", "default")
 
 
 def test_a_connection_straight_to_the_inbound_port_is_ended_not_looped(rig: Rig) -> None:

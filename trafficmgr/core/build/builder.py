@@ -655,8 +655,9 @@ class Builder:
         some service labels ``http`` (their endpoint ports) get an HTTP connection manager, so the pod's
         side of a request is observable (plugins' ``trafficmgr_http_connection_manager`` with
         ``ctx.listener_name == "inbound"`` and no service: tracing adds the server span when the caller
-        sampled); every other port is plain TCP, without waiting for client bytes (server-first
-        protocols work). Shared by every sidecar, so it changes only when that set of ports does."""
+        sampled), for connections the HTTP inspector recognises; everything else is plain TCP, and on
+        the other ports without waiting for client bytes (server-first protocols work). Shared by every
+        sidecar, so it changes only when that set of ports does."""
         if self._inbound is not None and self._inbound[0] == self._http_port_counts.keys():
             return self._inbound[1]
         ports = tuple(sorted(self._http_port_counts))
@@ -684,11 +685,26 @@ class Builder:
         loop.filter_chain_match.destination_port.value = self._inbound_port()
         loop.filters.add(name="envoy.filters.network.tcp_proxy", typed_config=pack(
             tcp_proxy_pb2.TcpProxy(stat_prefix="inbound_loop", cluster=BLACKHOLE_CLUSTER)))
-        for p in ports:
-            if p == self._inbound_port():
-                continue
+        http_ports = [p for p in ports if p != self._inbound_port()]
+        if http_ports:
+            # A port one service calls http may carry another protocol in other pods (8080 is common):
+            # only what the inspector recognises as HTTP gets the connection manager, the rest passes
+            # through. It waits for client bytes on these ports only, at most 1 s (then: pass through).
+            inspector = lst.listener_filters.add(name="envoy.filters.listener.http_inspector",
+                                                 typed_config=pack(http_inspector_pb2.HttpInspector()))
+            if len(http_ports) == 1:
+                rule = inspector.filter_disabled.not_match.destination_port_range
+                rule.start, rule.end = http_ports[0], http_ports[0] + 1
+            else:
+                for p in http_ports:
+                    rule = inspector.filter_disabled.not_match.or_match.rules.add().destination_port_range
+                    rule.start, rule.end = p, p + 1
+            lst.listener_filters_timeout.CopyFrom(duration_ms(1000))
+            lst.continue_on_listener_filters_timeout = True
+        for p in http_ports:
             chain = lst.filter_chains.add(name=f"inbound|http|{p}")
             chain.filter_chain_match.destination_port.value = p
+            chain.filter_chain_match.application_protocols.extend(["http/1.1", "h2c"])
             chain.filters.add(name="envoy.filters.network.http_connection_manager", typed_config=packed_hcm)
         tcp = tcp_proxy_pb2.TcpProxy(stat_prefix="inbound_tcp", cluster=INBOUND_CLUSTER)
         lst.default_filter_chain.name = "inbound|tcp"
