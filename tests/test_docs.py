@@ -162,7 +162,9 @@ def test_plugins_doc_signature_parser_sees_every_section() -> None:
 
 def test_plugins_doc_examples_are_valid_python() -> None:
     """Every python block of docs/plugins.md parses (signature lines as a def)."""
-    for block in re.findall(r"```python\n(.*?)```", PLUGINS_DOC.read_text(), re.S):
+    blocks = re.findall(r"```python\n(.*?)```", PLUGINS_DOC.read_text(), re.S)
+    assert len(blocks) >= 10, "docs/plugins.md lost its python examples (or the pattern no longer finds them)"
+    for block in blocks:
         signature = block.startswith("def ") and block.count("\n") == 1
         source = block.rstrip() + ":\n    pass\n" if signature else block
         ast.parse(source)

@@ -170,3 +170,14 @@ def test_remove_all_without_kubernetes_says_annotations_were_left(capsys: pytest
     _clear_annotations([sidecar], "/nonexistent/kubeconfig")
     err = capsys.readouterr().err
     assert err.startswith("annotations not cleared (no Kubernetes configuration") and len(err.splitlines()) == 1, err
+
+
+def test_cli_local_runtime_serves_the_explicit_proxy(tmp_path: Path) -> None:
+    """``--runtime local`` is the demo's runtime: sidecars also get the explicit proxy on <pod IP>:15001."""
+    from trafficmgr.core.agent.cli import make_runtime
+    from trafficmgr.core.agent.local_runtime import PROXY_PORT, LocalRuntime
+
+    args = cli.build_parser().parse_args(["proxies", "--runtime", "local", "--state-dir", str(tmp_path)])
+    runtime = make_runtime(args)
+    assert isinstance(runtime, LocalRuntime) and runtime.name == "local" and not runtime.captures_traffic
+    assert runtime.proxy_port == PROXY_PORT

@@ -186,7 +186,10 @@ def test_a_non_http_protocol_on_a_port_another_service_calls_http_passes_through
 def test_a_connection_straight_to_the_inbound_port_is_ended_not_looped(rig: Rig) -> None:
     # Not redirected, so its original destination is the inbound listener itself: passing it through
     # would connect to the same port again, without end. From inside the pod, as an application could.
+    # The stat exists (a wrong name would read 0 and make the check below pass): the passthrough has
+    # carried the earlier tests' connections.
     before = rig.server.stat("cluster.inbound|passthrough.upstream_cx_total")
+    assert "cluster.inbound|passthrough.upstream_cx_total" in rig.server.admin("/stats?filter=inbound")
     start = time.monotonic()
     proc = rig.server.ns.run("curl", "-sS", "-m", "5", "http://127.0.0.1:15006/", check=False)
     assert proc.returncode in (52, 56), proc  # empty reply / connection reset: ended at once

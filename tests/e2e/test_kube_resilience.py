@@ -15,28 +15,11 @@ from trafficmgr.core.controlplane import ControlPlane
 from trafficmgr.core.kube.client import KubeClient, load_api_client
 from trafficmgr.testing.cluster import LocalCluster
 from trafficmgr.testing.envoy import wait_for
+from trafficmgr.testing.manifests import join, pod, service
 
 PODS = {"reviews-1": "10.244.0.11", "reviews-2": "10.244.0.12", "reviews-3": "10.244.0.13"}
 
 
-def _pod(name: str, ip: str) -> str:
-    return f"""
-apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: default, labels: {{app: reviews}}}}
-spec: {{nodeName: node-1, containers: [{{name: app, image: reviews}}]}}
-status: {{podIP: {ip}, conditions: [{{type: Ready, status: "True"}}]}}
-"""
-
-
-SERVICE = """
-apiVersion: v1
-kind: Service
-metadata: {name: reviews, namespace: default, labels: {traffic.port.9080: http}}
-spec:
-  selector: {app: reviews}
-  ports: [{name: http, port: 9080, targetPort: 9080}]
-"""
 
 
 class Traffic(threading.Thread):
@@ -82,7 +65,7 @@ def test_restart_expire_and_drop_lose_nothing(envoy_binary: str) -> None:
     with LocalCluster(list(PODS.values())) as c:
         for name, ip in PODS.items():
             c.backend(name, ip, 9080)
-        c.apply(SERVICE + "---" + _pod("reviews-1", PODS["reviews-1"]))
+        c.apply(join(service("reviews"), pod("reviews-1", PODS["reviews-1"], "reviews")))
         url = f"http://{c.cluster_ip('reviews')}:9080/"
         wait_for(lambda: c.pod.curl(url)[0] == 200, 10)
         traffic = Traffic(c, url)
@@ -90,7 +73,7 @@ def test_restart_expire_and_drop_lose_nothing(envoy_binary: str) -> None:
         try:
             # 1. Dropped watch connections, with a change made while they reconnect.
             c.api.drop_watches()
-            c.apply(_pod("reviews-2", PODS["reviews-2"]))
+            c.apply(pod("reviews-2", PODS["reviews-2"], "reviews"))
             # 2. The API server goes away; changes happen meanwhile (straight into its store).
             port, store = c.api.port, c.store
             c.api.stop()

@@ -19,28 +19,12 @@ from trafficmgr.testing.netns import require as _require_netns
 from trafficmgr.core.kube.events import INVALID_LABEL
 from trafficmgr.testing.cluster import LocalCluster
 from trafficmgr.testing.envoy import wait_for
+from trafficmgr.testing.manifests import join, pod, service
 
 PODS = {"reviews-1": "10.244.0.11", "reviews-2": "10.244.0.12", "reviews-3": "10.244.0.13"}
 CLUSTER = "9080|default|reviews.outbound"
 STAT = "cluster.9080|default|reviews.outbound."
 
-SERVICE = """
-apiVersion: v1
-kind: Service
-metadata: {name: reviews, namespace: default, labels: {traffic.port.9080: http}}
-spec:
-  selector: {app: reviews}
-  ports: [{name: http, port: 9080, targetPort: 9080}]
-"""
-
-POD = """
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: default, labels: {{app: reviews}}}}
-spec: {{nodeName: node-1, containers: [{{name: app, image: reviews}}]}}
-status: {{podIP: {ip}, conditions: [{{type: Ready, status: "True"}}]}}
-"""
 
 
 def _start(delta: bool, pods: dict[str, str]) -> LocalCluster:
@@ -49,7 +33,7 @@ def _start(delta: bool, pods: dict[str, str]) -> LocalCluster:
     try:
         for name, ip in pods.items():
             c.backend(name, ip, 9080)
-        c.apply(SERVICE + "".join(POD.format(name=name, ip=ip) for name, ip in pods.items()))
+        c.apply(join(service("reviews"), *(pod(name, ip, "reviews") for name, ip in pods.items())))
         c.wait_config(lambda: _route_has(c, CLUSTER) and all(f"{CLUSTER}::{ip}:9080::" in c.pod.admin("/clusters")
                                                              for ip in pods.values()), message="reviews not configured")
     except BaseException:

@@ -12,7 +12,6 @@ import json
 import queue
 import re
 import secrets
-import string
 import threading
 import uuid
 from collections import deque

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import argparse
 import http.server
-import signal
 import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
+from trafficmgr.core.signals import stop_on_signals
 
 
 class ThreadedHTTPApp:
@@ -78,10 +78,7 @@ def serve_until_signal(app: ThreadedHTTPApp, banner: str, stop: threading.Event 
     """Start ``app``, print ``banner`` on stderr, serve until SIGTERM/SIGINT (or ``stop``), then stop it."""
     app.start()
     print(banner.format(url=app.url), file=sys.stderr, flush=True)
-    stop = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+    stop = stop_on_signals(stop)
     stop.wait()
     app.stop()
     return 0

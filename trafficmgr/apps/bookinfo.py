@@ -24,13 +24,13 @@ import http.client
 import http.server
 import json
 import os
-import signal
 import socket
 import sys
 import threading
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Any
+from trafficmgr.core.signals import stop_on_signals
 
 ROLES = ("productpage", "details", "ratings", "reviews", "client")
 DEFAULT_PORT = 9080
@@ -210,10 +210,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
     """Serve until SIGTERM/SIGINT (or ``stop``); the client role only waits."""
-    stop = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+    stop = stop_on_signals(stop)
     if args.role == "client":
         stop.wait()
         return 0

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import threading
 
+from trafficmgr.core.signals import stop_on_signals
 from trafficmgr.core.plugins import PluginHost
 
 log = logging.getLogger(__name__)
@@ -93,10 +93,7 @@ def run_serve(args: argparse.Namespace, plugins: PluginHost, stop: threading.Eve
     cp.start_watches(args.namespace)
     log.info("trafficmgr serving xDS on %s:%d, admin on http://%s:%d, plugins: %s",
              args.xds_address, xds.port, args.admin_address, admin.port, ", ".join(plugins.infos))
-    stop = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+    stop = stop_on_signals(stop)
     stop.wait()
     log.info("shutting down: draining xDS streams")
     cp.stop()

@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -46,6 +45,7 @@ from typing import Any
 import attrs
 import yaml
 
+from trafficmgr.core.signals import stop_on_signals
 from trafficmgr.local import processes
 
 log = logging.getLogger(__name__)
@@ -445,9 +445,7 @@ class Demo:
 
     def run(self) -> int:
         """Start, wait until ready, supervise until SIGINT/SIGTERM, stop. Returns the exit status."""
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: self.stop_event.set())
+        stop_on_signals(self.stop_event)
         try:
             self.start()
             self.wait_ready()

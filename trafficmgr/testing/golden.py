@@ -78,19 +78,19 @@ def render(snapshots: dict[str, cache.Snapshot], views: Sequence[str] | None = N
         for type_url, ts in snapshots[view].types.items():
             if ts.resources:
                 types[cache.short_name(type_url)] = [
-                    _plain(json_format.MessageToDict(r.message(), preserving_proto_field_name=True))
+                    to_plain(json_format.MessageToDict(r.message(), preserving_proto_field_name=True))
                     for r in ts.resources.values()
                 ]
         out[view] = types
     return yaml.safe_dump(out, sort_keys=True, width=120)
 
 
-def _plain(value: Any) -> Any:
+def to_plain(value: Any) -> Any:
     """OrderedDicts (from Any fields) -> dicts, so safe_dump can write them."""
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: to_plain(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_plain(v) for v in value]
+        return [to_plain(v) for v in value]
     return value
 
 

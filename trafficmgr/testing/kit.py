@@ -93,17 +93,11 @@ def make_options(host: PluginHost, options: argparse.Namespace | Mapping[str, An
 # -- build results ---------------------------------------------------------------------------------
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
-
-
 def to_dict(message: Message) -> dict[str, Any]:
     """A message as a plain dict with proto field names (``typed_config`` Anys carry ``@type``)."""
-    return _plain(json_format.MessageToDict(message, preserving_proto_field_name=True))
+    from trafficmgr.testing.golden import to_plain
+
+    return to_plain(json_format.MessageToDict(message, preserving_proto_field_name=True))
 
 
 class View:

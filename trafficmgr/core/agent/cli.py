@@ -6,10 +6,10 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 import threading
 
+from trafficmgr.core.signals import stop_on_signals
 from trafficmgr.core.agent.runtime import Runtime, RuntimeUnavailable, Sidecar, SidecarError, find
 from trafficmgr.core.plugins import ENV_SELECTION, PluginHost
 
@@ -67,9 +67,13 @@ def make_runtime(args: argparse.Namespace) -> Runtime:
         from trafficmgr.core.agent.docker_runtime import DockerRuntime
 
         return DockerRuntime(args.docker_host, getattr(args, "envoy_image", "") or "")
+    if args.runtime == "local":  # with the explicit proxy on <pod IP>:15001, as in `trafficmgr demo`
+        from trafficmgr.core.agent.local_runtime import LocalRuntime
+
+        return LocalRuntime(args.state_dir)
     from trafficmgr.core.agent.netns_runtime import ProcessRuntime
 
-    return ProcessRuntime(args.state_dir, args.netns_dir, use_netns=args.runtime == "netns")
+    return ProcessRuntime(args.state_dir, args.netns_dir)
 
 
 # -- agent ------------------------------------------------------------------------------------------
@@ -137,10 +141,7 @@ def _run_agent(args: argparse.Namespace, stop: threading.Event | None = None) ->
             agent.stop()
             raise CliError(f"cannot listen on {args.health_address}:{args.health_port}: {exc} (use --health-port)") from None
     log.info("node agent for %s: runtime %s, xDS %s", args.node_name, agent.runtime.describe(), args.xds_address)
-    stop = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+    stop = stop_on_signals(stop)
     stop.wait()
     # Sidecars stay: a restarted agent adopts them (`trafficmgr proxies --remove-all` removes them).
     agent.stop()

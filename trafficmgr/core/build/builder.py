@@ -17,8 +17,8 @@ import attrs
 from google.protobuf.message import Message
 
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2
-from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.core.v3 import base_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
@@ -29,7 +29,8 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
 from trafficmgr.core import cache, metrics
-from trafficmgr.core.build.context import ORDER_ROUTER, BuildContext, HttpFilter
+from trafficmgr.core.build.context import BuildContext, HttpFilter
+from trafficmgr.core.corelabels import PORT_PREFIX
 from trafficmgr.core.build.resources import ads_config_source, duration_ms, pack, socket_address
 from trafficmgr.core.model import (
     GATEWAY,
@@ -46,7 +47,6 @@ from trafficmgr.core.plugins import PluginHost
 log = logging.getLogger(__name__)
 
 HTTP, TCP, DIRECT = "http", "tcp", "direct"
-PORT_LABEL_PREFIX = "traffic.port."
 OUTBOUND_LISTENER = "outbound"
 #: Inbound side of sidecars: connections to the pod, redirected by the agent (nat PREROUTING).
 INBOUND_LISTENER = "inbound"
@@ -126,6 +126,7 @@ class Builder:
         self._sidecar_inputs_changed = True
         self._http_port_counts: dict[int, int] = {}
         self._sidecar_cluster_set: tuple[cache.TypeSet, cache.TypeSet] | None = None
+        self._inbound_clusters: dict[str, cache.Resource] | None = None
 
     # -- public -------------------------------------------------------------------------------
 
@@ -311,8 +312,8 @@ class Builder:
             else:
                 ports = []
                 for k, v in sorted(pod.labels.items()):
-                    if k.startswith(PORT_LABEL_PREFIX):
-                        number = int(k[len(PORT_LABEL_PREFIX):])
+                    if k.startswith(PORT_PREFIX):
+                        number = int(k[len(PORT_PREFIX):])
                         ports.append(ServicePort(f"pod-{number}", number, number, v))
                 svc = Service(pod.namespace, pod.name, tuple(ports), cluster_ip=pod.ip, labels=pod.labels,
                               headless=True, uid=pod.uid, kind="Pod")
@@ -612,10 +613,9 @@ class Builder:
         return int(getattr(self.options, "sidecar_inbound_port", 0) or 0)
 
     def _sidecar_clusters(self, shared: cache.TypeSet) -> cache.TypeSet:
-        """The shared cluster set plus ``inbound|passthrough`` (sidecars only); re-derived only when the
-        shared set changes."""
-        memo = self._sidecar_cluster_set
-        if memo is None or memo[0] is not shared:
+        """The shared cluster set plus the inbound listener's two fixed clusters (sidecars only);
+        re-derived only when the shared set changes. The fixed clusters are serialized once."""
+        if self._inbound_clusters is None:
             c = cluster_pb2.Cluster(name=INBOUND_CLUSTER, type=cluster_pb2.Cluster.ORIGINAL_DST,
                                     lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED)
             c.connect_timeout.CopyFrom(duration_ms(10000))
@@ -627,8 +627,11 @@ class Builder:
             hole = cluster_pb2.Cluster(name=BLACKHOLE_CLUSTER, type=cluster_pb2.Cluster.STATIC)
             hole.connect_timeout.CopyFrom(duration_ms(1000))
             hole.load_assignment.cluster_name = BLACKHOLE_CLUSTER
-            memo = (shared, shared.derive({INBOUND_CLUSTER: self.resource(c, INBOUND_CLUSTER),
-                                           BLACKHOLE_CLUSTER: self.resource(hole, BLACKHOLE_CLUSTER)}))
+            self._inbound_clusters = {INBOUND_CLUSTER: self.resource(c, INBOUND_CLUSTER),
+                                      BLACKHOLE_CLUSTER: self.resource(hole, BLACKHOLE_CLUSTER)}
+        memo = self._sidecar_cluster_set
+        if memo is None or memo[0] is not shared:
+            memo = (shared, shared.derive(self._inbound_clusters))
             self._sidecar_cluster_set = memo
         return memo[1]
 

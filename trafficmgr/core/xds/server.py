@@ -509,8 +509,8 @@ class XdsServer:
         ts = snap.types.get(st.type_url)
         if ts is None:
             return False  # a type this control plane does not serve
-        if not force and (ts.version == st.sent_version or ts.version == st.nacked_version):
-            return False
+        if ts.version == st.nacked_version or (not force and ts.version == st.sent_version):
+            return False  # a rejected version is never sent again, forced or not
         # A nonce only has to be unique within a stream: every stream that gets this version for the
         # first time shares one nonce, so the whole response (often hundreds of KB) is one cached bytes
         # object for all of them instead of a copy per stream. A resend of the same version on the same
@@ -651,7 +651,9 @@ class XdsServer:
         """Send one delta response. With ``shared`` (a key that identifies the same message for every
         stream in the same state), the nonce and the encoded bytes are shared too (see ``_sotw_send``)."""
         nonce = f"{self._nonce_prefix}.{ts.version}.{shared[-1]}" if shared else ""
-        if not nonce or nonce == st.sent_nonce:
+        # A version can come back (content-addressed: a change undone); its shared nonce must not
+        # collide with a response of that version still awaiting its ACK.
+        if not nonce or nonce == st.sent_nonce or nonce in st.inflight:
             nonce, shared = self._nonce(), None
         previous: dict[str, str | None] = {}
         sent: dict[str, str | None] = {}

@@ -141,10 +141,15 @@ def trafficmgr_resources(ctx: BuildContext) -> list[Resource]:
     """The SDS secrets the ingress listener's TLS chains use (gateway view only)."""
     if ctx.role != GATEWAY or INGRESS not in ctx.model.extra or not selected_ingresses(ctx.model, ctx.options):
         return []
+    chains = tls_chains(ctx)
+    memo = ctx.memo.get("tls.secrets")
+    if memo is not None and memo[0] is chains:
+        return memo[1]  # tls_chains memoized them: their secrets are not serialized again
     out: list[Any] = []
-    for tc in tls_chains(ctx):
+    for tc in chains:
         msg = secret_pb2.Secret(name=tc.sds_name)
         msg.tls_certificate.certificate_chain.inline_string = tc.secret.certificate_chain
         msg.tls_certificate.private_key.inline_string = tc.secret.private_key
         out.append(ctx.resource(msg, tc.sds_name))
+    ctx.memo["tls.secrets"] = (chains, out)
     return out
