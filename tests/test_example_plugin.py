@@ -7,13 +7,13 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 from collections.abc import Callable
 from importlib import metadata
 from typing import Any
 
 import pytest
 
+from trafficmgr.testing.prereq import missing
 from trafficmgr.core.build.builder import Builder
 from trafficmgr.core.cli import main
 from trafficmgr.core.model import Endpoint, Model, ObjectRef, Service, ServicePort
@@ -27,10 +27,7 @@ LABEL = "traffic.served-by"
 @pytest.fixture(autouse=True)
 def _installed() -> None:
     if "served_by" not in available():
-        message = f"{DIST} is not installed: pip install ./examples/{DIST}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(f"{DIST} is not installed: pip install ./examples/{DIST}")
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -9,7 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import pytest
+
+from trafficmgr.testing.prereq import missing
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,10 +25,7 @@ def need(tool: str, found: str | None) -> str:
     """The tool's path; a missing tool fails under CI and skips elsewhere."""
     if found:
         return found
-    message = f"{tool} not found (bash .ci/install.d/helm.sh installs it)"
-    if os.environ.get("CI"):
-        pytest.fail(f"CI: {message}")
-    pytest.skip(message)
+    missing(f"{tool} not found (bash .ci/install.d/helm.sh installs it)")
 
 
 def helm_path() -> str:

@@ -28,6 +28,7 @@ from typing import Any
 import attrs
 import pytest
 
+from trafficmgr.testing.prereq import missing
 from trafficmgr.testing.envoy import free_port, wait_for
 
 pytestmark = [pytest.mark.envoy, pytest.mark.slow]
@@ -40,9 +41,7 @@ REVIEWS = '9080|default|reviews'
 def _require(tool: str) -> str:
     path = shutil.which(tool)
     if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{tool} is required (CI)")
-        pytest.skip(f"{tool} not installed")
+        missing(f"{tool} not installed")
     return path
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from tests.plugins.tlscerts import https_get, make_ca, make_leaf, serial_of_der
+from trafficmgr.testing.prereq import missing
 from trafficmgr.apps.text_response import TextResponseServer
 from trafficmgr.testing.cluster import GatewayCluster, http_get
 from trafficmgr.testing.envoy import free_port, wait_for
@@ -115,12 +116,9 @@ spec:
 
 
 def _require(*tools: str) -> None:
-    missing = [t for t in tools if shutil.which(t) is None]
-    if missing:
-        message = f"{', '.join(missing)} not installed (apt-get install pebble certbot; see .ci/install.d/acme.apt)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    absent = [t for t in tools if shutil.which(t) is None]
+    if absent:
+        missing(f"{', '.join(absent)} not installed (apt-get install pebble certbot; see .ci/install.d/acme.apt)")
 
 
 class Proc:

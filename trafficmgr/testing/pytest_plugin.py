@@ -22,13 +22,13 @@ Heavy imports happen inside the fixtures, so loading this plugin costs nothing f
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from trafficmgr.testing.prereq import missing
 from trafficmgr.testing.golden import UPDATE_FLAG
 
 if TYPE_CHECKING:
@@ -59,9 +59,7 @@ def trafficmgr_envoy_binary() -> str:
     try:
         return find_envoy()
     except EnvoyNotFound as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI: {exc}")
-        pytest.skip(str(exc))
+        missing(str(exc))
 
 
 @pytest.fixture

@@ -734,11 +734,19 @@ _DELTA_MESSAGES_MAX = 64
 _DELTA_MESSAGES_MAX_BYTES = 16 << 20  # first answers hold every resource (~1 MB at 1000 services)
 
 
+_DELTA_MESSAGES_LOCK = threading.Lock()  # several servers may run in one process (tests)
+_delta_messages_bytes = 0
+
+
 def _remember_delta_message(key: Any, data: bytes) -> None:
-    _DELTA_MESSAGES[key] = data
-    total = sum(len(d) for d in _DELTA_MESSAGES.values())
-    while len(_DELTA_MESSAGES) > 1 and (len(_DELTA_MESSAGES) > _DELTA_MESSAGES_MAX or total > _DELTA_MESSAGES_MAX_BYTES):
-        total -= len(_DELTA_MESSAGES.popitem(last=False)[1])
+    global _delta_messages_bytes
+    with _DELTA_MESSAGES_LOCK:
+        old = _DELTA_MESSAGES.pop(key, None)
+        _DELTA_MESSAGES[key] = data
+        _delta_messages_bytes += len(data) - (len(old) if old is not None else 0)
+        while len(_DELTA_MESSAGES) > 1 and (len(_DELTA_MESSAGES) > _DELTA_MESSAGES_MAX
+                                            or _delta_messages_bytes > _DELTA_MESSAGES_MAX_BYTES):
+            _delta_messages_bytes -= len(_DELTA_MESSAGES.popitem(last=False)[1])
 _TRANSITIONS: collections.OrderedDict[tuple[str, str, str], list[tuple[str, Resource | None]]] = collections.OrderedDict()
 
 
