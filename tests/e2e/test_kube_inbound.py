@@ -224,7 +224,7 @@ def test_http2_reaches_the_application_as_http2(rig: Rig, tmp_path: Path) -> Non
     config.write_text(json.dumps(H2_BACKEND))
     os.chmod(tmp_path, 0o755)
     os.chmod(config, 0o644)
-    envoy = subprocess.Popen(rig.server.ns.exec_args(world_executable(find_envoy()), "-c", str(config), "--use-dynamic-base-id",
+    envoy = subprocess.Popen(rig.server.ns.exec_args(world_executable(find_envoy()), "-c", str(config), "--disable-hot-restart",
                                                      "--concurrency", "1", "-l", "warning"),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:

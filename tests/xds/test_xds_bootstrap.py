@@ -17,7 +17,7 @@ from trafficmgr.testing import EnvoyNotFound, EnvoyProcess, EnvoyStartError, Htt
 
 
 def validate(envoy_binary: str, path: Path) -> subprocess.CompletedProcess[str]:
-    cmd = [envoy_binary, "--mode", "validate", "-c", str(path), "--use-dynamic-base-id", "-l", "error"]
+    cmd = [envoy_binary, "--mode", "validate", "-c", str(path), "--disable-hot-restart", "-l", "error"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
 

@@ -66,17 +66,20 @@ def envoy_command(
     config_path: str | os.PathLike[str],
     *,
     binary: str | None = None,
-    base_id: int | None = None,
     concurrency: int = 1,
     log_level: str = "info",
     log_path: str | os.PathLike[str] | None = None,
     admin_address_path: str | os.PathLike[str] | None = None,
     extra_args: Sequence[str] = (),
 ) -> list[str]:
-    """The Envoy command line. Without ``base_id``, ``--use-dynamic-base-id`` lets several Envoys share
-    a host."""
+    """The Envoy command line, always with ``--disable-hot-restart``.
+
+    Hot restart is never used, and its shared-memory region (``/dev/shm/envoy_shared_memory_<id>``) is
+    host-wide while the check Envoy makes for a free base id (an abstract socket) is per network
+    namespace: a region left by a killed Envoy made ``--use-dynamic-base-id`` abort Envoys in netns.
+    """
     cmd = [binary or find_envoy(), "-c", str(config_path), "-l", log_level, "--concurrency", str(concurrency)]
-    cmd += ["--use-dynamic-base-id"] if base_id is None else ["--base-id", str(base_id)]
+    cmd += ["--disable-hot-restart"]
     if log_path is not None:
         cmd += ["--log-path", str(log_path)]
     if admin_address_path is not None:

@@ -149,7 +149,7 @@ class SidecarPod:
         envoy = world_executable(find_envoy())
         cmd = self.ns.exec_args(
             "setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups",
-            envoy, "-c", str(self.config_path), "--use-dynamic-base-id", "--concurrency", "1", "-l", "info",
+            envoy, "-c", str(self.config_path), "--disable-hot-restart", "--concurrency", "1", "-l", "info",
         )
         self.proc = subprocess.Popen(cmd, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
         try:

@@ -68,7 +68,6 @@ class EnvoyProcess:
         self,
         bootstrap: Mapping[str, Any],
         workdir: Path,
-        base_id: int | None = None,
         concurrency: int = 1,
         log_level: str = "info",
         wait: str | None = "live",
@@ -77,7 +76,6 @@ class EnvoyProcess:
     ) -> None:
         self.bootstrap = dict(bootstrap)
         self.workdir = Path(workdir)
-        self.base_id = base_id
         self.concurrency = concurrency
         self.log_level = log_level
         self.wait = wait
@@ -97,7 +95,6 @@ class EnvoyProcess:
         self.address_path.unlink(missing_ok=True)
         cmd = envoy_mod.envoy_command(
             self.config_path,
-            base_id=self.base_id,
             concurrency=self.concurrency,
             log_level=self.log_level,
             log_path=self.log_path,
