@@ -516,3 +516,48 @@ def test_serve_refuses_one_port_for_both_sidecar_listeners(capsys: pytest.Captur
     code, out, err = run(capsys, "serve", "--sidecar-port", "15006")
     assert code == 1 and out == ""
     assert err.startswith("trafficmgr: error: ") and "--sidecar-inbound-port and --sidecar-port are both 15006" in err, err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["text-response", "--port", "99999"], "argument --port: 99999 is not a port number (0..65535)"),
+    (["zipkin", "--port", "http"], "argument --port: 'http' is not a port number"),
+    (["zipkin", "--max-spans", "0"], "argument --max-spans: 0 is less than 1"),
+    (["bookinfo", "productpage", "--port", "-1"], "argument --port: -1 is not a port number (0..65535)"),
+    (["proxies", "--id", "x", "--log", "--tail", "-1"], "argument --tail: -1 is less than 0"),
+    (["agent", "--xds-address", "127.0.0.1:18000", "--resync", "0"], "argument --resync: 0 is not a duration > 0 seconds"),
+    (["agent", "--xds-address", "127.0.0.1:18000", "--resync", "nan"], "argument --resync: nan is not a duration > 0 seconds"),
+    (["agent", "--xds-address", "127.0.0.1:18000", "--proxy-uid", "0"], "argument --proxy-uid: 0 is less than 1"),
+    (["bench", "--services", "0"], "argument --services: 0 is less than 1"),
+    (["serve", "--zipkin-flush-spans", "1.5"], "argument --zipkin-flush-spans: '1.5' is not a whole number"),
+    (["demo", "--http-port", "70000"], "argument --http-port: 70000 is not a port number (0..65535)"),
+    (["serve", "--gateway-port", "99999"], "argument --gateway-port: 99999 is not a port number (0..65535)"),
+])
+def test_out_of_range_option_is_a_usage_error(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+    """``type=int`` let ``--port 99999`` through to an OverflowError in bind(); every numeric option of
+    every command is checked where argparse reports it: exit status 2, the option and its range named."""
+    code, out, err = run(capsys, *argv)
+    assert code == 2, err
+    command = argv[0]
+    assert_one_error_line(err, f"trafficmgr {command}: error: {message} (see 'trafficmgr {command} --help')")
+    assert out == ""
+
+
+def test_plugins_new_into_a_file_is_one_clear_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, _, err = run(capsys, "plugins", "new", "greeting", "-d", str(blocker))
+    assert code == 1
+    assert_one_error_line(err, f"trafficmgr: error: cannot write {blocker}/trafficmgr-greeting/pyproject.toml: Not a directory")
+
+
+@pytest.mark.parametrize(("command", "present", "absent"), [
+    ("serve", ["--zipkin-address", "--gateway-port", "--ingress-class"], []),
+    ("agent", ["--zipkin-address", "--zipkin-flush-spans"], ["--gateway-port", "--ingress-class"]),
+    ("bootstrap", ["--zipkin-flush-interval"], ["--gateway-port", "--gateway-service"]),
+])
+def test_help_shows_only_the_plugin_options_the_command_reads(
+        capsys: pytest.CaptureFixture[str], command: str, present: list[str], absent: list[str]) -> None:
+    code, out, _ = run(capsys, command, "--help")
+    assert code == 0
+    assert [o for o in present if o not in out] == []
+    assert [o for o in absent if o in out] == []

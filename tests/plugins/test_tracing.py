@@ -156,7 +156,7 @@ def test_tracing_off_sends_no_spans_and_no_b3(rig: Rig) -> None:
 
 def test_add_arguments_validates_the_address() -> None:
     parser = argparse.ArgumentParser()
-    tracing.trafficmgr_add_arguments(parser)
+    tracing.trafficmgr_add_arguments(parser, command="agent")
     args = parser.parse_args(["--zipkin-address", "zipkin.tracing:9411", "--zipkin-flush-spans", "1"])
     assert (args.zipkin_address, args.zipkin_flush_spans, args.zipkin_flush_interval) == ("zipkin.tracing:9411", 1, 5000)
     assert tracing.parse_address("[fd00::1]:9411") == ("fd00::1", 9411)
@@ -168,7 +168,7 @@ def test_add_arguments_validates_the_address() -> None:
 def test_serve_parser_gets_the_options_from_the_plugin_hook() -> None:
     host = PluginHost.load(["tracing"])
     parser = argparse.ArgumentParser()
-    host.call_all("trafficmgr_add_arguments", parser=parser)
+    host.call_all("trafficmgr_add_arguments", parser=parser, command="serve")
     assert parser.parse_args(["--zipkin-address", "10.0.0.1:9411"]).zipkin_address == "10.0.0.1:9411"
 
 

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from trafficmgr.core import argtypes
 from .server import APIServer
 
 
@@ -13,9 +14,9 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments, serve until interrupted; returns the exit code."""
     p = argparse.ArgumentParser(prog="python -m trafficmgr.apiserver", description=__doc__)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=argtypes.port, default=8080)
     p.add_argument("--kubeconfig", help="write a kubeconfig pointing at this server to PATH")
-    p.add_argument("--history", type=int, default=10000, help="watch event window size")
+    p.add_argument("--history", type=argtypes.int_at_least(1), default=10000, help="watch event window size")
     p.add_argument("--workload-controllers", action="store_true",
                    help="run Deployment/ReplicaSet/Pod controllers with the fake pod runtime")
     p.add_argument("--no-endpointslice-controller", action="store_true")

@@ -30,6 +30,7 @@ import threading
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Any
+from trafficmgr.core import argtypes
 from trafficmgr.core.signals import stop_on_signals
 
 ROLES = ("productpage", "details", "ratings", "reviews", "client")
@@ -205,7 +206,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", dest="app_version", default=os.environ.get("SERVICE_VERSION", "v1"),
                         choices=("v1", "v2", "v3"), help="reviews: v1 (no ratings), v2 or v3 (call ratings); default v1")
     parser.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"listen port (default {DEFAULT_PORT})")
+    parser.add_argument("--port", type=argtypes.port, default=DEFAULT_PORT, help=f"listen port (default {DEFAULT_PORT})")
 
 
 def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:

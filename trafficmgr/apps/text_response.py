@@ -17,6 +17,7 @@ import os
 import sys
 import threading
 
+from trafficmgr.core import argtypes
 from trafficmgr.apps.base import ThreadedHTTPApp, app_command, serve_until_signal
 
 ENV_BODY = "RESPONSE_BODY"
@@ -69,7 +70,7 @@ class TextResponseServer(ThreadedHTTPApp):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"listen port (default {DEFAULT_PORT})")
+    parser.add_argument("--port", type=argtypes.port, default=DEFAULT_PORT, help=f"listen port (default {DEFAULT_PORT})")
     parser.add_argument("--body", default=None, help=f"the response body (default ${ENV_BODY}, else empty)")
 
 

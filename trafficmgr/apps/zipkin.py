@@ -32,6 +32,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
+from trafficmgr.core import argtypes
 from trafficmgr.apps.base import ThreadedHTTPApp, app_command, serve_until_signal
 
 DEFAULT_PORT = 9411
@@ -281,8 +282,8 @@ class ZipkinCollector(ThreadedHTTPApp):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1; 0.0.0.0 in a pod)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"listen port (default {DEFAULT_PORT})")
-    parser.add_argument("--max-spans", type=int, default=100_000, help="spans kept in memory (default 100000)")
+    parser.add_argument("--port", type=argtypes.port, default=DEFAULT_PORT, help=f"listen port (default {DEFAULT_PORT})")
+    parser.add_argument("--max-spans", type=argtypes.int_at_least(1), default=100_000, help="spans kept in memory (default 100000)")
 
 
 def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:

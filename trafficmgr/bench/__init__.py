@@ -25,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from trafficmgr.core import argtypes
+
 POLICY_LABELS = [
     {"traffic.lb.policy": "RING_HASH", "traffic.hash.cookie.name": "session", "traffic.hash.cookie.ttl": "60000"},
     {"traffic.retries.5xx": "2", "traffic.request.timeout": "3000", "traffic.request.max": "100"},
@@ -347,10 +349,10 @@ def _envoy_synced(envoy: Any, cp: Any) -> bool:
 
 
 def _setup(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--services", type=int, default=1000, help="services (default 1000)")
-    parser.add_argument("--pods", type=int, default=10, help="pods per service (default 10)")
+    parser.add_argument("--services", type=argtypes.int_at_least(1), default=1000, help="services (default 1000)")
+    parser.add_argument("--pods", type=argtypes.int_at_least(1), default=10, help="pods per service (default 10)")
     parser.add_argument("--clients", default="100,1000", help="simulated xDS clients, comma-separated (default 100,1000)")
-    parser.add_argument("--changes", type=int, default=20, help="label changes per propagation run (default 20)")
+    parser.add_argument("--changes", type=argtypes.int_at_least(1), default=20, help="label changes per propagation run (default 20)")
     parser.add_argument("--no-envoy", action="store_true", help="do not connect a real Envoy")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 

@@ -43,11 +43,14 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 
 
 @hookspec
-def trafficmgr_add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add command-line options to ``trafficmgr serve`` (and ``demo``).
+def trafficmgr_add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """Add command-line options to ``trafficmgr <command>``.
 
-    Called once at startup, before arguments are parsed. Parsed values reach hooks as ``ctx.options``
-    (an ``argparse.Namespace``); use option names that carry your plugin's name to avoid clashes.
+    ``command`` is ``"serve"`` (the control plane: build hooks read the options as ``ctx.options``),
+    ``"agent"`` or ``"bootstrap"`` (both pass the options to ``trafficmgr_bootstrap``). Add only the
+    options that command reads, so its ``--help`` stays true; an implementation without the
+    ``command`` parameter is called for every command. Called once at startup, before arguments are
+    parsed; use option names that carry your plugin's name to avoid clashes.
     """
 
 

@@ -74,8 +74,11 @@ def create(name: str, directory: Path | str = ".", force: bool = False) -> Path:
         raise ScaffoldError(f"{root} already exists and is not empty (use --force to overwrite its files)")
     for rel, text in render_files(names).items():
         path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        except OSError as exc:
+            raise ScaffoldError(f"cannot write {path}: {exc.strerror or exc}") from None
     return root
 
 

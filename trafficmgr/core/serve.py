@@ -6,6 +6,7 @@ import argparse
 import logging
 import threading
 
+from trafficmgr.core.argtypes import port
 from trafficmgr.core.signals import stop_on_signals
 from trafficmgr.core.plugins import PluginHost
 
@@ -18,12 +19,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", help="kubeconfig context")
     parser.add_argument("--namespace", help="watch only this namespace (default: all namespaces)")
     parser.add_argument("--xds-address", default="0.0.0.0", help="xDS listen address (default 0.0.0.0)")
-    parser.add_argument("--xds-port", type=_port, default=18000, help="xDS (ADS gRPC) port (default 18000)")
+    parser.add_argument("--xds-port", type=port, default=18000, help="xDS (ADS gRPC) port (default 18000)")
     parser.add_argument("--admin-address", default="127.0.0.1",
                         help="admin/metrics listen address (default 127.0.0.1; binding elsewhere exposes /debug views)")
-    parser.add_argument("--admin-port", type=_port, default=18080, help="admin/metrics port (default 18080)")
-    parser.add_argument("--sidecar-port", type=_port, default=10000, help="sidecar outbound listener port (default 10000)")
-    parser.add_argument("--sidecar-inbound-port", type=_port, default=15006,
+    parser.add_argument("--admin-port", type=port, default=18080, help="admin/metrics port (default 18080)")
+    parser.add_argument("--sidecar-port", type=port, default=10000, help="sidecar outbound listener port (default 10000)")
+    parser.add_argument("--sidecar-inbound-port", type=port, default=15006,
                         help="sidecar inbound listener port that the agent redirects connections to the pod to "
                              "(default 15006; 0: no inbound listener)")
     parser.add_argument("--explicit-proxy", action="store_true",
@@ -38,16 +39,6 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--xds-tls-cert", metavar="FILE", help="xDS server certificate (PEM; with --xds-auth mtls)")
     parser.add_argument("--xds-tls-key", metavar="FILE", help="xDS server private key (PEM; with --xds-auth mtls)")
     parser.add_argument("--xds-client-ca", metavar="FILE", help="CA that signs proxy client certificates (with --xds-auth mtls)")
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not a port number (0..65535)")
-    return value
 
 
 class ServeError(Exception):
@@ -151,7 +142,7 @@ def load_selected_plugins(parser: argparse.ArgumentParser) -> None:
     except Exception as exc:  # noqa: BLE001 - reported by run()
         parser.set_defaults(_plugins=None, _plugin_error=exc)
         return
-    host.call_all("trafficmgr_add_arguments", parser=parser)
+    host.call_all("trafficmgr_add_arguments", parser=parser, command="serve")
     parser.set_defaults(_plugins=host, _plugin_error=None)
 
 

@@ -497,7 +497,7 @@ def _rt(key: str) -> Any:
 
 
 def _setup(parser: argparse.ArgumentParser) -> None:
-    from trafficmgr.core.serve import _port
+    from trafficmgr.core.argtypes import port as _port
 
     d = DemoConfig()
     parser.add_argument("--state-dir", metavar="DIR", default=d.state_dir,

@@ -77,7 +77,7 @@ def make_options(host: PluginHost, options: argparse.Namespace | Mapping[str, An
     from trafficmgr.core.build.builder import default_options
 
     parser = argparse.ArgumentParser(add_help=False)
-    host.call_all("trafficmgr_add_arguments", parser=parser)
+    host.call_all("trafficmgr_add_arguments", parser=parser, command="serve")
     try:
         ns = parser.parse_args([])
     except SystemExit as exc:  # a plugin declared a required option

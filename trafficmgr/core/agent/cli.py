@@ -9,6 +9,7 @@ import os
 import sys
 import threading
 
+from trafficmgr.core.argtypes import int_at_least, port, positive_seconds
 from trafficmgr.core.signals import stop_on_signals
 from trafficmgr.core.agent.runtime import Runtime, RuntimeUnavailable, Sidecar, SidecarError, find
 from trafficmgr.core.plugins import ENV_SELECTION, PluginHost
@@ -18,12 +19,6 @@ log = logging.getLogger(__name__)
 ENV_NODE_NAME = "NODE_NAME"
 ENV_DOCKER_HOST = "DOCKER_HOST"
 RUNTIMES = ("docker", "netns", "local")
-
-
-def _port(text: str) -> int:
-    from trafficmgr.core.serve import _port as port
-
-    return port(text)
 
 
 def _docker_host_default() -> str:
@@ -57,7 +52,7 @@ def _add_plugin_options(parser: argparse.ArgumentParser, command: str) -> None:
         host = PluginHost.load(selection_from_argv(cli.CURRENT_ARGV))
     except Exception:  # noqa: BLE001 - run() loads again and reports the error
         return
-    host.call_all("trafficmgr_add_arguments", parser=parser)
+    host.call_all("trafficmgr_add_arguments", parser=parser, command=command)
     parser.set_defaults(_plugins=host)
 
 
@@ -90,17 +85,17 @@ def _setup_agent(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--namespace", metavar="NS", help="manage only pods of this namespace (default: all)")
     parser.add_argument("--plugins", metavar="SEL", default=None,
                         help=f"plugins whose labels and bootstrap hooks apply (default: ${ENV_SELECTION} or all installed)")
-    parser.add_argument("--admin-port", type=_port, default=8900, help="sidecar Envoy admin port, bound to the pod IP (default 8900)")
-    parser.add_argument("--proxy-uid", type=int, default=1337, help="uid and gid Envoy runs as; its traffic is not redirected (default 1337)")
-    parser.add_argument("--proxy-port", type=_port, default=10000,
+    parser.add_argument("--admin-port", type=port, default=8900, help="sidecar Envoy admin port, bound to the pod IP (default 8900)")
+    parser.add_argument("--proxy-uid", type=int_at_least(1), default=1337, help="uid and gid Envoy runs as; its traffic is not redirected (default 1337)")
+    parser.add_argument("--proxy-port", type=port, default=10000,
                         help="the sidecar's outbound listener port that TCP is redirected to (default 10000)")
-    parser.add_argument("--inbound-port", type=_port, default=15006,
+    parser.add_argument("--inbound-port", type=port, default=15006,
                         help="the sidecar's inbound listener port that connections to the pod are redirected to "
                              "(default 15006, as 'serve --sidecar-inbound-port'; 0: not captured)")
-    parser.add_argument("--health-port", type=_port, default=18081, help="/healthz and /readyz port (default 18081; 0 disables)")
+    parser.add_argument("--health-port", type=port, default=18081, help="/healthz and /readyz port (default 18081; 0 disables)")
     parser.add_argument("--health-address", default="0.0.0.0", help="/healthz and /readyz address (default 0.0.0.0)")
     parser.add_argument("--delta", action="store_true", help="sidecars use incremental (delta) xDS")
-    parser.add_argument("--resync", type=float, default=30.0, metavar="SECONDS",
+    parser.add_argument("--resync", type=positive_seconds, default=30.0, metavar="SECONDS",
                         help="full reconcile interval: rules re-checked, dead sidecars replaced (default 30)")
     _add_runtime_options(parser, RUNTIMES)
     _add_plugin_options(parser, "agent")
@@ -158,7 +153,7 @@ def _setup_proxies(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print a JSON list")
     parser.add_argument("--id", metavar="PREFIX", help="select the sidecar whose id starts with PREFIX")
     parser.add_argument("--log", action="store_true", help="with --id: print that sidecar's log")
-    parser.add_argument("--tail", type=int, default=None, metavar="N", help="with --log: only the last N lines")
+    parser.add_argument("--tail", type=int_at_least(0), default=None, metavar="N", help="with --log: only the last N lines")
     parser.add_argument("--remove-all", action="store_true",
                         help="remove every sidecar and its iptables rules, and clear the pods' traffic.envoy.proxy "
                              "annotation when Kubernetes is reachable (the DaemonSet's preStop)")
@@ -256,7 +251,7 @@ def _setup_bootstrap(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node-cluster", metavar="CLUSTER", required=True,
                         help="Envoy node cluster (the gateway's role name for gateways, 'sidecar' for sidecars)")
     parser.add_argument("--xds-address", metavar="HOST:PORT", required=True, help="the control plane's xDS address (HOST:PORT or unix:/path)")
-    parser.add_argument("--admin-port", type=_port, default=8900, help="Envoy admin port (default 8900)")
+    parser.add_argument("--admin-port", type=port, default=8900, help="Envoy admin port (default 8900)")
     parser.add_argument("--admin-address", default="0.0.0.0",
                         help="Envoy admin address (default 0.0.0.0, so Prometheus can scrape PodIP:8900)")
     parser.add_argument("--delta", action="store_true", help="incremental (delta) xDS instead of state of the world")

@@ -21,6 +21,7 @@ from envoy.config.trace.v3 import zipkin_pb2
 from envoy.type.v3 import percent_pb2
 
 from trafficmgr import hookimpl
+from trafficmgr.core.argtypes import int_at_least
 from trafficmgr.core import labels as L
 from trafficmgr.core.build.resources import duration_ms, pack, socket_address
 from trafficmgr.core.labels import LabelSpec
@@ -82,20 +83,15 @@ def _address_arg(text: str) -> str:
     return text
 
 
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
-    return int(text)
-
-
 @hookimpl
-def trafficmgr_add_arguments(parser: argparse.ArgumentParser) -> None:
+def trafficmgr_add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    # Every command: serve builds the collector cluster, agent/bootstrap set flushing in the bootstrap.
     group = parser.add_argument_group("tracing plugin")
     group.add_argument("--zipkin-address", type=_address_arg, metavar="HOST:PORT",
                        help="Zipkin collector (API v2) that Envoys send spans to; without it tracing labels do nothing")
-    group.add_argument("--zipkin-flush-spans", type=_positive, default=DEFAULT_FLUSH_SPANS, metavar="N",
+    group.add_argument("--zipkin-flush-spans", type=int_at_least(1), default=DEFAULT_FLUSH_SPANS, metavar="N",
                        help=f"Envoy sends buffered spans every N spans (bootstrap runtime; default {DEFAULT_FLUSH_SPANS})")
-    group.add_argument("--zipkin-flush-interval", type=_positive, default=DEFAULT_FLUSH_INTERVAL_MS, metavar="MS",
+    group.add_argument("--zipkin-flush-interval", type=int_at_least(1), default=DEFAULT_FLUSH_INTERVAL_MS, metavar="MS",
                        help=f"... or every MS milliseconds (bootstrap runtime; default {DEFAULT_FLUSH_INTERVAL_MS})")
 
 
