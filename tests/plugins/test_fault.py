@@ -16,7 +16,7 @@ from envoy.config.route.v3 import route_components_pb2
 
 from trafficmgr.testing.netns import require as _require_netns
 from tests.plugins.test_circuit_breaker import PODS, _no_nacks, _request, _route_has, _start, _url
-from trafficmgr.core.build.context import ORDER_FAULT, BuildContext
+from trafficmgr.core.build.context import BuildContext
 from trafficmgr.core.kube.events import INVALID_LABEL
 from trafficmgr.core.model import GATEWAY, SIDECAR, Labels, Model, Service, ServicePort
 from trafficmgr.core.plugins import PluginHost
@@ -167,7 +167,7 @@ def test_bad_values_give_events_and_no_nack(cluster: LocalCluster) -> None:
 
 
 def test_filter_only_for_sidecars_once_per_connection_manager(trafficmgr_build: Callable[..., BuildResult]) -> None:
-    """``trafficmgr_http_filters`` adds one no-op fault filter (order ORDER_FAULT) to sidecar connection
+    """``trafficmgr_http_filters`` adds one no-op fault filter (order 100, before rate limits) to sidecar connection
     managers only; the virtual-host hook configures nothing for the gateway (it ignores faults)."""
     plugins = PluginHost.load(["fault"])
     labels = Labels({"traffic.fault.abort.percentage": 100.0, "traffic.fault.abort.status": 505})
@@ -178,7 +178,7 @@ def test_filter_only_for_sidecars_once_per_connection_manager(trafficmgr_build: 
         return BuildContext(role, Model(), argparse.Namespace(), None, None, lambda *a: None, {})  # type: ignore[arg-type]
 
     filters = plugins.collect("trafficmgr_http_filters", ctx=ctx(SIDECAR))
-    assert [(f.name, f.order) for f in filters] == [(fault.FILTER_NAME, ORDER_FAULT)]
+    assert [(f.name, f.order) for f in filters] == [(fault.FILTER_NAME, fault.FILTER_ORDER)]
     assert filters[0].config.ByteSize() == 0, "the chain default must be a no-op"
     assert plugins.collect("trafficmgr_http_filters", ctx=ctx(GATEWAY)) == []
     for role, expected in ((SIDECAR, [fault.FILTER_NAME]), (GATEWAY, [])):

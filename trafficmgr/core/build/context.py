@@ -14,10 +14,10 @@ from trafficmgr.core.model import Model, ObjectRef
 if TYPE_CHECKING:
     from trafficmgr.core.cache import Resource
 
-# Well-known HTTP filter order values (lower runs first). The router is always last.
-ORDER_FAULT = 100
-ORDER_RATELIMIT = 200
-ORDER_BANDWIDTH = 300
+# HTTP filter order (lower runs first). Conventional bands, so plugins that do not know each other still
+# compose: 100-199 change the request before anything admits it (fault injection), 200-299 admit or
+# reject it (rate limits), 300-399 shape the admitted traffic (bandwidth), ORDER_DEFAULT for the rest.
+# The router is always last.
 ORDER_DEFAULT = 500
 ORDER_ROUTER = 10_000
 

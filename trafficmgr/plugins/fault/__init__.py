@@ -9,7 +9,7 @@ from envoy.type.v3 import percent_pb2
 
 from trafficmgr import hookimpl
 from trafficmgr.core import labels as L
-from trafficmgr.core.build.context import ORDER_FAULT, HttpFilter
+from trafficmgr.core.build.context import HttpFilter
 from trafficmgr.core.build.resources import pack
 from trafficmgr.core.labels import LabelSpec
 from trafficmgr.core.model import SIDECAR
@@ -39,6 +39,7 @@ def trafficmgr_labels() -> list[LabelSpec]:
 
 #: The HCM filter name; also the ``typed_per_filter_config`` key (Envoy ignores any other key silently).
 FILTER_NAME = "envoy.filters.http.fault"
+FILTER_ORDER = 100  # before the rate limits: an injected abort or delay is not admitted traffic
 DEFAULT_ABORT_STATUS = 503
 MAX_DELAY_MS = 10 * 365 * 24 * 3600 * 1000  # ten years: larger values only risk overflow
 
@@ -78,7 +79,7 @@ def trafficmgr_http_filters(ctx: BuildContext) -> list[HttpFilter]:
     """A no-op fault filter in sidecar connection managers only (the ingress gateway ignores faults)."""
     if ctx.role != SIDECAR:
         return []
-    return [HttpFilter(FILTER_NAME, ORDER_FAULT, fault_pb2.HTTPFault())]
+    return [HttpFilter(FILTER_NAME, FILTER_ORDER, fault_pb2.HTTPFault())]
 
 
 @hookimpl

@@ -15,7 +15,7 @@ from envoy.type.v3 import percent_pb2
 
 from trafficmgr import hookimpl
 from trafficmgr.core import labels as L
-from trafficmgr.core.build.context import ORDER_BANDWIDTH, ORDER_RATELIMIT, HttpFilter
+from trafficmgr.core.build.context import HttpFilter
 from trafficmgr.core.build.resources import pack
 from trafficmgr.core.labels import LabelSpec
 from trafficmgr.core.model import SIDECAR, ObjectRef
@@ -43,6 +43,8 @@ def trafficmgr_labels() -> list[LabelSpec]:
 #: HCM filter names; also the ``typed_per_filter_config`` keys (Envoy ignores any other key silently).
 RATELIMIT_FILTER = "envoy.filters.http.local_ratelimit"
 BANDWIDTH_FILTER = "envoy.filters.http.bandwidth_limit"
+RATELIMIT_ORDER = 200
+BANDWIDTH_ORDER = 300
 RATELIMIT_STAT_PREFIX = "local_rate_limit"
 BANDWIDTH_STAT_PREFIX = "bandwidth_limit"
 #: Largest values sent to Envoy. Token counts are uint32; limit_kbps * 1024 must not overflow uint64 in
@@ -81,9 +83,9 @@ def trafficmgr_http_filters(ctx: BuildContext) -> list[HttpFilter]:
         return []
     return [
         # No token bucket and 0 % enabled: the filter passes everything until a vhost configures it.
-        HttpFilter(RATELIMIT_FILTER, ORDER_RATELIMIT, local_rate_limit_pb2.LocalRateLimit(stat_prefix=RATELIMIT_STAT_PREFIX)),
+        HttpFilter(RATELIMIT_FILTER, RATELIMIT_ORDER, local_rate_limit_pb2.LocalRateLimit(stat_prefix=RATELIMIT_STAT_PREFIX)),
         # enable_mode defaults to DISABLED.
-        HttpFilter(BANDWIDTH_FILTER, ORDER_BANDWIDTH, bandwidth_limit_pb2.BandwidthLimit(stat_prefix=BANDWIDTH_STAT_PREFIX)),
+        HttpFilter(BANDWIDTH_FILTER, BANDWIDTH_ORDER, bandwidth_limit_pb2.BandwidthLimit(stat_prefix=BANDWIDTH_STAT_PREFIX)),
     ]
 
 
