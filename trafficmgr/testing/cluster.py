@@ -129,8 +129,12 @@ class SidecarPod:
         self.node_id = node_id
         self.addresses = list(addresses)
         self.ns = NetNS("tmpod")
-        self.ns.add_pod_network(addresses)
-        self.ns.redirect_outbound(10000, PROXY_UID, exclude_ports=(admin_port,), inbound_port=inbound_port)
+        try:
+            self.ns.add_pod_network(addresses)
+            self.ns.redirect_outbound(10000, PROXY_UID, exclude_ports=(admin_port,), inbound_port=inbound_port)
+        except BaseException:
+            self.ns.delete()
+            raise
         self.admin_port = admin_port
         # Not under pytest's tmp_path: the sidecar's uid must be able to read its bootstrap.
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="tm-sidecar-"))
@@ -251,22 +255,28 @@ class LocalCluster:
         self.xds = XdsServerThread(self.cp.cache, f"unix:{self.xds_socket}", 0, authorizer=self.cp.authorize).start()
         os.chmod(self.xds_socket, 0o777)
         self.cp.xds = self.xds
-        self.cp.start_watches()
-        if not self.cp.wait_ready(15):
-            raise AssertionError(f"control plane not ready: {self.cp.ready()[1]}")
-        self.apply(f"""
+        self.backends: list[Any] = []
+        self.peers: list[SidecarPod] = []
+        self.options = opts
+        self.pod: SidecarPod | None = None
+        try:  # a failed start must not leave a network namespace (or an Envoy) behind
+            self.cp.start_watches()
+            if not self.cp.wait_ready(15):
+                raise AssertionError(f"control plane not ready: {self.cp.ready()[1]}")
+            self.apply(f"""
 apiVersion: v1
 kind: Pod
 metadata: {{name: client, namespace: default, labels: {{app: client}}}}
 spec: {{nodeName: node-1, containers: [{{name: client, image: client}}]}}
 status: {{podIP: {client_ip}, conditions: [{{type: Ready, status: "True"}}]}}
 """)
-        self.backends: list[Any] = []
-        self.peers: list[SidecarPod] = []
-        self.options = opts
-        self.pod = SidecarPod("client.default", self.addresses, self.xds_socket, delta=delta, customize=lambda cfg: self.plugins.call_all(
-            "trafficmgr_bootstrap", bootstrap=cfg, role="sidecar", options=opts))
-        self.pod.start()
+            self.pod = SidecarPod("client.default", self.addresses, self.xds_socket, delta=delta,
+                                  customize=lambda cfg: self.plugins.call_all(
+                                      "trafficmgr_bootstrap", bootstrap=cfg, role="sidecar", options=opts))
+            self.pod.start()
+        except BaseException:
+            self.close()
+            raise
 
     def apply(self, manifests: str) -> None:
         """Create or replace each object of a multi-document YAML string (status included)."""
@@ -336,7 +346,8 @@ status: {{podIP: {client_ip}, conditions: [{{type: Ready, status: "True"}}]}}
             b.stop()
         for peer in self.peers:
             peer.stop()
-        self.pod.stop()
+        if self.pod is not None:
+            self.pod.stop()
         self.cp.stop()
         self.xds.stop(0.5)
         self.api.stop()
