@@ -52,3 +52,37 @@ def test_relist_refreshes_endpoints_once_per_service(order: str, monkeypatch: py
     assert sorted(e.labels.value("traffic.endpoint.weight") for e in eps) == list(range(1, PODS + 1))
     # ... and each endpoint was made once or twice (slices, then pods), not once per pod of the service.
     assert len(made) <= 2 * PODS, len(made)
+
+
+def _owned(kind: str, name: str, owner_kind: str, owner: str, labels: dict[str, str] | None = None) -> dict:
+    return {"kind": kind, "metadata": {"name": name, "namespace": "default", "uid": f"uid-{name}", "labels": labels or {},
+                                       "ownerReferences": [{"kind": owner_kind, "name": owner, "controller": True}]}}
+
+
+def test_pod_follows_its_current_replicaset_and_deletes_cleanly() -> None:
+    """A pod's workload labels come through the ReplicaSet that owns it now: after its owner reference
+    moves to another ReplicaSet, a change of the old one's Deployment no longer touches it, and a
+    deleted pod leaves no trace in the ReplicaSet index (found without scanning every ReplicaSet)."""
+    asm = Assembler(PluginHost.load(["lb"]).labels)
+    weight = "traffic.endpoint.weight"
+    for name, value in (("d1", "5"), ("d2", "7")):
+        asm.apply("ADDED", assemble.DEPLOYMENT, {"kind": "Deployment", "metadata": {
+            "name": name, "namespace": "default", "uid": f"uid-{name}", "labels": {weight: value}}})
+    asm.apply("ADDED", assemble.REPLICA_SET, _owned("ReplicaSet", "rs-a", "Deployment", "d1"))
+    asm.apply("ADDED", assemble.REPLICA_SET, _owned("ReplicaSet", "rs-b", "Deployment", "d2"))
+    pod = _owned("Pod", "p", "ReplicaSet", "rs-a")
+    pod["status"] = {"podIP": "10.244.0.9"}
+    asm.apply("ADDED", assemble.POD, pod)
+    assert asm.model().pods[("default", "p")].labels.value(weight) == 5
+
+    pod["metadata"]["ownerReferences"][0]["name"] = "rs-b"
+    asm.apply("MODIFIED", assemble.POD, pod)
+    assert asm.model().pods[("default", "p")].labels.value(weight) == 7
+    asm.apply("MODIFIED", assemble.DEPLOYMENT, {"kind": "Deployment", "metadata": {
+        "name": "d1", "namespace": "default", "uid": "uid-d1", "labels": {weight: "1"}}})
+    asm.apply("MODIFIED", assemble.REPLICA_SET, _owned("ReplicaSet", "rs-a", "Deployment", "d2"))
+    assert asm.model().pods[("default", "p")].labels.value(weight) == 7
+
+    asm.apply("DELETED", assemble.POD, pod)
+    assert ("default", "p") not in asm.model().pods
+    assert asm._rs_pods == {} and asm._pod_rs == {}

@@ -21,10 +21,10 @@ from trafficmgr.core.build.builder import Builder
 from trafficmgr.core.cache import Resource
 from trafficmgr.core.labels import LabelSpec
 from trafficmgr.core.model import Endpoint, Model, Service, ServicePort
-from trafficmgr.core.plugins import PluginHost, PluginInfo, available
+from trafficmgr.core.plugins import PluginHost, PluginInfo, available, builtin_names
 from trafficmgr.testing import ControlPlane, EnvoyProcess, HttpBackend, free_port
 
-BUILTIN = sorted(n for n, ep in available().items() if ep.value.startswith("trafficmgr.plugins."))
+BUILTIN = builtin_names()
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

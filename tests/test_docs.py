@@ -14,7 +14,7 @@ import pytest
 
 from trafficmgr.core import admin, cli, hookspecs, render
 from trafficmgr.core.labels import LabelSpec
-from trafficmgr.core.plugins import PluginHost, available
+from trafficmgr.core.plugins import PluginHost, builtin_names
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -40,7 +40,7 @@ ROW = re.compile(r"^\| `(traffic\.[^`]+)` \| ([^|]+?) \| ((?:[^|\\]|\\.)+?) \|",
 
 
 def builtin_specs() -> list[LabelSpec]:
-    names = [n for n, ep in available().items() if ep.value.startswith("trafficmgr.plugins.")]
+    names = builtin_names()
     return PluginHost.load(names).labels.specs
 
 

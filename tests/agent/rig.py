@@ -5,15 +5,12 @@ its loopback, no route out, plus an app container joined to it), and the agent u
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import shutil
 import subprocess
 import tempfile
-import threading
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,10 +21,9 @@ from trafficmgr.core.agent.agent import Agent, AgentConfig
 from trafficmgr.core.agent.runtime import Runtime
 from trafficmgr.testing.cluster import http_get
 from trafficmgr.testing.envoy import wait_for
+from trafficmgr.testing.netns import run_in_netns
 
 T = TypeVar("T")
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 NODE = "node-1"
 #: Default socket of the Docker engine that .ci/install.d/docker.sh starts.
 DOCKER_HOST = os.environ.get("TRAFFICMGR_TEST_DOCKER_HOST", "unix:///run/trafficmgr-ci/docker.sock")
@@ -40,23 +36,8 @@ def require(reason: str | None) -> None:
 
 
 def in_netns(path: str, fn: Callable[[], T], timeout: float = 30.0) -> T:
-    """Run ``fn()`` in a new thread switched into the network namespace at ``path``."""
-    result: Future[T] = Future()
-
-    def target() -> None:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), f"setns({path})")
-            finally:
-                os.close(fd)
-            result.set_result(fn())
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            result.set_exception(exc)
-
-    threading.Thread(target=target, daemon=True).start()
-    return result.result(timeout)
+    """Run ``fn()`` in the network namespace at ``path`` (see :func:`run_in_netns`)."""
+    return run_in_netns(path, fn, timeout)
 
 
 def nat_rules(netns: str) -> str:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from trafficmgr.apiserver import APIServer
-from .apiserver_helpers import Kubectl
+from trafficmgr.testing.cluster import Kubectl
 
 
 @pytest.fixture(scope="module")

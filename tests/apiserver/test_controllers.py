@@ -6,7 +6,7 @@ import pytest
 from kubernetes import client
 
 from trafficmgr.apiserver import APIServer
-from .apiserver_helpers import eventually
+from trafficmgr.testing.envoy import wait_for
 
 NS = "eps"
 
@@ -125,7 +125,7 @@ def test_named_target_port_resolution(server: APIServer) -> None:
                    "n-3": ("10.2.0.3", True, (("http", 9090),))}
     assert len(_slices(server, "named")) == 2
     store.delete("pods", "n-3", NS)
-    assert len(eventually(lambda: _slices(server, "named") if len(_slices(server, "named")) == 1 else None)) == 1
+    assert len(wait_for(lambda: _slices(server, "named") if len(_slices(server, "named")) == 1 else None)) == 1
 
 
 def test_endpointslices_via_kubectl_and_client(server: APIServer, api, kubectl) -> None:
@@ -159,19 +159,19 @@ def test_workload_controllers() -> None:
             return (len(store.list("pods", "default")["items"]) == n
                     and d.get("status", {}).get("readyReplicas") == n)
 
-        eventually(lambda: settled(3))
+        wait_for(lambda: settled(3))
         (rs,) = store.list("replicasets", "default")["items"]
         assert rs["metadata"]["name"].startswith("app-") and len(rs["metadata"]["name"]) == len("app-") + 10
         pods = store.list("pods", "default")["items"]
         assert all(p["metadata"]["ownerReferences"][0]["uid"] == rs["metadata"]["uid"] for p in pods)
         assert all(p["status"]["podIP"] and p["metadata"]["name"].startswith(rs["metadata"]["name"] + "-")
                    for p in pods)
-        eventually(lambda: len(srv.store.list("endpointslices", "default")["items"][0]["endpoints"]) == 3)
+        wait_for(lambda: len(srv.store.list("endpointslices", "default")["items"][0]["endpoints"]) == 3)
         store.patch("deployments", "app", {"spec": {"replicas": 1}})
-        eventually(lambda: settled(1))
+        wait_for(lambda: settled(1))
         store.patch("deployments", "app", {"spec": {"template": {"spec": {"containers": [
             {"name": "c", "image": "x:2"}]}}}}, patch_type="strategic")
-        eventually(lambda: settled(1) and store.list("replicasets", "default")["items"][0]["metadata"]["name"]
+        wait_for(lambda: settled(1) and store.list("replicasets", "default")["items"][0]["metadata"]["name"]
                    != rs["metadata"]["name"])
         store.delete("deployments", "app")
         srv.wait_idle()

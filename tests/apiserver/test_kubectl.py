@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import yaml
 
-from .apiserver_helpers import Kubectl
+from trafficmgr.testing.cluster import Kubectl
 
 DEPLOY_V1 = textwrap.dedent("""\
     apiVersion: apps/v1

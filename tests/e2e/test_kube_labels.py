@@ -12,7 +12,7 @@ from trafficmgr.testing.netns import require as _require_netns
 from trafficmgr.core.plugins import PluginHost
 from trafficmgr.testing.cluster import Kubectl, LocalCluster
 from trafficmgr.testing.manifests import join, pod, service
-from trafficmgr.testing.envoy import wait_for
+from trafficmgr.testing.envoy import no_nacks, wait_for
 
 POD_IP = "10.244.0.11"
 MANIFESTS = join(service("reviews"), pod("reviews-1", POD_IP, "reviews"))
@@ -94,8 +94,7 @@ def test_bad_values_give_one_event_each_and_no_nack(cluster: LocalCluster) -> No
     assert all(e["type"] == "Warning" for e in events)
     # Defaults applied and Envoy accepted everything: the service still answers, no NACK ever.
     assert c.pod.curl(url)[0] == 200
-    status = c.xds.status()
-    assert status and all(s[t]["last_nack"] is None for s in status for t in ("clusters", "endpoints", "listeners", "routes"))
+    no_nacks(c.xds.status())
     assert c.xds.nacks() == []
 
 
@@ -103,9 +102,9 @@ def test_kubectl_describe_shows_the_event(cluster: LocalCluster, tmp_path) -> No
     c = cluster
     kubectl = Kubectl(c.kubeconfig, tmp_path / "home")
     kubectl("label", "svc", "reviews", "traffic.lb.policy=FASTEST")
-    wait_for(lambda: "InvalidTrafficLabel" in kubectl("describe", "svc", "reviews").stdout, 10,
+    wait_for(lambda: "InvalidTrafficLabel" in kubectl("describe", "svc", "reviews"), 10,
              message="kubectl describe shows no InvalidTrafficLabel event")
-    out = kubectl("describe", "svc", "reviews").stdout
+    out = kubectl("describe", "svc", "reviews")
     assert "traffic.lb.policy" in out and "FASTEST" in out and "ROUND_ROBIN" in out
-    events = json.loads(kubectl("get", "events", "-o", "json").stdout)["items"]
+    events = json.loads(kubectl("get", "events", "-o", "json"))["items"]
     assert [e["reason"] for e in events].count("InvalidTrafficLabel") == 1

@@ -16,7 +16,7 @@ from trafficmgr.apiserver import APIServer
 from trafficmgr.testing.netns import require as _require_netns
 from trafficmgr.testing.backends import HttpBackend
 from trafficmgr.testing.cluster import Kubectl, ServeProcess, SidecarPod
-from trafficmgr.testing.envoy import wait_for
+from trafficmgr.testing.envoy import no_nacks, wait_for
 
 CLIENT_IP = "10.244.0.2"
 REVIEWS = {"reviews-1": "10.244.0.11", "reviews-2": "10.244.0.12"}
@@ -88,7 +88,7 @@ def test_label_unblocks_then_endpoints_follow_pods(cluster: dict) -> None:
     pod: SidecarPod = cluster["pod"]
     kubectl: Kubectl = cluster["kubectl"]
     url = "http://10.96.0.1:9080/reviews/0"
-    svc_ip = kubectl("get", "svc", "reviews", "-o", "jsonpath={.spec.clusterIP}").stdout
+    svc_ip = kubectl("get", "svc", "reviews", "-o", "jsonpath={.spec.clusterIP}")
     url = f"http://{svc_ip}:9080/reviews/0"
 
     # Unlabeled port: blocked by the sidecar with a clear 404.
@@ -126,4 +126,4 @@ def test_label_unblocks_then_endpoints_follow_pods(cluster: dict) -> None:
     assert pod.curl(f"http://{svc_ip}:9999/")[0] == 404
     status = cluster["serve"].get_json("/debug/proxy-status")
     assert [s["node_id"] for s in status] == ["client.default"]
-    assert all(s[t]["last_nack"] is None for s in status for t in ("clusters", "listeners", "routes", "endpoints"))
+    no_nacks(status)

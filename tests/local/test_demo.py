@@ -28,6 +28,7 @@ from typing import Any
 import attrs
 import pytest
 
+from trafficmgr.testing.cluster import Kubectl
 from trafficmgr.testing.prereq import missing
 from trafficmgr.testing.envoy import free_port, wait_for
 
@@ -56,10 +57,7 @@ class Demo:
     lines: list[str] = attrs.field(factory=list)
 
     def kubectl(self, *args: str, stdin: str | None = None) -> str:
-        env = {**os.environ, "KUBECONFIG": self.kubeconfig}
-        proc = subprocess.run(["kubectl", *args], input=stdin, env=env, capture_output=True, text=True, timeout=30)
-        assert proc.returncode == 0, f"kubectl {' '.join(args)}: {proc.stderr}"
-        return proc.stdout
+        return Kubectl(self.kubeconfig)(*args, input=stdin)
 
     def pods(self) -> list[dict[str, Any]]:
         return json.loads(self.kubectl("get", "pods", "-o", "json"))["items"]

@@ -6,47 +6,27 @@ Exercises the hooks ``trafficmgr_cluster`` (thresholds, connect timeout, outlier
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 
 import pytest
 
-from trafficmgr.testing.netns import require as _require_netns
+from tests.plugins.reviews import (
+    CLUSTER, PODS, STAT, assert_no_nacks, cluster_has, get_timed, request_reviews, reviews_url, route_has,
+    start_reviews,
+)
 from trafficmgr.core.kube.events import INVALID_LABEL
 from trafficmgr.testing.cluster import LocalCluster
 from trafficmgr.testing.envoy import wait_for
-from trafficmgr.testing.manifests import join, pod, service
-
-PODS = {"reviews-1": "10.244.0.11", "reviews-2": "10.244.0.12", "reviews-3": "10.244.0.13"}
-CLUSTER = "9080|default|reviews.outbound"
-STAT = "cluster.9080|default|reviews.outbound."
-
-
-
-def _start(delta: bool, pods: dict[str, str]) -> LocalCluster:
-    """A LocalCluster with the reviews Service, the given pods and one HttpBackend per pod."""
-    c = LocalCluster(list(pods.values()), delta=delta)
-    try:
-        for name, ip in pods.items():
-            c.backend(name, ip, 9080)
-        c.apply(join(service("reviews"), *(pod(name, ip, "reviews") for name, ip in pods.items())))
-        c.wait_config(lambda: _route_has(c, CLUSTER) and all(f"{CLUSTER}::{ip}:9080::" in c.pod.admin("/clusters")
-                                                             for ip in pods.values()), message="reviews not configured")
-    except BaseException:
-        c.close()
-        raise
-    return c
+from trafficmgr.testing.netns import require as _require_netns
 
 
 @pytest.fixture(params=["sotw", "delta"])
 def cluster(request: pytest.FixtureRequest, envoy_binary: str) -> Iterator[LocalCluster]:
     """Three reviews pods behind one Service (both xDS modes)."""
     _require_netns()
-    c = _start(request.param == "delta", PODS)
+    c = start_reviews(request.param == "delta", PODS)
     try:
         yield c
     finally:
@@ -57,61 +37,11 @@ def cluster(request: pytest.FixtureRequest, envoy_binary: str) -> Iterator[Local
 def single(envoy_binary: str) -> Iterator[LocalCluster]:
     """One reviews pod (so status sequences are deterministic), state-of-the-world xDS."""
     _require_netns()
-    c = _start(False, {"reviews-1": PODS["reviews-1"]})
+    c = start_reviews(False, {"reviews-1": PODS["reviews-1"]})
     try:
         yield c
     finally:
         c.close()
-
-
-def _url(c: LocalCluster) -> str:
-    return f"http://{c.cluster_ip('reviews')}:9080/reviews/0"
-
-
-def _get(url: str, timeout: float = 10.0) -> tuple[int, dict[str, str], float]:
-    """(status, lower-cased headers, seconds); call inside the pod namespace."""
-    start = time.monotonic()
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            resp.read()
-            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, time.monotonic() - start
-    except urllib.error.HTTPError as exc:
-        exc.read()
-        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, time.monotonic() - start
-
-
-def _request(c: LocalCluster, timeout: float = 10.0) -> tuple[int, dict[str, str], float]:
-    url = _url(c)
-    return c.pod.in_ns(lambda: _get(url, timeout))
-
-
-def _dump(c: LocalCluster, resource: str) -> str:
-    return c.pod.admin(f"/config_dump?resource={resource}")
-
-
-def _cluster_has(c: LocalCluster, *fragments: str) -> bool:
-    """The sidecar's active reviews cluster contains every JSON fragment."""
-    dump = json.loads(_dump(c, "dynamic_active_clusters"))
-    for item in dump.get("configs", []):
-        cluster = item.get("cluster", {})
-        if cluster.get("name") == CLUSTER:
-            text = json.dumps(cluster, separators=(",", ":"))
-            return all(f in text for f in fragments)
-    return False
-
-
-def _route_has(c: LocalCluster, *fragments: str) -> bool:
-    text = json.dumps(json.loads(_dump(c, "dynamic_route_configs")), separators=(",", ":"))
-    return all(f in text for f in fragments)
-
-
-def _no_nacks(c: LocalCluster) -> None:
-    streams = c.xds.status()
-    assert streams, "the sidecar has no xDS stream"
-    for st in streams:
-        for type_name, state in st.items():
-            if isinstance(state, dict) and "last_nack" in state:
-                assert state["last_nack"] is None, f"{type_name} NACKed: {state['last_nack']}"
 
 
 SLOW = 1.5  # seconds the upstream takes in the overflow test: the whole burst must arrive meanwhile
@@ -119,14 +49,14 @@ SLOW = 1.5  # seconds the upstream takes in the overflow test: the whole burst m
 
 def _burst(c: LocalCluster, n: int = 8) -> list[tuple[int, dict[str, str], float]]:
     """``n`` concurrent requests; the others start once the first one has reached a backend (is active)."""
-    url = _url(c)
+    url = reviews_url(c)
 
     def run() -> list[tuple[int, dict[str, str], float]]:
         results: list[tuple[int, dict[str, str], float]] = []
         lock = threading.Lock()
 
         def one() -> None:
-            r = _get(url)
+            r = get_timed(url)
             with lock:
                 results.append(r)
 
@@ -163,7 +93,7 @@ def test_overflow_gives_503_overloaded_and_counts(single: LocalCluster) -> None:
     # The README's circuit breaker: one request at a time. While the first (slow) request is active,
     # every other one overflows max_requests at once.
     c.label("service", "reviews", {"traffic.request.max": "1", "traffic.request.max-pending": "1"})
-    c.wait_config(lambda: _cluster_has(c, '"max_pending_requests":1', '"max_requests":1'), message="thresholds not applied")
+    c.wait_config(lambda: cluster_has(c, '"max_pending_requests":1', '"max_requests":1'), message="thresholds not applied")
     _assert_overloaded(_burst(c), served=1)
     # Every overflow is counted; which counter takes one that raced the first request's connection setup
     # (pending vs active) is Envoy's timing, so the split is not asserted.
@@ -172,7 +102,7 @@ def test_overflow_gives_503_overloaded_and_counts(single: LocalCluster) -> None:
     # Pending requests: with one connection, the second request waits for it (pending) and is served
     # after the first; with the one pending slot taken, the rest overflow max_pending_requests.
     c.label("service", "reviews", {"traffic.request.max": None, "traffic.connection.max": "1"})
-    c.wait_config(lambda: _cluster_has(c, '"max_connections":1', '"max_pending_requests":1') and not _cluster_has(c, "max_requests"),
+    c.wait_config(lambda: cluster_has(c, '"max_connections":1', '"max_pending_requests":1') and not cluster_has(c, "max_requests"),
                   message="thresholds not applied")
     pending_before = c.pod.stat(STAT + "upstream_rq_pending_overflow")
     _assert_overloaded(_burst(c), served=2)
@@ -180,60 +110,60 @@ def test_overflow_gives_503_overloaded_and_counts(single: LocalCluster) -> None:
     assert pending >= 1 and pending + c.pod.stat(STAT + "upstream_rq_active_overflow") - active == 6
     # Without thresholds the same burst is served completely.
     c.label("service", "reviews", {"traffic.connection.max": None, "traffic.request.max-pending": None})
-    c.wait_config(lambda: not _cluster_has(c, "circuit_breakers"), message="thresholds not removed")
+    c.wait_config(lambda: not cluster_has(c, "circuit_breakers"), message="thresholds not removed")
     assert sorted(r[0] for r in _burst(c)) == [200] * 8
-    _no_nacks(c)
+    assert_no_nacks(c)
 
 
 def test_retries_5xx_and_largest_count_wins(single: LocalCluster) -> None:
     c = single
     backend = c.backends[0]
     backend.set(statuses=[503, 503])
-    assert _request(c)[0] == 503, "without retries the first failure reaches the client"
+    assert request_reviews(c)[0] == 503, "without retries the first failure reaches the client"
     # The original README: an upstream that fails twice then succeeds is fine with retries.5xx=2.
     c.label("service", "reviews", {"traffic.retries.5xx": "2"})
-    c.wait_config(lambda: _route_has(c, '"retry_on":"5xx"', '"num_retries":2'), message="retry policy not applied")
+    c.wait_config(lambda: route_has(c, '"retry_on":"5xx"', '"num_retries":2'), message="retry policy not applied")
     backend.reset().set(statuses=[503, 503])
-    assert _request(c)[0] == 200
+    assert request_reviews(c)[0] == 200
     assert backend.hits == 3
     assert c.pod.stat(STAT + "upstream_rq_retry") == 2
     # One retry is not enough for two failures.
     c.label("service", "reviews", {"traffic.retries.5xx": "1"})
-    c.wait_config(lambda: _route_has(c, '"num_retries":1'), message="retry count not updated")
+    c.wait_config(lambda: route_has(c, '"num_retries":1'), message="retry count not updated")
     backend.reset().set(statuses=[503, 503])
-    assert _request(c)[0] == 503
+    assert request_reviews(c)[0] == 503
     assert backend.hits == 2
     # Several conditions: retry_on lists all, num_retries is the largest (3 from gateway-error).
     c.label("service", "reviews", {"traffic.retries.gateway-error": "3"})
-    c.wait_config(lambda: _route_has(c, '"retry_on":"5xx,gateway-error"', '"num_retries":3'), message="retry policy not merged")
+    c.wait_config(lambda: route_has(c, '"retry_on":"5xx,gateway-error"', '"num_retries":3'), message="retry policy not merged")
     backend.reset().set(statuses=[502, 504, 503])
-    assert _request(c)[0] == 200
+    assert request_reviews(c)[0] == 200
     assert backend.hits == 4
     # gateway-error alone does not retry a plain 500.
     c.label("service", "reviews", {"traffic.retries.5xx": None})
-    c.wait_config(lambda: _route_has(c, '"retry_on":"gateway-error"'), message="5xx condition not removed")
+    c.wait_config(lambda: route_has(c, '"retry_on":"gateway-error"'), message="5xx condition not removed")
     backend.reset().set(statuses=[500])
-    assert _request(c)[0] == 500
+    assert request_reviews(c)[0] == 500
     assert backend.hits == 1
     c.label("service", "reviews", {"traffic.retries.gateway-error": None})
-    c.wait_config(lambda: not _route_has(c, "retry_policy"), message="retry policy not removed")
-    _no_nacks(c)
+    c.wait_config(lambda: not route_has(c, "retry_policy"), message="retry policy not removed")
+    assert_no_nacks(c)
 
 
 def test_request_timeout_gives_504(single: LocalCluster) -> None:
     c = single
     c.backends[0].set(delay=0.8)
-    assert _request(c)[0] == 200, "a slow upstream is fine without a timeout"
+    assert request_reviews(c)[0] == 200, "a slow upstream is fine without a timeout"
     c.label("service", "reviews", {"traffic.request.timeout": "300"})
-    c.wait_config(lambda: _route_has(c, '"timeout":"0.300s"'), message="route timeout not applied")
-    status, _, seconds = _request(c)
+    c.wait_config(lambda: route_has(c, '"timeout":"0.300s"'), message="route timeout not applied")
+    status, _, seconds = request_reviews(c)
     assert status == 504
     assert seconds >= 0.28, seconds  # 504 before the upstream's 0.8 s answer: the route timeout fired
     assert c.pod.stat(STAT + "upstream_rq_timeout") == 1
     c.label("service", "reviews", {"traffic.request.timeout": None})
-    c.wait_config(lambda: not _route_has(c, '"timeout":"0.300s"'), message="route timeout not removed")
-    assert _request(c)[0] == 200
-    _no_nacks(c)
+    c.wait_config(lambda: not route_has(c, '"timeout":"0.300s"'), message="route timeout not removed")
+    assert request_reviews(c)[0] == 200
+    assert_no_nacks(c)
 
 
 def _health_flags(c: LocalCluster, ip: str) -> str:
@@ -248,14 +178,14 @@ def test_outlier_detection_ejects_failing_endpoint(cluster: LocalCluster) -> Non
     bad = c.backends[2]
     bad_ip = PODS["reviews-3"]
     bad.set(status=500)
-    seen = [_request(c)[0] for _ in range(9)]
+    seen = [request_reviews(c)[0] for _ in range(9)]
     assert seen.count(500) == 3, f"round robin sends a third of the traffic to the failing pod: {seen}"
     c.label("service", "reviews", {"traffic.outlier.consecutive-5xx": "3"})
-    c.wait_config(lambda: _cluster_has(c, '"consecutive_5xx":3', '"max_ejection_percent":50'), message="outlier detection not applied")
+    c.wait_config(lambda: cluster_has(c, '"consecutive_5xx":3', '"max_ejection_percent":50'), message="outlier detection not applied")
     bad.reset().set(status=500)
     failures = 0
     for _ in range(30):
-        if _request(c)[0] == 500:
+        if request_reviews(c)[0] == 500:
             failures += 1
             if failures == 3:
                 break
@@ -265,12 +195,12 @@ def test_outlier_detection_ejects_failing_endpoint(cluster: LocalCluster) -> Non
                   message=f"not ejected: {_health_flags(c, bad_ip)}")
     assert time.monotonic() - ejected_at < 1.0
     hits = bad.hits
-    assert [_request(c)[0] for _ in range(30)] == [200] * 30
+    assert [request_reviews(c)[0] for _ in range(30)] == [200] * 30
     assert bad.hits == hits, "an ejected endpoint must get no traffic"
     assert c.pod.stat(STAT + "outlier_detection.ejections_enforced_consecutive_5xx") == 1
     for ip in (PODS["reviews-1"], PODS["reviews-2"]):
         assert _health_flags(c, ip) == "healthy"
-    _no_nacks(c)
+    assert_no_nacks(c)
 
 
 def test_connect_timeout_is_honoured(single: LocalCluster) -> None:
@@ -279,20 +209,20 @@ def test_connect_timeout_is_honoured(single: LocalCluster) -> None:
     # A blackhole: SYNs from the sidecar to the pod are dropped, so connecting times out (a closed
     # port would refuse at once). The rule lives in the pod namespace and goes away with it.
     c.pod.ns.run("iptables", "-w", "-I", "OUTPUT", "-p", "tcp", "-d", ip, "--dport", "9080", "-j", "DROP")
-    code, body = c.pod.curl(_url(c), timeout=1.0)
+    code, body = c.pod.curl(reviews_url(c), timeout=1.0)
     assert code == 0, f"with the default 60 s connect timeout the client gives up first: {code} {body}"
     c.label("service", "reviews", {"traffic.connection.timeout": "300"})
-    c.wait_config(lambda: _cluster_has(c, '"connect_timeout":"0.300s"'), message="connect timeout not applied")
-    status, _, seconds = _request(c)
+    c.wait_config(lambda: cluster_has(c, '"connect_timeout":"0.300s"'), message="connect timeout not applied")
+    status, _, seconds = request_reviews(c)
     assert status == 503
     assert 0.28 <= seconds < 5, seconds  # far below the default 60 s
     assert c.pod.stat(STAT + "upstream_cx_connect_timeout") >= 1
     # Retrying on connect failure reaches the pod once the blackhole is gone.
     c.label("service", "reviews", {"traffic.retries.connect-failure": "5"})
-    c.wait_config(lambda: _route_has(c, '"retry_on":"connect-failure"'), message="retry policy not applied")
+    c.wait_config(lambda: route_has(c, '"retry_on":"connect-failure"'), message="retry policy not applied")
     c.pod.ns.run("iptables", "-w", "-D", "OUTPUT", "-p", "tcp", "-d", ip, "--dport", "9080", "-j", "DROP")
-    assert _request(c)[0] == 200
-    _no_nacks(c)
+    assert request_reviews(c)[0] == 200
+    assert_no_nacks(c)
 
 
 BAD = {
@@ -315,18 +245,18 @@ HUGE = {
 def test_bad_values_give_events_and_no_nack(single: LocalCluster) -> None:
     c = single
     c.label("service", "reviews", {**BAD, **HUGE})
-    c.wait_config(lambda: _cluster_has(c, '"max_pending_requests":4294967295', '"consecutive_5xx":4294967295'),
+    c.wait_config(lambda: cluster_has(c, '"max_pending_requests":4294967295', '"consecutive_5xx":4294967295'),
                   message="clamped values not applied")
-    c.wait_config(lambda: _route_has(c, '"timeout":"315360000s"', '"num_retries":4294967295'), message="clamped route values")
-    assert _cluster_has(c, '"connect_timeout":"60s"')
+    c.wait_config(lambda: route_has(c, '"timeout":"315360000s"', '"num_retries":4294967295'), message="clamped route values")
+    assert cluster_has(c, '"connect_timeout":"60s"')
 
     def reported() -> set[str]:
         items = c.store.list("events", "default")["items"]
         return {key for e in items if e.get("reason") == INVALID_LABEL for key in BAD if key in e.get("message", "")}
 
     c.wait_config(lambda: reported() == set(BAD), message=f"Events missing for {set(BAD) - reported()}")
-    assert _request(c)[0] == 200
-    _no_nacks(c)
+    assert request_reviews(c)[0] == 200
+    assert_no_nacks(c)
 
 
 def test_pod_labels_apply_to_traffic_addressed_to_the_pod(single: LocalCluster) -> None:
@@ -337,11 +267,11 @@ def test_pod_labels_apply_to_traffic_addressed_to_the_pod(single: LocalCluster) 
     ip = PODS["reviews-1"]
     pod_url = f"http://{ip}:9080/direct"
     c.label("pod", "reviews-1", {"traffic.port.9080": "http", "traffic.request.timeout": "300", "traffic.retries.5xx": "2"})
-    c.wait_config(lambda: _route_has(c, f'"{ip}:9080"', '"timeout":"0.300s"', '"num_retries":2'), message="pod route not configured")
+    c.wait_config(lambda: route_has(c, f'"{ip}:9080"', '"timeout":"0.300s"', '"num_retries":2'), message="pod route not configured")
     backend.set(delay=0.8)
-    assert c.pod.in_ns(lambda: _get(pod_url))[0] == 504
-    assert _request(c)[0] == 200, "the Service has no timeout label"
+    assert c.pod.in_ns(lambda: get_timed(pod_url))[0] == 504
+    assert request_reviews(c)[0] == 200, "the Service has no timeout label"
     backend.reset().set(statuses=[503, 503])
-    assert c.pod.in_ns(lambda: _get(pod_url))[0] == 200
+    assert c.pod.in_ns(lambda: get_timed(pod_url))[0] == 200
     assert backend.hits == 3
-    _no_nacks(c)
+    assert_no_nacks(c)

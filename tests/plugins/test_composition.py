@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from trafficmgr.testing.netns import require as _require_netns
-from tests.plugins.test_golden_plugins import builtin_plugins, case_options
+from tests.plugins.golden_cases import builtin_plugins, case_options
 from trafficmgr.apps.zipkin import ZipkinCollector
-from trafficmgr.core.plugins import PluginHost, available
+from trafficmgr.core.plugins import PluginHost, builtin_names
 from trafficmgr.plugins import ratelimit, tracing
 from trafficmgr.testing.cluster import LocalCluster
 from trafficmgr.testing.golden import build_from_manifests, load_manifests, render
@@ -106,8 +106,7 @@ def _strip_tracing(node: dict[str, Any]) -> None:
 @pytest.mark.parametrize("plugin, strip", [("ratelimit", _strip_ratelimit), ("tracing", _strip_tracing)])
 def test_disabling_a_plugin_removes_exactly_its_parts(plugin: str, strip: Callable[[dict[str, Any]], None]) -> None:
     full, full_warnings = _rendered(builtin_plugins())
-    without, warnings = _rendered(PluginHost.load(sorted(
-        n for n, ep in available().items() if ep.value.startswith("trafficmgr.plugins.") and n != plugin)))
+    without, warnings = _rendered(PluginHost.load([n for n in builtin_names() if n != plugin]))
     assert full != without, f"{plugin} changes nothing in the all_plugins case"
     _walk(full, strip)
     assert full == without

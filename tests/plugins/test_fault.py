@@ -15,7 +15,7 @@ import pytest
 from envoy.config.route.v3 import route_components_pb2
 
 from trafficmgr.testing.netns import require as _require_netns
-from tests.plugins.test_circuit_breaker import PODS, _no_nacks, _request, _route_has, _start, _url
+from tests.plugins.reviews import PODS, assert_no_nacks, request_reviews, reviews_url, route_has, start_reviews
 from trafficmgr.core.build.context import BuildContext
 from trafficmgr.core.kube.events import INVALID_LABEL
 from trafficmgr.core.model import GATEWAY, SIDECAR, Labels, Model, Service, ServicePort
@@ -32,7 +32,7 @@ FAULT_LABELS = ("traffic.fault.delay.time", "traffic.fault.delay.percentage",
 def cluster(request: pytest.FixtureRequest, envoy_binary: str) -> Iterator[LocalCluster]:
     """One reviews pod behind the reviews Service, in both xDS modes."""
     _require_netns()
-    c = _start(request.param == "delta", {"reviews-1": PODS["reviews-1"]})
+    c = start_reviews(request.param == "delta", {"reviews-1": PODS["reviews-1"]})
     try:
         yield c
     finally:
@@ -42,7 +42,7 @@ def cluster(request: pytest.FixtureRequest, envoy_binary: str) -> Iterator[Local
 @pytest.fixture
 def sotw(envoy_binary: str) -> Iterator[LocalCluster]:
     _require_netns()
-    c = _start(False, {"reviews-1": PODS["reviews-1"]})
+    c = start_reviews(False, {"reviews-1": PODS["reviews-1"]})
     try:
         yield c
     finally:
@@ -67,14 +67,14 @@ def test_readme_walkthrough_delay_abort_restore(sotw: LocalCluster) -> None:
     c.label("service", "reviews", {"traffic.fault.delay.time": "3000"})
     c.label("service", "reviews", {"traffic.fault.delay.percentage": "100"})
     c.wait_config(lambda: (_fault_config(c) or {}).get("delay", {}).get("fixed_delay") == "3s", message="delay not configured")
-    status, _, seconds = _request(c)
+    status, _, seconds = request_reviews(c)
     assert status == 200
     assert 2.9 <= seconds < 5, seconds
     c.label("service", "reviews", {"traffic.fault.abort.status": "505"})
     c.label("service", "reviews", {"traffic.fault.abort.percentage": "100"})
     c.wait_config(lambda: (_fault_config(c) or {}).get("abort", {}).get("http_status") == 505, message="abort not configured")
     hits = backend.hits
-    status, _, seconds = _request(c)
+    status, _, seconds = request_reviews(c)
     assert status == 505
     assert 2.9 <= seconds < 5, seconds  # the delay comes first, then the abort
     assert backend.hits == hits, "an aborted request must not reach the backend"
@@ -82,14 +82,14 @@ def test_readme_walkthrough_delay_abort_restore(sotw: LocalCluster) -> None:
                 "traffic.fault.delay.percentage", "traffic.fault.delay.time"):
         c.label("service", "reviews", {key: None})
     c.wait_config(lambda: _fault_config(c) is None, message="fault config not removed")
-    status, _, seconds = _request(c)
+    status, _, seconds = request_reviews(c)
     assert status == 200
     assert seconds < 1.0
-    _no_nacks(c)
+    assert_no_nacks(c)
 
 
 def _statuses(c: LocalCluster, n: int) -> Counter[int]:
-    url = _url(c)
+    url = reviews_url(c)
 
     def run() -> Counter[int]:
         seen: Counter[int] = Counter()
@@ -120,7 +120,7 @@ def test_half_of_requests_aborted(cluster: LocalCluster) -> None:
     assert abs(seen[502] - n / 2) < 6 * sd, seen
     assert c.pod.stat("http.outbound_9080.fault.aborts_injected") == seen[502]
     assert c.backends[0].hits == seen[200], "aborted requests must not reach the backend"
-    _no_nacks(c)
+    assert_no_nacks(c)
 
 
 def test_status_or_time_alone_does_nothing_percentage_alone_aborts_503(cluster: LocalCluster) -> None:
@@ -129,26 +129,26 @@ def test_status_or_time_alone_does_nothing_percentage_alone_aborts_503(cluster: 
     # (another label) is set at the same time so we know when the sidecar has this version.
     c.label("service", "reviews", {"traffic.fault.abort.status": "500", "traffic.fault.delay.time": "2000",
                                    "traffic.request.timeout": "9000"})
-    c.wait_config(lambda: _route_has(c, '"timeout":"9s"'), message="route timeout not applied")
+    c.wait_config(lambda: route_has(c, '"timeout":"9s"'), message="route timeout not applied")
     assert _fault_config(c) is None
-    status, _, seconds = _request(c)
+    status, _, seconds = request_reviews(c)
     assert status == 200 and seconds < 1.0
     # A percentage alone aborts with 503.
     c.label("service", "reviews", {"traffic.fault.abort.status": None, "traffic.fault.delay.time": None,
                                    "traffic.fault.abort.percentage": "100"})
     c.wait_config(lambda: _fault_config(c) is not None, message="abort not configured")
     hits = c.backends[0].hits
-    code, body = c.pod.curl(_url(c))
+    code, body = c.pod.curl(reviews_url(c))
     assert (code, body) == (503, "fault filter abort")
     assert c.backends[0].hits == hits
-    _no_nacks(c)
+    assert_no_nacks(c)
 
 
 def test_bad_values_give_events_and_no_nack(cluster: LocalCluster) -> None:
     c = cluster
     bad = {"traffic.fault.abort.status": "600", "traffic.fault.abort.percentage": "101", "traffic.fault.delay.time": "-1"}
     c.label("service", "reviews", {**bad, "traffic.fault.delay.percentage": "100", "traffic.request.timeout": "9000"})
-    c.wait_config(lambda: _route_has(c, '"timeout":"9s"'), message="route timeout not applied")
+    c.wait_config(lambda: route_has(c, '"timeout":"9s"'), message="route timeout not applied")
 
     def reported() -> set[str]:
         items = c.store.list("events", "default")["items"]
@@ -156,14 +156,14 @@ def test_bad_values_give_events_and_no_nack(cluster: LocalCluster) -> None:
 
     c.wait_config(lambda: reported() == set(bad), message=f"Events missing for {set(bad) - reported()}")
     assert _fault_config(c) is None, "invalid values must not reach Envoy"
-    assert _request(c)[0] == 200
+    assert request_reviews(c)[0] == 200
     # The invalid status is ignored, so a valid percentage aborts with the default 503; a delay beyond
     # what Envoy can hold is clamped (ten years) and accepted.
     c.label("service", "reviews", {"traffic.fault.abort.percentage": "100", "traffic.fault.delay.time": "99999999999999999999",
                                    "traffic.fault.delay.percentage": "0.0001"})
     c.wait_config(lambda: (_fault_config(c) or {}).get("delay", {}).get("fixed_delay") == "315360000s", message="no clamped delay")
-    assert _request(c)[0] == 503
-    _no_nacks(c)
+    assert request_reviews(c)[0] == 503
+    assert_no_nacks(c)
 
 
 def test_filter_only_for_sidecars_once_per_connection_manager(trafficmgr_build: Callable[..., BuildResult]) -> None:
@@ -206,10 +206,10 @@ def test_pod_labels_fault_traffic_addressed_to_the_pod(sotw: LocalCluster) -> No
     ip = PODS["reviews-1"]
     c.label("pod", "reviews-1", {"traffic.port.9080": "http", "traffic.fault.abort.status": "418",
                                  "traffic.fault.abort.percentage": "100"})
-    c.wait_config(lambda: _route_has(c, f'"{ip}:9080"', '"http_status":418'), message="pod fault not configured")
+    c.wait_config(lambda: route_has(c, f'"{ip}:9080"', '"http_status":418'), message="pod fault not configured")
     assert c.pod.curl(f"http://{ip}:9080/direct")[0] == 418
-    assert _request(c)[0] == 200, "the Service has no fault labels"
-    _no_nacks(c)
+    assert request_reviews(c)[0] == 200, "the Service has no fault labels"
+    assert_no_nacks(c)
 
 
 def test_gateway_view_has_no_fault_config(trafficmgr_build: Callable[..., BuildResult]) -> None:

@@ -8,33 +8,12 @@ control-plane options for that case (for example ``zipkin_address``), over the b
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import pytest
 import yaml
 
+from tests.plugins.golden_cases import CASES, HERE, builtin_plugins, case_options
 from trafficmgr.core import cache
-from trafficmgr.core.build.builder import default_options
-from trafficmgr.core.plugins import PluginHost, available
 from trafficmgr.testing.golden import build_from_manifests, check_golden, load_manifests, render
-
-HERE = Path(__file__).resolve().parent.parent / "golden" / "plugins"
-CASES = sorted(p.name.removesuffix(".in.yaml") for p in HERE.glob("*.in.yaml"))
-
-
-def builtin_plugins() -> PluginHost:
-    return PluginHost.load(sorted(n for n, ep in available().items() if ep.value.startswith("trafficmgr.plugins.")))
-
-
-def case_options(case: str) -> argparse.Namespace:
-    """The builder's default options, plus ``<case>.options.yaml`` when present."""
-    options = default_options()
-    extra = HERE / f"{case}.options.yaml"
-    if extra.exists():
-        for key, value in (yaml.safe_load(extra.read_text()) or {}).items():
-            setattr(options, key, value)
-    return options
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -24,6 +24,7 @@ from trafficmgr.core.plugins import PluginHost
 from trafficmgr.testing.cluster import GatewayCluster
 from trafficmgr.testing.envoy import wait_for
 from trafficmgr.testing.golden import build_from_manifests, load_manifests
+from tests.plugins.gateway import served_by
 
 ROOT = Path(__file__).resolve().parents[2]
 # Pod IPs are loopback addresses, so the gateway (on loopback) reaches them without a network namespace.
@@ -51,37 +52,6 @@ spec: {{nodeName: node-1, containers: [{{name: app, image: {name}, ports: [{{con
 status: {{podIP: {ip}, conditions: [{{type: Ready, status: "True"}}]}}
 ---
 """
-
-
-def backend_of(body: str) -> str:
-    try:
-        return json.loads(body)["backend"]
-    except (ValueError, KeyError):
-        return f"<not a backend: {body[:80]!r}>"
-
-
-def served_by(c: GatewayCluster, path: str, host: str | None = None) -> tuple[int, str]:
-    """(status, backend name or body); status 0 when the gateway refuses the connection (no listener:
-    no Ingress is served)."""
-    try:
-        status, body = c.get(path, host)
-    except OSError as exc:
-        return 0, str(exc)
-    return status, backend_of(body) if status == 200 else body
-
-
-def events(c: GatewayCluster, name: str) -> list[dict]:
-    return [e for e in c.store.list("events", "default")["items"] if e["involvedObject"]["name"] == name]
-
-
-def wait_event(c: GatewayCluster, name: str, reason: str, text: str = "") -> dict:
-    def found() -> dict | None:
-        for e in events(c, name):
-            if e["reason"] == reason and text in e["message"] and e["type"] == "Warning":
-                return e
-        return None
-
-    return wait_for(found, 10, message=f"no {reason} event on {name} containing {text!r}: {events(c, name)}")
 
 
 @pytest.fixture(params=["sotw", "delta"])
@@ -217,9 +187,9 @@ spec:
     # The newer Ingress merges in (/y) but loses the conflicting path (/x/ = /x for Prefix).
     gw.wait_config(lambda: served_by(gw, "/y", "app.test") == (200, "web2"))
     assert served_by(gw, "/x/1", "app.test") == (200, "web")
-    ev = wait_event(gw, "a-newer", "IngressConflict", "default/z-older")
+    ev = gw.wait_event("a-newer", "IngressConflict", "default/z-older")
     assert "'/x'" in ev["message"]
-    assert not [e for e in events(gw, "z-older") if e["reason"] == "IngressConflict"]
+    assert not [e for e in gw.events("z-older") if e["reason"] == "IngressConflict"]
     # Deleting the older Ingress hands the path to the newer one.
     gw.delete("ingresses", "z-older")
     gw.wait_config(lambda: served_by(gw, "/x/1", "app.test") == (200, "web2"))
@@ -243,8 +213,8 @@ spec:
     status, body = gw.get("/later")
     assert status == 503 and "later:7070" in body
     assert gw.get("/badport")[0] == 503
-    wait_event(gw, "partial", "IngressBackendNotFound", "service 'later' not found")
-    wait_event(gw, "partial", "IngressBackendNotFound", "port 'grpc'")
+    gw.wait_event("partial", "IngressBackendNotFound", "service 'later' not found")
+    gw.wait_event("partial", "IngressBackendNotFound", "port 'grpc'")
     # The service appears (without any traffic.port label): the path starts working.
     gw.backend("later", "127.0.10.8", 7070)
     gw.apply("""
@@ -323,7 +293,7 @@ spec:
     gw.store.patch("services", "traffic-ingress", {"status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.80"}]}}},
                    "default", patch_type="merge", subresource="status")
     wait_for(lambda: address() == [{"ip": "192.0.2.80"}], 10, message=f"status not updated: {address()}")
-    out = gw.kubectl("get", "ingress", "status", "-n", "default").stdout
+    out = gw.kubectl("get", "ingress", "status", "-n", "default")
     assert "192.0.2.80" in out.splitlines()[1], out
     writes = len(gw.cp.status.written)
     gw.label("service", "web", {"traffic.lb.policy": "RANDOM"})  # a rebuild: no needless status write
@@ -420,9 +390,9 @@ spec:
       paths: [{path: /, pathType: Prefix, backend: {service: {name: web, port: {number: 8080}}}}]
 """.replace('"%s" % {"a" * 300}', "a" * 63 + ".test"))
     gw.wait_config(lambda: served_by(gw, "/x/1", "odd.test") == (200, "web"))
-    wait_event(gw, "odd", "InvalidIngress", "'relative'")
-    wait_event(gw, "odd", "InvalidIngress", "'*.*.test'")
-    wait_event(gw, "b-second", "IngressConflict")
+    gw.wait_event("odd", "InvalidIngress", "'relative'")
+    gw.wait_event("odd", "InvalidIngress", "'*.*.test'")
+    gw.wait_event("b-second", "IngressConflict")
     assert served_by(gw, "/", "app.example.com") == (200, "web")
     # Envoy took every listener/route version we sent.
     assert gw.cp.nacks() == []

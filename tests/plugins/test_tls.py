@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.plugins.test_ingress import events, served_by, wait_event
+from tests.plugins.gateway import served_by
 from tests.plugins.tlscerts import CA, Cert, https_get, make_ca, make_leaf, secret_yaml, tls_handshake
 from trafficmgr.core import cache
 from trafficmgr.core.plugins import PluginHost
@@ -140,7 +140,7 @@ def test_rotation_without_restart(gw: GatewayCluster, pki: tuple[CA, dict[str, C
 def test_bad_secret_only_that_host_loses_tls(gw: GatewayCluster, pki: tuple[CA, dict[str, Cert]]) -> None:
     ca, certs = pki
     # (A "not found" Event may come first when the Ingress is seen before its Secret.)
-    ev = wait_event(gw, "https", "IngressTLSSecretInvalid", "does not match")
+    ev = gw.wait_event("https", "IngressTLSSecretInvalid", "does not match")
     assert "broken-tls" in ev["message"] and "broken.example.com" in ev["message"]
     with pytest.raises((ssl.SSLError, ConnectionError)):
         _serial(gw, ca, "broken.example.com")
@@ -148,7 +148,7 @@ def test_bad_secret_only_that_host_loses_tls(gw: GatewayCluster, pki: tuple[CA, 
     assert _serial(gw, ca, "shop.example.com") == 0x5101
     # A bad PEM pushed over the good shop secret: shop loses TLS, nothing is NACKed, blog is untouched.
     gw.apply(secret_yaml("shop-tls", "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", certs["shop"].key))
-    wait_event(gw, "https", "IngressTLSSecretInvalid", "shop-tls")
+    gw.wait_event("https", "IngressTLSSecretInvalid", "shop-tls")
 
     def shop_tls_gone() -> bool:
         try:
@@ -168,10 +168,10 @@ def test_bad_secret_only_that_host_loses_tls(gw: GatewayCluster, pki: tuple[CA, 
 def test_missing_secret_then_created(gw: GatewayCluster, pki: tuple[CA, dict[str, Cert]]) -> None:
     ca, certs = pki
     gw.apply(INGRESS.replace("broken-tls", "later-tls"))
-    wait_event(gw, "https", "IngressTLSSecretInvalid", "'later-tls' (type kubernetes.io/tls) not found")
+    gw.wait_event("https", "IngressTLSSecretInvalid", "'later-tls' (type kubernetes.io/tls) not found")
     gw.apply(secret_yaml("later-tls", certs["broken"].cert, certs["broken"].key))
     gw.wait_config(lambda: _serial(gw, ca, "broken.example.com") == 0xB0B0)
-    assert [e for e in events(gw, "https") if e["reason"] == "IngressTLSSecretInvalid"]
+    assert [e for e in gw.events("https") if e["reason"] == "IngressTLSSecretInvalid"]
 
 
 def test_secrets_go_to_gateways_only() -> None:

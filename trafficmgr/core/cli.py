@@ -43,7 +43,7 @@ import attrs
 from trafficmgr import __version__
 from trafficmgr.core import render
 from trafficmgr.core.admin import DEFAULT_URL, AdminError
-from trafficmgr.core.plugins import ENV_SELECTION, PluginError, PluginHost, PluginInfo, available
+from trafficmgr.core.plugins import ENV_SELECTION, PluginError, PluginHost, PluginInfo, available, is_builtin
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ def installed_plugins(host: PluginHost) -> list[PluginInfo]:
             dist = ep.dist
             infos[name] = PluginInfo(
                 name, ep.value, getattr(dist, "version", "") or "", getattr(dist, "name", "") or "",
-                ep.value.startswith("trafficmgr.plugins."), (), loaded=False,
+                is_builtin(ep), (), loaded=False,
             )
     return sorted(infos.values(), key=lambda i: i.name)
 

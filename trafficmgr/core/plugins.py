@@ -59,6 +59,19 @@ def available() -> dict[str, metadata.EntryPoint]:
     return dict(sorted(found.items()))
 
 
+BUILTIN_PACKAGE = "trafficmgr.plugins."
+
+
+def is_builtin(ep: metadata.EntryPoint) -> bool:
+    """True for the plugins shipped in this distribution (``trafficmgr.plugins.<name>``)."""
+    return ep.value.startswith(BUILTIN_PACKAGE)
+
+
+def builtin_names() -> list[str]:
+    """The names of the built-in plugins, sorted."""
+    return [name for name, ep in available().items() if is_builtin(ep)]
+
+
 def parse_selection(text: str | None) -> list[str] | None:
     """``"lb, fault"`` -> ``["lb", "fault"]``; None or ``"all"`` -> None (every installed plugin)."""
     if text is None:
@@ -171,7 +184,7 @@ class PluginHost:
                 plugin,
                 version=getattr(dist, "version", "") or "",
                 distribution=getattr(dist, "name", "") or "",
-                builtin=ep.value.startswith("trafficmgr.plugins."),
+                builtin=is_builtin(ep),
             )
         from trafficmgr import __version__
         from trafficmgr.core import corelabels

@@ -11,7 +11,7 @@ Typical use (the pytest fixtures in ``tests/conftest.py`` wrap exactly this)::
 
 from trafficmgr.core.envoy import EnvoyNotFound, find_envoy
 from trafficmgr.testing.backends import HttpBackend
-from trafficmgr.testing.envoy import ControlPlane, EnvoyProcess, EnvoyStartError, free_port, wait_for
+from trafficmgr.testing.envoy import ControlPlane, EnvoyProcess, EnvoyStartError, free_port, no_nacks, wait_for
 
 __all__ = [
     "ControlPlane",
@@ -21,5 +21,6 @@ __all__ = [
     "HttpBackend",
     "find_envoy",
     "free_port",
+    "no_nacks",
     "wait_for",
 ]

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,16 +28,28 @@ PROXY_UID = 1337
 
 
 class Kubectl:
-    """The real ``kubectl`` against a kubeconfig, with its own HOME (fresh discovery cache)."""
+    """The real ``kubectl`` against a kubeconfig, with its own HOME (fresh discovery cache) when given.
 
-    def __init__(self, kubeconfig: Path, home: Path) -> None:
-        self.env = {**os.environ, "KUBECONFIG": str(kubeconfig), "HOME": str(home)}
+    ``kubectl(*args)`` returns stdout and fails the test on a non-zero exit; :meth:`run` returns the
+    whole ``CompletedProcess`` (``check=False`` to look at a failure); :meth:`json` parses ``-o json``.
+    """
 
-    def __call__(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def __init__(self, kubeconfig: Path | str, home: Path | str | None = None) -> None:
+        self.env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+        if home is not None:
+            self.env["HOME"] = str(home)
+
+    def run(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(["kubectl", *args], input=input, capture_output=True, text=True, env=self.env, timeout=60)
         if check and proc.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
         return proc
+
+    def __call__(self, *args: str, input: str | None = None) -> str:
+        return self.run(*args, input=input).stdout
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self(*args, "-o", "json"))
 
     def apply(self, manifest: str) -> None:
         self("apply", "-f", "-", input=manifest)
@@ -182,11 +196,15 @@ class SidecarPod:
         return ""
 
     def stat(self, name: str) -> int:
-        for line in self.admin(f"/stats?filter=^{name.replace('|', '.')}$").splitlines():
+        """A counter or gauge of the sidecar Envoy. A name Envoy does not have is an error (a typo must
+        not read as 0), reported with the stats that share its prefix."""
+        for line in self.admin("/stats?filter=" + urllib.parse.quote(f"^{re.escape(name)}$")).splitlines():
             key, _, value = line.partition(": ")
             if key == name:
                 return int(value)
-        return 0
+        prefix = re.escape(name.rsplit(".", 1)[0])
+        similar = [line.partition(": ")[0] for line in self.admin("/stats?filter=" + urllib.parse.quote(f"^{prefix}")).splitlines()]
+        raise AssertionError(f"the sidecar has no stat {name!r}; under its prefix: {similar[:20]}")
 
     def curl(self, url: str, *args: str, timeout: float = 5.0) -> tuple[int, str]:
         """Run the real ``curl`` inside the pod namespace; returns (HTTP status or 0, body/stderr)."""
@@ -307,6 +325,19 @@ status: {{podIP: {client_ip}, conditions: [{{type: Ready, status: "True"}}]}}
                   "statefulset": "statefulsets", "daemonset": "daemonsets"}[kind.lower()]
         self.store.patch(plural, name, {"metadata": {"labels": labels}}, namespace, patch_type="merge")
 
+    def events(self, name: str | None = None, reason: str | None = None, namespace: str = "default") -> list[dict[str, Any]]:
+        """The Events of ``namespace``, only those about object ``name`` and/or with ``reason`` when given."""
+        return [e for e in self.store.list("events", namespace)["items"]
+                if (name is None or (e.get("involvedObject") or {}).get("name") == name)
+                and (reason is None or e.get("reason") == reason)]
+
+    def wait_event(self, name: str, reason: str, text: str = "", timeout: float = 10.0) -> dict[str, Any]:
+        """Wait for a Warning Event about ``name`` with ``reason`` whose message contains ``text``."""
+        def found() -> dict[str, Any] | None:
+            return next((e for e in self.events(name, reason) if text in e["message"] and e["type"] == "Warning"), None)
+
+        return wait_for(found, timeout, message=f"no {reason} event on {name} containing {text!r}: {self.events(name)}")
+
     def backend(self, name: str, ip: str, port: int) -> Any:
         """An HttpBackend listening on ``ip:port`` inside the pod network."""
         from trafficmgr.testing.backends import HttpBackend
@@ -421,6 +452,12 @@ class GatewayCluster:
 
     def delete(self, plural: str, name: str, namespace: str = "default") -> None:
         self.store.delete(plural, name, namespace)
+
+    def events(self, name: str | None = None, reason: str | None = None, namespace: str = "default") -> list[dict[str, Any]]:
+        return LocalCluster.events(self, name, reason, namespace)  # type: ignore[arg-type]
+
+    def wait_event(self, name: str, reason: str, text: str = "", timeout: float = 10.0) -> dict[str, Any]:
+        return LocalCluster.wait_event(self, name, reason, text, timeout)  # type: ignore[arg-type]
 
     def backend(self, name: str, ip: str, port: int) -> Any:
         """An HttpBackend on ``ip:port`` (a 127.0.0.x address standing for a pod IP)."""

@@ -277,3 +277,13 @@ class ControlPlane:
         """An Envoy bootstrap pointing at this control plane (admin port chosen by Envoy)."""
         kw.setdefault("admin_port", 0)
         return make_bootstrap(node_id, node_cluster, self.host, self.port, delta=delta, **kw)
+
+
+def no_nacks(status: list[dict[str, Any]]) -> None:
+    """Assert that ``status`` (``proxy-status``: one dict per xDS stream) has at least one stream and no
+    type of any stream has a standing NACK."""
+    assert status, "no proxy has an xDS stream"
+    for stream in status:
+        for type_name, state in stream.items():
+            if isinstance(state, dict) and "last_nack" in state:
+                assert state["last_nack"] is None, f"{stream.get('node_id')}: {type_name} NACKed: {state['last_nack']}"

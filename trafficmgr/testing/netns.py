@@ -45,6 +45,28 @@ def _run(args: Sequence[str], check: bool = True) -> subprocess.CompletedProcess
     return proc
 
 
+def run_in_netns(path: str, fn: Callable[[], T], timeout: float = 60.0, thread_name: str = "netns") -> T:
+    """Run ``fn()`` in a new thread switched into the network namespace at ``path`` (a ``/run/netns``
+    or ``/proc/<pid>/ns/net`` file); return its result or raise its exception. Only that thread moves."""
+    result: Future[T] = Future()
+
+    def target() -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns({path}): {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            result.set_result(fn())
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            result.set_exception(exc)
+
+    threading.Thread(target=target, name=thread_name, daemon=True).start()
+    return result.result(timeout)
+
+
 class NetNS:
     """A named network namespace with loopback up; ``delete()`` (or the context manager) removes it."""
 
@@ -111,27 +133,9 @@ class NetNS:
 
     def in_ns(self, fn: Callable[[], T], timeout: float = 60.0) -> T:
         """Run ``fn()`` in a new thread switched into this namespace; return its result (or raise)."""
-        result: Future[T] = Future()
-
-        def target() -> None:
-            try:
-                fd = os.open(self.path, os.O_RDONLY)
-                try:
-                    if _libc.setns(fd, CLONE_NEWNET) != 0:
-                        err = ctypes.get_errno()
-                        raise OSError(err, f"setns({self.path}): {os.strerror(err)}")
-                finally:
-                    os.close(fd)
-                result.set_result(fn())
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                result.set_exception(exc)
-
-        t = threading.Thread(target=target, name=f"netns-{self.name}", daemon=True)
-        t.start()
-        return result.result(timeout)
+        return run_in_netns(self.path, fn, timeout, thread_name=f"netns-{self.name}")
 
     def delete(self) -> None:
-        _run(["ip", "netns", "pids", self.name], check=False)
         pids = _run(["ip", "netns", "pids", self.name], check=False).stdout.split()
         for pid in pids:
             try:

@@ -84,7 +84,8 @@ class Assembler:
         self._service_slices: dict[Key, set[str]] = {}
         self._pod_services: dict[Key, set[Key]] = {}
         self._service_pods: dict[Key, set[Key]] = {}
-        self._rs_pods: dict[Key, set[Key]] = {}
+        self._rs_pods: dict[Key, set[Key]] = {}  # ReplicaSet -> its pods
+        self._pod_rs: dict[Key, Key] = {}  # pod -> its ReplicaSet (the reverse, so a delete is O(1))
         self._endpoint_keys: dict[Key, set[tuple[str, str, str]]] = {}
         self._deferred: set[Key] | None = None  # during a relist: services whose endpoints wait for its end
         self._ip_pods: dict[str, set[Key]] = {}
@@ -275,12 +276,20 @@ class Assembler:
         return None
 
     def _on_pod(self, key: Key, obj: dict[str, Any] | None) -> None:
-        for pods in self._rs_pods.values() if obj is None else ():
-            pods.discard(key)
-        if obj is not None:
-            rs = _controller(obj, "ReplicaSet")
-            if rs:
-                self._rs_pods.setdefault((key[0], rs), set()).add(key)
+        rs_name = _controller(obj, "ReplicaSet") if obj is not None else None
+        rs = (key[0], rs_name) if rs_name else None
+        old_rs = self._pod_rs.get(key)
+        if old_rs != rs:
+            if old_rs is not None:
+                pods = self._rs_pods.get(old_rs)
+                if pods is not None:
+                    pods.discard(key)
+                    if not pods:
+                        del self._rs_pods[old_rs]
+                del self._pod_rs[key]
+            if rs is not None:
+                self._rs_pods.setdefault(rs, set()).add(key)
+                self._pod_rs[key] = rs
         if obj is None:
             self._pod_own.pop(key, None)
             owner = self._pod_owner.pop(key, None)
