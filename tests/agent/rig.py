@@ -40,9 +40,12 @@ def in_netns(path: str, fn: Callable[[], T], timeout: float = 30.0) -> T:
     return run_in_netns(path, fn, timeout)
 
 
-def nat_rules(netns: str) -> str:
-    return subprocess.run(["nsenter", f"--net={netns}", "iptables", "-w", "-t", "nat", "-S"],
-                          capture_output=True, text=True, check=True).stdout
+def capture_rules(netns: str) -> str:
+    """The namespace's IPv4 nat rules and, where it has IPv6, its ip6tables filter rules."""
+    from trafficmgr.core.agent import iptables
+
+    run = iptables.netns_runner(netns)
+    return iptables.dump(run) + iptables.dump6(run)
 
 
 class Cluster:

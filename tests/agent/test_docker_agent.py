@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.agent.manifests import SERVICES, WORKLOAD, pod
-from tests.agent.rig import DOCKER_HOST, Cluster, DockerPod, nat_rules
+from tests.agent.rig import DOCKER_HOST, Cluster, DockerPod, capture_rules
 from trafficmgr.core.agent import iptables
 from trafficmgr.core.agent.agent import AgentConfig, sidecar_bootstrap
 from trafficmgr.core.agent.docker_runtime import DockerRuntime, container_name
@@ -94,7 +94,7 @@ def test_enable_routes_through_envoy_then_disable_leaves_nothing(env: Env) -> No
     assert {k: v for k, v in info["Config"]["Labels"].items() if k.startswith("traffic.envoy.")} == {
         "traffic.envoy.proxy": "true", "traffic.envoy.pod": APP, "traffic.envoy.namespace": "default",
         "traffic.envoy.pod-uid": cluster.store.get("pods", APP, "default")["metadata"]["uid"]}
-    assert "-j TRAFFICMGR_OUTPUT" in nat_rules(p.netns)
+    assert "-j TRAFFICMGR_OUTPUT" in capture_rules(p.netns)
 
     # The app container's requests to the labeled service go through Envoy (its counter moves by
     # exactly the number of requests); the unlabeled port is blocked and its backend never reached.
@@ -112,7 +112,7 @@ def test_enable_routes_through_envoy_then_disable_leaves_nothing(env: Env) -> No
     cluster.label("deployments", "app", {"traffic.envoy.enabled": "false"})
     wait_for(lambda: cluster.annotation(APP) == "", 20, message="annotation not cleared")
     assert env.sidecars() == []
-    assert iptables.CHAIN not in nat_rules(p.netns)
+    assert iptables.CHAIN not in capture_rules(p.netns)
     hits = reviews.hits
     assert p.wget(f"http://{REVIEWS_IP}:9080/direct")[0] == 0 and reviews.hits == hits + 1
     assert cluster.events(APP) == []
@@ -149,8 +149,8 @@ def test_restarted_agent_adopts_and_removes_orphans(env: Env, tmp_path: Any) -> 
     try:
         wait_for(lambda: [s.id for s in runtime.list()] == [sidecar_id], 20,
                  message="orphan not removed or app sidecar replaced")
-        assert iptables.CHAIN not in nat_rules(ghost.netns), "the orphan's rules are removed too"
-        assert "-j TRAFFICMGR_OUTPUT" in nat_rules(p.netns)
+        assert iptables.CHAIN not in capture_rules(ghost.netns), "the orphan's rules are removed too"
+        assert "-j TRAFFICMGR_OUTPUT" in capture_rules(p.netns)
         assert cluster.annotation(APP) == sidecar_id
         assert wait_for(lambda: http_get(f"http://127.0.0.1:{health}/readyz", 2)[0] == 200, 10)
         assert http_get(f"http://127.0.0.1:{health}/healthz", 2)[0] == 200
@@ -171,7 +171,7 @@ def test_restarted_agent_adopts_and_removes_orphans(env: Env, tmp_path: Any) -> 
     assert "starting main dispatch loop" in log
     subprocess.run([sys.executable, "-m", "trafficmgr", "proxies", "--docker-host", DOCKER_HOST, "--remove-all"],
                    capture_output=True, text=True, check=True)
-    assert env.sidecars() == [] and iptables.CHAIN not in nat_rules(p.netns)
+    assert env.sidecars() == [] and iptables.CHAIN not in capture_rules(p.netns)
 
 
 def test_missing_image_is_a_warning_event_and_leaves_nothing(env: Env) -> None:
@@ -209,7 +209,7 @@ def test_pod_deleted_mid_start_leaves_nothing(env: Env) -> None:
     agent = cluster.agent(runtime)
     wait_for(lambda: runtime.starts == 1 and cluster.pod(APP) is None, 20)
     wait_for(lambda: env.sidecars() == [], 20, message="sidecar of the deleted pod left behind")
-    assert iptables.CHAIN not in nat_rules(p.netns)
+    assert iptables.CHAIN not in capture_rules(p.netns)
     cluster.settle(agent)
     assert runtime.starts == 1 and env.sidecars() == []
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import socket
+import sys
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -9,6 +13,7 @@ import pytest
 from tests.agent.rig import require
 from trafficmgr.core.agent import iptables
 from trafficmgr.testing import netns
+from trafficmgr.testing.prereq import missing
 
 
 @pytest.fixture
@@ -83,3 +88,67 @@ def test_inbound_capture_is_exact_and_can_be_turned_off(ns: netns.NetNS) -> None
     iptables.install(run, 10000, 1337, (8900,), inbound_port=15006)
     iptables.remove(run)
     assert iptables.dump(run) == before
+
+
+V6_ADDR = "fd00::2"  # on the namespace's loopback only: the namespace has no route out
+
+
+def _connect6(ns: netns.NetNS, port: int, uid: int | None = None) -> str:
+    """Connect to [fd00::2]:port from inside ``ns`` (as ``uid`` when given): "ok" or the error's name."""
+    code = ("import socket\ntry:\n"
+            f"    socket.create_connection(('{V6_ADDR}', {port}), timeout=3).close(); print('ok')\n"
+            "except OSError as e:\n    print(type(e).__name__)")
+    prefix = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"] if uid is not None else []
+    return ns.run(*prefix, sys.executable, "-c", code).stdout.strip()
+
+
+def test_outbound_ipv6_is_refused_except_for_the_proxy_and_removal_is_exact(ns: netns.NetNS) -> None:
+    """The sidecar listens on IPv4 only: without an IPv6 rule a pod's IPv6 connections would bypass it
+    (and the "blocked unless labeled" promise). They are reset at once, except the proxy's own."""
+    if shutil.which("ip6tables") is None:
+        missing("ip6tables is not installed")
+    ns.ip("link", "set", "lo", "up")
+    ns.ip("-6", "addr", "add", f"{V6_ADDR}/128", "dev", "lo")
+    server = ns.in_ns(lambda: socket.create_server((V6_ADDR, 0), family=socket.AF_INET6, backlog=16))
+    port = server.getsockname()[1]
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                server.accept()[0].close()
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        run = iptables.netns_runner(ns.path)
+        before = iptables.dump6(run)
+        assert _connect6(ns, port) == "ok"
+
+        iptables.install(run, 10000, 1337, (8900,))
+        rules = iptables.dump6(run)
+        assert rules.count(f"-A OUTPUT -p tcp -j {iptables.CHAIN}") == 1
+        assert [ln for ln in rules.splitlines() if ln.startswith(f"-A {iptables.CHAIN}")] == [
+            f"-A {iptables.CHAIN} -m owner --uid-owner 1337 -j RETURN",
+            f"-A {iptables.CHAIN} -m owner --gid-owner 1337 -j RETURN",
+            f"-A {iptables.CHAIN} -d ::1/128 -j RETURN",
+            f"-A {iptables.CHAIN} -p tcp -m tcp --dport 8900 -j RETURN",
+            f"-A {iptables.CHAIN} -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j REJECT --reject-with tcp-reset",
+        ]
+        assert iptables.installed(run)
+        assert _connect6(ns, port) == "ConnectionRefusedError"  # a reset, not a 3 s timeout
+        assert _connect6(ns, port, uid=1337) == "ok"
+
+        # A namespace whose IPv6 rules went missing is not "installed": the agent's resync puts them back.
+        ns.run("ip6tables", "-w", "-D", "OUTPUT", "-p", "tcp", "-j", iptables.CHAIN)
+        assert not iptables.installed(run)
+        iptables.install(run, 10000, 1337, (8900,))
+        assert iptables.installed(run)
+
+        iptables.remove(run)
+        assert iptables.dump6(run) == before
+        assert _connect6(ns, port) == "ok"
+    finally:
+        stop.set()
+        server.close()

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.agent.manifests import SERVICES, WORKLOAD, pod
-from tests.agent.rig import Cluster, nat_rules
+from tests.agent.rig import Cluster, capture_rules
 from trafficmgr.core.agent import iptables
 from trafficmgr.core.agent.netns_runtime import ProcessRuntime
 from trafficmgr.testing.backends import HttpBackend
@@ -83,9 +83,9 @@ def test_netns_runtime_enable_capture_adopt_disable(cluster: Cluster, podnet: tu
     assert cluster.annotation("elsewhere") is None
     state = json.load(open(os.path.join(state_dir, sidecar_id, "sidecar.json")))
     assert state["netns"] == ns.path
-    assert "--uid-owner 1337" in nat_rules(ns.path)
-    assert f"-A PREROUTING -p tcp -j {iptables.INBOUND_CHAIN}" in nat_rules(ns.path), "connections to the pod are captured"
-    assert "--to-ports 15006" in nat_rules(ns.path)
+    assert "--uid-owner 1337" in capture_rules(ns.path)
+    assert f"-A PREROUTING -p tcp -j {iptables.INBOUND_CHAIN}" in capture_rules(ns.path), "connections to the pod are captured"
+    assert "--to-ports 15006" in capture_rules(ns.path)
     with open(f"/proc/{state['pid']}/status") as f:
         uids = next(line for line in f if line.startswith("Uid:")).split()[1:]
     assert set(uids) == {"1337"}, "Envoy runs as the proxy uid"
@@ -117,7 +117,7 @@ def test_netns_runtime_enable_capture_adopt_disable(cluster: Cluster, podnet: tu
     wait_for(lambda: cluster.annotation("web-6c9f-x1") == "", 15, message="annotation not cleared")
     assert ProcessRuntime(state_dir).list() == [] and os.listdir(state_dir) == []
     assert not os.path.exists(f"/proc/{state['pid']}") or state["id"].encode() not in open(f"/proc/{state['pid']}/cmdline", "rb").read()
-    assert iptables.CHAIN not in nat_rules(ns.path) and iptables.INBOUND_CHAIN not in nat_rules(ns.path)
+    assert iptables.CHAIN not in capture_rules(ns.path) and iptables.INBOUND_CHAIN not in capture_rules(ns.path)
     assert curl(ns, reviews_url)[0] == 0, "without the sidecar a ClusterIP leads nowhere"
     assert curl(ns, f"http://{REVIEWS_IP}:9080/r")[0] == 200, "direct traffic is not redirected any more"
     os.rmdir(state_dir)
@@ -137,7 +137,7 @@ def test_netns_runtime_orphan_and_pod_deletion(cluster: Cluster, podnet: tuple[N
     assert [s.id for s in ProcessRuntime(state_dir).list()] == [sidecar_id]
     cluster.agent(ProcessRuntime(state_dir))
     wait_for(lambda: ProcessRuntime(state_dir).list() == [], 15, message="orphan not removed")
-    assert iptables.CHAIN not in nat_rules(ns.path) and os.listdir(state_dir) == []
+    assert iptables.CHAIN not in capture_rules(ns.path) and os.listdir(state_dir) == []
     os.rmdir(state_dir)
 
 

@@ -11,18 +11,31 @@ the proxy's own uid or gid (Envoy's upstream and xDS connections), to loopback, 
 Rules (nat ``PREROUTING``, when an inbound port is given): TCP arriving at the pod from outside is
 redirected to the sidecar's inbound port, except to ``exclude_ports``. Envoy then connects to the pod's
 own address as its proxy uid, which the ``OUTPUT`` rules let through.
+
+IPv6 (ip6tables filter ``OUTPUT``, chain :data:`CHAIN` there too): the sidecar listens on IPv4 only, so
+outbound TCP over IPv6 is refused with a TCP reset (clients fall back to IPv4 at once) with the same
+exceptions; without this rule it would bypass the sidecar, and with it the "blocked unless a port is
+labeled" promise. Where a namespace has no IPv6 (disabled in the kernel) there is nothing to capture; an
+agent without ``ip6tables`` logs a warning once and captures IPv4 only.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 from collections.abc import Callable, Sequence
+
+log = logging.getLogger(__name__)
 
 CHAIN = "TRAFFICMGR_OUTPUT"
 JUMP = ["OUTPUT", "-p", "tcp", "-j", CHAIN]
 INBOUND_CHAIN = "TRAFFICMGR_INBOUND"
 INBOUND_JUMP = ["PREROUTING", "-p", "tcp", "-j", INBOUND_CHAIN]
+
+#: (binary, table) of the IPv4 redirect rules and of the IPv6 refusal rules.
+NAT4 = ("iptables", "nat")
+FILTER6 = ("ip6tables", "filter")
 
 #: Runs an argv inside the target namespace; returns the completed process (never raises on status).
 Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
@@ -51,8 +64,8 @@ def available() -> str | None:
     return None
 
 
-def _ipt(run: Runner, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    argv = ["iptables", "-w", "-t", "nat", *args]
+def _ipt(run: Runner, *args: str, check: bool = True, table: tuple[str, str] = NAT4) -> subprocess.CompletedProcess[str]:
+    argv = [table[0], "-w", "-t", table[1], *args]
     proc = run(argv)
     if check and proc.returncode != 0:
         raise IptablesError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
@@ -71,6 +84,34 @@ def rules(to_port: int = 10000, proxy_uid: int = 1337, exclude_ports: Sequence[i
     return out
 
 
+def rules6(proxy_uid: int = 1337, exclude_ports: Sequence[int] = (8900,)) -> list[list[str]]:
+    """The rules of :data:`CHAIN` in the ip6tables filter table, in order."""
+    out = [
+        [CHAIN, "-m", "owner", "--uid-owner", str(proxy_uid), "-j", "RETURN"],
+        [CHAIN, "-m", "owner", "--gid-owner", str(proxy_uid), "-j", "RETURN"],
+        [CHAIN, "-d", "::1/128", "-j", "RETURN"],
+    ]
+    out += [[CHAIN, "-p", "tcp", "--dport", str(p), "-j", "RETURN"] for p in exclude_ports]
+    # Only connection attempts: the reset itself passes OUTPUT too, and must not be rejected in turn.
+    out.append([CHAIN, "-p", "tcp", "--syn", "-j", "REJECT", "--reject-with", "tcp-reset"])
+    return out
+
+
+_warned_no_ip6tables = False
+
+
+def _ipv6(run: Runner) -> bool:
+    """True when the namespace has IPv6 and ip6tables can manage it."""
+    global _warned_no_ip6tables
+    if shutil.which(FILTER6[0]) is None:
+        if not _warned_no_ip6tables:
+            _warned_no_ip6tables = True
+            log.warning("ip6tables is not installed: outbound IPv6 of pods is not captured (apt-get install iptables)")
+        return False
+    # Fails with "Address family not supported" where IPv6 is disabled: nothing to capture then.
+    return _ipt(run, "-L", "OUTPUT", "-n", check=False, table=FILTER6).returncode == 0
+
+
 def inbound_rules(inbound_port: int, exclude_ports: Sequence[int] = (8900,)) -> list[list[str]]:
     """The rules of :data:`INBOUND_CHAIN`, in order."""
     out = [[INBOUND_CHAIN, "-p", "tcp", "--dport", str(p), "-j", "RETURN"] for p in (*exclude_ports, inbound_port)]
@@ -78,24 +119,24 @@ def inbound_rules(inbound_port: int, exclude_ports: Sequence[int] = (8900,)) -> 
     return out
 
 
-def _fill(run: Runner, chain: str, chain_rules: list[list[str]], jump: list[str]) -> None:
-    if _ipt(run, "-L", chain, "-n", check=False).returncode == 0:
-        _ipt(run, "-F", chain)
+def _fill(run: Runner, chain: str, chain_rules: list[list[str]], jump: list[str], table: tuple[str, str] = NAT4) -> None:
+    if _ipt(run, "-L", chain, "-n", check=False, table=table).returncode == 0:
+        _ipt(run, "-F", chain, table=table)
     else:
-        _ipt(run, "-N", chain)
+        _ipt(run, "-N", chain, table=table)
     for rule in chain_rules:
-        _ipt(run, "-A", *rule)
-    if _ipt(run, "-C", *jump, check=False).returncode != 0:
-        _ipt(run, "-A", *jump)
+        _ipt(run, "-A", *rule, table=table)
+    if _ipt(run, "-C", *jump, check=False, table=table).returncode != 0:
+        _ipt(run, "-A", *jump, table=table)
 
 
-def _drop(run: Runner, chain: str, jump: list[str]) -> None:
+def _drop(run: Runner, chain: str, jump: list[str], table: tuple[str, str] = NAT4) -> None:
     for _ in range(100):  # every copy of the jump (a crash between -C and -A could duplicate it)
-        if _ipt(run, "-D", *jump, check=False).returncode != 0:
+        if _ipt(run, "-D", *jump, check=False, table=table).returncode != 0:
             break
-    if _ipt(run, "-L", chain, "-n", check=False).returncode == 0:
-        _ipt(run, "-F", chain)
-        _ipt(run, "-X", chain)
+    if _ipt(run, "-L", chain, "-n", check=False, table=table).returncode == 0:
+        _ipt(run, "-F", chain, table=table)
+        _ipt(run, "-X", chain, table=table)
 
 
 def install(run: Runner, to_port: int = 10000, proxy_uid: int = 1337, exclude_ports: Sequence[int] = (8900,),
@@ -104,6 +145,8 @@ def install(run: Runner, to_port: int = 10000, proxy_uid: int = 1337, exclude_po
     no inbound capture (an inbound chain left from an earlier install is removed). Raises
     :class:`IptablesError`."""
     _fill(run, CHAIN, rules(to_port, proxy_uid, exclude_ports), JUMP)
+    if _ipv6(run):
+        _fill(run, CHAIN, rules6(proxy_uid, exclude_ports), JUMP, FILTER6)
     if inbound_port:
         _fill(run, INBOUND_CHAIN, inbound_rules(inbound_port, exclude_ports), INBOUND_JUMP)
     else:
@@ -114,16 +157,25 @@ def remove(run: Runner) -> None:
     """Remove the jumps and the chains; a namespace without them is left as it is. Raises :class:`IptablesError`."""
     _drop(run, CHAIN, JUMP)
     _drop(run, INBOUND_CHAIN, INBOUND_JUMP)
+    if _ipv6(run):
+        _drop(run, CHAIN, JUMP, FILTER6)
 
 
 def installed(run: Runner, inbound: bool = False) -> bool:
-    """True when the jump from OUTPUT to :data:`CHAIN` (and with ``inbound`` the one from PREROUTING)
-    is present."""
+    """True when the jump from OUTPUT to :data:`CHAIN` (and with ``inbound`` the one from PREROUTING, and
+    where the namespace has IPv6 the ip6tables one) is present."""
     if _ipt(run, "-C", *JUMP, check=False).returncode != 0:
         return False
-    return not inbound or _ipt(run, "-C", *INBOUND_JUMP, check=False).returncode == 0
+    if inbound and _ipt(run, "-C", *INBOUND_JUMP, check=False).returncode != 0:
+        return False
+    return not _ipv6(run) or _ipt(run, "-C", *JUMP, check=False, table=FILTER6).returncode == 0
 
 
 def dump(run: Runner) -> str:
     """``iptables -t nat -S`` of the namespace (for tests and debugging)."""
     return _ipt(run, "-S").stdout
+
+
+def dump6(run: Runner) -> str:
+    """``ip6tables -t filter -S`` of the namespace ("" without IPv6)."""
+    return _ipt(run, "-S", table=FILTER6).stdout if _ipv6(run) else ""
