@@ -11,7 +11,7 @@ import attrs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trafficmgr.core.build.builder import Builder
+from trafficmgr.core.build.builder import Builder, default_options
 from trafficmgr.core.model import Endpoint, Labels, Model, Pod, Service, ServicePort
 from trafficmgr.core.plugins import PluginHost
 from trafficmgr.testing.golden import render
@@ -56,14 +56,18 @@ def apply(model: Model, e: tuple[Any, ...]) -> Model:
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(edit, min_size=1, max_size=12))
-def test_incremental_builds_equal_fresh_builds(edits: list[tuple[Any, ...]]) -> None:
-    builder = Builder(PLUGINS)
+@given(st.lists(edit, min_size=1, max_size=12), st.booleans())
+def test_incremental_builds_equal_fresh_builds(edits: list[tuple[Any, ...]], collector: bool) -> None:
+    """``collector``: with a Zipkin address the tracing plugin adds a cluster to the shared cluster set."""
+    options = default_options()
+    if collector:
+        options.zipkin_address = "10.96.0.99:9411"
+    builder = Builder(PLUGINS, options)
     model = Model()
     builder.build(model)
     for e in edits:
         model = apply(model, e)
         incremental = builder.build(model)
-        fresh = Builder(PLUGINS).build(model)
+        fresh = Builder(PLUGINS, options).build(model)
         assert render(incremental) == render(fresh), f"after {e}"
         assert {v: s.version for v, s in incremental.items()} == {v: s.version for v, s in fresh.items()}, f"after {e}"

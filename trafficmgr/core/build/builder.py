@@ -126,6 +126,7 @@ class Builder:
         self._sidecar_inputs_changed = True
         self._http_port_counts: dict[int, int] = {}
         self._sidecar_cluster_set: tuple[cache.TypeSet, cache.TypeSet] | None = None
+        self._extras_memo: dict[tuple[str, str], tuple[cache.TypeSet, dict[str, str], cache.TypeSet]] = {}
         self._inbound_clusters: dict[str, cache.Resource] | None = None
 
     # -- public -------------------------------------------------------------------------------
@@ -179,14 +180,17 @@ class Builder:
                 elif self._inbound_port():
                     resources[cache.LISTENER].append(self._inbound_listener(ctx))
                     resources[cache.CLUSTER] = self._sidecar_clusters(shared[cache.CLUSTER])
+            extras: dict[str, dict[str, cache.Resource]] = {}
             for res in self.plugins.collect("trafficmgr_resources", what=f"{role} resources", ctx=ctx):
                 if res.type_url == cache.SECRET and role != GATEWAY:
                     log.error("a plugin contributed secret %r to the %s view: dropped (secrets go to gateways only)", res.name, role)
                     continue
-                if res.type_url in shared:
-                    if not isinstance(resources[res.type_url], list):
-                        resources[res.type_url] = list(resources[res.type_url].resources.values())
-                resources[res.type_url].append(res)
+                if isinstance(resources[res.type_url], cache.TypeSet):
+                    extras.setdefault(res.type_url, {})[res.name] = res
+                else:
+                    resources[res.type_url].append(res)
+            for type_url, extra in extras.items():
+                resources[type_url] = self._with_extras(role, resources[type_url], extra)
             snapshots[role] = cache.Snapshot.build(resources, self._previous.get(role))
         self._previous = snapshots
         self.stats.seconds = time.perf_counter() - start
@@ -634,6 +638,19 @@ class Builder:
             memo = (shared, shared.derive(self._inbound_clusters))
             self._sidecar_cluster_set = memo
         return memo[1]
+
+    def _with_extras(self, role: str, base: cache.TypeSet, extra: dict[str, cache.Resource]) -> cache.TypeSet:
+        """``base`` (a TypeSet shared between views) plus plugin resources of its type, derived in
+        O(extras) and reused while neither ``base`` nor the extras' versions change, so a plugin's
+        resource (the tracing plugin's collector cluster) does not undo the O(changes) builds."""
+        key = (role, base.type_url)
+        versions = {name: r.version for name, r in extra.items()}
+        memo = self._extras_memo.get(key)
+        if memo is not None and memo[0] is base and memo[1] == versions:
+            return memo[2]
+        derived = base.derive(extra)
+        self._extras_memo[key] = (base, versions, derived)
+        return derived
 
     def _count_http_ports(self, replaced: list[tuple[_ServiceOut | None, _ServiceOut]], removed: list[_ServiceOut]) -> None:
         """Keep how many services use each pod port as ``http`` (the inbound listener's chains), in
