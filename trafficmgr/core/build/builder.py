@@ -437,7 +437,9 @@ class Builder:
         return vh
 
     def _route_config(self, ctx: BuildContext, name: str, vhosts: list[route_components_pb2.VirtualHost]) -> cache.Resource:
-        ids = tuple(id(v) for v in vhosts)
+        # Memo keys hold the objects themselves: tuple equality tries ``is`` first (C speed for the usual
+        # unchanged case), and an id() of a freed object could be reused by a different one.
+        ids = tuple(vhosts)
         memo = self._route_configs.get((ctx.role, name))
         if memo is not None and memo[0] == ids:
             return memo[1]
@@ -450,9 +452,9 @@ class Builder:
 
     def _chain(self, ctx: BuildContext, svc: Service, port: ServicePort, ips: tuple[str, ...], filters: list[hcm_pb2.HttpFilter]) -> listener_components_pb2.FilterChain:
         key = (svc.namespace, svc.name, port.name or str(port.port))
-        inputs = (svc, port, ips, id(filters))
+        inputs = (svc, port, ips, filters)
         memo = self._chains.get(key)
-        if memo is not None and memo[0][0] is svc and memo[0][1] is port and memo[0][2] == ips and memo[0][3] == inputs[3]:
+        if memo is not None and memo[0][0] is svc and memo[0][1] is port and memo[0][2] == ips and memo[0][3] is filters:
             return memo[1]
         chain = listener_components_pb2.FilterChain(name=svc.cluster_name(port))
         match = chain.filter_chain_match
@@ -481,7 +483,7 @@ class Builder:
             if out.sidecar is None or out.filters is not filters:
                 out.sidecar = self._sidecar_parts(ctx, out, filters)
                 out.filters = filters
-        inputs = tuple(id(out.sidecar) for out in outputs)
+        inputs = tuple(out.sidecar for out in outputs)
         if memo is not None and memo[0] == inputs and memo[1] is filters:
             return memo[2], memo[3]
         chains: list[listener_components_pb2.FilterChain] = []
@@ -518,7 +520,7 @@ class Builder:
         for p in sorted({c.filter_chain_match.destination_port.value for c in chains} - tcp_ports):
             chains.append(self._blocked_chain(p))
         chains.append(self._blocked_chain(None))
-        ids = tuple(id(c) for c in chains) + tuple(sorted(tcp_ports))
+        ids = (*chains, *sorted(tcp_ports))
         memo = self._listeners.get(OUTBOUND_LISTENER)
         if memo is not None and memo[0] == ids:
             self._listener_inputs = (inputs, filters, memo[1], routes)
