@@ -28,8 +28,10 @@ import socket
 import sys
 import threading
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
+
+from trafficmgr.apps.base import ThreadedHTTPApp, app_command
 from trafficmgr.core import argtypes
 from trafficmgr.core.signals import stop_on_signals
 
@@ -180,25 +182,34 @@ class App:
         return "text/html; charset=utf-8", page.encode()
 
 
-def make_server(app: App, host: str, port: int) -> http.server.ThreadingHTTPServer:
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        disable_nagle_algorithm = True  # else every response stalls ~40 ms (delayed ACK)
+class BookinfoServer(ThreadedHTTPApp):
+    """One bookinfo service (:class:`App`) over HTTP/1.1."""
 
-        def do_GET(self) -> None:  # noqa: N802 - http.server API
-            status, ctype, body = app.handle(self.path, {k.lower(): v for k, v in self.headers.items()})
-            self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    thread_name = "bookinfo"
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-            sys.stdout.write(f"{app.role} {self.address_string()} {format % args}\n")
+    def __init__(self, app: App, host: str = "0.0.0.0", port: int = 0) -> None:
+        super().__init__(host, port)
+        self.app = app
 
-    server = http.server.ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    return server
+    def make_handler(self) -> type[http.server.BaseHTTPRequestHandler]:
+        app = self.app
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # else every response stalls ~40 ms (delayed ACK)
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server API
+                status, ctype, body = app.handle(self.path, {k.lower(): v for k, v in self.headers.items()})
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                sys.stdout.write(f"{app.role} {self.address_string()} {format % args}\n")
+
+        return Handler
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -210,43 +221,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
-    """Serve until SIGTERM/SIGINT (or ``stop``); the client role only waits."""
+    """Serve until SIGTERM/SIGINT (or ``stop``); the client role only waits. OSError when the address
+    cannot be bound."""
     stop = stop_on_signals(stop)
     if args.role == "client":
         stop.wait()
         return 0
-    server = make_server(App(args.role, args.app_version), args.host, args.port)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
-    print(f"bookinfo {args.role} {args.app_version} listening on {args.host}:{server.server_address[1]}", flush=True)
+    server = BookinfoServer(App(args.role, args.app_version), args.host, args.port).start()
+    print(f"bookinfo {args.role} {args.app_version} listening on {args.host}:{server.port}", flush=True)
     stop.wait()
-    server.shutdown()
-    server.server_close()
+    server.stop()
     return 0
 
 
-def _cli_run(args: argparse.Namespace) -> int:
-    from trafficmgr.core.cli import CliError
-
-    try:
-        return serve(args)
-    except OSError as exc:
-        raise CliError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trafficmgr.apps.bookinfo", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    return serve(parser.parse_args(argv))
-
-
-def _register() -> None:
-    from trafficmgr.core.cli import register_command
-
-    register_command("bookinfo", "run one service of the bookinfo demo app (productpage, details, ratings, reviews, client)",
-                     add_arguments, _cli_run, replace=True)
-
+main = app_command("bookinfo", "run one service of the bookinfo demo app (productpage, details, ratings, reviews, client)",
+                   add_arguments, serve)
 
 if __name__ == "__main__":
     sys.exit(main())
-else:
-    _register()
