@@ -18,7 +18,7 @@ from trafficmgr.core.xds.server import PortInUse, XdsServerThread, parse_peer
 from trafficmgr.testing import ControlPlane, wait_for
 
 from xds_client import AdsClient
-from xds_resources import web_snapshot
+from xds_resources import eds_cluster, web_snapshot
 
 A = ("127.0.0.1", 1001, 100)
 B = ("127.0.0.2", 1002, 10)
@@ -396,3 +396,55 @@ def test_thousand_streams_get_a_push_quickly(xds_server: ControlPlane, mode: str
     finally:
         proc.kill()
         proc.wait()
+
+
+def _replace_cluster_a(cp: ControlPlane, timeout_ms: int) -> None:
+    """Publish the current snapshot with cluster "a" changed (its connect timeout) and nothing else."""
+    from envoy.config.cluster.v3 import cluster_pb2
+
+    from trafficmgr.core.build.resources import duration_ms
+
+    snap = cp.cache.get("sidecar")
+    msg = cluster_pb2.Cluster.FromString(eds_cluster("a").body)
+    msg.connect_timeout.CopyFrom(duration_ms(timeout_ms))
+    types = {t: list(ts.resources.values()) for t, ts in snap.types.items()}
+    types[cache.CLUSTER] = [r for r in types[cache.CLUSTER] if r.name != "a"]
+    types[cache.CLUSTER].append(cache.Resource.from_message(msg, "a", refs=[(cache.ENDPOINT, "a")]))
+    cp.cache.set_view("sidecar", cache.Snapshot.build(types, snap))
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+def test_replaced_cluster_gets_its_endpoints_again_in_one_shared_message(
+        cp: ControlPlane, clients: list[AdsClient], delta: bool) -> None:
+    """Envoy warms a replaced cluster until its endpoints arrive again, so they follow even though they
+    did not change: only the replaced cluster's (delta), in one message every stream in the same state
+    shares (same nonce, same bytes), also when the same endpoints version is forced again."""
+    streams = [connect(cp, clients, node_id=n, delta=delta) for n in ("node-1", "node-2")]
+    names: dict[str, list[str]] = {} if delta else {"resource_names": ["a", "b"]}  # a SotW ACK repeats them
+    for c in streams:
+        c.send(type_url=cache.CLUSTER)
+        c.ack(c.recv())
+        if delta:
+            c.send(type_url=cache.ENDPOINT, resource_names_subscribe=["a", "b"])
+        else:
+            c.send(type_url=cache.ENDPOINT, resource_names=["a", "b"])
+        c.ack(c.recv(), **names)
+    endpoints_version = cp.cache.get("sidecar").types[cache.ENDPOINT].version
+    for timeout_ms in (2000, 3000, 2000):
+        _replace_cluster_a(cp, timeout_ms)
+        got = []
+        for c in streams:
+            clusters = c.recv()
+            assert clusters.type_url == cache.CLUSTER
+            c.ack(clusters)
+            eps = c.recv()
+            assert eps.type_url == cache.ENDPOINT
+            if delta:
+                assert [x.name for x in eps.resources] == ["a"] and not eps.removed_resources
+            else:
+                assert eps.version_info == endpoints_version and len(eps.resources) == 2
+            c.ack(eps, **names)
+            got.append((eps.nonce, c.raw[eps.nonce]))
+        assert got[0] == got[1], "both streams were forced by the same change: one shared response"
+        assert all(c.silent(0.2) for c in streams)
+    assert cp.cache.get("sidecar").types[cache.ENDPOINT].version == endpoints_version

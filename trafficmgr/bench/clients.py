@@ -44,6 +44,10 @@ class SimClient:
         self.counts: dict[str, int] = {}
         self.eds_names: set[str] = set()
         self.rds_names: set[str] = set()
+        # The sorted subscriptions every state-of-the-world ACK repeats, kept instead of re-sorted per ACK:
+        # the measuring process must not be what the figures measure (Envoy does this in C++).
+        self.eds_sorted: list[str] = []
+        self.rds_sorted: list[str] = []
         self.first = True
 
     def _req(self, type_url: str, **kw: Any) -> Any:
@@ -78,10 +82,11 @@ class SimClient:
             if new != self.eds_names:
                 added = new - self.eds_names
                 self.eds_names = new
+                self.eds_sorted = sorted(new)
                 if self.delta:
                     await call.write(self._req(cache.ENDPOINT, resource_names_subscribe=sorted(added)))
                 else:
-                    await call.write(self._req(cache.ENDPOINT, resource_names=sorted(new)))
+                    await call.write(self._req(cache.ENDPOINT, resource_names=self.eds_sorted))
         if t == cache.LISTENER and names:
             routes = set()
             for any_msg in resp.resources:
@@ -89,15 +94,16 @@ class SimClient:
             if routes - self.rds_names:
                 added = routes - self.rds_names
                 self.rds_names |= routes
+                self.rds_sorted = sorted(self.rds_names)
                 if self.delta:
                     await call.write(self._req(cache.ROUTE, resource_names_subscribe=sorted(added)))
                 else:
-                    await call.write(self._req(cache.ROUTE, resource_names=sorted(self.rds_names)))
+                    await call.write(self._req(cache.ROUTE, resource_names=self.rds_sorted))
         # ACK
         if self.delta:
             await call.write(self._req(t, response_nonce=resp.nonce))
         else:
-            subscribed = sorted(self.eds_names) if t == cache.ENDPOINT else sorted(self.rds_names) if t == cache.ROUTE else []
+            subscribed = self.eds_sorted if t == cache.ENDPOINT else self.rds_sorted if t == cache.ROUTE else []
             await call.write(self._req(t, response_nonce=resp.nonce, version_info=resp.version_info, resource_names=subscribed))
         short = SHORT.get(t, t)
         now = time.time()

@@ -164,6 +164,10 @@ class TypeSet:
         if data is None:
             data = self.sotw_body(names) + wire.field_str(5, nonce)
             with self._lock:
+                # Few complete responses are live at once (one per push); each may be ~1 MB.
+                responses = [k for k in self._bodies if isinstance(k, tuple)]
+                for old in responses[:-7]:
+                    del self._bodies[old]
                 self._bodies[key] = data  # type: ignore[index]
         return data
 

@@ -89,7 +89,7 @@ class _TypeState:
     __slots__ = (
         "type_url", "short", "names", "wildcard", "sent_version", "sent_nonce", "sent_at", "sent_typeset",
         "acked_version", "last_nack", "nacked_version", "known", "inflight", "rejected", "synced_version",
-        "synced_ts",
+        "synced_ts", "force", "force_tag",
     )
 
     def __init__(self, type_url: str) -> None:
@@ -110,6 +110,8 @@ class _TypeState:
         self.rejected: dict[str, str] = {}  # name -> NACKed version, never resent
         self.synced_version: str | None = None  # TypeSet version ``known`` was last diffed against
         self.synced_ts: TypeSet | None = None  # that TypeSet itself (for the shared fast diff)
+        self.force: set[str] = set()  # names to resend even if the client has them (a replaced cluster's)
+        self.force_tag = ""  # the version of the type set whose update forced them
 
     def status(self) -> dict[str, Any]:
         return {"sent": self.sent_version, "acked": self.acked_version, "last_nack": self.last_nack}
@@ -428,13 +430,15 @@ class XdsServer:
             return
         await self._resolve(stream)
         if stream.mode == SOTW:
-            forced: set[str] = set()
+            forced: dict[str, str] = {}  # dependent type -> version of the type set that forces it
             for type_url in _ordered(stream.types):
-                sent = await self._sotw_send(stream, stream.types[type_url], force=type_url in forced)
+                st = stream.types[type_url]
+                tag = forced.get(type_url)
+                sent = await self._sotw_send(stream, st, force=tag is not None, tag=tag or "")
                 if sent and type_url in _DEPENDENT:
                     # A replaced cluster (listener) warms until it gets its endpoints (routes) again,
                     # and Envoy does not always ask: resend them right after, even if unchanged.
-                    forced.add(_DEPENDENT[type_url])
+                    forced[_DEPENDENT[type_url]] = st.sent_version or ""
         else:
             await self._delta_push(stream, [stream.types[t] for t in _ordered(stream.types)])
 
@@ -499,10 +503,13 @@ class XdsServer:
             st.acked_version = req.version_info
             if req.version_info == st.sent_version:
                 self._acked(st, st.sent_at)
-        await self._sotw_send(stream, st, force=names_changed)
+        await self._sotw_send(stream, st, force=names_changed, tag=_names_tag(names) if names_changed else "")
 
-    async def _sotw_send(self, stream: _Stream, st: _TypeState, force: bool) -> bool:
-        """Send the current version of ``st``'s type if it is new (or ``force``); True if sent."""
+    async def _sotw_send(self, stream: _Stream, st: _TypeState, force: bool, tag: str = "") -> bool:
+        """Send the current version of ``st``'s type if it is new (or ``force``); True if sent.
+
+        ``tag`` names why a forced resend happens (the forcing version, the new subscription), so that
+        every stream forced for the same reason shares one nonce and one response too."""
         snap = self._snapshot(stream)
         if snap is None:
             return False
@@ -515,7 +522,7 @@ class XdsServer:
         # first time shares one nonce, so the whole response (often hundreds of KB) is one cached bytes
         # object for all of them instead of a copy per stream. A resend of the same version on the same
         # stream gets a fresh nonce (and a per-stream copy).
-        nonce = f"{self._nonce_prefix}.{ts.version}"
+        nonce = f"{self._nonce_prefix}.{ts.version}" + (f".{tag[:12]}" if tag else "")
         if nonce == st.sent_nonce:
             nonce = self._nonce()
             data = ts.sotw_body(st.names) + wire.field_str(5, nonce)
@@ -597,32 +604,42 @@ class XdsServer:
             ts = snap.types.get(st.type_url)
             if ts is None:
                 continue
-            if ts.version == st.synced_version:
+            force, st.force = st.force, set()
+            tag = st.force_tag if force else ""
+            if ts.version == st.synced_version and not force:
                 continue  # nothing changed since the last diff (subscription changes reset it)
             prev = st.synced_ts
             shared: Any = None
             scope = "*" if st.wildcard else st.names
             if prev is not None and st.synced_version == prev.version and not st.rejected:
-                updates, removed = _delta_diff_from(st, _transition(prev, ts))
-                # Every stream in sync with ``prev`` and with the same subscription gets the same message.
-                shared = (st.type_url, prev.version, ts.version, scope)
+                updates, removed = _delta_diff_from(st, _transition(prev, ts)) if prev is not ts else ([], [])
+                if force:
+                    updates = _with_forced(st, ts, updates, force)
+                # Every stream in sync with ``prev`` and with the same subscription (and the same forced
+                # names, which follow from the same cluster transition) gets the same message.
+                shared = (st.type_url, prev.version, ts.version, scope, frozenset(force), tag)
             else:
                 if not st.rejected and st.known.empty():
                     # A first answer: the same for every new stream with this subscription.
                     shared = (st.type_url, "", ts.version, scope)
                 updates, removed = _delta_diff(st, ts)
+                if force:
+                    updates = _with_forced(st, ts, updates, force)
+                    shared = None
             st.synced_version = ts.version
             st.synced_ts = ts
             plans.append((st, ts, updates, removed, shared))
             dependent = stream.types.get(_DEPENDENT.get(st.type_url, ""))
             if updates and dependent is not None:
-                # A replaced cluster (listener) warms until it gets its endpoints (routes) again:
-                # resend the ones it references even if the client has them.
+                # A replaced cluster (listener) warms until it gets its endpoints (routes) again: resend
+                # the ones it references even if the client has them. Only those names: the dependent's
+                # diff stays O(changes) and shared between streams.
                 for r in updates:
                     for ref_type, ref_name in r.refs:
-                        if ref_type == dependent.type_url and dependent.known.pop(ref_name, None) is not None:
-                            dependent.synced_version = None
-                if dependent.synced_version is None and dependent not in pending:
+                        if ref_type == dependent.type_url and ref_name in dependent.known:
+                            dependent.force.add(ref_name)
+                            dependent.force_tag = ts.version
+                if dependent.force and dependent not in pending:
                     pending.append(dependent)
             if (
                 st.last_nack is not None
@@ -650,7 +667,8 @@ class XdsServer:
     ) -> None:
         """Send one delta response. With ``shared`` (a key that identifies the same message for every
         stream in the same state), the nonce and the encoded bytes are shared too (see ``_sotw_send``)."""
-        nonce = f"{self._nonce_prefix}.{ts.version}.{shared[-1]}" if shared else ""
+        # Equal keys, equal messages: the nonce is derived from the key (it need only be unique per stream).
+        nonce = f"{self._nonce_prefix}.{ts.version}.{hash(shared) & 0xFFFFFFFF:x}" if shared else ""
         # A version can come back (content-addressed: a change undone); its shared nonce must not
         # collide with a response of that version still awaiting its ACK.
         if not nonce or nonce == st.sent_nonce or nonce in st.inflight:
@@ -706,6 +724,11 @@ def _sotw_names(type_url: str, names: Iterable[str]) -> frozenset[str] | None:
 
 
 _NAME_SETS: collections.OrderedDict[frozenset[str], frozenset[str]] = collections.OrderedDict()
+
+
+def _names_tag(names: frozenset[str] | None) -> str:
+    """A short token for a subscription (in nonces; a collision only costs a per-stream copy)."""
+    return "all" if names is None else f"n{hash(names) & 0xFFFFFFFF:x}"
 
 
 def _intern_names(names: frozenset[str]) -> frozenset[str]:
@@ -779,6 +802,15 @@ def _delta_diff_from(st: _TypeState, changes: list[tuple[str, Resource | None]])
         elif st.known.get(name) != res.version:
             updates.append(res)
     return updates, sorted(removed)
+
+
+def _with_forced(st: _TypeState, ts: TypeSet, updates: list[Resource], force: set[str]) -> list[Resource]:
+    """``updates`` plus the resources named in ``force`` that are in scope and not already updated."""
+    have = {r.name for r in updates}
+    extra = [ts.resources[n] for n in sorted(force)
+             if n not in have and n in ts.resources and (st.wildcard or n in (st.names or ()))
+             and st.rejected.get(n) != ts.resources[n].version]
+    return updates + extra if extra else updates
 
 
 def _delta_diff(st: _TypeState, ts: TypeSet) -> tuple[list[Resource], list[str]]:
