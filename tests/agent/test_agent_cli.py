@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -115,10 +114,10 @@ def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str], argv: list[
     assert len(err.strip().splitlines()) == 1 and err.startswith("trafficmgr: error: ") and message in err, err
 
 
-def test_local_runtime_through_proxies(envoy_binary: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_local_runtime_through_proxies(envoy_binary: str, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """The ``local`` runtime (no namespace, no rules): Envoy in the host network with its admin on the
     pod IP; ``proxies`` lists it, prints its log and removes it."""
-    state_dir = tempfile.mkdtemp(prefix="tm-local-")
+    state_dir = str(tmp_path / "state")
     runtime = ProcessRuntime(state_dir, use_netns=False)
     assert not runtime.captures_traffic and runtime.name == "local"
     pod = PodRef("web-1", "default", "uid-1", "127.0.77.2")

@@ -191,9 +191,10 @@ def test_outlier_detection_ejects_failing_endpoint(cluster: LocalCluster) -> Non
                 break
     assert failures == 3, "the failing pod never got three requests"
     ejected_at = time.monotonic()
-    c.wait_config(lambda: _health_flags(c, bad_ip) == "/failed_outlier_check", timeout=2,
+    c.wait_config(lambda: _health_flags(c, bad_ip) == "/failed_outlier_check", timeout=3,
                   message=f"not ejected: {_health_flags(c, bad_ip)}")
-    assert time.monotonic() - ejected_at < 1.0
+    # Ejected on the third 5xx, not at the next 10 s detection interval (bound loose for a loaded machine).
+    assert time.monotonic() - ejected_at < 3.0
     hits = bad.hits
     assert [request_reviews(c)[0] for _ in range(30)] == [200] * 30
     assert bad.hits == hits, "an ejected endpoint must get no traffic"

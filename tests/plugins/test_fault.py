@@ -84,7 +84,7 @@ def test_readme_walkthrough_delay_abort_restore(sotw: LocalCluster) -> None:
     c.wait_config(lambda: _fault_config(c) is None, message="fault config not removed")
     status, _, seconds = request_reviews(c)
     assert status == 200
-    assert seconds < 1.0
+    assert seconds < 2.0, seconds  # the 3 s delay is gone (bound loose for a loaded machine)
     assert_no_nacks(c)
 
 
@@ -132,7 +132,7 @@ def test_status_or_time_alone_does_nothing_percentage_alone_aborts_503(cluster: 
     c.wait_config(lambda: route_has(c, '"timeout":"9s"'), message="route timeout not applied")
     assert _fault_config(c) is None
     status, _, seconds = request_reviews(c)
-    assert status == 200 and seconds < 1.0
+    assert status == 200 and seconds < 1.5, seconds  # no 2 s delay (bound loose for a loaded machine)
     # A percentage alone aborts with 503.
     c.label("service", "reviews", {"traffic.fault.abort.status": None, "traffic.fault.delay.time": None,
                                    "traffic.fault.abort.percentage": "100"})
@@ -253,5 +253,5 @@ def test_abort_delay_and_restore_through_the_kit(trafficmgr_envoy: Callable[...,
     assert r.status == 200 and r.elapsed >= 0.28, r.elapsed
     mesh.label("service", "ratings", {"traffic.fault.delay.time": None, "traffic.fault.delay.percentage": None})
     r = mesh.get("ratings")
-    assert r.status == 200 and r.elapsed < 0.2, r.elapsed
+    assert r.status == 200 and r.elapsed < 0.28, r.elapsed  # below the delayed request's lower bound
     assert mesh.build is not None and mesh.build.warnings == []

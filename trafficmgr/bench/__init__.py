@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -157,6 +158,7 @@ def run_bench(services: int = 1000, pods: int = 10, clients: tuple[int, ...] = (
     envoy = None
     cp = None
     xds = None
+    done = False
     try:
         result["load_s"] = round(load(api, services, pods), 2)
         rss0 = rss_mb()
@@ -281,6 +283,7 @@ def run_bench(services: int = 1000, pods: int = 10, clients: tuple[int, ...] = (
         if envoy is not None:
             result["real_envoy_synced"] = _envoy_synced(envoy, cp)
         result["nacks"] = len(xds.nacks())
+        done = True
         return result
     finally:
         if envoy is not None:
@@ -290,6 +293,10 @@ def run_bench(services: int = 1000, pods: int = 10, clients: tuple[int, ...] = (
         if xds is not None:
             xds.stop(0.5)
         api.stop()
+        if done:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"bench: logs kept in {workdir}", file=sys.stderr)
 
 
 class _GcPauses:
