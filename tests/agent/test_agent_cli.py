@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,10 +117,18 @@ def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str], argv: list[
     assert len(err.strip().splitlines()) == 1 and err.startswith("trafficmgr: error: ") and message in err, err
 
 
-def test_local_runtime_through_proxies(envoy_binary: str, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+@pytest.fixture
+def world_readable_dir() -> Iterator[str]:
+    """A directory Envoy can read after dropping to the proxy uid (pytest's tmp_path is 0700 root)."""
+    path = tempfile.mkdtemp(prefix="tm-local-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_local_runtime_through_proxies(envoy_binary: str, capsys: pytest.CaptureFixture[str], world_readable_dir: str) -> None:
     """The ``local`` runtime (no namespace, no rules): Envoy in the host network with its admin on the
     pod IP; ``proxies`` lists it, prints its log and removes it."""
-    state_dir = str(tmp_path / "state")
+    state_dir = world_readable_dir
     runtime = ProcessRuntime(state_dir, use_netns=False)
     assert not runtime.captures_traffic and runtime.name == "local"
     pod = PodRef("web-1", "default", "uid-1", "127.0.77.2")
