@@ -106,7 +106,7 @@ class TypeSet:
         self._bodies: dict[frozenset[str] | None, bytes] = {}
         self._lock = threading.Lock()
         self._names: frozenset[str] | None = None
-        self._refs: frozenset[tuple[str, str]] | None = None
+        self._refs: dict[str, frozenset[str]] | None = None
 
     def names(self) -> frozenset[str]:
         """The resource names (computed once)."""
@@ -114,10 +114,17 @@ class TypeSet:
             self._names = frozenset(self.resources)
         return self._names
 
-    def refs(self) -> frozenset[tuple[str, str]]:
-        """Every ``(type_url, name)`` the resources reference (computed once)."""
+    def refs(self) -> dict[str, frozenset[str]]:
+        """The names the resources reference, by referenced type (computed once)."""
         if self._refs is None:
-            self._refs = frozenset(ref for r in self.resources.values() for ref in r.refs)
+            by_type: dict[str, set[str]] = {}
+            for r in self.resources.values():
+                for rtype, rname in r.refs:
+                    names = by_type.get(rtype)
+                    if names is None:
+                        by_type[rtype] = names = set()
+                    names.add(rname)
+            self._refs = {t: frozenset(names) for t, names in by_type.items()}
         return self._refs
 
     def derive(self, changes: Mapping[str, Resource | None]) -> TypeSet:
@@ -127,7 +134,8 @@ class TypeSet:
             return self
         resources = dict(self.resources)
         acc = self._acc
-        added = False
+        added = removed = False
+        same_refs = True
         for name, res in changes.items():
             old = resources.get(name)
             if old is res:
@@ -135,14 +143,20 @@ class TypeSet:
             if old is not None:
                 acc ^= _entry_hash(old)
             if res is None:
-                resources.pop(name, None)
+                removed = removed or resources.pop(name, None) is not None
             else:
                 added = added or old is None
+                same_refs = same_refs and old is not None and old.refs == res.refs
                 resources[name] = res
                 acc ^= _entry_hash(res)
         if added:
             resources = dict(sorted(resources.items()))
-        return TypeSet(self.type_url, (), _sorted=resources, _acc=acc)
+        derived = TypeSet(self.type_url, (), _sorted=resources, _acc=acc)
+        if not added and not removed:  # the same names; and the same references when no ref changed
+            derived._names = self._names
+            if same_refs:
+                derived._refs = self._refs
+        return derived
 
     def same_as(self, resources: Mapping[str, Resource]) -> bool:
         """True when ``resources`` holds exactly the same Resource objects."""
@@ -222,13 +236,12 @@ class Snapshot:
         """Consistency problems: dangling references and unreferenced named resources.
 
         Set operations over per-TypeSet caches, so an unchanged type costs nothing to check again."""
-        referenced: set[tuple[str, str]] = set()
+        by_type: dict[str, frozenset[str]] = {}
         for ts in self.types.values():
-            referenced |= ts.refs()
+            for rtype, names in ts.refs().items():
+                have = by_type.get(rtype)
+                by_type[rtype] = names if have is None else have | names
         problems: list[str] = []
-        by_type: dict[str, set[str]] = {}
-        for rtype, rname in referenced:
-            by_type.setdefault(rtype, set()).add(rname)
         for rtype, names in by_type.items():
             ts = self.types.get(rtype)
             for rname in sorted(names - (ts.names() if ts is not None else frozenset())):

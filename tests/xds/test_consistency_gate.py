@@ -1,0 +1,49 @@
+"""The snapshot cache's consistency gate: a snapshot with a dangling reference or an unreferenced named
+resource is refused and the previous one keeps being served; derived type sets keep it exact."""
+
+from __future__ import annotations
+
+import pytest
+
+from trafficmgr.core import cache
+
+from xds_resources import eds_cluster, load_assignment, web_snapshot
+
+A = ("127.0.0.1", 1001, 100)
+
+
+def test_dangling_and_unreferenced_resources_are_refused_and_the_previous_snapshot_stays() -> None:
+    good = web_snapshot(10000, {"a": [A], "b": [A]})
+    assert good.errors() == []
+    sc = cache.SnapshotCache()
+    sc.set_view("sidecar", good, notify=False)
+
+    types = {t: dict(ts.resources) for t, ts in good.types.items()}
+    del types[cache.ENDPOINT]["b"]  # cluster b's endpoints are gone
+    types[cache.ENDPOINT]["x"] = load_assignment("x", [A])  # nobody references x
+    bad = cache.Snapshot.build({t: list(r.values()) for t, r in types.items()})
+    assert bad.errors() == ["clusters 'b' references missing endpoints 'b'",
+                            "endpoints 'x' is not referenced by any resource"]
+    with pytest.raises(cache.InconsistentSnapshot, match="references missing endpoints 'b'"):
+        sc.set_view("sidecar", bad, notify=False)
+    assert sc.get("sidecar") is good and sc.rejected["sidecar"] == bad.errors()
+
+
+def test_derived_type_sets_keep_references_exact() -> None:
+    snap = web_snapshot(10000, {"a": [A], "b": [A]})
+    assert snap.errors() == []  # as in the pipeline: the base passed the gate (its caches are filled)
+    clusters, endpoints = snap.types[cache.CLUSTER], snap.types[cache.ENDPOINT]
+
+    def with_types(**changed: cache.TypeSet) -> cache.Snapshot:
+        return cache.Snapshot({**snap.types, **{getattr(cache, k): v for k, v in changed.items()}})
+
+    # Same names, new references: cluster "a" now names endpoints "a2", which do not exist.
+    moved = cache.Resource(cache.CLUSTER, "a", eds_cluster("a").body + b" ", "v2", refs=((cache.ENDPOINT, "a2"),))
+    assert with_types(CLUSTER=clusters.derive({"a": moved})).errors() == [
+        "clusters 'a' references missing endpoints 'a2'", "endpoints 'a' is not referenced by any resource"]
+    # Same names and references (an endpoint change): still consistent.
+    assert with_types(ENDPOINT=endpoints.derive({"a": load_assignment("a", [A, A])})).errors() == []
+    # A removed, still referenced resource; then its referrer removed too, which the route still names.
+    assert with_types(ENDPOINT=endpoints.derive({"b": None})).errors() == ["clusters 'b' references missing endpoints 'b'"]
+    assert with_types(ENDPOINT=endpoints.derive({"b": None}), CLUSTER=clusters.derive({"b": None})).errors() == [
+        "routes 'web' references missing clusters 'b'"]
