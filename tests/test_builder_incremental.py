@@ -21,7 +21,8 @@ NAMES = ["a", "b", "c", "d"]
 
 edit = st.one_of(
     st.tuples(st.just("service"), st.sampled_from(NAMES), st.sampled_from(["http", "tcp", None]),
-              st.booleans(), st.sampled_from([{}, {"traffic.lb.policy": "RANDOM"}, {"traffic.tracing.enabled": True}])),
+              st.booleans(), st.sampled_from([{}, {"traffic.lb.policy": "RANDOM"}, {"traffic.tracing.enabled": True}]),
+              st.integers(1, 2)),
     st.tuples(st.just("remove"), st.sampled_from(NAMES)),
     st.tuples(st.just("endpoints"), st.sampled_from(NAMES), st.lists(st.integers(1, 6), max_size=3, unique=True),
               st.integers(0, 128)),
@@ -32,14 +33,16 @@ edit = st.one_of(
 def apply(model: Model, e: tuple[Any, ...]) -> Model:
     services, endpoints, port_pods = dict(model.services), dict(model.endpoints), dict(model.port_pods)
     if e[0] == "service":
-        _, name, proto, headless, labels = e
+        _, name, proto, headless, labels, nports = e
         i = NAMES.index(name)
-        services[("default", name)] = Service("default", name, (ServicePort("http", 80 + i, 8080, proto),),
+        ports = (ServicePort("http", 80 + i, 8080, proto), ServicePort("admin", 90 + i, 9090, proto))[:nports]
+        services[("default", name)] = Service("default", name, ports,
                                               cluster_ip=None if headless else f"10.96.0.{i + 1}", headless=headless,
                                               labels=Labels(labels))
     elif e[0] == "remove":
         services.pop(("default", e[1]), None)
         endpoints.pop(("default", e[1], "http"), None)
+        endpoints.pop(("default", e[1], "admin"), None)
     elif e[0] == "endpoints":
         _, name, hosts, weight = e
         endpoints[("default", name, "http")] = tuple(
@@ -56,17 +59,19 @@ def apply(model: Model, e: tuple[Any, ...]) -> Model:
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(edit, min_size=1, max_size=12), st.booleans())
-def test_incremental_builds_equal_fresh_builds(edits: list[tuple[Any, ...]], collector: bool) -> None:
-    """``collector``: with a Zipkin address the tracing plugin adds a cluster to the shared cluster set."""
+@given(st.lists(st.lists(edit, min_size=1, max_size=3), min_size=1, max_size=10), st.booleans())
+def test_incremental_builds_equal_fresh_builds(batches: list[list[tuple[Any, ...]]], collector: bool) -> None:
+    """Each batch of edits is one build (as one sync cycle applies several watch events); services have
+    one or two ports. ``collector``: with a Zipkin address the tracing plugin adds a shared cluster."""
     options = default_options()
     if collector:
         options.zipkin_address = "10.96.0.99:9411"
     builder = Builder(PLUGINS, options)
     model = Model()
     builder.build(model)
-    for e in edits:
-        model = apply(model, e)
+    for e in batches:
+        for one in e:
+            model = apply(model, one)
         incremental = builder.build(model)
         fresh = Builder(PLUGINS, options).build(model)
         assert render(incremental) == render(fresh), f"after {e}"

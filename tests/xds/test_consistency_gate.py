@@ -3,7 +3,10 @@ resource is refused and the previous one keeps being served; derived type sets k
 
 from __future__ import annotations
 
+import attrs
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from trafficmgr.core import cache
 
@@ -47,3 +50,32 @@ def test_derived_type_sets_keep_references_exact() -> None:
     assert with_types(ENDPOINT=endpoints.derive({"b": None})).errors() == ["clusters 'b' references missing endpoints 'b'"]
     assert with_types(ENDPOINT=endpoints.derive({"b": None}), CLUSTER=clusters.derive({"b": None})).errors() == [
         "routes 'web' references missing clusters 'b'"]
+
+
+_names = st.sampled_from(["a", "b", "c", "d", "e"])
+_resource = st.builds(lambda name, n, ref: cache.Resource(cache.CLUSTER, name, f"{name}{n}".encode(), f"v{n}",
+                                                          refs=((cache.ENDPOINT, ref),) if ref else ()),
+                      _names, st.integers(0, 3), st.sampled_from(["", "x", "y"]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_resource, max_size=5), st.dictionaries(_names, st.one_of(st.none(), _resource), max_size=5),
+       st.booleans())
+def test_derive_equals_a_fresh_type_set(base: list[cache.Resource], raw_changes: dict[str, cache.Resource | None],
+                                        warm: bool) -> None:
+    """Whatever is added, replaced (with other references) or removed, several at once: the derived set
+    equals one built from scratch, caches included (``warm``: the parent's caches were filled first)."""
+    start = cache.TypeSet(cache.CLUSTER, {r.name: r for r in base}.values())
+    if warm:
+        start.names(), start.refs()
+    changes = {n: (None if r is None else attrs.evolve(r, name=n)) for n, r in raw_changes.items()}
+    expected = dict(start.resources)
+    for name, res in changes.items():
+        if res is None:
+            expected.pop(name, None)
+        else:
+            expected[name] = res
+    fresh = cache.TypeSet(cache.CLUSTER, expected.values())
+    derived = start.derive(changes)
+    assert list(derived.resources.items()) == list(fresh.resources.items())
+    assert (derived.version, derived.names(), derived.refs()) == (fresh.version, fresh.names(), fresh.refs())

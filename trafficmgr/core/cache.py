@@ -143,7 +143,8 @@ class TypeSet:
             if old is not None:
                 acc ^= _entry_hash(old)
             if res is None:
-                removed = removed or resources.pop(name, None) is not None
+                if resources.pop(name, None) is not None:
+                    removed = True
             else:
                 added = added or old is None
                 same_refs = same_refs and old is not None and old.refs == res.refs

@@ -72,29 +72,27 @@ def _ipt(run: Runner, *args: str, check: bool = True, table: tuple[str, str] = N
     return proc
 
 
-def rules(to_port: int = 10000, proxy_uid: int = 1337, exclude_ports: Sequence[int] = (8900,)) -> list[list[str]]:
-    """The rules of :data:`CHAIN`, in order (each an ``iptables -A`` argument list)."""
+def _let_through(proxy_uid: int, exclude_ports: Sequence[int], loopback: str) -> list[list[str]]:
+    """What :data:`CHAIN` never touches: the proxy's own uid/gid, loopback and ``exclude_ports``."""
     out = [
         [CHAIN, "-m", "owner", "--uid-owner", str(proxy_uid), "-j", "RETURN"],
         [CHAIN, "-m", "owner", "--gid-owner", str(proxy_uid), "-j", "RETURN"],
-        [CHAIN, "-d", "127.0.0.0/8", "-j", "RETURN"],
+        [CHAIN, "-d", loopback, "-j", "RETURN"],
     ]
-    out += [[CHAIN, "-p", "tcp", "--dport", str(p), "-j", "RETURN"] for p in exclude_ports]
-    out.append([CHAIN, "-p", "tcp", "-j", "REDIRECT", "--to-ports", str(to_port)])
-    return out
+    return out + [[CHAIN, "-p", "tcp", "--dport", str(p), "-j", "RETURN"] for p in exclude_ports]
+
+
+def rules(to_port: int = 10000, proxy_uid: int = 1337, exclude_ports: Sequence[int] = (8900,)) -> list[list[str]]:
+    """The rules of :data:`CHAIN`, in order (each an ``iptables -A`` argument list)."""
+    return [*_let_through(proxy_uid, exclude_ports, "127.0.0.0/8"),
+            [CHAIN, "-p", "tcp", "-j", "REDIRECT", "--to-ports", str(to_port)]]
 
 
 def rules6(proxy_uid: int = 1337, exclude_ports: Sequence[int] = (8900,)) -> list[list[str]]:
     """The rules of :data:`CHAIN` in the ip6tables filter table, in order."""
-    out = [
-        [CHAIN, "-m", "owner", "--uid-owner", str(proxy_uid), "-j", "RETURN"],
-        [CHAIN, "-m", "owner", "--gid-owner", str(proxy_uid), "-j", "RETURN"],
-        [CHAIN, "-d", "::1/128", "-j", "RETURN"],
-    ]
-    out += [[CHAIN, "-p", "tcp", "--dport", str(p), "-j", "RETURN"] for p in exclude_ports]
     # Only connection attempts: the reset itself passes OUTPUT too, and must not be rejected in turn.
-    out.append([CHAIN, "-p", "tcp", "--syn", "-j", "REJECT", "--reject-with", "tcp-reset"])
-    return out
+    return [*_let_through(proxy_uid, exclude_ports, "::1/128"),
+            [CHAIN, "-p", "tcp", "--syn", "-j", "REJECT", "--reject-with", "tcp-reset"]]
 
 
 _warned_no_ip6tables = False
