@@ -531,6 +531,8 @@ def test_serve_refuses_one_port_for_both_sidecar_listeners(capsys: pytest.Captur
     (["serve", "--zipkin-flush-spans", "1.5"], "argument --zipkin-flush-spans: '1.5' is not a whole number"),
     (["demo", "--http-port", "70000"], "argument --http-port: 70000 is not a port number (0..65535)"),
     (["serve", "--gateway-port", "99999"], "argument --gateway-port: 99999 is not a port number (0..65535)"),
+    (["serve", "--sidecar-port", "0"], "argument --sidecar-port: 0 is not a usable port here (1..65535)"),
+    (["agent", "--xds-address", "127.0.0.1:18000", "--proxy-port", "0"], "argument --proxy-port: 0 is not a usable port here (1..65535)"),
 ])
 def test_out_of_range_option_is_a_usage_error(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
     """``type=int`` let ``--port 99999`` through to an OverflowError in bind(); every numeric option of

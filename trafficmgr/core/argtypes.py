@@ -21,6 +21,14 @@ def port(text: str) -> int:
     return value
 
 
+def listen_port(text: str) -> int:
+    """A port something listens on or connects to, 1..65535."""
+    value = port(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("0 is not a usable port here (1..65535)")
+    return value
+
+
 def int_at_least(minimum: int) -> Callable[[str], int]:
     """A converter for whole numbers >= ``minimum``."""
 

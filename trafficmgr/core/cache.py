@@ -88,7 +88,7 @@ def _entry_hash(r: Resource) -> int:
 class TypeSet:
     """All resources of one type in one view; immutable once built; caches response bodies."""
 
-    __slots__ = ("type_url", "resources", "version", "_bodies", "_lock", "_names", "_refs", "_acc")
+    __slots__ = ("type_url", "resources", "version", "_bodies", "_responses", "_lock", "_names", "_refs", "_acc")
 
     def __init__(self, type_url: str, resources: Iterable[Resource], _sorted: dict[str, Resource] | None = None,
                  _acc: int | None = None) -> None:
@@ -104,6 +104,7 @@ class TypeSet:
         self._acc = _acc
         self.version = f"{_acc:016x}" if self.resources else "empty"
         self._bodies: dict[frozenset[str] | None, bytes] = {}
+        self._responses: dict[tuple[str, str, frozenset[str] | None], bytes] = {}  # LRU, see sotw_response
         self._lock = threading.Lock()
         self._names: frozenset[str] | None = None
         self._refs: dict[str, frozenset[str]] | None = None
@@ -175,15 +176,17 @@ class TypeSet:
     def sotw_response(self, names: frozenset[str] | None, nonce: str) -> bytes:
         """:meth:`sotw_body` with ``nonce`` appended, cached: streams sharing a nonce share the bytes."""
         key = ("nonce", nonce, names)
-        data = self._bodies.get(key)  # type: ignore[call-overload]
-        if data is None:
-            data = self.sotw_body(names) + wire.field_str(5, nonce)
-            with self._lock:
-                # Few complete responses are live at once (one per push); each may be ~1 MB.
-                responses = [k for k in self._bodies if isinstance(k, tuple)]
-                for old in responses[:-7]:
-                    del self._bodies[old]
-                self._bodies[key] = data  # type: ignore[index]
+        with self._lock:
+            data = self._responses.pop(key, None)
+            if data is not None:
+                self._responses[key] = data  # most recently used last
+                return data
+        data = self.sotw_body(names) + wire.field_str(5, nonce)
+        with self._lock:
+            self._responses[key] = data
+            # Few complete responses are live at once (a push, its subscriptions); each may be ~1 MB.
+            while len(self._responses) > 16:
+                self._responses.pop(next(iter(self._responses)))
         return data
 
     def sotw_body(self, names: frozenset[str] | None) -> bytes:

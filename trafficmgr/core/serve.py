@@ -6,7 +6,7 @@ import argparse
 import logging
 import threading
 
-from trafficmgr.core.argtypes import port
+from trafficmgr.core.argtypes import listen_port, port
 from trafficmgr.core.signals import stop_on_signals
 from trafficmgr.core.plugins import PluginHost
 
@@ -23,7 +23,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admin-address", default="127.0.0.1",
                         help="admin/metrics listen address (default 127.0.0.1; binding elsewhere exposes /debug views)")
     parser.add_argument("--admin-port", type=port, default=18080, help="admin/metrics port (default 18080)")
-    parser.add_argument("--sidecar-port", type=port, default=10000, help="sidecar outbound listener port (default 10000)")
+    parser.add_argument("--sidecar-port", type=listen_port, default=10000, help="sidecar outbound listener port (default 10000)")
     parser.add_argument("--sidecar-inbound-port", type=port, default=15006,
                         help="sidecar inbound listener port that the agent redirects connections to the pod to "
                              "(default 15006; 0: no inbound listener)")

@@ -9,7 +9,7 @@ import os
 import sys
 import threading
 
-from trafficmgr.core.argtypes import int_at_least, port, positive_seconds
+from trafficmgr.core.argtypes import int_at_least, listen_port, port, positive_seconds
 from trafficmgr.core.signals import stop_on_signals
 from trafficmgr.core.agent.runtime import Runtime, RuntimeUnavailable, Sidecar, SidecarError, find
 from trafficmgr.core.plugins import ENV_SELECTION, PluginHost
@@ -85,9 +85,9 @@ def _setup_agent(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--namespace", metavar="NS", help="manage only pods of this namespace (default: all)")
     parser.add_argument("--plugins", metavar="SEL", default=None,
                         help=f"plugins whose labels and bootstrap hooks apply (default: ${ENV_SELECTION} or all installed)")
-    parser.add_argument("--admin-port", type=port, default=8900, help="sidecar Envoy admin port, bound to the pod IP (default 8900)")
+    parser.add_argument("--admin-port", type=listen_port, default=8900, help="sidecar Envoy admin port, bound to the pod IP (default 8900)")
     parser.add_argument("--proxy-uid", type=int_at_least(1), default=1337, help="uid and gid Envoy runs as; its traffic is not redirected (default 1337)")
-    parser.add_argument("--proxy-port", type=port, default=10000,
+    parser.add_argument("--proxy-port", type=listen_port, default=10000,
                         help="the sidecar's outbound listener port that TCP is redirected to (default 10000)")
     parser.add_argument("--inbound-port", type=port, default=15006,
                         help="the sidecar's inbound listener port that connections to the pod are redirected to "

@@ -106,8 +106,14 @@ def _ipv6(run: Runner) -> bool:
             _warned_no_ip6tables = True
             log.warning("ip6tables is not installed: outbound IPv6 of pods is not captured (apt-get install iptables)")
         return False
-    # Fails with "Address family not supported" where IPv6 is disabled: nothing to capture then.
-    return _ipt(run, "-L", "OUTPUT", "-n", check=False, table=FILTER6).returncode == 0
+    proc = _ipt(run, "-L", "OUTPUT", "-n", check=False, table=FILTER6)
+    if proc.returncode == 0:
+        return True
+    # "Address family not supported" where IPv6 is disabled: nothing to capture then. Anything else
+    # means IPv6 may be there and uncaptured: say so.
+    if "not supported" not in proc.stderr:
+        log.warning("ip6tables cannot be used (%s): outbound IPv6 of this pod is not captured", proc.stderr.strip())
+    return False
 
 
 def inbound_rules(inbound_port: int, exclude_ports: Sequence[int] = (8900,)) -> list[list[str]]:

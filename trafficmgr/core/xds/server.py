@@ -89,7 +89,7 @@ class _TypeState:
     __slots__ = (
         "type_url", "short", "names", "wildcard", "sent_version", "sent_nonce", "sent_at", "sent_typeset",
         "acked_version", "last_nack", "nacked_version", "known", "inflight", "rejected", "synced_version",
-        "synced_ts", "force", "force_tag",
+        "synced_ts", "force", "force_tag", "recent_nonces",
     )
 
     def __init__(self, type_url: str) -> None:
@@ -99,6 +99,9 @@ class _TypeState:
         self.wildcard = False  # delta
         self.sent_version: str | None = None
         self.sent_nonce = ""
+        # SotW: the last nonces sent; a shared nonce that comes back (a change undone) is not reused, so
+        # a late request carrying the earlier one cannot pass for an answer to the new response.
+        self.recent_nonces: collections.deque[str] = collections.deque(maxlen=8)
         self.sent_at = 0.0
         self.sent_typeset: TypeSet | None = None
         self.acked_version: str | None = None
@@ -520,16 +523,20 @@ class XdsServer:
             return False  # a rejected version is never sent again, forced or not
         # A nonce only has to be unique within a stream: every stream that gets this version for the
         # first time shares one nonce, so the whole response (often hundreds of KB) is one cached bytes
-        # object for all of them instead of a copy per stream. A resend of the same version on the same
-        # stream gets a fresh nonce (and a per-stream copy).
+        # object for all of them instead of a copy per stream. A nonce this stream had lately (the same
+        # version resent, a change undone) gets the publication generation added, which streams handling
+        # the same push still share; only a repeat within one generation gets a per-stream nonce and copy.
         nonce = f"{self._nonce_prefix}.{ts.version}" + (f".{tag[:12]}" if tag else "")
-        if nonce == st.sent_nonce:
+        if nonce in st.recent_nonces:
+            nonce = f"{nonce}.g{self.cache.generation}"
+        if nonce in st.recent_nonces:
             nonce = self._nonce()
             data = ts.sotw_body(st.names) + wire.field_str(5, nonce)
         else:
             data = ts.sotw_response(st.names, nonce)
         st.sent_version = ts.version
         st.sent_nonce = nonce
+        st.recent_nonces.append(nonce)
         st.sent_at = time.monotonic()
         st.sent_typeset = ts
         await self._write(stream, st, data)

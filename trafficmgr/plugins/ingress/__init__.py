@@ -16,7 +16,7 @@ import ipaddress
 from typing import TYPE_CHECKING, Any
 
 from trafficmgr import hookimpl
-from trafficmgr.core.argtypes import port
+from trafficmgr.core.argtypes import listen_port
 from trafficmgr.core.build.context import ObjectStatus, WatchKind
 from trafficmgr.core.model import GATEWAY, Model
 from trafficmgr.plugins.ingress import gateway
@@ -42,7 +42,7 @@ def trafficmgr_add_arguments(parser: argparse.ArgumentParser, command: str) -> N
     group = parser.add_argument_group("ingress plugin")
     group.add_argument("--ingress-class", default=DEFAULTS["ingress_class"],
                        help="IngressClass served by the gateway (default traffic)")
-    group.add_argument("--gateway-port", type=port, default=DEFAULTS["gateway_port"],
+    group.add_argument("--gateway-port", type=listen_port, default=DEFAULTS["gateway_port"],
                        help="gateway listener port, plain HTTP and TLS (default 10000)")
     group.add_argument("--gateway-address", default=DEFAULTS["gateway_address"],
                        help="gateway listener address (default 0.0.0.0)")
