@@ -19,10 +19,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", help="kubeconfig context")
     parser.add_argument("--namespace", help="watch only this namespace (default: all namespaces)")
     parser.add_argument("--xds-address", default="0.0.0.0", help="xDS listen address (default 0.0.0.0)")
-    parser.add_argument("--xds-port", type=port, default=18000, help="xDS (ADS gRPC) port (default 18000)")
+    parser.add_argument("--xds-port", type=port, default=18000, help="xDS (ADS gRPC) port (default 18000; 0: any free port)")
     parser.add_argument("--admin-address", default="127.0.0.1",
                         help="admin/metrics listen address (default 127.0.0.1; binding elsewhere exposes /debug views)")
-    parser.add_argument("--admin-port", type=port, default=18080, help="admin/metrics port (default 18080)")
+    parser.add_argument("--admin-port", type=port, default=18080, help="admin/metrics port (default 18080; 0: any free port)")
     parser.add_argument("--sidecar-port", type=listen_port, default=10000, help="sidecar outbound listener port (default 10000)")
     parser.add_argument("--sidecar-inbound-port", type=port, default=15006,
                         help="sidecar inbound listener port that the agent redirects connections to the pod to "

@@ -251,7 +251,7 @@ def _setup_bootstrap(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node-cluster", metavar="CLUSTER", required=True,
                         help="Envoy node cluster (the gateway's role name for gateways, 'sidecar' for sidecars)")
     parser.add_argument("--xds-address", metavar="HOST:PORT", required=True, help="the control plane's xDS address (HOST:PORT or unix:/path)")
-    parser.add_argument("--admin-port", type=port, default=8900, help="Envoy admin port (default 8900)")
+    parser.add_argument("--admin-port", type=listen_port, default=8900, help="Envoy admin port (default 8900)")
     parser.add_argument("--admin-address", default="0.0.0.0",
                         help="Envoy admin address (default 0.0.0.0, so Prometheus can scrape PodIP:8900)")
     parser.add_argument("--delta", action="store_true", help="incremental (delta) xDS instead of state of the world")
