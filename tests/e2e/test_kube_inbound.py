@@ -8,7 +8,6 @@ delay), the application sees its own sidecar as the peer, and tracing reports bo
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import signal
@@ -74,19 +73,9 @@ class Rig:
 
     def get(self, n: int = 1, headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
         """``n`` GETs from the client pod to service ``web``; what the application saw, in order."""
-        host = self.c.cluster_ip("web")
         before = self.web.hits
-
-        def run() -> None:
-            conn = http.client.HTTPConnection(host, 8080, timeout=10)
-            for _ in range(n):
-                conn.request("GET", "/hello", headers={"Host": "web:8080", **(headers or {})})
-                resp = conn.getresponse()
-                resp.read()
-                assert resp.status == 200, resp.status
-            conn.close()
-
-        self.c.pod.in_ns(run)
+        answers = self.c.pod.get_many(self.c.cluster_ip("web"), 8080, "web:8080", n, "/hello", headers, timeout=10)
+        assert [status for status, _ in answers] == [200] * n
         assert self.web.hits == before + n
         return list(self.web.requests)[-n:]
 

@@ -3,7 +3,6 @@ measured through a real sidecar Envoy."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import math
 import time
@@ -68,23 +67,9 @@ def _no_nacks(c: LocalCluster) -> None:
 def _get(c: LocalCluster, n: int, path: str = "/") -> tuple[list[int], float, int]:
     """``n`` sequential GETs to reviews on one keep-alive connection from the client pod:
     (statuses, elapsed seconds, bytes of the last body)."""
-    host = c.cluster_ip("reviews")
-
-    def run() -> tuple[list[int], float, int]:
-        conn = http.client.HTTPConnection(host, 9080, timeout=30)
-        statuses: list[int] = []
-        size = 0
-        start = time.monotonic()
-        for _ in range(n):
-            conn.request("GET", path, headers={"Host": "reviews:9080"})
-            resp = conn.getresponse()
-            size = len(resp.read())
-            statuses.append(resp.status)
-        elapsed = time.monotonic() - start
-        conn.close()
-        return statuses, elapsed, size
-
-    return c.pod.in_ns(run)
+    start = time.monotonic()
+    answers = c.pod.get_many(c.cluster_ip("reviews"), 9080, "reviews:9080", n, path)
+    return [status for status, _ in answers], time.monotonic() - start, len(answers[-1][1]) if answers else 0
 
 
 def test_bandwidth_limit_slows_a_large_response(c: LocalCluster) -> None:

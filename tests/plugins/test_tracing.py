@@ -4,7 +4,6 @@ running inside the pod network; sampling, service names, B3 propagation; options
 from __future__ import annotations
 
 import argparse
-import http.client
 import logging
 import math
 from collections.abc import Iterator
@@ -39,19 +38,9 @@ class Rig:
 
     def requests(self, n: int) -> list[dict[str, str]]:
         """``n`` GETs to reviews from the client pod; the request headers the backend saw, in order."""
-        host = self.c.cluster_ip("reviews")
         before = self.backend.hits
-
-        def run() -> None:
-            conn = http.client.HTTPConnection(host, 9080, timeout=10)
-            for _ in range(n):
-                conn.request("GET", "/reviews/0", headers={"Host": "reviews:9080"})
-                resp = conn.getresponse()
-                resp.read()
-                assert resp.status == 200, resp.status
-            conn.close()
-
-        self.c.pod.in_ns(run)
+        answers = self.c.pod.get_many(self.c.cluster_ip("reviews"), 9080, "reviews:9080", n, "/reviews/0", timeout=10)
+        assert [status for status, _ in answers] == [200] * n
         assert self.backend.hits == before + n
         return [r["headers"] for r in list(self.backend.requests)[-n:]]
 

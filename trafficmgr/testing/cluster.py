@@ -206,6 +206,26 @@ class SidecarPod:
         similar = [line.partition(": ")[0] for line in self.admin("/stats?filter=" + urllib.parse.quote(f"^{prefix}")).splitlines()]
         raise AssertionError(f"the sidecar has no stat {name!r}; under its prefix: {similar[:20]}")
 
+    def get_many(self, address: str, port: int, host: str, n: int, path: str = "/",
+                 headers: dict[str, str] | None = None, timeout: float = 30.0) -> list[tuple[int, bytes]]:
+        """``n`` sequential GETs from inside the pod on one keep-alive connection to ``address:port`` with
+        ``Host: host`` (redirected to the sidecar like any application request): (status, body) each."""
+        import http.client
+
+        def run() -> list[tuple[int, bytes]]:
+            conn = http.client.HTTPConnection(address, port, timeout=timeout)
+            out = []
+            try:
+                for _ in range(n):
+                    conn.request("GET", path, headers={"Host": host, **(headers or {})})
+                    resp = conn.getresponse()
+                    out.append((resp.status, resp.read()))
+            finally:
+                conn.close()
+            return out
+
+        return self.in_ns(run)
+
     def curl(self, url: str, *args: str, timeout: float = 5.0) -> tuple[int, str]:
         """Run the real ``curl`` inside the pod namespace; returns (HTTP status or 0, body/stderr)."""
         proc = self.ns.run("curl", "-sS", "-m", str(timeout), "-o", "-", "-w", "\n%{http_code}", *args, url, check=False)
