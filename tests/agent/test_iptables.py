@@ -16,6 +16,11 @@ from trafficmgr.testing import netns
 from trafficmgr.testing.prereq import missing
 
 
+def _chain(rules: str, chain: str) -> list[str]:
+    """The rules of ``chain`` in ``iptables -S`` output, in order."""
+    return [ln for ln in rules.splitlines() if ln.startswith(f"-A {chain} ")]
+
+
 @pytest.fixture
 def ns() -> Iterator[netns.NetNS]:
     require(netns.available() or iptables.available())
@@ -34,7 +39,7 @@ def test_install_remove_is_exact_and_idempotent(ns: netns.NetNS) -> None:
     iptables.install(run, 10000, 1337, (8900,))  # again: same result, no duplicate jump or rules
     rules = iptables.dump(run)
     assert rules.count(f"-A OUTPUT -p tcp -j {iptables.CHAIN}") == 1
-    chain = [ln for ln in rules.splitlines() if ln.startswith(f"-A {iptables.CHAIN}")]
+    chain = _chain(rules, iptables.CHAIN)
     assert chain == [
         f"-A {iptables.CHAIN} -m owner --uid-owner 1337 -j RETURN",
         f"-A {iptables.CHAIN} -m owner --gid-owner 1337 -j RETURN",
@@ -74,7 +79,7 @@ def test_inbound_capture_is_exact_and_can_be_turned_off(ns: netns.NetNS) -> None
     iptables.install(run, 10000, 1337, (8900,), inbound_port=15006)
     rules = iptables.dump(run)
     assert rules.count(f"-A PREROUTING -p tcp -j {iptables.INBOUND_CHAIN}") == 1
-    assert [ln for ln in rules.splitlines() if ln.startswith(f"-A {iptables.INBOUND_CHAIN}")] == [
+    assert _chain(rules, iptables.INBOUND_CHAIN) == [
         f"-A {iptables.INBOUND_CHAIN} -p tcp -m tcp --dport 8900 -j RETURN",
         f"-A {iptables.INBOUND_CHAIN} -p tcp -m tcp --dport 15006 -j RETURN",
         f"-A {iptables.INBOUND_CHAIN} -p tcp -j REDIRECT --to-ports 15006",
@@ -129,7 +134,7 @@ def test_outbound_ipv6_is_refused_except_for_the_proxy_and_removal_is_exact(ns: 
         iptables.install(run, 10000, 1337, (8900,))
         rules = iptables.dump6(run)
         assert rules.count(f"-A OUTPUT -p tcp -j {iptables.CHAIN}") == 1
-        assert [ln for ln in rules.splitlines() if ln.startswith(f"-A {iptables.CHAIN}")] == [
+        assert _chain(rules, iptables.CHAIN) == [
             f"-A {iptables.CHAIN} -m owner --uid-owner 1337 -j RETURN",
             f"-A {iptables.CHAIN} -m owner --gid-owner 1337 -j RETURN",
             f"-A {iptables.CHAIN} -d ::1/128 -j RETURN",

@@ -35,36 +35,30 @@ COLLECTOR_IP = "10.244.0.50"  # in the client pod's namespace; the server's side
 GREETING = b"220 hello from a server-first protocol\r\n"
 
 
-class Greeter(socketserver.ThreadingTCPServer):
-    """A server-first TCP service (like SMTP or MySQL): it speaks before the client sends anything."""
+class _Greeting(socketserver.BaseRequestHandler):
+    """A server-first TCP protocol (like SMTP or MySQL): it speaks before the client sends anything."""
 
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, host: str, port: int) -> None:
-        class Handler(socketserver.BaseRequestHandler):
-            def handle(self) -> None:
-                self.request.sendall(GREETING)
-                self.request.recv(100)
-
-        super().__init__((host, port), Handler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
+    def handle(self) -> None:
+        self.request.sendall(GREETING)
+        self.request.recv(100)
 
 
-class Echo(socketserver.ThreadingTCPServer):
+class _PingPong(socketserver.StreamRequestHandler):
     """A client-first line protocol that is not HTTP: ``PING`` -> ``PONG``."""
 
-    daemon_threads = True
-    allow_reuse_address = True
+    def handle(self) -> None:
+        for line in self.rfile:
+            self.wfile.write(b"PONG\r\n" if line.strip() == b"PING" else b"ERR " + line)
 
-    def __init__(self, host: str, port: int) -> None:
-        class Handler(socketserver.StreamRequestHandler):
-            def handle(self) -> None:
-                for line in self.rfile:
-                    self.wfile.write(b"PONG\r\n" if line.strip() == b"PING" else b"ERR " + line)
 
-        super().__init__((host, port), Handler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
+def tcp_server(host: str, port: int, handler: type[socketserver.BaseRequestHandler]) -> socketserver.ThreadingTCPServer:
+    """``handler`` on ``host:port``, served by a daemon thread (create it inside the pod's namespace)."""
+    server = socketserver.ThreadingTCPServer((host, port), handler, bind_and_activate=False)
+    server.daemon_threads = server.allow_reuse_address = True
+    server.server_bind()
+    server.server_activate()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
 
 
 class Rig:
@@ -97,7 +91,7 @@ def rig(envoy_binary: str) -> Iterator[Rig]:
             ))
             server = c.peer_pod("web-1", SERVER_IP)
             web = c.peer_backend(server, "web", 8080)
-            greeter = server.in_ns(lambda: Greeter(SERVER_IP, 2525))
+            greeter = server.in_ns(lambda: tcp_server(SERVER_IP, 2525, _Greeting))
             c.wait_config(lambda: "inbound|http|8080" in server.listener_config("inbound"),
                           message="the server sidecar has no inbound listener")
             yield Rig(c, server, web, zipkin)
@@ -150,7 +144,7 @@ def test_a_non_http_protocol_on_a_port_another_service_calls_http_passes_through
     # Port 7070 of the server pod speaks a line protocol (service "echo", labeled tcp); another service
     # ("web-alt") labels the same target port http, so the shared inbound listener has an HTTP chain
     # for 7070. Only what is recognised as HTTP may go to the connection manager.
-    echo = rig.server.in_ns(lambda: Echo(SERVER_IP, 7070))
+    echo = rig.server.in_ns(lambda: tcp_server(SERVER_IP, 7070, _PingPong))
     try:
         rig.c.apply(join(service("echo", port=7070, labels={"traffic.port.7070": "tcp"}, app="web", http=False),
                          service("web-alt", port=7071, target_port=7070, app="web")))
