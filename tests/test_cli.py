@@ -528,7 +528,7 @@ def test_serve_refuses_one_port_for_both_sidecar_listeners(capsys: pytest.Captur
     (["agent", "--xds-address", "127.0.0.1:18000", "--resync", "nan"], "argument --resync: nan is not a duration > 0 seconds"),
     (["agent", "--xds-address", "127.0.0.1:18000", "--proxy-uid", "0"], "argument --proxy-uid: 0 is less than 1"),
     (["bench", "--services", "0"], "argument --services: 0 is less than 1"),
-    (["serve", "--zipkin-flush-spans", "1.5"], "argument --zipkin-flush-spans: '1.5' is not a whole number"),
+    (["bootstrap", "--zipkin-flush-spans", "1.5"], "argument --zipkin-flush-spans: '1.5' is not a whole number"),
     (["demo", "--http-port", "70000"], "argument --http-port: 70000 is not a port number (0..65535)"),
     (["serve", "--gateway-port", "99999"], "argument --gateway-port: 99999 is not a port number (0..65535)"),
     (["serve", "--sidecar-port", "0"], "argument --sidecar-port: 0 is not a usable port here (1..65535)"),
@@ -553,7 +553,7 @@ def test_plugins_new_into_a_file_is_one_clear_error(capsys: pytest.CaptureFixtur
 
 
 @pytest.mark.parametrize(("command", "present", "absent"), [
-    ("serve", ["--zipkin-address", "--gateway-port", "--ingress-class"], []),
+    ("serve", ["--zipkin-address", "--gateway-port", "--ingress-class"], ["--zipkin-flush-spans"]),
     ("agent", ["--zipkin-address", "--zipkin-flush-spans"], ["--gateway-port", "--ingress-class"]),
     ("bootstrap", ["--zipkin-flush-interval"], ["--gateway-port", "--gateway-service"]),
 ])

@@ -164,7 +164,7 @@ def run_bench(services: int = 1000, pods: int = 10, clients: tuple[int, ...] = (
         rss0 = rss_mb()
         options = argparse.Namespace(xds_auth="none", sidecar_port=10000, sidecar_address="0.0.0.0",
                                      zipkin_address="127.0.0.1:9411")
-        cp = ControlPlane(PluginHost.load(), options, KubeClient(load_api_client(str(api.kubeconfig))))
+        cp = ControlPlane(PluginHost.load(), options, KubeClient(load_api_client(str(api.kubeconfig))), freeze_gc=True)
         xds = XdsServerThread(cp.cache, "127.0.0.1", 0, authorizer=cp.authorize).start()
         cp.xds = xds
         t = time.perf_counter()

@@ -44,7 +44,12 @@ class ControlPlane:
     Implements the admin endpoint's ``AdminState`` protocol.
     """
 
-    def __init__(self, plugins: PluginHost, options: argparse.Namespace | None = None, kube: KubeClient | None = None) -> None:
+    def __init__(self, plugins: PluginHost, options: argparse.Namespace | None = None, kube: KubeClient | None = None,
+                 freeze_gc: bool = False) -> None:
+        """``freeze_gc``: after the first publish, move the start-up objects out of the garbage collector's
+        sight and raise its thresholds (process-wide, so only for the process that is the control plane:
+        ``serve`` and the benchmark; see :func:`freeze_startup_objects`)."""
+        self.freeze_gc = freeze_gc
         self.plugins = plugins
         self.options = options or argparse.Namespace()
         self.kube = kube
@@ -179,8 +184,8 @@ class ControlPlane:
         self.cache.notify()
         self.notified_at = time.time()
         self.status.submit(self.plugins.collect("trafficmgr_object_status", what="object status", model=model, options=self.options))
-        if first:  # after the first snapshot is out, not before it
-            _freeze_startup_objects()
+        if first and self.freeze_gc:  # after the first snapshot is out, not before it
+            freeze_startup_objects()
 
     def wait_ready(self, timeout: float) -> bool:
         end = time.monotonic() + timeout
@@ -239,7 +244,7 @@ def kinds_of(plugins: PluginHost) -> Iterable[Kind | WatchKind]:
 GC_THRESHOLDS = (10_000, 20, 100)
 
 
-def _freeze_startup_objects() -> None:
+def freeze_startup_objects() -> None:
     """After the first build: one full collection, then move every surviving object (the listed cluster,
     the model, the first snapshots: millions of objects at 10k pods) out of the garbage collector's
     sight. Otherwise each later full collection scans them all and stalls every thread, pushes

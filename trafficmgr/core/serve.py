@@ -68,7 +68,7 @@ def run_serve(args: argparse.Namespace, plugins: PluginHost, stop: threading.Eve
         raise ServeError(f"--xds-gateway-selector: {exc}") from None
     credentials = _xds_credentials(args)
     warn_if_open(args.xds_auth)
-    cp = ControlPlane(plugins, args, KubeClient(api))
+    cp = ControlPlane(plugins, args, KubeClient(api), freeze_gc=True)
     xds = XdsServerThread(cp.cache, args.xds_address, args.xds_port, credentials, cp.authorize)
     try:
         xds.start()

@@ -276,7 +276,7 @@ class Demo:
             "serve", "--kubeconfig", str(self.kubeconfig), "--xds-address", "127.0.0.1", "--xds-port", str(c.xds_port),
             "--admin-port", str(c.serve_admin_port), "--explicit-proxy", "--xds-gateway-namespace", NAMESPACE,
             "--gateway-address", "127.0.0.1", "--gateway-port", str(c.http_port), "--gateway-namespace", NAMESPACE,
-            "--zipkin-address", f"127.0.0.1:{c.zipkin_port}", "--zipkin-flush-interval", str(ZIPKIN_FLUSH_MS),
+            "--zipkin-address", f"127.0.0.1:{c.zipkin_port}",
             "--log-level", "info",
         ])
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -29,7 +29,7 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
 from trafficmgr.core import cache, metrics
-from trafficmgr.core.build.context import BuildContext, HttpFilter
+from trafficmgr.core.build.context import ORDER_ROUTER, BuildContext, HttpFilter
 from trafficmgr.core.corelabels import PORT_PREFIX
 from trafficmgr.core.build.resources import ads_config_source, duration_ms, pack, socket_address
 from trafficmgr.core.model import (
@@ -64,6 +64,23 @@ DEFAULT_CONNECT_TIMEOUT_MS = 60000
 def route_config_name(port: int) -> str:
     """The sidecar RouteConfiguration for every HTTP service on ``port``."""
     return f"outbound|{port}"
+
+
+#: The terminal HTTP filter of every connection manager (immutable by convention: it is only copied).
+ROUTER_FILTER = hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=pack(router_pb2.Router()))
+
+
+def _any_port(ports: Sequence[int]) -> listener_components_pb2.ListenerFilterChainMatchPredicate:
+    """A listener-filter predicate matching a connection to any of ``ports`` (non-empty). A MatchSet
+    needs two or more rules, so one port is a plain rule."""
+    predicate = listener_components_pb2.ListenerFilterChainMatchPredicate()
+    if len(ports) == 1:
+        predicate.destination_port_range.start, predicate.destination_port_range.end = ports[0], ports[0] + 1
+        return predicate
+    for p in ports:
+        rule = predicate.or_match.rules.add().destination_port_range
+        rule.start, rule.end = p, p + 1
+    return predicate
 
 
 def default_options() -> argparse.Namespace:
@@ -113,7 +130,7 @@ class Builder:
         self._listeners: dict[str, tuple[tuple[int, ...], cache.Resource]] = {}
         self._implied: dict[tuple[str, str], tuple[Service, tuple[Any, ...], Service]] = {}
         self._memos: dict[str, dict[str, Any]] = {SIDECAR: {}, GATEWAY: {}}
-        self._filters: dict[str, tuple[bytes, list[hcm_pb2.HttpFilter]]] = {}
+        self._filters: dict[str, tuple[tuple[HttpFilter, ...], list[hcm_pb2.HttpFilter]]] = {}
         self._previous: dict[str, cache.Snapshot] = {}
         self._services: dict[tuple[str, str], _ServiceOut] = {}
         self._shared: dict[str, cache.TypeSet] | None = None
@@ -387,26 +404,36 @@ class Builder:
         names: set[str] = set()
         ordered: list[HttpFilter] = []
         for f in sorted(contributed, key=lambda f: (f.order, f.name)):
+            if f.order >= ORDER_ROUTER:
+                log.error("HTTP filter %r has order %d: orders from %d on are the router's; dropped", f.name, f.order, ORDER_ROUTER)
+                continue
             if f.name in names:
                 log.error("HTTP filter %r contributed twice: the second one was dropped", f.name)
                 continue
             names.add(f.name)
             ordered.append(f)
-        filters = [hcm_pb2.HttpFilter(name=f.name, typed_config=pack(f.config)) for f in ordered]
-        filters.append(hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=pack(router_pb2.Router())))
-        key = b"".join(f.SerializeToString(deterministic=True) for f in filters)
+        # The same contributions (attrs equality, configs compared as messages) keep the same list object,
+        # which the listener and chain memos recognise; nothing is packed for an unchanged set.
+        key = tuple(ordered)
         prev = self._filters.get(ctx.role)
         if prev is not None and prev[0] == key:
             return prev[1]
+        filters = [hcm_pb2.HttpFilter(name=f.name, typed_config=pack(f.config)) for f in ordered]
+        filters.append(ROUTER_FILTER)
         self._filters[ctx.role] = (key, filters)
         return filters
 
-    def _hcm(self, ctx: BuildContext, stat_prefix: str, filters: list[hcm_pb2.HttpFilter], rds: str | None) -> hcm_pb2.HttpConnectionManager:
-        hcm = hcm_pb2.HttpConnectionManager(stat_prefix=stat_prefix, codec_type=hcm_pb2.HttpConnectionManager.AUTO)
+    def _hcm(self, ctx: BuildContext, stat_prefix: str, filters: list[hcm_pb2.HttpFilter],
+             routes: str | route_pb2.RouteConfiguration | None, **fields: Any) -> hcm_pb2.HttpConnectionManager:
+        """A connection manager with ``filters`` and its routes by RDS name (or inline), after the
+        ``trafficmgr_http_connection_manager`` hooks."""
+        hcm = hcm_pb2.HttpConnectionManager(stat_prefix=stat_prefix, codec_type=hcm_pb2.HttpConnectionManager.AUTO, **fields)
         hcm.http_filters.extend(filters)
-        if rds is not None:
+        if isinstance(routes, str):
             hcm.rds.config_source.CopyFrom(ads_config_source())
-            hcm.rds.route_config_name = rds
+            hcm.rds.route_config_name = routes
+        elif routes is not None:
+            hcm.route_config.CopyFrom(routes)
         self.plugins.mutate("trafficmgr_http_connection_manager", hcm, what=stat_prefix, ctx=ctx)
         return hcm
 
@@ -536,15 +563,7 @@ class Builder:
         inspector = lst.listener_filters.add(name="envoy.filters.listener.http_inspector", typed_config=pack(http_inspector_pb2.HttpInspector()))
         if tcp_ports:
             # Server-first TCP protocols would wait for the inspector's timeout: skip it on TCP ports.
-            any_of = inspector.filter_disabled.or_match
-            for p in sorted(tcp_ports):
-                rule = any_of.rules.add()
-                rule.destination_port_range.start = p
-                rule.destination_port_range.end = p + 1
-            if len(tcp_ports) == 1:  # a MatchSet needs two or more rules
-                only = type(any_of.rules[0])()
-                only.CopyFrom(any_of.rules[0])
-                inspector.filter_disabled.CopyFrom(only)
+            inspector.filter_disabled.CopyFrom(_any_port(sorted(tcp_ports)))
         lst.listener_filters_timeout.CopyFrom(duration_ms(5000))
         lst.continue_on_listener_filters_timeout = False
         lst.filter_chains.extend(chains)
@@ -616,7 +635,7 @@ class Builder:
         nothing is redirected to it without iptables)."""
         if self.options.explicit_proxy:
             return 0
-        return int(getattr(self.options, "sidecar_inbound_port", 0) or 0)
+        return int(self.options.sidecar_inbound_port or 0)
 
     def _sidecar_clusters(self, shared: cache.TypeSet) -> cache.TypeSet:
         """The shared cluster set plus the inbound listener's two fixed clusters (sidecars only);
@@ -685,42 +704,33 @@ class Builder:
         ports = tuple(sorted(self._http_port_counts))
         ctx.service = ctx.port = None
         ctx.listener_name = INBOUND_LISTENER
-        hcm = hcm_pb2.HttpConnectionManager(stat_prefix="inbound_http", codec_type=hcm_pb2.HttpConnectionManager.AUTO)
-        # The caller's sidecar already made the request id and the sampling decision: keep them.
-        hcm.preserve_external_request_id = True
-        hcm.http_filters.add(name="envoy.filters.http.router", typed_config=pack(router_pb2.Router()))
-        hcm.route_config.name = INBOUND_LISTENER
-        route = hcm.route_config.virtual_hosts.add(name=INBOUND_LISTENER, domains=["*"]).routes.add()
+        inbound_port = self._inbound_port()
+        routes = route_pb2.RouteConfiguration(name=INBOUND_LISTENER)
+        route = routes.virtual_hosts.add(name=INBOUND_LISTENER, domains=["*"]).routes.add()
         route.match.prefix = "/"
         route.route.cluster = INBOUND_CLUSTER
         route.route.timeout.CopyFrom(duration_ms(0))  # the caller's route timeout applies, not a second one
-        self.plugins.mutate("trafficmgr_http_connection_manager", hcm, what=INBOUND_LISTENER, ctx=ctx)
-        packed_hcm = pack(hcm)
+        # The caller's sidecar already made the request id and the sampling decision: keep them.
+        packed_hcm = pack(self._hcm(ctx, "inbound_http", [ROUTER_FILTER], routes, preserve_external_request_id=True))
         lst = listener_pb2.Listener(name=INBOUND_LISTENER, stat_prefix=INBOUND_LISTENER)
-        lst.address.CopyFrom(socket_address(self.options.sidecar_address, self._inbound_port()))
+        lst.address.CopyFrom(socket_address(self.options.sidecar_address, inbound_port))
         lst.traffic_direction = base_pb2.INBOUND
         lst.listener_filters.add(name="envoy.filters.listener.original_dst", typed_config=pack(original_dst_pb2.OriginalDst()))
         # A connection made straight to the inbound port (not redirected, so its original destination
         # is the listener itself: e.g. to 127.0.0.1:15006 inside the pod, or from a uid-1337 peer)
         # would be passed through to the same port again, and again: end it instead.
         loop = lst.filter_chains.add(name="inbound|loop")
-        loop.filter_chain_match.destination_port.value = self._inbound_port()
+        loop.filter_chain_match.destination_port.value = inbound_port
         loop.filters.add(name="envoy.filters.network.tcp_proxy", typed_config=pack(
             tcp_proxy_pb2.TcpProxy(stat_prefix="inbound_loop", cluster=BLACKHOLE_CLUSTER)))
-        http_ports = [p for p in ports if p != self._inbound_port()]
+        http_ports = [p for p in ports if p != inbound_port]
         if http_ports:
             # A port one service calls http may carry another protocol in other pods (8080 is common):
             # only what the inspector recognises as HTTP gets the connection manager, the rest passes
             # through. It waits for client bytes on these ports only, at most 1 s (then: pass through).
             inspector = lst.listener_filters.add(name="envoy.filters.listener.http_inspector",
                                                  typed_config=pack(http_inspector_pb2.HttpInspector()))
-            if len(http_ports) == 1:
-                rule = inspector.filter_disabled.not_match.destination_port_range
-                rule.start, rule.end = http_ports[0], http_ports[0] + 1
-            else:
-                for p in http_ports:
-                    rule = inspector.filter_disabled.not_match.or_match.rules.add().destination_port_range
-                    rule.start, rule.end = p, p + 1
+            inspector.filter_disabled.not_match.CopyFrom(_any_port(http_ports))
             lst.listener_filters_timeout.CopyFrom(duration_ms(1000))
             lst.continue_on_listener_filters_timeout = True
         for p in http_ports:
@@ -749,7 +759,7 @@ class Builder:
             chain.filter_chain_match.destination_port.value = port
         chain.filter_chain_match.application_protocols.extend(["http/1.1", "h2c"])
         hcm = hcm_pb2.HttpConnectionManager(stat_prefix="outbound_blocked", codec_type=hcm_pb2.HttpConnectionManager.AUTO)
-        hcm.http_filters.add(name="envoy.filters.http.router", typed_config=pack(router_pb2.Router()))
+        hcm.http_filters.append(ROUTER_FILTER)
         vh = hcm.route_config.virtual_hosts.add(name="blocked", domains=["*"])
         r = vh.routes.add()
         r.match.prefix = "/"

@@ -85,10 +85,13 @@ def _address_arg(text: str) -> str:
 
 @hookimpl
 def trafficmgr_add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    # Every command: serve builds the collector cluster, agent/bootstrap set flushing in the bootstrap.
+    # serve builds the collector cluster from the address; agent and bootstrap write the address (the
+    # sidecar's service name) and the flushing into the bootstraps they make.
     group = parser.add_argument_group("tracing plugin")
     group.add_argument("--zipkin-address", type=_address_arg, metavar="HOST:PORT",
                        help="Zipkin collector (API v2) that Envoys send spans to; without it tracing labels do nothing")
+    if command == "serve":
+        return
     group.add_argument("--zipkin-flush-spans", type=int_at_least(1), default=DEFAULT_FLUSH_SPANS, metavar="N",
                        help=f"Envoy sends buffered spans every N spans (bootstrap runtime; default {DEFAULT_FLUSH_SPANS})")
     group.add_argument("--zipkin-flush-interval", type=int_at_least(1), default=DEFAULT_FLUSH_INTERVAL_MS, metavar="MS",
