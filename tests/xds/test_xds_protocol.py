@@ -119,6 +119,19 @@ def test_sotw_nack_is_recorded_and_not_resent(cp: ControlPlane, clients: list[Ad
     wait_for(lambda: cp.status()[0]["clusters"]["last_nack"] is None, 2)
 
 
+def test_sotw_nacked_version_is_answered_again_for_another_subscription(cp: ControlPlane, clients: list[AdsClient]) -> None:
+    """A rejected response is not resent, but when the client then subscribes to more names (a new
+    cluster's endpoints) it gets an answer, although the version string is the same."""
+    c = connect(cp, clients)
+    c.send(type_url=cache.ENDPOINT, resource_names=["a"])
+    r = c.recv()
+    c.send(type_url=cache.ENDPOINT, resource_names=["a"], response_nonce=r.nonce, error="bad endpoints a")
+    assert c.silent(0.3), "the rejected response must not be resent"
+    c.send(type_url=cache.ENDPOINT, resource_names=["a", "b"], response_nonce=r.nonce)
+    again = c.recv()
+    assert again.version_info == r.version_info and len(again.resources) == 2
+
+
 def test_sotw_reconnect_with_current_version_is_answered(cp: ControlPlane, clients: list[AdsClient]) -> None:
     c = connect(cp, clients)
     c.send(type_url=cache.CLUSTER)

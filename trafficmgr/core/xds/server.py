@@ -89,7 +89,7 @@ class _TypeState:
     __slots__ = (
         "type_url", "short", "names", "wildcard", "sent_version", "sent_nonce", "sent_at", "sent_typeset",
         "acked_version", "last_nack", "nacked_version", "known", "inflight", "rejected", "synced_version",
-        "synced_ts", "force", "force_tag", "recent_nonces",
+        "synced_ts", "force", "force_tag", "recent_nonces", "sent_names", "nacked_names",
     )
 
     def __init__(self, type_url: str) -> None:
@@ -107,6 +107,10 @@ class _TypeState:
         self.acked_version: str | None = None
         self.last_nack: dict[str, Any] | None = None
         self.nacked_version: str | None = None
+        # SotW: the subscription the last response answered, and the one of the NACKed response: a
+        # rejected version is not sent again for the same names, but another subscription may work.
+        self.sent_names: frozenset[str] | None = None
+        self.nacked_names: frozenset[str] | None = None
         # delta only
         self.known = _Known()  # name -> version the client has (optimistic after a send)
         self.inflight: collections.OrderedDict[str, _DeltaSent] = collections.OrderedDict()
@@ -462,6 +466,7 @@ class XdsServer:
         nack = {"nonce": nonce, "version": version, "error": error, "resources": resources, "at": time.time()}
         st.last_nack = nack
         st.nacked_version = version
+        st.nacked_names = st.sent_names
         self._nacks.append(
             {"node_id": stream.node_id, "node_cluster": stream.node_cluster, "view": stream.view,
              "type": st.short, "mode": stream.mode, **nack}
@@ -519,8 +524,10 @@ class XdsServer:
         ts = snap.types.get(st.type_url)
         if ts is None:
             return False  # a type this control plane does not serve
-        if ts.version == st.nacked_version or (not force and ts.version == st.sent_version):
-            return False  # a rejected version is never sent again, forced or not
+        if ts.version == st.nacked_version and st.names == st.nacked_names:
+            return False  # a rejected response is never sent again, forced or not
+        if not force and ts.version == st.sent_version:
+            return False
         # A nonce only has to be unique within a stream: every stream that gets this version for the
         # first time shares one nonce, so the whole response (often hundreds of KB) is one cached bytes
         # object for all of them instead of a copy per stream. A nonce this stream had lately (the same
@@ -536,6 +543,7 @@ class XdsServer:
             data = ts.sotw_response(st.names, nonce)
         st.sent_version = ts.version
         st.sent_nonce = nonce
+        st.sent_names = st.names
         st.recent_nonces.append(nonce)
         st.sent_at = time.monotonic()
         st.sent_typeset = ts
