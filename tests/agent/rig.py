@@ -40,6 +40,14 @@ def in_netns(path: str, fn: Callable[[], T], timeout: float = 30.0) -> T:
     return run_in_netns(path, fn, timeout)
 
 
+def captured(netns: str, inbound: bool = False) -> bool:
+    """The agent's capture is installed in the namespace: the IPv4 redirect (and inbound one) and, where
+    the namespace has IPv6, the IPv6 refusal."""
+    from trafficmgr.core.agent import iptables
+
+    return iptables.installed(iptables.netns_runner(netns), inbound)
+
+
 def capture_rules(netns: str) -> str:
     """The namespace's IPv4 nat rules and, where it has IPv6, its ip6tables filter rules."""
     from trafficmgr.core.agent import iptables

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.agent.manifests import SERVICES, WORKLOAD, pod
-from tests.agent.rig import DOCKER_HOST, Cluster, DockerPod, capture_rules
+from tests.agent.rig import DOCKER_HOST, Cluster, DockerPod, capture_rules, captured
 from trafficmgr.core.agent import iptables
 from trafficmgr.core.agent.agent import AgentConfig, sidecar_bootstrap
 from trafficmgr.core.agent.docker_runtime import DockerRuntime, container_name
@@ -94,7 +94,7 @@ def test_enable_routes_through_envoy_then_disable_leaves_nothing(env: Env) -> No
     assert {k: v for k, v in info["Config"]["Labels"].items() if k.startswith("traffic.envoy.")} == {
         "traffic.envoy.proxy": "true", "traffic.envoy.pod": APP, "traffic.envoy.namespace": "default",
         "traffic.envoy.pod-uid": cluster.store.get("pods", APP, "default")["metadata"]["uid"]}
-    assert "-j TRAFFICMGR_OUTPUT" in capture_rules(p.netns)
+    assert captured(p.netns)
 
     # The app container's requests to the labeled service go through Envoy (its counter moves by
     # exactly the number of requests); the unlabeled port is blocked and its backend never reached.
@@ -150,7 +150,7 @@ def test_restarted_agent_adopts_and_removes_orphans(env: Env, tmp_path: Any) -> 
         wait_for(lambda: [s.id for s in runtime.list()] == [sidecar_id], 20,
                  message="orphan not removed or app sidecar replaced")
         assert iptables.CHAIN not in capture_rules(ghost.netns), "the orphan's rules are removed too"
-        assert "-j TRAFFICMGR_OUTPUT" in capture_rules(p.netns)
+        assert captured(p.netns)
         assert cluster.annotation(APP) == sidecar_id
         assert wait_for(lambda: http_get(f"http://127.0.0.1:{health}/readyz", 2)[0] == 200, 10)
         assert http_get(f"http://127.0.0.1:{health}/healthz", 2)[0] == 200

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.agent.manifests import SERVICES, WORKLOAD, pod
-from tests.agent.rig import Cluster, capture_rules
+from tests.agent.rig import Cluster, capture_rules, captured
 from trafficmgr.core.agent import iptables
 from trafficmgr.core.agent.netns_runtime import ProcessRuntime
 from trafficmgr.testing.backends import HttpBackend
@@ -83,7 +83,7 @@ def test_netns_runtime_enable_capture_adopt_disable(cluster: Cluster, podnet: tu
     assert cluster.annotation("elsewhere") is None
     state = json.load(open(os.path.join(state_dir, sidecar_id, "sidecar.json")))
     assert state["netns"] == ns.path
-    assert "--uid-owner 1337" in capture_rules(ns.path)
+    assert captured(ns.path, inbound=True) and "--uid-owner 1337" in capture_rules(ns.path)
     assert f"-A PREROUTING -p tcp -j {iptables.INBOUND_CHAIN}" in capture_rules(ns.path), "connections to the pod are captured"
     assert "--to-ports 15006" in capture_rules(ns.path)
     with open(f"/proc/{state['pid']}/status") as f:

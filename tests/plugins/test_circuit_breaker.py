@@ -7,7 +7,6 @@ Exercises the hooks ``trafficmgr_cluster`` (thresholds, connect timeout, outlier
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -190,11 +189,9 @@ def test_outlier_detection_ejects_failing_endpoint(cluster: LocalCluster) -> Non
             if failures == 3:
                 break
     assert failures == 3, "the failing pod never got three requests"
-    ejected_at = time.monotonic()
-    c.wait_config(lambda: _health_flags(c, bad_ip) == "/failed_outlier_check", timeout=3,
-                  message=f"not ejected: {_health_flags(c, bad_ip)}")
-    # Ejected on the third 5xx, not at the next 10 s detection interval (bound loose for a loaded machine).
-    assert time.monotonic() - ejected_at < 3.0
+    # Ejected on the third 5xx, not at the next 10 s detection interval: the wait's timeout is the bound.
+    c.wait_config(lambda: _health_flags(c, bad_ip) == "/failed_outlier_check", timeout=5,
+                  message=f"not ejected within 5 s: {_health_flags(c, bad_ip)}")
     hits = bad.hits
     assert [request_reviews(c)[0] for _ in range(30)] == [200] * 30
     assert bad.hits == hits, "an ejected endpoint must get no traffic"
