@@ -79,3 +79,26 @@ def test_derive_equals_a_fresh_type_set(base: list[cache.Resource], raw_changes:
     derived = start.derive(changes)
     assert list(derived.resources.items()) == list(fresh.resources.items())
     assert (derived.version, derived.names(), derived.refs()) == (fresh.version, fresh.names(), fresh.refs())
+
+
+def test_bounded_cache_evicts_least_recently_used_by_count_and_size() -> None:
+    b: cache.Bounded[str, bytes] = cache.Bounded(3, max_size=10, size=len)
+    for k in "abc":
+        b.put(k, b"xx")
+    assert b.get("a") == b"xx"  # "a" is now the most recently used
+    b.put("d", b"xx")  # four entries: the least recently used ("b") goes
+    assert [k for k in "abcd" if b.get(k) is not None] == ["a", "c", "d"]
+    b.put("e", b"x" * 9)  # 2 + 2 + 2 + 9 > 10 bytes: the oldest go until it fits
+    assert [k for k in "acde" if b.get(k) is not None] == ["e"] and len(b) == 1
+    b.put("huge", b"x" * 50)  # the newest entry always stays, even alone over the size
+    assert b.get("huge") is not None and len(b) == 1
+
+
+def test_a_passing_composition_is_not_checked_again_but_a_new_one_is() -> None:
+    snap = web_snapshot(10000, {"a": [A], "b": [A]})
+    assert snap.errors() == []
+    endpoints = snap.types[cache.ENDPOINT]
+    same_sets = cache.Snapshot({**snap.types, cache.ENDPOINT: endpoints.derive({"a": load_assignment("a", [A, A])})})
+    assert same_sets.errors() == []
+    broken = cache.Snapshot({**snap.types, cache.ENDPOINT: endpoints.derive({"b": None})})
+    assert broken.errors() == ["clusters 'b' references missing endpoints 'b'"]

@@ -11,10 +11,11 @@ Contracts:
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import attrs
 from google.protobuf.message import Message
@@ -44,6 +45,45 @@ NAMED_TYPES = frozenset({ENDPOINT, ROUTE, SECRET})
 
 def content_version(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class Bounded(Generic[K, V]):
+    """A thread-safe least-recently-used map bounded by entry count and, with ``size``, by total size
+    (the newest entry always stays). For the caches the xDS path shares between streams and servers."""
+
+    def __init__(self, max_items: int, max_size: int = 0, size: Callable[[V], int] | None = None) -> None:
+        self.max_items, self.max_size, self._size = max_items, max_size, size
+        self._items: collections.OrderedDict[K, V] = collections.OrderedDict()
+        self._total = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: K) -> V | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: K, value: V) -> V:
+        """Store ``value`` (replacing any under ``key``) and return it."""
+        with self._lock:
+            old = self._items.pop(key, None)
+            if self._size is not None:
+                self._total += self._size(value) - (self._size(old) if old is not None else 0)
+            self._items[key] = value
+            while len(self._items) > 1 and (len(self._items) > self.max_items
+                                            or (self.max_size and self._total > self.max_size)):
+                _, dropped = self._items.popitem(last=False)
+                if self._size is not None:
+                    self._total -= self._size(dropped)
+            return value
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 @attrs.frozen(slots=True, eq=False)
@@ -104,7 +144,8 @@ class TypeSet:
         self._acc = _acc
         self.version = f"{_acc:016x}" if self.resources else "empty"
         self._bodies: dict[frozenset[str] | None, bytes] = {}
-        self._responses: dict[tuple[str, str, frozenset[str] | None], bytes] = {}  # LRU, see sotw_response
+        # Complete responses (nonce appended): few are live at once (a push, its subscriptions), ~1 MB each.
+        self._responses: Bounded[tuple[str, frozenset[str] | None], bytes] = Bounded(16)
         self._lock = threading.Lock()
         self._names: frozenset[str] | None = None
         self._refs: dict[str, frozenset[str]] | None = None
@@ -173,21 +214,14 @@ class TypeSet:
             return list(self.resources.values())
         return [self.resources[n] for n in sorted(names) if n in self.resources]
 
-    def sotw_response(self, names: frozenset[str] | None, nonce: str) -> bytes:
-        """:meth:`sotw_body` with ``nonce`` appended, cached: streams sharing a nonce share the bytes."""
-        key = ("nonce", nonce, names)
-        with self._lock:
-            data = self._responses.pop(key, None)
-            if data is not None:
-                self._responses[key] = data  # most recently used last
-                return data
-        data = self.sotw_body(names) + wire.field_str(5, nonce)
-        with self._lock:
-            self._responses[key] = data
-            # Few complete responses are live at once (a push, its subscriptions); each may be ~1 MB.
-            while len(self._responses) > 16:
-                self._responses.pop(next(iter(self._responses)))
-        return data
+    def sotw_response(self, names: frozenset[str] | None, nonce: str, share: bool = True) -> bytes:
+        """:meth:`sotw_body` with ``nonce`` appended, cached (``share``): streams sharing a nonce share the
+        bytes. A nonce of one stream only is not cached (it would push shared responses out)."""
+        if not share:
+            return self.sotw_body(names) + wire.field_str(5, nonce)
+        key = (nonce, names)
+        data = self._responses.get(key)
+        return data if data is not None else self._responses.put(key, self.sotw_body(names) + wire.field_str(5, nonce))
 
     def sotw_body(self, names: frozenset[str] | None) -> bytes:
         """A ``DiscoveryResponse`` without nonce for ``names`` (all for ``None``), built once and cached.
@@ -205,6 +239,10 @@ class TypeSet:
                     self._bodies.clear()
                 self._bodies[names] = body
         return body
+
+
+#: Name/reference set compositions that passed the consistency gate (see :meth:`Snapshot.errors`).
+_CONSISTENT: Bounded[tuple[int, ...], tuple[Any, ...]] = Bounded(8)
 
 
 class InconsistentSnapshot(ValueError):
@@ -239,7 +277,18 @@ class Snapshot:
     def errors(self) -> list[str]:
         """Consistency problems: dangling references and unreferenced named resources.
 
-        Set operations over per-TypeSet caches, so an unchanged type costs nothing to check again."""
+        Set operations over per-TypeSet caches; a snapshot made of the very name and reference sets of
+        one that passed (an endpoint change keeps them all) is not checked again."""
+        parts = tuple(x for ts in self.types.values() for x in (ts.names(), ts.refs()))
+        key = tuple(map(id, parts))
+        if _CONSISTENT.get(key) is not None:  # the held parts keep these ids from being reused
+            return []
+        problems = self._problems()
+        if not problems:
+            _CONSISTENT.put(key, parts)
+        return problems
+
+    def _problems(self) -> list[str]:
         by_type: dict[str, frozenset[str]] = {}
         for ts in self.types.values():
             for rtype, names in ts.refs().items():

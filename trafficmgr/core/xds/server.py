@@ -33,7 +33,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from trafficmgr.core import cache as cache_mod
 from trafficmgr.core import metrics, wire
-from trafficmgr.core.cache import NAMED_TYPES, TYPE_ORDER, Resource, Snapshot, SnapshotCache, TypeSet
+from trafficmgr.core.cache import NAMED_TYPES, TYPE_ORDER, Bounded, Resource, Snapshot, SnapshotCache, TypeSet
 
 log = logging.getLogger("trafficmgr.xds")
 
@@ -538,7 +538,7 @@ class XdsServer:
             nonce = f"{nonce}.g{self.cache.generation}"
         if nonce in st.recent_nonces:
             nonce = self._nonce()
-            data = ts.sotw_body(st.names) + wire.field_str(5, nonce)
+            data = ts.sotw_response(st.names, nonce, share=False)
         else:
             data = ts.sotw_response(st.names, nonce)
         st.sent_version = ts.version
@@ -683,7 +683,7 @@ class XdsServer:
         """Send one delta response. With ``shared`` (a key that identifies the same message for every
         stream in the same state), the nonce and the encoded bytes are shared too (see ``_sotw_send``)."""
         # Equal keys, equal messages: the nonce is derived from the key (it need only be unique per stream).
-        nonce = f"{self._nonce_prefix}.{ts.version}.{hash(shared) & 0xFFFFFFFF:x}" if shared else ""
+        nonce = f"{self._nonce_prefix}.{ts.version}.{_token(shared)}" if shared else ""
         # A version can come back (content-addressed: a change undone); its shared nonce must not
         # collide with a response of that version still awaiting its ACK.
         if not nonce or nonce == st.sent_nonce or nonce in st.inflight:
@@ -716,7 +716,7 @@ class XdsServer:
                 ]
             )
             if shared:
-                _remember_delta_message((shared, nonce), data)
+                _DELTA_MESSAGES.put((shared, nonce), data)
         await self._write(stream, st, data)
 
 
@@ -738,12 +738,19 @@ def _sotw_names(type_url: str, names: Iterable[str]) -> frozenset[str] | None:
     return _intern_names(requested)
 
 
-_NAME_SETS: collections.OrderedDict[frozenset[str], frozenset[str]] = collections.OrderedDict()
+def _token(key: Any) -> str:
+    """A short token for a hashable key, in nonces: equal keys, equal tokens. A collision within one
+    stream is caught where nonces are chosen (it then costs only a per-stream nonce)."""
+    return f"{hash(key) & 0xFFFFFFFF:x}"
 
 
 def _names_tag(names: frozenset[str] | None) -> str:
-    """A short token for a subscription (in nonces; a collision only costs a per-stream copy)."""
-    return "all" if names is None else f"n{hash(names) & 0xFFFFFFFF:x}"
+    """The token of a subscription."""
+    return "all" if names is None else "n" + _token(names)
+
+
+#: One shared object per distinct subscription (see :func:`_intern_names`).
+_NAME_SETS: Bounded[frozenset[str], frozenset[str]] = Bounded(4096)
 
 
 def _intern_names(names: frozenset[str]) -> frozenset[str]:
@@ -751,11 +758,7 @@ def _intern_names(names: frozenset[str]) -> frozenset[str]:
     endpoint names hold one set (and one copy of the strings), not a thousand. Equal sets also hit the
     response-body cache by identity first."""
     canonical = _NAME_SETS.get(names)
-    if canonical is None:
-        _NAME_SETS[names] = canonical = names
-        while len(_NAME_SETS) > 4096:
-            _NAME_SETS.popitem(last=False)
-    return canonical
+    return canonical if canonical is not None else _NAME_SETS.put(names, names)
 
 
 def _release_memory() -> None:
@@ -767,25 +770,11 @@ def _release_memory() -> None:
         pass
 
 
-_DELTA_MESSAGES: collections.OrderedDict[Any, bytes] = collections.OrderedDict()
-_DELTA_MESSAGES_MAX = 64
-_DELTA_MESSAGES_MAX_BYTES = 16 << 20  # first answers hold every resource (~1 MB at 1000 services)
-
-
-_DELTA_MESSAGES_LOCK = threading.Lock()  # several servers may run in one process (tests)
-_delta_messages_bytes = 0
-
-
-def _remember_delta_message(key: Any, data: bytes) -> None:
-    global _delta_messages_bytes
-    with _DELTA_MESSAGES_LOCK:
-        old = _DELTA_MESSAGES.pop(key, None)
-        _DELTA_MESSAGES[key] = data
-        _delta_messages_bytes += len(data) - (len(old) if old is not None else 0)
-        while len(_DELTA_MESSAGES) > 1 and (len(_DELTA_MESSAGES) > _DELTA_MESSAGES_MAX
-                                            or _delta_messages_bytes > _DELTA_MESSAGES_MAX_BYTES):
-            _delta_messages_bytes -= len(_DELTA_MESSAGES.popitem(last=False)[1])
-_TRANSITIONS: collections.OrderedDict[tuple[str, str, str], list[tuple[str, Resource | None]]] = collections.OrderedDict()
+#: Delta messages shared by the streams in the same state, by (shared key, nonce): first answers hold
+#: every resource (~1 MB at 1000 services), hence the byte bound too.
+_DELTA_MESSAGES: Bounded[Any, bytes] = Bounded(64, 16 << 20, len)
+#: What changed between two type set versions, shared by every stream in sync with the older one.
+_TRANSITIONS: Bounded[tuple[str, str, str], list[tuple[str, Resource | None]]] = Bounded(32)
 
 
 def _transition(old: TypeSet, new: TypeSet) -> list[tuple[str, Resource | None]]:
@@ -797,9 +786,7 @@ def _transition(old: TypeSet, new: TypeSet) -> list[tuple[str, Resource | None]]
         before, after = old.resources, new.resources
         changes = [(n, r) for n, r in after.items() if before.get(n) is not r]
         changes += [(n, None) for n in before if n not in after]
-        _TRANSITIONS[key] = changes
-        while len(_TRANSITIONS) > 32:
-            _TRANSITIONS.popitem(last=False)
+        _TRANSITIONS.put(key, changes)
     return changes
 
 
