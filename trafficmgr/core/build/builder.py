@@ -142,9 +142,8 @@ class Builder:
         self._inbound: tuple[Any, ...] | None = None
         self._sidecar_inputs_changed = True
         self._http_port_counts: dict[int, int] = {}
-        self._sidecar_cluster_set: tuple[cache.TypeSet, cache.TypeSet] | None = None
         self._extras_memo: dict[tuple[str, str], tuple[cache.TypeSet, dict[str, str], cache.TypeSet]] = {}
-        self._inbound_clusters: dict[str, cache.Resource] | None = None
+        self._inbound_cluster_resources: dict[str, cache.Resource] | None = None
 
     # -- public -------------------------------------------------------------------------------
 
@@ -188,6 +187,8 @@ class Builder:
             ctx = self._context(role, model)
             resources: dict[str, Any] = {t: [] for t in cache.TYPE_ORDER}
             resources.update(shared)
+            # Resources of a type shared between views (clusters, endpoints) that only this view has.
+            extras: dict[str, dict[str, cache.Resource]] = {}
             if role == SIDECAR:
                 listener, routes = self._sidecar_listener(ctx, outputs)
                 resources[cache.LISTENER].append(listener)
@@ -196,8 +197,7 @@ class Builder:
                     resources[cache.LISTENER].append(self._proxy_listener(ctx))
                 elif self._inbound_port():
                     resources[cache.LISTENER].append(self._inbound_listener(ctx))
-                    resources[cache.CLUSTER] = self._sidecar_clusters(shared[cache.CLUSTER])
-            extras: dict[str, dict[str, cache.Resource]] = {}
+                    extras[cache.CLUSTER] = dict(self._inbound_clusters())
             for res in self.plugins.collect("trafficmgr_resources", what=f"{role} resources", ctx=ctx):
                 if res.type_url == cache.SECRET and role != GATEWAY:
                     log.error("a plugin contributed secret %r to the %s view: dropped (secrets go to gateways only)", res.name, role)
@@ -637,10 +637,9 @@ class Builder:
             return 0
         return int(self.options.sidecar_inbound_port or 0)
 
-    def _sidecar_clusters(self, shared: cache.TypeSet) -> cache.TypeSet:
-        """The shared cluster set plus the inbound listener's two fixed clusters (sidecars only);
-        re-derived only when the shared set changes. The fixed clusters are serialized once."""
-        if self._inbound_clusters is None:
+    def _inbound_clusters(self) -> dict[str, cache.Resource]:
+        """The inbound listener's two fixed clusters (sidecars only), serialized once."""
+        if self._inbound_cluster_resources is None:
             c = cluster_pb2.Cluster(name=INBOUND_CLUSTER, type=cluster_pb2.Cluster.ORIGINAL_DST,
                                     lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED)
             c.connect_timeout.CopyFrom(duration_ms(10000))
@@ -652,16 +651,13 @@ class Builder:
             hole = cluster_pb2.Cluster(name=BLACKHOLE_CLUSTER, type=cluster_pb2.Cluster.STATIC)
             hole.connect_timeout.CopyFrom(duration_ms(1000))
             hole.load_assignment.cluster_name = BLACKHOLE_CLUSTER
-            self._inbound_clusters = {INBOUND_CLUSTER: self.resource(c, INBOUND_CLUSTER),
-                                      BLACKHOLE_CLUSTER: self.resource(hole, BLACKHOLE_CLUSTER)}
-        memo = self._sidecar_cluster_set
-        if memo is None or memo[0] is not shared:
-            memo = (shared, shared.derive(self._inbound_clusters))
-            self._sidecar_cluster_set = memo
-        return memo[1]
+            self._inbound_cluster_resources = {INBOUND_CLUSTER: self.resource(c, INBOUND_CLUSTER),
+                                               BLACKHOLE_CLUSTER: self.resource(hole, BLACKHOLE_CLUSTER)}
+        return self._inbound_cluster_resources
 
     def _with_extras(self, role: str, base: cache.TypeSet, extra: dict[str, cache.Resource]) -> cache.TypeSet:
-        """``base`` (a TypeSet shared between views) plus plugin resources of its type, derived in
+        """``base`` (a TypeSet shared between views) plus this view's own resources of its type (the
+        sidecar's inbound clusters, plugin resources), derived in
         O(extras) and reused while neither ``base`` nor the extras' versions change, so a plugin's
         resource (the tracing plugin's collector cluster) does not undo the O(changes) builds."""
         key = (role, base.type_url)

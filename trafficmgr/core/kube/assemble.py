@@ -278,23 +278,13 @@ class Assembler:
     def _on_pod(self, key: Key, obj: dict[str, Any] | None) -> None:
         rs_name = _controller(obj, "ReplicaSet") if obj is not None else None
         rs = (key[0], rs_name) if rs_name else None
-        old_rs = self._pod_rs.get(key)
-        if old_rs != rs:
-            if old_rs is not None:
-                pods = self._rs_pods.get(old_rs)
-                if pods is not None:
-                    pods.discard(key)
-                    if not pods:
-                        del self._rs_pods[old_rs]
-                del self._pod_rs[key]
-            if rs is not None:
-                self._rs_pods.setdefault(rs, set()).add(key)
-                self._pod_rs[key] = rs
+        _move(self._rs_pods, key, self._pod_rs.pop(key, None), rs)
+        if rs is not None:
+            self._pod_rs[key] = rs
         if obj is None:
             self._pod_own.pop(key, None)
             owner = self._pod_owner.pop(key, None)
-            if owner:
-                self._owner_pods.get((owner[0], key[0], owner[1]), set()).discard(key)
+            _move(self._owner_pods, key, (owner[0], key[0], owner[1]) if owner else None, None)
             gone = self.pods.pop(key, None)
             self.port_pods.pop(key, None)
             if gone is not None:
@@ -312,10 +302,8 @@ class Assembler:
         owner = self._pod_workload(key, obj)
         old_owner = self._pod_owner.get(key)
         if old_owner != owner:
-            if old_owner:
-                self._owner_pods.get((old_owner[0], key[0], old_owner[1]), set()).discard(key)
-            if owner:
-                self._owner_pods.setdefault((owner[0], key[0], owner[1]), set()).add(key)
+            _move(self._owner_pods, key, (old_owner[0], key[0], old_owner[1]) if old_owner else None,
+                  (owner[0], key[0], owner[1]) if owner else None)
             self._pod_owner[key] = owner
         own = self._pod_own.get(key, EMPTY_LABELS)
         workload = self._workload_labels.get((owner[0], key[0], owner[1]), EMPTY_LABELS) if owner else EMPTY_LABELS
@@ -342,16 +330,7 @@ class Assembler:
             self._refresh_endpoints_of_pod(key)
 
     def _index_ip(self, key: Key, old_ip: str | None, new_ip: str | None) -> None:
-        if old_ip == new_ip:
-            return
-        if old_ip:
-            keys = self._ip_pods.get(old_ip)
-            if keys is not None:
-                keys.discard(key)
-                if not keys:
-                    del self._ip_pods[old_ip]
-        if new_ip:
-            self._ip_pods.setdefault(new_ip, set()).add(key)
+        _move(self._ip_pods, key, old_ip or None, new_ip or None)
 
     def pods_with_ip(self, ip: str) -> list[tuple[str, str, dict[str, str]]]:
         """``(namespace, name, all labels)`` of every pod whose IP is ``ip`` (for access control)."""
@@ -458,6 +437,21 @@ class Assembler:
                 self.dirty = True
             return
         self._set(table, key, value)
+
+
+def _move(index: dict[Any, set[Key]], key: Key, old: Any, new: Any) -> None:
+    """Move ``key`` from the set under ``old`` to the one under ``new`` (None: none) in a one-to-many
+    index; an emptied set is dropped, so the index holds only live groups."""
+    if old == new:
+        return
+    if old is not None:
+        keys = index.get(old)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del index[old]
+    if new is not None:
+        index.setdefault(new, set()).add(key)
 
 
 def _controller(obj: dict[str, Any], kind: str) -> str | None:
