@@ -10,6 +10,7 @@ from trafficmgr.apiserver.store import Store
 from trafficmgr.core.kube import assemble
 from trafficmgr.core.kube.assemble import CORE_KINDS, Assembler
 from trafficmgr.core.plugins import PluginHost
+from trafficmgr.testing.kit import load_manifests
 from trafficmgr.testing.manifests import join, pod, service
 
 PODS = 8
@@ -22,18 +23,12 @@ def _lists() -> dict[str, list[dict]]:
     controllers = Controllers(store, endpointslices=True)
     controllers.start()
     try:
-        for obj in load_manifests_text(join(*docs)):
+        for obj in load_manifests(join(*docs)):
             store.create(obj)
         controllers.wait_idle()
         return {k.plural: store.list(k.plural)["items"] for k in CORE_KINDS}
     finally:
         controllers.stop()
-
-
-def load_manifests_text(text: str) -> list[dict]:
-    import yaml
-
-    return [d for d in yaml.safe_load_all(text) if d]
 
 
 @pytest.mark.parametrize("order", ["listed", "reversed"])

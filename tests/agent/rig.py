@@ -19,7 +19,7 @@ import yaml
 from trafficmgr.testing.prereq import missing
 from trafficmgr.core.agent.agent import Agent, AgentConfig
 from trafficmgr.core.agent.runtime import Runtime
-from trafficmgr.testing.cluster import http_get
+from trafficmgr.testing.cluster import http_get, store_events
 from trafficmgr.testing.envoy import wait_for
 from trafficmgr.testing.netns import run_in_netns
 
@@ -141,8 +141,7 @@ class Cluster:
         return ((pod or {}).get("metadata", {}).get("annotations") or {}).get("traffic.envoy.proxy")
 
     def events(self, name: str, namespace: str = "default") -> list[dict[str, Any]]:
-        return [e for e in self.store.list("events", namespace)["items"]
-                if (e.get("involvedObject") or {}).get("name") == name]
+        return store_events(self.store, name, namespace=namespace)
 
     def cluster_ip(self, service: str) -> str:
         return self.store.get("services", service, "default")["spec"]["clusterIP"]

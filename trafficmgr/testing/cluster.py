@@ -252,6 +252,15 @@ class SidecarPod:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def store_events(store: Any, name: str | None = None, reason: str | None = None,
+                 namespace: str = "default") -> list[dict[str, Any]]:
+    """The Events in the test API server's ``store`` for ``namespace``, only those about object ``name``
+    and/or with ``reason`` when given."""
+    return [e for e in store.list("events", namespace)["items"]
+            if (name is None or (e.get("involvedObject") or {}).get("name") == name)
+            and (reason is None or e.get("reason") == reason)]
+
+
 class LocalCluster:
     """In-process end-to-end rig for feature tests (no subprocess but Envoy):
 
@@ -346,10 +355,8 @@ status: {{podIP: {client_ip}, conditions: [{{type: Ready, status: "True"}}]}}
         self.store.patch(plural, name, {"metadata": {"labels": labels}}, namespace, patch_type="merge")
 
     def events(self, name: str | None = None, reason: str | None = None, namespace: str = "default") -> list[dict[str, Any]]:
-        """The Events of ``namespace``, only those about object ``name`` and/or with ``reason`` when given."""
-        return [e for e in self.store.list("events", namespace)["items"]
-                if (name is None or (e.get("involvedObject") or {}).get("name") == name)
-                and (reason is None or e.get("reason") == reason)]
+        """The Events of ``namespace`` (see :func:`store_events`)."""
+        return store_events(self.store, name, reason, namespace)
 
     def wait_event(self, name: str, reason: str, text: str = "", timeout: float = 10.0) -> dict[str, Any]:
         """Wait for a Warning Event about ``name`` with ``reason`` whose message contains ``text``."""
@@ -474,7 +481,7 @@ class GatewayCluster:
         self.store.delete(plural, name, namespace)
 
     def events(self, name: str | None = None, reason: str | None = None, namespace: str = "default") -> list[dict[str, Any]]:
-        return LocalCluster.events(self, name, reason, namespace)  # type: ignore[arg-type]
+        return store_events(self.store, name, reason, namespace)
 
     def wait_event(self, name: str, reason: str, text: str = "", timeout: float = 10.0) -> dict[str, Any]:
         return LocalCluster.wait_event(self, name, reason, text, timeout)  # type: ignore[arg-type]
