@@ -15,7 +15,7 @@ import time
 
 import attrs
 
-from trafficmgr.core.build.builder import Builder
+from trafficmgr.core.translate.builder import Builder
 from trafficmgr.core.model import Endpoint, Labels, Model, Service, ServicePort
 from trafficmgr.core.plugins import PluginHost
 

@@ -25,7 +25,7 @@ import yaml
 
 from trafficmgr.apiserver.controllers import Controllers
 from trafficmgr.apiserver.store import Store
-from trafficmgr.core.build.builder import Builder, default_options
+from trafficmgr.core.translate.builder import Builder, default_options
 from trafficmgr.core.cache import SnapshotCache
 from trafficmgr.core.kube import assemble
 from trafficmgr.core.kube.assemble import CORE_KINDS, Assembler

@@ -19,7 +19,7 @@ from trafficmgr import hookimpl
 from trafficmgr.apiserver import APIServer
 from trafficmgr.core import cache
 from trafficmgr.core.access import AccessControl, refused_count
-from trafficmgr.core.build.builder import Builder
+from trafficmgr.core.translate.builder import Builder
 from trafficmgr.core.controlplane import ControlPlane
 from trafficmgr.core.kube.client import KubeClient, load_api_client
 from trafficmgr.core.model import Endpoint, Labels, Model, Pod, Service, ServicePort

@@ -21,7 +21,7 @@ from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2
 
 from trafficmgr.core import render
 from trafficmgr.core.admin import AdminError, AdminServer, AdminState
-from trafficmgr.core.build.resources import pack
+from trafficmgr.core.protos import pack
 from trafficmgr.core.cache import Resource
 from trafficmgr.core.labels import LabelSpec
 from trafficmgr.core.plugins import PluginHost, PluginInfo

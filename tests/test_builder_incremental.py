@@ -11,7 +11,7 @@ import attrs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trafficmgr.core.build.builder import Builder, default_options
+from trafficmgr.core.translate.builder import Builder, default_options
 from trafficmgr.core.model import Endpoint, Labels, Model, Pod, Service, ServicePort
 from trafficmgr.core.plugins import PluginHost
 from trafficmgr.testing.golden import render

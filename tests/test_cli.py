@@ -17,7 +17,7 @@ import yaml
 from trafficmgr import __version__
 from trafficmgr.core import cli
 from trafficmgr.core.admin import AdminServer, snapshot_resources
-from trafficmgr.core.build.builder import Builder
+from trafficmgr.core.translate.builder import Builder
 from trafficmgr.core.cache import Resource
 from trafficmgr.core.labels import LabelSpec
 from trafficmgr.core.model import Endpoint, Model, Service, ServicePort

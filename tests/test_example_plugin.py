@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from trafficmgr.testing.prereq import missing
-from trafficmgr.core.build.builder import Builder
+from trafficmgr.core.translate.builder import Builder
 from trafficmgr.core.cli import main
 from trafficmgr.core.model import Endpoint, Model, ObjectRef, Service, ServicePort
 from trafficmgr.core.plugins import PluginHost, available

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from envoy.config.core.v3 import base_pb2
 
-from trafficmgr import LabelSpec, hookimpl, labels
+from trafficmgr.plugin import LabelSpec, hookimpl, labels
 
 LABEL = "traffic.served-by"
 HEADER = "x-served-by"

@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 
 from trafficmgr.core import cache
-from trafficmgr.core.build.builder import BLOCKED_BODY, PROXY_LISTENER, PROXY_ROUTE, default_options
+from trafficmgr.core.translate.builder import BLOCKED_BODY, PROXY_LISTENER, PROXY_ROUTE, default_options
 from trafficmgr.core.plugins import PluginHost
 from trafficmgr.testing.golden import build_from_manifests, load_manifests
 

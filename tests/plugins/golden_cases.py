@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from trafficmgr.core.build.builder import default_options
+from trafficmgr.core.translate.builder import default_options
 from trafficmgr.core.plugins import PluginHost, builtin_names
 
 HERE = Path(__file__).resolve().parent.parent / "golden" / "plugins"

@@ -16,7 +16,7 @@ from envoy.config.route.v3 import route_components_pb2
 
 from trafficmgr.testing.netns import require as _require_netns
 from tests.plugins.reviews import PODS, assert_no_nacks, request_reviews, reviews_url, route_has, start_reviews
-from trafficmgr.core.build.context import BuildContext
+from trafficmgr.core.translate.context import BuildContext
 from trafficmgr.core.kube.events import INVALID_LABEL
 from trafficmgr.core.model import GATEWAY, SIDECAR, Labels, Model, Service, ServicePort
 from trafficmgr.core.plugins import PluginHost

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from trafficmgr.core import cache
-from trafficmgr.core.build.builder import Builder
+from trafficmgr.core.translate.builder import Builder
 from trafficmgr.core.plugins import PluginHost
 from trafficmgr.testing.cluster import GatewayCluster
 from trafficmgr.testing.envoy import wait_for

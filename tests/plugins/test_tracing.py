@@ -13,7 +13,7 @@ import pytest
 
 from trafficmgr.testing.netns import require as _require_netns
 from trafficmgr.apps.zipkin import ZipkinCollector
-from trafficmgr.core.build.context import BuildContext
+from trafficmgr.core.translate.context import BuildContext
 from trafficmgr.core.model import GATEWAY, SIDECAR, Model
 from trafficmgr.core.plugins import PluginHost
 from trafficmgr.plugins import tracing

@@ -415,7 +415,7 @@ def _replace_cluster_a(cp: ControlPlane, timeout_ms: int) -> None:
     """Publish the current snapshot with cluster "a" changed (its connect timeout) and nothing else."""
     from envoy.config.cluster.v3 import cluster_pb2
 
-    from trafficmgr.core.build.resources import duration_ms
+    from trafficmgr.core.protos import duration_ms
 
     snap = cp.cache.get("sidecar")
     msg = cluster_pb2.Cluster.FromString(eds_cluster("a").body)

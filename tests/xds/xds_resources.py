@@ -1,4 +1,4 @@
-"""Tiny Envoy resource constructors for xDS tests (the real builder lives in trafficmgr.core.build)."""
+"""Tiny Envoy resource constructors for xDS tests (the real builder lives in trafficmgr.core.translate)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 
 from trafficmgr.core import cache
-from trafficmgr.core.build.resources import ads_config_source, duration_ms, pack, socket_address, uint32
+from trafficmgr.core.protos import ads_config_source, duration_ms, pack, socket_address, uint32
 from trafficmgr.core.cache import Resource, Snapshot
 
 #: (host, port, weight)

@@ -113,7 +113,7 @@ class SimClient:
 
 
 def _name_of(type_url: str, any_msg: Any) -> str:
-    from trafficmgr.core.build.resources import message_class
+    from trafficmgr.core.protos import message_class
 
     msg = message_class(type_url)()
     msg.ParseFromString(any_msg.value)

@@ -114,7 +114,7 @@ class Resource:
 
     def message(self) -> Message:
         """Parse the bytes back into a message (for config dumps and tests; not on the hot path)."""
-        from trafficmgr.core.build.resources import message_class
+        from trafficmgr.core.protos import message_class
 
         msg = message_class(self.type_url)()
         msg.ParseFromString(self.body)

@@ -19,8 +19,8 @@ from typing import Any
 from trafficmgr.core import cache as cache_mod
 from trafficmgr.core.access import AccessControl, parse_selector
 from trafficmgr.core import metrics
-from trafficmgr.core.build.builder import Builder
-from trafficmgr.core.build.context import WatchKind
+from trafficmgr.core.translate.builder import Builder
+from trafficmgr.core.contrib import WatchKind
 from trafficmgr.core.cache import Resource, SnapshotCache
 from trafficmgr.core.kube.assemble import CORE_KINDS, Assembler
 from trafficmgr.core.kube.client import Kind, KubeClient

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
         HttpConnectionManager,
     )
 
-    from trafficmgr.core.build.context import BuildContext, HttpFilter, ObjectStatus, WatchKind
+    from trafficmgr.core.translate.context import BuildContext, HttpFilter, ObjectStatus, WatchKind
     from trafficmgr.core.cache import Resource
     from trafficmgr.core.labels import LabelSpec
     from trafficmgr.core.model import Endpoint, Model, Service, ServicePort
@@ -133,7 +133,7 @@ def trafficmgr_route(route: Route, service: Service, port: ServicePort, ctx: Bui
 def trafficmgr_http_filters(ctx: BuildContext) -> list[HttpFilter]:
     """Contribute HTTP filters for the HTTP connection managers of ``ctx.role``.
 
-    Return :class:`HttpFilter` items with an explicit ``order`` (see ``trafficmgr.core.build.context``
+    Return :class:`HttpFilter` items with an explicit ``order`` (see ``trafficmgr.core.translate.context``
     for the well-known values); the core sorts them and appends the router. Filters should be no-ops by
     default and be configured per virtual host or route. Called once per build and role.
     """

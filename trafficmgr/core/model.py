@@ -15,6 +15,9 @@ import attrs
 
 SIDECAR = "sidecar"
 GATEWAY = "gateway"
+#: The role of resources every view shares (clusters and endpoints): their hooks see this, not a view's.
+SHARED = "shared"
+ROLES = (SIDECAR, GATEWAY)
 GATEWAY_CLUSTER = "traffic-ingress"
 
 

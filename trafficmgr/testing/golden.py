@@ -16,7 +16,7 @@ import yaml
 from google.protobuf import json_format
 
 from trafficmgr.core import cache
-from trafficmgr.core.build.builder import Builder, default_options
+from trafficmgr.core.translate.builder import Builder, default_options
 from trafficmgr.core.controlplane import kinds_of
 from trafficmgr.core.kube.assemble import Assembler
 from trafficmgr.core.kube.client import Kind

@@ -74,7 +74,7 @@ def load_plugins(plugins: PluginHost | Sequence[str | object] | None) -> PluginH
 def make_options(host: PluginHost, options: argparse.Namespace | Mapping[str, Any] | None = None) -> argparse.Namespace:
     """What ``trafficmgr serve`` would pass as ``ctx.options``: the defaults of every option the loaded
     plugins add (``trafficmgr_add_arguments``), the builder's defaults, then ``options`` on top."""
-    from trafficmgr.core.build.builder import default_options
+    from trafficmgr.core.translate.builder import default_options
 
     parser = argparse.ArgumentParser(add_help=False)
     host.call_all("trafficmgr_add_arguments", parser=parser, command="serve")
@@ -460,7 +460,7 @@ class SidecarMesh:
 
     def _bound(self, snap: cache.Snapshot) -> cache.Snapshot:
         """The sidecar snapshot plus one copy of the ``outbound`` listener per Service address."""
-        from trafficmgr.core.build.builder import OUTBOUND_LISTENER
+        from trafficmgr.core.translate.builder import OUTBOUND_LISTENER
 
         listeners = dict(snap.types[cache.LISTENER].resources)
         outbound = listeners.get(OUTBOUND_LISTENER)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from trafficmgr.core import metrics
-from trafficmgr.core.build.context import WatchKind
+from trafficmgr.core.contrib import WatchKind
 from trafficmgr.core.corelabels import PORT_PREFIX
 from trafficmgr.core.kube.client import Kind
 from trafficmgr.core.labels import LabelRegistry

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
-from trafficmgr.core.build.context import ObjectStatus
+from trafficmgr.core.contrib import ObjectStatus
 from trafficmgr.core.kube.client import KubeClient
 from trafficmgr.core.kube.writer import BackgroundWriter
 

@@ -6,16 +6,16 @@ from typing import TYPE_CHECKING, Any
 
 from envoy.config.core.v3 import base_pb2
 
-from trafficmgr import hookimpl
-from trafficmgr.core import labels as L
-from trafficmgr.core.labels import LabelSpec
+from trafficmgr.plugin import hookimpl
+from trafficmgr.plugin import labels as L
+from trafficmgr.plugin import LabelSpec
 
 if TYPE_CHECKING:
     from envoy.config.cluster.v3.cluster_pb2 import Cluster
     from envoy.config.route.v3.route_components_pb2 import Route
 
-    from trafficmgr.core.build.context import BuildContext
-    from trafficmgr.core.model import Service, ServicePort
+    from trafficmgr.plugin import BuildContext
+    from trafficmgr.plugin import Service, ServicePort
 
 RETRIES_MAX = "traffic.retries.max"
 CONNECTION_MAX = "traffic.connection.max"

@@ -7,18 +7,18 @@ from typing import TYPE_CHECKING
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.type.v3 import percent_pb2
 
-from trafficmgr import hookimpl
-from trafficmgr.core import labels as L
-from trafficmgr.core.build.context import HttpFilter
-from trafficmgr.core.build.resources import pack
-from trafficmgr.core.labels import LabelSpec
-from trafficmgr.core.model import SIDECAR
+from trafficmgr.plugin import hookimpl
+from trafficmgr.plugin import labels as L
+from trafficmgr.plugin import HttpFilter
+from trafficmgr.plugin import pack
+from trafficmgr.plugin import LabelSpec
+from trafficmgr.plugin import SIDECAR
 
 if TYPE_CHECKING:
     from envoy.config.route.v3.route_components_pb2 import VirtualHost
 
-    from trafficmgr.core.build.context import BuildContext
-    from trafficmgr.core.model import Labels, Service, ServicePort
+    from trafficmgr.plugin import BuildContext
+    from trafficmgr.plugin import Labels, Service, ServicePort
 
 DELAY_TIME = "traffic.fault.delay.time"
 DELAY_PERCENT = "traffic.fault.delay.percentage"

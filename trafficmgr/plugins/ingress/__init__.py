@@ -15,10 +15,10 @@ import argparse
 import ipaddress
 from typing import TYPE_CHECKING, Any
 
-from trafficmgr import hookimpl
-from trafficmgr.core.argtypes import listen_port
-from trafficmgr.core.build.context import ObjectStatus, WatchKind
-from trafficmgr.core.model import GATEWAY, Model
+from trafficmgr.plugin import hookimpl
+from trafficmgr.plugin import listen_port
+from trafficmgr.plugin import ObjectStatus, WatchKind
+from trafficmgr.plugin import GATEWAY, Model
 from trafficmgr.plugins.ingress import gateway
 from trafficmgr.plugins.ingress.ir import (
     DEFAULTS,
@@ -31,8 +31,8 @@ from trafficmgr.plugins.ingress.ir import (
 )
 
 if TYPE_CHECKING:
-    from trafficmgr.core.build.context import BuildContext
-    from trafficmgr.core.cache import Resource
+    from trafficmgr.plugin import BuildContext
+    from trafficmgr.plugin import Resource
 
 
 @hookimpl

@@ -17,9 +17,9 @@ from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 
-from trafficmgr.core import cache
-from trafficmgr.core.build.resources import pack, socket_address
-from trafficmgr.core.model import Service, ServicePort
+from trafficmgr.plugin import ROUTE as RDS, SECRET as SDS, Resource
+from trafficmgr.plugin import pack, socket_address
+from trafficmgr.plugin import Service, ServicePort
 from trafficmgr.plugins.ingress.ir import (
     EXACT,
     HOST_RE,
@@ -34,7 +34,7 @@ from trafficmgr.plugins.ingress.ir import (
 )
 
 if TYPE_CHECKING:
-    from trafficmgr.core.build.context import BuildContext
+    from trafficmgr.plugin import BuildContext
 
 LISTENER = "ingress"
 ROUTE_CONFIG = "ingress"
@@ -256,7 +256,7 @@ def same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
-def resources(ctx: BuildContext) -> list[cache.Resource]:
+def resources(ctx: BuildContext) -> list[Resource]:
     """Listener + RouteConfiguration of the gateway (none when no Ingress is served); memoized."""
     ingresses = selected_ingresses(ctx.model, ctx.options)
     if not ingresses:
@@ -268,7 +268,7 @@ def resources(ctx: BuildContext) -> list[cache.Resource]:
     p = plan(ctx)
     rc = route_configuration(ctx, p)
     lst = listener(ctx)
-    refs = [(cache.ROUTE, ROUTE_CONFIG)] + [(cache.SECRET, n) for n in sds_names(lst)]
+    refs = [(RDS, ROUTE_CONFIG)] + [(SDS, n) for n in sds_names(lst)]
     out = [ctx.resource(lst, LISTENER, refs), ctx.resource(rc, ROUTE_CONFIG)]
     ctx.memo["ingress"] = (key, out)
     return out

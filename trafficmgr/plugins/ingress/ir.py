@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from trafficmgr.core.model import Model, ObjectRef
+from trafficmgr.plugin import Model, ObjectRef
 
 INGRESS = "Ingress"
 INGRESS_CLASS = "IngressClass"

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from trafficmgr import hookimpl
-from trafficmgr.core import labels as L
-from trafficmgr.core.labels import LabelSpec
+from trafficmgr.plugin import hookimpl
+from trafficmgr.plugin import labels as L
+from trafficmgr.plugin import LabelSpec
 
 POLICY = "traffic.lb.policy"
 COOKIE_NAME = "traffic.hash.cookie.name"

@@ -13,18 +13,18 @@ from envoy.extensions.filters.http.bandwidth_limit.v3 import bandwidth_limit_pb2
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
 from envoy.type.v3 import percent_pb2
 
-from trafficmgr import hookimpl
-from trafficmgr.core import labels as L
-from trafficmgr.core.build.context import HttpFilter
-from trafficmgr.core.build.resources import pack
-from trafficmgr.core.labels import LabelSpec
-from trafficmgr.core.model import SIDECAR, ObjectRef
+from trafficmgr.plugin import hookimpl
+from trafficmgr.plugin import labels as L
+from trafficmgr.plugin import HttpFilter
+from trafficmgr.plugin import pack
+from trafficmgr.plugin import LabelSpec
+from trafficmgr.plugin import SIDECAR, ObjectRef
 
 if TYPE_CHECKING:
     from envoy.config.route.v3.route_components_pb2 import VirtualHost
 
-    from trafficmgr.core.build.context import BuildContext
-    from trafficmgr.core.model import Labels, Service, ServicePort
+    from trafficmgr.plugin import BuildContext
+    from trafficmgr.plugin import Labels, Service, ServicePort
 
 BANDWIDTH = "traffic.rate.limit"
 REQUEST_RATE = "traffic.request.rate"

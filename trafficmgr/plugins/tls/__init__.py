@@ -21,17 +21,17 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2
 
-from trafficmgr import hookimpl
-from trafficmgr.core.build.context import WatchKind
-from trafficmgr.core.build.resources import ads_config_source, pack
-from trafficmgr.core.model import GATEWAY
+from trafficmgr.plugin import hookimpl
+from trafficmgr.plugin import WatchKind
+from trafficmgr.plugin import ads_config_source, pack
+from trafficmgr.plugin import GATEWAY
 from trafficmgr.plugins.ingress import gateway
 from trafficmgr.plugins.ingress.ir import HOST_RE, INGRESS, Ingress, selected_ingresses
 from trafficmgr.plugins.tls.certs import SECRET, TLS_TYPE, TlsSecret, convert_secret
 
 if TYPE_CHECKING:
-    from trafficmgr.core.build.context import BuildContext
-    from trafficmgr.core.cache import Resource
+    from trafficmgr.plugin import BuildContext
+    from trafficmgr.plugin import Resource
 
 REASON_SECRET = "IngressTLSSecretInvalid"
 REASON_CONFLICT = "IngressTLSConflict"

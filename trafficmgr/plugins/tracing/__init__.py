@@ -20,12 +20,12 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.trace.v3 import zipkin_pb2
 from envoy.type.v3 import percent_pb2
 
-from trafficmgr import hookimpl
-from trafficmgr.core.argtypes import int_at_least
-from trafficmgr.core import labels as L
-from trafficmgr.core.build.resources import duration_ms, pack, socket_address
-from trafficmgr.core.labels import LabelSpec
-from trafficmgr.core.model import SIDECAR
+from trafficmgr.plugin import hookimpl
+from trafficmgr.plugin import int_at_least
+from trafficmgr.plugin import labels as L
+from trafficmgr.plugin import duration_ms, pack, socket_address
+from trafficmgr.plugin import LabelSpec
+from trafficmgr.plugin import SIDECAR
 
 if TYPE_CHECKING:
     from envoy.config.route.v3.route_components_pb2 import Route
@@ -33,9 +33,9 @@ if TYPE_CHECKING:
         HttpConnectionManager,
     )
 
-    from trafficmgr.core.build.context import BuildContext
-    from trafficmgr.core.cache import Resource
-    from trafficmgr.core.model import Service, ServicePort
+    from trafficmgr.plugin import BuildContext
+    from trafficmgr.plugin import Resource
+    from trafficmgr.plugin import Service, ServicePort
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
 from trafficmgr.core import cache, metrics
-from trafficmgr.core.build.context import ORDER_ROUTER, BuildContext, HttpFilter
+from trafficmgr.core.translate.context import ORDER_ROUTER, BuildContext, HttpFilter
 from trafficmgr.core.corelabels import PORT_PREFIX
-from trafficmgr.core.build.resources import ads_config_source, duration_ms, pack, socket_address
+from trafficmgr.core.protos import ads_config_source, duration_ms, pack, socket_address
 from trafficmgr.core.model import (
     GATEWAY,
     Pod,

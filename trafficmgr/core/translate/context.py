@@ -9,77 +9,21 @@ from typing import TYPE_CHECKING, Any
 import attrs
 from google.protobuf.message import Message
 
-from trafficmgr.core.model import Model, ObjectRef
+from trafficmgr.core.model import Endpoint, Model, ObjectRef
 
 if TYPE_CHECKING:
     from trafficmgr.core.cache import Resource
 
-# HTTP filter order (lower runs first). Conventional bands, so plugins that do not know each other still
-# compose: 100-199 change the request before anything admits it (fault injection), 200-299 admit or
-# reject it (rate limits), 300-399 shape the admitted traffic (bandwidth), ORDER_DEFAULT for the rest.
-# The router is always last.
-ORDER_DEFAULT = 500
-ORDER_ROUTER = 10_000
+from trafficmgr.core.contrib import ORDER_DEFAULT, ORDER_ROUTER, HttpFilter, ObjectStatus, WatchKind  # noqa: F401 (re-exported)
 
 
 @attrs.frozen(slots=True)
-class HttpFilter:
-    """An HTTP filter for the connection managers of one role.
+class EndpointPair:
+    """One ready :class:`~trafficmgr.core.model.Endpoint` and the ``LbEndpoint`` message built from it
+    (see ``trafficmgr_endpoints``). The message is the live one in the assignment: change it in place."""
 
-    ``name`` is the HCM filter name *and* the key of its ``typed_per_filter_config`` entries (Envoy
-    silently ignores per-route config under any other key). ``config`` is the filter's typed config.
-    """
-
-    name: str
-    order: int
-    config: Message
-
-
-@attrs.frozen(slots=True)
-class WatchKind:
-    """A Kubernetes kind a plugin needs watched.
-
-    ``convert(raw, ctx)`` turns one raw object dict into an IR object (or None to ignore it); it is the
-    only place a plugin sees a raw Kubernetes dict. ``ctx`` offers ``ctx.labels`` (the registry) and
-    ``ctx.report(ref, message)`` for Warning Events.
-    """
-
-    kind: str
-    api_version: str
-    plural: str
-    convert: Callable[[dict[str, Any], Any], Any]
-    namespaced: bool = True
-    field_selector: str = ""
-    label_selector: str = ""
-    #: Optional ``keep(extra) -> container of (namespace, name)``: called with every plugin kind's converted
-    #: objects (``{kind: {(namespace, name): obj}}``) each time the model is assembled; only the objects
-    #: of this kind whose key it returns appear in ``ctx.model.extra`` (e.g. only Secrets some Ingress
-    #: references). Keep it cheap.
-    keep: Callable[[Mapping[str, Mapping[tuple[str, str], Any]]], Container[tuple[str, str]]] | None = None
-
-    @property
-    def group(self) -> str:
-        return self.api_version.rpartition("/")[0]
-
-    @property
-    def version(self) -> str:
-        return self.api_version.rpartition("/")[2]
-
-
-@attrs.frozen(slots=True)
-class ObjectStatus:
-    """Desired content of one object's ``status`` subresource (see ``trafficmgr_object_status``).
-
-    ``path`` is the object's API path without ``/status`` (e.g.
-    ``/apis/networking.k8s.io/v1/namespaces/default/ingresses/web``); ``status`` is merged into the
-    current status with a JSON merge patch (lists are replaced whole). ``resource_version`` is the version
-    the plugin saw: the core writes a given status at most once per version.
-    """
-
-    path: str
-    status: dict[str, Any] = attrs.field(eq=False)
-    resource_version: str = ""
-    ref: ObjectRef | None = None
+    endpoint: Endpoint
+    lb_endpoint: Any
 
 
 class BuildContext:

@@ -1,0 +1,72 @@
+"""The public plugin API: everything a trafficmgr plugin may import, and nothing else.
+
+Plugins (built-in and third-party) import from this module only; ``trafficmgr.core`` is internal and
+changes without notice. The hook contract itself is ``trafficmgr.core.hookspecs`` (documented in
+docs/plugins.md)::
+
+    from trafficmgr.plugin import LabelSpec, hookimpl, labels
+
+    @hookimpl
+    def trafficmgr_labels():
+        return [LabelSpec("traffic.example.header", frozenset({labels.SERVICE}), labels.token(), "", "adds a header")]
+
+    @hookimpl
+    def trafficmgr_virtual_host(vhost, service, port, role):
+        value = service.labels.value("traffic.example.header")
+        if value:
+            vhost.response_headers_to_add.add().header.key = value
+
+A module attribute ``TRAFFICMGR_REQUIRES = ">=0.2,<0.3"`` declares the trafficmgr versions a plugin
+supports; ``TRAFFICMGR_DEPENDS = ("ingress",)`` the plugins it builds on (selecting it without them is
+a startup error).
+"""
+
+from __future__ import annotations
+
+from trafficmgr import __version__, hookimpl
+from trafficmgr.core import labels
+from trafficmgr.core.argtypes import int_at_least, listen_port, port, positive_seconds
+from trafficmgr.core.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Resource
+from trafficmgr.core.contrib import ORDER_DEFAULT, ORDER_ROUTER, HttpFilter, ObjectStatus, WatchKind
+from trafficmgr.core.corelabels import ENVOY_ENABLED, PORT_PREFIX
+from trafficmgr.core.labels import LabelSpec
+from trafficmgr.core.model import (
+    GATEWAY,
+    SHARED,
+    SIDECAR,
+    Endpoint,
+    Labels,
+    Model,
+    ObjectRef,
+    Pod,
+    Service,
+    ServicePort,
+)
+from trafficmgr.core.protos import (
+    DEFAULT_CONNECT_TIMEOUT_MS,
+    HCM_FILTER,
+    MAX_DURATION_MS,
+    TCP_PROXY_FILTER,
+    UINT32_MAX,
+    ads_config_source,
+    duration_ms,
+    fraction,
+    pack,
+    percent_fraction,
+    socket_address,
+    uint32,
+)
+from trafficmgr.core.translate.context import BuildContext, EndpointPair
+
+#: Plugin protocol values of ``traffic.port.<port>`` (and ``trafficmgr_port_protocols``).
+HTTP, TCP, DIRECT = "http", "tcp", "direct"
+
+__all__ = [
+    "CLUSTER", "DEFAULT_CONNECT_TIMEOUT_MS", "DIRECT", "ENDPOINT", "ENVOY_ENABLED", "GATEWAY", "HCM_FILTER",
+    "HTTP", "LISTENER", "MAX_DURATION_MS", "ORDER_DEFAULT", "ORDER_ROUTER", "PORT_PREFIX", "ROUTE", "SECRET",
+    "SHARED", "SIDECAR", "TCP", "TCP_PROXY_FILTER", "UINT32_MAX", "BuildContext", "Endpoint", "EndpointPair",
+    "HttpFilter", "LabelSpec", "Labels", "Model", "ObjectRef", "ObjectStatus", "Pod", "Resource", "Service",
+    "ServicePort", "WatchKind", "__version__", "ads_config_source", "duration_ms", "fraction", "hookimpl",
+    "int_at_least", "labels", "listen_port", "pack", "percent_fraction", "port", "positive_seconds",
+    "socket_address", "uint32",
+]
