@@ -368,11 +368,6 @@ class SnapshotCache:
         if notify:
             self.notify()
 
-    def remove_view(self, view: str) -> None:
-        with self._lock:
-            self._views.pop(view, None)
-        self.notify()
-
     def notify(self) -> None:
         """Wake every stream so it re-resolves its node and compares versions."""
         with self._lock:
@@ -400,7 +395,3 @@ class SnapshotCache:
             assert self._changed is not None, "attach_loop() first"
             await self._changed.wait()
         return self.generation
-
-
-def describe(resource: Resource) -> dict[str, Any]:
-    return {"name": resource.name, "version": resource.version, "bytes": len(resource.body)}

@@ -159,6 +159,14 @@ class Service:
         return (n, f"{n}.{ns}", f"{n}.{ns}.svc", f"{n}.{ns}.svc.cluster.local")
 
 
+def load_balancer_addresses(status: Mapping[str, Any]) -> tuple[str, ...]:
+    """The addresses in an object's ``status.loadBalancer.ingress`` (a Service's or an Ingress's): the ``ip``
+    of each entry, else its ``hostname``; entries with neither are skipped. ``status`` is the object's
+    ``status`` mapping (``{}`` when it has none)."""
+    ingress = (status.get("loadBalancer") or {}).get("ingress") or []
+    return tuple(i.get("ip") or i.get("hostname") for i in ingress if i.get("ip") or i.get("hostname"))
+
+
 @attrs.frozen(slots=True)
 class Pod:
     """A pod with its *effective* traffic labels (workload labels merged, the pod's own labels win)."""
@@ -185,15 +193,6 @@ class Pod:
     def node_id(self) -> str:
         """The Envoy node id of this pod's sidecar: ``<pod>.<namespace>``."""
         return f"{self.name}.{self.namespace}"
-
-
-@attrs.frozen(slots=True)
-class Proxy:
-    """A connected (or expected) Envoy: a sidecar of a pod or an ingress gateway."""
-
-    node_id: str
-    role: str
-    pod: Pod | None = None
 
 
 @attrs.frozen(slots=True)

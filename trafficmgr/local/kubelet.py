@@ -198,11 +198,6 @@ class LocalKubelet:
 
         threading.Thread(target=reap, name=f"stop-{record.name}", daemon=True).start()
 
-    def pod_ips(self) -> dict[tuple[str, str], str]:
-        """(namespace, pod) -> IP of every running pod."""
-        with self._lock:
-            return {(p.namespace, p.name): p.ip for p in self._pods.values()}
-
     # -- internals ----------------------------------------------------------------------------
 
     def _allocate(self) -> str:

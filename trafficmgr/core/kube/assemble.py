@@ -16,7 +16,9 @@ from trafficmgr.core.contrib import WatchKind
 from trafficmgr.core.corelabels import PORT_PREFIX
 from trafficmgr.core.kube.client import Kind
 from trafficmgr.core.labels import LabelRegistry
-from trafficmgr.core.model import EMPTY_LABELS, Endpoint, LabelError, Labels, Model, ObjectRef, Pod, Service, ServicePort
+from trafficmgr.core.model import (
+    EMPTY_LABELS, Endpoint, LabelError, Labels, Model, ObjectRef, Pod, Service, ServicePort, load_balancer_addresses,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,6 @@ DEPLOYMENT = Kind("Deployment", "apps/v1", "deployments")
 STATEFUL_SET = Kind("StatefulSet", "apps/v1", "statefulsets")
 DAEMON_SET = Kind("DaemonSet", "apps/v1", "daemonsets")
 CORE_KINDS: tuple[Kind, ...] = (SERVICE, ENDPOINT_SLICE, POD, REPLICA_SET, DEPLOYMENT, STATEFUL_SET, DAEMON_SET)
-WORKLOAD_KINDS = frozenset({"Deployment", "StatefulSet", "DaemonSet"})
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 
 Key = tuple[str, str]
@@ -211,11 +212,7 @@ class Assembler:
             namespace=key[0], name=key[1], ports=tuple(ports),
             cluster_ip=None if headless else cluster_ip, labels=labels, headless=headless,
             uid=_meta(obj).get("uid") or "",
-            load_balancer=tuple(
-                i.get("ip") or i.get("hostname")
-                for i in ((obj.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
-                if i.get("ip") or i.get("hostname")
-            ),
+            load_balancer=load_balancer_addresses(obj.get("status") or {}),
         )
         self._set(self.services, key, svc)
 

@@ -3,7 +3,7 @@
 Responses are assembled from bytes cached in :mod:`trafficmgr.core.cache` (each resource is serialized
 once, each SotW body once per name set); a push to a stream is a concatenation plus a nonce.
 
-Protocol rules (see FACTS.md, measured against Envoy 1.40):
+Protocol rules (the behaviour Envoy 1.40 was observed to expect of a management server):
 - SotW: answer a request only if it is the first of its type on the stream, its names changed, or a
   newer version exists; a plain ACK gets no answer; a request with a stale nonce is ignored.
 - A NACK (``error_detail`` set) is recorded and the rejected version is not resent; a newer version is.
