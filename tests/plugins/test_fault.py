@@ -175,7 +175,7 @@ def test_filter_only_for_sidecars_once_per_connection_manager(trafficmgr_build: 
     svc = Service("default", "reviews", (port,), "10.96.0.1", labels)
 
     def ctx(role: str) -> BuildContext:
-        return BuildContext(role, Model(), argparse.Namespace(), None, None, lambda *a: None, {})  # type: ignore[arg-type]
+        return BuildContext(role, Model(), argparse.Namespace(), reporter=lambda *a: None)
 
     filters = plugins.collect("trafficmgr_http_filters", ctx=ctx(SIDECAR))
     assert [(f.name, f.order) for f in filters] == [(fault.FILTER_NAME, fault.FILTER_ORDER)]

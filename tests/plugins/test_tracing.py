@@ -180,11 +180,11 @@ def test_bootstrap_hook() -> None:
 
 
 def _ctx(role: str, options: argparse.Namespace) -> BuildContext:
-    return BuildContext(role, Model(), options, lambda *a: None, lambda *a: None, lambda *a: None, {})
+    return BuildContext(role, Model(), options, reporter=lambda *a: None)
 
 
 def test_shared_connection_manager_traces_only_routes_of_traced_services() -> None:
-    """An HCM without ``ctx.service`` (the gateway's) gets tracing at 0 %; routes of traced services
+    """An HCM without a service (the gateway's) gets tracing at 0 %; routes of traced services
     carry their sampling."""
     from envoy.config.route.v3.route_components_pb2 import Route
     from envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2 import (
@@ -195,7 +195,7 @@ def test_shared_connection_manager_traces_only_routes_of_traced_services() -> No
 
     ctx = _ctx(GATEWAY, argparse.Namespace(zipkin_address="10.0.0.9:9411"))
     hcm = HttpConnectionManager(stat_prefix="ingress_http")
-    tracing.trafficmgr_http_connection_manager(hcm, ctx)
+    tracing.trafficmgr_http_connection_manager(hcm, None, ctx)
     assert hcm.tracing.provider.name == "envoy.tracers.zipkin"
     assert hcm.tracing.random_sampling.value == 0 and hcm.tracing.client_sampling.value == 0
     port = ServicePort("http", 9080, 9080, "http")
@@ -206,7 +206,7 @@ def test_shared_connection_manager_traces_only_routes_of_traced_services() -> No
     tracing.trafficmgr_route(other, plain, port, ctx)
     assert route.tracing.random_sampling.numerator == 1250 and not other.HasField("tracing")
     untouched = HttpConnectionManager(stat_prefix="x")
-    tracing.trafficmgr_http_connection_manager(untouched, _ctx(GATEWAY, argparse.Namespace()))
+    tracing.trafficmgr_http_connection_manager(untouched, None, _ctx(GATEWAY, argparse.Namespace()))
     assert not untouched.HasField("tracing"), "no collector: nothing"
 
 
@@ -232,8 +232,8 @@ def test_collector_cluster_is_contributed_with_trafficmgr_resources() -> None:
 
     made: list[tuple[Any, str]] = []
     for address, kind in (("zipkin.tracing:9411", Cluster.STRICT_DNS), ("10.0.0.9:9411", Cluster.STATIC)):
-        ctx = BuildContext(SIDECAR, Model(), argparse.Namespace(zipkin_address=address), lambda m, n, refs=(): made.append((m, n)) or n,
-                           lambda *a: None, lambda *a: None, {})
+        ctx = BuildContext(SIDECAR, Model(), argparse.Namespace(zipkin_address=address),
+                           resource=lambda m, n, refs=(): made.append((m, n)) or n)
         assert tracing.trafficmgr_resources(ctx) == [tracing.COLLECTOR_CLUSTER]
         message, name = made[-1]
         assert name == tracing.COLLECTOR_CLUSTER and message.type == kind

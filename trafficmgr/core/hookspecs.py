@@ -1,20 +1,31 @@
 """The trafficmgr plugin contract.
 
-Every hook is named ``trafficmgr_*``. Two call styles:
+Every hook is named ``trafficmgr_*`` and documented below: when it is called (its phase), its call style,
+and what happens when it raises. Implementations import what they need from ``trafficmgr.plugin``.
 
-- *mutate-in-place* hooks receive an Envoy message (``xds-protos``) plus the IR objects it was made from,
-  change the message and return ``None``;
-- *contribution* hooks return a list of items that the core merges (labels, kinds to watch, HTTP filters,
-  whole resources).
+Call styles:
+
+- *mutate*: the hook receives an Envoy message (``xds-protos``) plus the IR objects it was made from,
+  changes the message in place and returns ``None``;
+- *contribute*: the hook returns a list of items that the core merges (labels, kinds to watch, HTTP
+  filters, whole resources, object status);
+- *setup*: the hook changes plain Python data (an argument parser, a bootstrap dict).
+
+An implementation declares only the arguments it uses (pluggy passes them by name), so adding an
+argument to a hook never breaks existing plugins. Implementations are plain functions: pluggy's
+``wrapper``/``hookwrapper`` implementations are refused at registration (the core calls each
+implementation itself, to isolate errors per plugin), and no hook is ``firstresult`` or ``historic``.
 
 Rules for implementations:
 
 - Do nothing when your labels are absent. Never add the same filter twice.
-- A mutate hook must depend only on its arguments (and ``ctx.options``): the builder caches the result
-  while those are unchanged and calls the hook again only when they change.
-- If a hook raises, the core restores the message to what it was before the call, skips that plugin's
-  contribution for that resource, logs the error once and counts it in ``trafficmgr_plugin_errors``;
-  serving continues.
+- A mutate hook depends only on its arguments (and ``ctx.options``): the translators cache its result
+  while those are unchanged and call it again only when they change. It never reads ``ctx.model``.
+- Errors are isolated where a hook says so: the core restores the message to what it was before the
+  call (mutate) or drops that plugin's items (contribute), logs the error once and counts it in
+  ``trafficmgr_plugin_errors``; serving continues. Setup hooks are not isolated: an error there is a
+  startup error, reported to the user.
+- A plugin's hooks run before those of the plugins it depends on (``TRAFFICMGR_DEPENDS``).
 """
 
 from __future__ import annotations
@@ -33,24 +44,32 @@ if TYPE_CHECKING:
         HttpConnectionManager,
     )
 
-    from trafficmgr.core.translate.context import BuildContext, HttpFilter, ObjectStatus, WatchKind
     from trafficmgr.core.cache import Resource
+    from trafficmgr.core.contrib import HttpFilter, ObjectStatus, WatchKind
     from trafficmgr.core.labels import LabelSpec
     from trafficmgr.core.model import Endpoint, Model, Service, ServicePort
+    from trafficmgr.core.translate.context import BuildContext, EndpointPair
 
 PROJECT = "trafficmgr"
 hookspec = pluggy.HookspecMarker(PROJECT)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Phase: startup. Called once, when plugins are loaded or before command-line arguments are parsed.
+# ---------------------------------------------------------------------------------------------------
 
 
 @hookspec
 def trafficmgr_add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Add command-line options to ``trafficmgr <command>``.
 
+    Call style: setup; errors are not isolated (a startup error).
+
     ``command`` is ``"serve"`` (the control plane: build hooks read the options as ``ctx.options``),
     ``"agent"`` or ``"bootstrap"`` (both pass the options to ``trafficmgr_bootstrap``). Add only the
     options that command reads, so its ``--help`` stays true; an implementation without the
-    ``command`` parameter is called for every command. Called once at startup, before arguments are
-    parsed; use option names that carry your plugin's name to avoid clashes.
+    ``command`` parameter is called for every command. Use option names that carry your plugin's name
+    to avoid clashes.
     """
 
 
@@ -58,8 +77,10 @@ def trafficmgr_add_arguments(parser: argparse.ArgumentParser, command: str) -> N
 def trafficmgr_labels() -> list[LabelSpec]:
     """Declare the ``traffic.*`` labels this plugin owns.
 
-    Called once when plugins are loaded. A key declared by two plugins is a startup error. Parsed values
-    appear in ``Service.labels``, ``Pod.labels`` and ``Endpoint.labels``; invalid values never do.
+    Call style: contribute; errors are not isolated (a startup error).
+
+    A key declared by two plugins is a startup error. Parsed values appear in ``Service.labels``,
+    ``Pod.labels`` and ``Endpoint.labels``; invalid values never do.
     """
 
 
@@ -67,30 +88,44 @@ def trafficmgr_labels() -> list[LabelSpec]:
 def trafficmgr_watch_kinds() -> list[WatchKind]:
     """Declare extra Kubernetes kinds to watch (for example Ingress or Secret).
 
-    Called once at startup. Only kinds of loaded plugins are watched. Each :class:`WatchKind` converts
-    raw objects into IR objects, which appear in ``ctx.model.extra[kind]``.
+    Call style: contribute; errors are not isolated (a startup error).
+
+    Only kinds of loaded plugins are watched. Each :class:`WatchKind` converts raw objects into IR
+    objects, which appear in ``model.extra[kind]``.
     """
+
+
+# ---------------------------------------------------------------------------------------------------
+# Phase: model. Called once per build with the whole model, before any Envoy resource is made.
+# ---------------------------------------------------------------------------------------------------
 
 
 @hookspec
 def trafficmgr_port_protocols(model: Model, options: argparse.Namespace) -> list[tuple[str, str, int | str, str]]:
     """Declare traffic protocols implied by other objects: ``(namespace, service, port, protocol)``.
 
-    ``options`` are the parsed command-line options (an implementation may leave the argument out).
+    Call style: contribute; errors are isolated. Called on every build: keep it cheap.
 
     ``port`` is a service port number or name; ``protocol`` is ``http``, ``tcp`` or ``direct``. An
     explicit ``traffic.port.<port>`` label on the Service wins. (The ingress plugin uses this so that
-    backends of an Ingress count as ``http`` without any label.) Called on every build: keep it cheap.
+    backends of an Ingress count as ``http`` without any label.)
     """
 
 
-@hookspec
-def trafficmgr_cluster(cluster: Cluster, service: Service, port: ServicePort, ctx: BuildContext) -> None:
-    """Mutate the Envoy cluster built for one service port (shared by every proxy role).
+# ---------------------------------------------------------------------------------------------------
+# Phase: cached mutate. Called when a translator (re)builds a resource, and again only when the
+# arguments change. Depend on the arguments only (and ctx.options); never read ctx.model.
+# ---------------------------------------------------------------------------------------------------
 
-    ``cluster.type`` tells whether it is EDS, ORIGINAL_DST (headless) or STRICT_DNS/STATIC (direct);
-    leave fields the type does not allow (an ORIGINAL_DST cluster must keep ``CLUSTER_PROVIDED``).
-    Called again only when ``service`` or ``port`` changes.
+
+@hookspec
+def trafficmgr_cluster(cluster: Cluster, service: Service, port: ServicePort, role: str, ctx: BuildContext) -> None:
+    """Mutate the Envoy cluster built for one service port.
+
+    Call style: mutate; errors are isolated. ``role`` is always ``shared``: one cluster serves every view.
+
+    ``cluster.type`` tells whether it is EDS, ORIGINAL_DST (headless) or STATIC (direct); leave fields the
+    type does not allow (an ORIGINAL_DST cluster must keep ``CLUSTER_PROVIDED``).
     """
 
 
@@ -99,79 +134,123 @@ def trafficmgr_endpoints(
     assignment: ClusterLoadAssignment,
     service: Service,
     port: ServicePort,
+    pairs: tuple[EndpointPair, ...],
     endpoints: tuple[Endpoint, ...],
+    role: str,
     ctx: BuildContext,
 ) -> None:
     """Mutate the ClusterLoadAssignment of one EDS cluster.
 
-    ``assignment.endpoints[0].lb_endpoints[i]`` was built from ``endpoints[i]`` (ready endpoints only, in
-    order). A plugin may set weights or remove lb_endpoints. Called again only when the service, the
-    port or its endpoints change.
+    Call style: mutate; errors are isolated. ``role`` is always ``shared``.
+
+    ``pairs`` holds one :class:`EndpointPair` ``(endpoint, lb_endpoint)`` per lb_endpoint still in the
+    assignment when your implementation is called: an earlier plugin may have removed some, and the
+    pairs are matched by address, so they stay right. Set weights on ``pair.lb_endpoint``; to remove one,
+    delete it from ``assignment.endpoints[i].lb_endpoints``. ``endpoints`` are the ready endpoints the
+    assignment was first built from, in order (do not zip them with the lb_endpoints: use ``pairs``).
     """
 
 
 @hookspec
-def trafficmgr_virtual_host(vhost: VirtualHost, service: Service, port: ServicePort, ctx: BuildContext) -> None:
+def trafficmgr_virtual_host(vhost: VirtualHost, service: Service, port: ServicePort, role: str, ctx: BuildContext) -> None:
     """Mutate the virtual host that routes HTTP to one service port.
 
-    ``ctx.role`` is ``sidecar`` or ``gateway``. Per-filter config belongs in
-    ``typed_per_filter_config`` keyed by the HCM filter's name (see :class:`HttpFilter`).
+    Call style: mutate; errors are isolated. ``role`` is ``sidecar`` (the gateway's virtual hosts are
+    by host name, not by service).
+
+    Per-filter config belongs in ``typed_per_filter_config`` keyed by the HCM filter's name (see
+    :class:`HttpFilter`).
     """
 
 
 @hookspec
-def trafficmgr_route(route: Route, service: Service, port: ServicePort, ctx: BuildContext) -> None:
+def trafficmgr_route(route: Route, service: Service, port: ServicePort, role: str, ctx: BuildContext) -> None:
     """Mutate one route whose action targets the cluster of ``service``/``port``.
 
-    Called for sidecar routes and for gateway (Ingress) routes; ``ctx.role`` tells which. Typical
-    changes: ``route.route.hash_policy``, ``retry_policy``, ``timeout``. A route-level
+    Call style: mutate; errors are isolated. ``role`` is ``sidecar`` or ``gateway`` (Ingress routes).
+
+    Typical changes: ``route.route.hash_policy``, ``retry_policy``, ``timeout``. A route-level
     ``typed_per_filter_config`` entry replaces the virtual host's entry for that filter.
     """
 
 
 @hookspec
-def trafficmgr_http_filters(ctx: BuildContext) -> list[HttpFilter]:
-    """Contribute HTTP filters for the HTTP connection managers of ``ctx.role``.
+def trafficmgr_http_connection_manager(
+    hcm: HttpConnectionManager,
+    role: str,
+    listener_name: str,
+    service: Service | None,
+    port: ServicePort | None,
+    ctx: BuildContext,
+) -> None:
+    """Mutate an HTTP connection manager of ``role`` (for example to enable tracing).
 
-    Return :class:`HttpFilter` items with an explicit ``order`` (see ``trafficmgr.core.translate.context``
-    for the well-known values); the core sorts them and appends the router. Filters should be no-ops by
-    default and be configured per virtual host or route. Called once per build and role.
-    """
+    Call style: mutate; errors are isolated.
 
-
-@hookspec
-def trafficmgr_http_connection_manager(hcm: HttpConnectionManager, ctx: BuildContext) -> None:
-    """Mutate every HTTP connection manager built for ``ctx.role`` (for example to enable tracing).
-
-    Called after the filter chain is assembled. ``ctx.listener_name`` names the listener; for a sidecar
-    chain that serves one service port, ``ctx.service`` and ``ctx.port`` name it (else they are None).
+    Called after the filter chain is assembled. ``listener_name`` names the listener (``outbound``,
+    ``inbound``, ``outbound_proxy``, or a plugin's, such as ``ingress``). For a sidecar chain that serves
+    one service port, ``service`` and ``port`` name it; for a shared connection manager they are None.
     The sidecar's ``inbound`` connection manager (requests arriving at the pod, shared by every sidecar)
     has only the router: filters of ``trafficmgr_http_filters`` are not in it.
     """
 
 
 @hookspec
-def trafficmgr_listener(listener: Listener, ctx: BuildContext) -> None:
-    """Mutate a listener built by the core for ``ctx.role`` (after its filter chains are made)."""
+def trafficmgr_listener(listener: Listener, role: str, listener_name: str, ctx: BuildContext) -> None:
+    """Mutate a listener of ``role`` after its filter chains are made (the core's, and those plugins build
+    and pass on with ``ctx.apply_listener_hooks``).
+
+    Call style: mutate; errors are isolated.
+    """
+
+
+# ---------------------------------------------------------------------------------------------------
+# Phase: per role. Called on every build of a view (sidecar, gateway); may read the whole model.
+# ---------------------------------------------------------------------------------------------------
 
 
 @hookspec
-def trafficmgr_resources(ctx: BuildContext) -> list[Resource]:
-    """Contribute whole resources to the view of ``ctx.role`` (gateway listeners, secrets, ...).
+def trafficmgr_http_filters(role: str, ctx: BuildContext) -> list[HttpFilter]:
+    """Contribute HTTP filters for the HTTP connection managers of ``role``.
+
+    Call style: contribute; errors are isolated. Called once per build and role.
+
+    Return :class:`HttpFilter` items with an explicit ``order`` (below ``ORDER_ROUTER``; see
+    ``trafficmgr.plugin`` for the bands); the core sorts them and appends the router. Filters should be
+    no-ops by default and be configured per virtual host or route.
+    """
+
+
+@hookspec
+def trafficmgr_resources(role: str, model: Model, ctx: BuildContext) -> list[Resource]:
+    """Contribute whole resources to the view of ``role`` (gateway listeners, secrets, ...).
+
+    Call style: contribute; errors are isolated. Called on every build of the view: keep it cheap or
+    memoize with ``ctx.memo`` (across builds) or ``ctx.scratch`` (within this build).
 
     Make them with ``ctx.resource(message, name, refs=...)``, which serializes once and caches by
-    content. Read the whole model from ``ctx.model``. Called on every build of the role's view, so keep
-    it cheap or memoize with ``ctx.memo``.
+    content. Secrets are accepted for the gateway view only.
     """
+
+
+# ---------------------------------------------------------------------------------------------------
+# Phase: bootstrap. Called when an Envoy bootstrap is generated (node agent, local mode, tests).
+# ---------------------------------------------------------------------------------------------------
 
 
 @hookspec
 def trafficmgr_bootstrap(bootstrap: dict[str, Any], role: str, options: argparse.Namespace) -> None:
     """Mutate an Envoy bootstrap (a JSON-able dict) generated for a proxy of ``role``.
 
-    Used by the node agent, local mode and tests; for settings Envoy reads only at startup (for example
-    static runtime keys).
+    Call style: setup; errors are not isolated (the bootstrap is not written).
+
+    For settings Envoy reads only at startup (for example static runtime keys).
     """
+
+
+# ---------------------------------------------------------------------------------------------------
+# Phase: after publish. Called by the control plane after each published build, in the sync loop.
+# ---------------------------------------------------------------------------------------------------
 
 
 @hookspec
@@ -179,7 +258,8 @@ def trafficmgr_object_status(model: Model, options: argparse.Namespace) -> list[
     """Declare the desired ``status`` of Kubernetes objects this plugin owns (e.g. Ingress load-balancer
     addresses).
 
-    Called by the control plane after each published build (in the sync loop: keep it cheap, no I/O).
+    Call style: contribute; errors are isolated. Keep it cheap, no I/O.
+
     Return an :class:`ObjectStatus` only for objects whose current status (as read into your IR) differs
     from the desired one. The core writes each with a JSON merge patch to the object's ``/status``
     subresource from a background thread (never blocking the build), at most once per

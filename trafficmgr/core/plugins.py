@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import metadata
 from typing import Any
 
@@ -32,6 +32,8 @@ GROUP = "trafficmgr.plugins"
 ENV_SELECTION = "TRAFFICMGR_PLUGINS"
 #: Module (or object) attribute with a PEP 440 specifier of the trafficmgr versions a plugin supports.
 REQUIRES_ATTR = "TRAFFICMGR_REQUIRES"
+#: Module (or object) attribute naming the plugins a plugin builds on (a tuple of plugin names).
+DEPENDS_ATTR = "TRAFFICMGR_DEPENDS"
 
 
 class PluginError(Exception):
@@ -49,6 +51,7 @@ class PluginInfo:
     builtin: bool
     hooks: tuple[str, ...] = ()
     loaded: bool = True
+    depends: tuple[str, ...] = ()
 
 
 def available() -> dict[str, metadata.EntryPoint]:
@@ -135,6 +138,50 @@ def check_compatible(name: str, spec: str | None, version: str | None = None) ->
                           f"install a version of the plugin that supports trafficmgr {version}, or deselect it with --plugins")
 
 
+def declared_dependencies(name: str, plugin: Any) -> tuple[str, ...]:
+    """The plugin names in ``plugin.TRAFFICMGR_DEPENDS`` (:class:`PluginError` when malformed)."""
+    value = getattr(plugin, DEPENDS_ATTR, ())
+    if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
+        raise PluginError(f"plugin {name!r}: {DEPENDS_ATTR} must be a tuple of plugin names, not {value!r}")
+    return tuple(value)
+
+
+def dependency_order(plugins: Mapping[str, Any], installed: Iterable[str] = ()) -> list[str]:
+    """Plugin names with every plugin after the plugins it depends on (else by name).
+
+    pluggy calls the implementation registered last first, so registering in this order runs a plugin's
+    hooks before those of the plugins it builds on. A dependency that is not among ``plugins`` or a cycle
+    is a :class:`PluginError` naming the fix."""
+    deps = {name: declared_dependencies(name, plugin) for name, plugin in plugins.items()}
+    installed = set(installed)
+    for name, needs in sorted(deps.items()):
+        missing = [d for d in needs if d not in plugins]
+        if missing:
+            absent = [d for d in missing if d not in installed]
+            how = (f"install {', '.join(absent)}" if absent else
+                   f"add {', '.join(missing)} to --plugins / {ENV_SELECTION}, or deselect {name}")
+            raise PluginError(f"plugin {name!r} needs plugin{'s' if len(missing) > 1 else ''} "
+                              f"{', '.join(repr(m) for m in missing)}, which {'is' if len(missing) == 1 else 'are'} "
+                              f"not {'installed' if absent else 'selected'}: {how}")
+    order: list[str] = []
+    state: dict[str, int] = {}  # 1: visiting, 2: done
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            raise PluginError(f"plugins depend on each other in a cycle: {' -> '.join((*path, name))}")
+        state[name] = 1
+        for dep in sorted(deps[name]):
+            visit(dep, (*path, name))
+        state[name] = 2
+        order.append(name)
+
+    for name in sorted(plugins):
+        visit(name, ())
+    return order
+
+
 def _hook_names(plugin: Any) -> tuple[str, ...]:
     return tuple(sorted(n for n in dir(plugin) if n.startswith("trafficmgr_") and callable(getattr(plugin, n, None))))
 
@@ -145,6 +192,12 @@ class PluginHost:
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
+        for name in self.hook_names():
+            opts = getattr(self.pm.hook, name).spec.opts
+            # The host calls implementations one by one (error isolation): pluggy's own result
+            # semantics would silently not apply.
+            if opts.get("firstresult") or opts.get("historic"):
+                raise RuntimeError(f"hookspec {name} must not be firstresult or historic")
         self.infos: dict[str, PluginInfo] = {}
         self.labels = LabelRegistry()
         self._logged: set[tuple[str, str, str]] = set()
@@ -169,6 +222,7 @@ class PluginHost:
                     f"available: {', '.join(eps) or '(none installed)'}"
                 )
         host = cls()
+        loaded: dict[str, tuple[Any, metadata.EntryPoint]] = {}
         for name, ep in eps.items():
             if names is not None and name not in names:
                 continue
@@ -179,6 +233,15 @@ class PluginHost:
                 plugin = ep.load()
             except Exception as exc:  # noqa: BLE001 - any import error is the plugin's fault
                 raise PluginError(f"plugin {name!r} ({ep.value}) failed to import: {exc}") from exc
+            loaded[name] = (plugin, ep)
+        extras = dict(extra)
+        everything = {**{n: p for n, (p, _) in loaded.items()}, **extras}
+        for name in dependency_order(everything, installed=eps.keys()):
+            if name in extras:
+                host.register(name, extras[name], version="", distribution="", builtin=False)
+                continue
+            plugin, ep = loaded[name]
+            dist = ep.dist
             host.register(
                 name,
                 plugin,
@@ -190,24 +253,30 @@ class PluginHost:
         from trafficmgr.core import corelabels
 
         host.register("core", corelabels, version=__version__, distribution="trafficmgr", builtin=True)
-        for name, plugin in extra:
-            host.register(name, plugin, version="", distribution="", builtin=False)
         host._load_labels()
         return host
 
     def register(self, name: str, plugin: Any, version: str = "", distribution: str = "", builtin: bool = False) -> None:
-        """Register one plugin object under ``name``; unknown ``trafficmgr_*`` hooks and an unsupported
-        trafficmgr version (:data:`REQUIRES_ATTR`) are errors."""
+        """Register one plugin object under ``name``; unknown ``trafficmgr_*`` hooks, wrapper
+        implementations and an unsupported trafficmgr version (:data:`REQUIRES_ATTR`) are errors."""
         check_compatible(name, getattr(plugin, REQUIRES_ATTR, None))
         try:
             self.pm.register(plugin, name=name)
             self.pm.check_pending()
+            for caller in self.pm.get_hookcallers(plugin) or ():
+                for impl in caller.get_hookimpls():
+                    if impl.plugin is plugin and (impl.hookwrapper or impl.wrapper):
+                        raise pluggy.PluginValidationError(plugin, (
+                            f"{caller.name} is a wrapper implementation (wrapper=True or hookwrapper=True); trafficmgr "
+                            "calls every implementation itself to isolate its errors, so wrappers would never run: "
+                            "use a plain @hookimpl"))
         except pluggy.PluginValidationError as exc:
             if self.pm.is_registered(plugin):
                 self.pm.unregister(plugin)
             raise PluginError(f"plugin {name!r} is invalid: {exc}") from exc
         module = getattr(plugin, "__name__", type(plugin).__module__)
-        self.infos[name] = PluginInfo(name, module, version, distribution, builtin, _hook_names(plugin))
+        self.infos[name] = PluginInfo(name, module, version, distribution, builtin, _hook_names(plugin),
+                                      depends=declared_dependencies(name, plugin))
 
     def _load_labels(self) -> None:
         for name, plugin in self.pm.list_name_plugin():
@@ -233,13 +302,17 @@ class PluginHost:
             self._logged.add(key)
             log.error("plugin %r hook %s failed for %s, its change was skipped: %s", plugin, hook, what, key[2], exc_info=exc)
 
-    def mutate(self, hook: str, message: Message, what: str = "", **kwargs: Any) -> None:
-        """Call a mutate-in-place hook on ``message``; a plugin that raises has its change undone."""
+    def mutate(self, hook: str, message: Message, what: str = "", lazy: Mapping[str, Callable[[], Any]] | None = None,
+               **kwargs: Any) -> None:
+        """Call a mutate-in-place hook on ``message`` (the argument not named in ``kwargs``); a plugin that
+        raises has its change undone. ``lazy`` arguments are computed per implementation that declares them,
+        after the previous implementation ran."""
         for impl in self._impls(hook):
             backup = type(message)()
             backup.CopyFrom(message)
             try:
-                impl.function(*[kwargs[a] if a in kwargs else message for a in impl.argnames])
+                impl.function(*[kwargs[a] if a in kwargs else lazy[a]() if lazy and a in lazy else message
+                                for a in impl.argnames])
             except Exception as exc:  # noqa: BLE001 - isolation is the contract
                 message.CopyFrom(backup)
                 self._failed(impl.plugin_name, hook, exc, what or message.DESCRIPTOR.name)

@@ -460,7 +460,7 @@ class SidecarMesh:
 
     def _bound(self, snap: cache.Snapshot) -> cache.Snapshot:
         """The sidecar snapshot plus one copy of the ``outbound`` listener per Service address."""
-        from trafficmgr.core.translate.builder import OUTBOUND_LISTENER
+        from trafficmgr.core.translate.sidecar_outbound import OUTBOUND_LISTENER
 
         listeners = dict(snap.types[cache.LISTENER].resources)
         outbound = listeners.get(OUTBOUND_LISTENER)

@@ -1,20 +1,25 @@
-"""What hooks receive: the build context, HTTP filter contributions, extra watched kinds."""
+"""What build hooks receive besides their arguments: the per-role build context."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Container, Iterable, Mapping
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import attrs
 from google.protobuf.message import Message
 
-from trafficmgr.core.model import Endpoint, Model, ObjectRef
+from trafficmgr.core.model import Endpoint, Model, ObjectRef, Service, ServicePort
 
 if TYPE_CHECKING:
-    from trafficmgr.core.cache import Resource
+    from envoy.config.listener.v3.listener_pb2 import Listener
+    from envoy.config.route.v3.route_components_pb2 import Route
+    from envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2 import (
+        HttpConnectionManager,
+    )
 
-from trafficmgr.core.contrib import ORDER_DEFAULT, ORDER_ROUTER, HttpFilter, ObjectStatus, WatchKind  # noqa: F401 (re-exported)
+    from trafficmgr.core.cache import Resource
+    from trafficmgr.core.translate.hooks import Hooks
 
 
 @attrs.frozen(slots=True)
@@ -27,64 +32,57 @@ class EndpointPair:
 
 
 class BuildContext:
-    """Passed to every build hook. Attributes:
+    """Passed to every build hook as ``ctx``. Read-only attributes:
 
-    - ``role``: ``sidecar`` or ``gateway``;
-    - ``model``: the whole :class:`~trafficmgr.core.model.Model`;
+    - ``role``: the view being built, ``sidecar`` or ``gateway``; ``shared`` for clusters and endpoints,
+      which every view shares;
+    - ``model``: the whole :class:`~trafficmgr.core.model.Model` (read it only in per-role hooks:
+      ``trafficmgr_resources``, ``trafficmgr_http_filters``; mutate hooks are cached on their arguments);
     - ``options``: parsed command-line options (``trafficmgr_add_arguments``);
-    - ``listener_name``: the listener being built (HCM and listener hooks);
-    - ``memo``: a dict kept across builds for this role, for plugins to cache their own work.
+    - ``memo``: a dict kept across builds for this role, for plugins to cache their own work (key it by
+      your plugin's name);
+    - ``scratch``: a dict emptied before each build of this role, for work shared by several hooks of
+      one build.
     """
 
-    def __init__(
-        self,
-        role: str,
-        model: Model,
-        options: argparse.Namespace,
-        resource_factory: Callable[..., Resource],
-        route_hooks: Callable[..., None],
-        reporter: Callable[[ObjectRef, str, str], None],
-        memo: dict[str, Any],
-        hcm_factory: Callable[..., Any] | None = None,
-        listener_hooks: Callable[..., None] | None = None,
-    ) -> None:
+    __slots__ = ("role", "model", "options", "memo", "scratch", "_hooks", "_resource", "_reporter", "_filters")
+
+    def __init__(self, role: str, model: Model, options: argparse.Namespace, hooks: Hooks | None = None,
+                 memo: dict[str, Any] | None = None, resource: Any = None, reporter: Any = None, filters: Any = None) -> None:
+        """The translators make contexts; tests of a single hook may pass only what the hook uses."""
         self.role = role
         self.model = model
         self.options = options
-        self.listener_name = ""
-        self.service: Any = None
-        self.port: Any = None
-        self.memo = memo
-        self._resource = resource_factory
-        self._route_hooks = route_hooks
+        self.memo = {} if memo is None else memo
+        self.scratch: dict[str, Any] = {}
+        self._hooks = hooks
+        self._resource = resource
         self._reporter = reporter
-        self._hcm_factory = hcm_factory
-        self._listener_hooks = listener_hooks
+        self._filters = filters
 
     def resource(self, message: Message, name: str, refs: Iterable[tuple[str, str]] = ()) -> Resource:
         """Serialize ``message`` as resource ``name``; returns the previous Resource object when the bytes
         did not change, so unchanged resources keep their identity and version."""
-        return self._resource(message, name, refs)
+        return self._resource(message, name, refs)  # type: ignore[no-any-return]
 
-    def apply_route_hooks(self, route: Any, service: Any, port: Any) -> None:
+    def apply_route_hooks(self, route: Route, service: Service, port: ServicePort) -> None:
         """Run every plugin's ``trafficmgr_route`` on ``route`` (for routes a plugin builds itself,
         such as Ingress paths), with the usual error isolation."""
-        self._route_hooks(route, service, port, self)
+        self._hooks.route(route, service, port, self)
 
-    def http_connection_manager(self, stat_prefix: str, route_config_name: str) -> Any:
-        """A new HttpConnectionManager for ``ctx.role``: the role's HTTP filters in order (router last),
+    def http_connection_manager(self, stat_prefix: str, route_config_name: str, listener_name: str) -> HttpConnectionManager:
+        """A new HttpConnectionManager for this role: the role's HTTP filters in order (router last),
         routes ``route_config_name`` fetched over ADS, after every plugin's
-        ``trafficmgr_http_connection_manager`` ran on it (for listeners a plugin builds itself, such as
-        the ingress gateway's). Set ``ctx.listener_name`` first."""
-        if self._hcm_factory is None:
-            raise RuntimeError("this BuildContext cannot make connection managers")
-        return self._hcm_factory(self, stat_prefix, route_config_name)
+        ``trafficmgr_http_connection_manager`` ran on it with ``listener_name`` (for listeners a plugin
+        builds itself, such as the ingress gateway's)."""
+        if self._filters is None:
+            raise RuntimeError(f"the {self.role} context makes no connection managers")
+        return self._filters.hcm(self, stat_prefix, self._filters.for_role(self), route_config_name, listener_name)  # type: ignore[no-any-return]
 
-    def apply_listener_hooks(self, listener: Any) -> None:
+    def apply_listener_hooks(self, listener: Listener, listener_name: str = "") -> None:
         """Run every plugin's ``trafficmgr_listener`` on ``listener`` (for listeners a plugin builds
-        itself), with the usual error isolation. Set ``ctx.listener_name`` first."""
-        if self._listener_hooks is not None:
-            self._listener_hooks(listener, self)
+        itself), with the usual error isolation."""
+        self._hooks.listener(listener, listener_name or listener.name, self)
 
     def report(self, ref: ObjectRef, message: str, reason: str = "TrafficConfigError") -> None:
         """Report a problem with a user object as a Warning Event (deduplicated by the core)."""

@@ -7,6 +7,11 @@
   ``trafficmgr_route``; fault injection and rate limits are sidecar-only.
 - One listener (``--gateway-port``, default 10000) serves plain HTTP; the tls plugin adds SNI chains.
 - ``status.loadBalancer.ingress`` of served Ingresses = the gateway Service's address.
+
+For plugins that declare ``TRAFFICMGR_DEPENDS = ("ingress",)`` (tls): the names in ``__all__`` below.
+The gateway listener (``LISTENER``) goes through ``trafficmgr_listener`` hooks with that listener name,
+and is rebuilt only when a plugin-watched object (any ``WatchKind``) or a backend Service changes: a
+dependent that changes it must derive its change from those alone.
 """
 
 from __future__ import annotations
@@ -20,8 +25,11 @@ from trafficmgr.plugin import listen_port
 from trafficmgr.plugin import ObjectStatus, WatchKind
 from trafficmgr.plugin import GATEWAY, Model
 from trafficmgr.plugins.ingress import gateway
+from trafficmgr.plugins.ingress.gateway import LISTENER, PLAIN_CHAIN, served
 from trafficmgr.plugins.ingress.ir import (
     DEFAULTS,
+    HOST_RE,
+    Ingress,
     INGRESS,
     INGRESS_CLASS,
     convert_class,
@@ -67,8 +75,8 @@ def trafficmgr_port_protocols(model: Model, options: argparse.Namespace) -> list
 
 
 @hookimpl
-def trafficmgr_resources(ctx: BuildContext) -> list[Resource]:
-    if ctx.role != GATEWAY:
+def trafficmgr_resources(role: str, ctx: BuildContext) -> list[Resource]:
+    if role != GATEWAY:
         return []
     return gateway.resources(ctx)
 
@@ -108,3 +116,6 @@ def _is_ip(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+__all__ = ["HOST_RE", "INGRESS", "LISTENER", "PLAIN_CHAIN", "Ingress", "served"]

@@ -18,7 +18,7 @@ from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 
 from trafficmgr.plugin import ROUTE as RDS, SECRET as SDS, Resource
-from trafficmgr.plugin import pack, socket_address
+from trafficmgr.plugin import HCM_FILTER, pack, socket_address
 from trafficmgr.plugin import Service, ServicePort
 from trafficmgr.plugins.ingress.ir import (
     EXACT,
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 LISTENER = "ingress"
 ROUTE_CONFIG = "ingress"
 PLAIN_CHAIN = "http"
-HCM_FILTER = "envoy.filters.network.http_connection_manager"
 CATCH_ALL = "*"
 
 REASON_CONFLICT = "IngressConflict"
@@ -99,7 +98,7 @@ def _match_kind(path_type: str) -> str:
 
 def plan(ctx: BuildContext) -> Plan:
     """The merged paths of every selected Ingress (reporting conflicts and invalid input)."""
-    out = Plan(ingresses=selected_ingresses(ctx.model, ctx.options))
+    out = Plan(ingresses=served(ctx))
     claimed: dict[tuple[str, str, str], Ingress] = {}
     for ing in out.ingresses:
         for problem in ing.problems:
@@ -151,12 +150,24 @@ def plan(ctx: BuildContext) -> Plan:
 
 def backends(model: Any, options: Any) -> list[tuple[str, str, int | str, str]]:
     """``(namespace, service, port, "http")`` for every backend of a selected Ingress."""
+    return _backends(selected_ingresses(model, options))
+
+
+def _backends(ingresses: list[Ingress]) -> list[tuple[str, str, int | str, str]]:
     out = []
-    for ing in selected_ingresses(model, options):
+    for ing in ingresses:
         found: list[Backend] = [ing.default_backend] if ing.default_backend else []
         found += [p.backend for r in ing.rules for p in r.paths if p.backend is not None]
         out.extend((ing.namespace, b.service, b.port, "http") for b in found)
     return sorted(set(out), key=str)
+
+
+def served(ctx: BuildContext) -> list[Ingress]:
+    """:func:`selected_ingresses` of this build, worked out once per build (kept in ``ctx.scratch``)."""
+    found = ctx.scratch.get("ingress.served")
+    if found is None:
+        found = ctx.scratch["ingress.served"] = selected_ingresses(ctx.model, ctx.options)
+    return found  # type: ignore[no-any-return]
 
 
 # -- routes ----------------------------------------------------------------------------------------
@@ -219,16 +230,14 @@ def listener(ctx: BuildContext) -> listener_pb2.Listener:
     lst = listener_pb2.Listener(name=LISTENER, stat_prefix=LISTENER)
     lst.address.CopyFrom(socket_address(str(option(ctx.options, "gateway_address")), int(option(ctx.options, "gateway_port"))))
     lst.listener_filters.add(name="envoy.filters.listener.tls_inspector", typed_config=pack(tls_inspector_pb2.TlsInspector()))
-    ctx.listener_name = LISTENER
-    ctx.service = ctx.port = None
-    hcm = ctx.http_connection_manager("ingress_http", ROUTE_CONFIG)
+    hcm = ctx.http_connection_manager("ingress_http", ROUTE_CONFIG, LISTENER)
     hcm.strip_any_host_port = True
     hcm.use_remote_address.value = True
     chain = lst.filter_chains.add(name=PLAIN_CHAIN)
     # A catch-all plain chain would swallow TLS with an unknown SNI: plain text only.
     chain.filter_chain_match.transport_protocol = "raw_buffer"
     chain.filters.add(name=HCM_FILTER, typed_config=pack(hcm))
-    ctx.apply_listener_hooks(lst)
+    ctx.apply_listener_hooks(lst, LISTENER)
     return lst
 
 
@@ -248,7 +257,7 @@ def memo_inputs(ctx: BuildContext) -> tuple[Any, ...]:
     """Everything the gateway is built from: every plugin-watched object (Ingresses, classes, Secrets,
     ...) and the backend Services. Compared by identity, so an unrelated pod change is a cache hit."""
     extra = tuple(obj for kind in sorted(ctx.model.extra) for obj in ctx.model.extra[kind].values())
-    services = tuple(ctx.model.services.get((ns, svc)) for ns, svc, _, _ in backends(ctx.model, ctx.options))
+    services = tuple(ctx.model.services.get((ns, svc)) for ns, svc, _, _ in _backends(served(ctx)))
     return extra + (None,) + services
 
 
@@ -258,8 +267,7 @@ def same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
 
 def resources(ctx: BuildContext) -> list[Resource]:
     """Listener + RouteConfiguration of the gateway (none when no Ingress is served); memoized."""
-    ingresses = selected_ingresses(ctx.model, ctx.options)
-    if not ingresses:
+    if not served(ctx):
         return []
     key = memo_inputs(ctx)
     memo = ctx.memo.get("ingress")

@@ -166,27 +166,16 @@ def option(options: argparse.Namespace, name: str) -> Any:
     return DEFAULTS[name] if value is None else value
 
 
-#: The last answer of :func:`selected_ingresses` with its inputs (held, so ``is`` cannot see a reused id):
-#: one build asks several times (routes, listener, TLS chains, status, backends) about one model.
-_selected: tuple[Any, Any, Any, list[Ingress]] | None = None
-_NO_CLASSES: dict[Any, Any] = {}
-
-
 def selected_ingresses(model: Model, options: argparse.Namespace) -> list[Ingress]:
     """The Ingresses this gateway serves, oldest first: class ``--ingress-class``, and those without a
-    class when that IngressClass is marked as the default class. Do not mutate the list."""
-    global _selected
+    class when that IngressClass is marked as the default class. A new list on every call: hooks that
+    share one build use ``gateway.served(ctx)``."""
     table = model.extra.get(INGRESS) or {}
     if not table:
         return []
     name = option(options, "ingress_class")
-    classes = model.extra.get(INGRESS_CLASS) or _NO_CLASSES
-    memo = _selected
-    if memo is not None and memo[0] is table and memo[1] is classes and memo[2] == name:
-        return memo[3]
-    klass = classes.get(("", name))
+    klass = (model.extra.get(INGRESS_CLASS) or {}).get(("", name))
     default = klass is not None and klass.default
     out = [i for i in table.values() if i.class_name == name or (i.class_name is None and default)]
     out.sort(key=lambda i: i.age_key)
-    _selected = (table, classes, name, out)
     return out

@@ -38,21 +38,27 @@ def trafficmgr_cluster(cluster, service, port, ctx) -> None:  # type: ignore[no-
 
 
 @hookimpl
-def trafficmgr_endpoints(assignment, service, port, endpoints, ctx) -> None:  # type: ignore[no-untyped-def]
+def trafficmgr_endpoints(assignment, pairs) -> None:  # type: ignore[no-untyped-def]
     """Weight every endpoint (default 100); weight 0 removes the endpoint."""
+    removed = set()
+    for pair in pairs:
+        weight = pair.endpoint.labels.value(WEIGHT, 100)
+        if weight > 0:
+            pair.lb_endpoint.load_balancing_weight.value = weight
+        else:
+            removed.add((pair.endpoint.address, pair.endpoint.port))
+    if not removed:
+        return
     for locality in assignment.endpoints:
         kept = []
-        for lb, ep in zip(locality.lb_endpoints, endpoints):
-            weight = ep.labels.value(WEIGHT, 100)
-            if weight > 0:
-                lb.load_balancing_weight.value = weight
-                kept.append(lb)
-        if len(kept) != len(locality.lb_endpoints):
-            copies = [type(k)() for k in kept]
-            for dst, src in zip(copies, kept):
-                dst.CopyFrom(src)
-            del locality.lb_endpoints[:]
-            locality.lb_endpoints.extend(copies)
+        for lb in locality.lb_endpoints:
+            sa = lb.endpoint.address.socket_address
+            if (sa.address, sa.port_value) not in removed:
+                copy = type(lb)()
+                copy.CopyFrom(lb)  # a copy: the originals go with the cleared list
+                kept.append(copy)
+        del locality.lb_endpoints[:]
+        locality.lb_endpoints.extend(kept)
 
 
 @hookimpl

@@ -8,6 +8,11 @@
 - Only TLS Secrets referenced by an Ingress are in the model (other plugins never see other keys).
 - A host claimed by two Secrets: the oldest Ingress wins. A ``tls`` entry without hosts is the default
   certificate (TLS without SNI or with an SNI no chain names).
+
+Builds on the ingress plugin (``TRAFFICMGR_DEPENDS``): the chains are planned from the model in this
+plugin's ``trafficmgr_resources`` (a per-role hook, which runs before the ingress plugin's because a
+plugin's hooks run before those of the plugins it depends on), kept in ``ctx.scratch``, and added to the
+ingress listener by ``trafficmgr_listener``, which reads nothing else.
 """
 
 from __future__ import annotations
@@ -25,14 +30,14 @@ from trafficmgr.plugin import hookimpl
 from trafficmgr.plugin import WatchKind
 from trafficmgr.plugin import ads_config_source, pack
 from trafficmgr.plugin import GATEWAY
-from trafficmgr.plugins.ingress import gateway
-from trafficmgr.plugins.ingress.ir import HOST_RE, INGRESS, Ingress, selected_ingresses
+from trafficmgr.plugins.ingress import HOST_RE, INGRESS, LISTENER, PLAIN_CHAIN, Ingress, served
 from trafficmgr.plugins.tls.certs import SECRET, TLS_TYPE, TlsSecret, convert_secret
 
 if TYPE_CHECKING:
     from trafficmgr.plugin import BuildContext
     from trafficmgr.plugin import Resource
 
+TRAFFICMGR_DEPENDS = ("ingress",)
 REASON_SECRET = "IngressTLSSecretInvalid"
 REASON_CONFLICT = "IngressTLSConflict"
 ALPN = ("h2", "http/1.1")
@@ -62,12 +67,14 @@ def referenced(extra: Mapping[str, Mapping[tuple[str, str], Any]]) -> set[tuple[
 
 
 def tls_chains(ctx: BuildContext) -> list[TlsChain]:
-    """The TLS chains of the served Ingresses (memoized on the same inputs as the gateway)."""
-    key = gateway.memo_inputs(ctx)
+    """The TLS chains of the served Ingresses, planned again only when they or the Secrets change."""
+    ingresses = served(ctx)
+    secrets = ctx.model.extra.get(SECRET) or {}
+    key = (tuple(ingresses), secrets)
     memo = ctx.memo.get("tls")
-    if memo is not None and gateway.same(memo[0], key):
-        return memo[1]
-    chains = _plan(ctx, selected_ingresses(ctx.model, ctx.options))
+    if memo is not None and memo[0] == key:
+        return memo[1]  # type: ignore[no-any-return]
+    chains = _plan(ctx, ingresses)
     ctx.memo["tls"] = (key, chains)
     return chains
 
@@ -106,14 +113,17 @@ def _plan(ctx: BuildContext, ingresses: list[Ingress]) -> list[TlsChain]:
 
 
 @hookimpl
-def trafficmgr_listener(listener: listener_pb2.Listener, ctx: BuildContext) -> None:
+def trafficmgr_listener(listener: listener_pb2.Listener, role: str, listener_name: str, ctx: BuildContext) -> None:
     """Add one TLS chain per Secret to the ingress listener, with the plain chain's HTTP handling."""
-    if ctx.role != GATEWAY or ctx.listener_name != gateway.LISTENER:
+    if role != GATEWAY or listener_name != LISTENER:
         return
-    chains = tls_chains(ctx)
+    if SCRATCH not in ctx.scratch:
+        raise RuntimeError("the TLS chains were not planned before the ingress listener was built "
+                           "(the tls plugin's trafficmgr_resources must run before the ingress plugin's)")
+    chains: list[TlsChain] = ctx.scratch[SCRATCH]
     if not chains:
         return
-    plain = next((c for c in listener.filter_chains if c.name == gateway.PLAIN_CHAIN), None)
+    plain = next((c for c in listener.filter_chains if c.name == PLAIN_CHAIN), None)
     if plain is None:
         return
     for tc in chains:
@@ -137,14 +147,15 @@ def trafficmgr_listener(listener: listener_pb2.Listener, ctx: BuildContext) -> N
 
 
 @hookimpl
-def trafficmgr_resources(ctx: BuildContext) -> list[Resource]:
-    """The SDS secrets the ingress listener's TLS chains use (gateway view only)."""
-    if ctx.role != GATEWAY or INGRESS not in ctx.model.extra or not selected_ingresses(ctx.model, ctx.options):
+def trafficmgr_resources(role: str, ctx: BuildContext) -> list[Resource]:
+    """Plan the TLS chains for the ingress listener (into ``ctx.scratch``) and contribute the SDS secrets
+    they use (gateway view only)."""
+    if role != GATEWAY:
         return []
-    chains = tls_chains(ctx)
+    chains = ctx.scratch[SCRATCH] = tls_chains(ctx) if served(ctx) else []
     memo = ctx.memo.get("tls.secrets")
     if memo is not None and memo[0] is chains:
-        return memo[1]  # tls_chains memoized them: their secrets are not serialized again
+        return memo[1]  # type: ignore[no-any-return]  # tls_chains memoized them: not serialized again
     out: list[Any] = []
     for tc in chains:
         msg = secret_pb2.Secret(name=tc.sds_name)
@@ -153,3 +164,6 @@ def trafficmgr_resources(ctx: BuildContext) -> list[Resource]:
         out.append(ctx.resource(msg, tc.sds_name))
     ctx.memo["tls.secrets"] = (chains, out)
     return out
+
+
+SCRATCH = "tls.chains"

@@ -18,12 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.trace.v3 import zipkin_pb2
-from envoy.type.v3 import percent_pb2
 
 from trafficmgr.plugin import hookimpl
 from trafficmgr.plugin import int_at_least
 from trafficmgr.plugin import labels as L
-from trafficmgr.plugin import duration_ms, pack, socket_address
+from trafficmgr.plugin import duration_ms, pack, percent_fraction, socket_address
 from trafficmgr.plugin import LabelSpec
 from trafficmgr.plugin import SIDECAR
 
@@ -164,10 +163,10 @@ def _provider(hcm: HttpConnectionManager) -> None:
 
 
 @hookimpl
-def trafficmgr_http_connection_manager(hcm: HttpConnectionManager, ctx: BuildContext) -> None:
-    """Zipkin tracing: for one traced service (``ctx.service``) at its sampling; for a shared connection
-    manager (any role) on with 0 % sampling, so that only routes of traced services are sampled."""
-    service = ctx.service
+def trafficmgr_http_connection_manager(hcm: HttpConnectionManager, service: Service | None, ctx: BuildContext) -> None:
+    """Zipkin tracing: for one traced service (``service``) at its sampling; for a shared connection
+    manager (any role, ``service`` None) on with 0 % sampling, so that only routes of traced services are
+    sampled."""
     if service is not None and not traced(service):
         return
     if collector(ctx.options) is None:
@@ -189,9 +188,7 @@ def trafficmgr_route(route: Route, service: Service, port: ServicePort, ctx: Bui
         return
     # TEN_THOUSAND, not MILLION: Envoy compares against (request id % 10000), so with a MILLION
     # denominator any share above 1 % would sample every request.
-    sampling = route.tracing.random_sampling
-    sampling.numerator = round(_sampling(service) * 100)
-    sampling.denominator = percent_pb2.FractionalPercent.TEN_THOUSAND
+    route.tracing.random_sampling.CopyFrom(percent_fraction(_sampling(service), "TEN_THOUSAND"))
 
 
 @hookimpl

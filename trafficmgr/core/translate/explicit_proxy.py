@@ -1,0 +1,50 @@
+"""``--explicit-proxy`` (local mode, no iptables): the internal listener ``outbound_proxy`` and its routes.
+
+It serves explicit HTTP proxy requests (``curl -x``) with the sidecar's filters and route configuration
+``outbound|proxy`` (the virtual hosts of every HTTP port, then a catch-all answering the blocked 404). It
+has no address: each sidecar's bootstrap forwards its own ``<pod IP>:15001`` to it (an Envoy internal
+listener), so one listener serves every sidecar of the shared view.
+"""
+
+from __future__ import annotations
+
+from envoy.config.core.v3 import base_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_components_pb2
+
+from trafficmgr.core import cache
+from trafficmgr.core.protos import HCM_FILTER, pack
+from trafficmgr.core.translate.context import BuildContext
+from trafficmgr.core.translate.hooks import Hooks
+from trafficmgr.core.translate.http import HttpFilters
+from trafficmgr.core.translate.memo import Memo
+from trafficmgr.core.translate.sidecar_outbound import blocked_virtual_host, route_configuration
+
+#: The internal listener's name; the bootstrap (``trafficmgr.core.bootstrap``) forwards to it by name.
+PROXY_LISTENER = "outbound_proxy"
+PROXY_ROUTE = "outbound|proxy"
+
+
+class ExplicitProxyTranslator:
+    def __init__(self, hooks: Hooks, filters: HttpFilters) -> None:
+        self.hooks = hooks
+        self.filters = filters
+        self._memo: Memo[str, cache.Resource] = Memo("explicit proxy")
+        self._blocked = blocked_virtual_host()
+
+    def routes(self, vhosts: tuple[route_components_pb2.VirtualHost, ...], ctx: BuildContext) -> cache.Resource:
+        """Every HTTP port's virtual hosts, then the blocked catch-all."""
+        return self._memo.get(PROXY_ROUTE, vhosts, lambda: route_configuration(PROXY_ROUTE, [*vhosts, self._blocked], ctx))
+
+    def listener(self, ctx: BuildContext) -> cache.Resource:
+        filters = self.filters.for_role(ctx)
+        return self._memo.get(PROXY_LISTENER, (filters,), lambda: self._listener(filters, ctx))
+
+    def _listener(self, filters: list, ctx: BuildContext) -> cache.Resource:  # type: ignore[type-arg]
+        hcm = self.filters.hcm(ctx, PROXY_LISTENER, filters, PROXY_ROUTE, PROXY_LISTENER)
+        lst = listener_pb2.Listener(name=PROXY_LISTENER, stat_prefix=PROXY_LISTENER)
+        lst.internal_listener.SetInParent()
+        lst.traffic_direction = base_pb2.OUTBOUND
+        lst.filter_chains.add(name="proxy").filters.add(name=HCM_FILTER, typed_config=pack(hcm))
+        self.hooks.listener(lst, PROXY_LISTENER, ctx)
+        return ctx.resource(lst, PROXY_LISTENER, [(cache.ROUTE, PROXY_ROUTE)])

@@ -1,0 +1,80 @@
+"""HTTP connection managers: the role's HTTP filters in order, the router last, then the HCM hooks."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+
+from trafficmgr.core.contrib import ORDER_ROUTER, HttpFilter
+from trafficmgr.core.model import Service, ServicePort
+from trafficmgr.core.protos import ads_config_source, pack
+from trafficmgr.core.translate.context import BuildContext
+from trafficmgr.core.translate.hooks import Hooks
+
+log = logging.getLogger(__name__)
+
+#: The terminal HTTP filter of every connection manager (immutable by convention: it is only copied).
+ROUTER_FILTER = hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=pack(router_pb2.Router()))
+
+Filters = list[hcm_pb2.HttpFilter]
+
+
+class HttpFilters:
+    """The packed HTTP filter list of each role. The same contributions (attrs equality, configs compared
+    as messages) keep the same list object, which the listener and chain memos recognise; nothing is
+    packed for an unchanged set."""
+
+    def __init__(self, hooks: Hooks) -> None:
+        self.hooks = hooks
+        self._by_role: dict[str, tuple[tuple[HttpFilter, ...], Filters]] = {}
+        self._current: dict[str, tuple[BuildContext, Filters]] = {}
+
+    def for_role(self, ctx: BuildContext) -> Filters:
+        """The role's filters, router last; the hook is called once per build of a role."""
+        current = self._current.get(ctx.role)
+        if current is not None and current[0] is ctx:
+            return current[1]
+        ordered = _order(self.hooks.http_filters(ctx))
+        prev = self._by_role.get(ctx.role)
+        if prev is not None and prev[0] == ordered:
+            filters = prev[1]
+        else:
+            filters = [hcm_pb2.HttpFilter(name=f.name, typed_config=pack(f.config)) for f in ordered]
+            filters.append(ROUTER_FILTER)
+            self._by_role[ctx.role] = (ordered, filters)
+        self._current[ctx.role] = (ctx, filters)
+        return filters
+
+    def hcm(self, ctx: BuildContext, stat_prefix: str, filters: Filters, routes: str | route_pb2.RouteConfiguration | None,
+            listener_name: str, service: Service | None = None, port: ServicePort | None = None,
+            **fields: Any) -> hcm_pb2.HttpConnectionManager:
+        """A connection manager with ``filters`` and its routes by RDS name (or inline), after the
+        ``trafficmgr_http_connection_manager`` hooks."""
+        hcm = hcm_pb2.HttpConnectionManager(stat_prefix=stat_prefix, codec_type=hcm_pb2.HttpConnectionManager.AUTO, **fields)
+        hcm.http_filters.extend(filters)
+        if isinstance(routes, str):
+            hcm.rds.config_source.CopyFrom(ads_config_source())
+            hcm.rds.route_config_name = routes
+        elif routes is not None:
+            hcm.route_config.CopyFrom(routes)
+        self.hooks.http_connection_manager(hcm, listener_name, service, port, ctx)
+        return hcm
+
+
+def _order(contributed: list[HttpFilter]) -> tuple[HttpFilter, ...]:
+    names: set[str] = set()
+    ordered: list[HttpFilter] = []
+    for f in sorted(contributed, key=lambda f: (f.order, f.name)):
+        if f.order >= ORDER_ROUTER:
+            log.error("HTTP filter %r has order %d: orders from %d on are the router's; dropped", f.name, f.order, ORDER_ROUTER)
+            continue
+        if f.name in names:
+            log.error("HTTP filter %r contributed twice: the second one was dropped", f.name)
+            continue
+        names.add(f.name)
+        ordered.append(f)
+    return tuple(ordered)

@@ -1,0 +1,186 @@
+"""The sidecar's outbound side: listener ``outbound``, one RouteConfiguration per HTTP port, blocked ports.
+
+Connections the agent redirected (nat OUTPUT) keep their original destination: a filter chain per
+planned destination IP:port sends HTTP through a connection manager (routes ``outbound|<port>``, one
+virtual host per service port) and TCP/direct to the cluster. Anything else is blocked: HTTP gets a 404
+explaining why, other TCP is closed.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import attrs
+
+from envoy.config.core.v3 import base_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.listener.http_inspector.v3 import http_inspector_pb2
+from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+
+from trafficmgr.core import cache
+from trafficmgr.core.protos import HCM_FILTER, TCP_PROXY_FILTER, duration_ms, pack, socket_address
+from trafficmgr.core.translate.context import BuildContext
+from trafficmgr.core.translate.hooks import Hooks
+from trafficmgr.core.translate.http import ROUTER_FILTER, Filters, HttpFilters
+from trafficmgr.core.translate.memo import Memo
+from trafficmgr.core.translate.plan import REASON_CONFLICT, Destination, SidecarPlan
+
+OUTBOUND_LISTENER = "outbound"
+BLOCKED_BODY = "trafficmgr: port not enabled (label the service with traffic.port.<port>=http|tcp|direct)\n"
+
+
+def route_config_name(port: int) -> str:
+    """The sidecar RouteConfiguration for every HTTP service on ``port``."""
+    return f"outbound|{port}"
+
+
+def blocked_virtual_host() -> route_components_pb2.VirtualHost:
+    """A catch-all virtual host answering the blocked 404."""
+    vh = route_components_pb2.VirtualHost(name="blocked", domains=["*"])
+    r = vh.routes.add()
+    r.match.prefix = "/"
+    r.direct_response.status = 404
+    r.direct_response.body.inline_string = BLOCKED_BODY
+    return vh
+
+
+def any_port(ports: tuple[int, ...]) -> listener_components_pb2.ListenerFilterChainMatchPredicate:
+    """A listener-filter predicate matching a connection to any of ``ports`` (non-empty). A MatchSet
+    needs two or more rules, so one port is a plain rule."""
+    predicate = listener_components_pb2.ListenerFilterChainMatchPredicate()
+    if len(ports) == 1:
+        predicate.destination_port_range.start, predicate.destination_port_range.end = ports[0], ports[0] + 1
+        return predicate
+    for p in ports:
+        rule = predicate.or_match.rules.add().destination_port_range
+        rule.start, rule.end = p, p + 1
+    return predicate
+
+
+@attrs.frozen(slots=True, eq=False)
+class OutboundOut:
+    listener: cache.Resource
+    routes: tuple[cache.Resource, ...]
+    #: The virtual hosts of each HTTP port, in route order (the explicit proxy serves them all).
+    vhosts: tuple[route_components_pb2.VirtualHost, ...]
+
+
+class OutboundTranslator:
+    def __init__(self, hooks: Hooks, filters: HttpFilters, options: argparse.Namespace) -> None:
+        self.hooks = hooks
+        self.filters = filters
+        self.options = options
+        self._out: Memo[str, OutboundOut] = Memo("outbound")
+        self._chains: Memo[tuple[str, str, str], listener_components_pb2.FilterChain] = Memo("outbound chains")
+        self._vhosts: Memo[tuple[str, str, str], route_components_pb2.VirtualHost] = Memo("virtual hosts")
+        self._routes: Memo[str, cache.Resource] = Memo("route configurations")
+        self._listener: Memo[str, cache.Resource] = Memo("outbound listener")
+        self._blocked: Memo[int | None, listener_components_pb2.FilterChain] = Memo("blocked chains")
+
+    def translate(self, plan: SidecarPlan, ctx: BuildContext) -> OutboundOut:
+        filters = self.filters.for_role(ctx)
+        return self._out.get(OUTBOUND_LISTENER, (plan, filters), lambda: self._translate(plan, filters, ctx))
+
+    def _translate(self, plan: SidecarPlan, filters: Filters, ctx: BuildContext) -> OutboundOut:
+        for c in plan.conflicts:
+            ctx.report(c.ref, c.message, REASON_CONFLICT)
+        chains = [self._chains.get(d.key, (d, filters), lambda d=d: self._chain(d, filters, ctx)) for d in plan.destinations]
+        vhosts_by_port: dict[int, list[route_components_pb2.VirtualHost]] = {}
+        for d in plan.destinations:
+            if d.http:
+                vh = self._vhosts.get(d.key, (d.service, d.port), lambda d=d: self._vhost(d, ctx))
+                vhosts_by_port.setdefault(d.port.port, []).append(vh)
+        live = {d.key for d in plan.destinations}
+        self._chains.keep_only(live.__contains__)
+        self._vhosts.keep_only({d.key for d in plan.destinations if d.http}.__contains__)
+        routes = tuple(self._routes.get(route_config_name(p), tuple(vhosts_by_port[p]),
+                                        lambda p=p: route_configuration(route_config_name(p), vhosts_by_port[p], ctx))
+                       for p in sorted(vhosts_by_port))
+        self._routes.keep_only({r.name for r in routes}.__contains__)
+        chains += [self._blocked.get(p, (), lambda p=p: _blocked_chain(p)) for p in plan.blocked_ports]
+        chains.append(self._blocked.get(None, (), lambda: _blocked_chain(None)))
+        tcp_ports = plan.tcp_ports
+        listener = self._listener.get(OUTBOUND_LISTENER, (*chains, tcp_ports), lambda: self._make_listener(chains, tcp_ports, routes, ctx))
+        vhosts = tuple(vh for p in sorted(vhosts_by_port) for vh in vhosts_by_port[p])
+        return OutboundOut(listener, routes, vhosts)
+
+    def _chain(self, d: Destination, filters: Filters, ctx: BuildContext) -> listener_components_pb2.FilterChain:
+        svc, port = d.service, d.port
+        chain = listener_components_pb2.FilterChain(name=svc.cluster_name(port))
+        match = chain.filter_chain_match
+        match.destination_port.value = port.port
+        for ip in d.ips:
+            match.prefix_ranges.add(address_prefix=ip).prefix_len.value = 128 if ":" in ip else 32
+        if d.http:
+            hcm = self.filters.hcm(ctx, f"outbound_{port.port}", filters, route_config_name(port.port),
+                                   OUTBOUND_LISTENER, svc, port)
+            chain.filters.add(name=HCM_FILTER, typed_config=pack(hcm))
+        else:
+            tcp = tcp_proxy_pb2.TcpProxy(stat_prefix=f"outbound_tcp_{port.port}", cluster=svc.cluster_name(port))
+            chain.filters.add(name=TCP_PROXY_FILTER, typed_config=pack(tcp))
+        return chain
+
+    def _vhost(self, d: Destination, ctx: BuildContext) -> route_components_pb2.VirtualHost:
+        svc, port = d.service, d.port
+        vh = route_components_pb2.VirtualHost(name=f"{svc.name}.{svc.namespace}:{port.port}")
+        domains: list[str] = []
+        hosts = list(svc.hostnames())
+        if svc.cluster_ip and not svc.headless and svc.kind == "Service":
+            hosts.append(svc.cluster_ip)
+        for h in hosts:
+            domains.append(f"{h}:{port.port}")
+            if port.port == 80:
+                domains.append(h)
+        vh.domains.extend(dict.fromkeys(domains or ["*"]))
+        route = vh.routes.add()
+        route.match.prefix = "/"
+        route.route.cluster = svc.cluster_name(port)
+        self.hooks.virtual_host(vh, svc, port, ctx)
+        self.hooks.route(route, svc, port, ctx)
+        return vh
+
+    def _make_listener(self, chains: list[listener_components_pb2.FilterChain], tcp_ports: tuple[int, ...],
+                       routes: tuple[cache.Resource, ...], ctx: BuildContext) -> cache.Resource:
+        lst = listener_pb2.Listener(name=OUTBOUND_LISTENER, stat_prefix=OUTBOUND_LISTENER)
+        lst.address.CopyFrom(socket_address(self.options.sidecar_address, int(self.options.sidecar_port)))
+        lst.traffic_direction = base_pb2.OUTBOUND
+        if self.options.explicit_proxy:
+            # Local mode: nothing is redirected without iptables, and every sidecar of the machine would
+            # bind the same port; the listener still exists so both modes share one configuration.
+            lst.bind_to_port.value = False
+        lst.listener_filters.add(name="envoy.filters.listener.original_dst", typed_config=pack(original_dst_pb2.OriginalDst()))
+        inspector = lst.listener_filters.add(name="envoy.filters.listener.http_inspector", typed_config=pack(http_inspector_pb2.HttpInspector()))
+        if tcp_ports:
+            # Server-first TCP protocols would wait for the inspector's timeout: skip it on TCP ports.
+            inspector.filter_disabled.CopyFrom(any_port(tcp_ports))
+        lst.listener_filters_timeout.CopyFrom(duration_ms(5000))
+        lst.continue_on_listener_filters_timeout = False
+        lst.filter_chains.extend(chains)
+        self.hooks.listener(lst, OUTBOUND_LISTENER, ctx)
+        return ctx.resource(lst, OUTBOUND_LISTENER, [(cache.ROUTE, r.name) for r in routes])
+
+
+def route_configuration(name: str, vhosts: list[route_components_pb2.VirtualHost], ctx: BuildContext) -> cache.Resource:
+    """A RouteConfiguration of ``vhosts`` (clusters are not validated: EDS clusters may still be warming)."""
+    rc = route_pb2.RouteConfiguration(name=name)
+    rc.virtual_hosts.extend(vhosts)
+    rc.validate_clusters.value = False
+    return ctx.resource(rc, name)
+
+
+def _blocked_chain(port: int | None) -> listener_components_pb2.FilterChain:
+    """HTTP to a destination no chain serves gets a 404 explaining why; other TCP is closed
+    (``port`` None: every port without chains of its own)."""
+    chain = listener_components_pb2.FilterChain(name="blocked" if port is None else f"blocked|{port}")
+    if port is not None:
+        chain.filter_chain_match.destination_port.value = port
+    chain.filter_chain_match.application_protocols.extend(["http/1.1", "h2c"])
+    hcm = hcm_pb2.HttpConnectionManager(stat_prefix="outbound_blocked", codec_type=hcm_pb2.HttpConnectionManager.AUTO)
+    hcm.http_filters.append(ROUTER_FILTER)
+    hcm.route_config.name = "blocked"
+    hcm.route_config.virtual_hosts.append(blocked_virtual_host())
+    chain.filters.add(name=HCM_FILTER, typed_config=pack(hcm))
+    return chain
