@@ -5,10 +5,10 @@ from __future__ import annotations
 from trafficmgr import hookimpl
 from trafficmgr.core import labels as L
 from trafficmgr.core.labels import LabelSpec
+from trafficmgr.core.model import PORT_PREFIX
 
 ENVOY_ENABLED = "traffic.envoy.enabled"
-PORT = "traffic.port.<port>"
-PORT_PREFIX = "traffic.port."
+PORT = PORT_PREFIX + "<port>"
 
 
 @hookimpl

@@ -18,6 +18,8 @@ GATEWAY = "gateway"
 #: The role of resources every view shares (clusters and endpoints): their hooks see this, not a view's.
 SHARED = "shared"
 ROLES = (SIDECAR, GATEWAY)
+#: ``traffic.port.<port>`` labels (declared by the core's own labels, ``corelabels``).
+PORT_PREFIX = "traffic.port."
 GATEWAY_CLUSTER = "traffic-ingress"
 
 
@@ -187,7 +189,7 @@ class Pod:
     @property
     def has_port_labels(self) -> bool:
         """True when the pod opens ports of its own (``traffic.port.<port>`` labels)."""
-        return any(k.startswith("traffic.port.") for k in self.labels)
+        return any(k.startswith(PORT_PREFIX) for k in self.labels)
 
     @property
     def node_id(self) -> str:

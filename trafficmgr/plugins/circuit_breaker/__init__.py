@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from envoy.config.core.v3 import base_pb2
 
-from trafficmgr.plugin import hookimpl
+from trafficmgr.plugin import DEFAULT_CONNECT_TIMEOUT_MS, MAX_DURATION_MS, UINT32_MAX, hookimpl
 from trafficmgr.plugin import labels as L
 from trafficmgr.plugin import LabelSpec
 
@@ -42,7 +42,7 @@ def trafficmgr_labels() -> list[LabelSpec]:
         LabelSpec(RETRIES_5XX, ON, L.integer(0), 0, "retries on 5xx"),
         LabelSpec(RETRIES_CONNECT, ON, L.integer(0), 0, "retries on connect failure"),
         LabelSpec(RETRIES_GATEWAY, ON, L.integer(0), 0, "retries on gateway error"),
-        LabelSpec(CONNECT_TIMEOUT, SVC, L.integer(1, unit="ms"), 60000, "upstream connect timeout"),
+        LabelSpec(CONNECT_TIMEOUT, SVC, L.integer(1, unit="ms"), DEFAULT_CONNECT_TIMEOUT_MS, "upstream connect timeout"),
         LabelSpec(OUTLIER_5XX, SVC, L.integer(0), 0,
                   "eject an endpoint after this many consecutive 5xx (outlier detection)"),
     ]
@@ -50,8 +50,6 @@ def trafficmgr_labels() -> list[LabelSpec]:
 
 # Protobuf limits: counts are UInt32Value and Envoy keeps durations as int64 milliseconds. Larger label
 # values mean "practically unlimited", so they are clamped instead of failing to serialize.
-UINT32_MAX = 2**32 - 1
-MAX_DURATION_MS = 10 * 365 * 24 * 3600 * 1000  # ten years
 
 # Outlier detection. Ejection on consecutive 5xx happens as soon as the threshold is reached (Envoy does
 # not wait for ``interval``); ``interval`` only bounds how late an ejected endpoint comes back (it is

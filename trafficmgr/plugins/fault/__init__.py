@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
-from envoy.type.v3 import percent_pb2
 
 from trafficmgr.plugin import hookimpl
 from trafficmgr.plugin import labels as L
 from trafficmgr.plugin import HttpFilter
-from trafficmgr.plugin import pack
+from trafficmgr.plugin import MAX_DURATION_MS, pack, percent_fraction
 from trafficmgr.plugin import LabelSpec
 from trafficmgr.plugin import SIDECAR
 
@@ -41,16 +40,6 @@ def trafficmgr_labels() -> list[LabelSpec]:
 FILTER_NAME = "envoy.filters.http.fault"
 FILTER_ORDER = 100  # before the rate limits: an injected abort or delay is not admitted traffic
 DEFAULT_ABORT_STATUS = 503
-MAX_DELAY_MS = 10 * 365 * 24 * 3600 * 1000  # ten years: larger values only risk overflow
-
-
-def _per_million(percent: float) -> int:
-    """``percent`` in parts per million (0.0001 % resolution; smaller shares round to 0: no fault)."""
-    return round(percent * 10000)
-
-
-def _percent(per_million: int) -> percent_pb2.FractionalPercent:
-    return percent_pb2.FractionalPercent(numerator=per_million, denominator=percent_pb2.FractionalPercent.MILLION)
 
 
 def fault_config(labels: Labels) -> fault_pb2.HTTPFault | None:
@@ -61,14 +50,15 @@ def fault_config(labels: Labels) -> fault_pb2.HTTPFault | None:
     """
     fault = fault_pb2.HTTPFault()
     delay_ms = labels.value(DELAY_TIME, 0)
-    delay_ppm = _per_million(labels.value(DELAY_PERCENT, 0.0))
-    if delay_ms > 0 and delay_ppm > 0:
-        fault.delay.fixed_delay.FromMilliseconds(min(delay_ms, MAX_DELAY_MS))
-        fault.delay.percentage.CopyFrom(_percent(delay_ppm))
-    abort_ppm = _per_million(labels.value(ABORT_PERCENT, 0.0))
-    if abort_ppm > 0:
+    # Parts per million: 0.0001 % resolution; smaller shares round to 0, which injects nothing.
+    delay = percent_fraction(labels.value(DELAY_PERCENT, 0.0))
+    if delay_ms > 0 and delay.numerator > 0:
+        fault.delay.fixed_delay.FromMilliseconds(min(delay_ms, MAX_DURATION_MS))
+        fault.delay.percentage.CopyFrom(delay)
+    abort = percent_fraction(labels.value(ABORT_PERCENT, 0.0))
+    if abort.numerator > 0:
         fault.abort.http_status = labels.value(ABORT_STATUS, 0) or DEFAULT_ABORT_STATUS
-        fault.abort.percentage.CopyFrom(_percent(abort_ppm))
+        fault.abort.percentage.CopyFrom(abort)
     if not fault.HasField("delay") and not fault.HasField("abort"):
         return None
     return fault

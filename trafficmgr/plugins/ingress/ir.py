@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from trafficmgr.plugin import Model, ObjectRef
+from trafficmgr.plugin import Model, ObjectRef, load_balancer_addresses
 
 INGRESS = "Ingress"
 INGRESS_CLASS = "IngressClass"
@@ -130,11 +130,7 @@ def convert_ingress(raw: dict[str, Any], ctx: Any) -> Ingress:
         IngressTLS(tuple(str(h).lower() for h in t.get("hosts") or []), str(t.get("secretName") or ""))
         for t in spec.get("tls") or []
     )
-    lb = tuple(
-        i.get("ip") or i.get("hostname")
-        for i in ((raw.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
-        if i.get("ip") or i.get("hostname")
-    )
+    lb = load_balancer_addresses(raw.get("status") or {})
     return Ingress(
         namespace=meta.get("namespace") or "default", name=meta.get("name") or "", uid=meta.get("uid") or "",
         created=meta.get("creationTimestamp") or "", resource_version=meta.get("resourceVersion") or "",

@@ -11,12 +11,11 @@ from typing import TYPE_CHECKING
 
 from envoy.extensions.filters.http.bandwidth_limit.v3 import bandwidth_limit_pb2
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
-from envoy.type.v3 import percent_pb2
 
 from trafficmgr.plugin import hookimpl
 from trafficmgr.plugin import labels as L
 from trafficmgr.plugin import HttpFilter
-from trafficmgr.plugin import pack
+from trafficmgr.plugin import UINT32_MAX, pack, percent_fraction
 from trafficmgr.plugin import LabelSpec
 from trafficmgr.plugin import SIDECAR, ObjectRef
 
@@ -49,7 +48,7 @@ RATELIMIT_STAT_PREFIX = "local_rate_limit"
 BANDWIDTH_STAT_PREFIX = "bandwidth_limit"
 #: Largest values sent to Envoy. Token counts are uint32; limit_kbps * 1024 must not overflow uint64 in
 #: Envoy's byte arithmetic. Larger label values are clamped (and reported): they mean "unlimited" anyway.
-MAX_REQUEST_RATE = 2**32 - 1
+MAX_REQUEST_RATE = UINT32_MAX
 MAX_BANDWIDTH_KIBPS = 2**40
 
 
@@ -62,8 +61,7 @@ def request_rate_config(rate: int) -> local_rate_limit_pb2.LocalRateLimit:
     cfg.token_bucket.fill_interval.FromSeconds(1)
     for fraction, what in ((cfg.filter_enabled, "enabled"), (cfg.filter_enforced, "enforced")):
         fraction.runtime_key = f"{RATELIMIT_STAT_PREFIX}_{what}"
-        fraction.default_value.numerator = 100
-        fraction.default_value.denominator = percent_pb2.FractionalPercent.HUNDRED
+        fraction.default_value.CopyFrom(percent_fraction(100, "HUNDRED"))
     return cfg
 
 
