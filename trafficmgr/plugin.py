@@ -28,10 +28,11 @@ from trafficmgr.core import labels
 from trafficmgr.core.argtypes import int_at_least, listen_port, port, positive_seconds
 from trafficmgr.core.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Resource
 from trafficmgr.core.contrib import ORDER_DEFAULT, ORDER_ROUTER, HttpFilter, ObjectStatus, WatchKind
-from trafficmgr.core.corelabels import ENVOY_ENABLED, PORT_PREFIX
+from trafficmgr.core.corelabels import ENVOY_ENABLED
 from trafficmgr.core.labels import LabelSpec
 from trafficmgr.core.model import (
     GATEWAY,
+    PORT_PREFIX,
     SHARED,
     SIDECAR,
     Endpoint,

@@ -16,7 +16,7 @@ import pytest
 from tests.plugins.gateway import served_by
 from tests.plugins.tlscerts import CA, Cert, https_get, make_ca, make_leaf, secret_yaml, tls_handshake
 from trafficmgr.core import cache
-from trafficmgr.core.plugins import PluginHost
+from trafficmgr.core.plugins import PluginError, PluginHost
 from trafficmgr.testing.cluster import GatewayCluster
 from trafficmgr.testing.golden import build_from_manifests, load_manifests
 
@@ -179,10 +179,9 @@ def test_secrets_go_to_gateways_only() -> None:
     snaps, _ = build_from_manifests(load_manifests(ROOT / "tests/golden/plugins/tls_hosts.in.yaml"), PluginHost.load())
     assert snaps["sidecar"].types[cache.SECRET].resources == {}
     assert sorted(snaps["gateway"].types[cache.SECRET].resources) == ["default/default-tls", "default/shop-tls", "default/wildcard-tls"]
-    # Without the ingress plugin the tls plugin serves nothing (no listener would reference it).
-    snaps, _ = build_from_manifests(load_manifests(ROOT / "tests/golden/plugins/tls_hosts.in.yaml"), PluginHost.load(["tls"]))
-    assert snaps["gateway"].resource_count() == len(snaps["gateway"].types[cache.CLUSTER].resources) + len(
-        snaps["gateway"].types[cache.ENDPOINT].resources)
+    # The tls plugin builds on the ingress plugin: selecting it alone is one clear startup error.
+    with pytest.raises(PluginError, match="plugin 'tls' needs plugin 'ingress', which is not selected"):
+        PluginHost.load(["tls"])
 
 
 def test_validate_rejects_what_envoy_would(pki: tuple[CA, dict[str, Cert]]) -> None:

@@ -85,7 +85,8 @@ def parse_selection(text: str | None) -> list[str] | None:
     names = [n.strip() for n in text.split(",")]
     bad = [n for n in names if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", n)]
     if bad:
-        raise PluginError(f"malformed plugin selection {text!r}: {', '.join(repr(b) for b in bad)} is not a plugin name (use a comma-separated list such as lb,fault)")
+        raise PluginError(f"malformed plugin selection {text!r}: {', '.join(repr(b) for b in bad)} is not a plugin name "
+                          "(use a comma-separated list such as lb,fault)")
     seen: list[str] = []
     for n in names:
         if n not in seen:
@@ -322,8 +323,8 @@ class PluginHost:
         items: list[Any] = []
         for impl in self._impls(hook):
             try:
-                result = impl.function(*[kwargs[a] for a in impl.argnames])
-            except Exception as exc:  # noqa: BLE001
+                result: Any = impl.function(*[kwargs[a] for a in impl.argnames])
+            except Exception as exc:  # noqa: BLE001 - isolation is the contract
                 self._failed(impl.plugin_name, hook, exc, what or hook)
                 continue
             if result:

@@ -147,4 +147,4 @@ class Builder:
         ``base`` nor the extras' versions change, so a plugin's resource (the tracing plugin's collector
         cluster) does not undo the O(changes) builds."""
         versions = {name: r.version for name, r in extra.items()}
-        return self._extras.get((role, base.type_url), (base, versions), lambda: base.derive(extra))
+        return self._extras.get((role, base.type_url), (base, versions), base.derive, extra)

@@ -8,7 +8,6 @@ through ``trafficmgr_cluster`` and ``trafficmgr_endpoints`` (role ``shared``).
 from __future__ import annotations
 
 import attrs
-
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 
@@ -89,11 +88,10 @@ class ClusterTranslator:
         assignments: list[cache.Resource] = []
         for port in state.ports():
             name = svc.cluster_name(port)
-            clusters.append(self._clusters.get(name, (svc, port), lambda: self._cluster(svc, port, name, ctx)))
+            clusters.append(self._clusters.get(name, (svc, port), self._cluster, svc, port, name, ctx))
             if is_eds(svc, port):
                 endpoints = ctx.model.endpoints_of(svc, port)
-                assignments.append(self._assignments.get(
-                    name, (svc, port, endpoints), lambda: self._assignment(svc, port, name, ctx)))
+                assignments.append(self._assignments.get(name, (svc, port, endpoints), self._assignment, svc, port, name, ctx))
         return ServiceClusters(tuple(clusters), tuple(assignments))
 
     def _cluster(self, svc: Service, port: ServicePort, name: str, ctx: BuildContext) -> cache.Resource:

@@ -68,7 +68,8 @@ class BuildContext:
     def apply_route_hooks(self, route: Route, service: Service, port: ServicePort) -> None:
         """Run every plugin's ``trafficmgr_route`` on ``route`` (for routes a plugin builds itself,
         such as Ingress paths), with the usual error isolation."""
-        self._hooks.route(route, service, port, self)
+        if self._hooks is not None:
+            self._hooks.route(route, service, port, self)
 
     def http_connection_manager(self, stat_prefix: str, route_config_name: str, listener_name: str) -> HttpConnectionManager:
         """A new HttpConnectionManager for this role: the role's HTTP filters in order (router last),
@@ -77,12 +78,14 @@ class BuildContext:
         builds itself, such as the ingress gateway's)."""
         if self._filters is None:
             raise RuntimeError(f"the {self.role} context makes no connection managers")
-        return self._filters.hcm(self, stat_prefix, self._filters.for_role(self), route_config_name, listener_name)  # type: ignore[no-any-return]
+        hcm: HttpConnectionManager = self._filters.hcm(self, stat_prefix, self._filters.for_role(self), route_config_name, listener_name)
+        return hcm
 
     def apply_listener_hooks(self, listener: Listener, listener_name: str = "") -> None:
         """Run every plugin's ``trafficmgr_listener`` on ``listener`` (for listeners a plugin builds
         itself), with the usual error isolation."""
-        self._hooks.listener(listener, listener_name or listener.name, self)
+        if self._hooks is not None:
+            self._hooks.listener(listener, listener_name or listener.name, self)
 
     def report(self, ref: ObjectRef, message: str, reason: str = "TrafficConfigError") -> None:
         """Report a problem with a user object as a Warning Event (deduplicated by the core)."""

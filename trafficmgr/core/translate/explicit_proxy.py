@@ -16,7 +16,7 @@ from trafficmgr.core import cache
 from trafficmgr.core.protos import HCM_FILTER, pack
 from trafficmgr.core.translate.context import BuildContext
 from trafficmgr.core.translate.hooks import Hooks
-from trafficmgr.core.translate.http import HttpFilters
+from trafficmgr.core.translate.http import Filters, HttpFilters
 from trafficmgr.core.translate.memo import Memo
 from trafficmgr.core.translate.sidecar_outbound import blocked_virtual_host, route_configuration
 
@@ -34,13 +34,13 @@ class ExplicitProxyTranslator:
 
     def routes(self, vhosts: tuple[route_components_pb2.VirtualHost, ...], ctx: BuildContext) -> cache.Resource:
         """Every HTTP port's virtual hosts, then the blocked catch-all."""
-        return self._memo.get(PROXY_ROUTE, vhosts, lambda: route_configuration(PROXY_ROUTE, [*vhosts, self._blocked], ctx))
+        return self._memo.get(PROXY_ROUTE, vhosts, route_configuration, PROXY_ROUTE, [*vhosts, self._blocked], ctx)
 
     def listener(self, ctx: BuildContext) -> cache.Resource:
         filters = self.filters.for_role(ctx)
-        return self._memo.get(PROXY_LISTENER, (filters,), lambda: self._listener(filters, ctx))
+        return self._memo.get(PROXY_LISTENER, (filters,), self._listener, filters, ctx)
 
-    def _listener(self, filters: list, ctx: BuildContext) -> cache.Resource:  # type: ignore[type-arg]
+    def _listener(self, filters: Filters, ctx: BuildContext) -> cache.Resource:
         hcm = self.filters.hcm(ctx, PROXY_LISTENER, filters, PROXY_ROUTE, PROXY_LISTENER)
         lst = listener_pb2.Listener(name=PROXY_LISTENER, stat_prefix=PROXY_LISTENER)
         lst.internal_listener.SetInParent()

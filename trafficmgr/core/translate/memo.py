@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 K = TypeVar("K")
 V = TypeVar("V")
 
 
 class Memo(Generic[K, V]):
-    """``get(key, inputs, make)`` returns the value made for ``key`` while ``inputs`` are unchanged.
+    """``get(key, inputs, make, *args)`` returns the value ``make(*args)`` made for ``key`` while ``inputs``
+    are unchanged.
 
     ``inputs`` is a tuple of everything the value depends on (IR objects, options, other products). It is
     compared with ``==``, which tries identity first, element by element: the unchanged case (the same
@@ -24,11 +25,11 @@ class Memo(Generic[K, V]):
         self.name = name
         self._entries: dict[K, tuple[tuple[object, ...], V]] = {}
 
-    def get(self, key: K, inputs: tuple[object, ...], make: Callable[[], V]) -> V:
+    def get(self, key: K, inputs: tuple[object, ...], make: Callable[..., V], *args: Any) -> V:
         entry = self._entries.get(key)
         if entry is not None and entry[0] == inputs:
             return entry[1]
-        value = make()
+        value = make(*args)
         self._entries[key] = (inputs, value)
         return value
 

@@ -64,12 +64,12 @@ class SidecarPlan:
         return tuple(sorted({d.port.port for d in self.destinations} - set(self.tcp_ports)))
 
 
-def candidates(state: ServiceState, endpoint_ips: tuple[tuple[str, ...], ...]) -> tuple[Destination, ...]:
+def candidates(state: ServiceState) -> tuple[Destination, ...]:
     """Every destination ``state`` asks for, before conflicts: its address (pods: the pod IP; headless
     services: the endpoints' addresses) on each served port."""
     svc = state.svc
     out = []
-    for port, ips in zip(state.ports(), endpoint_ips):
+    for port, ips in zip(state.ports(), _ips(state)):
         if ips:
             out.append(Destination(svc, port, ips))
     return tuple(out)
@@ -89,7 +89,7 @@ class Planner:
             before = self._candidates.peek(new.key) if old is not None else None
             # Only a headless service's destinations depend on its endpoints.
             inputs = (new.svc, new.eps if new.svc.headless and new.svc.kind != "Pod" else None)
-            after = self._candidates.get(new.key, inputs, lambda new=new: candidates(new, _ips(new)))
+            after = self._candidates.get(new.key, inputs, candidates, new)
             changed = changed or after != before
         if changed or self._plan is None:
             self._plan = self._resolve(changes.states)
@@ -120,7 +120,7 @@ class Planner:
 def _ips(state: ServiceState) -> tuple[tuple[str, ...], ...]:
     """Per served port (as :meth:`ServiceState.ports`), the addresses a client dials."""
     svc = state.svc
-    out = []
+    out: list[tuple[str, ...]] = []
     for port, eps in zip(svc.ports, state.eps):
         if port.protocol not in PROTOCOLS:
             continue

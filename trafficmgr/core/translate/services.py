@@ -13,8 +13,7 @@ from collections.abc import Callable
 
 import attrs
 
-from trafficmgr.core.corelabels import PORT_PREFIX
-from trafficmgr.core.model import Endpoint, Model, ObjectRef, Pod, Service, ServicePort
+from trafficmgr.core.model import PORT_PREFIX, Endpoint, Model, ObjectRef, Pod, Service, ServicePort
 from trafficmgr.core.plugins import PluginHost
 from trafficmgr.core.translate.memo import Memo
 
@@ -117,7 +116,7 @@ class ServiceTable:
             svc = model.services[key]
             if key in implied:
                 extra = tuple(sorted(implied[key], key=str))
-                svc = self._implied.get(key, (svc, extra), lambda svc=svc, extra=extra: _apply_implied(svc, extra))
+                svc = self._implied.get(key, (svc, extra), _apply_implied, svc, extra)
             out.append(svc)
         self._implied.keep_only(lambda k: k in implied and k in model.services)
         out.extend(self._pod_destinations(model))
@@ -132,7 +131,7 @@ class ServiceTable:
                               f"pod {pod.name} has traffic.port labels but a Service of the same name exists; "
                               "its own ports are ignored", "TrafficConfigConflict")
                 continue
-            out.append(self._pods.get(key, (pod,), lambda pod=pod: pod_destination(pod)))
+            out.append(self._pods.get(key, (pod,), pod_destination, pod))
         self._pods.keep_only(lambda k: k in model.port_pods and k not in model.services)
         return sorted(out, key=lambda s: (s.namespace, s.name))
 

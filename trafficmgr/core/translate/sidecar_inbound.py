@@ -71,11 +71,11 @@ class InboundTranslator:
 
     def listener(self, ctx: BuildContext) -> cache.Resource:
         ports = tuple(sorted(self._http_port_counts))
-        return self._listener.get(INBOUND_LISTENER, (ports,), lambda: self._make_listener(ports, ctx))
+        return self._listener.get(INBOUND_LISTENER, (ports,), self._make_listener, ports, ctx)
 
     def clusters(self, ctx: BuildContext) -> dict[str, cache.Resource]:
         """The listener's two fixed clusters, serialized once."""
-        return self._clusters.get(INBOUND_CLUSTER, (), lambda: _clusters(ctx))
+        return self._clusters.get(INBOUND_CLUSTER, (), _clusters, ctx)
 
     def _make_listener(self, ports: tuple[int, ...], ctx: BuildContext) -> cache.Resource:
         port = inbound_port(self.options)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 
 import attrs
-
 from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
@@ -82,28 +81,28 @@ class OutboundTranslator:
 
     def translate(self, plan: SidecarPlan, ctx: BuildContext) -> OutboundOut:
         filters = self.filters.for_role(ctx)
-        return self._out.get(OUTBOUND_LISTENER, (plan, filters), lambda: self._translate(plan, filters, ctx))
+        return self._out.get(OUTBOUND_LISTENER, (plan, filters), self._translate, plan, filters, ctx)
 
     def _translate(self, plan: SidecarPlan, filters: Filters, ctx: BuildContext) -> OutboundOut:
         for c in plan.conflicts:
             ctx.report(c.ref, c.message, REASON_CONFLICT)
-        chains = [self._chains.get(d.key, (d, filters), lambda d=d: self._chain(d, filters, ctx)) for d in plan.destinations]
+        chains = [self._chains.get(d.key, (d, filters), self._chain, d, filters, ctx) for d in plan.destinations]
         vhosts_by_port: dict[int, list[route_components_pb2.VirtualHost]] = {}
         for d in plan.destinations:
             if d.http:
-                vh = self._vhosts.get(d.key, (d.service, d.port), lambda d=d: self._vhost(d, ctx))
+                vh = self._vhosts.get(d.key, (d.service, d.port), self._vhost, d, ctx)
                 vhosts_by_port.setdefault(d.port.port, []).append(vh)
         live = {d.key for d in plan.destinations}
         self._chains.keep_only(live.__contains__)
         self._vhosts.keep_only({d.key for d in plan.destinations if d.http}.__contains__)
-        routes = tuple(self._routes.get(route_config_name(p), tuple(vhosts_by_port[p]),
-                                        lambda p=p: route_configuration(route_config_name(p), vhosts_by_port[p], ctx))
+        routes = tuple(self._routes.get(route_config_name(p), tuple(vhosts_by_port[p]), route_configuration,
+                                        route_config_name(p), vhosts_by_port[p], ctx)
                        for p in sorted(vhosts_by_port))
         self._routes.keep_only({r.name for r in routes}.__contains__)
-        chains += [self._blocked.get(p, (), lambda p=p: _blocked_chain(p)) for p in plan.blocked_ports]
-        chains.append(self._blocked.get(None, (), lambda: _blocked_chain(None)))
+        chains += [self._blocked.get(p, (), _blocked_chain, p) for p in plan.blocked_ports]
+        chains.append(self._blocked.get(None, (), _blocked_chain, None))
         tcp_ports = plan.tcp_ports
-        listener = self._listener.get(OUTBOUND_LISTENER, (*chains, tcp_ports), lambda: self._make_listener(chains, tcp_ports, routes, ctx))
+        listener = self._listener.get(OUTBOUND_LISTENER, (*chains, tcp_ports), self._make_listener, chains, tcp_ports, routes, ctx)
         vhosts = tuple(vh for p in sorted(vhosts_by_port) for vh in vhosts_by_port[p])
         return OutboundOut(listener, routes, vhosts)
 

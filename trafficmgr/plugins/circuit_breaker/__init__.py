@@ -6,16 +6,14 @@ from typing import TYPE_CHECKING, Any
 
 from envoy.config.core.v3 import base_pb2
 
-from trafficmgr.plugin import DEFAULT_CONNECT_TIMEOUT_MS, MAX_DURATION_MS, UINT32_MAX, hookimpl
+from trafficmgr.plugin import DEFAULT_CONNECT_TIMEOUT_MS, MAX_DURATION_MS, UINT32_MAX, LabelSpec, hookimpl
 from trafficmgr.plugin import labels as L
-from trafficmgr.plugin import LabelSpec
 
 if TYPE_CHECKING:
     from envoy.config.cluster.v3.cluster_pb2 import Cluster
     from envoy.config.route.v3.route_components_pb2 import Route
 
-    from trafficmgr.plugin import BuildContext
-    from trafficmgr.plugin import Service, ServicePort
+    from trafficmgr.plugin import BuildContext, Service, ServicePort
 
 RETRIES_MAX = "traffic.retries.max"
 CONNECTION_MAX = "traffic.connection.max"

@@ -6,18 +6,13 @@ from typing import TYPE_CHECKING
 
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
 
-from trafficmgr.plugin import hookimpl
+from trafficmgr.plugin import MAX_DURATION_MS, SIDECAR, HttpFilter, LabelSpec, hookimpl, pack, percent_fraction
 from trafficmgr.plugin import labels as L
-from trafficmgr.plugin import HttpFilter
-from trafficmgr.plugin import MAX_DURATION_MS, pack, percent_fraction
-from trafficmgr.plugin import LabelSpec
-from trafficmgr.plugin import SIDECAR
 
 if TYPE_CHECKING:
     from envoy.config.route.v3.route_components_pb2 import VirtualHost
 
-    from trafficmgr.plugin import BuildContext
-    from trafficmgr.plugin import Labels, Service, ServicePort
+    from trafficmgr.plugin import BuildContext, Labels, Service, ServicePort
 
 DELAY_TIME = "traffic.fault.delay.time"
 DELAY_PERCENT = "traffic.fault.delay.percentage"

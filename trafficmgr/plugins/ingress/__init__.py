@@ -20,18 +20,15 @@ import argparse
 import ipaddress
 from typing import TYPE_CHECKING, Any
 
-from trafficmgr.plugin import hookimpl
-from trafficmgr.plugin import listen_port
-from trafficmgr.plugin import ObjectStatus, WatchKind
-from trafficmgr.plugin import GATEWAY, Model
+from trafficmgr.plugin import GATEWAY, Model, ObjectStatus, WatchKind, hookimpl, listen_port
 from trafficmgr.plugins.ingress import gateway
 from trafficmgr.plugins.ingress.gateway import LISTENER, PLAIN_CHAIN, served
 from trafficmgr.plugins.ingress.ir import (
     DEFAULTS,
     HOST_RE,
-    Ingress,
     INGRESS,
     INGRESS_CLASS,
+    Ingress,
     convert_class,
     convert_ingress,
     option,
@@ -39,8 +36,7 @@ from trafficmgr.plugins.ingress.ir import (
 )
 
 if TYPE_CHECKING:
-    from trafficmgr.plugin import BuildContext
-    from trafficmgr.plugin import Resource
+    from trafficmgr.plugin import BuildContext, Resource
 
 
 @hookimpl

@@ -11,15 +11,14 @@ import re
 from typing import TYPE_CHECKING, Any
 
 import attrs
-
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 
-from trafficmgr.plugin import ROUTE as RDS, SECRET as SDS, Resource
-from trafficmgr.plugin import HCM_FILTER, pack, socket_address
-from trafficmgr.plugin import Service, ServicePort
+from trafficmgr.plugin import HCM_FILTER, Resource, Service, ServicePort, pack, socket_address
+from trafficmgr.plugin import ROUTE as RDS
+from trafficmgr.plugin import SECRET as SDS
 from trafficmgr.plugins.ingress.ir import (
     EXACT,
     HOST_RE,
@@ -104,7 +103,7 @@ def plan(ctx: BuildContext) -> Plan:
         for problem in ing.problems:
             ctx.report(ing.ref, problem, REASON_INVALID)
 
-        def entry(host: str, path: str, path_type: str, backend: Backend) -> PathEntry | None:
+        def entry(host: str, path: str, path_type: str, backend: Backend, ing: Ingress = ing) -> PathEntry | None:
             if path_type not in PATH_TYPES:
                 ctx.report(ing.ref, f"path {path!r}: unknown pathType {path_type!r}; path ignored", REASON_INVALID)
                 return None
@@ -154,7 +153,7 @@ def backends(model: Any, options: Any) -> list[tuple[str, str, int | str, str]]:
 
 
 def _backends(ingresses: list[Ingress]) -> list[tuple[str, str, int | str, str]]:
-    out = []
+    out: list[tuple[str, str, int | str, str]] = []
     for ing in ingresses:
         found: list[Backend] = [ing.default_backend] if ing.default_backend else []
         found += [p.backend for r in ing.rules for p in r.paths if p.backend is not None]
@@ -164,10 +163,10 @@ def _backends(ingresses: list[Ingress]) -> list[tuple[str, str, int | str, str]]
 
 def served(ctx: BuildContext) -> list[Ingress]:
     """:func:`selected_ingresses` of this build, worked out once per build (kept in ``ctx.scratch``)."""
-    found = ctx.scratch.get("ingress.served")
+    found: list[Ingress] | None = ctx.scratch.get("ingress.served")
     if found is None:
         found = ctx.scratch["ingress.served"] = selected_ingresses(ctx.model, ctx.options)
-    return found  # type: ignore[no-any-return]
+    return found
 
 
 # -- routes ----------------------------------------------------------------------------------------
@@ -272,7 +271,7 @@ def resources(ctx: BuildContext) -> list[Resource]:
     key = memo_inputs(ctx)
     memo = ctx.memo.get("ingress")
     if memo is not None and same(memo[0], key):
-        return memo[1]
+        return memo[1]  # type: ignore[no-any-return]
     p = plan(ctx)
     rc = route_configuration(ctx, p)
     lst = listener(ctx)

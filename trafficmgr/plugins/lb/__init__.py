@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from trafficmgr.plugin import hookimpl
+from trafficmgr.plugin import LabelSpec, hookimpl
 from trafficmgr.plugin import labels as L
-from trafficmgr.plugin import LabelSpec
 
 POLICY = "traffic.lb.policy"
 COOKIE_NAME = "traffic.hash.cookie.name"

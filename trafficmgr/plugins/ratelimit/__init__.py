@@ -12,18 +12,13 @@ from typing import TYPE_CHECKING
 from envoy.extensions.filters.http.bandwidth_limit.v3 import bandwidth_limit_pb2
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
 
-from trafficmgr.plugin import hookimpl
+from trafficmgr.plugin import SIDECAR, UINT32_MAX, HttpFilter, LabelSpec, ObjectRef, hookimpl, pack, percent_fraction
 from trafficmgr.plugin import labels as L
-from trafficmgr.plugin import HttpFilter
-from trafficmgr.plugin import UINT32_MAX, pack, percent_fraction
-from trafficmgr.plugin import LabelSpec
-from trafficmgr.plugin import SIDECAR, ObjectRef
 
 if TYPE_CHECKING:
     from envoy.config.route.v3.route_components_pb2 import VirtualHost
 
-    from trafficmgr.plugin import BuildContext
-    from trafficmgr.plugin import Labels, Service, ServicePort
+    from trafficmgr.plugin import BuildContext, Labels, Service, ServicePort
 
 BANDWIDTH = "traffic.rate.limit"
 REQUEST_RATE = "traffic.request.rate"
@@ -88,7 +83,7 @@ def trafficmgr_http_filters(ctx: BuildContext) -> list[HttpFilter]:
 
 
 def _clamped(labels: Labels, key: str, maximum: int, service: Service, ctx: BuildContext) -> int:
-    value = labels.value(key, 0)
+    value = int(labels.value(key, 0))
     if value > maximum:
         ctx.report(ObjectRef(service.kind, service.namespace, service.name, service.uid),
                    f"{key}={value} is larger than {maximum}; {maximum} is used", "TrafficConfigClamped")

@@ -21,21 +21,16 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
-
 from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2
 
-from trafficmgr.plugin import hookimpl
-from trafficmgr.plugin import WatchKind
-from trafficmgr.plugin import ads_config_source, pack
-from trafficmgr.plugin import GATEWAY
+from trafficmgr.plugin import GATEWAY, WatchKind, ads_config_source, hookimpl, pack
 from trafficmgr.plugins.ingress import HOST_RE, INGRESS, LISTENER, PLAIN_CHAIN, Ingress, served
 from trafficmgr.plugins.tls.certs import SECRET, TLS_TYPE, TlsSecret, convert_secret
 
 if TYPE_CHECKING:
-    from trafficmgr.plugin import BuildContext
-    from trafficmgr.plugin import Resource
+    from trafficmgr.plugin import BuildContext, Resource
 
 TRAFFICMGR_DEPENDS = ("ingress",)
 REASON_SECRET = "IngressTLSSecretInvalid"

@@ -5,8 +5,9 @@ says so). The collector becomes cluster ``zipkin`` in every view. A connection m
 service port (sidecar outbound chains) traces only when that service has ``traffic.tracing.enabled``;
 a shared one (the gateway's, the sidecars' ``inbound`` one) has tracing on with 0 % sampling: on the
 gateway the routes of traced services carry their own sampling, and a sidecar's inbound side reports the
-server span of every call its caller sampled (Envoy's Zipkin tracer follows ``x-b3-sampled``). Applications must propagate the B3 headers (``x-b3-*``, ``x-request-id``) from
-incoming to outgoing requests for spans to join one trace, as with Istio.
+server span of every call its caller sampled (Envoy's Zipkin tracer follows ``x-b3-sampled``).
+Applications must propagate the B3 headers (``x-b3-*``, ``x-request-id``) from incoming to outgoing requests
+for spans to join one trace, as with Istio.
 """
 
 from __future__ import annotations
@@ -19,12 +20,8 @@ from typing import TYPE_CHECKING, Any
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.trace.v3 import zipkin_pb2
 
-from trafficmgr.plugin import hookimpl
-from trafficmgr.plugin import int_at_least
+from trafficmgr.plugin import SIDECAR, LabelSpec, duration_ms, hookimpl, int_at_least, pack, percent_fraction, socket_address
 from trafficmgr.plugin import labels as L
-from trafficmgr.plugin import duration_ms, pack, percent_fraction, socket_address
-from trafficmgr.plugin import LabelSpec
-from trafficmgr.plugin import SIDECAR
 
 if TYPE_CHECKING:
     from envoy.config.route.v3.route_components_pb2 import Route
@@ -32,9 +29,7 @@ if TYPE_CHECKING:
         HttpConnectionManager,
     )
 
-    from trafficmgr.plugin import BuildContext
-    from trafficmgr.plugin import Resource
-    from trafficmgr.plugin import Service, ServicePort
+    from trafficmgr.plugin import BuildContext, Resource, Service, ServicePort
 
 log = logging.getLogger(__name__)
 
