@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from trafficmgr.core import metrics
 from trafficmgr.core.model import GATEWAY_CLUSTER, Pod
@@ -51,7 +51,7 @@ class AccessControl:
         self,
         mode: str,
         pods: Mapping[tuple[str, str], Pod],
-        pods_by_ip: Callable[[str], list[tuple[str, str, Mapping[str, str]]]],
+        pods_by_ip: Callable[[str], Sequence[tuple[str, str, Mapping[str, str]]]],
         gateway_namespace: str = "default",
         gateway_selector: Mapping[str, str] | None = None,
         unix_socket: bool = False,

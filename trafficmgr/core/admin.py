@@ -128,10 +128,10 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "trafficmgr-admin"
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("admin %s - %s", self.address_string(), format % args)
 
-    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+    def do_GET(self) -> None:
         url = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         route = self.server.routes.get(url.path.rstrip("/") or "/")
@@ -141,7 +141,7 @@ class _Handler(BaseHTTPRequestHandler):
             status, content_type, body = route(self.server.state, query)
         except _HTTPError as exc:
             status, content_type, body = exc.status, "application/json", self._json({"error": str(exc)})
-        except Exception as exc:  # noqa: BLE001 - a broken view must not kill the endpoint
+        except Exception as exc:  # a broken view must not kill the endpoint
             log.exception("admin %s failed", url.path)
             status, content_type, body = HTTPStatus.INTERNAL_SERVER_ERROR, "application/json", self._json({"error": f"{type(exc).__name__}: {exc}"})
         self.send_response(status)

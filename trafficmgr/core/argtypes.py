@@ -7,7 +7,7 @@ call) or ``--tail -1``; these converters reject such values where argparse repor
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+from collections.abc import Callable
 
 
 def port(text: str) -> int:

@@ -296,8 +296,8 @@ class Snapshot:
                 by_type[rtype] = names if have is None else have | names
         problems: list[str] = []
         for rtype, names in by_type.items():
-            ts = self.types.get(rtype)
-            for rname in sorted(names - (ts.names() if ts is not None else frozenset())):
+            held = self.types.get(rtype)
+            for rname in sorted(names - (held.names() if held is not None else frozenset())):
                 holders = [r for t in self.types.values() for r in t.resources.values() if (rtype, rname) in r.refs]
                 problems.append(f"{short_name(holders[0].type_url)} {holders[0].name!r} references missing {short_name(rtype)} {rname!r}")
         for t in NAMED_TYPES:

@@ -17,11 +17,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from trafficmgr.core import cache as cache_mod
-from trafficmgr.core.access import AccessControl, parse_selector
 from trafficmgr.core import metrics
-from trafficmgr.core.translate.builder import Builder
-from trafficmgr.core.contrib import WatchKind
+from trafficmgr.core.access import AccessControl, parse_selector
 from trafficmgr.core.cache import Resource, SnapshotCache
+from trafficmgr.core.contrib import WatchKind
 from trafficmgr.core.kube.assemble import CORE_KINDS, Assembler
 from trafficmgr.core.kube.client import Kind, KubeClient
 from trafficmgr.core.kube.events import EventRecorder
@@ -30,6 +29,7 @@ from trafficmgr.core.kube.watch import Watcher
 from trafficmgr.core.labels import LabelSpec
 from trafficmgr.core.model import GATEWAY, GATEWAY_CLUSTER, SIDECAR, Model, ObjectRef
 from trafficmgr.core.plugins import PluginHost, PluginInfo
+from trafficmgr.core.translate.builder import Builder
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class ControlPlane:
         etype, kind, obj = item
         try:
             self.assembler.apply(etype, kind, obj)
-        except Exception:  # noqa: BLE001 - one bad object must not stop the loop
+        except Exception:  # one bad object must not stop the loop
             log.exception("failed to apply %s %s event", etype, getattr(kind, "kind", kind))
 
     def synced(self) -> bool:

@@ -90,13 +90,14 @@ def envoy_command(
 
 def start_envoy(cmd: Sequence[str], output_path: str | os.PathLike[str] | None = None) -> subprocess.Popen[bytes]:
     """Start ``cmd`` in a new session/process group; stdout+stderr go to ``output_path`` (or /dev/null)."""
-    out = open(output_path, "ab") if output_path is not None else subprocess.DEVNULL
+    out = open(output_path, "ab") if output_path is not None else None
     try:
         return subprocess.Popen(
-            list(cmd), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            list(cmd), stdin=subprocess.DEVNULL, stdout=out if out is not None else subprocess.DEVNULL,
+            stderr=subprocess.STDOUT, start_new_session=True,
         )
     finally:
-        if out is not subprocess.DEVNULL:
+        if out is not None:
             out.close()  # the child holds its own descriptor
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 
-from trafficmgr.core.model import Labels, LabelError, ObjectRef
+from trafficmgr.core.model import LabelError, Labels, ObjectRef
 
 PREFIX = "traffic."
 SERVICE = "Service"

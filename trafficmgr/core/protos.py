@@ -5,9 +5,6 @@ The lowest layer of the core next to the model: it imports only generated ``xds-
 
 from __future__ import annotations
 
-from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
-from google.protobuf.message import Message
-
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, config_source_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
@@ -15,6 +12,8 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.type.v3 import percent_pb2
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+from google.protobuf.message import Message
 
 TYPE_PREFIX = "type.googleapis.com/"
 #: Largest value of a ``uint32`` field (Envoy's thresholds, token buckets).

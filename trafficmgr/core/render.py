@@ -283,7 +283,7 @@ def certificate_info(pem: str) -> dict[str, Any]:
         return {"error": f"cannot parse certificate: {exc}"}
     try:
         return _cert_info_ssl(first.group(0))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - likewise
         return {"error": f"cannot parse certificate: {exc}"}
 
 
@@ -315,7 +315,7 @@ def _cert_info_ssl(pem: str) -> dict[str, Any]:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(pem)
-        decoded = ssl._ssl._test_decode_cert(path)  # type: ignore[attr-defined]  # noqa: SLF001
+        decoded = ssl._ssl._test_decode_cert(path)  # type: ignore[attr-defined]  # private, no stub
     finally:
         os.unlink(path)
     short = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C",

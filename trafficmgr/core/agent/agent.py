@@ -211,7 +211,7 @@ class Agent:
             if self.synced():
                 try:
                     self.reconcile()
-                except Exception:  # noqa: BLE001 - the loop must survive anything
+                except Exception:  # the loop must survive anything
                     log.exception("reconcile pass failed; retrying")
 
     def _apply(self, item: tuple[str, Kind, Any]) -> None:
@@ -464,7 +464,7 @@ class HealthServer:
         alive = agent._thread
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server API
+            def do_GET(self) -> None:
                 if self.path.startswith("/healthz"):
                     ok, reason = (alive is None or alive.is_alive()), "loop stopped"
                     reason = "ok" if ok else reason

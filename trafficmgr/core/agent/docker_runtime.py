@@ -201,7 +201,7 @@ class DockerRuntime(Runtime):
         import docker
 
         try:
-            data = self._call("reading the sidecar log", self.api().logs, sidecar.id, stdout=True, stderr=True,
+            data: bytes = self._call("reading the sidecar log", self.api().logs, sidecar.id, stdout=True, stderr=True,
                               tail=tail if tail else "all")
         except docker.errors.NotFound:
             return ""

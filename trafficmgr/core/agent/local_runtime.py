@@ -81,8 +81,8 @@ class LocalRuntime(ProcessRuntime):
 
     def _envoy_binary(self) -> str:
         # No uid switch in local mode: the Envoy next to this Python is used as is (no copy for root).
-        from trafficmgr.core.envoy import EnvoyNotFound, find_envoy
         from trafficmgr.core.agent.runtime import SidecarError
+        from trafficmgr.core.envoy import EnvoyNotFound, find_envoy
 
         try:
             return self._envoy or find_envoy()

@@ -12,6 +12,7 @@ the processes, which run in their own session and outlive the agent.
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import shutil
@@ -83,7 +84,7 @@ class ProcessRuntime(Runtime):
             out.append(self._sidecar(state))
         return sorted(out, key=lambda s: (s.namespace, s.pod, s.id))
 
-    def _states(self) -> list[dict[str, Any]]:
+    def _states(self) -> builtins.list[dict[str, Any]]:  # `list` is the method above
         try:
             ids = os.listdir(self.state_dir)
         except FileNotFoundError:
@@ -153,7 +154,7 @@ class ProcessRuntime(Runtime):
             argv = ["setpriv", f"--reuid={spec.proxy_uid}", f"--regid={spec.proxy_uid}", "--clear-groups", *argv]
         if self.use_netns:
             argv = ["nsenter", f"--net={network.netns}", *argv]
-        log = open(os.path.join(directory, "envoy.log"), "ab")  # noqa: SIM115 - handed to the child
+        log = open(os.path.join(directory, "envoy.log"), "ab")  # handed to the child, closed below
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)  # outlives the agent

@@ -130,7 +130,7 @@ class Runtime(abc.ABC):
     def logs(self, sidecar: Sidecar, tail: int | None = None) -> str:
         """The sidecar's log (stdout and stderr), the last ``tail`` lines if given."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: a runtime without client resources keeps this no-op
         """Release client resources (sidecars keep running)."""
 
     def describe(self) -> str:

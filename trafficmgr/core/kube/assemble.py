@@ -17,7 +17,16 @@ from trafficmgr.core.corelabels import PORT_PREFIX
 from trafficmgr.core.kube.client import Kind
 from trafficmgr.core.labels import LabelRegistry
 from trafficmgr.core.model import (
-    EMPTY_LABELS, Endpoint, LabelError, Labels, Model, ObjectRef, Pod, Service, ServicePort, load_balancer_addresses,
+    EMPTY_LABELS,
+    Endpoint,
+    LabelError,
+    Labels,
+    Model,
+    ObjectRef,
+    Pod,
+    Service,
+    ServicePort,
+    load_balancer_addresses,
 )
 
 log = logging.getLogger(__name__)
@@ -163,7 +172,7 @@ class Assembler:
             if keep is not None:
                 try:
                     wanted = keep(extra)
-                except Exception:  # noqa: BLE001 - a plugin's filter must not stop the build
+                except Exception:  # a plugin's filter must not stop the build
                     log.exception("WatchKind %s keep() failed; none of its objects are in the model", kind)
                     wanted = ()
                 extra[kind] = {key: obj for key, obj in table.items() if key in wanted}
@@ -426,7 +435,7 @@ class Assembler:
             return
         try:
             value = self.extra_kinds[kind].convert(obj, self.convert_ctx)
-        except Exception:  # noqa: BLE001 - a plugin converter must not stop the watch
+        except Exception:  # a plugin converter must not stop the watch
             log.exception("converting %s %s/%s failed; object ignored", kind, *key)
             value = None
         if value is None:
@@ -454,5 +463,6 @@ def _move(index: dict[Any, set[Key]], key: Key, old: Any, new: Any) -> None:
 def _controller(obj: dict[str, Any], kind: str) -> str | None:
     for ref in _meta(obj).get("ownerReferences") or []:
         if ref.get("kind") == kind and ref.get("controller", True):
-            return ref.get("name")
+            name: str | None = ref.get("name")
+            return name
     return None

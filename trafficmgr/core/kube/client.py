@@ -55,7 +55,8 @@ class KubeClient:
 
     @property
     def host(self) -> str:
-        return self.api.configuration.host
+        host: str = self.api.configuration.host
+        return host
 
     def _call(self, method: str, path: str, query: dict[str, Any] | None = None, body: Any = None,
               content_type: str = "application/json", timeout: Any = 30) -> Any:

@@ -67,7 +67,7 @@ class EventRecorder(BackgroundWriter):
 
     def _write(self, ref: ObjectRef, reason: str, message: str, etype: str) -> None:
         assert self.client is not None
-        now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         namespace = ref.namespace or "default"
         body = {
             "apiVersion": "v1",

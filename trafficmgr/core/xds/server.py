@@ -202,7 +202,7 @@ class _Stream:
         "types", "queue", "change_pending", "unknown_logged", "identities",
     )
 
-    def __init__(self, mode: str, context: grpc.aio.ServicerContext) -> None:
+    def __init__(self, mode: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self.mode = mode
         self.context = context
         self.peer = parse_peer(context.peer())
@@ -348,13 +348,13 @@ class XdsServer:
 
     # -- streams ---------------------------------------------------------------------------------
 
-    async def _sotw_rpc(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+    async def _sotw_rpc(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await self._serve(SOTW, requests, context)
 
-    async def _delta_rpc(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+    async def _delta_rpc(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await self._serve(DELTA, requests, context)
 
-    async def _serve(self, mode: str, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+    async def _serve(self, mode: str, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> None:
         if self.stopping:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "xDS server is stopping")
         stream = _Stream(mode, context)
@@ -385,7 +385,7 @@ class XdsServer:
                 queue.put_nowait(request)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # the RPC broke; the handler ends the stream
+        except Exception as exc:  # noqa: BLE001 - the RPC broke; the handler ends the stream
             log.debug("xDS stream read ended: %r", exc)
         queue.put_nowait(_CLOSED)
 
@@ -408,7 +408,7 @@ class XdsServer:
                 stream.node_id, stream.node_cluster, stream.peer, exc,
             )
             await stream.context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc) or "node not authorized")
-            raise AssertionError("unreachable")  # abort() raises
+            raise AssertionError("unreachable") from exc  # abort() raises
         except Exception:
             log.exception("resolver failed for node %r; treating it as unknown", stream.node_id)
             view = None
@@ -838,7 +838,7 @@ def _delta_diff(st: _TypeState, ts: TypeSet) -> tuple[list[Resource], list[str]]
                 continue
             del rejected[r.name]
         updates.append(r)
-    in_scope = (lambda n: True) if st.wildcard else (lambda n: n in (st.names or ()))
+    in_scope: Callable[[str], bool] = (lambda n: True) if st.wildcard else (lambda n: n in (st.names or ()))
     removed = sorted(n for n in known if n not in resources and in_scope(n))
     return updates, removed
 
@@ -876,7 +876,7 @@ class XdsServerThread:
         self.loop = loop
         try:
             loop.run_until_complete(self.server.start())
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller waiting on `started`
             started.set_exception(exc)
             loop.close()
             return
