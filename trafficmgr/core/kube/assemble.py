@@ -13,11 +13,11 @@ from typing import Any
 
 from trafficmgr.core import metrics
 from trafficmgr.core.contrib import WatchKind
-from trafficmgr.core.corelabels import PORT_PREFIX
 from trafficmgr.core.kube.client import Kind
 from trafficmgr.core.labels import LabelRegistry
 from trafficmgr.core.model import (
     EMPTY_LABELS,
+    PORT_PREFIX,
     Endpoint,
     LabelError,
     Labels,
