@@ -14,14 +14,13 @@ from typing import Any
 import pytest
 import yaml
 
-from trafficmgr import __version__
-from trafficmgr.core import cli
+from trafficmgr import __version__, cli
 from trafficmgr.core.admin import AdminServer, snapshot_resources
-from trafficmgr.core.translate.builder import Builder
 from trafficmgr.core.cache import Resource
 from trafficmgr.core.labels import LabelSpec
 from trafficmgr.core.model import Endpoint, Model, Service, ServicePort
 from trafficmgr.core.plugins import PluginHost, PluginInfo, available, builtin_names
+from trafficmgr.core.translate.builder import Builder
 from trafficmgr.testing import ControlPlane, EnvoyProcess, HttpBackend, free_port
 
 BUILTIN = builtin_names()
@@ -233,7 +232,7 @@ def test_unexpected_error_is_one_line_unless_debug(capsys: pytest.CaptureFixture
 def test_console_script_error_path() -> None:
     """The installed ``trafficmgr`` script: one line on stderr, exit status 1, no traceback."""
     exe = Path(sys.executable).with_name("trafficmgr")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "trafficmgr.core.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "trafficmgr"]
     proc = subprocess.run([*cmd, "labels", "--plugins", "nosuchplugin"], capture_output=True, text=True, timeout=60,
                           env={"PATH": "/usr/bin:/bin"})
     assert proc.returncode == 1
@@ -264,7 +263,7 @@ def test_register_command(capsys: pytest.CaptureFixture[str], monkeypatch: pytes
 
 def test_command_modules(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     (tmp_path / "tm_cmd_ok.py").write_text(textwrap.dedent("""
-        from trafficmgr.core.cli import register_command
+        from trafficmgr.cli import register_command
         register_command("greet", "greets", lambda p: None, lambda a: print("hi"))
     """))
     (tmp_path / "tm_cmd_broken.py").write_text("import no_such_dependency_xyz\n")
@@ -281,12 +280,12 @@ def test_command_modules(capsys: pytest.CaptureFixture[str], monkeypatch: pytest
 
 
 def test_cli_works_without_serve_module() -> None:
-    """``serve`` is registered by ``trafficmgr.core.serve`` when it exists; the CLI works either way."""
+    """``serve`` is registered by ``trafficmgr.cli.serve`` when it exists; the CLI works either way."""
     cli.load_command_modules()
     paths = cli.command_paths(cli.build_parser())
     assert {"plugins list", "labels", "proxy-status", "config-dump"} <= set(paths)
     try:
-        import trafficmgr.core.serve  # noqa: F401
+        import trafficmgr.cli.serve  # noqa: F401
     except ModuleNotFoundError:
         assert "serve" not in paths
     else:
@@ -563,3 +562,34 @@ def test_help_shows_only_the_plugin_options_the_command_reads(
     assert code == 0
     assert [o for o in present if o not in out] == []
     assert [o for o in absent if o in out] == []
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    ([], cli.Invocation()),
+    (["serve", "--plugins", "lb,tracing", "--xds-port", "0"], cli.Invocation("serve", "lb,tracing")),
+    (["--log-level", "debug", "agent", "--plugins=tracing", "--xds-address", "x:1"], cli.Invocation("agent", "tracing")),
+    (["bootstrap", "--node-id", "serve", "--log-level", "info"], cli.Invocation("bootstrap", None)),
+    (["labels", "--plugins", "serve"], cli.Invocation("labels", "serve")),
+    (["serve", "--plugins"], cli.Invocation()),  # the real parser reports the missing value
+])
+def test_preparse_reads_the_command_and_its_plugin_selection(argv: list[str], expected: cli.Invocation) -> None:
+    assert cli.preparse(argv) == expected
+
+
+def _long_options(parser: argparse.ArgumentParser) -> set[str]:
+    return {o for action in parser._actions for o in action.option_strings if o.startswith("--")}  # noqa: SLF001
+
+
+def test_plugin_options_only_for_the_command_being_run_and_its_selection() -> None:
+    """The parser is built for one argv (no module-level state): the command it runs gets the options of
+    the plugins it selects, the other commands and later parsers get none."""
+    assert not hasattr(cli, "CURRENT_ARGV")
+    cli.load_command_modules()
+    paths = cli.command_paths(cli.build_parser(["serve", "--plugins", "tracing"]))
+    assert "--zipkin-address" in _long_options(paths["serve"])
+    assert "--zipkin-address" not in _long_options(paths["agent"]) | _long_options(paths["bootstrap"])
+    assert "--zipkin-address" not in _long_options(cli.command_paths(cli.build_parser(["serve", "--plugins", "lb"]))["serve"])
+    assert "--zipkin-address" not in _long_options(cli.command_paths(cli.build_parser())["serve"])
+    args = cli.build_parser(["bootstrap", "--plugins", "tracing"]).parse_args(
+        ["bootstrap", "--plugins", "tracing", "--node-id", "n", "--node-cluster", "c", "--xds-address", "x:1", "--zipkin-flush-spans", "3"])
+    assert args.zipkin_flush_spans == 3 and set(cli.plugins_of(args).infos) == {"core", "tracing"}

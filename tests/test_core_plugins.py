@@ -10,16 +10,16 @@ from contextlib import redirect_stdout
 
 import pytest
 
-from trafficmgr import hookimpl
-from trafficmgr.core import cli, metrics
+from trafficmgr import cli, hookimpl
+from trafficmgr.core import metrics
 from trafficmgr.core.admin import AdminServer
+from trafficmgr.core.bootstrap import bootstrap
 from trafficmgr.core.controlplane import ControlPlane
 from trafficmgr.core.model import Endpoint, Labels, Model, Service, ServicePort
 from trafficmgr.core.plugins import PluginHost
 from trafficmgr.core.xds.server import XdsServerThread
 from trafficmgr.testing.envoy import EnvoyProcess, free_port, wait_for
 from trafficmgr.testing.kit import NackingPlugin
-from trafficmgr.core.bootstrap import bootstrap
 
 BREAK = "traffic.test.break"
 

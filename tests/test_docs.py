@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from trafficmgr.core import admin, cli, hookspecs, render
+from trafficmgr import cli
+from trafficmgr.core import admin, hookspecs, render
 from trafficmgr.core.labels import LabelSpec
 from trafficmgr.core.plugins import PluginHost, builtin_names
 
@@ -188,13 +189,9 @@ def readme_commands() -> dict[str, str]:
 
 
 def real_commands() -> dict[str, object]:
-    """Leaf commands of the parser as built for a plain ``trafficmgr --help`` (no plugin options)."""
+    """Leaf commands of the parser as built for a plain ``trafficmgr --help`` (no argv: no plugin options)."""
     cli.load_command_modules()
-    saved, cli.CURRENT_ARGV = cli.CURRENT_ARGV, []
-    try:
-        return cli.command_paths(cli.build_parser())
-    finally:
-        cli.CURRENT_ARGV = saved
+    return cli.command_paths(cli.build_parser())
 
 
 def test_cli_reference_matches_commands() -> None:

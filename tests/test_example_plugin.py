@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
-from trafficmgr.testing.prereq import missing
-from trafficmgr.core.translate.builder import Builder
-from trafficmgr.core.cli import main
+from trafficmgr.cli import main
 from trafficmgr.core.model import Endpoint, Model, ObjectRef, Service, ServicePort
 from trafficmgr.core.plugins import PluginHost, available
+from trafficmgr.core.translate.builder import Builder
 from trafficmgr.testing import ControlPlane, EnvoyProcess, HttpBackend, free_port
+from trafficmgr.testing.prereq import missing
 
 DIST = "trafficmgr-served-by"
 LABEL = "traffic.served-by"

@@ -14,8 +14,7 @@ from typing import Any
 
 import pytest
 
-from trafficmgr.core import scaffold
-from trafficmgr.core.cli import main
+from trafficmgr.cli import main, scaffold
 from trafficmgr.testing.kit import BuildResult, NackingPlugin, SidecarMesh
 
 SHOP = """

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
+from trafficmgr import cli
 from trafficmgr.apps.zipkin import ZipkinCollector
-from trafficmgr.core import cli
 
 
 @pytest.fixture

@@ -1,3 +1,3 @@
-from trafficmgr.core.cli import main
+from trafficmgr.cli import main
 
 raise SystemExit(main())

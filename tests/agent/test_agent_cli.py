@@ -14,8 +14,7 @@ from typing import Any
 
 import pytest
 
-from trafficmgr import hookimpl
-from trafficmgr.core import cli
+from trafficmgr import cli, hookimpl
 from trafficmgr.core.agent.agent import AgentConfig, parse_xds_address, sidecar_bootstrap
 from trafficmgr.core.agent.netns_runtime import ProcessRuntime
 from trafficmgr.core.agent.runtime import PodRef, SidecarSpec
@@ -173,7 +172,7 @@ def test_local_runtime_through_proxies(envoy_binary: str, capsys: pytest.Capture
 
 
 def test_remove_all_without_kubernetes_says_annotations_were_left(capsys: pytest.CaptureFixture[str]) -> None:
-    from trafficmgr.core.agent.cli import _clear_annotations
+    from trafficmgr.cli.agent import _clear_annotations
     from trafficmgr.core.agent.runtime import Sidecar
 
     sidecar = Sidecar(id="abc", pod="web-1", namespace="default", pod_uid="u", status="Exited", state="exited")
@@ -186,8 +185,8 @@ def test_cli_local_runtime_serves_the_explicit_proxy(tmp_path: Path) -> None:
     """``--runtime local`` must make the demo's runtime, whose sidecars also serve the explicit proxy on
     <pod IP>:15001 (a plain process runtime without it was made before; traffic through the explicit
     proxy is tested in tests/local/test_demo.py)."""
-    from trafficmgr.core.agent.cli import make_runtime
     from trafficmgr.core.agent.local_runtime import LocalRuntime
+    from trafficmgr.core.agent.run import make_runtime
 
     args = cli.build_parser().parse_args(["proxies", "--runtime", "local", "--state-dir", str(tmp_path)])
     runtime = make_runtime(args)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.helm.chart import BUILTIN_PLUGINS, RELEASE, container, one, render
-from trafficmgr.core import cli
+from trafficmgr import cli
 
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "defaults": {},
@@ -26,10 +26,9 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
 def parse(argv: list[str]) -> Any:
     """Parse like ``trafficmgr <argv>`` does (plugin options included) without running the command."""
     argv = [a.replace("$(NODE_NAME)", "node-1").replace("$(POD_NAME)", "gw-1") for a in argv]
-    cli.CURRENT_ARGV = list(argv)  # `serve` adds the selected plugins' options from the command line
     cli.load_command_modules()
-    try:
-        return cli.build_parser().parse_args(argv)
+    try:  # the parser for this argv: `serve` has the options of the plugins it selects
+        return cli.build_parser(argv).parse_args(argv)
     except SystemExit as exc:
         pytest.fail(f"trafficmgr {' '.join(argv)}: rejected (exit {exc.code}); see the usage error above")
 
@@ -66,7 +65,8 @@ def test_gateway_bootstrap_is_accepted_by_envoy(plugins: list[str], envoy_binary
     args = [a.replace("$(POD_NAME)", "trafficmgr-gateway-7d9c5bd8f-x2x8k") for a in container(dep, "bootstrap", init=True)["args"]]
     out = tmp_path / "bootstrap.json"
     args = [f"--output={out}" if a.startswith("--output=") else a for a in args]
-    proc = subprocess.run([sys.executable, "-c", "import sys; from trafficmgr.core.cli import main; sys.exit(main())", *args], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", "import sys; from trafficmgr.cli import main; sys.exit(main())", *args],
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     envoy_args = [a.replace("/etc/envoy/bootstrap.json", str(out)) for a in container(dep, "envoy")["args"]]
     check = subprocess.run([envoy_binary, "--mode", "validate", *envoy_args], capture_output=True, text=True, timeout=60)

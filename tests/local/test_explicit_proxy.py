@@ -57,7 +57,7 @@ def test_without_the_option_nothing_changes() -> None:
 
 
 def test_serve_flag() -> None:
-    from trafficmgr.core.serve import add_serve_arguments
+    from trafficmgr.cli.serve import add_serve_arguments
 
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)

@@ -10,6 +10,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
+
 from trafficmgr.core.signals import stop_on_signals
 
 
@@ -84,33 +85,26 @@ def serve_until_signal(app: ThreadedHTTPApp, banner: str, stop: threading.Event 
     return 0
 
 
-def app_command(
-    name: str,
-    help: str,  # noqa: A002 - mirrors argparse
-    add_arguments: Callable[[argparse.ArgumentParser], None],
-    serve: Callable[[argparse.Namespace], int],
-) -> Callable[[Sequence[str] | None], int]:
-    """Register ``trafficmgr <name>`` and return a ``main(argv)`` for ``python -m``; both turn a busy
-    address into one clear error line."""
+class AppCommand:
+    """How an app runs from the command line: ``trafficmgr <name>`` (registered by
+    :mod:`trafficmgr.cli.apps`) and ``python -m <its module>`` (:meth:`main`). ``serve(args)`` runs it and
+    raises OSError when its address is taken."""
 
-    def cli_run(args: argparse.Namespace) -> int:
-        from trafficmgr.core.cli import CliError
+    def __init__(
+        self,
+        name: str,
+        help: str,  # noqa: A002 - mirrors argparse
+        add_arguments: Callable[[argparse.ArgumentParser], None],
+        serve: Callable[[argparse.Namespace], int],
+    ) -> None:
+        self.name, self.help, self.add_arguments, self.serve = name, help, add_arguments, serve
 
-        try:
-            return serve(args)
-        except OSError as exc:
-            raise CliError(f"cannot listen on {args.host}:{args.port}: {exc} (use --port)") from None
-
-    def main(argv: Sequence[str] | None = None) -> int:
-        parser = argparse.ArgumentParser(prog=f"trafficmgr {name}", description=help)
-        add_arguments(parser)
+    def main(self, argv: Sequence[str] | None = None) -> int:
+        """``python -m``: parse ``argv``, serve; a busy address is one clear error line (exit status 1)."""
+        parser = argparse.ArgumentParser(prog=f"trafficmgr {self.name}", description=self.help)
+        self.add_arguments(parser)
         args = parser.parse_args(argv)
         try:
-            return serve(args)
+            return self.serve(args)
         except OSError as exc:
-            parser.exit(1, f"{name}: error: cannot listen on {args.host}:{args.port}: {exc}\n")
-
-    from trafficmgr.core.cli import register_command
-
-    register_command(name, help, add_arguments, cli_run, replace=True)
-    return main
+            parser.exit(1, f"{self.name}: error: cannot listen on {args.host}:{args.port}: {exc}\n")

@@ -31,7 +31,7 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
-from trafficmgr.apps.base import ThreadedHTTPApp, app_command
+from trafficmgr.apps.base import AppCommand, ThreadedHTTPApp
 from trafficmgr.core import argtypes
 from trafficmgr.core.signals import stop_on_signals
 
@@ -234,8 +234,9 @@ def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
     return 0
 
 
-main = app_command("bookinfo", "run one service of the bookinfo demo app (productpage, details, ratings, reviews, client)",
-                   add_arguments, serve)
+COMMAND = AppCommand("bookinfo", "run one service of the bookinfo demo app (productpage, details, ratings, reviews, client)",
+                     add_arguments, serve)
+main = COMMAND.main
 
 if __name__ == "__main__":
     sys.exit(main())

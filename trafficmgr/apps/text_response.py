@@ -17,8 +17,8 @@ import os
 import sys
 import threading
 
+from trafficmgr.apps.base import AppCommand, ThreadedHTTPApp, serve_until_signal
 from trafficmgr.core import argtypes
-from trafficmgr.apps.base import ThreadedHTTPApp, app_command, serve_until_signal
 
 ENV_BODY = "RESPONSE_BODY"
 DEFAULT_PORT = 8080
@@ -80,8 +80,9 @@ def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
     return serve_until_signal(TextResponseServer(body, args.host, args.port), f"text-response on {{url}} ({len(body)} bytes)", stop)
 
 
-main = app_command("text-response", "answer every request with a fixed text body (ACME HTTP-01 challenges)",
-                   add_arguments, serve)
+COMMAND = AppCommand("text-response", "answer every request with a fixed text body (ACME HTTP-01 challenges)",
+                     add_arguments, serve)
+main = COMMAND.main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -32,8 +32,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
+from trafficmgr.apps.base import AppCommand, ThreadedHTTPApp, serve_until_signal
 from trafficmgr.core import argtypes
-from trafficmgr.apps.base import ThreadedHTTPApp, app_command, serve_until_signal
 
 DEFAULT_PORT = 9411
 MAX_BODY = 64 * 1024 * 1024
@@ -292,7 +292,8 @@ def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
     return serve_until_signal(collector, "zipkin collector on {url} (POST /api/v2/spans)", stop)
 
 
-main = app_command("zipkin", "run a small in-memory Zipkin collector (API v2) for local mode and tests", add_arguments, serve)
+COMMAND = AppCommand("zipkin", "run a small in-memory Zipkin collector (API v2) for local mode and tests", add_arguments, serve)
+main = COMMAND.main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,7 +6,7 @@ It is the API server's :class:`~trafficmgr.apiserver.PodRuntime`: the ReplicaSet
 - **Pod IP**: the next free address of ``pod_cidr`` (default 127.1.0.0/16: every 127.0.0.0/8 address
   binds without setup), so every pod can listen on its container ports (9080) like in a cluster.
 - **Containers**: a container of the ``trafficmgr`` image runs its ``args`` as a ``trafficmgr`` command
-  line (the image's entrypoint), through :mod:`trafficmgr.local.container`, which makes binds to
+  line (the image's entrypoint), through :mod:`trafficmgr.cli.container`, which makes binds to
   ``0.0.0.0`` bind the pod IP; a container with ``command`` runs ``command + args`` as is. Other images
   cannot run locally: the pod stays Pending with a reason.
 - **Environment**: the container's ``env`` (``value`` and the usual ``fieldRef`` paths), ``POD_NAME``,
@@ -216,7 +216,7 @@ class LocalKubelet:
         args = [str(a) for a in container.get("args") or []]
         if container.get("command"):
             return [str(a) for a in container["command"]] + args
-        return [self.python, "-m", "trafficmgr.local.container", "--ip", ip, "--dir", directory, "--", *args]
+        return [self.python, "-m", "trafficmgr.cli.container", "--ip", ip, "--dir", directory, "--", *args]
 
     def _env(self, pod: dict[str, Any], container: dict[str, Any], ip: str, services: list[dict[str, Any]]) -> dict[str, str]:
         md = pod["metadata"]

@@ -1,24 +1,22 @@
-"""``trafficmgr agent``, ``trafficmgr proxies`` and ``trafficmgr bootstrap``."""
+"""``trafficmgr agent``, ``trafficmgr proxies`` and ``trafficmgr bootstrap`` (the agent itself runs with
+:func:`trafficmgr.core.agent.run.run_agent`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import threading
 
+from trafficmgr.cli import CliError, _write, plugins_of, register_command
+from trafficmgr.core.agent.run import RUNTIMES, AgentStartError, make_runtime, run_agent
+from trafficmgr.core.agent.runtime import RuntimeUnavailable, Sidecar, SidecarError, find
 from trafficmgr.core.argtypes import int_at_least, listen_port, port, positive_seconds
-from trafficmgr.core.signals import stop_on_signals
-from trafficmgr.core.agent.runtime import Runtime, RuntimeUnavailable, Sidecar, SidecarError, find
-from trafficmgr.core.plugins import ENV_SELECTION, PluginHost
-
-log = logging.getLogger(__name__)
+from trafficmgr.core.plugins import ENV_SELECTION
 
 ENV_NODE_NAME = "NODE_NAME"
 ENV_DOCKER_HOST = "DOCKER_HOST"
-RUNTIMES = ("docker", "netns", "local")
 
 
 def _docker_host_default() -> str:
@@ -39,38 +37,6 @@ def _add_runtime_options(parser: argparse.ArgumentParser, choices: tuple[str, ..
                         help=f"netns runtime: where pod network namespaces are found (default {DEFAULT_NETNS_DIR})")
 
 
-def _add_plugin_options(parser: argparse.ArgumentParser, command: str) -> None:
-    """Options of the selected plugins (their ``trafficmgr_bootstrap`` hooks read them, e.g. tracing's
-    ``--zipkin-address``), like ``serve`` has; only when ``command`` is the one being run."""
-    from trafficmgr.core import cli
-    from trafficmgr.core.serve import selection_from_argv
-
-    parser.set_defaults(_plugins=None)
-    if command not in cli.CURRENT_ARGV:
-        return
-    try:
-        host = PluginHost.load(selection_from_argv(cli.CURRENT_ARGV))
-    except Exception:  # noqa: BLE001 - run() loads again and reports the error
-        return
-    host.call_all("trafficmgr_add_arguments", parser=parser, command=command)
-    parser.set_defaults(_plugins=host)
-
-
-def make_runtime(args: argparse.Namespace) -> Runtime:
-    """The runtime selected by ``--runtime`` and its options."""
-    if args.runtime == "docker":
-        from trafficmgr.core.agent.docker_runtime import DockerRuntime
-
-        return DockerRuntime(args.docker_host, getattr(args, "envoy_image", "") or "")
-    if args.runtime == "local":  # with the explicit proxy on <pod IP>:15001, as in `trafficmgr demo`
-        from trafficmgr.core.agent.local_runtime import LocalRuntime
-
-        return LocalRuntime(args.state_dir)
-    from trafficmgr.core.agent.netns_runtime import ProcessRuntime
-
-    return ProcessRuntime(args.state_dir, args.netns_dir)
-
-
 # -- agent ------------------------------------------------------------------------------------------
 
 
@@ -86,7 +52,8 @@ def _setup_agent(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plugins", metavar="SEL", default=None,
                         help=f"plugins whose labels and bootstrap hooks apply (default: ${ENV_SELECTION} or all installed)")
     parser.add_argument("--admin-port", type=listen_port, default=8900, help="sidecar Envoy admin port, bound to the pod IP (default 8900)")
-    parser.add_argument("--proxy-uid", type=int_at_least(1), default=1337, help="uid and gid Envoy runs as; its traffic is not redirected (default 1337)")
+    parser.add_argument("--proxy-uid", type=int_at_least(1), default=1337,
+                        help="uid and gid Envoy runs as; its traffic is not redirected (default 1337)")
     parser.add_argument("--proxy-port", type=listen_port, default=10000,
                         help="the sidecar's outbound listener port that TCP is redirected to (default 10000)")
     parser.add_argument("--inbound-port", type=port, default=15006,
@@ -98,13 +65,10 @@ def _setup_agent(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resync", type=positive_seconds, default=30.0, metavar="SECONDS",
                         help="full reconcile interval: rules re-checked, dead sidecars replaced (default 30)")
     _add_runtime_options(parser, RUNTIMES)
-    _add_plugin_options(parser, "agent")
 
 
 def _run_agent(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
-    from trafficmgr.core.agent.agent import Agent, AgentConfig, HealthServer, parse_xds_address
-    from trafficmgr.core.cli import CliError
-    from trafficmgr.core.kube.client import KubeClient, load_api_client
+    from trafficmgr.core.agent.agent import parse_xds_address
 
     if not args.node_name:
         raise CliError(f"--node-name is required (or set ${ENV_NODE_NAME}, e.g. from the pod's spec.nodeName)")
@@ -118,31 +82,11 @@ def _run_agent(args: argparse.Namespace, stop: threading.Event | None = None) ->
     taken = [name for name, port in ports.items() if port and list(ports.values()).count(port) > 1]
     if taken:
         raise CliError(f"{' and '.join(taken)} must differ: each is a different listener of the sidecar")
-    plugins = args._plugins or PluginHost.load(args.plugins)
+    plugins = plugins_of(args)
     try:
-        api = load_api_client(args.kubeconfig)
-    except Exception as exc:  # noqa: BLE001 - config errors come in many types
-        raise CliError(f"cannot load Kubernetes configuration: {exc}") from None
-    config = AgentConfig(
-        node_name=args.node_name, xds_address=args.xds_address, admin_port=args.admin_port, proxy_uid=args.proxy_uid,
-        proxy_port=args.proxy_port, inbound_port=args.inbound_port, namespace=args.namespace, delta=args.delta, resync_s=args.resync,
-    )
-    agent = Agent(KubeClient(api), make_runtime(args), config, plugins, args).start()
-    health = None
-    if args.health_port:
-        try:
-            health = HealthServer(agent, args.health_address, args.health_port).start()
-        except OSError as exc:
-            agent.stop()
-            raise CliError(f"cannot listen on {args.health_address}:{args.health_port}: {exc} (use --health-port)") from None
-    log.info("node agent for %s: runtime %s, xDS %s", args.node_name, agent.runtime.describe(), args.xds_address)
-    stop = stop_on_signals(stop)
-    stop.wait()
-    # Sidecars stay: a restarted agent adopts them (`trafficmgr proxies --remove-all` removes them).
-    agent.stop()
-    if health is not None:
-        health.stop()
-    return 0
+        return run_agent(args, plugins, stop)
+    except AgentStartError as exc:
+        raise CliError(str(exc)) from None
 
 
 # -- proxies ----------------------------------------------------------------------------------------
@@ -164,7 +108,6 @@ def _setup_proxies(parser: argparse.ArgumentParser) -> None:
 def _run_proxies(args: argparse.Namespace) -> int:
     from trafficmgr.core import render
     from trafficmgr.core.agent import iptables
-    from trafficmgr.core.cli import CliError, _write
 
     if args.log and not args.id:
         raise CliError("--log needs --id PREFIX")
@@ -258,13 +201,11 @@ def _setup_bootstrap(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plugins", metavar="SEL", default=None,
                         help=f"plugins whose trafficmgr_bootstrap hooks apply (default: ${ENV_SELECTION} or all installed)")
     parser.add_argument("-o", "--output", metavar="FILE", default="-", help="write to FILE (default: stdout)")
-    _add_plugin_options(parser, "bootstrap")
 
 
 def _run_bootstrap(args: argparse.Namespace) -> int:
     from trafficmgr.core.agent.agent import parse_xds_address
     from trafficmgr.core.bootstrap import bootstrap
-    from trafficmgr.core.cli import CliError, _write
 
     try:
         host, port = parse_xds_address(args.xds_address)
@@ -272,7 +213,7 @@ def _run_bootstrap(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     config = bootstrap(args.node_id, args.node_cluster, host, port, admin_port=args.admin_port,
                        admin_address=args.admin_address, delta=args.delta)
-    (args._plugins or PluginHost.load(args.plugins)).call_all("trafficmgr_bootstrap", bootstrap=config, role=args.node_cluster, options=args)
+    plugins_of(args).call_all("trafficmgr_bootstrap", bootstrap=config, role=args.node_cluster, options=args)
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     if args.output in ("-", ""):
         _write(text)
@@ -287,15 +228,9 @@ def _run_bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
-def _register() -> None:
-    from trafficmgr.core.cli import register_command
-
-    register_command("agent", "node agent: run Envoy sidecars for the enabled pods of this node", _setup_agent, _run_agent,
-                     replace=True)
-    register_command("proxies", "list, inspect or remove the Envoy sidecars of this node", _setup_proxies, _run_proxies,
-                     replace=True)
-    register_command("bootstrap", "print an Envoy bootstrap (JSON) for a proxy of the control plane", _setup_bootstrap,
-                     _run_bootstrap, replace=True)
-
-
-_register()
+register_command("agent", "node agent: run Envoy sidecars for the enabled pods of this node", _setup_agent, _run_agent,
+                 replace=True, plugin_options=True)
+register_command("proxies", "list, inspect or remove the Envoy sidecars of this node", _setup_proxies, _run_proxies,
+                 replace=True)
+register_command("bootstrap", "print an Envoy bootstrap (JSON) for a proxy of the control plane", _setup_bootstrap,
+                 _run_bootstrap, replace=True, plugin_options=True)

@@ -2,7 +2,7 @@
 
 Subcommands are registered, not hard-coded::
 
-    from trafficmgr.core.cli import register_command
+    from trafficmgr.cli import register_command
 
     def setup(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--xds-port", type=int, default=18000)
@@ -19,6 +19,14 @@ that reports the import error). ``run`` returns the exit status (None = 0). It r
 (or ``PluginError``/``AdminError``) for bad input: :func:`main` prints ``trafficmgr: error: <message>``
 on stderr, one line, and returns non-zero; any other exception prints one line plus a hint to rerun
 with ``--log-level debug``, which prints the traceback.
+
+A command registered with ``plugin_options=True`` (``serve``, ``agent``, ``bootstrap``) also takes the
+options of its selected plugins (hook ``trafficmgr_add_arguments``). Which plugins those are depends on
+the command line itself, so :func:`build_parser` is given the argv it will parse: :func:`preparse` reads
+the command being run and its ``--plugins`` from it, and only that command's parser gets the options.
+
+This package is the top layer: the library (``trafficmgr.core``), the plugins and the apps never import
+it (tests/test_layers.py checks that).
 """
 
 from __future__ import annotations
@@ -51,8 +59,8 @@ PROG = "trafficmgr"
 #: Environment variable with the default for ``--server``.
 ENV_SERVER = "TRAFFICMGR_SERVER"
 #: Modules imported by :func:`main` so that they can call :func:`register_command`.
-COMMAND_MODULES: list[str] = ["trafficmgr.core.serve", "trafficmgr.apps.zipkin", "trafficmgr.core.agent.cli",
-                              "trafficmgr.apps.text_response", "trafficmgr.apps.bookinfo", "trafficmgr.local.demo", "trafficmgr.bench"]
+COMMAND_MODULES: list[str] = ["trafficmgr.cli.serve", "trafficmgr.cli.agent", "trafficmgr.cli.apps", "trafficmgr.cli.demo",
+                              "trafficmgr.cli.bench"]
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -69,12 +77,14 @@ class CliError(Exception):
 
 @attrs.frozen
 class Command:
-    """One subcommand: ``setup(parser)`` adds its arguments, ``run(args)`` returns the exit status."""
+    """One subcommand: ``setup(parser)`` adds its arguments, ``run(args)`` returns the exit status;
+    ``plugin_options``: the selected plugins add theirs too (see :func:`register_command`)."""
 
     name: str
     help: str
     setup: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int | None]
+    plugin_options: bool = False
 
 
 COMMANDS: dict[str, Command] = {}
@@ -87,15 +97,20 @@ def register_command(
     run: Callable[[argparse.Namespace], int | None],
     *,
     replace: bool = False,
+    plugin_options: bool = False,
 ) -> None:
     """Add subcommand ``name``. Registering a taken name is a ``ValueError`` unless ``replace``.
 
     ``setup`` may add nested subcommands with ``parser.add_subparsers(...)``; ``run`` then dispatches on
     the parsed arguments.
+
+    ``plugin_options``: when ``name`` is the command being run, the plugins its ``--plugins`` selects
+    (``setup`` adds that option) are loaded while the parser is built and add their options
+    (``trafficmgr_add_arguments(parser, command=name)``); ``run`` gets them with :func:`plugins_of`.
     """
     if name in COMMANDS and not replace:
         raise ValueError(f"command {name!r} is already registered")
-    COMMANDS[name] = Command(name, help, setup, run)
+    COMMANDS[name] = Command(name, help, setup, run, plugin_options)
 
 
 _loaded_modules: set[str] = set()
@@ -147,8 +162,50 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
-def build_parser() -> ArgumentParser:
-    """The full parser with every registered command (call :func:`load_command_modules` first)."""
+@attrs.frozen
+class Invocation:
+    """What :func:`preparse` reads from a command line before the parser exists: the command it runs
+    and that command's ``--plugins`` (None: not given)."""
+
+    command: str | None = None
+    plugins: str | None = None
+
+
+class _PreparseError(Exception):
+    pass
+
+
+class _Preparser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _PreparseError(message)
+
+
+def preparse(argv: Sequence[str]) -> Invocation:
+    """The command ``argv`` runs and its ``--plugins`` value (``--plugins X``, ``--plugins=X``), read with
+    ``parse_known_args`` and nothing else known; a command line these parsers reject gives
+    ``Invocation()`` (the real parser then reports the error)."""
+    top = _Preparser(add_help=False)
+    top.add_argument("--log-level")
+    top.add_argument("command", nargs="?")
+    selection = _Preparser(add_help=False)
+    selection.add_argument("--plugins")
+    try:
+        command = top.parse_known_args(list(argv))[0].command
+        plugins = selection.parse_known_args(list(argv))[0].plugins
+    except _PreparseError:
+        return Invocation()
+    return Invocation(command, plugins)
+
+
+def build_parser(argv: Sequence[str] = ()) -> ArgumentParser:
+    """The full parser with every registered command (call :func:`load_command_modules` first).
+
+    ``argv`` is the command line the parser is for: if it runs a command registered with
+    ``plugin_options``, that command's parser also has the options of the plugins its ``--plugins``
+    selects (default: ``$TRAFFICMGR_PLUGINS`` or all installed). Without it (``trafficmgr --help``, the
+    README's CLI reference) no command has plugin options.
+    """
+    invocation = preparse(argv)
     parser = ArgumentParser(prog=PROG, description="A label-driven Envoy xDS control plane for Kubernetes.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default="warning",
@@ -160,7 +217,30 @@ def build_parser() -> ArgumentParser:
         p = sub.add_parser(name, help=cmd.help, description=cmd.help, parents=[common])
         cmd.setup(p)
         p.set_defaults(_run=cmd.run)
+        if cmd.plugin_options:
+            p.set_defaults(_plugins=None)
+            if invocation.command == name:
+                _add_selected_plugin_options(p, name, invocation.plugins)
     return parser
+
+
+def _add_selected_plugin_options(parser: argparse.ArgumentParser, command: str, selection: str | None) -> None:
+    """Load the plugins ``selection`` names and let them add their options for ``command``. A selection
+    that does not load adds nothing: :func:`plugins_of` loads it again in ``run`` and reports the error,
+    so the command's other options and ``--help`` keep working."""
+    try:
+        host = PluginHost.load(selection)
+    except Exception:  # noqa: BLE001 - reported by plugins_of() in run()
+        return
+    host.call_all("trafficmgr_add_arguments", parser=parser, command=command)
+    parser.set_defaults(_plugins=host)
+
+
+def plugins_of(args: argparse.Namespace) -> PluginHost:
+    """The plugins of a ``plugin_options`` command: those loaded while its parser was built, else
+    (a parser built without the argv, a selection that failed) ``PluginHost.load(args.plugins)``."""
+    host: PluginHost | None = getattr(args, "_plugins", None)
+    return host if host is not None else PluginHost.load(args.plugins)
 
 
 def command_paths(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, argparse.ArgumentParser]:
@@ -277,7 +357,7 @@ def _setup_plugins(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.add_argument("--hooks", action="store_true", help="show hook names instead of a count")
     _add_plugins_option(p)
-    from trafficmgr.core import scaffold
+    from trafficmgr.cli import scaffold
 
     scaffold.setup_new(sub.add_parser("new", help="create a plugin project", parents=[_common()],
                                       description="Write a ready-to-install plugin project trafficmgr-NAME/ "
@@ -286,9 +366,12 @@ def _setup_plugins(parser: argparse.ArgumentParser) -> None:
 
 def _run_plugins(args: argparse.Namespace) -> int:
     if args.plugins_command == "new":
-        from trafficmgr.core import scaffold
+        from trafficmgr.cli import scaffold
 
-        return scaffold.run_new(args)
+        try:
+            return scaffold.run_new(args)
+        except scaffold.ScaffoldError as exc:
+            raise CliError(str(exc)) from None
     infos = installed_plugins(PluginHost.load(args.plugins))
     _write(render.to_json([render.plugin_row(i) for i in infos]) if args.json else render.plugins_table(infos, args.hooks))
     return 0
@@ -375,17 +458,12 @@ def _logging(level: str) -> Iterator[None]:
             root.removeHandler(handler)
 
 
-#: The arguments of the running ``main`` call, for commands whose options depend on other options
-#: (``serve`` adds the options of the plugins selected with ``--plugins``).
-CURRENT_ARGV: list[str] = []
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 1 error, 2 usage error)."""
-    global CURRENT_ARGV
-    CURRENT_ARGV = list(sys.argv[1:] if argv is None else argv)
+    """Run the CLI on ``argv`` (default: ``sys.argv[1:]``); returns the exit status (0 ok, 1 error, 2 usage
+    error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     load_command_modules()
-    parser = build_parser()
+    parser = build_parser(argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, usage errors
@@ -412,7 +490,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{PROG}: error: unexpected {type(exc).__name__}: {exc} (rerun with --log-level debug for the traceback)",
                   file=sys.stderr)
             return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,7 +3,8 @@
 The project (``trafficmgr-<name>/``) holds a ``pyproject.toml`` with the ``trafficmgr.plugins`` entry point
 and a trafficmgr version range, a module declaring one label and implementing one hook, a test using the
 kit's fixtures (``trafficmgr_build``, ``trafficmgr_envoy``) and a README. After ``pip install -e .`` its
-tests pass and ``trafficmgr plugins list`` shows it.
+tests pass and ``trafficmgr plugins list`` shows it. The plugin module imports trafficmgr only through the
+public plugin API, :mod:`trafficmgr.plugin`.
 """
 
 from __future__ import annotations
@@ -92,12 +93,8 @@ def setup_new(parser: argparse.ArgumentParser) -> None:
 
 
 def run_new(args: argparse.Namespace) -> int:
-    from trafficmgr.core.cli import CliError
-
-    try:
-        root = create(args.name, args.directory, args.force)
-    except ScaffoldError as exc:
-        raise CliError(str(exc)) from None
+    """``trafficmgr plugins new``; raises :class:`ScaffoldError` (the caller shows it as one line)."""
+    root = create(args.name, args.directory, args.force)
     names = Names.of(args.name)
     print(f"Created {root} (plugin {names.entry_point!r}, label {names.label}). Next:\n"
           f"  cd {root} && pip install -e '.[test]' && pytest && trafficmgr plugins list")
@@ -138,15 +135,16 @@ MODULE = '''\
 through a sidecar carries ``{n.header}: <value>``.
 
 One label declaration (``trafficmgr_labels``) and one mutate-in-place hook (``trafficmgr_virtual_host``);
-nothing changes when the label is absent. The hook contract: ``trafficmgr.core.hookspecs`` and
-docs/plugins.md in the trafficmgr repository.
+nothing changes when the label is absent. It imports trafficmgr only through the public plugin API,
+``trafficmgr.plugin``. The hook contract: ``trafficmgr.core.hookspecs`` and docs/plugins.md in the
+trafficmgr repository.
 """
 
 from __future__ import annotations
 
 from envoy.config.core.v3 import base_pb2
 
-from trafficmgr import LabelSpec, hookimpl, labels
+from trafficmgr.plugin import LabelSpec, hookimpl, labels
 
 #: Checked by trafficmgr at startup, like the dependency range in pyproject.toml.
 TRAFFICMGR_REQUIRES = "{range}"
@@ -183,7 +181,7 @@ manifests produce, ``trafficmgr_envoy`` serves them with a real Envoy sidecar on
 
 from __future__ import annotations
 
-from trafficmgr.core.plugins import available
+from importlib import metadata
 
 PLUGIN = "{n.entry_point}"
 LABEL = "{n.label}"
@@ -210,7 +208,8 @@ spec:
 
 
 def test_installed_plugin_is_discovered() -> None:
-    assert PLUGIN in available(), "pip install -e . registers the entry point"
+    names = {{ep.name for ep in metadata.entry_points(group="trafficmgr.plugins")}}
+    assert PLUGIN in names, "pip install -e . registers the entry point"
 
 
 def test_label_configures_the_virtual_host(trafficmgr_build) -> None:

@@ -1,4 +1,4 @@
-"""``python -m trafficmgr.local.container --ip POD_IP --dir POD_DIR -- <trafficmgr args>``: run one
+"""``python -m trafficmgr.cli.container --ip POD_IP --dir POD_DIR -- <trafficmgr args>``: run one
 container of the trafficmgr image as a local process.
 
 The image's entrypoint is ``trafficmgr``, so ``args`` are a ``trafficmgr`` command line. A pod has no
@@ -30,7 +30,7 @@ def bind_to(ip: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trafficmgr.local.container")
+    parser = argparse.ArgumentParser(prog="python -m trafficmgr.cli.container")
     parser.add_argument("--ip", required=True, help="the pod IP")
     parser.add_argument("--dir", required=True, help="the pod's directory")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="-- then the trafficmgr command line")
@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ns.args[1:] if ns.args[:1] == ["--"] else ns.args
     os.chdir(ns.dir)
     bind_to(ns.ip)
-    from trafficmgr.core.cli import main as cli_main
+    from trafficmgr.cli import main as cli_main
 
     return cli_main(args)
 

@@ -1,0 +1,55 @@
+"""``trafficmgr serve``: the command line of the control plane (:func:`trafficmgr.core.serve.run_serve`
+runs it)."""
+
+from __future__ import annotations
+
+import argparse
+
+from trafficmgr.cli import CliError, plugins_of, register_command
+from trafficmgr.core.argtypes import listen_port, port
+from trafficmgr.core.serve import ServeError, run_serve
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Core options of ``serve`` (plugin options are added by ``trafficmgr_add_arguments``)."""
+    parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster config, else ~/.kube/config)")
+    parser.add_argument("--context", help="kubeconfig context")
+    parser.add_argument("--namespace", help="watch only this namespace (default: all namespaces)")
+    parser.add_argument("--xds-address", default="0.0.0.0", help="xDS listen address (default 0.0.0.0)")
+    parser.add_argument("--xds-port", type=port, default=18000, help="xDS (ADS gRPC) port (default 18000; 0: any free port)")
+    parser.add_argument("--admin-address", default="127.0.0.1",
+                        help="admin/metrics listen address (default 127.0.0.1; binding elsewhere exposes /debug views)")
+    parser.add_argument("--admin-port", type=port, default=18080, help="admin/metrics port (default 18080; 0: any free port)")
+    parser.add_argument("--sidecar-port", type=listen_port, default=10000, help="sidecar outbound listener port (default 10000)")
+    parser.add_argument("--sidecar-inbound-port", type=port, default=15006,
+                        help="sidecar inbound listener port that the agent redirects connections to the pod to "
+                             "(default 15006; 0: no inbound listener)")
+    parser.add_argument("--explicit-proxy", action="store_true",
+                        help="local mode (no iptables): sidecars also serve explicit HTTP proxy requests "
+                             "(internal listener outbound_proxy, see 'trafficmgr demo')")
+    parser.add_argument("--xds-auth", choices=("peer-ip", "mtls", "none"), default="peer-ip",
+                        help="who may claim a proxy identity: peer-ip (default), mtls, none (development only)")
+    parser.add_argument("--xds-gateway-namespace", metavar="NS",
+                        help="namespace of the gateway pods (default: $POD_NAMESPACE or default)")
+    parser.add_argument("--xds-gateway-selector", metavar="K=V[,K=V]", default="app=traffic-ingress",
+                        help="labels of the gateway pods allowed to claim the gateway role (default app=traffic-ingress)")
+    parser.add_argument("--xds-tls-cert", metavar="FILE", help="xDS server certificate (PEM; with --xds-auth mtls)")
+    parser.add_argument("--xds-tls-key", metavar="FILE", help="xDS server private key (PEM; with --xds-auth mtls)")
+    parser.add_argument("--xds-client-ca", metavar="FILE", help="CA that signs proxy client certificates (with --xds-auth mtls)")
+
+
+def _setup(parser: argparse.ArgumentParser) -> None:
+    add_serve_arguments(parser)
+    parser.add_argument("--plugins", metavar="LIST",
+                        help="comma-separated plugins to load (default: $TRAFFICMGR_PLUGINS or every installed plugin)")
+
+
+def _run(args: argparse.Namespace) -> int:
+    plugins = plugins_of(args)
+    try:
+        return run_serve(args, plugins)
+    except ServeError as exc:
+        raise CliError(str(exc)) from None
+
+
+register_command("serve", "run the control plane against a Kubernetes cluster", _setup, _run, replace=True, plugin_options=True)
