@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.helm.chart import BUILTIN_PLUGINS, RELEASE, find, one, render
+from tests.helm.chart import BUILTIN_PLUGINS, NAMESPACE, RELEASE, find, one, render, run_helm
 from trafficmgr.core.controlplane import kinds_of
 from trafficmgr.core.plugins import PluginHost
 
@@ -22,9 +22,9 @@ SELECTIONS = [
     BUILTIN_PLUGINS,
     ["lb"],
     [p for p in BUILTIN_PLUGINS if p != "tls"],
-    [p for p in BUILTIN_PLUGINS if p != "ingress"],
+    [p for p in BUILTIN_PLUGINS if p not in ("ingress", "tls")],
     ["ingress"],
-    ["tls", "lb"],
+    ["tls", "ingress", "lb"],
     [],
 ]
 
@@ -126,3 +126,11 @@ def test_watch_namespace_binds_the_role_in_that_namespace_only() -> None:
     one(objects, "ClusterRoleBinding", f"{RELEASE}-cluster")
     args = one(objects, "Deployment", RELEASE)["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=shop" in args
+
+
+@pytest.mark.parametrize("selection", [["tls"], ["tls", "lb"]])
+def test_tls_without_ingress_fails_at_render(selection: list[str]) -> None:
+    """The chart refuses what the control plane would refuse at startup, with the same fix."""
+    proc = run_helm("template", RELEASE, "--namespace", NAMESPACE, values={"plugins": selection}, check=False)
+    assert proc.returncode != 0
+    assert "tls needs ingress" in proc.stderr and "add ingress to plugins" in proc.stderr

@@ -57,7 +57,13 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* Every selected plugin (built-in then third-party), comma-separated: the --plugins value. */}}
 {{- define "trafficmgr.pluginList" -}}
-{{- concat .Values.plugins .Values.extraPlugins | uniq | join "," -}}
+{{- $all := concat .Values.plugins .Values.extraPlugins | uniq -}}
+{{- /* The built-in plugins' TRAFFICMGR_DEPENDS, checked here too so that a bad selection fails at install,
+       not in a crash-looping pod. */ -}}
+{{- if and (has "tls" $all) (not (has "ingress" $all)) -}}
+{{- fail "plugins: tls needs ingress (it serves the Ingress gateway's HTTPS): add ingress to plugins, or remove tls" -}}
+{{- end -}}
+{{- $all | join "," -}}
 {{- end }}
 
 {{/* Control-plane Service DNS name and the xDS address proxies connect to. */}}
