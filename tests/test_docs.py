@@ -5,13 +5,17 @@ exercised by a test, and the README's CLI reference matches the real commands.""
 from __future__ import annotations
 
 import ast
+import difflib
 import inspect
+import os
 import re
+import textwrap
 import warnings
 from pathlib import Path
 
 import pytest
 
+from tests import hookdocs
 from trafficmgr import cli
 from trafficmgr.core import admin, hookspecs, render
 from trafficmgr.core.labels import LabelSpec
@@ -117,6 +121,83 @@ def test_not_yet_exercised_is_current() -> None:
 
 
 # -- docs/plugins.md ------------------------------------------------------------------------------
+# The Hooks reference is generated from hookspecs.py (tests/hookdocs.py); the tests below check the
+# generated section is current, that hookspecs.py has what the generator needs (phase banners, a
+# "Call style:" line per hook), and, independently of the generator, that every hook's signature in
+# the document is the one pluggy sees.
+
+
+def test_plugins_doc_hooks_section_is_generated() -> None:
+    """docs/plugins.md's Hooks reference is ``hookdocs.render_hooks()``; with ``TRAFFICMGR_REGEN_DOCS=1``
+    this test rewrites it instead."""
+    text = PLUGINS_DOC.read_text()
+    generated = hookdocs.render_hooks()
+    if os.environ.get("TRAFFICMGR_REGEN_DOCS"):
+        PLUGINS_DOC.write_text(hookdocs.replace_section(text, generated))
+        return
+    current = hookdocs.doc_section(text)
+    assert current is not None, f"docs/plugins.md lost the markers {hookdocs.BEGIN} / {hookdocs.END} around the Hooks reference"
+    diff = "".join(difflib.unified_diff(current.splitlines(True), generated.splitlines(True),
+                                        "docs/plugins.md", "generated from hookspecs.py", n=1))
+    assert current == generated, (
+        "the Hooks section of docs/plugins.md differs from trafficmgr/core/hookspecs.py; regenerate it with\n"
+        f"  {hookdocs.REGEN}\n{diff[:4000]}")
+
+
+def test_hookdocs_sees_every_hookspec_under_a_phase_banner() -> None:
+    """Every hook of hookspecs.py stands under a ``# Phase: ...`` banner (the generator finds them all)."""
+    phases, unphased = hookdocs.parse()
+    assert not unphased, f"hookspecs.py: {[h.name for h in unphased]} above the first '# Phase: ...' banner"
+    in_phases = [h.name for p in phases for h in p.hooks]
+    assert sorted(in_phases) == hookspec_names(), "hookspecs.py: the generator and pluggy see different hooks"
+    assert all(p.hooks for p in phases), f"phase banners without hooks: {[p.name for p in phases if not p.hooks]}"
+    assert [p.name for p in phases] == ["startup", "model", "cached mutate", "per role", "bootstrap", "after publish"]
+
+
+def test_hookdocs_finds_unphased_hooks_and_unclosed_banners() -> None:
+    """The generator's parser is strict: a hook above every banner and a banner without its closing
+    dashed line are reported, not silently dropped."""
+    dashes = "# " + "-" * 40
+    source = ("from x import hookspec\n\n@hookspec\ndef trafficmgr_early() -> None:\n    \"\"\"Early.\"\"\"\n\n"
+              f"{dashes}\n# Phase: late. Called late.\n{dashes}\n\n@hookspec\ndef trafficmgr_late() -> None:\n"
+              "    \"\"\"Late.\"\"\"\n")
+    phases, unphased = hookdocs.parse(source)
+    assert [h.name for h in unphased] == ["trafficmgr_early"]
+    assert [(p.name, p.text, [h.name for h in p.hooks]) for p in phases] == [("late", "Called late.", ["trafficmgr_late"])]
+    with pytest.raises(ValueError, match="trafficmgr_early"):
+        hookdocs.render_hooks(source)
+    with pytest.raises(ValueError, match="not closed"):
+        hookdocs.parse(f"{dashes}\n# Phase: open. Never closed.\n\nx = 1\n")
+
+
+CALL_STYLE = re.compile(r"^Call style: (mutate|contribute|setup); errors are (isolated|not isolated)\b", re.M)
+
+
+@pytest.mark.parametrize("name", hookspec_names())
+def test_hookspec_docstring_has_a_call_style_line(name: str) -> None:
+    """Every hookspec says how it is called and whether its errors are isolated, in one line the docs
+    show; the return annotation agrees (mutate and setup hooks return None, contribute hooks a list)."""
+    fn = getattr(hookspecs, name)
+    m = CALL_STYLE.search(inspect.getdoc(fn) or "")
+    assert m, f"hookspec {name}: the docstring needs a line 'Call style: mutate|contribute|setup; errors are [not ]isolated...'"
+    returns = _normalized(str(inspect.signature(fn).return_annotation))
+    if m.group(1) == "contribute":
+        assert returns.startswith("list["), f"hookspec {name} contributes but returns {returns}"
+    else:
+        assert returns == "None", f"hookspec {name} is a {m.group(1)} hook but returns {returns}"
+
+
+@pytest.mark.parametrize("name", sorted(hookdocs.EXAMPLES))
+def test_plugins_doc_hook_examples_use_the_hooks_arguments(name: str) -> None:
+    """Each generated example is a ``@hookimpl`` of its hook declaring only arguments the hook has (an
+    implementation naming another argument is refused at registration)."""
+    assert name in hookspec_names(), f"tests/hookdocs.py has an example for {name}, which is not a hook"
+    defs = [n for n in ast.parse(hookdocs.EXAMPLES[name]).body if isinstance(n, ast.FunctionDef)]
+    assert [d.name for d in defs] == [name], f"the example of {name} must define exactly that function"
+    assert [ast.unparse(d) for d in defs[0].decorator_list] == ["hookimpl"]
+    declared = [a.arg for a in defs[0].args.args]
+    allowed = list(inspect.signature(getattr(hookspecs, name)).parameters)
+    assert set(declared) <= set(allowed), f"the example of {name} declares {declared}; the hook has {allowed}"
 
 
 def _normalized(annotation: str) -> str:
@@ -132,10 +213,10 @@ def spec_signature(name: str) -> tuple[list[tuple[str, str]], str]:
 
 def documented_signatures() -> dict[str, tuple[list[tuple[str, str]], str]]:
     """Every ``def trafficmgr_*(...) -> ...`` line that opens a python code block right under a
-    ``### trafficmgr_*`` heading of docs/plugins.md."""
+    ``#### trafficmgr_*`` heading of docs/plugins.md."""
     text = PLUGINS_DOC.read_text()
     out: dict[str, tuple[list[tuple[str, str]], str]] = {}
-    for m in re.finditer(r"^### (trafficmgr_\w+)\n```python\n(def .*)\n```", text, re.M):
+    for m in re.finditer(r"^#### (trafficmgr_\w+)\n```python\n(def .*)\n```", text, re.M):
         name, line = m.group(1), m.group(2)
         fn = ast.parse(line.rstrip(":") + ":\n    pass").body[0]
         assert isinstance(fn, ast.FunctionDef) and fn.name == name, f"docs/plugins.md: heading {name} has signature {line!r}"
@@ -145,30 +226,56 @@ def documented_signatures() -> dict[str, tuple[list[tuple[str, str]], str]]:
 
 
 def test_plugins_doc_documents_every_hook_with_its_signature() -> None:
+    """Independent of the generator: the signatures in the document are pluggy's (``inspect``)."""
     documented = documented_signatures()
     missing = sorted(set(hookspec_names()) - set(documented))
-    assert not missing, f"docs/plugins.md has no '### <hook>' section with a signature block for {missing}"
+    assert not missing, f"docs/plugins.md has no '#### <hook>' section with a signature block for {missing}; run {hookdocs.REGEN}"
     stale = sorted(set(documented) - set(hookspec_names()))
-    assert not stale, f"docs/plugins.md documents hooks that do not exist: {stale}"
+    assert not stale, f"docs/plugins.md documents hooks that do not exist: {stale}; run {hookdocs.REGEN}"
     for name in hookspec_names():
         assert documented[name] == spec_signature(name), (
-            f"docs/plugins.md: {name} signature differs from trafficmgr/core/hookspecs.py\n"
+            f"docs/plugins.md: {name} signature differs from trafficmgr/core/hookspecs.py (run {hookdocs.REGEN})\n"
             f"  docs: {documented[name]}\n  spec: {spec_signature(name)}")
 
 
 def test_plugins_doc_signature_parser_sees_every_section() -> None:
-    headings = re.findall(r"^### (trafficmgr_\w+)\s*$", PLUGINS_DOC.read_text(), re.M)
+    headings = re.findall(r"^#### (trafficmgr_\w+)\s*$", PLUGINS_DOC.read_text(), re.M)
     assert len(headings) == len(documented_signatures()) == len(hookspec_names())
 
 
 def test_plugins_doc_examples_are_valid_python() -> None:
-    """Every python block of docs/plugins.md parses (signature lines as a def)."""
-    blocks = re.findall(r"```python\n(.*?)```", PLUGINS_DOC.read_text(), re.S)
+    """Every python block of docs/plugins.md parses (signature lines as a def; blocks inside list items
+    are indented)."""
+    blocks = [textwrap.dedent(b) for b in re.findall(r"```python\n(.*?)```", PLUGINS_DOC.read_text(), re.S)]
     assert len(blocks) >= 10, "docs/plugins.md lost its python examples (or the pattern no longer finds them)"
     for block in blocks:
         signature = block.startswith("def ") and block.count("\n") == 1
         source = block.rstrip() + ":\n    pass\n" if signature else block
         ast.parse(source)
+
+
+def test_plugins_doc_imports_only_the_public_plugin_api() -> None:
+    """Plugins import from ``trafficmgr.plugin``: the guide never shows an import of ``trafficmgr.core``
+    (it names old ones only in prose), and every name its examples import exists there."""
+    from trafficmgr import plugin
+
+    text = PLUGINS_DOC.read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    for block in blocks:
+        assert not re.search(r"^\s*(from|import) trafficmgr\.core", block, re.M), f"docs/plugins.md example imports trafficmgr.core:\n{block}"
+        for m in re.finditer(r"^from trafficmgr\.plugin import (.+)$", block, re.M):
+            names = [n.strip() for n in m.group(1).split(",")]
+            assert set(names) <= set(plugin.__all__), f"docs/plugins.md imports {sorted(set(names) - set(plugin.__all__))} from trafficmgr.plugin"
+    assert re.search(r"^from trafficmgr\.plugin import ", text, re.M), "the quick start shows the trafficmgr.plugin import"
+
+
+def test_plugins_doc_names_every_public_plugin_api_name() -> None:
+    """Every name ``trafficmgr.plugin`` exports is mentioned (in backticks) in docs/plugins.md."""
+    from trafficmgr import plugin
+
+    text = PLUGINS_DOC.read_text()
+    missing = [n for n in plugin.__all__ if f"`{n}`" not in text]
+    assert not missing, f"docs/plugins.md does not mention these names of trafficmgr.plugin: {missing}"
 
 
 def test_readme_points_at_plugins_doc() -> None:
