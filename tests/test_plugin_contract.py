@@ -129,14 +129,8 @@ def test_dependency_cycle_is_refused_naming_the_cycle() -> None:
     assert str(exc.value) == "plugins depend on each other in a cycle: a -> b -> a"
 
 
-NOT_ITERABLE = pytest.mark.xfail(
-    raises=TypeError, strict=True,
-    reason="bug: trafficmgr/core/plugins.py declared_dependencies iterates a non-iterable TRAFFICMGR_DEPENDS "
-           "(None, a number) and raises TypeError instead of PluginError")
-
-
 @pytest.mark.parametrize("value", ["ingress", ("ingress", 3), ("",),
-                                   pytest.param(None, marks=NOT_ITERABLE), pytest.param(3, marks=NOT_ITERABLE)],
+                                   None, 3],
                          ids=["string", "not-a-name", "empty-name", "none", "number"])
 def test_malformed_depends_is_refused(value: Any) -> None:
     plugin = Resources()

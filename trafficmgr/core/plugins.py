@@ -142,7 +142,7 @@ def check_compatible(name: str, spec: str | None, version: str | None = None) ->
 def declared_dependencies(name: str, plugin: Any) -> tuple[str, ...]:
     """The plugin names in ``plugin.TRAFFICMGR_DEPENDS`` (:class:`PluginError` when malformed)."""
     value = getattr(plugin, DEPENDS_ATTR, ())
-    if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
+    if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) and v for v in value):
         raise PluginError(f"plugin {name!r}: {DEPENDS_ATTR} must be a tuple of plugin names, not {value!r}")
     return tuple(value)
 
