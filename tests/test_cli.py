@@ -78,12 +78,13 @@ def test_plugins_list_table(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "plugins", "list")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["NAME", "VERSION", "DISTRIBUTION", "SOURCE", "HOOKS"]
+    assert lines[0].split() == ["NAME", "VERSION", "DISTRIBUTION", "SOURCE", "NEEDS", "HOOKS"]
     rows = {ln.split()[0]: ln.split() for ln in lines[1:]}
     for name in BUILTIN:
         assert rows[name][1:4] == [__version__, "trafficmgr", "builtin"]
     assert rows["core"][3] == "core"
-    assert rows["lb"][4] == str(len(PluginHost.load(["lb"]).infos["lb"].hooks))
+    assert rows["lb"][5] == str(len(PluginHost.load(["lb"]).infos["lb"].hooks))
+    assert rows["tls"][4] == "ingress" and rows["lb"][4] == "-"  # TRAFFICMGR_DEPENDS
 
 
 def test_plugins_list_json(capsys: pytest.CaptureFixture[str]) -> None:
@@ -94,7 +95,9 @@ def test_plugins_list_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert rows["lb"] == {
         "name": "lb", "version": __version__, "distribution": "trafficmgr", "source": "builtin",
         "module": "trafficmgr.plugins.lb", "loaded": True, "hooks": list(PluginHost.load(["lb"]).infos["lb"].hooks),
+        "depends": [],
     }
+    assert rows["tls"]["depends"] == ["ingress"]
     assert rows["core"]["source"] == "core" and rows["core"]["module"] == "trafficmgr.core.corelabels"
 
 
@@ -116,7 +119,8 @@ def test_plugins_list_selection(capsys: pytest.CaptureFixture[str], monkeypatch:
     assert rows["tracing"]["loaded"] is False and rows["tracing"]["hooks"] == []
     assert set(BUILTIN) <= set(rows)  # every installed plugin is listed
     _, out, _ = run(capsys, "plugins", "list", "--plugins", "lb")
-    assert "(not loaded)" in next(ln for ln in out.splitlines() if ln.startswith("tracing "))
+    tracing = next(ln for ln in out.splitlines() if ln.startswith("tracing "))
+    assert "(not loaded)" in tracing and tracing.split()[4] == "?"  # not imported: its dependencies are unknown
 
 
 # -- labels ---------------------------------------------------------------------------------------

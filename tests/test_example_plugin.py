@@ -48,10 +48,11 @@ def test_discovered_through_its_entry_point(capsys: pytest.CaptureFixture[str]) 
         "module": "trafficmgr_served_by",
         "loaded": True,
         "hooks": ["trafficmgr_labels", "trafficmgr_virtual_host"],
+        "depends": [],
     }
     code, out, _ = run_cli(capsys, "plugins", "list")
     line = next(ln for ln in out.splitlines() if ln.startswith("served_by "))
-    assert line.split() == ["served_by", metadata.version(DIST), DIST, "third-party", "2"]
+    assert line.split() == ["served_by", metadata.version(DIST), DIST, "third-party", "-", "2"]
 
 
 def test_label_listed(capsys: pytest.CaptureFixture[str]) -> None:

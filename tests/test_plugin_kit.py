@@ -111,7 +111,7 @@ def test_generated_project_installs_passes_its_tests_and_is_listed(tmp_path: Pat
     row = {p["name"]: p for p in json.loads(listed.stdout)}["greeting"]
     assert row == {"name": "greeting", "version": "0.1.0", "distribution": "trafficmgr-greeting", "source": "third-party",
                    "module": "trafficmgr_greeting", "loaded": True,
-                   "hooks": ["trafficmgr_labels", "trafficmgr_virtual_host"]}
+                   "hooks": ["trafficmgr_labels", "trafficmgr_virtual_host"], "depends": []}
     table = subprocess.run([python, "-m", "trafficmgr", "plugins", "list", "--hooks"], capture_output=True, text=True,
                            env=env, timeout=60, cwd=tmp_path).stdout
     assert any(ln.split()[:1] == ["greeting"] and ln.endswith("labels, virtual_host") for ln in table.splitlines()), table

@@ -141,22 +141,25 @@ def plugin_row(info: PluginInfo) -> dict[str, Any]:
         "module": info.module,
         "loaded": info.loaded,
         "hooks": list(info.hooks),
+        "depends": list(info.depends),
     }
 
 
 def plugins_table(infos: Iterable[PluginInfo], hook_names: bool = False) -> str:
-    """The ``trafficmgr plugins list`` table; HOOKS is a count, or the names with ``hook_names``.
-    A plugin that is installed but not selected shows ``(not loaded)``."""
+    """The ``trafficmgr plugins list`` table; NEEDS names the plugins each one builds on
+    (``TRAFFICMGR_DEPENDS``); HOOKS is a count, or the names with ``hook_names``. A plugin that is
+    installed but not selected is not imported: it shows ``(not loaded)`` and NEEDS ``?``."""
     rows = []
     for info in infos:
+        needs = ",".join(info.depends) or "-" if info.loaded else "?"
         if not info.loaded:
             hooks = "(not loaded)"
         elif hook_names:
             hooks = ", ".join(h.removeprefix("trafficmgr_") for h in info.hooks) or "-"
         else:
             hooks = str(len(info.hooks))
-        rows.append((info.name, info.version or "-", info.distribution or "-", plugin_source(info), hooks))
-    return table(("NAME", "VERSION", "DISTRIBUTION", "SOURCE", "HOOKS"), rows)
+        rows.append((info.name, info.version or "-", info.distribution or "-", plugin_source(info), needs, hooks))
+    return table(("NAME", "VERSION", "DISTRIBUTION", "SOURCE", "NEEDS", "HOOKS"), rows)
 
 
 # -- proxy status ---------------------------------------------------------------------------------

@@ -18,11 +18,12 @@ from typing import Any
 
 from trafficmgr.core.agent.netns_runtime import ProcessRuntime
 from trafficmgr.core.agent.runtime import PodNetwork, Sidecar, SidecarSpec
+from trafficmgr.core.translate.explicit_proxy import PROXY_LISTENER
 
 #: The explicit proxy port on every pod IP.
 PROXY_PORT = 15001
 #: The internal listener (from ``trafficmgr serve --explicit-proxy``) that proxy connections go to.
-INTERNAL_LISTENER = "outbound_proxy"
+INTERNAL_LISTENER = PROXY_LISTENER
 PROXY_CLUSTER = "explicit_proxy"
 _INTERNAL_EXT = "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener"
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
