@@ -43,9 +43,8 @@ class Hooks:
         """Each implementation gets ``pairs`` made from the assignment as the previous one left it: an
         lb_endpoint is matched to its Endpoint by address, so removals by one plugin do not shift the
         mapping for the next."""
-        by_address = {(e.address, e.port): e for e in endpoints}
-
         def pairs() -> tuple[EndpointPair, ...]:
+            by_address = {(e.address, e.port): e for e in endpoints}
             return tuple(EndpointPair(by_address[_address_key(lb)], lb)
                          for loc in cla.endpoints for lb in loc.lb_endpoints if _address_key(lb) in by_address)
 
