@@ -15,9 +15,9 @@ import time
 
 import attrs
 
-from trafficmgr.core.translate.builder import Builder
 from trafficmgr.core.model import Endpoint, Labels, Model, Service, ServicePort
 from trafficmgr.core.plugins import PluginHost
+from trafficmgr.core.translate.builder import Builder
 
 
 def make_model(services: int, endpoints: int) -> Model:

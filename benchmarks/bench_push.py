@@ -19,14 +19,14 @@ import json
 import time
 
 import attrs
-
 from bench_build import make_model
+
 from trafficmgr.bench import Clients, _pct
 from trafficmgr.bench.minimal import MinimalAds
-from trafficmgr.core.translate.builder import Builder
 from trafficmgr.core.cache import SnapshotCache
 from trafficmgr.core.model import Labels
 from trafficmgr.core.plugins import PluginHost
+from trafficmgr.core.translate.builder import Builder
 from trafficmgr.core.xds.server import XdsServerThread
 
 

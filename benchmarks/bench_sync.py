@@ -25,11 +25,11 @@ import yaml
 
 from trafficmgr.apiserver.controllers import Controllers
 from trafficmgr.apiserver.store import Store
-from trafficmgr.core.translate.builder import Builder, default_options
 from trafficmgr.core.cache import SnapshotCache
 from trafficmgr.core.kube import assemble
 from trafficmgr.core.kube.assemble import CORE_KINDS, Assembler
 from trafficmgr.core.plugins import PluginHost
+from trafficmgr.core.translate.builder import Builder, default_options
 from trafficmgr.testing.manifests import pod, service
 
 

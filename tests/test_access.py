@@ -19,14 +19,14 @@ from trafficmgr import hookimpl
 from trafficmgr.apiserver import APIServer
 from trafficmgr.core import cache
 from trafficmgr.core.access import AccessControl, refused_count
-from trafficmgr.core.translate.builder import Builder
+from trafficmgr.core.bootstrap import bootstrap
 from trafficmgr.core.controlplane import ControlPlane
 from trafficmgr.core.kube.client import KubeClient, load_api_client
 from trafficmgr.core.model import Endpoint, Labels, Model, Pod, Service, ServicePort
 from trafficmgr.core.plugins import PluginHost
+from trafficmgr.core.translate.builder import Builder
 from trafficmgr.core.xds.server import XdsServerThread
 from trafficmgr.testing.envoy import EnvoyProcess, wait_for
-from trafficmgr.core.bootstrap import bootstrap
 
 CLIENT_IP, GATEWAY_IP = "127.0.0.21", "127.0.0.31"
 

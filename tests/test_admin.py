@@ -8,23 +8,21 @@ import socket
 import subprocess
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import pytest
-from google.protobuf import json_format
-
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2
+from google.protobuf import json_format
 
 from trafficmgr.core import render
 from trafficmgr.core.admin import AdminError, AdminServer, AdminState
-from trafficmgr.core.protos import pack
 from trafficmgr.core.cache import Resource
 from trafficmgr.core.labels import LabelSpec
 from trafficmgr.core.plugins import PluginHost, PluginInfo
+from trafficmgr.core.protos import pack
 
 NODE = "web-1.default"
 

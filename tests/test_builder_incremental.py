@@ -11,9 +11,9 @@ import attrs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trafficmgr.core.translate.builder import Builder, default_options
 from trafficmgr.core.model import Endpoint, Labels, Model, Pod, Service, ServicePort
 from trafficmgr.core.plugins import PluginHost
+from trafficmgr.core.translate.builder import Builder, default_options
 from trafficmgr.testing.golden import render
 
 PLUGINS = PluginHost.load(["lb", "circuit_breaker", "fault", "tracing", "ratelimit"])

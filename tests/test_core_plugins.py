@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import urllib.request
 from contextlib import redirect_stdout
 

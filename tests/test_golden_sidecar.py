@@ -59,9 +59,9 @@ def test_inbound_listener_follows_the_option_and_stays_out_of_other_views() -> N
 
 def test_inbound_http_ports_follow_labels_and_endpoints_incrementally() -> None:
     from trafficmgr.core import cache
+    from trafficmgr.core.model import Endpoint, Model, Service, ServicePort
     from trafficmgr.core.translate.builder import Builder
     from trafficmgr.core.translate.sidecar_inbound import INBOUND_LISTENER
-    from trafficmgr.core.model import Endpoint, Model, Service, ServicePort
 
     def model(protocols: dict[str, str | None], target: int = 8080) -> Model:
         services, endpoints = {}, {}

@@ -16,12 +16,12 @@ from typing import Any, TypeVar
 
 import yaml
 
-from trafficmgr.testing.prereq import missing
 from trafficmgr.core.agent.agent import Agent, AgentConfig
 from trafficmgr.core.agent.runtime import Runtime
 from trafficmgr.testing.cluster import http_get, store_events
 from trafficmgr.testing.envoy import wait_for
 from trafficmgr.testing.netns import run_in_netns
+from trafficmgr.testing.prereq import missing
 
 T = TypeVar("T")
 NODE = "node-1"

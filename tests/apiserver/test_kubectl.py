@@ -209,7 +209,7 @@ def test_describe_shows_events(kubectl: Kubectl, api, tmp_path) -> None:
     kubectl("apply", "-f", str(f))
     v1 = client.CoreV1Api(api)
     svc = v1.read_namespaced_service("described", "default")
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ev = client.CoreV1Event(
         metadata=client.V1ObjectMeta(generate_name="described."),
         involved_object=client.V1ObjectReference(api_version="v1", kind="Service", name="described",
@@ -236,7 +236,7 @@ def test_describe_shows_events(kubectl: Kubectl, api, tmp_path) -> None:
 
 @pytest.mark.parametrize("kind,name", [("pod", "tbl-pod"), ("deployment", "web")])
 def test_describe_other_kinds(kubectl: Kubectl, kind: str, name: str) -> None:
-    assert f"Name:" in kubectl("describe", kind, name)
+    assert "Name:" in kubectl("describe", kind, name)
 
 
 def test_ingress_get_and_describe(kubectl: Kubectl, tmp_path) -> None:

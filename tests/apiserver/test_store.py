@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from trafficmgr.apiserver import APIServer, ApiError, Store
+from trafficmgr.apiserver import ApiError, APIServer, Store
 from trafficmgr.apiserver.patch import json_patch, merge_patch, strategic_merge
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,11 +8,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from trafficmgr.testing.netns import require as _require_netns
 from trafficmgr.core.plugins import PluginHost
 from trafficmgr.testing.cluster import Kubectl, LocalCluster
-from trafficmgr.testing.manifests import join, pod, service
 from trafficmgr.testing.envoy import no_nacks, wait_for
+from trafficmgr.testing.manifests import join, pod, service
+from trafficmgr.testing.netns import require as _require_netns
 
 POD_IP = "10.244.0.11"
 MANIFESTS = join(service("reviews"), pod("reviews-1", POD_IP, "reviews"))

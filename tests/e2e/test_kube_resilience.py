@@ -9,13 +9,13 @@ import time
 import urllib.error
 import urllib.request
 
-from trafficmgr.testing.netns import require as _require_netns
 from trafficmgr.apiserver import APIServer
 from trafficmgr.core.controlplane import ControlPlane
 from trafficmgr.core.kube.client import KubeClient, load_api_client
 from trafficmgr.testing.cluster import LocalCluster
 from trafficmgr.testing.envoy import wait_for
 from trafficmgr.testing.manifests import join, pod, service
+from trafficmgr.testing.netns import require as _require_netns
 
 PODS = {"reviews-1": "10.244.0.11", "reviews-2": "10.244.0.12", "reviews-3": "10.244.0.13"}
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from trafficmgr.apiserver import APIServer
-from trafficmgr.testing.netns import require as _require_netns
 from trafficmgr.testing.backends import HttpBackend
 from trafficmgr.testing.cluster import Kubectl, ServeProcess, SidecarPod
 from trafficmgr.testing.envoy import no_nacks, wait_for
+from trafficmgr.testing.netns import require as _require_netns
 
 CLIENT_IP = "10.244.0.2"
 REVIEWS = {"reviews-1": "10.244.0.11", "reviews-2": "10.244.0.12"}

@@ -9,9 +9,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import yaml
 
 from trafficmgr.testing.prereq import missing
-import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "trafficmgr"

@@ -29,8 +29,8 @@ import attrs
 import pytest
 
 from trafficmgr.testing.cluster import Kubectl
-from trafficmgr.testing.prereq import missing
 from trafficmgr.testing.envoy import free_port, wait_for
+from trafficmgr.testing.prereq import missing
 
 pytestmark = [pytest.mark.envoy, pytest.mark.slow]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from trafficmgr.core.translate.builder import default_options
 from trafficmgr.core.plugins import PluginHost, builtin_names
+from trafficmgr.core.translate.builder import default_options
 
 HERE = Path(__file__).resolve().parent.parent / "golden" / "plugins"
 CASES = sorted(p.name.removesuffix(".in.yaml") for p in HERE.glob("*.in.yaml"))

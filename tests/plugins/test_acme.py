@@ -28,10 +28,10 @@ from pathlib import Path
 import pytest
 
 from tests.plugins.tlscerts import https_get, make_ca, make_leaf, serial_of_der
-from trafficmgr.testing.prereq import missing
 from trafficmgr.apps.text_response import TextResponseServer
 from trafficmgr.testing.cluster import GatewayCluster, http_get
 from trafficmgr.testing.envoy import free_port, wait_for
+from trafficmgr.testing.prereq import missing
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST = "shop.trafficmgr.test"

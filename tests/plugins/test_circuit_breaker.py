@@ -12,7 +12,15 @@ from collections.abc import Iterator
 import pytest
 
 from tests.plugins.reviews import (
-    CLUSTER, PODS, STAT, assert_no_nacks, cluster_has, get_timed, request_reviews, reviews_url, route_has,
+    CLUSTER,
+    PODS,
+    STAT,
+    assert_no_nacks,
+    cluster_has,
+    get_timed,
+    request_reviews,
+    reviews_url,
+    route_has,
     start_reviews,
 )
 from trafficmgr.core.kube.events import INVALID_LABEL

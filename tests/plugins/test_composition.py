@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 import yaml
 
-from trafficmgr.testing.netns import require as _require_netns
 from tests.plugins.golden_cases import builtin_plugins, case_options
 from trafficmgr.apps.zipkin import ZipkinCollector
 from trafficmgr.core.plugins import PluginHost, builtin_names
 from trafficmgr.plugins import ratelimit, tracing
 from trafficmgr.testing.cluster import LocalCluster
 from trafficmgr.testing.golden import build_from_manifests, load_manifests, render
+from trafficmgr.testing.netns import require as _require_netns
 
 CASE = Path(__file__).resolve().parent.parent / "golden" / "plugins" / "all_plugins.in.yaml"
 COLLECTOR_IP = "10.244.0.50"

@@ -14,15 +14,15 @@ from collections.abc import Callable, Iterator
 import pytest
 from envoy.config.route.v3 import route_components_pb2
 
-from trafficmgr.testing.netns import require as _require_netns
 from tests.plugins.reviews import PODS, assert_no_nacks, request_reviews, reviews_url, route_has, start_reviews
-from trafficmgr.core.translate.context import BuildContext
 from trafficmgr.core.kube.events import INVALID_LABEL
 from trafficmgr.core.model import GATEWAY, SIDECAR, Labels, Model, Service, ServicePort
 from trafficmgr.core.plugins import PluginHost
+from trafficmgr.core.translate.context import BuildContext
 from trafficmgr.plugins import fault
 from trafficmgr.testing.cluster import LocalCluster
 from trafficmgr.testing.kit import BuildResult, SidecarMesh
+from trafficmgr.testing.netns import require as _require_netns
 
 FAULT_LABELS = ("traffic.fault.delay.time", "traffic.fault.delay.percentage",
                 "traffic.fault.abort.status", "traffic.fault.abort.percentage")

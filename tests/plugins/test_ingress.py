@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.plugins.gateway import served_by
 from trafficmgr.core import cache
-from trafficmgr.core.translate.builder import Builder
 from trafficmgr.core.plugins import PluginHost
+from trafficmgr.core.translate.builder import Builder
 from trafficmgr.testing.cluster import GatewayCluster
 from trafficmgr.testing.envoy import wait_for
 from trafficmgr.testing.golden import build_from_manifests, load_manifests
-from tests.plugins.gateway import served_by
 
 ROOT = Path(__file__).resolve().parents[2]
 # Pod IPs are loopback addresses, so the gateway (on loopback) reaches them without a network namespace.
@@ -170,7 +170,7 @@ spec:
     # creationTimestamp has one-second resolution (equal ones fall back to name order, which here would
     # pick the other Ingress): create the second one in a later second.
     created = gw.store.get("ingresses", "z-older", "default")["metadata"]["creationTimestamp"]
-    wait_for(lambda: dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") > created, 2)
+    wait_for(lambda: dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ") > created, 2)
     gw.apply("""
 apiVersion: networking.k8s.io/v1
 kind: Ingress
@@ -310,8 +310,8 @@ spec:
 
 def test_unrelated_change_does_not_rebuild_gateway(monkeypatch: pytest.MonkeyPatch) -> None:
     """The gateway is memoized on its inputs: a pod change elsewhere does not re-plan the Ingresses."""
-    from trafficmgr.core.kube.assemble import Assembler
     from trafficmgr.core.controlplane import kinds_of
+    from trafficmgr.core.kube.assemble import Assembler
     from trafficmgr.plugins.ingress import gateway
 
     calls = []

@@ -10,10 +10,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from trafficmgr.testing.netns import require as _require_netns
 from trafficmgr.testing.cluster import LocalCluster
 from trafficmgr.testing.kit import BuildResult, SidecarMesh
 from trafficmgr.testing.manifests import service
+from trafficmgr.testing.netns import require as _require_netns
 
 PODS = {"reviews-v1": "10.244.0.11", "reviews-v2": "10.244.0.12", "reviews-v3": "10.244.0.13"}
 

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from trafficmgr.testing.netns import require as _require_netns
 from trafficmgr.plugins.ratelimit import BANDWIDTH_FILTER, MAX_BANDWIDTH_KIBPS, MAX_REQUEST_RATE, RATELIMIT_FILTER
 from trafficmgr.testing.cluster import LocalCluster
 from trafficmgr.testing.manifests import join, pod, service
+from trafficmgr.testing.netns import require as _require_netns
 
 REVIEWS_IP = "10.244.0.11"
 MANIFESTS = join(service("reviews"), pod("reviews-1", REVIEWS_IP, "reviews"))

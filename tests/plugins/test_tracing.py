@@ -11,15 +11,15 @@ from typing import Any
 
 import pytest
 
-from trafficmgr.testing.netns import require as _require_netns
 from trafficmgr.apps.zipkin import ZipkinCollector
-from trafficmgr.core.translate.context import BuildContext
 from trafficmgr.core.model import GATEWAY, SIDECAR, Model
 from trafficmgr.core.plugins import PluginHost
+from trafficmgr.core.translate.context import BuildContext
 from trafficmgr.plugins import tracing
 from trafficmgr.testing.cluster import LocalCluster
-from trafficmgr.testing.manifests import join, pod, service
 from trafficmgr.testing.golden import build_from_manifests, render
+from trafficmgr.testing.manifests import join, pod, service
+from trafficmgr.testing.netns import require as _require_netns
 
 REVIEWS_IP = "10.244.0.11"
 COLLECTOR_IP = "10.244.0.50"  # a pod address: the collector runs inside the sidecar's network namespace

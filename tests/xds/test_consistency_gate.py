@@ -7,10 +7,9 @@ import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from xds_resources import eds_cluster, load_assignment, web_snapshot
 
 from trafficmgr.core import cache
-
-from xds_resources import eds_cluster, load_assignment, web_snapshot
 
 A = ("127.0.0.1", 1001, 100)
 

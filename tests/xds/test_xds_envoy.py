@@ -11,11 +11,10 @@ from collections import Counter
 from collections.abc import Callable
 
 import pytest
-
-from trafficmgr.core import cache, metrics
-from trafficmgr.testing import ControlPlane, EnvoyProcess, HttpBackend, free_port, wait_for
-
 from xds_resources import Endpoint, bad_cluster, web_snapshot
+
+from trafficmgr.core import metrics
+from trafficmgr.testing import ControlPlane, EnvoyProcess, HttpBackend, free_port
 
 pytestmark = pytest.mark.envoy
 

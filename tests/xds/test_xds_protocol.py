@@ -11,14 +11,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from xds_client import AdsClient
+from xds_resources import eds_cluster, web_snapshot
 
 from trafficmgr.core import cache, metrics
 from trafficmgr.core.cache import TypeSet
 from trafficmgr.core.xds.server import PortInUse, XdsServerThread, parse_peer
 from trafficmgr.testing import ControlPlane, wait_for
-
-from xds_client import AdsClient
-from xds_resources import eds_cluster, web_snapshot
 
 A = ("127.0.0.1", 1001, 100)
 B = ("127.0.0.2", 1002, 10)

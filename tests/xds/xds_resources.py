@@ -15,8 +15,8 @@ from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 
 from trafficmgr.core import cache
-from trafficmgr.core.protos import ads_config_source, duration_ms, pack, socket_address, uint32
 from trafficmgr.core.cache import Resource, Snapshot
+from trafficmgr.core.protos import ads_config_source, duration_ms, pack, socket_address, uint32
 
 #: (host, port, weight)
 Endpoint = tuple[str, int, int]

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from trafficmgr.core import argtypes
+
 from .server import APIServer
 
 

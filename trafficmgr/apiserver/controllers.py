@@ -156,7 +156,7 @@ class Controllers:
         self.endpointslices = endpointslices
         self.workloads = workloads
         self.runtime: PodRuntime = pod_runtime or FakePodRuntime()
-        self._queue: "queue.SimpleQueue[WatchEvent | None]" = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[WatchEvent | None] = queue.SimpleQueue()
         self._pending = 0
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -356,7 +356,7 @@ class Controllers:
             groups.setdefault(ports, []).append(ep)
         if not groups:
             groups[()] = []
-        labels = dict((svc["metadata"].get("labels") or {}))
+        labels = dict(svc["metadata"].get("labels") or {})
         labels.update({SERVICE_NAME_LABEL: name, MANAGED_BY_LABEL: MANAGED_BY})
         desired: dict[str, dict] = {}
         for ports, eps in groups.items():

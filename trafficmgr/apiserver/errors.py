@@ -32,17 +32,17 @@ class ApiError(Exception):
         return d
 
     @classmethod
-    def not_found(cls, rt: ResourceType, name: str) -> "ApiError":
+    def not_found(cls, rt: ResourceType, name: str) -> ApiError:
         qual = rt.plural if not rt.group else f"{rt.plural}.{rt.group}"
         return cls(404, "NotFound", f'{qual} "{name}" not found', cls._details(rt, name))
 
     @classmethod
-    def already_exists(cls, rt: ResourceType, name: str) -> "ApiError":
+    def already_exists(cls, rt: ResourceType, name: str) -> ApiError:
         qual = rt.plural if not rt.group else f"{rt.plural}.{rt.group}"
         return cls(409, "AlreadyExists", f'{qual} "{name}" already exists', cls._details(rt, name))
 
     @classmethod
-    def conflict(cls, rt: ResourceType, name: str) -> "ApiError":
+    def conflict(cls, rt: ResourceType, name: str) -> ApiError:
         qual = rt.plural if not rt.group else f"{rt.plural}.{rt.group}"
         return cls(409, "Conflict",
                    f'Operation cannot be fulfilled on {qual} "{name}": the object has been modified; '
@@ -50,23 +50,23 @@ class ApiError(Exception):
                    cls._details(rt, name))
 
     @classmethod
-    def invalid(cls, rt: ResourceType, name: str, message: str) -> "ApiError":
+    def invalid(cls, rt: ResourceType, name: str, message: str) -> ApiError:
         details = cls._details(rt, name)
         details["causes"] = [{"reason": "FieldValueInvalid", "message": message}]
         return cls(422, "Invalid", f'{rt.kind} "{name}" is invalid: {message}', details)
 
     @classmethod
-    def bad_request(cls, message: str) -> "ApiError":
+    def bad_request(cls, message: str) -> ApiError:
         return cls(400, "BadRequest", message)
 
     @classmethod
-    def method_not_allowed(cls, message: str = "the server does not allow this method on the requested resource") -> "ApiError":
+    def method_not_allowed(cls, message: str = "the server does not allow this method on the requested resource") -> ApiError:
         return cls(405, "MethodNotAllowed", message)
 
     @classmethod
-    def expired(cls, message: str = "too old resource version") -> "ApiError":
+    def expired(cls, message: str = "too old resource version") -> ApiError:
         return cls(410, "Expired", message)
 
     @classmethod
-    def gone(cls, message: str) -> "ApiError":
+    def gone(cls, message: str) -> ApiError:
         return cls(410, "Gone", message)

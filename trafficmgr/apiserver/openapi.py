@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from functools import lru_cache
+from functools import cache
 
 from .discovery import GROUP_VERSIONS, RESOURCES, ResourceType
 
@@ -110,7 +110,7 @@ def _op(rt: ResourceType, op_id: str, action: str, ref: str, body: bool, patch: 
     return op
 
 
-@lru_cache(maxsize=None)
+@cache
 def gv_document(group: str, version: str) -> bytes | None:
     """Encoded OpenAPI v3 document for one group/version, or None if not served."""
     rts = [r for r in RESOURCES if r.group == group and r.version == version]
@@ -146,7 +146,7 @@ def gv_document(group: str, version: str) -> bytes | None:
     return json.dumps(doc).encode()
 
 
-@lru_cache(maxsize=None)
+@cache
 def root_document() -> bytes:
     """``/openapi/v3`` discovery: group/version paths with hashed serverRelativeURLs."""
     paths = {}

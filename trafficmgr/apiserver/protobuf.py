@@ -127,7 +127,7 @@ def _decode(buf: bytes, schema_name: str) -> dict:
             v = ios.get("strVal", "") if ios.get("type") == 1 else ios.get("intVal", 0)
         elif typ == "time":
             secs = {n: x for n, _, x in _fields(val)}.get(1, 0)
-            v = _dt.datetime.fromtimestamp(secs, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            v = _dt.datetime.fromtimestamp(secs, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         elif typ.startswith("msg:"):
             v = _decode(val, typ[4:])
         else:

@@ -77,7 +77,7 @@ def _scale_of(obj: dict) -> dict:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
-    server: "_HTTPServer"
+    server: _HTTPServer
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
@@ -133,8 +133,8 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ApiError(415, "UnsupportedMediaType", str(e)) from None
         if "cbor" in ctype:
             raise ApiError(415, "UnsupportedMediaType",
-                           f"the body of the request was in an unknown format - accepted media types include: "
-                           f"application/json, application/yaml")
+                           "the body of the request was in an unknown format - accepted media types include: "
+                           "application/json, application/yaml")
         if not raw.strip():
             return None
         try:
@@ -502,7 +502,7 @@ class APIServer:
         """Base URL, e.g. ``http://127.0.0.1:34567`` (valid after ``start``)."""
         return f"http://{self.host}:{self.port}"
 
-    def start(self) -> "APIServer":
+    def start(self) -> APIServer:
         """Bind, start serving on a daemon thread and start controllers; returns when listening."""
         if self._fresh_window:
             self.store.expire_history()
@@ -539,7 +539,7 @@ class APIServer:
             self._thread = None
         self.controllers.stop()
 
-    def __enter__(self) -> "APIServer":
+    def __enter__(self) -> APIServer:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:

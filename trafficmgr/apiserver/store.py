@@ -15,7 +15,8 @@ import secrets
 import threading
 import uuid
 from collections import deque
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from . import patch as _patch
 from .discovery import BY_GVK, BY_KEY, RESOURCES, ResourceType, resolve
@@ -76,7 +77,7 @@ Listener = Callable[["WatchEvent"], None]
 
 def now_iso() -> str:
     """Current UTC time in Kubernetes RFC 3339 form (seconds precision)."""
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def random_suffix(n: int = 5) -> str:
@@ -106,7 +107,7 @@ class Watcher:
         self.namespace = namespace
         self.labels = labels
         self.fields = fields
-        self.queue: "queue.SimpleQueue[tuple[str, dict] | None]" = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue[tuple[str, dict] | None] = queue.SimpleQueue()
         self.convert: Callable[[dict], dict] | None = None
         self.closed = False
         self.on_close: list[Callable[[], None]] = []

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import datetime as _dt
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .discovery import ResourceType
 
@@ -16,10 +17,10 @@ def human_age(ts: str | None, now: _dt.datetime | None = None) -> str:
     if not ts:
         return "<unknown>"
     try:
-        t = _dt.datetime.strptime(ts[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=_dt.timezone.utc)
+        t = _dt.datetime.strptime(ts[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=_dt.UTC)
     except ValueError:
         return "<unknown>"
-    now = now or _dt.datetime.now(_dt.timezone.utc)
+    now = now or _dt.datetime.now(_dt.UTC)
     s = max(0, int((now - t).total_seconds()))
     if s < 120:
         return f"{s}s"

@@ -26,7 +26,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-
 POLICY_LABELS = [
     {"traffic.lb.policy": "RING_HASH", "traffic.hash.cookie.name": "session", "traffic.hash.cookie.ttl": "60000"},
     {"traffic.retries.5xx": "2", "traffic.request.timeout": "3000", "traffic.request.max": "100"},
@@ -145,11 +144,11 @@ class Clients:
 def run_bench(services: int = 1000, pods: int = 10, clients: tuple[int, ...] = (100, 1000), changes: int = 20,
               with_envoy: bool = True) -> dict[str, Any]:
     """Run every phase and return the result dict (see the module docstring)."""
+    from trafficmgr.bench.minimal import MinimalAds
     from trafficmgr.core.controlplane import ControlPlane
     from trafficmgr.core.kube.client import KubeClient, load_api_client
     from trafficmgr.core.plugins import PluginHost
     from trafficmgr.core.xds.server import XdsServerThread
-    from trafficmgr.bench.minimal import MinimalAds
 
     workdir = Path(tempfile.mkdtemp(prefix="tm-bench-"))
     result: dict[str, Any] = {"services": services, "pods": services * pods, "clients": list(clients)}

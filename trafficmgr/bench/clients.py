@@ -185,7 +185,7 @@ async def main_async(args: argparse.Namespace) -> None:
 
             try:
                 lat = await asyncio.wait_for(asyncio.gather(*(first(c) for c in clients)), cmd.get("timeout", 60))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 lat = []
             out({"latency_ms": lat})
     for t in tasks:

@@ -16,11 +16,11 @@ import yaml
 from google.protobuf import json_format
 
 from trafficmgr.core import cache
-from trafficmgr.core.translate.builder import Builder, default_options
 from trafficmgr.core.controlplane import kinds_of
 from trafficmgr.core.kube.assemble import Assembler
 from trafficmgr.core.kube.client import Kind
 from trafficmgr.core.plugins import PluginHost
+from trafficmgr.core.translate.builder import Builder, default_options
 
 #: The pytest flag that rewrites golden files instead of comparing.
 UPDATE_FLAG = "--update-golden"

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from trafficmgr.testing.prereq import missing
 from trafficmgr.testing.golden import UPDATE_FLAG
+from trafficmgr.testing.prereq import missing
 
 if TYPE_CHECKING:
     from trafficmgr.testing.cluster import GatewayCluster
