@@ -78,7 +78,7 @@ def main() -> None:
         minimal = None
         if name == "minimal":
             minimal = MinimalAds(cache.get("sidecar")).start()  # type: ignore[arg-type]
-            target, push = (lambda: f"127.0.0.1:{minimal.port}"), (lambda i: minimal.push(f"m{i}"))
+            target, push = (lambda m=minimal: f"127.0.0.1:{m.port}"), (lambda i, m=minimal: m.push(f"m{i}"))
         sim = Clients(target(), args.clients, delta, args.services, args.endpoints)  # type: ignore[misc]
         try:
             if sim.ask(cmd="ready", timeout=180)["ready"] < args.clients:

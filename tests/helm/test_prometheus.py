@@ -66,7 +66,7 @@ def relabel(rules: list[dict[str, Any]], labels: dict[str, str]) -> dict[str, st
         if action == "drop" and match:
             return None
         if action == "replace" and match:
-            replacement = re.sub(r"\$\{(\d+)\}|\$(\d+)", lambda m: match.group(int(m.group(1) or m.group(2))) or "",
+            replacement = re.sub(r"\$\{(\d+)\}|\$(\d+)", lambda m, match=match: match.group(int(m.group(1) or m.group(2))) or "",
                                  rule.get("replacement", "$1"))
             labels[rule["target_label"]] = replacement
     return labels

@@ -51,7 +51,9 @@ def publish(cp: ControlPlane, clusters: dict, **kw: object) -> None:
 
 def subscribed(cp: ControlPlane, type_url: str) -> list[set[str]]:
     """Names each open stream is subscribed to for ``type_url`` (read on the server loop)."""
-    streams = lambda: [set(s.types[type_url].names or ()) for s in cp.server.server._streams if type_url in s.types]
+    def streams() -> list[set[str]]:
+        return [set(s.types[type_url].names or ()) for s in cp.server.server._streams if type_url in s.types]
+
     return cp.server.call(streams)
 
 
@@ -395,8 +397,12 @@ def test_thousand_streams_get_a_push_quickly(xds_server: ControlPlane, mode: str
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "READY"
         assert len(xds_server.status()) == n
-        sent = lambda: sample("trafficmgr_xds_responses_sent_total", type="clusters", mode=mode)
-        acked = lambda: sample("trafficmgr_xds_push_to_ack_seconds_count", type="clusters")
+        def sent() -> float:
+            return sample("trafficmgr_xds_responses_sent_total", type="clusters", mode=mode)
+
+        def acked() -> float:
+            return sample("trafficmgr_xds_push_to_ack_seconds_count", type="clusters")
+
         sent0, acked0 = sent(), acked()
         start = time.monotonic()
         clusters["new"] = [("127.0.0.1", 9, 1)]

@@ -17,7 +17,9 @@ _EXISTS_RE = re.compile(r"^\s*(!?)\s*([A-Za-z0-9_./-]+)\s*$")
 
 
 def _split_top(s: str) -> list[str]:
-    parts, depth, cur = [], 0, []
+    parts: list[str] = []
+    cur: list[str] = []
+    depth = 0
     for ch in s:
         if ch == "(":
             depth += 1
@@ -32,6 +34,22 @@ def _split_top(s: str) -> list[str]:
     return [p for p in parts if p.strip()]
 
 
+def _label_requirement(key: str, op: str, values: set[str]) -> LabelMatcher:
+    """One requirement of a label selector: ``in``/``notin`` ``values``, ``==``/``!=`` its one value, ``exists`` or ``!exists``."""
+    if op == "in":
+        return lambda labels: labels.get(key) in values
+    if op == "notin":
+        return lambda labels: labels.get(key) not in values
+    if op in ("==", "!="):
+        (value,) = values
+        if op == "==":
+            return lambda labels: labels.get(key) == value
+        return lambda labels: labels.get(key) != value
+    if op == "exists":
+        return lambda labels: key in labels
+    return lambda labels: key not in labels
+
+
 def parse_label_selector(selector: str | None) -> LabelMatcher | None:
     """Compile a label selector string (``=``, ``==``, ``!=``, ``in``, ``notin``, ``key``, ``!key``).
 
@@ -44,26 +62,17 @@ def parse_label_selector(selector: str | None) -> LabelMatcher | None:
         m = _SET_RE.match(part)
         if m:
             key, op, vals = m.group(1), m.group(2), {v.strip() for v in m.group(3).split(",") if v.strip()}
-            if op == "in":
-                reqs.append(lambda lb, k=key, vs=vals: lb.get(k) in vs)
-            else:
-                reqs.append(lambda lb, k=key, vs=vals: lb.get(k) not in vs)
+            reqs.append(_label_requirement(key, op, vals))
             continue
         m = _OP_RE.match(part)
         if m:
             key, op, val = m.groups()
-            if op == "!=":
-                reqs.append(lambda lb, k=key, v=val: lb.get(k) != v)
-            else:
-                reqs.append(lambda lb, k=key, v=val: lb.get(k) == v)
+            reqs.append(_label_requirement(key, "!=" if op == "!=" else "==", {val}))
             continue
         m = _EXISTS_RE.match(part)
         if m:
             neg, key = m.groups()
-            if neg:
-                reqs.append(lambda lb, k=key: k not in lb)
-            else:
-                reqs.append(lambda lb, k=key: k in lb)
+            reqs.append(_label_requirement(key, "!exists" if neg else "exists", set()))
             continue
         raise ApiError.bad_request(f"unable to parse requirement: {part!r}")
     return lambda labels: all(r(labels) for r in reqs)
@@ -107,6 +116,13 @@ def field_value(obj: dict, path: str) -> str:
     return str(cur)
 
 
+def _field_requirement(path: str, value: str, *, equal: bool) -> FieldMatcher:
+    """One requirement of a field selector: the field at ``path`` equals (or differs from) ``value``."""
+    if equal:
+        return lambda obj: field_value(obj, path) == value
+    return lambda obj: field_value(obj, path) != value
+
+
 def parse_field_selector(selector: str | None) -> FieldMatcher | None:
     """Compile a field selector (``path=value``, ``path==value``, ``path!=value``, comma-joined)."""
     if not selector or not selector.strip():
@@ -118,10 +134,10 @@ def parse_field_selector(selector: str | None) -> FieldMatcher | None:
             continue
         if "!=" in part:
             path, _, val = part.partition("!=")
-            reqs.append(lambda o, p=path.strip(), v=val.strip(): field_value(o, p) != v)
+            reqs.append(_field_requirement(path.strip(), val.strip(), equal=False))
         elif "==" in part or "=" in part:
             path, _, val = part.partition("==") if "==" in part else part.partition("=")
-            reqs.append(lambda o, p=path.strip(), v=val.strip(): field_value(o, p) == v)
+            reqs.append(_field_requirement(path.strip(), val.strip(), equal=True))
         else:
             raise ApiError.bad_request(f"invalid field selector: {part!r}")
     return lambda obj: all(r(obj) for r in reqs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import select
 import socket
 import threading
@@ -382,11 +383,7 @@ class _Handler(BaseHTTPRequestHandler):
                     wait = min(wait, deadline - now)
                 try:
                     item = w.queue.get(timeout=max(0.01, wait))
-                except Exception:
-                    item = ()
-                if item is None:
-                    return
-                if item == ():
+                except queue.Empty:
                     if _peer_closed(sock):
                         return
                     if bookmarks and time.monotonic() - last_bookmark >= interval:
@@ -397,6 +394,8 @@ class _Handler(BaseHTTPRequestHandler):
                                 "metadata": {"resourceVersion": rv}}}) + b"\n")
                             last_bookmark = time.monotonic()
                     continue
+                if item is None:
+                    return
                 etype, obj = item
                 if table:
                     obj = tables.table(r.rt, [obj], obj["metadata"]["resourceVersion"],

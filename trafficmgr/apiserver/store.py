@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import json
+import logging
 import queue
 import re
 import secrets
@@ -22,6 +23,8 @@ from . import patch as _patch
 from .discovery import BY_GVK, BY_KEY, RESOURCES, ResourceType, resolve
 from .errors import ApiError
 from .selectors import FieldMatcher, LabelMatcher, parse_field_selector, parse_label_selector
+
+log = logging.getLogger(__name__)
 
 PATCH_JSON = "application/json-patch+json"
 PATCH_MERGE = "application/merge-patch+json"
@@ -153,7 +156,8 @@ class Watcher:
                 try:
                     fn()
                 except Exception:
-                    pass
+                    # A closer that fails must not keep the others from running, nor fail close(): log it.
+                    log.warning("watch closer %r failed", fn, exc_info=True)
 
 
 def _rt_for(resource: str | ResourceType | None, obj: dict | None = None) -> ResourceType:

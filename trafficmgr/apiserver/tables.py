@@ -167,20 +167,20 @@ def _node_row(o: dict) -> list[Any]:
     return [o["metadata"]["name"], status, ",".join(roles) or "<none>", _age(o), version]
 
 
-S, I = "string", "integer"
+S, INT = "string", "integer"  # column types
 TABLES: dict[str, tuple[list[Column], Row]] = {
-    "pods": ([("Name", S, 0), ("Ready", S, 0), ("Status", S, 0), ("Restarts", I, 0), ("Age", S, 0),
+    "pods": ([("Name", S, 0), ("Ready", S, 0), ("Status", S, 0), ("Restarts", INT, 0), ("Age", S, 0),
               ("IP", S, 1), ("Node", S, 1), ("Nominated Node", S, 1), ("Readiness Gates", S, 1)], _pod_row),
     "services": ([("Name", S, 0), ("Type", S, 0), ("Cluster-IP", S, 0), ("External-IP", S, 0), ("Port(s)", S, 0),
                   ("Age", S, 0), ("Selector", S, 1)], _svc_row),
-    "deployments.apps": ([("Name", S, 0), ("Ready", S, 0), ("Up-to-date", I, 0), ("Available", I, 0),
+    "deployments.apps": ([("Name", S, 0), ("Ready", S, 0), ("Up-to-date", INT, 0), ("Available", INT, 0),
                           ("Age", S, 0), ("Containers", S, 1), ("Images", S, 1), ("Selector", S, 1)], _deploy_row),
-    "replicasets.apps": ([("Name", S, 0), ("Desired", I, 0), ("Current", I, 0), ("Ready", I, 0), ("Age", S, 0),
+    "replicasets.apps": ([("Name", S, 0), ("Desired", INT, 0), ("Current", INT, 0), ("Ready", INT, 0), ("Age", S, 0),
                           ("Containers", S, 1), ("Images", S, 1), ("Selector", S, 1)], _rs_row),
     "statefulsets.apps": ([("Name", S, 0), ("Ready", S, 0), ("Age", S, 0), ("Containers", S, 1),
                            ("Images", S, 1)], _sts_row),
-    "daemonsets.apps": ([("Name", S, 0), ("Desired", I, 0), ("Current", I, 0), ("Ready", I, 0),
-                         ("Up-to-date", I, 0), ("Available", I, 0), ("Node Selector", S, 0), ("Age", S, 0),
+    "daemonsets.apps": ([("Name", S, 0), ("Desired", INT, 0), ("Current", INT, 0), ("Ready", INT, 0),
+                         ("Up-to-date", INT, 0), ("Available", INT, 0), ("Node Selector", S, 0), ("Age", S, 0),
                          ("Containers", S, 1), ("Images", S, 1), ("Selector", S, 1)], _ds_row),
     "ingresses.networking.k8s.io": ([("Name", S, 0), ("Class", S, 0), ("Hosts", S, 0), ("Address", S, 0),
                                      ("Ports", S, 0), ("Age", S, 0)], _ing_row),
@@ -194,9 +194,9 @@ TABLES: dict[str, tuple[list[Column], Row]] = {
                _event_row),
     "events.events.k8s.io": ([("Last Seen", S, 0), ("Type", S, 0), ("Reason", S, 0), ("Object", S, 0),
                               ("Message", S, 0)], _event_row),
-    "secrets": ([("Name", S, 0), ("Type", S, 0), ("Data", I, 0), ("Age", S, 0)],
+    "secrets": ([("Name", S, 0), ("Type", S, 0), ("Data", INT, 0), ("Age", S, 0)],
                 lambda o: [o["metadata"]["name"], o.get("type", "Opaque"), len(o.get("data") or {}), _age(o)]),
-    "configmaps": ([("Name", S, 0), ("Data", I, 0), ("Age", S, 0)],
+    "configmaps": ([("Name", S, 0), ("Data", INT, 0), ("Age", S, 0)],
                    lambda o: [o["metadata"]["name"], len(o.get("data") or {}) + len(o.get("binaryData") or {}),
                               _age(o)]),
     "namespaces": ([("Name", S, 0), ("Status", S, 0), ("Age", S, 0)],

@@ -62,7 +62,7 @@ class SimClient:
         method = DELTA if self.delta else SOTW
         resp_cls = discovery_pb2.DeltaDiscoveryResponse if self.delta else discovery_pb2.DiscoveryResponse
         call = self.channel.stream_stream(method, request_serializer=lambda m: m.SerializeToString(),
-                                          response_deserializer=resp_cls.FromString)()
+                                          response_deserializer=resp_cls.FromString)(request_iterator=None)
         await call.write(self._req(cache.CLUSTER))
         await call.write(self._req(cache.LISTENER))
         async for resp in call:
@@ -115,7 +115,7 @@ class SimClient:
 def _name_of(type_url: str, any_msg: Any) -> str:
     from trafficmgr.core.protos import message_class
 
-    msg = message_class(type_url)()
+    msg: Any = message_class(type_url)()  # an Envoy resource: generated code without stubs
     msg.ParseFromString(any_msg.value)
     return msg.name
 
@@ -177,21 +177,21 @@ async def main_async(args: argparse.Namespace) -> None:
         elif cmd["cmd"] == "wait":
             since, want = cmd["since"], cmd.get("type", "endpoints")
 
-            async def first(c: SimClient) -> float:
+            async def first(c: SimClient, want: str, since: float) -> float:
                 while True:
                     short, t = await c.queue.get()
                     if short == want and t >= since:
                         return (t - since) * 1000
 
             try:
-                lat = await asyncio.wait_for(asyncio.gather(*(first(c) for c in clients)), cmd.get("timeout", 60))
+                lat = await asyncio.wait_for(asyncio.gather(*(first(c, want, since) for c in clients)), cmd.get("timeout", 60))
             except TimeoutError:
                 lat = []
             out({"latency_ms": lat})
     for t in tasks:
         t.cancel()
     for ch in channels:
-        await ch.close()
+        await ch.close(grace=None)
 
 
 def main() -> None:

@@ -49,7 +49,7 @@ def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float 
             if value:
                 return value
             last_exc = None
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - documented: a predicate that raises is "not yet"; the last error is chained
             last_exc = exc
         if time.monotonic() >= deadline:
             raise TimeoutError(message or f"condition not met within {timeout}s") from last_exc
@@ -138,7 +138,7 @@ class EnvoyProcess:
                 state = ""
                 try:
                     state = json.loads(self.admin("/server_info")).get("state", "")
-                except Exception:
+                except Exception:  # noqa: BLE001 - best effort: the state only decorates the EnvoyStartError below
                     pass
                 raise EnvoyStartError(f"Envoy not LIVE within {timeout}s (state {state!r}){self._tail()}")
             time.sleep(0.05)
