@@ -12,7 +12,7 @@ import json
 import logging
 import queue
 import threading
-from typing import Protocol
+from typing import Any, Protocol
 
 from .discovery import BY_KEY, ResourceType
 from .errors import ApiError
@@ -331,8 +331,8 @@ class Controllers:
             for s in existing:
                 self._delete_quiet(SLICES, s["metadata"]["name"], ns)
             try:
-                ep = self.store.get_raw(ENDPOINTS, name, ns)
-                if (ep["metadata"].get("labels") or {}).get(SKIP_MIRROR_LABEL) == "true":
+                mirrored = self.store.get_raw(ENDPOINTS, name, ns)
+                if (mirrored["metadata"].get("labels") or {}).get(SKIP_MIRROR_LABEL) == "true":
                     self._delete_quiet(ENDPOINTS, name, ns)
             except ApiError:
                 pass
@@ -406,9 +406,9 @@ class Controllers:
             if ports:
                 sub["ports"] = [{k: v for k, v in p if k != "name" or v} for p in ports]
             subsets.append(sub)
-        want = {"apiVersion": "v1", "kind": "Endpoints",
-                "metadata": {"name": name, "namespace": ns, "labels": {**labels, SKIP_MIRROR_LABEL: "true"}},
-                "subsets": subsets}
+        want: dict[str, Any] = {"apiVersion": "v1", "kind": "Endpoints",
+                                "metadata": {"name": name, "namespace": ns, "labels": {**labels, SKIP_MIRROR_LABEL: "true"}},
+                                "subsets": subsets}
         want["metadata"]["labels"].pop(MANAGED_BY_LABEL, None)
         want["metadata"]["labels"].pop(SERVICE_NAME_LABEL, None)
         try:

@@ -157,8 +157,8 @@ def _order(items: list, order: list, field: str) -> list:
     if key is None:
         pos = {repr(v): i for i, v in enumerate(order)}
         return sorted(items, key=lambda v: pos.get(repr(v), len(pos)))
-    pos = {o.get(key): i for i, o in enumerate(order) if isinstance(o, dict)}
-    return sorted(items, key=lambda v: pos.get(v.get(key) if isinstance(v, dict) else None, len(pos)))
+    by_key: dict[Any, int] = {o.get(key): i for i, o in enumerate(order) if isinstance(o, dict)}
+    return sorted(items, key=lambda v: by_key.get(v.get(key) if isinstance(v, dict) else None, len(by_key)))
 
 
 def strategic_merge(original: Any, patch: Any) -> Any:

@@ -86,6 +86,7 @@ def _fields(buf: bytes) -> list[tuple[int, int, Any]]:
     while i < len(buf):
         key, i = _varint(buf, i)
         num, wt = key >> 3, key & 7
+        val: int | bytes
         if wt == 0:
             val, i = _varint(buf, i)
         elif wt == 2:

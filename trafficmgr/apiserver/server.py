@@ -11,7 +11,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
 import yaml
@@ -38,6 +38,12 @@ class _Route:
 
     def __init__(self, rt: ResourceType, namespace: str | None, name: str | None, sub: str | None) -> None:
         self.rt, self.namespace, self.name, self.sub = rt, namespace, name, sub
+
+    @property
+    def item(self) -> str:
+        """The object's name on an item route (_handle dispatches to the item verbs only when there is one)."""
+        assert self.name is not None, "not an item route"
+        return self.name
 
 
 def _route(group: str, version: str, parts: list[str]) -> _Route:
@@ -79,6 +85,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
     server: _HTTPServer
+    _raw: bytes | None = None  # the request body, read once per request (_dispatch resets it)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
@@ -149,7 +156,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError.bad_request(f"invalid YAML in request body: {e}") from None
 
     def _dispatch(self) -> None:
-        self._raw: bytes | None = None
+        self._raw = None
         try:
             self._read_body()
             self._handle()
@@ -176,13 +183,12 @@ class _Handler(BaseHTTPRequestHandler):
             if url.path == "/version":
                 return self._send_obj(200, discovery.version_info())
             if parts[:2] == ["openapi", "v3"]:
-                doc = openapi.root_document() if len(parts) == 2 else openapi.document_for_path("/".join(parts[2:]))
-                if doc is None:
+                spec = openapi.root_document() if len(parts) == 2 else openapi.document_for_path("/".join(parts[2:]))
+                if spec is None:
                     raise ApiError(404, "NotFound", "the server could not find the requested resource")
-                return self._send(200, doc)
+                return self._send(200, spec)
             if parts == ["api"]:
-                return self._send_obj(200, discovery.api_versions(f"{self.server.server_address[0]}:"
-                                                                  f"{self.server.server_address[1]}"))
+                return self._send_obj(200, discovery.api_versions(self.server.host_port))
             if parts == ["apis"]:
                 return self._send_obj(200, discovery.api_group_list())
             if len(parts) == 2 and parts[0] == "api":
@@ -264,7 +270,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _get_item(self, r: _Route) -> None:
         if r.sub not in (None, "status", "scale"):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
-        obj = self.store.get_raw(r.rt, r.name, r.namespace)
+        obj = self.store.get_raw(r.rt, r.item, r.namespace)
         if r.sub == "scale":
             self._check_scale(r)
             return self._send_obj(200, _scale_of(obj))
@@ -299,11 +305,11 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(replicas, int) or replicas < 0:
             raise ApiError.invalid(r.rt, r.name or "", "spec.replicas: Invalid value")
         with self.store.lock:
-            cur = self.store.get_raw(r.rt, r.name, r.namespace)
+            cur = self.store.get_raw(r.rt, r.item, r.namespace)
             rv = (scale.get("metadata") or {}).get("resourceVersion")
             if rv and rv != cur["metadata"]["resourceVersion"]:
                 raise ApiError.conflict(r.rt, r.name or "")
-            obj = self.store.patch(r.rt, r.name, {"spec": {"replicas": replicas}}, namespace=r.namespace,
+            obj = self.store.patch(r.rt, r.item, {"spec": {"replicas": replicas}}, namespace=r.namespace,
                                    patch_type=PATCH_MERGE, dry_run=self._dry_run())
         self._send_obj(200, _scale_of(obj))
 
@@ -314,7 +320,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError.bad_request("empty patch")
         if r.sub == "scale":
             self._check_scale(r)
-            cur = _scale_of(self.store.get_raw(r.rt, r.name, r.namespace))
+            cur = _scale_of(self.store.get_raw(r.rt, r.item, r.namespace))
             if ctype == PATCH_JSON:
                 new = json_patch(cur, body)
             elif ctype == PATCH_STRATEGIC:
@@ -329,7 +335,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ApiError.bad_request("the kind in the body does not match the URL")
             if r.sub is None and r.rt.has_status:
                 body = {k: v for k, v in body.items() if k != "status"}
-        obj = self.store.patch(r.rt, r.name, body, namespace=r.namespace, patch_type=ctype, subresource=r.sub,
+        obj = self.store.patch(r.rt, r.item, body, namespace=r.namespace, patch_type=ctype, subresource=r.sub,
                                field_manager=self.query.get("fieldManager"), dry_run=self._dry_run())
         self._send_obj(200, obj)
 
@@ -337,7 +343,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._read_body()
         if r.sub:
             raise ApiError.method_not_allowed()
-        obj = self.store.delete(r.rt, r.name, r.namespace, dry_run=self._dry_run())
+        obj = self.store.delete(r.rt, r.item, r.namespace, dry_run=self._dry_run())
         if r.rt.kind in ("Pod", "Namespace"):
             return self._send_obj(200, obj)
         details: dict = {"name": r.name, "kind": r.rt.plural, "uid": obj["metadata"]["uid"]}
@@ -443,6 +449,12 @@ class _HTTPServer(ThreadingHTTPServer):
         self._watches: set[Watcher] = set()
         self._conns: set[socket.socket] = set()
         self._wlock = threading.Lock()
+
+    @property
+    def host_port(self) -> str:
+        """``host:port`` of the bound socket (an AF_INET server: the host is a str, not bytes)."""
+        host, port = cast("tuple[str, int]", self.server_address[:2])
+        return f"{host}:{port}"
 
     def track(self, conn: socket.socket, add: bool) -> None:
         with self._wlock:

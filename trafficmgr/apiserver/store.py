@@ -6,6 +6,7 @@ stores a fresh dict, so readers may hold references without copying (public gett
 
 from __future__ import annotations
 
+import builtins
 import copy
 import datetime as _dt
 import json
@@ -257,7 +258,7 @@ class Store:
                 "metadata": {"resourceVersion": rv}, "items": items}
 
     def list_raw(self, rt: ResourceType, namespace: str | None, labels: LabelMatcher | None = None,
-                 fields: FieldMatcher | None = None) -> tuple[list[dict], str]:
+                 fields: FieldMatcher | None = None) -> tuple[builtins.list[dict], str]:
         """Stored (uncopied) matching objects and the list resourceVersion."""
         with self._lock:
             bucket = self._objects[rt.key]
@@ -485,7 +486,7 @@ class Store:
             return core_to_events_v1(old) if rt is EVENTS_V1 else copy.deepcopy(old)
 
     def delete_collection(self, resource: str | ResourceType, namespace: str | None = None,
-                          label_selector: str | None = None, field_selector: str | None = None) -> list[dict]:
+                          label_selector: str | None = None, field_selector: str | None = None) -> builtins.list[dict]:
         """Delete every matching object; returns copies of the deleted objects."""
         rt = _rt_for(resource)
         with self._lock:
@@ -511,12 +512,12 @@ class Store:
                         if ons == md["name"]:
                             self._delete_cascade(other, child)
         for dkey, dns, dname in list(self._dependents.pop(md["uid"], ())):
-            child = self._objects[dkey].get((dns, dname))
-            if child is None:
+            dependent = self._objects[dkey].get((dns, dname))
+            if dependent is None:
                 continue
-            owners = [r.get("uid") for r in child["metadata"].get("ownerReferences") or []]
+            owners = [r.get("uid") for r in dependent["metadata"].get("ownerReferences") or []]
             if all(not self._uid_alive(u) for u in owners):
-                self._delete_cascade(BY_KEY[dkey], child)
+                self._delete_cascade(BY_KEY[dkey], dependent)
 
     def _uid_alive(self, uid: str | None) -> bool:
         return bool(uid) and uid in self._uids
@@ -562,7 +563,7 @@ class Store:
             self._watchers[w.rt.key].discard(w)
         w.close()
 
-    def watchers(self) -> list[Watcher]:
+    def watchers(self) -> builtins.list[Watcher]:
         with self._lock:
             return [w for ws in self._watchers.values() for w in ws]
 

@@ -203,7 +203,7 @@ def run_bench(services: int = 1000, pods: int = 10, clients: tuple[int, ...] = (
         prop50: dict[str, dict[str, float]] = {"sotw": {}, "delta": {}}
         prop99: dict[str, dict[str, float]] = {"sotw": {}, "delta": {}}
         min50: dict[str, dict[str, float]] = {"sotw": {}, "delta": {}}
-        ratio: dict[str, dict[str, float]] = {"sotw": {}, "delta": {}}
+        ratio: dict[str, dict[str, float | None]] = {"sotw": {}, "delta": {}}
         rss_streams = 0.0
         rss_by: dict[str, float] = {}
         to_model: list[float] = []

@@ -155,8 +155,10 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def _common() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+def _common() -> ArgumentParser:
+    # A parent parser only lends its arguments; it is an ArgumentParser because the subparsers (parser_class)
+    # take parents of their own class.
+    common = ArgumentParser(add_help=False)
     common.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default=argparse.SUPPRESS,
                         help="log level (default: warning); debug also prints tracebacks")
     return common

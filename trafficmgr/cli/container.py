@@ -21,7 +21,7 @@ def bind_to(ip: str) -> None:
     """Make ``socket.bind(("0.0.0.0" | "", port))`` bind ``ip`` in this process."""
     original = socket.socket.bind
 
-    def bind(self: socket.socket, address: Any) -> None:
+    def bind(self: socket.SocketType, address: Any) -> None:
         if isinstance(address, tuple) and self.family == socket.AF_INET and address[0] in ("", "0.0.0.0"):
             address = (ip, *address[1:])
         original(self, address)

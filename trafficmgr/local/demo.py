@@ -392,7 +392,7 @@ class Demo:
             want = (d.get("spec") or {}).get("replicas", 1)
             if ((d.get("status") or {}).get("readyReplicas") or 0) < want:
                 out.append(f"deployment {d['metadata']['name']} not ready")
-        checks = [
+        checks: list[tuple[str, str, str | None]] = [
             ("control plane", f"http://127.0.0.1:{c.serve_admin_port}/readyz", None),
             ("zipkin", f"http://127.0.0.1:{c.zipkin_port}/api/v2/services", None),
             ("gateway", f"http://127.0.0.1:{c.http_port}/productpage", None),

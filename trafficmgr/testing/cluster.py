@@ -369,6 +369,7 @@ status: {{podIP: {client_ip}, conditions: [{{type: Ready, status: "True"}}]}}
         """An HttpBackend listening on ``ip:port`` inside the pod network."""
         from trafficmgr.testing.backends import HttpBackend
 
+        assert self.pod is not None, "the client pod is started by __init__"
         b = self.pod.in_ns(lambda: HttpBackend(name, host=ip, port=port).start())
         self.backends.append(b)
         return b
@@ -381,6 +382,7 @@ status: {{podIP: {client_ip}, conditions: [{{type: Ready, status: "True"}}]}}
                           customize=lambda cfg: self.plugins.call_all("trafficmgr_bootstrap", bootstrap=cfg, role="sidecar",
                                                                       options=self.options))
         self.peers.append(peer)
+        assert self.pod is not None, "the client pod is started by __init__"
         self.pod.ns.link(peer.ns, self.addresses, [ip])
         return peer.start()
 

@@ -36,7 +36,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.05, message: str = "") -> T:
+def wait_for(predicate: Callable[[], T | None], timeout: float = 10.0, interval: float = 0.05, message: str = "") -> T:
     """Poll ``predicate`` until it returns something truthy (returned); raise ``TimeoutError`` otherwise.
 
     Exceptions raised by ``predicate`` count as "not yet"; the last one is chained to the timeout.
@@ -219,10 +219,10 @@ class EnvoyProcess:
     def clusters(self) -> str:
         return self.admin("/clusters")
 
-    def wait_for(self, predicate: Callable[[], T], timeout: float = 10.0, message: str = "") -> T:
+    def wait_for(self, predicate: Callable[[], T | None], timeout: float = 10.0, message: str = "") -> T:
         """Like :func:`wait_for`, and fails fast with the log tail if Envoy died."""
 
-        def check() -> T:
+        def check() -> T | None:
             self._check_alive()
             return predicate()
 

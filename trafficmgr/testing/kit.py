@@ -274,7 +274,9 @@ def _is_loopback(ip: str) -> bool:
 
 
 def _selects(selector: Mapping[str, str] | None, labels: Mapping[str, str] | None) -> bool:
-    return bool(selector) and all((labels or {}).get(k) == v for k, v in selector.items())
+    if not selector:
+        return False
+    return all((labels or {}).get(k) == v for k, v in selector.items())
 
 
 class SidecarMesh:
@@ -451,7 +453,7 @@ class SidecarMesh:
             self.wait_synced()
 
     def _service_addresses(self) -> list[tuple[str, int]]:
-        out = []
+        out: list[tuple[str, int]] = []
         for (kind, _, _), obj in self.objects.items():
             spec = obj.get("spec") or {}
             if kind == "Service" and _is_loopback(spec.get("clusterIP") or ""):
@@ -466,7 +468,7 @@ class SidecarMesh:
         outbound = listeners.get(OUTBOUND_LISTENER)
         if outbound is not None:
             for ip, port in self._service_addresses():
-                lst = outbound.message()
+                lst: Any = outbound.message()  # an Envoy Listener (generated code without stubs)
                 lst.name = f"{OUTBOUND_LISTENER}@{ip}:{port}"
                 lst.address.socket_address.address = ip
                 lst.address.socket_address.port_value = port
@@ -543,7 +545,7 @@ class SidecarMesh:
         """``request("GET", service, path, ...)``."""
         return self.request("GET", service, path, **kw)
 
-    def wait_for(self, predicate: Callable[[], T], timeout: float = 10.0, message: str = "") -> T:
+    def wait_for(self, predicate: Callable[[], T | None], timeout: float = 10.0, message: str = "") -> T:
         """Poll ``predicate`` until truthy (fails fast with Envoy's log if it died)."""
         return self.envoy.wait_for(predicate, timeout, message=message)
 
