@@ -8,8 +8,10 @@ import argparse
 from pathlib import Path
 
 from trafficmgr.core import cache
-from trafficmgr.core.translate.builder import BLOCKED_BODY, PROXY_LISTENER, PROXY_ROUTE, default_options
 from trafficmgr.core.plugins import PluginHost
+from trafficmgr.core.translate.builder import default_options
+from trafficmgr.core.translate.explicit_proxy import PROXY_LISTENER, PROXY_ROUTE
+from trafficmgr.core.translate.sidecar_outbound import BLOCKED_BODY
 from trafficmgr.testing.golden import build_from_manifests, load_manifests
 
 MANIFESTS = Path(__file__).parent.parent / "golden" / "sidecar" / "http_tcp_direct.in.yaml"
