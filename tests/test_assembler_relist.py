@@ -80,4 +80,5 @@ def test_pod_follows_its_current_replicaset_and_deletes_cleanly() -> None:
 
     asm.apply("DELETED", assemble.POD, pod)
     assert ("default", "p") not in asm.model().pods
-    assert asm._rs_pods == {} and asm._pod_rs == {} and asm._owner_pods == {} and asm._ip_pods == {}
+    index = asm._pod_index
+    assert index.by_rs == {} and index.rs == {} and index.by_owner == {} and index.by_ip == {}

@@ -242,12 +242,12 @@ def test_delta_first_answers_are_shared_and_known_maps_are_not_copied(cp: Contro
 
 def test_known_map_copy_on_write() -> None:
     from trafficmgr.core.cache import Resource
-    from trafficmgr.core.xds.server import _Known
+    from trafficmgr.core.xds.streams import Known
 
     def ts(**versions: str) -> TypeSet:
         return TypeSet(cache.CLUSTER, [Resource(cache.CLUSTER, n, b"", v) for n, v in versions.items()])
 
-    k = _Known({"old": "0"})
+    k = Known({"old": "0"})
     assert not k.empty() and k.get("old") == "0" and "old" in k
     k.rebase(ts(a="1", b="1", c="1"), frozenset({"a", "b"}))
     assert sorted(k) == ["a", "b"] and k.get("c") is None and "c" not in k  # out of scope
@@ -256,7 +256,7 @@ def test_known_map_copy_on_write() -> None:
     assert k.pop("missing") is None
     k["b"] = "3"
     assert sorted(k) == ["b", "c"] and k.get("b") == "3"
-    assert _Known().empty() and not k.empty()
+    assert Known().empty() and not k.empty()
 
 
 def test_delta_reconnect_gets_only_the_diff(cp: ControlPlane, clients: list[AdsClient]) -> None:

@@ -2,7 +2,8 @@
 
 The :class:`Assembler` keeps the current IR objects and replaces only those an event affects; an object
 whose IR did not change keeps its identity, which is what makes the builder incremental. It is owned by
-one thread (the sync loop); the xDS resolver only reads ``pods`` (single dict lookups).
+one thread (the sync loop); the xDS resolver only reads ``pods`` (single dict lookups). The reverse
+indexes that say what an event affects are in :mod:`trafficmgr.core.kube.indexes`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from trafficmgr.core import metrics
 from trafficmgr.core.contrib import WatchKind
 from trafficmgr.core.kube.client import Kind
+from trafficmgr.core.kube.indexes import PodIndex, SliceIndex, WorkloadIndex, controller
 from trafficmgr.core.labels import LabelRegistry
 from trafficmgr.core.model import (
     EMPTY_LABELS,
@@ -85,20 +87,10 @@ class Assembler:
         self.endpoints: dict[tuple[str, str, str], tuple[Endpoint, ...]] = {}
         self.extra: dict[str, dict[Key, Any]] = {k: {} for k in self.extra_kinds}
         self._raw: dict[str, dict[Key, dict[str, Any]]] = {k.kind: {} for k in CORE_KINDS}
-        self._pod_own: dict[Key, Labels] = {}
-        self._pod_owner: dict[Key, tuple[str, str] | None] = {}  # pod -> (workload kind, name)
-        self._rs_owner: dict[Key, str | None] = {}  # replicaset -> deployment name
-        self._workload_labels: dict[tuple[str, str, str], Labels] = {}
-        self._owner_pods: dict[tuple[str, str, str], set[Key]] = {}
-        self._slice_service: dict[Key, str] = {}
-        self._service_slices: dict[Key, set[str]] = {}
-        self._pod_services: dict[Key, set[Key]] = {}
-        self._service_pods: dict[Key, set[Key]] = {}
-        self._rs_pods: dict[Key, set[Key]] = {}  # ReplicaSet -> its pods
-        self._pod_rs: dict[Key, Key] = {}  # pod -> its ReplicaSet (the reverse, so a delete is O(1))
-        self._endpoint_keys: dict[Key, set[tuple[str, str, str]]] = {}
+        self._workloads = WorkloadIndex()
+        self._pod_index = PodIndex()
+        self._slices = SliceIndex()
         self._deferred: set[Key] | None = None  # during a relist: services whose endpoints wait for its end
-        self._ip_pods: dict[str, set[Key]] = {}
         self.port_pods: dict[Key, Pod] = {}
         self.dirty = True
 
@@ -237,14 +229,9 @@ class Assembler:
 
     def _workload(self, kind: str, key: Key, obj: dict[str, Any] | None) -> None:
         wkey = (kind, key[0], key[1])
-        labels = self._parse(kind, obj) if obj is not None else EMPTY_LABELS
-        if self._workload_labels.get(wkey, EMPTY_LABELS) == labels:
+        if not self._workloads.set_labels(wkey, self._parse(kind, obj) if obj is not None else None):
             return
-        if obj is None:
-            self._workload_labels.pop(wkey, None)
-        else:
-            self._workload_labels[wkey] = labels
-        for pod_key in list(self._owner_pods.get(wkey, ())):
+        for pod_key in self._pod_index.of_owner(wkey):
             self._refresh_pod(pod_key)
 
     def _on_deployment(self, key: Key, obj: dict[str, Any] | None) -> None:
@@ -257,62 +244,36 @@ class Assembler:
         self._workload("DaemonSet", key, obj)
 
     def _on_replicaset(self, key: Key, obj: dict[str, Any] | None) -> None:
-        owner = None
-        if obj is not None:
-            owner = _controller(obj, "Deployment")
-        if self._rs_owner.get(key) == owner and (obj is not None or key not in self._rs_owner):
+        if not self._workloads.set_replicaset(key, obj):
             return
-        if obj is None:
-            self._rs_owner.pop(key, None)
-        else:
-            self._rs_owner[key] = owner
-        for pod_key in list(self._rs_pods.get(key, ())):
+        for pod_key in self._pod_index.of_replicaset(key):
             self._refresh_pod(pod_key)
 
-    def _pod_workload(self, key: Key, obj: dict[str, Any]) -> tuple[str, str] | None:
-        for kind in ("StatefulSet", "DaemonSet"):
-            name = _controller(obj, kind)
-            if name:
-                return (kind, name)
-        rs = _controller(obj, "ReplicaSet")
-        if rs:
-            deploy = self._rs_owner.get((key[0], rs))
-            if deploy:
-                return ("Deployment", deploy)
-        return None
-
     def _on_pod(self, key: Key, obj: dict[str, Any] | None) -> None:
-        rs_name = _controller(obj, "ReplicaSet") if obj is not None else None
-        rs = (key[0], rs_name) if rs_name else None
-        _move(self._rs_pods, key, self._pod_rs.pop(key, None), rs)
-        if rs is not None:
-            self._pod_rs[key] = rs
+        index = self._pod_index
+        rs_name = controller(obj, "ReplicaSet") if obj is not None else None
+        index.set_replicaset(key, (key[0], rs_name) if rs_name else None)
         if obj is None:
-            self._pod_own.pop(key, None)
-            owner = self._pod_owner.pop(key, None)
-            _move(self._owner_pods, key, (owner[0], key[0], owner[1]) if owner else None, None)
+            index.forget(key)
             gone = self.pods.pop(key, None)
             self.port_pods.pop(key, None)
             if gone is not None:
-                self._index_ip(key, gone.ip, None)
+                index.set_ip(key, gone.ip, None)
                 self.dirty = True
                 self._refresh_endpoints_of_pod(key)
             return
-        self._pod_own[key] = self._parse("Pod", obj)
+        index.own[key] = self._parse("Pod", obj)
         self._refresh_pod(key)
 
     def _refresh_pod(self, key: Key) -> None:
         obj = self._raw["Pod"].get(key)
         if obj is None:
             return
-        owner = self._pod_workload(key, obj)
-        old_owner = self._pod_owner.get(key)
-        if old_owner != owner:
-            _move(self._owner_pods, key, (old_owner[0], key[0], old_owner[1]) if old_owner else None,
-                  (owner[0], key[0], owner[1]) if owner else None)
-            self._pod_owner[key] = owner
-        own = self._pod_own.get(key, EMPTY_LABELS)
-        workload = self._workload_labels.get((owner[0], key[0], owner[1]), EMPTY_LABELS) if owner else EMPTY_LABELS
+        index = self._pod_index
+        owner = self._workloads.owner_of(key, obj)
+        index.set_owner(key, owner)
+        own = index.own.get(key, EMPTY_LABELS)
+        workload = self._workloads.labels_of(key[0], owner)
         status = obj.get("status") or {}
         spec = obj.get("spec") or {}
         ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
@@ -326,7 +287,7 @@ class Assembler:
             ready=ready, labels=workload.merged(own), uid=_meta(obj).get("uid") or "", ports=ports,
         )
         old = self.pods.get(key)
-        self._index_ip(key, old.ip if old else None, pod.ip)
+        index.set_ip(key, old.ip if old else None, pod.ip)
         changed = self._set(self.pods, key, pod)
         if pod.ip and pod.has_port_labels:
             self.port_pods[key] = self.pods[key]  # the stored object: identity drives the builder's memo
@@ -335,13 +296,10 @@ class Assembler:
         if changed and (old is None or old.labels != pod.labels):
             self._refresh_endpoints_of_pod(key)
 
-    def _index_ip(self, key: Key, old_ip: str | None, new_ip: str | None) -> None:
-        _move(self._ip_pods, key, old_ip or None, new_ip or None)
-
     def pods_with_ip(self, ip: str) -> list[tuple[str, str, dict[str, str]]]:
         """``(namespace, name, all labels)`` of every pod whose IP is ``ip`` (for access control)."""
         out = []
-        for key in list(self._ip_pods.get(ip, ())):
+        for key in self._pod_index.with_ip(ip):
             raw = self._raw["Pod"].get(key)
             if raw is not None:
                 out.append((key[0], key[1], dict(_meta(raw).get("labels") or {})))
@@ -350,19 +308,15 @@ class Assembler:
     # -- endpoint slices ----------------------------------------------------------------------
 
     def _on_endpointslice(self, key: Key, obj: dict[str, Any] | None) -> None:
-        old_service = self._slice_service.pop(key, None)
-        if old_service is not None:
-            self._service_slices.get((key[0], old_service), set()).discard(key[1])
         service = ((_meta(obj).get("labels") or {}).get(SERVICE_NAME_LABEL) if obj is not None else None)
+        old_service = self._slices.set_slice(key, service)
         if service:
-            self._slice_service[key] = service
-            self._service_slices.setdefault((key[0], service), set()).add(key[1])
             self._refresh_endpoints((key[0], service))
         if old_service and old_service != service:
             self._refresh_endpoints((key[0], old_service))
 
     def _refresh_endpoints_of_pod(self, pod_key: Key) -> None:
-        for svc_key in list(self._pod_services.get(pod_key, ())):
+        for svc_key in self._slices.services_of_pod(pod_key):
             self._refresh_endpoints(svc_key)
 
     def _refresh_endpoints(self, svc_key: Key) -> None:
@@ -373,7 +327,7 @@ class Assembler:
         by_port: dict[str, list[Endpoint]] = {}
         pods_seen: set[Key] = set()
         raw_slices = self._raw["EndpointSlice"]
-        for slice_name in sorted(self._service_slices.get(svc_key, ())):
+        for slice_name in self._slices.slices_of(svc_key):
             sl = raw_slices.get((ns, slice_name))
             if sl is None:
                 continue
@@ -399,22 +353,10 @@ class Assembler:
                             pod=pod_key[1] if pod_key else None, namespace=ns,
                             node=ep.get("nodeName"), labels=pod.labels if pod else EMPTY_LABELS,
                         ))
-        previous = self._service_pods.get(svc_key, set())
-        for pod_key in pods_seen - previous:
-            self._pod_services.setdefault(pod_key, set()).add(svc_key)
-        for pod_key in previous - pods_seen:
-            services = self._pod_services.get(pod_key)
-            if services is not None:
-                services.discard(svc_key)
-                if not services:
-                    del self._pod_services[pod_key]
-        if pods_seen:
-            self._service_pods[svc_key] = pods_seen
-        else:
-            self._service_pods.pop(svc_key, None)
+        self._slices.set_service_pods(svc_key, pods_seen)
         stale = [(ns, svc, p.name) for p in (self.services.get(svc_key) or Service(ns, svc)).ports if p.name not in by_port]
-        stale += [k for k in self._endpoint_keys.get(svc_key, ()) if k[2] not in by_port]
-        self._endpoint_keys[svc_key] = {(ns, svc, p) for p in by_port}
+        previous = self._slices.set_endpoint_keys(svc_key, {(ns, svc, p) for p in by_port})
+        stale += [k for k in previous if k[2] not in by_port]
         for k in stale:
             if k not in self.endpoints:
                 continue
@@ -443,26 +385,3 @@ class Assembler:
                 self.dirty = True
             return
         self._set(table, key, value)
-
-
-def _move(index: dict[Any, set[Key]], key: Key, old: Any, new: Any) -> None:
-    """Move ``key`` from the set under ``old`` to the one under ``new`` (None: none) in a one-to-many
-    index; an emptied set is dropped, so the index holds only live groups."""
-    if old == new:
-        return
-    if old is not None:
-        keys = index.get(old)
-        if keys is not None:
-            keys.discard(key)
-            if not keys:
-                del index[old]
-    if new is not None:
-        index.setdefault(new, set()).add(key)
-
-
-def _controller(obj: dict[str, Any], kind: str) -> str | None:
-    for ref in _meta(obj).get("ownerReferences") or []:
-        if ref.get("kind") == kind and ref.get("controller", True):
-            name: str | None = ref.get("name")
-            return name
-    return None

@@ -1,0 +1,79 @@
+"""What the SotW and delta protocols share on the way out: the stream's snapshot, the push order, writing
+a response (counted), and the ACK/NACK bookkeeping (the server's bounded NACK history).
+
+One :class:`Responder` per server, used by both :class:`~trafficmgr.core.xds.sotw.SotwProtocol` and
+:class:`~trafficmgr.core.xds.delta.DeltaProtocol`; only the server loop calls it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from trafficmgr.core import cache as cache_mod
+from trafficmgr.core import metrics
+from trafficmgr.core.cache import TYPE_ORDER, Snapshot, SnapshotCache
+from trafficmgr.core.xds.responses import Nonces
+from trafficmgr.core.xds.streams import Stream, TypeState
+
+log = logging.getLogger("trafficmgr.xds")
+
+NACK_HISTORY = 500
+
+#: When a resource of the key type is (re)sent, the resources it references of the value type follow.
+DEPENDENT = {cache_mod.CLUSTER: cache_mod.ENDPOINT, cache_mod.LISTENER: cache_mod.ROUTE}
+
+
+def ordered(types: Iterable[str]) -> list[str]:
+    """Type URLs in push order (known types first, in ``TYPE_ORDER``)."""
+    present = set(types)
+    return [t for t in TYPE_ORDER if t in present] + sorted(present.difference(TYPE_ORDER))
+
+
+class Responder:
+    """Snapshots, nonces, counted writes and the NACK history of one server."""
+
+    def __init__(self, cache: SnapshotCache) -> None:
+        self.cache = cache
+        self.nonces = Nonces()
+        self.nacks: collections.deque[dict[str, Any]] = collections.deque(maxlen=NACK_HISTORY)
+        self._sent_metric: dict[tuple[str, str], Any] = {}
+
+    def snapshot(self, stream: Stream) -> Snapshot | None:
+        """The snapshot of the stream's view (None: the node is unknown, or its view has none yet)."""
+        return self.cache.get(stream.view) if stream.view is not None else None
+
+    async def write(self, stream: Stream, st: TypeState, data: bytes) -> None:
+        """Send one encoded response of ``st``'s type on ``stream``."""
+        key = (st.short, stream.mode)
+        counter = self._sent_metric.get(key)
+        if counter is None:
+            counter = self._sent_metric[key] = metrics.RESPONSES_SENT.labels(*key)
+        await stream.context.write(data)
+        counter.inc()
+
+    def record_nack(
+        self, stream: Stream, st: TypeState, nonce: str, version: str | None, error: str, resources: list[str]
+    ) -> None:
+        nack = {"nonce": nonce, "version": version, "error": error, "resources": resources, "at": time.time()}
+        st.last_nack = nack
+        st.nacked_version = version
+        st.nacked_names = st.sent_names
+        self.nacks.append(
+            {"node_id": stream.node_id, "node_cluster": stream.node_cluster, "view": stream.view,
+             "type": st.short, "mode": stream.mode, **nack}
+        )
+        metrics.NACKS.labels(st.short).inc()
+        log.warning(
+            "NACK from %r for %s version %s (%d resources): %s",
+            stream.node_id, st.short, version, len(resources), error,
+        )
+
+    def acked(self, st: TypeState, sent_at: float, clear_nack: bool = True) -> None:
+        metrics.PUSH_TO_ACK.labels(st.short).observe(time.monotonic() - sent_at)
+        if clear_nack:
+            st.last_nack = None
+            st.nacked_version = None

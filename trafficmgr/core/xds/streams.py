@@ -1,0 +1,194 @@
+"""What the ADS server knows about each open stream: the peer, the node, and per resource type what was
+sent, ACKed and NACKed (SotW) or what the client has (delta, :class:`Known`).
+
+Only the server loop touches these objects; they hold no logic beyond their own bookkeeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+import urllib.parse
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import grpc
+
+from trafficmgr.core import cache as cache_mod
+from trafficmgr.core.cache import TypeSet
+
+#: Queue items of a stream besides requests: the cache changed / the stream is over.
+CHANGED = object()
+CLOSED = object()
+
+
+def parse_peer(peer: str) -> str:
+    """The IP address in a gRPC peer string (``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``, URL-encoded forms);
+    ``""`` for other transports."""
+    peer = urllib.parse.unquote(peer or "")
+    scheme, _, rest = peer.partition(":")
+    if scheme == "ipv4":
+        return rest.rsplit(":", 1)[0]
+    if scheme == "ipv6":
+        if rest.startswith("["):
+            return rest[1:].split("]", 1)[0]
+        return rest.rsplit(":", 1)[0]
+    return ""
+
+
+def peer_identities(context: Any) -> tuple[str, ...]:
+    """The verified client certificate's URI/DNS SANs and CN (empty without mutual TLS)."""
+    try:
+        auth = context.auth_context() or {}
+    except Exception:  # noqa: BLE001 - no auth context on insecure transports in some versions
+        return ()
+    out: list[str] = []
+    for key in ("x509_subject_alternative_name", "x509_common_name"):
+        out.extend(v.decode() if isinstance(v, bytes) else str(v) for v in auth.get(key, ()))
+    return tuple(out)
+
+
+class TypeState:
+    """What one stream knows about one resource type."""
+
+    __slots__ = (
+        "type_url", "short", "names", "wildcard", "sent_version", "sent_nonce", "sent_at", "sent_typeset",
+        "acked_version", "last_nack", "nacked_version", "known", "inflight", "rejected", "synced_version",
+        "synced_ts", "force", "force_tag", "recent_nonces", "sent_names", "nacked_names",
+    )
+
+    def __init__(self, type_url: str) -> None:
+        self.type_url = type_url
+        self.short = cache_mod.short_name(type_url)
+        self.names: frozenset[str] | None = None  # SotW: None = wildcard
+        self.wildcard = False  # delta
+        self.sent_version: str | None = None
+        self.sent_nonce = ""
+        # SotW: the last nonces sent; a shared nonce that comes back (a change undone) is not reused, so
+        # a late request carrying the earlier one cannot pass for an answer to the new response.
+        self.recent_nonces: collections.deque[str] = collections.deque(maxlen=8)
+        self.sent_at = 0.0
+        self.sent_typeset: TypeSet | None = None
+        self.acked_version: str | None = None
+        self.last_nack: dict[str, Any] | None = None
+        self.nacked_version: str | None = None
+        # SotW: the subscription the last response answered, and the one of the NACKed response: a
+        # rejected version is not sent again for the same names, but another subscription may work.
+        self.sent_names: frozenset[str] | None = None
+        self.nacked_names: frozenset[str] | None = None
+        # delta only
+        self.known = Known()  # name -> version the client has (optimistic after a send)
+        self.inflight: collections.OrderedDict[str, DeltaSent] = collections.OrderedDict()
+        self.rejected: dict[str, str] = {}  # name -> NACKed version, never resent
+        self.synced_version: str | None = None  # TypeSet version ``known`` was last diffed against
+        self.synced_ts: TypeSet | None = None  # that TypeSet itself (for the shared fast diff)
+        self.force: set[str] = set()  # names to resend even if the client has them (a replaced cluster's)
+        self.force_tag = ""  # the version of the type set whose update forced them
+
+    def status(self) -> dict[str, Any]:
+        return {"sent": self.sent_version, "acked": self.acked_version, "last_nack": self.last_nack}
+
+
+class Known:
+    """What a delta client has: name -> version. Copy on write over a shared TypeSet.
+
+    After a complete push the client has exactly the current TypeSet (within its subscription), so
+    :meth:`rebase` points at that TypeSet, which every stream in sync shares, instead of keeping a
+    thousand-entry dict per stream; later differences (a send in flight, a NACK, an unsubscribe) are
+    kept in a small override dict (``None``: the client does not have it)."""
+
+    __slots__ = ("base", "scope", "over")
+
+    def __init__(self, initial: Mapping[str, str] | None = None) -> None:
+        self.base: TypeSet | None = None
+        self.scope: frozenset[str] | None = None  # None: every name of ``base``
+        self.over: dict[str, str | None] = dict(initial or {})
+
+    def rebase(self, ts: TypeSet, scope: frozenset[str] | None) -> None:
+        """The client has exactly ``ts``'s resources within ``scope`` (None: all of them)."""
+        self.base, self.scope, self.over = ts, scope, {}
+
+    def _base_version(self, name: str) -> str | None:
+        if self.base is None or (self.scope is not None and name not in self.scope):
+            return None
+        r = self.base.resources.get(name)
+        return r.version if r is not None else None
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        over = self.over
+        if name in over:
+            v = over[name]
+        else:
+            v = self._base_version(name)
+        return default if v is None else v
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name) is not None
+
+    def __setitem__(self, name: str, version: str) -> None:
+        self.over[name] = version
+
+    def pop(self, name: str, default: str | None = None) -> str | None:
+        v = self.get(name)
+        if self._base_version(name) is not None:
+            self.over[name] = None
+        else:
+            self.over.pop(name, None)
+        return default if v is None else v
+
+    def empty(self) -> bool:
+        return self.base is None and not any(v is not None for v in self.over.values())
+
+    def __iter__(self) -> Iterator[str]:
+        over = self.over
+        if self.base is not None:
+            scope = self.scope
+            for name in self.base.resources:
+                if name not in over and (scope is None or name in scope):
+                    yield name
+        for name, v in over.items():
+            if v is not None:
+                yield name
+
+
+class DeltaSent:
+    """One delta response awaiting its ACK: what it changed, so a NACK can undo it."""
+
+    __slots__ = ("version", "previous", "sent", "at")
+
+    def __init__(self, version: str, previous: dict[str, str | None], sent: dict[str, str | None]) -> None:
+        self.version = version
+        self.previous = previous  # name -> version known before this response (None: unknown)
+        self.sent = sent  # name -> version sent (None: removed)
+        self.at = time.monotonic()
+
+
+class Stream:
+    """One ADS stream (SotW or delta): its peer and node, its resolved view, and a :class:`TypeState` per type."""
+
+    __slots__ = (
+        "mode", "context", "peer", "node_id", "node_cluster", "identified", "view", "role", "connected_at",
+        "types", "queue", "change_pending", "unknown_logged", "identities",
+    )
+
+    def __init__(self, mode: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self.mode = mode
+        self.context = context
+        self.peer = parse_peer(context.peer())
+        self.identities = peer_identities(context)
+        self.node_id = ""
+        self.node_cluster = ""
+        self.identified = False
+        self.view: str | None = None
+        self.role: str | None = None  # label of CONNECTED_PROXIES currently counted
+        self.connected_at = time.time()
+        self.types: dict[str, TypeState] = {}
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.change_pending = False
+        self.unknown_logged = False
+
+    def signal_change(self) -> None:
+        if not self.change_pending:
+            self.change_pending = True
+            self.queue.put_nowait(CHANGED)
