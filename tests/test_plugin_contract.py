@@ -184,6 +184,24 @@ def test_endpoint_pairs_stay_matched_after_an_earlier_plugin_removed_one() -> No
     assert built == [("10.244.0.1", 100), ("10.244.0.3", 7)]
 
 
+class FirstRemover:
+    """An implementation without ``pairs`` that removes the first lb_endpoint (runs first)."""
+
+    @hookimpl(tryfirst=True)
+    def trafficmgr_endpoints(self, assignment: Any) -> None:
+        del assignment.endpoints[0].lb_endpoints[0]
+
+
+def test_endpoint_pairs_are_matched_by_address_when_a_plugin_without_pairs_removed_one_first() -> None:
+    """The first ``pairs`` are made after a removal by an implementation that never asked for pairs:
+    zipping with ``endpoints`` would shift every pair by one."""
+    probe = PairsProbe()
+    host = PluginHost.load([], extra=[("remover", FirstRemover()), ("probe", probe)])
+    assert call_order(host, "trafficmgr_endpoints") == ["remover", "probe"]
+    Builder(host).build(web_model(endpoint(1), endpoint(2), endpoint(3)))
+    assert probe.seen == [[("10.244.0.2", "10.244.0.2"), ("10.244.0.3", "10.244.0.3")]]
+
+
 # -- arguments: role, listener_name, service, port ------------------------------------------------------
 
 

@@ -40,16 +40,29 @@ class Hooks:
 
     def endpoints(self, cla: ClusterLoadAssignment, service: Service, port: ServicePort,
                   endpoints: Sequence[Endpoint], ctx: BuildContext) -> None:
-        """Each implementation gets ``pairs`` made from the assignment as the previous one left it: an
-        lb_endpoint is matched to its Endpoint by address, so removals by one plugin do not shift the
-        mapping for the next."""
+        """Each implementation gets ``pairs`` for the assignment as the previous one left it. The core
+        built ``lb_endpoints`` in the order of ``endpoints``; once a plugin changed the list (removed,
+        or rebuilt it), an lb_endpoint is matched to its Endpoint by address, so removals by one plugin
+        do not shift the mapping for the next."""
+        ready = tuple(endpoints)
+        made: list[tuple[EndpointPair, ...]] = []
+
         def pairs() -> tuple[EndpointPair, ...]:
-            by_address = {(e.address, e.port): e for e in endpoints}
-            return tuple(EndpointPair(by_address[_address_key(lb)], lb)
-                         for loc in cla.endpoints for lb in loc.lb_endpoints if _address_key(lb) in by_address)
+            current = [lb for loc in cla.endpoints for lb in loc.lb_endpoints]
+            # upb hands out the same Python object for an unchanged element: identity says "untouched".
+            if made and len(made[0]) == len(current) and all(p.lb_endpoint is lb for p, lb in zip(made[0], current)):
+                return made[0]
+            if not made and len(current) == len(ready):  # as the core built it
+                fresh = tuple(EndpointPair(e, lb) for e, lb in zip(ready, current))
+            else:
+                by_address = {(e.address, e.port): e for e in ready}
+                fresh = tuple(EndpointPair(by_address[key], lb) for lb in current
+                              if (key := _address_key(lb)) in by_address)
+            made[:] = [fresh]
+            return fresh
 
         self.plugins.mutate("trafficmgr_endpoints", cla, what=cla.cluster_name, service=service, port=port,
-                            endpoints=tuple(endpoints), role=ctx.role, ctx=ctx, lazy={"pairs": pairs})
+                            endpoints=ready, role=ctx.role, ctx=ctx, lazy={"pairs": pairs})
 
     def virtual_host(self, vhost: VirtualHost, service: Service, port: ServicePort, ctx: BuildContext) -> None:
         self.plugins.mutate("trafficmgr_virtual_host", vhost, what=vhost.name, service=service, port=port,
