@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import attrs
 from google.protobuf.message import Message
 
 from trafficmgr.core.model import Endpoint, Model, ObjectRef, Service, ServicePort
@@ -22,10 +21,10 @@ if TYPE_CHECKING:
     from trafficmgr.core.translate.hooks import Hooks
 
 
-@attrs.frozen(slots=True)
-class EndpointPair:
+class EndpointPair(NamedTuple):
     """One ready :class:`~trafficmgr.core.model.Endpoint` and the ``LbEndpoint`` message built from it
-    (see ``trafficmgr_endpoints``). The message is the live one in the assignment: change it in place."""
+    (see ``trafficmgr_endpoints``); ``for endpoint, lb in pairs`` works too. The message is the live one
+    in the assignment: change it in place."""
 
     endpoint: Endpoint
     lb_endpoint: Any

@@ -53,7 +53,7 @@ class Hooks:
             if made and len(made[0]) == len(current) and all(p.lb_endpoint is lb for p, lb in zip(made[0], current)):
                 return made[0]
             if not made and len(current) == len(ready):  # as the core built it
-                fresh = tuple(EndpointPair(e, lb) for e, lb in zip(ready, current))
+                fresh = tuple(map(EndpointPair._make, zip(ready, current)))
             else:
                 by_address = {(e.address, e.port): e for e in ready}
                 fresh = tuple(EndpointPair(by_address[key], lb) for lb in current

@@ -24,14 +24,13 @@ class Destination:
     service: Service
     port: ServicePort
     ips: tuple[str, ...]
+    #: ``(namespace, service, port name or number)``: names the destination's chain and virtual host.
+    key: tuple[str, str, str] = attrs.field(eq=False)
+    http: bool = attrs.field(eq=False)
 
-    @property
-    def key(self) -> tuple[str, str, str]:
-        return (self.service.namespace, self.service.name, self.port.name or str(self.port.port))
-
-    @property
-    def http(self) -> bool:
-        return self.port.protocol == HTTP
+    @classmethod
+    def of(cls, service: Service, port: ServicePort, ips: tuple[str, ...]) -> Destination:
+        return cls(service, port, ips, (service.namespace, service.name, port.name or str(port.port)), port.protocol == HTTP)
 
 
 @attrs.frozen(slots=True)
@@ -71,7 +70,7 @@ def candidates(state: ServiceState) -> tuple[Destination, ...]:
     out = []
     for port, ips in zip(state.ports(), _ips(state)):
         if ips:
-            out.append(Destination(svc, port, ips))
+            out.append(Destination.of(svc, port, ips))
     return tuple(out)
 
 
@@ -96,24 +95,32 @@ class Planner:
         return self._plan
 
     def _resolve(self, states: list[ServiceState]) -> SidecarPlan:
-        seen: dict[tuple[str, int], str] = {}
+        seen: dict[tuple[str, int], Destination] = {}
         conflicts: list[Conflict] = []
         out: list[Destination] = []
+        peek = self._candidates.peek
         for state in states:
-            for dest in self._candidates.peek(state.key) or ():
-                owner = dest.service.cluster_name(dest.port)
+            for dest in peek(state.key) or ():
+                port = dest.port.port
+                claims = [(ip, port) for ip in dest.ips]
+                if not any(c in seen for c in claims):  # the usual case: nothing to resolve
+                    seen.update(dict.fromkeys(claims, dest))
+                    out.append(dest)
+                    continue
                 kept = []
-                for ip in dest.ips:
-                    claim = (ip, dest.port.port)
-                    if claim in seen:
-                        svc = dest.service
-                        conflicts.append(Conflict(ObjectRef("Service", svc.namespace, svc.name, svc.uid),
-                                                  f"{ip}:{dest.port.port} is already served by {seen[claim]}; ignored for {owner}"))
+                for claim in claims:
+                    owner = seen.get(claim)
+                    if owner is None:
+                        seen[claim] = dest
+                        kept.append(claim[0])
                         continue
-                    seen[claim] = owner
-                    kept.append(ip)
+                    svc = dest.service
+                    conflicts.append(Conflict(
+                        ObjectRef("Service", svc.namespace, svc.name, svc.uid),
+                        f"{claim[0]}:{port} is already served by {owner.service.cluster_name(owner.port)}; "
+                        f"ignored for {svc.cluster_name(dest.port)}"))
                 if kept:
-                    out.append(dest if len(kept) == len(dest.ips) else attrs.evolve(dest, ips=tuple(kept)))
+                    out.append(attrs.evolve(dest, ips=tuple(kept)))
         return SidecarPlan(tuple(out), tuple(conflicts))
 
 
