@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 ROUTER_FILTER = hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=pack(router_pb2.Router()))
 
 Filters = list[hcm_pb2.HttpFilter]
+#: A request (or an upgraded connection, a gRPC or server-sent-events stream) with no bytes either way
+#: for this long is ended; a stream that keeps sending lasts as long as it needs to.
+STREAM_IDLE_TIMEOUT_S = 300
 
 
 class HttpFilters:
@@ -55,6 +58,11 @@ class HttpFilters:
         """A connection manager with ``filters`` and its routes by RDS name (or inline), after the
         ``trafficmgr_http_connection_manager`` hooks."""
         hcm = hcm_pb2.HttpConnectionManager(stat_prefix=stat_prefix, codec_type=hcm_pb2.HttpConnectionManager.AUTO, **fields)
+        # WebSocket (HTTP/1.1 Upgrade) passes through every connection manager, as it would without a
+        # proxy; an upgraded connection lasts until either side closes it or it is idle for
+        # STREAM_IDLE_TIMEOUT_S (Envoy's default, stated here so it is a documented choice).
+        hcm.upgrade_configs.add(upgrade_type="websocket")
+        hcm.stream_idle_timeout.FromSeconds(STREAM_IDLE_TIMEOUT_S)
         hcm.http_filters.extend(filters)
         if isinstance(routes, str):
             hcm.rds.config_source.CopyFrom(ads_config_source())
