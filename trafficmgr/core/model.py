@@ -20,6 +20,26 @@ SHARED = "shared"
 ROLES = (SIDECAR, GATEWAY)
 #: ``traffic.port.<port>`` labels (declared by the core's own labels, ``corelabels``).
 PORT_PREFIX = "traffic.port."
+#: Traffic protocols of a port. ``http2`` and ``grpc`` are HTTP routed per request, sent upstream as HTTP/2.
+HTTP, HTTP2, GRPC, TCP, DIRECT = "http", "http2", "grpc", "tcp", "direct"
+PROTOCOLS = (HTTP, HTTP2, GRPC, TCP, DIRECT)
+HTTP_PROTOCOLS = frozenset({HTTP, HTTP2, GRPC})
+#: Protocols whose upstream connections speak HTTP/2 (h2c), whatever the client spoke.
+HTTP2_UPSTREAM = frozenset({HTTP2, GRPC})
+#: Service ``appProtocol`` values (Kubernetes' standard ones and plain names) -> traffic protocol. Any other
+#: value means "unknown": like a port without a label (blocked for sidecars).
+APP_PROTOCOLS = {
+    "http": HTTP, "kubernetes.io/ws": HTTP, "kubernetes.io/wss": HTTP,
+    "kubernetes.io/h2c": HTTP2, "http2": HTTP2, "h2c": HTTP2, "grpc": GRPC, "tcp": TCP,
+}
+
+
+def port_protocol(label: str | None, app_protocol: str | None) -> str | None:
+    """A port's traffic protocol: its ``traffic.port.<port>`` label wins, else its ``appProtocol``
+    (case-insensitive, see :data:`APP_PROTOCOLS`), else None."""
+    if label is not None:
+        return label
+    return APP_PROTOCOLS.get((app_protocol or "").lower())
 GATEWAY_CLUSTER = "traffic-ingress"
 
 
@@ -103,14 +123,16 @@ class LabelError:
 
 @attrs.frozen(slots=True)
 class ServicePort:
-    """One port of a Service. ``protocol`` is the traffic protocol: ``http``, ``tcp``, ``direct`` or None
-    (unlabeled: traffic to it from a sidecar is blocked)."""
+    """One port of a Service. ``protocol`` is the traffic protocol (:data:`PROTOCOLS`) or None (unlabeled:
+    traffic to it from a sidecar is blocked); see :func:`port_protocol`. ``app_protocol`` is the port's
+    ``appProtocol`` as written."""
 
     name: str
     port: int
     target_port: int | str
     protocol: str | None = None
     transport: str = "TCP"
+    app_protocol: str | None = None
 
 
 @attrs.frozen(slots=True)

@@ -29,6 +29,7 @@ from trafficmgr.core.model import (
     Service,
     ServicePort,
     load_balancer_addresses,
+    port_protocol,
 )
 
 log = logging.getLogger(__name__)
@@ -204,8 +205,9 @@ class Assembler:
                 name=p.get("name") or "",
                 port=number,
                 target_port=target,
-                protocol=labels.value(f"{PORT_PREFIX}{number}"),
+                protocol=port_protocol(labels.value(f"{PORT_PREFIX}{number}"), p.get("appProtocol")),
                 transport=p.get("protocol") or "TCP",
+                app_protocol=p.get("appProtocol"),
             ))
         cluster_ip = spec.get("clusterIP") or None
         headless = cluster_ip == "None"

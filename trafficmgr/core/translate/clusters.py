@@ -12,16 +12,16 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 
 from trafficmgr.core import cache
-from trafficmgr.core.model import Service, ServicePort
-from trafficmgr.core.protos import DEFAULT_CONNECT_TIMEOUT_MS, ads_config_source, duration_ms, socket_address
+from trafficmgr.core.model import DIRECT, HTTP2_UPSTREAM, Service, ServicePort
+from trafficmgr.core.protos import DEFAULT_CONNECT_TIMEOUT_MS, ads_config_source, duration_ms, http2_upstream, socket_address
 from trafficmgr.core.translate.context import BuildContext
 from trafficmgr.core.translate.hooks import Hooks
 from trafficmgr.core.translate.memo import Memo
-from trafficmgr.core.translate.services import DIRECT, HTTP, TCP, Changes, ServiceState
+from trafficmgr.core.translate.services import Changes, ServiceState
 
 
 def is_eds(svc: Service, port: ServicePort) -> bool:
-    return port.protocol in (HTTP, TCP) and not svc.headless
+    return port.protocol != DIRECT and not svc.headless
 
 
 @attrs.frozen(slots=True)
@@ -110,6 +110,8 @@ class ClusterTranslator:
             c.type = cluster_pb2.Cluster.EDS
             c.eds_cluster_config.eds_config.CopyFrom(ads_config_source())
             refs.append((cache.ENDPOINT, name))
+        if port.protocol in HTTP2_UPSTREAM:
+            http2_upstream(c)
         self.hooks.cluster(c, svc, port, ctx)
         return ctx.resource(c, name, refs)
 

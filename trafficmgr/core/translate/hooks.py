@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from trafficmgr.core.contrib import HttpFilter
-from trafficmgr.core.model import Endpoint, Service, ServicePort
+from trafficmgr.core.model import GRPC, Endpoint, Service, ServicePort
 from trafficmgr.core.plugins import PluginHost
 from trafficmgr.core.translate.context import EndpointPair
 
@@ -69,6 +69,12 @@ class Hooks:
                             role=ctx.role, ctx=ctx)
 
     def route(self, route: Route, service: Service, port: ServicePort, ctx: BuildContext) -> None:
+        """The protocol's route defaults (the core's), then every plugin's ``trafficmgr_route``."""
+        if port.protocol == GRPC:
+            # gRPC streams may last any time: no route timeout unless a label sets one, and the client's
+            # grpc-timeout header is honoured (uncapped).
+            route.route.timeout.FromSeconds(0)
+            route.route.max_stream_duration.grpc_timeout_header_max.FromSeconds(0)
         self.plugins.mutate("trafficmgr_route", route, what=service.cluster_name(port), service=service, port=port,
                             role=ctx.role, ctx=ctx)
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import attrs
 
-from trafficmgr.core.model import ObjectRef, Service, ServicePort
+from trafficmgr.core.model import HTTP_PROTOCOLS, PROTOCOLS, ObjectRef, Service, ServicePort
 from trafficmgr.core.translate.memo import Memo
-from trafficmgr.core.translate.services import HTTP, PROTOCOLS, Changes, ServiceState
+from trafficmgr.core.translate.services import Changes, ServiceState
 
 REASON_CONFLICT = "TrafficConfigConflict"
 
@@ -30,7 +30,7 @@ class Destination:
 
     @classmethod
     def of(cls, service: Service, port: ServicePort, ips: tuple[str, ...]) -> Destination:
-        return cls(service, port, ips, (service.namespace, service.name, port.name or str(port.port)), port.protocol == HTTP)
+        return cls(service, port, ips, (service.namespace, service.name, port.name or str(port.port)), port.protocol in HTTP_PROTOCOLS)
 
 
 @attrs.frozen(slots=True)

@@ -13,12 +13,19 @@ from collections.abc import Callable
 
 import attrs
 
-from trafficmgr.core.model import PORT_PREFIX, Endpoint, Model, ObjectRef, Pod, Service, ServicePort
+from trafficmgr.core.model import (
+    HTTP_PROTOCOLS,
+    PORT_PREFIX,
+    PROTOCOLS,
+    Endpoint,
+    Model,
+    ObjectRef,
+    Pod,
+    Service,
+    ServicePort,
+)
 from trafficmgr.core.plugins import PluginHost
 from trafficmgr.core.translate.memo import Memo
-
-HTTP, TCP, DIRECT = "http", "tcp", "direct"
-PROTOCOLS = (HTTP, TCP, DIRECT)
 
 Reporter = Callable[[ObjectRef, str, str], None]
 
@@ -44,7 +51,7 @@ class ServiceState:
         """The pod ports behind this destination's ``http`` ports (the inbound listener's HTTP chains)."""
         ports: set[int] = set()
         for port, eps in zip(self.svc.ports, self.eps):
-            if port.protocol != HTTP:
+            if port.protocol not in HTTP_PROTOCOLS:
                 continue
             if self.svc.kind == "Pod":  # a pod's own labeled port
                 ports.add(port.port)

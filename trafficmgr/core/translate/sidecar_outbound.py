@@ -28,7 +28,7 @@ from trafficmgr.core.translate.memo import Memo
 from trafficmgr.core.translate.plan import REASON_CONFLICT, Destination, SidecarPlan
 
 OUTBOUND_LISTENER = "outbound"
-BLOCKED_BODY = "trafficmgr: port not enabled (label the service with traffic.port.<port>=http|tcp|direct)\n"
+BLOCKED_BODY = "trafficmgr: port not enabled (label the service with traffic.port.<port>=http|http2|grpc|tcp|direct)\n"
 
 
 def route_config_name(port: int) -> str:
