@@ -31,10 +31,16 @@ from trafficmgr.core.contrib import ORDER_DEFAULT, ORDER_ROUTER, HttpFilter, Obj
 from trafficmgr.core.corelabels import ENVOY_ENABLED
 from trafficmgr.core.labels import LabelSpec
 from trafficmgr.core.model import (
+    DIRECT,
     GATEWAY,
+    GRPC,
+    HTTP,
+    HTTP2,
+    HTTP_PROTOCOLS,
     PORT_PREFIX,
     SHARED,
     SIDECAR,
+    TCP,
     Endpoint,
     Labels,
     Model,
@@ -60,12 +66,9 @@ from trafficmgr.core.protos import (
 )
 from trafficmgr.core.translate.context import BuildContext, EndpointPair
 
-#: Plugin protocol values of ``traffic.port.<port>`` (and ``trafficmgr_port_protocols``).
-HTTP, TCP, DIRECT = "http", "tcp", "direct"
-
 __all__ = [
-    "CLUSTER", "DEFAULT_CONNECT_TIMEOUT_MS", "DIRECT", "ENDPOINT", "ENVOY_ENABLED", "GATEWAY", "HCM_FILTER",
-    "HTTP", "LISTENER", "MAX_DURATION_MS", "ORDER_DEFAULT", "ORDER_ROUTER", "PORT_PREFIX", "ROUTE", "SECRET",
+    "CLUSTER", "DEFAULT_CONNECT_TIMEOUT_MS", "DIRECT", "ENDPOINT", "ENVOY_ENABLED", "GATEWAY", "GRPC", "HCM_FILTER",
+    "HTTP", "HTTP2", "HTTP_PROTOCOLS", "LISTENER", "MAX_DURATION_MS", "ORDER_DEFAULT", "ORDER_ROUTER", "PORT_PREFIX", "ROUTE", "SECRET",
     "SHARED", "SIDECAR", "TCP", "TCP_PROXY_FILTER", "UINT32_MAX", "BuildContext", "Endpoint", "EndpointPair",
     "HttpFilter", "LabelSpec", "Labels", "Model", "ObjectRef", "ObjectStatus", "Pod", "Resource", "Service",
     "ServicePort", "WatchKind", "__version__", "ads_config_source", "duration_ms", "fraction", "hookimpl",
