@@ -13,9 +13,11 @@ an HTTPS request with SNI that verifies the presented chain against pebble's roo
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -255,7 +257,7 @@ def test_lets_encrypt_walkthrough_with_pebble(acme: dict) -> None:
 
 
 def test_text_response_app(tmp_path: Path) -> None:
-    """``trafficmgr text-response`` (the real command) answers any path with RESPONSE_BODY."""
+    """``trafficmgr text-response`` (the real command) answers any path with RESPONSE_BODY; SIGTERM stops it."""
     port = free_port()
     env = {**os.environ, "RESPONSE_BODY": "token.key-authorization"}
     proc = Proc([sys.executable, "-m", "trafficmgr", "text-response", "--host", "127.0.0.1", "--port", str(port)],
@@ -264,6 +266,93 @@ def test_text_response_app(tmp_path: Path) -> None:
         wait_for(lambda: http_get(f"http://127.0.0.1:{port}/.well-known/acme-challenge/abc", 1)
                  == (200, "token.key-authorization"), 15, message="text-response not answering")
         assert http_get(f"http://127.0.0.1:{port}/", 1) == (200, "token.key-authorization")
+        assert _call(port, "POST", "/x", b"ignored")[:2] == (200, b"token.key-authorization")
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.proc.wait(10) == 0, proc.text()
     finally:
         proc.stop()
+
+
+def _call(port: int, method: str, path: str = "/", body: bytes | None = None,
+          headers: dict[str, str] | None = None) -> tuple[int, bytes, http.client.HTTPResponse]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read(), resp
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def text_app() -> Iterator[TextResponseServer]:
+    with TextResponseServer("the body", "127.0.0.1", 0) as app:
+        yield app
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
+def test_text_response_answers_every_method_with_the_body(text_app: TextResponseServer, method: str) -> None:
+    body = b"x" * 100_000 if method in ("POST", "PUT", "PATCH") else None
+    status, data, resp = _call(text_app.port, method, "/any/path?q=1", body)
+    assert (status, data) == (200, b"the body")
+    assert resp.getheader("Content-Type") == "text/plain; charset=utf-8"
+    assert resp.getheader("Content-Length") == "8"
+    if method == "OPTIONS":
+        assert set((resp.getheader("Allow") or "").split(", ")) == {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"}
+
+
+def test_text_response_head_has_headers_only(text_app: TextResponseServer) -> None:
+    status, data, resp = _call(text_app.port, "HEAD", "/token")
+    assert (status, data, resp.getheader("Content-Length")) == (200, b"", "8")
+    # On the wire: HEAD then GET on one connection; the GET's status line follows the HEAD's headers at once.
+    with socket.create_connection(("127.0.0.1", text_app.port), timeout=5) as s:
+        s.sendall(b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    head, rest = raw.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200") and rest.startswith(b"HTTP/1.1 200")
+    assert rest.endswith(b"\r\n\r\nthe body")
+
+
+def test_text_response_discards_bodies_and_keeps_the_connection(text_app: TextResponseServer) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", text_app.port, timeout=5)
+    try:
+        conn.request("POST", "/a", body=b"a" * 70_000)  # Content-Length, more than one read
+        first = conn.getresponse()
+        assert (first.status, first.read()) == (200, b"the body")
+        conn.request("PUT", "/b", body=iter([b"chunk one", b"", b"x" * 70_000]), encode_chunked=True)  # chunked
+        second = conn.getresponse()
+        assert (second.status, second.read()) == (200, b"the body")
+        conn.request("GET", "/c", body=b"a GET with a body")
+        third = conn.getresponse()
+        assert (third.status, third.read()) == (200, b"the body")
+        assert not third.will_close
+    finally:
+        conn.close()
+    assert text_app.hits == 3
+    # Chunked with extensions and trailers, raw.
+    with socket.create_connection(("127.0.0.1", text_app.port), timeout=5) as s:
+        s.sendall(b"DELETE / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"3;ext=1\r\nabc\r\n0\r\nX-Trailer: y\r\n\r\n"
+                  b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    assert raw.count(b"HTTP/1.1 200 OK") == 2 and raw.endswith(b"the body")
+
+
+@pytest.mark.parametrize("headers", [{"Content-Length": "-1"}, {"Content-Length": "abc"}, {"Transfer-Encoding": "gzip"},
+                                     {"Transfer-Encoding": "chunked"}])
+def test_text_response_bad_body_framing_is_400(text_app: TextResponseServer, headers: dict[str, str]) -> None:
+    """A body whose end cannot be found (bad length, unknown coding, bad chunk size) is 400 and the
+    connection is closed."""
+    with socket.create_connection(("127.0.0.1", text_app.port), timeout=5) as s:
+        fields = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        s.sendall(f"POST / HTTP/1.1\r\nHost: x\r\n{fields}\r\nzz\r\n".encode())
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    assert raw.startswith(b"HTTP/1.1 400"), raw[:200]
+    assert text_app.hits == 0
 
