@@ -36,8 +36,14 @@ def test_explicit_proxy_listener_and_routes() -> None:
     assert outbound.bind_to_port.value is False  # nothing is redirected in local mode; no port clash
     routes = snap.types[cache.ROUTE].resources[PROXY_ROUTE].message()
     per_port = snap.types[cache.ROUTE].resources["outbound|9080"].message()
-    # the same virtual hosts as the redirected sidecar's (policies included), then the blocked catch-all
-    assert list(routes.virtual_hosts[:-1]) == list(per_port.virtual_hosts)
+    # the same virtual hosts as the redirected sidecar's (policies included) after a CONNECT route each
+    # (proxy tunnels: grpcio), then the blocked catch-all
+    for proxied, original in zip(routes.virtual_hosts[:-1], per_port.virtual_hosts, strict=True):
+        connect = proxied.routes[0]
+        assert connect.match.HasField("connect_matcher") and connect.route.cluster == original.routes[0].route.cluster
+        assert connect.route.upgrade_configs[0].upgrade_type == "CONNECT"
+        assert connect.route.upgrade_configs[0].HasField("connect_config")  # terminated here
+        assert list(proxied.routes[1:]) == list(original.routes) and proxied.domains == original.domains
     assert list(routes.virtual_hosts[-1].domains) == ["*"]
     assert routes.virtual_hosts[-1].routes[0].direct_response.status == 404
     assert routes.virtual_hosts[-1].routes[0].direct_response.body.inline_string == BLOCKED_BODY
@@ -49,6 +55,7 @@ def test_explicit_proxy_listener_and_routes() -> None:
     msg.filter_chains[0].filters[0].typed_config.Unpack(hcm)
     assert [f.name for f in hcm.http_filters] == ["envoy.filters.http.fault", "envoy.filters.http.router"]
     assert hcm.rds.route_config_name == PROXY_ROUTE
+    assert [u.upgrade_type for u in hcm.upgrade_configs] == ["websocket", "CONNECT"]
 
 
 def test_without_the_option_nothing_changes() -> None:

@@ -49,9 +49,13 @@ def add_explicit_proxy(config: dict[str, Any], pod_ip: str, port: int = PROXY_PO
         "address": {"socket_address": {"address": pod_ip, "port_value": port}},
         "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
             "@type": _HCM, "stat_prefix": "explicit_proxy", "generate_request_id": False,
+            # WebSocket upgrades and CONNECT (grpcio's and other clients' proxy tunnels) are passed on
+            # to the internal listener, which routes (and for CONNECT, terminates) them.
+            "upgrade_configs": [{"upgrade_type": "websocket"}, {"upgrade_type": "CONNECT"}],
             "http_filters": [{"name": "envoy.filters.http.router",
                               "typed_config": {"@type": _ROUTER, "suppress_envoy_headers": True}}],
             "route_config": {"name": "explicit_proxy", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
+                {"match": {"connect_matcher": {}}, "route": {"cluster": PROXY_CLUSTER, "timeout": "0s"}},
                 {"match": {"prefix": "/"}, "route": {"cluster": PROXY_CLUSTER, "timeout": "0s"}}]}]},
         }}]}],
     })

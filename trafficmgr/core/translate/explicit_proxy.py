@@ -33,8 +33,11 @@ class ExplicitProxyTranslator:
         self._blocked = blocked_virtual_host()
 
     def routes(self, vhosts: tuple[route_components_pb2.VirtualHost, ...], ctx: BuildContext) -> cache.Resource:
-        """Every HTTP port's virtual hosts, then the blocked catch-all."""
-        return self._memo.get(PROXY_ROUTE, vhosts, route_configuration, PROXY_ROUTE, [*vhosts, self._blocked], ctx)
+        """Every HTTP port's virtual hosts, each with a CONNECT route first, then the blocked catch-all."""
+        return self._memo.get(PROXY_ROUTE, vhosts, self._routes, vhosts, ctx)
+
+    def _routes(self, vhosts: tuple[route_components_pb2.VirtualHost, ...], ctx: BuildContext) -> cache.Resource:
+        return route_configuration(PROXY_ROUTE, [with_connect(vh) for vh in vhosts] + [self._blocked], ctx)
 
     def listener(self, ctx: BuildContext) -> cache.Resource:
         filters = self.filters.for_role(ctx)
@@ -42,9 +45,28 @@ class ExplicitProxyTranslator:
 
     def _listener(self, filters: Filters, ctx: BuildContext) -> cache.Resource:
         hcm = self.filters.hcm(ctx, PROXY_LISTENER, filters, PROXY_ROUTE, PROXY_LISTENER)
+        hcm.upgrade_configs.add(upgrade_type="CONNECT")
         lst = listener_pb2.Listener(name=PROXY_LISTENER, stat_prefix=PROXY_LISTENER)
         lst.internal_listener.SetInParent()
         lst.traffic_direction = base_pb2.OUTBOUND
         lst.filter_chains.add(name="proxy").filters.add(name=HCM_FILTER, typed_config=pack(hcm))
         self.hooks.listener(lst, PROXY_LISTENER, ctx)
         return ctx.resource(lst, PROXY_LISTENER, [(cache.ROUTE, PROXY_ROUTE)])
+
+
+def with_connect(vhost: route_components_pb2.VirtualHost) -> route_components_pb2.VirtualHost:
+    """A copy of ``vhost`` whose first route terminates ``CONNECT <service>:<port>`` (how grpcio and other
+    clients use an HTTP proxy): the tunnel's bytes go to the service's cluster as a TCP stream, so one
+    tunnel reaches one pod (no per-request balancing inside it). The other routes are unchanged."""
+    out = route_components_pb2.VirtualHost()
+    out.CopyFrom(vhost)
+    default = vhost.routes[0]
+    connect = route_components_pb2.Route()
+    connect.match.connect_matcher.SetInParent()
+    connect.route.cluster = default.route.cluster
+    connect.route.timeout.FromSeconds(0)
+    connect.route.upgrade_configs.add(upgrade_type="CONNECT").connect_config.SetInParent()
+    del out.routes[:]
+    out.routes.append(connect)
+    out.routes.extend(vhost.routes)
+    return out
