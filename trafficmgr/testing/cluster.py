@@ -235,7 +235,9 @@ class SidecarPod:
         return int(code or 0), body
 
     def in_ns(self, fn: Any, timeout: float = 60.0) -> Any:
-        """Run ``fn()`` inside the pod network namespace (sockets it makes belong there)."""
+        """Run ``fn()`` inside the pod network namespace (sockets it makes belong there). Not for grpcio
+        clients: grpcio connects from its own threads, which stay in the host's namespace; run them as a
+        process in the namespace (``self.ns.run(sys.executable, "-c", ...)``)."""
         return self.ns.in_ns(fn, timeout)
 
     def log(self) -> str:
