@@ -21,13 +21,14 @@ MANIFESTS = join(service("reviews"), pod("reviews-1", POD_IP, "reviews"))
 # [A-Za-z0-9._-]{0,63}, so only values of that shape are tried.
 BAD_VALUES: dict[str, tuple[str, list[str]]] = {
     "traffic.envoy.enabled": ("pod", ["yes", "1"]),
-    "traffic.port.<port>": ("service", ["grpc", "udp"]),
+    "traffic.port.<port>": ("service", ["sctp", "udp"]),
     "traffic.lb.policy": ("service", ["FASTEST", "round-robin"]),
     "traffic.hash.cookie.ttl": ("service", ["-1", "1.5", "ten"]),
     "traffic.endpoint.weight": ("pod", ["129", "-1", "heavy"]),
     "traffic.fault.delay.time": ("service", ["-5", "3s"]),
     "traffic.fault.delay.percentage": ("service", ["101", "-1", "nan"]),
     "traffic.fault.abort.status": ("service", ["600", "199", "oops"]),
+    "traffic.fault.abort.grpc-status": ("service", ["17", "-1", "unavailable"]),
     "traffic.fault.abort.percentage": ("service", ["100.5", "inf"]),
     "traffic.rate.limit": ("service", ["-1", "fast"]),
     "traffic.request.rate": ("service", ["-3", "1.5"]),
@@ -41,6 +42,7 @@ BAD_VALUES: dict[str, tuple[str, list[str]]] = {
     "traffic.retries.5xx": ("service", ["-1"]),
     "traffic.retries.connect-failure": ("service", ["a"]),
     "traffic.retries.gateway-error": ("service", ["-1"]),
+    "traffic.retries.grpc": ("service", ["-1", "two"]),
     "traffic.connection.timeout": ("service", ["0", "-100"]),
     "traffic.outlier.consecutive-5xx": ("service", ["-1"]),
 }
