@@ -228,19 +228,13 @@ def test_h2c_prior_knowledge_to_a_grpc_port(rig: Rig, grpc_body: str) -> None:
     assert "http/2 200" in head and "grpc-status: 0" in head and "x-pod: echo-" in head, head
 
 
-H2C_ON_HTTP = (
-    "a port labeled http sends HTTP/1.1 upstream whatever the client spoke: the sidecar accepts the client's h2c "
-    "(http.outbound_9092.downstream_cx_http2_total) and opens HTTP/1.1 to the HTTP/2-only pod "
-    "(cluster 9092|default|echo-http.outbound: upstream_cx_http1_total, upstream_cx_protocol_error, upstream_rq_502); "
-    "curl --http2-prior-knowledge gets 'HTTP/2 200' with grpc-status 14, grpc-message 'upstream connect error or "
-    "disconnect/reset before headers. reset reason: protocol error' (a plain h2c GET: 502 with that text; grpcio: "
-    "UNAVAILABLE); until the core decides how http ports treat HTTP/2 clients")
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=H2C_ON_HTTP)
 def test_h2c_prior_knowledge_to_an_http2_only_server_on_an_http_port(rig: Rig, grpc_body: str) -> None:
+    """An ``http`` port sends upstream what the client spoke: an h2c client reaches an HTTP/2-only server
+    (before, the sidecar opened HTTP/1.1 to it: protocol error, 502)."""
     stat = "cluster.9092|default|echo-http.outbound."
     before = {k: rig.client.stat(stat + k) for k in ("upstream_cx_http1_total", "upstream_cx_protocol_error")}
     head = _h2c_post(rig, "echo-http", 9092, grpc_body)
     after = {k: rig.client.stat(stat + k) for k in before}
     assert "http/2 200" in head and "grpc-status: 0" in head and "x-pod: echo-" in head, (head, before, after)
+    assert after == before, "no HTTP/1.1 connection and no protocol error upstream"
+    assert rig.client.stat(stat + "upstream_cx_http2_total") >= 1

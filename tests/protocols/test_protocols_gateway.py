@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -146,3 +147,20 @@ def test_plain_https_to_the_websocket_host_keeps_its_route(rig: Rig) -> None:
     """The same host without the upgrade: the ws-echo server's own 426, so the route is the chat pod's."""
     status, body = https_get("127.0.0.1", rig.c.gateway_port, WS_HOST, "/room", str(rig.ca.cert_path))
     assert status == 426, (status, body)
+
+
+def test_http2_over_tls_to_the_gateway_reaches_an_http1_backend_as_http1(rig: Rig) -> None:
+    """A browser negotiates HTTP/2 with the gateway (ALPN h2); that says nothing about the backend. An
+    ``http`` port's shared cluster uses the client's protocol (right for sidecars), so the gateway view
+    has its own HTTP/1.1 variant of the clusters its routes target: the HTTP/1.1-only ws-echo pod still
+    answers (its own 426), over an HTTP/1.1 upstream connection."""
+    cluster = "cluster.8765|default|chat.outbound."
+    h2_before = rig.stat(cluster + "upstream_cx_http2_total") if cluster + "upstream_cx_http2_total" in rig.c.envoy.stats() else 0
+    port = rig.c.gateway_port
+    proc = subprocess.run(
+        ["curl", "-sS", "-m", "5", "--http2", "--cacert", str(rig.ca.cert_path), "--resolve", f"{WS_HOST}:{port}:127.0.0.1",
+         "-o", "/dev/null", "-w", "%{http_code} %{http_version}", f"https://{WS_HOST}:{port}/room"],
+        capture_output=True, text=True, timeout=30, check=False)
+    assert proc.stdout == "426 2", (proc.stdout, proc.stderr)  # HTTP/2 to the gateway, the pod's answer back
+    assert rig.stat(cluster + "upstream_cx_http1_total") >= 1
+    assert rig.c.envoy.stats().get(cluster + "upstream_cx_http2_total", 0) == h2_before == 0

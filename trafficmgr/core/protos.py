@@ -77,6 +77,30 @@ def http2_upstream(cluster: cluster_pb2.Cluster) -> None:
     cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(pack(options))
 
 
+def downstream_protocol_upstream(cluster: cluster_pb2.Cluster) -> None:
+    """Upstream connections of ``cluster`` speak what the client spoke (HTTP/1.1 or HTTP/2): ``http``
+    ports, so an h2c client reaches an HTTP/2 server as HTTP/2 and an HTTP/1.1 client stays HTTP/1.1."""
+    options = http_protocol_options_pb2.HttpProtocolOptions()
+    options.use_downstream_protocol_config.http_protocol_options.SetInParent()
+    options.use_downstream_protocol_config.http2_protocol_options.SetInParent()
+    cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(pack(options))
+
+
+def http1_variant(cluster: cluster_pb2.Cluster) -> bool:
+    """Turn a cluster that uses the downstream protocol into one that always speaks HTTP/1.1 upstream
+    (other protocol options kept); False when ``cluster`` does not use the downstream protocol."""
+    packed = cluster.typed_extension_protocol_options.get(HTTP_PROTOCOL_OPTIONS)
+    if packed is None:
+        return False
+    options = http_protocol_options_pb2.HttpProtocolOptions()
+    packed.Unpack(options)
+    if not options.HasField("use_downstream_protocol_config"):
+        return False
+    options.explicit_http_config.http_protocol_options.SetInParent()
+    cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(pack(options))
+    return True
+
+
 def fraction(numerator: int, denominator: str = "MILLION") -> percent_pb2.FractionalPercent:
     """A FractionalPercent ``numerator / denominator`` (``HUNDRED``, ``TEN_THOUSAND`` or ``MILLION``).
 

@@ -25,6 +25,7 @@ from trafficmgr.core.plugins import PluginHost
 from trafficmgr.core.translate.clusters import ClusterTranslator
 from trafficmgr.core.translate.context import BuildContext
 from trafficmgr.core.translate.explicit_proxy import ExplicitProxyTranslator
+from trafficmgr.core.translate.gateway_clusters import GatewayClusters
 from trafficmgr.core.translate.hooks import Hooks
 from trafficmgr.core.translate.http import HttpFilters
 from trafficmgr.core.translate.memo import Memo
@@ -78,6 +79,7 @@ class Builder:
         self.outbound = OutboundTranslator(hooks, self.filters, self.options)
         self.inbound = InboundTranslator(hooks, self.filters, self.options)
         self.proxy = ExplicitProxyTranslator(hooks, self.filters)
+        self.gateway_clusters = GatewayClusters()
         self._memos: dict[str, dict[str, Any]] = {role: {} for role in (SHARED, *ROLES)}
         self._resources: dict[tuple[str, str], cache.Resource] = {}
         self._extras: Memo[tuple[str, str], cache.TypeSet] = Memo("view extras")
@@ -115,6 +117,10 @@ class Builder:
                     extras.setdefault(res.type_url, {})[res.name] = res
                 else:
                     resources[res.type_url].append(res)
+            if role == GATEWAY:
+                overrides = self.gateway_clusters.overrides(resources[cache.ROUTE], shared[cache.CLUSTER])
+                if overrides:
+                    extras.setdefault(cache.CLUSTER, {}).update(overrides)
             for type_url, extra in extras.items():
                 resources[type_url] = self._with_extras(role, resources[type_url], extra)
             snapshots[role] = cache.Snapshot.build(resources, self._previous.get(role))

@@ -12,8 +12,15 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 
 from trafficmgr.core import cache
-from trafficmgr.core.model import DIRECT, HTTP2_UPSTREAM, Service, ServicePort
-from trafficmgr.core.protos import DEFAULT_CONNECT_TIMEOUT_MS, ads_config_source, duration_ms, http2_upstream, socket_address
+from trafficmgr.core.model import DIRECT, HTTP, HTTP2_UPSTREAM, Service, ServicePort
+from trafficmgr.core.protos import (
+    DEFAULT_CONNECT_TIMEOUT_MS,
+    ads_config_source,
+    downstream_protocol_upstream,
+    duration_ms,
+    http2_upstream,
+    socket_address,
+)
 from trafficmgr.core.translate.context import BuildContext
 from trafficmgr.core.translate.hooks import Hooks
 from trafficmgr.core.translate.memo import Memo
@@ -112,6 +119,8 @@ class ClusterTranslator:
             refs.append((cache.ENDPOINT, name))
         if port.protocol in HTTP2_UPSTREAM:
             http2_upstream(c)
+        elif port.protocol == HTTP:
+            downstream_protocol_upstream(c)
         self.hooks.cluster(c, svc, port, ctx)
         return ctx.resource(c, name, refs)
 
