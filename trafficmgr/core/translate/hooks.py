@@ -69,11 +69,13 @@ class Hooks:
                             role=ctx.role, ctx=ctx)
 
     def route(self, route: Route, service: Service, port: ServicePort, ctx: BuildContext) -> None:
-        """The protocol's route defaults (the core's), then every plugin's ``trafficmgr_route``."""
+        """The core's route defaults, then every plugin's ``trafficmgr_route``.
+
+        No route timeout unless a label sets one (Envoy's default, 15 s, would end server-sent events,
+        long polls and gRPC streams); a request or stream that stays idle ends after the connection
+        managers' ``stream_idle_timeout``. On grpc ports the client's grpc-timeout is honoured (uncapped)."""
+        route.route.timeout.FromSeconds(0)
         if port.protocol == GRPC:
-            # gRPC streams may last any time: no route timeout unless a label sets one, and the client's
-            # grpc-timeout header is honoured (uncapped).
-            route.route.timeout.FromSeconds(0)
             route.route.max_stream_duration.grpc_timeout_header_max.FromSeconds(0)
         self.plugins.mutate("trafficmgr_route", route, what=service.cluster_name(port), service=service, port=port,
                             role=ctx.role, ctx=ctx)

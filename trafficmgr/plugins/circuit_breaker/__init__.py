@@ -52,7 +52,7 @@ def trafficmgr_labels() -> list[LabelSpec]:
         LabelSpec(PENDING_MAX, SVC, L.integer(0), 0, "circuit breaker max pending requests"),
         LabelSpec(REQUEST_MAX, SVC, L.integer(0), 0, "circuit breaker max requests"),
         LabelSpec(REQUEST_TIMEOUT, ON, L.integer(0, unit="ms"), 0,
-                  "route timeout (0 = Envoy default; none on grpc ports); on grpc ports it also caps the client's grpc-timeout"),
+                  "route timeout (0 = none: a request or stream ends when idle for 5 min); on grpc ports it also caps the client's grpc-timeout"),
         LabelSpec(RETRIES_5XX, ON, L.integer(0), 0, "retries on 5xx"),
         LabelSpec(RETRIES_CONNECT, ON, L.integer(0), 0, "retries on connect failure"),
         LabelSpec(RETRIES_GATEWAY, ON, L.integer(0), 0, "retries on gateway error"),
