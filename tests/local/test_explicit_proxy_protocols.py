@@ -72,13 +72,10 @@ def proxied(trafficmgr_envoy: Callable[..., SidecarMesh], monkeypatch: pytest.Mo
 
     monkeypatch.setattr(envoy_mod.ControlPlane, "bootstrap", bootstrap)
     mesh = trafficmgr_envoy(MANIFESTS, options={"explicit_proxy": True})
-    chat, echo = mesh.backends["chat-1"], mesh.backends["echo-1"]
-    chat.stop()
-    echo.stop()
-    ws_server = serve(_echo, chat.host, chat.port)
+    ws_server = serve(_echo, *mesh.take_over("chat-1"))
     thread = threading.Thread(target=ws_server.serve_forever, daemon=True)
     thread.start()
-    grpc_server = GrpcEchoServer(echo.host, echo.port, pod_name="echo-1").start()
+    grpc_server = GrpcEchoServer(*mesh.take_over("echo-1"), pod_name="echo-1").start()
     try:
         yield mesh, f"http://127.0.0.1:{port}"
     finally:

@@ -63,10 +63,7 @@ def _mesh(make: Callable[..., SidecarMesh], text: str, plugins: list[str]) -> tu
     mesh = make(text, plugins=plugins)
     servers = []
     for name in sorted(mesh.backends):
-        backend = mesh.backends[name]
-        host, port = backend.host, backend.port
-        backend.stop()
-        servers.append(_server(name, host, port))
+        servers.append(_server(name, *mesh.take_over(name)))
     return mesh, servers
 
 

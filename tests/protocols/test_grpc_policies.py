@@ -56,10 +56,8 @@ def stoppers() -> Iterator[list[Callable[[], Any]]]:
 
 def _replace_backend(mesh: SidecarMesh, start: Callable[[str, int], Callable[[], Any]]) -> Callable[[], Any]:
     """Stop the kit's HTTP backend of echo-1 on 9090 and start a gRPC server on its address instead."""
-    backend = mesh.backends["echo-1"]
-    host, port = backend.host, backend.port
+    host, port = mesh.take_over("echo-1")
     assert port == 9090, port
-    backend.stop()
     return start(host, port)
 
 

@@ -49,9 +49,7 @@ class EventStream(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def mesh(trafficmgr_envoy: Callable[..., SidecarMesh]) -> Iterator[SidecarMesh]:
     m = trafficmgr_envoy(MANIFESTS, plugins=["circuit_breaker"])
-    backend = m.backends["events-1"]
-    host, port = backend.host, backend.port
-    backend.stop()
+    host, port = m.take_over("events-1")
     server = http.server.ThreadingHTTPServer((host, port), EventStream)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -36,9 +36,7 @@ def _echo(ws: ServerConnection) -> None:
 def mesh(trafficmgr_envoy: Callable[..., SidecarMesh]) -> Iterator[SidecarMesh]:
     """The kit's sidecar with the chat pod served by a WebSocket echo server instead of its HTTP backend."""
     m = trafficmgr_envoy(MANIFESTS, plugins=["circuit_breaker"])
-    backend = m.backends["chat-1"]
-    host, port = backend.host, backend.port
-    backend.stop()
+    host, port = m.take_over("chat-1")
     server: Server = serve(_echo, host, port)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

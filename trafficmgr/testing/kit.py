@@ -284,6 +284,7 @@ class SidecarMesh:
 
     - ``get(service, path)`` / ``request(...)`` send HTTP to the service through the sidecar;
     - ``backends[pod name]`` is the :class:`HttpBackend` serving that pod (program statuses, delays);
+      ``take_over(pod)`` stops it and returns its address, to serve the pod with another server;
     - ``apply(manifests)``, ``label(kind, name, {...})``, ``delete(kind, name)`` change the objects,
       rebuild and wait until Envoy has ACKed the new config (a NACK raises :class:`AssertionError`);
     - ``build`` is the latest :class:`BuildResult`; ``envoy`` the :class:`EnvoyProcess` (admin, stats).
@@ -540,6 +541,13 @@ class SidecarMesh:
             return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data, time.monotonic() - start)
         finally:
             conn.close()
+
+    def take_over(self, pod: str) -> tuple[str, int]:
+        """Stop the HttpBackend serving ``pod`` and return its ``(host, port)``, for a test that serves the
+        pod with its own server (gRPC, WebSocket, event streams)."""
+        backend = self.backends[pod]
+        backend.stop()
+        return backend.host, backend.port
 
     def get(self, service: str, path: str = "/", **kw: Any) -> Response:
         """``request("GET", service, path, ...)``."""
