@@ -70,20 +70,30 @@ def ads_config_source() -> config_source_pb2.ConfigSource:
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
+def _packed_protocol_options(configure: str) -> any_pb2.Any:
+    options = http_protocol_options_pb2.HttpProtocolOptions()
+    if configure == "http2":
+        options.explicit_http_config.http2_protocol_options.SetInParent()
+    else:
+        options.use_downstream_protocol_config.http_protocol_options.SetInParent()
+        options.use_downstream_protocol_config.http2_protocol_options.SetInParent()
+    return pack(options)
+
+
+# Packed once: every cluster of a kind carries the same options (copied, never changed in place).
+_HTTP2_OPTIONS = _packed_protocol_options("http2")
+_DOWNSTREAM_OPTIONS = _packed_protocol_options("downstream")
+
+
 def http2_upstream(cluster: cluster_pb2.Cluster) -> None:
     """Upstream connections of ``cluster`` speak HTTP/2 (h2c without TLS): gRPC and ``http2`` ports."""
-    options = http_protocol_options_pb2.HttpProtocolOptions()
-    options.explicit_http_config.http2_protocol_options.SetInParent()
-    cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(pack(options))
+    cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(_HTTP2_OPTIONS)
 
 
 def downstream_protocol_upstream(cluster: cluster_pb2.Cluster) -> None:
     """Upstream connections of ``cluster`` speak what the client spoke (HTTP/1.1 or HTTP/2): ``http``
     ports, so an h2c client reaches an HTTP/2 server as HTTP/2 and an HTTP/1.1 client stays HTTP/1.1."""
-    options = http_protocol_options_pb2.HttpProtocolOptions()
-    options.use_downstream_protocol_config.http_protocol_options.SetInParent()
-    options.use_downstream_protocol_config.http2_protocol_options.SetInParent()
-    cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(pack(options))
+    cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(_DOWNSTREAM_OPTIONS)
 
 
 def http1_variant(cluster: cluster_pb2.Cluster) -> bool:
