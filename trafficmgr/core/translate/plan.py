@@ -103,7 +103,7 @@ class Planner:
             for dest in peek(state.key) or ():
                 port = dest.port.port
                 claims = [(ip, port) for ip in dest.ips]
-                if not any(c in seen for c in claims):  # the usual case: nothing to resolve
+                if seen.keys().isdisjoint(claims):  # the usual case: nothing to resolve
                     seen.update(dict.fromkeys(claims, dest))
                     out.append(dest)
                     continue
