@@ -7,7 +7,6 @@ pod's proxy port forwarding to the internal listener ``outbound_proxy``) and ``-
 from __future__ import annotations
 
 import socket
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,6 +15,7 @@ import pytest
 from websockets.sync.client import connect
 from websockets.sync.server import ServerConnection, serve
 
+from tests.protocols.serving import serving
 from trafficmgr.apps.grpc_echo import GrpcEchoServer
 from trafficmgr.core.agent.local_runtime import add_explicit_proxy
 from trafficmgr.testing import envoy as envoy_mod
@@ -72,16 +72,12 @@ def proxied(trafficmgr_envoy: Callable[..., SidecarMesh], monkeypatch: pytest.Mo
 
     monkeypatch.setattr(envoy_mod.ControlPlane, "bootstrap", bootstrap)
     mesh = trafficmgr_envoy(MANIFESTS, options={"explicit_proxy": True})
-    ws_server = serve(_echo, *mesh.take_over("chat-1"))
-    thread = threading.Thread(target=ws_server.serve_forever, daemon=True)
-    thread.start()
     grpc_server = GrpcEchoServer(*mesh.take_over("echo-1"), pod_name="echo-1").start()
     try:
-        yield mesh, f"http://127.0.0.1:{port}"
+        with serving(serve(_echo, *mesh.take_over("chat-1"))):
+            yield mesh, f"http://127.0.0.1:{port}"
     finally:
         grpc_server.stop()
-        ws_server.shutdown()
-        thread.join(5)
 
 
 def test_websocket_through_a_connect_tunnel(proxied: tuple[SidecarMesh, str]) -> None:

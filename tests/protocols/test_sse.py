@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import http.client
 import http.server
-import threading
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
+from tests.protocols.serving import serving
 from trafficmgr.testing.kit import SidecarMesh
 
 MANIFESTS = """
@@ -50,14 +50,8 @@ class EventStream(http.server.BaseHTTPRequestHandler):
 def mesh(trafficmgr_envoy: Callable[..., SidecarMesh]) -> Iterator[SidecarMesh]:
     m = trafficmgr_envoy(MANIFESTS, plugins=["circuit_breaker"])
     host, port = m.take_over("events-1")
-    server = http.server.ThreadingHTTPServer((host, port), EventStream)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(http.server.ThreadingHTTPServer((host, port), EventStream)):
         yield m
-    finally:
-        server.shutdown()
-        thread.join(5)
 
 
 def test_server_sent_events_outlive_envoys_default_route_timeout(mesh: SidecarMesh) -> None:

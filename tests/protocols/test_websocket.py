@@ -3,14 +3,14 @@ allows the upgrade, the upgraded connection outlives the route timeout, Envoy co
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 from websockets.sync.client import connect
-from websockets.sync.server import Server, ServerConnection, serve
+from websockets.sync.server import ServerConnection, serve
 
+from tests.protocols.serving import serving
 from trafficmgr.testing.kit import SidecarMesh
 
 MANIFESTS = """
@@ -37,14 +37,8 @@ def mesh(trafficmgr_envoy: Callable[..., SidecarMesh]) -> Iterator[SidecarMesh]:
     """The kit's sidecar with the chat pod served by a WebSocket echo server instead of its HTTP backend."""
     m = trafficmgr_envoy(MANIFESTS, plugins=["circuit_breaker"])
     host, port = m.take_over("chat-1")
-    server: Server = serve(_echo, host, port)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(serve(_echo, host, port)):
         yield m
-    finally:
-        server.shutdown()
-        thread.join(5)
 
 
 def test_websocket_upgrade_through_the_sidecar_outlives_the_route_timeout(mesh: SidecarMesh) -> None:
@@ -63,7 +57,8 @@ def test_websocket_upgrade_through_the_sidecar_outlives_the_route_timeout(mesh: 
     assert mesh.stats()["http.outbound_9080.downstream_cx_upgrades_total"] == before + 1
 
 
-def test_plain_requests_on_the_same_port_keep_their_route_timeout(mesh: SidecarMesh) -> None:
-    """The upgrade does not change plain HTTP: the echo server answers a non-upgrade GET itself (426)."""
+def test_a_plain_request_on_the_websocket_port_reaches_the_pod(mesh: SidecarMesh) -> None:
+    """Upgrades enabled, plain HTTP is routed as before: the echo server answers a non-upgrade GET itself
+    (426, from the websockets library, not Envoy)."""
     response = mesh.get("chat", "/")
     assert response.status == 426, response
