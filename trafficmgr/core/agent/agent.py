@@ -11,6 +11,8 @@ One thread reconciles desired against actual state after every batch of watch ev
   there, then annotate the pod ``traffic.envoy.proxy=<sidecar id>``;
 - disabled, terminating or deleted pod: remove the rules first, then stop and remove the sidecar, then
   set the annotation to ``""``;
+- enabled pod whose traffic a sidecar could not capture (:mod:`.eligibility`: it runs as the proxy's uid
+  or gid, or uses the node's network): like a disabled pod, plus a ``SidecarFailed`` Event saying why;
 - a sidecar whose pod is gone (or is a new pod with the same name) is an orphan and is removed.
 
 Sidecars survive agent restarts; a new agent adopts them (found by their labels). Every step is
@@ -33,7 +35,7 @@ from typing import Any
 
 import attrs
 
-from trafficmgr.core.agent import iptables
+from trafficmgr.core.agent import eligibility, iptables
 from trafficmgr.core.agent.health import HealthServer as HealthServer
 from trafficmgr.core.agent.health import wait_live as wait_live
 from trafficmgr.core.agent.runtime import (
@@ -322,7 +324,14 @@ class Agent:
         raw = self.raw_pods.get(key)
         uid = ((raw or {}).get("metadata") or {}).get("uid") or ""
         ip = ((raw or {}).get("status") or {}).get("podIP") or ""
-        if not self.wanted(key):
+        wanted = self.wanted(key)
+        # A pod whose traffic a sidecar could not capture (it runs as the proxy's uid or gid, or in the
+        # node's network) gets none: treated like a disabled pod, plus a SidecarFailed Event saying why
+        # (recorded once; a pod gaining such an ephemeral container loses its sidecar).
+        refused = eligibility.refusal(raw, self.config.proxy_uid) if wanted and raw is not None else None
+        if refused is not None and raw is not None:
+            self.events.warn(_pod_ref(raw), f"sidecar: {refused}", REASON_FAILED)
+        if not wanted or refused is not None:
             for s in sidecars:
                 self._teardown(s)
             self._verified.pop(key, None)

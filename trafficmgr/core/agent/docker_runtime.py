@@ -25,6 +25,7 @@ from trafficmgr.core.agent.runtime import (
     LABEL_POD,
     LABEL_POD_UID,
     LABEL_PROXY,
+    AmbiguousNetwork,
     NetworkNotReady,
     PodNetwork,
     PodRef,
@@ -33,6 +34,7 @@ from trafficmgr.core.agent.runtime import (
     Sidecar,
     SidecarError,
     SidecarSpec,
+    refuse_host_netns,
 )
 
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
@@ -110,6 +112,11 @@ class DockerRuntime(Runtime):
         return sorted(out, key=lambda s: (s.namespace, s.pod, s.id))
 
     def pod_network(self, pod: PodRef) -> PodNetwork:
+        """The network of the pod's one running pause container (matched by the kubelet's labels:
+        name, namespace and uid). Refused, never guessed: two running pause containers for one pod
+        (:class:`AmbiguousNetwork`: an old sandbox not removed yet), and a pause container in the node's
+        network (``hostNetwork: true``: the sidecar would share the node's namespace and its capture rules
+        would redirect the node's traffic; also checked by namespace identity, :func:`refuse_host_netns`)."""
         api = self.api()
         filters = {"label": [f"{K8S_POD_NAME}={pod.name}", f"{K8S_POD_NAMESPACE}={pod.namespace}",
                              f"{K8S_CONTAINER_TYPE}={SANDBOX}"], "status": "running"}
@@ -117,22 +124,37 @@ class DockerRuntime(Runtime):
         rows = [r for r in rows if (r.get("Labels") or {}).get(K8S_POD_UID, pod.uid) == pod.uid]
         if not rows:
             raise NetworkNotReady(f"no running pause container for pod {pod.namespace}/{pod.name} (yet)")
+        if len(rows) > 1:
+            ids = ", ".join(sorted(r["Id"][:12] for r in rows))
+            raise AmbiguousNetwork(f"{len(rows)} running pause containers for pod {pod.namespace}/{pod.name} "
+                                   f"({ids}): no sidecar until exactly one is left")
         sandbox = rows[0]["Id"]
-        netns = self._netns_of(sandbox)
+        info = self._inspect(sandbox)
+        if info is not None and ((info.get("HostConfig") or {}).get("NetworkMode") or "") == "host":
+            raise SidecarError(f"pause container {sandbox[:12]} of pod {pod.namespace}/{pod.name} uses the node's "
+                               f"network (hostNetwork): no sidecar, its capture rules would redirect the node's traffic")
+        netns = self._netns_path(info)
         if netns is None:
             raise NetworkNotReady(f"pause container {sandbox[:12]} of pod {pod.namespace}/{pod.name} is not running")
+        refuse_host_netns(netns, pod, self.proc_root)
         return PodNetwork(netns, sandbox)
 
-    def _netns_of(self, container: str) -> str | None:
+    def _inspect(self, container: str) -> dict[str, Any] | None:
         import docker
 
         try:
-            info = self._call("inspecting a container", self.api().inspect_container, container)
+            info: dict[str, Any] = self._call("inspecting a container", self.api().inspect_container, container)
         except docker.errors.NotFound:
             return None
-        pid = int((info.get("State") or {}).get("Pid") or 0)
+        return info
+
+    def _netns_path(self, info: dict[str, Any] | None) -> str | None:
+        pid = int(((info or {}).get("State") or {}).get("Pid") or 0)
         path = f"{self.proc_root}/{pid}/ns/net"
         return path if pid and os.path.exists(path) else None
+
+    def _netns_of(self, container: str) -> str | None:
+        return self._netns_path(self._inspect(container))
 
     def start(self, spec: SidecarSpec, network: PodNetwork) -> Sidecar:
         import docker

@@ -1,7 +1,8 @@
 """Sidecars as Envoy processes: ``netns`` (any container runtime: containerd, CRI-O) and ``local``.
 
-``netns`` finds the pod's network namespace on the node by its pod IP (the namespaces under
-``/var/run/netns``, where CNI plugins and ``ip netns`` put them) and runs Envoy there with
+``netns`` finds the pod's network namespace on the node by its pod IP (the one namespace under
+``/var/run/netns``, where CNI plugins and ``ip netns`` put them, holding it: see
+:meth:`ProcessRuntime.pod_network`) and runs Envoy there with
 ``nsenter --net=<ns> setpriv --reuid=<uid>``. ``local`` runs Envoy in the host's own network without
 root (local mode: it binds the pod IP, nothing is captured).
 
@@ -28,6 +29,7 @@ from trafficmgr.core.agent.runtime import (
     LABEL_POD,
     LABEL_POD_UID,
     LABEL_PROXY,
+    AmbiguousNetwork,
     NetworkNotReady,
     PodNetwork,
     PodRef,
@@ -35,6 +37,9 @@ from trafficmgr.core.agent.runtime import (
     Sidecar,
     SidecarError,
     SidecarSpec,
+    host_netns_identities,
+    netns_identity,
+    refuse_host_netns,
 )
 
 DEFAULT_STATE_DIR = "/var/run/trafficmgr/sidecars"
@@ -62,19 +67,46 @@ class ProcessRuntime(Runtime):
     # -- pods ---------------------------------------------------------------------------------
 
     def pod_network(self, pod: PodRef) -> PodNetwork:
+        """The one namespace under ``netns_dir`` that holds the pod IP.
+
+        Why by IP, and why it must be unique: containerd (``cni-<random uuid>``) and CRI-O (``<random
+        uuid>``) name the namespaces they create there without the pod's name, uid or sandbox id, so the
+        pod IP on one of its interfaces is what ties a namespace to the pod. The first match is not good
+        enough: an old sandbox not torn down yet (a recreated pod, a pod IP handed on) can hold the same
+        IP, and a sidecar (with its capture rules) in the wrong namespace would intercept another pod's
+        traffic while leaving this pod's uncaptured. So: several names of one namespace (bind mounts) count
+        once; several namespaces holding the IP are refused (:class:`AmbiguousNetwork`, retried until
+        only one is left); the node's and the agent's own namespace are never a pod's (a hostNetwork
+        pod's IP is the node's: :func:`~.runtime.refuse_host_netns`)."""
         if not self.use_netns:
             return PodNetwork(None)
         try:
             names = sorted(os.listdir(self.netns_dir))
         except FileNotFoundError:
             names = []
+        found: dict[tuple[int, int], builtins.list[str]] = {}  # namespace identity -> its paths
         for name in names:
             path = os.path.join(self.netns_dir, name)
+            ident = netns_identity(path)
+            if ident is None:
+                continue  # removed meanwhile, or not a namespace
             proc = subprocess.run(["nsenter", f"--net={path}", "ip", "-o", "addr", "show"],
                                   capture_output=True, text=True, timeout=10)
             if proc.returncode == 0 and _has_address(proc.stdout, pod.ip):
-                return PodNetwork(path, path)
-        raise NetworkNotReady(f"no network namespace under {self.netns_dir} holds the pod IP {pod.ip} (yet)")
+                found.setdefault(ident, []).append(path)
+        if not found:
+            raise NetworkNotReady(f"no network namespace under {self.netns_dir} holds the pod IP {pod.ip} (yet)")
+        host = host_netns_identities()
+        for ident, paths in found.items():
+            if ident in host:
+                refuse_host_netns(paths[0], pod)
+        if len(found) > 1:
+            listed = ", ".join(" = ".join(paths) for paths in found.values())
+            raise AmbiguousNetwork(
+                f"{len(found)} network namespaces hold the pod IP {pod.ip} ({listed}): an old sandbox not torn "
+                f"down yet? No sidecar until exactly one does (the agent does not guess which is the pod's)")
+        [paths] = found.values()
+        return PodNetwork(paths[0], paths[0])
 
     # -- sidecars -----------------------------------------------------------------------------
 
@@ -131,6 +163,8 @@ class ProcessRuntime(Runtime):
                 return self._sidecar(state)
         if self.use_netns and (network.netns is None or not os.path.exists(network.netns)):
             raise NetworkNotReady(f"network namespace {network.netns} of pod {spec.pod.namespace}/{spec.pod.name} is gone")
+        if self.use_netns:
+            refuse_host_netns(network.netns, spec.pod)  # never Envoy (and so never capture) in the node's namespace
         sid = uuid.uuid4().hex
         directory = os.path.join(self.state_dir, sid)
         try:

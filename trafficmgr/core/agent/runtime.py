@@ -10,6 +10,7 @@ is idempotent. Implementations: ``docker`` (:mod:`.docker_runtime`), ``netns`` a
 from __future__ import annotations
 
 import abc
+import os
 from typing import Any
 
 import attrs
@@ -39,6 +40,44 @@ class RuntimeUnavailable(SidecarError):
 
 class NetworkNotReady(SidecarError):
     """The pod's network namespace does not exist (yet): the agent waits and retries without an Event."""
+
+
+class AmbiguousNetwork(SidecarError):
+    """More than one network namespace (or sandbox) could be the pod's: the agent does not guess; it
+    reports a ``SidecarFailed`` Event and retries with backoff (an old sandbox may still be torn down)."""
+
+
+def netns_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of a network namespace file (``/var/run/netns/x``, ``/proc/<pid>/ns/net``): equal
+    for two paths of one namespace. None when it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def host_netns_identities(proc_root: str = "/proc") -> set[tuple[int, int]]:
+    """The namespaces no sidecar may ever be put in: the agent's own and pid 1's under ``proc_root``
+    (the node's root namespace where the agent sees the host's pids, ``hostPID: true``). Capture rules
+    there would redirect the node's (or the agent's) traffic. Unreadable ones are left out."""
+    out = set()
+    for path in ("/proc/self/ns/net", f"{proc_root}/1/ns/net"):
+        ident = netns_identity(path)
+        if ident is not None:
+            out.add(ident)
+    return out
+
+
+def refuse_host_netns(path: str | None, pod: PodRef, proc_root: str = "/proc") -> None:
+    """Raise :class:`SidecarError` when ``path`` is a namespace of :func:`host_netns_identities` (or None,
+    which would mean "the caller's own namespace" to nsenter and iptables): the last guard before a
+    runtime starts Envoy or returns a namespace the agent installs capture rules in."""
+    if path is None or netns_identity(path) in host_netns_identities(proc_root):
+        raise SidecarError(
+            f"the network namespace {path or '(none)'} found for pod {pod.namespace}/{pod.name} is the node's "
+            f"(or the agent's) own: no sidecar there, its capture rules would redirect the node's traffic "
+            f"(a hostNetwork pod?)")
 
 
 @attrs.frozen
