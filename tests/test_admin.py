@@ -295,3 +295,126 @@ def test_start_stop_is_idempotent_and_frees_the_port(state: FakeState) -> None:
     again = AdminServer(state, port=port)
     with again:
         assert get(again, "/healthz")[0] == 200
+
+
+# -- the metrics endpoint, loopback admin and the bearer token (issue 16, item 5) ---------------------
+
+
+def _get_with(server_url: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], str]:
+    request = urllib.request.Request(server_url + path, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            return resp.status, dict(resp.headers), resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read().decode()
+
+
+def test_metrics_endpoint_serves_metrics_and_health_but_no_debug_view(state: FakeState) -> None:
+    from trafficmgr.core.admin import METRICS_ROUTES
+
+    with AdminServer(state, "127.0.0.1", 0, routes=METRICS_ROUTES, flag="--metrics-port") as metrics:
+        status, _, body = _get_with(metrics.url, "/metrics")
+        assert status == 200 and "# TYPE" in body
+        assert _get_with(metrics.url, "/healthz")[0] == 200
+        assert _get_with(metrics.url, "/readyz")[0] == 503  # FakeState is not ready yet
+        for path in ("/debug/proxy-status", f"/debug/config-dump?node_id={NODE}", "/debug/nacks", "/debug/plugins", "/debug/labels"):
+            status, _, body = _get_with(metrics.url, path)
+            assert status == 404, path
+            assert NODE not in body and "BEGIN CERTIFICATE" not in body, path
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "my-host.example"])
+def test_debug_views_off_loopback_need_a_token(state: FakeState, host: str) -> None:
+    with pytest.raises(AdminError, match="--admin-token-file"):
+        AdminServer(state, host, 0).start()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.5.0.1", "::1", "localhost"])
+def test_loopback_is_recognised(host: str) -> None:
+    from trafficmgr.core.admin import is_loopback
+
+    assert is_loopback(host)
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.1") and not is_loopback("::")
+
+
+def test_token_guards_debug_views_only(state: FakeState) -> None:
+    token = "s3cret-token-0123456789"
+    with AdminServer(state, "127.0.0.1", 0, token=token) as admin:
+        status, headers, body = _get_with(admin.url, "/debug/proxy-status")
+        assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer") and NODE not in body
+        for wrong in ("Bearer nope", f"Basic {token}", f"Bearer {token}x", f"Bearer {token[:-1]}", "Bearer"):
+            assert _get_with(admin.url, "/debug/proxy-status", {"Authorization": wrong})[0] == 401, wrong
+        status, _, body = _get_with(admin.url, "/debug/proxy-status", {"Authorization": f"Bearer {token}"})
+        assert status == 200 and NODE in body
+        assert _get_with(admin.url, "/metrics")[0] == 200  # metrics and health need no token
+        assert _get_with(admin.url, "/healthz")[0] == 200
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("", "at least 16 characters"), ("short\n", "at least 16 characters"), ("has a space in the token", "no spaces"),
+])
+def test_bad_token_file_is_a_clear_error(tmp_path: Any, content: str, message: str) -> None:
+    from trafficmgr.core.admin import read_token_file
+
+    path = tmp_path / "token"
+    path.write_text(content)
+    with pytest.raises(AdminError, match=message):
+        read_token_file(str(path))
+    with pytest.raises(AdminError, match="cannot read"):
+        read_token_file(str(tmp_path / "missing"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_serve_splits_metrics_from_debug_and_proxy_status_sends_the_token(tmp_path: Any) -> None:
+    """The real ``trafficmgr serve``: /metrics and health on --metrics-port (404 for /debug/*), the admin
+    endpoint on loopback with a token; ``proxy-status`` fails without ``--token-file`` and works with it;
+    ``--admin-address 0.0.0.0`` without a token is one clear error."""
+    import subprocess
+    import sys
+    import time
+
+    from trafficmgr.apiserver import APIServer
+
+    api = APIServer().start()
+    kubeconfig = tmp_path / "kubeconfig"
+    api.write_kubeconfig(str(kubeconfig))
+    token_file = tmp_path / "token"
+    token_file.write_text("0123456789abcdef0123\n")
+    admin_port, metrics_port = _free_port(), _free_port()
+    base = [sys.executable, "-m", "trafficmgr", "serve", "--kubeconfig", str(kubeconfig), "--xds-address", "127.0.0.1",
+            "--xds-port", "0", "--plugins", "lb"]
+    proc = subprocess.Popen([*base, "--admin-port", str(admin_port), "--admin-token-file", str(token_file),
+                             "--metrics-address", "127.0.0.1", "--metrics-port", str(metrics_port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        metrics_url, admin_url = f"http://127.0.0.1:{metrics_port}", f"http://127.0.0.1:{admin_port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if _get_with(metrics_url, "/readyz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "serve did not become ready"
+            time.sleep(0.2)
+        assert "trafficmgr_" in _get_with(metrics_url, "/metrics")[2]
+        assert _get_with(metrics_url, "/debug/proxy-status")[0] == 404
+        assert _get_with(metrics_url, "/debug/config-dump?node_id=x")[0] == 404
+        assert _get_with(admin_url, "/debug/proxy-status")[0] == 401
+        cli = [sys.executable, "-m", "trafficmgr", "proxy-status", "--server", admin_url, "--json"]
+        denied = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+        assert denied.returncode == 1 and "bearer token" in denied.stderr, denied.stderr
+        allowed = subprocess.run([*cli, "--token-file", str(token_file)], capture_output=True, text=True, timeout=60)
+        assert allowed.returncode == 0 and json.loads(allowed.stdout) == [], allowed.stderr
+        exposed = subprocess.run([*base, "--admin-address", "0.0.0.0", "--admin-port", str(_free_port())],
+                                 capture_output=True, text=True, timeout=60)
+        assert exposed.returncode == 1 and "--admin-token-file" in exposed.stderr and "Traceback" not in exposed.stderr, exposed.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        api.stop()

@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 PROG = "trafficmgr"
 #: Environment variable with the default for ``--server``.
 ENV_SERVER = "TRAFFICMGR_SERVER"
+ENV_TOKEN_FILE = "TRAFFICMGR_TOKEN_FILE"
 #: Modules imported by :func:`main` so that they can call :func:`register_command`.
 COMMAND_MODULES: list[str] = ["trafficmgr.cli.serve", "trafficmgr.cli.agent", "trafficmgr.cli.apps", "trafficmgr.cli.demo",
                               "trafficmgr.cli.bench"]
@@ -266,7 +267,24 @@ def _add_plugins_option(parser: argparse.ArgumentParser) -> None:
 
 def _add_server_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", metavar="URL", default=os.environ.get(ENV_SERVER, DEFAULT_URL),
-                        help=f"admin endpoint of 'trafficmgr serve' (default: ${ENV_SERVER} or {DEFAULT_URL})")
+                        help=f"admin endpoint of 'trafficmgr serve' (default: ${ENV_SERVER} or {DEFAULT_URL}; in a "
+                             "cluster: kubectl port-forward deploy/<release> 18080)")
+    parser.add_argument("--token-file", metavar="FILE", default=os.environ.get(ENV_TOKEN_FILE) or None,
+                        help=f"bearer token for an admin endpoint started with --admin-token-file (default: ${ENV_TOKEN_FILE})")
+
+
+def _read_token(path: str | None) -> str | None:
+    """The token in ``path`` (stripped), None without a path; :class:`CliError` when unreadable or empty."""
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"--token-file: cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not token:
+        raise CliError(f"--token-file: {path} is empty")
+    return token
 
 
 def _write(text: str) -> None:
@@ -289,17 +307,20 @@ def normalize_server(server: str) -> str:
     return server
 
 
-def fetch_json(server: str, path: str, params: dict[str, str] | None = None, timeout: float = 10.0) -> Any:
-    """GET ``path`` from the admin endpoint and decode JSON.
+def fetch_json(server: str, path: str, params: dict[str, str] | None = None, timeout: float = 10.0,
+               token: str | None = None) -> Any:
+    """GET ``path`` from the admin endpoint and decode JSON (with ``Authorization: Bearer <token>`` when
+    ``token`` is given).
 
     Raises :class:`CliError`: unreachable server (with a hint), or the endpoint's own error message with
-    ``http_status`` set (404, 400, ...).
+    ``http_status`` set (404, 400, 401, ...).
     """
     base = normalize_server(server)
     url = base + path + ("?" + urllib.parse.urlencode(params) if params else "")
     log.debug("GET %s", url)
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - URL scheme checked above
+        with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 - URL scheme checked above
             body = resp.read()
     except urllib.error.HTTPError as exc:
         try:
@@ -396,7 +417,7 @@ def _setup_proxy_status(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_proxy_status(args: argparse.Namespace) -> int:
-    streams = fetch_json(args.server, "/debug/proxy-status")
+    streams = fetch_json(args.server, "/debug/proxy-status", token=_read_token(args.token_file))
     if not isinstance(streams, list) or not all(isinstance(s, dict) for s in streams):
         raise CliError(_not_admin(args.server, "/debug/proxy-status"))
     if args.json:
@@ -420,7 +441,7 @@ def _run_config_dump(args: argparse.Namespace) -> int:
     if args.type:
         params["type"] = args.type
     try:
-        dump = fetch_json(args.server, "/debug/config-dump", params)
+        dump = fetch_json(args.server, "/debug/config-dump", params, token=_read_token(args.token_file))
     except CliError as exc:
         if exc.http_status == 404:
             raise CliError(f"unknown node id {args.node_id!r}; 'trafficmgr proxy-status' lists connected nodes") from None

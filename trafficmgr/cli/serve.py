@@ -18,8 +18,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--xds-address", default="0.0.0.0", help="xDS listen address (default 0.0.0.0)")
     parser.add_argument("--xds-port", type=port, default=18000, help="xDS (ADS gRPC) port (default 18000; 0: any free port)")
     parser.add_argument("--admin-address", default="127.0.0.1",
-                        help="admin/metrics listen address (default 127.0.0.1; binding elsewhere exposes /debug views)")
-    parser.add_argument("--admin-port", type=port, default=18080, help="admin/metrics port (default 18080; 0: any free port)")
+                        help="admin endpoint address: /debug/*, /metrics, /healthz, /readyz (default 127.0.0.1; "
+                             "another address needs --admin-token-file)")
+    parser.add_argument("--admin-port", type=port, default=18080, help="admin endpoint port (default 18080; 0: any free port)")
+    parser.add_argument("--admin-token-file", metavar="FILE",
+                        help="bearer token (one line, >= 16 characters) that /debug/* requires "
+                             "(Authorization: Bearer ...); required when --admin-address is not loopback")
+    parser.add_argument("--metrics-address", default="0.0.0.0",
+                        help="metrics endpoint address (default 0.0.0.0; only with --metrics-port)")
+    parser.add_argument("--metrics-port", type=port, default=None,
+                        help="serve /metrics, /healthz and /readyz (nothing else) on this port too "
+                             "(default: none, they are on the admin port only; 0: any free port)")
     parser.add_argument("--sidecar-port", type=listen_port, default=10000, help="sidecar outbound listener port (default 10000)")
     parser.add_argument("--sidecar-inbound-port", type=port, default=15006,
                         help="sidecar inbound listener port that the agent redirects connections to the pod to "

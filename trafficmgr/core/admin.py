@@ -12,16 +12,25 @@ Routes (all GET):
 - ``/debug/nacks``, ``/debug/plugins``, ``/debug/labels``: JSON lists.
 
 Errors are JSON ``{"error": message}``. The server runs in a daemon thread; handlers only read state.
+
+Two listeners (``trafficmgr serve``): the **admin** endpoint serves every route and is bound to loopback
+by default; ``/debug/*`` names every proxy, pod IP and the gateway's configuration, so binding it to a
+non-loopback address requires a bearer token (``--admin-token-file``; compared in constant time, 401
+without it). The optional **metrics** endpoint (``--metrics-address/--metrics-port``) serves only
+:data:`METRICS_ROUTES` (``/metrics``, ``/healthz``, ``/readyz``) and is what Prometheus and the kubelet
+reach; any other path there is 404.
 """
 
 from __future__ import annotations
 
 import errno
+import hmac
+import ipaddress
 import json
 import logging
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
@@ -123,6 +132,33 @@ def config_dump(state: AdminState, node_id: str, type_name: str | None = None) -
     return {"node_id": node_id, "view": view, "resources": resources}
 
 
+def is_loopback(host: str) -> bool:
+    """True when ``host`` is ``localhost`` or a loopback IP (127.0.0.0/8, ::1); any other name or address,
+    including a wildcard such as ``0.0.0.0``, is treated as reachable from the network."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def read_token_file(path: str) -> str:
+    """The bearer token stored in ``path`` (surrounding whitespace stripped). Raises :class:`AdminError`
+    when the file cannot be read, is empty, or holds a token shorter than 16 characters or with
+    characters not allowed in an HTTP header."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AdminError(f"--admin-token-file: cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if len(token) < 16:
+        raise AdminError(f"--admin-token-file: {path} must hold a token of at least 16 characters")
+    if not all(33 <= ord(c) < 127 for c in token):
+        raise AdminError(f"--admin-token-file: {path} must hold one token of printable ASCII characters, no spaces")
+    return token
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     server_version = "trafficmgr-admin"
@@ -134,10 +170,16 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         url = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-        route = self.server.routes.get(url.path.rstrip("/") or "/")
+        path = url.path.rstrip("/") or "/"
+        route = self.server.routes.get(path)
+        extra_headers: dict[str, str] = {}
         try:
             if route is None:
                 raise _HTTPError(HTTPStatus.NOT_FOUND, f"no such path {url.path!r}; try one of: {', '.join(sorted(self.server.routes))}")
+            if path.startswith("/debug/") and self.server.token is not None and not self._authorized(self.server.token):
+                extra_headers["WWW-Authenticate"] = 'Bearer realm="trafficmgr-admin"'
+                raise _HTTPError(HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token (Authorization: Bearer <token>; "
+                                                          "trafficmgr proxy-status --token-file FILE)")
             status, content_type, body = route(self.server.state, query)
         except _HTTPError as exc:
             status, content_type, body = exc.status, "application/json", self._json({"error": str(exc)})
@@ -147,8 +189,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        for name, value in extra_headers.items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
+
+    def _authorized(self, token: bytes) -> bool:
+        """The request carries ``Authorization: Bearer <token>`` (constant-time comparison)."""
+        scheme, _, given = (self.headers.get("Authorization") or "").strip().partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("utf-8", "replace"), token)
 
     @staticmethod
     def _json(data: Any) -> bytes:
@@ -202,27 +251,38 @@ ROUTES: dict[str, Route] = {
     "/debug/labels": lambda state, q: _json_response([render.label_row(s) for s in state.labels()]),
 }
 
+#: What the metrics endpoint serves: nothing that names a proxy, a pod or a resource.
+METRICS_ROUTES: dict[str, Route] = {path: ROUTES[path] for path in ("/metrics", "/healthz", "/readyz")}
+
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], state: AdminState, routes: dict[str, Route]) -> None:
+    def __init__(self, address: tuple[str, int], state: AdminState, routes: dict[str, Route], token: bytes | None) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.state = state
         self.routes = routes
+        self.token = token
         super().__init__(address, _Handler)
 
 
 class AdminServer:
-    """Serves :data:`ROUTES` for ``state`` on ``host:port`` from a background thread.
+    """Serves ``routes`` (default :data:`ROUTES`) for ``state`` on ``host:port`` from a background thread.
 
-    ``port=0`` picks a free port; read it back from :attr:`port` after :meth:`start`.
+    ``port=0`` picks a free port; read it back from :attr:`port` after :meth:`start`. With ``token``,
+    ``/debug/*`` answers only requests carrying ``Authorization: Bearer <token>`` (401 otherwise).
+    :meth:`start` refuses to serve ``/debug/*`` on a non-loopback ``host`` without a token. ``flag`` names
+    the port option in error messages (``--admin-port``, ``--metrics-port``).
     """
 
-    def __init__(self, state: AdminState, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
+    def __init__(self, state: AdminState, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
+                 routes: Mapping[str, Route] | None = None, token: str | None = None, flag: str = "--admin-port") -> None:
         self.state = state
         self.host = host
+        self.routes = dict(ROUTES if routes is None else routes)
+        self.token = token
+        self.flag = flag
         self._requested_port = port
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -242,19 +302,27 @@ class AdminServer:
         """Bind and serve in a daemon thread. Raises :class:`AdminError` when the port is taken."""
         if self._httpd is not None:
             return
+        debug = any(path.startswith("/debug/") for path in self.routes)
+        if debug and not self.token and not is_loopback(self.host):
+            # /debug/* lists every proxy, pod IP and the gateway's configuration: never unauthenticated
+            # on an address other pods can reach.
+            raise AdminError(f"the admin endpoint serves /debug/* and {self.host} is not a loopback address: "
+                             "give --admin-token-file (a bearer token), or bind it to 127.0.0.1 and serve "
+                             "/metrics and health with --metrics-address/--metrics-port")
+        token = self.token.encode() if self.token else None
         try:
-            self._httpd = _Server((self.host, self._requested_port), self.state, dict(ROUTES))
+            self._httpd = _Server((self.host, self._requested_port), self.state, self.routes, token)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise AdminError(
-                    f"admin port {self._requested_port} on {self.host} is already in use; "
-                    f"choose another with --admin-port"
+                    f"{'admin' if debug else 'metrics'} port {self._requested_port} on {self.host} is already in use; "
+                    f"choose another with {self.flag}"
                 ) from exc
-            raise AdminError(f"cannot start the admin endpoint on {self.host}:{self._requested_port}: {exc.strerror or exc}") from exc
+            raise AdminError(f"cannot listen on {self.host}:{self._requested_port} ({self.flag}): {exc.strerror or exc}") from exc
         self._bound_port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="trafficmgr-admin", daemon=True)
         self._thread.start()
-        log.info("admin endpoint on %s", self.url)
+        log.info("%s endpoint on %s (%s)", "admin" if debug else "metrics", self.url, ", ".join(sorted(self.routes)))
 
     def stop(self) -> None:
         """Stop serving and close the socket (idempotent)."""

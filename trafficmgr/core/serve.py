@@ -14,6 +14,8 @@ from trafficmgr.core.signals import stop_on_signals
 if TYPE_CHECKING:
     import grpc
 
+    from trafficmgr.core.admin import AdminServer, AdminState
+
 log = logging.getLogger(__name__)
 
 
@@ -23,7 +25,6 @@ class ServeError(Exception):
 
 def run_serve(args: argparse.Namespace, plugins: PluginHost, stop: threading.Event | None = None) -> int:
     """Start watches, xDS and admin; block until SIGTERM/SIGINT (or ``stop``); drain and exit 0."""
-    from trafficmgr.core.admin import AdminServer
     from trafficmgr.core.controlplane import ControlPlane
     from trafficmgr.core.kube.client import KubeClient, load_api_client
     from trafficmgr.core.xds.server import XdsServerThread
@@ -51,22 +52,45 @@ def run_serve(args: argparse.Namespace, plugins: PluginHost, stop: threading.Eve
     except OSError as exc:
         raise ServeError(f"cannot listen for xDS on {args.xds_address}:{args.xds_port}: {exc} (use --xds-port)") from None
     cp.xds = xds
-    admin = AdminServer(cp, args.admin_address, args.admin_port)
+    servers = _http_servers(cp, args)
     try:
-        admin.start()
+        for server in servers:
+            server.start()
     except OSError as exc:
+        for server in servers:
+            server.stop()
         xds.stop()
         raise ServeError(str(exc)) from None
     cp.start_watches(args.namespace)
-    log.info("trafficmgr serving xDS on %s:%d, admin on http://%s:%d, plugins: %s",
-             args.xds_address, xds.port, args.admin_address, admin.port, ", ".join(plugins.infos))
+    log.info("trafficmgr serving xDS on %s:%d, %s, plugins: %s", args.xds_address, xds.port,
+             ", ".join(f"{'admin' if i == 0 else 'metrics'} on {s.url}" for i, s in enumerate(servers)), ", ".join(plugins.infos))
     stop = stop_on_signals(stop)
     stop.wait()
     log.info("shutting down: draining xDS streams")
     cp.stop()
     xds.stop(grace=2.0)
-    admin.stop()
+    for server in servers:
+        server.stop()
     return 0
+
+
+def _http_servers(state: AdminState, args: argparse.Namespace) -> list[AdminServer]:
+    """The admin endpoint (every route; ``/debug/*`` behind ``--admin-token-file`` when given) and, with
+    ``--metrics-port``, the metrics endpoint (``/metrics``, ``/healthz``, ``/readyz`` only). Nothing is bound
+    yet; :meth:`AdminServer.start` refuses ``/debug/*`` on a non-loopback address without a token."""
+    from trafficmgr.core.admin import METRICS_ROUTES, AdminError, AdminServer, read_token_file
+
+    token_file = getattr(args, "admin_token_file", None)
+    try:
+        token = read_token_file(token_file) if token_file else None
+    except AdminError as exc:
+        raise ServeError(str(exc)) from None
+    servers = [AdminServer(state, args.admin_address, args.admin_port, token=token)]
+    metrics_port = getattr(args, "metrics_port", None)
+    if metrics_port is not None:
+        servers.append(AdminServer(state, getattr(args, "metrics_address", "0.0.0.0"), metrics_port,
+                                   routes=METRICS_ROUTES, flag="--metrics-port"))
+    return servers
 
 
 def _xds_credentials(args: argparse.Namespace) -> grpc.ServerCredentials | None:
