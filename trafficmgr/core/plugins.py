@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 GROUP = "trafficmgr.plugins"
 ENV_SELECTION = "TRAFFICMGR_PLUGINS"
+#: Directories appended to ``sys.path`` (after site-packages) before plugins are discovered.
+ENV_PLUGIN_PATH = "TRAFFICMGR_PLUGIN_PATH"
 #: Module (or object) attribute with a PEP 440 specifier of the trafficmgr versions a plugin supports.
 REQUIRES_ATTR = "TRAFFICMGR_REQUIRES"
 #: Module (or object) attribute naming the plugins a plugin builds on (a tuple of plugin names).
@@ -54,8 +56,30 @@ class PluginInfo:
     depends: tuple[str, ...] = ()
 
 
+def extend_plugin_path(value: str | None = None) -> list[str]:
+    """Append the directories in ``value`` (default ``$TRAFFICMGR_PLUGIN_PATH``, ``os.pathsep``-separated)
+    to the **end** of ``sys.path`` (once each) and return the ones added.
+
+    This is where the Helm chart's ``extraPipPackages`` are installed: after site-packages, so that a
+    package there can add plugins but never replace a module of the image (``PYTHONPATH`` would put it
+    first). Plain ``sys.path`` entries: ``.pth`` files there are not executed.
+    """
+    import sys
+
+    added = []
+    for entry in (os.environ.get(ENV_PLUGIN_PATH, "") if value is None else value).split(os.pathsep):
+        if entry.strip():
+            path = os.path.abspath(entry.strip())
+            if path not in sys.path:
+                sys.path.append(path)
+                added.append(path)
+    return added
+
+
 def available() -> dict[str, metadata.EntryPoint]:
-    """Installed plugin entry points by name (not imported)."""
+    """Installed plugin entry points by name (not imported), the ``$TRAFFICMGR_PLUGIN_PATH`` directories
+    included (:func:`extend_plugin_path`); for a name found twice, the first on ``sys.path`` wins."""
+    extend_plugin_path()
     found: dict[str, metadata.EntryPoint] = {}
     for ep in metadata.entry_points(group=GROUP):
         found.setdefault(ep.name, ep)
