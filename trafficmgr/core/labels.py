@@ -2,7 +2,15 @@
 
 A plugin declares its labels with :class:`LabelSpec` from ``trafficmgr_labels``. The core parses each
 object's labels once per object change (:meth:`LabelRegistry.parse`). An invalid value is dropped (so its
-default applies) and reported as a :class:`~trafficmgr.core.model.LabelError`.
+default applies) and reported as a :class:`~trafficmgr.core.model.LabelError` (reason
+``InvalidTrafficLabel``). A valid value beyond what Envoy can hold (a parser's ``ceiling``: ten-year
+durations, uint32 counts) is replaced by the ceiling and reported too (reason ``TrafficConfigClamped``).
+
+This is the one place label values are bounded: the parsers below accept only ASCII digits (no ``1e309``,
+``nan``, ``inf``, unicode digits or ``1_000``), never more than :data:`MAX_DIGITS` of them, and every
+integer parser has a ceiling (uint32, a duration or int64 by default), so no label value can make the
+builder emit a protobuf field out of its range, which Envoy would NACK for every proxy sharing the
+resource.
 """
 
 from __future__ import annotations
@@ -14,60 +22,132 @@ from typing import Any
 
 import attrs
 
-from trafficmgr.core.model import LabelError, Labels, ObjectRef
+from trafficmgr.core.model import CLAMPED_LABEL, LabelError, Labels, ObjectRef
+from trafficmgr.core.protos import MAX_DURATION_MS, UINT32_MAX
 
 PREFIX = "traffic."
 SERVICE = "Service"
 POD = "Pod"
 WORKLOADS = frozenset({"Deployment", "StatefulSet", "DaemonSet"})
 POD_AND_WORKLOADS = frozenset({POD}) | WORKLOADS
+#: Ceiling of an integer label that declares none: the largest protobuf ``int64``.
+INT64_MAX = 2**63 - 1
+#: Digits an integer or number label may have (Kubernetes label values have at most 63 characters);
+#: longer values are refused before any conversion, so parsing stays cheap whatever the input.
+MAX_DIGITS = 63
+
+
+@attrs.frozen(slots=True)
+class Clamped:
+    """What a parser function returns for a value it accepts but limits: ``value`` is used, and the label
+    is reported (``TrafficConfigClamped``) with ``message``."""
+
+    value: Any
+    message: str
 
 
 class Parser:
-    """A value parser with a human description of what it accepts (used in errors and docs)."""
+    """A value parser with a human description of what it accepts (used in errors and docs).
 
-    def __init__(self, func: Callable[[str], Any], allowed: str) -> None:
+    ``func`` returns the parsed value, or a :class:`Clamped` for a value it limits, and raises
+    ``ValueError`` for an invalid one. The other attributes describe the parser for docs and tests:
+    ``kind`` (``integer``, ``number``, ``choice``, ``boolean``, ``token`` or ``custom``), the valid range
+    ``minimum``..``maximum``, the ``ceiling`` above which valid values are clamped, and ``choices``.
+    """
+
+    def __init__(self, func: Callable[[str], Any], allowed: str, kind: str = "custom",
+                 minimum: float | None = None, maximum: float | None = None, ceiling: int | None = None,
+                 choices: tuple[str, ...] = ()) -> None:
         self.func = func
         self.allowed = allowed
+        self.kind = kind
+        self.minimum = minimum
+        self.maximum = maximum
+        self.ceiling = ceiling
+        self.choices = choices
 
     def __call__(self, raw: str) -> Any:
-        return self.func(raw)
+        """The value for ``raw`` (a clamped value already limited); ValueError when invalid."""
+        return self.checked(raw)[0]
+
+    def checked(self, raw: str) -> tuple[Any, str | None]:
+        """``(value, None)``, or ``(clamped value, why)`` for a value limited to the ceiling; ValueError
+        when invalid."""
+        value = self.func(raw)
+        if isinstance(value, Clamped):
+            return value.value, value.message
+        return value, None
 
     def __repr__(self) -> str:
         return f"Parser({self.allowed})"
 
 
-def integer(minimum: int = 0, maximum: int | None = None, unit: str = "") -> Parser:
-    """Whole number in ``[minimum, maximum]``."""
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def integer(minimum: int = 0, maximum: int | None = None, unit: str = "", ceiling: int | None = None) -> Parser:
+    """Whole number (ASCII digits) in ``[minimum, maximum]``.
+
+    Without ``maximum`` every value >= ``minimum`` is valid, and a value above ``ceiling`` (default
+    :data:`INT64_MAX`) is clamped to it: a larger number means "practically unlimited" and would not fit
+    the protobuf field. With ``maximum``, values above it are invalid (and ``ceiling`` is ``maximum``).
+    """
+    if maximum is not None:
+        ceiling = maximum
+    elif ceiling is None:
+        ceiling = INT64_MAX
+    if ceiling < minimum:
+        raise ValueError(f"ceiling {ceiling} is below the minimum {minimum}")
     rng = f"{minimum}..{maximum}" if maximum is not None else f">= {minimum}"
     allowed = f"an integer {rng}" + (f" ({unit})" if unit else "")
+    clamp_note = "" if maximum is not None else f"; larger values are clamped to {ceiling}"
+    limit = ceiling
 
-    def parse(raw: str) -> int:
-        if not re.fullmatch(r"[+-]?\d+", raw.strip()):
+    def parse(raw: str) -> int | Clamped:
+        text = raw.strip()
+        if not _INTEGER.fullmatch(text) or len(text) > MAX_DIGITS + 1:
             raise ValueError(f"must be {allowed}")
-        v = int(raw)
+        v = int(text)
         if v < minimum or (maximum is not None and v > maximum):
             raise ValueError(f"must be {allowed}")
+        if v > limit:
+            return Clamped(limit, f"{v} is larger than {limit}, the most Envoy takes; {limit} is used")
         return v
 
-    return Parser(parse, allowed)
+    return Parser(parse, allowed + clamp_note, "integer", minimum, maximum, ceiling)
+
+
+def duration(minimum: int = 0) -> Parser:
+    """Milliseconds >= ``minimum``; more than :data:`~trafficmgr.core.protos.MAX_DURATION_MS` (ten years,
+    well inside the protobuf Duration range Envoy checks) is clamped to it."""
+    parser = integer(minimum, unit="ms", ceiling=MAX_DURATION_MS)
+    parser.allowed = f"an integer >= {minimum} (ms); more than {MAX_DURATION_MS} (10 years) is clamped to it"
+    return parser
+
+
+def count(minimum: int = 0, unit: str = "", ceiling: int = UINT32_MAX) -> Parser:
+    """A count or rate for an Envoy ``uint32`` field (or a smaller ``ceiling``): larger values are
+    clamped."""
+    return integer(minimum, unit=unit, ceiling=ceiling)
 
 
 def number(minimum: float = 0.0, maximum: float | None = None, unit: str = "") -> Parser:
-    """Finite decimal number in ``[minimum, maximum]``."""
+    """Finite decimal number (ASCII, optional exponent) in ``[minimum, maximum]``; ``nan``, ``inf``,
+    ``1e309`` (infinite as a float) and ``1_0`` are invalid."""
     rng = f"{minimum:g}..{maximum:g}" if maximum is not None else f">= {minimum:g}"
     allowed = f"a number {rng}" + (f" ({unit})" if unit else "")
 
     def parse(raw: str) -> float:
-        try:
-            v = float(raw)
-        except ValueError:
-            raise ValueError(f"must be {allowed}") from None
+        text = raw.strip()
+        if not _NUMBER.fullmatch(text) or len(text) > MAX_DIGITS + 1:
+            raise ValueError(f"must be {allowed}")
+        v = float(text)
         if not math.isfinite(v) or v < minimum or (maximum is not None and v > maximum):
             raise ValueError(f"must be {allowed}")
-        return v
+        return v + 0.0  # -0.0 -> 0.0
 
-    return Parser(parse, allowed)
+    return Parser(parse, allowed, "number", minimum, maximum)
 
 
 def choice(*values: str, case_insensitive: bool = True) -> Parser:
@@ -81,7 +161,7 @@ def choice(*values: str, case_insensitive: bool = True) -> Parser:
             raise ValueError(f"must be {allowed}")
         return canon[key]
 
-    return Parser(parse, allowed)
+    return Parser(parse, allowed, "choice", choices=tuple(values))
 
 
 def boolean() -> Parser:
@@ -94,7 +174,7 @@ def boolean() -> Parser:
             raise ValueError(f"must be {allowed}")
         return low == "true"
 
-    return Parser(parse, allowed)
+    return Parser(parse, allowed, "boolean", choices=("true", "false"))
 
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -109,7 +189,7 @@ def token(what: str = "an HTTP token") -> Parser:
             raise ValueError(f"must be {allowed}")
         return raw
 
-    return Parser(parse, allowed)
+    return Parser(parse, allowed, "token")
 
 
 @attrs.frozen(slots=True)
@@ -175,8 +255,9 @@ class LabelRegistry:
     def parse(self, ref: ObjectRef, raw: Mapping[str, str] | None) -> tuple[Labels, list[LabelError]]:
         """Parse the ``traffic.*`` labels of one object of kind ``ref.kind``.
 
-        Returns the valid values and one error per invalid label. Labels no loaded plugin declares are
-        ignored (they may belong to a plugin that is not selected).
+        Returns the valid values and one error per invalid label (reason ``InvalidTrafficLabel``: the value
+        is left out) or clamped label (reason ``TrafficConfigClamped``: the clamped value is in). Labels no
+        loaded plugin declares are ignored (they may belong to a plugin that is not selected).
         """
         values: dict[str, Any] = {}
         errors: list[LabelError] = []
@@ -202,7 +283,10 @@ class LabelRegistry:
                     errors.append(LabelError(ref, key, value, f"{port!r} in the key must be a port number 1..65535"))
                     continue
             try:
-                values[key] = spec.parse(value)
+                values[key], clamped = spec.parse.checked(value)
             except ValueError as exc:
                 errors.append(LabelError(ref, key, value, str(exc)))
+                continue
+            if clamped is not None:
+                errors.append(LabelError(ref, key, value, clamped, CLAMPED_LABEL))
         return Labels(values), errors

@@ -108,17 +108,31 @@ class ObjectRef:
         return f"{self.kind}/{self.namespace}/{self.name}" if self.namespace else f"{self.kind}/{self.name}"
 
 
+#: Event reason of a label value that was ignored (its default applies).
+INVALID_LABEL = "InvalidTrafficLabel"
+#: Event reason of a label value that was limited to what Envoy takes (the limit applies).
+CLAMPED_LABEL = "TrafficConfigClamped"
+
+
 @attrs.frozen(slots=True)
 class LabelError:
-    """An invalid ``traffic.*`` label value on one object: it was ignored and its default applies."""
+    """A ``traffic.*`` label value on one object that does not apply as written: with ``reason``
+    :data:`INVALID_LABEL` it was ignored and its default applies; with :data:`CLAMPED_LABEL` it was valid
+    but beyond what Envoy takes, and the limit applies (``message`` says which)."""
 
     ref: ObjectRef
     key: str
     value: str
     message: str
+    reason: str = INVALID_LABEL
+
+    @property
+    def clamped(self) -> bool:
+        return self.reason == CLAMPED_LABEL
 
     def __str__(self) -> str:
-        return f"{self.ref}: invalid label {self.key}={self.value!r}: {self.message}"
+        what = "clamped label" if self.clamped else "invalid label"
+        return f"{self.ref}: {what} {self.key}={self.value!r}: {self.message}"
 
 
 @attrs.frozen(slots=True)

@@ -58,7 +58,7 @@ def build_from_manifests(
     extra = plugins.collect("trafficmgr_watch_kinds")
     asm = Assembler(
         plugins.labels, extra,
-        on_label_errors=lambda errors: warnings.extend(f"InvalidTrafficLabel {e}" for e in errors),
+        on_label_errors=lambda errors: warnings.extend(f"{e.reason} {e}" for e in errors),
         reporter=report,
     )
     for kind in kinds_of(plugins):

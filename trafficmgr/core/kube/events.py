@@ -13,12 +13,12 @@ import socket
 from trafficmgr.core.kube.client import KubeClient
 from trafficmgr.core.kube.writer import BackgroundWriter
 from trafficmgr.core.labels import LabelRegistry
+from trafficmgr.core.model import INVALID_LABEL as INVALID_LABEL  # re-exported: the reason tests look for
 from trafficmgr.core.model import LabelError, ObjectRef
 
 log = logging.getLogger(__name__)
 
 COMPONENT = "trafficmgr"
-INVALID_LABEL = "InvalidTrafficLabel"
 API_VERSIONS = {
     "Pod": "v1", "Service": "v1", "Secret": "v1", "Deployment": "apps/v1", "StatefulSet": "apps/v1",
     "DaemonSet": "apps/v1", "ReplicaSet": "apps/v1", "Ingress": "networking.k8s.io/v1",
@@ -26,7 +26,10 @@ API_VERSIONS = {
 
 
 def label_error_message(error: LabelError, registry: LabelRegistry | None) -> str:
-    """``invalid value "FOO" for label traffic.lb.policy: must be one of ...; the default (X) applies``."""
+    """``invalid value "FOO" for label traffic.lb.policy: must be one of ...; the default (X) applies``, or
+    for a clamped value ``value "999..." for label traffic.hash.cookie.ttl clamped: 999... is larger ...``."""
+    if error.clamped:
+        return f"value {error.value!r} for label {error.key} clamped: {error.message}"
     spec = registry.spec(error.key) if registry else None
     default = ""
     if spec is not None:
@@ -48,7 +51,7 @@ class EventRecorder(BackgroundWriter):
 
     def label_errors(self, errors: list[LabelError]) -> None:
         for e in errors:
-            self.warn(e.ref, label_error_message(e, self.registry), INVALID_LABEL)
+            self.warn(e.ref, label_error_message(e, self.registry), e.reason)
 
     def warn(self, ref: ObjectRef, message: str, reason: str) -> None:
         """Record a Warning Event on ``ref`` unless this exact problem was already recorded."""

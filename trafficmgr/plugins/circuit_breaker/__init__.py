@@ -47,26 +47,27 @@ ON = frozenset({L.POD, L.SERVICE})
 @hookimpl
 def trafficmgr_labels() -> list[LabelSpec]:
     return [
-        LabelSpec(RETRIES_MAX, SVC, L.integer(0), 0, "circuit breaker max concurrent retries (0 = Envoy default)"),
-        LabelSpec(CONNECTION_MAX, SVC, L.integer(0), 0, "circuit breaker max connections"),
-        LabelSpec(PENDING_MAX, SVC, L.integer(0), 0, "circuit breaker max pending requests"),
-        LabelSpec(REQUEST_MAX, SVC, L.integer(0), 0, "circuit breaker max requests"),
-        LabelSpec(REQUEST_TIMEOUT, ON, L.integer(0, unit="ms"), 0,
+        LabelSpec(RETRIES_MAX, SVC, L.count(), 0, "circuit breaker max concurrent retries (0 = Envoy default)"),
+        LabelSpec(CONNECTION_MAX, SVC, L.count(), 0, "circuit breaker max connections"),
+        LabelSpec(PENDING_MAX, SVC, L.count(), 0, "circuit breaker max pending requests"),
+        LabelSpec(REQUEST_MAX, SVC, L.count(), 0, "circuit breaker max requests"),
+        LabelSpec(REQUEST_TIMEOUT, ON, L.duration(), 0,
                   "route timeout (0 = none: a request or stream ends when idle for 5 min); on grpc ports it also caps the client's grpc-timeout"),
-        LabelSpec(RETRIES_5XX, ON, L.integer(0), 0, "retries on 5xx"),
-        LabelSpec(RETRIES_CONNECT, ON, L.integer(0), 0, "retries on connect failure"),
-        LabelSpec(RETRIES_GATEWAY, ON, L.integer(0), 0, "retries on gateway error"),
-        LabelSpec(RETRIES_GRPC, ON, L.integer(0), 0,
+        LabelSpec(RETRIES_5XX, ON, L.count(), 0, "retries on 5xx"),
+        LabelSpec(RETRIES_CONNECT, ON, L.count(), 0, "retries on connect failure"),
+        LabelSpec(RETRIES_GATEWAY, ON, L.count(), 0, "retries on gateway error"),
+        LabelSpec(RETRIES_GRPC, ON, L.count(), 0,
                   "retries of gRPC calls failing with CANCELLED, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED or "
                   "UNAVAILABLE (grpc ports only)"),
-        LabelSpec(CONNECT_TIMEOUT, SVC, L.integer(1, unit="ms"), DEFAULT_CONNECT_TIMEOUT_MS, "upstream connect timeout"),
-        LabelSpec(OUTLIER_5XX, SVC, L.integer(0), 0,
+        LabelSpec(CONNECT_TIMEOUT, SVC, L.duration(1), DEFAULT_CONNECT_TIMEOUT_MS, "upstream connect timeout"),
+        LabelSpec(OUTLIER_5XX, SVC, L.count(), 0,
                   "eject an endpoint after this many consecutive 5xx (outlier detection)"),
     ]
 
 
-# Protobuf limits: counts are UInt32Value and Envoy keeps durations as int64 milliseconds. Larger label
-# values mean "practically unlimited", so they are clamped instead of failing to serialize.
+# Protobuf limits: counts are UInt32Value and Envoy keeps durations as int64 milliseconds. The declarations
+# above (L.count(), L.duration()) clamp larger label values (with a TrafficConfigClamped Event); the min()
+# below only guards the constants and values that come from elsewhere.
 
 # Outlier detection. Ejection on consecutive 5xx happens as soon as the threshold is reached (Envoy does
 # not wait for ``interval``); ``interval`` only bounds how late an ejected endpoint comes back (it is

@@ -15,7 +15,6 @@ from envoy.extensions.filters.http.fault.v3 import fault_pb2
 
 from trafficmgr.plugin import (
     GRPC,
-    MAX_DURATION_MS,
     SIDECAR,
     HttpFilter,
     LabelSpec,
@@ -42,7 +41,7 @@ ON = frozenset({L.POD, L.SERVICE})
 @hookimpl
 def trafficmgr_labels() -> list[LabelSpec]:
     return [
-        LabelSpec(DELAY_TIME, ON, L.integer(0, unit="ms"), 0, "fixed delay"),
+        LabelSpec(DELAY_TIME, ON, L.duration(), 0, "fixed delay"),
         LabelSpec(DELAY_PERCENT, ON, L.number(0, 100), 0.0, "share of requests delayed"),
         LabelSpec(ABORT_STATUS, ON, L.integer(200, 599), 0, "abort status (503 when only the percentage is set)"),
         LabelSpec(ABORT_PERCENT, ON, L.number(0, 100), 0.0, "share of requests aborted"),
@@ -72,7 +71,7 @@ def fault_config(labels: Labels, grpc: bool = False) -> fault_pb2.HTTPFault | No
     # Parts per million: 0.0001 % resolution; smaller shares round to 0, which injects nothing.
     delay = percent_fraction(labels.value(DELAY_PERCENT, 0.0))
     if delay_ms > 0 and delay.numerator > 0:
-        fault.delay.fixed_delay.FromMilliseconds(min(delay_ms, MAX_DURATION_MS))
+        fault.delay.fixed_delay.FromMilliseconds(delay_ms)  # at most MAX_DURATION_MS: clamped by L.duration()
         fault.delay.percentage.CopyFrom(delay)
     abort = percent_fraction(labels.value(ABORT_PERCENT, 0.0))
     if abort.numerator > 0:

@@ -19,7 +19,7 @@ def trafficmgr_labels() -> list[LabelSpec]:
         LabelSpec(POLICY, SVC, L.choice("ROUND_ROBIN", "LEAST_REQUEST", "RING_HASH", "RANDOM", "MAGLEV"), "ROUND_ROBIN",
                   "cluster load-balancing policy"),
         LabelSpec(COOKIE_NAME, SVC, L.token("a cookie name"), "", "hash requests on this cookie (RING_HASH / MAGLEV)"),
-        LabelSpec(COOKIE_TTL, SVC, L.integer(0, unit="ms"), 0,
+        LabelSpec(COOKIE_TTL, SVC, L.duration(), 0,
                   "when > 0 Envoy generates the cookie if absent, Max-Age = ttl/1000 s"),
         LabelSpec(HEADER_NAME, SVC, L.token("a header name"), "", "hash requests on this header"),
         LabelSpec(WEIGHT, L.POD_AND_WORKLOADS, L.integer(0, 128), 100,

@@ -12,24 +12,30 @@ from typing import TYPE_CHECKING
 from envoy.extensions.filters.http.bandwidth_limit.v3 import bandwidth_limit_pb2
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
 
-from trafficmgr.plugin import SIDECAR, UINT32_MAX, HttpFilter, LabelSpec, ObjectRef, hookimpl, pack, percent_fraction
+from trafficmgr.plugin import SIDECAR, UINT32_MAX, HttpFilter, LabelSpec, hookimpl, pack, percent_fraction
 from trafficmgr.plugin import labels as L
 
 if TYPE_CHECKING:
     from envoy.config.route.v3.route_components_pb2 import VirtualHost
 
-    from trafficmgr.plugin import BuildContext, Labels, Service, ServicePort
+    from trafficmgr.plugin import BuildContext, Service, ServicePort
 
 BANDWIDTH = "traffic.rate.limit"
 REQUEST_RATE = "traffic.request.rate"
 ON = frozenset({L.POD, L.SERVICE})
+#: Largest values sent to Envoy. Token counts are uint32; limit_kbps * 1024 must not overflow uint64 in
+#: Envoy's byte arithmetic. The declarations clamp larger label values (with a TrafficConfigClamped
+#: Event): they mean "unlimited" anyway.
+MAX_REQUEST_RATE = UINT32_MAX
+MAX_BANDWIDTH_KIBPS = 2**40
 
 
 @hookimpl
 def trafficmgr_labels() -> list[LabelSpec]:
     return [
-        LabelSpec(BANDWIDTH, ON, L.integer(0, unit="KiB/s"), 0, "bandwidth limit per client sidecar (Envoy's limit_kbps)"),
-        LabelSpec(REQUEST_RATE, ON, L.integer(0, unit="requests/s"), 0,
+        LabelSpec(BANDWIDTH, ON, L.count(unit="KiB/s", ceiling=MAX_BANDWIDTH_KIBPS), 0,
+                  "bandwidth limit per client sidecar (Envoy's limit_kbps)"),
+        LabelSpec(REQUEST_RATE, ON, L.count(unit="requests/s", ceiling=MAX_REQUEST_RATE), 0,
                   "local request rate limit per client sidecar; excess gets 429"),
     ]
 
@@ -41,10 +47,6 @@ RATELIMIT_ORDER = 200
 BANDWIDTH_ORDER = 300
 RATELIMIT_STAT_PREFIX = "local_rate_limit"
 BANDWIDTH_STAT_PREFIX = "bandwidth_limit"
-#: Largest values sent to Envoy. Token counts are uint32; limit_kbps * 1024 must not overflow uint64 in
-#: Envoy's byte arithmetic. Larger label values are clamped (and reported): they mean "unlimited" anyway.
-MAX_REQUEST_RATE = UINT32_MAX
-MAX_BANDWIDTH_KIBPS = 2**40
 
 
 def request_rate_config(rate: int) -> local_rate_limit_pb2.LocalRateLimit:
@@ -82,24 +84,15 @@ def trafficmgr_http_filters(ctx: BuildContext) -> list[HttpFilter]:
     ]
 
 
-def _clamped(labels: Labels, key: str, maximum: int, service: Service, ctx: BuildContext) -> int:
-    value = int(labels.value(key, 0))
-    if value > maximum:
-        ctx.report(ObjectRef(service.kind, service.namespace, service.name, service.uid),
-                   f"{key}={value} is larger than {maximum}; {maximum} is used", "TrafficConfigClamped")
-        return maximum
-    return value
-
-
 @hookimpl
 def trafficmgr_virtual_host(vhost: VirtualHost, service: Service, port: ServicePort, ctx: BuildContext) -> None:
     """Configure both filters for traffic to ``service`` (sidecar virtual hosts only; 0 = no limit)."""
     if ctx.role != SIDECAR:
         return
-    rate = _clamped(service.labels, REQUEST_RATE, MAX_REQUEST_RATE, service, ctx)
+    rate = min(int(service.labels.value(REQUEST_RATE, 0)), MAX_REQUEST_RATE)  # the declaration clamps
     if rate > 0:
         vhost.typed_per_filter_config[RATELIMIT_FILTER].CopyFrom(pack(request_rate_config(rate)))
-    kibps = _clamped(service.labels, BANDWIDTH, MAX_BANDWIDTH_KIBPS, service, ctx)
+    kibps = min(int(service.labels.value(BANDWIDTH, 0)), MAX_BANDWIDTH_KIBPS)
     if kibps > 0:
         vhost.typed_per_filter_config[BANDWIDTH_FILTER].CopyFrom(pack(bandwidth_config(kibps)))
 
