@@ -3,12 +3,13 @@ from __future__ import annotations
 import pytest
 
 from trafficmgr.apiserver import APIServer
+from trafficmgr.apiserver.access import new_token
 from trafficmgr.testing.cluster import Kubectl
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    srv = APIServer(bookmark_interval=0.5).start()
+    srv = APIServer(bookmark_interval=0.5, token=new_token()).start()
     yield srv
     srv.stop()
 
@@ -22,9 +23,10 @@ def kubectl(server: APIServer, tmp_path_factory: pytest.TempPathFactory) -> Kube
 
 @pytest.fixture(scope="module")
 def api(server: APIServer):
-    from kubernetes import client
+    """The official client configured as ``load_kube_config`` configures it from the kubeconfig."""
+    from kubernetes import client, config
 
     cfg = client.Configuration()
-    cfg.host = server.url
+    config.load_kube_config_from_dict(server.kubeconfig(), client_configuration=cfg)
     with client.ApiClient(cfg) as c:
         yield c

@@ -11,6 +11,7 @@ from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
 from trafficmgr.apiserver import APIServer
+from trafficmgr.apiserver.access import new_token
 
 
 def _pod(name: str, labels: dict | None = None, phase: str = "Running", node: str = "n1") -> client.V1Pod:
@@ -208,9 +209,8 @@ def test_events_both_apis(api) -> None:
 
 
 def test_drop_watches_and_restart(tmp_path) -> None:
-    srv = APIServer(bookmark_interval=0.2).start()
-    cfg = client.Configuration()
-    cfg.host = srv.url
+    srv = APIServer(bookmark_interval=0.2, token=new_token()).start()
+    cfg = srv.api_client().configuration
     with client.ApiClient(cfg) as api:
         v1 = client.CoreV1Api(api)
         v1.create_namespaced_config_map("default", client.V1ConfigMap(metadata=client.V1ObjectMeta(name="k")))
@@ -227,7 +227,7 @@ def test_drop_watches_and_restart(tmp_path) -> None:
             raise RuntimeError("stream ended")
         srv.stop()
     port = srv.port
-    srv2 = APIServer(port=port, store=srv.store, fresh_window=True).start()
+    srv2 = APIServer(port=port, store=srv.store, fresh_window=True).start()  # same token and certificate
     try:
         cfg.host = srv2.url
         with client.ApiClient(cfg) as api:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -11,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from trafficmgr.apiserver import ApiError, APIServer, Store
 from trafficmgr.apiserver.patch import json_patch, merge_patch, strategic_merge
@@ -150,14 +153,20 @@ def test_module_entry_point(tmp_path: Path) -> None:
         deadline = time.monotonic() + 10
         while True:
             try:
-                v = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/version", timeout=1).read())
+                cfg = yaml.safe_load(kc.read_text())
+                ca = base64.b64decode(cfg["clusters"][0]["cluster"]["certificate-authority-data"]).decode()
+                req = urllib.request.Request(f"https://127.0.0.1:{port}/version",
+                                             headers={"Authorization": f"Bearer {cfg['users'][0]['user']['token']}"})
+                ctx = ssl.create_default_context(cadata=ca)
+                v = json.loads(urllib.request.urlopen(req, timeout=1, context=ctx).read())
                 break
-            except OSError:
+            except (OSError, TypeError):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
         assert v["minor"] == "32" and v["gitVersion"] == "v1.32.0"
-        assert f"http://127.0.0.1:{port}" in kc.read_text()
+        assert f"https://127.0.0.1:{port}" in kc.read_text()
+        assert kc.stat().st_mode & 0o777 == 0o600
     finally:
         proc.terminate()
         proc.wait(5)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import ipaddress
 import json
 import logging
 import queue
 import select
 import socket
+import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,7 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
-from . import discovery, openapi, protobuf, tables
+from . import access, discovery, openapi, protobuf, tables
 from .controllers import Controllers, PodRuntime
 from .discovery import BY_GVR, ResourceType
 from .errors import ApiError
@@ -27,6 +30,8 @@ from .store import PATCH_APPLY, PATCH_JSON, PATCH_MERGE, PATCH_STRATEGIC, Store,
 log = logging.getLogger(__name__)
 
 _TRUE = ("true", "1", "True", "TRUE")
+_WRITES = ("POST", "PUT", "PATCH")
+_DRAIN_LIMIT = 1 << 20  # a refused request's body is read (to answer on a clean connection) up to 1 MiB
 
 
 def _encode(obj: Any) -> bytes:
@@ -105,6 +110,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(code, _encode(obj))
 
     def setup(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket):  # the TLS handshake runs here, on the request's thread
+            self.request.settimeout(10)
+            self.request.do_handshake()
+            self.request.settimeout(None)
         super().setup()
         self.server.track(self.connection, True)
 
@@ -158,9 +167,14 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         self._raw = None
         try:
+            self._admit()
             self._read_body()
+            if self.command in _WRITES:
+                self._check_media_type()
             self._handle()
         except ApiError as e:
+            if self._raw is None:
+                self._discard_body()
             self._send_obj(e.code, e.status())
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
@@ -169,6 +183,47 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_obj(500, ApiError(500, "InternalError", f"Internal error occurred: {e}").status())
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _dispatch  # type: ignore[assignment]
+
+    # ---- admission (see access.py for what each check stops) ---------------------------------
+
+    def _admit(self) -> None:
+        """Refuse a request with a foreign ``Host`` (403) or without the bearer token (401), before its
+        body is read or anything is looked up."""
+        hosts = self.headers.get_all("Host") or []
+        if len(hosts) != 1 or not access.host_allowed(hosts[0], self.server.bind_host):
+            shown = ", ".join(h[:100] for h in hosts) or "none"
+            raise ApiError(403, "Forbidden",
+                           f"Host header {shown!r} is not accepted by this API server (DNS rebinding protection): "
+                           f"connect to 127.0.0.1, localhost, [::1] or {self.server.bind_host}")
+        token = self.server.token
+        if token is not None and not access.bearer_matches(self.headers.get("Authorization"), token):
+            raise ApiError(401, "Unauthorized", "Unauthorized")
+
+    def _check_media_type(self) -> None:
+        """A write must declare a JSON/YAML/patch/protobuf body (415 otherwise): a browser sends none of
+        these cross-origin without a CORS preflight, which this server never grants. A write without a
+        Content-Type is read as JSON (as kube-apiserver does: the official Python client sends creates and
+        replaces without one) unless a browser sent it (see ``access.from_browser``)."""
+        media = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if not media and not access.from_browser(self.headers):
+            return
+        if media not in access.WRITE_MEDIA_TYPES:
+            raise ApiError(415, "UnsupportedMediaType",
+                           f"the body of the request was in an unknown format ({media or 'no Content-Type'}) - "
+                           f"accepted media types include: {', '.join(sorted(access.WRITE_MEDIA_TYPES))}")
+
+    def _discard_body(self) -> None:
+        """Read and drop the body of a request refused before reading it, so the answer arrives on a
+        clean connection; a chunked or larger-than-1-MiB body is not read and the connection closes."""
+        self.close_connection = True
+        if self.headers.get("Transfer-Encoding"):
+            return
+        try:
+            n = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            return
+        if 0 < n <= _DRAIN_LIMIT:
+            self._raw = self.rfile.read(n)
 
     # ---- routing -----------------------------------------------------------------------------
 
@@ -428,10 +483,12 @@ def _shutdown(sock: socket.socket) -> None:
 
 
 def _peer_closed(sock: socket.socket) -> bool:
+    """True when a watch's client went away (a watch client sends nothing after its request)."""
     try:
         readable, _, _ = select.select([sock], [], [], 0)
         if readable:
-            return sock.recv(1, socket.MSG_PEEK) == b""
+            # TLS: the socket cannot peek; anything arriving (close_notify, EOF) ends the watch.
+            return isinstance(sock, ssl.SSLSocket) or sock.recv(1, socket.MSG_PEEK) == b""
     except (OSError, ValueError):
         return True
     return False
@@ -442,9 +499,13 @@ class _HTTPServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, addr: tuple[str, int], store: Store, bookmark_interval: float) -> None:
+    def __init__(self, addr: tuple[str, int], store: Store, bookmark_interval: float,
+                 credentials: access.Credentials | None) -> None:
         super().__init__(addr, _Handler)
         self.store = store
+        self.bind_host = addr[0]
+        self.token = credentials.token if credentials else None
+        self.ssl_context = credentials.ssl_context() if credentials else None
         self.bookmark_interval = bookmark_interval
         self._watches: set[Watcher] = set()
         self._conns: set[socket.socket] = set()
@@ -455,6 +516,15 @@ class _HTTPServer(ThreadingHTTPServer):
         """``host:port`` of the bound socket (an AF_INET server: the host is a str, not bytes)."""
         host, port = cast("tuple[str, int]", self.server_address[:2])
         return f"{host}:{port}"
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, addr = super().get_request()
+        if self.ssl_context is not None:  # handshake later, on the request's thread (see _Handler.setup)
+            sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, addr
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("connection from %s failed", client_address, exc_info=True)  # e.g. a failed TLS handshake
 
     def track(self, conn: socket.socket, add: bool) -> None:
         with self._wlock:
@@ -491,12 +561,21 @@ class APIServer:
     ``endpointslice_controller`` (default on) maintains EndpointSlices and Service clusterIPs;
     ``workload_controllers`` (default off) runs Deployment -> ReplicaSet -> Pod with ``pod_runtime``;
     ``service_cidr`` is where Service clusterIPs come from (local mode uses 127.2.0.0/16).
+
+    Access (see :mod:`.access`): every request must carry a ``Host`` that is a loopback name or ``host``
+    (403 otherwise), and writes a JSON/YAML/patch/protobuf ``Content-Type`` (415 otherwise). ``token``:
+    when set, every request must also carry ``Authorization: Bearer <token>`` (401 otherwise) and the
+    server speaks HTTPS with a self-signed certificate (kubectl sends tokens only over TLS);
+    :meth:`kubeconfig`/:meth:`api_client` carry both. None (the default) is plain HTTP without a token,
+    for in-process tests only (local mode, ``python -m trafficmgr.apiserver`` and the test kit always set
+    one), unless ``store`` was served with a token before: a restart keeps the token and certificate.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, store: Store | None = None,
                  fresh_window: bool = False, history: int = 10000, bookmark_interval: float = 2.0,
                  endpointslice_controller: bool = True, workload_controllers: bool = False,
-                 pod_runtime: PodRuntime | None = None, service_cidr: str = "10.96.0.0/16") -> None:
+                 pod_runtime: PodRuntime | None = None, service_cidr: str = "10.96.0.0/16",
+                 token: str | None = None) -> None:
         self.host = host
         self.port = port
         self.store = store if store is not None else Store(history=history)
@@ -504,20 +583,39 @@ class APIServer:
         self._fresh_window = fresh_window
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self.credentials: access.Credentials | None = self.store.credentials
+        if token is not None:
+            self.credentials = access.Credentials.generate(token, hosts=(host,))
+            self.store.credentials = self.credentials
         self.controllers = Controllers(self.store, endpointslices=endpointslice_controller,
                                        workloads=workload_controllers, pod_runtime=pod_runtime,
                                        service_cidr=service_cidr)
 
     @property
+    def token(self) -> str | None:
+        """The bearer token every request must carry (None: none needed)."""
+        return self.credentials.token if self.credentials else None
+
+    @property
     def url(self) -> str:
-        """Base URL, e.g. ``http://127.0.0.1:34567`` (valid after ``start``)."""
-        return f"http://{self.host}:{self.port}"
+        """Base URL, e.g. ``https://127.0.0.1:34567`` (``http`` without a token; valid after ``start``)."""
+        scheme = "https" if self.credentials else "http"
+        host = self.host
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            ip = None
+        if ip is not None and ip.is_unspecified:
+            host = "127.0.0.1"
+        elif ip is not None and ip.version == 6:
+            host = f"[{host}]"
+        return f"{scheme}://{host}:{self.port}"
 
     def start(self) -> APIServer:
         """Bind, start serving on a daemon thread and start controllers; returns when listening."""
         if self._fresh_window:
             self.store.expire_history()
-        self._httpd = _HTTPServer((self.host, self.port), self.store, self.bookmark_interval)
+        self._httpd = _HTTPServer((self.host, self.port), self.store, self.bookmark_interval, self.credentials)
         self.port = self._httpd.server_address[1]
         self.controllers.start()
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1},
@@ -572,21 +670,25 @@ class APIServer:
         return self.controllers.wait_idle(timeout)
 
     def kubeconfig(self, context: str = "trafficmgr", namespace: str = "default") -> dict:
-        """A kubeconfig dict pointing at this server (no auth)."""
+        """A kubeconfig dict pointing at this server, with the bearer token and the server's certificate
+        (as its CA) when there is a token."""
+        cluster: dict[str, Any] = {"server": self.url}
+        user: dict[str, Any] = {}
+        if self.credentials:
+            cluster["certificate-authority-data"] = base64.b64encode(self.credentials.cert_pem.encode()).decode()
+            user["token"] = self.credentials.token
         return {
             "apiVersion": "v1", "kind": "Config", "preferences": {},
-            "clusters": [{"name": context, "cluster": {"server": self.url}}],
-            "users": [{"name": context, "user": {}}],
+            "clusters": [{"name": context, "cluster": cluster}],
+            "users": [{"name": context, "user": user}],
             "contexts": [{"name": context, "context": {"cluster": context, "user": context, "namespace": namespace}}],
             "current-context": context,
         }
 
     def write_kubeconfig(self, path: str | Path, context: str = "trafficmgr") -> Path:
-        """Write ``kubeconfig()`` as YAML to ``path``; returns the path."""
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(yaml.safe_dump(self.kubeconfig(context), sort_keys=False))
-        return p
+        """Write ``kubeconfig()`` as YAML to ``path``, created with mode 0600 (it holds the token; an
+        existing file is replaced, not reused); returns the path."""
+        return access.write_private_file(path, yaml.safe_dump(self.kubeconfig(context), sort_keys=False))
 
     def api_client(self) -> Any:
         """An official ``kubernetes.client.ApiClient`` configured for this server."""
@@ -594,6 +696,9 @@ class APIServer:
 
         cfg = client.Configuration()
         cfg.host = self.url
+        if self.credentials:
+            cfg.api_key = {"authorization": f"Bearer {self.credentials.token}"}
+            cfg.ca_cert_data = self.credentials.cert_pem
         return client.ApiClient(cfg)
 
 

@@ -200,6 +200,9 @@ class Store:
         self._admission: list[Admission] = []
         self._dependents: dict[str, set[tuple[str, str, str]]] = {}
         self._uids: dict[str, tuple[str, str, str]] = {}
+        # The access.Credentials (token, serving certificate) of the last APIServer started on this store:
+        # a server restarted on the same data keeps them, as a real API server keeps its certificates.
+        self.credentials: Any = None
         for ns in namespaces:
             self.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
 
