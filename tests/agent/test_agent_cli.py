@@ -51,7 +51,11 @@ def test_bootstrap_command_output_is_accepted_by_envoy(envoy_binary: str, tmp_pa
     assert code == 0 and out == "" and err == ""
     config = json.loads(out_file.read_text())
     assert config["node"]["id"] == "ingress" and config["node"]["cluster"] == "gateway"
-    assert config["admin"]["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 8900}
+    # admin on loopback of the pod; the stats-only listener on 0.0.0.0:8900 forwards there
+    assert config["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 15000}
+    stats = next(lst for lst in config["static_resources"]["listeners"] if lst["name"] == "stats")
+    assert stats["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 8900}
+    assert all("admin_layer" not in layer for layer in config["layered_runtime"]["layers"])
     assert config["dynamic_resources"]["ads_config"]["api_type"] == "DELTA_GRPC"
     # the tracing plugin's trafficmgr_bootstrap hook ran with the command's plugin options
     static = next(layer["static_layer"] for layer in config["layered_runtime"]["layers"] if "static_layer" in layer)
@@ -72,10 +76,13 @@ class Marker:
 def test_sidecar_bootstrap(envoy_binary: str, tmp_path: Path) -> None:
     pod = PodRef("web-1", "shop", "uid-1", "10.244.5.6")
     plugins = PluginHost.load([], extra=[("marker", Marker())])
-    tcp = sidecar_bootstrap(pod, AgentConfig("n", "control.kube-system:18000", admin_port=8901), plugins)
+    tcp = sidecar_bootstrap(pod, AgentConfig("n", "control.kube-system:18000", admin_port=15001, stats_port=8901), plugins)
     assert tcp["node"]["id"] == "web-1.shop" and tcp["node"]["cluster"] == "sidecar"
     assert tcp["node"]["metadata"] == {"role_seen": "sidecar"}
-    assert tcp["admin"]["address"]["socket_address"] == {"address": "10.244.5.6", "port_value": 8901}
+    # admin on loopback of the pod's namespace, only the stats listener on the pod IP
+    assert tcp["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 15001}
+    stats = next(lst for lst in tcp["static_resources"]["listeners"] if lst["name"] == "stats")
+    assert stats["address"]["socket_address"] == {"address": "10.244.5.6", "port_value": 8901}
     xds = tcp["static_resources"]["clusters"][0]
     assert xds["upstream_bind_config"]["source_address"]["address"] == "10.244.5.6", "the control plane sees the pod IP"
     assert xds["type"] == "STRICT_DNS"
@@ -107,6 +114,12 @@ def test_xds_addresses() -> None:
      "--proxy-port and --inbound-port must differ"),
     (["bootstrap", "--node-id", "a", "--node-cluster", "b", "--xds-address", "nope"], "must be HOST:PORT"),
     (["proxies", "--log"], "--log needs --id PREFIX"),
+    (["proxies", "--admin", "/config_dump"], "--admin needs --id PREFIX"),
+    (["proxies", "--id", "a", "--admin", "config_dump"], "an admin path starts with /"),
+    (["bootstrap", "--node-id", "a", "--node-cluster", "b", "--xds-address", "cp:1", "--stats-port", "15000"],
+     "--stats-port and --admin-port must differ"),
+    (["agent", "--node-name", "n", "--xds-address", "cp:1", "--runtime", "netns", "--stats-port", "15000"],
+     "--admin-port and --stats-port must differ"),
     (["proxies", "--docker-host", "unix:///nonexistent/docker.sock"],
      "Docker daemon at unix:///nonexistent/docker.sock unreachable"),
 ])
@@ -132,7 +145,7 @@ def test_local_runtime_through_proxies(envoy_binary: str, capsys: pytest.Capture
     assert not runtime.captures_traffic and runtime.name == "local"
     pod = PodRef("web-1", "default", "uid-1", "127.0.77.2")
     admin = free_port()
-    config = sidecar_bootstrap(pod, AgentConfig("n", "127.0.0.1:1", admin_port=admin))
+    config = sidecar_bootstrap(pod, AgentConfig("n", "127.0.0.1:1", admin_port=admin, stats_port=0), own_netns=False)
     sidecar = runtime.start(SidecarSpec(pod, config), runtime.pod_network(pod))
     try:
         wait_for(lambda: http_get(f"http://127.0.77.2:{admin}/ready", 2)[1].strip() in ("LIVE", "PRE_INITIALIZING"), 15)
@@ -147,6 +160,13 @@ def test_local_runtime_through_proxies(envoy_binary: str, capsys: pytest.Capture
         code, out, _ = run(capsys, *base, "--id", sidecar.id[:6], "--log", "--tail", "50")
         assert code == 0 and "admin address: 127.0.77.2" in out
         code, _, err = run(capsys, *base, "--id", "zzz")
+        assert code == 1 and "no sidecar with an id starting with 'zzz'" in err
+        # --admin: GET on the sidecar's admin, wherever its bootstrap put it (local mode: the pod IP)
+        code, out, _ = run(capsys, *base, "--id", sidecar.id[:6], "--admin", "/server_info")
+        assert code == 0 and json.loads(out)["state"] in ("LIVE", "PRE_INITIALIZING")
+        code, _, err = run(capsys, *base, "--id", sidecar.id[:6], "--admin", "/nonexistent")
+        assert code == 1 and "GET /nonexistent answered 404" in err, err
+        code, _, err = run(capsys, *base, "--id", "zzz", "--admin", "/server_info")
         assert code == 1 and "no sidecar with an id starting with 'zzz'" in err
     finally:
         # The pod's annotation names this sidecar: --remove-all clears it (Prometheus stops scraping).

@@ -251,14 +251,15 @@ def test_enable_envoy_blocks_then_unblocks(demo: Demo) -> None:
     demo.kubectl("label", "svc", "reviews", "traffic.port.9080=http")
     status, _, body, _ = demo.via(client, "http://reviews:9080/reviews/0")
     assert status == 200 and json.loads(body)["podname"].startswith("reviews-v")
-    # runtime metrics of the client's sidecar (its admin on <pod IP>:8900)
+    # runtime metrics of the client's sidecar (its stats-only listener on <pod IP>:8900)
     stats = request(client, 8900, "", "/stats/prometheus")[2].decode()
     assert (prom_value(stats, "envoy_cluster_outbound_upstream_rq_completed", REVIEWS) or 0) >= 1
 
 
 def test_fault_injection(demo: Demo) -> None:
     client = demo.pod_ip("client")
-    config = lambda: request(client, 8900, "", "/config_dump?resource=dynamic_route_configs")[2].decode()  # noqa: E731
+    # local mode: a sidecar's admin is on <pod IP>:15000 (8900 serves only /stats/prometheus and /ready)
+    config = lambda: request(client, 15000, "", "/config_dump?resource=dynamic_route_configs")[2].decode()  # noqa: E731
     demo.kubectl("label", "svc", "reviews", "traffic.fault.delay.time=3000")
     demo.kubectl("label", "svc", "reviews", "traffic.fault.delay.percentage=100")
     wait_for(lambda: '"fixed_delay": "3s"' in config(), 10)
@@ -292,7 +293,7 @@ def test_tracing_half_sampled(demo: Demo) -> None:
         for p in pods:
             ip = p["status"]["podIP"]
             if request(ip, 8900, "", "/ready")[0] != 200 or '"numerator": 5000' not in request(
-                    ip, 8900, "", "/config_dump?resource=dynamic_route_configs")[2].decode():
+                    ip, 15000, "", "/config_dump?resource=dynamic_route_configs")[2].decode():
                 return False
         return True
 

@@ -163,7 +163,7 @@ def test_serve_parser_gets_the_options_from_the_plugin_hook() -> None:
 
 def test_bootstrap_hook() -> None:
     base = lambda cluster: {"node": {"id": "web-1.shop", "cluster": cluster},  # noqa: E731
-                            "layered_runtime": {"layers": [{"name": "static", "static_layer": {}}, {"name": "admin", "admin_layer": {}}]}}
+                            "layered_runtime": {"layers": [{"name": "static", "static_layer": {}}]}}
     defaults = argparse.Namespace(zipkin_address="z:9411", zipkin_flush_spans=5, zipkin_flush_interval=5000)
     cfg = base("sidecar")
     tracing.trafficmgr_bootstrap(cfg, SIDECAR, defaults)

@@ -11,8 +11,9 @@ import threading
 
 from trafficmgr.cli import CliError, _write, plugins_of, register_command
 from trafficmgr.core.agent.run import RUNTIMES, AgentStartError, make_runtime, run_agent
-from trafficmgr.core.agent.runtime import RuntimeUnavailable, Sidecar, SidecarError, find
+from trafficmgr.core.agent.runtime import Runtime, RuntimeUnavailable, Sidecar, SidecarError, find
 from trafficmgr.core.argtypes import int_at_least, listen_port, port, positive_seconds
+from trafficmgr.core.bootstrap import ADMIN_ADDRESS, ADMIN_PORT, STATS_PORT
 from trafficmgr.core.plugins import ENV_SELECTION
 
 ENV_NODE_NAME = "NODE_NAME"
@@ -51,7 +52,12 @@ def _setup_agent(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--namespace", metavar="NS", help="manage only pods of this namespace (default: all)")
     parser.add_argument("--plugins", metavar="SEL", default=None,
                         help=f"plugins whose labels and bootstrap hooks apply (default: ${ENV_SELECTION} or all installed)")
-    parser.add_argument("--admin-port", type=listen_port, default=8900, help="sidecar Envoy admin port, bound to the pod IP (default 8900)")
+    parser.add_argument("--admin-port", type=listen_port, default=ADMIN_PORT,
+                        help=f"sidecar Envoy admin port, on 127.0.0.1 inside the pod's network namespace (local runtime: "
+                             f"on the pod IP) (default {ADMIN_PORT})")
+    parser.add_argument("--stats-port", type=port, default=STATS_PORT,
+                        help=f"the sidecar's stats-only listener on the pod IP: GET /stats/prometheus and /ready "
+                             f"(default {STATS_PORT}; 0: none)")
     parser.add_argument("--proxy-uid", type=int_at_least(1), default=1337,
                         help="uid and gid Envoy runs as; its traffic is not redirected (default 1337)")
     parser.add_argument("--proxy-port", type=listen_port, default=10000,
@@ -78,7 +84,8 @@ def _run_agent(args: argparse.Namespace, stop: threading.Event | None = None) ->
         raise CliError(str(exc)) from None
     if args.runtime == "docker" and not args.envoy_image:
         raise CliError("--envoy-image is required with --runtime docker")
-    ports = {"--proxy-port": args.proxy_port, "--inbound-port": args.inbound_port, "--admin-port": args.admin_port}
+    ports = {"--proxy-port": args.proxy_port, "--inbound-port": args.inbound_port, "--admin-port": args.admin_port,
+             "--stats-port": args.stats_port}
     taken = [name for name, port in ports.items() if port and list(ports.values()).count(port) > 1]
     if taken:
         raise CliError(f"{' and '.join(taken)} must differ: each is a different listener of the sidecar")
@@ -98,6 +105,11 @@ def _setup_proxies(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--id", metavar="PREFIX", help="select the sidecar whose id starts with PREFIX")
     parser.add_argument("--log", action="store_true", help="with --id: print that sidecar's log")
     parser.add_argument("--tail", type=int_at_least(0), default=None, metavar="N", help="with --log: only the last N lines")
+    parser.add_argument("--admin", metavar="PATH",
+                        help="with --id: GET PATH (e.g. /config_dump, /clusters, /stats) from that sidecar's Envoy admin, "
+                             "from inside its pod's network namespace (admin is not reachable from the pod network)")
+    parser.add_argument("--admin-port", type=listen_port, default=ADMIN_PORT,
+                        help=f"with --admin: the sidecars' admin port, as 'agent --admin-port' (default {ADMIN_PORT})")
     parser.add_argument("--remove-all", action="store_true",
                         help="remove every sidecar and its iptables rules, and clear the pods' traffic.envoy.proxy "
                              "annotation when Kubernetes is reachable (the DaemonSet's preStop)")
@@ -111,6 +123,13 @@ def _run_proxies(args: argparse.Namespace) -> int:
 
     if args.log and not args.id:
         raise CliError("--log needs --id PREFIX")
+    if args.admin is not None:
+        if not args.id:
+            raise CliError("--admin needs --id PREFIX")
+        if args.log:
+            raise CliError("--admin and --log cannot be combined")
+        if not args.admin.startswith("/") or any(c.isspace() or not c.isprintable() for c in args.admin):
+            raise CliError(f"--admin {args.admin!r}: an admin path starts with / and has no spaces (e.g. /config_dump)")
     runtime = make_runtime(args)
     try:
         sidecars = runtime.list()
@@ -139,6 +158,8 @@ def _run_proxies(args: argparse.Namespace) -> int:
             if args.log:
                 _write(runtime.logs(sidecar, args.tail))
                 return 0
+            if args.admin is not None:
+                return _admin_get(runtime, sidecar, args.admin, args.admin_port)
             sidecars = [sidecar]
     except RuntimeUnavailable as exc:
         raise CliError(str(exc)) from None
@@ -151,6 +172,36 @@ def _run_proxies(args: argparse.Namespace) -> int:
     else:
         _write(render.table(("ID", "POD", "NAMESPACE", "STATUS", "STATE"),
                             [(s.id, s.pod, s.namespace, s.status, s.state) for s in sidecars]))
+    return 0
+
+
+def _admin_get(runtime: Runtime, sidecar: Sidecar, path: str, admin_port: int) -> int:
+    """Print the answer of ``GET path`` on ``sidecar``'s admin, reached inside its pod's network namespace
+    (local runtime: on the address its bootstrap names). Only GET: mutating admin endpoints need POST."""
+    from trafficmgr.core.agent.health import admin_get
+
+    if not sidecar.running:
+        raise CliError(f"sidecar {sidecar.id[:12]} ({sidecar.namespace}/{sidecar.pod}) is not running ({sidecar.status})")
+    admin_address = getattr(runtime, "admin_address", None)
+    if not runtime.captures_traffic and admin_address is not None:
+        try:
+            netns, (address, port_) = None, admin_address(sidecar)
+        except SidecarError as exc:
+            raise CliError(str(exc)) from None
+    else:
+        netns = runtime.sidecar_netns(sidecar)
+        if netns is None:
+            raise CliError(f"the network namespace of sidecar {sidecar.id[:12]} ({sidecar.namespace}/{sidecar.pod}) is gone")
+        address, port_ = ADMIN_ADDRESS, admin_port
+    try:
+        status, body = admin_get(netns, address, port_, path)
+    except OSError as exc:
+        raise CliError(f"sidecar {sidecar.id[:12]}: admin {address}:{port_} unreachable: {exc} "
+                       "(is --admin-port the agent's?)") from None
+    if status != 200:
+        first = body.decode(errors="replace").strip().splitlines()[:1]
+        raise CliError(f"sidecar {sidecar.id[:12]}: GET {path} answered {status}{': ' + first[0] if first else ''}")
+    _write(body.decode(errors="replace"))
     return 0
 
 
@@ -194,9 +245,14 @@ def _setup_bootstrap(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node-cluster", metavar="CLUSTER", required=True,
                         help="Envoy node cluster (the gateway's role name for gateways, 'sidecar' for sidecars)")
     parser.add_argument("--xds-address", metavar="HOST:PORT", required=True, help="the control plane's xDS address (HOST:PORT or unix:/path)")
-    parser.add_argument("--admin-port", type=listen_port, default=8900, help="Envoy admin port (default 8900)")
-    parser.add_argument("--admin-address", default="0.0.0.0",
-                        help="Envoy admin address (default 0.0.0.0, so Prometheus can scrape PodIP:8900)")
+    parser.add_argument("--admin-port", type=listen_port, default=ADMIN_PORT, help=f"Envoy admin port (default {ADMIN_PORT})")
+    parser.add_argument("--admin-address", default=ADMIN_ADDRESS,
+                        help=f"Envoy admin address (default {ADMIN_ADDRESS}: admin has mutating endpoints, keep it "
+                             "on loopback of the pod)")
+    parser.add_argument("--stats-address", default="0.0.0.0",
+                        help="address of the stats-only listener (GET /stats/prometheus and /ready) (default 0.0.0.0)")
+    parser.add_argument("--stats-port", type=port, default=STATS_PORT,
+                        help=f"port of the stats-only listener (default {STATS_PORT}; 0: none)")
     parser.add_argument("--delta", action="store_true", help="incremental (delta) xDS instead of state of the world")
     parser.add_argument("--plugins", metavar="SEL", default=None,
                         help=f"plugins whose trafficmgr_bootstrap hooks apply (default: ${ENV_SELECTION} or all installed)")
@@ -205,14 +261,18 @@ def _setup_bootstrap(parser: argparse.ArgumentParser) -> None:
 
 def _run_bootstrap(args: argparse.Namespace) -> int:
     from trafficmgr.core.agent.agent import parse_xds_address
-    from trafficmgr.core.bootstrap import bootstrap
+    from trafficmgr.core.bootstrap import add_stats_listener, bootstrap
 
     try:
         host, port = parse_xds_address(args.xds_address)
     except ValueError as exc:
         raise CliError(str(exc)) from None
+    if args.stats_port and args.stats_port == args.admin_port:
+        raise CliError("--stats-port and --admin-port must differ: the stats listener forwards to admin")
     config = bootstrap(args.node_id, args.node_cluster, host, port, admin_port=args.admin_port,
                        admin_address=args.admin_address, delta=args.delta)
+    if args.stats_port:
+        add_stats_listener(config, args.stats_address, args.stats_port)
     plugins_of(args).call_all("trafficmgr_bootstrap", bootstrap=config, role=args.node_cluster, options=args)
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     if args.output in ("-", ""):

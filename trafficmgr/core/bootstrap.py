@@ -62,9 +62,14 @@ def bootstrap(
     - ``static_resources``: merged into ``static_resources`` (``clusters``/``listeners`` lists are
       appended after the xDS cluster).
     - ``stats_tags``: extra ``TagSpecifier`` dicts; default tags stay on.
-    - ``runtime``: keys of the static runtime layer (an admin layer follows it for tests).
+    - ``runtime``: keys of the static runtime layer. There is no admin runtime layer: ``/runtime_modify``
+      cannot change anything (nor could it from outside the pod: admin is on loopback, see
+      :func:`add_stats_listener`).
     - ``xds_retry_*``: reconnect backoff of the ADS stream when the control plane is away.
-    Admin ``admin_port`` 0 lets Envoy pick a port (read it with ``--admin-address-path``).
+    Admin ``admin_port`` 0 lets Envoy pick a port (read it with ``--admin-address-path``). Admin serves
+    mutating endpoints (``/quitquitquit``, ``/logging``, ``/drain_listeners``): callers keep it on
+    loopback (sidecars and the gateway: ``127.0.0.1:15000`` inside the pod's network namespace) and expose
+    only the read-only stats with :func:`add_stats_listener`.
     """
     xds_cluster: dict[str, Any] = {
         "name": XDS_CLUSTER,
@@ -136,12 +141,86 @@ def bootstrap(
         "layered_runtime": {
             "layers": [
                 {"name": "static", "static_layer": dict(runtime or {})},
-                {"name": "admin", "admin_layer": {}},
             ]
         },
     }
     if stats_tags:
         config["stats_config"] = {"use_all_default_tags": True, "stats_tags": [dict(t) for t in stats_tags]}
+    return config
+
+
+#: Defaults of the Envoy admin (loopback of the pod's network namespace) and of the stats-only listener.
+ADMIN_ADDRESS = "127.0.0.1"
+ADMIN_PORT = 15000
+STATS_PORT = 8900
+#: The stats-only listener and the static cluster it forwards to (admin).
+STATS_LISTENER = "stats"
+STATS_CLUSTER = "envoy_admin"
+#: The only admin paths the stats listener forwards (GET and HEAD; the query string is not part of the
+#: match, so ``/stats/prometheus?usedonly`` works).
+STATS_PATHS = ("/stats/prometheus", "/ready")
+_HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+_ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+
+
+def stats_listener(address: str, port: int, admin_address: str = ADMIN_ADDRESS,
+                   admin_port: int = ADMIN_PORT) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(listener, cluster): the stats-only listener on ``address:port`` and the static cluster to admin.
+
+    Why this listener is safe on the pod network (and 0.0.0.0 for the gateway): it is an HTTP connection
+    manager with a fixed route table and no other filter. Only ``GET``/``HEAD`` of the exact paths
+    :data:`STATS_PATHS` reach admin (the path is matched without its query string, after Envoy's path
+    normalisation; both endpoints only read). Those paths with another method get 405, every other path
+    (``/quitquitquit``, ``/logging``, ``/runtime_modify``, ``/drain_listeners``, ``/config_dump``,
+    ``/clusters``, ...) gets a local 404 and never reaches admin; CONNECT and upgrades are not configured,
+    so they are refused too. Admin itself stays on loopback of the pod's network namespace. What remains
+    visible from the network is what Prometheus scrapes (stat names: cluster, listener and route names)
+    and readiness.
+    """
+    if not 0 < admin_port < 65536:
+        raise ValueError(f"the stats listener needs a fixed admin port (got {admin_port})")
+    if not 0 < port < 65536:
+        raise ValueError(f"stats port must be 1..65535 (got {port})")
+    safe = {"name": ":method", "string_match": {"safe_regex": {"regex": "^(GET|HEAD)$"}}}
+    routes: list[dict[str, Any]] = []
+    for path in STATS_PATHS:
+        routes.append({"match": {"path": path, "headers": [safe]},
+                       "route": {"cluster": STATS_CLUSTER, "timeout": "30s"}})
+        routes.append({"match": {"path": path}, "direct_response": {"status": 405},
+                       "response_headers_to_add": [{"header": {"key": "allow", "value": "GET, HEAD"}}]})
+    routes.append({"match": {"prefix": "/"}, "direct_response": {"status": 404}})
+    listener = {
+        "name": STATS_LISTENER,
+        "address": _socket_address(address, port),
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+            "@type": _HCM,
+            "stat_prefix": STATS_LISTENER,
+            "normalize_path": True,
+            "merge_slashes": True,
+            "path_with_escaped_slashes_action": "REJECT_REQUEST",
+            "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}}],
+            "route_config": {"name": STATS_LISTENER, "virtual_hosts": [
+                {"name": STATS_LISTENER, "domains": ["*"], "routes": routes}]},
+        }}]}],
+    }
+    cluster = {
+        "name": STATS_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": STATS_CLUSTER, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": _socket_address(admin_address, admin_port)}}]}]},
+    }
+    return listener, cluster
+
+
+def add_stats_listener(config: dict[str, Any], address: str, port: int = STATS_PORT) -> dict[str, Any]:
+    """Add :func:`stats_listener` on ``address:port`` to the bootstrap ``config`` (in place; returned),
+    forwarding to the admin address of ``config``. Raises ``ValueError`` when admin has no fixed port."""
+    admin = config["admin"]["address"]["socket_address"]
+    listener, cluster = stats_listener(address, port, admin["address"], admin["port_value"])
+    statics = config.setdefault("static_resources", {})
+    statics.setdefault("listeners", []).append(listener)
+    statics.setdefault("clusters", []).append(cluster)
     return config
 
 

@@ -7,8 +7,10 @@ In the foreground it runs, as its supervised children (threads of this process o
   127.1.x.y pod IPs) and a userspace kube-proxy (:mod:`.kubeproxy`: ClusterIPs from 127.2.0.0/16);
 - ``trafficmgr serve --explicit-proxy`` (xDS 18000, admin 18080: ``trafficmgr proxy-status`` works
   without flags);
-- the ingress gateway Envoy: HTTP on ``127.0.0.1:--http-port``, HTTPS on ``127.0.0.1:--https-port``,
-  admin on ``127.0.0.1:--admin-port``;
+- the ingress gateway Envoy: HTTP on ``127.0.0.1:--http-port``, HTTPS on ``127.0.0.1:--https-port``, its
+  stats-only listener (``GET /stats/prometheus`` and ``/ready``) on ``127.0.0.1:--admin-port`` and its full
+  admin on its pod IP ``127.1.0.1:15000`` (as a sidecar's in local mode; loopback is no boundary between
+  local processes anyway);
 - the node agent with the ``local`` runtime: a sidecar Envoy per Envoy-enabled pod, explicit HTTP proxy
   on ``<pod IP>:15001``;
 - the Zipkin-compatible collector on 127.0.0.1:9411;
@@ -84,7 +86,7 @@ class DemoConfig:
     def ports(self) -> list[tuple[int, str, str]]:
         """(port, flag, what) of every loopback port the demo binds."""
         out = [(self.http_port, "--http-port", "gateway HTTP"), (self.https_port, "--https-port", "gateway HTTPS"),
-               (self.admin_port, "--admin-port", "gateway admin"), (self.xds_port, "--xds-port", "control plane xDS"),
+               (self.admin_port, "--admin-port", "gateway stats"), (self.xds_port, "--xds-port", "control plane xDS"),
                (self.serve_admin_port, "--serve-admin-port", "control plane admin"),
                (self.zipkin_port, "--zipkin-port", "Zipkin collector")]
         if self.api_port:
@@ -303,7 +305,7 @@ class Demo:
             "name": GATEWAY, "namespace": NAMESPACE, "labels": {"app": GATEWAY}},
             "spec": {"containers": [{"name": "envoy", "image": "envoy", "ports": [
                 {"name": "http", "containerPort": c.http_port}, {"name": "https", "containerPort": c.https_port},
-                {"name": "admin", "containerPort": c.admin_port}]}]}})
+                {"name": "stats", "containerPort": c.admin_port}]}]}})
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         store.patch("pods", GATEWAY, {"status": {
             "phase": "Running", "podIP": c.gateway_ip, "podIPs": [{"ip": c.gateway_ip}], "hostIP": "127.0.0.1",
@@ -329,7 +331,7 @@ class Demo:
             "ports": [{"name": "http", "port": c.zipkin_port, "protocol": "TCP"}]})
 
     def gateway_bootstrap(self) -> dict[str, Any]:
-        from trafficmgr.core.bootstrap import bootstrap
+        from trafficmgr.core.bootstrap import ADMIN_PORT, add_stats_listener, bootstrap
 
         c = self.config
         https = {
@@ -342,9 +344,12 @@ class Demo:
         to_http = {"name": "gateway_listener", "type": "STATIC", "connect_timeout": "1s", "load_assignment": {
             "cluster_name": "gateway_listener", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
                 "socket_address": {"address": "127.0.0.1", "port_value": c.http_port}}}}]}]}}
-        config = bootstrap(GATEWAY, GATEWAY, "127.0.0.1", c.xds_port, admin_port=c.admin_port, admin_address="127.0.0.1",
+        # Admin (mutating endpoints) on the gateway's pod IP like a local sidecar's; the user-facing
+        # --admin-port serves only the read-only stats (see add_stats_listener).
+        config = bootstrap(GATEWAY, GATEWAY, "127.0.0.1", c.xds_port, admin_port=ADMIN_PORT, admin_address=c.gateway_ip,
                            xds_source_address=c.gateway_ip,
                            static_resources={"listeners": [https], "clusters": [to_http]})
+        add_stats_listener(config, "127.0.0.1", c.admin_port)
         self.plugins.call_all("trafficmgr_bootstrap", bootstrap=config, role=GATEWAY, options=self.options())
         return config
 
@@ -436,7 +441,7 @@ class Demo:
             missing = self.missing()
         c = self.config
         self.say(f"ready: http://127.0.0.1:{c.http_port}/productpage (gateway HTTP), https://127.0.0.1:{c.https_port} "
-                 f"(gateway HTTPS), http://127.0.0.1:{c.admin_port}/stats/prometheus (gateway admin), "
+                 f"(gateway HTTPS), http://127.0.0.1:{c.admin_port}/stats/prometheus (gateway stats), "
                  f"http://127.0.0.1:{c.zipkin_port}/api/v2/traces (Zipkin), http://127.0.0.1:{c.serve_admin_port} "
                  f"(control plane admin); in another shell:")
         self.say(f"export KUBECONFIG={self.kubeconfig}")

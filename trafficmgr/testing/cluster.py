@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from trafficmgr.core.bootstrap import bootstrap
+from trafficmgr.core.bootstrap import ADMIN_PORT, STATS_PORT, add_stats_listener, bootstrap
 from trafficmgr.core.envoy import find_envoy
 from trafficmgr.testing.envoy import free_port, wait_for
 from trafficmgr.testing.netns import NetNS, world_executable
@@ -136,25 +136,31 @@ class SidecarPod:
     """
 
     def __init__(self, node_id: str, addresses: Sequence[str], xds_socket: str, workdir: Path | None = None,
-                 delta: bool = False, admin_port: int = 8900, customize: Any = None, inbound_port: int = 0) -> None:
+                 delta: bool = False, admin_port: int = ADMIN_PORT, customize: Any = None, inbound_port: int = 0,
+                 stats_port: int = STATS_PORT) -> None:
         """``customize(config)`` may change the bootstrap dict (e.g. the plugins' ``trafficmgr_bootstrap``);
         ``inbound_port``: also capture connections arriving from other namespaces (see :meth:`NetNS.link`),
-        as the node agent does."""
+        as the node agent does. The layout is the agent's: admin on ``127.0.0.1:admin_port`` inside the
+        namespace, the stats-only listener on ``addresses[0]:stats_port`` (0: none)."""
         self.node_id = node_id
         self.addresses = list(addresses)
         self.ns = NetNS("tmpod")
         try:
             self.ns.add_pod_network(addresses)
-            self.ns.redirect_outbound(10000, PROXY_UID, exclude_ports=(admin_port,), inbound_port=inbound_port)
+            self.ns.redirect_outbound(10000, PROXY_UID, exclude_ports=(stats_port,) if stats_port else (),
+                                      inbound_port=inbound_port)
         except BaseException:
             self.ns.delete()
             raise
         self.admin_port = admin_port
+        self.stats_port = stats_port
         # Not under pytest's tmp_path: the sidecar's uid must be able to read its bootstrap.
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="tm-sidecar-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.workdir, 0o777)
         config = bootstrap(node_id, "sidecar", f"unix:{xds_socket}", 0, admin_port=admin_port, delta=delta)
+        if stats_port:
+            add_stats_listener(config, self.addresses[0], stats_port)
         if customize is not None:
             customize(config)
         self.config_path = self.workdir / "envoy.json"
@@ -280,6 +286,7 @@ class LocalCluster:
         import argparse
 
         from trafficmgr.apiserver import APIServer
+        from trafficmgr.apiserver.access import new_token
         from trafficmgr.core.controlplane import ControlPlane
         from trafficmgr.core.kube.client import KubeClient, load_api_client
         from trafficmgr.core.plugins import PluginHost
@@ -289,7 +296,7 @@ class LocalCluster:
         self.addresses = [client_ip, *pod_addresses]
         self.tmp = Path(tempfile.mkdtemp(prefix="tm-cluster-"))
         os.chmod(self.tmp, 0o755)
-        self.api = APIServer().start()
+        self.api = APIServer(token=new_token()).start()  # the kubeconfig carries the token, as local mode's does
         self.store = self.api.store
         kubeconfig = self.tmp / "kubeconfig"
         self.api.write_kubeconfig(str(kubeconfig))
@@ -438,6 +445,7 @@ class GatewayCluster:
         import argparse
 
         from trafficmgr.apiserver import APIServer
+        from trafficmgr.apiserver.access import new_token
         from trafficmgr.core.controlplane import ControlPlane
         from trafficmgr.core.kube.client import KubeClient, load_api_client
         from trafficmgr.core.model import GATEWAY_CLUSTER
@@ -446,7 +454,7 @@ class GatewayCluster:
         from trafficmgr.testing.envoy import EnvoyProcess
 
         self.tmp = Path(tempfile.mkdtemp(prefix="tm-gateway-"))
-        self.api = APIServer().start()
+        self.api = APIServer(token=new_token()).start()  # the kubeconfig carries the token, as local mode's does
         self.store = self.api.store
         self.kubeconfig = self.tmp / "kubeconfig"
         self.api.write_kubeconfig(str(self.kubeconfig))

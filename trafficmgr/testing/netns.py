@@ -106,9 +106,10 @@ class NetNS:
 
     def redirect_outbound(self, to_port: int = 10000, proxy_uid: int = 1337, exclude_ports: Sequence[int] = (8900,),
                           inbound_port: int = 0) -> None:
-        """nat OUTPUT: redirect TCP to ``to_port`` except the proxy's own uid, loopback and ``exclude_ports``;
-        with ``inbound_port``, nat PREROUTING too: TCP arriving from another namespace goes to that port
-        (the node agent's rules: :func:`trafficmgr.core.agent.iptables.install`)."""
+        """nat OUTPUT: redirect TCP to ``to_port`` except the proxy's own uid and loopback; with
+        ``inbound_port``, nat PREROUTING too: TCP arriving from another namespace goes to that port, except
+        to ``exclude_ports`` (the stats listener) (the node agent's rules:
+        :func:`trafficmgr.core.agent.iptables.install`)."""
         from trafficmgr.core.agent import iptables
 
         iptables.install(iptables.netns_runner(self.path), to_port, proxy_uid, exclude_ports, inbound_port)

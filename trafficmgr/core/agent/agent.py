@@ -48,7 +48,7 @@ from trafficmgr.core.agent.runtime import (
     SidecarError,
     SidecarSpec,
 )
-from trafficmgr.core.bootstrap import bootstrap
+from trafficmgr.core.bootstrap import ADMIN_ADDRESS, ADMIN_PORT, STATS_PORT, add_stats_listener, bootstrap
 from trafficmgr.core.corelabels import ENVOY_ENABLED
 from trafficmgr.core.kube.assemble import DAEMON_SET, DEPLOYMENT, POD, REPLICA_SET, STATEFUL_SET, Assembler
 from trafficmgr.core.kube.client import Kind, KubeClient
@@ -78,7 +78,8 @@ class AgentConfig:
 
     node_name: str
     xds_address: str  # host:port or unix:/path
-    admin_port: int = 8900
+    admin_port: int = ADMIN_PORT  # Envoy admin on 127.0.0.1 inside the pod's network namespace
+    stats_port: int = STATS_PORT  # the stats-only listener on the pod IP (0: none)
     proxy_uid: int = 1337
     proxy_port: int = 10000
     inbound_port: int = 15006  # 0: connections to the pod are not captured
@@ -104,16 +105,26 @@ def parse_xds_address(text: str) -> tuple[str, int]:
 
 
 def sidecar_bootstrap(pod: PodRef, config: AgentConfig, plugins: PluginHost | None = None,
-                      options: argparse.Namespace | None = None) -> dict[str, Any]:
-    """The bootstrap of ``pod``'s sidecar: node id ``<pod>.<namespace>``, admin on the pod IP at
-    ``admin_port`` (scraped by Prometheus like the original's PodIP:8900), xDS from the pod IP over TCP
-    (the control plane sees the pod as peer), then every plugin's ``trafficmgr_bootstrap`` hook."""
+                      options: argparse.Namespace | None = None, own_netns: bool = True) -> dict[str, Any]:
+    """The bootstrap of ``pod``'s sidecar: node id ``<pod>.<namespace>``; Envoy admin on
+    ``127.0.0.1:admin_port`` inside the pod's network namespace (only the pod's own processes and the
+    node agent reach it); the stats-only listener (``GET /stats/prometheus`` and ``/ready``, see
+    :func:`~trafficmgr.core.bootstrap.stats_listener`) on the pod IP at ``stats_port``, scraped by
+    Prometheus like the original's PodIP:8900; xDS from the pod IP over TCP (the control plane sees the
+    pod as peer); then every plugin's ``trafficmgr_bootstrap`` hook.
+
+    ``own_netns`` False (the ``local`` runtime: every sidecar shares the host's loopback, so one
+    127.0.0.1 port cannot serve them all): admin is on the pod IP at ``admin_port`` instead. Local mode
+    has no isolation between pods anyway (every process of the user reaches every loopback address)."""
     host, port = parse_xds_address(config.xds_address)
     tcp = not host.startswith("unix:")
     result = bootstrap(
-        pod.node_id, SIDECAR_CLUSTER, host, port, admin_port=config.admin_port, admin_address=pod.ip,
+        pod.node_id, SIDECAR_CLUSTER, host, port, admin_port=config.admin_port,
+        admin_address=ADMIN_ADDRESS if own_netns else pod.ip,
         delta=config.delta, xds_source_address=pod.ip if tcp else None,
     )
+    if config.stats_port:
+        add_stats_listener(result, pod.ip, config.stats_port)
     if plugins is not None:
         plugins.call_all("trafficmgr_bootstrap", bootstrap=result, role=SIDECAR_CLUSTER,
                          options=options or argparse.Namespace())
@@ -360,7 +371,7 @@ class Agent:
         network = self.runtime.pod_network(pod)
         if sidecar is None:
             sidecar = self._start(pod, network)
-            if self.runtime.captures_traffic and not wait_live(network.netns, ip, self.config.admin_port, LIVE_TIMEOUT):
+            if self.runtime.captures_traffic and not wait_live(network.netns, ADMIN_ADDRESS, self.config.admin_port, LIVE_TIMEOUT):
                 # Capture anyway: the pod's traffic must not bypass the sidecar (it is blocked by default).
                 log.warning("sidecar %s of %s/%s is not LIVE after %.0fs (control plane unreachable?); capturing anyway",
                             sidecar.id[:12], key[0], key[1], LIVE_TIMEOUT)
@@ -368,7 +379,10 @@ class Agent:
             run = iptables.netns_runner(network.netns)
             inbound = self.config.inbound_port
             if verify or not iptables.installed(run, bool(inbound)) or self._verified.get(key) != (uid, sidecar.id):
-                iptables.install(run, self.config.proxy_port, self.config.proxy_uid, (self.config.admin_port,), inbound)
+                # The stats port is exempt from the inbound redirect only (Prometheus reaches the stats
+                # listener); outbound connections to it are captured like any other port.
+                stats = (self.config.stats_port,) if self.config.stats_port else ()
+                iptables.install(run, self.config.proxy_port, self.config.proxy_uid, stats, inbound)
         if _annotation(raw) != sidecar.id:
             self._annotate(key, sidecar.id)
         self._verified[key] = (uid, sidecar.id)
@@ -376,7 +390,8 @@ class Agent:
     def _start(self, pod: PodRef, network: PodNetwork) -> Sidecar:
         host, _ = parse_xds_address(self.config.xds_address)
         spec = SidecarSpec(
-            pod, sidecar_bootstrap(pod, self.config, self.plugins, self.options), self.config.proxy_uid,
+            pod, sidecar_bootstrap(pod, self.config, self.plugins, self.options, own_netns=self.runtime.captures_traffic),
+            self.config.proxy_uid,
             xds_socket=host[len("unix:"):] if host.startswith("unix:") else None,
         )
         sidecar = self.runtime.start(spec, network)

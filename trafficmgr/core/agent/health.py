@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 def wait_live(netns: str | None, address: str, port: int, timeout: float) -> bool:
     """Poll Envoy's admin ``/ready`` at ``address:port`` inside network namespace ``netns`` (None: this
-    one) until it says LIVE, so capture rules go in only once the sidecar has its listeners (else the
+    one; sidecars: admin on ``127.0.0.1:15000`` of the pod's namespace, reachable only from there) until it
+    says LIVE, so capture rules go in only once the sidecar has its listeners (else the
     pod's first connections would be refused). Returns False on timeout."""
     import ctypes
     import http.client
@@ -54,6 +55,44 @@ def wait_live(netns: str | None, address: str, port: int, timeout: float) -> boo
     t.join(timeout + 2)
     return result[0]
 
+
+
+def admin_get(netns: str | None, address: str, port: int, path: str, timeout: float = 10.0) -> tuple[int, bytes]:
+    """GET ``path`` from Envoy admin at ``address:port`` inside network namespace ``netns`` (None: this
+    one): (status, body). Only GET: the node operator's read access to a sidecar's admin
+    (``trafficmgr proxies --admin``). Raises ``OSError`` when admin cannot be reached."""
+    import ctypes
+    import http.client
+
+    result: list[Any] = [OSError(f"admin {address}:{port} did not answer within {timeout:.0f}s")]
+
+    def fetch() -> None:
+        try:
+            if netns is not None:
+                fd = os.open(netns, os.O_RDONLY)
+                try:
+                    if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+                        raise OSError(ctypes.get_errno(), f"cannot enter network namespace {netns}")
+                finally:
+                    os.close(fd)
+            conn = http.client.HTTPConnection(address, port, timeout=timeout)
+            try:
+                conn.request("GET", path)
+                resp = conn.getresponse()
+                result[0] = (resp.status, resp.read())
+            finally:
+                conn.close()
+        except OSError as exc:
+            result[0] = exc
+
+    # A thread of its own: setns(2) switches only the calling thread's namespace.
+    t = threading.Thread(target=fetch, name="sidecar-admin", daemon=True)
+    t.start()
+    t.join(timeout + 2)
+    if isinstance(result[0], OSError):
+        raise result[0]
+    status, body = result[0]
+    return status, body
 
 
 class HealthServer:

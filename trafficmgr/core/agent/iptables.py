@@ -5,12 +5,14 @@ and ``PREROUTING``, so removal is exact: delete the jumps, flush and delete the 
 the namespace is touched. Both :func:`install` and :func:`remove` are idempotent.
 
 Rules (nat ``OUTPUT``): TCP from the pod is redirected to the sidecar's outbound port, except traffic of
-the proxy's own uid or gid (Envoy's upstream and xDS connections), to loopback, or to ``exclude_ports``
-(the Envoy admin port, so Prometheus scrapes and health checks reach it).
+the proxy's own uid or gid (Envoy's upstream and xDS connections) and to loopback (so the pod's own
+processes and the agent reach Envoy admin on 127.0.0.1:15000 as before). No destination port is exempt:
+a connection to port 8900 of another host is captured like any other (blocked unless that port is labeled).
 
 Rules (nat ``PREROUTING``, when an inbound port is given): TCP arriving at the pod from outside is
-redirected to the sidecar's inbound port, except to ``exclude_ports``. Envoy then connects to the pod's
-own address as its proxy uid, which the ``OUTPUT`` rules let through.
+redirected to the sidecar's inbound port, except to ``exclude_ports`` (the stats-only listener's port,
+8900, so Prometheus and probes reach it directly). Envoy then connects to the pod's own address as its
+proxy uid, which the ``OUTPUT`` rules let through.
 
 IPv6 (ip6tables filter ``OUTPUT``, chain :data:`CHAIN` there too): the sidecar listens on IPv4 only, so
 outbound TCP over IPv6 is refused with a TCP reset (clients fall back to IPv4 at once) with the same
@@ -72,26 +74,26 @@ def _ipt(run: Runner, *args: str, check: bool = True, table: tuple[str, str] = N
     return proc
 
 
-def _let_through(proxy_uid: int, exclude_ports: Sequence[int], loopback: str) -> list[list[str]]:
-    """What :data:`CHAIN` never touches: the proxy's own uid/gid, loopback and ``exclude_ports``."""
-    out = [
+def _let_through(proxy_uid: int, loopback: str) -> list[list[str]]:
+    """What :data:`CHAIN` never touches: the proxy's own uid/gid and loopback. No port is exempt: an
+    outbound exemption by port would let the app reach that port on every host without the sidecar."""
+    return [
         [CHAIN, "-m", "owner", "--uid-owner", str(proxy_uid), "-j", "RETURN"],
         [CHAIN, "-m", "owner", "--gid-owner", str(proxy_uid), "-j", "RETURN"],
         [CHAIN, "-d", loopback, "-j", "RETURN"],
     ]
-    return out + [[CHAIN, "-p", "tcp", "--dport", str(p), "-j", "RETURN"] for p in exclude_ports]
 
 
-def rules(to_port: int = 10000, proxy_uid: int = 1337, exclude_ports: Sequence[int] = (8900,)) -> list[list[str]]:
+def rules(to_port: int = 10000, proxy_uid: int = 1337) -> list[list[str]]:
     """The rules of :data:`CHAIN`, in order (each an ``iptables -A`` argument list)."""
-    return [*_let_through(proxy_uid, exclude_ports, "127.0.0.0/8"),
+    return [*_let_through(proxy_uid, "127.0.0.0/8"),
             [CHAIN, "-p", "tcp", "-j", "REDIRECT", "--to-ports", str(to_port)]]
 
 
-def rules6(proxy_uid: int = 1337, exclude_ports: Sequence[int] = (8900,)) -> list[list[str]]:
+def rules6(proxy_uid: int = 1337) -> list[list[str]]:
     """The rules of :data:`CHAIN` in the ip6tables filter table, in order."""
     # Only connection attempts: the reset itself passes OUTPUT too, and must not be rejected in turn.
-    return [*_let_through(proxy_uid, exclude_ports, "::1/128"),
+    return [*_let_through(proxy_uid, "::1/128"),
             [CHAIN, "-p", "tcp", "--syn", "-j", "REJECT", "--reject-with", "tcp-reset"]]
 
 
@@ -117,7 +119,8 @@ def _ipv6(run: Runner) -> bool:
 
 
 def inbound_rules(inbound_port: int, exclude_ports: Sequence[int] = (8900,)) -> list[list[str]]:
-    """The rules of :data:`INBOUND_CHAIN`, in order."""
+    """The rules of :data:`INBOUND_CHAIN`, in order: ``exclude_ports`` (the stats listener) and the
+    inbound port itself are not redirected."""
     out = [[INBOUND_CHAIN, "-p", "tcp", "--dport", str(p), "-j", "RETURN"] for p in (*exclude_ports, inbound_port)]
     out.append([INBOUND_CHAIN, "-p", "tcp", "-j", "REDIRECT", "--to-ports", str(inbound_port)])
     return out
@@ -145,12 +148,12 @@ def _drop(run: Runner, chain: str, jump: list[str], table: tuple[str, str] = NAT
 
 def install(run: Runner, to_port: int = 10000, proxy_uid: int = 1337, exclude_ports: Sequence[int] = (8900,),
             inbound_port: int = 0) -> None:
-    """Install (or re-install, replacing the chains' content) the redirect rules; ``inbound_port`` 0:
-    no inbound capture (an inbound chain left from an earlier install is removed). Raises
-    :class:`IptablesError`."""
-    _fill(run, CHAIN, rules(to_port, proxy_uid, exclude_ports), JUMP)
+    """Install (or re-install, replacing the chains' content) the redirect rules; ``exclude_ports`` are
+    exempt from the inbound redirect only (the stats listener's port); ``inbound_port`` 0: no inbound
+    capture (an inbound chain left from an earlier install is removed). Raises :class:`IptablesError`."""
+    _fill(run, CHAIN, rules(to_port, proxy_uid), JUMP)
     if _ipv6(run):
-        _fill(run, CHAIN, rules6(proxy_uid, exclude_ports), JUMP, FILTER6)
+        _fill(run, CHAIN, rules6(proxy_uid), JUMP, FILTER6)
     if inbound_port:
         _fill(run, INBOUND_CHAIN, inbound_rules(inbound_port, exclude_ports), INBOUND_JUMP)
     else:

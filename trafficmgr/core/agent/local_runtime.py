@@ -84,6 +84,21 @@ class LocalRuntime(ProcessRuntime):
         config = add_explicit_proxy(spec.config, spec.pod.ip, self.proxy_port)
         return super().start(SidecarSpec(spec.pod, config, spec.proxy_uid, spec.xds_socket), network)
 
+    def admin_address(self, sidecar: Sidecar) -> tuple[str, int]:
+        """(address, port) of ``sidecar``'s Envoy admin, from the bootstrap it was started with (local mode:
+        the pod IP, see :func:`~trafficmgr.core.agent.agent.sidecar_bootstrap`). Raises ``SidecarError``."""
+        import json
+
+        from trafficmgr.core.agent.runtime import SidecarError
+
+        path = os.path.join(self.state_dir, sidecar.id, "envoy.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                address = json.load(f)["admin"]["address"]["socket_address"]
+            return str(address["address"]), int(address["port_value"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SidecarError(f"cannot read the admin address of sidecar {sidecar.id[:12]} from {path}: {exc}") from None
+
     def _envoy_binary(self) -> str:
         # No uid switch in local mode: the Envoy next to this Python is used as is (no copy for root).
         from trafficmgr.core.agent.runtime import SidecarError

@@ -49,7 +49,8 @@ def run_agent(args: argparse.Namespace, plugins: PluginHost, stop: threading.Eve
     except Exception as exc:  # noqa: BLE001 - config errors come in many types
         raise AgentStartError(f"cannot load Kubernetes configuration: {exc}") from None
     config = AgentConfig(
-        node_name=args.node_name, xds_address=args.xds_address, admin_port=args.admin_port, proxy_uid=args.proxy_uid,
+        node_name=args.node_name, xds_address=args.xds_address, admin_port=args.admin_port, stats_port=args.stats_port,
+        proxy_uid=args.proxy_uid,
         proxy_port=args.proxy_port, inbound_port=args.inbound_port, namespace=args.namespace, delta=args.delta, resync_s=args.resync,
     )
     agent = Agent(KubeClient(api), make_runtime(args), config, plugins, args).start()
