@@ -7,6 +7,10 @@
   ``trafficmgr_route``; fault injection and rate limits are sidecar-only.
 - One listener (``--gateway-port``, default 10000) serves plain HTTP; the tls plugin adds SNI chains.
 - ``status.loadBalancer.ingress`` of served Ingresses = the gateway Service's address.
+- Edge settings (``edge.py``: path normalisation, underscores rejected, HTTP/2 limits, timeouts) on the
+  gateway's connection manager, and an overload manager in gateway bootstraps (``trafficmgr_bootstrap``).
+- TLS chains with ``server_names`` get their own route configuration: hosts outside the chain's
+  certificate get 421 (``misdirected.py``).
 
 For plugins that declare ``TRAFFICMGR_DEPENDS = ("ingress",)`` (tls): the names in ``__all__`` below.
 The gateway listener (``LISTENER``) goes through ``trafficmgr_listener`` hooks with that listener name,
@@ -21,7 +25,7 @@ import ipaddress
 from typing import TYPE_CHECKING, Any
 
 from trafficmgr.plugin import GATEWAY, Model, ObjectStatus, WatchKind, hookimpl, listen_port
-from trafficmgr.plugins.ingress import gateway
+from trafficmgr.plugins.ingress import edge, gateway
 from trafficmgr.plugins.ingress.gateway import LISTENER, PLAIN_CHAIN, served
 from trafficmgr.plugins.ingress.ir import (
     DEFAULTS,
@@ -38,9 +42,15 @@ from trafficmgr.plugins.ingress.ir import (
 if TYPE_CHECKING:
     from trafficmgr.plugin import BuildContext, Resource
 
+#: The gateway's node cluster: ``trafficmgr bootstrap`` passes it as the role (the chart's gateway pod).
+GATEWAY_NODE_CLUSTER = "traffic-ingress"
+
 
 @hookimpl
 def trafficmgr_add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    if command == "bootstrap":  # the gateway's bootstrap: its overload manager (edge.py)
+        edge.add_bootstrap_arguments(parser.add_argument_group("ingress plugin (gateway bootstrap only)"))
+        return
     if command != "serve":  # only the control plane builds the gateway's configuration
         return
     group = parser.add_argument_group("ingress plugin")
@@ -54,6 +64,17 @@ def trafficmgr_add_arguments(parser: argparse.ArgumentParser, command: str) -> N
                        help="the gateway's Service, whose address goes into Ingress status (default traffic-ingress)")
     group.add_argument("--gateway-namespace", default=DEFAULTS["gateway_namespace"],
                        help="namespace of --gateway-service (default $POD_NAMESPACE or default)")
+    edge.add_serve_arguments(group)
+
+
+@hookimpl
+def trafficmgr_bootstrap(bootstrap: dict[str, Any], role: str, options: argparse.Namespace) -> None:
+    """Gateway Envoys (role ``gateway``, or node cluster ``traffic-ingress`` from ``trafficmgr bootstrap``)
+    get the edge overload manager: a heap limit and a global downstream connection limit. Sidecars
+    do not (their load is bounded by their own pod)."""
+    if role not in (GATEWAY, GATEWAY_NODE_CLUSTER):
+        return
+    edge.add_overload_manager(bootstrap, options)
 
 
 @hookimpl

@@ -7,7 +7,6 @@ Ingresses claim the same host + path, the oldest Ingress wins and the other gets
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -19,6 +18,7 @@ from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from trafficmgr.plugin import HCM_FILTER, Resource, Service, ServicePort, pack, socket_address
 from trafficmgr.plugin import ROUTE as RDS
 from trafficmgr.plugin import SECRET as SDS
+from trafficmgr.plugins.ingress import edge, misdirected
 from trafficmgr.plugins.ingress.ir import (
     EXACT,
     HOST_RE,
@@ -196,8 +196,9 @@ def _route(ctx: BuildContext, e: PathEntry, authority_regex: str = "") -> route_
 
 
 def _wildcard_regex(host: str) -> str:
-    """Kubernetes: ``*.foo.com`` matches exactly one more DNS label (Envoy's ``*.foo.com`` matches any)."""
-    return r"^[^.]+" + re.escape(host[1:]) + "$"
+    """Kubernetes: ``*.foo.com`` matches exactly one more DNS label (Envoy's ``*.foo.com`` matches any);
+    case-insensitive, as host names are."""
+    return misdirected.one_label_regex(host)
 
 
 def route_configuration(ctx: BuildContext, p: Plan) -> route_pb2.RouteConfiguration:
@@ -231,7 +232,9 @@ def listener(ctx: BuildContext) -> listener_pb2.Listener:
     lst.listener_filters.add(name="envoy.filters.listener.tls_inspector", typed_config=pack(tls_inspector_pb2.TlsInspector()))
     hcm = ctx.http_connection_manager("ingress_http", ROUTE_CONFIG, LISTENER)
     hcm.strip_any_host_port = True
-    hcm.use_remote_address.value = True
+    # Edge settings (use_remote_address among them): the gateway's clients are untrusted (edge.py).
+    edge.harden_hcm(hcm, ctx.options)
+    edge.harden_listener(lst)
     chain = lst.filter_chains.add(name=PLAIN_CHAIN)
     # A catch-all plain chain would swallow TLS with an unknown SNI: plain text only.
     chain.filter_chain_match.transport_protocol = "raw_buffer"
@@ -275,7 +278,9 @@ def resources(ctx: BuildContext) -> list[Resource]:
     p = plan(ctx)
     rc = route_configuration(ctx, p)
     lst = listener(ctx)
-    refs = [(RDS, ROUTE_CONFIG)] + [(SDS, n) for n in sds_names(lst)]
-    out = [ctx.resource(lst, LISTENER, refs), ctx.resource(rc, ROUTE_CONFIG)]
+    # SNI chains read their own route configuration: other hosts get 421 there (misdirected.py).
+    chain_rcs = misdirected.split_routes(lst, rc)
+    refs = [(RDS, ROUTE_CONFIG)] + [(RDS, c.name) for c in chain_rcs] + [(SDS, n) for n in sds_names(lst)]
+    out = [ctx.resource(lst, LISTENER, refs), ctx.resource(rc, ROUTE_CONFIG)] + [ctx.resource(c, c.name) for c in chain_rcs]
     ctx.memo["ingress"] = (key, out)
     return out

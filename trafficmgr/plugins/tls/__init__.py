@@ -3,6 +3,8 @@
 - One SNI filter chain per Secret (its hosts from every served Ingress), on the ingress listener's port,
   ALPN ``h2`` and ``http/1.1``; certificates come over SDS, to gateway proxies only.
 - Updating the Secret rotates the certificate without restarting Envoy (same SDS name, new content).
+- A request on an SNI chain for a host its certificate does not name gets 421 (the ingress plugin gives
+  each chain with ``server_names`` its own route configuration: ``ingress/misdirected.py``).
 - A missing or invalid Secret: its hosts are not served over TLS and the Ingress gets a Warning Event;
   everything else keeps working and Envoy never sees the bad Secret.
 - Only TLS Secrets referenced by an Ingress are in the model (other plugins never see other keys).
