@@ -69,6 +69,7 @@ spec:
   - {hosts: [a.example], secretName: a-tls}
   - {hosts: [b.example], secretName: b-tls}
   - {hosts: ["*.w.example"], secretName: w-tls}
+  - {hosts: [one.v.example, none.example], secretName: v-tls}
   rules:
   - host: a.example
     http:
@@ -79,6 +80,9 @@ spec:
   - host: "*.w.example"
     http:
       paths: [{path: /, pathType: Prefix, backend: {service: {name: alpha, port: {number: 8080}}}}]
+  - host: "*.v.example"
+    http:
+      paths: [{path: /v, pathType: Prefix, backend: {service: {name: alpha, port: {number: 8080}}}}]
   - http:
       paths: [{path: /, pathType: Prefix, backend: {service: {name: beta, port: {number: 8080}}}}]
 """
@@ -89,7 +93,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[CA, dict[str, Cert]]:
     d = tmp_path_factory.mktemp("pki")
     ca = make_ca(d)
     return ca, {"a": make_leaf(ca, d, ["a.example"], 0xA1), "b": make_leaf(ca, d, ["b.example"], 0xB1),
-                "w": make_leaf(ca, d, ["*.w.example"], 0xC1)}
+                "w": make_leaf(ca, d, ["*.w.example"], 0xC1),
+                "v": make_leaf(ca, d, ["one.v.example", "none.example"], 0xD1)}
 
 
 @pytest.fixture(scope="module")
@@ -290,6 +295,13 @@ def test_host_outside_the_sni_certificate_gets_421(gw: GatewayCluster, pki: tupl
     assert https1(port, "x.w.example", "Y.W.example", "/", cafile)[0] == 200
     assert https1(port, "x.w.example", "z.y.w.example", "/", cafile)[0] == 421
     assert https1(port, "x.w.example", "a.example", "/", cafile)[0] == 421
+    # A certificate host served by a wildcard rule: that rule's routes, then the catch-all rule's (as over
+    # plain HTTP); a sibling under the same wildcard rule is not in this certificate.
+    assert (lambda r: (r[0], backend_of(r[1])))(https1(port, "one.v.example", "one.v.example", "/v/1", cafile)) == (200, "alpha")
+    assert (lambda r: (r[0], backend_of(r[1])))(https1(port, "one.v.example", "one.v.example", "/x", cafile)) == (200, "beta")
+    assert https1(port, "one.v.example", "two.v.example", "/v/1", cafile)[0] == 421
+    # A certificate host only the catch-all rule serves: served (it is this certificate's host).
+    assert (lambda r: (r[0], backend_of(r[1])))(https1(port, "one.v.example", "none.example", "/", cafile)) == (200, "beta")
     # Plain HTTP has no certificate: every host is routed as before.
     assert (lambda r: (r[0], backend_of(r[2])))(http1(port, "/", "b.example")) == (200, "beta")
     assert (lambda r: (r[0], backend_of(r[2])))(http1(port, "/", "other.example")) == (200, "beta")
@@ -396,3 +408,25 @@ def test_bootstrap_cli_options(tmp_path: Path) -> None:
     assert int(monitors["envoy.resource_monitors.global_downstream_max_connections"]["max_active_downstream_connections"]) == 7
     bad = subprocess.run(cmd[:-2] + ["--gateway-max-heap-bytes", "1000"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--gateway-max-heap-bytes" in bad.stderr and "less than" in bad.stderr
+
+
+def test_chain_route_configuration_hosts() -> None:
+    """Which virtual hosts an SNI chain's route configuration holds (no Envoy needed: the traffic tests
+    above run the same function)."""
+    from envoy.config.route.v3 import route_pb2
+
+    from trafficmgr.plugins.ingress.misdirected import MISDIRECTED, chain_route_configuration
+
+    shared = route_pb2.RouteConfiguration(name="ingress")
+    for host in ("a.example", "*.w.example"):
+        vh = shared.virtual_hosts.add(name=host, domains=[host])
+        vh.routes.add(name=host).match.prefix = "/"
+    rc = chain_route_configuration(shared, "ingress|https|x", ["a.example", "z.w.example", "b.example", ""])
+    by_domain = {d: vh for vh in rc.virtual_hosts for d in vh.domains}
+    assert sorted(by_domain) == ["*", "a.example", "b.example", "z.w.example"]
+    # Covered by the shared wildcard: its routes; a certificate host nothing routes: no routes (404, not 421).
+    assert [r.name for r in by_domain["z.w.example"].routes] == ["*.w.example"]
+    assert list(by_domain["b.example"].routes) == []
+    assert by_domain["*"].routes[0].direct_response.status == MISDIRECTED
+    # The shared configuration is not changed.
+    assert [list(vh.domains) for vh in shared.virtual_hosts] == [["a.example"], ["*.w.example"]]
