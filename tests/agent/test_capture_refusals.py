@@ -209,3 +209,63 @@ def test_the_docker_runtime_refuses_a_host_network_pause_container(cluster: Clus
     finally:
         docker_api.remove_container(pause, force=True)
 
+
+
+
+#: Pod securityContexts and the ids (setpriv options) a container of such a pod runs with.
+ID_CASES = [
+    ({"runAsUser": 1000, "runAsGroup": 1000}, ["--reuid=1000", "--regid=1000", "--clear-groups"]),
+    ({"runAsUser": 1337, "runAsGroup": 1000}, ["--reuid=1337", "--regid=1000", "--clear-groups"]),
+    ({"runAsUser": 1000, "runAsGroup": 1337}, ["--reuid=1000", "--regid=1337", "--clear-groups"]),
+    ({"runAsUser": 1000, "runAsGroup": 1000, "supplementalGroups": [1337]}, ["--reuid=1000", "--regid=1000", "--groups=1337"]),
+    ({"runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1337}, ["--reuid=1000", "--regid=1000", "--groups=1337"]),
+    ({"runAsUser": 1000, "runAsGroup": 1000, "supplementalGroups": [4000]}, ["--reuid=1000", "--regid=1000", "--groups=4000"]),
+]
+
+
+def test_the_refusals_cover_exactly_the_ids_that_bypass_capture() -> None:
+    """Against the agent's own rules in a namespace (no agent): for each pod securityContext, run a client
+    with the ids a container of that pod gets, directly and, where it has supplementary groups, through a
+    set-gid program of its group (which any member can make: ``chgrp`` + ``chmod g+s``). Where the
+    connection lands tells whether it was captured (the "proxy" on the redirect port) or bypassed (the
+    destination itself). A pod is refused exactly when one of its processes can bypass."""
+    from trafficmgr.core.agent.eligibility import refusal
+    from trafficmgr.testing.netns import require as require_netns
+
+    require_netns()
+    with NetNS("tmgid") as ns:
+        ns.add_pod_network([REVIEWS_IP])
+        iptables.install(iptables.netns_runner(ns.path), 10000, 1337, (), 0)
+        proxy = ns.in_ns(lambda: HttpBackend("proxy", "127.0.0.1", 10000).start())
+        direct = ns.in_ns(lambda: HttpBackend("reviews", REVIEWS_IP, 9080).start())
+        workdir = tempfile.mkdtemp(prefix="tm-setgid-")  # pytest's tmp_path is not reachable for uid 1000
+        os.chmod(workdir, 0o777)
+        curl = shutil.which("curl") or "curl"
+        fetch = f"-s -m 3 -o /dev/null http://{REVIEWS_IP}:9080/"
+
+        def lands(ids: list[str], setgid: str | None = None) -> str:
+            """Where the connection of a client with ``ids`` (run as a set-gid ``setgid`` program) lands."""
+            before = (proxy.hits, direct.hits)
+            program = curl
+            if setgid is not None:
+                program = f"{workdir}/curl-{setgid}"
+                ns.run("setpriv", *ids, "sh", "-c", f"cp {curl} {program} && chgrp {setgid} {program} && chmod g+s {program}")
+            ns.run("setpriv", *ids, "sh", "-c", f"{program} {fetch}")
+            after = (proxy.hits, direct.hits)
+            return "proxy" if after[0] > before[0] else "direct" if after[1] > before[1] else "nowhere"
+
+        try:
+            seen = []
+            for sc, ids in ID_CASES:
+                groups = [i.split("=")[1] for i in ids if i.startswith("--groups=")]
+                outcomes = [lands(ids)] + [lands(ids, setgid=g) for g in groups]
+                seen.append(outcomes)
+                pod_obj = {"spec": {"securityContext": sc, "containers": [{"name": "app"}]}}
+                assert ("direct" in outcomes) == (refusal(pod_obj, 1337) is not None), (sc, outcomes)
+            # The facts themselves: the proxy's uid or primary gid bypass; membership alone does not, a
+            # set-gid program of the group does; another group changes nothing.
+            assert seen == [["proxy"], ["direct"], ["direct"], ["proxy", "direct"], ["proxy", "direct"], ["proxy", "proxy"]]
+        finally:
+            proxy.stop()
+            direct.stop()
+            shutil.rmtree(workdir, ignore_errors=True)
