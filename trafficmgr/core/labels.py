@@ -7,7 +7,7 @@ default applies) and reported as a :class:`~trafficmgr.core.model.LabelError` (r
 durations, uint32 counts) is replaced by the ceiling and reported too (reason ``TrafficConfigClamped``).
 
 This is the one place label values are bounded: the parsers below accept only ASCII digits (no ``1e309``,
-``nan``, ``inf``, unicode digits or ``1_000``), never more than :data:`MAX_DIGITS` of them, and every
+``nan``, ``inf``, unicode digits, ``1_000`` or surrounding blanks), at most :data:`MAX_DIGITS` of them, and every
 integer parser has a ceiling (uint32, a duration or int64 by default), so no label value can make the
 builder emit a protobuf field out of its range, which Envoy would NACK for every proxy sharing the
 resource.
@@ -65,6 +65,7 @@ class Parser:
         self.maximum = maximum
         self.ceiling = ceiling
         self.choices = choices
+        self.case_insensitive = False  # choices: whether "ring_hash" is "RING_HASH"
 
     def __call__(self, raw: str) -> Any:
         """The value for ``raw`` (a clamped value already limited); ValueError when invalid."""
@@ -83,6 +84,7 @@ class Parser:
 
 
 _INTEGER = re.compile(r"[+-]?[0-9]+")
+_PORT = re.compile(r"[1-9][0-9]{0,4}")
 _NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
@@ -105,10 +107,9 @@ def integer(minimum: int = 0, maximum: int | None = None, unit: str = "", ceilin
     limit = ceiling
 
     def parse(raw: str) -> int | Clamped:
-        text = raw.strip()
-        if not _INTEGER.fullmatch(text) or len(text) > MAX_DIGITS + 1:
+        if len(raw) > MAX_DIGITS + 1 or not _INTEGER.fullmatch(raw):
             raise ValueError(f"must be {allowed}")
-        v = int(text)
+        v = int(raw)
         if v < minimum or (maximum is not None and v > maximum):
             raise ValueError(f"must be {allowed}")
         if v > limit:
@@ -139,10 +140,9 @@ def number(minimum: float = 0.0, maximum: float | None = None, unit: str = "") -
     allowed = f"a number {rng}" + (f" ({unit})" if unit else "")
 
     def parse(raw: str) -> float:
-        text = raw.strip()
-        if not _NUMBER.fullmatch(text) or len(text) > MAX_DIGITS + 1:
+        if len(raw) > MAX_DIGITS + 1 or not _NUMBER.fullmatch(raw):
             raise ValueError(f"must be {allowed}")
-        v = float(text)
+        v = float(raw)
         if not math.isfinite(v) or v < minimum or (maximum is not None and v > maximum):
             raise ValueError(f"must be {allowed}")
         return v + 0.0  # -0.0 -> 0.0
@@ -161,7 +161,9 @@ def choice(*values: str, case_insensitive: bool = True) -> Parser:
             raise ValueError(f"must be {allowed}")
         return canon[key]
 
-    return Parser(parse, allowed, "choice", choices=tuple(values))
+    parser = Parser(parse, allowed, "choice", choices=tuple(values))
+    parser.case_insensitive = case_insensitive
+    return parser
 
 
 def boolean() -> Parser:
@@ -177,12 +179,16 @@ def boolean() -> Parser:
     return Parser(parse, allowed, "boolean", choices=("true", "false"))
 
 
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# An HTTP token (RFC 9110) without ``%``: Envoy reads ``%...%`` in a header value as a substitution
+# command and NACKs the route config for an unknown one (``%00``), so a token a plugin writes into a header
+# value must not carry it (found by tests/test_label_properties.py with the served-by example plugin).
+_TOKEN = re.compile(r"[!#$&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 def token(what: str = "an HTTP token") -> Parser:
-    """An HTTP token (valid cookie or header name); an empty value means "not set"."""
-    allowed = f"{what} (letters, digits and !#$%&'*+-.^_`|~)"
+    """An HTTP token (valid cookie or header name, and safe as a header value: no ``%``); an empty value
+    means "not set"."""
+    allowed = f"{what} (letters, digits and !#$&'*+-.^_`|~)"
 
     def parse(raw: str) -> str:
         if raw and not _TOKEN.fullmatch(raw):
@@ -279,7 +285,9 @@ class LabelRegistry:
                 continue
             if match is not None:
                 port = match.group("port")
-                if not port.isdigit() or not 1 <= int(port) <= 65535:
+                # ASCII digits without leading zeros: "traffic.port.09080" or a unicode digit would parse as a
+                # number but never match the port the core looks the label up by (silently unused).
+                if not _PORT.fullmatch(port) or not 1 <= int(port) <= 65535:
                     errors.append(LabelError(ref, key, value, f"{port!r} in the key must be a port number 1..65535"))
                     continue
             try:
