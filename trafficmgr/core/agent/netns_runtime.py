@@ -44,6 +44,8 @@ from trafficmgr.core.agent.runtime import (
 
 DEFAULT_STATE_DIR = "/var/run/trafficmgr/sidecars"
 DEFAULT_NETNS_DIR = "/var/run/netns"
+#: How long the addresses read from a namespace are reused by pod IP lookups (seconds).
+ADDRESS_CACHE_S = 2.0
 
 
 class ProcessRuntime(Runtime):
@@ -60,6 +62,8 @@ class ProcessRuntime(Runtime):
         self.captures_traffic = use_netns
         self.name = "netns" if use_netns else "local"
         self._children: dict[int, subprocess.Popen[bytes]] = {}  # reaped by us while we are their parent
+        # namespace path -> (when read, its identity, its `ip -o addr show`): see _addresses
+        self._addresses: dict[str, tuple[float, tuple[int, int], str]] = {}
 
     def describe(self) -> str:
         return f"{self.name} (state in {self.state_dir})"
@@ -90,9 +94,7 @@ class ProcessRuntime(Runtime):
             ident = netns_identity(path)
             if ident is None:
                 continue  # removed meanwhile, or not a namespace
-            proc = subprocess.run(["nsenter", f"--net={path}", "ip", "-o", "addr", "show"],
-                                  capture_output=True, text=True, timeout=10)
-            if proc.returncode == 0 and _has_address(proc.stdout, pod.ip):
+            if _has_address(self._addresses_of(path, ident), pod.ip):
                 found.setdefault(ident, []).append(path)
         if not found:
             raise NetworkNotReady(f"no network namespace under {self.netns_dir} holds the pod IP {pod.ip} (yet)")
@@ -107,6 +109,22 @@ class ProcessRuntime(Runtime):
                 f"down yet? No sidecar until exactly one does (the agent does not guess which is the pod's)")
         [paths] = found.values()
         return PodNetwork(paths[0], paths[0])
+
+    def _addresses_of(self, path: str, ident: tuple[int, int]) -> str:
+        """``ip -o addr show`` inside the namespace at ``path`` ("" when it cannot be read), remembered for
+        :data:`ADDRESS_CACHE_S`: every lookup reads every namespace, so a reconcile pass over N pods would
+        otherwise run N x N ``nsenter``; a recreated namespace (another identity) is read again at once."""
+        now = time.monotonic()
+        cached = self._addresses.get(path)
+        if cached is not None and cached[1] == ident and now - cached[0] < ADDRESS_CACHE_S:
+            return cached[2]
+        proc = subprocess.run(["nsenter", f"--net={path}", "ip", "-o", "addr", "show"],
+                              capture_output=True, text=True, timeout=10)
+        text = proc.stdout if proc.returncode == 0 else ""
+        if len(self._addresses) > 4096:  # namespaces come and go: forget the old ones now and then
+            self._addresses = {k: v for k, v in self._addresses.items() if now - v[0] < ADDRESS_CACHE_S}
+        self._addresses[path] = (now, ident, text)
+        return text
 
     # -- sidecars -----------------------------------------------------------------------------
 
