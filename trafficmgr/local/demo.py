@@ -249,6 +249,7 @@ class Demo:
 
     def _start_api(self) -> None:
         from trafficmgr.apiserver import APIServer
+        from trafficmgr.apiserver.access import TokenError, new_token
         from trafficmgr.local.kubelet import LocalKubelet
         from trafficmgr.local.kubeproxy import KubeProxy
 
@@ -261,7 +262,15 @@ class Demo:
         for net, flag in ((pods, "--pod-cidr"), (services, "--service-cidr")):
             if not net.subnet_of(ipaddress.IPv4Network("127.0.0.0/8")) or net.num_addresses < 16:
                 raise DemoError(f"{flag} {net} must be a loopback network (inside 127.0.0.0/8) with at least 16 addresses")
-        api = APIServer(port=c.api_port, workload_controllers=True, service_cidr=c.service_cidr)
+        # The kubelet runs a pod's command: writing to this server is running code as this user. So it takes
+        # a random bearer token that only the kubeconfig (mode 0600) holds, serves HTTPS (kubectl sends a
+        # token only over TLS), checks Host (DNS rebinding) and write content types (cross-site posts):
+        # see trafficmgr/apiserver/access.py.
+        try:
+            api = APIServer(port=c.api_port, workload_controllers=True, service_cidr=c.service_cidr,
+                            token=new_token())
+        except TokenError as exc:
+            raise DemoError(f"cannot start the API server: {exc}") from None
         self.kubelet = LocalKubelet(api.store, str(self.state), c.pod_cidr, reserved=(c.gateway_ip,)).attach()
         api.controllers.runtime = self.kubelet
         try:
@@ -270,7 +279,7 @@ class Demo:
             raise DemoError(f"cannot start the API server on 127.0.0.1:{c.api_port}: {exc.strerror} (use --api-port)") from None
         self.api.write_kubeconfig(self.kubeconfig)
         self.kubeproxy = KubeProxy(self.api.store).start()
-        self.say(f"API server on {self.api.url} (kubeconfig {self.kubeconfig})")
+        self.say(f"API server on {self.api.url} (kubeconfig with its token: {self.kubeconfig})")
 
     def _start_serve(self) -> None:
         c = self.config
