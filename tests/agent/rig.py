@@ -200,8 +200,8 @@ class DockerPod:
         return self.api.exec_inspect(ex["Id"])["ExitCode"], out
 
     def stat(self, name: str) -> int:
-        """A counter of the sidecar's admin endpoint (bound to the pod IP, port 8900)."""
-        text = self.in_ns(lambda: http_get(f"http://{self.ip}:8900/stats?filter=^{name.replace('|', '.')}$", 3)[1])
+        """A counter of the sidecar's admin endpoint (127.0.0.1:15000 inside the pod's namespace)."""
+        text = self.in_ns(lambda: http_get(f"http://127.0.0.1:15000/stats?filter=^{name.replace('|', '.')}$", 3)[1])
         for line in text.splitlines():
             key, _, value = line.partition(": ")
             if key == name:

@@ -50,7 +50,8 @@ def curl(ns: NetNS, url: str) -> tuple[int, str]:
 def envoy_stat(ns: NetNS, name: str) -> int:
     from trafficmgr.testing.cluster import http_get
 
-    text = ns.in_ns(lambda: http_get(f"http://{APP_IP}:8900/stats?filter=^{name.replace('|', '.')}$", 3)[1])
+    # Envoy admin: 127.0.0.1:15000 inside the pod's namespace (8900 on the pod IP serves only /stats/prometheus)
+    text = ns.in_ns(lambda: http_get(f"http://127.0.0.1:15000/stats?filter=^{name.replace('|', '.')}$", 3)[1])
     for line in text.splitlines():
         key, _, value = line.partition(": ")
         if key == name:
