@@ -63,21 +63,35 @@ class Api:
              "--history", "200000"],
             stdout=subprocess.DEVNULL, stderr=open(workdir / "apiserver.log", "wb"),
         )
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"https://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 30
         while True:
-            try:
-                urllib.request.urlopen(self.url + "/version", timeout=1).read()
+            try:  # the server writes its kubeconfig (token, certificate) once it listens
+                self._connect()
                 break
-            except OSError:
+            except (OSError, KeyError, TypeError):
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     raise RuntimeError("the test API server did not start") from None
                 time.sleep(0.05)
 
+    def _connect(self) -> None:
+        """Read the token and CA from the kubeconfig and GET /version with them."""
+        import base64
+        import ssl
+
+        import yaml
+
+        cfg = yaml.safe_load(self.kubeconfig.read_text())
+        ca = base64.b64decode(cfg["clusters"][0]["cluster"]["certificate-authority-data"]).decode()
+        self.ssl_context = ssl.create_default_context(cadata=ca)
+        self.auth = {"Authorization": f"Bearer {cfg['users'][0]['user']['token']}"}
+        req = urllib.request.Request(self.url + "/version", headers=self.auth)
+        urllib.request.urlopen(req, timeout=1, context=self.ssl_context).read()
+
     def request(self, method: str, path: str, body: Any, ctype: str = "application/json") -> None:
         req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method=method,
-                                     headers={"Content-Type": ctype})
-        urllib.request.urlopen(req, timeout=60).read()
+                                     headers={"Content-Type": ctype, **self.auth})
+        urllib.request.urlopen(req, timeout=60, context=self.ssl_context).read()
 
     def stop(self) -> None:
         self.proc.terminate()
