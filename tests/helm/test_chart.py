@@ -1,7 +1,8 @@
 """The Helm chart renders valid Kubernetes objects for every supported value combination.
 
-helm comes from .ci/install.d/helm.sh; manifests are checked against the Kubernetes 1.29 and 1.32 OpenAPI
-schemas in strict mode (unknown fields are errors) by kubernetes-validate, offline.
+helm comes from .ci/install.d/helm.sh; manifests are checked against the Kubernetes 1.30 and 1.32 OpenAPI
+schemas in strict mode (unknown fields are errors) by kubernetes-validate, offline (1.30: the chart's
+ValidatingAdmissionPolicy is admissionregistration.k8s.io/v1, GA in 1.30).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import yaml
 
 from tests.helm.chart import BUILTIN_PLUGINS, CHART, NAMESPACE, RELEASE, container, find, one, pod_spec, render, run_helm
 
+HASH = "--hash=sha256:" + "c" * 64
 # name -> values; the combinations the issue names plus one that turns on every optional knob.
 COMBOS: dict[str, dict[str, Any]] = {
     "defaults": {},
@@ -26,13 +28,15 @@ COMBOS: dict[str, dict[str, Any]] = {
     "no-prometheus-no-zipkin": {"prometheus": {"enabled": False}, "zipkin": {"enabled": False}},
     "everything": {
         "extraPlugins": ["served_by"],
-        "extraPipPackages": ["trafficmgr-served-by==0.1.0"],
+        "extraPipPackages": [f"trafficmgr-served-by==0.1.0 {HASH}", f"extra-dep[fast]==2.0 {HASH} {HASH.replace('c', 'd')}"],
         "extraPipArgs": ["--index-url", "https://pypi.example.com/simple"],
         "image": {"digest": "sha256:" + "a" * 64},
         "envoyImage": {"digest": "sha256:" + "b" * 64},
         "imagePullSecrets": [{"name": "regcred"}],
-        "controlPlane": {"watchNamespace": "shop", "replicas": 2},
-        "gateway": {"podDisruptionBudget": {"enabled": True}, "replicas": 2,
+        "controlPlane": {"watchNamespace": "shop", "replicas": 2, "xdsAuth": "mtls", "xdsTls": {"secretName": "xds-server"}},
+        "networkPolicy": {"metricsFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+                          "nodeCIDRs": ["10.250.0.0/16"], "prometheusFrom": [{"podSelector": {"matchLabels": {"app": "grafana"}}}]},
+        "gateway": {"podDisruptionBudget": {"enabled": True}, "replicas": 2, "xdsTls": {"secretName": "xds-gateway"},
                     "service": {"externalTrafficPolicy": "Local", "loadBalancerSourceRanges": ["10.0.0.0/8"]},
                     "ingressClass": {"default": True}},
         "prometheus": {"ingress": {"enabled": True}},
@@ -41,8 +45,11 @@ COMBOS: dict[str, dict[str, Any]] = {
     },
     "minimal": {"agent": {"enabled": False}, "gateway": {"enabled": False}, "prometheus": {"enabled": False},
                 "zipkin": {"enabled": False}, "plugins": []},
+    "insecure-xds-no-policies": {"controlPlane": {"xdsAuth": "none", "allowInsecureXds": True},
+                                 "networkPolicy": {"enabled": False}, "agentPodPolicy": {"enabled": False},
+                                 "extraPipRequireHashes": False, "extraPipPackages": ["trafficmgr-served-by"]},
 }
-KUBE_VERSIONS = ["1.29.0", "1.32.0"]
+KUBE_VERSIONS = ["1.30.0", "1.32.0"]
 
 
 @pytest.mark.parametrize("combo", COMBOS)
@@ -113,10 +120,16 @@ def test_control_plane_deployment_and_service() -> None:
     dep = one(objects, "Deployment", RELEASE)
     cp = container(dep, "control-plane")
     assert cp["args"][0] == "serve"
-    assert "--xds-port=18000" in cp["args"] and "--admin-address=0.0.0.0" in cp["args"] and "--admin-port=18080" in cp["args"]
-    assert cp["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert cp["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert {p["name"]: p["containerPort"] for p in cp["ports"]} == {"grpc-xds": 18000, "http-admin": 18080}
+    # /debug/* on loopback only; metrics and health on their own port, which is all the Service exposes.
+    assert {"--xds-port=18000", "--admin-address=127.0.0.1", "--admin-port=18080", "--metrics-address=0.0.0.0",
+            "--metrics-port=18090"} <= set(cp["args"])
+    assert not [a for a in cp["args"] if a.startswith("--admin-address=") and a != "--admin-address=127.0.0.1"]
+    assert cp["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http-metrics"}
+    assert cp["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http-metrics"}
+    assert cp["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http-metrics"}
+    assert {p["name"]: p["containerPort"] for p in cp["ports"]} == {"grpc-xds": 18000, "http-metrics": 18090}
+    annotations = dep["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == "18090" and annotations["prometheus.io/path"] == "/metrics"
     assert pod_spec(dep)["serviceAccountName"] == RELEASE
     # The ingress plugin is told which gateway it configures (else it would assume namespace "default").
     assert {"--ingress-class=traffic", "--gateway-port=10000", "--gateway-service=traffic-ingress",
@@ -124,7 +137,7 @@ def test_control_plane_deployment_and_service() -> None:
     lb_only = container(one(render({"plugins": ["lb"]}), "Deployment", RELEASE), "control-plane")["args"]
     assert not [a for a in lb_only if a.startswith(("--ingress-class", "--gateway-"))]
     svc = one(objects, "Service", RELEASE)
-    assert {p["port"] for p in svc["spec"]["ports"]} == {18000, 18080}
+    assert {p["port"]: p["targetPort"] for p in svc["spec"]["ports"]} == {18000: "grpc-xds", 18090: "http-metrics"}
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
 
 
@@ -179,7 +192,7 @@ def test_agent_gets_only_what_its_runtime_needs(runtime: str) -> None:
     (node_env,) = [e for e in agent["env"] if e["name"] == "NODE_NAME"]
     assert node_env["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
     assert f"--xds-address={RELEASE}.{NAMESPACE}.svc:18000" in args
-    assert {"--admin-port=8900", "--proxy-uid=1337", "--health-port=18081"} <= set(args)
+    assert {"--admin-port=15000", "--stats-port=8900", "--proxy-uid=1337", "--health-port=18081"} <= set(args)
     assert agent["readinessProbe"]["httpGet"]["path"] == "/readyz"
     pre_stop = agent["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[:3] == ["trafficmgr", "proxies", "--remove-all"]
@@ -211,13 +224,15 @@ def test_gateway() -> None:
     boot = container(dep, "bootstrap", init=True)
     assert boot["args"][0] == "bootstrap"
     assert {"--node-id=$(POD_NAME)", "--node-cluster=traffic-ingress", f"--xds-address={RELEASE}.{NAMESPACE}.svc:18000",
-            "--admin-port=8900", "--output=/etc/envoy/bootstrap.json"} <= set(boot["args"])
+            "--admin-port=15000", "--stats-port=8900", "--output=/etc/envoy/bootstrap.json"} <= set(boot["args"])
+    assert not [a for a in boot["args"] if a.startswith(("--admin-address", "--xds-tls"))]  # admin: 127.0.0.1 (default)
     envoy = container(dep, "envoy")
     assert envoy["image"] == "trafficmgr-envoy:1.40.0"
     assert envoy["args"][:2] == ["--config-path", "/etc/envoy/bootstrap.json"]
-    assert envoy["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http-admin"}
+    assert envoy["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http-stats"}
+    assert envoy["livenessProbe"]["tcpSocket"] == envoy["startupProbe"]["tcpSocket"] == {"port": "http-stats"}
     ports = {p["name"]: p["containerPort"] for p in envoy["ports"]}
-    assert ports == {"http-gateway": 10000, "http-admin": 8900}
+    assert ports == {"http-gateway": 10000, "http-stats": 8900}  # no admin port: it is on 127.0.0.1
     annotations = dep["spec"]["template"]["metadata"]["annotations"]
     assert annotations["traffic.envoy.proxy"] == "ingress" and annotations["prometheus.io/port"] == "8900"
     assert spec["securityContext"]["runAsUser"] == 1337
@@ -229,17 +244,43 @@ def test_gateway() -> None:
     assert "annotations" not in ic["metadata"]
 
 
-def test_extra_pip_packages_install_into_an_emptydir_on_pythonpath() -> None:
+def test_extra_pip_packages_are_hash_pinned_wheels_appended_after_site_packages() -> None:
     objects = render(COMBOS["everything"])
+    requirements = one(objects, "ConfigMap", f"{RELEASE}-pip-requirements")["data"]["requirements.txt"]
+    assert requirements.splitlines() == COMBOS["everything"]["extraPipPackages"]
     for obj in (one(objects, "Deployment", RELEASE), one(objects, "DaemonSet", f"{RELEASE}-agent"), one(objects, "Deployment", f"{RELEASE}-gateway")):
         init = container(obj, "install-plugins", init=True)
-        assert init["args"] == ["--index-url", "https://pypi.example.com/simple", "trafficmgr-served-by==0.1.0"]
+        assert init["args"] == ["--require-hashes", "--no-deps", "--only-binary=:all:", "--index-url", "https://pypi.example.com/simple",
+                                "--requirement=/etc/trafficmgr-pip/requirements.txt"]
         assert "--target" in init["command"]
         assert pod_spec(obj)["initContainers"][0]["name"] == "install-plugins"  # before the bootstrap
+        assert {"name": "pip-requirements", "mountPath": "/etc/trafficmgr-pip", "readOnly": True} in init["volumeMounts"]
+        for c in _all_containers(obj):
+            assert not [e for e in c.get("env", []) if e["name"] == "PYTHONPATH"], c["name"]  # would shadow the image
         main = next(c for c in _all_containers(obj) if c["name"] in ("control-plane", "agent", "bootstrap"))
-        assert {"name": "PYTHONPATH", "value": "/opt/trafficmgr-plugins"} in main["env"]
-        assert any(v["name"] == "plugins" and "emptyDir" in v for v in pod_spec(obj)["volumes"])
+        assert {"name": "TRAFFICMGR_PLUGIN_PATH", "value": "/opt/trafficmgr-plugins"} in main["env"]
+        volumes = {v["name"]: v for v in pod_spec(obj)["volumes"]}
+        assert "emptyDir" in volumes["plugins"] and volumes["pip-requirements"]["configMap"]["name"] == f"{RELEASE}-pip-requirements"
     assert not any(c["name"] == "install-plugins" for o in _workloads(render({})) for c in _all_containers(o))
+    assert not find(render({}), "ConfigMap", f"{RELEASE}-pip-requirements")
+    # extraPipRequireHashes=false: plain pip (development only), any requirement accepted.
+    unpinned = container(one(render(COMBOS["insecure-xds-no-policies"]), "Deployment", RELEASE), "install-plugins", init=True)
+    assert unpinned["args"] == ["--requirement=/etc/trafficmgr-pip/requirements.txt"]
+
+
+@pytest.mark.parametrize("requirement", [
+    "trafficmgr-served-by==0.1.0",                       # no hash
+    "trafficmgr-served-by --hash=sha256:" + "c" * 64,    # no version pin
+    "trafficmgr-served-by>=0.1 --hash=sha256:" + "c" * 64,
+    "trafficmgr-served-by==0.1.0 --hash=sha256:" + "c" * 63,
+    "trafficmgr-served-by==0.1.0 --hash=md5:" + "c" * 32,
+    "git+https://example.com/x.git --hash=sha256:" + "c" * 64,
+])
+def test_unpinned_pip_packages_are_refused(requirement: str) -> None:
+    proc = run_helm("template", RELEASE, values={"extraPipPackages": [requirement]}, check=False)
+    assert proc.returncode != 0
+    assert "extraPipPackages[0]" in proc.stderr and "<name>==<version> --hash=sha256:<64 hex digits>" in proc.stderr, proc.stderr
+    assert "derived image" in proc.stderr
 
 
 def test_image_digest_wins_over_tag() -> None:
@@ -259,6 +300,13 @@ def test_image_digest_wins_over_tag() -> None:
     ({"extraPlugins": ["bad name"]}, "extraPlugins.0: Does not match pattern"),
     ({"image": {"digest": "sha256:abc"}}, "image.digest: Does not match pattern"),
     ({"rbac": {"extraRules": [{"apiGroups": [""], "resources": ["*"], "verbs": ["get"]}]}}, "rbac.extraRules.0.resources.0"),
+    ({"controlPlane": {"xdsAuth": "mtls"}, "gateway": {"xdsTls": {"secretName": "gw"}}},
+     "controlPlane.xdsTls.secretName: String length must be greater than or equal to 1"),
+    ({"controlPlane": {"xdsAuth": "mtls", "xdsTls": {"secretName": "cp"}}},
+     "gateway.xdsTls.secretName: String length must be greater than or equal to 1"),
+    ({"controlPlane": {"xdsAuth": "none"}}, "set controlPlane.allowInsecureXds=true too"),
+    ({"networkPolicy": {"nodeCIDRs": ["10.0.0.0"]}}, "networkPolicy.nodeCIDRs.0: Does not match pattern"),
+    ({"agent": {"statsPort": 0}}, "agent.statsPort: Must be greater than or equal to 1"),
 ])
 def test_schema_rejects_bad_values(values: dict[str, Any], message: str) -> None:
     proc = run_helm("template", RELEASE, values=values, check=False)
@@ -290,25 +338,63 @@ def test_notes_tell_what_to_do_next(tmp_path: Path) -> None:
 
 
 def test_xds_access_control_admits_exactly_the_gateway_pods() -> None:
-    """With the default --xds-auth peer-ip, the control plane's gateway selector must match the gateway
-    pods' labels (else the gateway is refused), and must not match the control plane's or agent's pods."""
+    """With the default --xds-auth peer-ip, the control plane's gateway selector and ServiceAccount must
+    match the gateway pods (else the gateway is refused), and must not match the control plane's or
+    agent's pods."""
     from trafficmgr.core.access import AccessControl, parse_selector
+    from trafficmgr.core.model import Pod
 
     objects = render({})
     cp = one(objects, "Deployment", RELEASE)
     args = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in container(cp, "control-plane")["args"] if a.startswith("--xds-")}
     assert args["--xds-auth"] == "peer-ip"
     assert args["--xds-gateway-namespace"] == NAMESPACE
+    gateway = one(objects, "Deployment", f"{RELEASE}-gateway")
+    assert args["--xds-gateway-service-account"] == pod_spec(gateway)["serviceAccountName"] == f"{RELEASE}-gateway"
+    one(objects, "ServiceAccount", args["--xds-gateway-service-account"])
     selector = parse_selector(args["--xds-gateway-selector"])
-    gateway_labels = one(objects, "Deployment", f"{RELEASE}-gateway")["spec"]["template"]["metadata"]["labels"]
-    others = [cp["spec"]["template"]["metadata"]["labels"],
-              one(objects, "DaemonSet", f"{RELEASE}-agent")["spec"]["template"]["metadata"]["labels"]]
-    pods = {"10.0.0.1": [(NAMESPACE, "gw", gateway_labels)], "10.0.0.2": [(NAMESPACE, "cp", others[0])],
-            "10.0.0.3": [(NAMESPACE, "agent", others[1])]}
-    ac = AccessControl("peer-ip", {}, lambda ip: pods.get(ip, []), args["--xds-gateway-namespace"], selector)
+    workloads = {"gw": gateway, "cp": cp, "agent": one(objects, "DaemonSet", f"{RELEASE}-agent")}
+    pods: dict[str, tuple[Pod, dict[str, str]]] = {}
+    for i, (name, obj) in enumerate(workloads.items()):
+        ip = f"10.0.0.{i + 1}"
+        pod = Pod(NAMESPACE, name, ip=ip, ips=(ip,), service_account=pod_spec(obj)["serviceAccountName"])
+        pods[ip] = (pod, obj["spec"]["template"]["metadata"]["labels"])
+    # The gateway's labels on a pod of another ServiceAccount (e.g. one any namespace user can create).
+    impostor = Pod(NAMESPACE, "impostor", ip="10.0.0.9", ips=("10.0.0.9",), service_account="default")
+    pods["10.0.0.9"] = (impostor, gateway["spec"]["template"]["metadata"]["labels"])
+    ac = AccessControl("peer-ip", {p.key: p for p, _ in pods.values()}, lambda ip: [pods[ip]] if ip in pods else [],
+                       args["--xds-gateway-namespace"], selector, args["--xds-gateway-service-account"])
     ac("gw", "traffic-ingress", "10.0.0.1")
-    for ip in ("10.0.0.2", "10.0.0.3"):
+    for ip in ("10.0.0.2", "10.0.0.3", "10.0.0.9"):
         with pytest.raises(PermissionError):
             ac("gw", "traffic-ingress", ip)
     assert "xdsAuth" in yaml.safe_load((CHART / "values.yaml").read_text())["controlPlane"]
     assert run_helm("template", "t", str(CHART), values={"controlPlane": {"xdsAuth": "trust-me"}}, check=False).returncode != 0
+
+
+def test_xds_mtls_mounts_the_secrets_and_passes_the_flags() -> None:
+    objects = render({"controlPlane": {"xdsAuth": "mtls", "xdsTls": {"secretName": "xds-server"}},
+                      "gateway": {"xdsTls": {"secretName": "xds-gateway"}}})
+    cp = one(objects, "Deployment", RELEASE)
+    args = container(cp, "control-plane")["args"]
+    d = "/etc/trafficmgr/xds-tls"
+    assert {"--xds-auth=mtls", f"--xds-tls-cert={d}/tls.crt", f"--xds-tls-key={d}/tls.key", f"--xds-client-ca={d}/ca.crt"} <= set(args)
+    assert {"name": "xds-tls", "mountPath": d, "readOnly": True} in container(cp, "control-plane")["volumeMounts"]
+    assert {"name": "xds-tls", "secret": {"secretName": "xds-server", "defaultMode": 0o440}} in pod_spec(cp)["volumes"]
+    gw = one(objects, "Deployment", f"{RELEASE}-gateway")
+    boot = container(gw, "bootstrap", init=True)
+    assert {f"--xds-tls-cert={d}/tls.crt", f"--xds-tls-key={d}/tls.key", f"--xds-tls-ca={d}/ca.crt"} <= set(boot["args"])
+    for c in (boot, container(gw, "envoy")):  # the bootstrap names the files, Envoy reads them
+        assert {"name": "xds-tls", "mountPath": d, "readOnly": True} in c["volumeMounts"]
+    assert {"name": "xds-tls", "secret": {"secretName": "xds-gateway", "defaultMode": 0o440}} in pod_spec(gw)["volumes"]
+    plain = render({})
+    assert not [a for a in container(one(plain, "Deployment", RELEASE), "control-plane")["args"] if a.startswith("--xds-tls")]
+    assert all(v["name"] != "xds-tls" for o in _workloads(plain) for v in pod_spec(o)["volumes"])
+
+
+def test_notes_warn_about_insecure_xds(tmp_path: Path) -> None:
+    notes = _notes({"controlPlane": {"xdsAuth": "none", "allowInsecureXds": True}}, tmp_path)
+    assert "WARNING: controlPlane.xdsAuth=none" in notes and "every Ingress TLS private key" in notes
+    secure = _notes({}, tmp_path / "2")
+    assert "xdsAuth=none" not in secure
+    assert f"port-forward deploy/{RELEASE} 18080" in secure and "svc/trafficmgr 18080" not in secure

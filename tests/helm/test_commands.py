@@ -20,6 +20,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "tracing-external-zipkin": {"plugins": ["tracing"], "zipkin": {"enabled": False, "address": "zipkin.obs:9411"},
                                 "controlPlane": {"watchNamespace": "shop"}},
     "no-inbound-capture": {"agent": {"captureInbound": False}},
+    "mtls": {"controlPlane": {"xdsAuth": "mtls", "xdsTls": {"secretName": "cp"}}, "gateway": {"xdsTls": {"secretName": "gw"}}},
 }
 
 
@@ -38,6 +39,8 @@ def test_rendered_commands_parse(name: str) -> None:
     objects = render(VALUE_SETS[name])
     serve = parse(container(one(objects, "Deployment", RELEASE), "control-plane")["args"])
     assert serve.command == "serve"
+    assert (serve.admin_address, serve.admin_port, serve.metrics_address, serve.metrics_port) == ("127.0.0.1", 18080, "0.0.0.0", 18090)
+    assert serve.xds_gateway_service_account == f"{RELEASE}-gateway"
     agent_c = container(one(objects, "DaemonSet", f"{RELEASE}-agent"), "agent")
     agent = parse(agent_c["args"])
     assert agent.command == "agent" and agent.node_name == "node-1"
@@ -49,8 +52,12 @@ def test_rendered_commands_parse(name: str) -> None:
     assert proxies.command == "proxies" and proxies.remove_all
     assert (proxies.runtime, proxies.state_dir, proxies.netns_dir, proxies.docker_host) == (
         agent.runtime, agent.state_dir, agent.netns_dir, agent.docker_host)
+    assert (agent.admin_port, agent.stats_port) == (15000, 8900)
     boot = parse(container(one(objects, "Deployment", f"{RELEASE}-gateway"), "bootstrap", init=True)["args"])
     assert boot.command == "bootstrap" and boot.node_cluster == "traffic-ingress"
+    assert (boot.admin_address, boot.admin_port, boot.stats_port) == ("127.0.0.1", 15000, 8900)
+    if name == "mtls":
+        assert serve.xds_auth == "mtls" and serve.xds_client_ca and boot.xds_tls_cert and boot.xds_tls_ca
 
 
 def test_parse_rejects_what_the_cli_rejects() -> None:

@@ -1,5 +1,6 @@
 """The bundled Prometheus' config: promtool accepts it, and its relabeling picks exactly the Envoys
-(pods annotated traffic.envoy.proxy, on the admin port) and the control plane's /metrics.
+(pods annotated traffic.envoy.proxy, on their stats-only port: Envoy admin is on 127.0.0.1) and the control
+plane's /metrics (on its metrics port: /debug/* is on loopback).
 
 Debian's promtool is built without Kubernetes service discovery, so it checks a copy whose
 ``kubernetes_sd_configs`` are swapped for ``file_sd_configs`` (everything else, relabeling included, is
@@ -22,7 +23,8 @@ from tests.helm.chart import NAMESPACE, RELEASE, need, prometheus_config, render
 COMBOS = {
     "defaults": {},
     "only-lb": {"plugins": ["lb"]},
-    "other-ports": {"agent": {"adminPort": 15000}, "gateway": {"adminPort": 9901}, "controlPlane": {"adminPort": 9090},
+    "other-ports": {"agent": {"adminPort": 15001, "statsPort": 9100}, "gateway": {"adminPort": 9901, "statsPort": 9102},
+                    "controlPlane": {"adminPort": 9090, "metricsPort": 9091},
                     "prometheus": {"scrapeInterval": "30s"}},
 }
 
@@ -98,9 +100,9 @@ def scraped(config: dict[str, Any], target: dict[str, str]) -> dict[str, str]:
 def test_relabeling_scrapes_envoys_and_the_control_plane(combo: str) -> None:
     values = COMBOS[combo]
     config = prometheus_config(render(values))
-    sidecar_admin = values.get("agent", {}).get("adminPort", 8900)
-    gw_admin = values.get("gateway", {}).get("adminPort", 8900)
-    cp_admin = values.get("controlPlane", {}).get("adminPort", 18080)
+    sidecar_admin = values.get("agent", {}).get("statsPort", 8900)
+    gw_admin = values.get("gateway", {}).get("statsPort", 8900)
+    cp_admin = values.get("controlPlane", {}).get("metricsPort", 18090)
     ours = {"app.kubernetes.io/instance": RELEASE}
 
     # A sidecar pod: scraped once per pod (every container port maps to the Envoy admin port).
@@ -113,19 +115,19 @@ def test_relabeling_scrapes_envoys_and_the_control_plane(combo: str) -> None:
     assert scraped(config, pod_target("web", "default", "10.1.0.8:80", "http")) == {}
     assert scraped(config, pod_target("web", "default", "10.1.0.8:80", "http", {"traffic.envoy.proxy": ""})) == {}
     assert scraped(config, pod_target("job", "default", "10.1.0.9:80", "http", sidecar, phase="Succeeded")) == {}
-    # The gateway: its admin container port only.
+    # The gateway: its stats container port only.
     gw_labels = {**ours, "app.kubernetes.io/component": "gateway"}
     gateway = {"traffic.envoy.proxy": "ingress"}
-    assert scraped(config, pod_target("gw", NAMESPACE, f"10.1.0.10:{gw_admin}", "http-admin", gateway, gw_labels)) == {
+    assert scraped(config, pod_target("gw", NAMESPACE, f"10.1.0.10:{gw_admin}", "http-stats", gateway, gw_labels)) == {
         "envoy-gateway": f"10.1.0.10:{gw_admin}/stats/prometheus"}
     assert scraped(config, pod_target("gw", NAMESPACE, "10.1.0.10:10000", "http-gateway", gateway, gw_labels)) == {}
-    # The control plane: /metrics on its admin port, not the xDS port; another release's is not ours.
+    # The control plane: /metrics on its metrics port, not the xDS port; another release's is not ours.
     cp_labels = {**ours, "app.kubernetes.io/component": "control-plane"}
-    assert scraped(config, pod_target("cp", NAMESPACE, f"10.1.0.11:{cp_admin}", "http-admin", labels=cp_labels)) == {
+    assert scraped(config, pod_target("cp", NAMESPACE, f"10.1.0.11:{cp_admin}", "http-metrics", labels=cp_labels)) == {
         "trafficmgr": f"10.1.0.11:{cp_admin}/metrics"}
     assert scraped(config, pod_target("cp", NAMESPACE, "10.1.0.11:18000", "grpc-xds", labels=cp_labels)) == {}
     other = {"app.kubernetes.io/instance": "other", "app.kubernetes.io/component": "control-plane"}
-    assert scraped(config, pod_target("cp2", NAMESPACE, f"10.1.0.12:{cp_admin}", "http-admin", labels=other)) == {}
+    assert scraped(config, pod_target("cp2", NAMESPACE, f"10.1.0.12:{cp_admin}", "http-metrics", labels=other)) == {}
 
 
 def test_gateway_and_control_plane_port_names_match_the_config() -> None:
@@ -133,7 +135,8 @@ def test_gateway_and_control_plane_port_names_match_the_config() -> None:
     objects = render({})
     ports = {o["metadata"]["name"]: {p["name"] for c in o["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
              for o in objects if o["kind"] == "Deployment"}
-    assert "http-admin" in ports[RELEASE] and "http-admin" in ports[f"{RELEASE}-gateway"]
+    assert "http-metrics" in ports[RELEASE] and "http-stats" in ports[f"{RELEASE}-gateway"]
+    assert not any("http-admin" in names for names in ports.values())  # admin endpoints are on loopback
 
 
 def test_prometheus_is_optional() -> None:

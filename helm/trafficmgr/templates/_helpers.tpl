@@ -89,8 +89,24 @@ imagePullSecrets:
 {{- end }}
 {{- end }}
 
-{{/* Where extraPipPackages are installed (an emptyDir on PYTHONPATH). */}}
+{{/* Where extraPipPackages are installed: an emptyDir that trafficmgr appends to sys.path after
+site-packages (TRAFFICMGR_PLUGIN_PATH, trafficmgr/core/plugins.py), so nothing there can replace a module
+of the image the way a PYTHONPATH entry (searched first) would. */}}
 {{- define "trafficmgr.pluginDir" -}}/opt/trafficmgr-plugins{{- end }}
+
+{{/* Where the requirements file (ConfigMap <fullname>-pip-requirements) is mounted. */}}
+{{- define "trafficmgr.pipRequirementsDir" -}}/etc/trafficmgr-pip{{- end }}
+
+{{/* extraPipPackages as a requirements file; with extraPipRequireHashes (the default) every entry must pin
+one version and carry its sha256 (pip's hash-checking mode accepts nothing else). */}}
+{{- define "trafficmgr.pipRequirements" -}}
+{{- range $i, $req := .Values.extraPipPackages }}
+{{- if and $.Values.extraPipRequireHashes (not (regexMatch "^[A-Za-z0-9][A-Za-z0-9._-]*(\\[[A-Za-z0-9,._-]+\\])?==[^ ;=]+( +--hash=sha256:[0-9a-f]{64})+$" $req)) }}
+{{- fail (printf "extraPipPackages[%d] %q: each entry must be <name>==<version> --hash=sha256:<64 hex digits> (pip installs with --require-hashes --no-deps --only-binary=:all:; get the hash with `pip download --no-deps <name>==<version>` and `pip hash <wheel>`). Better: build a derived image (images/README.md). extraPipRequireHashes=false turns the check off (development only)." $i $req) }}
+{{- end }}
+{{ $req }}
+{{- end }}
+{{- end }}
 
 {{/* The init container installing extraPipPackages (rendered only when some are listed). */}}
 {{- define "trafficmgr.pipInitContainer" -}}
@@ -100,12 +116,16 @@ imagePullSecrets:
   imagePullPolicy: {{ .Values.image.pullPolicy }}
   command: [python3, -m, pip, install, --no-cache-dir, --disable-pip-version-check, --no-warn-script-location, --target, {{ include "trafficmgr.pluginDir" . }}]
   args:
+    {{- if .Values.extraPipRequireHashes }}
+    # Hash-checking mode: exactly the listed wheels, no dependency resolution, no source build (setup.py).
+    - --require-hashes
+    - --no-deps
+    - "--only-binary=:all:"
+    {{- end }}
     {{- range .Values.extraPipArgs }}
     - {{ . | quote }}
     {{- end }}
-    {{- range .Values.extraPipPackages }}
-    - {{ . | quote }}
-    {{- end }}
+    - --requirement={{ include "trafficmgr.pipRequirementsDir" . }}/requirements.txt
   env:
     - name: HOME
       value: /tmp
@@ -117,6 +137,9 @@ imagePullSecrets:
   volumeMounts:
     - name: plugins
       mountPath: {{ include "trafficmgr.pluginDir" . }}
+    - name: pip-requirements
+      mountPath: {{ include "trafficmgr.pipRequirementsDir" . }}
+      readOnly: true
     - name: tmp
       mountPath: /tmp
 {{- end }}
@@ -129,7 +152,8 @@ imagePullSecrets:
 - name: PYTHONUNBUFFERED
   value: "1"
 {{- if .Values.extraPipPackages }}
-- name: PYTHONPATH
+# Appended to sys.path after site-packages (not PYTHONPATH, which Python searches first).
+- name: TRAFFICMGR_PLUGIN_PATH
   value: {{ include "trafficmgr.pluginDir" . }}
 {{- end }}
 {{- end }}
@@ -141,6 +165,9 @@ imagePullSecrets:
 {{- if .Values.extraPipPackages }}
 - name: plugins
   emptyDir: {}
+- name: pip-requirements
+  configMap:
+    name: {{ include "trafficmgr.fullname" . }}-pip-requirements
 {{- end }}
 {{- end }}
 
@@ -153,3 +180,18 @@ imagePullSecrets:
   readOnly: true
 {{- end }}
 {{- end }}
+
+{{/* Value combinations the schema cannot express; included once by controlplane.yaml. */}}
+{{- define "trafficmgr.checks" -}}
+{{- if and (eq .Values.controlPlane.xdsAuth "none") (not .Values.controlPlane.allowInsecureXds) }}
+{{- fail "controlPlane.xdsAuth=none lets any client that reaches the xDS port claim any identity, the gateway's included (and receive every Ingress TLS private key): set controlPlane.allowInsecureXds=true too if this is a development cluster, else use peer-ip (the default) or mtls" }}
+{{- end }}
+{{- end }}
+
+{{/* The gateway's ServiceAccount: the only one whose pods may claim the gateway role over xDS. */}}
+{{- define "trafficmgr.gatewayServiceAccount" -}}
+{{- include "trafficmgr.componentName" (dict "root" . "component" "gateway") -}}
+{{- end }}
+
+{{/* Where xDS client/server certificates are mounted with xdsAuth mtls (a Secret: tls.crt, tls.key, ca.crt). */}}
+{{- define "trafficmgr.xdsTlsDir" -}}/etc/trafficmgr/xds-tls{{- end }}
