@@ -117,3 +117,68 @@ def test_every_declared_integer_label_fits_its_protobuf_field(registry: LabelReg
         p = spec.parse
         if p.kind == "integer":
             assert p.ceiling is not None and p.ceiling <= max(MAX_DURATION_MS, 2**40), (spec.key, p.ceiling)
+
+
+# -- the issue's scenario, end to end: API server, control plane, gateway Envoy ----------------------
+
+GATEWAY_MANIFESTS = """
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: default}
+spec: {selector: {app: reviews}, ports: [{name: http, port: 9080, targetPort: 9080}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-1, namespace: default, labels: {app: reviews}}
+spec: {nodeName: node-1, containers: [{name: app, image: reviews, ports: [{containerPort: 9080}]}]}
+status: {podIP: 127.0.16.2, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: reviews, namespace: default}
+spec:
+  ingressClassName: traffic
+  rules:
+  - http:
+      paths: [{path: /, pathType: Prefix, backend: {service: {name: reviews, port: {number: 9080}}}}]
+"""
+
+
+@pytest.mark.envoy
+def test_huge_cookie_ttl_is_clamped_on_the_gateway_and_routes_keep_updating(trafficmgr_envoy_binary: str) -> None:
+    """``kubectl label svc reviews traffic.lb.policy=RING_HASH traffic.hash.cookie.name=c
+    traffic.hash.cookie.ttl=999999999999999`` made the gateway NACK its ``ingress`` route configuration
+    (``http.ingress_http.rds.ingress.update_rejected`` 1) and freeze route updates. Now: a
+    TrafficConfigClamped Event, a ten-year cookie, no rejected update, later changes still applied."""
+    import http.client
+
+    from trafficmgr.testing.cluster import GatewayCluster
+
+    def set_cookie(gw: GatewayCluster) -> str:
+        conn = http.client.HTTPConnection("127.0.0.1", gw.gateway_port, timeout=5)
+        try:
+            conn.request("GET", "/")
+            resp = conn.getresponse()
+            resp.read()
+            return resp.getheader("set-cookie") or ""
+        except OSError:
+            return ""
+        finally:
+            conn.close()
+
+    with GatewayCluster() as gw:
+        gw.backend("reviews", "127.0.16.2", 9080)
+        gw.apply(GATEWAY_MANIFESTS)
+        gw.wait_config(lambda: gw.get("/")[0] == 200, message="gateway not serving reviews")
+        gw.label("service", "reviews", {"traffic.lb.policy": "RING_HASH", "traffic.hash.cookie.name": "c",
+                                        "traffic.hash.cookie.ttl": "999999999999999"})
+        gw.wait_event("reviews", CLAMPED_LABEL, "traffic.hash.cookie.ttl")
+        max_age = MAX_DURATION_MS // 1000
+        gw.wait_config(lambda: f"Max-Age={max_age};" in set_cookie(gw), message=f"no cookie with Max-Age={max_age}")
+        assert gw.envoy.stats().get("http.ingress_http.rds.ingress.update_rejected", 0) == 0
+        # Route updates are not frozen: a later change reaches the gateway.
+        gw.label("service", "reviews", {"traffic.hash.cookie.ttl": "5000"})
+        gw.wait_config(lambda: "Max-Age=5;" in set_cookie(gw), message="later cookie TTL not applied")
+        assert gw.cp.nacks() == [], gw.cp.nacks()
+        assert gw.envoy.stats().get("http.ingress_http.rds.ingress.update_rejected", 0) == 0
+        assert len(gw.events("reviews", CLAMPED_LABEL)) == 1
