@@ -256,6 +256,28 @@ def test_enable_envoy_blocks_then_unblocks(demo: Demo) -> None:
     assert (prom_value(stats, "envoy_cluster_outbound_upstream_rq_completed", REVIEWS) or 0) >= 1
 
 
+def test_stats_ports_are_read_only_and_proxies_reads_admin(demo: Demo) -> None:
+    """Local mode has the cluster's layout: 8900 (sidecars, on the pod IP) and the gateway's --admin-port
+    serve only GET /stats/prometheus and /ready; Envoy admin is reached with `proxies --admin`."""
+    client = demo.pod_ip("client")
+    for ip, port in ((client, 8900), ("127.0.0.1", demo.ports["admin"])):
+        for path in ("/quitquitquit", "/logging?level=debug", "/runtime_modify?x=1", "/drain_listeners"):
+            conn = http.client.HTTPConnection(ip, port, timeout=5)
+            try:
+                conn.request("POST", path)
+                assert conn.getresponse().status == 404, (ip, port, path)
+            finally:
+                conn.close()
+        assert request(ip, port, "", "/config_dump")[0] == 404
+        assert request(ip, port, "", "/ready")[0] == 200
+    [sidecar] = [(p["metadata"].get("annotations") or {}).get("traffic.envoy.proxy") for p in demo.pods()
+                 if p["metadata"]["labels"].get("app") == "client"]
+    out = subprocess.run([sys.executable, "-m", "trafficmgr", "proxies", "--runtime", "local", "--state-dir",
+                          str(demo.state / "sidecars"), "--id", sidecar[:8], "--admin", "/server_info"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and json.loads(out.stdout)["state"] == "LIVE", out.stderr
+
+
 def test_fault_injection(demo: Demo) -> None:
     client = demo.pod_ip("client")
     # local mode: a sidecar's admin is on <pod IP>:15000 (8900 serves only /stats/prometheus and /ready)
