@@ -227,3 +227,16 @@ def test_host_allowed_table() -> None:
     assert not host_allowed("::1", "127.0.0.1")  # IPv6 literals need brackets
     assert not host_allowed("[::1]:", "127.0.0.1")
     assert not host_allowed(None, "127.0.0.1")
+
+
+def test_module_entry_point_requires_a_token(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m trafficmgr.apiserver``: no way to run it without a token; a bad token file is one clear error."""
+    from trafficmgr.apiserver.__main__ import main
+
+    (tmp_path / "short").write_text("abc\n")
+    for args, says in ((["--port", "0"], "give --kubeconfig"),
+                       (["--port", "0", "--token-file", str(tmp_path / "short")], "16 to 4096 characters"),
+                       (["--port", "0", "--token-file", str(tmp_path / "missing")], "cannot read the token file")):
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+        assert exc.value.code == 2 and says in capsys.readouterr().err
