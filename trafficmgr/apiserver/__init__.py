@@ -3,8 +3,9 @@
 Quick start::
 
     from trafficmgr.apiserver import APIServer
-    srv = APIServer(port=0).start()
-    srv.write_kubeconfig("/tmp/kubeconfig")      # then: KUBECONFIG=/tmp/kubeconfig kubectl get pods
+    from trafficmgr.apiserver.access import new_token
+    srv = APIServer(port=0, token=new_token()).start()   # HTTPS + bearer token (None: plain HTTP, no token)
+    srv.write_kubeconfig("/tmp/kubeconfig")      # mode 0600; then: KUBECONFIG=/tmp/kubeconfig kubectl get pods
     srv.store.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {...}})
     srv.stop()
 """
