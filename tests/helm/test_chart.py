@@ -395,6 +395,9 @@ def test_xds_mtls_mounts_the_secrets_and_passes_the_flags() -> None:
 def test_notes_warn_about_insecure_xds(tmp_path: Path) -> None:
     notes = _notes({"controlPlane": {"xdsAuth": "none", "allowInsecureXds": True}}, tmp_path)
     assert "WARNING: controlPlane.xdsAuth=none" in notes and "every Ingress TLS private key" in notes
+    mtls = _notes({"controlPlane": {"xdsAuth": "mtls", "xdsTls": {"secretName": "cp"}}, "gateway": {"xdsTls": {"secretName": "gw"}}},
+                  tmp_path / "3")
+    assert "WARNING: controlPlane.xdsAuth=mtls" in mtls and "refuses sidecar streams" in mtls
     secure = _notes({}, tmp_path / "2")
-    assert "xdsAuth=none" not in secure
+    assert "xdsAuth=none" not in secure and "WARNING" not in secure
     assert f"port-forward deploy/{RELEASE} 18080" in secure and "svc/trafficmgr 18080" not in secure
