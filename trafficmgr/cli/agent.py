@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from trafficmgr.cli import CliError, _write, plugins_of, register_command
 from trafficmgr.core.agent.run import RUNTIMES, AgentStartError, make_runtime, run_agent
@@ -15,6 +16,9 @@ from trafficmgr.core.agent.runtime import Runtime, RuntimeUnavailable, Sidecar, 
 from trafficmgr.core.argtypes import int_at_least, listen_port, port, positive_seconds
 from trafficmgr.core.bootstrap import ADMIN_ADDRESS, ADMIN_PORT, STATS_PORT
 from trafficmgr.core.plugins import ENV_SELECTION
+
+if TYPE_CHECKING:
+    from trafficmgr.core.bootstrap import XdsTls
 
 ENV_NODE_NAME = "NODE_NAME"
 ENV_DOCKER_HOST = "DOCKER_HOST"
@@ -254,9 +258,34 @@ def _setup_bootstrap(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stats-port", type=port, default=STATS_PORT,
                         help=f"port of the stats-only listener (default {STATS_PORT}; 0: none)")
     parser.add_argument("--delta", action="store_true", help="incremental (delta) xDS instead of state of the world")
+    parser.add_argument("--xds-tls-cert", metavar="FILE",
+                        help="client certificate (PEM) for mutual TLS to the xDS server ('serve --xds-auth mtls'); "
+                             "with --xds-tls-key and --xds-tls-ca")
+    parser.add_argument("--xds-tls-key", metavar="FILE", help="private key (PEM) of --xds-tls-cert")
+    parser.add_argument("--xds-tls-ca", metavar="FILE",
+                        help="CA (PEM) the xDS server's certificate must chain to; the certificate must also name "
+                             "the host of --xds-address (DNS or IP SAN)")
     parser.add_argument("--plugins", metavar="SEL", default=None,
                         help=f"plugins whose trafficmgr_bootstrap hooks apply (default: ${ENV_SELECTION} or all installed)")
     parser.add_argument("-o", "--output", metavar="FILE", default="-", help="write to FILE (default: stdout)")
+
+
+def _xds_tls(args: argparse.Namespace) -> XdsTls | None:
+    """``--xds-tls-cert/--xds-tls-key/--xds-tls-ca``: all three or none, each a readable file (the paths
+    go into the bootstrap as given: they must be the same inside Envoy's container)."""
+    from trafficmgr.core.bootstrap import XdsTls
+
+    files = {"--xds-tls-cert": args.xds_tls_cert, "--xds-tls-key": args.xds_tls_key, "--xds-tls-ca": args.xds_tls_ca}
+    given = [flag for flag, path in files.items() if path]
+    if not given:
+        return None
+    if len(given) != len(files):
+        missing = [flag for flag in files if flag not in given]
+        raise CliError(f"{', '.join(given)} needs {' and '.join(missing)} too: client TLS to xDS takes all three")
+    for flag, path in files.items():
+        if not os.path.isfile(path) or not os.access(path, os.R_OK):
+            raise CliError(f"{flag} {path}: no such readable file")
+    return XdsTls(cert=args.xds_tls_cert, key=args.xds_tls_key, ca=args.xds_tls_ca)
 
 
 def _run_bootstrap(args: argparse.Namespace) -> int:
@@ -270,7 +299,7 @@ def _run_bootstrap(args: argparse.Namespace) -> int:
     if args.stats_port and args.stats_port == args.admin_port:
         raise CliError("--stats-port and --admin-port must differ: the stats listener forwards to admin")
     config = bootstrap(args.node_id, args.node_cluster, host, port, admin_port=args.admin_port,
-                       admin_address=args.admin_address, delta=args.delta)
+                       admin_address=args.admin_address, delta=args.delta, xds_tls=_xds_tls(args))
     if args.stats_port:
         add_stats_listener(config, args.stats_address, args.stats_port)
     plugins_of(args).call_all("trafficmgr_bootstrap", bootstrap=config, role=args.node_cluster, options=args)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from trafficmgr.cli import CliError, plugins_of, register_command
+from trafficmgr.core.access import DEFAULT_GATEWAY_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN, PROXY_UID
 from trafficmgr.core.argtypes import listen_port, port
 from trafficmgr.core.serve import ServeError, run_serve
 
@@ -42,6 +43,19 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="namespace of the gateway pods (default: $POD_NAMESPACE or default)")
     parser.add_argument("--xds-gateway-selector", metavar="K=V[,K=V]", default="app=traffic-ingress",
                         help="labels of the gateway pods allowed to claim the gateway role (default app=traffic-ingress)")
+    parser.add_argument("--xds-gateway-service-account", metavar="NAME", default=DEFAULT_GATEWAY_SERVICE_ACCOUNT,
+                        help="ServiceAccount the gateway pods run as (spec.serviceAccountName); with peer-ip a pod "
+                             "claiming the gateway role must also run as it, with mtls it is the gateway's SPIFFE "
+                             f"identity (default {DEFAULT_GATEWAY_SERVICE_ACCOUNT})")
+    parser.add_argument("--trust-domain", metavar="DOMAIN", default=DEFAULT_TRUST_DOMAIN,
+                        help="SPIFFE trust domain of the proxies' client certificates with --xds-auth mtls: "
+                             f"spiffe://DOMAIN/ns/<namespace>/sa/<serviceaccount> (default {DEFAULT_TRUST_DOMAIN})")
+    parser.add_argument("--xds-unix-gateway-uids", metavar="UID[,UID]", default=None,
+                        help="with --xds-address unix:/path, the uids whose processes may claim the gateway role "
+                             "over the socket (default: the uid serve runs as)")
+    parser.add_argument("--xds-unix-sidecar-uids", metavar="UID[,UID]", default=None,
+                        help="with --xds-address unix:/path, the uids whose processes may claim a sidecar over the "
+                             f"socket (default: {PROXY_UID} (the agent's --proxy-uid), 0 and the uid serve runs as)")
     parser.add_argument("--xds-tls-cert", metavar="FILE", help="xDS server certificate (PEM; with --xds-auth mtls)")
     parser.add_argument("--xds-tls-key", metavar="FILE", help="xDS server private key (PEM; with --xds-auth mtls)")
     parser.add_argument("--xds-client-ca", metavar="FILE", help="CA that signs proxy client certificates (with --xds-auth mtls)")

@@ -2,35 +2,64 @@
 
 Modes (``trafficmgr serve --xds-auth``):
 
-- ``peer-ip`` (default): a sidecar stream claiming node id ``<pod>.<namespace>`` is accepted only from that
-  pod's IP; a gateway stream (node cluster ``traffic-ingress``) only from the IP of a pod selected as a
-  gateway (``--xds-gateway-selector`` in ``--xds-gateway-namespace``). Connections over a Unix socket
-  carry no IP: they are accepted when the xDS server listens on one (its file permissions are then the
-  access control).
-- ``mtls``: the xDS server requires a client certificate from ``--xds-client-ca``; a sidecar's certificate
-  must name it with URI SAN ``spiffe://<trust domain>/ns/<namespace>/pod/<pod>`` (or CN ``<pod>.<namespace>``),
-  a gateway's with URI SAN ``spiffe://<trust domain>/ns/<namespace>/gateway/<name>`` (or CN
-  ``traffic-ingress``).
+- ``peer-ip`` (default): the connection's source IP names the pod. Only a *live* pod holds an IP: phase
+  ``Running`` (or ``Pending`` with an IP), no ``deletionTimestamp``, not ``hostNetwork``; its IPs are
+  ``status.podIPs`` (dual stack), compared normalised (``::ffff:10.0.0.1`` is ``10.0.0.1``). Exactly one
+  live pod must hold the peer's IP, else the claim is refused (a Succeeded pod keeps its ``podIP`` in the
+  API after the network gave the address to a new pod: it is ignored, the new pod decides). A sidecar
+  stream claiming node id ``<pod>.<namespace>`` is accepted when that pod is live and is the one holding
+  the IP; a gateway stream (node cluster ``traffic-ingress``) when the pod holding the IP is in
+  ``--xds-gateway-namespace``, matches ``--xds-gateway-selector`` and runs as
+  ``--xds-gateway-service-account`` (labels can be set by many; the ServiceAccount is fixed at creation
+  and needs the right to create pods using it).
+- ``mtls``: the xDS server requires a client certificate from ``--xds-client-ca``; only its URI SANs
+  of the form ``spiffe://<--trust-domain>/ns/<namespace>/sa/<serviceaccount>`` count (no CN, no DNS-SAN
+  fallback). A sidecar's must name the claimed pod's namespace and ServiceAccount, the pod existing and
+  live; a gateway's the gateway namespace and ServiceAccount.
 - ``none``: every claim is believed (development only; logged loudly at startup).
 
+Unix socket (``--xds-address unix:``): a connection carries the kernel's credentials of the connecting
+process instead of an IP (:mod:`trafficmgr.core.xds.unixpeer`). In every mode but ``none``, a gateway
+claim needs a uid of ``unix_gateway_uids`` (``--xds-unix-gateway-uids``, default: the server's own uid),
+a sidecar claim one of ``unix_sidecar_uids`` (``--xds-unix-sidecar-uids``, default: the proxy uid 1337,
+root and the server's uid); a sidecar's pod, when known, must be live. Processes of an allowed sidecar
+uid are not told apart (every sidecar gets the same view, which holds no secret); in ``mtls`` mode the
+certificate is checked as well.
+
 Checks run when a stream identifies itself and again on every change of the model, so a pod that is
-deleted or whose IP moves to another pod loses its stream.
+deleted, terminating or finished, or whose IP moves to another pod, loses its stream.
 """
 
 from __future__ import annotations
 
+import collections
+import ipaddress
 import logging
+import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from trafficmgr.core import metrics
-from trafficmgr.core.model import GATEWAY_CLUSTER, Pod
+from trafficmgr.core.model import GATEWAY_CLUSTER, Pod, normalize_ip
+from trafficmgr.core.xds import unixpeer
 
 log = logging.getLogger(__name__)
 
 MODES = ("peer-ip", "mtls", "none")
-_SIDECAR_URI = re.compile(r"^spiffe://[^/]+/ns/(?P<ns>[^/]+)/pod/(?P<pod>[^/]+)$")
-_GATEWAY_URI = re.compile(r"^spiffe://[^/]+/ns/[^/]+/gateway/[^/]+$")
+DEFAULT_TRUST_DOMAIN = "cluster.local"
+#: ``--xds-gateway-service-account`` default: the gateway's usual name (the Helm chart passes its own).
+DEFAULT_GATEWAY_SERVICE_ACCOUNT = "traffic-ingress"
+#: The agent's default ``--proxy-uid``: the uid sidecar Envoys run as.
+PROXY_UID = 1337
+#: How many distinct refusals are remembered to log each once (oldest forgotten first).
+LOGGED_MAX = 1024
+#: Longest node id quoted in a log line or refusal message (node ids are chosen by the client).
+NODE_ID_SHOWN = 100
+_SPIFFE = re.compile(r"^spiffe://(?P<td>[^/]+)/ns/(?P<ns>[^/]+)/sa/(?P<sa>[^/]+)$")
+_DNS_LABELS = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+#: ``pods_by_ip(ip)``: ``(pod, its Kubernetes labels)`` of every pod that has or had ``ip``.
+PodsByIp = Callable[[str], Sequence[tuple[Pod, Mapping[str, str]]]]
 
 
 def parse_selector(text: str) -> dict[str, str]:
@@ -44,6 +73,33 @@ def parse_selector(text: str) -> dict[str, str]:
     return out
 
 
+def parse_uids(text: str) -> frozenset[int]:
+    """``0,1337`` -> uids; raises ValueError with a clear message (empty text: no uid)."""
+    out: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if not part.isdigit() or int(part) > 0xFFFFFFFE:
+            raise ValueError(f"bad uid {part!r} in {text!r}: use comma-separated numbers, e.g. 0,1337")
+        out.add(int(part))
+    return frozenset(out)
+
+
+def check_trust_domain(text: str) -> str:
+    """A SPIFFE trust domain (lowercase DNS-like name, no scheme or path); raises ValueError."""
+    if not text or len(text) > 255 or not _DNS_LABELS.match(text):
+        raise ValueError(f"bad trust domain {text!r}: use a lowercase name such as cluster.local")
+    return text
+
+
+def service_account(pod: Pod) -> str:
+    """The pod's ServiceAccount (Kubernetes runs a pod that names none as ``default``)."""
+    return pod.service_account or "default"
+
+
+def shorten(node_id: str) -> str:
+    """A client-chosen node id cut to :data:`NODE_ID_SHOWN` characters for logs and messages."""
+    return node_id if len(node_id) <= NODE_ID_SHOWN else node_id[:NODE_ID_SHOWN] + "..."
+
+
 class AccessControl:
     """Decides whether a stream may claim its node identity (see the module docstring)."""
 
@@ -51,11 +107,16 @@ class AccessControl:
         self,
         mode: str,
         pods: Mapping[tuple[str, str], Pod],
-        pods_by_ip: Callable[[str], Sequence[tuple[str, str, Mapping[str, str]]]],
+        pods_by_ip: PodsByIp,
         gateway_namespace: str = "default",
         gateway_selector: Mapping[str, str] | None = None,
-        unix_socket: bool = False,
+        gateway_service_account: str = DEFAULT_GATEWAY_SERVICE_ACCOUNT,
+        trust_domain: str = DEFAULT_TRUST_DOMAIN,
+        unix_gateway_uids: Iterable[int] | None = None,
+        unix_sidecar_uids: Iterable[int] | None = None,
     ) -> None:
+        """``unix_gateway_uids`` default: this process's uid; ``unix_sidecar_uids`` default:
+        :data:`PROXY_UID`, 0 and this process's uid."""
         if mode not in MODES:
             raise ValueError(f"unknown --xds-auth mode {mode!r}; use one of {', '.join(MODES)}")
         self.mode = mode
@@ -63,57 +124,141 @@ class AccessControl:
         self.pods_by_ip = pods_by_ip
         self.gateway_namespace = gateway_namespace
         self.gateway_selector = dict(gateway_selector or {"app": "traffic-ingress"})
-        self.unix_socket = unix_socket
-        self._logged: set[tuple[str, str, str]] = set()
+        self.gateway_service_account = gateway_service_account
+        self.trust_domain = check_trust_domain(trust_domain)
+        own = os.getuid()
+        self.unix_gateway_uids = frozenset(unix_gateway_uids if unix_gateway_uids is not None else {own})
+        self.unix_sidecar_uids = frozenset(unix_sidecar_uids if unix_sidecar_uids is not None else {PROXY_UID, 0, own})
+        # Refusals already logged (bounded: node ids are chosen by clients), least recently seen first.
+        self._logged: collections.OrderedDict[tuple[str, str, str], None] = collections.OrderedDict()
 
     def __call__(self, node_id: str, node_cluster: str, peer: str, identities: tuple[str, ...] = ()) -> None:
-        """Raise PermissionError (with the reason) when the claim is not allowed."""
+        """Raise PermissionError (with the reason) when the claim is not allowed. ``peer``: the client's
+        IP, or a Unix-socket peer's credentials (:func:`~trafficmgr.core.xds.unixpeer.describe`)."""
         if self.mode == "none":
             return
         gateway = node_cluster == GATEWAY_CLUSTER or node_id == GATEWAY_CLUSTER
         try:
+            cred = unixpeer.parse(peer)
+            if cred is not None:
+                self._check_unix(node_id, gateway, cred)
             if self.mode == "mtls":
                 self._check_mtls(node_id, gateway, identities)
-            else:
+            elif cred is None:
                 self._check_peer_ip(node_id, gateway, peer)
         except PermissionError as exc:
-            key = (node_id, peer, str(exc))
-            if key not in self._logged:
-                self._logged.add(key)
-                log.warning("refused xDS stream claiming %s %r from %s: %s", "gateway" if gateway else "node",
-                            node_id, peer or "a Unix socket", exc)
+            self._log_once(node_id, gateway, peer, str(exc))
             raise
 
-    def _check_peer_ip(self, node_id: str, gateway: bool, peer: str) -> None:
-        if not peer:
-            if self.unix_socket:
-                return
-            raise PermissionError("the connection has no IP address to check")
+    def _log_once(self, node_id: str, gateway: bool, peer: str, reason: str) -> None:
+        key = (node_id[:NODE_ID_SHOWN + 1], peer, reason)
+        if key in self._logged:
+            self._logged.move_to_end(key)
+            return
+        self._logged[key] = None
+        if len(self._logged) > LOGGED_MAX:
+            self._logged.popitem(last=False)
+        log.warning("refused xDS stream claiming %s %r from %s: %s", "gateway" if gateway else "node",
+                    shorten(node_id), peer or "an unknown peer", reason)
+
+    # -- Unix socket ------------------------------------------------------------------------------
+
+    def _check_unix(self, node_id: str, gateway: bool, cred: unixpeer.PeerCred) -> None:
         if gateway:
-            for ns, _name, labels in self.pods_by_ip(peer):
-                if ns == self.gateway_namespace and all(labels.get(k) == v for k, v in self.gateway_selector.items()):
-                    return
-            sel = ",".join(f"{k}={v}" for k, v in self.gateway_selector.items())
-            raise PermissionError(f"{peer} is not the IP of a gateway pod ({sel} in namespace {self.gateway_namespace})")
-        pod_name, _, namespace = node_id.rpartition(".")
-        pod = self.pods.get((namespace, pod_name))
-        if pod is None:
+            if cred.uid not in self.unix_gateway_uids:
+                raise PermissionError(f"Unix-socket peer uid {cred.uid} may not claim the gateway "
+                                      f"(allowed uids: {_uids(self.unix_gateway_uids)}; --xds-unix-gateway-uids)")
+            return
+        if cred.uid not in self.unix_sidecar_uids:
+            raise PermissionError(f"Unix-socket peer uid {cred.uid} may not claim a sidecar "
+                                  f"(allowed uids: {_uids(self.unix_sidecar_uids)}; --xds-unix-sidecar-uids)")
+        if self.mode == "peer-ip":
+            pod = self._claimed_pod(node_id)
+            if pod is not None and not pod.live:
+                raise PermissionError(f"pod {pod.namespace}/{pod.name} is {_state(pod)}")
+
+    # -- peer-ip ----------------------------------------------------------------------------------
+
+    def _check_peer_ip(self, node_id: str, gateway: bool, peer: str) -> None:
+        ip = normalize_ip(peer)
+        if not ip or ip == peer and not _is_ip(peer):
+            raise PermissionError("the connection has no IP address or peer credentials to check")
+        holders = [(pod, labels) for pod, labels in self.pods_by_ip(ip) if ip in pod.holds_ips]
+        if len(holders) > 1:
+            names = ", ".join(sorted(f"{p.namespace}/{p.name}" for p, _ in holders))
+            raise PermissionError(f"{ip} is held by {len(holders)} live pods ({names}): ambiguous, refused")
+        if gateway:
+            if not holders:
+                raise PermissionError(f"{ip} is not the IP of a live pod (Running or Pending, not terminating, "
+                                      "not hostNetwork)")
+            pod, labels = holders[0]
+            where = f"pod {pod.namespace}/{pod.name} ({ip})"
+            if pod.namespace != self.gateway_namespace:
+                raise PermissionError(f"{where} is not in the gateway namespace {self.gateway_namespace}")
+            if not all(labels.get(k) == v for k, v in self.gateway_selector.items()):
+                sel = ",".join(f"{k}={v}" for k, v in self.gateway_selector.items())
+                raise PermissionError(f"{where} does not match the gateway selector {sel}")
+            if service_account(pod) != self.gateway_service_account:
+                raise PermissionError(f"{where} runs as ServiceAccount {service_account(pod)}, not the gateway's "
+                                      f"{self.gateway_service_account} (--xds-gateway-service-account)")
+            return
+        claimed = self._claimed_pod(node_id)
+        if claimed is None:
             return  # unknown node: it gets nothing until the pod exists, and is checked again then
-        if pod.ip != peer:
-            raise PermissionError(f"node {node_id} is pod IP {pod.ip or '(none yet)'}, not {peer}")
+        if not claimed.live:
+            raise PermissionError(f"pod {claimed.namespace}/{claimed.name} is {_state(claimed)}")
+        if claimed.host_network:
+            raise PermissionError(f"pod {claimed.namespace}/{claimed.name} uses the host network: its IP proves nothing")
+        if ip not in claimed.holds_ips:
+            shown = ", ".join(claimed.holds_ips) or "(none yet)"
+            raise PermissionError(f"node {shorten(node_id)} is pod IP {shown}, not {ip}")
+
+    def _claimed_pod(self, node_id: str) -> Pod | None:
+        pod_name, _, namespace = node_id.rpartition(".")
+        return self.pods.get((namespace, pod_name)) if pod_name else None
+
+    # -- mtls -------------------------------------------------------------------------------------
 
     def _check_mtls(self, node_id: str, gateway: bool, identities: tuple[str, ...]) -> None:
+        ids = [m for m in (_SPIFFE.match(i) for i in identities) if m and m.group("td") == self.trust_domain]
         if not identities:
-            raise PermissionError("no verified client certificate")
+            raise PermissionError("no verified client certificate with a URI SAN")
         if gateway:
-            if any(_GATEWAY_URI.match(i) or i == GATEWAY_CLUSTER for i in identities):
+            want = (self.gateway_namespace, self.gateway_service_account)
+            if any((m.group("ns"), m.group("sa")) == want for m in ids):
                 return
-            raise PermissionError(f"certificate {list(identities)} is not a gateway identity")
-        for ident in identities:
-            m = _SIDECAR_URI.match(ident)
-            if (m and f"{m.group('pod')}.{m.group('ns')}" == node_id) or ident == node_id:
-                return
-        raise PermissionError(f"certificate {list(identities)} does not name node {node_id}")
+            raise PermissionError(f"certificate {_shown(identities)} is not the gateway identity "
+                                  f"spiffe://{self.trust_domain}/ns/{want[0]}/sa/{want[1]}")
+        pod = self._claimed_pod(node_id)
+        if pod is None:
+            raise PermissionError(f"node {shorten(node_id)} is not a known pod")
+        if not pod.live:
+            raise PermissionError(f"pod {pod.namespace}/{pod.name} is {_state(pod)}")
+        want = (pod.namespace, service_account(pod))
+        if any((m.group("ns"), m.group("sa")) == want for m in ids):
+            return
+        raise PermissionError(f"certificate {_shown(identities)} does not name node {shorten(node_id)}: "
+                              f"want spiffe://{self.trust_domain}/ns/{want[0]}/sa/{want[1]}")
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _state(pod: Pod) -> str:
+    return "terminating" if pod.terminating and pod.phase in ("Running", "Pending") else pod.phase or "in no phase"
+
+
+def _uids(uids: frozenset[int]) -> str:
+    return ",".join(str(u) for u in sorted(uids)) or "none"
+
+
+def _shown(identities: tuple[str, ...]) -> str:
+    return str([i[:200] for i in identities[:4]])
 
 
 def warn_if_open(mode: str) -> None:
@@ -128,4 +273,5 @@ def refused_count(reason: str = "permission") -> float:
     return metrics.REGISTRY.get_sample_value("trafficmgr_xds_streams_refused_total", {"reason": reason}) or 0.0
 
 
-__all__ = ["AccessControl", "MODES", "parse_selector", "refused_count", "warn_if_open"]
+__all__ = ["AccessControl", "DEFAULT_GATEWAY_SERVICE_ACCOUNT", "DEFAULT_TRUST_DOMAIN", "MODES", "PROXY_UID",
+           "check_trust_domain", "parse_selector", "parse_uids", "refused_count", "service_account", "warn_if_open"]

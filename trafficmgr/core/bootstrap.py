@@ -13,6 +13,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import attrs
+
 XDS_CLUSTER = "xds_cluster"
 _HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
@@ -38,6 +40,47 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+@attrs.frozen(slots=True)
+class XdsTls:
+    """Client TLS of the xDS connection: PEM files as Envoy reads them (paths inside Envoy's filesystem).
+
+    ``cert``/``key``: the proxy's client certificate (for ``serve --xds-auth mtls`` its URI SAN is
+    ``spiffe://<trust domain>/ns/<namespace>/sa/<serviceaccount>``); ``ca``: the CA the xDS server's
+    certificate must chain to; ``sni``: the server name sent (default: the xDS host when it is a name)."""
+
+    cert: str
+    key: str
+    ca: str
+    sni: str | None = None
+
+
+_UPSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+
+
+def xds_transport_socket(tls: XdsTls, xds_host: str) -> dict[str, Any]:
+    """The xDS cluster's ``transport_socket``: TLS with the client certificate, ALPN ``h2`` (gRPC), the
+    server's chain checked against ``tls.ca`` and, for a TCP address, its SAN against the host (a DNS
+    name or an IP of ``--xds-address``: another certificate of the same CA, e.g. a proxy's, cannot pose
+    as the control plane). Over ``unix:`` only the chain is checked (the socket path names the server)."""
+    validation: dict[str, Any] = {"trusted_ca": {"filename": tls.ca}}
+    host = xds_host.strip("[]")
+    if not xds_host.startswith("unix:"):
+        san_type = "IP_ADDRESS" if _is_ip(host) else "DNS"
+        validation["match_typed_subject_alt_names"] = [{"san_type": san_type, "matcher": {"exact": host}}]
+    context: dict[str, Any] = {
+        "@type": _UPSTREAM_TLS,
+        "common_tls_context": {
+            "tls_certificates": [{"certificate_chain": {"filename": tls.cert}, "private_key": {"filename": tls.key}}],
+            "validation_context": validation,
+            "alpn_protocols": ["h2"],
+        },
+    }
+    sni = tls.sni if tls.sni is not None else ("" if xds_host.startswith("unix:") or _is_ip(host) else host)
+    if sni:
+        context["sni"] = sni
+    return {"name": "envoy.transport_sockets.tls", "typed_config": context}
+
+
 def bootstrap(
     node_id: str,
     node_cluster: str,
@@ -54,6 +97,7 @@ def bootstrap(
     node_metadata: Mapping[str, Any] | None = None,
     xds_retry_base_s: float = 0.25,
     xds_retry_max_s: float = 3.0,
+    xds_tls: XdsTls | None = None,
 ) -> dict[str, Any]:
     """An Envoy v3 bootstrap fetching CDS and LDS (and through them EDS/RDS/SDS) over one ADS stream.
 
@@ -66,6 +110,7 @@ def bootstrap(
       cannot change anything (nor could it from outside the pod: admin is on loopback, see
       :func:`add_stats_listener`).
     - ``xds_retry_*``: reconnect backoff of the ADS stream when the control plane is away.
+    - ``xds_tls``: mutual TLS to the xDS server (``serve --xds-auth mtls``), see :func:`xds_transport_socket`.
     Admin ``admin_port`` 0 lets Envoy pick a port (read it with ``--admin-address-path``). Admin serves
     mutating endpoints (``/quitquitquit``, ``/logging``, ``/drain_listeners``): callers keep it on
     loopback (sidecars and the gateway: ``127.0.0.1:15000`` inside the pod's network namespace) and expose
@@ -91,6 +136,8 @@ def bootstrap(
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _xds_address(xds_host, xds_port)}}]}],
         },
     }
+    if xds_tls is not None:
+        xds_cluster["transport_socket"] = xds_transport_socket(xds_tls, xds_host)
     if xds_source_address:
         xds_cluster["upstream_bind_config"] = {"source_address": {"address": xds_source_address, "port_value": 0}}
 

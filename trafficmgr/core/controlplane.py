@@ -18,7 +18,7 @@ from typing import Any
 
 from trafficmgr.core import cache as cache_mod
 from trafficmgr.core import metrics
-from trafficmgr.core.access import AccessControl, parse_selector
+from trafficmgr.core.access import DEFAULT_GATEWAY_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN, AccessControl, parse_selector
 from trafficmgr.core.cache import Resource, SnapshotCache
 from trafficmgr.core.contrib import WatchKind
 from trafficmgr.core.kube.assemble import CORE_KINDS, Assembler
@@ -65,6 +65,10 @@ class ControlPlane:
             self.assembler.pods_with_ip,
             gateway_namespace=getattr(self.options, "xds_gateway_namespace", None) or os.environ.get("POD_NAMESPACE", "default"),
             gateway_selector=parse_selector(getattr(self.options, "xds_gateway_selector", None) or "app=traffic-ingress"),
+            gateway_service_account=getattr(self.options, "xds_gateway_service_account", None) or DEFAULT_GATEWAY_SERVICE_ACCOUNT,
+            trust_domain=getattr(self.options, "trust_domain", None) or DEFAULT_TRUST_DOMAIN,
+            unix_gateway_uids=getattr(self.options, "xds_unix_gateway_uids", None),
+            unix_sidecar_uids=getattr(self.options, "xds_unix_sidecar_uids", None),
         )
         self.xds: Any = None
         self.watchers: list[Watcher] = []
@@ -80,9 +84,8 @@ class ControlPlane:
     # -- identity -----------------------------------------------------------------------------
 
     def authorize(self, node_id: str, node_cluster: str, peer: str, identities: tuple[str, ...] = ()) -> None:
-        """The xDS server's authorizer: raises PermissionError for a claim the access mode refuses."""
-        if not peer and str(getattr(self.xds, "host", "")).startswith("unix:"):
-            return  # a Unix socket: its file permissions are the access control
+        """The xDS server's authorizer: raises PermissionError for a claim the access mode refuses (over a
+        Unix socket ``peer`` is the connecting process's credentials, see :mod:`trafficmgr.core.access`)."""
         self.access(node_id, node_cluster, peer, identities)
 
     def resolve(self, node_id: str, node_cluster: str, peer: str = "") -> str | None:

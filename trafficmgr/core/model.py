@@ -8,6 +8,7 @@ only what a change affects.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -205,6 +206,18 @@ def load_balancer_addresses(status: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(i.get("ip") or i.get("hostname") for i in ingress if i.get("ip") or i.get("hostname"))
 
 
+def normalize_ip(text: str) -> str:
+    """The canonical text of an IP address: ``ipaddress`` form, IPv4-mapped IPv6 (``::ffff:10.0.0.1``)
+    as IPv4, zone ids kept; text that is not an IP is returned unchanged (it then matches nothing)."""
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        return text
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
 @attrs.frozen(slots=True)
 class Pod:
     """A pod with its *effective* traffic labels (workload labels merged, the pod's own labels win)."""
@@ -217,10 +230,30 @@ class Pod:
     labels: Labels = EMPTY_LABELS
     uid: str = ""
     ports: tuple[tuple[str, int], ...] = ()  # (container port name, number)
+    #: Every pod IP (``status.podIPs``, dual stack; ``ip`` first), each normalised by :func:`normalize_ip`.
+    ips: tuple[str, ...] = ()
+    phase: str = "Running"  # ``status.phase`` (from Kubernetes: always set; absent is read as ``Pending``)
+    terminating: bool = False  # ``metadata.deletionTimestamp`` is set
+    host_network: bool = False  # ``spec.hostNetwork``: its "IP" is the node's, shared by every such pod
+    service_account: str = ""  # ``spec.serviceAccountName`` ("" = not given: Kubernetes means ``default``)
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.namespace, self.name)
+
+    @property
+    def live(self) -> bool:
+        """Running, or Pending, and not being deleted: the pod may still act (a Succeeded or Failed pod
+        keeps its ``podIP`` in the API after the network gave the address to another pod)."""
+        return self.phase in ("Running", "Pending") and not self.terminating
+
+    @property
+    def holds_ips(self) -> tuple[str, ...]:
+        """The IPs that identify this pod and no other: its normalised IPs while it is :attr:`live` and
+        not ``hostNetwork``; empty otherwise (such a pod proves nothing by its address)."""
+        if not self.live or self.host_network:
+            return ()
+        return self.ips or ((normalize_ip(self.ip),) if self.ip else ())
 
     @property
     def has_port_labels(self) -> bool:

@@ -43,6 +43,7 @@ def run_serve(args: argparse.Namespace, plugins: PluginHost, stop: threading.Eve
         parse_selector(args.xds_gateway_selector)
     except ValueError as exc:
         raise ServeError(f"--xds-gateway-selector: {exc}") from None
+    _check_identity_options(args)
     credentials = _xds_credentials(args)
     warn_if_open(args.xds_auth)
     cp = ControlPlane(plugins, args, KubeClient(api), freeze_gc=True)
@@ -91,6 +92,31 @@ def _http_servers(state: AdminState, args: argparse.Namespace) -> list[AdminServ
         servers.append(AdminServer(state, getattr(args, "metrics_address", "0.0.0.0"), metrics_port,
                                    routes=METRICS_ROUTES, flag="--metrics-port"))
     return servers
+
+
+def _check_identity_options(args: argparse.Namespace) -> None:
+    """Validate the identity options (``--xds-gateway-service-account``, ``--trust-domain``, the Unix-socket
+    uid lists) in place: uid lists become frozensets (None: the default of
+    :class:`~trafficmgr.core.access.AccessControl`)."""
+    import re
+
+    from trafficmgr.core.access import check_trust_domain, parse_uids
+
+    sa = getattr(args, "xds_gateway_service_account", None)
+    if sa is not None and not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", sa):
+        raise ServeError(f"--xds-gateway-service-account {sa!r}: not a ServiceAccount name "
+                         "(lowercase letters, digits, '-' and '.')")
+    try:
+        check_trust_domain(getattr(args, "trust_domain", None) or "cluster.local")
+    except ValueError as exc:
+        raise ServeError(f"--trust-domain: {exc}") from None
+    for flag in ("xds_unix_gateway_uids", "xds_unix_sidecar_uids"):
+        text = getattr(args, flag, None)
+        if isinstance(text, str):
+            try:
+                setattr(args, flag, parse_uids(text))
+            except ValueError as exc:
+                raise ServeError(f"--{flag.replace('_', '-')}: {exc}") from None
 
 
 def _xds_credentials(args: argparse.Namespace) -> grpc.ServerCredentials | None:

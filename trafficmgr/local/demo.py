@@ -312,7 +312,8 @@ class Demo:
             "spec": {"controller": "trafficmgr.io/ingress-controller"}})
         store.create({"apiVersion": "v1", "kind": "Pod", "metadata": {
             "name": GATEWAY, "namespace": NAMESPACE, "labels": {"app": GATEWAY}},
-            "spec": {"containers": [{"name": "envoy", "image": "envoy", "ports": [
+            # The ServiceAccount `serve --xds-gateway-service-account` expects (its default, traffic-ingress).
+            "spec": {"serviceAccountName": GATEWAY, "containers": [{"name": "envoy", "image": "envoy", "ports": [
                 {"name": "http", "containerPort": c.http_port}, {"name": "https", "containerPort": c.https_port},
                 {"name": "stats", "containerPort": c.admin_port}]}]}})
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -29,6 +29,7 @@ from trafficmgr.core.model import (
     Service,
     ServicePort,
     load_balancer_addresses,
+    normalize_ip,
     port_protocol,
 )
 
@@ -54,6 +55,18 @@ def _meta(obj: dict[str, Any]) -> dict[str, Any]:
 def _key(obj: dict[str, Any]) -> Key:
     m = _meta(obj)
     return (m.get("namespace") or "", m.get("name") or "")
+
+
+def pod_ips(ip: str | None, pod_ips: Any) -> tuple[str, ...]:
+    """``status.podIP`` and ``status.podIPs`` (dual stack) as one normalised, duplicate-free tuple,
+    ``podIP`` first; malformed entries are skipped."""
+    out: list[str] = []
+    for text in [ip, *((p.get("ip") if isinstance(p, dict) else None) for p in (pod_ips or []))]:
+        if isinstance(text, str) and text:
+            norm = normalize_ip(text)
+            if norm not in out:
+                out.append(norm)
+    return tuple(out)
 
 
 def ref_of(kind: str, obj: dict[str, Any]) -> ObjectRef:
@@ -260,7 +273,7 @@ class Assembler:
             gone = self.pods.pop(key, None)
             self.port_pods.pop(key, None)
             if gone is not None:
-                index.set_ip(key, gone.ip, None)
+                index.set_ips(key, gone.ips, ())
                 self.dirty = True
                 self._refresh_endpoints_of_pod(key)
             return
@@ -284,12 +297,16 @@ class Assembler:
             for c in spec.get("containers") or []
             for p in c.get("ports") or []
         )
+        ip = status.get("podIP") or None
         pod = Pod(
-            namespace=key[0], name=key[1], ip=status.get("podIP") or None, node=spec.get("nodeName") or None,
+            namespace=key[0], name=key[1], ip=ip, node=spec.get("nodeName") or None,
             ready=ready, labels=workload.merged(own), uid=_meta(obj).get("uid") or "", ports=ports,
+            ips=pod_ips(ip, status.get("podIPs")), phase=str(status.get("phase") or "Pending"),
+            terminating=bool(_meta(obj).get("deletionTimestamp")), host_network=bool(spec.get("hostNetwork")),
+            service_account=str(spec.get("serviceAccountName") or spec.get("serviceAccount") or ""),
         )
         old = self.pods.get(key)
-        index.set_ip(key, old.ip if old else None, pod.ip)
+        index.set_ips(key, old.ips if old else (), pod.ips)
         changed = self._set(self.pods, key, pod)
         if pod.ip and pod.has_port_labels:
             self.port_pods[key] = self.pods[key]  # the stored object: identity drives the builder's memo
@@ -298,13 +315,16 @@ class Assembler:
         if changed and (old is None or old.labels != pod.labels):
             self._refresh_endpoints_of_pod(key)
 
-    def pods_with_ip(self, ip: str) -> list[tuple[str, str, dict[str, str]]]:
-        """``(namespace, name, all labels)`` of every pod whose IP is ``ip`` (for access control)."""
+    def pods_with_ip(self, ip: str) -> list[tuple[Pod, dict[str, str]]]:
+        """``(pod, all its Kubernetes labels)`` of every pod that has or had ``ip`` among its IPs (any
+        phase: access control decides which count; ``ip`` is compared normalised, see
+        :func:`~trafficmgr.core.model.normalize_ip`). Called from the xDS threads: single reads only."""
         out = []
-        for key in self._pod_index.with_ip(ip):
+        for key in self._pod_index.with_ip(normalize_ip(ip)):
             raw = self._raw["Pod"].get(key)
-            if raw is not None:
-                out.append((key[0], key[1], dict(_meta(raw).get("labels") or {})))
+            pod = self.pods.get(key)
+            if raw is not None and pod is not None:
+                out.append((pod, dict(_meta(raw).get("labels") or {})))
         return out
 
     # -- endpoint slices ----------------------------------------------------------------------

@@ -121,8 +121,16 @@ class PodIndex:
             move(self.by_owner, key, _workload_key(key[0], old), _workload_key(key[0], owner))
             self.owner[key] = owner
 
-    def set_ip(self, key: Key, old_ip: str | None, new_ip: str | None) -> None:
-        move(self.by_ip, key, old_ip or None, new_ip or None)
+    def set_ips(self, key: Key, old_ips: tuple[str, ...], new_ips: tuple[str, ...]) -> None:
+        """The pod ``key`` had ``old_ips`` and now has ``new_ips`` (normalised; dual stack: several)."""
+        if old_ips == new_ips:
+            return
+        for ip in old_ips:
+            if ip not in new_ips:
+                move(self.by_ip, key, ip, None)
+        for ip in new_ips:
+            if ip not in old_ips:
+                move(self.by_ip, key, None, ip)
 
     def forget(self, key: Key) -> None:
         """The pod is gone: drop its labels and its workload (its ReplicaSet and IP are moved by the caller)."""

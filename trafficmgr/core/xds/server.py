@@ -38,6 +38,7 @@ from trafficmgr.core.xds.sotw import SotwProtocol
 from trafficmgr.core.xds.streams import CHANGED, CLOSED, Stream
 from trafficmgr.core.xds.streams import parse_peer as parse_peer
 from trafficmgr.core.xds.streams import peer_identities as peer_identities
+from trafficmgr.core.xds.unixpeer import UnixPeerRelay
 
 log = logging.getLogger("trafficmgr.xds")
 
@@ -52,7 +53,10 @@ class PortInUse(OSError):
     """The xDS server could not bind its address (usually: the port is already in use)."""
 
 
-#: ``authorizer(node_id, node_cluster, peer_ip, identities)``: raise PermissionError to refuse a stream.
+#: ``authorizer(node_id, node_cluster, peer, identities)``: raise PermissionError to refuse a stream.
+#: ``peer``: the client's IP over TCP; over a Unix socket ``unix:uid=<uid>,gid=<gid>,pid=<pid>`` (the
+#: kernel's credentials of the connecting process, :mod:`~trafficmgr.core.xds.unixpeer`), ``""`` when
+#: unknown. ``identities``: the verified client certificate's URI SANs (mutual TLS only).
 Authorizer = Callable[[str, str, str, tuple[str, ...]], None]
 
 
@@ -70,6 +74,7 @@ class XdsServer:
         self.credentials = credentials
         self.authorizer = authorizer
         self._server: grpc.aio.Server | None = None
+        self._relay: UnixPeerRelay | None = None  # listening on a Unix socket: who connected
         self._streams: set[Stream] = set()
         self._watcher: asyncio.Task[None] | None = None
         self._out = Responder(cache)
@@ -102,8 +107,12 @@ class XdsServer:
             ),
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(ADS_SERVICE, handlers),))
+        relay: UnixPeerRelay | None = None
         if self.host.startswith("unix:"):  # a Unix socket: reachable from other network namespaces
-            host, address = self.host, self.host
+            # gRPC listens on a private socket; the relay owns the public path and tells the streams
+            # who connected (SO_PEERCRED), see trafficmgr.core.xds.unixpeer.
+            relay = UnixPeerRelay(self.host[len("unix:"):])
+            host, address = self.host, "unix:" + relay.inner
         else:
             host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
             address = f"{host}:{self.port}"
@@ -113,11 +122,23 @@ class XdsServer:
             else:
                 bound = server.add_insecure_port(address)
         except RuntimeError as exc:
+            if relay is not None:
+                await relay.stop()
             raise PortInUse(f"xDS server cannot bind {host}:{self.port} (port in use?): {exc}") from exc
         if not bound:
+            if relay is not None:
+                await relay.stop()
             raise PortInUse(f"xDS server cannot bind {host}:{self.port} (port in use?)")
         self.port = bound
         await server.start()
+        if relay is not None:
+            try:
+                await relay.start()
+            except OSError as exc:
+                await server.stop(None)
+                await relay.stop()
+                raise PortInUse(f"xDS server cannot listen on {host}: {exc}") from exc
+            self._relay = relay
         self._server = server
         self.stopping = False
         self._watcher = asyncio.create_task(self._watch_cache())
@@ -139,6 +160,9 @@ class XdsServer:
             except asyncio.CancelledError:
                 pass
         self._server = None
+        if self._relay is not None:
+            await self._relay.stop()
+            self._relay = None
 
     async def _watch_cache(self) -> None:
         generation = self.cache.generation
@@ -189,6 +213,8 @@ class XdsServer:
         if self.stopping:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "xDS server is stopping")
         stream = Stream(mode, context)
+        if self._relay is not None:  # a Unix socket: the peer is the connecting process's credentials
+            stream.peer = self._relay.peer_of(context.peer())
         protocol: SotwProtocol | DeltaProtocol = self._sotw if mode == SOTW else self._delta
         reader = asyncio.create_task(self._read(requests, stream.queue))
         self._streams.add(stream)

@@ -38,15 +38,14 @@ def parse_peer(peer: str) -> str:
 
 
 def peer_identities(context: Any) -> tuple[str, ...]:
-    """The verified client certificate's URI/DNS SANs and CN (empty without mutual TLS)."""
+    """The verified client certificate's URI SANs only (gRPC's ``peer_uri``; empty without mutual TLS).
+    Not the CN, nor DNS SANs: access control accepts only SPIFFE URIs, and a DNS SAN or CN spelled like
+    one must not pass for it."""
     try:
         auth = context.auth_context() or {}
     except Exception:  # noqa: BLE001 - no auth context on insecure transports in some versions
         return ()
-    out: list[str] = []
-    for key in ("x509_subject_alternative_name", "x509_common_name"):
-        out.extend(v.decode() if isinstance(v, bytes) else str(v) for v in auth.get(key, ()))
-    return tuple(out)
+    return tuple(v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in auth.get("peer_uri", ()))
 
 
 class TypeState:
