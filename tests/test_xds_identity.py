@@ -5,6 +5,7 @@ Envoys holding client certificates made here, bootstraps from ``trafficmgr boots
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import ipaddress
 import json
@@ -29,6 +30,7 @@ from trafficmgr.core.controlplane import ControlPlane
 from trafficmgr.core.envoy import find_envoy
 from trafficmgr.core.kube.client import KubeClient, load_api_client
 from trafficmgr.core.plugins import PluginHost
+from trafficmgr.core.xds import unixpeer
 from trafficmgr.core.xds.server import XdsServerThread
 from trafficmgr.testing.cluster import http_get
 from trafficmgr.testing.envoy import EnvoyProcess, free_port, wait_for
@@ -296,3 +298,47 @@ def test_unix_socket_claims_are_judged_by_the_peer_uid(api: tuple[APIServer, Pat
         stopped = not os.path.exists(socket_path)
         shutil.rmtree(world, ignore_errors=True)
     assert stopped, "the server removes its socket when it stops"
+
+
+def test_unix_relay_passes_bytes_both_ways_with_half_close_and_names_the_peer() -> None:
+    """The relay in front of a plain server: what the client sends arrives whole, the server's answer after
+    the client's EOF comes back, and while connected the inner connection maps to this process's
+    credentials (a connection that did not come through the relay maps to nothing)."""
+    async def run() -> tuple[bytes, list[str]]:
+        relay = unixpeer.UnixPeerRelay(os.path.join(tempfile.mkdtemp(prefix="tm-relay-"), "pub.sock"))
+        peers: list[str] = []
+
+        async def count(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            peers.append(relay.peer_of("unix:" + w.get_extra_info("peername")))
+            n = 0
+            while data := await r.read(1 << 16):
+                n += len(data)
+            w.write(str(n).encode())
+            await w.drain()
+            w.close()
+
+        inner = await asyncio.start_unix_server(count, relay.inner)
+        await relay.start()
+        try:
+            r, w = await asyncio.open_unix_connection(relay.path)
+            for _ in range(64):
+                w.write(b"x" * 65536)
+                await w.drain()
+            w.write_eof()
+            answer = await asyncio.wait_for(r.read(), 10)
+            w.close()
+            r2, w2 = await asyncio.open_unix_connection(relay.inner)  # around the relay
+            w2.write_eof()
+            await asyncio.wait_for(r2.read(), 10)
+            w2.close()
+            return answer, peers
+        finally:
+            await relay.stop()
+            inner.close()
+
+    answer, peers = asyncio.run(run())
+    assert answer == str(64 * 65536).encode()
+    assert peers[0] == f"unix:uid={os.getuid()},gid={os.getgid()},pid={os.getpid()}"
+    assert unixpeer.parse(peers[0]) == unixpeer.PeerCred(pid=os.getpid(), uid=os.getuid(), gid=os.getgid())
+    assert peers[1] == ""
+    assert unixpeer.parse("10.0.0.1") is None and unixpeer.parse("unix:uid=x") is None

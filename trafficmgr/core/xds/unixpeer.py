@@ -140,8 +140,7 @@ class _Half(asyncio.Protocol):
         self.pipe.to_client(data)
 
     def eof_received(self) -> bool:
-        self.pipe.close()
-        return False
+        return self.pipe.half_close(from_client=False)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.pipe.close()
@@ -164,6 +163,7 @@ class _Pipe(asyncio.Protocol):
         self.pending: list[bytes] = []
         self.closed = False
         self.client_paused = False
+        self.eofs: set[bool] = set()  # the sides that sent EOF (True: the client)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.client = transport  # type: ignore[assignment]
@@ -214,8 +214,18 @@ class _Pipe(asyncio.Protocol):
             self.client.write(data)
 
     def eof_received(self) -> bool:
-        self.close()
-        return False
+        return self.half_close(from_client=True)
+
+    def half_close(self, from_client: bool) -> bool:
+        """One side finished sending: pass the EOF on and keep the other direction open until it
+        finishes too (the return value of ``eof_received``: True keeps the transport open)."""
+        self.eofs.add(from_client)
+        other = self.server.transport if from_client and self.server is not None else (None if from_client else self.client)
+        if len(self.eofs) == 2 or other is None or not other.can_write_eof():
+            self.close()
+            return False
+        other.write_eof()
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.close()
