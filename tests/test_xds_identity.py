@@ -342,3 +342,15 @@ def test_unix_relay_passes_bytes_both_ways_with_half_close_and_names_the_peer() 
     assert unixpeer.parse(peers[0]) == unixpeer.PeerCred(pid=os.getpid(), uid=os.getuid(), gid=os.getgid())
     assert peers[1] == ""
     assert unixpeer.parse("10.0.0.1") is None and unixpeer.parse("unix:uid=x") is None
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--xds-unix-gateway-uids", "root"], "--xds-unix-gateway-uids: bad uid 'root'"),
+    (["--xds-unix-sidecar-uids", "1337,-1"], "--xds-unix-sidecar-uids: bad uid '-1'"),
+    (["--trust-domain", "spiffe://cluster.local"], "--trust-domain: bad trust domain"),
+    (["--xds-gateway-service-account", "Gate_Way"], "--xds-gateway-service-account 'Gate_Way': not a ServiceAccount name"),
+])
+def test_serve_refuses_bad_identity_options_before_anything_else(args: list[str], message: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "trafficmgr", "serve", "--kubeconfig", "/nonexistent", *args],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and message in out.stderr, out.stderr

@@ -32,6 +32,7 @@ def run_serve(args: argparse.Namespace, plugins: PluginHost, stop: threading.Eve
     if args.sidecar_inbound_port and args.sidecar_inbound_port == args.sidecar_port:
         raise ServeError(f"--sidecar-inbound-port and --sidecar-port are both {args.sidecar_port}: "
                          "the sidecar's inbound and outbound listeners need different ports")
+    _check_identity_options(args)  # before Kubernetes: a bad option is reported as such
     try:
         api = load_api_client(args.kubeconfig, args.context)
     except Exception as exc:  # noqa: BLE001 - config errors come in many types
@@ -43,7 +44,6 @@ def run_serve(args: argparse.Namespace, plugins: PluginHost, stop: threading.Eve
         parse_selector(args.xds_gateway_selector)
     except ValueError as exc:
         raise ServeError(f"--xds-gateway-selector: {exc}") from None
-    _check_identity_options(args)
     credentials = _xds_credentials(args)
     warn_if_open(args.xds_auth)
     cp = ControlPlane(plugins, args, KubeClient(api), freeze_gc=True)
