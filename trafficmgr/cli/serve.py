@@ -7,7 +7,7 @@ import argparse
 
 from trafficmgr.cli import CliError, plugins_of, register_command
 from trafficmgr.core.access import DEFAULT_GATEWAY_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN, PROXY_UID
-from trafficmgr.core.argtypes import listen_port, port
+from trafficmgr.core.argtypes import int_at_least, listen_port, port, positive_seconds
 from trafficmgr.core.serve import ServeError, run_serve
 
 
@@ -59,6 +59,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--xds-tls-cert", metavar="FILE", help="xDS server certificate (PEM; with --xds-auth mtls)")
     parser.add_argument("--xds-tls-key", metavar="FILE", help="xDS server private key (PEM; with --xds-auth mtls)")
     parser.add_argument("--xds-client-ca", metavar="FILE", help="CA that signs proxy client certificates (with --xds-auth mtls)")
+    # Limits of the xDS server (any pod can reach the xDS port); see trafficmgr.core.xds.server.
+    parser.add_argument("--xds-max-streams-per-peer", metavar="N", type=int_at_least(0), default=128,
+                        help="open xDS streams allowed per client IP, unknown nodes included; Unix-socket clients "
+                             "are not capped (default 128: every pod of a node behind one address; 0: no cap)")
+    parser.add_argument("--xds-node-timeout", metavar="SECONDS", type=positive_seconds, default=10.0,
+                        help="close xDS streams that do not name their node within this time (default 10)")
+    parser.add_argument("--xds-max-request-mib", metavar="MIB", type=int_at_least(1), default=4,
+                        help="largest xDS request accepted, in MiB (default 4: a delta request naming 30k "
+                             "resources; 10k Services with two ports need 2.6 MB)")
 
 
 def _setup(parser: argparse.ArgumentParser) -> None:

@@ -17,8 +17,24 @@ RESPONSES_SENT = Counter(
 )
 NACKS = Counter("trafficmgr_xds_nacks", "xDS NACKs received", ["type"], registry=REGISTRY)
 STREAMS_REFUSED = Counter(
-    "trafficmgr_xds_streams_refused", "xDS streams refused (unknown or unauthorized node)", ["reason"], registry=REGISTRY
+    "trafficmgr_xds_streams_refused",
+    "xDS streams refused or ended, or requests ignored, by reason (see REFUSAL_REASONS)",
+    ["reason"],
+    registry=REGISTRY,
 )
+#: Reasons of ``trafficmgr_xds_streams_refused_total`` (each starts at 0, so a dashboard sees every one):
+#: ``permission`` node not authorized; ``unknown`` node not (yet) known, the stream waits; ``too_many_streams``
+#: over ``--xds-max-streams-per-peer``; ``no_node_timeout`` no node named within ``--xds-node-timeout``;
+#: ``no_node`` / ``bad_node`` first request without a node id / with an oversized one; ``too_large`` a
+#: request over ``--xds-max-request-mib``; ``bad_request`` not a valid request; ``too_many_names`` a
+#: subscription over the per-type limit; ``unknown_type`` a request (not a stream) for a type not served,
+#: ignored.
+REFUSAL_REASONS = (
+    "permission", "unknown", "too_many_streams", "no_node_timeout", "no_node", "bad_node", "too_large",
+    "bad_request", "too_many_names", "unknown_type",
+)
+for _reason in REFUSAL_REASONS:
+    STREAMS_REFUSED.labels(_reason)
 PUSH_TO_ACK = Histogram(
     "trafficmgr_xds_push_to_ack_seconds",
     "Time from sending a response to its ACK",

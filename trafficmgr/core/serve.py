@@ -47,7 +47,10 @@ def run_serve(args: argparse.Namespace, plugins: PluginHost, stop: threading.Eve
     credentials = _xds_credentials(args)
     warn_if_open(args.xds_auth)
     cp = ControlPlane(plugins, args, KubeClient(api), freeze_gc=True)
-    xds = XdsServerThread(cp.cache, args.xds_address, args.xds_port, credentials, cp.authorize)
+    xds = XdsServerThread(cp.cache, args.xds_address, args.xds_port, credentials, cp.authorize,
+                          max_streams_per_peer=getattr(args, "xds_max_streams_per_peer", 128),
+                          node_timeout=getattr(args, "xds_node_timeout", 10.0),
+                          max_request_bytes=getattr(args, "xds_max_request_mib", 4) << 20)
     try:
         xds.start()
     except OSError as exc:

@@ -23,7 +23,7 @@ from trafficmgr.core import wire
 from trafficmgr.core.cache import NAMED_TYPES, Resource, TypeSet
 from trafficmgr.core.xds.responder import DEPENDENT, Responder, ordered
 from trafficmgr.core.xds.responses import DELTA_MESSAGES, intern_names, token, transition
-from trafficmgr.core.xds.streams import DeltaSent, Known, Stream, TypeState
+from trafficmgr.core.xds.streams import MAX_NAMES_PER_TYPE, DeltaSent, Known, Stream, TypeState, too_many_names
 
 #: Responses awaiting their ACK kept per stream and type (older ones are forgotten).
 MAX_INFLIGHT = 64
@@ -44,7 +44,11 @@ class DeltaProtocol:
         st = stream.types.get(type_url)
         subscribe = list(req.resource_names_subscribe)
         unsubscribe = list(req.resource_names_unsubscribe)
+        if len(req.initial_resource_versions) > MAX_NAMES_PER_TYPE:
+            raise too_many_names(len(req.initial_resource_versions))
         if st is None:
+            if len(subscribe) > MAX_NAMES_PER_TYPE:
+                raise too_many_names(len(subscribe))
             st = stream.types[type_url] = TypeState(type_url)
             st.wildcard = type_url not in NAMED_TYPES and (not subscribe or "*" in subscribe)
             st.names = intern_names(frozenset(n for n in subscribe if n != "*"))
@@ -75,6 +79,8 @@ class DeltaProtocol:
                     names.discard(name)
                     if not st.wildcard:
                         st.known.pop(name, None)
+            if len(names) > MAX_NAMES_PER_TYPE:  # subscriptions add up over requests
+                raise too_many_names(len(names))
             st.names = intern_names(frozenset(names))
             st.synced_version = None
         await self.push(stream, [st])

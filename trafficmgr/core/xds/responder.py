@@ -17,11 +17,14 @@ from trafficmgr.core import cache as cache_mod
 from trafficmgr.core import metrics
 from trafficmgr.core.cache import TYPE_ORDER, Snapshot, SnapshotCache
 from trafficmgr.core.xds.responses import Nonces
-from trafficmgr.core.xds.streams import Stream, TypeState
+from trafficmgr.core.xds.streams import MAX_ERROR_DETAIL, Stream, TypeState, clip
 
 log = logging.getLogger("trafficmgr.xds")
 
+#: NACKs kept (``/debug/nacks``). Each holds at most MAX_ERROR_DETAIL characters of the client's error
+#: text and NACK_RESOURCES names (plus the count): the history stays under ~3 MB whatever clients send.
 NACK_HISTORY = 500
+NACK_RESOURCES = 100
 
 #: When a resource of the key type is (re)sent, the resources it references of the value type follow.
 DEPENDENT = {cache_mod.CLUSTER: cache_mod.ENDPOINT, cache_mod.LISTENER: cache_mod.ROUTE}
@@ -58,7 +61,11 @@ class Responder:
     def record_nack(
         self, stream: Stream, st: TypeState, nonce: str, version: str | None, error: str, resources: list[str]
     ) -> None:
-        nack = {"nonce": nonce, "version": version, "error": error, "resources": resources, "at": time.time()}
+        # The error text comes from the client: keep (and log) a bounded prefix of it.
+        nack = {"nonce": clip(nonce), "version": version, "error": clip(error, MAX_ERROR_DETAIL),
+                "resources": resources[:NACK_RESOURCES], "at": time.time()}
+        if len(resources) > NACK_RESOURCES:
+            nack["resources_total"] = len(resources)
         st.last_nack = nack
         st.nacked_version = version
         st.nacked_names = st.sent_names
@@ -69,7 +76,7 @@ class Responder:
         metrics.NACKS.labels(st.short).inc()
         log.warning(
             "NACK from %r for %s version %s (%d resources): %s",
-            stream.node_id, st.short, version, len(resources), error,
+            clip(stream.node_id), st.short, version, len(resources), clip(error),
         )
 
     def acked(self, st: TypeState, sent_at: float, clear_nack: bool = True) -> None:

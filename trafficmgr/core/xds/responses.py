@@ -41,8 +41,9 @@ def names_tag(names: frozenset[str] | None) -> str:
     return "all" if names is None else "n" + token(names)
 
 
-#: One shared object per distinct subscription (see :func:`intern_names`).
-NAME_SETS: Bounded[frozenset[str], frozenset[str]] = Bounded(4096)
+#: One shared object per distinct subscription (see :func:`intern_names`). Bounded by the names held too:
+#: clients choose the sets, and a closed stream's sets must not stay here at 4096 x 4 MiB requests.
+NAME_SETS: Bounded[frozenset[str], frozenset[str]] = Bounded(4096, 1_000_000, len)
 
 
 def intern_names(names: frozenset[str]) -> frozenset[str]:

@@ -21,7 +21,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from trafficmgr.core.cache import NAMED_TYPES
 from trafficmgr.core.xds.responder import DEPENDENT, Responder, ordered
 from trafficmgr.core.xds.responses import intern_names, names_tag
-from trafficmgr.core.xds.streams import Stream, TypeState
+from trafficmgr.core.xds.streams import MAX_NAMES_PER_TYPE, Stream, TypeState, too_many_names
 
 
 def sotw_names(type_url: str, names: Iterable[str]) -> frozenset[str] | None:
@@ -40,6 +40,8 @@ class SotwProtocol:
 
     async def on_request(self, stream: Stream, req: discovery_pb2.DiscoveryRequest) -> None:
         type_url = req.type_url
+        if len(req.resource_names) > MAX_NAMES_PER_TYPE:
+            raise too_many_names(len(req.resource_names))
         names = sotw_names(type_url, req.resource_names)
         st = stream.types.get(type_url)
         if st is None:

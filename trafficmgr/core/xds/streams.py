@@ -1,7 +1,8 @@
 """What the ADS server knows about each open stream: the peer, the node, and per resource type what was
-sent, ACKed and NACKed (SotW) or what the client has (delta, :class:`Known`).
+sent, ACKed and NACKed (SotW) or what the client has (delta, :class:`Known`), and its :class:`Inbox`.
 
-Only the server loop touches these objects; they hold no logic beyond their own bookkeeping.
+Only the server loop touches these objects; they hold no logic beyond their own bookkeeping. The limits
+that keep one client from exhausting the server (any pod can open streams) are here too.
 """
 
 from __future__ import annotations
@@ -18,9 +19,99 @@ import grpc
 from trafficmgr.core import cache as cache_mod
 from trafficmgr.core.cache import TypeSet
 
-#: Queue items of a stream besides requests: the cache changed / the stream is over.
+#: What :meth:`Inbox.get` returns besides requests: the cache changed / the stream is over.
 CHANGED = object()
 CLOSED = object()
+
+#: Requests read ahead per stream (each up to the request size limit, so this bounds a stream's buffered
+#: requests). Beyond it the reader stops reading and HTTP/2 flow control holds the client back; Envoy's
+#: bursts (a request per type, ACKs) just wait for the handler a moment.
+MAX_PENDING_REQUESTS = 4
+#: Names one stream may subscribe to per type. A sidecar at 10k services with two ports each subscribes to
+#: 20k endpoint names; ten times that is refused (each name costs the server ~100 bytes per stream).
+MAX_NAMES_PER_TYPE = 200_000
+#: Node id / cluster length accepted (a pod name is <= 253 characters, a namespace <= 63).
+MAX_NODE_FIELD = 1024
+#: Client-supplied text kept (NACK error details) and logged (node ids, type URLs, error details).
+MAX_ERROR_DETAIL = 4096
+MAX_LOGGED = 200
+
+
+def clip(text: str, limit: int = MAX_LOGGED) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was cut (for client-supplied strings)."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}...[{len(text) - limit} more characters]"
+
+
+class Refused(Exception):
+    """A stream the server ends: ``reason`` is the ``trafficmgr_xds_streams_refused_total`` label,
+    ``code`` the gRPC status, the message its details."""
+
+    def __init__(self, reason: str, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.code = code
+
+
+def too_many_names(count: int) -> Refused:
+    return Refused("too_many_names", grpc.StatusCode.RESOURCE_EXHAUSTED,
+                   f"{count} resource names for one type; the limit is {MAX_NAMES_PER_TYPE}")
+
+
+class Inbox:
+    """What a stream's handler has to do next: requests, read ahead at most ``limit`` (then
+    :meth:`put` waits, so gRPC stops reading and HTTP/2 flow control holds the client back), a coalesced
+    "the cache changed" flag (any number of changes while the handler is busy, e.g. blocked writing to a
+    slow client, is one push of the latest versions), and "closed".
+
+    Memory per stream is bounded by ``limit`` requests whatever the client does."""
+
+    __slots__ = ("requests", "limit", "changed", "closed", "drain", "_wake", "_room")
+
+    def __init__(self, limit: int = MAX_PENDING_REQUESTS) -> None:
+        self.requests: collections.deque[Any] = collections.deque()
+        self.limit = limit
+        self.changed = False
+        self.closed = False
+        self.drain = False  # closed by the client: the requests already read are still handled
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+
+    async def put(self, request: Any) -> None:
+        """Queue a request; waits while ``limit`` requests are pending."""
+        while len(self.requests) >= self.limit and not self.closed:
+            self._room.clear()
+            await self._room.wait()
+        self.requests.append(request)
+        self._wake.set()
+
+    def signal_change(self) -> None:
+        self.changed = True
+        self._wake.set()
+
+    def close(self, drain: bool = False) -> None:
+        """No more requests; ``drain``: hand out the pending ones first (else :data:`CLOSED` comes next)."""
+        self.drain = drain and not self.closed
+        self.closed = True
+        self._wake.set()
+        self._room.set()
+
+    async def get(self) -> Any:
+        """The next request, else :data:`CHANGED` (once per burst of changes); :data:`CLOSED` first of all."""
+        while True:
+            if self.closed and not (self.drain and self.requests):
+                return CLOSED
+            if self.requests:
+                item = self.requests.popleft()
+                self._room.set()
+                return item
+            if self.changed:
+                self.changed = False
+                return CHANGED
+            self._wake.clear()
+            await self._wake.wait()
 
 
 def parse_peer(peer: str) -> str:
@@ -168,7 +259,7 @@ class Stream:
 
     __slots__ = (
         "mode", "context", "peer", "node_id", "node_cluster", "identified", "view", "role", "connected_at",
-        "types", "queue", "change_pending", "unknown_logged", "identities",
+        "types", "inbox", "unknown_logged", "identities", "unknown_types",
     )
 
     def __init__(self, mode: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
@@ -183,11 +274,9 @@ class Stream:
         self.role: str | None = None  # label of CONNECTED_PROXIES currently counted
         self.connected_at = time.time()
         self.types: dict[str, TypeState] = {}
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
-        self.change_pending = False
+        self.inbox = Inbox()
         self.unknown_logged = False
+        self.unknown_types = 0  # requests for types this server does not serve (ignored)
 
     def signal_change(self) -> None:
-        if not self.change_pending:
-            self.change_pending = True
-            self.queue.put_nowait(CHANGED)
+        self.inbox.signal_change()
