@@ -91,6 +91,8 @@ def test_enable_routes_through_envoy_then_disable_leaves_nothing(env: Env) -> No
     assert info["Name"] == "/" + container_name(APP, "default") == f"/envoy_{APP}_default"
     assert info["HostConfig"]["NetworkMode"] == f"container:{p.pause}"
     assert info["Config"]["User"] == "1337:1337" and info["State"]["Running"]
+    # The xDS socket's directory is mounted read-only: the sidecar can connect but not replace the socket.
+    assert [(m["Destination"], m["RW"]) for m in info["Mounts"]] == [(os.path.dirname(cluster.xds_socket), False)]
     assert {k: v for k, v in info["Config"]["Labels"].items() if k.startswith("traffic.envoy.")} == {
         "traffic.envoy.proxy": "true", "traffic.envoy.pod": APP, "traffic.envoy.namespace": "default",
         "traffic.envoy.pod-uid": cluster.store.get("pods", APP, "default")["metadata"]["uid"]}

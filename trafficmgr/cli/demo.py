@@ -17,7 +17,7 @@ def _setup(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-port", type=_port, default=d.http_port, help=f"gateway HTTP on 127.0.0.1 (default {d.http_port})")
     parser.add_argument("--https-port", type=_port, default=d.https_port, help=f"gateway HTTPS on 127.0.0.1 (default {d.https_port})")
     parser.add_argument("--admin-port", type=_port, default=d.admin_port,
-                        help=f"gateway Envoy admin (/stats/prometheus) on 127.0.0.1 (default {d.admin_port})")
+                        help=f"gateway stats-only listener (GET /stats/prometheus, /ready) on 127.0.0.1 (default {d.admin_port})")
     parser.add_argument("--api-port", type=_any_port, default=d.api_port, help="API server port (default 0: any free port)")
     parser.add_argument("--xds-port", type=_port, default=d.xds_port, help=f"control plane xDS port (default {d.xds_port})")
     parser.add_argument("--serve-admin-port", type=_port, default=d.serve_admin_port,

@@ -5,7 +5,7 @@ The sidecar of pod ``P`` in namespace ``N`` is the container ``envoy_P_N`` with
 ``<proxy uid>:<proxy uid>``, the bootstrap inline on Envoy's command line and the labels of
 :mod:`.runtime`. The pause container is found by the labels the kubelet's Docker integration puts on
 it (``io.kubernetes.pod.name``/``namespace``/``uid``, ``io.kubernetes.docker.type=podsandbox``).
-A Unix-socket xDS address is bind-mounted (its directory) into the sidecar. Containers are independent
+A Unix-socket xDS address is bind-mounted (its directory, read-only) into the sidecar. Containers are independent
 of the agent: they survive its restarts.
 
 The node's network namespace paths are ``/proc/<pid>/ns/net`` of host pids: the agent needs the
@@ -182,7 +182,9 @@ class DockerRuntime(Runtime):
         binds = {}
         if spec.xds_socket:
             directory = os.path.dirname(spec.xds_socket)
-            binds[directory] = {"bind": directory, "mode": "rw"}
+            # Read-only: connect(2) to a Unix socket works through a read-only mount, and a sidecar must
+            # not be able to replace the socket file (it would then serve every other sidecar's xDS).
+            binds[directory] = {"bind": directory, "mode": "ro"}
         host_config = api.create_host_config(
             network_mode=f"container:{network.handle}", binds=binds or None,
             restart_policy={"Name": "on-failure", "MaximumRetryCount": 5},

@@ -21,7 +21,8 @@ under the reason named here):
 - a request over ``max_request_bytes`` (default :data:`MAX_REQUEST_BYTES`) ends the stream
   (``too_large``, ``RESOURCE_EXHAUSTED``);
 - at most ``max_streams_per_peer`` open streams per client IP, unknown nodes included (``too_many_streams``);
-  Unix-socket peers are not capped (no IP to count by; the socket's file permissions are the boundary);
+  Unix-socket peers are not capped (no IP to count by: they are local processes that the socket's file
+  permissions let connect, and their claims are judged by their uid, see :mod:`trafficmgr.core.access`);
 - a stream must name its node in its first request (``no_node``, ``bad_node``) within ``node_timeout``
   seconds (``no_node_timeout``);
 - requests for a type this server does not serve are ignored, keep no state and are counted
