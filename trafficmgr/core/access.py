@@ -33,14 +33,13 @@ deleted, terminating or finished, or whose IP moves to another pod, loses its st
 from __future__ import annotations
 
 import collections
-import ipaddress
 import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from trafficmgr.core import metrics
-from trafficmgr.core.model import GATEWAY_CLUSTER, Pod, normalize_ip
+from trafficmgr.core.model import GATEWAY_CLUSTER, Pod, is_ip, normalize_ip
 from trafficmgr.core.xds import unixpeer
 
 log = logging.getLogger(__name__)
@@ -181,7 +180,7 @@ class AccessControl:
 
     def _check_peer_ip(self, node_id: str, gateway: bool, peer: str) -> None:
         ip = normalize_ip(peer)
-        if not ip or ip == peer and not _is_ip(peer):
+        if not ip or ip == peer and not is_ip(peer):
             raise PermissionError("the connection has no IP address or peer credentials to check")
         holders = [(pod, labels) for pod, labels in self.pods_by_ip(ip) if ip in pod.holds_ips]
         if len(holders) > 1:
@@ -239,14 +238,6 @@ class AccessControl:
             return
         raise PermissionError(f"certificate {_shown(identities)} does not name node {shorten(node_id)}: "
                               f"want spiffe://{self.trust_domain}/ns/{want[0]}/sa/{want[1]}")
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _state(pod: Pod) -> str:

@@ -15,6 +15,8 @@ from typing import Any
 
 import attrs
 
+from trafficmgr.core.model import is_ip
+
 XDS_CLUSTER = "xds_cluster"
 _HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
@@ -28,16 +30,6 @@ def _xds_address(host: str, port: int) -> dict[str, Any]:
     if host.startswith("unix:"):
         return {"pipe": {"path": host[len("unix:"):]}}
     return _socket_address(host, port)
-
-
-def _is_ip(host: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 @attrs.frozen(slots=True)
@@ -65,7 +57,7 @@ def xds_transport_socket(tls: XdsTls, xds_host: str) -> dict[str, Any]:
     validation: dict[str, Any] = {"trusted_ca": {"filename": tls.ca}}
     host = xds_host.strip("[]")
     if not xds_host.startswith("unix:"):
-        san_type = "IP_ADDRESS" if _is_ip(host) else "DNS"
+        san_type = "IP_ADDRESS" if is_ip(host) else "DNS"
         validation["match_typed_subject_alt_names"] = [{"san_type": san_type, "matcher": {"exact": host}}]
     context: dict[str, Any] = {
         "@type": _UPSTREAM_TLS,
@@ -75,7 +67,7 @@ def xds_transport_socket(tls: XdsTls, xds_host: str) -> dict[str, Any]:
             "alpn_protocols": ["h2"],
         },
     }
-    sni = tls.sni if tls.sni is not None else ("" if xds_host.startswith("unix:") or _is_ip(host) else host)
+    sni = tls.sni if tls.sni is not None else ("" if xds_host.startswith("unix:") or is_ip(host) else host)
     if sni:
         context["sni"] = sni
     return {"name": "envoy.transport_sockets.tls", "typed_config": context}
@@ -118,7 +110,7 @@ def bootstrap(
     """
     xds_cluster: dict[str, Any] = {
         "name": XDS_CLUSTER,
-        "type": "STATIC" if _is_ip(xds_host) or xds_host.startswith("unix:") else "STRICT_DNS",
+        "type": "STATIC" if is_ip(xds_host) or xds_host.startswith("unix:") else "STRICT_DNS",
         "connect_timeout": "1s",
         # ADS is gRPC: HTTP/2 must be explicit, Envoy defaults upstreams to HTTP/1.1.
         "typed_extension_protocol_options": {

@@ -206,6 +206,15 @@ def load_balancer_addresses(status: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(i.get("ip") or i.get("hostname") for i in ingress if i.get("ip") or i.get("hostname"))
 
 
+def is_ip(text: str) -> bool:
+    """Whether ``text`` is an IPv4 or IPv6 address (not a host name)."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def normalize_ip(text: str) -> str:
     """The canonical text of an IP address: ``ipaddress`` form, IPv4-mapped IPv6 (``::ffff:10.0.0.1``)
     as IPv4, zone ids kept; text that is not an IP is returned unchanged (it then matches nothing)."""
