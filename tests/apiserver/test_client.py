@@ -215,16 +215,24 @@ def test_drop_watches_and_restart(tmp_path) -> None:
         v1 = client.CoreV1Api(api)
         v1.create_namespaced_config_map("default", client.V1ConfigMap(metadata=client.V1ObjectMeta(name="k")))
         rv = v1.list_namespaced_config_map("default").metadata.resource_version
-        resp = v1.list_namespaced_config_map("default", watch=True, resource_version=rv, _preload_content=False)
+        # A read timeout bounds the wait: were the watch not dropped, read() would end in ReadTimeoutError.
+        resp = v1.list_namespaced_config_map("default", watch=True, resource_version=rv, _preload_content=False,
+                                             _request_timeout=(5, 5))
         deadline = time.monotonic() + 2
         while not srv._httpd.open_watches() and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert len(srv._httpd.open_watches()) == 1
         srv.drop_watches()
-        # The dropped watch ends the stream: cut mid-body (urllib3 reports a ProtocolError) or, were it
-        # closed cleanly, read() returns and the RuntimeError stands for that end.
-        with pytest.raises((urllib3.exceptions.HTTPError, RuntimeError)):
+        # A dropped watch is cut mid-body: no terminating chunk, so urllib3 reports the chunked body as
+        # incomplete (a clean end would return the body; a watch left open would time out instead).
+        start = time.monotonic()
+        with pytest.raises(urllib3.exceptions.ProtocolError, match="IncompleteRead"):
             resp.read()
-            raise RuntimeError("stream ended")
+        assert time.monotonic() - start < 2, "the dropped watch did not end promptly"
+        deadline = time.monotonic() + 2
+        while srv._httpd.open_watches() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not srv._httpd.open_watches(), "the server still holds the dropped watch"
         srv.stop()
     port = srv.port
     srv2 = APIServer(port=port, store=srv.store, fresh_window=True).start()  # same token and certificate
