@@ -10,6 +10,7 @@ import hashlib
 import json
 from functools import cache
 
+from . import gnostic
 from .discovery import GROUP_VERSIONS, RESOURCES, ResourceType
 
 _QUERY_PARAMS = ["fieldValidation", "fieldManager", "dryRun", "force", "pretty"]
@@ -63,33 +64,115 @@ def _pod_spec() -> dict:
     })
 
 
+_META = "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
+_STR_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_OPEN = ""  # a field whose schema is open (any value): spec, status, Event fields, ...
+
+# Top-level fields (besides apiVersion, kind, metadata) of each served kind, as on a real cluster, with a
+# short description and a type: _OPEN, "string", "boolean", "integer" or "map" (map of strings). kubectl's
+# client-side validation (used for ``kind: List`` manifests) reports any other top-level field as unknown.
+_SPEC_STATUS = {"spec": ("desired state", _OPEN), "status": ("observed state (written by controllers)", _OPEN)}
+_EVENT_COMMON = {"action": ("what was done", "string"), "eventTime": ("when it happened (MicroTime)", "string"),
+                 "reason": ("machine-readable reason", "string"), "related": ("a second object", _OPEN),
+                 "reportingInstance": ("controller instance", "string"), "series": ("recurrence data", _OPEN),
+                 "type": ("Normal or Warning", "string")}
+TOP_FIELDS: dict[str, dict[str, tuple[str, str]]] = {
+    "v1/Namespace": _SPEC_STATUS, "v1/Pod": _SPEC_STATUS, "v1/Service": _SPEC_STATUS, "v1/Node": _SPEC_STATUS,
+    "v1/Endpoints": {"subsets": ("addresses and ports of the Service's ready and not-ready endpoints", _OPEN)},
+    "v1/Event": {**_EVENT_COMMON, "count": ("times this event occurred", "integer"),
+                 "firstTimestamp": ("first occurrence", "string"), "lastTimestamp": ("last occurrence", "string"),
+                 "involvedObject": ("the object this event is about", _OPEN),
+                 "message": ("human-readable description", "string"),
+                 "reportingComponent": ("controller that emitted the event", "string"),
+                 "source": ("component reporting this event", _OPEN)},
+    "v1/Secret": {"data": ("base64-encoded values", "map"), "stringData": ("write-only plain values", "map"),
+                  "type": ("secret type, e.g. Opaque or kubernetes.io/tls", "string"),
+                  "immutable": ("data cannot change", "boolean")},
+    "v1/ConfigMap": {"data": ("configuration values", "map"), "binaryData": ("base64-encoded values", "map"),
+                     "immutable": ("data cannot change", "boolean")},
+    "v1/ServiceAccount": {"secrets": ("secrets of this account", _OPEN),
+                          "imagePullSecrets": ("registry credentials", _OPEN),
+                          "automountServiceAccountToken": ("mount a token into pods", "boolean")},
+    "apps/v1/Deployment": _SPEC_STATUS, "apps/v1/ReplicaSet": _SPEC_STATUS, "apps/v1/StatefulSet": _SPEC_STATUS,
+    "apps/v1/DaemonSet": _SPEC_STATUS,
+    "discovery.k8s.io/v1/EndpointSlice": {"addressType": ("IPv4, IPv6 or FQDN", "string"),
+                                          "endpoints": ("the endpoints", _OPEN), "ports": ("the ports", _OPEN)},
+    "networking.k8s.io/v1/Ingress": _SPEC_STATUS,
+    "networking.k8s.io/v1/IngressClass": {"spec": ("controller and parameters", _OPEN)},
+    "events.k8s.io/v1/Event": {**_EVENT_COMMON, "note": ("human-readable description", "string"),
+                               "regarding": ("the object this event is about", _OPEN),
+                               "reportingController": ("controller that emitted the event", "string"),
+                               "deprecatedCount": ("core/v1 count", "integer"),
+                               "deprecatedFirstTimestamp": ("core/v1 firstTimestamp", "string"),
+                               "deprecatedLastTimestamp": ("core/v1 lastTimestamp", "string"),
+                               "deprecatedSource": ("core/v1 source", _OPEN)},
+    "coordination.k8s.io/v1/Lease": {"spec": ("holder and timing of the lease", _OPEN)},
+}
+
+
+def _typed(desc: str, typ: str) -> dict:
+    if typ == "map":
+        return {"description": desc, **_STR_MAP}
+    if typ:
+        return {"description": desc, "type": typ}
+    return {"description": desc}
+
+
+def _meta_fields() -> dict:
+    """ObjectMeta's fields (all of them: ``kubectl get -o yaml`` output must validate)."""
+    ref_list = {"type": "array", "items": {"type": "object", "properties": {
+        "apiVersion": {"type": "string"}, "kind": {"type": "string"}, "name": {"type": "string"},
+        "uid": {"type": "string"}, "controller": {"type": "boolean"}, "blockOwnerDeletion": {"type": "boolean"}}}}
+    managed = {"type": "array", "items": {"type": "object", "properties": {
+        "manager": {"type": "string"}, "operation": {"type": "string"}, "apiVersion": {"type": "string"},
+        "time": {"type": "string"}, "fieldsType": {"type": "string"}, "subresource": {"type": "string"},
+        "fieldsV1": {"description": "the fields this manager owns (FieldsV1 trie)", "type": "object"}}}}
+    return {
+        "name": {"description": "unique within a namespace", "type": "string"},
+        "generateName": {"description": "prefix of a server-generated name", "type": "string"},
+        "namespace": {"description": "the namespace (empty for cluster-scoped kinds)", "type": "string"},
+        "selfLink": {"type": "string"}, "uid": {"description": "set by the server", "type": "string"},
+        "resourceVersion": {"description": "opaque version for optimistic concurrency", "type": "string"},
+        "generation": {"description": "sequence number of spec changes", "type": "integer"},
+        "creationTimestamp": {"type": "string", "format": "date-time"},
+        "deletionTimestamp": {"type": "string", "format": "date-time"},
+        "deletionGracePeriodSeconds": {"type": "integer"},
+        "labels": {"description": "labels (trafficmgr reads the traffic.* ones)", **_STR_MAP},
+        "annotations": {"description": "non-identifying metadata", **_STR_MAP},
+        "ownerReferences": ref_list, "finalizers": {"type": "array", "items": {"type": "string"}},
+        "managedFields": managed,
+    }
+
+
 def _object_meta() -> dict:
-    return _open({
-        "name": {"type": "string"},
-        "namespace": {"type": "string"},
-        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
-        "finalizers": {"type": "array", "items": {"type": "string"}, "x-kubernetes-patch-strategy": "merge"},
-        "ownerReferences": _list_of(_open(), "uid", "merge"),
-    })
+    props = _meta_fields()
+    props["finalizers"] = {**props["finalizers"], "x-kubernetes-patch-strategy": "merge"}
+    props["ownerReferences"] = _list_of(_open(), "uid", "merge")
+    return _open(props)
 
 
 def _kind_schema(rt: ResourceType) -> dict:
     props: dict = {
-        "apiVersion": {"type": "string"},
-        "kind": {"type": "string"},
-        "metadata": {"allOf": [{"$ref": "#/components/schemas/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"}]},
+        "apiVersion": {"type": "string", "description": "versioned schema of this object"},
+        "kind": {"type": "string", "description": "the kind of this object"},
+        "metadata": {"allOf": [{"$ref": "#/components/schemas/" + _META}],
+                     "description": "standard object metadata"},
     }
+    for name, (desc, typ) in TOP_FIELDS[f"{rt.api_version}/{rt.kind}"].items():
+        props[name] = {"description": desc, **_open()} if not typ else _typed(desc, typ)
     if rt.kind == "Pod":
         props["spec"] = _pod_spec()
     elif rt.kind in ("Deployment", "ReplicaSet", "StatefulSet", "DaemonSet"):
         props["spec"] = _open({"template": _open({"metadata": _object_meta(), "spec": _pod_spec()})})
     elif rt.kind == "Service":
         props["spec"] = _open({"ports": _list_of(_open(), "port", "merge")})
-    else:
-        props["spec"] = _open()
-    props["status"] = _open({"conditions": _list_of(_open(), "type", "merge")})
+    if "status" in props:
+        props["status"] = _open({"conditions": _list_of(_open(), "type", "merge")})
+    for name in ("spec", "status"):
+        if name in props:
+            props[name]["description"] = TOP_FIELDS[f"{rt.api_version}/{rt.kind}"][name][0]
     return {"type": "object", "properties": props, "x-kubernetes-preserve-unknown-fields": True,
+            "description": f"{rt.kind} ({rt.api_version}), as served by trafficmgr's local API server",
             "x-kubernetes-group-version-kind": [_gvk(rt)]}
 
 
@@ -117,7 +200,7 @@ def gv_document(group: str, version: str) -> bytes | None:
     if not rts:
         return None
     paths: dict = {}
-    schemas: dict = {"io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta": _object_meta()}
+    schemas: dict = {_META: _object_meta()}
     base = "/" + _gv_path(group, version)
     for rt in rts:
         name = _schema_name(rt)
@@ -165,4 +248,89 @@ def document_for_path(path: str) -> bytes | None:
         return gv_document("", parts[1])
     if len(parts) == 3 and parts[0] == "apis":
         return gv_document(parts[1], parts[2])
+    return None
+
+
+# ---- /openapi/v2 (Swagger 2.0) ---------------------------------------------------------------------
+
+V2_PROTOBUF = "application/com.github.proto-openapi.spec.v2@v1.0+protobuf"
+# The answer's Content-Type, as kube-apiserver sends it (Go's mime parser, which kubectl uses, refuses "@").
+V2_PROTOBUF_ALT = "application/com.github.proto-openapi.spec.v2.v1.0+protobuf"
+
+
+def _v2_kind(rt: ResourceType) -> dict:
+    """A kind's Swagger schema: every top-level field known (others are "unknown field" to kubectl's
+    client-side validation), metadata typed, spec/status and the like open (any value validates)."""
+    props: dict = {"apiVersion": {"type": "string", "description": "versioned schema of this object"},
+                   "kind": {"type": "string", "description": "the kind of this object"},
+                   "metadata": {"$ref": f"#/definitions/{_META}", "description": "standard object metadata"}}
+    for name, (desc, typ) in TOP_FIELDS[f"{rt.api_version}/{rt.kind}"].items():
+        props[name] = _typed(desc, typ)
+    return {"type": "object", "properties": props,
+            "description": f"{rt.kind} ({rt.api_version}), as served by trafficmgr's local API server",
+            "x-kubernetes-group-version-kind": [_gvk(rt)]}
+
+
+def _v2_op(rt: ResourceType, op_id: str, action: str, ref: str, body: bool) -> dict:
+    params = [{"name": p, "in": "query", "type": "string", "uniqueItems": True} for p in _QUERY_PARAMS]
+    if body:
+        params.insert(0, {"name": "body", "in": "body", "required": True, "schema": {"$ref": ref}})
+    op: dict = {"tags": [rt.group or "core"], "operationId": op_id, "produces": ["application/json"],
+                "parameters": params, "responses": {"200": {"description": "OK", "schema": {"$ref": ref}}},
+                "x-kubernetes-action": action, "x-kubernetes-group-version-kind": _gvk(rt)}
+    if body:
+        op["consumes"] = ["application/json", "application/yaml"]
+    return op
+
+
+@cache
+def v2_document() -> dict:
+    """The whole API as one Swagger 2.0 document (what ``/openapi/v2`` serves)."""
+    defs: dict = {_META: {"type": "object", "properties": _meta_fields(),
+                          "description": "metadata every persisted object has"}}
+    paths: dict = {}
+    for rt in RESOURCES:
+        name = _schema_name(rt)
+        defs[name] = _v2_kind(rt)
+        ref = f"#/definitions/{name}"
+        base = "/" + _gv_path(rt.group, rt.version)
+        ns = "/namespaces/{namespace}" if rt.namespaced else ""
+        coll = f"{base}{ns}/{rt.plural}"
+        path_params = [{"name": "namespace", "in": "path", "type": "string"}] if rt.namespaced else []
+        paths[coll] = {"get": _v2_op(rt, f"list{rt.kind}", "list", ref, False),
+                       "post": _v2_op(rt, f"create{rt.kind}", "post", ref, True),
+                       "parameters": path_params}
+        paths[coll + "/{name}"] = {
+            "get": _v2_op(rt, f"read{rt.kind}", "get", ref, False),
+            "put": _v2_op(rt, f"replace{rt.kind}", "put", ref, True),
+            # No PATCH operations: kubectl's client-side apply/diff pick the patch type and the strategic
+            # merge keys from the PATCH operation it finds for a kind here, and these open schemas lack
+            # the merge keys; without one it uses its compiled-in types (complete for every served kind).
+            "delete": _v2_op(rt, f"delete{rt.kind}", "delete", ref, False),
+            "parameters": [{"name": "name", "in": "path", "type": "string"}, *path_params],
+        }
+    return {"swagger": "2.0", "info": {"title": "Kubernetes", "version": "v1.32.0"},
+            "consumes": ["application/json", "application/yaml"], "produces": ["application/json"],
+            "paths": paths, "definitions": defs}
+
+
+@cache
+def v2_json() -> bytes:
+    return json.dumps(v2_document()).encode()
+
+
+@cache
+def v2_protobuf() -> bytes:
+    return gnostic.document(v2_document())
+
+
+def v2_for_accept(accept: str) -> tuple[bytes, str] | None:
+    """``/openapi/v2`` body and content type for an ``Accept`` header: gnostic protobuf when asked for
+    (what kubectl asks for), else JSON; None (answer 406) when the header admits neither."""
+    ranges = [r.split(";")[0].strip().lower() for r in accept.split(",")] if accept.strip() else ["*/*"]
+    for r in ranges:
+        if r in (V2_PROTOBUF.lower(), V2_PROTOBUF_ALT.lower()):
+            return v2_protobuf(), V2_PROTOBUF_ALT
+        if r in ("application/json", "application/*", "*/*"):
+            return v2_json(), "application/json"
     return None

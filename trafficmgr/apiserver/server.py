@@ -237,6 +237,12 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(200, b"ok", "text/plain")
             if url.path == "/version":
                 return self._send_obj(200, discovery.version_info())
+            if parts == ["openapi", "v2"]:
+                v2 = openapi.v2_for_accept(self.headers.get("Accept", ""))
+                if v2 is None:
+                    raise ApiError(406, "NotAcceptable", "only the following media types are accepted: "
+                                   f"application/json, {openapi.V2_PROTOBUF}")
+                return self._send(200, *v2)
             if parts[:2] == ["openapi", "v3"]:
                 spec = openapi.root_document() if len(parts) == 2 else openapi.document_for_path("/".join(parts[2:]))
                 if spec is None:
