@@ -171,8 +171,8 @@ def test_workload_controllers() -> None:
         wait_for(lambda: settled(1))
         store.patch("deployments", "app", {"spec": {"template": {"spec": {"containers": [
             {"name": "c", "image": "x:2"}]}}}}, patch_type="strategic")
-        wait_for(lambda: settled(1) and store.list("replicasets", "default")["items"][0]["metadata"]["name"]
-                   != rs["metadata"]["name"])
+        wait_for(lambda: settled(1) and [r["metadata"]["name"] for r in store.list("replicasets", "default")["items"]
+                                         if r["spec"]["replicas"]] not in ([], [rs["metadata"]["name"]]))
         store.delete("deployments", "app")
         srv.wait_idle()
         assert store.list("pods", "default")["items"] == []

@@ -6,12 +6,14 @@ slice reflects a change within milliseconds (``Controllers.wait_idle`` waits for
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import ipaddress
 import json
 import logging
 import queue
 import threading
+import time
 from typing import Any, Protocol
 
 from .discovery import BY_KEY, ResourceType
@@ -30,6 +32,7 @@ PODS, SERVICES, SLICES = BY_KEY["pods"], BY_KEY["services"], BY_KEY["endpointsli
 ENDPOINTS = BY_KEY["endpoints"]
 SKIP_MIRROR_LABEL = "endpointslice.kubernetes.io/skip-mirror"
 DEPLOYMENTS, REPLICASETS = BY_KEY["deployments.apps"], BY_KEY["replicasets.apps"]
+EVENTS = BY_KEY["events"]
 
 
 class PodRuntime(Protocol):
@@ -164,6 +167,7 @@ class Controllers:
         self._services: dict[str, dict[str, dict]] = {}
         self._pods: dict[str, dict[str, dict]] = {}
         self._label_index: dict[tuple[str, str, str], set[str]] = {}
+        self._deadlines: dict[tuple[str, str], float] = {}  # rollouts in progress: when to check progress
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -209,7 +213,11 @@ class Controllers:
 
     def _run(self) -> None:
         while True:
-            ev = self._queue.get()
+            try:
+                ev = self._queue.get(timeout=self._next_deadline())
+            except queue.Empty:
+                self._check_deadlines()
+                continue
             if ev is None:
                 return
             batch = [ev]
@@ -229,6 +237,19 @@ class Controllers:
             with self._cond:
                 self._pending -= len(batch)
                 self._cond.notify_all()
+
+    def _next_deadline(self) -> float | None:
+        """Seconds until a rollout's progress deadline is due (None: no rollout in progress)."""
+        if not self._deadlines or not self.workloads:
+            return None
+        return max(0.05, min(self._deadlines.values()) - time.monotonic())
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        for key, due in list(self._deadlines.items()):
+            if due <= now:
+                self._deadlines.pop(key, None)
+                self._guard(self._reconcile_deployment, *key)
 
     # ---- dispatch ----------------------------------------------------------------------------
 
@@ -450,52 +471,211 @@ class Controllers:
             pass
 
     # ---- workloads ---------------------------------------------------------------------------
+    #
+    # As kube-controller-manager's deployment controller: a template change creates a new ReplicaSet
+    # (named by the template's hash, revision = highest + 1; going back to an old template reuses its
+    # ReplicaSet) and RollingUpdate scales it up by at most maxSurge over spec.replicas while scaling old
+    # ones down only as far as maxUnavailable allows (Recreate: old ones to 0 first). Old ReplicaSets stay
+    # at 0 replicas (revisionHistoryLimit, default 10). Status and the Available/Progressing conditions are
+    # what kubectl rollout status reads; a rollout without progress for progressDeadlineSeconds is marked
+    # ProgressDeadlineExceeded (checked by the worker's timer, see _run).
 
     def _reconcile_deployment(self, ns: str, name: str) -> None:
         try:
             d = self.store.get_raw(DEPLOYMENTS, name, ns)
         except ApiError:
+            self._deadlines.pop((ns, name), None)
             return
         spec = d.get("spec") or {}
         template = spec.get("template") or {}
-        h = _short_hash(template, 10)
+        want = _pruned(template)
+        h = _short_hash(want, 10)
         rs_name = f"{name}-{h}"
         owned, _ = self.store.list_raw(REPLICASETS, ns)
         owned = [rs for rs in owned if _controller_uid(rs) == d["metadata"]["uid"]]
-        replicas = spec.get("replicas", 1)
-        current = next((rs for rs in owned if rs["metadata"]["name"] == rs_name), None)
-        if current is None:
+        replicas = int(spec.get("replicas", 1))
+        # the ReplicaSet whose template equals the Deployment's ignoring pod-template-hash (as the real
+        # controller compares them: what `kubectl rollout undo` copies back finds its old ReplicaSet)
+        new = next((rs for rs in owned if _pruned((rs.get("spec") or {}).get("template") or {}, True) == want), None)
+        if new is not None:
+            rs_name = new["metadata"]["name"]
+        olds = sorted((rs for rs in owned if rs["metadata"]["name"] != rs_name),
+                      key=lambda rs: rs["metadata"].get("creationTimestamp", ""))
+        top = max((_revision(rs) for rs in owned), default=0)
+        surge, unavailable = _rolling_bounds(spec, replicas)
+        old_total = sum(_rs_replicas(rs) for rs in olds)
+        recreate = (spec.get("strategy") or {}).get("type") == "Recreate"
+        created = False
+        if new is None:
+            if spec.get("paused"):
+                return
+            first = 0 if recreate else max(0, min(replicas, replicas + surge - old_total))
             tmpl = json.loads(json.dumps(template))
             tmpl.setdefault("metadata", {}).setdefault("labels", {})["pod-template-hash"] = h
             sel = json.loads(json.dumps(spec.get("selector") or {}))
             sel.setdefault("matchLabels", {})["pod-template-hash"] = h
-            rs_labels = dict(tmpl["metadata"]["labels"])
-            current = self.store.create({
+            new = self.store.create({
                 "apiVersion": "apps/v1", "kind": "ReplicaSet",
-                "metadata": {"name": rs_name, "namespace": ns, "labels": rs_labels,
-                             "annotations": {"deployment.kubernetes.io/revision": str(len(owned) + 1)},
+                "metadata": {"name": rs_name, "namespace": ns, "labels": dict(tmpl["metadata"]["labels"]),
+                             "annotations": {"deployment.kubernetes.io/revision": str(top + 1),
+                                             "deployment.kubernetes.io/desired-replicas": str(replicas),
+                                             "deployment.kubernetes.io/max-replicas": str(replicas + surge)},
                              "ownerReferences": [_owner_ref(d, DEPLOYMENTS)]},
-                "spec": {"replicas": replicas, "selector": sel, "template": tmpl},
+                "spec": {"replicas": first, "selector": sel, "template": tmpl},
             }, namespace=ns, resource=REPLICASETS)
-        elif (current.get("spec") or {}).get("replicas") != replicas:
-            current = self.store.patch(REPLICASETS, rs_name, {"spec": {"replicas": replicas}}, namespace=ns)
-        for rs in owned:
-            if rs["metadata"]["name"] != rs_name:
-                self._delete_quiet(REPLICASETS, rs["metadata"]["name"], ns)
-        rst = current.get("status") or {}
-        ready = rst.get("readyReplicas", 0)
-        status = {
+            created = True
+            if first:
+                self._event(d, DEPLOYMENTS, "ScalingReplicaSet", f"Scaled up replica set {rs_name} from 0 to {first}",
+                            "deployment-controller")
+        elif olds and _revision(new) < top and not spec.get("paused"):
+            # back to an older template (rollout undo): its ReplicaSet becomes the newest revision
+            new = self.store.patch(REPLICASETS, rs_name, {"metadata": {"annotations": {
+                "deployment.kubernetes.io/revision": str(top + 1)}}}, namespace=ns)
+        revision = str(_revision(new))
+        if (d["metadata"].get("annotations") or {}).get("deployment.kubernetes.io/revision") != revision:
+            d = self.store.patch(DEPLOYMENTS, name, {"metadata": {"annotations": {
+                "deployment.kubernetes.io/revision": revision}}}, namespace=ns)
+        if not spec.get("paused"):
+            new, olds = self._roll(d, new, olds, replicas, surge, unavailable)
+        self._cleanup_history(spec, olds, ns)
+        self._deployment_status(d, new, olds, replicas, unavailable, created)
+
+    def _roll(self, d: dict, new: dict, olds: list[dict], replicas: int, surge: int,
+              unavailable: int) -> tuple[dict, list[dict]]:
+        """One step of the rollout: scale the new ReplicaSet up and the old ones down within the bounds."""
+        recreate = ((d.get("spec") or {}).get("strategy") or {}).get("type") == "Recreate"
+        if recreate:
+            out_olds = [self._scale_rs(d, rs, 0) for rs in olds]
+            if all(int((rs.get("status") or {}).get("replicas", 0)) == 0 for rs in out_olds):
+                new = self._scale_rs(d, new, replicas)
+            return new, out_olds
+        new_n = _rs_replicas(new)
+        total = new_n + sum(_rs_replicas(rs) for rs in olds)
+        if new_n > replicas:
+            new = self._scale_rs(d, new, replicas)
+        elif new_n < replicas:
+            up = min(replicas - new_n, replicas + surge - total)
+            if up > 0:
+                new = self._scale_rs(d, new, new_n + up)
+        if not olds:
+            return new, olds
+        # as the real controller: first drop old pods that are not available (within what the new
+        # ReplicaSet's own unavailable pods leave), then old available ones down to minAvailable
+        min_available = replicas - unavailable
+        want = {rs["metadata"]["name"]: _rs_replicas(rs) for rs in olds}
+        all_pods = _rs_replicas(new) + sum(want.values())
+        cleanup = all_pods - min_available - (_rs_replicas(new) - _available(new))
+        for rs in olds:
+            unhealthy = want[rs["metadata"]["name"]] - _available(rs)
+            down = min(cleanup, unhealthy)
+            if down > 0:
+                want[rs["metadata"]["name"]] -= down
+                cleanup -= down
+        budget = _available(new) + sum(_available(rs) for rs in olds) - min_available
+        for rs in olds:
+            down = min(budget, want[rs["metadata"]["name"]])
+            if down > 0:
+                want[rs["metadata"]["name"]] -= down
+                budget -= down
+        return new, [self._scale_rs(d, rs, want[rs["metadata"]["name"]]) for rs in olds]
+
+    def _scale_rs(self, d: dict, rs: dict, n: int) -> dict:
+        cur = _rs_replicas(rs)
+        if cur == n:
+            return rs
+        name = rs["metadata"]["name"]
+        rs = self.store.patch(REPLICASETS, name, {"spec": {"replicas": n}}, namespace=rs["metadata"]["namespace"])
+        verb = "up" if n > cur else "down"
+        self._event(d, DEPLOYMENTS, "ScalingReplicaSet", f"Scaled {verb} replica set {name} from {cur} to {n}",
+                    "deployment-controller")
+        return rs
+
+    def _cleanup_history(self, spec: dict, olds: list[dict], ns: str) -> None:
+        limit = int(spec.get("revisionHistoryLimit", 10))
+        idle = [rs for rs in olds if _rs_replicas(rs) == 0 and int((rs.get("status") or {}).get("replicas", 0)) == 0]
+        idle.sort(key=_revision)
+        for rs in idle[:max(0, len(idle) - limit)]:
+            self._delete_quiet(REPLICASETS, rs["metadata"]["name"], ns)
+
+    def _deployment_status(self, d: dict, new: dict, olds: list[dict], replicas: int, unavailable: int,
+                           created: bool) -> None:
+        ns, name = d["metadata"]["namespace"], d["metadata"]["name"]
+        spec, old_status = d.get("spec") or {}, d.get("status") or {}
+        all_rs = [new, *olds]
+        nst = new.get("status") or {}
+        status: dict[str, Any] = {
             "observedGeneration": d["metadata"].get("generation", 1),
-            "replicas": rst.get("replicas", 0), "updatedReplicas": rst.get("replicas", 0),
-            "readyReplicas": ready, "availableReplicas": ready,
-            "conditions": [{"type": "Available", "status": "True" if ready >= replicas else "False",
-                            "reason": "MinimumReplicasAvailable" if ready >= replicas
-                            else "MinimumReplicasUnavailable"}],
+            "replicas": sum(int((rs.get("status") or {}).get("replicas", 0)) for rs in all_rs),
+            "updatedReplicas": int(nst.get("replicas", 0)),
+            "readyReplicas": sum(int((rs.get("status") or {}).get("readyReplicas", 0)) for rs in all_rs),
+            "availableReplicas": sum(_available(rs) for rs in all_rs),
         }
-        if ready < replicas:
-            status["unavailableReplicas"] = replicas - ready
-        if d.get("status") != status:
-            self.store.patch(DEPLOYMENTS, name, {"status": status}, namespace=ns, subresource="status")
+        unavail = sum(_rs_replicas(rs) for rs in all_rs) - status["availableReplicas"]
+        if unavail > 0:
+            status["unavailableReplicas"] = unavail
+        status = {k: v for k, v in status.items() if v or k == "observedGeneration"}
+        old_conds = {c.get("type"): c for c in old_status.get("conditions") or []}
+        now = now_iso()
+        ok = status.get("availableReplicas", 0) >= replicas - unavailable
+        conds = [_condition(old_conds.get("Available"), "Available", ok, now,
+                            "MinimumReplicasAvailable" if ok else "MinimumReplicasUnavailable",
+                            "Deployment has minimum availability." if ok
+                            else "Deployment does not have minimum availability.", False)]
+        rs_name = new["metadata"]["name"]
+        complete = (status.get("updatedReplicas", 0) == replicas and status.get("replicas", 0) == replicas
+                    and status.get("availableReplicas", 0) == replicas)
+        prev = old_conds.get("Progressing")
+        deadline = spec.get("progressDeadlineSeconds", 600)
+        progressed = any(status.get(k) != old_status.get(k) for k in
+                         ("replicas", "updatedReplicas", "readyReplicas", "availableReplicas"))
+        if spec.get("paused"):
+            prog = {**_condition(prev, "Progressing", False, now, "DeploymentPaused", "Deployment is paused", False),
+                    "status": "Unknown"}
+        elif complete:
+            prog = _condition(prev, "Progressing", True, now, "NewReplicaSetAvailable",
+                              f'ReplicaSet "{rs_name}" has successfully progressed.', progressed)
+        elif (prev is not None and prev.get("reason") == "ProgressDeadlineExceeded" and not created
+              and not progressed and prev.get("message", "").startswith(f'ReplicaSet "{rs_name}"')):
+            prog = prev
+        elif created:
+            prog = _condition(prev, "Progressing", True, now, "NewReplicaSetCreated",
+                              f'Created new replica set "{rs_name}"', True)
+        else:
+            prog = _condition(prev, "Progressing", True, now, "ReplicaSetUpdated",
+                              f'ReplicaSet "{rs_name}" is progressing.', progressed)
+            if (isinstance(deadline, int) and prev is not None and not progressed
+                    and _age_s(prog.get("lastUpdateTime")) >= deadline):
+                prog = _condition(prev, "Progressing", False, now, "ProgressDeadlineExceeded",
+                                  f'ReplicaSet "{rs_name}" has timed out progressing.', True)
+        conds.append(prog)
+        status["conditions"] = conds
+        key = (ns, name)
+        if prog.get("status") == "True" and not complete and isinstance(deadline, int):
+            self._deadlines[key] = time.monotonic() + max(0.0, deadline - _age_s(prog.get("lastUpdateTime"))) + 0.5
+        else:
+            self._deadlines.pop(key, None)
+        if old_status != status:
+            gone = {k: None for k in old_status if k not in status}  # a merge patch removes them
+            self.store.patch(DEPLOYMENTS, name, {"status": {**gone, **status}}, namespace=ns, subresource="status")
+
+    def _event(self, obj: dict, rt: ResourceType, reason: str, message: str, component: str,
+               type_: str = "Normal") -> None:
+        """Record a core/v1 Event about ``obj`` (what ``kubectl get events``/``describe`` show)."""
+        md = obj["metadata"]
+        now = now_iso()
+        try:
+            self.store.create({
+                "apiVersion": "v1", "kind": "Event",
+                "metadata": {"name": f"{md['name']}.{random_suffix(10)}", "namespace": md.get("namespace", "default")},
+                "involvedObject": {"apiVersion": rt.api_version, "kind": rt.kind, "name": md["name"],
+                                   "namespace": md.get("namespace", "default"), "uid": md.get("uid"),
+                                   "resourceVersion": md.get("resourceVersion")},
+                "reason": reason, "message": message, "type": type_, "count": 1,
+                "firstTimestamp": now, "lastTimestamp": now,
+                "source": {"component": component}, "reportingComponent": component, "reportingInstance": "",
+            }, namespace=md.get("namespace", "default"), resource=EVENTS)
+        except ApiError as e:
+            log.debug("event %s for %s: %s", reason, md["name"], e)
 
     def _reconcile_replicaset(self, ns: str, name: str) -> None:
         try:
@@ -515,15 +695,20 @@ class Controllers:
                 pod = self.store.create({"apiVersion": "v1", "kind": "Pod", "metadata": md,
                                          "spec": json.loads(json.dumps(tmpl.get("spec") or {}))},
                                         namespace=ns, resource=PODS)
+                self._event(rs, REPLICASETS, "SuccessfulCreate", f"Created pod: {md['name']}", "replicaset-controller")
                 status = self.runtime.start(pod)
                 if status:
                     pod = self.store.patch(PODS, pod["metadata"]["name"], {"status": status}, namespace=ns,
                                            subresource="status")
                 pods.append(pod)
         elif len(pods) > want:
-            doomed = sorted(pods, key=lambda p: (pod_ready(p), p["metadata"]["creationTimestamp"]))[:len(pods) - want]
+            # as the real controller: not-ready pods first, then the most recently created
+            by_age = sorted(pods, key=lambda p: p["metadata"]["creationTimestamp"], reverse=True)
+            doomed = sorted(by_age, key=pod_ready)[:len(pods) - want]
             for p in doomed:
                 self._delete_quiet(PODS, p["metadata"]["name"], ns)
+                self._event(rs, REPLICASETS, "SuccessfulDelete", f"Deleted pod: {p['metadata']['name']}",
+                            "replicaset-controller")
             gone = {p["metadata"]["name"] for p in doomed}
             pods = [p for p in pods if p["metadata"]["name"] not in gone]
         matching = [p for p in pods if match_label_selector_obj(spec.get("selector"), p["metadata"].get("labels") or {})]
@@ -532,3 +717,82 @@ class Controllers:
                   "availableReplicas": ready, "observedGeneration": rs["metadata"].get("generation", 1)}
         if rs.get("status") != status:
             self.store.patch(REPLICASETS, name, {"status": status}, namespace=ns, subresource="status")
+
+
+def _pruned(value: Any, drop_hash: bool = False) -> Any:
+    """``value`` without nulls and empty maps/lists (as Go's typed objects compare), optionally without
+    the ``pod-template-hash`` label."""
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if drop_hash and k == "labels" and isinstance(v, dict):
+                v = {lk: lv for lk, lv in v.items() if lk != "pod-template-hash"}
+            v = _pruned(v, drop_hash)
+            if v is not None and v != {} and v != []:
+                out[k] = v
+        return out
+    if isinstance(value, list):
+        return [_pruned(v, drop_hash) for v in value]
+    return value
+
+
+def _revision(rs: dict) -> int:
+    try:
+        return int((rs["metadata"].get("annotations") or {}).get("deployment.kubernetes.io/revision", 0))
+    except ValueError:
+        return 0
+
+
+def _rs_replicas(rs: dict) -> int:
+    return int((rs.get("spec") or {}).get("replicas", 1))
+
+
+def _available(rs: dict) -> int:
+    """Available pods of a ReplicaSet, not counting those its (just lowered) spec is about to delete."""
+    return min(int((rs.get("status") or {}).get("availableReplicas", 0)), _rs_replicas(rs))
+
+
+def _scaled(value: object, total: int, round_up: bool) -> int:
+    """maxSurge/maxUnavailable: an int, or a percentage of ``total`` (surge rounds up, unavailable down)."""
+    if isinstance(value, int):
+        return max(0, value)
+    if isinstance(value, str) and value.endswith("%") and value[:-1].isdigit():
+        pct = int(value[:-1]) * total
+        return max(0, -(-pct // 100) if round_up else pct // 100)
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return 0
+
+
+def _rolling_bounds(spec: dict, replicas: int) -> tuple[int, int]:
+    """(maxSurge, maxUnavailable) as the deployment controller resolves them (defaults 25 %/25 %; both 0
+    is not allowed, so maxUnavailable becomes 1)."""
+    ru = ((spec.get("strategy") or {}).get("rollingUpdate")) or {}
+    surge = _scaled(ru.get("maxSurge", "25%"), replicas, True)
+    unavailable = _scaled(ru.get("maxUnavailable", "25%"), replicas, False)
+    if surge == 0 and unavailable == 0:
+        unavailable = 1
+    return surge, min(unavailable, replicas)
+
+
+def _condition(prev: dict | None, type_: str, ok: bool, now: str, reason: str, message: str,
+               progressed: bool) -> dict:
+    """A Deployment condition keeping ``lastTransitionTime`` while its status stays and ``lastUpdateTime``
+    while nothing changed (``progressed`` or a new reason/message updates it)."""
+    status = "True" if ok else "False"
+    same = prev is not None and prev.get("status") == status
+    unchanged = same and prev is not None and prev.get("reason") == reason and prev.get("message") == message
+    return {"type": type_, "status": status,
+            "lastUpdateTime": prev.get("lastUpdateTime", now) if unchanged and not progressed and prev else now,
+            "lastTransitionTime": prev.get("lastTransitionTime", now) if same and prev else now,
+            "reason": reason, "message": message}
+
+
+def _age_s(ts: str | None) -> float:
+    if not ts:
+        return 0.0
+    try:
+        t = _dt.datetime.strptime(ts[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=_dt.UTC)
+    except ValueError:
+        return 0.0
+    return (_dt.datetime.now(_dt.UTC) - t).total_seconds()

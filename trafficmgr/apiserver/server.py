@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
-from . import access, discovery, openapi, protobuf, tables
+from . import access, discovery, openapi, podlogs, protobuf, tables
 from .controllers import Controllers, PodRuntime
 from .discovery import BY_GVR, ResourceType
 from .errors import ApiError
@@ -329,6 +329,8 @@ class _Handler(BaseHTTPRequestHandler):
     # ---- item verbs --------------------------------------------------------------------------
 
     def _get_item(self, r: _Route) -> None:
+        if r.sub == "log" and r.rt.key == "pods":
+            return self._pod_log(r)
         if r.sub not in (None, "status", "scale"):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         obj = self.store.get_raw(r.rt, r.item, r.namespace)
@@ -339,6 +341,37 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send_obj(200, tables.table(r.rt, [obj], obj["metadata"]["resourceVersion"],
                                                     self.query.get("includeObject", "Metadata")))
         self._send_obj(200, obj)
+
+    def _pod_log(self, r: _Route) -> None:
+        """``kubectl logs``: the file the pod runtime names (see :mod:`.podlogs`), sent chunked as
+        text/plain; with ``follow`` until the pod is deleted, the client goes away or the server stops."""
+        pod = self.store.get_raw(r.rt, r.item, r.namespace)
+        runtime = self.server.controllers.runtime if self.server.controllers is not None else None
+        req = podlogs.resolve(pod, runtime, self.query)
+        uid = pod["metadata"]["uid"]
+
+        def alive() -> bool:
+            try:
+                return self.store.get_raw(r.rt, r.item, r.namespace)["metadata"]["uid"] == uid
+            except ApiError:
+                return False
+
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Cache-Control", "no-cache, private")
+        self.end_headers()
+        if req.follow:
+            self.close_connection = True
+        try:
+            for block in podlogs.chunks(req, alive):
+                if block:
+                    self._chunk(block)
+                elif _peer_closed(self.connection):
+                    return
+            self._chunk(b"")
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            self.close_connection = True
 
     def _check_scale(self, r: _Route) -> None:
         if "scale" not in r.rt.subresources:
@@ -513,6 +546,7 @@ class _HTTPServer(ThreadingHTTPServer):
         self.token = credentials.token if credentials else None
         self.ssl_context = credentials.ssl_context() if credentials else None
         self.bookmark_interval = bookmark_interval
+        self.controllers: Controllers | None = None  # set by APIServer.start: the pod runtime serves logs
         self._watches: set[Watcher] = set()
         self._conns: set[socket.socket] = set()
         self._wlock = threading.Lock()
@@ -623,6 +657,7 @@ class APIServer:
             self.store.expire_history()
         self._httpd = _HTTPServer((self.host, self.port), self.store, self.bookmark_interval, self.credentials)
         self.port = self._httpd.server_address[1]
+        self._httpd.controllers = self.controllers
         self.controllers.start()
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1},
                                         name=f"apiserver-{self.port}", daemon=True)

@@ -98,6 +98,8 @@ class _Pod:
     ready: bool = False
     gone: bool = False
     reported: tuple[bool, int] = (False, 0)
+    started: str = attrs.field(factory=now_iso)
+    transitions: dict[str, tuple[str, str]] = attrs.field(factory=dict)  # condition -> (status, since)
 
 
 class LocalKubelet:
@@ -181,6 +183,16 @@ class LocalKubelet:
                 self._spawn(record, c)
         log.info("pod %s/%s started on %s", ns, name, ip)
         return self._status(record)
+
+    def log_file(self, pod: dict[str, Any], container: str) -> str | None:
+        """The file this kubelet writes ``container``'s output to, for a pod it runs (looked up by the
+        pod's uid in its own records, never built from the request); None for any other pod. The file
+        may not exist yet. Serves the pod ``log`` subresource (:mod:`trafficmgr.apiserver.podlogs`)."""
+        with self._lock:
+            record = self._pods.get(pod["metadata"].get("uid", ""))
+            if record is None:
+                return None
+            return next((c.log_path for c in record.containers if c.name == container), None)
 
     def stop(self, pod: dict[str, Any]) -> None:
         """Stop the processes of a deleted pod (in the background: the controller does not wait)."""
@@ -289,16 +301,25 @@ class LocalKubelet:
             except ApiError:
                 pass  # deleted meanwhile: stop() follows
 
+    def _condition(self, pod: _Pod, type_: str, ok: bool) -> dict[str, Any]:
+        """A pod condition whose ``lastTransitionTime`` changes only when its status does."""
+        flag = "True" if ok else "False"
+        prev = pod.transitions.get(type_)
+        if prev is None or prev[0] != flag:
+            prev = pod.transitions[type_] = (flag, now_iso())
+        cond = {"type": type_, "status": flag, "lastTransitionTime": prev[1]}
+        if not ok and type_ in ("Ready", "ContainersReady"):
+            cond["reason"] = "ContainersNotReady"
+            waiting = [c.name for c in pod.containers if c.proc is None or not pod.ready]
+            cond["message"] = f"containers with unready status: [{' '.join(waiting)}]"
+        return cond
+
     def _status(self, pod: _Pod) -> dict[str, Any]:
-        now = now_iso()
-        flag = "True" if pod.ready else "False"
         return {
             "phase": "Running", "podIP": pod.ip, "podIPs": [{"ip": pod.ip}], "hostIP": "127.0.0.1",
-            "startTime": now,
-            "conditions": [{"type": "PodScheduled", "status": "True", "lastTransitionTime": now},
-                           {"type": "Initialized", "status": "True", "lastTransitionTime": now},
-                           {"type": "ContainersReady", "status": flag, "lastTransitionTime": now},
-                           {"type": "Ready", "status": flag, "lastTransitionTime": now}],
+            "startTime": pod.started,
+            "conditions": [self._condition(pod, "PodScheduled", True), self._condition(pod, "Initialized", True),
+                           self._condition(pod, "ContainersReady", pod.ready), self._condition(pod, "Ready", pod.ready)],
             "containerStatuses": [{
                 "name": c.name, "image": "", "ready": pod.ready, "started": c.proc is not None,
                 "restartCount": c.restarts,
