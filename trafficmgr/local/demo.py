@@ -14,6 +14,9 @@ In the foreground it runs, as its supervised children (threads of this process o
 - the node agent with the ``local`` runtime: a sidecar Envoy per Envoy-enabled pod, explicit HTTP proxy
   on ``<pod IP>:15001``;
 - the Zipkin-compatible collector on 127.0.0.1:9411;
+- Prometheus (when the ``prometheus`` binary is installed; else one line says how to get it) on the
+  reserved pod IP after the gateway's (``127.1.0.2:9090``), behind the Service ``prometheus``, with the
+  Helm chart's scrape configuration (:mod:`.prometheus`);
 
 then applies ``samples/bookinfo.yaml`` and ``samples/ingress.yaml`` and prints one line starting with
 ``ready`` when everything answers. SIGINT/SIGTERM stop every child within 10 s.
@@ -49,10 +52,12 @@ import yaml
 
 from trafficmgr.core.signals import stop_on_signals
 from trafficmgr.local import processes
+from trafficmgr.local import prometheus as prom
 
 log = logging.getLogger(__name__)
 
 GATEWAY = "traffic-ingress"
+STATS_PORT = prom.STATS_PORT  # the gateway's and sidecars' stats-only listener on their pod IPs
 NAMESPACE = "default"
 SAMPLES = ("bookinfo.yaml", "ingress.yaml")
 READY_TIMEOUT_S = 120.0
@@ -82,6 +87,11 @@ class DemoConfig:
     @property
     def gateway_ip(self) -> str:
         return str(ipaddress.IPv4Network(self.pod_cidr).network_address + 1)
+
+    @property
+    def prometheus_ip(self) -> str:
+        """Prometheus' pod IP (reserved like the gateway's): port 9090 there never collides with a user's."""
+        return str(ipaddress.IPv4Network(self.pod_cidr).network_address + 2)
 
     def ports(self) -> list[tuple[int, str, str]]:
         """(port, flag, what) of every loopback port the demo binds."""
@@ -191,6 +201,8 @@ class Demo:
         self.agent: Any = None
         self.runtime: Any = None
         self.plugins: Any = None
+        self.prometheus: Child | None = None
+        self.pod_discovery: prom.PodDiscovery | None = None
         self.stop_event = threading.Event()
 
     # -- helpers ------------------------------------------------------------------------------
@@ -232,6 +244,7 @@ class Demo:
         self._start_agent()
         self._create_gateway_objects()
         self._start_gateway()
+        self._start_prometheus()
         for name in SAMPLES:
             self.apply(samples / name)
 
@@ -271,7 +284,7 @@ class Demo:
                             token=new_token())
         except TokenError as exc:
             raise DemoError(f"cannot start the API server: {exc}") from None
-        self.kubelet = LocalKubelet(api.store, str(self.state), c.pod_cidr, reserved=(c.gateway_ip,)).attach()
+        self.kubelet = LocalKubelet(api.store, str(self.state), c.pod_cidr, reserved=(c.gateway_ip, c.prometheus_ip)).attach()
         api.controllers.runtime = self.kubelet
         try:
             self.api = api.start()
@@ -310,12 +323,16 @@ class Demo:
         store.create({"apiVersion": "networking.k8s.io/v1", "kind": "IngressClass", "metadata": {
             "name": "traffic", "annotations": {"ingressclass.kubernetes.io/is-default-class": "true"}},
             "spec": {"controller": "trafficmgr.io/ingress-controller"}})
+        # Labelled and annotated like the chart's gateway pods, and with their stats port name (http-stats,
+        # the stats-only listener on the pod IP): the chart's Prometheus job envoy-gateway keys on these.
         store.create({"apiVersion": "v1", "kind": "Pod", "metadata": {
-            "name": GATEWAY, "namespace": NAMESPACE, "labels": {"app": GATEWAY}},
+            "name": GATEWAY, "namespace": NAMESPACE, "labels": {
+                "app": GATEWAY, prom.INSTANCE_LABEL: prom.RELEASE, prom.COMPONENT_LABEL: "gateway"},
+            "annotations": {"traffic.envoy.proxy": "ingress"}},
             # The ServiceAccount `serve --xds-gateway-service-account` expects (its default, traffic-ingress).
             "spec": {"serviceAccountName": GATEWAY, "containers": [{"name": "envoy", "image": "envoy", "ports": [
                 {"name": "http", "containerPort": c.http_port}, {"name": "https", "containerPort": c.https_port},
-                {"name": "stats", "containerPort": c.admin_port}]}]}})
+                {"name": "http-stats", "containerPort": STATS_PORT}]}]}})
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         store.patch("pods", GATEWAY, {"status": {
             "phase": "Running", "podIP": c.gateway_ip, "podIPs": [{"ip": c.gateway_ip}], "hostIP": "127.0.0.1",
@@ -341,7 +358,7 @@ class Demo:
             "ports": [{"name": "http", "port": c.zipkin_port, "protocol": "TCP"}]})
 
     def gateway_bootstrap(self) -> dict[str, Any]:
-        from trafficmgr.core.bootstrap import ADMIN_PORT, add_stats_listener, bootstrap
+        from trafficmgr.core.bootstrap import ADMIN_PORT, add_stats_listener, bootstrap, stats_listener
 
         c = self.config
         https = {
@@ -360,6 +377,12 @@ class Demo:
                            xds_source_address=c.gateway_ip,
                            static_resources={"listeners": [https], "clusters": [to_http]})
         add_stats_listener(config, "127.0.0.1", c.admin_port)
+        # The same stats-only listener (GET/HEAD /stats/prometheus and /ready only, see stats_listener) on the
+        # gateway's pod IP, port 8900, as a sidecar's and the chart's gateway's: what Prometheus scrapes
+        # (the seed README's `instance='<ingress pod IP>:8900'`). Loopback, like the pod IP itself.
+        pod_stats, _ = stats_listener(c.gateway_ip, STATS_PORT, c.gateway_ip, ADMIN_PORT)
+        pod_stats["name"] = "stats_pod_ip"
+        config["static_resources"]["listeners"].append(pod_stats)
         self.plugins.call_all("trafficmgr_bootstrap", bootstrap=config, role=GATEWAY, options=self.options())
         return config
 
@@ -377,6 +400,32 @@ class Demo:
         child = Child("gateway", [envoy, "-c", str(path), "--disable-hot-restart", "--concurrency", "2",
                                   "--log-level", "warning"], self.run_dir).start()
         self.children.append(child)
+
+    def _start_prometheus(self) -> None:
+        """Prometheus as the Service ``prometheus`` (port 9090, what samples/ingress.yaml routes /api/v1 to),
+        or one line saying how to get it. Bound to its reserved loopback pod IP only (``--pod-cidr`` is
+        inside 127.0.0.0/8); config and TSDB under ``<state dir>/prometheus``, emptied at each start."""
+        c, store = self.config, self.api.store
+        binary = prom.find_binary()
+        if binary is None:
+            self.say(prom.INSTALL_HINT)
+            return
+        home = self.state / "prometheus"
+        shutil.rmtree(home, ignore_errors=True)
+        home.mkdir()
+        (home / "prometheus.yml").write_text(yaml.safe_dump(prom.local_config(home / "sd", NAMESPACE), sort_keys=False))
+        self.pod_discovery = prom.PodDiscovery(
+            store, home / "sd", NAMESPACE, [prom.control_plane_pod(NAMESPACE, c.serve_admin_port)]).start()
+        self.prometheus = Child("prometheus", prom.argv(binary, self.state, c.prometheus_ip), self.run_dir,
+                                {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}).start()
+        self.children.append(self.prometheus)
+        store.create({"apiVersion": "v1", "kind": "Service", "metadata": {
+            "name": "prometheus", "namespace": NAMESPACE, "labels": {"app": "prometheus"}},
+            "spec": {"ports": [{"name": "http", "port": prom.PORT, "targetPort": prom.PORT}]}})
+        store.create({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "metadata": {
+            "name": "prometheus-local", "namespace": NAMESPACE, "labels": {"kubernetes.io/service-name": "prometheus"}},
+            "addressType": "IPv4", "endpoints": [{"addresses": [c.prometheus_ip], "conditions": {"ready": True}}],
+            "ports": [{"name": "http", "port": prom.PORT, "protocol": "TCP"}]})
 
     def apply(self, path: Path) -> None:
         """Create every object of a manifest file (like ``kubectl create -f``)."""
@@ -412,6 +461,8 @@ class Demo:
             ("zipkin", f"http://127.0.0.1:{c.zipkin_port}/api/v2/services", None),
             ("gateway", f"http://127.0.0.1:{c.http_port}/productpage", None),
         ]
+        if self.prometheus is not None:
+            checks.append(("prometheus", f"http://{c.prometheus_ip}:{prom.PORT}/-/ready", None))
         client = self.client_pod()
         if client is None or not client[1]:
             out.append("client sidecar not started")
@@ -452,8 +503,10 @@ class Demo:
         c = self.config
         self.say(f"ready: http://127.0.0.1:{c.http_port}/productpage (gateway HTTP), https://127.0.0.1:{c.https_port} "
                  f"(gateway HTTPS), http://127.0.0.1:{c.admin_port}/stats/prometheus (gateway stats), "
-                 f"http://127.0.0.1:{c.zipkin_port}/api/v2/traces (Zipkin), http://127.0.0.1:{c.serve_admin_port} "
-                 f"(control plane admin); in another shell:")
+                 f"http://127.0.0.1:{c.zipkin_port}/api/v2/traces (Zipkin), "
+                 + (f"http://127.0.0.1:{c.http_port}/api/v1/query (Prometheus on the gateway; itself on "
+                    f"http://{c.prometheus_ip}:{prom.PORT}), " if self.prometheus is not None else "")
+                 + f"http://127.0.0.1:{c.serve_admin_port} (control plane admin); in another shell:")
         self.say(f"export KUBECONFIG={self.kubeconfig}")
 
     # -- run / stop ---------------------------------------------------------------------------
@@ -482,6 +535,8 @@ class Demo:
         if self.agent is not None:
             with contextlib.suppress(Exception):
                 self.agent.stop()
+        if self.pod_discovery is not None:
+            self.pod_discovery.stop()
         procs = [c.proc for c in self.children if c.proc is not None]
         threads = [threading.Thread(target=processes.terminate_all, args=(procs, 4.0))]
         if self.kubelet is not None:
