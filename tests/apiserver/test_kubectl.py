@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import subprocess
 import textwrap
 
@@ -156,7 +157,11 @@ def test_label_and_annotate(kubectl: Kubectl) -> None:
     assert res.returncode != 0 and "--overwrite is false" in res.stderr
     kubectl("label", "cm", "lbl", "tier=b", "--overwrite")
     assert kubectl.json("get", "cm", "lbl")["metadata"]["labels"] == {"tier": "b"}
-    assert "-l tier=b" and "lbl" in kubectl("get", "cm", "-l", "tier=b")
+    kubectl("create", "configmap", "lbl-other", "--from-literal=k=v")
+    kubectl("label", "cm", "lbl-other", "tier=a")
+    assert kubectl("get", "cm", "-l", "tier=b", "-o", "name").split() == ["configmap/lbl"]
+    assert kubectl("get", "cm", "-l", "tier=a", "-o", "name").split() == ["configmap/lbl-other"]
+    assert sorted(kubectl("get", "cm", "-l", "tier", "-o", "name").split()) == ["configmap/lbl", "configmap/lbl-other"]
     kubectl("label", "cm", "lbl", "tier-")
     assert not kubectl.json("get", "cm", "lbl")["metadata"].get("labels")
     kubectl("annotate", "cm", "lbl", "note=hello")
@@ -196,8 +201,9 @@ def test_not_found_and_delete(kubectl: Kubectl) -> None:
     assert kubectl.run("get", "cm", "doomed", check=False).returncode == 1
     res = kubectl.run("delete", "namespace", "default", check=False)
     assert res.returncode == 1 and "Forbidden" in res.stderr
-    res = kubectl.run("create", "configmap", "lbl", check=False)
-    assert res.returncode == 1 and 'configmaps "lbl" already exists' in res.stderr
+    kubectl("create", "configmap", "twice")
+    res = kubectl.run("create", "configmap", "twice", check=False)
+    assert res.returncode == 1 and 'configmaps "twice" already exists' in res.stderr
 
 
 def test_describe_shows_events(kubectl: Kubectl, api, tmp_path) -> None:
@@ -234,9 +240,19 @@ def test_describe_shows_events(kubectl: Kubectl, api, tmp_path) -> None:
     assert "pushed to envoy" in kubectl("describe", "svc", "described")
 
 
-@pytest.mark.parametrize("kind,name", [("pod", "tbl-pod"), ("deployment", "web")])
-def test_describe_other_kinds(kubectl: Kubectl, kind: str, name: str) -> None:
-    assert "Name:" in kubectl("describe", kind, name)
+@pytest.mark.parametrize("kind", ["pod", "deployment"])
+def test_describe_other_kinds(kubectl: Kubectl, server, kind: str) -> None:
+    name = f"described-{kind}"
+    spec = {"containers": [{"name": "c", "image": "busybox"}]}
+    if kind == "pod":
+        server.store.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec})
+    else:
+        server.store.create({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
+                             "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
+                                      "template": {"metadata": {"labels": {"app": name}}, "spec": spec}}})
+    out = kubectl("describe", kind, name)
+    assert re.search(rf"^Name:\s+{name}$", out, re.M), out
+    assert re.search(r"^\s*Image:\s+busybox$", out, re.M), out
 
 
 def test_ingress_get_and_describe(kubectl: Kubectl, tmp_path) -> None:
@@ -263,22 +279,26 @@ def test_ingress_get_and_describe(kubectl: Kubectl, tmp_path) -> None:
 
 
 def test_get_all_and_cascade_delete(kubectl: Kubectl, server) -> None:
-    out = kubectl("get", "all")
-    assert "service/web" in out and "deployment.apps/web" in out
-    d = server.store.get("deployments", "web")
+    kubectl("create", "deployment", "cascade", "--image=nginx")
+    kubectl("create", "service", "clusterip", "cascade", "--tcp=80:80")
+    out = kubectl("get", "all", "-o", "name").split()
+    assert "service/cascade" in out and "deployment.apps/cascade" in out
+    d = server.store.get("deployments", "cascade")
     rs = server.store.create({
         "apiVersion": "apps/v1", "kind": "ReplicaSet",
-        "metadata": {"name": "web-abc", "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment",
-                                                             "name": "web", "uid": d["metadata"]["uid"],
-                                                             "controller": True}]},
-        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
-                 "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": []}}}})
+        "metadata": {"name": "cascade-abc", "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment",
+                                                                 "name": "cascade", "uid": d["metadata"]["uid"],
+                                                                 "controller": True}]},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "cascade"}},
+                 "template": {"metadata": {"labels": {"app": "cascade"}}, "spec": {"containers": []}}}})
     server.store.create({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "web-abc-x1", "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
-                                                                "name": "web-abc", "uid": rs["metadata"]["uid"],
-                                                                "controller": True}]},
+        "metadata": {"name": "cascade-abc-x1", "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                                                    "name": "cascade-abc", "uid": rs["metadata"]["uid"],
+                                                                    "controller": True}]},
         "spec": {"containers": [{"name": "c", "image": "x"}]}})
-    assert "deployment.apps \"web\" deleted" in kubectl("delete", "deployment", "web")
-    assert server.store.list("replicasets")["items"] == []
-    assert kubectl.run("get", "pod", "web-abc-x1", check=False).returncode == 1
+    assert kubectl.run("get", "pod", "cascade-abc-x1", check=False).returncode == 0
+    assert "deployment.apps \"cascade\" deleted" in kubectl("delete", "deployment", "cascade")
+    assert "cascade-abc" not in [r["metadata"]["name"] for r in server.store.list("replicasets")["items"]]
+    assert kubectl.run("get", "pod", "cascade-abc-x1", check=False).returncode == 1
+    assert "service/cascade" in kubectl("get", "all", "-o", "name").split()
