@@ -86,8 +86,14 @@ def test_nack_is_shown_not_resent_and_cleared(rig) -> None:  # type: ignore[no-u
     cp.publish_model(_model(port, {"good": [(a.host, a.port, 100)], "other": [(a.host, a.port, 100)]}, {"other": {BREAK: True}}))
     status = wait_for(lambda: [s for s in cp.proxy_status() if s["clusters"]["last_nack"]], 10, message="no NACK recorded")
     nack = status[0]["clusters"]["last_nack"]
-    assert "CLUSTER_PROVIDED" in nack["error"] or "cluster" in nack["error"].lower()
-    assert nack["resources"] and nack["version"]
+    # Envoy 1.40's rejection of exactly the broken cluster, and nothing about the good one.
+    broken, good = f"{port}|default|other.outbound", f"{port}|default|good.outbound"
+    assert nack["error"].startswith(f"Error adding/updating cluster(s) {broken}: "), nack["error"]
+    assert f"cluster provided LB specified but cluster '{broken}' did not provide one" in nack["error"], nack["error"]
+    assert good not in nack["error"]
+    # The rejected response: its nonce, the version sent (not the one Envoy still runs) and its clusters.
+    assert nack["nonce"] and nack["version"] and nack["version"] != status[0]["clusters"]["acked"]
+    assert {broken, good} <= set(nack["resources"])
 
     # proxy-status through the CLI shows it, as a user would see it.
     out = io.StringIO()
