@@ -167,7 +167,8 @@ def test_the_selection_is_a_valid_plugins_option() -> None:
 
 
 @pytest.mark.parametrize(("values", "address"), [
-    ({}, f"{RELEASE}-zipkin.{NAMESPACE}.svc:9411"),
+    ({}, f"zipkin.{NAMESPACE}.svc:9411"),  # the Service zipkin.service.name (default "zipkin")
+    ({"zipkin": {"service": {"name": ""}}}, f"{RELEASE}-zipkin.{NAMESPACE}.svc:9411"),
     ({"zipkin": {"enabled": False}}, None),
     ({"plugins": ["lb"]}, None),  # --zipkin-address is the tracing plugin's option: absent without it
     ({"zipkin": {"enabled": False, "address": "zipkin.obs:9411"}}, "zipkin.obs:9411"),
@@ -241,7 +242,8 @@ def test_gateway() -> None:
     assert {p["port"]: p["targetPort"] for p in svc["spec"]["ports"]} == {80: "http-gateway", 443: "http-gateway"}
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
     ic = one(objects, "IngressClass", "traffic")
-    assert "annotations" not in ic["metadata"]
+    # gateway.ingressClass.default "auto" without a cluster to look at (helm template): the default class
+    assert ic["metadata"]["annotations"] == {"ingressclass.kubernetes.io/is-default-class": "true"}
 
 
 def test_extra_pip_packages_are_hash_pinned_wheels_appended_after_site_packages() -> None:

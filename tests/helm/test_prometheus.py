@@ -142,3 +142,53 @@ def test_gateway_and_control_plane_port_names_match_the_config() -> None:
 def test_prometheus_is_optional() -> None:
     objects = render({"prometheus": {"enabled": False}})
     assert not [o for o in objects if "prometheus" in o["metadata"]["name"]]
+
+
+@pytest.mark.parametrize("combo", ["defaults", "other-ports"])
+def test_local_mode_uses_the_charts_config(combo: str) -> None:
+    """``trafficmgr demo``'s Prometheus (trafficmgr/local/prometheus.py) scrapes with exactly the chart's
+    configuration; only the discovery is swapped (see the next test)."""
+    from trafficmgr.local import prometheus
+
+    values = COMBOS[combo]
+    expected = prometheus_config(render(values))
+    assert prometheus.chart_config(RELEASE, NAMESPACE, stats_port=values.get("agent", {}).get("statsPort", 8900),
+                                   scrape_interval=values.get("prometheus", {}).get("scrapeInterval", "15s")) == expected
+
+
+def test_local_mode_config_and_discovery(tmp_path: Path) -> None:
+    """The demo's config passes promtool, and the targets its discovery writes for the local gateway pod,
+    a sidecar pod and the control plane go through the chart's relabelling as in a cluster."""
+    from trafficmgr.local import prometheus
+
+    config = prometheus.local_config(tmp_path / "sd", "default")
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+    promtool = need("promtool", shutil.which("promtool"))
+    proc = subprocess.run([promtool, "check", "config", str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    gateway = {"metadata": {"name": "traffic-ingress", "namespace": "default", "annotations": {"traffic.envoy.proxy": "ingress"},
+                            "labels": {prometheus.INSTANCE_LABEL: prometheus.RELEASE, prometheus.COMPONENT_LABEL: "gateway"}},
+               "spec": {"containers": [{"name": "envoy", "ports": [{"name": "http", "containerPort": 8080},
+                                                                   {"name": "http-stats", "containerPort": 8900}]}]},
+               "status": {"phase": "Running", "podIP": "127.1.0.1"}}
+    sidecar = {"metadata": {"name": "client-1", "namespace": "shop", "annotations": {"traffic.envoy.proxy": "c1"}},
+               "spec": {"containers": [{"name": "app", "ports": [{"containerPort": 9080}, {"containerPort": 9081}]}]},
+               "status": {"phase": "Running", "podIP": "127.1.0.5"}}
+    plain = {"metadata": {"name": "web", "namespace": "default"}, "spec": {"containers": [{"name": "app"}]},
+             "status": {"phase": "Running", "podIP": "127.1.0.6"}}
+    pending = {**sidecar, "metadata": {**sidecar["metadata"], "name": "new"}, "status": {"phase": "Pending"}}
+    files = prometheus.discovery_files([gateway, sidecar, plain, pending, prometheus.control_plane_pod("default", 18080)])
+    chart = {job["job_name"]: job for job in prometheus.chart_config()["scrape_configs"]}
+    scraped = set()
+    for job, groups in files.items():
+        for group in groups:
+            (address,) = group["targets"]
+            kept = relabel(chart[job]["relabel_configs"], {"__address__": address, **group["labels"]})
+            if kept is not None:
+                scraped.add((job, kept["__address__"], kept["namespace"], kept["pod"]))
+    assert scraped == {("envoy-gateway", "127.1.0.1:8900", "default", "traffic-ingress"),
+                       ("envoy", "127.1.0.5:8900", "shop", "client-1"),
+                       ("trafficmgr", "127.0.0.1:18080", "default", "trafficmgr")}
+    # gateway and control-plane jobs look at the release namespace only, as their kubernetes_sd_configs do
+    assert not [g for g in files["envoy-gateway"] if g["labels"]["__meta_kubernetes_namespace"] != "default"]

@@ -71,13 +71,51 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s.%s.svc:%d" (include "trafficmgr.fullname" .) .Release.Namespace (int .Values.controlPlane.xdsPort) -}}
 {{- end }}
 
+{{/* Service names of the bundled Prometheus and Zipkin: prometheus.service.name and zipkin.service.name
+     (default "prometheus" and "zipkin", the original project's names, which samples/ingress.yaml routes
+     /api/v1 and /api/v2 to), or <release>-prometheus / <release>-zipkin when set to "". */}}
+{{- define "trafficmgr.prometheusService" -}}
+{{- .Values.prometheus.service.name | default (include "trafficmgr.componentName" (dict "root" . "component" "prometheus")) -}}
+{{- end }}
+
+{{- define "trafficmgr.zipkinService" -}}
+{{- .Values.zipkin.service.name | default (include "trafficmgr.componentName" (dict "root" . "component" "zipkin")) -}}
+{{- end }}
+
+{{/* The IngressClasses other than ours that the cluster marks default (comma-separated; helm lookup, so
+     empty under `helm template` and `--dry-run` without a cluster). */}}
+{{- define "trafficmgr.otherDefaultIngressClasses" -}}
+{{- $name := .Values.gateway.ingressClass.name -}}
+{{- $others := list -}}
+{{- range (lookup "networking.k8s.io/v1" "IngressClass" "" "").items | default list -}}
+{{- $annotations := .metadata.annotations | default dict -}}
+{{- if and (ne .metadata.name $name) (eq (get $annotations "ingressclass.kubernetes.io/is-default-class") "true") -}}
+{{- $others = append $others .metadata.name -}}
+{{- end -}}
+{{- end -}}
+{{- $others | join "," -}}
+{{- end }}
+
+{{/* "true" when our IngressClass is marked default: gateway.ingressClass.default true, or "auto" (the
+     default) while no other IngressClass is the cluster's default. Never a second default by itself:
+     with two defaults Kubernetes (1.25+) gives class-less Ingresses the newest, i.e. a chart installed
+     later would silently take them from the controller the cluster already had. */}}
+{{- define "trafficmgr.ingressClassDefault" -}}
+{{- $d := .Values.gateway.ingressClass.default -}}
+{{- if eq (toString $d) "auto" -}}
+{{- if not (include "trafficmgr.otherDefaultIngressClasses" .) }}true{{ end -}}
+{{- else if $d -}}
+true
+{{- end -}}
+{{- end }}
+
 {{/* host:port of Zipkin when tracing is selected and a Zipkin is deployed or given; else empty. */}}
 {{- define "trafficmgr.zipkinAddress" -}}
 {{- if has "tracing" .Values.plugins -}}
 {{- if .Values.zipkin.address -}}
 {{- .Values.zipkin.address -}}
 {{- else if .Values.zipkin.enabled -}}
-{{- printf "%s.%s.svc:%d" (include "trafficmgr.componentName" (dict "root" . "component" "zipkin")) .Release.Namespace (int .Values.zipkin.port) -}}
+{{- printf "%s.%s.svc:%d" (include "trafficmgr.zipkinService" .) .Release.Namespace (int .Values.zipkin.port) -}}
 {{- end -}}
 {{- end -}}
 {{- end }}
