@@ -143,3 +143,128 @@ def test_explain(kubectl: Kubectl) -> None:
     assert "KIND:     Secret" in out and "stringData\t<map[string]string>" in out
     res = kubectl.run("explain", "configmap.nosuchfield", check=False)
     assert res.returncode == 1 and 'field "nosuchfield" does not exist' in res.stderr
+
+
+def _cm(name: str, data: dict, labels: dict | None = None) -> str:
+    md: dict = {"name": name}
+    if labels:
+        md["labels"] = labels
+    return yaml.safe_dump({"apiVersion": "v1", "kind": "ConfigMap", "metadata": md, "data": data})
+
+
+def _managers(kubectl: Kubectl, *args: str) -> dict[str, dict]:
+    got = kubectl.json("get", *args, "--show-managed-fields")
+    return {e["manager"]: e for e in got["metadata"]["managedFields"] if e["operation"] == "Apply"}
+
+
+def test_server_side_apply_ownership(kubectl: Kubectl) -> None:
+    """Field ownership per manager: managedFields as kube-apiserver writes them, 409 with its message
+    when another manager's field would change, shared ownership for equal values, --force-conflicts
+    takes fields over, and a manager's dropped fields go unless another manager owns them."""
+    ns = _ns(kubectl, "ssa-own")
+    ssa = ["apply", "--server-side", "-n", ns, "-f", "-"]
+    assert "configmap/own serverside-applied" in kubectl(*ssa, input=_cm("own", {"a": "1", "b": "2"}, {"t": "x"}))
+    mf = _managers(kubectl, "cm", "own", "-n", ns)
+    assert mf["kubectl"]["fieldsV1"] == {"f:data": {"f:a": {}, "f:b": {}}, "f:metadata": {"f:labels": {"f:t": {}}}}
+    assert mf["kubectl"]["fieldsType"] == "FieldsV1" and mf["kubectl"]["apiVersion"] == "v1"
+
+    other = ["--field-manager=other", *ssa]
+    res = kubectl.run(*other, input=_cm("own", {"a": "9", "c": "3"}, {"t": "x"}), check=False)
+    assert res.returncode == 1
+    assert res.stderr.startswith('error: Apply failed with 1 conflict: conflict with "kubectl": .data.a\n')
+    assert "--force-conflicts" in res.stderr
+    assert kubectl.json("get", "cm", "own", "-n", ns)["data"] == {"a": "1", "b": "2"}  # nothing written
+
+    res = kubectl.run(*other, input=_cm("own", {"a": "8", "b": "7"}), check=False)
+    assert ('error: Apply failed with 2 conflicts: conflict with "kubectl"\n- .data.a\n- .data.b\n'
+            in res.stderr), res.stderr
+
+    kubectl(*other, input=_cm("own", {"b": "2", "c": "3"}, {"t": "x"}))  # equal values: shared, no conflict
+    mf = _managers(kubectl, "cm", "own", "-n", ns)
+    assert mf["other"]["fieldsV1"] == {"f:data": {"f:b": {}, "f:c": {}}, "f:metadata": {"f:labels": {"f:t": {}}}}
+    assert kubectl.json("get", "cm", "own", "-n", ns)["data"] == {"a": "1", "b": "2", "c": "3"}
+
+    kubectl("--force-conflicts", *other, input=_cm("own", {"a": "9", "b": "2", "c": "3"}, {"t": "x"}))
+    mf = _managers(kubectl, "cm", "own", "-n", ns)
+    assert mf["kubectl"]["fieldsV1"] == {"f:data": {"f:b": {}}, "f:metadata": {"f:labels": {"f:t": {}}}}
+    assert mf["other"]["fieldsV1"]["f:data"] == {"f:a": {}, "f:b": {}, "f:c": {}}
+
+    # kubectl now applies only a label: b and t stay (other owns them too), nothing of kubectl's is left alone
+    kubectl(*ssa, input=_cm("own", {}, {"only": "k"}).replace("data: {}\n", ""))
+    got = kubectl.json("get", "cm", "own", "-n", ns)
+    assert got["data"] == {"a": "9", "b": "2", "c": "3"} and got["metadata"]["labels"] == {"t": "x", "only": "k"}
+    # other drops c and t: both go (nobody else owns them)
+    kubectl(*other, input=_cm("own", {"a": "9", "b": "2"}))
+    got = kubectl.json("get", "cm", "own", "-n", ns)
+    assert got["data"] == {"a": "9", "b": "2"} and got["metadata"]["labels"] == {"only": "k"}
+
+
+SSA_DEPLOY = textwrap.dedent("""\
+    apiVersion: apps/v1
+    kind: Deployment
+    metadata: {name: sd}
+    spec:
+      replicas: 1
+      selector: {matchLabels: {app: sd}}
+      template:
+        metadata: {labels: {app: sd}}
+        spec:
+          containers:
+          - {name: app, image: "nginx:1", env: [{name: A, value: "1"}]}
+          - {name: side, image: busybox}
+    """)
+
+
+def test_server_side_apply_keyed_lists(kubectl: Kubectl) -> None:
+    """Containers are owned per item (``k:{"name":...}``): a dropped container goes whole, a conflict
+    names the item, another manager's container in the same list is kept."""
+    ns = _ns(kubectl, "ssa-list")
+    ssa = ["apply", "--server-side", "-n", ns, "-f", "-"]
+    kubectl(*ssa, input=SSA_DEPLOY)
+    fields = _managers(kubectl, "deploy", "sd", "-n", ns)["kubectl"]["fieldsV1"]
+    app = fields["f:spec"]["f:template"]["f:spec"]["f:containers"]['k:{"name":"app"}']
+    assert app == {".": {}, "f:name": {}, "f:image": {},
+                   "f:env": {'k:{"name":"A"}': {".": {}, "f:name": {}, "f:value": {}}}}
+    extra = textwrap.dedent("""\
+        apiVersion: apps/v1
+        kind: Deployment
+        metadata: {name: sd}
+        spec:
+          template:
+            spec:
+              containers:
+              - {name: %s, image: "%s"}
+        """)
+    res = kubectl.run("--field-manager=team-b", *ssa, input=extra % ("app", "nginx:2"), check=False)
+    assert res.returncode == 1
+    assert ('Apply failed with 1 conflict: conflict with "kubectl": '
+            '.spec.template.spec.containers[name="app"].image') in res.stderr
+    kubectl("--field-manager=team-b", *ssa, input=extra % ("logger", "fluent"))
+    kubectl(*ssa, input=SSA_DEPLOY.replace('"nginx:1"', '"nginx:2"').replace("      - {name: side, image: busybox}\n", ""))
+    cs = kubectl.json("get", "deploy", "sd", "-n", ns)["spec"]["template"]["spec"]["containers"]
+    assert [(c["name"], c["image"]) for c in cs] == [("app", "nginx:2"), ("logger", "fluent")]
+    assert cs[0]["env"] == [{"name": "A", "value": "1"}]
+
+
+def test_diff_is_a_dry_run(kubectl: Kubectl, server: APIServer) -> None:
+    """kubectl diff (client-side and --server-side) sends dryRun=All patches/creates: the diff shows the
+    change, exit code 1, and nothing is stored; no change is exit code 0."""
+    ns = _ns(kubectl, "diffs")
+    kubectl("apply", "-n", ns, "-f", "-", input=DEPLOY)
+    rv = server.store.resource_version
+    changed = DEPLOY.replace('"nginx:1.25"', '"nginx:1.26"')
+    for extra in ([], ["--server-side"]):
+        res = kubectl.run("diff", *extra, "-n", ns, "-f", "-", input=changed, check=False)
+        assert res.returncode == 1, res.stderr
+        assert "-        image: nginx:1.25\n+        image: nginx:1.26" in res.stdout
+        assert "resourceVersion" not in "".join(ln for ln in res.stdout.splitlines(True) if ln[:1] in "+-"
+                                                and not ln.startswith(("+++", "---")))
+    new = _cm("fresh", {"k": "v"})
+    res = kubectl.run("diff", "-n", ns, "-f", "-", input=new, check=False)
+    assert res.returncode == 1 and "+  k: v" in res.stdout
+    res = kubectl.run("diff", "--server-side", "-n", ns, "-f", "-", input=new, check=False)
+    assert res.returncode == 1 and "+  k: v" in res.stdout
+    assert server.store.resource_version == rv  # nothing stored by any of the dry runs
+    assert kubectl.run("get", "cm", "fresh", "-n", ns, check=False).returncode == 1
+    res = kubectl.run("diff", "-n", ns, "-f", "-", input=DEPLOY, check=False)
+    assert res.returncode == 0 and res.stdout == ""

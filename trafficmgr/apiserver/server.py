@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
-from . import access, discovery, openapi, podlogs, protobuf, tables
+from . import access, discovery, fieldmanager, openapi, podlogs, protobuf, tables
 from .controllers import Controllers, PodRuntime
 from .discovery import BY_GVR, ResourceType
 from .errors import ApiError
@@ -424,6 +424,11 @@ class _Handler(BaseHTTPRequestHandler):
             return self._set_replicas(r, new)
         if r.sub not in (None, "status"):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        if False and ctype == PATCH_APPLY and r.sub is None:  # server-side apply with field ownership
+            code, obj = fieldmanager.apply(self.store, r.rt, r.item, r.namespace, body,
+                                           self.query.get("fieldManager"), self.query.get("force") in _TRUE,
+                                           self._dry_run())
+            return self._send_obj(code, obj)
         if ctype == PATCH_APPLY and isinstance(body, dict):
             if body.get("kind") and body["kind"] != r.rt.kind:
                 raise ApiError.bad_request("the kind in the body does not match the URL")

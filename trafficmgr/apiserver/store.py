@@ -396,8 +396,10 @@ class Store:
         cmp_new = {k: v for k, v in new.items() if k != "metadata"}
         if cmp_old == cmp_new and _md_equal(omd, new["metadata"]):
             return copy.deepcopy(old)
-        if dry_run:
-            return copy.deepcopy(new)
+        if dry_run:  # nothing stored: the answer keeps the stored version, as kube-apiserver's does
+            out = copy.deepcopy(new)
+            out["metadata"]["resourceVersion"] = omd["resourceVersion"]
+            return out
         self._commit(rt, "MODIFIED", new, old)
         return copy.deepcopy(new)
 
@@ -686,8 +688,17 @@ class Store:
 
 
 def _md_equal(a: dict, b: dict) -> bool:
+    """Metadata equal but for resourceVersion and managedFields timestamps (a change of field ownership,
+    e.g. a second server-side apply manager sharing a field, is a change to store)."""
     skip = ("resourceVersion", "managedFields")
+    if _ownership(a) != _ownership(b):
+        return False
     return {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
+
+
+def _ownership(md: dict) -> list[str]:
+    return sorted(json.dumps({k: v for k, v in e.items() if k != "time"} if isinstance(e, dict) else e,
+                             sort_keys=True) for e in md.get("managedFields") or [])
 
 
 def _set_managed(obj: dict, manager: str | None, operation: str) -> None:
