@@ -424,7 +424,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._set_replicas(r, new)
         if r.sub not in (None, "status"):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
-        if False and ctype == PATCH_APPLY and r.sub is None:  # server-side apply with field ownership
+        if ctype == PATCH_APPLY and r.sub is None:  # server-side apply with field ownership
             code, obj = fieldmanager.apply(self.store, r.rt, r.item, r.namespace, body,
                                            self.query.get("fieldManager"), self.query.get("force") in _TRUE,
                                            self._dry_run())
