@@ -112,3 +112,23 @@ def test_auto_defers_to_the_clusters_default_class(cluster: tuple[Any, Path], ex
     # true forces it (the newest default wins in Kubernetes 1.25+), false never marks it
     assert _rendered_default(kubeconfig, "--set", "gateway.ingressClass.default=true")
     assert not _rendered_default(kubeconfig, "--set", "gateway.ingressClass.default=false")
+
+
+def _notes(kubeconfig: Path, namespace: str) -> str:
+    """The NOTES of ``helm install --dry-run=server`` (kinds the project's API server does not serve, RBAC
+    and admission policies, switched off: they do not change the notes checked here)."""
+    proc = subprocess.run([helm_path(), "install", RELEASE, str(CHART), "--dry-run=server", "--kubeconfig", str(kubeconfig),
+                           "--namespace", namespace, "--set", "rbac.create=false", "--set", "agentPodPolicy.enabled=false",
+                           "--set", "networkPolicy.enabled=false"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout[proc.stdout.index("NOTES:"):]
+
+
+def test_notes_say_whether_the_class_is_default_and_where_the_sample_works(cluster: tuple[Any, Path]) -> None:
+    api, kubeconfig = cluster
+    notes = _notes(kubeconfig, "default")
+    assert '"traffic" is the default IngressClass' in notes and "cannot reach" not in notes, notes
+    api.store.create(_ingress_class("nginx", True))
+    notes = _notes(kubeconfig, "shop")
+    assert "\"traffic\" is NOT the default IngressClass: the cluster's default is nginx" in notes, notes
+    assert "this release's are in shop" in notes and "prometheus.ingress.enabled=true" in notes, notes
