@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -98,11 +97,9 @@ def test_weights_membership_and_split(cluster: LocalCluster) -> None:
     n = 1000
     seen = _spread(c, n)
     assert seen["reviews-v3"] == 0
-    # Weighted round robin is deterministic-ish; even as a binomial(n, 10/110) the v2 count has
-    # sd = sqrt(n p (1-p)) ~ 9.1, so +-6 sd (~55) cannot flake while still catching equal weights (500).
-    p = 10 / 110
-    sd = math.sqrt(n * p * (1 - p))
-    assert abs(seen["reviews-v2"] - n * p) < 6 * sd, seen
+    # Envoy's weighted round robin with one worker is deterministic up to its random start: measured
+    # 90 or 91 of 1000 for v2 (n p = 90.9) in 6 of 6 runs; +-2 tells weight 10 from 9 (82.6) or 11 (99.1).
+    assert abs(seen["reviews-v2"] - n * 10 / 110) <= 2, seen
 
 
 def test_ring_hash_cookie_is_sticky(cluster: LocalCluster) -> None:
@@ -161,12 +158,9 @@ def test_endpoint_weights_through_the_kit(trafficmgr_build: Callable[..., BuildR
     n = 330
     seen = Counter(mesh.get("reviews", "/").json()["backend"] for _ in range(n))
     assert seen["reviews-v3"] == 0
-    # As in test_weights_membership_and_split: +-6 binomial sd (~30) around n*10/110 = 30 cannot flake,
-    # and equal weights (165) are far outside.
-    p = 10 / 110
-    assert abs(seen["reviews-v2"] - n * p) < 6 * math.sqrt(n * p * (1 - p)), seen
-    # The window reaches 0, so also: weight 10 means some traffic (P(0 of 330) = (100/110)^330 ~ 2e-14).
-    assert seen["reviews-v2"] > 0, seen
+    # As in test_weights_membership_and_split: 330 requests are 3 whole rounds of 110, measured exactly 30
+    # for v2 in 3 of 3 runs; +-2 tells weight 10 from 9 (27.2) or 12 (35.4).
+    assert abs(seen["reviews-v2"] - n * 10 / 110) <= 2, seen
     # Removing the label restores the default weight (100): reviews-v3 gets traffic again.
     mesh.label("pod", "reviews-v3", {"traffic.endpoint.weight": None})
     assert mesh.wait_for(lambda: mesh.get("reviews", "/").json()["backend"] == "reviews-v3", timeout=5,

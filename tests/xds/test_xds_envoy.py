@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import math
 import re
 import time
 from collections import Counter
@@ -75,12 +74,14 @@ def addr(backend: HttpBackend) -> str:
     return f"{backend.host}:{backend.port}"
 
 
-def within_binomial(hits: int, n: int, p: float) -> bool:
-    # Round robin with weights is deterministic in Envoy, but the contract is "a p share": accept
-    # anything within 6 standard deviations of Binomial(n, p) (n=1000, p=10/110: sd ~ 9.1, so
-    # +-55 requests), a bound a correct implementation cannot miss by chance.
-    sd = math.sqrt(n * p * (1 - p))
-    return abs(hits - n * p) <= 6 * sd
+def weighted_share(hits: int, n: int, p: float) -> bool:
+    """True when ``hits`` of ``n`` requests is the share ``p`` weighted round robin gives, within 2.
+
+    Envoy's weighted round robin (an EDF scheduler per worker; these Envoys run one worker and the
+    client one connection) is deterministic up to its random starting point: 1000 requests at weights
+    100:10 gave the weight-10 host 90 or 91 (n p = 90.9) in 12 of 12 runs (issue 17 measurements). The
+    +-2 window still tells weight 10 from 9 (82.6) or 11 (99.1)."""
+    return abs(hits - n * p) <= 2
 
 
 @pytest.fixture
@@ -105,13 +106,13 @@ def test_weighted_endpoints_follow_snapshots(
 
     hits = client.split(1000)
     assert hits["one"] + hits["two"] == 1000
-    assert within_binomial(hits["two"], 1000, 10 / 110), hits
+    assert weighted_share(hits["two"], 1000, 10 / 110), hits
 
     # New weights: a new snapshot, same Envoy.
     xds_server.cache.set_view("sidecar", web_snapshot(port, {SVC: [ep(one, 10), ep(two, 100)]}))
     envoy.wait_for(lambda: weights(envoy, SVC) == {addr(one): 10, addr(two): 100}, message="weights not applied")
     hits = client.split(1000)
-    assert within_binomial(hits["one"], 1000, 10 / 110), hits
+    assert weighted_share(hits["one"], 1000, 10 / 110), hits
 
     # Endpoint removed: no more traffic to it.
     xds_server.cache.set_view("sidecar", web_snapshot(port, {SVC: [ep(two, 100)]}))
