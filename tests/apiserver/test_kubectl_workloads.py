@@ -234,3 +234,33 @@ def test_get_events_watch_streams_new_events(kubectl: Kubectl) -> None:
         proc.wait()
     hand = next(ln for ln in lines if "HandMade" in ln)
     assert "Warning" in hand and "pod/somepod" in hand and "written by the test" in hand
+
+
+def test_rollout_pause_resume(kubectl: Kubectl) -> None:
+    """A paused Deployment takes template changes without rolling them out (status observed, 0 updated);
+    ``rollout resume`` rolls them out."""
+    ns, app = "paused", "pz"
+    kubectl("create", "namespace", ns)
+    kubectl.apply(deployment(app, ns, 2))
+    drive(kubectl, popen(kubectl, "rollout", "status", f"deployment/{app}", "-n", ns, "--timeout=60s"), ns, app, 2, 0, 2)
+    kubectl("rollout", "pause", f"deployment/{app}", "-n", ns)
+    kubectl("set", "image", f"deployment/{app}", "app=example/pz:2", "-n", ns)
+    d: dict = {}
+
+    def observed() -> bool:
+        d.update(kubectl.json("get", "deployment", app, "-n", ns))
+        return d["status"]["observedGeneration"] == d["metadata"]["generation"]
+
+    wait_for(observed, timeout=10)
+    assert d["status"].get("updatedReplicas", 0) == 0 and d["status"]["replicas"] == 2
+    progressing = next(c for c in d["status"]["conditions"] if c["type"] == "Progressing")
+    assert (progressing["status"], progressing["reason"]) == ("Unknown", "DeploymentPaused")
+    assert len(kubectl.json("get", "rs", "-n", ns)["items"]) == 1
+    r = kubectl.run("rollout", "status", f"deployment/{app}", "-n", ns, "--timeout=2s", check=False)
+    assert r.returncode == 1 and f'Waiting for deployment "{app}" rollout to finish: 0 out of 2 new replicas' in r.stdout
+    kubectl("rollout", "resume", f"deployment/{app}", "-n", ns)
+    out, _, _ = drive(kubectl, popen(kubectl, "rollout", "status", f"deployment/{app}", "-n", ns, "--timeout=60s"),
+                      ns, app, 2, 1, 3)
+    assert out.strip().endswith(f'deployment "{app}" successfully rolled out')
+    images = {p["spec"]["containers"][0]["image"] for p in pods(kubectl, ns, app)}
+    assert images == {"example/pz:2"}

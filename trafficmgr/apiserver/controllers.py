@@ -506,9 +506,11 @@ class Controllers:
         old_total = sum(_rs_replicas(rs) for rs in olds)
         recreate = (spec.get("strategy") or {}).get("type") == "Recreate"
         created = False
+        if new is None and spec.get("paused"):  # the new template waits for resume: status only
+            self._deployment_status(d, {"metadata": {"name": ""}, "spec": {"replicas": 0}}, olds, replicas,
+                                    unavailable, False)
+            return
         if new is None:
-            if spec.get("paused"):
-                return
             first = 0 if recreate else max(0, min(replicas, replicas + surge - old_total))
             tmpl = json.loads(json.dumps(template))
             tmpl.setdefault("metadata", {}).setdefault("labels", {})["pod-template-hash"] = h
@@ -629,8 +631,7 @@ class Controllers:
         progressed = any(status.get(k) != old_status.get(k) for k in
                          ("replicas", "updatedReplicas", "readyReplicas", "availableReplicas"))
         if spec.get("paused"):
-            prog = {**_condition(prev, "Progressing", False, now, "DeploymentPaused", "Deployment is paused", False),
-                    "status": "Unknown"}
+            prog = _condition(prev, "Progressing", None, now, "DeploymentPaused", "Deployment is paused", False)
         elif complete:
             prog = _condition(prev, "Progressing", True, now, "NewReplicaSetAvailable",
                               f'ReplicaSet "{rs_name}" has successfully progressed.', progressed)
@@ -775,11 +776,11 @@ def _rolling_bounds(spec: dict, replicas: int) -> tuple[int, int]:
     return surge, min(unavailable, replicas)
 
 
-def _condition(prev: dict | None, type_: str, ok: bool, now: str, reason: str, message: str,
+def _condition(prev: dict | None, type_: str, ok: bool | None, now: str, reason: str, message: str,
                progressed: bool) -> dict:
-    """A Deployment condition keeping ``lastTransitionTime`` while its status stays and ``lastUpdateTime``
-    while nothing changed (``progressed`` or a new reason/message updates it)."""
-    status = "True" if ok else "False"
+    """A Deployment condition (``ok`` None: Unknown) keeping ``lastTransitionTime`` while its status stays
+    and ``lastUpdateTime`` while nothing changed (``progressed`` or a new reason/message updates it)."""
+    status = "Unknown" if ok is None else "True" if ok else "False"
     same = prev is not None and prev.get("status") == status
     unchanged = same and prev is not None and prev.get("reason") == reason and prev.get("message") == message
     return {"type": type_, "status": status,
