@@ -223,11 +223,52 @@ def test_connect_timeout_is_honoured(single: LocalCluster) -> None:
     assert status == 503
     assert 0.28 <= seconds < 5, seconds  # far below the default 60 s
     assert c.pod.stat(STAT + "upstream_cx_connect_timeout") >= 1
-    # Retrying on connect failure reaches the pod once the blackhole is gone.
-    c.label("service", "reviews", {"traffic.retries.connect-failure": "5"})
+    assert_no_nacks(c)
+
+
+@pytest.fixture
+def pair(envoy_binary: str) -> Iterator[LocalCluster]:
+    """Two reviews pods (round robin alternates between them), state-of-the-world xDS."""
+    _require_netns()
+    c = start_reviews(False, {name: PODS[name] for name in ("reviews-1", "reviews-2")})
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def test_retry_on_connect_failure_reaches_the_other_endpoint(pair: LocalCluster) -> None:
+    """One of two endpoints refuses connections: without ``traffic.retries.connect-failure`` the requests
+    round robin sends there fail; with it, Envoy retries them on the other endpoint and every request
+    succeeds (the first attempt really failed to connect: the retry and connect-failure stats move)."""
+    c = pair
+    refused, good = PODS["reviews-1"], PODS["reviews-2"]
+    by_ip = {b.host: b for b in c.backends}
+    # A TCP reset answers the sidecar's SYNs to reviews-1 (only SYNs: FACTS), i.e. it refuses at once.
+    c.pod.ns.run("iptables", "-w", "-I", "OUTPUT", "-p", "tcp", "-d", refused, "--dport", "9080", "--syn",
+                 "-j", "REJECT", "--reject-with", "tcp-reset")
+    n = 10
+
+    def run() -> tuple[list[int], int, int]:
+        retries, fails = c.pod.stat(STAT + "upstream_rq_retry"), c.pod.stat(STAT + "upstream_cx_connect_fail")
+        codes = [request_reviews(c)[0] for _ in range(n)]
+        return (codes, c.pod.stat(STAT + "upstream_rq_retry") - retries,
+                c.pod.stat(STAT + "upstream_cx_connect_fail") - fails)
+
+    # Without the label: each request round robin sends to reviews-1 is a 503, and nothing retries.
+    codes, retried, failed = run()
+    assert 503 in codes and 200 in codes, codes
+    assert retried == 0 and failed >= codes.count(503), (retried, failed)
+    assert by_ip[refused].hits == 0
+    c.label("service", "reviews", {"traffic.retries.connect-failure": "2"})
     c.wait_config(lambda: route_has(c, '"retry_on":"connect-failure"'), message="retry policy not applied")
-    c.pod.ns.run("iptables", "-w", "-D", "OUTPUT", "-p", "tcp", "-d", ip, "--dport", "9080", "-j", "DROP")
-    assert request_reviews(c)[0] == 200
+    good_hits = by_ip[good].hits
+    codes, retried, failed = run()
+    assert codes == [200] * n, codes
+    # Round robin sent about half of the first attempts to reviews-1: each failed to connect and was
+    # retried; the retries and every other request reached reviews-2.
+    assert retried >= 3 and failed >= retried, (retried, failed)
+    assert by_ip[good].hits - good_hits == n and by_ip[refused].hits == 0
     assert_no_nacks(c)
 
 
