@@ -67,7 +67,7 @@ def test_reinstall_replaces_changed_rules(ns: netns.NetNS) -> None:
 
 def test_failure_names_the_command(ns: netns.NetNS) -> None:
     run = iptables.netns_runner("/nonexistent/netns")
-    with pytest.raises(iptables.IptablesError, match="iptables -w -t nat"):
+    with pytest.raises(iptables.IptablesError, match="iptables-restore -w --noflush .chain TRAFFICMGR_OUTPUT of table nat"):
         iptables.install(run)
 
 

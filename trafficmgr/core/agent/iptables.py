@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Sequence
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def netns_runner(netns_path: str | None) -> Runner:
 
 def available() -> str | None:
     """None when iptables and nsenter can be run, else why not."""
-    for tool in ("iptables", "nsenter"):
+    for tool in ("iptables", "iptables-restore", "nsenter"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed (apt-get install iptables util-linux)"
     return None
@@ -127,14 +128,33 @@ def inbound_rules(inbound_port: int, exclude_ports: Sequence[int] = (8900,)) -> 
 
 
 def _fill(run: Runner, chain: str, chain_rules: list[list[str]], jump: list[str], table: tuple[str, str] = NAT4) -> None:
-    if _ipt(run, "-L", chain, "-n", check=False, table=table).returncode == 0:
-        _ipt(run, "-F", chain, table=table)
-    else:
-        _ipt(run, "-N", chain, table=table)
-    for rule in chain_rules:
-        _ipt(run, "-A", *rule, table=table)
+    """Replace the content of ``chain`` (created if missing) and add ``jump`` where missing, in one
+    ``iptables-restore --noflush`` transaction (declaring a chain there empties it; nothing else in the
+    table is touched). A re-install, which every full resync of the agent does, so never shows the chain
+    empty or half filled: flushing it and appending rule by rule let a pod's connections made meanwhile
+    past the sidecar (tests/agent/test_capture_resync.py)."""
+    lines = [f"*{table[1]}", f":{chain} - [0:0]", *(_restore_rule(rule) for rule in chain_rules)]
     if _ipt(run, "-C", *jump, check=False, table=table).returncode != 0:
-        _ipt(run, "-A", *jump, table=table)
+        lines.append(_restore_rule(jump))
+    lines.append("COMMIT")
+    # The rules go through a file (a Runner passes no stdin): created by mkstemp (mode 0600, a new name,
+    # O_EXCL) and owned by the agent, so no other user can swap its content before iptables-restore reads
+    # it; it is read inside the pod's network namespace only (nsenter --net shares our mount namespace).
+    with tempfile.NamedTemporaryFile("w", prefix="trafficmgr-iptables-", suffix=".rules") as f:
+        f.write("\n".join(lines) + "\n")
+        f.flush()
+        argv = [f"{table[0]}-restore", "-w", "--noflush", f.name]
+        proc = run(argv)
+    if proc.returncode != 0:
+        raise IptablesError(f"{' '.join(argv[:-1])} (chain {chain} of table {table[1]}) failed ({proc.returncode}): "
+                            f"{proc.stderr.strip()}")
+
+
+def _restore_rule(rule: list[str]) -> str:
+    """``-A`` line of an iptables-restore file (our rules' arguments never hold blanks or quotes)."""
+    if any(set(arg) & set(" \t\n\"'#") for arg in rule):
+        raise IptablesError(f"iptables rule argument with a blank, quote or '#': {rule}")
+    return " ".join(["-A", *rule])
 
 
 def _drop(run: Runner, chain: str, jump: list[str], table: tuple[str, str] = NAT4) -> None:
