@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,6 +78,60 @@ def cluster(tmp_path: Path, envoy_binary: str) -> Iterator[dict]:
         assert rc == 0, f"serve did not exit cleanly on SIGTERM ({rc}):\n{serve.log()}"
 
 
+class TcpEcho:
+    """A raw TCP echo server on ``ip:port`` (bound inside the pod namespace by the caller) that counts the
+    connections it accepted and the bytes it received."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.accepted = 0
+        self.received = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def bind(cls, ip: str, port: int) -> TcpEcho:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((ip, port))
+        sock.listen(16)
+        return cls(sock)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            with conn:
+                conn.settimeout(5)
+                try:
+                    while data := conn.recv(4096):
+                        self.received += len(data)
+                        conn.sendall(data)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _tcp_exchange(ip: str, port: int, payload: bytes = b"ping\n") -> bytes:
+    """Connect (the sidecar's capture answers), send ``payload``, half-close, and return everything read
+    until the other end closes (b"" when it closed or reset without answering)."""
+    out = b""
+    try:
+        with socket.create_connection((ip, port), timeout=3) as s:
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            while data := s.recv(4096):
+                out += data
+    except ConnectionResetError:
+        pass
+    return out
+
+
 def _reviews_cluster_hosts(pod: SidecarPod) -> set[str]:
     hosts = set()
     for line in pod.admin("/clusters").splitlines():
@@ -112,6 +168,20 @@ def test_label_unblocks_then_endpoints_follow_pods(cluster: dict) -> None:
     assert json.loads(pod.curl(direct)[1])["backend"] == "reviews-1"
     assert pod.curl(f"http://{REVIEWS['reviews-2']}:9081/direct")[0] == 404  # the other pod is not labeled
 
+    # Raw TCP to an unlabeled port of a pod: the sidecar closes the connection, no byte is answered and
+    # the backend never sees a connection. Labeling the port tcp opens it (so the check can see traffic).
+    echo = pod.in_ns(lambda: TcpEcho.bind(REVIEWS["reviews-1"], 9090))
+    try:
+        for _ in range(3):
+            assert pod.in_ns(lambda: _tcp_exchange(REVIEWS["reviews-1"], 9090)) == b""
+        assert (echo.accepted, echo.received) == (0, 0)
+        kubectl("label", "pod", "reviews-1", "traffic.port.9090=tcp")
+        wait_for(lambda: pod.in_ns(lambda: _tcp_exchange(REVIEWS["reviews-1"], 9090)) == b"ping\n", 5,
+                 message="the tcp port label did not open raw TCP to the pod")
+        assert echo.accepted >= 1 and echo.received >= 5
+    finally:
+        echo.close()
+
     # Not ready -> removed from Envoy's endpoints.
     kubectl.set_pod_status("reviews-2", REVIEWS["reviews-2"], ready=False)
     wait_for(lambda: _reviews_cluster_hosts(pod) == {REVIEWS["reviews-1"]}, 5, message="not-ready pod still an endpoint")
@@ -122,8 +192,9 @@ def test_label_unblocks_then_endpoints_follow_pods(cluster: dict) -> None:
     wait_for(lambda: _reviews_cluster_hosts(pod) == set(), 5, message="deleted pod still an endpoint")
     assert pod.curl(url)[0] == 503
 
-    # Other ports stay blocked, TCP included (connection closed without a response).
+    # Other ports of the Service IP stay blocked: HTTP gets the 404, raw TCP a close without a byte.
     assert pod.curl(f"http://{svc_ip}:9999/")[0] == 404
+    assert pod.in_ns(lambda: _tcp_exchange(svc_ip, 9999)) == b""
     status = cluster["serve"].get_json("/debug/proxy-status")
     assert [s["node_id"] for s in status] == ["client.default"]
     no_nacks(status)
