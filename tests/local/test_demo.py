@@ -404,6 +404,31 @@ def test_proxy_status_lists_every_envoy(demo: Demo) -> None:
     assert re.search(r"^client-\S+\.default\s+sidecar\s+\w+\s+SYNCED", out, re.M), out
 
 
+def test_kubectl_logs_and_rollout_restart(demo: Demo) -> None:
+    """``kubectl logs`` shows a pod's container output; ``rollout restart`` of the Envoy-enabled client
+    replaces its pod: new process on a new IP, its own sidecar serving, the old pod's sidecar gone."""
+    logs = demo.kubectl("logs", "deployment/productpage-v1", "--tail=50")
+    assert logs.strip(), "productpage wrote no log"
+    old = demo.pod_ip("client")
+    demo.kubectl("rollout", "restart", "deployment/client")
+    out = demo.kubectl("rollout", "status", "deployment/client", "--timeout=60s")
+    assert out.strip().endswith('deployment "client" successfully rolled out')
+    new = demo.pod_ip("client")
+    assert new != old
+    status, _, body, _ = wait_for(lambda: (r := demo.via(new, "http://reviews:9080/reviews/0"))[0] == 200 and r, 30, 0.5,
+                                  "the restarted client's sidecar never served")
+    assert json.loads(body)["podname"].startswith("reviews-v")
+
+    def old_sidecar_gone() -> bool:
+        try:
+            request(old, 15001, "reviews:9080", "http://reviews:9080/reviews/0", timeout=2)
+        except OSError:
+            return True
+        return False
+
+    wait_for(old_sidecar_gone, 30, 0.5, "the replaced client pod's sidecar still answers")
+
+
 def test_sigterm_stops_everything(demo: Demo) -> None:
     children = processes_naming(str(demo.state))
     assert len(children) >= 4 + 7 + 7, children  # serve, zipkin, gateway, pods, sidecars (+ wrappers)

@@ -198,6 +198,7 @@ class Controllers:
         self._services.clear()
         self._pods.clear()
         self._label_index.clear()
+        self._deadlines.clear()
 
     def wait_idle(self, timeout: float = 5.0) -> bool:
         """Block until every queued event has been processed; False on timeout."""
