@@ -268,3 +268,42 @@ def test_diff_is_a_dry_run(kubectl: Kubectl, server: APIServer) -> None:
     assert kubectl.run("get", "cm", "fresh", "-n", ns, check=False).returncode == 1
     res = kubectl.run("diff", "-n", ns, "-f", "-", input=DEPLOY, check=False)
     assert res.returncode == 0 and res.stdout == ""
+
+
+def test_server_side_apply_after_other_writes(kubectl: Kubectl) -> None:
+    """Writes that are not applies own the fields they change (Update managers): an apply changing a
+    field ``kubectl scale`` or ``kubectl label`` set conflicts, naming that manager as kube-apiserver
+    does; ``kubectl apply`` then ``kubectl apply --server-side`` moves ownership without conflict (the
+    last-applied annotation), but another applier conflicts with kubectl-client-side-apply."""
+    ns = _ns(kubectl, "ssa-upd")
+    kubectl("create", "service", "clusterip", "made", "--tcp=80:8080", "-n", ns)
+    entries = kubectl.json("get", "svc", "made", "-n", ns, "--show-managed-fields")["metadata"]["managedFields"]
+    (created,) = entries
+    assert created["manager"] == "kubectl-create" and created["operation"] == "Update"
+    spec = created["fieldsV1"]["f:spec"]
+    assert set(spec) == {"f:ports", "f:selector", "f:sessionAffinity", "f:type"}  # defaults too, not clusterIP
+    assert spec["f:ports"]['k:{"port":80}'] == {".": {}, "f:name": {}, "f:port": {}, "f:protocol": {},
+                                                 "f:targetPort": {}}
+
+    ssa = ["apply", "--server-side", "-n", ns, "-f", "-"]
+    kubectl(*ssa, input=SSA_DEPLOY)
+    kubectl("scale", "deployment", "sd", "--replicas=3", "-n", ns)
+    res = kubectl.run(*ssa, input=SSA_DEPLOY, check=False)
+    assert res.returncode == 1
+    assert ('error: Apply failed with 1 conflict: conflict with "kubectl" with subresource "scale" using '
+            "apps/v1: .spec.replicas\n") in res.stderr
+    kubectl(*ssa, input=SSA_DEPLOY.replace("replicas: 1", "replicas: 3"))  # same value: co-owned
+    kubectl("label", "deployment", "sd", "tier=web", "-n", ns)
+    res = kubectl.run(*ssa, input=SSA_DEPLOY.replace("metadata: {name: sd}", "metadata: {name: sd, labels: "
+                                                     "{tier: db}}").replace("replicas: 1", "replicas: 3"),
+                      check=False)
+    assert 'conflict with "kubectl-label" using apps/v1: .metadata.labels.tier' in res.stderr
+
+    kubectl("apply", "-n", ns, "-f", "-", input=DEPLOY)  # client-side apply
+    moved = DEPLOY.replace('"nginx:1.25"', '"nginx:1.27"')
+    res = kubectl.run("--field-manager=other", *ssa, input=moved, check=False)
+    assert res.returncode == 1 and 'conflict with "kubectl-client-side-apply" using apps/v1' in res.stderr
+    kubectl(*ssa, input=moved)
+    d = kubectl.json("get", "deploy", "rt", "-n", ns, "--show-managed-fields")
+    assert d["spec"]["template"]["spec"]["containers"][0]["image"] == "nginx:1.27"
+    assert "kubectl-client-side-apply" not in {e["manager"] for e in d["metadata"]["managedFields"]}

@@ -12,20 +12,32 @@ Contract of :func:`apply` (``PATCH`` with ``application/apply-patch+yaml`` on a 
   --force-conflicts``) takes the fields over instead. The same value is shared ownership, no conflict.
 - A field the manager applied before and omits now is removed from the object, unless another manager
   still owns it.
+- The manager ``kubectl`` takes over without conflict the fields the object's
+  ``last-applied-configuration`` annotation sets to their live values (moving from ``kubectl apply`` to
+  ``kubectl apply --server-side``, as on a cluster).
 - ``dryRun`` computes and returns the result without storing it.
 
-Limits (documented in the README): ownership is recorded only for Apply operations; writes that are
-not applies (create, PUT, merge/strategic/JSON patches, controllers) are listed as ``Update`` managers
-without fields, so they never cause a conflict and an apply may overwrite what they set. Lists are
-keyed by their strategic-merge key alone (``containers`` by name, Service ``ports`` by port, container
-``ports`` by containerPort, ``env`` by name, ...), ``finalizers`` are a set and other lists are atomic
-(owned whole). There is no schema-driven defaulting or type check beyond what create/update do.
+Other writes through the HTTP API (create, PUT, merge/strategic/JSON patches, ``scale``) are
+``Update`` managers (``fieldManager``, else the User-Agent's product name, as kube-apiserver does): the
+fields a write changes (defaults included, e.g. a Service's ``sessionAffinity``) become that manager's
+and leave every other manager's set, so an apply that changes a field ``kubectl scale`` or ``kubectl
+edit`` set conflicts as on a cluster (``conflict with "kubectl" with subresource "scale" using apps/v1``).
+
+Limits (documented in the README): writes by the server's own controllers (status, allocated
+clusterIPs, EndpointSlices) and to ``/status`` are not attributed; managedFields a client sends in an
+update replace the stored ones (as on a cluster) but the writer's own entry is recomputed. Lists are keyed by their strategic-merge key alone
+(``containers`` by name, Service ``ports`` by port, container ``ports`` by containerPort, ``env`` by
+name, ...), ``finalizers`` are a set and other lists are atomic (owned whole). No schema-driven
+defaulting or type check beyond what create/update do.
 """
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from .discovery import ResourceType
@@ -214,10 +226,8 @@ def _manager_label(e: dict) -> str:
     label = f'conflict with "{e.get("manager", "")}"'
     if e.get("subresource"):
         label += f' with subresource "{e["subresource"]}"'
-    if e.get("operation") == "Update":
+    if e.get("operation") == "Update":  # the identifier kube-apiserver prints has no timestamp
         label += f' using {e.get("apiVersion", "")}'
-        if e.get("time"):
-            label += f' at {e["time"]}'
     return label
 
 
@@ -238,6 +248,19 @@ def conflict_error(conflicts: list[tuple[dict, Path]]) -> ApiError:
             lines.extend(f"- {s}" for s in by_manager[label])
         msg = f"Apply failed with {len(conflicts)} conflicts: " + "\n".join(lines)
     return ApiError(409, "Conflict", msg, {"causes": causes})
+
+
+def _from_last_applied(live: dict, rt: ResourceType) -> set[Path]:
+    """Fields of the client-side apply annotation whose live value is still the applied one: an apply by
+    ``kubectl`` takes them over without conflict (moving from ``kubectl apply`` to ``--server-side``)."""
+    ann = (live["metadata"].get("annotations") or {}).get("kubectl.kubernetes.io/last-applied-configuration")
+    try:
+        last = json.loads(ann) if ann else None
+    except ValueError:
+        return set()
+    if not isinstance(last, dict):
+        return set()
+    return {p for p in field_set(last, rt) if _leaf_equal(value_at(live, p), value_at(last, p))}
 
 
 def apply(store: Store, rt: ResourceType, name: str, namespace: str | None, body: Any, manager: str | None,
@@ -290,7 +313,8 @@ def apply(store: Store, rt: ResourceType, name: str, namespace: str | None, body
             if amd.get("resourceVersion"):
                 raise ApiError.not_found(rt, name)
             amd["managedFields"] = [_entry(manager, rt.api_version, mine)]
-            return 201, store.create(applied, namespace=ns or None, resource=rt, dry_run=dry_run)
+            with updating(None, None):
+                return 201, store.create(applied, namespace=ns or None, resource=rt, dry_run=dry_run)
         entries = [dict(e) for e in live["metadata"].get("managedFields") or [] if isinstance(e, dict)]
         own = [e for e in entries if e.get("manager") == manager and e.get("operation") == "Apply"
                and not e.get("subresource")]
@@ -301,6 +325,12 @@ def apply(store: Store, rt: ResourceType, name: str, namespace: str | None, body
             for p in sorted(mine & decode(e.get("fieldsV1"))):
                 if not _leaf_equal(value_at(live, p), value_at(applied, p)):
                     conflicts.append((e, p))
+        if conflicts and not force and manager == "kubectl":
+            allowed = _from_last_applied(live, rt)
+            conflicts_left = [(e, p) for e, p in conflicts if p not in allowed]
+            if not conflicts_left:
+                force = True  # upgrade from client-side apply, as kube-apiserver's lastAppliedManager does
+            conflicts = conflicts if force else conflicts_left
         if conflicts and not force:
             raise conflict_error(conflicts)
         taken = {p for _, p in conflicts}
@@ -325,7 +355,105 @@ def apply(store: Store, rt: ResourceType, name: str, namespace: str | None, body
         else:
             nmd.pop("resourceVersion", None)
         nmd["managedFields"] = [*kept, _entry(manager, rt.api_version, mine)] if mine else kept
-        return 200, store.update(merged, namespace=ns or None, resource=rt, dry_run=dry_run)
+        with updating(None, None):
+            return 200, store.update(merged, namespace=ns or None, resource=rt, dry_run=dry_run)
 
 
-__all__ = ["apply", "conflict_error", "decode", "encode", "field_set", "path_string"]
+# ---- Update managers -----------------------------------------------------------------------------
+
+# (manager, subresource) of the HTTP write this thread is handling; None: not attributed (controllers,
+# applies, in-process callers). Set by the API server around each write (see ``updating``).
+_CURRENT: contextvars.ContextVar[tuple[str, str | None] | None] = contextvars.ContextVar("field_manager",
+                                                                                          default=None)
+MAX_MANAGER_LEN = 128
+
+
+def manager_for(field_manager: str | None, user_agent: str | None) -> str:
+    """The manager of a write: ``fieldManager``, else the User-Agent's product (``kubectl/v1.32`` ->
+    ``kubectl``), cut to 128 characters, as kube-apiserver names it. 400 for a ``fieldManager`` over
+    128 characters or with control characters."""
+    if field_manager:
+        if len(field_manager) > MAX_MANAGER_LEN or any(ord(c) < 32 for c in field_manager):
+            raise ApiError(400, "BadRequest", 'PatchOptions.meta.k8s.io "" is invalid: fieldManager: Invalid value: '
+                           "must be at most 128 printable characters")
+        return field_manager
+    prefix = (user_agent or "").split("/")[0]
+    return "".join(c for c in prefix if ord(c) >= 32)[:MAX_MANAGER_LEN] or "unknown"
+
+
+@contextmanager
+def updating(manager: str | None, subresource: str | None) -> Iterator[None]:
+    """Attribute the store writes inside the block to ``manager`` (None: to nobody)."""
+    token = _CURRENT.set((manager, subresource) if manager else None)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+def _changed(rt: ResourceType, old: dict | None, new: dict) -> tuple[set[Path], set[Path]]:
+    """(paths whose value ``new`` sets differently from ``old``, paths ``old`` had and ``new`` lacks)."""
+    after = field_set(new, rt)
+    if old is None:
+        return after, set()
+    before = field_set(old, rt)
+    changed = {p for p in after if p not in before or not _leaf_equal(value_at(old, p), value_at(new, p))}
+    return changed, before - after
+
+
+def _norm(entries: list[dict], manager: str) -> list[str]:
+    return sorted(_compact({k: v for k, v in e.items() if k != "time"}) for e in entries
+                  if not (e.get("manager") == manager and e.get("operation") == "Update"))
+
+
+def _on_write(rt: ResourceType, new: dict, old: dict | None) -> None:
+    """Store admission hook: give the fields this write changes to its Update manager."""
+    ctx = _CURRENT.get()
+    if ctx is None:
+        return
+    manager, sub = ctx
+    changed, removed = _changed(rt, old, new)
+    requested = [e for e in new["metadata"].get("managedFields") or [] if isinstance(e, dict)]
+    if old is not None:
+        live = [e for e in old["metadata"].get("managedFields") or [] if isinstance(e, dict)]
+        # the write's own Update entry (the store adds an empty one) aside, did the client change the
+        # list (kubectl's client-side-apply upgrade replaces it with a JSON patch)? Then it is the base.
+        if _norm(requested, manager) == _norm(live, manager):
+            requested = live
+    entries = [dict(e) for e in requested]
+    mine: dict | None = None
+    kept = []
+    for e in entries:
+        if e.get("manager") == manager and e.get("operation") == "Update" and e.get("subresource") == sub:
+            mine = e
+            continue
+        if changed or removed:
+            left = decode(e.get("fieldsV1")) - changed - removed
+            if not left:
+                continue  # a manager left with no field is dropped, as kube-apiserver does
+            e["fieldsV1"] = encode(left)
+        kept.append(e)
+    owned = (decode(mine.get("fieldsV1")) - removed if mine else set()) | changed
+    if owned:
+        entry = {"manager": manager, "operation": "Update", "apiVersion": rt.api_version,
+                 "time": now_iso() if changed or mine is None else mine.get("time", now_iso()),
+                 "fieldsType": "FieldsV1", "fieldsV1": encode(owned)}
+        if sub:
+            entry["subresource"] = sub
+        kept.append(entry)
+    if kept:
+        new["metadata"]["managedFields"] = kept
+    else:
+        new["metadata"].pop("managedFields", None)
+
+
+def install(store: Store) -> None:
+    """Track Update managers on ``store`` (idempotent): call before the store's other admission hooks
+    (the API server does, in its constructor), so server allocations are nobody's."""
+    if not getattr(store, "_field_manager_installed", False):
+        store.add_admission(_on_write)
+        store._field_manager_installed = True  # type: ignore[attr-defined]
+
+
+__all__ = ["apply", "conflict_error", "decode", "encode", "field_set", "install", "manager_for",
+           "path_string", "updating"]

@@ -276,7 +276,11 @@ class _Handler(BaseHTTPRequestHandler):
         handler = getattr(self, f"_{method.lower()}_{'item' if route.name else 'collection'}", None)
         if handler is None:
             raise ApiError.method_not_allowed()
-        handler(route)
+        if method not in _WRITES:
+            return handler(route)
+        manager = fieldmanager.manager_for(self.query.get("fieldManager"), self.headers.get("User-Agent"))
+        with fieldmanager.updating(manager, route.sub):  # the fields this write changes become manager's
+            handler(route)
 
     @property
     def store(self) -> Store:
@@ -632,6 +636,7 @@ class APIServer:
         if token is not None:
             self.credentials = access.Credentials.generate(token, hosts=(host,))
             self.store.credentials = self.credentials
+        fieldmanager.install(self.store)  # before the controllers' admission: allocations are nobody's
         self.controllers = Controllers(self.store, endpointslices=endpointslice_controller,
                                        workloads=workload_controllers, pod_runtime=pod_runtime,
                                        service_cidr=service_cidr)
