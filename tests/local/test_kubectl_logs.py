@@ -131,6 +131,8 @@ def test_logs_wait_and_restart(local: tuple[Kubectl, Path]) -> None:
     # rollout restart: a new pod with new processes, then the old pod's processes end
     old = pids(state, pod)
     assert all(alive(p) for p in old.values())
+    follower = subprocess.Popen(["kubectl", "logs", "-f", pod, "-c", "second", "--tail=0"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=kubectl.env)
     kubectl("rollout", "restart", "deployment/talker")
     r = kubectl.run("rollout", "status", "deployment/talker", "--timeout=60s")
     assert r.stdout.strip().endswith('deployment "talker" successfully rolled out')
@@ -139,6 +141,13 @@ def test_logs_wait_and_restart(local: tuple[Kubectl, Path]) -> None:
     fresh = pids(state, new)
     assert all(alive(p) for p in fresh.values()) and not set(fresh.values()) & set(old.values())
     wait_for(lambda: not any(alive(p) for p in old.values()), timeout=15)
+    try:  # -f on the replaced pod ends (0) once the pod is deleted
+        assert follower.wait(15) == 0
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+    followed = follower.communicate()[0].splitlines()
+    assert followed and all(ln.startswith("second line ") for ln in followed)
     wait_for(lambda: kubectl("logs", new, "-c", "main").startswith("main line 1\n"), timeout=20)
     r = kubectl.run("logs", pod, check=False)
     assert r.returncode == 1 and f'pods "{pod}" not found' in r.stderr
