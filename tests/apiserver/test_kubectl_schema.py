@@ -138,7 +138,11 @@ def test_explain(kubectl: Kubectl) -> None:
     out = kubectl("explain", "configmap")
     assert "KIND:       ConfigMap" in out and "data\t<map[string]string>" in out and "immutable\t<boolean>" in out
     out = kubectl("explain", "deployment.spec.template.spec.containers")
-    assert "FIELD: containers <[]Object>" in out and "env\t<[]Object>" in out
+    assert "FIELD: containers <[]Object>" in out and "env\t<[]Object>" in out and "image\t<string>" in out
+    out = kubectl("explain", "deployment.spec.replicas")
+    assert "FIELD: replicas <integer>" in out and "desired number of pods" in out
+    out = kubectl("explain", "service.spec.ports")
+    assert "targetPort\t<string>" in out and "port\t<integer>" in out
     out = kubectl("explain", "secret", "--output=plaintext-openapiv2")
     assert "KIND:     Secret" in out and "stringData\t<map[string]string>" in out
     res = kubectl.run("explain", "configmap.nosuchfield", check=False)

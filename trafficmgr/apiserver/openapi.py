@@ -49,18 +49,87 @@ def _open(props: dict | None = None) -> dict:
     return sch
 
 
+def _f(typ: str, desc: str, **extra: object) -> dict:
+    """A described scalar field (``intstr``: an int-or-string)."""
+    if typ == "intstr":
+        return {"type": "string", "format": "int-or-string", "description": desc, **extra}  # as IntOrString
+    return {"type": typ, "description": desc, **extra}
+
+
+def _d(sch: dict, desc: str) -> dict:
+    return {**sch, "description": desc}
+
+
+def _label_selector() -> dict:
+    return _d(_open({"matchLabels": _d(dict(_STR_MAP), "labels an object must carry"),
+                     "matchExpressions": _d(_list_of(_open()), "set-based requirements")}), "a label query")
+
+
 def _pod_spec() -> dict:
     container = _open({
-        "name": {"type": "string"},
-        "ports": _list_of(_open(), "containerPort", "merge"),
-        "env": _list_of(_open(), "name", "merge"),
-        "volumeMounts": _list_of(_open(), "mountPath", "merge"),
+        "name": _f("string", "container name, unique in the pod"),
+        "image": _f("string", "image reference; local mode runs the trafficmgr image's command"),
+        "command": _d({"type": "array", "items": {"type": "string"}}, "entrypoint"),
+        "args": _d({"type": "array", "items": {"type": "string"}}, "arguments (local mode: the bookinfo app "
+                   "to run, e.g. [bookinfo, reviews])"),
+        "ports": _d(_list_of(_open({"containerPort": _f("integer", "port the container listens on"),
+                                    "name": _f("string", "port name (Service targetPort may refer to it)"),
+                                    "protocol": _f("string", "TCP (default), UDP or SCTP")}),
+                             "containerPort", "merge"), "ports the container exposes"),
+        "env": _d(_list_of(_open({"name": _f("string", "variable name"), "value": _f("string", "value")}),
+                           "name", "merge"), "environment variables"),
+        "resources": _d(_open(), "compute resources (not enforced in local mode)"),
+        "readinessProbe": _d(_open(), "readiness probe"),
+        "volumeMounts": _d(_list_of(_open(), "mountPath", "merge"), "volumes mounted into the container"),
     })
     return _open({
-        "containers": _list_of(container, "name", "merge"),
-        "initContainers": _list_of(container, "name", "merge"),
-        "volumes": _list_of(_open(), "name", "merge,retainKeys"),
-        "imagePullSecrets": _list_of(_open(), "name", "merge"),
+        "containers": _d(_list_of(container, "name", "merge"), "the pod's containers"),
+        "initContainers": _d(_list_of(container, "name", "merge"), "containers run to completion first"),
+        "volumes": _d(_list_of(_open(), "name", "merge,retainKeys"), "volumes the containers may mount"),
+        "imagePullSecrets": _d(_list_of(_open(), "name", "merge"), "registry credentials"),
+        "serviceAccountName": _f("string", "the pod's service account (its identity for xDS mTLS)"),
+        "nodeName": _f("string", "node the pod runs on"),
+        "hostNetwork": _f("boolean", "use the node's network namespace"),
+    })
+
+
+def _workload_spec(kind: str) -> dict:
+    props: dict = {
+        "selector": _label_selector(),
+        "template": _d(_open({"metadata": _object_meta(), "spec": _pod_spec()}), "the pods to create"),
+        "minReadySeconds": _f("integer", "seconds a new pod must be ready to count as available"),
+        "revisionHistoryLimit": _f("integer", "old ReplicaSets kept for rollback"),
+    }
+    if kind != "DaemonSet":
+        props["replicas"] = _f("integer", "desired number of pods (default 1)")
+    if kind == "Deployment":
+        props["strategy"] = _d(_open({"type": _f("string", "RollingUpdate (default) or Recreate"),
+                                      "rollingUpdate": _open({
+                                          "maxSurge": _f("intstr", "pods above replicas during a rollout"),
+                                          "maxUnavailable": _f("intstr", "pods below replicas during a rollout")})}),
+                               "how pods are replaced")
+        props["progressDeadlineSeconds"] = _f("integer", "seconds without progress before Progressing=False")
+        props["paused"] = _f("boolean", "rollout paused")
+    if kind == "StatefulSet":
+        props["serviceName"] = _f("string", "governing headless Service")
+    return _open(props)
+
+
+def _service_spec() -> dict:
+    port = _open({"name": _f("string", "port name"), "port": _f("integer", "the Service port"),
+                  "targetPort": _f("intstr", "container port number or name (default: port)"),
+                  "protocol": _f("string", "TCP (default), UDP or SCTP"),
+                  "appProtocol": _f("string", "application protocol hint"),
+                  "nodePort": _f("integer", "node port (NodePort/LoadBalancer)")})
+    return _open({
+        "ports": _d(_list_of(port, "port", "merge"), "the ports the Service exposes"),
+        "selector": _d(dict(_STR_MAP), "pods with these labels are the endpoints"),
+        "type": _f("string", "ClusterIP (default), NodePort, LoadBalancer or ExternalName"),
+        "clusterIP": _f("string", "virtual IP (allocated; None for a headless Service)"),
+        "clusterIPs": _d({"type": "array", "items": {"type": "string"}}, "virtual IPs"),
+        "externalName": _f("string", "DNS name of an ExternalName Service"),
+        "sessionAffinity": _f("string", "None (default) or ClientIP"),
+        "publishNotReadyAddresses": _f("boolean", "unready pods are endpoints too"),
     })
 
 
@@ -163,9 +232,9 @@ def _kind_schema(rt: ResourceType) -> dict:
     if rt.kind == "Pod":
         props["spec"] = _pod_spec()
     elif rt.kind in ("Deployment", "ReplicaSet", "StatefulSet", "DaemonSet"):
-        props["spec"] = _open({"template": _open({"metadata": _object_meta(), "spec": _pod_spec()})})
+        props["spec"] = _workload_spec(rt.kind)
     elif rt.kind == "Service":
-        props["spec"] = _open({"ports": _list_of(_open(), "port", "merge")})
+        props["spec"] = _service_spec()
     if "status" in props:
         props["status"] = _open({"conditions": _list_of(_open(), "type", "merge")})
     for name in ("spec", "status"):
