@@ -30,7 +30,6 @@ from tests.agent.manifests import SERVICES, WORKLOAD, pod
 from tests.agent.rig import Cluster, capture_rules, captured
 from trafficmgr.apiserver import APIServer
 from trafficmgr.core.agent import iptables
-from trafficmgr.core.agent.agent import Agent
 from trafficmgr.core.agent.netns_runtime import ProcessRuntime
 from trafficmgr.testing.backends import HttpBackend
 from trafficmgr.testing.envoy import wait_for
@@ -81,21 +80,38 @@ def sidecars(state_dir: str) -> dict[str, tuple[str, int]]:
     return out
 
 
-def converged(cluster: Cluster, agent: Agent, state_dir: str, nets: dict[str, NetNS], wanted: set[str]) -> bool:
-    """The agent's work is done for ``wanted`` pods (sidecar, annotation, rules) and the others have none."""
+def pending(cluster: Cluster, state_dir: str, nets: dict[str, NetNS], wanted: set[str]) -> str | None:
+    """What is still missing for ``wanted`` pods to have their sidecar, annotation and rules and the
+    others none (None: nothing)."""
     have = sidecars(state_dir)
     if set(have) != wanted:
-        return False
+        return f"sidecars of {sorted(have)}, wanted {sorted(wanted)}"
     for name in PODS:
         annotation = cluster.annotation(name) if cluster.pod(name) is not None else None
         if name in wanted:
-            if annotation != have[name][0] or not captured(nets[name].path, inbound=True):
-                return False
+            if annotation != have[name][0]:
+                return f"{name}: annotation {annotation!r}, sidecar {have[name][0]}"
+            if not captured(nets[name].path, inbound=True):
+                return f"{name}: no capture rules"
         elif cluster.pod(name) is not None and annotation not in (None, ""):
-            return False
+            return f"{name}: annotation {annotation!r} without a sidecar"
         elif iptables.CHAIN in capture_rules(nets[name].path):
-            return False
-    return True
+            return f"{name}: capture rules without a sidecar"
+    return None
+
+
+def converge(cluster: Cluster, state_dir: str, nets: dict[str, NetNS], wanted: set[str], what: str) -> None:
+    """Wait until :func:`pending` is None; fail with what was still missing."""
+    last: list[str | None] = [None]
+
+    def done() -> bool:
+        last[0] = pending(cluster, state_dir, nets, wanted)
+        return last[0] is None
+
+    try:
+        wait_for(done, 30)
+    except TimeoutError:
+        raise AssertionError(f"{what}: {last[0]}") from None
 
 
 def test_agent_survives_api_restarts_and_410_without_losing_or_doubling_sidecars(
@@ -106,7 +122,7 @@ def test_agent_survives_api_restarts_and_410_without_losing_or_doubling_sidecars
         agent = cluster.agent(ProcessRuntime(state_dir))
         reviews_url = f"http://{cluster.cluster_ip('reviews')}:9080/r"
         wanted = {"web-a", "web-b", "web-c"}
-        wait_for(lambda: converged(cluster, agent, state_dir, nets, wanted), 30, message="first sidecars not set up")
+        converge(cluster, state_dir, nets, wanted, "first sidecars not set up")
         for name in wanted:
             assert curl(nets[name], reviews_url) == 200, f"{name}: no traffic through its sidecar"
         first = sidecars(state_dir)
@@ -122,8 +138,7 @@ def test_agent_survives_api_restarts_and_410_without_losing_or_doubling_sidecars
         assert sidecars(state_dir) == first, "the agent changed sidecars while it could not see the API"
         cluster.api = APIServer(port=port, store=store).start()
         wanted = {"web-a", "web-b", "web-d"}
-        wait_for(lambda: converged(cluster, agent, state_dir, nets, wanted), 30,
-                 message=f"changes made during the API outage not applied: {sidecars(state_dir)}")
+        converge(cluster, state_dir, nets, wanted, "changes made during the API outage not applied")
         second = sidecars(state_dir)
         assert {k: second[k] for k in ("web-a", "web-b")} == {k: first[k] for k in ("web-a", "web-b")}, \
             "a sidecar was replaced though its pod did not change"
@@ -140,11 +155,13 @@ def test_agent_survives_api_restarts_and_410_without_losing_or_doubling_sidecars
             cluster.label("pods", "web-c", {"traffic.envoy.enabled": "true"})
             cluster.api.expire_history()
         wanted = {"web-a", "web-c", "web-d"}
-        wait_for(lambda: converged(cluster, agent, state_dir, nets, wanted), 30,
-                 message=f"changes hidden by the 410 not applied: {sidecars(state_dir)}")
+        converge(cluster, state_dir, nets, wanted, "changes hidden by the 410 not applied")
         # (A watch still in its reconnect backoff from step 1 meets the 410 when it comes back.)
-        wait_for(lambda: all(w.relists == 2 for w in agent.watchers), 15,
-                 message=f"every watch must relist once after the 410: { {w.kind.plural: w.relists for w in agent.watchers} }")
+        try:
+            wait_for(lambda: all(w.relists == 2 for w in agent.watchers), 15)
+        except TimeoutError:
+            raise AssertionError(f"every watch must relist once after the 410: "
+                                 f"{ {w.kind.plural: w.relists for w in agent.watchers} }") from None
         third = sidecars(state_dir)
         assert {k: third[k] for k in ("web-a", "web-d")} == {k: second[k] for k in ("web-a", "web-d")}
         assert capture_rules(nets["web-a"].path) == rules["web-a"]
@@ -156,8 +173,7 @@ def test_agent_survives_api_restarts_and_410_without_losing_or_doubling_sidecars
         time.sleep(1.0)
         cluster.api = APIServer(port=port, store=store, fresh_window=True).start()
         wanted = {"web-a", "web-c"}
-        wait_for(lambda: converged(cluster, agent, state_dir, nets, wanted), 30,
-                 message=f"the deletion made during the outage not applied: {sidecars(state_dir)}")
+        converge(cluster, state_dir, nets, wanted, "the deletion made during the outage not applied")
         fourth = sidecars(state_dir)
         assert {k: fourth[k] for k in wanted} == {k: third[k] for k in wanted}
         assert capture_rules(nets["web-a"].path) == rules["web-a"]
