@@ -311,3 +311,34 @@ def test_server_side_apply_after_other_writes(kubectl: Kubectl) -> None:
     d = kubectl.json("get", "deploy", "rt", "-n", ns, "--show-managed-fields")
     assert d["spec"]["template"]["spec"]["containers"][0]["image"] == "nginx:1.27"
     assert "kubectl-client-side-apply" not in {e["manager"] for e in d["metadata"]["managedFields"]}
+
+
+def _raw_apply(server: APIServer, path: str, body: dict) -> tuple[int, dict]:
+    assert server.credentials is not None
+    ctx = ssl.create_default_context(cadata=server.credentials.cert_pem)
+    req = urllib.request.Request(server.url + path, data=json.dumps(body).encode(), method="PATCH", headers={
+        "Content-Type": "application/apply-patch+yaml", "Authorization": f"Bearer {server.credentials.token}"})
+    try:
+        with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_apply_request_errors(server: APIServer) -> None:
+    """Bad apply requests get kube-apiserver's clear errors; a good one creates (201) then updates (200)."""
+    base = "/api/v1/namespaces/default/configmaps/errs"
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "errs"}, "data": {"a": "1"}}
+    code, st = _raw_apply(server, base, cm)
+    assert code == 400 and "fieldManager: Required value" in st["message"]
+    code, st = _raw_apply(server, base + "?fieldManager=" + "m" * 129, cm)
+    assert code == 400 and "at most 128" in st["message"]
+    code, st = _raw_apply(server, base + "?fieldManager=t", {**cm, "metadata": {"name": "errs", "namespace": "x"}})
+    assert code == 400 and "namespace of the provided object does not match" in st["message"]
+    code, st = _raw_apply(server, base + "?fieldManager=t", {**cm, "kind": "Secret"})
+    assert code == 400 and "does not match the URL" in st["message"]
+    code, st = _raw_apply(server, base + "?fieldManager=t",
+                          {**cm, "metadata": {"name": "errs", "managedFields": [{"manager": "x"}]}})
+    assert code == 422 and "metadata.managedFields" in st["message"]
+    assert _raw_apply(server, base + "?fieldManager=t", cm)[0] == 201
+    assert _raw_apply(server, base + "?fieldManager=t", cm)[0] == 200

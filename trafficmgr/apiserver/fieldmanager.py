@@ -43,7 +43,7 @@ from typing import Any
 from .discovery import ResourceType
 from .errors import ApiError
 from .patch import PRIMITIVE_MERGE_LISTS, merge_key_for, strategic_merge
-from .store import EVENTS_V1, Store, now_iso
+from .store import EVENTS_V1, PATCH_APPLY, Store, now_iso
 
 Path = tuple[str, ...]
 
@@ -276,9 +276,10 @@ def apply(store: Store, rt: ResourceType, name: str, namespace: str | None, body
                                    "is required for apply patch")
     if not isinstance(body, dict):
         raise ApiError.bad_request("apply patch must be an object")
-    if rt is EVENTS_V1:
-        raise ApiError(415, "UnsupportedMediaType", "server-side apply is not supported for events.k8s.io "
-                       "Events here: apply them as core/v1 Events")
+    if rt is EVENTS_V1:  # stored as core/v1 Events: the store's plain apply (no field ownership)
+        with updating(None, None):
+            return 200, store.patch(rt, name, body, namespace=namespace, patch_type=PATCH_APPLY,
+                                    field_manager=manager, dry_run=dry_run)
     if body.get("kind") and body["kind"] != rt.kind:
         raise ApiError.bad_request(f"the kind in the body ({body['kind']}) does not match the URL ({rt.kind})")
     if body.get("apiVersion") and body["apiVersion"] != rt.api_version:
@@ -289,6 +290,9 @@ def apply(store: Store, rt: ResourceType, name: str, namespace: str | None, body
         raise ApiError.bad_request("metadata must be an object")
     if md.get("name", name) != name:
         raise ApiError.bad_request("the name of the object does not match the name on the URL")
+    if rt.namespaced and namespace and md.get("namespace", namespace) != namespace:
+        raise ApiError.bad_request("the namespace of the provided object does not match the namespace sent on "
+                                   "the request")
     if md.get("managedFields"):
         raise ApiError(422, "Invalid", f'{rt.kind} "{name}" is invalid: metadata.managedFields: Invalid value: '
                        "must be empty in an apply request")
