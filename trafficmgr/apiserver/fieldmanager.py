@@ -293,9 +293,8 @@ def apply(store: Store, rt: ResourceType, name: str, namespace: str | None, body
     if rt.namespaced and namespace and md.get("namespace", namespace) != namespace:
         raise ApiError.bad_request("the namespace of the provided object does not match the namespace sent on "
                                    "the request")
-    if md.get("managedFields"):
-        raise ApiError(422, "Invalid", f'{rt.kind} "{name}" is invalid: metadata.managedFields: Invalid value: '
-                       "must be empty in an apply request")
+    if md.get("managedFields") is not None:  # kube-apiserver's words (e.g. for a get -o yaml file applied)
+        raise ApiError.bad_request("metadata.managedFields must be nil")
     applied = copy.deepcopy(body)
     applied["apiVersion"], applied["kind"] = rt.api_version, rt.kind
     amd = applied.setdefault("metadata", {})
