@@ -12,9 +12,11 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,11 +130,30 @@ def test_logs_wait_and_restart(local: tuple[Kubectl, Path]) -> None:
     r = kubectl.run("logs", "no-such-pod", check=False)
     assert r.returncode == 1 and 'pods "no-such-pod" not found' in r.stderr
 
+    # a crashed container: Ready goes False and True again (kubectl wait sees both through its watch); only
+    # the conditions whose status changed get a new lastTransitionTime, startTime stays
+    before = kubectl.json("get", "pod", pod)["status"]
+    time.sleep(1.1)  # transition times have seconds precision
+    unready = subprocess.Popen(["kubectl", "wait", "--for=condition=Ready=false", f"pod/{pod}", "--timeout=20s"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=kubectl.env)
+    time.sleep(1)
+    os.kill(pids(state, pod)["main"], signal.SIGKILL)
+    assert unready.wait(20) == 0, unready.communicate()
+    kubectl("wait", "--for=condition=Ready", f"pod/{pod}", "--timeout=20s")
+    after = kubectl.json("get", "pod", pod)["status"]
+    times = [{c["type"]: c["lastTransitionTime"] for c in st["conditions"]} for st in (before, after)]
+    assert times[0]["PodScheduled"] == times[1]["PodScheduled"] and times[0]["Initialized"] == times[1]["Initialized"]
+    assert times[1]["Ready"] > times[0]["Ready"] and times[1]["ContainersReady"] > times[0]["ContainersReady"]
+    assert before["startTime"] == after["startTime"]
+    assert {c["name"]: c["restartCount"] for c in after["containerStatuses"]} == {"main": 1, "second": 0}
+
     # rollout restart: a new pod with new processes, then the old pod's processes end
     old = pids(state, pod)
     assert all(alive(p) for p in old.values())
     follower = subprocess.Popen(["kubectl", "logs", "-f", pod, "-c", "second", "--tail=0"], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=kubectl.env)
+    assert follower.stdout is not None
+    first_followed = follower.stdout.readline()  # streaming before the restart
     kubectl("rollout", "restart", "deployment/talker")
     r = kubectl.run("rollout", "status", "deployment/talker", "--timeout=60s")
     assert r.stdout.strip().endswith('deployment "talker" successfully rolled out')
@@ -146,8 +167,8 @@ def test_logs_wait_and_restart(local: tuple[Kubectl, Path]) -> None:
     finally:
         if follower.poll() is None:
             follower.kill()
-    followed = follower.communicate()[0].splitlines()
-    assert followed and all(ln.startswith("second line ") for ln in followed)
+    followed = [first_followed.strip(), *follower.communicate()[0].splitlines()]
+    assert all(ln.startswith("second line ") for ln in followed), followed
     wait_for(lambda: kubectl("logs", new, "-c", "main").startswith("main line 1\n"), timeout=20)
     r = kubectl.run("logs", pod, check=False)
     assert r.returncode == 1 and f'pods "{pod}" not found' in r.stderr
