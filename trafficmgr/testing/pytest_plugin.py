@@ -86,14 +86,21 @@ class HookCoverage:
             return f"{len(missing)} test modules of {suite} not collected, e.g. {missing[0].name}"
         return None
 
-    def pytest_pycollect_makemodule(self, module_path: Path, parent: pytest.Collector) -> None:
-        self.modules.add(Path(module_path).resolve())
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        # One report per collector whose collect() ran; a file's is its module's (node id = the path
+        # relative to rootdir), also when it yields no test (a module-level skip). Not
+        # pytest_pycollect_makemodule: pytest makes a Module for every file of a directory an argument
+        # names, and collects only the one named.
+        if "::" not in report.nodeid and report.nodeid.endswith(".py"):
+            self.modules.add((self.config.rootpath / report.nodeid).resolve())
 
     def pytest_deselected(self, items: list[pytest.Item]) -> None:
         self.deselected += len(items)
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        # A module named by a node id argument (file.py::test) reports no collection of its own.
+        self.modules.update(Path(item.path).resolve() for item in items)
         users = [item for item in items if HOOK_CALLS_FIXTURE in getattr(item, "fixturenames", ())]
         if not users:
             return
