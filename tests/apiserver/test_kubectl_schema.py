@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import ssl
+import subprocess
 import textwrap
 import urllib.error
 import urllib.request
@@ -342,3 +343,17 @@ def test_apply_request_errors(server: APIServer) -> None:
     assert code == 400 and st["message"] == "metadata.managedFields must be nil"
     assert _raw_apply(server, base + "?fieldManager=t", cm)[0] == 201
     assert _raw_apply(server, base + "?fieldManager=t", cm)[0] == 200
+
+
+def test_edit_then_apply_conflicts(kubectl: Kubectl) -> None:
+    """``kubectl edit`` (an editor run on the object, then a patch) works, and the field it changed is
+    kubectl-edit's: an apply changing it again conflicts with that manager."""
+    ns = _ns(kubectl, "edits")
+    kubectl("apply", "--server-side", "-n", ns, "-f", "-", input=_cm("ed", {"k": "one"}))
+    env = {**kubectl.env, "KUBE_EDITOR": "sed -i s/k:\\ one/k:\\ two/"}
+    res = subprocess.run(["kubectl", "edit", "cm", "ed", "-n", ns], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0 and "configmap/ed edited" in res.stdout, res.stderr
+    assert kubectl.json("get", "cm", "ed", "-n", ns)["data"] == {"k": "two"}
+    res = kubectl.run("apply", "--server-side", "-n", ns, "-f", "-", input=_cm("ed", {"k": "three"}), check=False)
+    assert 'Apply failed with 1 conflict: conflict with "kubectl-edit" using v1: .data.k' in res.stderr
