@@ -486,7 +486,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     load_command_modules()
-    parser = build_parser(argv)
+    try:
+        parser = build_parser(argv)
+    except PluginError as exc:  # a selected plugin's trafficmgr_add_arguments failed: one line, no traceback
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, usage errors

@@ -21,10 +21,21 @@ Rules for implementations:
 - Do nothing when your labels are absent. Never add the same filter twice.
 - A mutate hook depends only on its arguments (and ``ctx.options``): the translators cache its result
   while those are unchanged and call it again only when they change. It never reads ``ctx.model``.
-- Errors are isolated where a hook says so: the core restores the message to what it was before the
-  call (mutate) or drops that plugin's items (contribute), logs the error once and counts it in
-  ``trafficmgr_plugin_errors``; serving continues. Setup hooks are not isolated: an error there is a
-  startup error, reported to the user.
+- What happens when an implementation raises (or a contribute hook returns anything but a list of its
+  item type) is stated per hook below and listed in ``trafficmgr.core.plugins.HOOK_POLICY``; every
+  failure is counted in ``trafficmgr_plugin_errors_total{plugin,hook}``:
+
+  - *errors are isolated*: the core restores the message to what it was before the call (mutate) or
+    leaves that plugin's items out (contribute), logs the error with its traceback once per plugin, hook
+    and message (``plugin 'x' hook trafficmgr_route failed for ...; serving continues``) and serving
+    continues: every other plugin's change and every other resource is built and pushed as usual;
+  - *last good*: as isolated, but the plugin's last successful items for the same call (hook and role)
+    are used again, so its part of the config stays as it was instead of disappearing;
+  - *startup error*: the hook runs when a command starts or a bootstrap is made, where leaving the
+    plugin's part out would silently change what runs: the command stops with one line,
+    ``trafficmgr: error: plugin 'x' failed in trafficmgr_labels: <error> (fix or upgrade the plugin, or
+    deselect it with --plugins / TRAFFICMGR_PLUGINS)``, exit status 1. A plugin that fails to import
+    stops the command the same way (``plugin 'x' (module) failed to import: ...``).
 - A plugin's hooks run before those of the plugins it depends on (``TRAFFICMGR_DEPENDS``).
 """
 
@@ -63,7 +74,8 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 def trafficmgr_add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Add command-line options to ``trafficmgr <command>``.
 
-    Call style: setup; errors are not isolated (a startup error).
+    Call style: setup; errors are not isolated: a startup error (an option that clashes with another,
+    argparse's "conflicting option string", too), before the command's own options are read.
 
     ``command`` is ``"serve"`` (the control plane: build hooks read the options as ``ctx.options``),
     ``"agent"`` or ``"bootstrap"`` (both pass the options to ``trafficmgr_bootstrap``). Add only the
@@ -77,10 +89,12 @@ def trafficmgr_add_arguments(parser: argparse.ArgumentParser, command: str) -> N
 def trafficmgr_labels() -> list[LabelSpec]:
     """Declare the ``traffic.*`` labels this plugin owns.
 
-    Call style: contribute; errors are not isolated (a startup error).
+    Call style: contribute; errors are not isolated: a startup error (an item that is not a
+    :class:`LabelSpec` too), for every command that loads plugins. A key declared by two plugins is a
+    startup error too.
 
-    A key declared by two plugins is a startup error. Parsed values appear in ``Service.labels``,
-    ``Pod.labels`` and ``Endpoint.labels``; invalid values never do.
+    Parsed values appear in ``Service.labels``, ``Pod.labels`` and ``Endpoint.labels``; invalid values
+    never do.
     """
 
 
@@ -88,7 +102,13 @@ def trafficmgr_labels() -> list[LabelSpec]:
 def trafficmgr_watch_kinds() -> list[WatchKind]:
     """Declare extra Kubernetes kinds to watch (for example Ingress or Secret).
 
-    Call style: contribute; errors are not isolated (a startup error).
+    Call style: contribute; errors are not isolated: a startup error (an item that is not a
+    :class:`WatchKind` too) when ``serve`` starts (its control plane would otherwise run without the
+    plugin's objects).
+
+    At run time ``convert`` and ``keep`` errors are isolated (metric hook label
+    ``trafficmgr_watch_kinds.convert`` / ``.keep``): a failed ``convert`` leaves that object out of the
+    model (as returning None does), a failed ``keep`` leaves every object of the kind out for that build.
 
     Only kinds of loaded plugins are watched. Each :class:`WatchKind` converts raw objects into IR
     objects, which appear in ``model.extra[kind]``.
@@ -104,7 +124,8 @@ def trafficmgr_watch_kinds() -> list[WatchKind]:
 def trafficmgr_port_protocols(model: Model, options: argparse.Namespace) -> list[tuple[str, str, int | str, str]]:
     """Declare traffic protocols implied by other objects: ``(namespace, service, port, protocol)``.
 
-    Call style: contribute; errors are isolated. Called on every build: keep it cheap.
+    Call style: contribute; errors are isolated, last good: the plugin's previous protocols are used again
+    (ports it made ``http`` stay routed). Called on every build: keep it cheap.
 
     ``port`` is a service port number or name; ``protocol`` is ``http``, ``tcp`` or ``direct``. An
     explicit ``traffic.port.<port>`` label on the Service wins. (The ingress plugin uses this so that
@@ -122,7 +143,8 @@ def trafficmgr_port_protocols(model: Model, options: argparse.Namespace) -> list
 def trafficmgr_cluster(cluster: Cluster, service: Service, port: ServicePort, role: str, ctx: BuildContext) -> None:
     """Mutate the Envoy cluster built for one service port.
 
-    Call style: mutate; errors are isolated. ``role`` is always ``shared``: one cluster serves every view.
+    Call style: mutate; errors are isolated (the cluster is built as if the plugin had not run).
+    ``role`` is always ``shared``: one cluster serves every view.
 
     ``cluster.type`` tells whether it is EDS, ORIGINAL_DST (headless) or STATIC (direct); leave fields the
     type does not allow (an ORIGINAL_DST cluster must keep ``CLUSTER_PROVIDED``).
@@ -141,7 +163,8 @@ def trafficmgr_endpoints(
 ) -> None:
     """Mutate the ClusterLoadAssignment of one EDS cluster.
 
-    Call style: mutate; errors are isolated. ``role`` is always ``shared``.
+    Call style: mutate; errors are isolated (the assignment keeps every endpoint and weight the earlier
+    plugins set). ``role`` is always ``shared``.
 
     ``pairs`` holds one :class:`EndpointPair` ``(endpoint, lb_endpoint)`` per lb_endpoint still in the
     assignment when your implementation is called: an earlier plugin may have removed some, and the
@@ -155,7 +178,7 @@ def trafficmgr_endpoints(
 def trafficmgr_virtual_host(vhost: VirtualHost, service: Service, port: ServicePort, role: str, ctx: BuildContext) -> None:
     """Mutate the virtual host that routes HTTP to one service port.
 
-    Call style: mutate; errors are isolated. ``role`` is ``sidecar`` (the gateway's virtual hosts are
+    Call style: mutate; errors are isolated (the virtual host is restored). ``role`` is ``sidecar`` (the gateway's virtual hosts are
     by host name, not by service).
 
     Per-filter config belongs in ``typed_per_filter_config`` keyed by the HCM filter's name (see
@@ -167,7 +190,8 @@ def trafficmgr_virtual_host(vhost: VirtualHost, service: Service, port: ServiceP
 def trafficmgr_route(route: Route, service: Service, port: ServicePort, role: str, ctx: BuildContext) -> None:
     """Mutate one route whose action targets the cluster of ``service``/``port``.
 
-    Call style: mutate; errors are isolated. ``role`` is ``sidecar`` or ``gateway`` (Ingress routes).
+    Call style: mutate; errors are isolated (the route is restored). ``role`` is ``sidecar`` or ``gateway``
+    (Ingress routes).
 
     Typical changes: ``route.route.hash_policy``, ``retry_policy``, ``timeout``. A route-level
     ``typed_per_filter_config`` entry replaces the virtual host's entry for that filter.
@@ -185,7 +209,7 @@ def trafficmgr_http_connection_manager(
 ) -> None:
     """Mutate an HTTP connection manager of ``role`` (for example to enable tracing).
 
-    Call style: mutate; errors are isolated.
+    Call style: mutate; errors are isolated (the connection manager is restored).
 
     Called after the filter chain is assembled. ``listener_name`` names the listener (``outbound``,
     ``inbound``, ``outbound_proxy``, or a plugin's, such as ``ingress``). For a sidecar chain that serves
@@ -200,7 +224,7 @@ def trafficmgr_listener(listener: Listener, role: str, listener_name: str, ctx: 
     """Mutate a listener of ``role`` after its filter chains are made (the core's, and those plugins build
     and pass on with ``ctx.apply_listener_hooks``).
 
-    Call style: mutate; errors are isolated.
+    Call style: mutate; errors are isolated (the listener is restored).
     """
 
 
@@ -213,7 +237,10 @@ def trafficmgr_listener(listener: Listener, role: str, listener_name: str, ctx: 
 def trafficmgr_http_filters(role: str, ctx: BuildContext) -> list[HttpFilter]:
     """Contribute HTTP filters for the HTTP connection managers of ``role``.
 
-    Call style: contribute; errors are isolated. Called once per build and role.
+    Call style: contribute; errors are isolated, last good: the plugin's previous filters for ``role`` are
+    used again (per-route config that names them keeps working). Items must be :class:`HttpFilter` with a
+    non-empty name, an int order below ``ORDER_ROUTER`` and a protobuf config. Called once per build and
+    role.
 
     Return :class:`HttpFilter` items with an explicit ``order`` (below ``ORDER_ROUTER``; see
     ``trafficmgr.plugin`` for the bands); the core sorts them and appends the router. Filters should be
@@ -225,7 +252,9 @@ def trafficmgr_http_filters(role: str, ctx: BuildContext) -> list[HttpFilter]:
 def trafficmgr_resources(role: str, model: Model, ctx: BuildContext) -> list[Resource]:
     """Contribute whole resources to the view of ``role`` (gateway listeners, secrets, ...).
 
-    Call style: contribute; errors are isolated. Called on every build of the view: keep it cheap or
+    Call style: contribute; errors are isolated, last good: the plugin's previous resources for ``role`` are
+    used again (a gateway listener stays as it was instead of disappearing); items must be
+    :class:`Resource`. Called on every build of the view: keep it cheap or
     memoize with ``ctx.memo`` (across builds) or ``ctx.scratch`` (within this build).
 
     Make them with ``ctx.resource(message, name, refs=...)``, which serializes once and caches by
@@ -242,7 +271,9 @@ def trafficmgr_resources(role: str, model: Model, ctx: BuildContext) -> list[Res
 def trafficmgr_bootstrap(bootstrap: dict[str, Any], role: str, options: argparse.Namespace) -> None:
     """Mutate an Envoy bootstrap (a JSON-able dict) generated for a proxy of ``role``.
 
-    Call style: setup; errors are not isolated (the bootstrap is not written).
+    Call style: setup; errors are not isolated: a startup error; the bootstrap is not written (``trafficmgr bootstrap``
+    exits 1 with the one-line message; the node agent starts no sidecar for that pod, reports the message as a
+    Warning Event on it and retries with backoff).
 
     For settings Envoy reads only at startup (for example static runtime keys).
     """
@@ -258,7 +289,8 @@ def trafficmgr_object_status(model: Model, options: argparse.Namespace) -> list[
     """Declare the desired ``status`` of Kubernetes objects this plugin owns (e.g. Ingress load-balancer
     addresses).
 
-    Call style: contribute; errors are isolated. Keep it cheap, no I/O.
+    Call style: contribute; errors are isolated (no status of this plugin is written after that build; the
+    next build asks again). Keep it cheap, no I/O.
 
     Return an :class:`ObjectStatus` only for objects whose current status (as read into your IR) differs
     from the desired one. The core writes each with a JSON merge patch to the object's ``/status``

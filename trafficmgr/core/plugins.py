@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import metadata
 from typing import Any
@@ -24,7 +25,9 @@ import pluggy
 from google.protobuf.message import Message
 
 from trafficmgr.core import hookspecs, metrics
-from trafficmgr.core.labels import LabelRegistry
+from trafficmgr.core.cache import Resource
+from trafficmgr.core.contrib import ORDER_ROUTER, HttpFilter, ObjectStatus, WatchKind
+from trafficmgr.core.labels import LabelRegistry, LabelSpec
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,124 @@ DEPENDS_ATTR = "TRAFFICMGR_DEPENDS"
 
 class PluginError(Exception):
     """A plugin cannot be selected or loaded; the message is meant for the user."""
+
+
+#: What happens when an implementation of a hook raises (or returns something that is not what the hook
+#: returns). In every case the failure is counted in ``trafficmgr_plugin_errors_total{plugin,hook}``.
+#:
+#: - ``ISOLATED``: the call's effect is dropped (a mutated message is restored to what it was before the
+#:   call, object statuses are not written this time), the failure is logged (with its traceback, once
+#:   per plugin, hook and message) and serving continues.
+#: - ``LAST_GOOD``: a contribution the build depends on (filters, whole resources, port protocols): the
+#:   plugin's last successful result for the same call (hook and role) is used again, so a failing plugin
+#:   freezes its own part of the config instead of removing it (a gateway listener would disappear);
+#:   logged like ``ISOLATED``. Before any success there is nothing to reuse: it contributes nothing.
+#: - ``STARTUP``: the hook runs when a command starts (or a bootstrap is made), where leaving the
+#:   plugin's part out would silently change what runs, so the failure is a :class:`PluginError` naming
+#:   the plugin and the hook (the command stops with that one message).
+#:
+#: tests/test_plugin_failures.py holds one test per entry, with a real control plane and Envoy.
+ISOLATED, LAST_GOOD, STARTUP = "isolated", "last good", "startup"
+HOOK_POLICY: dict[str, str] = {
+    "trafficmgr_add_arguments": STARTUP,
+    "trafficmgr_labels": STARTUP,
+    "trafficmgr_watch_kinds": STARTUP,
+    "trafficmgr_bootstrap": STARTUP,
+    "trafficmgr_port_protocols": LAST_GOOD,
+    "trafficmgr_cluster": ISOLATED,
+    "trafficmgr_endpoints": ISOLATED,
+    "trafficmgr_virtual_host": ISOLATED,
+    "trafficmgr_route": ISOLATED,
+    "trafficmgr_http_connection_manager": ISOLATED,
+    "trafficmgr_listener": ISOLATED,
+    "trafficmgr_http_filters": LAST_GOOD,
+    "trafficmgr_resources": LAST_GOOD,
+    "trafficmgr_object_status": ISOLATED,
+}
+#: Distinct failures remembered for "log once" (the oldest is forgotten first; a forgotten failure that
+#: happens again is logged again). Bounded: a plugin whose error text names objects or values would
+#: otherwise grow the set for as long as the process runs.
+LOGGED_FAILURES_MAX = 1024
+
+
+def _check_item(hook: str, item: Any) -> None:
+    """Raise TypeError unless ``item`` is what contribution ``hook`` returns (checked here so that a bad
+    item fails its plugin's call, not the build or the command that consumes it)."""
+    if hook == "trafficmgr_http_filters":
+        if not isinstance(item, HttpFilter):
+            raise TypeError(f"returned {type(item).__name__}, not an HttpFilter")
+        if not (isinstance(item.name, str) and item.name and isinstance(item.order, int) and item.order < ORDER_ROUTER
+                and isinstance(item.config, Message)):
+            raise TypeError(f"returned a malformed HttpFilter (name must be a non-empty str, order an int below "
+                            f"ORDER_ROUTER, config a protobuf message): {item!r}")
+    elif hook == "trafficmgr_resources":
+        if not isinstance(item, Resource):
+            raise TypeError(f"returned {type(item).__name__}, not a Resource (make one with ctx.resource(...))")
+    elif hook == "trafficmgr_object_status":
+        if not (isinstance(item, ObjectStatus) and isinstance(item.path, str) and isinstance(item.status, dict)):
+            raise TypeError(f"returned {item!r}, not an ObjectStatus with a str path and a dict status")
+    elif hook == "trafficmgr_watch_kinds":
+        if not (isinstance(item, WatchKind) and all(isinstance(v, str) and v for v in (item.kind, item.api_version, item.plural))
+                and callable(item.convert)):
+            raise TypeError(f"returned {item!r}, not a WatchKind with kind, api_version, plural and a callable convert")
+    elif hook == "trafficmgr_labels":
+        if not isinstance(item, LabelSpec):
+            raise TypeError(f"returned {type(item).__name__}, not a LabelSpec")
+    elif hook == "trafficmgr_port_protocols":
+        if not (isinstance(item, (tuple, list)) and len(item) == 4):
+            raise TypeError(f"returned {item!r}, not a (namespace, service, port, protocol) tuple")
+
+
+def restore(message: Message, backup: Message) -> None:
+    """Make ``message`` equal to ``backup`` in place, keeping the submessage objects a caller may hold
+    attached (the builder keeps a route it added to a virtual host and passes it to the route hooks after
+    the virtual host hooks ran). ``message.CopyFrom(backup)`` would detach them: changes made through
+    them afterwards would be lost silently. Only a repeated field whose length changed is rebuilt."""
+    if message == backup:
+        return
+    for field in message.DESCRIPTOR.fields:
+        name = field.name
+        is_map = field.type == field.TYPE_MESSAGE and field.message_type is not None and field.message_type.GetOptions().map_entry
+        if field.type == field.TYPE_MESSAGE and not is_map:
+            if field.is_repeated:
+                current, wanted = getattr(message, name), getattr(backup, name)
+                if len(current) == len(wanted):
+                    for a, b in zip(current, wanted):
+                        restore(a, b)
+                else:
+                    del current[:]
+                    current.extend(wanted)
+            elif backup.HasField(name):
+                sub = getattr(message, name)
+                if not message.HasField(name):
+                    sub.SetInParent()
+                restore(sub, getattr(backup, name))
+            elif message.HasField(name):
+                message.ClearField(name)
+        elif field.is_repeated:  # repeated scalars and maps
+            if getattr(message, name) != getattr(backup, name):
+                message.ClearField(name)
+                getattr(message, name).MergeFrom(getattr(backup, name))
+        elif field.has_presence:
+            if backup.HasField(name):
+                setattr(message, name, getattr(backup, name))
+            elif message.HasField(name):
+                message.ClearField(name)
+        else:
+            setattr(message, name, getattr(backup, name))
+    if message != backup:  # e.g. unknown fields: exactness first
+        message.CopyFrom(backup)
+
+
+def _items(hook: str, result: Any) -> list[Any]:
+    """The items of a contribution hook's result (None or a list/tuple), each checked."""
+    if result is None:
+        return []
+    if not isinstance(result, (list, tuple)):
+        raise TypeError(f"returned {type(result).__name__}, not a list")
+    for item in result:
+        _check_item(hook, item)
+    return list(result)
 
 
 @attrs.frozen(slots=True)
@@ -225,7 +346,10 @@ class PluginHost:
                 raise RuntimeError(f"hookspec {name} must not be firstresult or historic")
         self.infos: dict[str, PluginInfo] = {}
         self.labels = LabelRegistry()
-        self._logged: set[tuple[str, str, str]] = set()
+        self._logged: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+        # LAST_GOOD hooks: (hook, plugin, what) -> that call's last successful items (bounded by
+        # plugins x hooks x roles).
+        self._last_good: dict[tuple[str, str, str], list[Any]] = {}
 
     @classmethod
     def load(
@@ -257,7 +381,8 @@ class PluginHost:
             try:
                 plugin = ep.load()
             except Exception as exc:  # noqa: BLE001 - any import error is the plugin's fault
-                raise PluginError(f"plugin {name!r} ({ep.value}) failed to import: {exc}") from exc
+                raise PluginError(f"plugin {name!r} ({ep.value}) failed to import: {type(exc).__name__}: {exc} "
+                                  f"(install what it needs, or deselect it with --plugins / {ENV_SELECTION})") from exc
             loaded[name] = (plugin, ep)
         extras = dict(extra)
         everything = {**{n: p for n, (p, _) in loaded.items()}, **extras}
@@ -308,7 +433,11 @@ class PluginHost:
             impl = getattr(plugin, "trafficmgr_labels", None)
             if impl is None:
                 continue
-            for spec in impl() or ():
+            try:
+                specs = _items("trafficmgr_labels", impl())
+            except Exception as exc:  # noqa: BLE001 - a startup hook: reported as the plugin's error
+                raise self._startup_error(name, "trafficmgr_labels", exc) from exc
+            for spec in specs:
                 try:
                     self.labels.add(attrs.evolve(spec, plugin=name))
                 except ValueError as exc:
@@ -321,11 +450,25 @@ class PluginHost:
         return list(reversed(getattr(self.pm.hook, hook).get_hookimpls()))
 
     def _failed(self, plugin: str, hook: str, exc: BaseException, what: str) -> None:
+        """An isolated failure: counted every time, logged (with the traceback) once per distinct message."""
         metrics.PLUGIN_ERRORS.labels(plugin=plugin, hook=hook).inc()
-        key = (plugin, hook, f"{type(exc).__name__}: {exc}")
-        if key not in self._logged:
-            self._logged.add(key)
-            log.error("plugin %r hook %s failed for %s, its change was skipped: %s", plugin, hook, what, key[2], exc_info=exc)
+        key = (plugin, hook, f"{type(exc).__name__}: {str(exc)[:500]}")
+        if key in self._logged:
+            self._logged.move_to_end(key)
+            return
+        self._logged[key] = None
+        if len(self._logged) > LOGGED_FAILURES_MAX:
+            self._logged.popitem(last=False)
+        log.error("plugin %r hook %s failed for %s (serving continues; counted in "
+                  "trafficmgr_plugin_errors_total): %s", plugin, hook, what, key[2], exc_info=exc)
+
+    @staticmethod
+    def _startup_error(plugin: str, hook: str, exc: BaseException) -> PluginError:
+        """The error of a startup hook, counted and worded for the user (the traceback is logged at debug)."""
+        metrics.PLUGIN_ERRORS.labels(plugin=plugin, hook=hook).inc()
+        log.debug("plugin %r hook %s failed", plugin, hook, exc_info=exc)
+        return PluginError(f"plugin {plugin!r} failed in {hook}: {type(exc).__name__}: {str(exc)[:500]} "
+                           f"(fix or upgrade the plugin, or deselect it with --plugins / {ENV_SELECTION})")
 
     def mutate(self, hook: str, message: Message, what: str = "", lazy: Mapping[str, Callable[[], Any]] | None = None,
                **kwargs: Any) -> None:
@@ -339,26 +482,73 @@ class PluginHost:
                 impl.function(*[kwargs[a] if a in kwargs else lazy[a]() if lazy and a in lazy else message
                                 for a in impl.argnames])
             except Exception as exc:  # noqa: BLE001 - isolation is the contract
-                message.CopyFrom(backup)
+                restore(message, backup)
                 self._failed(impl.plugin_name, hook, exc, what or message.DESCRIPTOR.name)
 
     def collect(self, hook: str, what: str = "", **kwargs: Any) -> list[Any]:
-        """Call a contribution hook; returns the concatenated items of every plugin that succeeded."""
+        """Call a contribution hook; returns the concatenated items of every plugin, in call order.
+
+        A plugin that raises, or returns anything but a list of the hook's item type, has failed; by the
+        hook's :data:`HOOK_POLICY`: its items are left out (:data:`ISOLATED`), its last successful items
+        for the same ``what`` are used (:data:`LAST_GOOD`), or :class:`PluginError` is raised
+        (:data:`STARTUP`: ``trafficmgr_watch_kinds``). The ``convert``/``keep`` functions
+        of a plugin's :class:`WatchKind` are isolated the same way (hook label
+        ``trafficmgr_watch_kinds.convert`` / ``.keep``): the object is ignored / none are kept."""
+        policy = HOOK_POLICY.get(hook, ISOLATED)
         items: list[Any] = []
         for impl in self._impls(hook):
+            key = (hook, impl.plugin_name, what)
             try:
-                result: Any = impl.function(*[kwargs[a] for a in impl.argnames])
+                got = _items(hook, impl.function(*[kwargs[a] for a in impl.argnames]))
             except Exception as exc:  # noqa: BLE001 - isolation is the contract
-                self._failed(impl.plugin_name, hook, exc, what or hook)
+                if policy == STARTUP:
+                    raise self._startup_error(impl.plugin_name, hook, exc) from exc
+                last = self._last_good.get(key) if policy == LAST_GOOD else None
+                self._failed(impl.plugin_name, hook, exc, (what or hook) + (
+                    f", its previous {len(last)} item(s) are used again" if last is not None else ""))
+                items.extend(last or ())
                 continue
-            if result:
-                items.extend(result)
+            if policy == LAST_GOOD:
+                self._last_good[key] = got
+            if hook == "trafficmgr_watch_kinds":
+                got = [self._guard_watch_kind(impl.plugin_name, wk) for wk in got]
+            items.extend(got)
         return items
 
+    def _guard_watch_kind(self, plugin: str, wk: WatchKind) -> WatchKind:
+        convert, keep = wk.convert, wk.keep
+
+        def guarded_convert(raw: dict[str, Any], ctx: Any) -> Any:
+            try:
+                return convert(raw, ctx)
+            except Exception as exc:  # noqa: BLE001 - one object must not stop the watch
+                md = raw.get("metadata") or {} if isinstance(raw, dict) else {}
+                self._failed(plugin, "trafficmgr_watch_kinds.convert", exc,
+                             f"{wk.kind} {md.get('namespace') or ''}/{md.get('name') or ''} (the object is ignored)")
+                return None
+
+        def guarded_keep(extra: Mapping[str, Mapping[tuple[str, str], Any]]) -> Any:
+            try:
+                assert keep is not None
+                return keep(extra)
+            except Exception as exc:  # noqa: BLE001 - a filter must not stop the build
+                self._failed(plugin, "trafficmgr_watch_kinds.keep", exc, f"{wk.kind} (none of its objects are kept)")
+                return ()
+
+        return attrs.evolve(wk, convert=guarded_convert, keep=guarded_keep if keep is not None else None)
+
     def call_all(self, hook: str, **kwargs: Any) -> None:
-        """Call a hook that returns nothing and mutates plain Python data (bootstrap, argparse)."""
+        """Call a setup hook that returns nothing and mutates plain Python data (bootstrap, argparse).
+
+        These are :data:`STARTUP` hooks: a plugin that raises stops the call with :class:`PluginError`
+        naming the plugin and the hook (a bootstrap is then not made; the CLI prints the one message and
+        exits 1). An option that clashes with another one (argparse's "conflicting option string") is
+        reported the same way, naming the plugin that added it last."""
         for impl in self._impls(hook):
-            impl.function(*[kwargs[a] for a in impl.argnames])
+            try:
+                impl.function(*[kwargs[a] for a in impl.argnames])
+            except Exception as exc:  # noqa: BLE001 - reported as the plugin's startup error
+                raise self._startup_error(impl.plugin_name, hook, exc) from exc
 
     def hook_names(self) -> list[str]:
         return sorted(n for n in dir(self.pm.hook) if n.startswith("trafficmgr_"))

@@ -138,6 +138,12 @@ class OutboundTranslator:
         route.match.prefix = "/"
         route.route.cluster = svc.cluster_name(port)
         self.hooks.virtual_host(vh, svc, port, ctx)
+        # The route hooks get the route as it is in the virtual host now: a virtual host plugin that rebuilt
+        # the routes, or one that failed and had its change undone (a plugin that removed the route and
+        # raised: the route is put back as a new object), would leave `route` detached, and every route
+        # plugin's change would be lost silently.
+        if not any(r is route for r in vh.routes):  # upb hands out the same object for an element still there
+            route = next((r for r in vh.routes if r.route.cluster == svc.cluster_name(port)), route)
         self.hooks.route(route, svc, port, ctx)
         return vh
 
