@@ -1,7 +1,10 @@
-"""Labels inherited through the owner chain from a StatefulSet and a DaemonSet: the workload is labeled
-with the real kubectl against the project's API server, the control plane watching it rebuilds, and the
-traffic a real sidecar Envoy sends to the Service's pods changes (LocalCluster: iptables redirect in a
-pod network namespace)."""
+"""Labels inherited through the owner chain from a StatefulSet and a DaemonSet, seen in traffic:
+
+- ``traffic.endpoint.weight``: the workload is labeled with the real kubectl against the project's API
+  server, the control plane watching it rebuilds, and the traffic a real sidecar Envoy sends to the
+  Service's pods changes (LocalCluster: iptables redirect in a pod network namespace);
+- ``traffic.envoy.enabled``: the node agent (netns runtime) gives the owned pod a sidecar, and the pod's
+  own traffic goes through it."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import json
 import shutil
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -123,3 +127,132 @@ def test_statefulset_and_daemonset_labels_change_their_pods_traffic(shop: tuple[
     c.wait_config(lambda: _endpoints(c) == set(PODS.values()), message="StatefulSet label removal not applied")
     assert _spread(c) == Counter(dict.fromkeys(PODS, 20))
     no_nacks(c.xds.status())
+
+
+# -- traffic.envoy.enabled from a StatefulSet / DaemonSet: the node agent gives the pod a sidecar ----------
+
+# 10.244.97.0/24: used by no other test (the agent's netns runtime finds a pod's namespace by its IP).
+STS_IP, DS_IP, REVIEWS_IP, BLOCKED_IP = "10.244.97.2", "10.244.97.3", "10.244.97.11", "10.244.97.12"
+AGENT_OBJECTS = f"""
+apiVersion: v1
+kind: Service
+metadata: {{name: reviews, labels: {{traffic.port.9080: http}}}}
+spec: {{selector: {{app: reviews}}, ports: [{{name: http, port: 9080}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: blocked}}
+spec: {{selector: {{app: blocked}}, ports: [{{name: http, port: 9090}}]}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: reviews-1, labels: {{app: reviews}}}}
+spec: {{nodeName: node-2, containers: [{{name: app, image: reviews}}]}}
+status: {{podIP: {REVIEWS_IP}, conditions: [{{type: Ready, status: "True"}}]}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: blocked-1, labels: {{app: blocked}}}}
+spec: {{nodeName: node-2, containers: [{{name: app, image: blocked}}]}}
+status: {{podIP: {BLOCKED_IP}, conditions: [{{type: Ready, status: "True"}}]}}
+"""
+
+AGENT_WORKLOADS = """
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: db, namespace: default, uid: uid-sts}
+spec:
+  serviceName: db
+  selector: {matchLabels: {app: db}}
+  template:
+    metadata: {labels: {app: db}}
+    spec: {containers: [{name: app, image: db}]}
+---
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {name: logd, namespace: default, uid: uid-ds}
+spec:
+  selector: {matchLabels: {app: logd}}
+  template:
+    metadata: {labels: {app: logd}}
+    spec: {containers: [{name: app, image: logd}]}
+"""
+
+
+def _agent_pod(name: str, ip: str, kind: str, owner: str, uid: str) -> str:
+    meta = {"name": name, "namespace": "default", "labels": {"app": owner},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": kind, "name": owner, "uid": uid, "controller": True}]}
+    spec = {"nodeName": "node-1", "containers": [{"name": "app", "image": owner}]}
+    status = {"phase": "Running", "podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]}
+    return f"apiVersion: v1\nkind: Pod\nmetadata: {json.dumps(meta)}\nspec: {json.dumps(spec)}\nstatus: {json.dumps(status)}\n"
+
+
+def _curl(ns: Any, url: str) -> tuple[int, str]:
+    proc = ns.run("curl", "-sS", "-m", "3", "-o", "-", "-w", "\n%{http_code}", url, check=False)
+    if proc.returncode != 0:
+        return 0, proc.stderr.strip()
+    body, _, code = proc.stdout.rpartition("\n")
+    return int(code or 0), body
+
+
+def test_envoy_enabled_on_statefulset_and_daemonset_gives_their_pods_a_sidecar(envoy_binary: str) -> None:
+    """``traffic.envoy.enabled=true`` on the workload: the agent (netns runtime) starts a sidecar for the
+    pod it owns and captures its traffic, so a request to an unlabeled port now gets the sidecar's 404 and
+    a labeled Service is reached through Envoy; removing the label gives the pod its direct traffic back."""
+    import tempfile
+
+    from tests.agent.rig import Cluster
+    from trafficmgr.core.agent.netns_runtime import ProcessRuntime
+    from trafficmgr.testing.backends import HttpBackend
+    from trafficmgr.testing.envoy import wait_for
+    from trafficmgr.testing.netns import NetNS
+
+    _require_netns()
+    cluster = Cluster()
+    nets: dict[str, NetNS] = {}
+    backends: list[HttpBackend] = []
+    state_dir = tempfile.mkdtemp(prefix="tm-inherit-")
+    try:
+        for name, ip in (("db-0", STS_IP), ("logd-x2f9q", DS_IP)):
+            nets[name] = NetNS("tminh")
+            nets[name].add_pod_network([ip, REVIEWS_IP, BLOCKED_IP])
+            backends.append(nets[name].in_ns(lambda: HttpBackend("reviews-1", REVIEWS_IP, 9080).start()))
+            backends.append(nets[name].in_ns(lambda: HttpBackend("blocked-1", BLOCKED_IP, 9090).start()))
+        cluster.apply(AGENT_OBJECTS)
+        cluster.apply(AGENT_WORKLOADS)
+        cluster.apply(_agent_pod("db-0", STS_IP, "StatefulSet", "db", "uid-sts"))
+        cluster.apply(_agent_pod("logd-x2f9q", DS_IP, "DaemonSet", "logd", "uid-ds"))
+        runtime = ProcessRuntime(state_dir)
+        agent = cluster.agent(runtime)
+        cluster.settle(agent)
+        blocked_url = f"http://{cluster.cluster_ip('blocked')}:9090/"
+        reviews_url = f"http://{cluster.cluster_ip('reviews')}:9080/r"
+        for name, ns in nets.items():
+            assert cluster.annotation(name) is None and runtime.list() == []
+            assert _curl(ns, blocked_url)[0] == 0, f"{name}: no sidecar, no kube-proxy: a ClusterIP leads nowhere"
+
+        for kind, owner, name in (("statefulsets", "db", "db-0"), ("daemonsets", "logd", "logd-x2f9q")):
+            cluster.label(kind, owner, {"traffic.envoy.enabled": "true"})
+            wait_for(lambda name=name: cluster.annotation(name), 20, message=f"{kind} label not inherited by {name}")
+            ns = nets[name]
+            code, body = wait_for(lambda ns=ns: (r := _curl(ns, blocked_url))[0] and r, 10, message="no answer through the sidecar")
+            assert code == 404 and "port not enabled" in body, (name, code, body)
+            assert _curl(ns, reviews_url)[0] == 200, f"{name}: the labeled Service through its sidecar"
+        assert sorted(s.pod for s in runtime.list()) == ["db-0", "logd-x2f9q"]
+        assert all(b.hits == 0 for b in backends if b.name == "blocked-1")
+
+        # Removing the workload's label removes the sidecar: the pod's traffic is direct again.
+        cluster.label("statefulsets", "db", {"traffic.envoy.enabled": None})
+        wait_for(lambda: cluster.annotation("db-0") == "", 20, message="sidecar of db-0 not removed")
+        assert _curl(nets["db-0"], f"http://{BLOCKED_IP}:9090/")[0] == 200, "direct traffic is not captured any more"
+        assert [s.pod for s in runtime.list()] == ["logd-x2f9q"]
+    finally:
+        cluster.close()
+        leftover = ProcessRuntime(state_dir)  # the agent leaves sidecars running when it stops (adoption)
+        for sidecar in leftover.list():
+            leftover.remove(sidecar)
+        for b in backends:
+            b.stop()
+        for ns in nets.values():
+            ns.delete()
+        shutil.rmtree(state_dir, ignore_errors=True)
