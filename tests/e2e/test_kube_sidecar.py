@@ -3,6 +3,7 @@ network namespace (iptables redirect, uid 1337) -> backends in that namespace.""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -119,16 +120,18 @@ class TcpEcho:
 
 def _tcp_exchange(ip: str, port: int, payload: bytes = b"ping\n") -> bytes:
     """Connect (the sidecar's capture answers), send ``payload``, half-close, and return everything read
-    until the other end closes (b"" when it closed or reset without answering)."""
+    until the other end closes (b"" when it closed or reset without answering, which may come before the
+    send or the half-close). A failed connect raises."""
     out = b""
-    try:
-        with socket.create_connection((ip, port), timeout=3) as s:
+    with socket.create_connection((ip, port), timeout=3) as s:
+        try:
             s.sendall(payload)
             s.shutdown(socket.SHUT_WR)
             while data := s.recv(4096):
                 out += data
-    except ConnectionResetError:
-        pass
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTCONN, errno.EPIPE, errno.ECONNRESET):
+                raise
     return out
 
 
