@@ -127,6 +127,7 @@ def test_logs_wait_and_restart(local: tuple[Kubectl, Path]) -> None:
     (other,) = [p["metadata"]["name"] for p in kubectl.json("get", "pods", "-l", "app=notlocal")["items"]]
     r = kubectl.run("logs", other, check=False)
     assert r.returncode == 1 and f'container "web" in pod "{other}" is waiting to start: ImageNotLocal' in r.stderr, r.stderr
+    assert "Error: ImageNotLocal: image 'nginx' cannot run in local mode" in kubectl("describe", "pod", other)
     r = kubectl.run("logs", "no-such-pod", check=False)
     assert r.returncode == 1 and 'pods "no-such-pod" not found' in r.stderr
 
@@ -146,6 +147,13 @@ def test_logs_wait_and_restart(local: tuple[Kubectl, Path]) -> None:
     assert times[1]["Ready"] > times[0]["Ready"] and times[1]["ContainersReady"] > times[0]["ContainersReady"]
     assert before["startTime"] == after["startTime"]
     assert {c["name"]: c["restartCount"] for c in after["containerStatuses"]} == {"main": 1, "second": 0}
+    # the kubelet's Events about it, as `kubectl describe pod` lists them
+    events = kubectl.json("get", "events", "--field-selector", f"involvedObject.name={pod}")["items"]
+    seen = [(e["type"], e["reason"], e["involvedObject"]["fieldPath"], e["message"]) for e in events]
+    assert ("Normal", "Started", "spec.containers{second}", "Started container second") in seen
+    assert [m for t, r, f, m in seen if r == "Started" and f == "spec.containers{main}"] == ["Started container main"] * 2
+    assert any(t == "Warning" and r == "BackOff" and "container main" in m and "exit code -9" in m for t, r, f, m in seen), seen
+    assert "Back-off restarting failed container main" in kubectl("describe", "pod", pod)
 
     # rollout restart: a new pod with new processes, then the old pod's processes end
     old = pids(state, pod)
@@ -162,6 +170,9 @@ def test_logs_wait_and_restart(local: tuple[Kubectl, Path]) -> None:
     fresh = pids(state, new)
     assert all(alive(p) for p in fresh.values()) and not set(fresh.values()) & set(old.values())
     wait_for(lambda: not any(alive(p) for p in old.values()), timeout=15)
+    wait_for(lambda: sorted(e["message"] for e in kubectl.json(
+        "get", "events", "--field-selector", f"involvedObject.name={pod},reason=Killing")["items"])
+        == ["Stopping container main", "Stopping container second"], timeout=10)
     try:  # -f on the replaced pod ends (0) once the pod is deleted
         assert follower.wait(15) == 0
     finally:

@@ -17,6 +17,12 @@ It is the API server's :class:`~trafficmgr.apiserver.PodRuntime`: the ReplicaSet
   while the pod is Envoy-enabled (apps that find it closed call directly).
 - **Status**: Running with its IP at once; Ready when every process runs and every declared TCP
   container port accepts connections. A process that exits is restarted with backoff (restartCount).
+  A condition's ``lastTransitionTime`` changes only when its status does; ``startTime`` is the pod's.
+- **Events** as a kubelet records them: ``Started``, ``BackOff`` (an exit, with its code), ``Killing``,
+  ``Failed`` (a container that cannot run here, e.g. ``ImageNotLocal``).
+- **Logs**: each container's output goes to ``<state dir>/pods/<ns>_<pod>/<container>.log`` (appended
+  across restarts); :meth:`LocalKubelet.log_file` names it for the API server's ``pods/log``
+  (``kubectl logs``).
 
 Processes run in their own sessions and are recorded under ``<state dir>/pods`` (pid files), so a
 demo that was killed hard can remove them on its next start (:func:`kill_leftovers`).
@@ -44,7 +50,7 @@ from trafficmgr.local import processes
 
 log = logging.getLogger(__name__)
 
-PODS, SERVICES = BY_KEY["pods"], BY_KEY["services"]
+PODS, SERVICES, EVENTS = BY_KEY["pods"], BY_KEY["services"], BY_KEY["events"]
 NODE_NAME = "local"
 PROXY_PORT = 15001
 #: Where the trafficmgr image's containers come from: any registry/tag of an image named ``trafficmgr``.
@@ -160,6 +166,7 @@ class LocalKubelet:
                 why = (f"image {c.get('image')!r} cannot run in local mode: only containers of the trafficmgr image "
                        "(args = a trafficmgr command line) or with an explicit command run as local processes")
                 log.warning("pod %s/%s: %s", ns, name, why)
+                self._event(ns, name, uid, "Failed", f"Error: ImageNotLocal: {why}", c.get("name") or "main", "Warning")
                 return {"phase": "Pending", "conditions": [
                     {"type": "PodScheduled", "status": "True", "lastTransitionTime": now_iso()},
                     {"type": "Ready", "status": "False", "reason": "ImageNotLocal", "message": why,
@@ -181,6 +188,8 @@ class LocalKubelet:
             self._pods[uid] = record
             for c in record.containers:
                 self._spawn(record, c)
+        for c in record.containers:
+            self._started_event(record, c)
         log.info("pod %s/%s started on %s", ns, name, ip)
         return self._status(record)
 
@@ -206,6 +215,7 @@ class LocalKubelet:
             processes.terminate_all([c.proc for c in record.containers if c.proc is not None], 5.0)
             for c in record.containers:
                 _remove(c.pid_path)
+                self._event(record.namespace, record.name, record.uid, "Killing", f"Stopping container {c.name}", c.name)
             log.info("pod %s/%s stopped", record.namespace, record.name)
 
         threading.Thread(target=reap, name=f"stop-{record.name}", daemon=True).start()
@@ -263,6 +273,32 @@ class LocalKubelet:
         c.started_at = now_iso()
         processes.write_pid(c.pid_path, c.proc.pid)
 
+    def _started_event(self, pod: _Pod, c: _Container) -> None:
+        if c.proc is not None:
+            self._event(pod.namespace, pod.name, pod.uid, "Started", f"Started container {c.name}", c.name)
+        else:
+            self._event(pod.namespace, pod.name, pod.uid, "Failed", f"Error: cannot start container {c.name} "
+                        f"(see {c.log_path})", c.name, "Warning")
+
+    def _event(self, ns: str, name: str, uid: str, reason: str, message: str, container: str,
+               type_: str = "Normal") -> None:
+        """Record a core/v1 Event about a pod's container, as the kubelet does (``kubectl describe pod``,
+        ``kubectl get events``)."""
+        now = now_iso()
+        try:
+            self.store.create({
+                "apiVersion": "v1", "kind": "Event",
+                "metadata": {"name": f"{name}.{os.urandom(8).hex()}", "namespace": ns},
+                "involvedObject": {"apiVersion": "v1", "kind": "Pod", "name": name, "namespace": ns, "uid": uid,
+                                   "fieldPath": f"spec.containers{{{container}}}"},
+                "reason": reason, "message": message, "type": type_, "count": 1,
+                "firstTimestamp": now, "lastTimestamp": now,
+                "source": {"component": "kubelet", "host": self.node_name},
+                "reportingComponent": "kubelet", "reportingInstance": self.node_name,
+            }, namespace=ns, resource=EVENTS)
+        except ApiError as exc:  # e.g. the namespace is being deleted
+            log.debug("event %s for pod %s/%s: %s", reason, ns, name, exc)
+
     def _monitor(self) -> None:
         while not self._closing.wait(0.2):
             with self._lock:
@@ -285,12 +321,17 @@ class LocalKubelet:
                 c.next_start = now + delay
                 log.warning("pod %s/%s container %s exited with %s; restarting in %.1fs (log: %s)",
                             pod.namespace, pod.name, c.name, code, delay, c.log_path)
+                self._event(pod.namespace, pod.name, pod.uid, "BackOff", f"Back-off restarting failed container "
+                            f"{c.name} in pod {pod.name}_{pod.namespace}({pod.uid}) (exit code {code})", c.name, "Warning")
             if c.proc is None:
                 running = False
                 if now >= c.next_start and not self._closing.is_set() and not pod.gone:
                     with self._lock:
-                        if not pod.gone:
+                        spawned = not pod.gone
+                        if spawned:
                             self._spawn(pod, c)
+                    if spawned:
+                        self._started_event(pod, c)
         ready = running and all(_port_open(pod.ip, port) for c in pod.containers for port in c.ports)
         state = (ready, sum(c.restarts for c in pod.containers))
         if state != pod.reported and not pod.gone:
