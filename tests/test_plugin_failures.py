@@ -312,9 +312,9 @@ def test_failure_log_memory_is_bounded() -> None:
             raise RuntimeError(f"failure {model}")
 
     host = PluginHost.load(["lb"], extra=[("noisy", Noisy())])
-    for i in range(plugins.LOGGED_FAILURES_MAX + 100):
+    for i in range(1024 + 100):
         host.collect("trafficmgr_object_status", model=i, options=None)
-    assert len(host._logged) == plugins.LOGGED_FAILURES_MAX  # noqa: SLF001
+    assert len(host._logged) == 1024 == plugins.LOGGED_FAILURES_MAX  # noqa: SLF001
 
 
 # -- startup: the CLI ------------------------------------------------------------------------------
@@ -422,3 +422,105 @@ def test_isolated_items_are_type_checked() -> None:
     assert host.collect("trafficmgr_resources", what="sidecar resources", role="sidecar", model=None, ctx=None) == []
     assert (metrics.REGISTRY.get_sample_value("trafficmgr_plugin_errors_total",
                                               {"plugin": "wrong", "hook": "trafficmgr_resources"}) or 0) >= 1
+
+
+# -- failures the isolation used to miss: they ended the build, or the sync thread -------------------
+
+
+def _publish_with(plugin: object) -> Any:
+    import argparse
+
+    from trafficmgr.core.controlplane import ControlPlane
+    from trafficmgr.core.model import Labels, Model, Service, ServicePort
+
+    cp = ControlPlane(PluginHost.load(["lb"], extra=[(PLUGIN, plugin)]),
+                      argparse.Namespace(sidecar_port=10000, sidecar_address="0.0.0.0"))
+    svc = Service("default", "s", (ServicePort("http", 9080, 9080, "http"),), cluster_ip="10.0.0.1", labels=Labels({}))
+    cp.publish_model(Model(services={svc.key: svc}, endpoints={}))
+    return cp
+
+
+def test_resource_of_a_type_not_served_fails_only_its_plugin() -> None:
+    """Before: a KeyError in the builder (publish_model raised: in serve, the sync thread ended)."""
+    from google.protobuf.empty_pb2 import Empty
+
+    from trafficmgr.core.cache import Resource
+
+    class Odd:
+        @hookimpl
+        def trafficmgr_resources(self) -> list[Any]:
+            return [Resource.from_message(Empty(), "odd")]
+
+    before = errors("trafficmgr_resources")
+    cp = _publish_with(Odd())
+    assert errors("trafficmgr_resources") == before + 2  # sidecar and gateway views
+    snap = cp.cache.get("sidecar")
+    assert snap is not None and "9080|default|s.outbound" in snap.types["type.googleapis.com/envoy.config.cluster.v3.Cluster"].resources
+
+
+def test_sys_exit_in_a_plugin_is_a_plugin_failure() -> None:
+    """Before: SystemExit went through the isolation; in the sync thread it ends the thread silently."""
+    class Exits:
+        @hookimpl
+        def trafficmgr_cluster(self) -> None:
+            sys.exit("a plugin must not exit the control plane")
+
+    before = errors("trafficmgr_cluster")
+    cp = _publish_with(Exits())
+    assert errors("trafficmgr_cluster") == before + 1
+    assert cp.cache.get("sidecar") is not None
+
+
+def test_sync_loop_outlives_a_failing_build(caplog: pytest.LogCaptureFixture) -> None:
+    """The real control plane watching the test API server: a build that raises (a builder bug, simulated by
+    replacing the builder's build once) is logged and counted, the last snapshot stays served, and the
+    next change is built by a fresh builder. Before, the sync thread ended and no change was served again."""
+    import argparse
+    import shutil
+    import tempfile
+
+    import yaml
+
+    from trafficmgr.apiserver import APIServer
+    from trafficmgr.apiserver.access import new_token
+    from trafficmgr.core.controlplane import ControlPlane
+    from trafficmgr.core.kube.client import KubeClient, load_api_client
+
+    caplog.set_level(logging.ERROR, logger="trafficmgr.core.controlplane")
+    tmp = Path(tempfile.mkdtemp(prefix="tm-buildfail-"))
+    api = APIServer(token=new_token()).start()
+    cp = None
+    try:
+        api.write_kubeconfig(str(tmp / "kubeconfig"))
+        cp = ControlPlane(PluginHost.load(["lb"]), argparse.Namespace(sidecar_port=10000, sidecar_address="0.0.0.0"),
+                          KubeClient(load_api_client(str(tmp / "kubeconfig"))))
+        cp.start_watches()
+        assert cp.wait_ready(15), cp.ready()[1]
+
+        def clusters() -> set[str]:
+            snap = cp.cache.get("sidecar")
+            return set(snap.types["type.googleapis.com/envoy.config.cluster.v3.Cluster"].resources) if snap else set()
+
+        api.store.create(yaml.safe_load(service("first")))
+        wait_for(lambda: "9080|default|first.outbound" in clusters(), 10, message="first service not built")
+
+        def broken(model: Any) -> Any:
+            raise RuntimeError("builder bug (test)")
+
+        cp.builder.build = broken  # type: ignore[method-assign]
+        before = metrics.REGISTRY.get_sample_value("trafficmgr_build_errors_total") or 0.0
+        api.store.create(yaml.safe_load(service("second")))
+        wait_for(lambda: (metrics.REGISTRY.get_sample_value("trafficmgr_build_errors_total") or 0) > before, 10,
+                 message="the failed build was not counted")
+        assert cp.healthy() and "9080|default|first.outbound" in clusters()  # the last snapshot is still served
+        assert "builder bug (test)" in cp.last_error
+        assert [r for r in caplog.records if "build failed; the previous snapshots are still served" in r.getMessage()]
+
+        api.store.create(yaml.safe_load(service("third")))
+        wait_for(lambda: {"9080|default|second.outbound", "9080|default|third.outbound"} <= clusters(), 10,
+                 message="no change was built after the failed build")
+    finally:
+        if cp is not None:
+            cp.stop()
+        api.stop()
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -79,6 +79,7 @@ class ControlPlane:
         self.builds = 0
         self.notified_at = 0.0  # wall clock of the last stream wake-up
         self.last_error = ""
+        self._last_build_error = ""
         self.last_cycle: dict[str, float] = {}
 
     # -- identity -----------------------------------------------------------------------------
@@ -147,7 +148,12 @@ class ControlPlane:
                 except queue.Empty:
                     item = None
             if self.assembler.dirty and self.synced():
-                self.publish_model(self.assembler.model())
+                try:
+                    self.publish_model(self.assembler.model())
+                except Exception as exc:  # noqa: BLE001 - the loop must outlive one bad build
+                    self._build_failed(exc)
+                    continue
+                self._last_build_error = ""
                 # What one event batch cost, end to end in this loop (for `trafficmgr bench`).
                 self.last_cycle = {
                     "cpu_ms": (time.thread_time() - cpu0) * 1000,
@@ -157,6 +163,22 @@ class ControlPlane:
                     "notified": self.notified_at,  # streams were woken (pushes may start)
                     "published": time.time(),
                 }
+
+    def _build_failed(self, exc: Exception) -> None:
+        """A build raised (a bug, or a plugin failure the host's isolation did not catch): every view keeps
+        serving its last published snapshot, the error is logged (with the traceback, once per distinct
+        message) and counted in ``trafficmgr_build_errors_total``, and the builder starts afresh, so the
+        next change rebuilds everything instead of building on state the failed build left half-updated.
+        Without this the sync thread would end: no update would ever be served again."""
+        metrics.BUILD_ERRORS.inc()
+        message = f"{type(exc).__name__}: {str(exc)[:500]}"
+        self.last_error = f"build failed: {message}"
+        if message != self._last_build_error:
+            self._last_build_error = message
+            log.error("build failed; the previous snapshots are still served and the next change rebuilds "
+                      "everything (counted in trafficmgr_build_errors_total): %s", message, exc_info=exc)
+        self.builder = Builder(self.plugins, self.options, reporter=self.events.warn)
+        self.assembler.dirty = True
 
     def _apply(self, item: tuple[str, Any, Any]) -> None:
         etype, kind, obj = item

@@ -60,3 +60,8 @@ PLUGIN_ERRORS = Counter(
 LABEL_ERRORS = Counter(
     "trafficmgr_label_errors", "Invalid traffic.* label values seen (once per object version)", ["kind", "label"], registry=REGISTRY
 )
+BUILD_ERRORS = Counter(
+    "trafficmgr_build_errors",
+    "Builds that raised in the sync loop (the previous snapshots stay served; the next change rebuilds everything)",
+    registry=REGISTRY,
+)

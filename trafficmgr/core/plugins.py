@@ -25,7 +25,7 @@ import pluggy
 from google.protobuf.message import Message
 
 from trafficmgr.core import hookspecs, metrics
-from trafficmgr.core.cache import Resource
+from trafficmgr.core.cache import TYPE_ORDER, Resource
 from trafficmgr.core.contrib import ORDER_ROUTER, HttpFilter, ObjectStatus, WatchKind
 from trafficmgr.core.labels import LabelRegistry, LabelSpec
 
@@ -96,6 +96,9 @@ def _check_item(hook: str, item: Any) -> None:
     elif hook == "trafficmgr_resources":
         if not isinstance(item, Resource):
             raise TypeError(f"returned {type(item).__name__}, not a Resource (make one with ctx.resource(...))")
+        if item.type_url not in TYPE_ORDER:
+            raise TypeError(f"returned resource {item.name!r} of type {item.type_url}, which xDS here does not serve "
+                            f"(one of: {', '.join(t.rpartition('.')[2] for t in TYPE_ORDER)})")
     elif hook == "trafficmgr_object_status":
         if not (isinstance(item, ObjectStatus) and isinstance(item.path, str) and isinstance(item.status, dict)):
             raise TypeError(f"returned {item!r}, not an ObjectStatus with a str path and a dict status")
@@ -107,8 +110,9 @@ def _check_item(hook: str, item: Any) -> None:
         if not isinstance(item, LabelSpec):
             raise TypeError(f"returned {type(item).__name__}, not a LabelSpec")
     elif hook == "trafficmgr_port_protocols":
-        if not (isinstance(item, (tuple, list)) and len(item) == 4):
-            raise TypeError(f"returned {item!r}, not a (namespace, service, port, protocol) tuple")
+        if not (isinstance(item, (tuple, list)) and len(item) == 4 and isinstance(item[0], str) and isinstance(item[1], str)
+                and isinstance(item[2], (int, str)) and isinstance(item[3], str)):
+            raise TypeError(f"returned {item!r}, not a (namespace, service, port, protocol) tuple of str, str, int|str, str")
 
 
 def restore(message: Message, backup: Message) -> None:
@@ -481,7 +485,7 @@ class PluginHost:
             try:
                 impl.function(*[kwargs[a] if a in kwargs else lazy[a]() if lazy and a in lazy else message
                                 for a in impl.argnames])
-            except Exception as exc:  # noqa: BLE001 - isolation is the contract
+            except (Exception, SystemExit) as exc:  # noqa: BLE001 - isolation is the contract (sys.exit() in a plugin too)
                 restore(message, backup)
                 self._failed(impl.plugin_name, hook, exc, what or message.DESCRIPTOR.name)
 
@@ -500,7 +504,7 @@ class PluginHost:
             key = (hook, impl.plugin_name, what)
             try:
                 got = _items(hook, impl.function(*[kwargs[a] for a in impl.argnames]))
-            except Exception as exc:  # noqa: BLE001 - isolation is the contract
+            except (Exception, SystemExit) as exc:  # noqa: BLE001 - isolation is the contract (sys.exit() in a plugin too)
                 if policy == STARTUP:
                     raise self._startup_error(impl.plugin_name, hook, exc) from exc
                 last = self._last_good.get(key) if policy == LAST_GOOD else None
