@@ -119,15 +119,15 @@ class TcpEcho:
 
 
 def _tcp_exchange(ip: str, port: int, payload: bytes = b"ping\n") -> bytes:
-    """Connect (the sidecar's capture answers), send ``payload``, half-close, and return everything read
-    until the other end closes (b"" when it closed or reset without answering, which may come before the
-    send or the half-close). A failed connect raises."""
+    """Connect (the sidecar's capture answers), send ``payload`` and return what comes back: the echo, or
+    b"" when the other end closes or resets without answering (possibly before the send completes). No
+    half-close: a proxy may drop a connection whose client closed before the upstream one was made. A
+    failed connect raises; no answer and no close within 3 s is an error too."""
     out = b""
     with socket.create_connection((ip, port), timeout=3) as s:
         try:
             s.sendall(payload)
-            s.shutdown(socket.SHUT_WR)
-            while data := s.recv(4096):
+            while len(out) < len(payload) and (data := s.recv(4096)):
                 out += data
         except OSError as exc:
             if exc.errno not in (errno.ENOTCONN, errno.EPIPE, errno.ECONNRESET):
