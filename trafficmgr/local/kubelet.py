@@ -121,6 +121,7 @@ class LocalKubelet:
         self.python = python
         self._reserved = set(reserved)
         self._pods: dict[str, _Pod] = {}  # by uid
+        self._events: dict[tuple[str, str, str, str], str] = {}  # (pod uid, container, reason, message) -> Event
         self._next = 2
         self._lock = threading.RLock()
         self._closing = threading.Event()
@@ -207,6 +208,8 @@ class LocalKubelet:
         """Stop the processes of a deleted pod (in the background: the controller does not wait)."""
         with self._lock:
             record = self._pods.pop(pod["metadata"]["uid"], None)
+            for key in [k for k in self._events if k[0] == pod["metadata"]["uid"]]:
+                del self._events[key]
         if record is None:
             return
         record.gone = True
@@ -283,12 +286,25 @@ class LocalKubelet:
     def _event(self, ns: str, name: str, uid: str, reason: str, message: str, container: str,
                type_: str = "Normal") -> None:
         """Record a core/v1 Event about a pod's container, as the kubelet does (``kubectl describe pod``,
-        ``kubectl get events``)."""
+        ``kubectl get events``). A repeat (same pod, container, reason and message: a crash loop) counts up
+        the first one's ``count`` and ``lastTimestamp``, so a pod has a bounded number of Events."""
         now = now_iso()
+        key = (uid, container, reason, message)
+        with self._lock:
+            known = self._events.get(key)
+        if known is not None:
+            try:
+                cur = self.store.get_raw(EVENTS, known, ns)
+                self.store.patch(EVENTS, known, {"count": int(cur.get("count") or 1) + 1, "lastTimestamp": now},
+                                 namespace=ns)
+                return
+            except ApiError:
+                pass  # deleted meanwhile: record it anew
+        event_name = f"{name}.{os.urandom(8).hex()}"
         try:
             self.store.create({
                 "apiVersion": "v1", "kind": "Event",
-                "metadata": {"name": f"{name}.{os.urandom(8).hex()}", "namespace": ns},
+                "metadata": {"name": event_name, "namespace": ns},
                 "involvedObject": {"apiVersion": "v1", "kind": "Pod", "name": name, "namespace": ns, "uid": uid,
                                    "fieldPath": f"spec.containers{{{container}}}"},
                 "reason": reason, "message": message, "type": type_, "count": 1,
@@ -298,6 +314,10 @@ class LocalKubelet:
             }, namespace=ns, resource=EVENTS)
         except ApiError as exc:  # e.g. the namespace is being deleted
             log.debug("event %s for pod %s/%s: %s", reason, ns, name, exc)
+            return
+        with self._lock:
+            if uid in self._pods:  # a stopped pod's (Killing) are not repeated
+                self._events[key] = event_name
 
     def _monitor(self) -> None:
         while not self._closing.wait(0.2):
