@@ -1,4 +1,5 @@
-"""Built-in controllers: EndpointSlices + Service clusterIPs, and optional Deployment/ReplicaSet/Pod.
+"""Built-in controllers: EndpointSlices + Service clusterIPs, and optional Deployment/ReplicaSet/Pod
+(rolling updates, revisions, status and Events as kube-controller-manager's; see the workloads section).
 
 Controllers run on one worker thread fed by store events; bursts of writes are coalesced, so a
 slice reflects a change within milliseconds (``Controllers.wait_idle`` waits for quiescence).
@@ -36,7 +37,11 @@ EVENTS = BY_KEY["events"]
 
 
 class PodRuntime(Protocol):
-    """Hook that "runs" controller-created pods (local mode may start processes)."""
+    """Hook that "runs" controller-created pods (local mode may start processes).
+
+    A runtime may also have ``log_file(pod, container) -> str | None``: the file holding that container's
+    output, which the API server serves as ``pods/<name>/log`` (``kubectl logs``; see :mod:`.podlogs`).
+    """
 
     def start(self, pod: dict) -> dict | None:
         """Called after a pod is created; return a ``status`` dict to store, or None to leave it Pending."""
