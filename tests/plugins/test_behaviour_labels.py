@@ -260,12 +260,10 @@ def test_headless_service_goes_to_the_dialled_pod(headless: LocalCluster) -> Non
     assert c.xds.nacks() == []
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (issue 17 report): a headless Service's virtual host lists only the "
-                   "service names, so a request naming one pod (StatefulSet DNS <pod>.<svc>, or its IP) gets Envoy's 404")
 def test_headless_service_answers_per_pod_names(headless: LocalCluster) -> None:
     """Clients of a headless Service (a StatefulSet's) address one pod by its DNS name ``<pod>.<service>``
-    or by its address; without a sidecar those requests reach the pod. Through the sidecar they should
-    too (today: 404 with an empty body, no route matched). When this passes, remove the xfail mark."""
+    or by its address; without a sidecar those requests reach the pod, and through the sidecar too (the
+    virtual host names ``*.<service>...`` and the pods' addresses; before, a 404 with an empty body)."""
     c = headless
     assert c.pod is not None
     for host in ("web-0.web:9080", "web-0.web.default.svc.cluster.local:9080", f"{WEB['web-0']}:9080"):
@@ -409,3 +407,42 @@ def test_pod_bandwidth_limit_slows_traffic_to_the_pod(limited: LocalCluster) -> 
     assert limited_s >= lower, limited_s
     assert service_s < lower / 2, f"the Service has no limit: {service_s:.3f}s"
     assert c.xds.nacks() == []
+
+
+# -- Services of the same name in two namespaces ------------------------------------------------------------
+
+SAME_NAME = {"default": "10.244.0.51", "other": "10.244.0.52"}
+
+
+def test_same_named_services_in_two_namespaces_are_both_served(envoy_binary: str) -> None:
+    """Services ``web`` in namespaces default and other, both http on 9080: their short name ``web:9080``
+    would be a duplicate domain in the shared route configuration ``outbound|9080``, which Envoy rejects
+    (freezing routing on that port for every service). The short name is left out of both virtual hosts
+    with a Warning on each Service; every other name routes to the right Service, and other Services on
+    the port keep being served and updated."""
+    _require_netns()
+    with LocalCluster([*SAME_NAME.values(), "10.244.0.53"]) as c:
+        assert c.pod is not None
+        for ns, ip in SAME_NAME.items():
+            c.backend(f"web-{ns}", ip, 9080)
+        c.backend("reviews-1", "10.244.0.53", 9080)
+        c.apply(join("apiVersion: v1\nkind: Namespace\nmetadata: {name: other}\n", *(service("web", namespace=ns) for ns in SAME_NAME),
+                     *(pod(f"web-{ns}", ip, "web", namespace=ns) for ns, ip in SAME_NAME.items()),
+                     service("reviews"), pod("reviews-1", "10.244.0.53", "reviews")))
+        vips = {ns: c.cluster_ip("web", ns) for ns in SAME_NAME}
+        c.wait_config(lambda: all(ip in c.pod.listener_config("outbound") for ip in [*vips.values(), c.cluster_ip("reviews")]),  # type: ignore[union-attr]
+                      message="services not configured")
+        for ns in SAME_NAME:
+            for host in (f"web.{ns}:9080", f"web.{ns}.svc.cluster.local:9080", f"{vips[ns]}:9080"):
+                status, body = c.pod.get_many(vips[ns], 9080, host, 1)[0]
+                assert status == 200 and json.loads(body)["backend"] == f"web-{ns}", (host, status, body[:100])
+        assert c.pod.get_many(vips["default"], 9080, "reviews:9080", 1)[0][0] == 200
+        for ns in SAME_NAME:
+            events = c.events("web", reason="TrafficConfigConflict", namespace=ns)
+            assert len(events) == 1 and "web:9080 also names another Service" in events[0]["message"], events
+        # Routing on the port still follows changes: a retry label reaches the route configuration.
+        c.label("service", "reviews", {"traffic.retries.5xx": "2"})
+        c.wait_config(lambda: '"num_retries": 2' in c.pod.admin("/config_dump?resource=dynamic_route_configs"),  # type: ignore[union-attr]
+                      message="retries not applied")
+        assert c.xds.nacks() == []
+        assert c.pod.stat("http.outbound_9080.rds.outbound|9080.update_rejected") == 0

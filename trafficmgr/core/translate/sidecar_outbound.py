@@ -20,6 +20,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 
 from trafficmgr.core import cache
+from trafficmgr.core.model import ObjectRef
 from trafficmgr.core.protos import HCM_FILTER, TCP_PROXY_FILTER, duration_ms, pack, socket_address
 from trafficmgr.core.translate.context import BuildContext
 from trafficmgr.core.translate.hooks import Hooks
@@ -76,6 +77,7 @@ class OutboundTranslator:
         self._chains: Memo[tuple[str, str, str], listener_components_pb2.FilterChain] = Memo("outbound chains")
         self._vhosts: Memo[tuple[str, str, str], route_components_pb2.VirtualHost] = Memo("virtual hosts")
         self._routes: Memo[str, cache.Resource] = Memo("route configurations")
+        self._unique: Memo[tuple[str, str, str], route_components_pb2.VirtualHost] = Memo("unambiguous virtual hosts")
         self._listener: Memo[str, cache.Resource] = Memo("outbound listener")
         self._blocked: Memo[int | None, listener_components_pb2.FilterChain] = Memo("blocked chains")
 
@@ -87,14 +89,18 @@ class OutboundTranslator:
         for c in plan.conflicts:
             ctx.report(c.ref, c.message, REASON_CONFLICT)
         chains = [self._chains.get(d.key, (d, filters), self._chain, d, filters, ctx) for d in plan.destinations]
-        vhosts_by_port: dict[int, list[route_components_pb2.VirtualHost]] = {}
+        by_port: dict[int, list[tuple[Destination, route_components_pb2.VirtualHost]]] = {}
         for d in plan.destinations:
             if d.http:
-                vh = self._vhosts.get(d.key, (d.service, d.port), self._vhost, d, ctx)
-                vhosts_by_port.setdefault(d.port.port, []).append(vh)
+                # A headless Service's virtual host names its pods' addresses: they are inputs too.
+                vh = self._vhosts.get(d.key, (d.service, d.port, d.ips if d.service.headless else ()), self._vhost, d, ctx)
+                by_port.setdefault(d.port.port, []).append((d, vh))
+        vhosts_by_port = {p: self._unique_domains(pairs, ctx) for p, pairs in by_port.items()}
         live = {d.key for d in plan.destinations}
         self._chains.keep_only(live.__contains__)
-        self._vhosts.keep_only({d.key for d in plan.destinations if d.http}.__contains__)
+        http_live = {d.key for d in plan.destinations if d.http}
+        self._vhosts.keep_only(http_live.__contains__)
+        self._unique.keep_only(http_live.__contains__)
         routes = tuple(self._routes.get(route_config_name(p), tuple(vhosts_by_port[p]), route_configuration,
                                         route_config_name(p), vhosts_by_port[p], ctx)
                        for p in sorted(vhosts_by_port))
@@ -129,6 +135,10 @@ class OutboundTranslator:
         hosts = list(svc.hostnames())
         if svc.cluster_ip and not svc.headless and svc.kind == "Service":
             hosts.append(svc.cluster_ip)
+        if svc.headless and svc.kind == "Service":
+            # Clients of a headless Service address one pod: by its DNS name (<pod>.<service>..., a
+            # StatefulSet's pods) or by its address; ORIGINAL_DST then takes the request to that pod.
+            hosts += [f"*.{h}" for h in svc.hostnames()] + list(d.ips)
         for h in hosts:
             domains.append(f"{h}:{port.port}")
             if port.port == 80:
@@ -146,6 +156,24 @@ class OutboundTranslator:
             route = next((r for r in vh.routes if r.route.cluster == svc.cluster_name(port)), route)
         self.hooks.route(route, svc, port, ctx)
         return vh
+
+    def _unique_domains(self, pairs: list[tuple[Destination, route_components_pb2.VirtualHost]],
+                        ctx: BuildContext) -> list[route_components_pb2.VirtualHost]:
+        """The virtual hosts of one port without the domains two of them share: Envoy rejects a route
+        configuration with a duplicate domain, which would freeze routing on that port for every service.
+        Only short names collide (``web:9080`` of Services ``web`` in two namespaces: the client's namespace
+        decides which one it means, and the sidecar view is shared by all namespaces); such a name is left
+        out of every virtual host that has it, and each Service gets a Warning naming the ones to use."""
+        seen: dict[str, int] = {}
+        for _, vh in pairs:
+            for domain in set(vh.domains):
+                seen[domain] = seen.get(domain, 0) + 1
+        shared = {domain for domain, n in seen.items() if n > 1}
+        out = []
+        for d, vh in pairs:
+            drop = tuple(x for x in vh.domains if x in shared)
+            out.append(self._unique.get(d.key, (vh, drop), _without_domains, d, vh, drop, ctx) if drop else vh)
+        return out
 
     def _make_listener(self, chains: list[listener_components_pb2.FilterChain], tcp_ports: tuple[int, ...],
                        routes: tuple[cache.Resource, ...], ctx: BuildContext) -> cache.Resource:
@@ -174,6 +202,21 @@ def route_configuration(name: str, vhosts: list[route_components_pb2.VirtualHost
     rc.virtual_hosts.extend(vhosts)
     rc.validate_clusters.value = False
     return ctx.resource(rc, name)
+
+
+def _without_domains(d: Destination, vh: route_components_pb2.VirtualHost, drop: tuple[str, ...],
+                     ctx: BuildContext) -> route_components_pb2.VirtualHost:
+    """A copy of ``vh`` without the domains ``drop`` (shared with another Service), reported on ``d``'s Service."""
+    out = route_components_pb2.VirtualHost()
+    out.CopyFrom(vh)
+    del out.domains[:]
+    out.domains.extend(x for x in vh.domains if x not in drop)
+    svc = d.service
+    ctx.report(ObjectRef(svc.kind, svc.namespace, svc.name, svc.uid, ""),
+               f"{', '.join(drop)} also name{'s' if len(drop) == 1 else ''} another Service on port {d.port.port} "
+               f"(same name in another namespace): sidecars do not route by {'it' if len(drop) == 1 else 'them'}; "
+               f"clients use {svc.name}.{svc.namespace}:{d.port.port} or the ClusterIP", REASON_CONFLICT)
+    return out
 
 
 def _blocked_chain(port: int | None) -> listener_components_pb2.FilterChain:
