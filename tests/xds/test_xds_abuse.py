@@ -192,7 +192,12 @@ def test_abusive_clients_do_not_exhaust_the_server(served: dict[str, Any]) -> No
             codes = json.loads(line)["codes"]
             # Every address keeps exactly CAP streams of unknown nodes; everything else is refused.
             assert codes.get("open", 0) == CAP * len(SOURCES), codes
-            assert sum(codes.values()) == STREAMS and codes.get("RESOURCE_EXHAUSTED", 0) > STREAMS * 0.8, codes
+            # Every other stream ended. The server refuses each with RESOURCE_EXHAUSTED (counted exactly in
+            # its metrics, below); on a loaded machine grpc-aio reports some of those to this client as
+            # CANCELLED or INTERNAL (the abort races the client's write: 1368 + 9 of 8976 in one full-suite run).
+            assert sum(codes.values()) == STREAMS, codes
+            assert set(codes) <= {"open", "RESOURCE_EXHAUSTED", "CANCELLED", "INTERNAL"}, codes
+            assert codes.get("RESOURCE_EXHAUSTED", 0) > STREAMS * 0.5, codes
 
             phases.append(('flood', rss.peak))
             silent = abuse(port, "silent", src="127.0.0.10", n=50)
