@@ -16,26 +16,15 @@ import json
 import struct
 from typing import Any
 
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    n &= (1 << 64) - 1
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
+from trafficmgr.core.wire import field as wire_field
+from trafficmgr.core.wire import varint
 
 
 def _key(field: int, wire: int) -> bytes:
-    return _varint(field << 3 | wire)
+    return varint(field << 3 | wire)
 
 
-def _bytes(field: int, data: bytes) -> bytes:
-    return _key(field, 2) + _varint(len(data)) + data
+_bytes = wire_field  # a length-delimited field
 
 
 def _str(field: int, s: str) -> bytes:
