@@ -26,9 +26,7 @@ import ipaddress
 import os
 import re
 import secrets
-import shutil
 import ssl
-import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
 from email.message import Message
@@ -167,7 +165,7 @@ class Credentials:
     @classmethod
     def generate(cls, token: str | None = None, hosts: Sequence[str] = ()) -> Credentials:
         """New credentials: ``token`` (random when None) and a certificate valid for the loopback names
-        and ``hosts``. Needs the ``openssl`` command; :class:`TokenError` when it is missing or fails."""
+        and ``hosts``."""
         return cls(check_token(token) if token is not None else new_token(), *_self_signed(hosts))
 
     def ssl_context(self) -> ssl.SSLContext:
@@ -184,27 +182,38 @@ class Credentials:
 
 def _self_signed(hosts: Sequence[str]) -> tuple[str, str]:
     """``(certificate PEM, key PEM)``: a self-signed P-256 certificate, its own CA, valid 1 year, for
-    127.0.0.1, ::1, localhost and ``hosts`` (wildcard addresses skipped)."""
-    names = ["IP:127.0.0.1", "IP:::1", "DNS:localhost"]
+    127.0.0.1, ::1, localhost and ``hosts`` (wildcard addresses skipped). Made with ``cryptography`` (a
+    dependency), so ``pip install`` is all local mode needs."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    names: list[x509.GeneralName] = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                     x509.IPAddress(ipaddress.ip_address("::1")), x509.DNSName("localhost")]
     for host in hosts:
         ip = _ip(host)
-        entry = f"IP:{ip}" if ip is not None else f"DNS:{host}"
+        entry: x509.GeneralName = x509.IPAddress(ip) if ip is not None else x509.DNSName(host)
         if (ip is None or not ip.is_unspecified) and entry not in names:
             names.append(entry)
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        raise TokenError("the API server's TLS certificate needs the openssl command, which is not installed")
-    with tempfile.TemporaryDirectory(prefix="tm-apiserver-tls-") as d:
-        cmd = [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-               "-keyout", "tls.key", "-out", "tls.crt", "-days", "365", "-subj", "/CN=trafficmgr-apiserver",
-               "-addext", f"subjectAltName={','.join(names)}",
-               "-addext", "basicConstraints=critical,CA:TRUE",
-               "-addext", "keyUsage=critical,digitalSignature,keyCertSign",
-               "-addext", "extendedKeyUsage=serverAuth"]
-        proc = subprocess.run(cmd, cwd=d, capture_output=True, text=True, timeout=60, check=False)
-        if proc.returncode != 0:
-            raise TokenError(f"openssl could not make the API server's TLS certificate: {proc.stderr.strip()}")
-        return (Path(d) / "tls.crt").read_text(), (Path(d) / "tls.key").read_text()
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "trafficmgr-apiserver")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=365))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, content_commitment=False,
+                                         key_encipherment=False, data_encipherment=False, key_agreement=False,
+                                         crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(key, hashes.SHA256()))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem.decode()
 
 
 def write_private_file(path: str | Path, text: str) -> Path:
