@@ -37,7 +37,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         "trafficmgr.core",  # the (empty) package __init__
         "trafficmgr.core.model", "trafficmgr.core.labels", "trafficmgr.core.wire", "trafficmgr.core.metrics",
         "trafficmgr.core.argtypes", "trafficmgr.core.protos", "trafficmgr.core.contrib", "trafficmgr.core.corelabels",
-        "trafficmgr.core.signals",
+        "trafficmgr.core.signals", "trafficmgr.core.once",
     ]),
     ("L1 cache and plugin host", ["trafficmgr.core.cache", "trafficmgr.core.hookspecs", "trafficmgr.core.plugins"]),
     ("L2 Kubernetes, translation, xDS", [

@@ -48,6 +48,7 @@ from trafficmgr.core.model import (
     Pod,
     Service,
     ServicePort,
+    is_ip,
     load_balancer_addresses,
 )
 from trafficmgr.core.protos import (
@@ -72,6 +73,6 @@ __all__ = [
     "SHARED", "SIDECAR", "TCP", "TCP_PROXY_FILTER", "UINT32_MAX", "BuildContext", "Endpoint", "EndpointPair",
     "HttpFilter", "LabelSpec", "Labels", "Model", "ObjectRef", "ObjectStatus", "Pod", "Resource", "Service",
     "ServicePort", "WatchKind", "__version__", "ads_config_source", "duration_ms", "fraction", "hookimpl",
-    "int_at_least", "labels", "listen_port", "load_balancer_addresses", "pack", "percent_fraction", "port", "positive_seconds",
+    "int_at_least", "is_ip", "labels", "listen_port", "load_balancer_addresses", "pack", "percent_fraction", "port", "positive_seconds",
     "socket_address", "uint32",
 ]

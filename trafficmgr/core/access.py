@@ -32,7 +32,6 @@ deleted, terminating or finished, or whose IP moves to another pod, loses its st
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import re
@@ -40,6 +39,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from trafficmgr.core import metrics
 from trafficmgr.core.model import GATEWAY_CLUSTER, Pod, is_ip, normalize_ip
+from trafficmgr.core.once import Seen
 from trafficmgr.core.xds import unixpeer
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class AccessControl:
         self.unix_gateway_uids = frozenset(unix_gateway_uids if unix_gateway_uids is not None else {own})
         self.unix_sidecar_uids = frozenset(unix_sidecar_uids if unix_sidecar_uids is not None else {PROXY_UID, 0, own})
         # Refusals already logged (bounded: node ids are chosen by clients), least recently seen first.
-        self._logged: collections.OrderedDict[tuple[str, str, str], None] = collections.OrderedDict()
+        self._logged = Seen(LOGGED_MAX)
 
     def __call__(self, node_id: str, node_cluster: str, peer: str, identities: tuple[str, ...] = ()) -> None:
         """Raise PermissionError (with the reason) when the claim is not allowed. ``peer``: the client's
@@ -150,13 +150,8 @@ class AccessControl:
             raise
 
     def _log_once(self, node_id: str, gateway: bool, peer: str, reason: str) -> None:
-        key = (node_id[:NODE_ID_SHOWN + 1], peer, reason)
-        if key in self._logged:
-            self._logged.move_to_end(key)
+        if not self._logged.first((node_id[:NODE_ID_SHOWN + 1], peer, reason)):
             return
-        self._logged[key] = None
-        if len(self._logged) > LOGGED_MAX:
-            self._logged.popitem(last=False)
         log.warning("refused xDS stream claiming %s %r from %s: %s", "gateway" if gateway else "node",
                     shorten(node_id), peer or "an unknown peer", reason)
 

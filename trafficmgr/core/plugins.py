@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import metadata
 from typing import Any
@@ -28,6 +27,7 @@ from trafficmgr.core import hookspecs, metrics
 from trafficmgr.core.cache import TYPE_ORDER, Resource
 from trafficmgr.core.contrib import ORDER_ROUTER, HttpFilter, ObjectStatus, WatchKind
 from trafficmgr.core.labels import LabelRegistry, LabelSpec
+from trafficmgr.core.once import Seen
 
 log = logging.getLogger(__name__)
 
@@ -350,7 +350,7 @@ class PluginHost:
                 raise RuntimeError(f"hookspec {name} must not be firstresult or historic")
         self.infos: dict[str, PluginInfo] = {}
         self.labels = LabelRegistry()
-        self._logged: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+        self._logged = Seen(LOGGED_FAILURES_MAX)
         # LAST_GOOD hooks: (hook, plugin, what) -> that call's last successful items (bounded by
         # plugins x hooks x roles).
         self._last_good: dict[tuple[str, str, str], list[Any]] = {}
@@ -457,12 +457,8 @@ class PluginHost:
         """An isolated failure: counted every time, logged (with the traceback) once per distinct message."""
         metrics.PLUGIN_ERRORS.labels(plugin=plugin, hook=hook).inc()
         key = (plugin, hook, f"{type(exc).__name__}: {str(exc)[:500]}")
-        if key in self._logged:
-            self._logged.move_to_end(key)
+        if not self._logged.first(key):
             return
-        self._logged[key] = None
-        if len(self._logged) > LOGGED_FAILURES_MAX:
-            self._logged.popitem(last=False)
         log.error("plugin %r hook %s failed for %s (serving continues; counted in "
                   "trafficmgr_plugin_errors_total): %s", plugin, hook, what, key[2], exc_info=exc)
 

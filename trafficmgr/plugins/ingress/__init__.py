@@ -21,10 +21,9 @@ dependent that changes it must derive its change from those alone.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 from typing import TYPE_CHECKING, Any
 
-from trafficmgr.plugin import GATEWAY, Model, ObjectStatus, WatchKind, hookimpl, listen_port
+from trafficmgr.plugin import GATEWAY, Model, ObjectStatus, WatchKind, hookimpl, is_ip, listen_port
 from trafficmgr.plugins.ingress import edge, gateway
 from trafficmgr.plugins.ingress.gateway import LISTENER, PLAIN_CHAIN, served
 from trafficmgr.plugins.ingress.ir import (
@@ -108,7 +107,7 @@ def trafficmgr_object_status(model: Model, options: argparse.Namespace) -> list[
     addresses = svc.load_balancer or ((svc.cluster_ip,) if svc.cluster_ip else ())
     if not addresses:
         return []
-    desired = [{"ip": a} if _is_ip(a) else {"hostname": a} for a in addresses]
+    desired = [{"ip": a} if is_ip(a) else {"hostname": a} for a in addresses]
     out = []
     served = selected_ingresses(model, options)
     for ing in served:
@@ -125,14 +124,6 @@ def trafficmgr_object_status(model: Model, options: argparse.Namespace) -> list[
 
 def _path(ing: Any) -> str:
     return f"/apis/networking.k8s.io/v1/namespaces/{ing.namespace}/ingresses/{ing.name}"
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 __all__ = ["HOST_RE", "INGRESS", "LISTENER", "PLAIN_CHAIN", "Ingress", "served"]
