@@ -78,6 +78,7 @@ class OutboundTranslator:
         self._vhosts: Memo[tuple[str, str, str], route_components_pb2.VirtualHost] = Memo("virtual hosts")
         self._routes: Memo[str, cache.Resource] = Memo("route configurations")
         self._unique: Memo[tuple[str, str, str], route_components_pb2.VirtualHost] = Memo("unambiguous virtual hosts")
+        self._shared: Memo[int, frozenset[str]] = Memo("shared domains")
         self._listener: Memo[str, cache.Resource] = Memo("outbound listener")
         self._blocked: Memo[int | None, listener_components_pb2.FilterChain] = Memo("blocked chains")
 
@@ -95,12 +96,13 @@ class OutboundTranslator:
                 # A headless Service's virtual host names its pods' addresses: they are inputs too.
                 vh = self._vhosts.get(d.key, (d.service, d.port, d.ips if d.service.headless else ()), self._vhost, d, ctx)
                 by_port.setdefault(d.port.port, []).append((d, vh))
-        vhosts_by_port = {p: self._unique_domains(pairs, ctx) for p, pairs in by_port.items()}
+        vhosts_by_port = {p: self._unique_domains(p, pairs, ctx) for p, pairs in by_port.items()}
         live = {d.key for d in plan.destinations}
         self._chains.keep_only(live.__contains__)
         http_live = {d.key for d in plan.destinations if d.http}
         self._vhosts.keep_only(http_live.__contains__)
         self._unique.keep_only(http_live.__contains__)
+        self._shared.keep_only(by_port.__contains__)
         routes = tuple(self._routes.get(route_config_name(p), tuple(vhosts_by_port[p]), route_configuration,
                                         route_config_name(p), vhosts_by_port[p], ctx)
                        for p in sorted(vhosts_by_port))
@@ -157,18 +159,16 @@ class OutboundTranslator:
         self.hooks.route(route, svc, port, ctx)
         return vh
 
-    def _unique_domains(self, pairs: list[tuple[Destination, route_components_pb2.VirtualHost]],
+    def _unique_domains(self, port: int, pairs: list[tuple[Destination, route_components_pb2.VirtualHost]],
                         ctx: BuildContext) -> list[route_components_pb2.VirtualHost]:
         """The virtual hosts of one port without the domains two of them share: Envoy rejects a route
         configuration with a duplicate domain, which would freeze routing on that port for every service.
         Only short names collide (``web:9080`` of Services ``web`` in two namespaces: the client's namespace
         decides which one it means, and the sidecar view is shared by all namespaces); such a name is left
         out of every virtual host that has it, and each Service gets a Warning naming the ones to use."""
-        seen: dict[str, int] = {}
-        for _, vh in pairs:
-            for domain in set(vh.domains):
-                seen[domain] = seen.get(domain, 0) + 1
-        shared = {domain for domain, n in seen.items() if n > 1}
+        vhosts = tuple(vh for _, vh in pairs)
+        # Recounted only when a virtual host of the port changed (memoized virtual hosts are the same objects).
+        shared = self._shared.get(port, vhosts, _shared_domains, vhosts)
         out = []
         for d, vh in pairs:
             drop = tuple(x for x in vh.domains if x in shared)
@@ -202,6 +202,16 @@ def route_configuration(name: str, vhosts: list[route_components_pb2.VirtualHost
     rc.virtual_hosts.extend(vhosts)
     rc.validate_clusters.value = False
     return ctx.resource(rc, name)
+
+
+def _shared_domains(vhosts: tuple[route_components_pb2.VirtualHost, ...]) -> frozenset[str]:
+    """The domains more than one of ``vhosts`` names."""
+    seen: set[str] = set()
+    shared: set[str] = set()
+    for vh in vhosts:
+        for domain in set(vh.domains):
+            (shared if domain in seen else seen).add(domain)
+    return frozenset(shared)
 
 
 def _without_domains(d: Destination, vh: route_components_pb2.VirtualHost, drop: tuple[str, ...],
