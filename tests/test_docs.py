@@ -104,6 +104,8 @@ def test_every_hookspec_is_called_by_the_suite(trafficmgr_hook_calls: HookCovera
     name in a docstring or comment does not count. Judged only when the whole suite ran (with ``-k`` or
     a few files, the tests that call a hook may not have run)."""
     partial = trafficmgr_hook_calls.partial_run(TESTS)
+    if partial and os.environ.get("CI"):
+        pytest.fail(f"CI must run the whole suite (the hook coverage is judged on it): {partial}")
     if partial:
         pytest.skip(f"judged on a whole-suite run only: {partial}")
     uncalled = set(hookspec_names()) - trafficmgr_hook_calls.calls.called()
@@ -174,7 +176,8 @@ def test_hook_call_recorder_counts_calls_not_mentions(tmp_path: Path) -> None:
     suite.mkdir()
     (suite / "test_build.py").write_text(META_BUILD)
     (suite / "test_0_coverage.py").write_text(META_COVERAGE)
-    env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
     cmd = [sys.executable, "-m", "pytest", "-p", "trafficmgr.testing.pytest_plugin", "-p", "no:cacheprovider",
            "-v", "-s", "--rootdir", str(suite), str(suite)]
     whole = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
@@ -185,6 +188,22 @@ def test_hook_call_recorder_counts_calls_not_mentions(tmp_path: Path) -> None:
     assert out.index("test_build.py::test_build PASSED") < out.index("test_0_coverage.py::test_0_coverage"), out
     part = subprocess.run([*cmd, "-k", "coverage"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert part.returncode == 0 and "SKIPPED (1 tests deselected)" in part.stdout, part.stdout + part.stderr
+
+
+def test_hook_coverage_cannot_skip_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under CI a partial run fails the coverage check instead of skipping it (a narrowed CI command, -k or
+    -m or shards, would otherwise turn the check off unnoticed); without CI it skips."""
+    class Partial:
+        def partial_run(self, tests: Path) -> str:
+            return "1 tests deselected"
+
+    check = test_every_hookspec_is_called_by_the_suite
+    monkeypatch.setenv("CI", "1")
+    with pytest.raises(pytest.fail.Exception, match="CI must run the whole suite"):
+        check(Partial())  # type: ignore[arg-type]
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="whole-suite run only"):
+        check(Partial())  # type: ignore[arg-type]
 
 
 # -- docs/plugins.md ------------------------------------------------------------------------------

@@ -123,7 +123,8 @@ def test_grpc_server_stream_outlives_envoys_default_route_timeout(trafficmgr_env
         # Both ends enforce the deadline and race: grpcio's own timer gives DEADLINE_EXCEEDED; Envoy's
         # (grpc-timeout honoured) resets the stream whose headers (x-pod) already went out: INTERNAL.
         assert exc.value.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL), exc.value
-        assert time.monotonic() - start < 0.8, "ended by the deadline, before the first message"
+        # Ended by the deadline: the 3 messages would take 2.4 s (slack for a loaded machine).
+        assert time.monotonic() - start < 2.0, "not ended by the 0.4 s deadline"
 
 
 def test_a_grpc_label_on_http1_pods_fails_fast(trafficmgr_envoy: Callable[..., SidecarMesh]) -> None:

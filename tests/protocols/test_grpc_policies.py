@@ -278,12 +278,13 @@ def test_request_timeout_ends_grpc_streams_and_caps_the_client_deadline(
         for deadline in (None, 10.0):
             code, received, seconds = _stream(channel, deadline)
             # Envoy resets the stream at 500 ms (its response has started): the client sees INTERNAL
-            # (RST_STREAM); messages were sent at 0 and 300 ms.
-            assert code != grpc.StatusCode.OK and received == 2, (deadline, code, received)
-            assert 0.45 <= seconds < 1.2, (deadline, seconds)
+            # (RST_STREAM); messages were sent at 0 and 300 ms (a loaded machine may deliver one more
+            # before the reset lands, never all 6, which take 1.5 s).
+            assert code != grpc.StatusCode.OK and 2 <= received < 6, (deadline, code, received)
+            assert 0.45 <= seconds < 1.45, (deadline, seconds)
         # A client deadline shorter than the label still applies.
         code, received, seconds = _stream(channel, 0.2)
-        assert code != grpc.StatusCode.OK and received == 1 and seconds < 0.45, (code, received, seconds)
+        assert code != grpc.StatusCode.OK and received == 1 and seconds < 1.0, (code, received, seconds)
         mesh.label("service", "echo", {"traffic.request.timeout": None})
         assert _stream(channel, 10.0)[:2] == (grpc.StatusCode.OK, 6)
 
@@ -312,7 +313,7 @@ def test_request_timeout_caps_the_grpc_timeout_and_ends_unanswered_calls(traffic
         slow = channel.unary_unary(SLOW_METHOD)
         start = time.monotonic()
         assert _code(lambda: slow(b"1.5", timeout=10)) == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert 0.45 <= time.monotonic() - start < 1.2
+        assert 0.45 <= time.monotonic() - start < 1.45  # cut before the server's answer at 1.5 s
         mesh.label("service", "echo", {"traffic.request.timeout": None})
         assert slow(b"0.8", timeout=10) == b"0.8"
 
