@@ -1,0 +1,1 @@
+"""Mesh identity: SPIFFE IDs, the mesh CA, workload certificates and where Envoy finds them."""

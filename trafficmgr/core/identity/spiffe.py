@@ -1,0 +1,18 @@
+"""SPIFFE IDs of workloads: ``spiffe://<trust domain>/ns/<namespace>/sa/<service account>``."""
+
+from __future__ import annotations
+
+import re
+
+_ID = re.compile(r"^spiffe://(?P<td>[^/]+)/ns/(?P<ns>[^/]+)/sa/(?P<sa>[^/]+)$")
+
+
+def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
+    """The SPIFFE ID of a workload (``service_account`` "" means ``default``, as in Kubernetes)."""
+    return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account or 'default'}"
+
+
+def parse(text: str) -> tuple[str, str, str] | None:
+    """``(trust domain, namespace, service account)`` of a workload SPIFFE ID, or None."""
+    m = _ID.match(text)
+    return (m["td"], m["ns"], m["sa"]) if m else None
