@@ -1,8 +1,9 @@
 """The control plane's ClusterRole grants exactly what the selected plugins' watched kinds need.
 
 The expected rules are derived from the code (``kinds_of(PluginHost.load(selection))``: get/list/watch per
-group/resource) plus the fixed writes (Events create/patch; Ingress status update/patch with ``ingress``),
-so the chart and the code cannot drift apart.
+group/resource) plus the fixed writes (Events create/patch; Ingress status update/patch with ``ingress``;
+TokenReviews with mesh identity), so the chart and the code cannot drift apart. Grants limited to named
+objects (``resourceNames``) are only allowed where a test below names them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ READ = ("get", "list", "watch")
 
 SELECTIONS = [
     BUILTIN_PLUGINS,
+    [p for p in BUILTIN_PLUGINS if p != "mtls"],
     ["lb"],
     [p for p in BUILTIN_PLUGINS if p != "tls"],
     [p for p in BUILTIN_PLUGINS if p not in ("ingress", "tls")],
@@ -38,20 +40,33 @@ def reads_of(selection: list[str]) -> set[tuple[str, str]]:
     return {(_group(k), k.plural) for k in kinds_of(PluginHost.load(selection))}
 
 
-def expected_grants(selection: list[str]) -> set[Grant]:
+def expected_grants(selection: list[str], mesh_identity: bool = True) -> set[Grant]:
     grants = {(g, r, v) for g, r in reads_of(selection) for v in READ}
     grants |= {("", "events", "create"), ("", "events", "patch")}
+    if mesh_identity:
+        grants.add(("authentication.k8s.io", "tokenreviews", "create"))
     if "ingress" in selection:
         grants |= {("networking.k8s.io", "ingresses/status", v) for v in ("update", "patch")}
     return grants
 
 
-def grants_of(role: dict[str, Any]) -> set[Grant]:
+def grants_of(role: dict[str, Any], named: bool = False) -> set[Grant]:
+    """Every (group, resource, verb) the role grants; ``named`` True: only what it grants on any name
+    (rules with ``resourceNames`` left out), else rules with names fail the test."""
     out: set[Grant] = set()
     for rule in role["rules"]:
-        assert set(rule) <= {"apiGroups", "resources", "verbs"}, f"unexpected rule fields (resourceNames/nonResourceURLs?): {rule}"
+        assert set(rule) <= {"apiGroups", "resources", "verbs", "resourceNames"}, f"unexpected rule fields (nonResourceURLs?): {rule}"
+        if "resourceNames" in rule:
+            assert named, f"{role['metadata']['name']}: a rule limited to names where none was expected: {rule}"
+            continue
         out |= {(g, r, v) for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
     return out
+
+
+def named_grants_of(role: dict[str, Any]) -> set[tuple[str, str, str, str]]:
+    """(group, resource, verb, name) of the rules limited to named objects."""
+    return {(g, r, v, n) for rule in role["rules"] if "resourceNames" in rule
+            for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"] for n in rule["resourceNames"]}
 
 
 @pytest.mark.parametrize("selection", SELECTIONS, ids=lambda s: ",".join(s) or "none")
@@ -68,13 +83,34 @@ def test_core_kinds_are_what_the_chart_calls_core() -> None:
 
 
 def test_secrets_only_with_tls() -> None:
+    """Reading Secrets (any name) needs the tls plugin; mesh identity reads only its CA Secret, by name."""
     def reads_secrets(values: dict[str, Any]) -> bool:
         roles = find(render(values), "ClusterRole") + find(render(values), "Role")
-        return any(g == "" and r == "secrets" for role in roles for g, r, _ in grants_of(role))
+        return any(g == "" and r == "secrets" and v in READ for role in roles for g, r, v in grants_of(role, named=True))
 
     assert reads_secrets({})
     assert not reads_secrets({"plugins": [p for p in BUILTIN_PLUGINS if p != "tls"]})
     assert not reads_secrets({"plugins": ["lb"]})
+
+
+def test_mesh_identity_roles_are_limited_to_the_ca_secret_and_trust_bundle_in_the_release_namespace() -> None:
+    objects = render({})
+    ca = one(objects, "Role", f"{RELEASE}-mesh-ca")
+    assert ca["metadata"]["namespace"] == NAMESPACE
+    assert named_grants_of(ca) == {("", "secrets", v, f"{RELEASE}-mesh-ca") for v in READ} | {
+        ("", "configmaps", v, "trafficmgr-trust-bundle") for v in (*READ, "update", "patch")}
+    # create cannot be limited to a name in Kubernetes RBAC; nothing else is granted on any name.
+    assert grants_of(ca, named=True) == {("", "secrets", "create"), ("", "configmaps", "create")}
+    agent = one(objects, "Role", f"{RELEASE}-agent-trust-bundle")
+    assert agent["metadata"]["namespace"] == NAMESPACE
+    assert named_grants_of(agent) == {("", "configmaps", v, "trafficmgr-trust-bundle") for v in READ}
+    assert grants_of(agent, named=True) == set()
+    for name, sa in ((f"{RELEASE}-mesh-ca", RELEASE), (f"{RELEASE}-agent-trust-bundle", f"{RELEASE}-agent")):
+        binding = one(objects, "RoleBinding", name)
+        assert binding["roleRef"]["name"] == name and binding["subjects"][0]["name"] == sa
+    off = render({"meshIdentity": {"enabled": False}, "plugins": [p for p in BUILTIN_PLUGINS if p != "mtls"]})
+    assert not find(off, "Role", f"{RELEASE}-mesh-ca") and not find(off, "Role", f"{RELEASE}-agent-trust-bundle")
+    assert ("authentication.k8s.io", "tokenreviews", "create") not in grants_of(one(off, "ClusterRole", RELEASE))
 
 
 @pytest.mark.parametrize("values", [{}, {"plugins": ["lb"]}, {"controlPlane": {"watchNamespace": "shop"}},
@@ -82,7 +118,7 @@ def test_secrets_only_with_tls() -> None:
 def test_no_wildcards_and_no_cluster_admin(values: dict[str, Any]) -> None:
     objects = render(values)
     for role in find(objects, "ClusterRole") + find(objects, "Role"):
-        for g, r, v in grants_of(role):
+        for g, r, v in grants_of(role, named=True) | {t[:3] for t in named_grants_of(role)}:
             assert "*" not in (g, r, v), f"{role['metadata']['name']}: wildcard in {(g, r, v)}"
     for binding in find(objects, "ClusterRoleBinding") + find(objects, "RoleBinding"):
         assert binding["roleRef"]["name"] not in ("cluster-admin", "admin", "edit"), binding["metadata"]["name"]

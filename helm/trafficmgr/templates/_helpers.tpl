@@ -60,6 +60,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- $all := concat .Values.plugins .Values.extraPlugins | uniq -}}
 {{- /* The built-in plugins' TRAFFICMGR_DEPENDS, checked here too so that a bad selection fails at install,
        not in a crash-looping pod. */ -}}
+{{- if and (has "mtls" $all) (not .Values.meshIdentity.enabled) -}}
+{{- fail "plugins: mtls needs meshIdentity.enabled=true (sidecars need workload certificates for mutual TLS): enable it, or remove mtls" -}}
+{{- end -}}
 {{- if and (has "tls" $all) (not (has "ingress" $all)) -}}
 {{- fail "plugins: tls needs ingress (it serves the Ingress gateway's HTTPS): add ingress to plugins, or remove tls" -}}
 {{- end -}}
@@ -221,6 +224,9 @@ one version and carry its sha256 (pip's hash-checking mode accepts nothing else)
 
 {{/* Value combinations the schema cannot express; included once by controlplane.yaml. */}}
 {{- define "trafficmgr.checks" -}}
+{{- if and (eq .Values.controlPlane.xdsAuth "mtls") (not .Values.meshIdentity.enabled) (or (not .Values.controlPlane.xdsTls.secretName) (and .Values.gateway.enabled (not .Values.gateway.xdsTls.secretName))) }}
+{{- fail "controlPlane.xdsAuth=mtls without meshIdentity needs controlPlane.xdsTls.secretName and gateway.xdsTls.secretName (or enable meshIdentity: proxies then present their workload certificates)" }}
+{{- end }}
 {{- if and (eq .Values.controlPlane.xdsAuth "none") (not .Values.controlPlane.allowInsecureXds) }}
 {{- fail "controlPlane.xdsAuth=none lets any client that reaches the xDS port claim any identity, the gateway's included (and receive every Ingress TLS private key): set controlPlane.allowInsecureXds=true too if this is a development cluster, else use peer-ip (the default) or mtls" }}
 {{- end }}
@@ -233,3 +239,90 @@ one version and carry its sha256 (pip's hash-checking mode accepts nothing else)
 
 {{/* Where xDS client/server certificates are mounted with xdsAuth mtls (a Secret: tls.crt, tls.key, ca.crt). */}}
 {{- define "trafficmgr.xdsTlsDir" -}}/etc/trafficmgr/xds-tls{{- end }}
+
+{{/* Mesh identity: the CA Secret, the signing service's address and the name its certificate carries. */}}
+{{- define "trafficmgr.meshCASecret" -}}
+{{- .Values.meshIdentity.ca.secretName | default (printf "%s-mesh-ca" (include "trafficmgr.fullname" .)) -}}
+{{- end }}
+{{- define "trafficmgr.identityServerName" -}}
+{{- printf "%s.%s.svc" (include "trafficmgr.fullname" .) .Release.Namespace -}}
+{{- end }}
+{{- define "trafficmgr.identityAddress" -}}
+{{- printf "%s:%d" (include "trafficmgr.identityServerName" .) (int .Values.meshIdentity.port) -}}
+{{- end }}
+{{/* The trust bundle ConfigMap the control plane publishes in its namespace (fixed name: agents look it up). */}}
+{{- define "trafficmgr.trustBundle" -}}trafficmgr-trust-bundle{{- end }}
+{{/* Where a projected ServiceAccount token with the mesh audience is mounted (agent, gateway). */}}
+{{- define "trafficmgr.identityTokenDir" -}}/var/run/secrets/trafficmgr{{- end }}
+{{- define "trafficmgr.identityTokenVolume" -}}
+# A token only the signing service accepts (audience {{ .Values.meshIdentity.tokenAudience }}): the API server refuses it, so
+# this pod gets no Kubernetes API access from it. Bound to the pod; the kubelet renews it.
+- name: identity-token
+  projected:
+    sources:
+      - serviceAccountToken:
+          audience: {{ .Values.meshIdentity.tokenAudience }}
+          expirationSeconds: 3600
+          path: token
+{{- end }}
+
+{{/* The gateway's identity fetcher: an init container (--once, so Envoy starts with a certificate) and a
+     sidecar container that renews it. */}}
+{{- define "trafficmgr.gatewayIdentity" -}}
+- name: {{ .name }}
+  image: {{ include "trafficmgr.mainImage" .root }}
+  imagePullPolicy: {{ .root.Values.image.pullPolicy }}
+  # The gateway's own workload certificate (its key is made here and stays in the pod's memory-backed
+  # emptyDir): it originates mutual TLS to meshed backends and, with xdsAuth mtls, authenticates to xDS.
+  args:
+    - identity
+    - --log-level={{ .root.Values.logLevel }}
+    - --dir={{ include "trafficmgr.gatewayProxyDir" .root }}
+    - --token-file={{ include "trafficmgr.identityTokenDir" .root }}/token
+    - --ca-address={{ include "trafficmgr.identityAddress" .root }}
+    - --ca-server-name={{ include "trafficmgr.identityServerName" .root }}
+    - --bundle-file=/etc/trafficmgr/trust-bundle/ca.crt
+    - --pod=$(POD_NAMESPACE)/$(POD_NAME)
+    - --pod-uid=$(POD_UID)
+    - --service-account={{ include "trafficmgr.gatewayServiceAccount" .root }}
+    - --trust-domain={{ .root.Values.meshIdentity.trustDomain }}
+    {{- if .once }}
+    - --once
+    {{- end }}
+  env:
+    - name: POD_NAME
+      valueFrom: {fieldRef: {fieldPath: metadata.name}}
+    - name: POD_NAMESPACE
+      valueFrom: {fieldRef: {fieldPath: metadata.namespace}}
+    - name: POD_UID
+      valueFrom: {fieldRef: {fieldPath: metadata.uid}}
+    {{- include "trafficmgr.commonEnv" .root | nindent 4 }}
+  {{- if not .once }}
+  # Healthy while the certificate in the shared directory is valid for at least another 10 % of its life.
+  livenessProbe:
+    exec:
+      command: [trafficmgr, identity, --check, --dir={{ include "trafficmgr.gatewayProxyDir" .root }}]
+    periodSeconds: 30
+    failureThreshold: 4
+  readinessProbe:
+    exec:
+      command: [trafficmgr, identity, --check, --dir={{ include "trafficmgr.gatewayProxyDir" .root }}]
+    periodSeconds: 10
+  {{- end }}
+  resources:
+    requests: {cpu: 10m, memory: 48Mi}
+    limits: {memory: 128Mi}
+  securityContext:
+    {{- toYaml .root.Values.containerSecurityContext | nindent 4 }}
+  volumeMounts:
+    {{- include "trafficmgr.commonMounts" .root | nindent 4 }}
+    - name: proxy
+      mountPath: {{ include "trafficmgr.gatewayProxyDir" .root }}
+    - name: identity-token
+      mountPath: {{ include "trafficmgr.identityTokenDir" .root }}
+      readOnly: true
+    - name: trust-bundle
+      mountPath: /etc/trafficmgr/trust-bundle
+      readOnly: true
+{{- end }}
+{{- define "trafficmgr.gatewayProxyDir" -}}/var/run/trafficmgr/proxy{{- end }}

@@ -12,6 +12,8 @@ ingress:
   networking.k8s.io: [ingresses, ingressclasses]
 tls:
   "": [secrets]
+mtls:
+  "": [namespaces]
 {{- end }}
 
 {{/* The control plane's ClusterRole rules for the selected plugins, as a YAML list. */}}
@@ -31,6 +33,12 @@ tls:
 - apiGroups: [""]
   resources: [events]
   verbs: [create, patch]
+{{- if .Values.meshIdentity.enabled }}
+# The signing service checks every caller's ServiceAccount token (audience, pod, node) with a TokenReview.
+- apiGroups: [authentication.k8s.io]
+  resources: [tokenreviews]
+  verbs: [create]
+{{- end }}
 {{- if has "ingress" .Values.plugins }}
 - apiGroups: [networking.k8s.io]
   resources: [ingresses/status]
