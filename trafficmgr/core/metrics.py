@@ -65,3 +65,30 @@ BUILD_ERRORS = Counter(
     "Builds that raised in the sync loop (the previous snapshots stay served; the next change rebuilds everything)",
     registry=REGISTRY,
 )
+# -- mesh identity (trafficmgr.core.identity) ---------------------------------------------------------
+CERTIFICATES_SIGNED = Counter(
+    "trafficmgr_certificates_signed", "Workload certificates signed by the mesh CA (Sign RPC)", registry=REGISTRY
+)
+CERTIFICATE_REQUESTS_REFUSED = Counter(
+    "trafficmgr_certificate_requests_refused",
+    "Sign RPC requests refused, by reason (see SIGN_REFUSAL_REASONS)",
+    ["reason"],
+    registry=REGISTRY,
+)
+#: Reasons of ``trafficmgr_certificate_requests_refused_total``: ``unauthenticated`` no token, or the
+#: TokenReview said no (unknown, expired, wrong audience); ``bad_request`` not the request's JSON shape;
+#: ``bad_csr`` a CSR that cannot be signed (signature, key, SANs); ``not_authorized`` the caller may not ask
+#: for that pod (another node, not the agent and not bound to the pod); ``pod_not_signable`` the pod is
+#: absent, replaced (other uid), terminating, finished or on the host network; ``identity_mismatch`` the
+#: CSR's SPIFFE ID is not the pod's; ``unavailable`` the CA is not loaded or the API server failed.
+SIGN_REFUSAL_REASONS = (
+    "unauthenticated", "bad_request", "bad_csr", "not_authorized", "pod_not_signable", "identity_mismatch",
+    "unavailable",
+)
+for _reason in SIGN_REFUSAL_REASONS:
+    CERTIFICATE_REQUESTS_REFUSED.labels(_reason)
+CA_EXPIRY = Gauge(
+    "trafficmgr_ca_expiry_timestamp_seconds",
+    "When the mesh CA that signs (or a certificate above it) expires, Unix time; no issued certificate outlives it",
+    registry=REGISTRY,
+)
