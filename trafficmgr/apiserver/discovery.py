@@ -69,6 +69,19 @@ BY_KEY: dict[str, ResourceType] = {r.key: r for r in RESOURCES}
 BY_GVR: dict[tuple[str, str, str], ResourceType] = {(r.group, r.version, r.plural): r for r in RESOURCES}
 BY_GVK: dict[tuple[str, str], ResourceType] = {(r.api_version, r.kind): r for r in RESOURCES}
 
+#: Create-only APIs that are answered, not stored (:mod:`.tokens`): listed in discovery, absent from
+#: RESOURCES (no store bucket, no OpenAPI paths, no generic verbs). (group, version) -> APIResource entries.
+VIRTUAL: dict[tuple[str, str], list[dict]] = {
+    ("authentication.k8s.io", "v1"): [{"name": "tokenreviews", "singularName": "tokenreview", "namespaced": False,
+                                       "kind": "TokenReview", "verbs": ["create"]}],
+}
+#: Create-only subresources, listed after their resource: a ServiceAccount's TokenRequest.
+VIRTUAL_SUBS: dict[str, list[dict]] = {
+    "serviceaccounts": [{"name": "serviceaccounts/token", "singularName": "", "namespaced": True,
+                         "group": "authentication.k8s.io", "version": "v1", "kind": "TokenRequest",
+                         "verbs": ["create"]}],
+}
+
 GROUP_VERSIONS: dict[str, list[str]] = {}
 for _r in RESOURCES:
     GROUP_VERSIONS.setdefault(_r.group, [])
@@ -109,9 +122,17 @@ def api_versions(server_address: str) -> dict:
     }
 
 
+def _served_group_versions() -> dict[str, list[str]]:
+    out = {g: list(v) for g, v in GROUP_VERSIONS.items()}
+    for group, version in VIRTUAL:
+        if version not in out.setdefault(group, []):
+            out[group].append(version)
+    return out
+
+
 def api_group_list() -> dict:
     groups = []
-    for group, versions in GROUP_VERSIONS.items():
+    for group, versions in _served_group_versions().items():
         if not group:
             continue
         gvs = [{"groupVersion": f"{group}/{v}", "version": v} for v in versions]
@@ -120,9 +141,10 @@ def api_group_list() -> dict:
 
 
 def api_group(group: str) -> dict | None:
-    if group not in GROUP_VERSIONS or not group:
+    served = _served_group_versions()
+    if group not in served or not group:
         return None
-    gvs = [{"groupVersion": f"{group}/{v}", "version": v} for v in GROUP_VERSIONS[group]]
+    gvs = [{"groupVersion": f"{group}/{v}", "version": v} for v in served[group]]
     return {"kind": "APIGroup", "apiVersion": "v1", "name": group, "versions": gvs, "preferredVersion": gvs[0]}
 
 
@@ -130,9 +152,9 @@ def api_resource_list(group: str, version: str) -> dict | None:
     """APIResourceList for ``group/version`` or None if not served."""
     gv = version if not group else f"{group}/{version}"
     rts = [r for r in RESOURCES if r.group == group and r.version == version]
-    if not rts:
+    if not rts and (group, version) not in VIRTUAL:
         return None
-    out = []
+    out = [dict(e) for e in VIRTUAL.get((group, version), [])]
     for r in rts:
         entry = {
             "name": r.plural, "singularName": r.singular, "namespaced": r.namespaced, "kind": r.kind,
@@ -149,4 +171,5 @@ def api_resource_list(group: str, version: str) -> dict | None:
             if sub == "scale":
                 se.update(group="autoscaling", version="v1", kind="Scale")
             out.append(se)
+        out.extend(dict(e) for e in VIRTUAL_SUBS.get(r.plural, []) if not r.group)
     return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": out}

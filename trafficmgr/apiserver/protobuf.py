@@ -61,6 +61,14 @@ SCHEMAS: dict[str, Schema] = {
     "ContainerPort": {1: ("name", "string", False), 2: ("hostPort", "int", False),
                       3: ("containerPort", "pint", False), 4: ("protocol", "string", False)},
     "EnvVar": {1: ("name", "string", False), 2: ("value", "string", False)},
+    # authentication.k8s.io/v1 (kubectl create token sends a TokenRequest as protobuf)
+    "TokenRequest": {1: ("metadata", "msg:ObjectMeta", False), 2: ("spec", "msg:TokenRequestSpec", False)},
+    "TokenRequestSpec": {1: ("audiences", "string", True), 3: ("boundObjectRef", "msg:BoundObjectReference", False),
+                         4: ("expirationSeconds", "pint", False)},
+    "BoundObjectReference": {1: ("kind", "string", False), 2: ("apiVersion", "string", False),
+                             3: ("name", "string", False), 4: ("uid", "string", False)},
+    "TokenReview": {1: ("metadata", "msg:ObjectMeta", False), 2: ("spec", "msg:TokenReviewSpec", False)},
+    "TokenReviewSpec": {1: ("token", "string", False), 2: ("audiences", "string", True)},
 }
 
 

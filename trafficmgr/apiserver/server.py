@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
-from . import access, discovery, fieldmanager, openapi, podlogs, protobuf, tables
+from . import access, discovery, fieldmanager, openapi, podlogs, protobuf, tables, tokens
 from .controllers import Controllers, PodRuntime
 from .discovery import BY_GVR, ResourceType
 from .errors import ApiError
@@ -267,6 +267,9 @@ class _Handler(BaseHTTPRequestHandler):
                 if doc is None:
                     raise ApiError(404, "NotFound", "the server could not find the requested resource")
                 return self._send_obj(200, doc)
+        token_api = tokens.route(parts)
+        if token_api is not None:
+            return self._token_api(method, *token_api)
         if len(parts) >= 3 and parts[0] == "api":
             route = _route("", parts[1], parts[2:])
         elif len(parts) >= 4 and parts[0] == "apis":
@@ -292,6 +295,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dry_run(self) -> bool:
         return bool(self.query.get("dryRun"))
+
+    def _token_api(self, method: str, what: str, namespace: str, name: str) -> None:
+        """TokenRequest (a ServiceAccount's ``token`` subresource) and TokenReview: create only, 201 as
+        kube-apiserver; see :mod:`.tokens` (the tokens never authenticate requests to this server)."""
+        if method != "POST":
+            raise ApiError.method_not_allowed()
+        body = self._body(self.headers.get("Content-Type", ""))
+        authority = tokens.authority(self.store)
+        if what == "request":
+            return self._send_obj(201, authority.request(namespace, name, body, self._dry_run()))
+        self._send_obj(201, authority.review(body))
 
     # ---- collection verbs --------------------------------------------------------------------
 
@@ -645,6 +659,11 @@ class APIServer:
     def token(self) -> str | None:
         """The bearer token every request must carry (None: none needed)."""
         return self.credentials.token if self.credentials else None
+
+    @property
+    def token_authority(self) -> tokens.TokenAuthority:
+        """The ServiceAccount token issuer behind TokenRequest/TokenReview (see :mod:`.tokens`)."""
+        return tokens.authority(self.store)
 
     @property
     def url(self) -> str:

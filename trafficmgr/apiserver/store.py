@@ -203,6 +203,8 @@ class Store:
         # The access.Credentials (token, serving certificate) of the last APIServer started on this store:
         # a server restarted on the same data keeps them, as a real API server keeps its certificates.
         self.credentials: Any = None
+        # The tokens.TokenAuthority of those servers (its token-signing key), made on first use: a restart keeps it.
+        self.tokens: Any = None
         for ns in namespaces:
             self.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
 
