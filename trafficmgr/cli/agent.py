@@ -18,7 +18,8 @@ from trafficmgr.core.bootstrap import ADMIN_ADDRESS, ADMIN_PORT, STATS_PORT
 from trafficmgr.core.plugins import ENV_SELECTION
 
 if TYPE_CHECKING:
-    from trafficmgr.core.bootstrap import XdsTls
+    from trafficmgr.core.agent.identity import IdentityConfig
+    from trafficmgr.core.bootstrap import XdsIdentityTls, XdsTls
 
 ENV_NODE_NAME = "NODE_NAME"
 ENV_DOCKER_HOST = "DOCKER_HOST"
@@ -37,7 +38,9 @@ def _add_runtime_options(parser: argparse.ArgumentParser, choices: tuple[str, ..
     parser.add_argument("--docker-host", metavar="URL", default=_docker_host_default(),
                         help="Docker engine (default: $DOCKER_HOST or unix:///var/run/docker.sock)")
     parser.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR,
-                        help=f"netns/local runtimes: where sidecar processes are recorded (default {DEFAULT_STATE_DIR})")
+                        help=f"the sidecars' own directories (their working directories: bootstrap, log, identity/); "
+                             f"netns/local runtimes also record their processes there; docker: it must be the same path "
+                             f"on the host (default {DEFAULT_STATE_DIR})")
     parser.add_argument("--netns-dir", metavar="DIR", default=DEFAULT_NETNS_DIR,
                         help=f"netns runtime: where pod network namespaces are found (default {DEFAULT_NETNS_DIR})")
 
@@ -75,6 +78,62 @@ def _setup_agent(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resync", type=positive_seconds, default=30.0, metavar="SECONDS",
                         help="full reconcile interval: rules re-checked, dead sidecars replaced (default 30)")
     _add_runtime_options(parser, RUNTIMES)
+    _add_identity_options(parser)
+
+
+def _add_identity_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("mesh identity (workload certificates for the sidecars)")
+    g.add_argument("--mesh-identity", action="store_true",
+                   help="give every sidecar a workload certificate (key made on this node, signed by the control "
+                        "plane's signing service), renewed at half-life; needs --ca-address and --identity-token-file")
+    g.add_argument("--ca-address", metavar="HOST:PORT",
+                   help="the control plane's signing service ('serve --mesh-identity', port 15012 by default)")
+    g.add_argument("--ca-server-name", metavar="NAME",
+                   help="the name the signing service's certificate must carry (default: the host of --ca-address)")
+    g.add_argument("--identity-token-file", metavar="FILE",
+                   help="the agent's ServiceAccount token with the signing service's audience (a projected token; "
+                        "re-read for every request)")
+    g.add_argument("--mesh-ca-namespace", metavar="NS",
+                   help="namespace of the control plane's trust bundle ConfigMap trafficmgr-trust-bundle "
+                        "(default: $POD_NAMESPACE, else trafficmgr)")
+    g.add_argument("--trust-domain", metavar="DOMAIN", default="cluster.local",
+                   help="SPIFFE trust domain of the workload identities, as 'serve --trust-domain' (default cluster.local)")
+    g.add_argument("--xds-mtls", action="store_true",
+                   help="sidecars present their workload certificate to the xDS server and verify it against the "
+                        "trust bundle (for 'serve --xds-auth mtls'); needs --mesh-identity")
+
+
+def identity_config(args: argparse.Namespace) -> IdentityConfig | None:
+    """The agent's :class:`IdentityConfig` from its options (None without ``--mesh-identity``); raises
+    :class:`CliError` for a bad or missing one."""
+    from trafficmgr.core.access import check_trust_domain
+    from trafficmgr.core.agent.identity import IdentityConfig
+    from trafficmgr.core.identity.client import parse_address
+
+    if not args.mesh_identity:
+        given = [f"--{f.replace('_', '-')}" for f in ("ca_address", "ca_server_name", "identity_token_file",
+                                                      "mesh_ca_namespace", "xds_mtls") if getattr(args, f)]
+        if given:
+            raise CliError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --mesh-identity")
+        return None
+    missing = [f"--{f.replace('_', '-')}" for f in ("ca_address", "identity_token_file") if not getattr(args, f)]
+    if missing:
+        raise CliError(f"--mesh-identity needs {' and '.join(missing)}")
+    try:
+        parse_address(args.ca_address)
+    except ValueError as exc:
+        raise CliError(f"--ca-address: {exc}") from None
+    try:
+        check_trust_domain(args.trust_domain)
+    except ValueError as exc:
+        raise CliError(f"--trust-domain: {exc}") from None
+    if not os.path.isfile(args.identity_token_file):
+        # Not fatal later (the kubelet may write it late, it is re-read per call), but a wrong path is a typo.
+        raise CliError(f"--identity-token-file {args.identity_token_file}: no such file")
+    namespace = args.mesh_ca_namespace or os.environ.get("POD_NAMESPACE") or "trafficmgr"
+    return IdentityConfig(ca_address=args.ca_address, token_file=args.identity_token_file,
+                          ca_server_name=args.ca_server_name or None, trust_domain=args.trust_domain,
+                          ca_namespace=namespace)
 
 
 def _run_agent(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
@@ -93,6 +152,7 @@ def _run_agent(args: argparse.Namespace, stop: threading.Event | None = None) ->
     taken = [name for name, port in ports.items() if port and list(ports.values()).count(port) > 1]
     if taken:
         raise CliError(f"{' and '.join(taken)} must differ: each is a different listener of the sidecar")
+    args.identity_config = identity_config(args)
     plugins = plugins_of(args)
     try:
         return run_agent(args, plugins, stop)
@@ -265,18 +325,28 @@ def _setup_bootstrap(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--xds-tls-ca", metavar="FILE",
                         help="CA (PEM) the xDS server's certificate must chain to; the certificate must also name "
                              "the host of --xds-address (DNS or IP SAN)")
+    parser.add_argument("--xds-tls-identity", action="store_true",
+                        help="mutual TLS to the xDS server with the proxy's workload identity: certificate, key and "
+                             "trust bundle from identity/ below Envoy's working directory (as 'trafficmgr identity "
+                             "--dir' writes them), reloaded on renewal; instead of --xds-tls-cert/-key/-ca")
     parser.add_argument("--plugins", metavar="SEL", default=None,
                         help=f"plugins whose trafficmgr_bootstrap hooks apply (default: ${ENV_SELECTION} or all installed)")
     parser.add_argument("-o", "--output", metavar="FILE", default="-", help="write to FILE (default: stdout)")
 
 
-def _xds_tls(args: argparse.Namespace) -> XdsTls | None:
+def _xds_tls(args: argparse.Namespace) -> XdsTls | XdsIdentityTls | None:
     """``--xds-tls-cert/--xds-tls-key/--xds-tls-ca``: all three or none, each a readable file (the paths
-    go into the bootstrap as given: they must be the same inside Envoy's container)."""
-    from trafficmgr.core.bootstrap import XdsTls
+    go into the bootstrap as given: they must be the same inside Envoy's container); or
+    ``--xds-tls-identity`` (files relative to Envoy's working directory, not checked here)."""
+    from trafficmgr.core.bootstrap import XdsIdentityTls, XdsTls
 
     files = {"--xds-tls-cert": args.xds_tls_cert, "--xds-tls-key": args.xds_tls_key, "--xds-tls-ca": args.xds_tls_ca}
     given = [flag for flag, path in files.items() if path]
+    if getattr(args, "xds_tls_identity", False):
+        if given:
+            raise CliError(f"--xds-tls-identity and {', '.join(given)} exclude each other: the identity files are "
+                           "the client certificate")
+        return XdsIdentityTls()
     if not given:
         return None
     if len(given) != len(files):

@@ -46,27 +46,51 @@ class XdsTls:
     sni: str | None = None
 
 
+@attrs.frozen(slots=True)
+class XdsIdentityTls:
+    """Client TLS of the xDS connection with the proxy's **workload identity** (mesh identity): the
+    certificate, key and trust bundle are the files of :mod:`trafficmgr.core.identity.files` below Envoy's
+    working directory, read through file-based SDS (relative paths), so a renewal applies without a
+    restart and one bootstrap fits every proxy; the xDS server's certificate must chain to the mesh trust
+    bundle (the control plane's serving certificate is issued by the mesh CA). ``sni`` as in :class:`XdsTls`."""
+
+    sni: str | None = None
+
+
 _UPSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 
 
-def xds_transport_socket(tls: XdsTls, xds_host: str) -> dict[str, Any]:
+def xds_transport_socket(tls: XdsTls | XdsIdentityTls, xds_host: str) -> dict[str, Any]:
     """The xDS cluster's ``transport_socket``: TLS with the client certificate, ALPN ``h2`` (gRPC), the
-    server's chain checked against ``tls.ca`` and, for a TCP address, its SAN against the host (a DNS
-    name or an IP of ``--xds-address``: another certificate of the same CA, e.g. a proxy's, cannot pose
-    as the control plane). Over ``unix:`` only the chain is checked (the socket path names the server)."""
-    validation: dict[str, Any] = {"trusted_ca": {"filename": tls.ca}}
+    server's chain checked against ``tls.ca`` (or the mesh trust bundle) and, for a TCP address, its SAN
+    against the host (a DNS name or an IP of ``--xds-address``: another certificate of the same CA, e.g. a
+    proxy's, cannot pose as the control plane). Over ``unix:`` only the chain is checked (the socket path
+    names the server)."""
+    from trafficmgr.core.identity import files
+
+    san: list[dict[str, Any]] = []
     host = xds_host.strip("[]")
     if not xds_host.startswith("unix:"):
         san_type = "IP_ADDRESS" if is_ip(host) else "DNS"
-        validation["match_typed_subject_alt_names"] = [{"san_type": san_type, "matcher": {"exact": host}}]
-    context: dict[str, Any] = {
-        "@type": _UPSTREAM_TLS,
-        "common_tls_context": {
+        san = [{"san_type": san_type, "matcher": {"exact": host}}]
+    common: dict[str, Any]
+    if isinstance(tls, XdsIdentityTls):
+        default: dict[str, Any] = {"match_typed_subject_alt_names": san} if san else {}
+        common = {
+            "tls_certificate_sds_secret_configs": [files.sds_config(files.CERT_SECRET)],
+            "combined_validation_context": {"default_validation_context": default,
+                                            "validation_context_sds_secret_config": files.sds_config(files.BUNDLE_SECRET)},
+        }
+    else:
+        validation: dict[str, Any] = {"trusted_ca": {"filename": tls.ca}}
+        if san:
+            validation["match_typed_subject_alt_names"] = san
+        common = {
             "tls_certificates": [{"certificate_chain": {"filename": tls.cert}, "private_key": {"filename": tls.key}}],
             "validation_context": validation,
-            "alpn_protocols": ["h2"],
-        },
-    }
+        }
+    common["alpn_protocols"] = ["h2"]
+    context: dict[str, Any] = {"@type": _UPSTREAM_TLS, "common_tls_context": common}
     sni = tls.sni if tls.sni is not None else ("" if xds_host.startswith("unix:") or is_ip(host) else host)
     if sni:
         context["sni"] = sni
@@ -89,7 +113,7 @@ def bootstrap(
     node_metadata: Mapping[str, Any] | None = None,
     xds_retry_base_s: float = 0.25,
     xds_retry_max_s: float = 3.0,
-    xds_tls: XdsTls | None = None,
+    xds_tls: XdsTls | XdsIdentityTls | None = None,
 ) -> dict[str, Any]:
     """An Envoy v3 bootstrap fetching CDS and LDS (and through them EDS/RDS/SDS) over one ADS stream.
 
@@ -102,7 +126,9 @@ def bootstrap(
       cannot change anything (nor could it from outside the pod: admin is on loopback, see
       :func:`add_stats_listener`).
     - ``xds_retry_*``: reconnect backoff of the ADS stream when the control plane is away.
-    - ``xds_tls``: mutual TLS to the xDS server (``serve --xds-auth mtls``), see :func:`xds_transport_socket`.
+    - ``xds_tls``: mutual TLS to the xDS server (``serve --xds-auth mtls``), see :func:`xds_transport_socket`:
+      :class:`XdsTls` (PEM file paths) or :class:`XdsIdentityTls` (the workload identity files, through
+      SDS relative to Envoy's working directory).
     Admin ``admin_port`` 0 lets Envoy pick a port (read it with ``--admin-address-path``). Admin serves
     mutating endpoints (``/quitquitquit``, ``/logging``, ``/drain_listeners``): callers keep it on
     loopback (sidecars and the gateway: ``127.0.0.1:15000`` inside the pod's network namespace) and expose

@@ -22,6 +22,10 @@ and retried until it returns.
 
 The health checks (the agent's ``/healthz`` and ``/readyz``, and the wait for a new sidecar to be LIVE)
 are in :mod:`trafficmgr.core.agent.health`.
+
+With mesh identity (``AgentConfig.identity``) every new sidecar gets its workload certificate before
+Envoy starts (a failure is a failed start: retried, reported), adopted sidecars are renewed from the
+certificate they have, and the certificates are renewed by :mod:`trafficmgr.core.agent.identity`.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import attrs
 from trafficmgr.core.agent import eligibility, iptables
 from trafficmgr.core.agent.health import HealthServer as HealthServer
 from trafficmgr.core.agent.health import wait_live as wait_live
+from trafficmgr.core.agent.identity import IdentityConfig, IdentityManager
 from trafficmgr.core.agent.runtime import (
     NetworkNotReady,
     PodNetwork,
@@ -48,7 +53,14 @@ from trafficmgr.core.agent.runtime import (
     SidecarError,
     SidecarSpec,
 )
-from trafficmgr.core.bootstrap import ADMIN_ADDRESS, ADMIN_PORT, STATS_PORT, add_stats_listener, bootstrap
+from trafficmgr.core.bootstrap import (
+    ADMIN_ADDRESS,
+    ADMIN_PORT,
+    STATS_PORT,
+    XdsIdentityTls,
+    add_stats_listener,
+    bootstrap,
+)
 from trafficmgr.core.corelabels import ENVOY_ENABLED
 from trafficmgr.core.kube.assemble import DAEMON_SET, DEPLOYMENT, POD, REPLICA_SET, STATEFUL_SET, Assembler
 from trafficmgr.core.kube.client import Kind, KubeClient
@@ -88,6 +100,8 @@ class AgentConfig:
     resync_s: float = 30.0
     min_backoff_s: float = 0.5
     max_backoff_s: float = 30.0
+    identity: IdentityConfig | None = None  # mesh identity: workload certificates for every sidecar
+    xds_mtls: bool = False  # sidecars present their workload certificate to xDS (serve --xds-auth mtls)
 
 
 def parse_xds_address(text: str) -> tuple[str, int]:
@@ -111,7 +125,8 @@ def sidecar_bootstrap(pod: PodRef, config: AgentConfig, plugins: PluginHost | No
     node agent reach it); the stats-only listener (``GET /stats/prometheus`` and ``/ready``, see
     :func:`~trafficmgr.core.bootstrap.stats_listener`) on the pod IP at ``stats_port``, scraped by
     Prometheus like the original's PodIP:8900; xDS from the pod IP over TCP (the control plane sees the
-    pod as peer); then every plugin's ``trafficmgr_bootstrap`` hook.
+    pod as peer), over mutual TLS with the workload identity files when ``config.xds_mtls``
+    (:class:`~trafficmgr.core.bootstrap.XdsIdentityTls`); then every plugin's ``trafficmgr_bootstrap`` hook.
 
     ``own_netns`` False (the ``local`` runtime: every sidecar shares the host's loopback, so one
     127.0.0.1 port cannot serve them all): admin is on the pod IP at ``admin_port`` instead. Local mode
@@ -122,6 +137,7 @@ def sidecar_bootstrap(pod: PodRef, config: AgentConfig, plugins: PluginHost | No
         pod.node_id, SIDECAR_CLUSTER, host, port, admin_port=config.admin_port,
         admin_address=ADMIN_ADDRESS if own_netns else pod.ip,
         delta=config.delta, xds_source_address=pod.ip if tcp else None,
+        xds_tls=XdsIdentityTls() if config.xds_mtls else None,
     )
     if config.stats_port:
         add_stats_listener(result, pod.ip, config.stats_port)
@@ -149,6 +165,8 @@ class Agent:
         self.plugins = plugins or PluginHost.load([])
         self.options = options or argparse.Namespace()
         self.events = EventRecorder(kube)
+        self.identity = (IdentityManager(kube, config.identity, self.events, config.proxy_uid if runtime.captures_traffic else None)
+                         if config.identity is not None else None)
         self.assembler = Assembler(self.plugins.labels)
         self.raw_pods: dict[Key, dict[str, Any]] = {}
         self.watchers: list[Watcher] = []
@@ -173,6 +191,8 @@ class Agent:
             w = Watcher(self.kube, kind, self._enqueue, namespace=self.config.namespace, field_selector=selector)
             self.watchers.append(w)
             w.start()
+        if self.identity is not None:
+            self.identity.start()
         self._thread = threading.Thread(target=self._loop, name="agent", daemon=True)
         self._thread.start()
         return self
@@ -184,16 +204,22 @@ class Agent:
         self._queue.put(None)
         if self._thread is not None:
             self._thread.join(timeout=15)
+        if self.identity is not None:
+            self.identity.stop()
         self.events.stop()
         self.runtime.close()
 
     def synced(self) -> bool:
-        return bool(self.watchers) and all(w.synced.is_set() for w in self.watchers)
+        return (bool(self.watchers) and all(w.synced.is_set() for w in self.watchers)
+                and (self.identity is None or self.identity.synced()))
 
     def ready(self) -> tuple[bool, str]:
-        """(ready, reason): watches synced and the runtime reachable on the last pass."""
+        """(ready, reason): watches synced, the runtime reachable on the last pass and, with mesh
+        identity, the trust bundle known."""
         if not self.synced():
             return False, "watches not synced"
+        if self.identity is not None and self.identity.bundle() is None:
+            return False, f"no trust bundle yet ({self.identity.describe_bundle()})"
         if not self.runtime_ok:
             return False, f"runtime unreachable: {self.last_error}"
         return True, "ok"
@@ -375,6 +401,8 @@ class Agent:
                 # Capture anyway: the pod's traffic must not bypass the sidecar (it is blocked by default).
                 log.warning("sidecar %s of %s/%s is not LIVE after %.0fs (control plane unreachable?); capturing anyway",
                             sidecar.id[:12], key[0], key[1], LIVE_TIMEOUT)
+        if self.identity is not None and not self.identity.tracked(sidecar.id):
+            self.identity.track(sidecar.id, self.runtime.workdir(sidecar), pod, _service_account(raw), _pod_ref(raw or {}))
         if self.runtime.captures_traffic:
             run = iptables.netns_runner(network.netns)
             inbound = self.config.inbound_port
@@ -389,17 +417,22 @@ class Agent:
 
     def _start(self, pod: PodRef, network: PodNetwork) -> Sidecar:
         host, _ = parse_xds_address(self.config.xds_address)
+        raw = self.raw_pods.get((pod.namespace, pod.name))
         spec = SidecarSpec(
             pod, sidecar_bootstrap(pod, self.config, self.plugins, self.options, own_netns=self.runtime.captures_traffic),
             self.config.proxy_uid,
             xds_socket=host[len("unix:"):] if host.startswith("unix:") else None,
+            prepare=self.identity.prepare(pod, _service_account(raw)) if self.identity is not None else None,
         )
         sidecar = self.runtime.start(spec, network)
         log.info("started sidecar %s for pod %s/%s", sidecar.id[:12], pod.namespace, pod.name)
         return sidecar
 
     def _teardown(self, sidecar: Sidecar) -> None:
-        """Rules first (no traffic is redirected to a dying Envoy), then the sidecar."""
+        """Rules first (no traffic is redirected to a dying Envoy), then the sidecar (and its directory,
+        identity included; renewals of it stop first)."""
+        if self.identity is not None:
+            self.identity.forget(sidecar.id)
         if self.runtime.captures_traffic:
             netns = self.runtime.sidecar_netns(sidecar)
             if netns is not None:
@@ -435,6 +468,11 @@ LIVE_TIMEOUT = 10.0
 
 def _annotation(raw: dict[str, Any] | None) -> str | None:
     return (((raw or {}).get("metadata") or {}).get("annotations") or {}).get(ANNOTATION)
+
+
+def _service_account(raw: dict[str, Any] | None) -> str:
+    """The pod's ServiceAccount ("" is ``default``, as in Kubernetes)."""
+    return str(((raw or {}).get("spec") or {}).get("serviceAccountName") or "default")
 
 
 def _pod_ref(raw: dict[str, Any]) -> ObjectRef:

@@ -8,6 +8,12 @@ it (``io.kubernetes.pod.name``/``namespace``/``uid``, ``io.kubernetes.docker.typ
 A Unix-socket xDS address is bind-mounted (its directory, read-only) into the sidecar. Containers are independent
 of the agent: they survive its restarts.
 
+Each sidecar has its own directory on the node, ``<state-dir>/<pod uid>/`` (:meth:`DockerRuntime.workdir`),
+bind-mounted read-only at :data:`WORKDIR` and made the container's working directory: the agent writes
+the pod's workload identity there (``identity/``, read by Envoy through relative SDS paths). Only that
+pod's directory is mounted, so a sidecar never sees another pod's key. The Docker daemon resolves the
+path on the host: an agent in a container must see ``<state-dir>`` at the same path as the host does.
+
 The node's network namespace paths are ``/proc/<pid>/ns/net`` of host pids: the agent needs the
 host's pid namespace (``hostPID: true`` in the DaemonSet).
 """
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 from trafficmgr.core.agent.runtime import (
@@ -43,6 +50,8 @@ K8S_POD_NAMESPACE = "io.kubernetes.pod.namespace"
 K8S_POD_UID = "io.kubernetes.pod.uid"
 K8S_CONTAINER_TYPE = "io.kubernetes.docker.type"
 SANDBOX = "podsandbox"
+#: Where a sidecar's own directory is mounted (read-only) in its container, and its working directory.
+WORKDIR = "/var/run/trafficmgr/proxy"
 
 
 def container_name(pod: str, namespace: str) -> str:
@@ -55,7 +64,10 @@ class DockerRuntime(Runtime):
     name = "docker"
 
     def __init__(self, base_url: str = DEFAULT_DOCKER_HOST, image: str = "", timeout: float = 20.0,
-                 proc_root: str = "/proc") -> None:
+                 proc_root: str = "/proc", state_dir: str | None = None) -> None:
+        from trafficmgr.core.agent.netns_runtime import DEFAULT_STATE_DIR
+
+        self.state_dir = state_dir or DEFAULT_STATE_DIR
         self.base_url = base_url
         self.image = image
         self.timeout = timeout
@@ -179,19 +191,42 @@ class DockerRuntime(Runtime):
                 raise SidecarError(f"sidecar image {self.image} is not on the node and cannot be pulled: {exc}") from None
         labels = {LABEL_PROXY: "true", LABEL_POD: spec.pod.name, LABEL_NAMESPACE: spec.pod.namespace,
                   LABEL_POD_UID: spec.pod.uid}
-        binds = {}
+        directory = self._pod_dir(spec.pod.uid)
+        shutil.rmtree(directory, ignore_errors=True)  # a dead sidecar's leftovers: start afresh
+        os.makedirs(directory, mode=0o755)
+        os.chmod(directory, 0o755)
+        try:
+            if spec.prepare is not None:
+                spec.prepare(directory)
+            return self._create(spec, network, name, labels, directory)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+
+    def _pod_dir(self, pod_uid: str) -> str:
+        if not pod_uid or "/" in pod_uid or pod_uid.startswith("."):
+            raise SidecarError(f"pod uid {pod_uid!r} cannot name a directory")
+        return os.path.join(self.state_dir, pod_uid)
+
+    def workdir(self, sidecar: Sidecar) -> str:
+        return self._pod_dir(sidecar.pod_uid)
+
+    def _create(self, spec: SidecarSpec, network: PodNetwork, name: str, labels: dict[str, str], directory: str) -> Sidecar:
+        api = self.api()
+        # Read-only: Envoy only reads its config and identity; the agent (on the node) writes them.
+        binds = {directory: {"bind": WORKDIR, "mode": "ro"}}
         if spec.xds_socket:
-            directory = os.path.dirname(spec.xds_socket)
+            sock_dir = os.path.dirname(spec.xds_socket)
             # Read-only: connect(2) to a Unix socket works through a read-only mount, and a sidecar must
             # not be able to replace the socket file (it would then serve every other sidecar's xDS).
-            binds[directory] = {"bind": directory, "mode": "ro"}
+            binds[sock_dir] = {"bind": sock_dir, "mode": "ro"}
         host_config = api.create_host_config(
-            network_mode=f"container:{network.handle}", binds=binds or None,
+            network_mode=f"container:{network.handle}", binds=binds,
             restart_policy={"Name": "on-failure", "MaximumRetryCount": 5},
         )
         command = ["--config-yaml", json.dumps(spec.config, sort_keys=True), *ENVOY_ARGS]
         created = self._call("creating the sidecar container", api.create_container, self.image, command=command,
-                             entrypoint=[IMAGE_ENVOY_PATH], name=name, labels=labels,
+                             entrypoint=[IMAGE_ENVOY_PATH], name=name, labels=labels, working_dir=WORKDIR,
                              user=f"{spec.proxy_uid}:{spec.proxy_uid}", host_config=host_config)
         cid = created["Id"]
         try:
@@ -217,6 +252,8 @@ class DockerRuntime(Runtime):
             self._call("removing the sidecar", api.remove_container, sidecar.id, force=True)
         except docker.errors.NotFound:
             pass
+        if sidecar.pod_uid and not any(s.pod_uid == sidecar.pod_uid for s in self.list() if s.id != sidecar.id):
+            shutil.rmtree(self._pod_dir(sidecar.pod_uid), ignore_errors=True)
 
     def sidecar_netns(self, sidecar: Sidecar) -> str | None:
         return self._netns_of(sidecar.id)

@@ -82,7 +82,7 @@ class LocalRuntime(ProcessRuntime):
 
     def start(self, spec: SidecarSpec, network: PodNetwork) -> Sidecar:
         config = add_explicit_proxy(spec.config, spec.pod.ip, self.proxy_port)
-        return super().start(SidecarSpec(spec.pod, config, spec.proxy_uid, spec.xds_socket), network)
+        return super().start(SidecarSpec(spec.pod, config, spec.proxy_uid, spec.xds_socket, spec.prepare), network)
 
     def admin_address(self, sidecar: Sidecar) -> tuple[str, int]:
         """(address, port) of ``sidecar``'s Envoy admin, from the bootstrap it was started with (local mode:

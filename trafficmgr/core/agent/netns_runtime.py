@@ -8,7 +8,15 @@ root (local mode: it binds the pod IP, nothing is captured).
 
 Each sidecar has a state directory ``<state-dir>/<id>/`` holding ``sidecar.json`` (pod, namespace,
 pod uid, netns, pid), ``envoy.json`` and ``envoy.log``: that is how an agent restart finds (adopts)
-the processes, which run in their own session and outlive the agent.
+the processes, which run in their own session and outlive the agent. It is Envoy's working directory
+(``Popen(cwd=)``), so the workload identity in ``identity/`` below it is what Envoy's relative SDS paths
+name.
+
+Known limit of these runtimes: every sidecar shares the node's filesystem and runs as the same proxy
+uid, so one sidecar's Envoy (uid 1337) could read another sidecar's ``identity/key.pem`` (the files are
+0400 for that uid, the directory 0700 for it). Only the ``docker`` runtime separates them (each container
+mounts only its own pod's directory). A per-sidecar uid would fix it but breaks the iptables owner match
+(one uid is exempt from capture); not done.
 """
 
 from __future__ import annotations
@@ -200,6 +208,8 @@ class ProcessRuntime(Runtime):
         with open(config_path, "w", encoding="utf-8") as f:
             json.dump(spec.config, f)
         os.chmod(config_path, 0o644)
+        if spec.prepare is not None:
+            spec.prepare(directory)
         envoy = self._envoy_binary()
         argv = [envoy, "-c", config_path, *ENVOY_ARGS]
         if os.geteuid() == 0:
@@ -208,7 +218,7 @@ class ProcessRuntime(Runtime):
             argv = ["nsenter", f"--net={network.netns}", *argv]
         log = open(os.path.join(directory, "envoy.log"), "ab")  # handed to the child, closed below
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=directory,
                                     start_new_session=True)  # outlives the agent
         except OSError as exc:
             raise SidecarError(f"cannot run Envoy ({argv[0]}): {exc}") from None
@@ -262,6 +272,9 @@ class ProcessRuntime(Runtime):
             if child is not None:
                 child.wait(5)
         shutil.rmtree(directory, ignore_errors=True)
+
+    def workdir(self, sidecar: Sidecar) -> str:
+        return os.path.join(self.state_dir, sidecar.id)
 
     def sidecar_netns(self, sidecar: Sidecar) -> str | None:
         for state in self._states():

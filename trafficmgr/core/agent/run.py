@@ -23,11 +23,11 @@ class AgentStartError(Exception):
 
 def make_runtime(args: argparse.Namespace) -> Runtime:
     """The runtime selected by ``args.runtime`` and its options (``docker_host``, ``envoy_image``,
-    ``state_dir``, ``netns_dir``)."""
+    ``state_dir`` (every runtime: sidecars' own directories), ``netns_dir``)."""
     if args.runtime == "docker":
         from trafficmgr.core.agent.docker_runtime import DockerRuntime
 
-        return DockerRuntime(args.docker_host, getattr(args, "envoy_image", "") or "")
+        return DockerRuntime(args.docker_host, getattr(args, "envoy_image", "") or "", state_dir=args.state_dir)
     if args.runtime == "local":  # with the explicit proxy on <pod IP>:15001, as in `trafficmgr demo`
         from trafficmgr.core.agent.local_runtime import LocalRuntime
 
@@ -52,6 +52,7 @@ def run_agent(args: argparse.Namespace, plugins: PluginHost, stop: threading.Eve
         node_name=args.node_name, xds_address=args.xds_address, admin_port=args.admin_port, stats_port=args.stats_port,
         proxy_uid=args.proxy_uid,
         proxy_port=args.proxy_port, inbound_port=args.inbound_port, namespace=args.namespace, delta=args.delta, resync_s=args.resync,
+        identity=getattr(args, "identity_config", None), xds_mtls=bool(getattr(args, "xds_mtls", False)),
     )
     agent = Agent(KubeClient(api), make_runtime(args), config, plugins, args).start()
     health = None

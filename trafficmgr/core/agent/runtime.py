@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import os
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -107,12 +108,16 @@ class PodNetwork:
 @attrs.frozen
 class SidecarSpec:
     """What to start: Envoy with ``config`` (a bootstrap dict) for ``pod``, as ``proxy_uid``.
-    ``xds_socket``: a Unix socket path the sidecar must be able to reach (None for TCP xDS)."""
+    ``xds_socket``: a Unix socket path the sidecar must be able to reach (None for TCP xDS).
+    ``prepare``: called with the sidecar's working directory on the node (see :meth:`Runtime.workdir`)
+    after it is made and before Envoy starts (the agent writes the workload identity there); an exception
+    fails the start, leaving nothing behind."""
 
     pod: PodRef
     config: dict[str, Any] = attrs.field(eq=False)
     proxy_uid: int = 1337
     xds_socket: str | None = None
+    prepare: Callable[[str], None] | None = attrs.field(default=None, eq=False)
 
 
 @attrs.frozen
@@ -160,6 +165,12 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     def remove(self, sidecar: Sidecar) -> None:
         """Stop and remove ``sidecar``; a sidecar already gone is not an error."""
+
+    @abc.abstractmethod
+    def workdir(self, sidecar: Sidecar) -> str:
+        """The sidecar's own directory on the node, Envoy's working directory (mounted into its container
+        at a fixed path by the docker runtime): relative paths of its config, such as the identity files of
+        :mod:`trafficmgr.core.identity.files`, are below it. Removed with the sidecar."""
 
     @abc.abstractmethod
     def sidecar_netns(self, sidecar: Sidecar) -> str | None:

@@ -51,10 +51,19 @@ class Issued:
     bundle_pem: bytes
     not_before: dt.datetime
     not_after: dt.datetime
+    received: dt.datetime = attrs.field(factory=lambda: dt.datetime.now(dt.UTC))
 
     def renew_at(self) -> dt.datetime:
-        """Half-life: when a renewal is due."""
-        return self.not_before + (self.not_after - self.not_before) / 2
+        """When a renewal is due: see :func:`renew_at`."""
+        return renew_at(self.not_before, self.not_after, self.received)
+
+
+def renew_at(not_before: dt.datetime, not_after: dt.datetime, issued: dt.datetime) -> dt.datetime:
+    """Half-life, counted from when the certificate was ``issued`` (received; not before ``not_before``):
+    signers backdate ``notBefore`` (a minute, for clock skew), and half of *that* lifetime would renew a
+    60 s certificate at once, again and again."""
+    start = min(max(not_before, issued), not_after)
+    return start + (not_after - start) / 2
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -157,6 +166,14 @@ def check_issued(key: ec.EllipticCurvePrivateKey, spiffe_id: str, chain_pem: byt
         raise IdentityError(f"the certificate names {uris or 'no URI'}, we asked for {spiffe_id}")
     verify_chain(chain, roots)
     return Issued(key_pem(key), chain_pem, bundle_pem, leaf.not_valid_before_utc, leaf.not_valid_after_utc)
+
+
+def leaf_uris(chain_pem: bytes) -> list[str]:
+    """The URI SANs of the leaf of ``chain_pem`` ([] when it cannot be read)."""
+    try:
+        return _uris(x509.load_pem_x509_certificates(chain_pem)[0])
+    except (ValueError, IndexError):
+        return []
 
 
 def validity(chain_pem: bytes) -> tuple[dt.datetime, dt.datetime] | None:
