@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import threading
 from typing import TYPE_CHECKING
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from trafficmgr.core.bootstrap import XdsIdentityTls, XdsTls
 
 ENV_NODE_NAME = "NODE_NAME"
+_DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 ENV_DOCKER_HOST = "DOCKER_HOST"
 
 
@@ -325,10 +327,13 @@ def _setup_bootstrap(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--xds-tls-ca", metavar="FILE",
                         help="CA (PEM) the xDS server's certificate must chain to; the certificate must also name "
                              "the host of --xds-address (DNS or IP SAN)")
-    parser.add_argument("--xds-tls-identity", action="store_true",
+    parser.add_argument("--xds-mtls", action="store_true",
                         help="mutual TLS to the xDS server with the proxy's workload identity: certificate, key and "
                              "trust bundle from identity/ below Envoy's working directory (as 'trafficmgr identity "
-                             "--dir' writes them), reloaded on renewal; instead of --xds-tls-cert/-key/-ca")
+                             "--dir' and the node agent write them), reloaded on renewal; instead of --xds-tls-cert/-key/-ca")
+    parser.add_argument("--xds-tls-ca-server-name", metavar="NAME",
+                        help="with --xds-mtls: the DNS name the xDS server's certificate must carry, also sent as SNI "
+                             "(default: the host of --xds-address)")
     parser.add_argument("--plugins", metavar="SEL", default=None,
                         help=f"plugins whose trafficmgr_bootstrap hooks apply (default: ${ENV_SELECTION} or all installed)")
     parser.add_argument("-o", "--output", metavar="FILE", default="-", help="write to FILE (default: stdout)")
@@ -337,16 +342,21 @@ def _setup_bootstrap(parser: argparse.ArgumentParser) -> None:
 def _xds_tls(args: argparse.Namespace) -> XdsTls | XdsIdentityTls | None:
     """``--xds-tls-cert/--xds-tls-key/--xds-tls-ca``: all three or none, each a readable file (the paths
     go into the bootstrap as given: they must be the same inside Envoy's container); or
-    ``--xds-tls-identity`` (files relative to Envoy's working directory, not checked here)."""
+    ``--xds-mtls`` (files relative to Envoy's working directory, not checked here)."""
     from trafficmgr.core.bootstrap import XdsIdentityTls, XdsTls
 
     files = {"--xds-tls-cert": args.xds_tls_cert, "--xds-tls-key": args.xds_tls_key, "--xds-tls-ca": args.xds_tls_ca}
     given = [flag for flag, path in files.items() if path]
-    if getattr(args, "xds_tls_identity", False):
+    server_name = getattr(args, "xds_tls_ca_server_name", None)
+    if getattr(args, "xds_mtls", False):
         if given:
-            raise CliError(f"--xds-tls-identity and {', '.join(given)} exclude each other: the identity files are "
+            raise CliError(f"--xds-mtls and {', '.join(given)} exclude each other: the identity files are "
                            "the client certificate")
-        return XdsIdentityTls()
+        if server_name is not None and not _DNS_NAME.match(server_name):
+            raise CliError(f"--xds-tls-ca-server-name {server_name!r}: not a DNS name")
+        return XdsIdentityTls(server_name=server_name or None)
+    if server_name is not None:
+        raise CliError("--xds-tls-ca-server-name needs --xds-mtls")
     if not given:
         return None
     if len(given) != len(files):

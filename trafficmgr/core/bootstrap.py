@@ -52,9 +52,10 @@ class XdsIdentityTls:
     certificate, key and trust bundle are the files of :mod:`trafficmgr.core.identity.files` below Envoy's
     working directory, read through file-based SDS (relative paths), so a renewal applies without a
     restart and one bootstrap fits every proxy; the xDS server's certificate must chain to the mesh trust
-    bundle (the control plane's serving certificate is issued by the mesh CA). ``sni`` as in :class:`XdsTls`."""
+    bundle (the control plane's serving certificate is issued by the mesh CA). ``server_name``: the DNS
+    name the server's certificate must carry, also sent as SNI (default: the xDS host, as :class:`XdsTls`)."""
 
-    sni: str | None = None
+    server_name: str | None = None
 
 
 _UPSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
@@ -70,7 +71,10 @@ def xds_transport_socket(tls: XdsTls | XdsIdentityTls, xds_host: str) -> dict[st
 
     san: list[dict[str, Any]] = []
     host = xds_host.strip("[]")
-    if not xds_host.startswith("unix:"):
+    server_name = tls.server_name if isinstance(tls, XdsIdentityTls) else None
+    if server_name:
+        san = [{"san_type": "DNS", "matcher": {"exact": server_name}}]
+    elif not xds_host.startswith("unix:"):
         san_type = "IP_ADDRESS" if is_ip(host) else "DNS"
         san = [{"san_type": san_type, "matcher": {"exact": host}}]
     common: dict[str, Any]
@@ -91,7 +95,8 @@ def xds_transport_socket(tls: XdsTls | XdsIdentityTls, xds_host: str) -> dict[st
         }
     common["alpn_protocols"] = ["h2"]
     context: dict[str, Any] = {"@type": _UPSTREAM_TLS, "common_tls_context": common}
-    sni = tls.sni if tls.sni is not None else ("" if xds_host.startswith("unix:") or is_ip(host) else host)
+    explicit = server_name if isinstance(tls, XdsIdentityTls) else tls.sni
+    sni = explicit if explicit is not None else ("" if xds_host.startswith("unix:") or is_ip(host) else host)
     if sni:
         context["sni"] = sni
     return {"name": "envoy.transport_sockets.tls", "typed_config": context}
