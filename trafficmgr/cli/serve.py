@@ -68,6 +68,40 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--xds-max-request-mib", metavar="MIB", type=int_at_least(1), default=4,
                         help="largest xDS request accepted, in MiB (default 4: a delta request naming 30k "
                              "resources; 10k Services with two ports need 2.6 MB)")
+    add_identity_arguments(parser)
+
+
+def add_identity_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the mesh CA and the signing service (``--mesh-identity``; see
+    :mod:`trafficmgr.core.identity.ca` and :mod:`trafficmgr.core.identity.server`). Their defaults are
+    None so :func:`trafficmgr.core.serve.mesh_options` can refuse them without ``--mesh-identity``."""
+    parser.add_argument("--mesh-identity", action="store_true",
+                        help="run the mesh CA and the Sign service that gives workloads their certificates "
+                             "(spiffe://<trust domain>/ns/<ns>/sa/<sa>); with --xds-auth mtls and no --xds-tls-* "
+                             "files the xDS server's certificate and client CA come from it too")
+    parser.add_argument("--mesh-ca-mode", choices=("generate", "provided"), default=None,
+                        help="generate (default): create the CA Secret with a new EC P-256 root on first start; "
+                             "provided: use the Secret you supply (cert-manager CA format), never create it")
+    parser.add_argument("--mesh-ca-secret", metavar="NAME", default=None,
+                        help="the CA Secret (kubernetes.io/tls: tls.crt, tls.key, optional ca.crt = trusted roots; "
+                             "default trafficmgr-mesh-ca)")
+    parser.add_argument("--mesh-ca-namespace", metavar="NS", default=None,
+                        help="namespace of the CA Secret and the trafficmgr-trust-bundle ConfigMap "
+                             "(default: $POD_NAMESPACE, else trafficmgr)")
+    parser.add_argument("--workload-cert-ttl", metavar="DURATION", default=None,
+                        help="lifetime of workload certificates, 60s..365d (default 24h; e.g. 12h, 90m)")
+    parser.add_argument("--identity-address", metavar="IP", default=None,
+                        help="address of the Sign service (gRPC over TLS; default 0.0.0.0)")
+    parser.add_argument("--identity-port", metavar="PORT", type=port, default=None,
+                        help="port of the Sign service (default 15012; 0: no Sign service)")
+    parser.add_argument("--identity-dns-names", metavar="NAME[,NAME]", default=None,
+                        help="DNS names in the Sign service's (and a mesh-CA xDS server's) certificate "
+                             "(default trafficmgr.<ns>.svc,trafficmgr.<ns>.svc.cluster.local)")
+    parser.add_argument("--identity-audience", metavar="AUDIENCE", default=None,
+                        help="audience the callers' ServiceAccount tokens must be for (default trafficmgr)")
+    parser.add_argument("--identity-agent-service-account", metavar="NS/NAME", default=None,
+                        help="ServiceAccount of the node agents, who may ask for the pods of their own node "
+                             "(default <mesh CA namespace>/trafficmgr-agent)")
 
 
 def _setup(parser: argparse.ArgumentParser) -> None:
