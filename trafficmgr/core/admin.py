@@ -5,10 +5,12 @@ Routes (all GET):
 - ``/metrics``: Prometheus exposition of :data:`trafficmgr.core.metrics.REGISTRY`;
 - ``/healthz``: 200 ``ok`` while :meth:`AdminState.healthy`, else 503;
 - ``/readyz``: 200 ``ready`` when :meth:`AdminState.ready` is true, else 503 with the reason;
-- ``/debug/proxy-status``: JSON list, one object per open xDS stream (see :meth:`AdminState.proxy_status`);
+- ``/debug/proxy-status``: JSON list, one object per open xDS stream (see :meth:`AdminState.proxy_status`
+  and :func:`proxy_identity`);
 - ``/debug/config-dump?node_id=ID[&type=clusters]``: JSON
   ``{"node_id", "view", "resources": {"clusters": [{"name", "version", "config"}]}}``, private keys
-  redacted (:func:`trafficmgr.core.render.resource_dict`); 404 for an unknown node, 400 for a bad type;
+  redacted (:func:`trafficmgr.core.render.resource_dict`; workload keys are never in it at all: Envoy
+  reads them from files on its node); 404 for an unknown node, 400 for a bad type;
 - ``/debug/nacks``, ``/debug/plugins``, ``/debug/labels``: JSON lists.
 
 Errors are JSON ``{"error": message}``. The server runs in a daemon thread; handlers only read state.
@@ -40,7 +42,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from trafficmgr.core import metrics, render
 from trafficmgr.core.cache import SHORT_NAMES, Resource, Snapshot
+from trafficmgr.core.identity import spiffe
 from trafficmgr.core.labels import LabelSpec
+from trafficmgr.core.model import GATEWAY, SIDECAR
 from trafficmgr.core.plugins import PluginInfo
 
 log = logging.getLogger(__name__)
@@ -58,8 +62,9 @@ class AdminState(Protocol):
 
     def proxy_status(self) -> list[dict[str, Any]]:
         """One dict per open xDS stream, as ``XdsServer.status()`` returns them (``node_id``,
-        ``node_cluster``, ``view``, ``peer``, ``mode``, ``connected_at`` and per short type name
-        ``{"sent", "acked", "last_nack"}``)."""
+        ``node_cluster``, ``view``, ``peer``, ``mode``, ``connected_at``, ``identities``, ``cert_expiry``
+        and per short type name ``{"sent", "acked", "last_nack"}``), with the keys of :func:`proxy_identity`
+        when the implementation knows the pods (``trafficmgr serve`` does)."""
         ...
 
     def config_dump(self, node_id: str) -> dict[str, list[Resource]] | None:
@@ -113,6 +118,32 @@ def snapshot_resources(snapshot: Snapshot | None) -> dict[str, list[Resource]]:
     if snapshot is None:
         return {}
     return {short: list(snapshot.types[url].resources.values()) for short, url in SHORT_NAMES.items() if url in snapshot.types}
+
+
+def proxy_identity(stream: Mapping[str, Any], pod: Any, trust_domain: str, gateway_identity: str | None,
+                   mtls: bool) -> dict[str, Any]:
+    """The identity keys ``proxy-status`` adds to one xDS stream (``stream``: an item of
+    ``XdsServer.status()``; ``pod``: the sidecar's model Pod or None):
+
+    - ``identity``: the SPIFFE ID of the stream's verified client certificate (``serve --xds-auth mtls``:
+      its first ``spiffe://`` URI SAN); otherwise the one expected for the proxy: a sidecar's from its pod's
+      namespace and ServiceAccount, the gateway's ``gateway_identity``; None when neither is known;
+    - ``identity_verified``: True only for the certificate's;
+    - ``mtls``: ``"mtls"`` when ``mtls`` (the ``mtls`` plugin's ``serve --mtls``) is on and the proxy is a
+      sidecar whose pod is marked as one (``Pod.sidecar``: meshed peers send it mutual TLS), else
+      ``"plaintext"``.
+
+    ``cert_expiry`` (the client certificate's notAfter) is already in the stream.
+    """
+    verified = next((i for i in stream.get("identities") or () if spiffe.parse(str(i))), None)
+    expected: str | None = None
+    if stream.get("view") == GATEWAY:
+        expected = gateway_identity
+    elif pod is not None:
+        expected = spiffe.spiffe_id(trust_domain, pod.namespace, pod.service_account)
+    sidecar = stream.get("view") == SIDECAR and pod is not None and bool(getattr(pod, "sidecar", False))
+    return {"identity": verified or expected, "identity_verified": verified is not None,
+            "mtls": "mtls" if mtls and sidecar else "plaintext"}
 
 
 def config_dump(state: AdminState, node_id: str, type_name: str | None = None) -> dict[str, Any]:

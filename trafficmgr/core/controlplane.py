@@ -19,8 +19,10 @@ from typing import Any
 from trafficmgr.core import cache as cache_mod
 from trafficmgr.core import metrics
 from trafficmgr.core.access import DEFAULT_GATEWAY_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN, AccessControl, parse_selector
+from trafficmgr.core.admin import proxy_identity
 from trafficmgr.core.cache import Resource, SnapshotCache
 from trafficmgr.core.contrib import WatchKind
+from trafficmgr.core.identity.spiffe import spiffe_id
 from trafficmgr.core.kube.assemble import CORE_KINDS, Assembler
 from trafficmgr.core.kube.client import Kind, KubeClient
 from trafficmgr.core.kube.events import EventRecorder
@@ -234,7 +236,15 @@ class ControlPlane:
         return True, "ok"
 
     def proxy_status(self) -> list[dict[str, Any]]:
-        return self.xds.status() if self.xds is not None else []
+        streams = self.xds.status() if self.xds is not None else []
+        a = self.access
+        gateway = spiffe_id(a.trust_domain, a.gateway_namespace, a.gateway_service_account)
+        mtls = bool(getattr(self.options, "mtls", False))  # the mtls plugin's serve --mtls
+        for s in streams:
+            pod_name, _, namespace = str(s.get("node_id") or "").rpartition(".")
+            pod = self.assembler.pods.get((namespace, pod_name)) if s.get("view") == SIDECAR else None
+            s.update(proxy_identity(s, pod, a.trust_domain, gateway, mtls))
+        return streams
 
     def nacks(self) -> list[dict[str, Any]]:
         return self.xds.nacks() if self.xds is not None else []

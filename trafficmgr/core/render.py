@@ -189,13 +189,35 @@ def sync_cell(entry: Mapping[str, Any] | None) -> str:
     return f"STALE (sent {_short_version(sent)}, acked {_short_version(acked)})"
 
 
+def identity_cell(stream: Mapping[str, Any]) -> str:
+    """The ``IDENTITY`` cell: the verified SPIFFE ID, or the expected one followed by ``(expected)``, or ``-``."""
+    identity = stream.get("identity")
+    if not identity:
+        return "-"
+    return str(identity) if stream.get("identity_verified") else f"{identity} (expected)"
+
+
+def expiry_cell(stream: Mapping[str, Any]) -> str:
+    """The ``CERT EXPIRES`` cell: the xDS client certificate's notAfter in UTC (RFC 3339), ``-`` without mTLS."""
+    when = stream.get("cert_expiry")
+    if not isinstance(when, (int, float)):
+        return "-"
+    return _dt.datetime.fromtimestamp(when, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def proxy_status_table(streams: Iterable[Mapping[str, Any]]) -> str:
-    """The ``trafficmgr proxy-status`` table, sorted by node id."""
+    """The ``trafficmgr proxy-status`` table, sorted by node id. The identity columns (``IDENTITY``,
+    ``CERT EXPIRES``, ``MTLS``) are shown when the admin endpoint reports them (an older server does not)."""
+    streams = sorted(streams, key=lambda s: (str(s.get("node_id")), str(s.get("connected_at"))))
+    identity = any("identity" in s for s in streams)
     rows = []
-    for s in sorted(streams, key=lambda s: (str(s.get("node_id")), str(s.get("connected_at")))):
-        rows.append([s.get("node_id") or "-", s.get("view") or "-", s.get("mode") or "-",
-                     *(sync_cell(s.get(t)) for t in TYPES)])
-    return table(("NODE", "ROLE", "MODE", *TYPE_COLUMNS.values()), rows)
+    for s in streams:
+        row = [s.get("node_id") or "-", s.get("view") or "-", s.get("mode") or "-", *(sync_cell(s.get(t)) for t in TYPES)]
+        if identity:
+            row += [identity_cell(s), expiry_cell(s), s.get("mtls") or "-"]
+        rows.append(row)
+    extra = ("IDENTITY", "CERT EXPIRES", "MTLS") if identity else ()
+    return table(("NODE", "ROLE", "MODE", *TYPE_COLUMNS.values(), *extra), rows)
 
 
 # -- resources and redaction ----------------------------------------------------------------------

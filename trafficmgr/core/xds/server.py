@@ -266,6 +266,8 @@ class XdsServer:
                 "peer": s.peer,
                 "mode": s.mode,
                 "connected_at": s.connected_at,
+                "identities": list(s.identities),  # the mTLS client certificate's URI SANs
+                "cert_expiry": s.cert_expiry,  # its notAfter (epoch seconds); None without mTLS
             }
             for short, type_url in cache_mod.SHORT_NAMES.items():
                 st = s.types.get(type_url)

@@ -139,6 +139,24 @@ def peer_identities(context: Any) -> tuple[str, ...]:
     return tuple(v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in auth.get("peer_uri", ()))
 
 
+def peer_cert_expiry(context: Any) -> float | None:
+    """The notAfter (seconds since the epoch) of the client certificate of a mutual-TLS stream (gRPC's
+    ``x509_pem_cert``); None without one. Shown by ``proxy-status``; never used to authorize."""
+    try:
+        pems = (context.auth_context() or {}).get("x509_pem_cert") or ()
+    except Exception:  # noqa: BLE001 - no auth context on insecure transports in some versions
+        return None
+    if not pems:
+        return None
+    from cryptography import x509
+
+    try:
+        pem = pems[0] if isinstance(pems[0], bytes) else str(pems[0]).encode()
+        return x509.load_pem_x509_certificate(pem).not_valid_after_utc.timestamp()
+    except ValueError:
+        return None
+
+
 class TypeState:
     """What one stream knows about one resource type."""
 
@@ -259,7 +277,7 @@ class Stream:
 
     __slots__ = (
         "mode", "context", "peer", "node_id", "node_cluster", "identified", "view", "role", "connected_at",
-        "types", "inbox", "unknown_logged", "identities", "unknown_types",
+        "types", "inbox", "unknown_logged", "identities", "unknown_types", "cert_expiry",
     )
 
     def __init__(self, mode: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
@@ -267,6 +285,7 @@ class Stream:
         self.context = context
         self.peer = parse_peer(context.peer())
         self.identities = peer_identities(context)
+        self.cert_expiry = peer_cert_expiry(context)
         self.node_id = ""
         self.node_cluster = ""
         self.identified = False
