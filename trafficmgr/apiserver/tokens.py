@@ -9,7 +9,10 @@ for bound tokens (``authentication.kubernetes.io/pod-name``, ``pod-uid``, ``node
 10 minutes, 404 for a missing ServiceAccount or bound object, 400 for a Pod that runs as another
 ServiceAccount, 409 for a stale bound-object uid), the requested expiration capped at
 :data:`MAX_EXPIRATION`, and a token bound to an object that was deleted or replaced (another uid), or
-whose ServiceAccount was, reviews as not authenticated with an error.
+whose ServiceAccount was, reviews as not authenticated with an error. One difference: a pod-bound token
+carries the pod's ``spec.nodeName`` even when no Node object exists (kube-apiserver adds the node only when
+it finds the Node; local mode and tests seldom create Nodes); the node's uid, and the check at review that
+the Node still exists, only when it does.
 
 Tokens are JWT-shaped (HS256 over the claims kube-apiserver puts in its own tokens), signed with a
 random key held in memory by :class:`TokenAuthority`; the key lives on the :class:`~.store.Store`, so a
