@@ -27,10 +27,11 @@ from typing import Any
 import pytest
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from envoy.extensions.filters.http.fault.v3.fault_pb2 import HTTPFault
+from envoy.extensions.filters.network.rbac.v3.rbac_pb2 import RBAC as NetworkRBAC
 
 from trafficmgr import hookimpl
 from trafficmgr.core import metrics, plugins
-from trafficmgr.core.contrib import HttpFilter, ObjectStatus, WatchKind
+from trafficmgr.core.contrib import HttpFilter, NetworkFilter, ObjectStatus, WatchKind
 from trafficmgr.core.plugins import PluginHost
 from trafficmgr.testing.cluster import LocalCluster
 from trafficmgr.testing.envoy import wait_for
@@ -47,6 +48,7 @@ MANIFESTS = join(
 PLUGIN = "failing"
 EXTRA_CLUSTER = "failing-extra"
 EXTRA_FILTER = "failing.fault"
+EXTRA_NETWORK_FILTER = "failing.rbac"
 
 
 def errors(hook: str) -> float:
@@ -112,6 +114,13 @@ class Failing:
         if self._fail("trafficmgr_http_filters"):
             raise RuntimeError("test failure in trafficmgr_http_filters")
         return [HttpFilter(EXTRA_FILTER, 150, HTTPFault())] if role == "sidecar" else []
+
+    @hookimpl
+    def trafficmgr_network_filters(self, role: str) -> list[Any]:
+        if self._fail("trafficmgr_network_filters"):
+            raise RuntimeError("test failure in trafficmgr_network_filters")
+        # An RBAC filter without rules lets everything through.
+        return [NetworkFilter(EXTRA_NETWORK_FILTER, 150, NetworkRBAC(stat_prefix="failing_plugin."))] if role == "inbound" else []
 
     @hookimpl
     def trafficmgr_resources(self, role: str, ctx: Any) -> list[Any]:
@@ -277,6 +286,7 @@ def test_failing_runtime_hook_keeps_serving_and_updating(hook: str, cluster_for:
     assert all(cl.get("connect_timeout") != "4.321s" for cl in clusters.values())
     assert "failing_hcm" not in _text(c)
     assert EXTRA_CLUSTER in clusters and EXTRA_FILTER in _text(c)  # LAST_GOOD (and untouched by the others)
+    assert EXTRA_NETWORK_FILTER in _text(c)
 
     # One log line naming the plugin and the hook, however often it failed.
     lines = [r.getMessage() for r in caplog.records if f"plugin '{PLUGIN}' hook {hook} failed" in r.getMessage()]

@@ -27,7 +27,16 @@ from trafficmgr import __version__, hookimpl
 from trafficmgr.core import labels
 from trafficmgr.core.argtypes import int_at_least, listen_port, port, positive_seconds
 from trafficmgr.core.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Resource
-from trafficmgr.core.contrib import ORDER_DEFAULT, ORDER_ROUTER, HttpFilter, ObjectStatus, WatchKind
+from trafficmgr.core.contrib import (
+    ALL_CHAINS,
+    ORDER_DEFAULT,
+    ORDER_ROUTER,
+    TCP_CHAINS,
+    HttpFilter,
+    NetworkFilter,
+    ObjectStatus,
+    WatchKind,
+)
 from trafficmgr.core.corelabels import ENVOY_ENABLED
 from trafficmgr.core.labels import LabelSpec
 from trafficmgr.core.model import (
@@ -68,10 +77,10 @@ from trafficmgr.core.protos import (
 from trafficmgr.core.translate.context import BuildContext, EndpointPair
 
 __all__ = [
-    "CLUSTER", "DEFAULT_CONNECT_TIMEOUT_MS", "DIRECT", "ENDPOINT", "ENVOY_ENABLED", "GATEWAY", "GRPC", "HCM_FILTER",
+    "ALL_CHAINS", "CLUSTER", "DEFAULT_CONNECT_TIMEOUT_MS", "DIRECT", "ENDPOINT", "ENVOY_ENABLED", "GATEWAY", "GRPC", "HCM_FILTER",
     "HTTP", "HTTP2", "HTTP_PROTOCOLS", "LISTENER", "MAX_DURATION_MS", "ORDER_DEFAULT", "ORDER_ROUTER", "PORT_PREFIX", "ROUTE", "SECRET",
-    "SHARED", "SIDECAR", "TCP", "TCP_PROXY_FILTER", "UINT32_MAX", "BuildContext", "Endpoint", "EndpointPair",
-    "HttpFilter", "LabelSpec", "Labels", "Model", "ObjectRef", "ObjectStatus", "Pod", "Resource", "Service",
+    "SHARED", "SIDECAR", "TCP", "TCP_CHAINS", "TCP_PROXY_FILTER", "UINT32_MAX", "BuildContext", "Endpoint", "EndpointPair",
+    "HttpFilter", "LabelSpec", "Labels", "Model", "NetworkFilter", "ObjectRef", "ObjectStatus", "Pod", "Resource", "Service",
     "ServicePort", "WatchKind", "__version__", "ads_config_source", "duration_ms", "fraction", "hookimpl",
     "int_at_least", "is_ip", "labels", "listen_port", "load_balancer_addresses", "pack", "percent_fraction", "port", "positive_seconds",
     "socket_address", "uint32",

@@ -34,6 +34,27 @@ class HttpFilter:
     config: Message
 
 
+#: :attr:`NetworkFilter.applies_to` values: every filter chain of the listener (TCP and HTTP), or only the
+#: chains that pass bytes through (``tcp_proxy``: the default chain, which also gets HTTP the inspector
+#: did not recognise in time).
+ALL_CHAINS, TCP_CHAINS = "all", "tcp"
+
+
+@attrs.frozen(slots=True)
+class NetworkFilter:
+    """A network filter for the filter chains of one listener (see ``trafficmgr_network_filters``).
+
+    The core puts it before the chain's terminal filter (``tcp_proxy`` or the HTTP connection manager),
+    in ``order`` (lower first, then by name), on the chains ``applies_to`` names (:data:`ALL_CHAINS` or
+    :data:`TCP_CHAINS`). ``config`` is the filter's typed config.
+    """
+
+    name: str
+    order: int
+    config: Message
+    applies_to: str = ALL_CHAINS
+
+
 @attrs.frozen(slots=True)
 class WatchKind:
     """A Kubernetes kind a plugin needs watched.

@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     )
 
     from trafficmgr.core.cache import Resource
-    from trafficmgr.core.contrib import HttpFilter, ObjectStatus, WatchKind
+    from trafficmgr.core.contrib import HttpFilter, NetworkFilter, ObjectStatus, WatchKind
     from trafficmgr.core.labels import LabelSpec
     from trafficmgr.core.model import Endpoint, Model, Service, ServicePort
     from trafficmgr.core.translate.context import BuildContext, EndpointPair
@@ -215,7 +215,8 @@ def trafficmgr_http_connection_manager(
     ``inbound``, ``outbound_proxy``, or a plugin's, such as ``ingress``). For a sidecar chain that serves
     one service port, ``service`` and ``port`` name it; for a shared connection manager they are None.
     The sidecar's ``inbound`` connection manager (requests arriving at the pod, shared by every sidecar)
-    has only the router: filters of ``trafficmgr_http_filters`` are not in it.
+    has only the router and the HTTP filters of ``trafficmgr_network_filters`` (role ``inbound``): filters
+    of ``trafficmgr_http_filters`` are not in it.
     """
 
 
@@ -245,6 +246,26 @@ def trafficmgr_http_filters(role: str, ctx: BuildContext) -> list[HttpFilter]:
     Return :class:`HttpFilter` items with an explicit ``order`` (below ``ORDER_ROUTER``; see
     ``trafficmgr.plugin`` for the bands); the core sorts them and appends the router. Filters should be
     no-ops by default and be configured per virtual host or route.
+    """
+
+
+@hookspec
+def trafficmgr_network_filters(role: str, ctx: BuildContext) -> list[NetworkFilter | HttpFilter]:
+    """Contribute filters for the filter chains of listener ``role``: today only ``inbound`` (the sidecar's
+    shared inbound listener, in the sidecar view; it is built only when it exists).
+
+    Call style: contribute; errors are isolated, last good: the plugin's previous filters for ``role`` are
+    used again (a policy that denies stays in force instead of disappearing). Items must be
+    :class:`NetworkFilter` (non-empty name, int order, protobuf config, ``applies_to`` ``all`` or ``tcp``)
+    or :class:`HttpFilter` (as for ``trafficmgr_http_filters``). Called once per build of the view: keep
+    it cheap or memoize with ``ctx.memo``.
+
+    A :class:`NetworkFilter` goes before the terminal filter (``tcp_proxy`` or the HTTP connection
+    manager) of every chain it ``applies_to`` (``tcp``: the chains that pass bytes through, which also
+    get HTTP the HTTP inspector did not recognise within its timeout, so a policy for an HTTP port
+    belongs there too); an :class:`HttpFilter` goes into the listener's HTTP connection managers, before
+    the router. Filters of ``trafficmgr_http_filters`` are not in the inbound listener. The listener is
+    rebuilt when the contributed filters change (compared by content).
     """
 
 

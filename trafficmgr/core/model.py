@@ -161,6 +161,10 @@ class Endpoint:
     namespace: str = ""
     node: str | None = None
     labels: Labels = EMPTY_LABELS
+    #: The endpoint's pod runs a trafficmgr sidecar: its annotation ``traffic.envoy.proxy`` is set and not
+    #: ``ingress`` (the node agent sets it once the sidecar is LIVE). Plugins may rely on the pod's
+    #: inbound listener being there (the ``mtls`` plugin sends such endpoints mutual TLS).
+    sidecar: bool = False
 
 
 @attrs.frozen(slots=True)
@@ -245,6 +249,7 @@ class Pod:
     terminating: bool = False  # ``metadata.deletionTimestamp`` is set
     host_network: bool = False  # ``spec.hostNetwork``: its "IP" is the node's, shared by every such pod
     service_account: str = ""  # ``spec.serviceAccountName`` ("" = not given: Kubernetes means ``default``)
+    sidecar: bool = False  # annotation ``traffic.envoy.proxy`` set and not ``ingress`` (see Endpoint.sidecar)
 
     @property
     def key(self) -> tuple[str, str]:

@@ -25,7 +25,7 @@ from google.protobuf.message import Message
 
 from trafficmgr.core import hookspecs, metrics
 from trafficmgr.core.cache import TYPE_ORDER, Resource
-from trafficmgr.core.contrib import ORDER_ROUTER, HttpFilter, ObjectStatus, WatchKind
+from trafficmgr.core.contrib import ALL_CHAINS, ORDER_ROUTER, TCP_CHAINS, HttpFilter, NetworkFilter, ObjectStatus, WatchKind
 from trafficmgr.core.labels import LabelRegistry, LabelSpec
 from trafficmgr.core.once import Seen
 
@@ -74,6 +74,7 @@ HOOK_POLICY: dict[str, str] = {
     "trafficmgr_http_connection_manager": ISOLATED,
     "trafficmgr_listener": ISOLATED,
     "trafficmgr_http_filters": LAST_GOOD,
+    "trafficmgr_network_filters": LAST_GOOD,
     "trafficmgr_resources": LAST_GOOD,
     "trafficmgr_object_status": ISOLATED,
 }
@@ -93,6 +94,15 @@ def _check_item(hook: str, item: Any) -> None:
                 and isinstance(item.config, Message)):
             raise TypeError(f"returned a malformed HttpFilter (name must be a non-empty str, order an int below "
                             f"ORDER_ROUTER, config a protobuf message): {item!r}")
+    elif hook == "trafficmgr_network_filters":
+        if isinstance(item, HttpFilter):
+            _check_item("trafficmgr_http_filters", item)
+        elif not isinstance(item, NetworkFilter):
+            raise TypeError(f"returned {type(item).__name__}, not a NetworkFilter or an HttpFilter")
+        elif not (isinstance(item.name, str) and item.name and isinstance(item.order, int)
+                  and isinstance(item.config, Message) and item.applies_to in (ALL_CHAINS, TCP_CHAINS)):
+            raise TypeError(f"returned a malformed NetworkFilter (name must be a non-empty str, order an int, config a "
+                            f"protobuf message, applies_to {ALL_CHAINS!r} or {TCP_CHAINS!r}): {item!r}")
     elif hook == "trafficmgr_resources":
         if not isinstance(item, Resource):
             raise TypeError(f"returned {type(item).__name__}, not a Resource (make one with ctx.resource(...))")

@@ -137,8 +137,11 @@ class SidecarPod:
 
     def __init__(self, node_id: str, addresses: Sequence[str], xds_socket: str, workdir: Path | None = None,
                  delta: bool = False, admin_port: int = ADMIN_PORT, customize: Any = None, inbound_port: int = 0,
-                 stats_port: int = STATS_PORT) -> None:
+                 stats_port: int = STATS_PORT, cwd: Path | str | None = None, envoy_args: Sequence[str] = ()) -> None:
         """``customize(config)`` may change the bootstrap dict (e.g. the plugins' ``trafficmgr_bootstrap``);
+        ``cwd``: Envoy's working directory, as the node agent sets it to the proxy's state directory (its
+        mesh identity files are ``identity/`` below it: ``trafficmgr.core.identity.files``); ``envoy_args``:
+        more Envoy options (e.g. ``--drain-time-s``);
         ``inbound_port``: also capture connections arriving from other namespaces (see :meth:`NetNS.link`),
         as the node agent does. The layout is the agent's: admin on ``127.0.0.1:admin_port`` inside the
         namespace, the stats-only listener on ``addresses[0]:stats_port`` (0: none)."""
@@ -167,15 +170,18 @@ class SidecarPod:
         self.config_path.write_text(json.dumps(config))
         os.chmod(self.config_path, 0o644)
         self.log_path = self.workdir / "envoy.log"
+        self.cwd = cwd
+        self.envoy_args = tuple(envoy_args)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20.0) -> SidecarPod:
         envoy = world_executable(find_envoy())
         cmd = self.ns.exec_args(
             "setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups",
-            envoy, "-c", str(self.config_path), "--disable-hot-restart", "--concurrency", "1", "-l", "info",
+            envoy, "-c", str(self.config_path), "--disable-hot-restart", "--concurrency", "1", "-l", "info", *self.envoy_args,
         )
-        self.proc = subprocess.Popen(cmd, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+                                     cwd=self.cwd)
         try:
             wait_for(self._live, timeout)
         except TimeoutError:
@@ -282,7 +288,7 @@ class LocalCluster:
     """
 
     def __init__(self, pod_addresses: Sequence[str], plugins: Any = None, options: Any = None,
-                 delta: bool = False, client_ip: str = "10.244.0.2") -> None:
+                 delta: bool = False, client_ip: str = "10.244.0.2", client_cwd: Path | str | None = None) -> None:
         import argparse
 
         from trafficmgr.apiserver import APIServer
@@ -326,7 +332,7 @@ metadata: {{name: client, namespace: default, labels: {{app: client}}}}
 spec: {{nodeName: node-1, containers: [{{name: client, image: client}}]}}
 status: {{podIP: {client_ip}, conditions: [{{type: Ready, status: "True"}}]}}
 """)
-            self.pod = SidecarPod("client.default", self.addresses, self.xds_socket, delta=delta,
+            self.pod = SidecarPod("client.default", self.addresses, self.xds_socket, delta=delta, cwd=client_cwd,
                                   customize=lambda cfg: self.plugins.call_all(
                                       "trafficmgr_bootstrap", bootstrap=cfg, role="sidecar", options=opts))
             self.pod.start()
@@ -383,11 +389,12 @@ status: {{podIP: {client_ip}, conditions: [{{type: Ready, status: "True"}}]}}
         self.backends.append(b)
         return b
 
-    def peer_pod(self, name: str, ip: str, inbound_port: int = 15006) -> SidecarPod:
+    def peer_pod(self, name: str, ip: str, inbound_port: int = 15006, cwd: Path | str | None = None,
+                 envoy_args: Sequence[str] = ()) -> SidecarPod:
         """A second sidecar pod ``<name>.default`` (the Pod object must exist) in its own network namespace,
         linked to the client pod's by a veth pair and capturing inbound connections as the node agent
         does: traffic from the client pod to ``ip`` crosses a real network boundary into its sidecar."""
-        peer = SidecarPod(f"{name}.default", [ip], self.xds_socket, inbound_port=inbound_port,
+        peer = SidecarPod(f"{name}.default", [ip], self.xds_socket, inbound_port=inbound_port, cwd=cwd, envoy_args=envoy_args,
                           customize=lambda cfg: self.plugins.call_all("trafficmgr_bootstrap", bootstrap=cfg, role="sidecar",
                                                                       options=self.options))
         self.peers.append(peer)

@@ -52,6 +52,17 @@ def _meta(obj: dict[str, Any]) -> dict[str, Any]:
     return obj.get("metadata") or {}
 
 
+#: Set by the node agent on a pod once its sidecar is LIVE (value: the sidecar's id; ``ingress`` marks a
+#: gateway pod, which has no inbound listener).
+PROXY_ANNOTATION = "traffic.envoy.proxy"
+
+
+def has_sidecar(obj: dict[str, Any]) -> bool:
+    """The pod runs a trafficmgr sidecar (:attr:`~trafficmgr.core.model.Endpoint.sidecar`)."""
+    value = (_meta(obj).get("annotations") or {}).get(PROXY_ANNOTATION)
+    return isinstance(value, str) and value not in ("", "ingress")
+
+
 def _key(obj: dict[str, Any]) -> Key:
     m = _meta(obj)
     return (m.get("namespace") or "", m.get("name") or "")
@@ -304,6 +315,7 @@ class Assembler:
             ips=pod_ips(ip, status.get("podIPs")), phase=str(status.get("phase") or "Pending"),
             terminating=bool(_meta(obj).get("deletionTimestamp")), host_network=bool(spec.get("hostNetwork")),
             service_account=str(spec.get("serviceAccountName") or spec.get("serviceAccount") or ""),
+            sidecar=has_sidecar(obj),
         )
         old = self.pods.get(key)
         index.set_ips(key, old.ips if old else (), pod.ips)
@@ -312,7 +324,7 @@ class Assembler:
             self.port_pods[key] = self.pods[key]  # the stored object: identity drives the builder's memo
         else:
             self.port_pods.pop(key, None)
-        if changed and (old is None or old.labels != pod.labels):
+        if changed and (old is None or old.labels != pod.labels or old.sidecar != pod.sidecar):
             self._refresh_endpoints_of_pod(key)
 
     def pods_with_ip(self, ip: str) -> list[tuple[Pod, dict[str, str]]]:
@@ -374,6 +386,7 @@ class Assembler:
                             address=addr, port=int(number), ready=ready,
                             pod=pod_key[1] if pod_key else None, namespace=ns,
                             node=ep.get("nodeName"), labels=pod.labels if pod else EMPTY_LABELS,
+                            sidecar=pod.sidecar if pod else False,
                         ))
         self._slices.set_service_pods(svc_key, pods_seen)
         stale = [(ns, svc, p.name) for p in (self.services.get(svc_key) or Service(ns, svc)).ports if p.name not in by_port]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from trafficmgr.core.contrib import HttpFilter
+from trafficmgr.core.contrib import HttpFilter, NetworkFilter
 from trafficmgr.core.model import GRPC, Endpoint, Service, ServicePort
 from trafficmgr.core.plugins import PluginHost
 from trafficmgr.core.translate.context import EndpointPair
@@ -91,6 +91,9 @@ class Hooks:
 
     def http_filters(self, ctx: BuildContext) -> list[HttpFilter]:
         return self.plugins.collect("trafficmgr_http_filters", what=f"{ctx.role} filters", role=ctx.role, ctx=ctx)
+
+    def network_filters(self, role: str, ctx: BuildContext) -> list[NetworkFilter | HttpFilter]:
+        return self.plugins.collect("trafficmgr_network_filters", what=f"{role} network filters", role=role, ctx=ctx)
 
     def resources(self, ctx: BuildContext) -> list[Resource]:
         return self.plugins.collect("trafficmgr_resources", what=f"{ctx.role} resources", role=ctx.role,

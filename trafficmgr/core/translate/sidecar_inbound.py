@@ -6,7 +6,9 @@ HTTP connection manager, so the pod's side of a request is observable (plugins'
 ``trafficmgr_http_connection_manager`` with listener ``inbound`` and no service: tracing adds the server
 span when the caller sampled), for connections the HTTP inspector recognises; everything else is plain
 TCP, and on the other ports without waiting for client bytes (server-first protocols work). Shared by
-every sidecar, so it changes only when that set of ports does.
+every sidecar, so it changes only when that set of ports does, or what plugins contribute with
+``trafficmgr_network_filters`` (role ``inbound``: e.g. the ``mtls`` plugin's authorization policies, put
+before the chains' ``tcp_proxy``/connection manager, and its HTTP filters in the connection manager).
 """
 
 from __future__ import annotations
@@ -15,18 +17,20 @@ import argparse
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
-from envoy.config.listener.v3 import listener_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.listener.http_inspector.v3 import http_inspector_pb2
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
 from trafficmgr.core import cache
+from trafficmgr.core.contrib import ALL_CHAINS, HttpFilter, NetworkFilter
 from trafficmgr.core.protos import HCM_FILTER, TCP_PROXY_FILTER, duration_ms, pack, socket_address
 from trafficmgr.core.translate.context import BuildContext
 from trafficmgr.core.translate.hooks import Hooks
-from trafficmgr.core.translate.http import ROUTER_FILTER, HttpFilters
+from trafficmgr.core.translate.http import ROUTER_FILTER, HttpFilters, _order
 from trafficmgr.core.translate.memo import Memo
 from trafficmgr.core.translate.services import Changes
 from trafficmgr.core.translate.sidecar_outbound import any_port
@@ -71,13 +75,18 @@ class InboundTranslator:
 
     def listener(self, ctx: BuildContext) -> cache.Resource:
         ports = tuple(sorted(self._http_port_counts))
-        return self._listener.get(INBOUND_LISTENER, (ports,), self._make_listener, ports, ctx)
+        contributed = self.hooks.network_filters(INBOUND_LISTENER, ctx)
+        network = tuple(sorted((f for f in contributed if isinstance(f, NetworkFilter)), key=lambda f: (f.order, f.name)))
+        http = _order([f for f in contributed if isinstance(f, HttpFilter)])
+        # Keyed on the filters' content (attrs equality compares the configs as messages).
+        return self._listener.get(INBOUND_LISTENER, (ports, network, http), self._make_listener, ports, network, http, ctx)
 
     def clusters(self, ctx: BuildContext) -> dict[str, cache.Resource]:
         """The listener's two fixed clusters, serialized once."""
         return self._clusters.get(INBOUND_CLUSTER, (), _clusters, ctx)
 
-    def _make_listener(self, ports: tuple[int, ...], ctx: BuildContext) -> cache.Resource:
+    def _make_listener(self, ports: tuple[int, ...], network: tuple[NetworkFilter, ...], http: tuple[HttpFilter, ...],
+                       ctx: BuildContext) -> cache.Resource:
         port = inbound_port(self.options)
         routes = route_pb2.RouteConfiguration(name=INBOUND_LISTENER)
         route = routes.virtual_hosts.add(name=INBOUND_LISTENER, domains=["*"]).routes.add()
@@ -85,8 +94,11 @@ class InboundTranslator:
         route.route.cluster = INBOUND_CLUSTER
         route.route.timeout.CopyFrom(duration_ms(0))  # the caller's route timeout applies, not a second one
         # The caller's sidecar already made the request id and the sampling decision: keep them.
-        packed_hcm = pack(self.filters.hcm(ctx, "inbound_http", [ROUTER_FILTER], routes, INBOUND_LISTENER,
+        http_filters = [hcm_pb2.HttpFilter(name=f.name, typed_config=pack(f.config)) for f in http]
+        packed_hcm = pack(self.filters.hcm(ctx, "inbound_http", [*http_filters, ROUTER_FILTER], routes, INBOUND_LISTENER,
                                            preserve_external_request_id=True))
+        on_all = [listener_components_pb2.Filter(name=f.name, typed_config=pack(f.config)) for f in network if f.applies_to == ALL_CHAINS]
+        on_tcp = [listener_components_pb2.Filter(name=f.name, typed_config=pack(f.config)) for f in network]
         lst = listener_pb2.Listener(name=INBOUND_LISTENER, stat_prefix=INBOUND_LISTENER)
         lst.address.CopyFrom(socket_address(self.options.sidecar_address, port))
         lst.traffic_direction = base_pb2.INBOUND
@@ -112,9 +124,11 @@ class InboundTranslator:
             chain = lst.filter_chains.add(name=f"inbound|http|{p}")
             chain.filter_chain_match.destination_port.value = p
             chain.filter_chain_match.application_protocols.extend(["http/1.1", "h2c"])
+            chain.filters.extend(on_all)
             chain.filters.add(name=HCM_FILTER, typed_config=packed_hcm)
         tcp = tcp_proxy_pb2.TcpProxy(stat_prefix="inbound_tcp", cluster=INBOUND_CLUSTER)
         lst.default_filter_chain.name = "inbound|tcp"
+        lst.default_filter_chain.filters.extend(on_tcp)
         lst.default_filter_chain.filters.add(name=TCP_PROXY_FILTER, typed_config=pack(tcp))
         self.hooks.listener(lst, INBOUND_LISTENER, ctx)
         return ctx.resource(lst, INBOUND_LISTENER, [(cache.CLUSTER, INBOUND_CLUSTER), (cache.CLUSTER, BLACKHOLE_CLUSTER)])

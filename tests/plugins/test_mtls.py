@@ -1,0 +1,355 @@
+"""The ``mtls`` plugin end to end (``serve --mtls``): a client pod and a server pod in two network
+namespaces joined by a veth pair, each with its own sidecar Envoy running in a working directory that
+holds its mesh identity (``identity/``, written with ``trafficmgr.core.identity.files.write`` from a
+test CA made here with ``cryptography``). The server pod's connections are captured by the agent's nat
+PREROUTING rules and cross its ``inbound`` listener.
+
+An *unmeshed* client is a process in the client pod running as the proxy's uid (1337): the capture
+rules leave it alone, so it speaks plaintext straight to the server pod, as a pod without a sidecar
+would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from trafficmgr.core.identity import files
+from trafficmgr.plugins import mtls
+from trafficmgr.testing.cluster import LocalCluster, SidecarPod
+from trafficmgr.testing.envoy import wait_for
+from trafficmgr.testing.manifests import join, service
+from trafficmgr.testing.netns import require as _require_netns
+
+SERVER_IP = "10.244.1.5"  # the meshed server pod, in its own namespace
+PLAIN_IP = "10.244.0.9"  # a pod without a sidecar (its backend lives in the client pod's namespace)
+PROXY_UID = 1337
+TD = "cluster.local"
+CLIENT_ID = f"spiffe://{TD}/ns/default/sa/client"
+INBOUND = "listener.inbound"
+#: A changed policy replaces the inbound listener's filter chains; connections accepted by the old chains
+#: (the client sidecar keeps its upstream connections) end after Envoy's drain time. The node agent should
+#: run sidecars with these options under --mtls (Envoy's default drain is 600 s).
+DRAIN = ("--drain-time-s", "2", "--drain-strategy", "immediate")
+#: How long a changed policy may take to apply to a client that keeps its connection open.
+DRAIN_WAIT = 10.0
+
+
+class MeshTestCA:
+    """A throwaway root that signs workload certificates with one URI SAN, as the mesh CA does."""
+
+    def __init__(self) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mtls test root")])
+        now = datetime.datetime.now(datetime.UTC)
+        self.cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(self.key.public_key())
+                     .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+                     .not_valid_after(now + datetime.timedelta(days=1))
+                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                     .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                                  data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                                  crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+                     .sign(self.key, hashes.SHA256()))
+        self.pem = self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def identity_dir(self, spiffe_id: str) -> str:
+        """A proxy working directory with ``identity/`` for ``spiffe_id`` (readable by the proxy's uid)."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.UTC)
+        leaf = (x509.CertificateBuilder().subject_name(x509.Name([]))
+                .issuer_name(self.cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=1)).not_valid_after(now + datetime.timedelta(hours=2))
+                .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]), critical=True)
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                               critical=False)
+                .sign(self.key, hashes.SHA256()))
+        base = tempfile.mkdtemp(prefix="tm-mtls-")
+        os.chmod(base, 0o755)
+        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        files.write(base, key_pem, leaf.public_bytes(serialization.Encoding.PEM), self.pem, uid=PROXY_UID)
+        return base
+
+
+def meshed_pod(name: str, ip: str, app: str, sa: str) -> str:
+    """A Pod whose sidecar is LIVE (the node agent's annotation) running as ServiceAccount ``sa``."""
+    return textwrap.dedent(f"""\
+        apiVersion: v1
+        kind: Pod
+        metadata: {{name: {name}, namespace: default, labels: {{app: {app}}}, annotations: {{traffic.envoy.proxy: {name}.default}}}}
+        spec: {{nodeName: node-1, serviceAccountName: {sa}, containers: [{{name: app, image: {app}}}]}}
+        status: {{podIP: {ip}, conditions: [{{type: Ready, status: "True"}}]}}
+        """)
+
+
+def plain_pod(name: str, ip: str, app: str) -> str:
+    return textwrap.dedent(f"""\
+        apiVersion: v1
+        kind: Pod
+        metadata: {{name: {name}, namespace: default, labels: {{app: {app}}}}}
+        spec: {{nodeName: node-1, containers: [{{name: app, image: {app}}}]}}
+        status: {{podIP: {ip}, conditions: [{{type: Ready, status: "True"}}]}}
+        """)
+
+
+# A client outside the mesh: runs as the proxy's uid in the client pod, so nothing captures it.
+UNMESHED = """
+import socket, sys, time
+host, port, wait, data = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4].encode().decode("unicode_escape").encode("latin-1")
+s = socket.create_connection((host, port), timeout=5)
+time.sleep(wait)
+try:
+    s.sendall(data)
+    got = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+        if got.startswith(b"HTTP/") and b"\\r\\n\\r\\n" in got or got.startswith(b"PONG"):
+            break
+except (ConnectionResetError, BrokenPipeError):
+    got = b"<reset>"
+print(repr(got))
+"""
+
+
+class Rig:
+    def __init__(self, c: LocalCluster, server: SidecarPod, web: Any, ca: MeshTestCA) -> None:
+        self.c, self.server, self.web, self.ca = c, server, web, ca
+        assert c.pod is not None
+        self.client: SidecarPod = c.pod
+
+    def until(self, status: int, service: str = "web") -> float:
+        """Seconds until a meshed GET answers ``status`` (a changed policy reaches kept connections when
+        the old chains drained)."""
+        start = time.monotonic()
+        wait_for(lambda: self.get(service) == status, DRAIN_WAIT, message=f"{service} never answered {status}")
+        return time.monotonic() - start
+
+    def get(self, service: str = "web", port: int = 8080, headers: dict[str, str] | None = None) -> int:
+        [(status, _)] = self.client.get_many(self.c.cluster_ip(service), port, f"{service}:{port}", 1, "/hello", headers, timeout=10)
+        return status
+
+    def unmeshed(self, ip: str, port: int, data: str, wait: float = 0.0) -> bytes:
+        """What a plaintext client outside the mesh receives after sending ``data`` (after ``wait`` s)."""
+        proc = self.client.ns.run("setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups",
+                                  "python3", "-c", UNMESHED, ip, str(port), str(wait), data, check=False)
+        assert proc.returncode == 0, proc.stderr
+        return eval(proc.stdout.strip())  # noqa: S307 - our own repr() of bytes
+
+    def unmeshed_get(self, ip: str = SERVER_IP, port: int = 8080, wait: float = 0.0, extra: str = "") -> bytes:
+        return self.unmeshed(ip, port, f"GET /hello HTTP/1.1\\r\\nHost: web\\r\\n{extra}Connection: close\\r\\n\\r\\n", wait)
+
+    def stat(self, pod: SidecarPod, name: str) -> int:
+        return pod.stat(name)
+
+    def labels(self, labels: dict[str, str | None], kind: str = "service", name: str = "web") -> None:
+        self.c.label(kind, name, labels)
+
+    def wait_listener(self, predicate: Any, message: str) -> None:
+        self.c.wait_config(lambda: predicate(self.server.listener_config("inbound")), timeout=15, message=message)
+
+
+@pytest.fixture(scope="module")
+def rig(envoy_binary: str) -> Iterator[Rig]:
+    _require_netns()
+    ca = MeshTestCA()
+    client_dir = ca.identity_dir(CLIENT_ID)
+    server_dir = ca.identity_dir(f"spiffe://{TD}/ns/default/sa/web")
+    options = argparse.Namespace(mtls=True, trust_domain=TD)
+    with LocalCluster([PLAIN_IP], options=options, client_cwd=client_dir) as c:
+        c.apply(join(
+            meshed_pod("web-1", SERVER_IP, "web", "web"),
+            plain_pod("plain-1", PLAIN_IP, "plain"),
+            service("web", port=8080, labels={"traffic.port.8080": "http"}),
+            service("plain", port=8080, labels={"traffic.port.8080": "http"}, app="plain"),
+            service("echo", port=7070, labels={"traffic.port.7070": "tcp"}, app="web", http=False),
+        ))
+        server = c.peer_pod("web-1", SERVER_IP, cwd=server_dir, envoy_args=DRAIN)
+        web = c.peer_backend(server, "web", 8080)
+        c.backend("plain", PLAIN_IP, 8080)
+        from tests.e2e.test_kube_inbound import _PingPong, tcp_server
+
+        echo = server.in_ns(lambda: tcp_server(SERVER_IP, 7070, _PingPong))
+        r = Rig(c, server, web, ca)
+        r.wait_listener(lambda cfg: "inbound|mtls|http|8080" in cfg, "the server sidecar has no TLS twin chains")
+        c.wait_config(lambda: mtls.METADATA_KEY in r.client.admin("/config_dump?include_eds"), timeout=15,
+                      message="the client has no endpoint marked for mTLS")
+        try:
+            yield r
+        finally:
+            echo.shutdown()
+
+
+@pytest.fixture
+def fresh(rig: Rig) -> Iterator[Rig]:
+    """Each test leaves the Services and the Namespace as the fixture made them."""
+    yield rig
+    for name in ("web", "echo"):
+        raw = rig.c.store.get("services", name, "default")["metadata"].get("labels") or {}
+        drop: dict[str, str | None] = {k: None for k in raw if k.startswith(("traffic.allow.", "traffic.mtls"))}
+        if drop:
+            rig.c.label("service", name, drop)
+    rig.c.store.patch("namespaces", "default", {"metadata": {"labels": {mtls.MODE: None}}}, patch_type="merge")
+    rig.wait_listener(lambda cfg: "trafficmgr.mtls.strict" not in cfg and "trafficmgr.mtls.authz" not in cfg,
+                      "the policies did not go away")
+
+
+def test_tls_on_the_wire_and_the_application_sees_the_callers_identity(fresh: Rig) -> None:
+    r = fresh
+    client_hs = r.stat(r.client, "cluster.8080|default|web.outbound.ssl.handshake")
+    server_hs = r.stat(r.server, f"{INBOUND}.ssl.handshake")
+    # A client cannot forge the header: the server's sidecar replaces it with the verified peer's URI.
+    assert r.get(headers={"x-forwarded-client-cert": "URI=spiffe://cluster.local/ns/kube-system/sa/admin"}) == 200
+    seen = r.web.requests[-1]
+    assert seen["headers"]["x-forwarded-client-cert"].endswith(f";URI={CLIENT_ID}"), seen
+    assert "kube-system" not in str(seen["headers"])
+    assert r.stat(r.client, "cluster.8080|default|web.outbound.ssl.handshake") > client_hs
+    assert r.stat(r.server, f"{INBOUND}.ssl.handshake") > server_hs
+    assert r.stat(r.server, "http.inbound_http.downstream_rq_total") >= 1
+    assert r.c.cp.nacks() == []
+
+
+def test_plaintext_client_permissive_accepted_strict_refused(fresh: Rig) -> None:
+    r = fresh
+    answer = r.unmeshed_get(extra="x-forwarded-client-cert: URI=spiffe://cluster.local/ns/x/sa/forged\r\n")
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    # Plaintext: the core's connection manager drops a client's XFCC (SANITIZE), so it cannot be forged.
+    assert "forged" not in str(r.web.requests[-1]["headers"])
+    r.labels({mtls.MODE: mtls.STRICT})
+    r.wait_listener(lambda cfg: "trafficmgr.mtls.strict" in cfg, "no strict policy")
+    denied = r.stat(r.server, "mtls_strict.rbac.denied")
+    assert r.unmeshed_get() in (b"", b"<reset>")  # closed without an answer
+    assert r.stat(r.server, "mtls_strict.rbac.denied") > denied
+    assert r.get() == 200  # meshed clients still get in
+    # The strict policy covers the pod's endpoint ports of that service only: the TCP port of "echo"
+    # on the same pod still takes plaintext.
+    assert r.unmeshed(SERVER_IP, 7070, "PING\\r\\n") == b"PONG\r\n"
+
+
+def test_namespace_label_is_the_default_and_a_bad_value_is_reported(fresh: Rig) -> None:
+    r = fresh
+    r.c.store.patch("namespaces", "default", {"metadata": {"labels": {mtls.MODE: "sometimes"}}}, patch_type="merge")
+    wait_for(lambda: next((e for e in r.c.store.list("events", namespace="default")["items"]
+                           if e["involvedObject"].get("kind") == "Namespace" and e["reason"] == "InvalidTrafficLabel"
+                           and "invalid value 'sometimes' for label traffic.mtls: must be one of permissive, strict, disable"
+                           in e["message"]), None), 10, message="no Event on the Namespace")
+    r.c.store.patch("namespaces", "default", {"metadata": {"labels": {mtls.MODE: mtls.STRICT}}}, patch_type="merge")
+    r.wait_listener(lambda cfg: "trafficmgr.mtls.strict" in cfg, "the Namespace label made nothing strict")
+    assert r.unmeshed_get() in (b"", b"<reset>")
+    assert r.unmeshed(SERVER_IP, 7070, "PING\\r\\n") in (b"", b"<reset>")  # "echo" is strict too
+    r.labels({mtls.MODE: mtls.PERMISSIVE})  # the Service's own label wins over its Namespace's
+    wait_for(lambda: r.unmeshed_get().startswith(b"HTTP/1.1 200"), 10, message="the Service's permissive label did not win")
+    assert r.unmeshed(SERVER_IP, 7070, "PING\\r\\n") in (b"", b"<reset>")
+    # disable is per Service (clients decide TLS per cluster): refused on a Namespace, with an Event.
+    r.c.store.patch("namespaces", "default", {"metadata": {"labels": {mtls.MODE: mtls.DISABLE}}}, patch_type="merge")
+    wait_for(lambda: any(e["involvedObject"].get("kind") == "Namespace" and "only permissive or strict" in e["message"]
+                         for e in r.c.store.list("events", namespace="default")["items"]), 10, message="no Event for disable")
+
+
+def test_meshed_client_to_an_endpoint_without_sidecar_speaks_plaintext(fresh: Rig) -> None:
+    r = fresh
+    before = r.stat(r.client, "cluster.8080|default|plain.outbound.ssl.handshake")
+    assert r.get("plain") == 200  # TLS to a plain HTTP backend would fail
+    assert r.stat(r.client, "cluster.8080|default|plain.outbound.ssl.handshake") == before
+
+
+def test_disable_sends_plaintext(fresh: Rig) -> None:
+    r = fresh
+    r.labels({mtls.MODE: mtls.DISABLE})
+    r.c.wait_config(lambda: mtls.MATCH_NAME not in _cluster(r.client, "8080|default|web.outbound"), timeout=15,
+                    message="the cluster still has the mtls match")
+    before = r.stat(r.server, f"{INBOUND}.ssl.handshake")
+    assert r.get() == 200
+    assert r.stat(r.server, f"{INBOUND}.ssl.handshake") == before
+    assert "x-forwarded-client-cert" not in {k.lower() for k in r.web.requests[-1]["headers"]}
+
+
+def _cluster(pod: SidecarPod, name: str) -> str:
+    import json
+
+    for item in json.loads(pod.admin("/config_dump?resource=dynamic_active_clusters")).get("configs", []):
+        if item.get("cluster", {}).get("name") == name:
+            return json.dumps(item)
+    return ""
+
+
+def test_authorization_by_identity(fresh: Rig) -> None:
+    r = fresh
+    r.labels({"traffic.allow.sa.default.client": "true"})
+    r.labels({"traffic.allow.sa.default.someone-else": "true"}, name="echo")
+    r.wait_listener(lambda cfg: "rbac_default_web." in cfg and "rbac_default_echo." in cfg, "no authorization policies")
+    assert r.get() == 200
+    # HTTP from an identity the Service does not allow: 403, counted per service.
+    r.labels({"traffic.allow.sa.default.client": None, "traffic.allow.namespace.shop": "true"})
+    r.wait_listener(lambda cfg: "ns/default/sa/client" not in cfg, "the policy still allows the client")
+    r.until(403)
+    denied = r.stat(r.server, "http.inbound_http.rbac.rbac_default_web.denied")
+    assert r.get() == 403
+    assert r.stat(r.server, "http.inbound_http.rbac.rbac_default_web.denied") == denied + 1
+    # Plaintext from outside the mesh: no identity, denied too (connection closed or 403).
+    assert not r.unmeshed_get().startswith(b"HTTP/1.1 200")
+    # ... also when it waits out the HTTP inspector (1 s) so the connection takes the TCP chain.
+    tcp_denied = r.stat(r.server, "rbac_default_web.rbac.denied")
+    assert r.unmeshed_get(wait=1.5) in (b"", b"<reset>")
+    assert r.stat(r.server, "rbac_default_web.rbac.denied") == tcp_denied + 1
+    # TCP: the meshed client's connection to "echo" is closed.
+    echo_denied = r.stat(r.server, "rbac_default_echo.rbac.denied")
+    ip = r.c.cluster_ip("echo")
+    assert r.client.in_ns(lambda: _ping(ip)) in (b"", b"<reset>")
+    assert r.stat(r.server, "rbac_default_echo.rbac.denied") == echo_denied + 1
+    r.labels({"traffic.allow.sa.default.client": "true"}, name="echo")
+    r.wait_listener(lambda cfg: "ns/default/sa/client" in cfg, "the echo policy does not allow the client")
+    assert r.client.in_ns(lambda: _ping(ip)) == b"PONG\r\n"
+
+
+def _ping(ip: str) -> bytes:
+    import socket
+
+    with socket.create_connection((ip, 7070), timeout=5) as s:
+        try:
+            s.sendall(b"PING\r\n")
+            return s.recv(100)
+        except ConnectionResetError:
+            return b"<reset>"
+
+
+def test_a_malformed_rule_is_reported_and_denies_that_service_only(fresh: Rig) -> None:
+    r = fresh
+    r.labels({"traffic.allow.namespace.Not_A_Namespace": "true"})
+    event = r.c.wait_event("web", "InvalidTrafficLabel", "traffic.allow.namespace.Not_A_Namespace")
+    assert event["message"] == ("label traffic.allow.namespace.Not_A_Namespace: 'Not_A_Namespace' is not a namespace name "
+                                "(lowercase letters, digits and '-'): the Service denies every caller until this is fixed")
+    r.wait_listener(lambda cfg: "rbac_default_web." in cfg, "no deny-all policy")
+    r.until(403)
+    assert r.client.in_ns(lambda: _ping(r.c.cluster_ip("echo"))) == b"PONG\r\n"  # same pod, other service
+    r.labels({"traffic.allow.sa.default": "yes"}, name="echo")
+    r.c.wait_event("echo", "InvalidTrafficLabel", "label traffic.allow.sa.default='yes': the value must be \"true\"")
+
+
+@pytest.mark.parametrize("labels,text", [
+    ({"traffic.allow.sa.default": "true"}, "expected traffic.allow.sa.<namespace>.<serviceaccount>"),
+    ({"traffic.allow.everyone": "true"}, "unknown authorization label"),
+])
+def test_parse_allow_errors(labels: dict[str, str], text: str) -> None:
+    _, _, errors = mtls.parse_allow(labels)
+    assert len(errors) == 1 and text in errors[0], errors
+
+
+def test_parse_allow_accepts_serviceaccounts_with_dots() -> None:
+    namespaces, accounts, errors = mtls.parse_allow({"traffic.allow.sa.ops.deploy.bot": "true", "traffic.allow.namespace.shop": "true"})
+    assert (namespaces, accounts, errors) == (("shop",), (("ops", "deploy.bot"),), [])
+
