@@ -317,3 +317,17 @@ def test_authorize_from_constructed_reviews(review: Review, pod_changes: dict[st
         assert expected in info.value.message and info.value.code == DENIED
         return
     assert srv.authorize(review, pod, ref, agent, "cluster.local")[0] == expected
+
+
+def test_the_agents_sign_client_gets_a_checked_certificate(mesh: Mesh, tmp_path: Path) -> None:
+    """The node agent's client (:class:`trafficmgr.core.identity.client.SignClient`) against this server:
+    the server verified by the name in ``--identity-dns-names`` and the bundle, the answer checked (its
+    key, the URI asked for, chains to the bundle)."""
+    from trafficmgr.core.identity.client import SignClient
+
+    token_file = tmp_path / "token"
+    token_file.write_text(mesh.agent_token("node-a"))
+    bundle = mesh.api.store.get("configmaps", BUNDLE_CONFIGMAP, NS)["data"]["ca.crt"].encode()
+    client = SignClient(f"127.0.0.1:{mesh.server.port}", str(token_file), server_name="trafficmgr.trafficmgr.svc")
+    issued = client.issue(REVIEWS, ("default", "reviews-1", mesh.uid("default", "reviews-1")), bundle)
+    assert uri_sans(x509.load_pem_x509_certificates(issued.chain_pem)[0]) == [REVIEWS]

@@ -190,3 +190,47 @@ def test_serve_mesh_identity_signs_and_serves_xds_mtls_through_a_root_rotation(t
         serve.wait(15)
         log.close()
         api.stop()
+
+
+def test_serve_provided_mode_waits_for_the_secret_and_refuses_a_bad_one(tmp_path: Path) -> None:
+    """``--mesh-ca-mode provided``: no Secret is created; serve says it waits, and starts the Sign service
+    once the Secret appears (the trust bundle is published then). A bad Secret at start is a one-line error
+    naming the Secret and the key, exit 1."""
+    api = Api(tmp_path)
+    identity_port, admin_port = free_port(), free_port()
+    base = [sys.executable, "-m", "trafficmgr", "serve", "--log-level", "info", "--kubeconfig", str(api.kubeconfig),
+            "--plugins", "lb", "--xds-address", "127.0.0.1", "--xds-port", "0", "--admin-port", str(admin_port),
+            "--mesh-identity", "--mesh-ca-mode", "provided", "--mesh-ca-namespace", NS, "--mesh-ca-secret", "my-ca",
+            "--identity-address", "127.0.0.1", "--identity-port", str(identity_port)]
+    log_path = tmp_path / "serve.log"
+    log = log_path.open("wb")
+    serve = subprocess.Popen(base, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: "waiting for Secret trafficmgr/my-ca" in log_path.read_text(), 30,
+                 message="serve must say it waits for the Secret")
+        with pytest.raises(ApiError):
+            api.store.get("secrets", "my-ca", NS)
+        root = make_ca("provided-root")
+        api.store.create(secret(pem(root[0]), key_pem(root[1]), secret_name="my-ca"))
+
+        def served() -> bool:
+            assert serve.poll() is None, log_path.read_text()
+            try:
+                return api.store.get("configmaps", BUNDLE_CONFIGMAP, NS)["data"]["ca.crt"] == pem(root[0]).decode() \
+                    and "Sign service on 127.0.0.1" in log_path.read_text()
+            except ApiError:
+                return False
+        wait_for(served, 30, message="the Sign service must start and the bundle be published once the Secret exists")
+    finally:
+        serve.terminate()
+        serve.wait(15)
+        log.close()
+    other = make_ca("other")
+    api.store.update(secret(pem(root[0]), key_pem(other[1]), secret_name="my-ca"))
+    try:
+        out = subprocess.run(base, capture_output=True, text=True, timeout=60)
+    finally:
+        api.stop()
+    assert out.returncode == 1
+    assert "mesh CA: Secret trafficmgr/my-ca: key tls.key does not match the first certificate of tls.crt" in out.stderr
+    assert "Traceback" not in out.stderr and "PRIVATE KEY" not in out.stderr
