@@ -81,10 +81,6 @@ def pem(cert: x509.Certificate) -> str:
     return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
-def _utc(dt: datetime.datetime) -> datetime.datetime:
-    return dt if dt.tzinfo else dt.replace(tzinfo=datetime.UTC)
-
-
 def not_after(cert: x509.Certificate) -> datetime.datetime:
     return cert.not_valid_after_utc
 

@@ -142,6 +142,7 @@ class Refusal(Exception):
         self.code = code
         self.reason = reason
         self.message = message
+        self.caller = ""  # the authenticated username, once known (for the log)
 
 
 def _denied(reason: str, message: str) -> Refusal:
@@ -338,7 +339,7 @@ class IdentityService:
                 checked = check_csr(csr_pem)
             except CSRError as exc:
                 raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "bad_csr", str(exc)) from None
-            identity, _kind = authorize(review, self.get_pod(ref), ref, self.options.agent_username,
+            identity, _ = authorize(review, self.get_pod(ref), ref, self.options.agent_username,
                                         self.options.trust_domain)
             if checked.uri != identity:
                 raise _denied("identity_mismatch", f"CSR asks for {checked.uri}, pod {ref} runs as "
@@ -351,7 +352,7 @@ class IdentityService:
             except CSRError as exc:
                 raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "bad_csr", str(exc)) from None
         except Refusal as refusal:
-            refusal.caller = caller  # type: ignore[attr-defined]
+            refusal.caller = caller
             raise
         metrics.CERTIFICATES_SIGNED.inc()
         return {"certificate_chain": chain, "trust_bundle": bundle,
@@ -367,7 +368,7 @@ class IdentityService:
             response, caller = self.sign(body, token)
         except Refusal as refusal:
             metrics.CERTIFICATE_REQUESTS_REFUSED.labels(refusal.reason).inc()
-            who = getattr(refusal, "caller", "") or _peer_host(context.peer())
+            who = refusal.caller or _peer_host(context.peer())
             if self._logged.first((who, refusal.message)):
                 log.warning("certificate request refused (%s, %s): %s", who, refusal.code.name, refusal.message)
             context.abort(refusal.code, refusal.message)
