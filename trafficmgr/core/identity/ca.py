@@ -191,6 +191,11 @@ def load_material(data: dict[str, str], where: str, version: str = "") -> Materi
     return Material(cert=cert, key=key, chain=chain, roots=tuple(roots), version=version, chain_pem=chain_pem)
 
 
+def _short(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:200]
+
+
 def _same(a: x509.Certificate, b: x509.Certificate) -> bool:
     return a.fingerprint(hashes.SHA256()) == b.fingerprint(hashes.SHA256())
 
@@ -321,6 +326,8 @@ class MeshCA:
             if exc.status == 404:
                 return None
             raise CAError(f"cannot read {self.where}: HTTP {exc.status} {exc.reason}") from None
+        except Exception as exc:  # noqa: BLE001 - connection errors come in many types
+            raise CAError(f"cannot read {self.where}: {_short(exc)}") from None
 
     def _generate(self) -> dict[str, str]:
         """The data of a new Secret (a separate step so tests can interleave two replicas)."""
@@ -344,6 +351,8 @@ class MeshCA:
             if existing is None:
                 raise CAError(f"{self.where}: create said AlreadyExists but it cannot be read") from None
             return existing
+        except Exception as exc:  # noqa: BLE001 - connection errors come in many types
+            raise CAError(f"cannot create {self.where}: {_short(exc)}") from None
         self.created = True
         log.info("created the mesh CA (EC P-256 self-signed root, %d days) in %s", ROOT_LIFETIME.days, self.where)
         return obj
