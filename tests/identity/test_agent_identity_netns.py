@@ -1,11 +1,13 @@
 """``agent --mesh-identity`` with the netns runtime (network namespaces, real Envoy sidecars as uid 1337,
-a real gRPC TLS signing service): a sidecar gets its own key and certificate before Envoy starts, serves
-TLS with it, renews it without a restart or a failed request, keeps it when renewal fails (Event), loses
-the directory with the sidecar; a restarted agent adopts and renews; and with ``--xds-mtls`` the sidecar
-authenticates to an ``--xds-auth mtls`` xDS server with its workload certificate."""
+the real mesh CA and Sign service over TLS, the agent's token from the API server's TokenRequest): a
+sidecar gets its own key and certificate before Envoy starts, serves TLS with it, renews it without a
+restart or a failed request, keeps it when renewal fails (Event), loses the directory with the sidecar; a
+restarted agent adopts and renews; a new root reaches every sidecar's bundle; and with ``--xds-mtls`` the
+sidecar authenticates to an ``--xds-auth mtls`` xDS server with its workload certificate."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import socket
@@ -23,7 +25,8 @@ from cryptography import x509
 
 from tests.agent.manifests import SERVICES, WORKLOAD
 from tests.agent.rig import NODE, Cluster, require
-from tests.identity.signer import SERVER_NAME, StandInSigner
+from tests.identity.mesh import make_ca, pem, secret
+from tests.identity.realsigner import CA_SECRET, SERVER_NAME, RealSigner
 from trafficmgr import hookimpl
 from trafficmgr.core.agent.agent import Agent, AgentConfig
 from trafficmgr.core.agent.identity import REASON_RENEWAL_FAILED, TRUST_BUNDLE_CONFIGMAP, IdentityConfig
@@ -39,7 +42,7 @@ from trafficmgr.testing.netns import NetNS
 # 10.244.81.0/24: addresses no other test uses (the runtime finds namespaces by pod IP).
 APP_IP, REVIEWS_IP, BLOCKED_IP = "10.244.81.2", "10.244.81.11", "10.244.81.12"
 TLS_PORT = 15443
-CA_NS = "trafficmgr"
+CA_NS = "trafficmgr"  # the control plane's namespace: CA Secret, trust bundle ConfigMap, the agent's pod
 SPIFFE = "spiffe://cluster.local/ns/default/sa/web"
 
 POD = """
@@ -86,16 +89,13 @@ def cluster(envoy_binary: str) -> Iterator[Cluster]:
 
 
 @pytest.fixture
-def signer(cluster: Cluster) -> Iterator[StandInSigner]:
-    s = StandInSigner(ttl_s=3600).start()
-    cluster.store.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": CA_NS}})
-    cluster.store.create({"apiVersion": "v1", "kind": "ConfigMap",
-                          "metadata": {"name": TRUST_BUNDLE_CONFIGMAP, "namespace": CA_NS},
-                          "data": {"ca.crt": s.ca.pem.decode()}})
+def signer(cluster: Cluster) -> Iterator[RealSigner]:
+    s = RealSigner(cluster.store, cluster.kube_client(), NODE, ttl_s=60)  # the shortest TTL serve accepts
     try:
+        wait_for(s.published, 10, message=f"ConfigMap {TRUST_BUNDLE_CONFIGMAP} not published")
         yield s
     finally:
-        s.stop()
+        s.close()
 
 
 @pytest.fixture
@@ -115,7 +115,7 @@ def podnet(cluster: Cluster) -> Iterator[NetNS]:
         ns.delete()
 
 
-def start_agent(cluster: Cluster, runtime: ProcessRuntime, signer: StandInSigner, token: Path,
+def start_agent(cluster: Cluster, runtime: ProcessRuntime, signer: RealSigner, token: Path,
                 xds_address: str | None = None, xds_mtls: bool = False) -> Agent:
     identity = IdentityConfig(ca_address=signer.address, token_file=str(token), ca_server_name=SERVER_NAME,
                               ca_namespace=CA_NS, timeout_s=3, min_backoff_s=0.3, max_backoff_s=1.0)
@@ -161,12 +161,11 @@ def envoy_stat(ns: NetNS, name: str) -> int:
     raise AssertionError(f"no stat {name}")
 
 
-def test_sidecar_identity_renewal_failure_adoption_removal(cluster: Cluster, signer: StandInSigner,
+def test_sidecar_identity_renewal_failure_adoption_removal(cluster: Cluster, signer: RealSigner,
                                                            podnet: NetNS, tmp_path: Path) -> None:
     ns = podnet
-    signer.ttl_s = 24  # renewed ~12 s after issue
     token = tmp_path / "token"
-    token.write_text(signer.token)
+    token.write_text(signer.agent_token())
     state_dir = tempfile.mkdtemp(prefix="tm-ident-state-")
     runtime = ProcessRuntime(state_dir)
     agent = start_agent(cluster, runtime, signer, token)
@@ -185,8 +184,7 @@ def test_sidecar_identity_renewal_failure_adoption_removal(cluster: Cluster, sig
     leaf = x509.load_pem_x509_certificates(files.read_chain(workdir) or b"")[0]
     assert leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
         x509.UniformResourceIdentifier) == [SPIFFE]
-    assert signer.requests[0]["pod"]["name"] == "web-6c9f-i1"
-    assert "PRIVATE KEY" not in json.dumps(signer.requests)
+    assert leaf.not_valid_after_utc - leaf.not_valid_before_utc <= dt.timedelta(seconds=121)  # 60 s + backdating
     # Envoy runs with its state directory as working directory (the relative SDS paths resolve there).
     pid = json.load(open(os.path.join(workdir, "sidecar.json")))["pid"]
     assert os.readlink(f"/proc/{pid}/cwd") == workdir
@@ -196,7 +194,7 @@ def test_sidecar_identity_renewal_failure_adoption_removal(cluster: Cluster, sig
     assert first == file_serial(workdir)
     uptime = envoy_stat(ns, "server.uptime")
 
-    # ... and after the renewal (half-life of 24 s) presents the new one: same Envoy, no failed request.
+    # ... and after the renewal (half of the 60 s) presents the new one: same Envoy, no failed request.
     results: list[int | str] = []
     stop = threading.Event()
 
@@ -226,45 +224,45 @@ def test_sidecar_identity_renewal_failure_adoption_removal(cluster: Cluster, sig
     assert envoy_stat(ns, "server.uptime") > uptime, "Envoy was not restarted"
     print(f"renewal: {len(results)} TLS requests, 0 failed, old serial then new")
 
-    # Renewal failure (the signer refuses): retried with backoff, a Warning Event on the pod, old cert kept.
-    signer.ttl_s = 3600
-    signer.refuse = "signer down for the test"
-    calls = len(signer.tokens)
+    # Renewal failure (the signer is stopped): retried with backoff, a Warning Event on the pod, old cert kept.
+    signer.stop()
+    failed = agent.identity.failures
     agent.identity.renew_now()
     event = wait_for(lambda: [e for e in cluster.events("web-6c9f-i1") if e["reason"] == REASON_RENEWAL_FAILED], 15,
                      message="no CertificateRenewalFailed Event")[0]
-    assert event["type"] == "Warning" and "signer down for the test" in event["message"] and SPIFFE in event["message"]
-    wait_for(lambda: len(signer.tokens) >= calls + 3, 15, message="renewal is not retried")
+    assert event["type"] == "Warning" and "UNAVAILABLE" in event["message"] and SPIFFE in event["message"]
+    assert "expires at" in event["message"]
+    wait_for(lambda: agent.identity.failures >= failed + 3, 15, message="renewal is not retried")
     assert file_serial(workdir) == renewed and served_serial(ns) == renewed, "the current certificate is kept"
-    signer.refuse = None
+    signer.start()  # same port
     wait_for(lambda: file_serial(workdir) != renewed, 15, message="no renewal once the signer is back")
     third = file_serial(workdir)
     wait_for(lambda: served_serial(ns) == third, 10)
 
     # A restarted agent adopts the sidecar and its certificate (expiry read from identity/cert.pem).
     agent.stop()
-    token.write_text("rotated-token")  # re-read per call: the new agent uses it
-    signer.token = "rotated-token"
+    token.write_text(signer.agent_token())  # a new token (kubelet rotation): re-read per call
     agent2 = start_agent(cluster, ProcessRuntime(state_dir), signer, token)
     assert agent2.identity is not None
     cluster.settle(agent2)
     [(spiffe_id, expiry, due, _)] = agent2.identity.entries().values()
     leaf = x509.load_pem_x509_certificates(files.read_chain(workdir) or b"")[0]
     assert spiffe_id == SPIFFE and expiry == leaf.not_valid_after_utc.timestamp()
-    assert time.time() + 1500 < due < time.time() + 1900, "half of the adopted certificate's hour"
+    written = os.stat(os.path.join(top, files.CERT)).st_mtime
+    assert abs(due - (written + (expiry - written) / 2)) < 2, "renewal due at half of what was left when issued"
     assert file_serial(workdir) == third, "adopting does not re-issue a valid certificate"
-    agent2.identity.renew_now()
-    wait_for(lambda: file_serial(workdir) != third, 15, message="the adopted sidecar is not renewed")
-    assert signer.tokens[-1] == "rotated-token"
+    wait_for(lambda: file_serial(workdir) != third, 45, message="the adopted sidecar is not renewed at half-life")
+    assert agent2.identity.renewals >= 1
 
-    # The trust bundle ConfigMap changes: every sidecar's bundle.pem is rewritten.
-    from tests.identity.signer import StandInCA
-
-    extra = StandInCA("next-root").pem
-    cluster.store.patch("configmaps", TRUST_BUNDLE_CONFIGMAP, {"data": {"ca.crt": (signer.ca.pem + extra).decode()}},
+    # Root rotation step 1 (a new root added to the CA Secret's ca.crt): the control plane publishes the
+    # bundle, the agent rewrites every sidecar's bundle.pem.
+    new_root = pem(make_ca("next-root")[0])
+    old = signer.bundle()
+    cluster.store.patch("secrets", CA_SECRET, {"data": {"ca.crt": secret(b"", None, old + new_root)["data"]["ca.crt"]}},
                         CA_NS, patch_type="merge")
     bundle = os.path.join(top, files.BUNDLE)
-    wait_for(lambda: open(bundle, "rb").read() == signer.ca.pem + extra, 10, message="bundle.pem not rewritten")
+    wait_for(lambda: open(bundle, "rb").read().count(b"BEGIN CERTIFICATE") == 2, 20, message="bundle.pem not rewritten")
+    assert new_root in open(bundle, "rb").read()
 
     # Removing the sidecar removes its directory, identity included.
     cluster.label("pods", "web-6c9f-i1", {"traffic.envoy.enabled": "false"})
@@ -274,18 +272,16 @@ def test_sidecar_identity_renewal_failure_adoption_removal(cluster: Cluster, sig
 
 
 def test_sidecar_authenticates_to_mtls_xds_with_its_workload_certificate(
-        cluster: Cluster, signer: StandInSigner, podnet: NetNS, tmp_path: Path) -> None:
-    """``serve --xds-auth mtls`` end to end (the xDS server as serve makes it: TLS requiring a client
-    certificate of the mesh CA, :class:`AccessControl` in mtls mode): the agent's sidecar presents its
-    workload certificate through the identity files and gets its config. The server's certificate comes
-    from the stand-in signer's CA (the mesh CA's serving certificate is another helper's part)."""
-    import grpc
-
+        cluster: Cluster, signer: RealSigner, podnet: NetNS, tmp_path: Path) -> None:
+    """``serve --xds-auth mtls`` end to end (the xDS server as serve makes it: TLS with a serving
+    certificate of the mesh CA requiring a client certificate chaining to the trust bundle,
+    :class:`AccessControl` in mtls mode): the agent's sidecar presents its workload certificate through the
+    identity files and gets its config."""
     from trafficmgr.core.access import AccessControl, refused_count
+    from trafficmgr.core.identity.ca import ServingCredentials
     from trafficmgr.core.xds.server import XdsServerThread
 
-    key, cert = signer.ca.serving(["trafficmgr.trafficmgr.svc"], ["127.0.0.1"])
-    creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=signer.ca.pem, require_client_auth=True)
+    creds = ServingCredentials(signer.ca, [SERVER_NAME], ["127.0.0.1"], client_auth=True).credentials()
     access = AccessControl("mtls", cluster.cp.assembler.pods, cluster.cp.assembler.pods_with_ip)
     sock = os.path.join(os.path.dirname(cluster.xds_socket), "mtls.sock")
     xds = XdsServerThread(cluster.cp.cache, f"unix:{sock}", 0, credentials=creds, authorizer=access).start()
@@ -293,7 +289,7 @@ def test_sidecar_authenticates_to_mtls_xds_with_its_workload_certificate(
     refused = refused_count()
     try:
         token = tmp_path / "token"
-        token.write_text(signer.token)
+        token.write_text(signer.agent_token())
         state_dir = tempfile.mkdtemp(prefix="tm-ident-state-")
         runtime = ProcessRuntime(state_dir)
         start_agent(cluster, runtime, signer, token, xds_address=f"unix:{sock}", xds_mtls=True)
