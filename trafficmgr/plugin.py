@@ -38,6 +38,7 @@ from trafficmgr.core.contrib import (
     WatchKind,
 )
 from trafficmgr.core.corelabels import ENVOY_ENABLED
+from trafficmgr.core.identity import files as identity_files
 from trafficmgr.core.labels import LabelSpec
 from trafficmgr.core.model import (
     DIRECT,
@@ -82,6 +83,7 @@ __all__ = [
     "SHARED", "SIDECAR", "TCP", "TCP_CHAINS", "TCP_PROXY_FILTER", "UINT32_MAX", "BuildContext", "Endpoint", "EndpointPair",
     "HttpFilter", "LabelSpec", "Labels", "Model", "NetworkFilter", "ObjectRef", "ObjectStatus", "Pod", "Resource", "Service",
     "ServicePort", "WatchKind", "__version__", "ads_config_source", "duration_ms", "fraction", "hookimpl",
-    "int_at_least", "is_ip", "labels", "listen_port", "load_balancer_addresses", "pack", "percent_fraction", "port", "positive_seconds",
+    "identity_files", "int_at_least", "is_ip", "labels", "listen_port", "load_balancer_addresses", "pack", "percent_fraction",
+    "port", "positive_seconds",
     "socket_address", "uint32",
 ]

@@ -353,3 +353,74 @@ def test_parse_allow_accepts_serviceaccounts_with_dots() -> None:
     namespaces, accounts, errors = mtls.parse_allow({"traffic.allow.sa.ops.deploy.bot": "true", "traffic.allow.namespace.shop": "true"})
     assert (namespaces, accounts, errors) == (("shop",), (("ops", "deploy.bot"),), [])
 
+
+
+def test_http2_crosses_mtls_as_http2(fresh: Rig, tmp_path: Any) -> None:
+    """gRPC's transport: HTTP/2 from the client application stays HTTP/2 through both sidecars, over TLS
+    (the server's connection manager recognises HTTP/2 by its preface: our ALPN names no HTTP version)."""
+    import json
+    import os
+    import signal
+    import subprocess
+
+    from tests.e2e.test_kube_inbound import H2_BACKEND, H2_PORT
+    from trafficmgr.core.envoy import find_envoy
+    from trafficmgr.testing.netns import world_executable
+
+    r = fresh
+    r.c.apply(service("h2", port=H2_PORT, labels={f"traffic.port.{H2_PORT}": "http2"}, app="web"))
+    r.wait_listener(lambda cfg: f"inbound|mtls|http|{H2_PORT}" in cfg, "no TLS twin for the h2 port")
+    config = tmp_path / "h2.json"
+    config.write_text(json.dumps(H2_BACKEND))
+    os.chmod(tmp_path, 0o755)
+    os.chmod(config, 0o644)
+    envoy = subprocess.Popen(r.server.ns.exec_args(world_executable(find_envoy()), "-c", str(config), "--disable-hot-restart",
+                                                   "--concurrency", "1", "-l", "warning"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        handshakes = r.stat(r.server, f"{INBOUND}.ssl.handshake")
+        h2 = r.stat(r.server, "http.inbound_http.downstream_cx_http2_total")
+        ip = r.c.cluster_ip("h2")
+
+        def get() -> str:  # from the application: through the client's sidecar
+            proc = r.client.ns.run("curl", "-sS", "-m", "5", "--http2-prior-knowledge", "-o", "/dev/null", "-D", "-",
+                                   f"http://{ip}:{H2_PORT}/", check=False)
+            return proc.stdout if proc.returncode == 0 and proc.stdout.lower().startswith("http/2 200") else ""
+
+        headers = r.c.wait_config(get, timeout=15, message="no answer from the h2 backend").lower()
+        assert "x-backend-protocol: http/2" in headers, headers
+        assert r.stat(r.server, f"{INBOUND}.ssl.handshake") > handshakes
+        assert r.stat(r.server, "http.inbound_http.downstream_cx_http2_total") > h2
+    finally:
+        os.killpg(envoy.pid, signal.SIGKILL)
+        envoy.wait(5)
+        r.c.store.delete("services", "h2", "default")
+
+
+def test_the_agents_annotation_marks_the_endpoint(fresh: Rig) -> None:
+    """A pod's endpoint is sent mTLS only once the node agent annotated it (its sidecar is LIVE), and
+    again plaintext when the annotation is cleared (the agent does that when it removes the sidecar)."""
+    r = fresh
+    late_ip = "10.244.1.77"  # never dialled: only the client's endpoint list is looked at
+
+    def metadata_of(ip: str) -> bool | None:
+        import json
+
+        for item in json.loads(r.client.admin("/config_dump?include_eds&resource=dynamic_endpoint_configs")).get("configs", []):
+            for loc in item.get("endpoint_config", {}).get("endpoints", []):
+                for lb in loc.get("lb_endpoints", []):
+                    if lb["endpoint"]["address"]["socket_address"]["address"] == ip:
+                        return mtls.METADATA_KEY in json.dumps(lb.get("metadata", {}))
+        return None
+
+    r.c.apply(plain_pod("late-1", late_ip, "late") + "---\n" + service("late", port=8080, labels={"traffic.port.8080": "http"}, app="late"))
+    try:
+        wait_for(lambda: metadata_of(late_ip) is False, 10, message="no plaintext endpoint for late-1")
+        r.c.store.patch("pods", "late-1", {"metadata": {"annotations": {"traffic.envoy.proxy": "late-1.default"}}}, "default",
+                        patch_type="merge")
+        wait_for(lambda: metadata_of(late_ip) is True, 10, message="the annotated pod's endpoint is not marked")
+        r.c.store.patch("pods", "late-1", {"metadata": {"annotations": {"traffic.envoy.proxy": ""}}}, "default", patch_type="merge")
+        wait_for(lambda: metadata_of(late_ip) is False, 10, message="the cleared annotation left the endpoint marked")
+    finally:
+        r.c.store.delete("services", "late", "default")
+        r.c.store.delete("pods", "late-1", "default")

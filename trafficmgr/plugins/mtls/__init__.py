@@ -11,7 +11,9 @@ Client side (clusters and endpoints, shared by sidecars and gateways):
   ``envoy.transport_socket_match: {trafficmgr.mtls: "true"}``; EDS clusters get a
   ``transport_socket_matches`` entry ``mtls`` for it: TLS with the workload certificate, the peer
   verified against the trust bundle and its URI SAN under ``spiffe://<trust domain>/``, SNI
-  ``outbound_.<port>_._.<svc>.<ns>.svc.cluster.local`` and ALPN :data:`ALPN_HTTP` or :data:`ALPN_TCP`.
+  ``outbound_.<port>_._.<svc>.<ns>.svc.cluster.local`` and ALPN :data:`ALPN_HTTP` (plus ``h2`` on
+  http2/grpc ports, which the server then negotiates so that its connection manager speaks HTTP/2) or
+  :data:`ALPN_TCP`.
   Endpoints without a sidecar (and headless or direct clusters, which have no endpoint list) stay
   plaintext. ``traffic.mtls=disable`` on the Service: no match entry, plaintext.
 
@@ -54,10 +56,11 @@ from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as net_rbac_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from google.protobuf import json_format, struct_pb2
 
-from trafficmgr.core.identity import files
 from trafficmgr.plugin import (
     ALL_CHAINS,
+    GRPC,
     HCM_FILTER,
+    HTTP2,
     HTTP_PROTOCOLS,
     SIDECAR,
     TCP_CHAINS,
@@ -68,6 +71,7 @@ from trafficmgr.plugin import (
     WatchKind,
     duration_ms,
     hookimpl,
+    identity_files,
     labels,
     pack,
 )
@@ -86,6 +90,7 @@ ALLOW_SA = "traffic.allow.sa."
 ALLOW_PREFIX = "traffic.allow."
 ALPN_HTTP = "trafficmgr-mtls-http"
 ALPN_TCP = "trafficmgr-mtls-tcp"
+ALPN_H2 = "h2"
 MATCH_NAME = "mtls"
 METADATA_KEY = "trafficmgr.mtls"
 INVALID_LABEL = "InvalidTrafficLabel"
@@ -225,18 +230,18 @@ def trafficmgr_watch_kinds() -> list[WatchKind]:
 
 
 def _sds(name: str) -> secret_pb2.SdsSecretConfig:
-    return json_format.ParseDict(files.sds_config(name), secret_pb2.SdsSecretConfig())
+    return json_format.ParseDict(identity_files.sds_config(name), secret_pb2.SdsSecretConfig())
 
 
 def common_tls_context(options: argparse.Namespace, alpn: Iterable[str]) -> tls_pb2.CommonTlsContext:
     """The workload certificate, and the peer verified against the trust bundle and the trust domain."""
     ctx = tls_pb2.CommonTlsContext(alpn_protocols=list(alpn))
-    ctx.tls_certificate_sds_secret_configs.append(_sds(files.CERT_SECRET))
+    ctx.tls_certificate_sds_secret_configs.append(_sds(identity_files.CERT_SECRET))
     combined = ctx.combined_validation_context
     san = combined.default_validation_context.match_typed_subject_alt_names.add()
     san.san_type = common_pb2.SubjectAltNameMatcher.URI
     san.matcher.prefix = f"spiffe://{trust_domain(options)}/"
-    combined.validation_context_sds_secret_config.CopyFrom(_sds(files.BUNDLE_SECRET))
+    combined.validation_context_sds_secret_config.CopyFrom(_sds(identity_files.BUNDLE_SECRET))
     return ctx
 
 
@@ -255,10 +260,15 @@ def trafficmgr_cluster(cluster: cluster_pb2.Cluster, service: Service, port: Ser
         return
     if service_mode(service) == DISABLE:
         return
-    alpn = ALPN_HTTP if port.protocol in HTTP_PROTOCOLS else ALPN_TCP
+    if port.protocol in (HTTP2, GRPC):
+        # "h2" as well: the server's connection manager (codec AUTO) speaks HTTP/2 over TLS only when
+        # that is the negotiated protocol, and the server prefers it (the chain matches on ALPN_HTTP).
+        alpn = [ALPN_HTTP, ALPN_H2]
+    else:
+        alpn = [ALPN_HTTP] if port.protocol in HTTP_PROTOCOLS else [ALPN_TCP]
     upstream = tls_pb2.UpstreamTlsContext(
         sni=f"outbound_.{port.port}_._.{service.name}.{service.namespace}.svc.cluster.local",
-        common_tls_context=common_tls_context(ctx.options, [alpn]))
+        common_tls_context=common_tls_context(ctx.options, alpn))
     match = cluster.transport_socket_matches.add(name=MATCH_NAME)
     match.match.fields[METADATA_KEY].string_value = "true"
     match.transport_socket.name = "envoy.transport_sockets.tls"
@@ -311,7 +321,8 @@ def trafficmgr_listener(listener: listener_pb2.Listener, listener_name: str, ctx
     """The inbound listener's TLS twins: mTLS from meshed clients, next to the plaintext chains."""
     if listener_name != "inbound" or ctx.role != SIDECAR or not enabled(ctx.options):
         return
-    downstream = tls_pb2.DownstreamTlsContext(common_tls_context=common_tls_context(ctx.options, [ALPN_HTTP, ALPN_TCP]))
+    # The server's preference decides: "h2" when an HTTP/2 client offers it (see trafficmgr_cluster).
+    downstream = tls_pb2.DownstreamTlsContext(common_tls_context=common_tls_context(ctx.options, [ALPN_H2, ALPN_HTTP, ALPN_TCP]))
     downstream.require_client_certificate.value = True
     tls = pack(downstream)
     # Before the HTTP inspector (which leaves TLS alone). It waits for the client's first bytes, at
