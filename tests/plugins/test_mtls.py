@@ -245,8 +245,9 @@ def test_namespace_label_is_the_default_and_a_bad_value_is_reported(fresh: Rig) 
     r.c.store.patch("namespaces", "default", {"metadata": {"labels": {mtls.MODE: "sometimes"}}}, patch_type="merge")
     wait_for(lambda: next((e for e in r.c.store.list("events", namespace="default")["items"]
                            if e["involvedObject"].get("kind") == "Namespace" and e["reason"] == "InvalidTrafficLabel"
-                           and "invalid value 'sometimes' for label traffic.mtls: must be one of permissive, strict, disable"
-                           in e["message"]), None), 10, message="no Event on the Namespace")
+                           and e["message"] == "invalid value 'sometimes' for label traffic.mtls on a Namespace: must be "
+                           "permissive or strict (disable is set on each Service); the default (permissive) applies"), None),
+             10, message="no Event on the Namespace")
     r.c.store.patch("namespaces", "default", {"metadata": {"labels": {mtls.MODE: mtls.STRICT}}}, patch_type="merge")
     r.wait_listener(lambda cfg: "trafficmgr.mtls.strict" in cfg, "the Namespace label made nothing strict")
     assert r.unmeshed_get() in (b"", b"<reset>")
@@ -256,7 +257,7 @@ def test_namespace_label_is_the_default_and_a_bad_value_is_reported(fresh: Rig) 
     assert r.unmeshed(SERVER_IP, 7070, "PING\\r\\n") in (b"", b"<reset>")
     # disable is per Service (clients decide TLS per cluster): refused on a Namespace, with an Event.
     r.c.store.patch("namespaces", "default", {"metadata": {"labels": {mtls.MODE: mtls.DISABLE}}}, patch_type="merge")
-    wait_for(lambda: any(e["involvedObject"].get("kind") == "Namespace" and "only permissive or strict" in e["message"]
+    wait_for(lambda: any(e["involvedObject"].get("kind") == "Namespace" and "invalid value 'disable'" in e["message"]
                          for e in r.c.store.list("events", namespace="default")["items"]), 10, message="no Event for disable")
 
 

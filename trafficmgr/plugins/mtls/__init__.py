@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -160,13 +160,11 @@ def convert_namespace(raw: dict[str, Any], ctx: Any) -> NamespaceMode | None:
         return None
     ref = ObjectRef(NAMESPACE, "", name, str(meta.get("uid") or ""))
     parsed, errors = ctx.labels.parse(ref, {MODE: value})
-    for e in errors:  # the same message the core reports for a Service's bad label
-        ctx.report(ref, f"invalid value {e.value!r} for label {e.key}: {e.message}; the default ({PERMISSIVE}) applies", INVALID_LABEL)
     mode = parsed.value(MODE)
-    if mode == DISABLE:
-        # Clients decide TLS per cluster, in hooks that see the Service but not its Namespace.
-        ctx.report(ref, f"invalid value {value!r} for label {MODE} on a Namespace: only {PERMISSIVE} or {STRICT} "
-                        f"(label each Service {MODE}={DISABLE} instead); the default ({PERMISSIVE}) applies", INVALID_LABEL)
+    if errors or mode == DISABLE:
+        # disable is per Service: clients choose TLS in hooks that see the Service, not its Namespace.
+        ctx.report(ref, f"invalid value {value!r} for label {MODE} on a Namespace: must be {PERMISSIVE} or {STRICT} "
+                        f"({DISABLE} is set on each Service); the default ({PERMISSIVE}) applies", INVALID_LABEL)
         mode = None
     return NamespaceMode(name, mode)
 
@@ -394,7 +392,11 @@ def _rbac(policy: str, permission: rbac_pb2.Permission, principal: rbac_pb2.Prin
     return rules
 
 
-def plan(model: Model, options: argparse.Namespace) -> list[NetworkFilter | HttpFilter]:
+def plan(model: Model, options: argparse.Namespace,
+         report: Callable[[ObjectRef, str], None] | None = None) -> list[NetworkFilter | HttpFilter]:
+    """The inbound listener's policies: one strict filter (the pods and endpoint ports of every strict
+    Service), and per Service with authorization labels an RBAC network filter (TCP chains) and an RBAC
+    HTTP filter. ``report(ref, message)`` gets the labels that cannot work as written."""
     namespaces = {ns.name: ns.mode for ns in (model.extra.get(NAMESPACE) or {}).values()}
     authz: Mapping[tuple[str, str], Authorization] = model.extra.get(AUTHZ) or {}
     td = trust_domain(options)
@@ -407,11 +409,23 @@ def plan(model: Model, options: argparse.Namespace) -> list[NetworkFilter | Http
         target = _target(model, service)
         if not target.ips or not target.ports:
             continue
-        if service_mode(service, namespaces) == STRICT:
+        ref = ObjectRef("Service", service.namespace, service.name, service.uid)
+        mode = service_mode(service, namespaces)
+        # Clients reach a headless Service's pods by address (an ORIGINAL_DST cluster, no endpoint list
+        # to mark for mTLS): they arrive in plaintext, so "strict" would refuse every one of them.
+        if mode == STRICT and service.headless:
+            if service.labels.value(MODE) == STRICT and report is not None:
+                report(ref, f"{MODE}={STRICT} is not applied to a headless Service: its clients connect to pod addresses "
+                            f"without mutual TLS")
+        elif mode == STRICT:
             strict.append(target)
         auth = authz.get(key)
         if auth is None:
             continue
+        if (service.headless or mode == DISABLE) and report is not None:
+            why = "a headless Service" if service.headless else f"a Service with {MODE}={DISABLE}"
+            report(ref, f"traffic.allow.* labels on {why}: its clients connect without mutual TLS, so none has an "
+                        f"identity and every caller is denied")
         ns, name = key
         prefix = f"rbac_{ns}_{name}."
         rules = _rbac(f"{ns}/{name}", _permission(target), _allowed(auth, td))
@@ -435,7 +449,7 @@ def trafficmgr_network_filters(role: str, ctx: BuildContext) -> list[NetworkFilt
         return []
     # O(services + endpoints) per build, with --mtls only (the core rebuilds the listener only when
     # the result differs).
-    return plan(ctx.model, ctx.options)
+    return plan(ctx.model, ctx.options, ctx.report)
 
 
 __all__ = ["ALLOW_NAMESPACE", "ALLOW_SA", "ALPN_HTTP", "ALPN_TCP", "MODE", "plan"]
