@@ -19,7 +19,7 @@ from tests.agent.manifests import SERVICES, WORKLOAD, pod
 from tests.agent.rig import DOCKER_HOST, Cluster, DockerPod, capture_rules, captured
 from trafficmgr.core.agent import iptables
 from trafficmgr.core.agent.agent import AgentConfig, sidecar_bootstrap
-from trafficmgr.core.agent.docker_runtime import DockerRuntime, container_name
+from trafficmgr.core.agent.docker_runtime import WORKDIR, DockerRuntime, container_name
 from trafficmgr.core.agent.runtime import PodRef, SidecarSpec
 from trafficmgr.testing.backends import HttpBackend
 from trafficmgr.testing.cluster import http_get
@@ -38,7 +38,8 @@ class Env:
         self.backends: list[HttpBackend] = []
 
     def runtime(self, host: str = DOCKER_HOST, image: str | None = None) -> DockerRuntime:
-        return DockerRuntime(host, self.images["envoy"] if image is None else image)
+        # The sidecars' own directories under the test's temporary directory (a host path: dockerd mounts it).
+        return DockerRuntime(host, self.images["envoy"] if image is None else image, state_dir=str(self.cluster.tmp / "state"))
 
     def docker_pod(self, name: str, addresses: list[str], uid: str | None = None) -> DockerPod:
         if uid is None:
@@ -91,8 +92,14 @@ def test_enable_routes_through_envoy_then_disable_leaves_nothing(env: Env) -> No
     assert info["Name"] == "/" + container_name(APP, "default") == f"/envoy_{APP}_default"
     assert info["HostConfig"]["NetworkMode"] == f"container:{p.pause}"
     assert info["Config"]["User"] == "1337:1337" and info["State"]["Running"]
-    # The xDS socket's directory is mounted read-only: the sidecar can connect but not replace the socket.
-    assert [(m["Destination"], m["RW"]) for m in info["Mounts"]] == [(os.path.dirname(cluster.xds_socket), False)]
+    # Mounted read-only, nothing else: the xDS socket's directory (the sidecar can connect but not replace
+    # the socket) and the pod's own directory as Envoy's working directory (identity/ with mesh identity).
+    uid = cluster.store.get("pods", APP, "default")["metadata"]["uid"]
+    own = os.path.join(env.runtime().state_dir, uid)
+    xds_dir = os.path.dirname(cluster.xds_socket)
+    assert sorted((m["Source"], m["Destination"], m["RW"]) for m in info["Mounts"]) == sorted(
+        [(xds_dir, xds_dir, False), (own, WORKDIR, False)])
+    assert info["Config"]["WorkingDir"] == WORKDIR and os.path.isdir(own)
     assert {k: v for k, v in info["Config"]["Labels"].items() if k.startswith("traffic.envoy.")} == {
         "traffic.envoy.proxy": "true", "traffic.envoy.pod": APP, "traffic.envoy.namespace": "default",
         "traffic.envoy.pod-uid": cluster.store.get("pods", APP, "default")["metadata"]["uid"]}
@@ -113,7 +120,7 @@ def test_enable_routes_through_envoy_then_disable_leaves_nothing(env: Env) -> No
     # Disable: rules, container and annotation all go; traffic is direct again.
     cluster.label("deployments", "app", {"traffic.envoy.enabled": "false"})
     wait_for(lambda: cluster.annotation(APP) == "", 20, message="annotation not cleared")
-    assert env.sidecars() == []
+    assert env.sidecars() == [] and not os.path.exists(own), "the container and its directory are gone"
     assert iptables.CHAIN not in capture_rules(p.netns)
     hits = reviews.hits
     assert p.wget(f"http://{REVIEWS_IP}:9080/direct")[0] == 0 and reviews.hits == hits + 1
@@ -192,7 +199,7 @@ class DeletingRuntime(DockerRuntime):
     """Deletes the pod from the API server right after starting its sidecar (before the agent annotates it)."""
 
     def __init__(self, env: Env, p: DockerPod) -> None:
-        super().__init__(DOCKER_HOST, env.images["envoy"])
+        super().__init__(DOCKER_HOST, env.images["envoy"], state_dir=env.runtime().state_dir)
         self.env, self.p = env, p
         self.starts = 0
 
