@@ -425,3 +425,25 @@ def test_the_agents_annotation_marks_the_endpoint(fresh: Rig) -> None:
     finally:
         r.c.store.delete("services", "late", "default")
         r.c.store.delete("pods", "late-1", "default")
+
+
+def test_without_an_inbound_listener_mtls_changes_nothing_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    """Local mode (explicit proxy) or --sidecar-inbound-port 0: nothing on a pod could terminate TLS, so
+    clients must not send it."""
+    from tests.plugins.golden_cases import HERE, builtin_plugins
+    from trafficmgr.core import cache
+    from trafficmgr.core.translate.builder import default_options
+    from trafficmgr.testing.golden import build_from_manifests, load_manifests
+
+    def clusters(**options: Any) -> str:
+        opts = default_options()
+        for k, v in options.items():
+            setattr(opts, k, v)
+        snaps, _ = build_from_manifests(load_manifests(HERE / "mtls_mesh.in.yaml"), builtin_plugins(), opts)
+        return str([r.message for r in snaps["sidecar"].types[cache.CLUSTER].resources.values()])
+
+    assert mtls.ALPN_HTTP in clusters(mtls=True)
+    mtls._warned.clear()
+    with caplog.at_level("ERROR", logger=mtls.__name__):
+        assert mtls.ALPN_HTTP not in clusters(mtls=True, sidecar_inbound_port=0)
+    assert "--mtls is ignored: the sidecars have no inbound listener" in caplog.text

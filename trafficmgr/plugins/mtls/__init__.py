@@ -40,6 +40,7 @@ twins depend only on the listener and options, so ``trafficmgr_listener`` adds t
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -80,6 +81,8 @@ if TYPE_CHECKING:
     from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
 
     from trafficmgr.plugin import BuildContext, Endpoint, EndpointPair, Model, Service, ServicePort
+
+log = logging.getLogger(__name__)
 
 MODE = "traffic.mtls"
 PERMISSIVE, STRICT, DISABLE = "permissive", "strict", "disable"
@@ -125,7 +128,21 @@ def trafficmgr_labels() -> list[LabelSpec]:
 
 
 def enabled(options: argparse.Namespace) -> bool:
-    return bool(getattr(options, "mtls", False))
+    """``--mtls``, and sidecars have an inbound listener to terminate it (not with
+    ``--sidecar-inbound-port 0`` or local mode's ``--explicit-proxy``: then nothing changes, and that is
+    logged once, as clients would otherwise send TLS that nothing on the pod accepts)."""
+    if not getattr(options, "mtls", False):
+        return False
+    if getattr(options, "explicit_proxy", False) or not getattr(options, "sidecar_inbound_port", 15006):
+        if not _warned:
+            _warned.append(True)
+            log.error("--mtls is ignored: the sidecars have no inbound listener to terminate it "
+                      "(--sidecar-inbound-port 0 or --explicit-proxy)")
+        return False
+    return True
+
+
+_warned: list[bool] = []
 
 
 def trust_domain(options: argparse.Namespace) -> str:
