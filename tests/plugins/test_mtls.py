@@ -447,3 +447,36 @@ def test_without_an_inbound_listener_mtls_changes_nothing_and_says_so(caplog: py
     with caplog.at_level("ERROR", logger=mtls.__name__):
         assert mtls.ALPN_HTTP not in clusters(mtls=True, sidecar_inbound_port=0)
     assert "--mtls is ignored: the sidecars have no inbound listener" in caplog.text
+
+
+def test_server_first_protocol_over_mtls_is_not_delayed(fresh: Rig) -> None:
+    """The client's sidecar starts TLS as soon as the application connects, so the server's TLS
+    inspector has bytes at once: a server-first protocol's greeting arrives without waiting for the
+    inspector's 1 s timeout (a plaintext client of such a protocol does wait it out under --mtls)."""
+    import socket
+
+    from tests.e2e.test_kube_inbound import GREETING, _Greeting, tcp_server
+
+    r = fresh
+    greeter = r.server.in_ns(lambda: tcp_server(SERVER_IP, 2525, _Greeting))
+    try:
+        r.c.apply(service("greeter", port=2525, labels={"traffic.port.2525": "tcp"}, app="web", http=False))
+        ip = r.c.cluster_ip("greeter")
+        r.c.wait_config(lambda: "2525|default|greeter.outbound" in _cluster(r.client, "2525|default|greeter.outbound"),
+                        timeout=15, message="no greeter cluster")
+        handshakes = r.stat(r.server, f"{INBOUND}.ssl.handshake")
+
+        def greet() -> tuple[bytes, float]:
+            start = time.monotonic()
+            with socket.create_connection((ip, 2525), timeout=5) as s:
+                data = s.recv(100)
+                s.sendall(b"QUIT\r\n")
+            return data, time.monotonic() - start
+
+        data, took = r.client.in_ns(greet)
+        assert data == GREETING
+        assert took < 0.9, f"greeting took {took:.2f}s"
+        assert r.stat(r.server, f"{INBOUND}.ssl.handshake") > handshakes
+    finally:
+        greeter.shutdown()
+        r.c.store.delete("services", "greeter", "default")
