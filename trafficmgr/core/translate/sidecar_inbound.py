@@ -14,6 +14,7 @@ before the chains' ``tcp_proxy``/connection manager, and its HTTP filters in the
 from __future__ import annotations
 
 import argparse
+import logging
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
@@ -34,6 +35,8 @@ from trafficmgr.core.translate.http import ROUTER_FILTER, HttpFilters, _order
 from trafficmgr.core.translate.memo import Memo
 from trafficmgr.core.translate.services import Changes
 from trafficmgr.core.translate.sidecar_outbound import any_port
+
+log = logging.getLogger(__name__)
 
 INBOUND_LISTENER = "inbound"
 #: ORIGINAL_DST cluster the inbound listener forwards to: the pod's own address, as the caller dialled it.
@@ -76,7 +79,7 @@ class InboundTranslator:
     def listener(self, ctx: BuildContext) -> cache.Resource:
         ports = tuple(sorted(self._http_port_counts))
         contributed = self.hooks.network_filters(INBOUND_LISTENER, ctx)
-        network = tuple(sorted((f for f in contributed if isinstance(f, NetworkFilter)), key=lambda f: (f.order, f.name)))
+        network = _order_network([f for f in contributed if isinstance(f, NetworkFilter)])
         http = _order([f for f in contributed if isinstance(f, HttpFilter)])
         # Keyed on the filters' content (attrs equality compares the configs as messages).
         return self._listener.get(INBOUND_LISTENER, (ports, network, http), self._make_listener, ports, network, http, ctx)
@@ -132,6 +135,19 @@ class InboundTranslator:
         lst.default_filter_chain.filters.add(name=TCP_PROXY_FILTER, typed_config=pack(tcp))
         self.hooks.listener(lst, INBOUND_LISTENER, ctx)
         return ctx.resource(lst, INBOUND_LISTENER, [(cache.CLUSTER, INBOUND_CLUSTER), (cache.CLUSTER, BLACKHOLE_CLUSTER)])
+
+
+def _order_network(contributed: list[NetworkFilter]) -> tuple[NetworkFilter, ...]:
+    """By order, then name; a name contributed twice is dropped the second time (as for HTTP filters)."""
+    names: set[str] = set()
+    ordered: list[NetworkFilter] = []
+    for f in sorted(contributed, key=lambda f: (f.order, f.name)):
+        if f.name in names:
+            log.error("network filter %r contributed twice: the second one was dropped", f.name)
+            continue
+        names.add(f.name)
+        ordered.append(f)
+    return tuple(ordered)
 
 
 def _clusters(ctx: BuildContext) -> dict[str, cache.Resource]:

@@ -338,6 +338,9 @@ def trafficmgr_listener(listener: listener_pb2.Listener, listener_name: str, ctx
         return
     # The server's preference decides: "h2" when an HTTP/2 client offers it (see trafficmgr_cluster).
     downstream = tls_pb2.DownstreamTlsContext(common_tls_context=common_tls_context(ctx.options, [ALPN_H2, ALPN_HTTP, ALPN_TCP]))
+    # Safe to add to every pod's inbound listener: a twin serves only connections that offer our ALPN
+    # with a client certificate chaining to the trust bundle (anything else fails the handshake or takes
+    # the unchanged plaintext chains), and forwards to the same address as the chain it copies.
     downstream.require_client_certificate.value = True
     tls = pack(downstream)
     # Before the HTTP inspector (which leaves TLS alone). It waits for the client's first bytes, at
@@ -403,6 +406,11 @@ def _allowed(auth: Authorization, td: str) -> rbac_pb2.Principal:
 
 
 def _rbac(policy: str, permission: rbac_pb2.Permission, principal: rbac_pb2.Principal) -> rbac_pb2.RBAC:
+    """A DENY policy. Why it is safe to put in the listener every sidecar shares: the permission names
+    destination pod IPs and ports (the address the caller dialled, restored by original_dst), so it
+    only ever applies to the pods of its service; the principals come from a client certificate Envoy
+    verified (chained to the trust bundle, URI SAN under ``spiffe://<trust domain>/``): a plaintext
+    connection has none, so it is denied wherever a rule asks for an identity."""
     rules = rbac_pb2.RBAC(action=rbac_pb2.RBAC.DENY)
     rules.policies[policy].permissions.append(permission)
     rules.policies[policy].principals.append(principal)
