@@ -117,3 +117,12 @@ def test_bad_inputs_are_named(tmp_path: Path) -> None:
     (tmp_path / "empty").write_text(" \n")
     with pytest.raises(client.IdentityError, match="holds no token"):
         client.read_token(str(tmp_path / "empty"))
+
+
+def test_retry_backoff_is_capped_and_jittered() -> None:
+    from trafficmgr.core.agent.identity import backoff
+
+    assert [backoff(n, 1.0, 60.0, rand=lambda: 1.0) for n in (1, 2, 3, 7, 8, 50)] == [1, 2, 4, 60, 60, 60]
+    assert [backoff(n, 1.0, 60.0, rand=lambda: 0.0) for n in (1, 2, 7)] == [0.5, 1, 30]  # down by up to half
+    delays = {round(backoff(3, 1.0, 60.0), 3) for _ in range(50)}
+    assert len(delays) > 10 and all(2 <= d <= 4 for d in delays)
