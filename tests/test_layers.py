@@ -38,11 +38,15 @@ LAYERS: list[tuple[str, list[str]]] = [
         "trafficmgr.core.model", "trafficmgr.core.labels", "trafficmgr.core.wire", "trafficmgr.core.metrics",
         "trafficmgr.core.argtypes", "trafficmgr.core.protos", "trafficmgr.core.contrib", "trafficmgr.core.corelabels",
         "trafficmgr.core.signals", "trafficmgr.core.once",
+        # mesh identity's leaf modules: the on-disk layout Envoy reads and SPIFFE ID helpers
+        "trafficmgr.core.identity", "trafficmgr.core.identity.files", "trafficmgr.core.identity.spiffe",
     ]),
     ("L1 cache and plugin host", ["trafficmgr.core.cache", "trafficmgr.core.hookspecs", "trafficmgr.core.plugins"]),
     ("L2 Kubernetes, translation, xDS", [
         "trafficmgr.core.kube.*", "trafficmgr.core.translate.*", "trafficmgr.core.xds.*", "trafficmgr.core.access",
         "trafficmgr.core.envoy", "trafficmgr.core.bootstrap", "trafficmgr.core.render", "trafficmgr.core.admin",
+        # the mesh CA, its signing service and the agent's client of it
+        "trafficmgr.core.identity.ca", "trafficmgr.core.identity.server", "trafficmgr.core.identity.client",
     ]),
     ("L3 control plane and agent", ["trafficmgr.core.controlplane", "trafficmgr.core.agent.*", "trafficmgr.core.serve"]),
     ("L4 plugin API and plugins", ["trafficmgr.plugin", "trafficmgr.plugins.*"]),

@@ -127,7 +127,7 @@ def test_control_plane_deployment_and_service() -> None:
     assert cp["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http-metrics"}
     assert cp["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http-metrics"}
     assert cp["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http-metrics"}
-    assert {p["name"]: p["containerPort"] for p in cp["ports"]} == {"grpc-xds": 18000, "http-metrics": 18090}
+    assert {p["name"]: p["containerPort"] for p in cp["ports"]} == {"grpc-xds": 18000, "http-metrics": 18090, "grpc-identity": 15012}
     annotations = dep["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == "18090" and annotations["prometheus.io/path"] == "/metrics"
     assert pod_spec(dep)["serviceAccountName"] == RELEASE
@@ -137,7 +137,7 @@ def test_control_plane_deployment_and_service() -> None:
     lb_only = container(one(render({"plugins": ["lb"]}), "Deployment", RELEASE), "control-plane")["args"]
     assert not [a for a in lb_only if a.startswith(("--ingress-class", "--gateway-"))]
     svc = one(objects, "Service", RELEASE)
-    assert {p["port"]: p["targetPort"] for p in svc["spec"]["ports"]} == {18000: "grpc-xds", 18090: "http-metrics"}
+    assert {p["port"]: p["targetPort"] for p in svc["spec"]["ports"]} == {18000: "grpc-xds", 18090: "http-metrics", 15012: "grpc-identity"}
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
 
 
@@ -204,7 +204,9 @@ def test_agent_gets_only_what_its_runtime_needs(runtime: str) -> None:
     mounts = {m["name"]: m for m in agent["volumeMounts"]}
     caps = set(agent["securityContext"]["capabilities"]["add"])
     if runtime == "docker":
-        assert host_paths == {"docker-socket": {"path": "/var/run/docker.sock", "type": "Socket"}}
+        # The sidecars' own directories (workload identity) on the node: the daemon bind-mounts host paths.
+        assert host_paths == {"docker-socket": {"path": "/var/run/docker.sock", "type": "Socket"},
+                              "state": {"path": "/var/run/trafficmgr", "type": "DirectoryOrCreate"}}
         assert "--docker-host=unix:///var/run/docker.sock" in args
         assert "--envoy-image=trafficmgr-envoy:1.40.0" in args
         assert spec["hostPID"] is True  # pod namespaces are /proc/<pid>/ns/net of host pids
@@ -302,9 +304,9 @@ def test_image_digest_wins_over_tag() -> None:
     ({"extraPlugins": ["bad name"]}, "extraPlugins.0: Does not match pattern"),
     ({"image": {"digest": "sha256:abc"}}, "image.digest: Does not match pattern"),
     ({"rbac": {"extraRules": [{"apiGroups": [""], "resources": ["*"], "verbs": ["get"]}]}}, "rbac.extraRules.0.resources.0"),
-    ({"controlPlane": {"xdsAuth": "mtls"}, "gateway": {"xdsTls": {"secretName": "gw"}}},
+    ({"meshIdentity": {"enabled": False}, "plugins": [p for p in BUILTIN_PLUGINS if p != "mtls"], "controlPlane": {"xdsAuth": "mtls"}, "gateway": {"xdsTls": {"secretName": "gw"}}},
      "controlPlane.xdsTls.secretName: String length must be greater than or equal to 1"),
-    ({"controlPlane": {"xdsAuth": "mtls", "xdsTls": {"secretName": "cp"}}},
+    ({"meshIdentity": {"enabled": False}, "plugins": [p for p in BUILTIN_PLUGINS if p != "mtls"], "controlPlane": {"xdsAuth": "mtls", "xdsTls": {"secretName": "cp"}}},
      "gateway.xdsTls.secretName: String length must be greater than or equal to 1"),
     ({"controlPlane": {"xdsAuth": "none"}}, "set controlPlane.allowInsecureXds=true too"),
     ({"networkPolicy": {"nodeCIDRs": ["10.0.0.0"]}}, "networkPolicy.nodeCIDRs.0: Does not match pattern"),
@@ -375,7 +377,8 @@ def test_xds_access_control_admits_exactly_the_gateway_pods() -> None:
 
 
 def test_xds_mtls_mounts_the_secrets_and_passes_the_flags() -> None:
-    objects = render({"controlPlane": {"xdsAuth": "mtls", "xdsTls": {"secretName": "xds-server"}},
+    """Without mesh identity, xDS mTLS uses certificates from Secrets (with it: tests/helm/test_mesh_identity.py)."""
+    objects = render({"meshIdentity": {"enabled": False}, "plugins": [p for p in BUILTIN_PLUGINS if p != "mtls"], "controlPlane": {"xdsAuth": "mtls", "xdsTls": {"secretName": "xds-server"}},
                       "gateway": {"xdsTls": {"secretName": "xds-gateway"}}})
     cp = one(objects, "Deployment", RELEASE)
     args = container(cp, "control-plane")["args"]
@@ -397,9 +400,12 @@ def test_xds_mtls_mounts_the_secrets_and_passes_the_flags() -> None:
 def test_notes_warn_about_insecure_xds(tmp_path: Path) -> None:
     notes = _notes({"controlPlane": {"xdsAuth": "none", "allowInsecureXds": True}}, tmp_path)
     assert "WARNING: controlPlane.xdsAuth=none" in notes and "every Ingress TLS private key" in notes
-    mtls = _notes({"controlPlane": {"xdsAuth": "mtls", "xdsTls": {"secretName": "cp"}}, "gateway": {"xdsTls": {"secretName": "gw"}}},
+    mtls = _notes({"meshIdentity": {"enabled": False}, "plugins": [p for p in BUILTIN_PLUGINS if p != "mtls"], "controlPlane": {"xdsAuth": "mtls", "xdsTls": {"secretName": "cp"}}, "gateway": {"xdsTls": {"secretName": "gw"}}},
                   tmp_path / "3")
     assert "WARNING: controlPlane.xdsAuth=mtls" in mtls and "refuses sidecar streams" in mtls
+    # With mesh identity the sidecars have workload certificates: no warning, a note on the CA instead.
+    meshed = _notes({"controlPlane": {"xdsAuth": "mtls"}}, tmp_path / "4")
+    assert "WARNING" not in meshed and "Mesh identity is on" in meshed
     secure = _notes({}, tmp_path / "2")
     assert "xdsAuth=none" not in secure and "WARNING" not in secure
     assert f"port-forward deploy/{RELEASE} 18080" in secure and "svc/trafficmgr 18080" not in secure

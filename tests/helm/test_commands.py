@@ -20,13 +20,16 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "tracing-external-zipkin": {"plugins": ["tracing"], "zipkin": {"enabled": False, "address": "zipkin.obs:9411"},
                                 "controlPlane": {"watchNamespace": "shop"}},
     "no-inbound-capture": {"agent": {"captureInbound": False}},
-    "mtls": {"controlPlane": {"xdsAuth": "mtls", "xdsTls": {"secretName": "cp"}}, "gateway": {"xdsTls": {"secretName": "gw"}}},
+    "mtls": {"meshIdentity": {"enabled": False}, "plugins": [p for p in BUILTIN_PLUGINS if p != "mtls"],
+             "controlPlane": {"xdsAuth": "mtls", "xdsTls": {"secretName": "cp"}}, "gateway": {"xdsTls": {"secretName": "gw"}}},
+    "mesh-identity-mtls": {"controlPlane": {"xdsAuth": "mtls"}},
 }
 
 
 def parse(argv: list[str]) -> Any:
     """Parse like ``trafficmgr <argv>`` does (plugin options included) without running the command."""
-    argv = [a.replace("$(NODE_NAME)", "node-1").replace("$(POD_NAME)", "gw-1") for a in argv]
+    argv = [a.replace("$(NODE_NAME)", "node-1").replace("$(POD_NAME)", "gw-1").replace("$(POD_NAMESPACE)", "traffic-system")
+            .replace("$(POD_UID)", "0c6b2c5e-7f1e-4a57-9d55-0b7c0c9b1a11") for a in argv]
     cli.load_command_modules()
     try:  # the parser for this argv: `serve` has the options of the plugins it selects
         return cli.build_parser(argv).parse_args(argv)
@@ -58,6 +61,21 @@ def test_rendered_commands_parse(name: str) -> None:
     assert (boot.admin_address, boot.admin_port, boot.stats_port) == ("127.0.0.1", 15000, 8900)
     if name == "mtls":
         assert serve.xds_auth == "mtls" and serve.xds_client_ca and boot.xds_tls_cert and boot.xds_tls_ca
+    mesh = name != "mtls"
+    assert bool(serve.mesh_identity) == bool(agent.mesh_identity) == mesh
+    if mesh:
+        # The agent and the gateway reach the signing service the control plane runs, by the name its
+        # certificate carries, with the audience it checks.
+        assert agent.ca_address == f"{agent.ca_server_name}:{serve.identity_port}"
+        assert agent.ca_server_name in serve.identity_dns_names.split(",")
+        assert agent.mesh_ca_namespace == serve.mesh_ca_namespace and agent.trust_domain == serve.trust_domain
+        gw = one(objects, "Deployment", f"{RELEASE}-gateway")
+        for c in (container(gw, "identity-init", init=True), container(gw, "identity")):
+            ident = parse(c["args"])
+            assert ident.command == "identity" and ident.ca_address == agent.ca_address
+            assert ident.ca_server_name == agent.ca_server_name and ident.trust_domain == serve.trust_domain
+            assert ident.service_account == serve.xds_gateway_service_account
+        assert bool(agent.xds_mtls) == bool(boot.xds_mtls) == (serve.xds_auth == "mtls")
 
 
 def test_parse_rejects_what_the_cli_rejects() -> None:

@@ -158,7 +158,8 @@ def test_watch_namespace_binds_the_role_in_that_namespace_only() -> None:
     rb = one(objects, "RoleBinding", RELEASE)
     assert rb["metadata"]["namespace"] == "shop" and rb["roleRef"]["kind"] == "ClusterRole"
     # IngressClasses are cluster-scoped: a RoleBinding cannot grant them.
-    assert grants_of(one(objects, "ClusterRole", f"{RELEASE}-cluster")) == {("networking.k8s.io", "ingressclasses", v) for v in READ}
+    assert grants_of(one(objects, "ClusterRole", f"{RELEASE}-cluster")) == {
+        (g, r, v) for g, r in (("networking.k8s.io", "ingressclasses"), ("", "namespaces")) for v in READ}
     one(objects, "ClusterRoleBinding", f"{RELEASE}-cluster")
     args = one(objects, "Deployment", RELEASE)["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=shop" in args
