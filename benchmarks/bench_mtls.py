@@ -1,0 +1,254 @@
+"""Request latency added by mutual TLS between two sidecars (not a test; issue 18). Needs root (network
+namespaces), like the netns tests.
+
+    sudo python benchmarks/bench_mtls.py [--rounds 20] [--batch 50]
+
+The rig of ``tests/plugins/test_mtls.py``: the in-process control plane with ``--mtls``, a client pod and a
+server pod in two network namespaces joined by a veth pair, each with its own sidecar Envoy whose working
+directory holds its mesh identity (a throwaway CA, :class:`trafficmgr.testing.mesh.MeshTestCA`). The
+server pod runs two HTTP applications, on 8080 and 9090. The SAME two Envoys carry both modes: each port
+has two Services selecting the same pod, one in the default mode (permissive: the client's sidecar speaks
+mTLS to a pod with a sidecar) and one labeled ``traffic.mtls=disable`` (plaintext)::
+
+    keep-alive      web      (8080, http)  mTLS       webplain (8080, http)  plaintext
+    new connection  raw      (9090, tcp)   mTLS       rawplain (9090, tcp)   plaintext
+
+*keep-alive*: HTTP/1.1 GETs on one connection from the client pod's namespace to the Service's ClusterIP
+(captured by the client's sidecar, which keeps its upstream connection to the server's sidecar): the
+per-request cost of TLS records. *new connection*: one GET per new connection to a TCP Service; the
+client's sidecar opens one upstream connection per downstream connection (tcp_proxy), so every mTLS
+request pays a full TLS handshake between the sidecars (client certificate included): where mTLS costs most.
+
+Batches alternate (plaintext, mTLS, and the order flips every round) so machine noise hits both modes
+alike. Each batch's Envoy counters are read around it: every mTLS new-connection batch must show exactly
+one ``ssl.handshake`` per request on the server's inbound listener and on the client's cluster, every
+plaintext batch none, and the keep-alive requests must have crossed the cluster meant (all its
+connections TLS, or none). A failed check exits 1, so the benchmark cannot silently measure plaintext
+twice. Prints a short table, then one JSON line (last line of stdout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import math
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from trafficmgr.plugins import mtls
+from trafficmgr.testing.backends import HttpBackend
+from trafficmgr.testing.cluster import LocalCluster, SidecarPod
+from trafficmgr.testing.manifests import join, service
+from trafficmgr.testing.mesh import MeshTestCA, meshed_pod
+from trafficmgr.testing.netns import available
+
+SERVER_IP = "10.244.1.5"
+TD = "cluster.local"
+HTTP_PORT, TCP_PORT = 8080, 9090
+#: kind -> mode -> Service name
+SERVICES = {"keepalive": {"plain": "webplain", "mtls": "web"}, "newconn": {"plain": "rawplain", "mtls": "raw"}}
+PORTS = {"keepalive": HTTP_PORT, "newconn": TCP_PORT}
+INBOUND_HS = "listener.inbound.ssl.handshake"
+
+
+def cluster(kind: str, mode: str) -> str:
+    return f"{PORTS[kind]}|default|{SERVICES[kind][mode]}.outbound"
+
+
+def stats(pod: SidecarPod) -> dict[str, int]:
+    """Every counter and gauge of the sidecar (a stat Envoy has not made yet reads as 0 via ``.get``)."""
+    out: dict[str, int] = {}
+    for line in pod.admin("/stats").splitlines():
+        key, _, value = line.partition(": ")
+        if value.strip().lstrip("-").isdigit():
+            out[key] = int(value)
+    return out
+
+
+def percentile(sorted_ms: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list."""
+    return sorted_ms[max(0, math.ceil(q / 100 * len(sorted_ms)) - 1)]
+
+
+def keepalive_batch(ip: str, host: str, n: int) -> list[float]:
+    """One warm-up GET then ``n`` timed GETs on one connection (run inside the client pod's namespace)."""
+    conn = http.client.HTTPConnection(ip, HTTP_PORT, timeout=10)
+    out = []
+    try:
+        for i in range(n + 1):
+            start = time.perf_counter()
+            conn.request("GET", "/bench", headers={"Host": host})
+            resp = conn.getresponse()
+            resp.read()
+            took = (time.perf_counter() - start) * 1000
+            if resp.status != 200:
+                raise RuntimeError(f"{host}: HTTP {resp.status}")
+            if i:
+                out.append(took)
+    finally:
+        conn.close()
+    return out
+
+
+def newconn_batch(ip: str, host: str, n: int) -> list[float]:
+    """``n`` GETs, each on a new connection, timed from connect to the last body byte."""
+    out = []
+    for _ in range(n):
+        start = time.perf_counter()
+        conn = http.client.HTTPConnection(ip, TCP_PORT, timeout=10)
+        try:
+            conn.request("GET", "/bench", headers={"Host": host, "Connection": "close"})
+            resp = conn.getresponse()
+            resp.read()
+        finally:
+            conn.close()
+        out.append((time.perf_counter() - start) * 1000)
+        if resp.status != 200:
+            raise RuntimeError(f"{host}: HTTP {resp.status}")
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=20, help="rounds of (plaintext, mTLS) batch pairs per kind")
+    parser.add_argument("--batch", type=int, default=50, help="requests per batch")
+    args = parser.parse_args()
+    if args.rounds < 1 or args.batch < 1:
+        parser.error("--rounds and --batch must be at least 1")
+    reason = available()
+    if reason:
+        print(f"bench_mtls: {reason}", file=sys.stderr)
+        return 2
+    ca = MeshTestCA()
+    dirs = [ca.identity_dir(f"spiffe://{TD}/ns/default/sa/client"), ca.identity_dir(f"spiffe://{TD}/ns/default/sa/web")]
+    backends: list[HttpBackend] = []
+    try:
+        with LocalCluster([], options=argparse.Namespace(mtls=True, trust_domain=TD), client_cwd=dirs[0]) as c:
+            disable = {mtls.MODE: mtls.DISABLE}
+            c.apply(join(
+                meshed_pod("web-1", SERVER_IP, "web", "web"),
+                service("web", port=HTTP_PORT, app="web"),
+                service("webplain", port=HTTP_PORT, app="web", labels=disable),
+                service("raw", port=TCP_PORT, app="web", http=False, labels={f"traffic.port.{TCP_PORT}": "tcp"}),
+                service("rawplain", port=TCP_PORT, app="web", http=False, labels={f"traffic.port.{TCP_PORT}": "tcp", **disable}),
+            ))
+            server = c.peer_pod("web-1", SERVER_IP, cwd=dirs[1])
+            backends += [c.peer_backend(server, "web", HTTP_PORT), c.peer_backend(server, "raw", TCP_PORT)]
+            assert c.pod is not None
+            client = c.pod
+            # The TLS twins of the inbound chains: per HTTP port, and the catch-all TCP one (port 9090).
+            c.wait_config(lambda: all(f'"{chain}"' in server.listener_config("inbound")
+                                      for chain in (f"inbound|mtls|http|{HTTP_PORT}", "inbound|mtls|tcp")),
+                          timeout=20, message="the server sidecar has no TLS twin chains")
+            c.wait_config(lambda: mtls.METADATA_KEY in client.admin("/config_dump?include_eds"), timeout=20,
+                          message="the client has no endpoint marked for mTLS")
+            ips = {kind: {mode: c.cluster_ip(name) for mode, name in names.items()} for kind, names in SERVICES.items()}
+
+            def run(kind: str, mode: str, n: int) -> list[float]:
+                ip, name = ips[kind][mode], SERVICES[kind][mode]
+                fn: Callable[[], list[float]]
+                if kind == "keepalive":
+                    fn = lambda: keepalive_batch(ip, f"{name}:{HTTP_PORT}", n)  # noqa: E731
+                else:
+                    fn = lambda: newconn_batch(ip, f"{name}:{TCP_PORT}", n)  # noqa: E731
+                return client.in_ns(fn, timeout=600)
+
+            # Warm-up (not measured): every path answers, the client's clusters have connected once.
+            for kind in SERVICES:
+                for mode in ("plain", "mtls"):
+                    c.wait_config(lambda k=kind, m=mode: _ok(run, k, m), timeout=20, message=f"{kind}/{mode} does not answer")
+            lat: dict[str, dict[str, list[float]]] = {k: {"plain": [], "mtls": []} for k in SERVICES}
+            hs: dict[str, dict[str, dict[str, int]]] = {k: {m: {"server": 0, "client": 0, "requests": 0} for m in ("plain", "mtls")}
+                                                       for k in SERVICES}
+            failures: list[str] = []
+            start = time.monotonic()
+            for r in range(args.rounds):
+                for kind in SERVICES:
+                    for mode in (("plain", "mtls") if r % 2 == 0 else ("mtls", "plain")):
+                        cs0, ss0 = stats(client), stats(server)
+                        lat[kind][mode] += run(kind, mode, args.batch)
+                        cs1, ss1 = stats(client), stats(server)
+                        name = cluster(kind, mode)
+                        d_server = ss1.get(INBOUND_HS, 0) - ss0.get(INBOUND_HS, 0)
+                        d_client = cs1.get(f"cluster.{name}.ssl.handshake", 0) - cs0.get(f"cluster.{name}.ssl.handshake", 0)
+                        counter = "upstream_rq_total" if kind == "keepalive" else "upstream_cx_total"
+                        d_req = cs1.get(f"cluster.{name}.{counter}", 0) - cs0.get(f"cluster.{name}.{counter}", 0)
+                        want_req = args.batch + (1 if kind == "keepalive" else 0)
+                        h = hs[kind][mode]
+                        h["server"] += d_server
+                        h["client"] += d_client
+                        h["requests"] += d_req
+                        where = f"round {r} {kind}/{mode}"
+                        if d_req != want_req:
+                            failures.append(f"{where}: cluster {name} {counter} +{d_req}, expected +{want_req}")
+                        want_hs = args.batch if (kind, mode) == ("newconn", "mtls") else 0
+                        if kind == "newconn" and (d_server != want_hs or d_client != want_hs):
+                            failures.append(f"{where}: ssl.handshake server +{d_server} client +{d_client}, expected +{want_hs}")
+                        if mode == "plain" and (d_server or d_client):
+                            failures.append(f"{where}: plaintext batch made TLS handshakes (server +{d_server}, client +{d_client})")
+            elapsed = time.monotonic() - start
+            # Keep-alive: the connections the client's clusters ever opened were all TLS (mTLS) or none (plaintext).
+            final = stats(client)
+            conns: dict[str, dict[str, int]] = {}
+            for mode in ("plain", "mtls"):
+                name = cluster("keepalive", mode)
+                cx, tls = final.get(f"cluster.{name}.upstream_cx_total", 0), final.get(f"cluster.{name}.ssl.handshake", 0)
+                conns[mode] = {"upstream_connections": cx, "ssl_handshakes": tls}
+                if cx < 1 or tls != (cx if mode == "mtls" else 0):
+                    failures.append(f"keepalive/{mode}: cluster {name} opened {cx} connections with {tls} TLS handshakes")
+            errors = final.get(f"cluster.{cluster('newconn', 'mtls')}.ssl.connection_error", 0)
+            if errors:
+                failures.append(f"{errors} TLS connection errors on the client's mTLS cluster")
+    finally:
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+    result: dict[str, Any] = {"rounds": args.rounds, "batch": args.batch, "elapsed_s": round(elapsed, 1)}
+    rows = []
+    for kind in SERVICES:
+        entry: dict[str, Any] = {}
+        for mode in ("plain", "mtls"):
+            data = sorted(lat[kind][mode])
+            entry[mode] = {"n": len(data), "p50_ms": round(percentile(data, 50), 3), "p99_ms": round(percentile(data, 99), 3),
+                           "ssl_handshakes_server": hs[kind][mode]["server"], "ssl_handshakes_client": hs[kind][mode]["client"]}
+        for q in ("p50", "p99"):
+            entry[f"ratio_{q}"] = round(entry["mtls"][f"{q}_ms"] / entry["plain"][f"{q}_ms"], 2)
+        if kind == "keepalive":
+            entry["connections"] = conns
+        result[kind] = entry
+        for mode in ("plain", "mtls"):
+            e = entry[mode]
+            rows.append(f"{kind:10} {mode:6} {e['n']:6} {e['p50_ms']:9.3f} {e['p99_ms']:9.3f} "
+                        f"{e['ssl_handshakes_server']:7} {e['ssl_handshakes_client']:7}")
+        rows.append(f"{'':10} {'ratio':6} {'':6} {entry['ratio_p50']:9.2f} {entry['ratio_p99']:9.2f}")
+    result.update(handshake_check="failed" if failures else "ok", failures=failures[:20],
+                  python=sys.version.split()[0], machine=platform.machine(), cpus=_cpus())
+    print(f"{'kind':10} {'mode':6} {'n':>6} {'p50 ms':>9} {'p99 ms':>9} {'hs srv':>7} {'hs cli':>7}")
+    print("\n".join(rows))
+    for f in failures[:20]:
+        print(f"CHECK FAILED: {f}", file=sys.stderr)
+    print(json.dumps(result))
+    return 1 if failures else 0
+
+
+def _ok(run: Callable[[str, str, int], list[float]], kind: str, mode: str) -> bool:
+    try:
+        run(kind, mode, 1)
+        return True
+    except (OSError, RuntimeError, http.client.HTTPException):
+        return False
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
