@@ -59,7 +59,8 @@ def capture_rules(netns: str) -> str:
 class Cluster:
     """API server + control plane (xDS on ``unix:<xds_socket>``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, options: dict[str, Any] | None = None) -> None:
+        """``options``: extra control-plane options (e.g. ``mtls=True`` for the mtls plugin)."""
         from trafficmgr.apiserver import APIServer
         from trafficmgr.core.controlplane import ControlPlane
         from trafficmgr.core.kube.client import KubeClient, load_api_client
@@ -74,7 +75,7 @@ class Cluster:
         self.kubeconfig = self.tmp / "kubeconfig"
         self.api.write_kubeconfig(str(self.kubeconfig))
         self.plugins = PluginHost.load()
-        opts = argparse.Namespace(sidecar_port=10000, sidecar_address="0.0.0.0")
+        opts = argparse.Namespace(sidecar_port=10000, sidecar_address="0.0.0.0", **(options or {}))
         self.cp = ControlPlane(self.plugins, opts, KubeClient(load_api_client(str(self.kubeconfig))))
         sock_dir = self.tmp / "xds"
         sock_dir.mkdir(mode=0o755)
