@@ -1,7 +1,7 @@
 """Request latency added by mutual TLS between two sidecars (not a test; issue 18). Needs root (network
 namespaces), like the netns tests.
 
-    sudo python benchmarks/bench_mtls.py [--rounds 20] [--batch 50]
+    sudo python benchmarks/bench_mtls.py [--rounds 40] [--batch 50]
 
 The rig of ``tests/plugins/test_mtls.py``: the in-process control plane with ``--mtls``, a client pod and a
 server pod in two network namespaces joined by a veth pair, each with its own sidecar Envoy whose working
@@ -17,7 +17,13 @@ mTLS to a pod with a sidecar) and one labeled ``traffic.mtls=disable`` (plaintex
 (captured by the client's sidecar, which keeps its upstream connection to the server's sidecar): the
 per-request cost of TLS records. *new connection*: one GET per new connection to a TCP Service; the
 client's sidecar opens one upstream connection per downstream connection (tcp_proxy), so every mTLS
-request pays a full TLS handshake between the sidecars (client certificate included): where mTLS costs most.
+request pays a TLS handshake between the sidecars: where mTLS costs most. Envoy's defaults resume TLS
+sessions (the client keeps a session, the server issues tickets), so after the first connection these are
+mostly resumed handshakes (ECDHE, no certificate sent or verified), as between two long-lived sidecars in
+a mesh; the server's ``ssl.session_reused`` count is reported ("resumed"). *newconn_full*: the same
+through a third Service ``rawfull`` whose client cluster is built with ``max_session_keys: 0`` (an
+in-memory wrapper of the plugin's cluster hook, in this process only): every handshake a full one
+(certificates sent and verified both ways), the cost of a first connection between two sidecars.
 
 Batches alternate (plaintext, mTLS, and the order flips every round) so machine noise hits both modes
 alike. Each batch's Envoy counters are read around it: every mTLS new-connection batch must show exactly
@@ -51,9 +57,13 @@ SERVER_IP = "10.244.1.5"
 TD = "cluster.local"
 HTTP_PORT, TCP_PORT = 8080, 9090
 #: kind -> mode -> Service name
-SERVICES = {"keepalive": {"plain": "webplain", "mtls": "web"}, "newconn": {"plain": "rawplain", "mtls": "raw"}}
-PORTS = {"keepalive": HTTP_PORT, "newconn": TCP_PORT}
+SERVICES = {"keepalive": {"plain": "webplain", "mtls": "web"}, "newconn": {"plain": "rawplain", "mtls": "raw"},
+            "newconn_full": {"plain": "rawplain", "mtls": "rawfull"}}
+PORTS = {"keepalive": HTTP_PORT, "newconn": TCP_PORT, "newconn_full": TCP_PORT}
+#: The Service whose client cluster keeps no TLS session (every handshake a full one).
+NO_RESUMPTION = "rawfull"
 INBOUND_HS = "listener.inbound.ssl.handshake"
+INBOUND_REUSED = "listener.inbound.ssl.session_reused"
 
 
 def cluster(kind: str, mode: str) -> str:
@@ -113,9 +123,31 @@ def newconn_batch(ip: str, host: str, n: int) -> list[float]:
     return out
 
 
+def _no_resumption_for(service_name: str) -> None:
+    """Wrap the ``mtls`` plugin's cluster hook (before the plugins are loaded) so the mTLS transport socket
+    of ``service_name``'s clusters stores no TLS session: its handshakes cannot be resumed."""
+    import functools
+
+    from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+
+    original = mtls.trafficmgr_cluster
+
+    @functools.wraps(original)  # keeps pluggy's hookimpl marker
+    def hook(cluster: Any, service: Any, port: Any, ctx: Any) -> None:
+        original(cluster, service, port, ctx)
+        for match in cluster.transport_socket_matches:
+            if service.name == service_name and match.name == mtls.MATCH_NAME:
+                upstream = tls_pb2.UpstreamTlsContext()
+                match.transport_socket.typed_config.Unpack(upstream)
+                upstream.max_session_keys.value = 0
+                match.transport_socket.typed_config.Pack(upstream)
+
+    mtls.trafficmgr_cluster = hook  # type: ignore[assignment]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=20, help="rounds of (plaintext, mTLS) batch pairs per kind")
+    parser.add_argument("--rounds", type=int, default=40, help="rounds of (plaintext, mTLS) batch pairs per kind")
     parser.add_argument("--batch", type=int, default=50, help="requests per batch")
     args = parser.parse_args()
     if args.rounds < 1 or args.batch < 1:
@@ -124,6 +156,7 @@ def main() -> int:
     if reason:
         print(f"bench_mtls: {reason}", file=sys.stderr)
         return 2
+    _no_resumption_for(NO_RESUMPTION)
     ca = MeshTestCA()
     dirs = [ca.identity_dir(f"spiffe://{TD}/ns/default/sa/client"), ca.identity_dir(f"spiffe://{TD}/ns/default/sa/web")]
     backends: list[HttpBackend] = []
@@ -136,6 +169,7 @@ def main() -> int:
                 service("webplain", port=HTTP_PORT, app="web", labels=disable),
                 service("raw", port=TCP_PORT, app="web", http=False, labels={f"traffic.port.{TCP_PORT}": "tcp"}),
                 service("rawplain", port=TCP_PORT, app="web", http=False, labels={f"traffic.port.{TCP_PORT}": "tcp", **disable}),
+                service(NO_RESUMPTION, port=TCP_PORT, app="web", http=False, labels={f"traffic.port.{TCP_PORT}": "tcp"}),
             ))
             server = c.peer_pod("web-1", SERVER_IP, cwd=dirs[1])
             backends += [c.peer_backend(server, "web", HTTP_PORT), c.peer_backend(server, "raw", TCP_PORT)]
@@ -163,7 +197,7 @@ def main() -> int:
                 for mode in ("plain", "mtls"):
                     c.wait_config(lambda k=kind, m=mode: _ok(run, k, m), timeout=20, message=f"{kind}/{mode} does not answer")
             lat: dict[str, dict[str, list[float]]] = {k: {"plain": [], "mtls": []} for k in SERVICES}
-            hs: dict[str, dict[str, dict[str, int]]] = {k: {m: {"server": 0, "client": 0, "requests": 0} for m in ("plain", "mtls")}
+            hs: dict[str, dict[str, dict[str, int]]] = {k: {m: {"server": 0, "client": 0, "resumed": 0, "requests": 0} for m in ("plain", "mtls")}
                                                        for k in SERVICES}
             failures: list[str] = []
             start = time.monotonic()
@@ -180,14 +214,18 @@ def main() -> int:
                         d_req = cs1.get(f"cluster.{name}.{counter}", 0) - cs0.get(f"cluster.{name}.{counter}", 0)
                         want_req = args.batch + (1 if kind == "keepalive" else 0)
                         h = hs[kind][mode]
+                        where = f"round {r} {kind}/{mode}"
                         h["server"] += d_server
                         h["client"] += d_client
+                        d_resumed = ss1.get(INBOUND_REUSED, 0) - ss0.get(INBOUND_REUSED, 0)
+                        h["resumed"] += d_resumed
+                        if kind == "newconn_full" and d_resumed:
+                            failures.append(f"{where}: {d_resumed} TLS sessions resumed, expected full handshakes only")
                         h["requests"] += d_req
-                        where = f"round {r} {kind}/{mode}"
                         if d_req != want_req:
                             failures.append(f"{where}: cluster {name} {counter} +{d_req}, expected +{want_req}")
-                        want_hs = args.batch if (kind, mode) == ("newconn", "mtls") else 0
-                        if kind == "newconn" and (d_server != want_hs or d_client != want_hs):
+                        want_hs = args.batch if kind != "keepalive" and mode == "mtls" else 0
+                        if kind != "keepalive" and (d_server != want_hs or d_client != want_hs):
                             failures.append(f"{where}: ssl.handshake server +{d_server} client +{d_client}, expected +{want_hs}")
                         if mode == "plain" and (d_server or d_client):
                             failures.append(f"{where}: plaintext batch made TLS handshakes (server +{d_server}, client +{d_client})")
@@ -201,9 +239,10 @@ def main() -> int:
                 conns[mode] = {"upstream_connections": cx, "ssl_handshakes": tls}
                 if cx < 1 or tls != (cx if mode == "mtls" else 0):
                     failures.append(f"keepalive/{mode}: cluster {name} opened {cx} connections with {tls} TLS handshakes")
-            errors = final.get(f"cluster.{cluster('newconn', 'mtls')}.ssl.connection_error", 0)
-            if errors:
-                failures.append(f"{errors} TLS connection errors on the client's mTLS cluster")
+            for kind in ("newconn", "newconn_full"):
+                errors = final.get(f"cluster.{cluster(kind, 'mtls')}.ssl.connection_error", 0)
+                if errors:
+                    failures.append(f"{errors} TLS connection errors on the client's cluster {cluster(kind, 'mtls')}")
     finally:
         for d in dirs:
             shutil.rmtree(d, ignore_errors=True)
@@ -215,7 +254,8 @@ def main() -> int:
         for mode in ("plain", "mtls"):
             data = sorted(lat[kind][mode])
             entry[mode] = {"n": len(data), "p50_ms": round(percentile(data, 50), 3), "p99_ms": round(percentile(data, 99), 3),
-                           "ssl_handshakes_server": hs[kind][mode]["server"], "ssl_handshakes_client": hs[kind][mode]["client"]}
+                           "ssl_handshakes_server": hs[kind][mode]["server"], "ssl_handshakes_client": hs[kind][mode]["client"],
+                           "ssl_sessions_resumed_server": hs[kind][mode]["resumed"]}
         for q in ("p50", "p99"):
             entry[f"ratio_{q}"] = round(entry["mtls"][f"{q}_ms"] / entry["plain"][f"{q}_ms"], 2)
         if kind == "keepalive":
@@ -223,12 +263,12 @@ def main() -> int:
         result[kind] = entry
         for mode in ("plain", "mtls"):
             e = entry[mode]
-            rows.append(f"{kind:10} {mode:6} {e['n']:6} {e['p50_ms']:9.3f} {e['p99_ms']:9.3f} "
-                        f"{e['ssl_handshakes_server']:7} {e['ssl_handshakes_client']:7}")
-        rows.append(f"{'':10} {'ratio':6} {'':6} {entry['ratio_p50']:9.2f} {entry['ratio_p99']:9.2f}")
+            rows.append(f"{kind:12} {mode:6} {e['n']:6} {e['p50_ms']:9.3f} {e['p99_ms']:9.3f} "
+                        f"{e['ssl_handshakes_server']:7} {e['ssl_handshakes_client']:7} {e['ssl_sessions_resumed_server']:7}")
+        rows.append(f"{'':12} {'ratio':6} {'':6} {entry['ratio_p50']:9.2f} {entry['ratio_p99']:9.2f}")
     result.update(handshake_check="failed" if failures else "ok", failures=failures[:20],
                   python=sys.version.split()[0], machine=platform.machine(), cpus=_cpus())
-    print(f"{'kind':10} {'mode':6} {'n':>6} {'p50 ms':>9} {'p99 ms':>9} {'hs srv':>7} {'hs cli':>7}")
+    print(f"{'kind':12} {'mode':6} {'n':>6} {'p50 ms':>9} {'p99 ms':>9} {'hs srv':>7} {'hs cli':>7} {'resumed':>7}")
     print("\n".join(rows))
     for f in failures[:20]:
         print(f"CHECK FAILED: {f}", file=sys.stderr)
