@@ -320,7 +320,10 @@ def test_pod_level_tracing_sends_spans_for_traffic_to_the_pod(traced: tuple[Loca
     c.label("pod", "reviews-1", {"traffic.port.9080": "http"})
     c.wait_config(lambda: f'"{REVIEWS_IP}:9080"' in c.pod.admin("/config_dump?resource=dynamic_route_configs"),
                   message="pod destination not configured")
-    assert [st for st, _ in c.pod.get_many(REVIEWS_IP, 9080, f"{REVIEWS_IP}:9080", 3)] == [200] * 3
+    # The route and the listener's chain for the pod's address arrive in separate updates (RDS, LDS): on a
+    # loaded machine the route can be there a moment before the chain, when the port still answers 404.
+    c.wait_config(lambda: [st for st, _ in c.pod.get_many(REVIEWS_IP, 9080, f"{REVIEWS_IP}:9080", 3)] == [200] * 3,
+                  message="the pod destination does not answer")
     assert "x-b3-traceid" not in _headers_seen(backend)
     c.label("pod", "reviews-1", {"traffic.tracing.enabled": "true"})
     c.wait_config(lambda: "envoy.tracers.zipkin" in json.dumps([
