@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -36,14 +37,16 @@ from tests.identity.realsigner import CA_SECRET, NS, SERVER_NAME, RealSigner
 from trafficmgr.core.agent.agent import Agent, AgentConfig
 from trafficmgr.core.agent.identity import IdentityConfig
 from trafficmgr.core.agent.netns_runtime import ProcessRuntime
+from trafficmgr.core.envoy import find_envoy
 from trafficmgr.core.identity import files
+from trafficmgr.core.model import GATEWAY_CLUSTER
 from trafficmgr.core.plugins import PluginHost
 from trafficmgr.plugins import mtls
 from trafficmgr.testing import netns
 from trafficmgr.testing.backends import HttpBackend
 from trafficmgr.testing.cluster import http_get
 from trafficmgr.testing.envoy import wait_for
-from trafficmgr.testing.netns import NetNS
+from trafficmgr.testing.netns import NetNS, world_executable
 
 # 10.244.83.0/24: addresses no other test uses (the netns runtime finds namespaces by pod IP).
 CLIENT_IP, SERVER_IP, OUTSIDER_IP = "10.244.83.2", "10.244.83.11", "10.244.83.50"
@@ -374,6 +377,79 @@ def test_root_rotation_with_overlap_loses_no_request(mesh: Mesh) -> None:
         worker.join(30)
     assert results and set(results) == {200}, f"{results.count(200)} of {len(results)} requests answered 200"
     logging.getLogger(__name__).info("root rotation: %d requests, all 200", len(results))
+
+
+GATEWAY_ID = f"spiffe://{TD}/ns/default/sa/traffic-ingress"
+GATEWAY_OBJECTS = f"""
+apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: traffic-ingress}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: traffic-ingress-1, labels: {{app: traffic-ingress}}}}
+spec: {{nodeName: {NODE}, serviceAccountName: traffic-ingress, containers: [{{name: envoy, image: envoy}}]}}
+status: {{podIP: 10.244.83.60, phase: Running, conditions: [{{type: Ready, status: "True"}}]}}
+---
+apiVersion: networking.k8s.io/v1
+kind: IngressClass
+metadata: {{name: traffic}}
+spec: {{controller: trafficmgr.io/ingress-controller}}
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {{name: reviews}}
+spec:
+  ingressClassName: traffic
+  rules:
+  - http:
+      paths:
+      - {{path: /gw, pathType: Prefix, backend: {{service: {{name: reviews, port: {{number: 9080}}}}}}}}
+"""
+
+
+def test_the_gateway_originates_mtls_with_its_own_certificate(mesh: Mesh, tmp_path: Path) -> None:
+    """The gateway fetches its own certificate (``trafficmgr identity --once``, a token bound to its pod)
+    and calls the meshed backend over mutual TLS: the backend sees the gateway's SPIFFE ID."""
+    m = mesh
+    m.cluster.apply(GATEWAY_OBJECTS)
+    gw_dir = tmp_path / "gateway"
+    gw_dir.mkdir()
+    os.chmod(tmp_path, 0o755)
+    token, bundle = tmp_path / "token", tmp_path / "bundle.pem"
+    token.write_text(m.signer.token("default", "traffic-ingress", "traffic-ingress-1"))
+    bundle.write_bytes(m.signer.bundle())
+    uid = m.cluster.store.get("pods", "traffic-ingress-1", "default")["metadata"]["uid"]
+    run = [sys.executable, "-m", "trafficmgr"]
+    got = subprocess.run([*run, "identity", "--once", "--dir", str(gw_dir), "--token-file", str(token),
+                          "--ca-address", m.signer.address, "--ca-server-name", SERVER_NAME, "--bundle-file", str(bundle),
+                          "--pod", "default/traffic-ingress-1", "--pod-uid", uid, "--service-account", "traffic-ingress"],
+                         capture_output=True, text=True, timeout=60)
+    assert got.returncode == 0, got.stderr
+    assert GATEWAY_ID in got.stdout + got.stderr
+    boot = subprocess.run([*run, "bootstrap", "--node-id", "traffic-ingress-1", "--node-cluster", GATEWAY_CLUSTER,
+                           "--xds-address", f"unix:{m.cluster.xds_socket}", "-o", str(gw_dir / "envoy.json")],
+                          capture_output=True, text=True, timeout=60)
+    assert boot.returncode == 0, boot.stderr
+    log = open(tmp_path / "envoy.log", "ab")
+    gateway = subprocess.Popen(m.outsider.exec_args(world_executable(find_envoy()), "-c", str(gw_dir / "envoy.json"),
+                                                    "--disable-hot-restart", "--concurrency", "1", "-l", "info"),
+                               cwd=gw_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    try:
+        def through_gateway() -> int:
+            try:
+                return int(m.outsider.in_ns(lambda: http_get("http://127.0.0.1:10000/gw/hi", 5)[0], timeout=10))
+            except OSError:
+                return 0
+
+        wait_for(lambda: through_gateway() == 200, 30,
+                 message=f"no answer through the gateway: {(tmp_path / 'envoy.log').read_text()[-3000:]}")
+        seen = [r for r in m.reviews.requests if r["path"] == "/gw/hi"]
+        assert seen and seen[-1]["headers"]["x-forwarded-client-cert"].endswith(f";URI={GATEWAY_ID}"), seen[-1:]
+    finally:
+        gateway.kill()
+        gateway.wait(10)
 
 
 def _bundle(m: Mesh, pod: str) -> bytes:
