@@ -17,6 +17,9 @@ import yaml
 
 from tests.helm.chart import BUILTIN_PLUGINS, CHART, NAMESPACE, RELEASE, container, find, one, pod_spec, render, run_helm
 
+#: Mesh identity off (and the mtls plugin, which needs it): xDS mTLS from Secrets, as before identity existed.
+NO_IDENTITY: dict[str, Any] = {"meshIdentity": {"enabled": False}, "plugins": [p for p in BUILTIN_PLUGINS if p != "mtls"]}
+
 HASH = "--hash=sha256:" + "c" * 64
 # name -> values; the combinations the issue names plus one that turns on every optional knob.
 COMBOS: dict[str, dict[str, Any]] = {
@@ -304,9 +307,9 @@ def test_image_digest_wins_over_tag() -> None:
     ({"extraPlugins": ["bad name"]}, "extraPlugins.0: Does not match pattern"),
     ({"image": {"digest": "sha256:abc"}}, "image.digest: Does not match pattern"),
     ({"rbac": {"extraRules": [{"apiGroups": [""], "resources": ["*"], "verbs": ["get"]}]}}, "rbac.extraRules.0.resources.0"),
-    ({"meshIdentity": {"enabled": False}, "plugins": [p for p in BUILTIN_PLUGINS if p != "mtls"], "controlPlane": {"xdsAuth": "mtls"}, "gateway": {"xdsTls": {"secretName": "gw"}}},
+    ({**NO_IDENTITY, "controlPlane": {"xdsAuth": "mtls"}, "gateway": {"xdsTls": {"secretName": "gw"}}},
      "controlPlane.xdsTls.secretName: String length must be greater than or equal to 1"),
-    ({"meshIdentity": {"enabled": False}, "plugins": [p for p in BUILTIN_PLUGINS if p != "mtls"], "controlPlane": {"xdsAuth": "mtls", "xdsTls": {"secretName": "cp"}}},
+    ({**NO_IDENTITY, "controlPlane": {"xdsAuth": "mtls", "xdsTls": {"secretName": "cp"}}},
      "gateway.xdsTls.secretName: String length must be greater than or equal to 1"),
     ({"controlPlane": {"xdsAuth": "none"}}, "set controlPlane.allowInsecureXds=true too"),
     ({"networkPolicy": {"nodeCIDRs": ["10.0.0.0"]}}, "networkPolicy.nodeCIDRs.0: Does not match pattern"),
@@ -378,7 +381,7 @@ def test_xds_access_control_admits_exactly_the_gateway_pods() -> None:
 
 def test_xds_mtls_mounts_the_secrets_and_passes_the_flags() -> None:
     """Without mesh identity, xDS mTLS uses certificates from Secrets (with it: tests/helm/test_mesh_identity.py)."""
-    objects = render({"meshIdentity": {"enabled": False}, "plugins": [p for p in BUILTIN_PLUGINS if p != "mtls"], "controlPlane": {"xdsAuth": "mtls", "xdsTls": {"secretName": "xds-server"}},
+    objects = render({**NO_IDENTITY, "controlPlane": {"xdsAuth": "mtls", "xdsTls": {"secretName": "xds-server"}},
                       "gateway": {"xdsTls": {"secretName": "xds-gateway"}}})
     cp = one(objects, "Deployment", RELEASE)
     args = container(cp, "control-plane")["args"]
@@ -400,7 +403,7 @@ def test_xds_mtls_mounts_the_secrets_and_passes_the_flags() -> None:
 def test_notes_warn_about_insecure_xds(tmp_path: Path) -> None:
     notes = _notes({"controlPlane": {"xdsAuth": "none", "allowInsecureXds": True}}, tmp_path)
     assert "WARNING: controlPlane.xdsAuth=none" in notes and "every Ingress TLS private key" in notes
-    mtls = _notes({"meshIdentity": {"enabled": False}, "plugins": [p for p in BUILTIN_PLUGINS if p != "mtls"], "controlPlane": {"xdsAuth": "mtls", "xdsTls": {"secretName": "cp"}}, "gateway": {"xdsTls": {"secretName": "gw"}}},
+    mtls = _notes({**NO_IDENTITY, "controlPlane": {"xdsAuth": "mtls", "xdsTls": {"secretName": "cp"}}, "gateway": {"xdsTls": {"secretName": "gw"}}},
                   tmp_path / "3")
     assert "WARNING: controlPlane.xdsAuth=mtls" in mtls and "refuses sidecar streams" in mtls
     # With mesh identity the sidecars have workload certificates: no warning, a note on the CA instead.
