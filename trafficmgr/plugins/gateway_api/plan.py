@@ -1,0 +1,738 @@
+"""Gateway API objects -> what the gateway proxies serve (:class:`table.Table`) and every status condition.
+
+One pure function of the model and the options (:func:`plan`), memoized on its inputs (compared by
+identity, so a build where none of them changed costs a tuple comparison).
+
+- GatewayClasses whose ``controllerName`` is ``--gateway-class-controller`` are ours; Gateways of an
+  accepted class of ours are served on the shared gateway proxies: each distinct listener port is one
+  :class:`table.ServedPort`, bound on ``--gateway-address``.
+- Listener validation: protocol HTTP or HTTPS, a port other than ``--gateway-port`` (the Ingress
+  listener), TLS ``Terminate`` with a permitted, valid Secret; listeners of any Gateway of ours that share
+  a port must share the protocol (else ``Conflicted`` ``ProtocolConflict``) and not the hostname (else
+  ``HostnameConflict``): the oldest Gateway, then the first listener, keeps it.
+- Route attachment per parentRef: sectionName/port, ``allowedRoutes`` (namespaces Same/All/Selector, kinds),
+  hostname intersection; a request is owned by the most specific listener hostname on its port
+  (exact, then the longest wildcard, then none), so routes of a wildcard listener never see requests of a
+  more specific listener.
+- Precedence inside a virtual host: HTTPRoute: Exact path, RegularExpression (longer first:
+  implementation-specific), PathPrefix by length, then method, header count, query count; GRPCRoute:
+  hostname (non-wildcard characters, then characters), service and method characters, header count;
+  ties: oldest route, ``namespace/name``, rule then match order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import attrs
+
+from trafficmgr.plugin import Model, Service
+from trafficmgr.plugins.gateway_api import table as t
+from trafficmgr.plugins.gateway_api.ir import (
+    GATEWAY,
+    GATEWAY_CLASS,
+    GROUP,
+    GRPC_ROUTE,
+    HTTP_ROUTE,
+    NAMESPACE,
+    REFERENCE_GRANT,
+    ROUTE_KINDS,
+    SECRET,
+    BackendRef,
+    CertSecret,
+    Filter,
+    Gateway,
+    GatewayClass,
+    Listener,
+    Namespace,
+    ParentRef,
+    ReferenceGrant,
+    Route,
+    RouteMatch,
+    Rule,
+    valid_hostname,
+)
+from trafficmgr.plugins.ingress.ir import option as ingress_option
+
+DEFAULT_CONTROLLER = "trafficmgr.io/gateway-controller"
+SUPPORTED_PROTOCOLS = ("HTTP", "HTTPS")
+CATCH_ALL = "*"
+
+# Condition types and reasons (the specification's names).
+ACCEPTED, PROGRAMMED, RESOLVED_REFS, CONFLICTED = "Accepted", "Programmed", "ResolvedRefs", "Conflicted"
+
+
+@attrs.frozen(slots=True)
+class Condition:
+    type: str
+    status: bool
+    reason: str
+    message: str = ""
+
+
+@attrs.frozen(slots=True)
+class ListenerStatus:
+    name: str
+    supported_kinds: tuple[str, ...]
+    attached_routes: int
+    conditions: tuple[Condition, ...]
+
+
+@attrs.frozen(slots=True)
+class GatewayStatus:
+    gateway: Gateway
+    conditions: tuple[Condition, ...]
+    listeners: tuple[ListenerStatus, ...]
+
+
+@attrs.frozen(slots=True)
+class ParentStatus:
+    """Our entry of ``status.parents`` for one parentRef."""
+
+    ref: ParentRef
+    conditions: tuple[Condition, ...]
+
+
+@attrs.frozen(slots=True)
+class Plan:
+    """Everything planned: the table, the desired statuses of objects we own, the implied port protocols.
+
+    ``routes`` holds every route with at least one parentRef to a Gateway of ours, with its entries for
+    those parents (empty tuple: none any more, our old entries are removed)."""
+
+    table: t.Table
+    classes: tuple[tuple[GatewayClass, tuple[Condition, ...]], ...] = ()
+    gateways: tuple[GatewayStatus, ...] = ()
+    routes: tuple[tuple[Route, tuple[ParentStatus, ...]], ...] = ()
+    protocols: tuple[tuple[str, str, int | str, str], ...] = ()
+
+
+def controller_name(options: argparse.Namespace) -> str:
+    return str(getattr(options, "gateway_class_controller", None) or DEFAULT_CONTROLLER)
+
+
+# -- hostnames --------------------------------------------------------------------------------------
+
+
+def host_matches(pattern: str, host: str) -> bool:
+    """Whether ``pattern`` (``*``, ``*.example.com`` = one or more labels, or exact) covers ``host`` (exact
+    or a wildcard: ``*.example.com`` covers ``*.foo.example.com``)."""
+    if pattern == CATCH_ALL:
+        return True
+    if pattern.startswith("*."):
+        suffix = pattern[1:]  # ".example.com"
+        if host.startswith("*."):
+            return host[1:].endswith(suffix)
+        return host.endswith(suffix) and len(host) > len(suffix)
+    return pattern == host
+
+
+def intersect(listener_host: str | None, route_hosts: tuple[str, ...]) -> tuple[str, ...]:
+    """The hostnames a route serves on a listener (``*`` = any): the specification's intersection."""
+    lh = listener_host or CATCH_ALL
+    if not route_hosts:
+        return (lh,)
+    out = []
+    for h in route_hosts:
+        if host_matches(lh, h):
+            out.append(h)
+        elif host_matches(h, lh):
+            out.append(lh)
+    return tuple(dict.fromkeys(out))
+
+
+def specificity(host: str | None) -> tuple[int, int]:
+    """Sort key, most specific first: exact hosts, then wildcards by length, then the catch-all."""
+    if not host or host == CATCH_ALL:
+        return (2, 0)
+    if host.startswith("*."):
+        return (1, -len(host))
+    return (0, -len(host))
+
+
+# -- listener validation ----------------------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class _Lst:
+    """A validated listener of one of our Gateways."""
+
+    gateway: Gateway
+    listener: Listener
+    kinds: tuple[str, ...]  # supported route kinds
+    conditions: list[Condition]
+    usable: bool  # serves traffic (accepted, programmed)
+    secret: CertSecret | None = None
+
+
+def _permitted(grants: Iterable[ReferenceGrant], from_group: str, from_kind: str, from_ns: str,
+               to_ns: str, to_group: str, to_kind: str, to_name: str) -> bool:
+    if from_ns == to_ns:
+        return True
+    return any(g.meta.namespace == to_ns and g.permits(from_group, from_kind, from_ns, to_group, to_kind, to_name)
+               for g in grants)
+
+
+def _supported_kinds(lst: Listener) -> tuple[tuple[str, ...], list[str]]:
+    if lst.kinds is None:
+        return (ROUTE_KINDS if lst.protocol in SUPPORTED_PROTOCOLS else ()), []
+    ok, bad = [], []
+    for group, kind in lst.kinds:
+        if group == GROUP and kind in ROUTE_KINDS:
+            ok.append(kind)
+        else:
+            bad.append(f"{group}/{kind}" if group else kind)
+    return tuple(dict.fromkeys(ok)), bad
+
+
+def _validate_listener(gw: Gateway, lst: Listener, ingress_port: int, grants: tuple[ReferenceGrant, ...],
+                       secrets: Mapping[tuple[str, str], CertSecret]) -> _Lst:
+    kinds, bad_kinds = _supported_kinds(lst)
+    accepted: Condition = Condition(ACCEPTED, True, "Accepted", "listener accepted")
+    resolved: Condition = Condition(RESOLVED_REFS, True, "ResolvedRefs", "all references resolved")
+    secret = None
+    if lst.problems:
+        accepted = Condition(ACCEPTED, False, "UnsupportedValue", "; ".join(lst.problems))
+    elif lst.protocol not in SUPPORTED_PROTOCOLS:
+        accepted = Condition(ACCEPTED, False, "UnsupportedProtocol",
+                             f"protocol {lst.protocol!r} is not supported (HTTP and HTTPS are)")
+    elif lst.port == ingress_port:
+        accepted = Condition(ACCEPTED, False, "PortUnavailable",
+                             f"port {lst.port} is the Ingress listener's (--gateway-port)")
+    elif lst.protocol == "HTTPS" and lst.tls_mode != "Terminate":
+        accepted = Condition(ACCEPTED, False, "UnsupportedValue",
+                             "HTTPS needs tls.mode Terminate" if lst.tls_mode else "HTTPS needs a tls section (mode Terminate, certificateRefs)")
+    if bad_kinds:
+        resolved = Condition(RESOLVED_REFS, False, "InvalidRouteKinds",
+                             f"route kinds not supported: {', '.join(bad_kinds)} (HTTPRoute and GRPCRoute are)")
+    elif accepted.status and lst.protocol == "HTTPS":
+        secret, resolved = _certificate(gw, lst, grants, secrets)
+    usable = accepted.status and bool(kinds) and (lst.protocol != "HTTPS" or secret is not None)
+    return _Lst(gw, lst, kinds, [accepted, resolved], usable, secret)
+
+
+def _certificate(gw: Gateway, lst: Listener, grants: tuple[ReferenceGrant, ...],
+                 secrets: Mapping[tuple[str, str], CertSecret]) -> tuple[CertSecret | None, Condition]:
+    """The first certificateRef (the only one served); a reason for any unusable ref."""
+    if not lst.certificate_refs:
+        return None, Condition(RESOLVED_REFS, False, "InvalidCertificateRef", "HTTPS needs tls.certificateRefs")
+    ref = lst.certificate_refs[0]
+    ns = ref.namespace or gw.meta.namespace
+    if ref.group not in ("", "core") or ref.kind != "Secret":
+        return None, Condition(RESOLVED_REFS, False, "InvalidCertificateRef",
+                               f"certificateRef {ref.kind} {ref.name!r}: only core Secrets are supported")
+    if not _permitted(grants, GROUP, GATEWAY, gw.meta.namespace, ns, "", "Secret", ref.name):
+        return None, Condition(RESOLVED_REFS, False, "RefNotPermitted",
+                               f"Secret {ns}/{ref.name}: no ReferenceGrant in {ns} allows Gateways of {gw.meta.namespace}")
+    secret = secrets.get((ns, ref.name))
+    if secret is None:
+        return None, Condition(RESOLVED_REFS, False, "InvalidCertificateRef", f"Secret {ns}/{ref.name} ({'kubernetes.io/tls'}) not found")
+    if secret.error:
+        return None, Condition(RESOLVED_REFS, False, "InvalidCertificateRef", f"Secret {ns}/{ref.name}: {secret.error}")
+    return secret, Condition(RESOLVED_REFS, True, "ResolvedRefs", "all references resolved")
+
+
+def _conflicts(listeners: list[_Lst]) -> None:
+    """Listeners of our Gateways that share a port: same protocol, distinct hostnames (first one wins:
+    oldest Gateway, then listener order); a conflicted listener serves nothing."""
+    by_port: dict[int, list[_Lst]] = {}
+    for entry in listeners:
+        if entry.conditions[0].status and entry.listener.port is not None:
+            by_port.setdefault(entry.listener.port, []).append(entry)
+    for entries in by_port.values():
+        protocol = entries[0].listener.protocol
+        hosts: dict[str, _Lst] = {}
+        for e in entries:
+            lst, conflict = e.listener, None
+            if lst.protocol != protocol:
+                conflict = Condition(CONFLICTED, True, "ProtocolConflict",
+                                     f"port {lst.port} is already served as {protocol} "
+                                     f"(Gateway {entries[0].gateway.meta.namespace}/{entries[0].gateway.meta.name})")
+            else:
+                host = lst.hostname or CATCH_ALL
+                owner = hosts.get(host)
+                if owner is not None:
+                    conflict = Condition(CONFLICTED, True, "HostnameConflict",
+                                         f"hostname {host!r} on port {lst.port} is already served by listener "
+                                         f"{owner.gateway.meta.namespace}/{owner.gateway.meta.name}/{owner.listener.name}")
+                else:
+                    hosts[host] = e
+            e.conditions.append(conflict or Condition(CONFLICTED, False, "NoConflicts", "no conflicts"))
+            if conflict is not None:
+                e.usable = False
+
+
+# -- routes -----------------------------------------------------------------------------------------
+
+
+@attrs.frozen(slots=True)
+class _Entry:
+    """One route match on one hostname of one listener, with its sort key."""
+
+    key: tuple[Any, ...]
+    route: t.Route
+
+
+def _http_key(m: RouteMatch) -> tuple[Any, ...]:
+    rank = {"Exact": 0, "RegularExpression": 1}.get(m.path_type, 2)
+    return (rank, -len(m.path), 0 if m.method else 1, -len(m.headers), -len(m.query))
+
+
+def _grpc_key(m: RouteMatch, hostname: str) -> tuple[Any, ...]:
+    plain = "" if hostname.startswith("*") else hostname
+    return (-len(plain), -len(hostname if hostname != CATCH_ALL else ""), -len(m.grpc_service), -len(m.grpc_method),
+            -len(m.headers))
+
+
+class _Resolver:
+    """Backend references -> :class:`table.Backend` (with the reason of the first that cannot be used)."""
+
+    def __init__(self, model: Model, grants: tuple[ReferenceGrant, ...]) -> None:
+        self.model = model
+        self.grants = grants
+
+    def backend(self, route: Route, ref: BackendRef) -> tuple[t.Backend, Condition | None]:
+        ns = ref.namespace or route.meta.namespace
+        port = ref.port or 0
+        bad = t.Backend(ns, ref.name, port, ref.weight)
+        if ref.group not in ("", "core") or ref.kind != "Service":
+            return bad, Condition(RESOLVED_REFS, False, "InvalidKind",
+                                  f"backendRef {ref.kind} {ref.name!r}: only core Services are supported")
+        if not _permitted(self.grants, GROUP, route.kind, route.meta.namespace, ns, "", "Service", ref.name):
+            return bad, Condition(RESOLVED_REFS, False, "RefNotPermitted",
+                                  f"Service {ns}/{ref.name}: no ReferenceGrant in {ns} allows {route.kind}s of {route.meta.namespace}")
+        svc: Service | None = self.model.services.get((ns, ref.name))
+        if svc is None:
+            return bad, Condition(RESOLVED_REFS, False, "BackendNotFound", f"Service {ns}/{ref.name} not found")
+        if ref.port is None:
+            return bad, Condition(RESOLVED_REFS, False, "BackendNotFound", f"backendRef {ns}/{ref.name} has no port")
+        sp = next((p for p in svc.ports if p.port == ref.port), None)
+        if sp is None:
+            return bad, Condition(RESOLVED_REFS, False, "BackendNotFound", f"Service {ns}/{ref.name} has no port {ref.port}")
+        return t.Backend(ns, ref.name, port, ref.weight, svc, sp), None
+
+
+def _header_changes(config: Mapping[str, Any], problems: list[str], what: str) -> t.HeaderChanges:
+    def pairs(key: str) -> tuple[tuple[str, str], ...]:
+        out = []
+        for item in config.get(key) or []:
+            name, value = (item or {}).get("name"), (item or {}).get("value")
+            if not isinstance(name, str) or not name or not isinstance(value, str) or any(c in value for c in "\r\n\0"):
+                problems.append(f"{what}.{key}: {item!r} needs a header name and a single-line value")
+                continue
+            out.append((name.lower(), value))
+        return tuple(out)
+
+    remove = tuple(str(n).lower() for n in (config.get("remove") or []) if isinstance(n, str) and n)
+    return t.HeaderChanges(pairs("set"), pairs("add"), remove)
+
+
+def _path_modifier(config: Any, first_match: RouteMatch | None, problems: list[str], what: str) -> tuple[str | None, str | None]:
+    if not config:
+        return None, None
+    typ = (config or {}).get("type")
+    if typ == "ReplaceFullPath":
+        value = config.get("replaceFullPath")
+    elif typ == "ReplacePrefixMatch":
+        value = config.get("replacePrefixMatch")
+        if first_match is None or first_match.path_type != "PathPrefix":
+            problems.append(f"{what}: ReplacePrefixMatch needs PathPrefix matches")
+            return None, None
+    else:
+        problems.append(f"{what}: path modifier type {typ!r} is not supported")
+        return None, None
+    if not isinstance(value, str) or not value.startswith("/"):
+        problems.append(f"{what}: path {value!r} is not an absolute path")
+        return None, None
+    return str(typ), value
+
+
+_HTTP_FILTERS = ("RequestHeaderModifier", "ResponseHeaderModifier", "RequestRedirect", "URLRewrite", "RequestMirror")
+_GRPC_FILTERS = ("RequestHeaderModifier", "ResponseHeaderModifier", "RequestMirror")
+
+
+def _rule_actions(route: Route, rule: Rule, resolver: _Resolver) -> tuple[dict[str, Any], list[str], list[Condition]]:
+    """The filters and backends of one rule as :class:`table.Route` fields; problems (the rule is not
+    programmed) and backend conditions (the rule is programmed, bad shares answer 500)."""
+    problems: list[str] = list(rule.problems)
+    refs: list[Condition] = []
+    fields: dict[str, Any] = {}
+    allowed = _GRPC_FILTERS if route.kind == GRPC_ROUTE else _HTTP_FILTERS
+    seen: set[str] = set()
+    mirrors: list[t.Mirror] = []
+    first = rule.matches[0] if rule.matches else None
+    for f in rule.filters:
+        if f.type not in allowed:
+            problems.append(f"filter {f.type or '(no type)'!r} is not supported on {route.kind}")
+            continue
+        if f.type in seen and f.type != "RequestMirror":
+            problems.append(f"filter {f.type} appears twice")
+            continue
+        seen.add(f.type)
+        _filter(f, first, fields, problems, resolver, route, refs, mirrors)
+    if "redirect" in fields and "rewrite" in fields:
+        problems.append("RequestRedirect and URLRewrite cannot be used together")
+    if any(b.unsupported for b in rule.backends):
+        problems.extend(sorted({b.unsupported for b in rule.backends if b.unsupported}))
+    backends = []
+    for ref in rule.backends:
+        backend, cond = resolver.backend(route, ref)
+        if cond is not None:
+            refs.append(cond)
+        if ref.weight > 0:
+            backends.append(backend)
+    fields["backends"] = tuple(backends) if "redirect" not in fields else ()
+    fields["mirrors"] = tuple(mirrors)
+    return fields, problems, refs
+
+
+def _filter(f: Filter, first: RouteMatch | None, fields: dict[str, Any], problems: list[str], resolver: _Resolver,
+            route: Route, refs: list[Condition], mirrors: list[t.Mirror]) -> None:
+    c = f.config
+    if f.type == "RequestHeaderModifier":
+        fields["request_headers"] = _header_changes(c, problems, f.type)
+    elif f.type == "ResponseHeaderModifier":
+        fields["response_headers"] = _header_changes(c, problems, f.type)
+    elif f.type == "RequestRedirect":
+        scheme, hostname, port, code = c.get("scheme"), c.get("hostname"), c.get("port"), c.get("statusCode", 302)
+        if scheme is not None and scheme not in ("http", "https"):
+            problems.append(f"RequestRedirect: scheme {scheme!r} is not http or https")
+        if hostname is not None and (not isinstance(hostname, str) or not valid_hostname(hostname.lower()) or "*" in hostname):
+            problems.append(f"RequestRedirect: hostname {hostname!r} is not a DNS name")
+        if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535):
+            problems.append(f"RequestRedirect: port {port!r} is not a port number")
+        if code not in (301, 302, 303, 307, 308):
+            problems.append(f"RequestRedirect: statusCode {code!r} is not one of 301, 302, 303, 307, 308")
+        path_type, path = _path_modifier(c.get("path"), first, problems, f.type)
+        fields["redirect"] = t.Redirect(scheme, hostname.lower() if isinstance(hostname, str) else None,
+                                        port if isinstance(port, int) else None,
+                                        code if isinstance(code, int) else 302, path_type, path)
+    elif f.type == "URLRewrite":
+        hostname = c.get("hostname")
+        if hostname is not None and (not isinstance(hostname, str) or not valid_hostname(hostname.lower()) or "*" in hostname):
+            problems.append(f"URLRewrite: hostname {hostname!r} is not a DNS name")
+        path_type, path = _path_modifier(c.get("path"), first, problems, f.type)
+        fields["rewrite"] = t.Rewrite(hostname.lower() if isinstance(hostname, str) else None, path_type, path)
+    elif f.type == "RequestMirror":
+        assert f.mirror is not None
+        percent = 100.0
+        if c.get("percent") is not None:
+            percent = float(c["percent"]) if isinstance(c["percent"], int) and 0 <= c["percent"] <= 100 else -1
+        elif isinstance(c.get("fraction"), Mapping):
+            num, den = c["fraction"].get("numerator"), c["fraction"].get("denominator", 100)
+            ok = isinstance(num, int) and isinstance(den, int) and den > 0 and 0 <= num <= den
+            percent = 100.0 * num / den if ok else -1
+        if percent < 0:
+            problems.append("RequestMirror: percent/fraction must be within 0-100 %")
+            return
+        backend, cond = resolver.backend(route, attrs.evolve(f.mirror, weight=1))
+        if cond is not None:
+            refs.append(cond)  # a mirror that cannot be used is left out (no copy is sent)
+            return
+        mirrors.append(t.Mirror(backend, percent))
+
+
+@attrs.define
+class _Attach:
+    """One route's attachment to one parentRef: the listeners it attached to and the conditions."""
+
+    listeners: list[_Lst] = attrs.field(factory=list)
+    accepted: Condition | None = None
+
+
+def _namespace_allowed(entry: _Lst, route: Route, namespaces: Mapping[tuple[str, str], Namespace]) -> bool:
+    lst, gw_ns = entry.listener, entry.gateway.meta.namespace
+    if lst.allowed_from == "All":
+        return True
+    if lst.allowed_from == "Selector":
+        ns = namespaces.get(("", route.meta.namespace))
+        labels = ns.labels if ns is not None else {"kubernetes.io/metadata.name": route.meta.namespace}
+        return lst.selector is not None and lst.selector.matches(labels)
+    return route.meta.namespace == gw_ns
+
+
+def _attach(route: Route, ref: ParentRef, gw: Gateway, listeners: list[_Lst],
+            namespaces: Mapping[tuple[str, str], Namespace]) -> _Attach:
+    out = _Attach()
+    candidates = [e for e in listeners if e.gateway is gw]
+    if ref.section_name is not None:
+        candidates = [e for e in candidates if e.listener.name == ref.section_name]
+    if ref.port is not None:
+        candidates = [e for e in candidates if e.listener.port == ref.port]
+    if not candidates:
+        what = " ".join(x for x in (f"sectionName {ref.section_name!r}" if ref.section_name else "",
+                                    f"port {ref.port}" if ref.port is not None else "") if x)
+        out.accepted = Condition(ACCEPTED, False, "NoMatchingParent", f"Gateway {gw.meta.namespace}/{gw.meta.name} has no listener with {what}")
+        return out
+    allowed = [e for e in candidates if route.kind in e.kinds and _namespace_allowed(e, route, namespaces)]
+    if not allowed:
+        out.accepted = Condition(ACCEPTED, False, "NotAllowedByListeners",
+                                 f"no listener of Gateway {gw.meta.namespace}/{gw.meta.name} allows {route.kind}s "
+                                 f"from namespace {route.meta.namespace}")
+        return out
+    out.listeners = [e for e in allowed if not route.hostnames or any(_intersects(e.listener.hostname, h) for h in route.hostnames)]
+    if not out.listeners:
+        out.accepted = Condition(ACCEPTED, False, "NoMatchingListenerHostname",
+                                 f"no hostname of the route intersects a listener hostname of Gateway {gw.meta.namespace}/{gw.meta.name}")
+        return out
+    out.accepted = Condition(ACCEPTED, True, "Accepted", "route accepted")
+    return out
+
+
+def _intersects(listener_host: str | None, host: str) -> bool:
+    lh = listener_host or CATCH_ALL
+    return host_matches(lh, host) or host_matches(host, lh)
+
+
+# -- the plan ---------------------------------------------------------------------------------------
+
+
+def _owner(port_listeners: list[_Lst], host: str) -> _Lst | None:
+    """The listener on one port that owns requests for ``host``: the most specific hostname covering it."""
+    covering = [e for e in port_listeners if host_matches(e.listener.hostname or CATCH_ALL, host)]
+    if not covering:
+        return None
+    return min(covering, key=lambda e: specificity(e.listener.hostname))
+
+
+def build(model: Model, options: argparse.Namespace) -> Plan:
+    """The plan of ``model`` (no memo: see :func:`plan`)."""
+    extra = model.extra
+    controller = controller_name(options)
+    ingress_port = int(ingress_option(options, "gateway_port"))
+    classes = (extra.get(GATEWAY_CLASS) or {}).values()
+    ours: dict[str, tuple[GatewayClass, tuple[Condition, ...]]] = {}
+    for gc in sorted(classes, key=lambda c: c.name):
+        if gc.controller != controller:
+            continue
+        if gc.has_parameters:
+            cond = Condition(ACCEPTED, False, "InvalidParameters", "parametersRef is not supported by this controller")
+        else:
+            cond = Condition(ACCEPTED, True, "Accepted", "GatewayClass accepted")
+        ours[gc.name] = (gc, (cond,))
+    grants: tuple[ReferenceGrant, ...] = tuple((extra.get(REFERENCE_GRANT) or {}).values())
+    secrets: Mapping[tuple[str, str], CertSecret] = extra.get(SECRET) or {}
+    namespaces: Mapping[tuple[str, str], Namespace] = extra.get(NAMESPACE) or {}
+    gateways = sorted((g for g in (extra.get(GATEWAY) or {}).values() if g.class_name in ours),
+                      key=lambda g: (g.meta.created, g.meta.namespace, g.meta.name))
+    # Listeners of served Gateways (a Gateway of a class we do not accept, or asking for addresses, serves nothing).
+    listeners: list[_Lst] = []
+    gw_problem: dict[int, Condition] = {}
+    for gw in gateways:
+        klass = ours[gw.class_name][1][0]
+        if not klass.status:
+            gw_problem[id(gw)] = Condition(ACCEPTED, False, "Invalid", f"GatewayClass {gw.class_name} is not accepted: {klass.message}")
+            continue
+        if gw.requested_addresses:
+            gw_problem[id(gw)] = Condition(ACCEPTED, False, "UnsupportedAddress",
+                                           "spec.addresses is not supported: the addresses are the gateway Service's")
+            continue
+        listeners.extend(_validate_listener(gw, lst, ingress_port, grants, secrets) for lst in gw.listeners)
+    _conflicts(listeners)
+    usable = [e for e in listeners if e.usable]
+    resolver = _Resolver(model, grants)
+    gateway_keys = {(g.meta.namespace, g.meta.name): g for g in gateways}
+
+    routes = sorted([r for kind in ROUTE_KINDS for r in (extra.get(kind) or {}).values()], key=lambda r: (r.age_key, r.kind))
+    attached_count: dict[int, int] = {}
+    route_status: list[tuple[Route, tuple[ParentStatus, ...]]] = []
+    # (port, listener id, hostname) -> entries
+    vhosts: dict[tuple[int, int, str], list[_Entry]] = {}
+    protocols: set[tuple[str, str, int | str, str]] = set()
+    for route in routes:
+        parents = []
+        mine = False
+        for ref in route.parent_refs:
+            if ref.group != GROUP or ref.kind != GATEWAY:
+                continue  # Service parents (GAMMA) and other kinds: not ours
+            gw = gateway_keys.get((ref.namespace or route.meta.namespace, ref.name))
+            if gw is None:
+                continue
+            mine = True
+            if id(gw) in gw_problem:
+                parents.append(ParentStatus(ref, (Condition(ACCEPTED, False, "NotAllowedByListeners",
+                                                            f"Gateway {gw.meta.namespace}/{gw.meta.name} is not accepted"),
+                                                  Condition(RESOLVED_REFS, True, "ResolvedRefs", "all references resolved"))))
+                continue
+            att = _attach(route, ref, gw, listeners, namespaces)
+            served = [e for e in att.listeners if e.usable]
+            accepted, resolved, programmed = _program_route(route, served, usable, resolver, vhosts, protocols)
+            if att.accepted is not None and att.accepted.status:
+                att.accepted = accepted or att.accepted
+                if att.accepted.status:
+                    for e in att.listeners:
+                        attached_count[id(e)] = attached_count.get(id(e), 0) + 1
+            assert att.accepted is not None
+            parents.append(ParentStatus(ref, (att.accepted, resolved)))
+        if mine or _has_our_entries(route, controller):
+            route_status.append((route, tuple(parents)))
+
+    table = _table(usable, vhosts)
+    statuses = tuple(_gateway_status(gw, [e for e in listeners if e.gateway is gw], attached_count, gw_problem.get(id(gw)))
+                     for gw in gateways)
+    return Plan(table, tuple(ours.values()), statuses, tuple(route_status), tuple(sorted(protocols, key=str)))
+
+
+def _has_our_entries(route: Route, controller: str) -> bool:
+    return any(p.get("controllerName") == controller for p in route.parents)
+
+
+def _program_route(route: Route, served: list[_Lst], usable: list[_Lst], resolver: _Resolver,
+                   vhosts: dict[tuple[int, int, str], list[_Entry]],
+                   protocols: set[tuple[str, str, int | str, str]]) -> tuple[Condition | None, Condition, bool]:
+    """Add the route's matches to the virtual hosts of the listeners it attached to; its Accepted
+    override (``UnsupportedValue``) and its ResolvedRefs condition."""
+    if route.problems:  # an invalid hostname: serving the rest could widen the route to every host
+        return (Condition(ACCEPTED, False, "UnsupportedValue", "; ".join(route.problems) + " (the route is not served)"),
+                Condition(RESOLVED_REFS, True, "ResolvedRefs", "all references resolved"), False)
+    problems: list[str] = []
+    ref_conds: list[Condition] = []
+    programmed = False
+    grpc = route.kind == GRPC_ROUTE
+    for ri, rule in enumerate(route.rules):
+        fields, rule_problems, conds = _rule_actions(route, rule, resolver)
+        ref_conds.extend(conds)
+        if rule_problems:
+            problems.extend(f"rule {ri}: {p}" for p in rule_problems)
+            continue
+        if not served:
+            continue
+        for b in (*fields["backends"], *(m.backend for m in fields["mirrors"])):
+            if b.service is not None and b.port is not None:
+                protocols.add((b.namespace, b.name, b.port_number, "grpc" if grpc else "http"))
+        for mi, m in enumerate(rule.matches):
+            source = f"{route.kind}/{route.meta.namespace}/{route.meta.name}/rule{ri}/match{mi}"
+            tm = t.Match(m.path_type, m.path, tuple(t.KeyMatch(k.name, k.value, k.type) for k in m.headers),
+                         tuple(t.KeyMatch(k.name, k.value, k.type) for k in m.query), m.method)
+            tr = t.Route(tm, timeout_ms=rule.timeout_ms, backend_timeout_ms=rule.backend_timeout_ms, grpc=grpc,
+                         source=source, **fields)
+            tie = (route.meta.created, f"{route.meta.namespace}/{route.meta.name}", ri, mi)
+            for e in served:
+                port_listeners = [u for u in usable if u.listener.port == e.listener.port]
+                for host in intersect(e.listener.hostname, route.hostnames):
+                    owner = _owner(port_listeners, host)
+                    if owner is not e:
+                        continue  # a more specific listener on this port owns these requests
+                    key = (_grpc_key(m, host) if grpc else _http_key(m)) + tie
+                    vhosts.setdefault((int(e.listener.port or 0), id(e), host), []).append(_Entry((1 if grpc else 0, key), tr))
+                    programmed = True
+    accepted = None
+    if problems:
+        accepted = Condition(ACCEPTED, False, "UnsupportedValue", "; ".join(problems) + " (those rules are not served)")
+    if ref_conds:
+        msg = "; ".join(dict.fromkeys(c.message for c in ref_conds))
+        resolved = Condition(RESOLVED_REFS, False, ref_conds[0].reason, msg)
+    else:
+        resolved = Condition(RESOLVED_REFS, True, "ResolvedRefs", "all references resolved")
+    return accepted, resolved, programmed
+
+
+def _table(usable: list[_Lst], vhosts: dict[tuple[int, int, str], list[_Entry]]) -> t.Table:
+    ports = []
+    for port in sorted({int(e.listener.port or 0) for e in usable}):
+        on_port = [e for e in usable if e.listener.port == port]
+        protocol = on_port[0].listener.protocol
+        chains = []
+        groups = [on_port] if protocol == "HTTP" else [[e] for e in sorted(on_port, key=lambda e: specificity(e.listener.hostname))]
+        for group in groups:
+            hosts: list[t.VirtualHost] = []
+            for e in group:
+                mine = {h: entries for (p, lid, h), entries in vhosts.items() if p == port and lid == id(e)}
+                own = e.listener.hostname or CATCH_ALL
+                mine.setdefault(own, [])  # the listener's own hostname answers (404) even without routes
+                for host in sorted(mine, key=lambda h: (specificity(h), h)):
+                    # Routes of broader hostnames on the same listener apply to this host too.
+                    entries = [x for h, xs in mine.items() if h != host and host_matches(h, host) for x in xs] + mine[host]
+                    entries.sort(key=lambda x: x.key)
+                    hosts.append(t.VirtualHost(host, tuple(x.route for x in entries)))
+            hosts.sort(key=lambda v: (specificity(v.hostname), v.hostname))
+            if protocol == "HTTP":
+                chains.append(t.Chain("http", tuple(hosts)))
+            else:
+                e = group[0]
+                assert e.secret is not None
+                name = f"https|{e.gateway.meta.namespace}/{e.gateway.meta.name}/{e.listener.name}"
+                chains.append(t.Chain(name, tuple(hosts), (e.listener.hostname,) if e.listener.hostname else (),
+                                      (e.secret.namespace, e.secret.name), e.secret.cert_pem, e.secret.key_pem))
+        ports.append(t.ServedPort(port, protocol, tuple(chains)))
+    return t.Table(tuple(ports))
+
+
+def _gateway_status(gw: Gateway, listeners: list[_Lst], attached: Mapping[int, int], problem: Condition | None) -> GatewayStatus:
+    if problem is not None:
+        conds = (problem, Condition(PROGRAMMED, False, "Invalid", problem.message))
+        return GatewayStatus(gw, conds, ())
+    out = []
+    for e in listeners:
+        accepted, resolved, conflicted = e.conditions[0], e.conditions[1], e.conditions[2] if len(e.conditions) > 2 else \
+            Condition(CONFLICTED, False, "NoConflicts", "no conflicts")
+        if e.usable:
+            programmed = Condition(PROGRAMMED, True, "Programmed", "listener programmed")
+        else:
+            why = next((c.message for c in (accepted, resolved) if not c.status), conflicted.message if conflicted.status else
+                       "no supported route kinds")
+            programmed = Condition(PROGRAMMED, False, "Invalid", why)
+        out.append(ListenerStatus(e.listener.name, e.kinds, attached.get(id(e), 0), (accepted, programmed, resolved, conflicted)))
+    valid = sum(1 for e in listeners if e.usable)
+    if gw.problems:
+        accepted = Condition(ACCEPTED, True if valid else False, "ListenersNotValid", "; ".join(gw.problems))
+    elif valid == len(listeners) and listeners:
+        accepted = Condition(ACCEPTED, True, "Accepted", "Gateway accepted")
+    elif valid:
+        accepted = Condition(ACCEPTED, True, "ListenersNotValid", f"{len(listeners) - valid} of {len(listeners)} listeners are not valid")
+    else:
+        accepted = Condition(ACCEPTED, False, "ListenersNotValid", "no listener is valid")
+    programmed = (Condition(PROGRAMMED, True, "Programmed", "served by the gateway proxies") if valid
+                  else Condition(PROGRAMMED, False, "Invalid", "no listener is valid"))
+    return GatewayStatus(gw, (accepted, programmed), tuple(out))
+
+
+# -- memo -------------------------------------------------------------------------------------------
+
+_KINDS = (GATEWAY_CLASS, GATEWAY, HTTP_ROUTE, GRPC_ROUTE, REFERENCE_GRANT, SECRET, NAMESPACE)
+_lock = threading.Lock()
+_memo: list[tuple[tuple[Any, ...], Plan]] = []
+
+
+def inputs(model: Model, options: argparse.Namespace) -> tuple[Any, ...]:
+    """What a plan is made of: our kinds' objects, the Services that routes name, the options it reads.
+    Compared by identity (objects) and value (option values)."""
+    objs: list[Any] = []
+    for kind in _KINDS:
+        table = model.extra.get(kind) or {}
+        objs.append(len(table))
+        objs.extend(table.values())
+    names = sorted({(b.namespace or r.meta.namespace, b.name)
+                    for kind in ROUTE_KINDS for r in (model.extra.get(kind) or {}).values()
+                    for rule in r.rules for b in (*rule.backends, *(f.mirror for f in rule.filters if f.mirror))})
+    objs.append(len(names))
+    objs.extend(model.services.get(k) for k in names)
+    objs.append((controller_name(options), int(ingress_option(options, "gateway_port"))))
+    return tuple(objs)
+
+
+def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    return len(a) == len(b) and all(x is y or (type(x) in (int, tuple) and x == y) for x, y in zip(a, b))
+
+
+def plan(model: Model, options: argparse.Namespace) -> Plan:
+    """:func:`build`, memoized on :func:`inputs` (a few recent plans, shared by the resource, protocol
+    and status hooks of one build)."""
+    key = inputs(model, options)
+    with _lock:
+        for k, p in _memo:
+            if _same(k, key):
+                return p
+    result = build(model, options)
+    with _lock:
+        _memo.insert(0, (key, result))
+        del _memo[4:]
+    return result
+
+
+def table(model: Model, options: argparse.Namespace) -> t.Table:
+    """The route table (memoized)."""
+    return plan(model, options).table
