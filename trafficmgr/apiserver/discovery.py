@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
@@ -21,6 +22,10 @@ class ResourceType:
     categories: tuple[str, ...] = ()
     subresources: tuple[str, ...] = ()
     has_status: bool = field(default=False)
+    #: a CustomResourceDefinition's ``names.singular`` (builtin kinds: the kind in lower case)
+    singular_name: str = ""
+    #: True for a kind a CustomResourceDefinition serves (see :mod:`.crds`)
+    custom: bool = False
 
     @property
     def key(self) -> str:
@@ -32,7 +37,7 @@ class ResourceType:
 
     @property
     def singular(self) -> str:
-        return self.kind.lower()
+        return self.singular_name or self.kind.lower()
 
     @property
     def list_kind(self) -> str:
@@ -63,6 +68,8 @@ RESOURCES: list[ResourceType] = [
     _rt("networking.k8s.io", "v1", "ingressclasses", "IngressClass", False),
     _rt("events.k8s.io", "v1", "events", "Event", True, ("ev",)),
     _rt("coordination.k8s.io", "v1", "leases", "Lease", True),
+    _rt("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition", False,
+        ("crd", "crds"), ("api-extensions",), ("status",)),
 ]
 
 BY_KEY: dict[str, ResourceType] = {r.key: r for r in RESOURCES}
@@ -122,17 +129,21 @@ def api_versions(server_address: str) -> dict:
     }
 
 
-def _served_group_versions() -> dict[str, list[str]]:
+def _served_group_versions(extra: Sequence[ResourceType] = ()) -> dict[str, list[str]]:
     out = {g: list(v) for g, v in GROUP_VERSIONS.items()}
     for group, version in VIRTUAL:
         if version not in out.setdefault(group, []):
             out[group].append(version)
+    for r in extra:  # custom resources: their CRD's versions, in the CRD's order of priority
+        if r.version not in out.setdefault(r.group, []):
+            out[r.group].append(r.version)
     return out
 
 
-def api_group_list() -> dict:
+def api_group_list(extra: Sequence[ResourceType] = ()) -> dict:
+    """APIGroupList of the builtin groups and those of ``extra`` (custom resource types)."""
     groups = []
-    for group, versions in _served_group_versions().items():
+    for group, versions in _served_group_versions(extra).items():
         if not group:
             continue
         gvs = [{"groupVersion": f"{group}/{v}", "version": v} for v in versions]
@@ -140,25 +151,25 @@ def api_group_list() -> dict:
     return {"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}
 
 
-def api_group(group: str) -> dict | None:
-    served = _served_group_versions()
+def api_group(group: str, extra: Sequence[ResourceType] = ()) -> dict | None:
+    served = _served_group_versions(extra)
     if group not in served or not group:
         return None
     gvs = [{"groupVersion": f"{group}/{v}", "version": v} for v in served[group]]
     return {"kind": "APIGroup", "apiVersion": "v1", "name": group, "versions": gvs, "preferredVersion": gvs[0]}
 
 
-def api_resource_list(group: str, version: str) -> dict | None:
-    """APIResourceList for ``group/version`` or None if not served."""
+def api_resource_list(group: str, version: str, extra: Sequence[ResourceType] = ()) -> dict | None:
+    """APIResourceList for ``group/version`` (builtin kinds and those of ``extra``) or None if not served."""
     gv = version if not group else f"{group}/{version}"
-    rts = [r for r in RESOURCES if r.group == group and r.version == version]
+    rts = [r for r in [*RESOURCES, *extra] if r.group == group and r.version == version]
     if not rts and (group, version) not in VIRTUAL:
         return None
     out = [dict(e) for e in VIRTUAL.get((group, version), [])]
     for r in rts:
         entry = {
             "name": r.plural, "singularName": r.singular, "namespaced": r.namespaced, "kind": r.kind,
-            "verbs": list(VERBS), "storageVersionHash": r.kind[:8],
+            "verbs": list(VERBS), "storageVersionHash": r.kind[:8] if not r.custom else r.key[:8],
         }
         if r.short_names:
             entry["shortNames"] = list(r.short_names)

@@ -6,11 +6,14 @@ metadata (merge keys / strategies) on the well-known lists.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from functools import cache
+from typing import Any
 
 from . import gnostic
+from .crds import Registry
 from .discovery import GROUP_VERSIONS, RESOURCES, ResourceType
 
 _QUERY_PARAMS = ["fieldValidation", "fieldManager", "dryRun", "force", "pretty"]
@@ -176,6 +179,9 @@ TOP_FIELDS: dict[str, dict[str, tuple[str, str]]] = {
                                "deprecatedLastTimestamp": ("core/v1 lastTimestamp", "string"),
                                "deprecatedSource": ("core/v1 source", _OPEN)},
     "coordination.k8s.io/v1/Lease": {"spec": ("holder and timing of the lease", _OPEN)},
+    "apiextensions.k8s.io/v1/CustomResourceDefinition": {
+        "spec": ("group, names, scope and versions (with schemas) of the custom resource", _OPEN),
+        "status": ("acceptedNames, conditions (Established, NamesAccepted), storedVersions", _OPEN)},
 }
 
 
@@ -262,18 +268,90 @@ def _op(rt: ResourceType, op_id: str, action: str, ref: str, body: bool, patch: 
     return op
 
 
+def _cached(custom: Registry | None, key: Any, build: Any) -> Any:
+    """``build()`` memoized on ``custom`` until its served types change (builtin documents: ``@cache``)."""
+    if custom is None:
+        return build()
+    cache_ = custom.cache
+    gen = custom.generation
+    if cache_.get("generation") != gen:
+        cache_.clear()
+        cache_["generation"] = gen
+    if key not in cache_:
+        cache_[key] = build()
+    return cache_[key]
+
+
+def _custom_name(rt: ResourceType) -> str:
+    """A custom kind's schema name, as kube-apiserver names it (``io.k8s.networking.gateway.v1.HTTPRoute``)."""
+    return ".".join(reversed(rt.group.split("."))) + f".{rt.version}.{rt.kind}"
+
+
+def _custom_schema(custom: Registry, rt: ResourceType, meta_ref: str, v2: bool = False) -> dict:
+    """A custom kind's schema: its CRD's ``openAPIV3Schema`` with apiVersion, kind and metadata typed (v2:
+    reduced to what Swagger 2.0 and gnostic carry)."""
+    ct = custom.custom(rt)
+    sch: dict[str, Any] = copy.deepcopy(ct.schema if ct else {"type": "object"})
+    if v2:
+        sch = _v2_schema(sch)
+    props = sch.setdefault("properties", {})
+    props["apiVersion"] = {"type": "string", "description": "versioned schema of this object"}
+    props["kind"] = {"type": "string", "description": "the kind of this object"}
+    props["metadata"] = ({"$ref": meta_ref, "description": "standard object metadata"} if v2 else
+                         {"allOf": [{"$ref": meta_ref}], "description": "standard object metadata"})
+    sch.setdefault("description", f"{rt.kind} ({rt.api_version}), a custom resource")
+    sch["x-kubernetes-group-version-kind"] = [_gvk(rt)]
+    return sch
+
+
+_V2_KEYS = {"type", "format", "description", "title", "maximum", "minimum", "required", "properties", "items",
+            "additionalProperties"}
+
+
+def _v2_schema(sch: Any) -> Any:
+    """Keep what Swagger 2.0 (as gnostic encodes it) carries: types, structure, descriptions, ``x-`` keys."""
+    if not isinstance(sch, dict):
+        return sch
+    out: dict = {}
+    for k, v in sch.items():
+        if k == "properties" and isinstance(v, dict):
+            out[k] = {n: _v2_schema(p) for n, p in v.items()}
+        elif k in ("items", "additionalProperties") and isinstance(v, dict):
+            out[k] = _v2_schema(v)
+        elif k == "additionalProperties" and isinstance(v, bool):
+            out[k] = v
+        elif k in _V2_KEYS - {"properties", "items", "additionalProperties"} or (
+                k.startswith("x-kubernetes-") and k != "x-kubernetes-validations"):
+            out[k] = v
+    if "x-kubernetes-int-or-string" in out:
+        out.pop("type", None)
+        out["format"] = "int-or-string"
+    return out
+
+
+def _custom_gv_document(custom: Registry, group: str, version: str) -> bytes | None:
+    rts = [r for r in custom.types() if r.group == group and r.version == version]
+    if not rts:
+        return None
+    return _gv_doc(rts, group, version, lambda rt: (_custom_name(rt), _custom_schema(
+        custom, rt, "#/components/schemas/" + _META)))
+
+
 @cache
 def gv_document(group: str, version: str) -> bytes | None:
-    """Encoded OpenAPI v3 document for one group/version, or None if not served."""
+    """Encoded OpenAPI v3 document for one builtin group/version, or None if not served."""
     rts = [r for r in RESOURCES if r.group == group and r.version == version]
     if not rts:
         return None
+    return _gv_doc(rts, group, version, lambda rt: (_schema_name(rt), _kind_schema(rt)))
+
+
+def _gv_doc(rts: list[ResourceType], group: str, version: str, schema_of: Any) -> bytes:
     paths: dict = {}
     schemas: dict = {_META: _object_meta()}
     base = "/" + _gv_path(group, version)
     for rt in rts:
-        name = _schema_name(rt)
-        schemas[name] = _kind_schema(rt)
+        name, schemas[name] = schema_of(rt)
         ref = f"#/components/schemas/{name}"
         ns = "/namespaces/{namespace}" if rt.namespaced else ""
         coll = f"{base}{ns}/{rt.plural}"
@@ -299,24 +377,43 @@ def gv_document(group: str, version: str) -> bytes | None:
 
 
 @cache
-def root_document() -> bytes:
-    """``/openapi/v3`` discovery: group/version paths with hashed serverRelativeURLs."""
+def _builtin_root_paths() -> dict:
     paths = {}
     for group, versions in GROUP_VERSIONS.items():
         for v in versions:
             p = _gv_path(group, v)
             digest = hashlib.sha512(gv_document(group, v) or b"").hexdigest()[:32].upper()
             paths[p] = {"serverRelativeURL": f"/openapi/v3/{p}?hash={digest}"}
-    return json.dumps({"paths": paths}).encode()
+    return paths
 
 
-def document_for_path(path: str) -> bytes | None:
+def root_document(custom: Registry | None = None) -> bytes:
+    """``/openapi/v3`` discovery: group/version paths with hashed serverRelativeURLs (builtin groups and
+    those of ``custom``'s established CRDs)."""
+    def build() -> bytes:
+        paths = dict(_builtin_root_paths())
+        for rt in custom.types() if custom is not None else []:
+            p = _gv_path(rt.group, rt.version)
+            if p in paths:
+                continue
+            doc = document_for_path(p, custom) or b""
+            digest = hashlib.sha512(doc).hexdigest()[:32].upper()
+            paths[p] = {"serverRelativeURL": f"/openapi/v3/{p}?hash={digest}"}
+        return json.dumps({"paths": paths}).encode()
+    return _cached(custom, "root", build)  # type: ignore[no-any-return]
+
+
+def document_for_path(path: str, custom: Registry | None = None) -> bytes | None:
     """Document for ``api/v1`` or ``apis/<group>/<version>``; None if unknown."""
     parts = path.strip("/").split("/")
     if len(parts) == 2 and parts[0] == "api":
         return gv_document("", parts[1])
     if len(parts) == 3 and parts[0] == "apis":
-        return gv_document(parts[1], parts[2])
+        doc = gv_document(parts[1], parts[2])
+        if doc is None and custom is not None:
+            return _cached(custom, ("gv", parts[1], parts[2]),  # type: ignore[no-any-return]
+                           lambda: _custom_gv_document(custom, parts[1], parts[2]))
+        return doc
     return None
 
 
@@ -354,13 +451,30 @@ def _v2_op(rt: ResourceType, op_id: str, action: str, ref: str, body: bool) -> d
 
 @cache
 def v2_document() -> dict:
-    """The whole API as one Swagger 2.0 document (what ``/openapi/v2`` serves)."""
+    """The whole builtin API as one Swagger 2.0 document (what ``/openapi/v2`` serves without CRDs)."""
+    return _v2_doc(RESOURCES, lambda rt: (_schema_name(rt), _v2_kind(rt)))
+
+
+def v2_document_with(custom: Registry) -> dict:
+    """The Swagger 2.0 document with ``custom``'s kinds added."""
+    def build() -> dict:
+        rts = custom.types()
+        if not rts:
+            return v2_document()
+        doc = _v2_doc(rts, lambda rt: (_custom_name(rt), _custom_schema(custom, rt, f"#/definitions/{_META}",
+                                                                          v2=True)))
+        base = v2_document()
+        return {**base, "paths": {**base["paths"], **doc["paths"]},
+                "definitions": {**base["definitions"], **doc["definitions"]}}
+    return _cached(custom, "v2", build)  # type: ignore[no-any-return]
+
+
+def _v2_doc(rts: list[ResourceType], schema_of: Any) -> dict:
     defs: dict = {_META: {"type": "object", "properties": _meta_fields(),
                           "description": "metadata every persisted object has"}}
     paths: dict = {}
-    for rt in RESOURCES:
-        name = _schema_name(rt)
-        defs[name] = _v2_kind(rt)
+    for rt in rts:
+        name, defs[name] = schema_of(rt)
         ref = f"#/definitions/{name}"
         base = "/" + _gv_path(rt.group, rt.version)
         ns = "/namespaces/{namespace}" if rt.namespaced else ""
@@ -393,13 +507,22 @@ def v2_protobuf() -> bytes:
     return gnostic.document(v2_document())
 
 
-def v2_for_accept(accept: str) -> tuple[bytes, str] | None:
+def v2_for_accept(accept: str, custom: Registry | None = None) -> tuple[bytes, str] | None:
     """``/openapi/v2`` body and content type for an ``Accept`` header: gnostic protobuf when asked for
-    (what kubectl asks for), else JSON; None (answer 406) when the header admits neither."""
+    (what kubectl asks for), else JSON; None (answer 406) when the header admits neither. ``custom``: the
+    store's CRDs, whose kinds are added."""
+    with_custom = custom is not None and bool(custom.types())
     ranges = [r.split(";")[0].strip().lower() for r in accept.split(",")] if accept.strip() else ["*/*"]
     for r in ranges:
         if r in (V2_PROTOBUF.lower(), V2_PROTOBUF_ALT.lower()):
+            if with_custom:
+                assert custom is not None
+                return _cached(custom, "v2pb", lambda: gnostic.document(v2_document_with(custom))), V2_PROTOBUF_ALT
             return v2_protobuf(), V2_PROTOBUF_ALT
         if r in ("application/json", "application/*", "*/*"):
+            if with_custom:
+                assert custom is not None
+                return _cached(custom, "v2json", lambda: json.dumps(v2_document_with(custom)).encode()), \
+                    "application/json"
             return v2_json(), "application/json"
     return None

@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
-from . import access, discovery, fieldmanager, openapi, podlogs, protobuf, tables, tokens
+from . import access, crds, discovery, fieldmanager, openapi, podlogs, protobuf, tables, tokens
 from .controllers import Controllers, PodRuntime
 from .discovery import BY_GVR, ResourceType
 from .errors import ApiError
@@ -51,9 +51,9 @@ class _Route:
         return self.name
 
 
-def _route(group: str, version: str, parts: list[str]) -> _Route:
+def _route(store: Store, group: str, version: str, parts: list[str]) -> _Route:
     def rt_of(plural: str) -> ResourceType:
-        rt = BY_GVR.get((group, version, plural))
+        rt = BY_GVR.get((group, version, plural)) or store.crds.by_gvr(group, version, plural)
         if rt is None:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         return rt
@@ -65,13 +65,16 @@ def _route(group: str, version: str, parts: list[str]) -> _Route:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         name = parts[3] if len(parts) > 3 else None
         sub = parts[4] if len(parts) > 4 else None
-        if len(parts) > 5:
+        if len(parts) > 5 or (rt.custom and sub is not None and sub not in rt.subresources):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         return _Route(rt, parts[1], name, sub)
     if not parts or len(parts) > 3:
         raise ApiError(404, "NotFound", "the server could not find the requested resource")
     rt = rt_of(parts[0])
-    return _Route(rt, None, parts[1] if len(parts) > 1 else None, parts[2] if len(parts) > 2 else None)
+    sub = parts[2] if len(parts) > 2 else None
+    if rt.custom and sub is not None and sub not in rt.subresources:
+        raise ApiError(404, "NotFound", "the server could not find the requested resource")
+    return _Route(rt, None, parts[1] if len(parts) > 1 else None, sub)
 
 
 def _scale_of(obj: dict) -> dict:
@@ -238,32 +241,33 @@ class _Handler(BaseHTTPRequestHandler):
             if url.path == "/version":
                 return self._send_obj(200, discovery.version_info())
             if parts == ["openapi", "v2"]:
-                v2 = openapi.v2_for_accept(self.headers.get("Accept", ""))
+                v2 = openapi.v2_for_accept(self.headers.get("Accept", ""), self.store.crds)
                 if v2 is None:
                     raise ApiError(406, "NotAcceptable", "only the following media types are accepted: "
                                    f"application/json, {openapi.V2_PROTOBUF}")
                 return self._send(200, *v2)
             if parts[:2] == ["openapi", "v3"]:
-                spec = openapi.root_document() if len(parts) == 2 else openapi.document_for_path("/".join(parts[2:]))
+                spec = (openapi.root_document(self.store.crds) if len(parts) == 2
+                        else openapi.document_for_path("/".join(parts[2:]), self.store.crds))
                 if spec is None:
                     raise ApiError(404, "NotFound", "the server could not find the requested resource")
                 return self._send(200, spec)
             if parts == ["api"]:
                 return self._send_obj(200, discovery.api_versions(self.server.host_port))
             if parts == ["apis"]:
-                return self._send_obj(200, discovery.api_group_list())
+                return self._send_obj(200, discovery.api_group_list(self.store.crds.types()))
             if len(parts) == 2 and parts[0] == "api":
-                doc = discovery.api_resource_list("", parts[1])
+                doc = discovery.api_resource_list("", parts[1], self.store.crds.types())
                 if doc is None:
                     raise ApiError(404, "NotFound", "the server could not find the requested resource")
                 return self._send_obj(200, doc)
             if len(parts) == 2 and parts[0] == "apis":
-                doc = discovery.api_group(parts[1])
+                doc = discovery.api_group(parts[1], self.store.crds.types())
                 if doc is None:
                     raise ApiError(404, "NotFound", "the server could not find the requested resource")
                 return self._send_obj(200, doc)
             if len(parts) == 3 and parts[0] == "apis":
-                doc = discovery.api_resource_list(parts[1], parts[2])
+                doc = discovery.api_resource_list(parts[1], parts[2], self.store.crds.types())
                 if doc is None:
                     raise ApiError(404, "NotFound", "the server could not find the requested resource")
                 return self._send_obj(200, doc)
@@ -271,9 +275,9 @@ class _Handler(BaseHTTPRequestHandler):
         if token_api is not None:
             return self._token_api(method, *token_api)
         if len(parts) >= 3 and parts[0] == "api":
-            route = _route("", parts[1], parts[2:])
+            route = _route(self.store, "", parts[1], parts[2:])
         elif len(parts) >= 4 and parts[0] == "apis":
-            route = _route(parts[1], parts[2], parts[3:])
+            route = _route(self.store, parts[1], parts[2], parts[3:])
         else:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         handler = getattr(self, f"_{method.lower()}_{'item' if route.name else 'collection'}", None)
@@ -282,12 +286,16 @@ class _Handler(BaseHTTPRequestHandler):
         if method not in _WRITES:
             return handler(route)
         manager = fieldmanager.manager_for(self.query.get("fieldManager"), self.headers.get("User-Agent"))
-        with fieldmanager.updating(manager, route.sub):  # the fields this write changes become manager's
-            handler(route)
+        with fieldmanager.updating(manager, route.sub), crds.field_validation(self.query.get("fieldValidation")):
+            handler(route)  # the fields this write changes become manager's
 
     @property
     def store(self) -> Store:
         return self.server.store
+
+    def _table(self, rt: ResourceType, objs: list[dict], rv: str, columns: bool = True) -> dict:
+        return tables.table(rt, objs, rv, self.query.get("includeObject", "Metadata"), columns,
+                            self.store.crds.table(rt, tables.human_age))
 
     def _wants_table(self) -> bool:
         accept = self.headers.get("Accept", "")
@@ -316,7 +324,7 @@ class _Handler(BaseHTTPRequestHandler):
         fields = parse_field_selector(self.query.get("fieldSelector"))
         items, rv = self.store.list_raw(r.rt, r.namespace, labels, fields)
         if self._wants_table():
-            return self._send_obj(200, tables.table(r.rt, items, rv, self.query.get("includeObject", "Metadata")))
+            return self._send_obj(200, self._table(r.rt, items, rv))
         self._send_obj(200, {"kind": r.rt.list_kind, "apiVersion": r.rt.api_version,
                              "metadata": {"resourceVersion": rv}, "items": items})
 
@@ -356,8 +364,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._check_scale(r)
             return self._send_obj(200, _scale_of(obj))
         if self._wants_table() and r.sub is None:
-            return self._send_obj(200, tables.table(r.rt, [obj], obj["metadata"]["resourceVersion"],
-                                                    self.query.get("includeObject", "Metadata")))
+            return self._send_obj(200, self._table(r.rt, [obj], obj["metadata"]["resourceVersion"]))
         self._send_obj(200, obj)
 
     def _pod_log(self, r: _Route) -> None:
@@ -442,6 +449,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._set_replicas(r, new)
         if r.sub not in (None, "status"):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        if ctype == PATCH_STRATEGIC and r.rt.custom:  # as kube-apiserver: custom resources have no patch strategy
+            raise ApiError(415, "UnsupportedMediaType", "the body of the request was in an unknown format - accepted "
+                           f"media types include: {PATCH_JSON}, {PATCH_MERGE}, {PATCH_APPLY}")
         if ctype == PATCH_APPLY and r.sub is None:  # server-side apply with field ownership
             code, obj = fieldmanager.apply(self.store, r.rt, r.item, r.namespace, body,
                                            self.query.get("fieldManager"), self.query.get("force") in _TRUE,
@@ -521,8 +531,7 @@ class _Handler(BaseHTTPRequestHandler):
                     return
                 etype, obj = item
                 if table:
-                    obj = tables.table(r.rt, [obj], obj["metadata"]["resourceVersion"],
-                                       q.get("includeObject", "Metadata"), columns=first)
+                    obj = self._table(r.rt, [obj], obj["metadata"]["resourceVersion"], columns=first)
                     first = False
                 self._chunk(_encode({"type": etype, "object": obj}) + b"\n")
             self._chunk(b"")

@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from . import crds as _crds
 from . import patch as _patch
 from .discovery import BY_GVK, BY_KEY, RESOURCES, ResourceType, resolve
 from .errors import ApiError
@@ -161,20 +162,34 @@ class Watcher:
                     log.warning("watch closer %r failed", fn, exc_info=True)
 
 
-def _rt_for(resource: str | ResourceType | None, obj: dict | None = None) -> ResourceType:
+def _rt_for(resource: str | ResourceType | None, obj: dict | None = None,
+            custom: _crds.Registry | None = None) -> ResourceType:
     if isinstance(resource, ResourceType):
         return resource
     if resource:
         try:
             return resolve(resource)
         except KeyError:
+            found = custom.resolve(resource) if custom is not None else None
+            if found is not None:
+                return found
             raise ApiError(404, "NotFound", f"the server could not find the requested resource ({resource})") from None
     if obj is not None:
         key = (obj.get("apiVersion", ""), obj.get("kind", ""))
         if key in BY_GVK:
             return BY_GVK[key]
+        found = custom.by_gvk(*key) if custom is not None else None
+        if found is not None:
+            return found
         raise ApiError.bad_request(f"no kind {key[1]!r} is registered for version {key[0]!r}")
     raise ApiError.bad_request("resource or object kind required")
+
+
+def _view(rt: ResourceType, obj: dict) -> dict:
+    """A custom resource as read at ``rt``'s version (all versions of a CRD share storage; conversion None)."""
+    if rt.custom and obj.get("apiVersion") != rt.api_version:
+        return {**obj, "apiVersion": rt.api_version}
+    return obj
 
 
 class Store:
@@ -205,8 +220,26 @@ class Store:
         self.credentials: Any = None
         # The tokens.TokenAuthority of those servers (its token-signing key), made on first use: a restart keeps it.
         self.tokens: Any = None
+        # The kinds CustomResourceDefinitions serve on this store (see crds.py); their buckets are made
+        # when a CRD is established and kept (empty) after it is deleted.
+        self.crds = _crds.Registry()
         for ns in namespaces:
             self.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+
+    def _rt_for(self, resource: str | ResourceType | None, obj: dict | None = None) -> ResourceType:
+        return _rt_for(resource, obj, self.crds)
+
+    def resource_type(self, resource: str) -> ResourceType:
+        """The served type a plural, ``plural.group``, kind, short name or ``apiVersion/Kind`` names
+        (builtin or custom); ApiError 404 when none."""
+        return self._rt_for(resource)
+
+    def resource_types(self) -> builtins.list[ResourceType]:
+        """Every served type: the builtin ones, then those of established CustomResourceDefinitions."""
+        return [*RESOURCES, *self.crds.types()]
+
+    def _type_by_key(self, key: str) -> ResourceType | None:
+        return BY_KEY.get(key) or next((r for r in self.crds.types() if r.key == key), None)
 
     @property
     def lock(self) -> threading.RLock:
@@ -239,13 +272,13 @@ class Store:
 
     def get_raw(self, resource: str | ResourceType, name: str, namespace: str | None = None) -> dict:
         """Like ``get`` but returns the stored dict itself (must not be mutated)."""
-        rt = _rt_for(resource)
+        rt = self._rt_for(resource)
         ns = (namespace or "default") if rt.namespaced else ""
         with self._lock:
-            obj = self._objects[rt.key].get((ns, name))
+            obj = self._objects.get(rt.key, {}).get((ns, name))
         if obj is None:
             raise ApiError.not_found(rt, name)
-        return core_to_events_v1(obj) if rt is EVENTS_V1 else obj
+        return core_to_events_v1(obj) if rt is EVENTS_V1 else _view(rt, obj)
 
     def list(self, resource: str | ResourceType, namespace: str | None = None,
              label_selector: str | None = None, field_selector: str | None = None,
@@ -254,7 +287,7 @@ class Store:
 
         ``namespace=None`` lists across all namespaces. Items are sorted by namespace/name.
         """
-        rt = _rt_for(resource)
+        rt = self._rt_for(resource)
         items, rv = self.list_raw(rt, namespace, parse_label_selector(label_selector),
                                   parse_field_selector(field_selector))
         if copy_items:
@@ -266,7 +299,7 @@ class Store:
                  fields: FieldMatcher | None = None) -> tuple[builtins.list[dict], str]:
         """Stored (uncopied) matching objects and the list resourceVersion."""
         with self._lock:
-            bucket = self._objects[rt.key]
+            bucket = self._objects.get(rt.key, {})
             rv = str(self._rv)
             if namespace and rt.namespaced:
                 objs = [o for (ns, _), o in bucket.items() if ns == namespace]
@@ -275,6 +308,8 @@ class Store:
         objs.sort(key=lambda o: (o["metadata"].get("namespace", ""), o["metadata"]["name"]))
         if rt is EVENTS_V1:
             objs = [core_to_events_v1(o) for o in objs]
+        elif rt.custom:
+            objs = [_view(rt, o) for o in objs]
         if labels:
             objs = [o for o in objs if labels(o["metadata"].get("labels") or {})]
         if fields:
@@ -282,7 +317,7 @@ class Store:
         return objs, rv
 
     def count(self, resource: str | ResourceType) -> int:
-        rt = _rt_for(resource)
+        rt = self._rt_for(resource)
         with self._lock:
             return len(self._objects[rt.key])
 
@@ -296,7 +331,7 @@ class Store:
         (default ``default`` for namespaced kinds). 409 AlreadyExists, 404 if the namespace is missing.
         Returns a copy of the stored object.
         """
-        rt = _rt_for(resource, obj)
+        rt = self._rt_for(resource, obj)
         if rt is EVENTS_V1:
             return core_to_events_v1(self.create(events_v1_to_core(obj), namespace, EVENTS_CORE, dry_run))
         obj = copy.deepcopy(obj)
@@ -329,6 +364,7 @@ class Store:
             if rt.kind in _GENERATION_KINDS:
                 md["generation"] = 1
             self._defaults(rt, obj)
+            self.crds.prepare(rt, obj, None)
             for fn in self._admission:
                 fn(rt, obj, None)
             if dry_run:
@@ -343,7 +379,7 @@ class Store:
         ``subresource="status"`` replaces only ``status``; a main-resource update of a kind with a
         status subresource keeps the stored status. Bumps ``generation`` when ``spec`` changes.
         """
-        rt = _rt_for(resource, obj)
+        rt = self._rt_for(resource, obj)
         if rt is EVENTS_V1:
             return core_to_events_v1(self.update(events_v1_to_core(obj), namespace, EVENTS_CORE, subresource,
                                                  dry_run))
@@ -371,6 +407,7 @@ class Store:
             else:
                 new.pop("status", None)
             new["metadata"] = dict(omd)
+            self.crds.prepare(rt, new, old, "status")
         else:
             new = obj
             new["apiVersion"], new["kind"] = rt.api_version, rt.kind
@@ -391,6 +428,7 @@ class Store:
             if new.get("spec") != old.get("spec") and "generation" in omd:
                 md["generation"] = omd["generation"] + 1
             self._defaults(rt, new)
+            self.crds.prepare(rt, new, old)
             for fn in self._admission:
                 fn(rt, new, old)
         new["metadata"].pop("resourceVersion", None)
@@ -413,7 +451,7 @@ class Store:
         ``body`` is the decoded patch (list for JSON patch, dict otherwise). ``apply`` creates the
         object when absent (server-side apply). Returns a copy of the result.
         """
-        rt = _rt_for(resource)
+        rt = self._rt_for(resource)
         ptype = _PATCH_ALIASES.get(patch_type, patch_type)
         ns = (namespace or "default") if rt.namespaced else ""
         with self._lock:
@@ -468,7 +506,7 @@ class Store:
         """Server-side apply (simplified): create when absent, else strategic-merge ``obj`` into it and
         drop fields this ``field_manager`` applied before but omits now. ``force`` is accepted for
         API symmetry; conflicts between managers are never reported."""
-        rt = _rt_for(None, obj)
+        rt = self._rt_for(None, obj)
         md = obj.get("metadata") or {}
         return self.patch(rt, md["name"], obj, namespace=namespace or md.get("namespace"),
                           patch_type=PATCH_APPLY, field_manager=field_manager)
@@ -479,7 +517,7 @@ class Store:
 
         Returns the last state of the deleted object; 404 when absent.
         """
-        rt = _rt_for(resource)
+        rt = self._rt_for(resource)
         ns = (namespace or "default") if rt.namespaced else ""
         with self._lock:
             old = self._objects[rt.key].get((ns, name))
@@ -495,7 +533,7 @@ class Store:
     def delete_collection(self, resource: str | ResourceType, namespace: str | None = None,
                           label_selector: str | None = None, field_selector: str | None = None) -> builtins.list[dict]:
         """Delete every matching object; returns copies of the deleted objects."""
-        rt = _rt_for(resource)
+        rt = self._rt_for(resource)
         with self._lock:
             items, _ = self.list_raw(rt, namespace, parse_label_selector(label_selector),
                                      parse_field_selector(field_selector))
@@ -511,11 +549,17 @@ class Store:
         key = (md.get("namespace", ""), md["name"])
         if key not in self._objects[rt.key]:
             return
+        if rt.key == _crds.CRD.key:  # its custom resources go first, as the CRD's cleanup finalizer does
+            for crt in self.crds.types_of(md["name"])[:1]:
+                for child in list(self._objects.get(crt.key, {}).values()):
+                    self._delete_cascade(crt, child)
         self._commit(rt, "DELETED", obj, None)
         if rt.key == "namespaces":
-            for other in RESOURCES:
-                if other.namespaced:
-                    for (ons, _), child in list(self._objects[other.key].items()):
+            done: set[str] = set()
+            for other in self.resource_types():
+                if other.namespaced and other.key not in done:
+                    done.add(other.key)
+                    for (ons, _), child in list(self._objects.get(other.key, {}).items()):
                         if ons == md["name"]:
                             self._delete_cascade(other, child)
         for dkey, dns, dname in list(self._dependents.pop(md["uid"], ())):
@@ -523,8 +567,9 @@ class Store:
             if dependent is None:
                 continue
             owners = [r.get("uid") for r in dependent["metadata"].get("ownerReferences") or []]
-            if all(not self._uid_alive(u) for u in owners):
-                self._delete_cascade(BY_KEY[dkey], dependent)
+            dep_rt = self._type_by_key(dkey)
+            if dep_rt is not None and all(not self._uid_alive(u) for u in owners):
+                self._delete_cascade(dep_rt, dependent)
 
     def _uid_alive(self, uid: str | None) -> bool:
         return bool(uid) and uid in self._uids
@@ -539,15 +584,17 @@ class Store:
         Raises ApiError 410 Expired when rv is older than the history window. Call ``stop_watch``
         (or ``Watcher.close``) when done.
         """
-        rt = _rt_for(resource)
+        rt = self._rt_for(resource)
         w = Watcher(rt, namespace if rt.namespaced else None, parse_label_selector(label_selector),
                     parse_field_selector(field_selector))
         storage_rt = EVENTS_CORE if rt is EVENTS_V1 else rt
         if rt is EVENTS_V1:
             w.convert = core_to_events_v1
+        elif rt.custom:
+            w.convert = lambda o: _view(rt, o)
         with self._lock:
             if resource_version in (None, "", "0"):
-                for obj in self._objects[rt.key].values():
+                for obj in self._objects.get(rt.key, {}).values():
                     if w.convert is not None:
                         obj = w.convert(obj)
                     if w.matches(obj):
@@ -560,14 +607,14 @@ class Store:
                 if rv < self._window_start:
                     raise ApiError.expired(f"too old resource version: {rv} ({self._window_start + 1})")
                 for ev in self._history:
-                    if ev.rv > rv and ev.rt is storage_rt:
+                    if ev.rv > rv and ev.rt.key == storage_rt.key:
                         w.offer(ev)
-            self._watchers[rt.key].add(w)
+            self._watchers.setdefault(rt.key, set()).add(w)
         return w
 
     def stop_watch(self, w: Watcher) -> None:
         with self._lock:
-            self._watchers[w.rt.key].discard(w)
+            self._watchers.get(w.rt.key, set()).discard(w)
         w.close()
 
     def watchers(self) -> builtins.list[Watcher]:
@@ -609,6 +656,16 @@ class Store:
                 if ref.get("uid"):
                     self._dependents.setdefault(ref["uid"], set()).add((rt.key, key[0], key[1]))
         ev = WatchEvent(type, self._rv, rt, obj, old)
+        if rt.key == _crds.CRD.key:
+            added, removed = self.crds.committed(type, obj)
+            for crt in added:
+                self._objects.setdefault(crt.key, {})
+                self._watchers.setdefault(crt.key, set())
+            if type == "DELETED":  # watches on the CRD's kinds end (their clients relist and get 404)
+                for crt in removed:
+                    for w in list(self._watchers.get(crt.key, ())):
+                        self._watchers[crt.key].discard(w)
+                        w.close()
         if len(self._history) == self._history.maxlen:
             self._window_start = self._history[0].rv
         self._history.append(ev)

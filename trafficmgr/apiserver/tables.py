@@ -202,6 +202,9 @@ TABLES: dict[str, tuple[list[Column], Row]] = {
     "namespaces": ([("Name", S, 0), ("Status", S, 0), ("Age", S, 0)],
                    lambda o: [o["metadata"]["name"], (o.get("status") or {}).get("phase", "Active"), _age(o)]),
     "nodes": ([("Name", S, 0), ("Status", S, 0), ("Roles", S, 0), ("Age", S, 0), ("Version", S, 0)], _node_row),
+    "customresourcedefinitions.apiextensions.k8s.io": (
+        [("Name", S, 0), ("Created At", "date", 0)],
+        lambda o: [o["metadata"]["name"], o["metadata"].get("creationTimestamp", "")]),
 }
 _DEFAULT: tuple[list[Column], Row] = ([("Name", S, 0), ("Age", S, 0)], lambda o: [o["metadata"]["name"], _age(o)])
 
@@ -211,9 +214,10 @@ def _partial(o: dict) -> dict:
 
 
 def table(rt: ResourceType, objs: list[dict], resource_version: str, include_object: str = "Metadata",
-          columns: bool = True) -> dict:
-    """Render ``objs`` as a Table; ``include_object`` is ``None``, ``Metadata`` or ``Object``."""
-    cols, row_fn = TABLES.get(rt.key, _DEFAULT)
+          columns: bool = True, spec: tuple[list[Column], Row] | None = None) -> dict:
+    """Render ``objs`` as a Table; ``include_object`` is ``None``, ``Metadata`` or ``Object``; ``spec``:
+    the columns and row function of a kind without an entry in ``TABLES`` (a custom resource's)."""
+    cols, row_fn = spec or TABLES.get(rt.key, _DEFAULT)
     rows = []
     for o in objs:
         row: dict = {"cells": row_fn(o)}
