@@ -157,11 +157,12 @@ def resources(table: Table, ctx: BuildContext) -> list[Resource]:
     out: list[Resource] = []
     secrets: dict[str, Resource] = {}
     seen_ports: set[int] = set()
-    for sp in table.ports:
+    for sp in table.ports:  # all checked before anything is built
         if sp.port in seen_ports:
             raise ValueError(f"gateway_api table: port {sp.port} listed twice")
         seen_ports.add(sp.port)
         _check_port(sp)
+    for sp in table.ports:
         lst = listener(sp, ctx)
         rcs = [route_configuration(sp, chain, ctx) for chain in sp.chains]
         refs = [(RDS, rc.name) for rc in rcs]
