@@ -127,9 +127,11 @@ def trafficmgr_port_protocols(model: Model, options: argparse.Namespace) -> list
     Call style: contribute; errors are isolated, last good: the plugin's previous protocols are used again
     (ports it made ``http`` stay routed). Called on every build: keep it cheap.
 
-    ``port`` is a service port number or name; ``protocol`` is ``http``, ``tcp`` or ``direct``. An
+    ``port`` is a service port number or name; ``protocol`` is one of ``PROTOCOLS``: ``http``, ``http2``
+    or ``grpc`` (routed per request; ``http2``/``grpc`` upstreams speak HTTP/2), ``tcp`` or ``direct``. An
     explicit ``traffic.port.<port>`` label on the Service wins. (The ingress plugin uses this so that
-    backends of an Ingress count as ``http`` without any label.)
+    backends of an Ingress count as ``http`` without any label; the gateway_api plugin declares
+    GRPCRoute backends ``grpc``.)
     """
 
 

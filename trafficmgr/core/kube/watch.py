@@ -21,7 +21,9 @@ Sink = Callable[[str, Kind, Any], None]
 
 
 class Watcher(threading.Thread):
-    """Keeps one kind in sync. ``synced`` is set after the first successful list."""
+    """Keeps one kind in sync. ``synced`` is set after the first successful list, or the first list the
+    API server answers 404 (a kind it does not serve: no objects; listed again every ``not_served_retry``
+    seconds)."""
 
     def __init__(
         self,
@@ -33,6 +35,7 @@ class Watcher(threading.Thread):
         label_selector: str = "",
         watch_timeout: float = 300.0,
         max_backoff: float = 10.0,
+        not_served_retry: float = 30.0,
     ) -> None:
         super().__init__(name=f"watch-{kind.plural}", daemon=True)
         self.client = client
@@ -51,6 +54,9 @@ class Watcher(threading.Thread):
         self.resource_version = ""
         self.relists = 0
         self._down_since: float | None = None
+        #: True while a list answered 404 (the kind is not served: e.g. a CRD not installed).
+        self.not_served = False
+        self.not_served_retry = not_served_retry
 
     def stop(self) -> None:
         self._stop.set()
@@ -66,6 +72,12 @@ class Watcher(threading.Thread):
             except _Expired:
                 log.info("%s: resourceVersion %s expired, relisting", self.kind.plural, self.resource_version)
                 self.resource_version = ""
+            except _NotServed:
+                # The API server does not serve this kind (a plugin's CustomResourceDefinition is not
+                # installed): it has no objects, which must not keep the control plane from being ready.
+                # Listed again every ``not_served_retry`` seconds, so installing the CRD later is noticed.
+                self.resource_version = ""
+                self._stop.wait(self.not_served_retry)
             except Exception as exc:  # noqa: BLE001 - any failure means: wait, then reconnect
                 if self._stop.is_set():
                     return
@@ -89,7 +101,23 @@ class Watcher(threading.Thread):
             self._down_since = None
 
     def _list(self) -> None:
-        data = self.client.list(self.path, dict(self.selectors))
+        try:
+            data = self.client.list(self.path, dict(self.selectors))
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            self._recovered()
+            if not self.not_served:
+                log.warning("%s: not served by the Kubernetes API (%s; is its CustomResourceDefinition installed?): "
+                            "taken as having no objects, listed again every %.0fs", self.kind.plural, self.path,
+                            self.not_served_retry)
+            self.not_served = True
+            self.sink("RELIST", self.kind, [])
+            self.synced.set()
+            raise _NotServed() from None
+        if self.not_served:
+            log.warning("%s: now served by the Kubernetes API", self.kind.plural)
+            self.not_served = False
         self._recovered()
         self.resource_version = data.get("metadata", {}).get("resourceVersion", "")
         items = data.get("items", [])
@@ -126,10 +154,16 @@ class Watcher(threading.Thread):
         except ApiException as exc:
             if exc.status == 410:
                 raise _Expired() from None
+            if exc.status == 404:  # the kind stopped being served (its CRD was deleted): list again
+                self.resource_version = ""
             raise
 
 
 class _Expired(Exception):
+    pass
+
+
+class _NotServed(Exception):
     pass
 
 
