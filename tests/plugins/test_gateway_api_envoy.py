@@ -1,7 +1,8 @@
 """gateway_api translation through a real gateway Envoy: a hand-made route table (``gateway_api_tables.py``)
 built by the real builder (with the ingress and circuit_breaker plugins), served over xDS from the real
 snapshot cache to an Envoy with node cluster ``traffic-ingress``; requests from Python's HTTP, TLS and
-gRPC clients to real backends (HttpBackend, the gRPC echo app) on a random 127.x.y.0/24 block.
+gRPC clients to real backends (HttpBackend, the gRPC echo app) on a random 127.x.y.0/24 block. Every test
+runs over state-of-the-world and incremental (delta) xDS.
 """
 
 from __future__ import annotations
@@ -88,8 +89,8 @@ def _block() -> tuple[int, int]:
     raise RuntimeError("no usable 127.x.y.0/24 block")
 
 
-@pytest.fixture(scope="module")
-def rig(envoy_binary: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+@pytest.fixture(scope="module", params=["sotw", "delta"])
+def rig(request: pytest.FixtureRequest, envoy_binary: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     tmp = tmp_path_factory.mktemp("gwapi")
     b0, b1 = _block()
     names = (*T.SERVICES, T.GRPC_SERVICE)
@@ -117,7 +118,7 @@ def rig(envoy_binary: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         assert warnings == [] and snaps["gateway"].errors() == []
         cp.nodes[NODE] = "gateway"
         cp.cache.set_view("gateway", snaps["gateway"])
-        envoy = EnvoyProcess(cp.bootstrap(NODE, GATEWAY_CLUSTER), tmp / "envoy").start()
+        envoy = EnvoyProcess(cp.bootstrap(NODE, GATEWAY_CLUSTER, delta=request.param == "delta"), tmp / "envoy").start()
         r = Rig(cp, envoy, http_port, https_port, backends, str(ca.cert_path), serials, snaps["gateway"])
         envoy.wait_for(lambda: r.served("/") == "web", message="gateway_api listener not serving")
         yield r
