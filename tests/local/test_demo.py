@@ -102,11 +102,13 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     _require("kubectl")
     state = tmp_path_factory.mktemp("demo") / "state"
     a, b = random.randrange(100, 200), random.randrange(0, 255)
-    ports = {name: free_port() for name in ("http", "https", "admin", "xds", "serve_admin", "zipkin", "api")}
+    ports = {name: free_port() for name in ("http", "https", "admin", "xds", "serve_admin", "zipkin", "api",
+                                            "gateway_api")}
     argv = [sys.executable, "-m", "trafficmgr", "demo", "--state-dir", str(state),
             "--http-port", str(ports["http"]), "--https-port", str(ports["https"]), "--admin-port", str(ports["admin"]),
             "--xds-port", str(ports["xds"]), "--serve-admin-port", str(ports["serve_admin"]),
             "--zipkin-port", str(ports["zipkin"]), "--api-port", str(ports["api"]),
+            "--gateway-api-port", str(ports["gateway_api"]),
             "--pod-cidr", f"127.{a}.{b}.0/24", "--service-cidr", f"127.{a}.{b + 1}.0/24"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     d = Demo(proc, state.resolve(), ports, f"127.{a}.{b}.")
@@ -169,6 +171,22 @@ def test_ready_line_and_pods(demo: Demo) -> None:
     assert all(p["status"]["phase"] == "Running" for p in pods)
     assert set(demo.kubectl("get", "svc", "-o", "name").split()) >= {
         "service/productpage", "service/details", "service/ratings", "service/reviews"}
+
+
+def test_gateway_api_objects(demo: Demo) -> None:
+    """The Gateway API CRDs are established before anything else, with the class and Gateway of the demo."""
+    crds = {c["metadata"]["name"]: c for c in json.loads(demo.kubectl("get", "crd", "-o", "json"))["items"]}
+    assert set(crds) >= {f"{p}.gateway.networking.k8s.io" for p in
+                         ("gatewayclasses", "gateways", "httproutes", "grpcroutes", "referencegrants")}
+    assert all(any(c["type"] == "Established" and c["status"] == "True" for c in crd["status"]["conditions"])
+               for crd in crds.values())
+    gc = json.loads(demo.kubectl("get", "gatewayclass", "traffic", "-o", "json"))
+    assert gc["spec"]["controllerName"] == "trafficmgr.io/gateway-controller"
+    gw = json.loads(demo.kubectl("get", "gateway", "traffic", "-n", "default", "-o", "json"))
+    assert gw["spec"]["gatewayClassName"] == "traffic"
+    assert gw["spec"]["listeners"] == [{"name": "http", "protocol": "HTTP", "port": demo.ports["gateway_api"],
+                                        "allowedRoutes": {"namespaces": {"from": "Same"}}}]
+    assert "httproutes" in demo.kubectl("api-resources", "--api-group=gateway.networking.k8s.io")
 
 
 def test_gateway_serves_bookinfo(demo: Demo) -> None:

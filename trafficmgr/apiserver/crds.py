@@ -36,14 +36,39 @@ import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import attrs
+import yaml
 
 from .discovery import BY_KEY, ResourceType
 from .errors import ApiError
 
 CRD = BY_KEY["customresourcedefinitions.apiextensions.k8s.io"]
+
+#: The Gateway API CRDs the project ships (package data; standard channel, written for the fields it reads).
+GATEWAY_API_CRDS = Path(__file__).resolve().parent.parent / "plugins" / "gateway_api" / "crds"
+
+
+def load_manifests(directory: Path) -> list[dict]:
+    """The objects of every ``*.yaml`` in ``directory`` (sorted by file name); OSError when unreadable,
+    ValueError for invalid YAML, a document that is not an object or no manifest at all."""
+    out: list[dict] = []
+    for path in sorted(directory.glob("*.yaml")):
+        try:
+            docs = list(yaml.safe_load_all(path.read_text()))
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        for doc in docs:
+            if doc is None:
+                continue
+            if not isinstance(doc, dict):
+                raise ValueError(f"{path}: a document is not an object")
+            out.append(doc)
+    if not out:
+        raise ValueError(f"no manifests in {directory}")
+    return out
 
 #: fieldValidation of the HTTP write this thread handles (Strict: unknown fields are a 400).
 _VALIDATION: contextvars.ContextVar[str] = contextvars.ContextVar("field_validation", default="")
@@ -570,4 +595,5 @@ def _types_of(crd: dict, previous: dict[str, CustomType]) -> list[CustomType]:
     return out
 
 
-__all__ = ["CRD", "CustomType", "Registry", "accepted_names", "field_validation", "json_path", "validate_crd"]
+__all__ = ["CRD", "GATEWAY_API_CRDS", "CustomType", "Registry", "accepted_names", "field_validation", "json_path",
+           "load_manifests", "validate_crd"]

@@ -528,7 +528,9 @@ class _Handler(BaseHTTPRequestHandler):
                             last_bookmark = time.monotonic()
                     continue
                 if item is None:
-                    return
+                    if w.finished:  # ended by the server (its kind went away): a complete response
+                        break
+                    return  # dropped: cut mid-body
                 etype, obj = item
                 if table:
                     obj = self._table(r.rt, [obj], obj["metadata"]["resourceVersion"], columns=first)

@@ -115,6 +115,7 @@ class Watcher:
         self.queue: queue.SimpleQueue[tuple[str, dict] | None] = queue.SimpleQueue()
         self.convert: Callable[[dict], dict] | None = None
         self.closed = False
+        self.finished = False  # ended by finish(): the consumer ends its output cleanly
         self.on_close: list[Callable[[], None]] = []
 
     def matches(self, obj: dict | None) -> bool:
@@ -148,6 +149,12 @@ class Watcher:
                 self.queue.put(("ADDED", ev.obj))
             elif old_m:
                 self.queue.put(("DELETED", ev.obj))
+
+    def finish(self) -> None:
+        """End the watch cleanly: the consumer sees ``None`` (an HTTP watch ends its response), no closer runs."""
+        if not self.closed:
+            self.closed = self.finished = True
+            self.queue.put(None)
 
     def close(self) -> None:
         """Stop the watch: the consumer sees ``None`` and socket-level closers run."""
@@ -665,7 +672,7 @@ class Store:
                 for crt in removed:
                     for w in list(self._watchers.get(crt.key, ())):
                         self._watchers[crt.key].discard(w)
-                        w.close()
+                        w.finish()
         if len(self._history) == self._history.maxlen:
             self._window_start = self._history[0].rv
         self._history.append(ev)

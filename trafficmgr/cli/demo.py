@@ -23,13 +23,17 @@ def _setup(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--serve-admin-port", type=_port, default=d.serve_admin_port,
                         help=f"control plane admin port, used by proxy-status/config-dump (default {d.serve_admin_port})")
     parser.add_argument("--zipkin-port", type=_port, default=d.zipkin_port, help=f"Zipkin collector port (default {d.zipkin_port})")
+    parser.add_argument("--gateway-api-port", type=_port, default=d.gateway_api_port,
+                        help=f"the HTTP listener of the Gateway 'traffic' (Gateway API) on 127.0.0.1 "
+                             f"(default {d.gateway_api_port})")
     parser.add_argument("--pod-cidr", default=d.pod_cidr, help=f"loopback network of pod IPs (default {d.pod_cidr})")
     parser.add_argument("--service-cidr", default=d.service_cidr, help=f"loopback network of ClusterIPs (default {d.service_cidr})")
 
 
 def _run(args: argparse.Namespace) -> int:
     config = DemoConfig(args.state_dir, args.http_port, args.https_port, args.admin_port, args.api_port, args.xds_port,
-                        args.serve_admin_port, args.zipkin_port, args.pod_cidr, args.service_cidr)
+                        args.serve_admin_port, args.zipkin_port, args.pod_cidr, args.service_cidr,
+                        gateway_api_port=args.gateway_api_port)
     try:
         return Demo(config).run()
     except DemoError as exc:

@@ -21,6 +21,12 @@ In the foreground it runs, as its supervised children (threads of this process o
 then applies ``samples/bookinfo.yaml`` and ``samples/ingress.yaml`` and prints one line starting with
 ``ready`` when everything answers. SIGINT/SIGTERM stop every child within 10 s.
 
+Gateway API: before the control plane starts, the API server gets the Gateway API CRDs the project ships
+(``trafficmgr/plugins/gateway_api/crds``), the GatewayClass ``traffic`` (controllerName
+``trafficmgr.io/gateway-controller``) and the Gateway ``traffic`` in ``default`` with one HTTP listener
+``http`` on ``--gateway-api-port`` (default 8081; the shared gateway binds it on 127.0.0.1 like
+``--http-port``, so it is checked free at start like the other ports).
+
 The gateway: the ingress plugin serves plain HTTP and TLS on one listener port (``--gateway-port``), so
 the gateway's listener is on the HTTP port and a static TCP listener on the HTTPS port forwards to it
 (both ports accept both; TLS is told apart by Envoy's TLS inspector). Its xDS connection comes from the
@@ -57,6 +63,8 @@ from trafficmgr.local import prometheus as prom
 log = logging.getLogger(__name__)
 
 GATEWAY = "traffic-ingress"
+GATEWAY_CLASS = "traffic"  # the demo's GatewayClass and Gateway (Gateway API)
+GATEWAY_CONTROLLER = "trafficmgr.io/gateway-controller"
 STATS_PORT = prom.STATS_PORT  # the gateway's and sidecars' stats-only listener on their pod IPs
 NAMESPACE = "default"
 SAMPLES = ("bookinfo.yaml", "ingress.yaml")
@@ -83,6 +91,8 @@ class DemoConfig:
     pod_cidr: str = "127.1.0.0/16"
     service_cidr: str = "127.2.0.0/16"
     samples_dir: str = ""
+    #: the port of the HTTP listener of the demo's Gateway ``traffic`` (Gateway API), on 127.0.0.1
+    gateway_api_port: int = 8081
 
     @property
     def gateway_ip(self) -> str:
@@ -98,7 +108,8 @@ class DemoConfig:
         out = [(self.http_port, "--http-port", "gateway HTTP"), (self.https_port, "--https-port", "gateway HTTPS"),
                (self.admin_port, "--admin-port", "gateway stats"), (self.xds_port, "--xds-port", "control plane xDS"),
                (self.serve_admin_port, "--serve-admin-port", "control plane admin"),
-               (self.zipkin_port, "--zipkin-port", "Zipkin collector")]
+               (self.zipkin_port, "--zipkin-port", "Zipkin collector"),
+               (self.gateway_api_port, "--gateway-api-port", "Gateway API listener")]
         if self.api_port:
             out.append((self.api_port, "--api-port", "API server"))
         return out
@@ -291,8 +302,32 @@ class Demo:
         except OSError as exc:
             raise DemoError(f"cannot start the API server on 127.0.0.1:{c.api_port}: {exc.strerror} (use --api-port)") from None
         self.api.write_kubeconfig(self.kubeconfig)
+        self._install_gateway_api()
         self.kubeproxy = KubeProxy(self.api.store).start()
         self.say(f"API server on {self.api.url} (kubeconfig with its token: {self.kubeconfig})")
+
+    def _install_gateway_api(self) -> None:
+        """The Gateway API CRDs, the GatewayClass ``traffic`` and the Gateway ``traffic`` (before the control
+        plane starts: its first sync sees them). The listener binds 127.0.0.1 only (``--gateway-address``
+        of local mode), on a port ``check_ports`` found free."""
+        from trafficmgr.apiserver.crds import GATEWAY_API_CRDS, load_manifests
+        from trafficmgr.apiserver.errors import ApiError
+
+        store = self.api.store
+        try:
+            for crd in load_manifests(GATEWAY_API_CRDS):
+                store.create(crd)
+            store.create({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
+                          "metadata": {"name": GATEWAY_CLASS},
+                          "spec": {"controllerName": GATEWAY_CONTROLLER,
+                                   "description": "trafficmgr's shared gateway proxies"}})
+            store.create({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                          "metadata": {"name": GATEWAY_CLASS, "namespace": NAMESPACE},
+                          "spec": {"gatewayClassName": GATEWAY_CLASS, "listeners": [
+                              {"name": "http", "protocol": "HTTP", "port": self.config.gateway_api_port,
+                               "allowedRoutes": {"namespaces": {"from": "Same"}}}]}})
+        except (OSError, ValueError, ApiError) as exc:
+            raise DemoError(f"cannot install the Gateway API objects: {exc}") from None
 
     def _start_serve(self) -> None:
         c = self.config
