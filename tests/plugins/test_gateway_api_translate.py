@@ -143,14 +143,16 @@ def test_a_route_that_cannot_be_spelled_answers_500_alone(caplog: pytest.LogCapt
     (lambda ch: (ServedPort(1, "HTTP", (ch("a"), ch("b"))),), "an HTTP port has exactly one chain"),
     (lambda ch: (ServedPort(1, "TCP", (ch("a"),)),), "protocol 'TCP'"),
     (lambda ch: (ServedPort(1, "HTTPS", (ch("a"),)),), "has no certificate Secret"),
-    (lambda ch: (ServedPort(1, "HTTPS", (ch("a", True), ch("b", True))),), "same server names"),
+    (lambda ch: (ServedPort(1, "HTTPS", (ch("a", True), ch("b", True))),), "same server name '\\(default certificate\\)'"),
+    (lambda ch: (ServedPort(1, "HTTPS", (ch("a", True, ("a.test", "b.test")), ch("b", True, ("B.test",)))),), "same server name 'b.test'"),
     (lambda ch: (ServedPort(1, "HTTP", (Chain("a", (VirtualHost("x.test", ()), VirtualHost("X.test", ()))),)),), "lists virtual host"),
     (lambda ch: (ServedPort(1, "HTTP", (ch("a"),)), ServedPort(1, "HTTP", (ch("a"),))), "listed twice"),
 ])
 def test_structural_contract_errors(ports: Any, error: str) -> None:
     """What Envoy would reject as a whole is a ValueError (the hook keeps its last good resources)."""
-    def chain(name: str, tls: bool = False) -> Chain:
-        return Chain(name, (VirtualHost("*", ()),), secret=("ns", "s") if tls else None, cert_pem=b"c" if tls else b"", key_pem=b"k" if tls else b"")
+    def chain(name: str, tls: bool = False, sni: tuple[str, ...] = ()) -> Chain:
+        return Chain(name, (VirtualHost("*", ()),), server_names=sni, secret=("ns", "s") if tls else None,
+                     cert_pem=b"c" if tls else b"", key_pem=b"k" if tls else b"")
 
     with pytest.raises(ValueError, match=error):
         translate.resources(Table(ports(chain)), _NoBuild())

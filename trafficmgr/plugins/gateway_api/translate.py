@@ -116,6 +116,7 @@ PREFIX_NAME = "gateway_api"
 INVALID_CLUSTER = f"{PREFIX_NAME}|invalid-backend"
 INVALID_STATUS = 500
 MISDIRECTED = 421
+MISDIRECTED_NAME = f"{PREFIX_NAME}|misdirected"
 MISDIRECTED_BODY = "trafficmgr: misdirected request: this host is not served by the TLS certificate of this connection\n"
 ALPN = ("h2", "http/1.1")
 REPLACE_FULL_PATH, REPLACE_PREFIX_MATCH = "ReplaceFullPath", "ReplacePrefixMatch"
@@ -188,7 +189,7 @@ def _check_port(sp: ServedPort) -> None:
     if sp.protocol == "HTTP" and len(sp.chains) != 1:
         raise ValueError(f"{where}: an HTTP port has exactly one chain, not {len(sp.chains)}")
     names: set[str] = set()
-    matches: set[tuple[str, ...]] = set()
+    server_names: set[str] = set()  # "" = the default chain (no server names)
     for chain in sp.chains:
         if chain.name in names:
             raise ValueError(f"{where}: chain name {chain.name!r} used twice")
@@ -196,10 +197,11 @@ def _check_port(sp: ServedPort) -> None:
         if sp.protocol == "HTTPS":
             if chain.secret is None or not chain.cert_pem or not chain.key_pem:
                 raise ValueError(f"{where}: HTTPS chain {chain.name!r} has no certificate Secret")
-            key = tuple(sorted(chain.server_names))
-            if key in matches:
-                raise ValueError(f"{where}: two HTTPS chains serve the same server names {list(key) or '(any)'}")
-            matches.add(key)
+            # Envoy refuses a listener where two chains match the same server name (or both none).
+            for sni in {n.lower() for n in chain.server_names} or {""}:
+                if sni in server_names:
+                    raise ValueError(f"{where}: two HTTPS chains serve the same server name {sni or '(default certificate)'!r}")
+                server_names.add(sni)
         domains: set[str] = set()
         for vh in chain.virtual_hosts:
             d = vh.hostname.lower()
@@ -268,8 +270,9 @@ def route_configuration(sp: ServedPort, chain: Chain, ctx: BuildContext) -> rout
     for vh in chain.virtual_hosts:
         rc.virtual_hosts.append(virtual_host(sp, vh, ctx))
     if sp.protocol == "HTTPS" and chain.server_names and not any(vh.hostname == "*" for vh in chain.virtual_hosts):
-        catch_all = rc.virtual_hosts.add(name="misdirected", domains=["*"])
-        r = catch_all.routes.add(name="misdirected")
+        # Named with a "|" that no hostname has (virtual host names are unique in a route table).
+        catch_all = rc.virtual_hosts.add(name=MISDIRECTED_NAME, domains=["*"])
+        r = catch_all.routes.add(name=MISDIRECTED_NAME)
         r.match.prefix = "/"
         r.direct_response.status = MISDIRECTED
         r.direct_response.body.inline_string = MISDIRECTED_BODY
