@@ -16,6 +16,9 @@ from trafficmgr.core.kube.client import ApiException, Kind, KubeClient
 
 log = logging.getLogger(__name__)
 
+#: Seconds between lists of a kind the API server does not serve (404), by default.
+NOT_SERVED_RETRY = 30.0
+
 # Event handed to the sink: ("RELIST", kind, [objects]) after a (re)list, or (type, kind, object).
 Sink = Callable[[str, Kind, Any], None]
 
@@ -35,7 +38,7 @@ class Watcher(threading.Thread):
         label_selector: str = "",
         watch_timeout: float = 300.0,
         max_backoff: float = 10.0,
-        not_served_retry: float = 30.0,
+        not_served_retry: float | None = None,
     ) -> None:
         super().__init__(name=f"watch-{kind.plural}", daemon=True)
         self.client = client
@@ -56,7 +59,7 @@ class Watcher(threading.Thread):
         self._down_since: float | None = None
         #: True while a list answered 404 (the kind is not served: e.g. a CRD not installed).
         self.not_served = False
-        self.not_served_retry = not_served_retry
+        self.not_served_retry = NOT_SERVED_RETRY if not_served_retry is None else not_served_retry
 
     def stop(self) -> None:
         self._stop.set()
