@@ -111,6 +111,9 @@ def test_apply_route_get_columns_describe(crds: Kubectl) -> None:
     header, row = out.splitlines()
     assert header.split() == ["NAME", "HOSTNAMES", "AGE"]
     assert row.split()[:2] == ["cols", '["cols.example.com"]'] and row.split()[2].endswith("s")
+    # until a controller writes status, the schema's status default (as upstream's CRDs): Pending
+    assert crds("get", "gtw", "traffic", "--no-headers").split()[:3] == ["traffic", "traffic", "Unknown"]  # no address
+    assert crds("get", "gc", "traffic", "--no-headers").split()[2] == "Unknown"
     crds("patch", "gateway", "traffic", "--subresource=status", "--type=merge", "-p", json.dumps({"status": {
         "addresses": [{"type": "IPAddress", "value": "127.0.0.1"}],
         "conditions": [{"type": "Programmed", "status": "True", "reason": "Programmed", "message": "ok",
@@ -350,6 +353,41 @@ def test_widgets_cluster_scope_columns_and_crd_deletion(kubectl: Kubectl, api: c
     ext.create_custom_resource_definition(WIDGETS)  # the same CRD again: an empty kind
     assert co.list_cluster_custom_object("test.trafficmgr.io", "v1", "widgets")["items"] == []
     ext.delete_custom_resource_definition("widgets.test.trafficmgr.io")
+
+
+def test_versions_share_storage(kubectl: Kubectl, api: client.ApiClient) -> None:
+    """Two served versions (conversion None): an object written at one is read and watched at the other."""
+    ext, co = client.ApiextensionsV1Api(api), _co(api)
+    dual = json.loads(json.dumps(WIDGETS))
+    dual["metadata"]["name"] = "duals.test.trafficmgr.io"
+    dual["spec"]["names"] = {"plural": "duals", "kind": "Dual"}
+    dual["spec"]["scope"] = "Namespaced"
+    beta = json.loads(json.dumps(dual["spec"]["versions"][0]))
+    beta.update(name="v1beta1", storage=False)
+    dual["spec"]["versions"].append(beta)
+    ext.create_custom_resource_definition(dual)
+    try:
+        assert kubectl("api-resources", "--api-group=test.trafficmgr.io", "--no-headers").split() == [
+            "duals", "test.trafficmgr.io/v1", "true", "Dual"]  # the preferred version
+        group = json.loads(kubectl("get", "--raw", "/apis/test.trafficmgr.io"))
+        assert [v["version"] for v in group["versions"]] == ["v1", "v1beta1"]
+        assert group["preferredVersion"]["version"] == "v1"
+        rv = co.list_namespaced_custom_object("test.trafficmgr.io", "v1beta1", "default", "duals")[
+            "metadata"]["resourceVersion"]
+        co.create_namespaced_custom_object("test.trafficmgr.io", "v1beta1", "default", "duals", {
+            "apiVersion": "test.trafficmgr.io/v1beta1", "kind": "Dual", "metadata": {"name": "d"}, "spec": {"size": 1}})
+        assert co.get_namespaced_custom_object("test.trafficmgr.io", "v1", "default", "duals", "d")[
+            "apiVersion"] == "test.trafficmgr.io/v1"
+        listed = co.list_namespaced_custom_object("test.trafficmgr.io", "v1", "default", "duals")
+        assert [i["apiVersion"] for i in listed["items"]] == ["test.trafficmgr.io/v1"]
+        co.patch_namespaced_custom_object("test.trafficmgr.io", "v1", "default", "duals", "d", {"spec": {"size": 2}},
+                                          _content_type="application/merge-patch+json")
+        evs = [(e["type"], e["object"]["apiVersion"], e["object"]["spec"]["size"]) for e in watch.Watch().stream(
+            co.list_namespaced_custom_object, "test.trafficmgr.io", "v1beta1", "default", "duals",
+            resource_version=rv, timeout_seconds=1)]
+        assert evs == [("ADDED", "test.trafficmgr.io/v1beta1", 1), ("MODIFIED", "test.trafficmgr.io/v1beta1", 2)]
+    finally:
+        ext.delete_custom_resource_definition("duals.test.trafficmgr.io")
 
 
 def test_invalid_crds_are_422(api: client.ApiClient) -> None:

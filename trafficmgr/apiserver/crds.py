@@ -20,6 +20,9 @@ Contract (what :class:`Registry` gives one :class:`~.store.Store`):
   ``maximum``, ``minLength``/``maxLength``, ``pattern``, ``minItems``/``maxItems``, ``nullable``,
   ``x-kubernetes-int-or-string`` -> 422 ``Invalid`` with one cause per field path. Not evaluated:
   ``x-kubernetes-validations`` (CEL), ``format``, ``oneOf``/``anyOf``/``allOf``/``not``, list uniqueness.
+- With the ``status`` subresource a create cannot set ``status`` (it starts as the schema's ``status``
+  ``default``, if any, as upstream Gateway API CRDs' ``Pending`` conditions); spec writes keep the stored
+  status and status writes change nothing else.
 - ``metadata.generation`` is 1 at creation and grows by one on a write that changes anything but
   ``metadata`` (and ``status`` when the ``status`` subresource is enabled), as for CRs on a cluster.
 - :func:`table` renders ``additionalPrinterColumns`` (simple JSONPath: ``.a.b``, ``[n]``, ``[*]``,
@@ -495,10 +498,13 @@ class Registry:
         ct = self.custom(rt)
         if ct is None:  # the CRD went away between routing and writing
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
-        if old is None and rt.has_status:
-            obj.pop("status", None)  # as kube-apiserver: a create cannot set the status of such a kind
         w = _Walk()
         props = ct.schema.get("properties") or {}
+        if old is None and rt.has_status:
+            obj.pop("status", None)  # as kube-apiserver: a create cannot set the status of such a kind ...
+            sst = props.get("status")
+            if isinstance(sst, dict) and "default" in sst:  # ... which starts as its schema's default
+                obj["status"] = _walk(copy.deepcopy(sst["default"]), sst, "status", w)
         keep = bool(ct.schema.get("x-kubernetes-preserve-unknown-fields"))
         fields = ["status"] if subresource == "status" else [
             k for k in obj if k not in ("apiVersion", "kind", "metadata") and not (k == "status" and rt.has_status)]
