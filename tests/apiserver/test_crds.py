@@ -257,6 +257,29 @@ def test_watch_events(crds: Kubectl, api: client.ApiClient) -> None:
     assert proc.stdout.split()[:4] == ["NAME", "HOSTNAMES", "AGE", "sel-b"], proc.stdout
 
 
+def test_wait_established_and_garbage_collection(crds: Kubectl, api: client.ApiClient) -> None:
+    """``kubectl wait --for condition=established`` (install scripts do it); a namespace's deletion takes its
+    custom resources, and a custom resource's deletion its dependents (ownerReferences)."""
+    out = crds("wait", "--for", "condition=established", "--timeout=10s", f"crd/httproutes.{G}")
+    assert "condition met" in out
+    v1 = client.CoreV1Api(api)
+    v1.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name="gone")))
+    crds.apply(_route("inns", ns="gone"))
+    owner = _co(api).get_namespaced_custom_object(G, V1, "gone", "httproutes", "inns")
+    crds.apply(_route("owner"))
+    route = _co(api).get_namespaced_custom_object(G, V1, "default", "httproutes", "owner")
+    v1.create_namespaced_config_map("default", client.V1ConfigMap(metadata=client.V1ObjectMeta(
+        name="owned", owner_references=[client.V1OwnerReference(
+            api_version=f"{G}/{V1}", kind="HTTPRoute", name="owner", uid=route["metadata"]["uid"])])))
+    crds("delete", "httproute", "owner")
+    with pytest.raises(ApiException) as exc:
+        v1.read_namespaced_config_map("owned", "default")
+    assert exc.value.status == 404
+    crds("delete", "namespace", "gone")
+    names = [i["metadata"]["name"] for i in _co(api).list_cluster_custom_object(G, V1, "httproutes")["items"]]
+    assert owner["metadata"]["name"] == "inns" and "inns" not in names and names
+
+
 def test_status_subresource_and_generation(crds: Kubectl, api: client.ApiClient) -> None:
     co = _co(api)
     crds.apply(_route("st"))
