@@ -330,6 +330,7 @@ class Rig:
         from trafficmgr.apiserver.controllers import Controllers
         from trafficmgr.apiserver.store import Store
         from trafficmgr.core.controlplane import kinds_of
+        from trafficmgr.testing.golden import list_items
 
         store = Store()
         controllers = Controllers(store, endpointslices=True)
@@ -342,7 +343,7 @@ class Rig:
             controllers.wait_idle()
         finally:
             controllers.stop()
-        return {k.kind: store.list(k.plural)["items"] for k in kinds_of(self.plugins)}
+        return {k.kind: list_items(store, k.plural) for k in kinds_of(self.plugins)}
 
     def _find(self, kind: str, name: str) -> dict[str, Any]:
         return next(o for o in self.raw[kind] if o["metadata"]["name"] == name)

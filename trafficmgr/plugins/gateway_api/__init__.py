@@ -24,17 +24,12 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from trafficmgr.plugin import GATEWAY, Model, ObjectStatus, WatchKind, hookimpl
-from trafficmgr.plugins.gateway_api import ir, plan, status
+from trafficmgr.plugins.gateway_api import ir, plan, status, translate
 
 if TYPE_CHECKING:
     from trafficmgr.plugin import BuildContext, Resource
 
 TRAFFICMGR_DEPENDS = ("ingress",)
-
-try:  # the Envoy translation (helper G3's part); without it nothing is served yet
-    from trafficmgr.plugins.gateway_api import translate as _translate
-except ImportError:  # pragma: no cover - until translate.py lands
-    _translate = None  # type: ignore[assignment]
 
 
 @hookimpl
@@ -81,12 +76,12 @@ def trafficmgr_port_protocols(model: Model, options: argparse.Namespace) -> list
 @hookimpl
 def trafficmgr_resources(role: str, ctx: BuildContext) -> list[Resource]:
     """Listeners, route configurations and Secrets of the gateway view (``translate.resources``)."""
-    if role != GATEWAY or _translate is None:
+    if role != GATEWAY:
         return []
     table = plan.table(ctx.model, ctx.options)
     if not table.ports:
         return []
-    return list(_translate.resources(table, ctx))
+    return translate.resources(table, ctx)
 
 
 @hookimpl
