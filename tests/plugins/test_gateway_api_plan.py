@@ -573,3 +573,31 @@ def test_plan_is_memoized_on_its_inputs() -> None:
     assert plan.plan(again, OPTIONS) is first
     changed = Model(services={("default", "web"): service("web", ports=(80, 81))}, extra=again.extra)
     assert plan.plan(changed, OPTIONS) is not first
+
+
+def test_http_and_grpc_routes_never_share_a_hostname_on_a_listener() -> None:
+    """The older route keeps the hostname; the other kind is not attached there (it still is where it
+    does not overlap)."""
+    old = route("h", [rule(matches=[m("/h")])], hostnames=["*.example.com"], created="2026-01-01T00:00:00Z")
+    clash = route("g", [grpc_rule("a.B", "M")], kind="GRPCRoute", hostnames=["foo.example.com"], created="2026-02-01T00:00:00Z")
+    apart = route("g2", [grpc_rule("a.B", "M")], kind="GRPCRoute", hostnames=["grpc.example.net"], created="2026-02-01T00:00:00Z")
+    p = base(old, clash, apart)
+    c = route_conds(p, "g")["Accepted"]
+    assert (c.status, c.reason) == (False, "NotAllowedByListeners") and "HTTPRoute default/h" in c.message
+    assert route_conds(p, "h")["Accepted"].status and route_conds(p, "g2")["Accepted"].status
+    assert sources(vhost(p, "*.example.com")) == ["HTTPRoute/default/h/rule0/match0"]
+    assert "foo.example.com" not in [v.hostname for v in p.table.ports[0].chains[0].virtual_hosts]
+    assert sources(vhost(p, "grpc.example.net")) == ["GRPCRoute/default/g2/rule0/match0"]
+    # The GRPCRoute first (older): the HTTPRoute is the one refused.
+    p = base(attrs_evolve_created(old, "2026-03-01T00:00:00Z"), clash)
+    assert route_conds(p, "h")["Accepted"].reason == "NotAllowedByListeners" and route_conds(p, "g")["Accepted"].status
+
+
+def attrs_evolve_created(raw: dict[str, Any], created: str) -> dict[str, Any]:
+    return {**raw, "metadata": {**raw["metadata"], "creationTimestamp": created}}
+
+
+@pytest.mark.parametrize("port", [15000, 8900])
+def test_gateway_pod_ports_are_unavailable(port: int) -> None:
+    conds, _ = listener_conds(base(gw=gateway(listeners=[listener(port=port)])))
+    assert (conds["Accepted"].status, conds["Accepted"].reason) == (False, "PortUnavailable")

@@ -60,6 +60,11 @@ from trafficmgr.plugins.ingress.ir import option as ingress_option
 DEFAULT_CONTROLLER = "trafficmgr.io/gateway-controller"
 SUPPORTED_PROTOCOLS = ("HTTP", "HTTPS")
 CATCH_ALL = "*"
+#: Ports the gateway proxies use themselves by default (``trafficmgr bootstrap``'s ``--admin-port`` and
+#: ``--stats-port``): a Gateway listener there would fail to bind or shadow them. Why listeners are safe
+#: otherwise: each is a port of the shared gateway pods, bound on ``--gateway-address``, reachable only
+#: as far as the chart's Service exposes it, and serves only routes this plan accepted.
+RESERVED_PORTS = {15000: "the gateway Envoy's admin port", 8900: "the gateway Envoy's stats listener port"}
 
 # Condition types and reasons (the specification's names).
 ACCEPTED, PROGRAMMED, RESOLVED_REFS, CONFLICTED = "Accepted", "Programmed", "ResolvedRefs", "Conflicted"
@@ -202,6 +207,8 @@ def _validate_listener(gw: Gateway, lst: Listener, ingress_port: int, grants: tu
     elif lst.port == ingress_port:
         accepted = Condition(ACCEPTED, False, "PortUnavailable",
                              f"port {lst.port} is the Ingress listener's (--gateway-port)")
+    elif lst.port in RESERVED_PORTS:
+        accepted = Condition(ACCEPTED, False, "PortUnavailable", f"port {lst.port} is {RESERVED_PORTS[lst.port]}")
     elif lst.protocol == "HTTPS" and lst.tls_mode != "Terminate":
         accepted = Condition(ACCEPTED, False, "UnsupportedValue",
                              "HTTPS needs tls.mode Terminate" if lst.tls_mode else "HTTPS needs a tls section (mode Terminate, certificateRefs)")
@@ -542,6 +549,7 @@ def build(model: Model, options: argparse.Namespace) -> Plan:
     # (port, listener id, hostname) -> entries
     vhosts: dict[tuple[int, int, str], list[_Entry]] = {}
     protocols: set[tuple[str, str, int | str, str]] = set()
+    claims: dict[tuple[int, str], list[tuple[Route, tuple[str, ...]]]] = {}
     for route in routes:
         parents = []
         mine = False
@@ -558,6 +566,7 @@ def build(model: Model, options: argparse.Namespace) -> Plan:
                                                   Condition(RESOLVED_REFS, True, "ResolvedRefs", "all references resolved"))))
                 continue
             att = _attach(route, ref, gw, listeners, namespaces)
+            _kind_conflicts(route, att, claims)
             served = [e for e in att.listeners if e.usable]
             accepted, resolved, programmed = _program_route(route, served, usable, resolver, vhosts, protocols)
             if att.accepted is not None and att.accepted.status:
@@ -574,6 +583,34 @@ def build(model: Model, options: argparse.Namespace) -> Plan:
     statuses = tuple(_gateway_status(gw, [e for e in listeners if e.gateway is gw], attached_count, gw_problem.get(id(gw)))
                      for gw in gateways)
     return Plan(table, tuple(ours.values()), statuses, tuple(route_status), tuple(sorted(protocols, key=str)))
+
+
+def _overlap(a: str, b: str) -> bool:
+    return host_matches(a, b) or host_matches(b, a)
+
+
+def _kind_conflicts(route: Route, att: _Attach, claims: dict[tuple[int, str], list[tuple[Route, tuple[str, ...]]]]) -> None:
+    """HTTPRoute and GRPCRoute never share a hostname on one listener: the older route (then
+    ``namespace/name``; routes come in that order) keeps it, the other is not attached there."""
+    if att.accepted is None or not att.accepted.status:
+        return
+    other = GRPC_ROUTE if route.kind == HTTP_ROUTE else HTTP_ROUTE
+    kept, clash = [], None
+    for e in att.listeners:
+        hosts = intersect(e.listener.hostname, route.hostnames)
+        owner = next((r for r, theirs in claims.get((id(e), other), ())
+                      if any(_overlap(a, b) for a in hosts for b in theirs)), None)
+        if owner is not None:
+            clash = clash or owner
+            continue
+        kept.append(e)
+        claims.setdefault((id(e), route.kind), []).append((route, hosts))
+    att.listeners = kept
+    if not kept and clash is not None:
+        att.accepted = Condition(ACCEPTED, False, "NotAllowedByListeners",
+                                 f"its hostnames are already served by {clash.kind} {clash.meta.namespace}/{clash.meta.name} "
+                                 f"(older) on every listener it attaches to: a listener serves a hostname with "
+                                 f"HTTPRoutes or GRPCRoutes, not both")
 
 
 def _has_our_entries(route: Route, controller: str) -> bool:
