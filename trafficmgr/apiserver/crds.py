@@ -272,12 +272,15 @@ def _walk(value: Any, sch: dict, path: str, w: _Walk) -> Any:
             for i, item in enumerate(value):
                 value[i] = _walk(item, items, f"{path}[{i}]", w)
     elif isinstance(value, str):
-        if "maxLength" in sch and len(value) > sch["maxLength"]:
+        too_long = "maxLength" in sch and len(value) > sch["maxLength"]
+        if too_long:
             w.bad(path, "FieldValueTooLong", f"Too long: may not be longer than {sch['maxLength']}")
         if "minLength" in sch and len(value) < sch["minLength"]:
             w.bad(path, "FieldValueInvalid", f"Invalid value: {_shown(value)}: {path} in body should be at least "
                   f"{sch['minLength']} chars long")
-        if "pattern" in sch:
+        # Python's re backtracks (Go's RE2 does not): a pattern runs only on a value within its maxLength, so a
+        # long value cannot make a schema's nested quantifiers take quadratic (or worse) time.
+        if "pattern" in sch and not too_long:
             try:
                 matched = re.search(sch["pattern"], value) is not None
             except re.error:
