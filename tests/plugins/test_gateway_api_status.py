@@ -272,3 +272,32 @@ spec: {{gatewayClassName: traffic, listeners: [{{name: http, port: {port}, proto
     time.sleep(1.0)
     parents = get(gw, "httproute", "shared")["status"]["parents"]
     assert theirs in parents and len(parents) == 2
+
+
+@pytest.mark.parametrize(("address", "expected"), [("127.0.0.1", [{"type": "IPAddress", "value": "127.0.0.1"}]),
+                                                   ("0.0.0.0", []), ("::", [])])
+def test_addresses_without_the_gateway_service(address: str, expected: list[dict[str, str]]) -> None:
+    """No ``--gateway-service`` Service: a specific ``--gateway-address`` (local mode) is the address;
+    a wildcard one is none (and Programmed is False, AddressNotAssigned)."""
+    import argparse
+
+    from trafficmgr.plugin import Model
+    from trafficmgr.plugins.gateway_api import status
+
+    opts = argparse.Namespace(gateway_address=address, gateway_service="traffic-ingress", gateway_namespace="default")
+    assert status.gateway_addresses(Model(), opts) == expected
+
+
+def test_programmed_false_address_not_assigned_without_any_address() -> None:
+    import argparse
+
+    from tests.plugins.test_gateway_api_plan import gateway, gclass, model
+    from trafficmgr.plugins.gateway_api import plan, status
+
+    opts = argparse.Namespace(gateway_address="0.0.0.0", gateway_service="traffic-ingress", gateway_namespace="default",
+                              gateway_port=10000)
+    mdl = model(gclass(), gateway())
+    (st,) = [s for s in status.statuses(plan.build(mdl, opts), mdl, opts) if s.path.endswith("/gateways/gw")]
+    cond = {c["type"]: c for c in st.status["conditions"]}["Programmed"]
+    assert (cond["status"], cond["reason"]) == ("False", "AddressNotAssigned") and "default/traffic-ingress" in cond["message"]
+    assert st.status["addresses"] == []

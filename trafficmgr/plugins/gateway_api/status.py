@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import ipaddress
 import json
 import threading
 from collections.abc import Iterable, Mapping
@@ -88,10 +89,14 @@ def _emit(path: str, meta: Meta, desired: dict[str, Any], current: dict[str, Any
 
 
 def gateway_addresses(model: Model, options: argparse.Namespace) -> list[dict[str, str]]:
-    """The gateway Service's load-balancer addresses, else its ClusterIP (``--gateway-service``)."""
+    """The gateway Service's load-balancer addresses, else its ClusterIP (``--gateway-service``); without
+    that Service, ``--gateway-address`` when it is one specific IP (local mode's 127.0.0.1: the listeners
+    are bound there), else none."""
     svc = model.services.get((str(ingress_option(options, "gateway_namespace")), str(ingress_option(options, "gateway_service"))))
     if svc is None:
-        return []
+        bound = str(ingress_option(options, "gateway_address"))
+        specific = is_ip(bound) and not ipaddress.ip_address(bound).is_unspecified
+        return [{"type": "IPAddress", "value": bound}] if specific else []
     found = svc.load_balancer or ((svc.cluster_ip,) if svc.cluster_ip else ())
     return [{"type": "IPAddress", "value": a} if is_ip(a) else {"type": "Hostname", "value": a} for a in found]
 
