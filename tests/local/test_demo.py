@@ -189,6 +189,41 @@ def test_gateway_api_objects(demo: Demo) -> None:
     assert "httproutes" in demo.kubectl("api-resources", "--api-group=gateway.networking.k8s.io")
 
 
+def test_gateway_api_route_on_the_demo_gateway(demo: Demo) -> None:
+    """An HTTPRoute on the demo's Gateway ``traffic`` serves bookinfo on ``--gateway-api-port``."""
+    demo.kubectl("apply", "-f", "-", stdin="""
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: bookinfo, namespace: default}
+spec:
+  parentRefs: [{name: traffic}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /productpage}}]
+    backendRefs: [{name: productpage, port: 9080}]
+""")
+    try:
+        def served() -> bool:
+            try:
+                return request("127.0.0.1", demo.ports["gateway_api"], "127.0.0.1", "/productpage")[0] == 200
+            except OSError:
+                return False
+
+        wait_for(served, 30, 0.3)
+        status, _, body = request("127.0.0.1", demo.ports["gateway_api"], "127.0.0.1", "/productpage")
+        assert status == 200 and "Book Details" in body.decode()
+        assert request("127.0.0.1", demo.ports["gateway_api"], "127.0.0.1", "/reviews/0")[0] == 404  # not routed
+        gw = json.loads(demo.kubectl("get", "gateway", "traffic", "-o", "json"))
+        conds = {c["type"]: c["status"] for c in gw["status"]["conditions"]}
+        assert conds == {"Accepted": "True", "Programmed": "True"}, gw["status"]
+        assert gw["status"]["listeners"][0]["attachedRoutes"] == 1
+        route = json.loads(demo.kubectl("get", "httproute", "bookinfo", "-o", "json"))
+        parent = route["status"]["parents"][0]
+        assert parent["controllerName"] == "trafficmgr.io/gateway-controller"
+        assert {c["type"]: c["status"] for c in parent["conditions"]} == {"Accepted": "True", "ResolvedRefs": "True"}
+    finally:
+        demo.kubectl("delete", "httproute", "bookinfo")
+
+
 def test_gateway_serves_bookinfo(demo: Demo) -> None:
     status, _, body = demo.gateway("/productpage")
     page = body.decode()
