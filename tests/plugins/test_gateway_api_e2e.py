@@ -364,3 +364,22 @@ def test_allowed_routes_same_namespace(rig: Rig) -> None:
         return any(c["reason"] == "NotAllowedByListeners" for p in parents for c in p["conditions"])
 
     rig.wait("NotAllowedByListeners", refused)
+
+
+def test_backend_service_label_policies_apply(rig: Rig) -> None:
+    """A backend Service's traffic labels apply to its Gateway API routes as to Ingress routes (here
+    traffic.retries.5xx: two 503s are retried away); a label change reaches the route without touching it."""
+    host = "policies.example.com"
+    rig.apply(httproute("policies", host, f"[{{backendRefs: [{to('canary')}]}}]"))
+    rig.wait("route", lambda: rig.served("/", host) == "canary")
+    canary = rig.backends["canary"]
+    canary.reset().set(statuses=[503, 503])
+    assert rig.served("/no-retries", host) == "<503>"
+    rig.c.label("service", "canary", {"traffic.retries.5xx": "2"})
+    try:
+        def retried() -> bool:
+            canary.reset().set(statuses=[503, 503])
+            return rig.served("/retried", host) == "canary" and canary.hits == 3
+        rig.wait("retries from the Service label", retried)
+    finally:
+        rig.c.label("service", "canary", {"traffic.retries.5xx": None})
