@@ -383,3 +383,40 @@ def test_backend_service_label_policies_apply(rig: Rig) -> None:
         rig.wait("retries from the Service label", retried)
     finally:
         rig.c.label("service", "canary", {"traffic.retries.5xx": None})
+
+
+def test_certificate_rotation_without_restart(rig: Rig) -> None:
+    """Updating the listener's Secret serves the new certificate on new connections (same Envoy)."""
+    import ssl as _ssl
+
+    rig.apply(httproute("secure", SECURE_HOST, f"[{{backendRefs: [{to('web')}]}}]",
+                        parent="{name: gw, namespace: default, sectionName: https}"))
+
+    def presented() -> bytes:
+        ctx = _ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, _ssl.CERT_NONE
+        with socket.create_connection(("127.0.0.1", rig.https_port), timeout=5) as raw, \
+                ctx.wrap_socket(raw, server_hostname=SECURE_HOST) as tls:
+            return tls.getpeercert(binary_form=True) or b""
+
+    def der(pem: bytes) -> bytes:
+        return _ssl.PEM_cert_to_DER_cert(pem.decode())
+
+    original = make_cert(SECURE_HOST)
+    rig.wait("HTTPS listener", lambda: presented() == der(original[0]))
+    assert rig.c.envoy.proc is not None
+    pid = rig.c.envoy.proc.pid
+    cert, key = make_cert.__wrapped__(SECURE_HOST)  # a fresh certificate for the same host
+    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+
+    def put(pem: tuple[bytes, bytes]) -> None:
+        rig.c.kubectl("patch", "secret", "secure-cert", "--type=merge", "-p",
+                      json.dumps({"data": {"tls.crt": b64(pem[0]), "tls.key": b64(pem[1])}}))
+
+    put((cert, key))
+    try:
+        rig.wait("the new certificate", lambda: presented() == der(cert))
+        assert rig.c.envoy.proc.pid == pid
+    finally:  # the other tests verify against the original certificate
+        put(original)
+        rig.wait("the original certificate back", lambda: presented() == der(original[0]))
