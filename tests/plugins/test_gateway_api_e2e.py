@@ -420,3 +420,19 @@ def test_certificate_rotation_without_restart(rig: Rig) -> None:
     finally:  # the other tests verify against the original certificate
         put(original)
         rig.wait("the original certificate back", lambda: presented() == der(original[0]))
+
+
+def test_regex_envoy_would_reject_breaks_nothing(rig: Rig) -> None:
+    """A regex too complex for Envoy's RE2 limits would make Envoy reject the whole route configuration
+    (every route on the port): its rule is refused in the plan, the route's other rule and every other
+    route keep being served, and Envoy rejects nothing."""
+    host = "rx.example.com"
+    rig.apply(httproute("rx", host, f"""
+    - {{matches: [{{path: {{type: RegularExpression, value: "/(a{{1,20}}){{1,20}}"}}}}], backendRefs: [{to('canary')}]}}
+    - {{matches: [{{path: {{type: PathPrefix, value: /fine}}}}], backendRefs: [{to('web')}]}}
+"""))
+    rig.wait("the valid rule", lambda: rig.served("/fine", host) == "web")
+    assert rig.served("/aaaa", host) == "<404>"
+    parents = json.loads(rig.c.kubectl("get", "httproute", "rx", "-o", "json"))["status"]["parents"]
+    assert {c["type"]: c["reason"] for c in parents[0]["conditions"]}["Accepted"] == "UnsupportedValue"
+    assert rig.c.cp.nacks() == []

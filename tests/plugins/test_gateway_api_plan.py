@@ -601,3 +601,23 @@ def attrs_evolve_created(raw: dict[str, Any], created: str) -> dict[str, Any]:
 def test_gateway_pod_ports_are_unavailable(port: int) -> None:
     conds, _ = listener_conds(base(gw=gateway(listeners=[listener(port=port)])))
     assert (conds["Accepted"].status, conds["Accepted"].reason) == (False, "PortUnavailable")
+
+
+@pytest.mark.parametrize(("pattern", "ok"), [
+    ("/r.*", True), ("/items/[0-9]+", True), ("/(a{1,20}){1,20}", False), ("/x(?=y)", False), ("/(", False), ("/(a)\\1", False),
+])
+def test_regex_envoy_would_reject_is_refused_before_it_reaches_envoy(pattern: str, ok: bool) -> None:
+    """A regex Envoy rejects (RE2 syntax, program size > 100) would NACK the whole route configuration:
+    its rule is refused (UnsupportedValue), the others are served."""
+    p = base(route("rx", [rule(matches=[m(pattern, "RegularExpression")]), rule(matches=[m("/fine")])]))
+    assert route_conds(p, "rx")["Accepted"].status is ok
+    assert len(vhost(p).routes) == (2 if ok else 1)
+
+
+@pytest.mark.parametrize(("pattern", "ok"), [("/r.*", True), ("/x{3,5}", True), ("/(a{1,20}){1,20}", False),
+                                             ("/a{1,9}/b{2}", False), ("/(", False), ("/" + "a" * 90, False)])
+def test_regex_check_without_google_re2(pattern: str, ok: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without google-re2 (a production install: it comes with the test extra), a conservative check
+    stands in for the program size."""
+    monkeypatch.setattr(ir, "_re2", None)
+    assert (ir.valid_regex(pattern) == "") is ok

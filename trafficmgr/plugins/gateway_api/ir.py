@@ -59,14 +59,40 @@ def valid_hostname(host: str) -> bool:
     return bool(HOSTNAME_RE.match(host)) and not _IPV4_RE.match(host) and len(host) <= 253
 
 
+try:  # RE2 itself (google-re2), when installed: the exact syntax and program size Envoy checks
+    import re2 as _re2  # type: ignore[import-untyped]
+except ImportError:  # pragma: no cover - depends on the environment
+    _re2 = None
+
+#: Envoy rejects a regex whose RE2 program is larger than this (``re2.max_program_size.error_level``),
+#: and with it the whole RouteConfiguration: checked here so one route cannot break the others.
+RE2_MAX_PROGRAM_SIZE = 100
+#: Without google-re2: a length limit standing in for the program size (a program has at least one
+#: instruction per literal character).
+REGEX_MAX_LENGTH = 80
+
+
 def valid_regex(pattern: str) -> str:
     """Why ``pattern`` is not a regular expression Envoy (RE2) takes ("" when it is)."""
     if _NOT_RE2.search(pattern):
         return "lookaround and back-references are not supported (RE2 syntax)"
+    if _re2 is not None:
+        try:
+            size = _re2.compile(pattern).programsize
+        except Exception as exc:  # noqa: BLE001 - re2.error, or anything the binding raises for bad input
+            return f"invalid regular expression (RE2): {exc}"
+        if size > RE2_MAX_PROGRAM_SIZE:
+            return f"regular expression too complex for Envoy (RE2 program size {size} > {RE2_MAX_PROGRAM_SIZE})"
+        return ""
     try:
         re.compile(pattern)
     except re.error as exc:
         return f"invalid regular expression: {exc}"
+    if len(pattern) > REGEX_MAX_LENGTH:
+        return f"regular expression longer than {REGEX_MAX_LENGTH} characters"
+    counts = [int(n) for pair in re.findall(r"\{(\d+)(?:,(\d*))?\}", pattern) for n in pair if n]
+    if len(re.findall(r"\{\d", pattern)) > 1 or any(n > 10 for n in counts):
+        return "counted repetitions above 10 or more than one are refused (RE2 expands them; install google-re2 to check exactly)"
     return ""
 
 
@@ -510,6 +536,8 @@ def _grpc_match(raw: Any, problems: list[str]) -> RouteMatch | None:
                 if part and (why := valid_regex(part)):
                     problems.append(f"{part!r}: {why}")
             path_type, path = "RegularExpression", f"/{service or '[^/]+'}/{name or '[^/]+'}"
+            if len(problems) == before and (why := valid_regex(path)):
+                problems.append(f"method match {path!r}: {why}")
     headers = _key_matches(raw.get("headers"), "header", True, problems)
     if len(problems) > before:
         return None
