@@ -417,6 +417,9 @@ def test_redirect_has_no_backends() -> None:
     {"type": "RequestRedirect", "requestRedirect": {"statusCode": 418}},
     {"type": "URLRewrite", "urlRewrite": {"path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/x"}}},  # on Exact
     {"type": "RequestHeaderModifier", "requestHeaderModifier": {"set": [{"name": "x", "value": "a\r\nb"}]}},
+    {"type": "RequestHeaderModifier", "requestHeaderModifier": {"add": [{"name": "bad name", "value": "v"}]}},
+    {"type": "ResponseHeaderModifier", "responseHeaderModifier": {"remove": ["x:y"]}},
+    {"type": "RequestRedirect", "requestRedirect": {"path": {"type": "ReplaceFullPath", "replaceFullPath": "/a b"}}},
 ])
 def test_unsupported_filter_drops_only_its_rule(bad: dict[str, Any]) -> None:
     p = base(route("u", [rule(matches=[m("/bad", "Exact")], filters=[bad]), rule(matches=[m("/goodies")])]),

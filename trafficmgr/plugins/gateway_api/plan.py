@@ -36,8 +36,10 @@ from trafficmgr.plugins.gateway_api.ir import (
     GATEWAY_CLASS,
     GROUP,
     GRPC_ROUTE,
+    HEADER_NAME_RE,
     HTTP_ROUTE,
     NAMESPACE,
+    PATH_RE,
     REFERENCE_GRANT,
     ROUTE_KINDS,
     SECRET,
@@ -327,14 +329,20 @@ def _header_changes(config: Mapping[str, Any], problems: list[str], what: str) -
         out = []
         for item in config.get(key) or []:
             name, value = (item or {}).get("name"), (item or {}).get("value")
-            if not isinstance(name, str) or not name or not isinstance(value, str) or any(c in value for c in "\r\n\0"):
-                problems.append(f"{what}.{key}: {item!r} needs a header name and a single-line value")
+            if (not isinstance(name, str) or not HEADER_NAME_RE.match(name) or not isinstance(value, str)
+                    or any(c in value for c in "\r\n\0")):
+                problems.append(f"{what}.{key}: {item!r} needs a header name (an HTTP token) and a single-line value")
                 continue
             out.append((name.lower(), value))
         return tuple(out)
 
-    remove = tuple(str(n).lower() for n in (config.get("remove") or []) if isinstance(n, str) and n)
-    return t.HeaderChanges(pairs("set"), pairs("add"), remove)
+    remove = []
+    for n in config.get("remove") or []:
+        if not isinstance(n, str) or not HEADER_NAME_RE.match(n):
+            problems.append(f"{what}.remove: {n!r} is not a header name (an HTTP token)")
+            continue
+        remove.append(n.lower())
+    return t.HeaderChanges(pairs("set"), pairs("add"), tuple(remove))
 
 
 def _path_modifier(config: Any, first_match: RouteMatch | None, problems: list[str], what: str) -> tuple[str | None, str | None]:
@@ -351,8 +359,8 @@ def _path_modifier(config: Any, first_match: RouteMatch | None, problems: list[s
     else:
         problems.append(f"{what}: path modifier type {typ!r} is not supported")
         return None, None
-    if not isinstance(value, str) or not value.startswith("/"):
-        problems.append(f"{what}: path {value!r} is not an absolute path")
+    if not isinstance(value, str) or not PATH_RE.match(value):
+        problems.append(f"{what}: path {value!r} is not an absolute path (no query, fragment, spaces or control characters)")
         return None, None
     return str(typ), value
 
