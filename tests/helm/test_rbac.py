@@ -24,7 +24,7 @@ SELECTIONS = [
     [p for p in BUILTIN_PLUGINS if p != "mtls"],
     ["lb"],
     [p for p in BUILTIN_PLUGINS if p != "tls"],
-    [p for p in BUILTIN_PLUGINS if p not in ("ingress", "tls")],
+    [p for p in BUILTIN_PLUGINS if p not in ("ingress", "tls", "gateway_api")],
     ["ingress"],
     ["tls", "ingress", "lb"],
     [],
@@ -47,6 +47,9 @@ def expected_grants(selection: list[str], mesh_identity: bool = True) -> set[Gra
         grants.add(("authentication.k8s.io", "tokenreviews", "create"))
     if "ingress" in selection:
         grants |= {("networking.k8s.io", "ingresses/status", v) for v in ("update", "patch")}
+    if "gateway_api" in selection:
+        grants |= {("gateway.networking.k8s.io", f"{kind}/status", v) for v in ("update", "patch")
+                   for kind in ("gatewayclasses", "gateways", "httproutes", "grpcroutes")}
     return grants
 
 
@@ -83,13 +86,15 @@ def test_core_kinds_are_what_the_chart_calls_core() -> None:
 
 
 def test_secrets_only_with_tls() -> None:
-    """Reading Secrets (any name) needs the tls plugin; mesh identity reads only its CA Secret, by name."""
+    """Reading Secrets (any name) needs the tls or gateway_api plugin (certificates of Ingresses and
+    Gateways); mesh identity reads only its CA Secret, by name."""
     def reads_secrets(values: dict[str, Any]) -> bool:
         roles = find(render(values), "ClusterRole") + find(render(values), "Role")
         return any(g == "" and r == "secrets" and v in READ for role in roles for g, r, v in grants_of(role, named=True))
 
     assert reads_secrets({})
-    assert not reads_secrets({"plugins": [p for p in BUILTIN_PLUGINS if p != "tls"]})
+    assert not reads_secrets({"plugins": [p for p in BUILTIN_PLUGINS if p not in ("tls", "gateway_api")]})
+    assert reads_secrets({"plugins": [p for p in BUILTIN_PLUGINS if p != "tls"]})
     assert not reads_secrets({"plugins": ["lb"]})
 
 
@@ -159,7 +164,9 @@ def test_watch_namespace_binds_the_role_in_that_namespace_only() -> None:
     assert rb["metadata"]["namespace"] == "shop" and rb["roleRef"]["kind"] == "ClusterRole"
     # IngressClasses are cluster-scoped: a RoleBinding cannot grant them.
     assert grants_of(one(objects, "ClusterRole", f"{RELEASE}-cluster")) == {
-        (g, r, v) for g, r in (("networking.k8s.io", "ingressclasses"), ("", "namespaces")) for v in READ}
+        (g, r, v) for g, r in (("networking.k8s.io", "ingressclasses"), ("", "namespaces"),
+                               ("gateway.networking.k8s.io", "gatewayclasses")) for v in READ} | {
+        ("gateway.networking.k8s.io", "gatewayclasses/status", v) for v in ("update", "patch")}
     one(objects, "ClusterRoleBinding", f"{RELEASE}-cluster")
     args = one(objects, "Deployment", RELEASE)["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=shop" in args
@@ -171,3 +178,5 @@ def test_tls_without_ingress_fails_at_render(selection: list[str]) -> None:
     proc = run_helm("template", RELEASE, "--namespace", NAMESPACE, values={"plugins": selection}, check=False)
     assert proc.returncode != 0
     assert "tls needs ingress" in proc.stderr and "add ingress to plugins" in proc.stderr
+    proc = run_helm("template", RELEASE, "--namespace", NAMESPACE, values={"plugins": ["gateway_api", "lb"]}, check=False)
+    assert proc.returncode != 0 and "gateway_api needs ingress" in proc.stderr

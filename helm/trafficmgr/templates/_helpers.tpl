@@ -63,6 +63,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- if and (has "mtls" $all) (not .Values.meshIdentity.enabled) -}}
 {{- fail "plugins: mtls needs meshIdentity.enabled=true (sidecars need workload certificates for mutual TLS): enable it, or remove mtls" -}}
 {{- end -}}
+{{- if and (has "gateway_api" $all) (not (has "ingress" $all)) -}}
+{{- fail "plugins: gateway_api needs ingress (Gateways are served by the ingress gateway proxies, with its --gateway-* options): add ingress to plugins, or remove gateway_api" -}}
+{{- end -}}
 {{- if and (has "tls" $all) (not (has "ingress" $all)) -}}
 {{- fail "plugins: tls needs ingress (it serves the Ingress gateway's HTTPS): add ingress to plugins, or remove tls" -}}
 {{- end -}}
@@ -326,3 +329,10 @@ one version and carry its sha256 (pip's hash-checking mode accepts nothing else)
       readOnly: true
 {{- end }}
 {{- define "trafficmgr.gatewayProxyDir" -}}/var/run/trafficmgr/proxy{{- end }}
+
+{{/* The smallest of a list of ports (as a string). */}}
+{{- define "trafficmgr.minPort" -}}
+{{- $min := 65536 -}}
+{{- range . -}}{{- if lt (int .) $min -}}{{- $min = int . -}}{{- end -}}{{- end -}}
+{{- $min -}}
+{{- end }}

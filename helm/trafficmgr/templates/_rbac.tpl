@@ -14,6 +14,9 @@ tls:
   "": [secrets]
 mtls:
   "": [namespaces]
+gateway_api:
+  gateway.networking.k8s.io: [gatewayclasses, gateways, httproutes, grpcroutes, referencegrants]
+  "": [secrets, namespaces]
 {{- end }}
 
 {{/* The control plane's ClusterRole rules for the selected plugins, as a YAML list. */}}
@@ -38,6 +41,12 @@ mtls:
 - apiGroups: [authentication.k8s.io]
   resources: [tokenreviews]
   verbs: [create]
+{{- end }}
+{{- if has "gateway_api" .Values.plugins }}
+# Gateway API status (GatewayClass, Gateway, HTTPRoute, GRPCRoute conditions and addresses).
+- apiGroups: [gateway.networking.k8s.io]
+  resources: [gatewayclasses/status, gateways/status, httproutes/status, grpcroutes/status]
+  verbs: [update, patch]
 {{- end }}
 {{- if has "ingress" .Values.plugins }}
 - apiGroups: [networking.k8s.io]
