@@ -624,3 +624,36 @@ def test_regex_check_without_google_re2(pattern: str, ok: bool, monkeypatch: pyt
     stands in for the program size."""
     monkeypatch.setattr(ir, "_re2", None)
     assert (ir.valid_regex(pattern) == "") is ok
+
+
+# -- arbitrary input --------------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from trafficmgr.plugins.gateway_api import translate  # noqa: E402
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 70000), st.sampled_from(
+    ["", "/", "/a", "Exact", "PathPrefix", "RegularExpression", "web", "*.example.com", "a.example.com", "GET",
+     "RequestHeaderModifier", "URLRewrite", "RequestRedirect", "RequestMirror", "ReplacePrefixMatch", "Service",
+     "x-h", "(", "1s", "https", "All", "Selector", "Gateway", "gw", "default"]))
+_values = st.recursive(_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=3),
+    st.dictionaries(st.sampled_from(["name", "value", "type", "path", "headers", "queryParams", "method", "matches",
+                                     "filters", "backendRefs", "port", "weight", "namespace", "kind", "group",
+                                     "requestHeaderModifier", "urlRewrite", "requestRedirect", "requestMirror",
+                                     "backendRef", "set", "add", "remove", "replacePrefixMatch", "replaceFullPath",
+                                     "hostname", "statusCode", "scheme", "timeouts", "request", "sectionName"]),
+                    inner, max_size=4)), max_leaves=25)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rules=_values, hostnames=_values, parents=_values)
+def test_arbitrary_route_never_raises_and_never_breaks_the_good_route(rules: Any, hostnames: Any, parents: Any) -> None:
+    weird = {"apiVersion": GW_API, "kind": "HTTPRoute", "metadata": meta("weird", created="2026-05-01T00:00:00Z"),
+             "spec": {"parentRefs": parents, "hostnames": hostnames, "rules": rules}}
+    good = route("good", [rule(matches=[m("/good/only")])], hostnames=["good.example.com"])
+    p = base(good, weird)
+    assert "HTTPRoute/default/good/rule0/match0" in sources(vhost(p, "good.example.com"))
+    for sp in p.table.ports:
+        translate._check_port(sp)  # the structural contract the translation enforces
