@@ -657,3 +657,22 @@ def test_arbitrary_route_never_raises_and_never_breaks_the_good_route(rules: Any
     assert "HTTPRoute/default/good/rule0/match0" in sources(vhost(p, "good.example.com"))
     for sp in p.table.ports:
         translate._check_port(sp)  # the structural contract the translation enforces
+
+
+_listener_values = st.recursive(st.one_of(_scalars, st.sampled_from(["HTTP", "HTTPS", "TCP", "Terminate", "Passthrough",
+                                                                     "certificateRefs", "Secret", "cert"])),
+                                lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(
+                                    ["name", "port", "protocol", "hostname", "tls", "mode", "certificateRefs", "allowedRoutes",
+                                     "namespaces", "from", "selector", "matchLabels", "matchExpressions", "kinds", "kind",
+                                     "group", "key", "operator", "values", "namespace"]), inner, max_size=4)), max_leaves=25)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(listeners=_listener_values, addresses=_values)
+def test_arbitrary_gateway_never_raises_and_never_breaks_the_older_gateway(listeners: Any, addresses: Any) -> None:
+    weird = {"apiVersion": GW_API, "kind": "Gateway", "metadata": meta("weird", created="2026-05-01T00:00:00Z"),
+             "spec": {"gatewayClassName": "traffic", "listeners": listeners, "addresses": addresses}}
+    p = base(route("r", [rule()]), weird, secrets=(tls_secret(),))
+    assert sources(vhost(p)) == ["HTTPRoute/default/r/rule0/match0"]
+    for sp in p.table.ports:
+        translate._check_port(sp)
