@@ -301,3 +301,59 @@ def test_programmed_false_address_not_assigned_without_any_address() -> None:
     cond = {c["type"]: c for c in st.status["conditions"]}["Programmed"]
     assert (cond["status"], cond["reason"]) == ("False", "AddressNotAssigned") and "default/traffic-ingress" in cond["message"]
     assert st.status["addresses"] == []
+
+
+def test_conflicts_route_kinds_and_class_parameters_read_back(gw: GatewayCluster) -> None:
+    port, other = free_port(), free_port()
+    gw.kubectl.apply(f"""
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {{name: traffic}}
+spec: {{controllerName: {CONTROLLER}}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {{name: with-params}}
+spec: {{controllerName: {CONTROLLER}, parametersRef: {{group: example.com, kind: Config, name: c}}}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: first, namespace: default}}
+spec:
+  gatewayClassName: traffic
+  listeners:
+  - {{name: a, port: {port}, protocol: HTTP, hostname: x.example.com}}
+  - {{name: same-host, port: {port}, protocol: HTTP, hostname: x.example.com}}
+  - {{name: kinds, port: {other}, protocol: HTTP, allowedRoutes: {{kinds: [{{kind: TCPRoute}}, {{kind: HTTPRoute}}]}}}}
+""")
+    time.sleep(1.1)  # the second Gateway is younger (creationTimestamp has one-second resolution)
+    gw.kubectl.apply(f"""
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: second, namespace: default}}
+spec:
+  gatewayClassName: traffic
+  listeners: [{{name: tls, port: {port}, protocol: HTTPS, tls: {{certificateRefs: [{{name: missing}}]}}}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: on-params, namespace: default}}
+spec: {{gatewayClassName: with-params, listeners: [{{name: h, port: {free_port()}, protocol: HTTP}}]}}
+""")
+
+    def listener_conds(name: str) -> dict[str, dict[str, tuple[str, str]]]:
+        return {ls["name"]: conds(ls["conditions"]) for ls in get(gw, "gateway", name)["status"]["listeners"]}
+
+    first = wait("first", lambda: (x := listener_conds("first")) and len(x) == 3 and x)
+    assert first["a"]["Conflicted"] == ("False", "NoConflicts") and first["a"]["Programmed"] == ("True", "Programmed")
+    assert first["same-host"]["Conflicted"] == ("True", "HostnameConflict")
+    assert first["same-host"]["Programmed"] == ("False", "Invalid")
+    assert first["kinds"]["ResolvedRefs"] == ("False", "InvalidRouteKinds")
+    kinds = {ls["name"]: ls for ls in get(gw, "gateway", "first")["status"]["listeners"]}["kinds"]["supportedKinds"]
+    assert kinds == [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"}]
+    second = wait("second", lambda: listener_conds("second"))
+    assert second["tls"]["Conflicted"] == ("True", "ProtocolConflict")
+    cls = wait("class with parameters", lambda: get(gw, "gatewayclass", "with-params", None)["status"]["conditions"])
+    assert conds(cls)["Accepted"] == ("False", "InvalidParameters")
+    on_params = wait("its Gateway", lambda: conds(get(gw, "gateway", "on-params")["status"]["conditions"])["Accepted"][1] == "Invalid")
+    assert on_params
