@@ -436,3 +436,13 @@ def test_regex_envoy_would_reject_breaks_nothing(rig: Rig) -> None:
     parents = json.loads(rig.c.kubectl("get", "httproute", "rx", "-o", "json"))["status"]["parents"]
     assert {c["type"]: c["reason"] for c in parents[0]["conditions"]}["Accepted"] == "UnsupportedValue"
     assert rig.c.cp.nacks() == []
+
+
+def test_request_timeout(rig: Rig) -> None:
+    host = "timeout.example.com"
+    rig.apply(httproute("timeout", host, f"[{{timeouts: {{request: 300ms}}, backendRefs: [{to('mirror')}]}}]"))
+    rig.wait("route", lambda: rig.served("/", host) == "mirror")
+    rig.backends["mirror"].set(delay=1.5)
+    started = time.monotonic()
+    assert rig.served("/slow", host) == "<504>"
+    assert time.monotonic() - started < 1.2
