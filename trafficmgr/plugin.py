@@ -75,6 +75,7 @@ from trafficmgr.core.protos import (
     socket_address,
     uint32,
 )
+from trafficmgr.core.tlspem import tls_pem_error
 from trafficmgr.core.translate.context import BuildContext, EndpointPair
 
 __all__ = [
@@ -85,5 +86,5 @@ __all__ = [
     "ServicePort", "WatchKind", "__version__", "ads_config_source", "duration_ms", "fraction", "hookimpl",
     "identity_files", "int_at_least", "is_ip", "labels", "listen_port", "load_balancer_addresses", "pack", "percent_fraction",
     "port", "positive_seconds",
-    "socket_address", "uint32",
+    "socket_address", "tls_pem_error", "uint32",
 ]

@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
 import re
-import ssl
-import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
 
-from trafficmgr.plugin import ObjectRef
+from trafficmgr.plugin import ObjectRef, tls_pem_error
 
 GROUP = "gateway.networking.k8s.io"
 API_V1 = f"{GROUP}/v1"
@@ -667,36 +663,12 @@ class CertSecret:
     error: str = ""
 
 
-@contextmanager
-def _memory_file(data: bytes) -> Iterator[str]:
-    """A path to ``data`` that never touches a disk where possible (memfd on Linux)."""
-    if hasattr(os, "memfd_create"):
-        fd = os.memfd_create("trafficmgr-gwapi", 0)
-        try:
-            os.write(fd, data)
-            yield f"/proc/self/fd/{fd}"
-        finally:
-            os.close(fd)
-        return
-    with tempfile.NamedTemporaryFile() as f:  # pragma: no cover - non-Linux
-        f.write(data)
-        f.flush()
-        yield f.name
-
-
 def validate_pem(cert: bytes, key: bytes) -> str:
-    """Why Envoy could not serve this chain and key ("" when it can): loaded with OpenSSL, as Envoy will."""
-    if b"-----BEGIN CERTIFICATE-----" not in cert:
-        return "tls.crt is not a PEM certificate chain"
-    if b"PRIVATE KEY-----" not in key or b"ENCRYPTED" in key:
-        return "tls.key is not one unencrypted PEM private key"
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    """Why Envoy could not serve this chain and key ("" when it can): the check the tls plugin uses."""
     try:
-        with _memory_file(cert) as cert_path, _memory_file(key) as key_path:
-            context.load_cert_chain(cert_path, key_path, password=b"")
-    except (ssl.SSLError, OSError) as exc:
-        return f"tls.crt/tls.key rejected: {getattr(exc, 'reason', None) or exc}"
-    return ""
+        return tls_pem_error(cert.decode("ascii"), key.decode("ascii"))
+    except UnicodeDecodeError:
+        return "tls.crt/tls.key are not PEM (non-ASCII bytes)"
 
 
 def convert_secret(raw: dict[str, Any], ctx: Any) -> CertSecret:
