@@ -76,14 +76,14 @@ from trafficmgr.core.protos import (
     uint32,
 )
 from trafficmgr.core.tlspem import tls_pem_error
-from trafficmgr.core.translate.context import BuildContext, EndpointPair
+from trafficmgr.core.translate.context import BuildContext, EndpointPair, ServiceRoutes
 
 __all__ = [
     "ALL_CHAINS", "CLUSTER", "DEFAULT_CONNECT_TIMEOUT_MS", "DIRECT", "ENDPOINT", "ENVOY_ENABLED", "GATEWAY", "GRPC", "HCM_FILTER",
     "HTTP", "HTTP2", "HTTP_PROTOCOLS", "LISTENER", "MAX_DURATION_MS", "ORDER_DEFAULT", "ORDER_ROUTER", "PORT_PREFIX", "ROUTE", "SECRET",
     "SHARED", "SIDECAR", "TCP", "TCP_CHAINS", "TCP_PROXY_FILTER", "UINT32_MAX", "BuildContext", "Endpoint", "EndpointPair",
     "HttpFilter", "LabelSpec", "Labels", "Model", "NetworkFilter", "ObjectRef", "ObjectStatus", "Pod", "Resource", "Service",
-    "ServicePort", "WatchKind", "__version__", "ads_config_source", "duration_ms", "fraction", "hookimpl",
+    "ServicePort", "ServiceRoutes", "WatchKind", "__version__", "ads_config_source", "duration_ms", "fraction", "hookimpl",
     "identity_files", "int_at_least", "is_ip", "labels", "listen_port", "load_balancer_addresses", "pack", "percent_fraction",
     "port", "positive_seconds",
     "socket_address", "tls_pem_error", "uint32",

@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     from trafficmgr.core.contrib import HttpFilter, NetworkFilter, ObjectStatus, WatchKind
     from trafficmgr.core.labels import LabelSpec
     from trafficmgr.core.model import Endpoint, Model, Service, ServicePort
-    from trafficmgr.core.translate.context import BuildContext, EndpointPair
+    from trafficmgr.core.translate.context import BuildContext, EndpointPair, ServiceRoutes
 
 PROJECT = "trafficmgr"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -282,6 +282,25 @@ def trafficmgr_resources(role: str, model: Model, ctx: BuildContext) -> list[Res
 
     Make them with ``ctx.resource(message, name, refs=...)``, which serializes once and caches by
     content. Secrets are accepted for the gateway view only.
+    """
+
+
+@hookspec
+def trafficmgr_service_routes(role: str, model: Model, ctx: BuildContext) -> list[ServiceRoutes]:
+    """Contribute the routes of sidecar virtual hosts: each :class:`ServiceRoutes` replaces the default
+    route of one Service port's virtual host (``role`` is ``sidecar``; the explicit proxy of local mode
+    serves the same virtual hosts).
+
+    Call style: contribute; errors are isolated, last good: the plugin's previous items are used again
+    (routing stays as it was). Called once per sidecar build: keep it cheap (return the same tuple
+    objects while nothing changed; the core then skips even the comparison). The core compares each
+    item's routes with the previous build's (serialized) and rebuilds only the virtual hosts whose
+    routes changed; an item for a Service port the sidecar does not route as HTTP is ignored; two
+    items for the same Service port: the first wins (the other is logged).
+
+    The routes are final: the core runs no ``trafficmgr_route`` on them; call ``ctx.apply_route_hooks``
+    (with the Service whose policies apply) while building them. ``trafficmgr_virtual_host`` still
+    runs on the virtual host.
     """
 
 

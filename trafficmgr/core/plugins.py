@@ -28,6 +28,7 @@ from trafficmgr.core.cache import TYPE_ORDER, Resource
 from trafficmgr.core.contrib import ALL_CHAINS, ORDER_ROUTER, TCP_CHAINS, HttpFilter, NetworkFilter, ObjectStatus, WatchKind
 from trafficmgr.core.labels import LabelRegistry, LabelSpec
 from trafficmgr.core.once import Seen
+from trafficmgr.core.translate.context import ServiceRoutes
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ HOOK_POLICY: dict[str, str] = {
     "trafficmgr_http_filters": LAST_GOOD,
     "trafficmgr_network_filters": LAST_GOOD,
     "trafficmgr_resources": LAST_GOOD,
+    "trafficmgr_service_routes": LAST_GOOD,
     "trafficmgr_object_status": ISOLATED,
 }
 #: Distinct failures remembered for "log once" (the oldest is forgotten first; a forgotten failure that
@@ -109,6 +111,11 @@ def _check_item(hook: str, item: Any) -> None:
         if item.type_url not in TYPE_ORDER:
             raise TypeError(f"returned resource {item.name!r} of type {item.type_url}, which xDS here does not serve "
                             f"(one of: {', '.join(t.rpartition('.')[2] for t in TYPE_ORDER)})")
+    elif hook == "trafficmgr_service_routes":
+        if not (isinstance(item, ServiceRoutes) and isinstance(item.namespace, str) and isinstance(item.name, str)
+                and isinstance(item.port, int) and isinstance(item.routes, tuple)
+                and all(isinstance(r, Message) and r.DESCRIPTOR.full_name == "envoy.config.route.v3.Route" for r in item.routes)):
+            raise TypeError(f"returned {item!r}, not a ServiceRoutes with str namespace/name, int port and a tuple of Route messages")
     elif hook == "trafficmgr_object_status":
         if not (isinstance(item, ObjectStatus) and isinstance(item.path, str) and isinstance(item.status, dict)):
             raise TypeError(f"returned {item!r}, not an ObjectStatus with a str path and a dict status")

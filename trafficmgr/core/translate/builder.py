@@ -105,7 +105,7 @@ class Builder:
                 resources[cache.ROUTE].extend(out.routes)
                 if self.options.explicit_proxy:
                     resources[cache.LISTENER].append(self.proxy.listener(ctx))
-                    resources[cache.ROUTE].append(self.proxy.routes(out.vhosts, ctx))
+                    resources[cache.ROUTE].append(self.proxy.routes(out.vhosts, ctx, out.clusters))
                 elif inbound_port(self.options):
                     resources[cache.LISTENER].append(self.inbound.listener(ctx))
                     extras[cache.CLUSTER] = dict(self.inbound.clusters(ctx))

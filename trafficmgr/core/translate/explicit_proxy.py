@@ -32,12 +32,16 @@ class ExplicitProxyTranslator:
         self._memo: Memo[str, cache.Resource] = Memo("explicit proxy")
         self._blocked = blocked_virtual_host()
 
-    def routes(self, vhosts: tuple[route_components_pb2.VirtualHost, ...], ctx: BuildContext) -> cache.Resource:
-        """Every HTTP port's virtual hosts, each with a CONNECT route first, then the blocked catch-all."""
-        return self._memo.get(PROXY_ROUTE, vhosts, self._routes, vhosts, ctx)
+    def routes(self, vhosts: tuple[route_components_pb2.VirtualHost, ...], ctx: BuildContext,
+               clusters: tuple[str, ...] = ()) -> cache.Resource:
+        """Every HTTP port's virtual hosts, each with a CONNECT route first (to ``clusters[i]``, the
+        Service port's cluster; default: the first route's), then the blocked catch-all."""
+        return self._memo.get(PROXY_ROUTE, (*vhosts, *clusters), self._routes, vhosts, clusters, ctx)
 
-    def _routes(self, vhosts: tuple[route_components_pb2.VirtualHost, ...], ctx: BuildContext) -> cache.Resource:
-        return route_configuration(PROXY_ROUTE, [with_connect(vh) for vh in vhosts] + [self._blocked], ctx)
+    def _routes(self, vhosts: tuple[route_components_pb2.VirtualHost, ...], clusters: tuple[str, ...],
+                ctx: BuildContext) -> cache.Resource:
+        connected = [with_connect(vh, clusters[i] if i < len(clusters) else "") for i, vh in enumerate(vhosts)]
+        return route_configuration(PROXY_ROUTE, [*connected, self._blocked], ctx)
 
     def listener(self, ctx: BuildContext) -> cache.Resource:
         filters = self.filters.for_role(ctx)
@@ -54,16 +58,19 @@ class ExplicitProxyTranslator:
         return ctx.resource(lst, PROXY_LISTENER, [(cache.ROUTE, PROXY_ROUTE)])
 
 
-def with_connect(vhost: route_components_pb2.VirtualHost) -> route_components_pb2.VirtualHost:
+def with_connect(vhost: route_components_pb2.VirtualHost, cluster: str = "") -> route_components_pb2.VirtualHost:
     """A copy of ``vhost`` whose first route terminates ``CONNECT <service>:<port>`` (how grpcio and other
-    clients use an HTTP proxy): the tunnel's bytes go to the service's cluster as a TCP stream, so one
-    tunnel reaches one pod (no per-request balancing inside it). The other routes are unchanged."""
+    clients use an HTTP proxy): the tunnel's bytes go to ``cluster`` (the service's; default: the first
+    route's) as a TCP stream, so one tunnel reaches one pod (no per-request balancing inside it, and no
+    plugin routes: a tunnel carries no requests to route). The other routes are unchanged."""
     out = route_components_pb2.VirtualHost()
     out.CopyFrom(vhost)
-    default = vhost.routes[0]
+    cluster = cluster or (vhost.routes[0].route.cluster if vhost.routes else "")
+    if not cluster:
+        return out
     connect = route_components_pb2.Route()
     connect.match.connect_matcher.SetInParent()
-    connect.route.cluster = default.route.cluster
+    connect.route.cluster = cluster
     connect.route.timeout.FromSeconds(0)
     connect.route.upgrade_configs.add(upgrade_type="CONNECT").connect_config.SetInParent()
     del out.routes[:]

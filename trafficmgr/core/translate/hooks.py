@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from trafficmgr.core.contrib import HttpFilter, NetworkFilter
 from trafficmgr.core.model import GRPC, Endpoint, Service, ServicePort
 from trafficmgr.core.plugins import PluginHost
-from trafficmgr.core.translate.context import EndpointPair
+from trafficmgr.core.translate.context import EndpointPair, ServiceRoutes
 
 if TYPE_CHECKING:
     from envoy.config.cluster.v3.cluster_pb2 import Cluster
@@ -94,6 +94,10 @@ class Hooks:
 
     def network_filters(self, role: str, ctx: BuildContext) -> list[NetworkFilter | HttpFilter]:
         return self.plugins.collect("trafficmgr_network_filters", what=f"{role} network filters", role=role, ctx=ctx)
+
+    def service_routes(self, ctx: BuildContext) -> list[ServiceRoutes]:
+        return self.plugins.collect("trafficmgr_service_routes", what=f"{ctx.role} service routes", role=ctx.role,
+                                    model=ctx.model, ctx=ctx)
 
     def resources(self, ctx: BuildContext) -> list[Resource]:
         return self.plugins.collect("trafficmgr_resources", what=f"{ctx.role} resources", role=ctx.role,

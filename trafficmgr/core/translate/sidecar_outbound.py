@@ -4,11 +4,17 @@ Connections the agent redirected (nat OUTPUT) keep their original destination: a
 planned destination IP:port sends HTTP through a connection manager (routes ``outbound|<port>``, one
 virtual host per service port) and TCP/direct to the cluster. Anything else is blocked: HTTP gets a 404
 explaining why, other TCP is closed.
+
+A virtual host's routes are one default route to the Service port's cluster, unless a plugin's
+``trafficmgr_service_routes`` gives that Service port its own routes (Gateway API mesh routes): they
+replace the default route. They are compared serialized with the previous build's, so only virtual
+hosts whose routes changed are rebuilt.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 
 import attrs
 from envoy.config.core.v3 import base_pb2
@@ -27,6 +33,8 @@ from trafficmgr.core.translate.hooks import Hooks
 from trafficmgr.core.translate.http import ROUTER_FILTER, Filters, HttpFilters
 from trafficmgr.core.translate.memo import Memo
 from trafficmgr.core.translate.plan import REASON_CONFLICT, Destination, SidecarPlan
+
+log = logging.getLogger(__name__)
 
 OUTBOUND_LISTENER = "outbound"
 BLOCKED_BODY = "trafficmgr: port not enabled (label the service with traffic.port.<port>=http|http2|grpc|tcp|direct)\n"
@@ -66,6 +74,8 @@ class OutboundOut:
     routes: tuple[cache.Resource, ...]
     #: The virtual hosts of each HTTP port, in route order (the explicit proxy serves them all).
     vhosts: tuple[route_components_pb2.VirtualHost, ...]
+    #: The Service port cluster of each of ``vhosts`` (where the explicit proxy's CONNECT tunnels go).
+    clusters: tuple[str, ...] = ()
 
 
 class OutboundTranslator:
@@ -81,20 +91,29 @@ class OutboundTranslator:
         self._shared: Memo[int, frozenset[str]] = Memo("shared domains")
         self._listener: Memo[str, cache.Resource] = Memo("outbound listener")
         self._blocked: Memo[int | None, listener_components_pb2.FilterChain] = Memo("blocked chains")
+        #: Plugin routes by (namespace, service, port): the tuple last returned and its serialization.
+        self._serialized: dict[tuple[str, str, int], tuple[tuple[object, ...], bytes]] = {}
 
     def translate(self, plan: SidecarPlan, ctx: BuildContext) -> OutboundOut:
         filters = self.filters.for_role(ctx)
-        return self._out.get(OUTBOUND_LISTENER, (plan, filters), self._translate, plan, filters, ctx)
+        overrides = self._service_routes(ctx)
+        changed = tuple((k, v[0]) for k, v in overrides.items())  # bytes: equal when unchanged
+        return self._out.get(OUTBOUND_LISTENER, (plan, filters, changed), self._translate, plan, filters, overrides, ctx)
 
-    def _translate(self, plan: SidecarPlan, filters: Filters, ctx: BuildContext) -> OutboundOut:
+    def _translate(self, plan: SidecarPlan, filters: Filters,
+                   overrides: dict[tuple[str, str, int], tuple[bytes, tuple[object, ...]]], ctx: BuildContext) -> OutboundOut:
         for c in plan.conflicts:
             ctx.report(c.ref, c.message, REASON_CONFLICT)
         chains = [self._chains.get(d.key, (d, filters), self._chain, d, filters, ctx) for d in plan.destinations]
         by_port: dict[int, list[tuple[Destination, route_components_pb2.VirtualHost]]] = {}
         for d in plan.destinations:
             if d.http:
-                # A headless Service's virtual host names its pods' addresses: they are inputs too.
-                vh = self._vhosts.get(d.key, (d.service, d.port, d.ips if d.service.headless else ()), self._vhost, d, ctx)
+                svc = d.service
+                data, routes = overrides.get((svc.namespace, svc.name, d.port.port), (b"", None))
+                # A headless Service's virtual host names its pods' addresses: they are inputs too; plugin
+                # routes by their serialization (equal bytes: the virtual host is reused).
+                vh = self._vhosts.get(d.key, (d.service, d.port, d.ips if d.service.headless else (), data),
+                                      self._vhost, d, routes, ctx)
                 by_port.setdefault(d.port.port, []).append((d, vh))
         vhosts_by_port = {p: self._unique_domains(p, pairs, ctx) for p, pairs in by_port.items()}
         live = {d.key for d in plan.destinations}
@@ -112,7 +131,30 @@ class OutboundTranslator:
         tcp_ports = plan.tcp_ports
         listener = self._listener.get(OUTBOUND_LISTENER, (*chains, tcp_ports), self._make_listener, chains, tcp_ports, routes, ctx)
         vhosts = tuple(vh for p in sorted(vhosts_by_port) for vh in vhosts_by_port[p])
-        return OutboundOut(listener, routes, vhosts)
+        clusters = tuple(d.service.cluster_name(d.port) for p in sorted(by_port) for d, _ in by_port[p])
+        return OutboundOut(listener, routes, vhosts, clusters)
+
+    def _service_routes(self, ctx: BuildContext) -> dict[tuple[str, str, int], tuple[bytes, tuple[object, ...]]]:
+        """Every plugin's ``trafficmgr_service_routes`` by (namespace, service, port): (serialization, routes).
+        A tuple returned again (the same object) keeps its serialization; others are serialized (routes
+        are small next to a rebuilt virtual host, and only changed bytes rebuild one)."""
+        out: dict[tuple[str, str, int], tuple[bytes, tuple[object, ...]]] = {}
+        kept: dict[tuple[str, str, int], tuple[tuple[object, ...], bytes]] = {}
+        for item in self.hooks.service_routes(ctx):
+            key = (item.namespace, item.name, item.port)
+            if key in out:
+                log.error("two plugins (or items) give routes to %s/%s port %d: the first is used", *key)
+                continue
+            old = self._serialized.get(key)
+            if old is not None and old[0] is item.routes:
+                data = old[1]
+            else:
+                parts = [r.SerializeToString(deterministic=True) for r in item.routes]
+                data = b"".join(len(p).to_bytes(4, "big") + p for p in parts) or b"\0"
+            kept[key] = (item.routes, data)
+            out[key] = (data, item.routes)
+        self._serialized = kept
+        return out
 
     def _chain(self, d: Destination, filters: Filters, ctx: BuildContext) -> listener_components_pb2.FilterChain:
         svc, port = d.service, d.port
@@ -130,7 +172,7 @@ class OutboundTranslator:
             chain.filters.add(name=TCP_PROXY_FILTER, typed_config=pack(tcp))
         return chain
 
-    def _vhost(self, d: Destination, ctx: BuildContext) -> route_components_pb2.VirtualHost:
+    def _vhost(self, d: Destination, routes: tuple[object, ...] | None, ctx: BuildContext) -> route_components_pb2.VirtualHost:
         svc, port = d.service, d.port
         vh = route_components_pb2.VirtualHost(name=f"{svc.name}.{svc.namespace}:{port.port}")
         domains: list[str] = []
@@ -146,6 +188,11 @@ class OutboundTranslator:
             if port.port == 80:
                 domains.append(h)
         vh.domains.extend(dict.fromkeys(domains or ["*"]))
+        if routes is not None:
+            # A plugin's routes replace the default one; they are final (its route policies already applied).
+            vh.routes.extend(routes)
+            self.hooks.virtual_host(vh, svc, port, ctx)
+            return vh
         route = vh.routes.add()
         route.match.prefix = "/"
         route.route.cluster = svc.cluster_name(port)

@@ -9,6 +9,8 @@
 - ``plan.py`` validates and orders everything into a :class:`table.Table` and the status conditions;
   ``translate.py`` spells the table in Envoy's terms; ``status.py`` writes GatewayClass, Gateway and route
   status as the specification defines it.
+- Mesh routes (GAMMA, ``mesh.py``): HTTPRoutes/GRPCRoutes whose parentRef is a Service in their own
+  namespace replace that Service port's default route in every sidecar (``trafficmgr_service_routes``).
 - Backends of attached routes count as ``http`` ports (GRPCRoute backends as ``grpc``: HTTP/2 upstream);
   the backend Services' label policies apply through ``ctx.apply_route_hooks`` in the translation.
 
@@ -23,11 +25,11 @@ import argparse
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from trafficmgr.plugin import GATEWAY, Model, ObjectStatus, WatchKind, hookimpl
-from trafficmgr.plugins.gateway_api import ir, plan, status, translate
+from trafficmgr.plugin import GATEWAY, SIDECAR, Model, ObjectStatus, WatchKind, hookimpl
+from trafficmgr.plugins.gateway_api import ir, mesh, plan, status, translate
 
 if TYPE_CHECKING:
-    from trafficmgr.plugin import BuildContext, Resource
+    from trafficmgr.plugin import BuildContext, Resource, ServiceRoutes
 
 TRAFFICMGR_DEPENDS = ("ingress",)
 
@@ -82,6 +84,15 @@ def trafficmgr_resources(role: str, ctx: BuildContext) -> list[Resource]:
     if not table.ports:
         return []
     return translate.resources(table, ctx)
+
+
+@hookimpl
+def trafficmgr_service_routes(role: str, ctx: BuildContext) -> list[ServiceRoutes]:
+    """Mesh routes (GAMMA: routes whose parent is a Service) for the sidecar view (``mesh.py``)."""
+    if role != SIDECAR:
+        return []
+    mesh_table = plan.plan(ctx.model, ctx.options).mesh
+    return mesh.service_routes(mesh_table, ctx) if mesh_table or ctx.memo.get(mesh.MEMO) else []
 
 
 @hookimpl

@@ -30,6 +30,7 @@ from typing import Any
 import attrs
 
 from trafficmgr.plugin import Model, Service
+from trafficmgr.plugins.gateway_api import mesh as gamma
 from trafficmgr.plugins.gateway_api import table as t
 from trafficmgr.plugins.gateway_api.ir import (
     GATEWAY,
@@ -107,14 +108,17 @@ class ParentStatus:
 class Plan:
     """Everything planned: the table, the desired statuses of objects we own, the implied port protocols.
 
-    ``routes`` holds every route with at least one parentRef to a Gateway of ours, with its entries for
-    those parents (empty tuple: none any more, our old entries are removed)."""
+    ``routes`` holds every route with at least one parentRef to a Gateway of ours or to a Service (GAMMA),
+    with its entries for those parents (empty tuple: none any more, our old entries are removed).
+    ``mesh``: each Service port's mesh routes in precedence order (``mesh.py``), sorted by
+    ``(namespace, service, port)``."""
 
     table: t.Table
     classes: tuple[tuple[GatewayClass, tuple[Condition, ...]], ...] = ()
     gateways: tuple[GatewayStatus, ...] = ()
     routes: tuple[tuple[Route, tuple[ParentStatus, ...]], ...] = ()
     protocols: tuple[tuple[str, str, int | str, str], ...] = ()
+    mesh: tuple[tuple[tuple[str, str, int], tuple[t.Route, ...]], ...] = ()
 
 
 def controller_name(options: argparse.Namespace) -> str:
@@ -558,12 +562,17 @@ def build(model: Model, options: argparse.Namespace) -> Plan:
     vhosts: dict[tuple[int, int, str], list[_Entry]] = {}
     protocols: set[tuple[str, str, int | str, str]] = set()
     claims: dict[tuple[int, str], list[tuple[Route, tuple[str, ...]]]] = {}
+    mesh_entries: dict[gamma.MeshKey, list[tuple[tuple[Any, ...], t.Route]]] = {}
     for route in routes:
         parents = []
         mine = False
         for ref in route.parent_refs:
+            if gamma.is_service_parent(ref):
+                mine = True  # this control plane is the mesh of every Service (GAMMA)
+                parents.append(gamma.attach(route, ref, model, resolver, mesh_entries, protocols))
+                continue
             if ref.group != GROUP or ref.kind != GATEWAY:
-                continue  # Service parents (GAMMA) and other kinds: not ours
+                continue  # other kinds: not ours
             gw = gateway_keys.get((ref.namespace or route.meta.namespace, ref.name))
             if gw is None:
                 continue
@@ -590,7 +599,8 @@ def build(model: Model, options: argparse.Namespace) -> Plan:
     table = _table(usable, vhosts)
     statuses = tuple(_gateway_status(gw, [e for e in listeners if e.gateway is gw], attached_count, gw_problem.get(id(gw)))
                      for gw in gateways)
-    return Plan(table, tuple(ours.values()), statuses, tuple(route_status), tuple(sorted(protocols, key=str)))
+    return Plan(table, tuple(ours.values()), statuses, tuple(route_status), tuple(sorted(protocols, key=str)),
+                gamma.table(mesh_entries))
 
 
 def _overlap(a: str, b: str) -> bool:
@@ -633,9 +643,31 @@ def _program_route(route: Route, served: list[_Lst], usable: list[_Lst], resolve
     if route.problems:  # an invalid hostname: serving the rest could widen the route to every host
         return (Condition(ACCEPTED, False, "UnsupportedValue", "; ".join(route.problems) + " (the route is not served)"),
                 Condition(RESOLVED_REFS, True, "ResolvedRefs", "all references resolved"), False)
+    matches, problems, ref_conds = route_matches(route, resolver)
+    programmed = False
+    grpc = route.kind == GRPC_ROUTE
+    for m, tie, tr in matches if served else ():
+        add_protocols(tr, protocols)
+        for e in served:
+            port_listeners = [u for u in usable if u.listener.port == e.listener.port]
+            for host in intersect(e.listener.hostname, route.hostnames):
+                owner = _owner(port_listeners, host)
+                if owner is not e:
+                    continue  # a more specific listener on this port owns these requests
+                key = (_grpc_key(m, host) if grpc else _http_key(m)) + tie
+                vhosts.setdefault((int(e.listener.port or 0), id(e), host), []).append(_Entry((1 if grpc else 0, key), tr))
+                programmed = True
+    accepted, resolved = route_conditions(problems, ref_conds)
+    return accepted, resolved, programmed
+
+
+def route_matches(route: Route, resolver: _Resolver) -> tuple[list[tuple[RouteMatch, tuple[Any, ...], t.Route]], list[str], list[Condition]]:
+    """Every match of every valid rule of ``route`` as ``(match, tie-break key, table route)``, with the
+    problems of the rules left out (``UnsupportedValue``) and the backend conditions (shared by Gateway
+    and Service parents)."""
     problems: list[str] = []
     ref_conds: list[Condition] = []
-    programmed = False
+    out: list[tuple[RouteMatch, tuple[Any, ...], t.Route]] = []
     grpc = route.kind == GRPC_ROUTE
     for ri, rule in enumerate(route.rules):
         fields, rule_problems, conds = _rule_actions(route, rule, resolver)
@@ -643,27 +675,25 @@ def _program_route(route: Route, served: list[_Lst], usable: list[_Lst], resolve
         if rule_problems:
             problems.extend(f"rule {ri}: {p}" for p in rule_problems)
             continue
-        if not served:
-            continue
-        for b in (*fields["backends"], *(m.backend for m in fields["mirrors"])):
-            if b.service is not None and b.port is not None:
-                protocols.add((b.namespace, b.name, b.port_number, "grpc" if grpc else "http"))
         for mi, m in enumerate(rule.matches):
             source = f"{route.kind}/{route.meta.namespace}/{route.meta.name}/rule{ri}/match{mi}"
             tm = t.Match(m.path_type, m.path, tuple(t.KeyMatch(k.name, k.value, k.type) for k in m.headers),
                          tuple(t.KeyMatch(k.name, k.value, k.type) for k in m.query), m.method)
             tr = t.Route(tm, timeout_ms=rule.timeout_ms, backend_timeout_ms=rule.backend_timeout_ms, grpc=grpc,
                          source=source, **fields)
-            tie = (route.meta.created, f"{route.meta.namespace}/{route.meta.name}", ri, mi)
-            for e in served:
-                port_listeners = [u for u in usable if u.listener.port == e.listener.port]
-                for host in intersect(e.listener.hostname, route.hostnames):
-                    owner = _owner(port_listeners, host)
-                    if owner is not e:
-                        continue  # a more specific listener on this port owns these requests
-                    key = (_grpc_key(m, host) if grpc else _http_key(m)) + tie
-                    vhosts.setdefault((int(e.listener.port or 0), id(e), host), []).append(_Entry((1 if grpc else 0, key), tr))
-                    programmed = True
+            out.append((m, (route.meta.created, f"{route.meta.namespace}/{route.meta.name}", ri, mi), tr))
+    return out, problems, ref_conds
+
+
+def add_protocols(tr: t.Route, protocols: set[tuple[str, str, int | str, str]]) -> None:
+    """The usable backends (and mirror targets) of ``tr`` are ``grpc`` (GRPCRoute) or ``http`` ports."""
+    for b in (*tr.backends, *(m.backend for m in tr.mirrors)):
+        if b.service is not None and b.port is not None:
+            protocols.add((b.namespace, b.name, b.port_number, "grpc" if tr.grpc else "http"))
+
+
+def route_conditions(problems: list[str], ref_conds: list[Condition]) -> tuple[Condition | None, Condition]:
+    """A parent's Accepted override (``UnsupportedValue`` when rules were left out) and ResolvedRefs."""
     accepted = None
     if problems:
         accepted = Condition(ACCEPTED, False, "UnsupportedValue", "; ".join(problems) + " (those rules are not served)")
@@ -672,7 +702,7 @@ def _program_route(route: Route, served: list[_Lst], usable: list[_Lst], resolve
         resolved = Condition(RESOLVED_REFS, False, ref_conds[0].reason, msg)
     else:
         resolved = Condition(RESOLVED_REFS, True, "ResolvedRefs", "all references resolved")
-    return accepted, resolved, programmed
+    return accepted, resolved
 
 
 def _table(usable: list[_Lst], vhosts: dict[tuple[int, int, str], list[_Entry]]) -> t.Table:
@@ -743,16 +773,18 @@ _memo: list[tuple[tuple[Any, ...], Plan]] = []
 
 
 def inputs(model: Model, options: argparse.Namespace) -> tuple[Any, ...]:
-    """What a plan is made of: our kinds' objects, the Services that routes name, the options it reads.
+    """What a plan is made of: our kinds' objects, the Services that routes name (backends, mirrors,
+    Service parents), the options it reads.
     Compared by identity (objects) and value (option values)."""
     objs: list[Any] = []
     for kind in _KINDS:
         table = model.extra.get(kind) or {}
         objs.append(len(table))
         objs.extend(table.values())
+    routes = [r for kind in ROUTE_KINDS for r in (model.extra.get(kind) or {}).values()]
     names = sorted({(b.namespace or r.meta.namespace, b.name)
-                    for kind in ROUTE_KINDS for r in (model.extra.get(kind) or {}).values()
-                    for rule in r.rules for b in (*rule.backends, *(f.mirror for f in rule.filters if f.mirror))})
+                    for r in routes for rule in r.rules for b in (*rule.backends, *(f.mirror for f in rule.filters if f.mirror))}
+                   | {(p.namespace or r.meta.namespace, p.name) for r in routes for p in r.parent_refs if gamma.is_service_parent(p)})
     objs.append(len(names))
     objs.extend(model.services.get(k) for k in names)
     objs.append((controller_name(options), int(ingress_option(options, "gateway_port"))))

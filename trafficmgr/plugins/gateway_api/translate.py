@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -281,9 +282,18 @@ def route_configuration(sp: ServedPort, chain: Chain, ctx: BuildContext) -> rout
 
 def virtual_host(sp: ServedPort, vh: VirtualHost, ctx: BuildContext) -> route_components_pb2.VirtualHost:
     out = route_components_pb2.VirtualHost(name=vh.hostname, domains=[vh.hostname])
-    for r in vh.routes:
+    out.routes.extend(routes(sp, vh.routes, ctx))
+    return out
+
+
+def routes(sp: ServedPort, table_routes: Iterable[Route], ctx: BuildContext,
+           policy: tuple[Service, ServicePort] | None = None) -> list[route_components_pb2.Route]:
+    """The Envoy routes of ``table_routes`` in order (gateway virtual hosts and sidecar mesh routes);
+    ``policy``: whose route policies apply to weighted routes (see :func:`route`)."""
+    out: list[route_components_pb2.Route] = []
+    for r in table_routes:
         try:
-            out.routes.append(route(sp, r, ctx))
+            out.append(route(sp, r, ctx, policy))
         except ValueError as exc:
             # A route the plan should have refused: it alone answers 500 (or, when even its match
             # cannot be spelled, is left out); the other routes are served.
@@ -295,12 +305,13 @@ def virtual_host(sp: ServedPort, vh: VirtualHost, ctx: BuildContext) -> route_co
                 continue
             broken.direct_response.status = INVALID_STATUS
             broken.direct_response.body.inline_string = f"trafficmgr: route {r.source or ''} cannot be served: {exc}\n"
-            out.routes.append(broken)
+            out.append(broken)
     return out
 
 
-def route(sp: ServedPort, r: Route, ctx: BuildContext) -> route_components_pb2.Route:
-    """One Table route (see the module docstring)."""
+def route(sp: ServedPort, r: Route, ctx: BuildContext, policy: tuple[Service, ServicePort] | None = None) -> route_components_pb2.Route:
+    """One Table route (see the module docstring). Route policies (``ctx.apply_route_hooks``): a single
+    backend's; a weighted route gets ``policy``'s (the mesh parent Service), else none."""
     out = route_components_pb2.Route(name=r.source)
     _match(out.match, r.match)
     host_rewrite = r.rewrite.hostname if r.rewrite is not None else None
@@ -323,7 +334,7 @@ def route(sp: ServedPort, r: Route, ctx: BuildContext) -> route_components_pb2.R
     if r.grpc:
         action.max_stream_duration.grpc_timeout_header_max.FromSeconds(0)
     if len(used) == 1:
-        svc, port = _effective(used[0], r.grpc)
+        svc, port = effective(used[0], r.grpc)
         action.cluster = svc.cluster_name(port)
         ctx.apply_route_hooks(out, svc, port)
     else:
@@ -332,6 +343,8 @@ def route(sp: ServedPort, r: Route, ctx: BuildContext) -> route_components_pb2.R
             w.weight.value = b.weight
         if len(usable) < len(used):
             action.cluster_not_found_response_code = route_components_pb2.RouteAction.INTERNAL_SERVER_ERROR
+        if policy is not None:
+            ctx.apply_route_hooks(out, *policy)
     if host_rewrite:
         action.host_rewrite_literal = host_rewrite
     if r.rewrite is not None and r.rewrite.path_type is not None:
@@ -339,15 +352,15 @@ def route(sp: ServedPort, r: Route, ctx: BuildContext) -> route_components_pb2.R
     for m in r.mirrors:
         if m.backend.service is None or m.backend.port is None:
             continue
-        policy = action.request_mirror_policies.add(cluster=_cluster(m.backend))
-        policy.disable_shadow_host_suffix_append = True
+        mirror = action.request_mirror_policies.add(cluster=_cluster(m.backend))
+        mirror.disable_shadow_host_suffix_append = True
         if m.percent < 100:
-            policy.runtime_fraction.default_value.CopyFrom(percent_fraction(max(m.percent, 0.0)))
+            mirror.runtime_fraction.default_value.CopyFrom(percent_fraction(max(m.percent, 0.0)))
     _timeouts(action, r)
     return out
 
 
-def _effective(b: Backend, grpc: bool) -> tuple[Service, ServicePort]:
+def effective(b: Backend, grpc: bool) -> tuple[Service, ServicePort]:
     """The backend's Service and port as the core serves them: an unlabelled port gets the protocol the
     plugin implies for it (``grpc`` for GRPCRoute backends, ``http`` otherwise), so route hooks see
     the port as its cluster is built."""

@@ -1,0 +1,137 @@
+"""Gateway API for the mesh (GAMMA): HTTPRoutes and GRPCRoutes whose parentRef is a Service.
+
+Producer routes only: a route in the Service's own namespace with a parentRef ``{group: "", kind:
+Service, name, port?}`` applies to every request a sidecar sends to that Service (``port`` given: that
+Service port only; ``sectionName``: the port of that name). Its rules replace the Service port's default
+route in the sidecar's virtual host (``trafficmgr_service_routes``): matches, filters, timeouts and
+weighted backendRefs, in the same precedence as on a Gateway (every route attached to that Service port
+together); a request that matches no rule gets 404 (GAMMA: once routes are bound to a Service, they
+define its routing). Hostnames do not apply to Service parents (GAMMA: the Service is the host).
+
+Status per Service parent (our ``controllerName``): ``Accepted`` True, or False with
+``NoMatchingParent`` (no such Service, or no such port) or ``UnsupportedValue`` (a consumer route: a
+Service parent in another namespace; those need per-namespace sidecar views, which do not exist yet:
+nothing is served for it), and ``ResolvedRefs`` as for Gateway parents.
+
+The parent Service port and the backends count as ``http`` ports (``grpc`` for GRPCRoute), as implied
+protocols (a port labelled ``traffic.port.N`` keeps its label: a ``tcp`` port gets no HTTP routes).
+
+Label policies (``trafficmgr_route``: retries, timeouts, hashing): a route with one backend gets that
+backend Service's, as on the gateway; a weighted route (several backends) gets the *parent* Service's
+(the one clients address: its retries/timeouts are what its callers asked for), applied once to the
+route. A route's own ``timeouts`` win over a label's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from trafficmgr.plugin import Model, Service, ServiceRoutes
+from trafficmgr.plugins.gateway_api import table as t
+from trafficmgr.plugins.gateway_api import translate
+from trafficmgr.plugins.gateway_api.ir import GRPC_ROUTE, ParentRef, Route
+
+if TYPE_CHECKING:
+    from trafficmgr.plugin import BuildContext
+    from trafficmgr.plugins.gateway_api.plan import Condition, ParentStatus, _Resolver
+
+SERVICE = "Service"
+SERVICE_GROUPS = ("", "core")
+#: (namespace, service, port) -> the table routes of that Service port, in precedence order.
+MeshKey = tuple[str, str, int]
+
+
+def is_service_parent(ref: ParentRef) -> bool:
+    """A parentRef to a core Service (GAMMA); the group must be given as ``""`` (or ``core``)."""
+    return ref.kind == SERVICE and ref.group in SERVICE_GROUPS
+
+
+def attach(route: Route, ref: ParentRef, model: Model, resolver: _Resolver,
+           entries: dict[MeshKey, list[tuple[tuple[Any, ...], t.Route]]],
+           protocols: set[tuple[str, str, int | str, str]]) -> ParentStatus:
+    """Attach ``route`` to the Service parent ``ref``: its matches go to ``entries`` (by Service port,
+    with their precedence key); returns our status entry for that parent."""
+    from trafficmgr.plugins.gateway_api.plan import (
+        ACCEPTED,
+        RESOLVED_REFS,
+        Condition,
+        ParentStatus,
+        _grpc_key,
+        _http_key,
+        add_protocols,
+        route_conditions,
+        route_matches,
+    )
+
+    ok_refs = Condition(RESOLVED_REFS, True, "ResolvedRefs", "all references resolved")
+    ns = ref.namespace or route.meta.namespace
+
+    def refused(reason: str, message: str) -> ParentStatus:
+        return ParentStatus(ref, (Condition(ACCEPTED, False, reason, message + " (not served)"), ok_refs))
+
+    if ns != route.meta.namespace:
+        return refused("UnsupportedValue", f"Service {ns}/{ref.name} is in another namespace: consumer routes are not "
+                                           f"supported yet (only routes in the Service's own namespace apply)")
+    svc: Service | None = model.services.get((ns, ref.name))
+    if svc is None:
+        return refused("NoMatchingParent", f"Service {ns}/{ref.name} not found")
+    ports = [p for p in svc.ports if (ref.port is None or p.port == ref.port)
+             and (ref.section_name is None or p.name == ref.section_name)]
+    if not ports:
+        what = " ".join(x for x in (f"port {ref.port}" if ref.port is not None else "",
+                                    f"port named {ref.section_name!r}" if ref.section_name else "") if x)
+        return refused("NoMatchingParent", f"Service {ns}/{ref.name} has no {what}")
+    if route.problems:
+        return refused("UnsupportedValue", "; ".join(route.problems))
+    matches, problems, ref_conds = route_matches(route, resolver)
+    grpc = route.kind == GRPC_ROUTE
+    for port in ports:
+        protocols.add((ns, ref.name, port.port, "grpc" if grpc else "http"))
+        for m, tie, tr in matches:
+            add_protocols(tr, protocols)
+            key = (_grpc_key(m, "*") if grpc else _http_key(m)) + tie
+            entries.setdefault((ns, ref.name, port.port), []).append(((1 if grpc else 0, key), tr))
+    accepted, resolved = route_conditions(problems, ref_conds)
+    conds: tuple[Condition, ...] = (accepted or Condition(ACCEPTED, True, "Accepted", "route accepted"), resolved)
+    return ParentStatus(ref, conds)
+
+
+def table(entries: Mapping[MeshKey, list[tuple[tuple[Any, ...], t.Route]]]) -> tuple[tuple[MeshKey, tuple[t.Route, ...]], ...]:
+    """Each Service port's routes in precedence order, by key (sorted)."""
+    return tuple((key, tuple(tr for _, tr in sorted(entries[key], key=lambda e: e[0]))) for key in sorted(entries))
+
+
+# -- translation -------------------------------------------------------------------------------------
+
+MEMO = "gateway_api.mesh"
+
+
+def service_routes(mesh: tuple[tuple[MeshKey, tuple[t.Route, ...]], ...], ctx: BuildContext) -> list[ServiceRoutes]:
+    """The Envoy routes of each Service port with mesh routes (``trafficmgr_service_routes``), from the
+    plan's mesh table; a Service port's item is reused (the same objects) while its table routes and its
+    Service are unchanged, so the core neither reserializes nor rebuilds its virtual host."""
+    memo: dict[MeshKey, tuple[tuple[t.Route, ...], Service, ServiceRoutes]] = ctx.memo.setdefault(MEMO, {})
+    out: list[ServiceRoutes] = []
+    live = set()
+    for key, routes in mesh:
+        ns, name, number = key
+        svc = ctx.model.services.get((ns, name))
+        port = next((p for p in svc.ports if p.port == number), None) if svc is not None else None
+        if svc is None or port is None:
+            continue
+        live.add(key)
+        old = memo.get(key)
+        if old is not None and old[1] is svc and old[0] == routes:
+            out.append(old[2])
+            continue
+        grpc = any(r.grpc for r in routes)
+        policy = translate.effective(t.Backend(ns, name, number, 1, svc, port), grpc)
+        served = t.ServedPort(number, "HTTP", ())  # redirects keep the Service port unless they name one
+        item = ServiceRoutes(ns, name, number, tuple(translate.routes(served, routes, ctx, policy)))
+        memo[key] = (routes, svc, item)
+        out.append(item)
+    for key in [k for k in memo if k not in live]:
+        del memo[key]
+    return out
+
