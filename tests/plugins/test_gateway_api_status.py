@@ -188,9 +188,11 @@ def test_every_status_reason_read_back_with_kubectl(gw: GatewayCluster) -> None:
         assert p["parentRef"]["name"] == "gw" and p["parentRef"]["kind"] == "Gateway"
     team = wait("other-ns status", lambda: route_parent(gw, "other-ns", ns="team"))
     assert conds(team["conditions"])["Accepted"] == ("False", "NotAllowedByListeners")
-    # Routes whose parents are not ours (a Service: GAMMA; another class's Gateway) get no status from us.
-    for name in ("mesh-only", "foreign"):
-        assert not get(gw, "httproute", name).get("status", {}).get("parents")
+    # A route whose parent is another class's Gateway gets no status from us; a Service parent (GAMMA) is
+    # the mesh's, ours (mesh.py): Accepted.
+    assert not get(gw, "httproute", "foreign").get("status", {}).get("parents")
+    mesh = wait("mesh-only status", lambda: route_parent(gw, "mesh-only"))
+    assert mesh["parentRef"]["kind"] == "Service" and conds(mesh["conditions"])["Accepted"] == ("True", "Accepted")
     # attachedRoutes counts Accepted routes only (good, missing-backend, forbidden, bad-kind).
     assert listeners["http"]["attachedRoutes"] == 4 or wait(
         "attachedRoutes", lambda: {ls["name"]: ls for ls in get(gw, "gateway", "gw")["status"]["listeners"]}["http"]["attachedRoutes"] == 4)

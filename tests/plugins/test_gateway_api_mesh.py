@@ -1,0 +1,233 @@
+"""Gateway API mesh routes (GAMMA producer routes) through a real sidecar Envoy.
+
+The rig: the project's API server with the Gateway API CRDs, the real control plane with every built-in
+plugin, and a sidecar pod (``client.default``) whose outbound traffic to ClusterIPs goes through its
+Envoy. Service ``reviews`` selects both ``reviews-v1`` and ``reviews-v2`` pods; Services ``reviews-v1``
+and ``reviews-v2`` select one each. HTTPRoutes whose parentRef is Service ``reviews`` change where the
+client's requests to ``reviews`` go.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from trafficmgr.apiserver.crds import GATEWAY_API_CRDS, load_manifests
+from trafficmgr.apiserver.errors import ApiError
+from trafficmgr.core.kube import watch as watch_module
+from trafficmgr.testing.cluster import LocalCluster
+from trafficmgr.testing.envoy import wait_for
+from trafficmgr.testing.manifests import pod, service
+from trafficmgr.testing.netns import require as _require_netns
+
+PODS = {"reviews-v1": "10.244.0.11", "reviews-v2": "10.244.0.12"}
+PORT = 9080
+ROUTES: list[str] = []
+
+
+def _manifests() -> str:
+    docs = [service("reviews"), service("reviews-v1", app="reviews-v1"), service("reviews-v2", app="reviews-v2"),
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n"]
+    for name, ip in PODS.items():
+        docs.append(pod(f"{name}-abc", ip, "reviews", labels={"version": name}))
+    out = "---\n".join(docs)
+    # reviews-v1/v2 select by version (service() selects app=<app>): patch the selectors.
+    for v in PODS:
+        out = out.replace(f'"selector": {{"app": "{v}"}}', f'"selector": {{"version": "{v}"}}')
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster(envoy_binary: str) -> Iterator[LocalCluster]:
+    _require_netns()
+    mp = pytest.MonkeyPatch()
+    mp.setattr(watch_module, "NOT_SERVED_RETRY", 0.2)  # the CRDs come after the control plane started
+    try:
+        with LocalCluster(list(PODS.values())) as c:
+            for crd in load_manifests(GATEWAY_API_CRDS):
+                c.store.create(crd)
+            for name, ip in PODS.items():
+                c.backend(name, ip, PORT)
+            c.apply(_manifests())
+            c.wait_config(lambda: _spread(c, 20)["reviews-v1"] > 0, timeout=20, message="reviews not routed")
+            yield c
+    finally:
+        mp.undo()
+
+
+@pytest.fixture(autouse=True)
+def _clean(cluster: LocalCluster) -> Iterator[None]:
+    yield
+    for b in cluster.backends:
+        b.reset()
+    for ns, name in list(ROUTES):
+        try:
+            cluster.store.delete("httproutes", name, ns)
+        except ApiError:
+            pass
+    ROUTES.clear()
+
+
+def httproute(name: str, rules: str, parent: str = "{group: '', kind: Service, name: reviews}",
+              namespace: str = "default") -> str:
+    ROUTES.append((namespace, name))  # type: ignore[arg-type]
+    return f"""
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: {name}, namespace: {namespace}}}
+spec:
+  parentRefs: [{parent}]
+  rules: {rules}
+"""
+
+
+def _request(c: LocalCluster, path: str = "/", headers: dict[str, str] | None = None,
+             method: str = "GET") -> tuple[int, dict[str, Any]]:
+    url = f"http://{c.cluster_ip('reviews')}:{PORT}{path}"
+
+    def run() -> tuple[int, dict[str, Any]]:
+        req = urllib.request.Request(url, headers=headers or {}, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            body = exc.read()
+            try:
+                return exc.code, json.loads(body)
+            except ValueError:
+                return exc.code, {"body": body.decode(errors="replace")}
+        except (urllib.error.URLError, OSError) as exc:  # a connection reset while the configuration changes
+            return 0, {"body": str(exc)}
+
+    assert c.pod is not None
+    return c.pod.in_ns(run)  # type: ignore[no-any-return]
+
+
+def _served(c: LocalCluster, path: str = "/", headers: dict[str, str] | None = None, method: str = "GET") -> str:
+    status, body = _request(c, path, headers, method)
+    return str(body["backend"]) if status == 200 else f"<{status}>"
+
+
+def _spread(c: LocalCluster, n: int, headers: dict[str, str] | None = None) -> Counter[str]:
+    return Counter(_served(c, "/", headers) for _ in range(n))
+
+
+def _parent(c: LocalCluster, name: str, namespace: str = "default") -> dict[str, Any] | None:
+    obj = c.store.get("httproutes", name, namespace)
+    return next(iter((obj.get("status") or {}).get("parents") or []), None)
+
+
+def _conds(parent: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in parent["conditions"]}
+
+
+def test_weighted_split_then_removed_route_gives_default_routing_back(cluster: LocalCluster) -> None:
+    """reviews -> 90 % reviews-v1, 10 % reviews-v2 (checked statistically); deleting the route brings back
+    the Service's own routing (both pods, about half each)."""
+    c = cluster
+    c.apply(httproute("split", "[{backendRefs: [{name: reviews-v1, port: 9080, weight: 90}, "
+                               "{name: reviews-v2, port: 9080, weight: 10}]}]"))
+    # The split is in place once a v1-heavy sample is seen (the default gives about 50/50).
+    c.wait_config(lambda: _spread(c, 40)["reviews-v1"] >= 32, timeout=15, message="mesh route not applied")
+    n = 400
+    seen = _spread(c, n)
+    assert set(seen) <= {"reviews-v1", "reviews-v2"}, seen
+    # Binomial(400, 0.1): mean 40, sd 6; 4 sd either side.
+    assert 16 <= seen["reviews-v2"] <= 64, seen
+    c.store.delete("httproutes", "split", "default")
+    c.wait_config(lambda: _spread(c, 40)["reviews-v2"] >= 8, timeout=15, message="default routing not back")
+    back = _spread(c, 200)
+    assert 60 <= back["reviews-v2"] <= 140, back  # round robin over both pods again
+
+
+def test_header_path_and_method_matches_and_404_for_no_match(cluster: LocalCluster) -> None:
+    """``x-canary: true`` -> reviews-v2; POST /admin... -> reviews-v2; everything else under / -> v1; a
+    route without a catch-all rule answers 404 for requests no rule matches (GAMMA)."""
+    c = cluster
+    c.apply(httproute("canary", """
+  - matches: [{headers: [{name: x-canary, value: "true"}]}, {path: {type: PathPrefix, value: /admin}, method: POST}]
+    backendRefs: [{name: reviews-v2, port: 9080}]
+  - matches: [{path: {type: PathPrefix, value: /}}]
+    backendRefs: [{name: reviews-v1, port: 9080}]"""))
+    c.wait_config(lambda: _served(c, "/", {"x-canary": "true"}) == "reviews-v2"
+                  and _spread(c, 10) == Counter({"reviews-v1": 10}), timeout=15, message="header match not applied")
+    assert _spread(c, 20, {"x-canary": "true"}) == Counter({"reviews-v2": 20})
+    assert _spread(c, 20, {"x-canary": "false"}) == Counter({"reviews-v1": 20})
+    assert _served(c, "/admin/x", method="POST") == "reviews-v2"
+    assert _served(c, "/admin/x", method="GET") == "reviews-v1"
+    assert _served(c, "/administrator", method="POST") == "reviews-v1"  # element-wise prefix
+    # Only a /v2 rule: other paths match no rule.
+    c.apply(httproute("canary", "[{matches: [{path: {type: PathPrefix, value: /v2}}], backendRefs: [{name: reviews-v2, port: 9080}]}]"))
+    c.wait_config(lambda: _served(c, "/other") == "<404>", timeout=15, message="unmatched request not 404")
+    assert _served(c, "/v2/x") == "reviews-v2"
+
+
+def test_header_modifier_and_backend_label_policy(cluster: LocalCluster) -> None:
+    """RequestHeaderModifier reaches the backend; the backend Service's label policy
+    (traffic.retries.5xx) applies to the mesh route that sends to it."""
+    c = cluster
+    c.apply(httproute("modify", """
+  - filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-mesh, value: routed}], remove: [x-drop]}}]
+    backendRefs: [{name: reviews-v2, port: 9080}]"""))
+
+    def modified() -> bool:
+        status, body = _request(c, "/", {"x-drop": "1"})
+        return status == 200 and body["backend"] == "reviews-v2" and body["headers"].get("x-mesh") == "routed" \
+            and "x-drop" not in body["headers"]
+    c.wait_config(modified, timeout=15, message="header modifier not applied")
+    v2 = next(b for b in c.backends if b.name == "reviews-v2")
+    v2.reset().set(statuses=[503, 503])
+    assert _served(c, "/no-retries") == "<503>"
+    c.label("service", "reviews-v2", {"traffic.retries.5xx": "2"})
+    try:
+        def retried() -> bool:
+            v2.reset().set(statuses=[503, 503])
+            return _served(c, "/retried") == "reviews-v2" and v2.hits == 3
+        c.wait_config(retried, timeout=15, message="the backend Service's retries label did not apply to the mesh route")
+    finally:
+        c.label("service", "reviews-v2", {"traffic.retries.5xx": None})
+
+
+def test_status_per_service_parent_and_bad_route_changes_nothing_else(cluster: LocalCluster) -> None:
+    """Accepted/ResolvedRefs per Service parent (our controllerName); a missing Service or port is
+    NoMatchingParent, a consumer route (Service in another namespace) UnsupportedValue and not served, a
+    missing backend ResolvedRefs=False BackendNotFound, an unsupported filter UnsupportedValue; the good
+    route keeps being served throughout."""
+    c = cluster
+    c.apply(httproute("good", "[{backendRefs: [{name: reviews-v2, port: 9080}]}]"))
+    c.wait_config(lambda: _spread(c, 10) == Counter({"reviews-v2": 10}), timeout=15, message="good route not served")
+    c.apply(httproute("missing-svc", "[{backendRefs: [{name: reviews-v1, port: 9080}]}]",
+                      parent="{group: '', kind: Service, name: nope}")
+            + "---" + httproute("missing-port", "[{backendRefs: [{name: reviews-v1, port: 9080}]}]",
+                                parent="{group: '', kind: Service, name: reviews, port: 1234}")
+            + "---" + httproute("consumer", "[{backendRefs: [{name: reviews-v1, namespace: default, port: 9080}]}]",
+                                parent="{group: '', kind: Service, name: reviews, namespace: default}", namespace="shop")
+            + "---" + httproute("bad-backend", "[{matches: [{path: {type: PathPrefix, value: /gone}}], "
+                                               "backendRefs: [{name: gone, port: 9080}]}]")
+            + "---" + httproute("bad-filter", "[{matches: [{path: {type: PathPrefix, value: /ext}}], "
+                                              "filters: [{type: ExtensionRef, extensionRef: {group: x.io, kind: M, name: m}}], "
+                                              "backendRefs: [{name: reviews-v1, port: 9080}]}]"))
+    want = {"good": ("True", "Accepted", "True", "ResolvedRefs"),
+            "missing-svc": ("False", "NoMatchingParent", "True", "ResolvedRefs"),
+            "missing-port": ("False", "NoMatchingParent", "True", "ResolvedRefs"),
+            "bad-backend": ("True", "Accepted", "False", "BackendNotFound"),
+            "bad-filter": ("False", "UnsupportedValue", "True", "ResolvedRefs")}
+    for name, (acc, acc_reason, res, res_reason) in want.items():
+        p = wait_for(lambda name=name: _parent(c, name), 15, message=f"no status on {name}")
+        assert p["controllerName"] == "trafficmgr.io/gateway-controller"
+        assert p["parentRef"]["kind"] == "Service"
+        assert _conds(p) == {"Accepted": (acc, acc_reason), "ResolvedRefs": (res, res_reason)}, (name, p)
+    consumer = wait_for(lambda: _parent(c, "consumer", "shop"), 15, message="no status on the consumer route")
+    assert _conds(consumer)["Accepted"] == ("False", "UnsupportedValue")
+    # Nothing else changed: the good route still sends everything to v2 (the consumer route's v1 is not
+    # served); the bad backend's rule answers 500; the unsupported rule is not served (its path goes to the
+    # good route's catch-all).
+    assert _spread(c, 20) == Counter({"reviews-v2": 20})
+    assert _served(c, "/gone") == "<500>"
+    assert _served(c, "/ext") == "reviews-v2"
