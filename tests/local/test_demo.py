@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -448,6 +449,57 @@ spec:
 
     assert wait_for(get, 15, 0.2, "https://bookinfo.local/productpage never answered") == 200
     assert "127.0.0.1" in demo.kubectl("get", "ingress", "https-ingress")
+
+
+CANARY = """
+apiVersion: v1
+kind: Service
+metadata: {name: reviews-v1}
+spec: {selector: {app: reviews, version: v1}, ports: [{name: http, port: 9080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews-v2}
+spec: {selector: {app: reviews, version: v2}, ports: [{name: http, port: 9080}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews-canary}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews, port: 9080}]
+  rules:
+  - backendRefs: [{name: reviews-v1, port: 9080, weight: 90}, {name: reviews-v2, port: 9080, weight: 10}]
+"""
+
+
+def test_canary_mesh_route(demo: Demo) -> None:
+    """The walkthrough's canary step: a mesh HTTPRoute (parent: Service reviews) sends 90 % of the client
+    sidecar's requests for reviews to reviews-v1 and 10 % to reviews-v2 (the explicit proxy serves the
+    sidecar's routes); deleting it brings back every version (v3 too)."""
+    client = demo.pod_ip("client")
+
+    def versions(n: int) -> Counter[str]:
+        seen: Counter[str] = Counter()
+        for _ in range(n):
+            status, _, body, _ = demo.via(client, "http://reviews:9080/reviews/0")
+            seen[json.loads(body)["podname"].rsplit("-", 2)[0] if status == 200 else f"<{status}>"] += 1
+        return seen
+
+    demo.kubectl("apply", "-f", "-", stdin=CANARY)
+    try:
+        wait_for(lambda: (lambda s: s["reviews-v3"] == 0 and s["reviews-v1"] >= 16)(versions(20)), 30, 0.3,
+                 message="the canary route never applied")
+        seen = versions(200)
+        assert set(seen) <= {"reviews-v1", "reviews-v2"}, seen
+        assert 4 <= seen["reviews-v2"] <= 40, seen  # Binomial(200, 0.1): mean 20, sd 4.2
+        route = json.loads(demo.kubectl("get", "httproute", "reviews-canary", "-o", "json"))
+        parent = route["status"]["parents"][0]
+        assert parent["parentRef"]["kind"] == "Service" and parent["controllerName"] == "trafficmgr.io/gateway-controller"
+        assert {c["type"]: c["status"] for c in parent["conditions"]} == {"Accepted": "True", "ResolvedRefs": "True"}
+    finally:
+        demo.kubectl("delete", "httproute", "reviews-canary")
+        demo.kubectl("delete", "service", "reviews-v1", "reviews-v2")
+    wait_for(lambda: versions(30)["reviews-v3"] > 0, 30, 0.3, message="default routing (v3 too) never came back")
 
 
 def test_proxy_status_lists_every_envoy(demo: Demo) -> None:
