@@ -217,3 +217,40 @@ def test_malformed_items_fail_the_plugin_call() -> None:
                 ServiceRoutes("default", "reviews", 9080, [route_components_pb2.Route()])):  # type: ignore[arg-type]
         with pytest.raises(TypeError):
             _check_item("trafficmgr_service_routes", bad)
+
+
+GRPC = """
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: default}
+spec: {selector: {app: echo}, ports: [{name: grpc, port: 9090}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo-v2, namespace: default}
+spec: {selector: {app: echo, version: v2}, ports: [{name: grpc, port: 9090}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: echo, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo}]
+  rules:
+  - matches: [{method: {service: echo.Echo, method: Say}}]
+    backendRefs: [{name: echo-v2, port: 9090}]
+  - backendRefs: [{name: echo, port: 9090}]
+"""
+
+
+def test_grpcroute_on_a_service_parent() -> None:
+    """A GRPCRoute with a Service parent (no port: every port of the Service): the method match first,
+    HTTP/2 (grpc) clusters for the unlabelled parent and backend ports, the client's grpc-timeout honoured."""
+    snaps, _ = build_from_manifests(manifests(GRPC), plugins())
+    rc = route_config(snaps, "outbound|9090")
+    routes = vhost(rc, "echo.default:9090")["routes"]
+    assert routes[0]["match"]["path"] == "/echo.Echo/Say" and routes[0]["route"]["cluster"] == "9090|default|echo-v2.outbound"
+    assert routes[1]["route"]["cluster"] == "9090|default|echo.outbound"
+    assert all("grpc_timeout_header_max" in r["route"]["max_stream_duration"] for r in routes)
+    clusters = snaps["sidecar"].types[cache.CLUSTER].resources
+    for name in ("9090|default|echo.outbound", "9090|default|echo-v2.outbound"):
+        assert b"envoy.extensions.upstreams.http.v3.HttpProtocolOptions" in clusters[name].body, name  # HTTP/2 upstream
