@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
+from envoy.config.route.v3.route_components_pb2 import Route
 from envoy.extensions.filters.http.fault.v3.fault_pb2 import HTTPFault
 from envoy.extensions.filters.network.rbac.v3.rbac_pb2 import RBAC as NetworkRBAC
 
@@ -33,6 +34,7 @@ from trafficmgr import hookimpl
 from trafficmgr.core import metrics, plugins
 from trafficmgr.core.contrib import HttpFilter, NetworkFilter, ObjectStatus, WatchKind
 from trafficmgr.core.plugins import PluginHost
+from trafficmgr.core.translate.context import ServiceRoutes
 from trafficmgr.testing.cluster import LocalCluster
 from trafficmgr.testing.envoy import wait_for
 from trafficmgr.testing.manifests import join, pod, service
@@ -49,6 +51,7 @@ PLUGIN = "failing"
 EXTRA_CLUSTER = "failing-extra"
 EXTRA_FILTER = "failing.fault"
 EXTRA_NETWORK_FILTER = "failing.rbac"
+EXTRA_ROUTE = "failing-route"
 
 
 def errors(hook: str) -> float:
@@ -131,6 +134,17 @@ class Failing:
         c = Cluster(name=EXTRA_CLUSTER, type=Cluster.STATIC)
         c.connect_timeout.FromSeconds(1)
         return [ctx.resource(c, EXTRA_CLUSTER)]
+
+    @hookimpl
+    def trafficmgr_service_routes(self, role: str) -> list[ServiceRoutes]:
+        if self._fail("trafficmgr_service_routes"):
+            raise RuntimeError("test failure in trafficmgr_service_routes")
+        if role != "sidecar":
+            return []
+        route = Route(name=EXTRA_ROUTE)  # bare's own cluster, named so the config dump shows it
+        route.match.prefix = "/"
+        route.route.cluster = "9080|default|bare.outbound"
+        return [ServiceRoutes("default", "bare", 9080, (route,))]
 
     @hookimpl
     def trafficmgr_port_protocols(self) -> list[tuple[str, str, int | str, str]]:
@@ -253,7 +267,7 @@ def test_failing_runtime_hook_keeps_serving_and_updating(hook: str, cluster_for:
     good, other, bare = (f"http://{c.cluster_ip(n)}:9080/" for n in ("good", "other", "bare"))
     for url in (good, other, bare):
         wait_for(lambda url=url: c.pod.curl(url)[0] == 200, 15, message=f"{url} not served before the failure")
-    wait_for(lambda: EXTRA_CLUSTER in _clusters(c) and EXTRA_FILTER in _text(c), 10,
+    wait_for(lambda: EXTRA_CLUSTER in _clusters(c) and EXTRA_FILTER in _text(c) and EXTRA_ROUTE in _text(c), 10,
              message="the plugin's contributions did not reach Envoy before the failure")
     before = errors(hook)
 
@@ -287,6 +301,7 @@ def test_failing_runtime_hook_keeps_serving_and_updating(hook: str, cluster_for:
     assert "failing_hcm" not in _text(c)
     assert EXTRA_CLUSTER in clusters and EXTRA_FILTER in _text(c)  # LAST_GOOD (and untouched by the others)
     assert EXTRA_NETWORK_FILTER in _text(c)
+    assert EXTRA_ROUTE in _text(c)  # its service routes: LAST_GOOD too
 
     # One log line naming the plugin and the hook, however often it failed.
     lines = [r.getMessage() for r in caplog.records if f"plugin '{PLUGIN}' hook {hook} failed" in r.getMessage()]
