@@ -9,6 +9,7 @@ client's requests to ``reviews`` go.
 
 from __future__ import annotations
 
+import functools
 import json
 import urllib.error
 import urllib.request
@@ -28,7 +29,7 @@ from trafficmgr.testing.netns import require as _require_netns
 
 PODS = {"reviews-v1": "10.244.0.11", "reviews-v2": "10.244.0.12"}
 PORT = 9080
-ROUTES: list[str] = []
+ROUTES: list[tuple[str, str]] = []
 
 
 def _manifests() -> str:
@@ -76,7 +77,7 @@ def _clean(cluster: LocalCluster) -> Iterator[None]:
 
 def httproute(name: str, rules: str, parent: str = "{group: '', kind: Service, name: reviews}",
               namespace: str = "default") -> str:
-    ROUTES.append((namespace, name))  # type: ignore[arg-type]
+    ROUTES.append((namespace, name))
     return f"""
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
@@ -219,7 +220,7 @@ def test_status_per_service_parent_and_bad_route_changes_nothing_else(cluster: L
             "bad-backend": ("True", "Accepted", "False", "BackendNotFound"),
             "bad-filter": ("False", "UnsupportedValue", "True", "ResolvedRefs")}
     for name, (acc, acc_reason, res, res_reason) in want.items():
-        p = wait_for(lambda name=name: _parent(c, name), 15, message=f"no status on {name}")
+        p = wait_for(functools.partial(_parent, c, name), 15, message=f"no status on {name}")
         assert p["controllerName"] == "trafficmgr.io/gateway-controller"
         assert p["parentRef"]["kind"] == "Service"
         assert _conds(p) == {"Accepted": (acc, acc_reason), "ResolvedRefs": (res, res_reason)}, (name, p)
@@ -231,3 +232,38 @@ def test_status_per_service_parent_and_bad_route_changes_nothing_else(cluster: L
     assert _spread(c, 20) == Counter({"reviews-v2": 20})
     assert _served(c, "/gone") == "<500>"
     assert _served(c, "/ext") == "reviews-v2"
+
+
+def test_rewrite_mirror_and_redirect(cluster: LocalCluster) -> None:
+    """URLRewrite ReplacePrefixMatch reaches the backend rewritten; RequestMirror sends the mirror target a
+    copy (the client gets the primary's answer); RequestRedirect answers the client with Location."""
+    c = cluster
+    c.apply(httproute("filters", """
+  - matches: [{path: {type: PathPrefix, value: /old}}]
+    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}}},
+              {type: RequestMirror, requestMirror: {backendRef: {name: reviews-v1, port: 9080}}}]
+    backendRefs: [{name: reviews-v2, port: 9080}]
+  - matches: [{path: {type: PathPrefix, value: /moved}}]
+    filters: [{type: RequestRedirect, requestRedirect: {hostname: example.com, statusCode: 301}}]
+  - backendRefs: [{name: reviews-v2, port: 9080}]"""))
+    def redirect() -> tuple[int, str]:  # urllib would follow it: plain http.client
+        import http.client
+
+        conn = http.client.HTTPConnection(c.cluster_ip("reviews"), PORT, timeout=5)
+        try:
+            conn.request("GET", "/moved/x")
+            resp = conn.getresponse()
+            return resp.status, resp.getheader("location") or ""
+        finally:
+            conn.close()
+
+    pod = c.pod
+    assert pod is not None
+    c.wait_config(lambda: pod.in_ns(redirect) == (301, f"http://example.com:{PORT}/moved/x"), timeout=15,
+                  message="redirect not applied")
+    v1 = next(b for b in c.backends if b.name == "reviews-v1")
+    v1.reset()
+    status, body = _request(c, "/old/page")
+    assert status == 200 and body["backend"] == "reviews-v2" and body["path"] == "/new/page"
+    wait_for(lambda: v1.hits >= 1, 5, message="the mirror target saw no copy")
+    assert v1.requests[-1]["path"] == "/new/page"
