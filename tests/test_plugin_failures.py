@@ -32,9 +32,8 @@ from envoy.extensions.filters.network.rbac.v3.rbac_pb2 import RBAC as NetworkRBA
 
 from trafficmgr import hookimpl
 from trafficmgr.core import metrics, plugins
-from trafficmgr.core.contrib import HttpFilter, NetworkFilter, ObjectStatus, WatchKind
+from trafficmgr.core.contrib import HttpFilter, NetworkFilter, ObjectStatus, ServiceRoutes, WatchKind
 from trafficmgr.core.plugins import PluginHost
-from trafficmgr.core.translate.context import ServiceRoutes
 from trafficmgr.testing.cluster import LocalCluster
 from trafficmgr.testing.envoy import wait_for
 from trafficmgr.testing.manifests import join, pod, service

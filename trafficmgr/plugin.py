@@ -35,6 +35,7 @@ from trafficmgr.core.contrib import (
     HttpFilter,
     NetworkFilter,
     ObjectStatus,
+    ServiceRoutes,
     WatchKind,
 )
 from trafficmgr.core.corelabels import ENVOY_ENABLED
@@ -76,7 +77,7 @@ from trafficmgr.core.protos import (
     uint32,
 )
 from trafficmgr.core.tlspem import tls_pem_error
-from trafficmgr.core.translate.context import BuildContext, EndpointPair, ServiceRoutes
+from trafficmgr.core.translate.context import BuildContext, EndpointPair
 
 __all__ = [
     "ALL_CHAINS", "CLUSTER", "DEFAULT_CONNECT_TIMEOUT_MS", "DIRECT", "ENDPOINT", "ENVOY_ENABLED", "GATEWAY", "GRPC", "HCM_FILTER",

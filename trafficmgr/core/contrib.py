@@ -100,3 +100,20 @@ class ObjectStatus:
     status: dict[str, Any] = attrs.field(eq=False)
     resource_version: str = ""
     ref: ObjectRef | None = None
+
+
+@attrs.frozen(slots=True, eq=False)
+class ServiceRoutes:
+    """What ``trafficmgr_service_routes`` returns: the routes that replace the default route (everything
+    to the Service's own cluster) in the sidecar virtual host of ``namespace``/``name`` port ``port``
+    (the Service port number), in order (Envoy takes the first match; a request matching none gets 404).
+
+    ``routes`` are Envoy ``Route`` messages, final: the core runs no ``trafficmgr_route`` on them (a
+    plugin applies the Services' route policies itself with ``ctx.apply_route_hooks``), then every
+    plugin's ``trafficmgr_virtual_host`` on the virtual host as usual. Return the same tuple object while
+    nothing changed: the core keeps the previous serialization for it."""
+
+    namespace: str
+    name: str
+    port: int
+    routes: tuple[Any, ...]

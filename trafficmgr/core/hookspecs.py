@@ -56,10 +56,10 @@ if TYPE_CHECKING:
     )
 
     from trafficmgr.core.cache import Resource
-    from trafficmgr.core.contrib import HttpFilter, NetworkFilter, ObjectStatus, WatchKind
+    from trafficmgr.core.contrib import HttpFilter, NetworkFilter, ObjectStatus, ServiceRoutes, WatchKind
     from trafficmgr.core.labels import LabelSpec
     from trafficmgr.core.model import Endpoint, Model, Service, ServicePort
-    from trafficmgr.core.translate.context import BuildContext, EndpointPair, ServiceRoutes
+    from trafficmgr.core.translate.context import BuildContext, EndpointPair
 
 PROJECT = "trafficmgr"
 hookspec = pluggy.HookspecMarker(PROJECT)

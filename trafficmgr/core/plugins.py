@@ -25,10 +25,18 @@ from google.protobuf.message import Message
 
 from trafficmgr.core import hookspecs, metrics
 from trafficmgr.core.cache import TYPE_ORDER, Resource
-from trafficmgr.core.contrib import ALL_CHAINS, ORDER_ROUTER, TCP_CHAINS, HttpFilter, NetworkFilter, ObjectStatus, WatchKind
+from trafficmgr.core.contrib import (
+    ALL_CHAINS,
+    ORDER_ROUTER,
+    TCP_CHAINS,
+    HttpFilter,
+    NetworkFilter,
+    ObjectStatus,
+    ServiceRoutes,
+    WatchKind,
+)
 from trafficmgr.core.labels import LabelRegistry, LabelSpec
 from trafficmgr.core.once import Seen
-from trafficmgr.core.translate.context import ServiceRoutes
 
 log = logging.getLogger(__name__)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from trafficmgr.core.contrib import HttpFilter, NetworkFilter
+from trafficmgr.core.contrib import HttpFilter, NetworkFilter, ServiceRoutes
 from trafficmgr.core.model import GRPC, Endpoint, Service, ServicePort
 from trafficmgr.core.plugins import PluginHost
-from trafficmgr.core.translate.context import EndpointPair, ServiceRoutes
+from trafficmgr.core.translate.context import EndpointPair
 
 if TYPE_CHECKING:
     from envoy.config.cluster.v3.cluster_pb2 import Cluster

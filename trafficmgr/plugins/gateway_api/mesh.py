@@ -27,14 +27,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from trafficmgr.plugin import Model, Service, ServiceRoutes
+from trafficmgr.plugin import Service, ServiceRoutes
 from trafficmgr.plugins.gateway_api import table as t
 from trafficmgr.plugins.gateway_api import translate
-from trafficmgr.plugins.gateway_api.ir import GRPC_ROUTE, ParentRef, Route
+from trafficmgr.plugins.gateway_api.ir import ParentRef
 
 if TYPE_CHECKING:
     from trafficmgr.plugin import BuildContext
-    from trafficmgr.plugins.gateway_api.plan import Condition, ParentStatus, _Resolver
 
 SERVICE = "Service"
 SERVICE_GROUPS = ("", "core")
@@ -45,56 +44,6 @@ MeshKey = tuple[str, str, int]
 def is_service_parent(ref: ParentRef) -> bool:
     """A parentRef to a core Service (GAMMA); the group must be given as ``""`` (or ``core``)."""
     return ref.kind == SERVICE and ref.group in SERVICE_GROUPS
-
-
-def attach(route: Route, ref: ParentRef, model: Model, resolver: _Resolver,
-           entries: dict[MeshKey, list[tuple[tuple[Any, ...], t.Route]]],
-           protocols: set[tuple[str, str, int | str, str]]) -> ParentStatus:
-    """Attach ``route`` to the Service parent ``ref``: its matches go to ``entries`` (by Service port,
-    with their precedence key); returns our status entry for that parent."""
-    from trafficmgr.plugins.gateway_api.plan import (
-        ACCEPTED,
-        RESOLVED_REFS,
-        Condition,
-        ParentStatus,
-        _grpc_key,
-        _http_key,
-        add_protocols,
-        route_conditions,
-        route_matches,
-    )
-
-    ok_refs = Condition(RESOLVED_REFS, True, "ResolvedRefs", "all references resolved")
-    ns = ref.namespace or route.meta.namespace
-
-    def refused(reason: str, message: str) -> ParentStatus:
-        return ParentStatus(ref, (Condition(ACCEPTED, False, reason, message + " (not served)"), ok_refs))
-
-    if ns != route.meta.namespace:
-        return refused("UnsupportedValue", f"Service {ns}/{ref.name} is in another namespace: consumer routes are not "
-                                           f"supported yet (only routes in the Service's own namespace apply)")
-    svc: Service | None = model.services.get((ns, ref.name))
-    if svc is None:
-        return refused("NoMatchingParent", f"Service {ns}/{ref.name} not found")
-    ports = [p for p in svc.ports if (ref.port is None or p.port == ref.port)
-             and (ref.section_name is None or p.name == ref.section_name)]
-    if not ports:
-        what = " ".join(x for x in (f"port {ref.port}" if ref.port is not None else "",
-                                    f"port named {ref.section_name!r}" if ref.section_name else "") if x)
-        return refused("NoMatchingParent", f"Service {ns}/{ref.name} has no {what}")
-    if route.problems:
-        return refused("UnsupportedValue", "; ".join(route.problems))
-    matches, problems, ref_conds = route_matches(route, resolver)
-    grpc = route.kind == GRPC_ROUTE
-    for port in ports:
-        protocols.add((ns, ref.name, port.port, "grpc" if grpc else "http"))
-        for m, tie, tr in matches:
-            add_protocols(tr, protocols)
-            key = (_grpc_key(m, "*") if grpc else _http_key(m)) + tie
-            entries.setdefault((ns, ref.name, port.port), []).append(((1 if grpc else 0, key), tr))
-    accepted, resolved = route_conditions(problems, ref_conds)
-    conds: tuple[Condition, ...] = (accepted or Condition(ACCEPTED, True, "Accepted", "route accepted"), resolved)
-    return ParentStatus(ref, conds)
 
 
 def table(entries: Mapping[MeshKey, list[tuple[tuple[Any, ...], t.Route]]]) -> tuple[tuple[MeshKey, tuple[t.Route, ...]], ...]:

@@ -569,7 +569,7 @@ def build(model: Model, options: argparse.Namespace) -> Plan:
         for ref in route.parent_refs:
             if gamma.is_service_parent(ref):
                 mine = True  # this control plane is the mesh of every Service (GAMMA)
-                parents.append(gamma.attach(route, ref, model, resolver, mesh_entries, protocols))
+                parents.append(_attach_service_parent(route, ref, model, resolver, mesh_entries, protocols))
                 continue
             if ref.group != GROUP or ref.kind != GATEWAY:
                 continue  # other kinds: not ours
@@ -813,3 +813,42 @@ def plan(model: Model, options: argparse.Namespace) -> Plan:
 def table(model: Model, options: argparse.Namespace) -> t.Table:
     """The route table (memoized)."""
     return plan(model, options).table
+
+
+def _attach_service_parent(route: Route, ref: ParentRef, model: Model, resolver: _Resolver,
+           entries: dict[gamma.MeshKey, list[tuple[tuple[Any, ...], t.Route]]],
+           protocols: set[tuple[str, str, int | str, str]]) -> ParentStatus:
+    """Attach ``route`` to the Service parent ``ref``: its matches go to ``entries`` (by Service port,
+    with their precedence key); returns our status entry for that parent."""
+
+    ok_refs = Condition(RESOLVED_REFS, True, "ResolvedRefs", "all references resolved")
+    ns = ref.namespace or route.meta.namespace
+
+    def refused(reason: str, message: str) -> ParentStatus:
+        return ParentStatus(ref, (Condition(ACCEPTED, False, reason, message + " (not served)"), ok_refs))
+
+    if ns != route.meta.namespace:
+        return refused("UnsupportedValue", f"Service {ns}/{ref.name} is in another namespace: consumer routes are not "
+                                           f"supported yet (only routes in the Service's own namespace apply)")
+    svc: Service | None = model.services.get((ns, ref.name))
+    if svc is None:
+        return refused("NoMatchingParent", f"Service {ns}/{ref.name} not found")
+    ports = [p for p in svc.ports if (ref.port is None or p.port == ref.port)
+             and (ref.section_name is None or p.name == ref.section_name)]
+    if not ports:
+        what = " ".join(x for x in (f"port {ref.port}" if ref.port is not None else "",
+                                    f"port named {ref.section_name!r}" if ref.section_name else "") if x)
+        return refused("NoMatchingParent", f"Service {ns}/{ref.name} has no {what}")
+    if route.problems:
+        return refused("UnsupportedValue", "; ".join(route.problems))
+    matches, problems, ref_conds = route_matches(route, resolver)
+    grpc = route.kind == GRPC_ROUTE
+    for port in ports:
+        protocols.add((ns, ref.name, port.port, "grpc" if grpc else "http"))
+        for m, tie, tr in matches:
+            add_protocols(tr, protocols)
+            key = (_grpc_key(m, "*") if grpc else _http_key(m)) + tie
+            entries.setdefault((ns, ref.name, port.port), []).append(((1 if grpc else 0, key), tr))
+    accepted, resolved = route_conditions(problems, ref_conds)
+    conds: tuple[Condition, ...] = (accepted or Condition(ACCEPTED, True, "Accepted", "route accepted"), resolved)
+    return ParentStatus(ref, conds)
