@@ -198,6 +198,7 @@ def test_abusive_clients_do_not_exhaust_the_server(served: dict[str, Any]) -> No
             assert sum(codes.values()) == STREAMS, codes
             assert set(codes) <= {"open", "RESOURCE_EXHAUSTED", "CANCELLED", "INTERNAL"}, codes
             assert codes.get("RESOURCE_EXHAUSTED", 0) > STREAMS * 0.5, codes
+            exhausted = codes.get("RESOURCE_EXHAUSTED", 0)
 
             phases.append(('flood', rss.peak))
             silent = abuse(port, "silent", src="127.0.0.10", n=50)
@@ -235,7 +236,10 @@ def test_abusive_clients_do_not_exhaust_the_server(served: dict[str, Any]) -> No
           f"(+{(peak - baseline) / 2**20:.0f} MiB), {elapsed:.0f} s; refused: {grew}; peak after each phase: "
           + ", ".join(f"{name} {value / 2**20:.0f}" for name, value in phases))
     assert peak - baseline < RSS_GROWTH_BOUND, f"RSS grew {(peak - baseline) / 2**20:.0f} MiB"
-    assert grew["too_many_streams"] == STREAMS - CAP * len(SOURCES)
+    # Every refusal the client saw is counted, and nothing beyond the streams over the cap; a stream the
+    # client's grpc cancelled before the server's handler ran (CANCELLED above, under load) is not a
+    # refusal: 24 of 8976 in one clean-clone CI run, 0 when the test runs alone.
+    assert exhausted <= grew["too_many_streams"] <= STREAMS - CAP * len(SOURCES), (exhausted, grew)
     assert grew["no_node_timeout"] == 50
     assert grew["too_large"] == 1  # the 6 MiB one; 20 MiB and 10 MB are over gRPC's own limit
     assert grew["unknown_type"] == 1000
