@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -475,21 +475,30 @@ def _prefix_replacement(match: Match, replacement: str) -> tuple[str, str, str]:
     return ("regex", "^/", repl + "/")  # matched "/": "/bar" -> "<repl>/bar"
 
 
-def _path_rewrite(action: route_components_pb2.RouteAction, rw: Rewrite, match: Match) -> None:
-    if rw.path is None:
-        raise ValueError(f"URLRewrite {rw.path_type} without a path")
-    if rw.path_type == REPLACE_FULL_PATH:
-        action.regex_rewrite.pattern.regex = "^/.*$"
-        action.regex_rewrite.substitution = rw.path
-    elif rw.path_type == REPLACE_PREFIX_MATCH:
-        kind, value, sub = _prefix_replacement(match, rw.path)
+def _replace_path(out: Any, path_type: str | None, path: str | None, match: Match, what: str, full: Callable[[str], None]) -> None:
+    """The path part of a URLRewrite or RequestRedirect (``out``: a RouteAction or RedirectAction, which
+    both have ``prefix_rewrite`` and ``regex_rewrite``); ``full`` sets a ReplaceFullPath."""
+    if path is None:
+        raise ValueError(f"{what} {path_type} without a path")
+    if path_type == REPLACE_FULL_PATH:
+        full(path)
+    elif path_type == REPLACE_PREFIX_MATCH:
+        kind, value, sub = _prefix_replacement(match, path)
         if kind == "prefix":
-            action.prefix_rewrite = value
+            out.prefix_rewrite = value
         else:
-            action.regex_rewrite.pattern.regex = value
-            action.regex_rewrite.substitution = sub
+            out.regex_rewrite.pattern.regex = value
+            out.regex_rewrite.substitution = sub
     else:
-        raise ValueError(f"unknown URLRewrite path type {rw.path_type!r}")
+        raise ValueError(f"unknown {what} path type {path_type!r}")
+
+
+def _path_rewrite(action: route_components_pb2.RouteAction, rw: Rewrite, match: Match) -> None:
+    def full(path: str) -> None:
+        action.regex_rewrite.pattern.regex = "^/.*$"
+        action.regex_rewrite.substitution = path
+
+    _replace_path(action, rw.path_type, rw.path, match, "URLRewrite", full)
 
 
 def _redirect(out: route_components_pb2.RedirectAction, rd: Redirect, match: Match, sp: ServedPort) -> None:
@@ -507,18 +516,5 @@ def _redirect(out: route_components_pb2.RedirectAction, rd: Redirect, match: Mat
     if code is None:
         raise ValueError(f"redirect status code {rd.status_code} (301, 302, 303, 307 or 308)")
     out.response_code = code
-    if rd.path_type is None:
-        return
-    if rd.path is None:
-        raise ValueError(f"RequestRedirect {rd.path_type} without a path")
-    if rd.path_type == REPLACE_FULL_PATH:
-        out.path_redirect = rd.path
-    elif rd.path_type == REPLACE_PREFIX_MATCH:
-        kind, value, sub = _prefix_replacement(match, rd.path)
-        if kind == "prefix":
-            out.prefix_rewrite = value
-        else:
-            out.regex_rewrite.pattern.regex = value
-            out.regex_rewrite.substitution = sub
-    else:
-        raise ValueError(f"unknown RequestRedirect path type {rd.path_type!r}")
+    if rd.path_type is not None:
+        _replace_path(out, rd.path_type, rd.path, match, "RequestRedirect", lambda path: setattr(out, "path_redirect", path))
