@@ -392,7 +392,7 @@ def test_root_rotation_with_overlap_loses_no_request(mesh: Mesh) -> None:
                     patch_type="merge")
         for pod in ("productpage-1", "reviews-1"):
             wait_for(lambda pod=pod: pem(new_cert) in _bundle(m, pod), 30, message=f"{pod} did not get the new root")
-        # 2. The new CA signs; renewed certificates chain to it (the agent renews at a bundle change too).
+        # 2. The new CA signs; renewed certificates chain to it.
         store.patch("secrets", CA_SECRET, {"data": {"tls.crt": base64.b64encode(pem(new_cert)).decode(),
                                                     "tls.key": base64.b64encode(key_pem(new_key)).decode()}}, NS,
                     patch_type="merge")

@@ -29,9 +29,9 @@ from tests.identity.mesh import make_ca, pem, secret
 from tests.identity.realsigner import CA_SECRET, SERVER_NAME, RealSigner
 from trafficmgr import hookimpl
 from trafficmgr.core.agent.agent import Agent, AgentConfig
-from trafficmgr.core.agent.identity import REASON_RENEWAL_FAILED, TRUST_BUNDLE_CONFIGMAP, IdentityConfig
+from trafficmgr.core.agent.identity import REASON_RENEWAL_FAILED, IdentityConfig
 from trafficmgr.core.agent.netns_runtime import ProcessRuntime
-from trafficmgr.core.identity import files
+from trafficmgr.core.identity import BUNDLE_CONFIGMAP, files
 from trafficmgr.core.plugins import PluginHost
 from trafficmgr.testing import netns
 from trafficmgr.testing.backends import HttpBackend
@@ -92,7 +92,7 @@ def cluster(envoy_binary: str) -> Iterator[Cluster]:
 def signer(cluster: Cluster) -> Iterator[RealSigner]:
     s = RealSigner(cluster.store, cluster.kube_client(), NODE, ttl_s=60)  # the shortest TTL serve accepts
     try:
-        wait_for(s.published, 10, message=f"ConfigMap {TRUST_BUNDLE_CONFIGMAP} not published")
+        wait_for(s.published, 10, message=f"ConfigMap {BUNDLE_CONFIGMAP} not published")
         yield s
     finally:
         s.close()

@@ -21,6 +21,7 @@ from kubernetes import client as k8s
 from tests.identity.mesh import NS, Api, csr, uri_sans, verify_chain, weak_rsa_csr
 from trafficmgr.apiserver import ApiError
 from trafficmgr.core import metrics
+from trafficmgr.core.identity import METHOD
 from trafficmgr.core.identity import server as srv
 from trafficmgr.core.identity.ca import BUNDLE_CONFIGMAP, MeshCA
 from trafficmgr.core.identity.server import IdentityServer, Review, SignOptions
@@ -77,7 +78,7 @@ class Mesh:
         body = request if isinstance(request, bytes) else json.dumps(request).encode()
         metadata = [("authorization", f"Bearer {token}")] if token is not None else []
         with grpc.secure_channel(f"127.0.0.1:{self.server.port}", creds, options=[("grpc.enable_http_proxy", 0)]) as ch:
-            answer = ch.unary_unary(srv.METHOD)(body, metadata=metadata, timeout=10)
+            answer = ch.unary_unary(METHOD)(body, metadata=metadata, timeout=10)
         return json.loads(answer)
 
     def request(self, ns: str, pod: str, uri: str | None = None, csr_pem: str | None = None,

@@ -19,7 +19,7 @@ from kubernetes import client as k8s
 from tests.identity.mesh import NS, Api, csr, key_pem, make_ca, pem, secret, uri_sans, verify_chain
 from trafficmgr.apiserver import ApiError
 from trafficmgr.core.bootstrap import XdsTls, bootstrap
-from trafficmgr.core.identity import server as srv
+from trafficmgr.core.identity import METHOD
 from trafficmgr.core.identity.ca import BUNDLE_CONFIGMAP, DEFAULT_SECRET
 from trafficmgr.core.identity.spiffe import spiffe_id
 from trafficmgr.testing.cluster import http_get
@@ -122,7 +122,7 @@ def test_serve_mesh_identity_signs_and_serves_xds_mtls_through_a_root_rotation(t
                                         "uid": store.get("pods", "reviews-1", "default")["metadata"]["uid"]}}
         creds = grpc.ssl_channel_credentials((bundle() or "").encode())
         with grpc.secure_channel(f"127.0.0.1:{identity_port}", creds, options=[("grpc.enable_http_proxy", 0)]) as ch:
-            answer = json.loads(ch.unary_unary(srv.METHOD)(json.dumps(request).encode(),
+            answer = json.loads(ch.unary_unary(METHOD)(json.dumps(request).encode(),
                                                             metadata=[("authorization", f"Bearer {token}")], timeout=10))
         assert uri_sans(verify_chain(answer["certificate_chain"], answer["trust_bundle"])) == [REVIEWS]
         return answer["certificate_chain"], key_pem(key).decode()

@@ -38,6 +38,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from trafficmgr.core import metrics
+from trafficmgr.core.identity import spiffe
 from trafficmgr.core.model import GATEWAY_CLUSTER, Pod, is_ip, normalize_ip
 from trafficmgr.core.once import Seen
 from trafficmgr.core.xds import unixpeer
@@ -54,7 +55,6 @@ PROXY_UID = 1337
 LOGGED_MAX = 1024
 #: Longest node id quoted in a log line or refusal message (node ids are chosen by the client).
 NODE_ID_SHOWN = 100
-_SPIFFE = re.compile(r"^spiffe://(?P<td>[^/]+)/ns/(?P<ns>[^/]+)/sa/(?P<sa>[^/]+)$")
 _DNS_LABELS = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 #: ``pods_by_ip(ip)``: ``(pod, its Kubernetes labels)`` of every pod that has or had ``ip``.
@@ -214,25 +214,25 @@ class AccessControl:
     # -- mtls -------------------------------------------------------------------------------------
 
     def _check_mtls(self, node_id: str, gateway: bool, identities: tuple[str, ...]) -> None:
-        ids = [m for m in (_SPIFFE.match(i) for i in identities) if m and m.group("td") == self.trust_domain]
+        ids = {(p[1], p[2]) for p in map(spiffe.parse, identities) if p and p[0] == self.trust_domain}
         if not identities:
             raise PermissionError("no verified client certificate with a URI SAN")
         if gateway:
             want = (self.gateway_namespace, self.gateway_service_account)
-            if any((m.group("ns"), m.group("sa")) == want for m in ids):
+            if want in ids:
                 return
             raise PermissionError(f"certificate {_shown(identities)} is not the gateway identity "
-                                  f"spiffe://{self.trust_domain}/ns/{want[0]}/sa/{want[1]}")
+                                  f"{spiffe.spiffe_id(self.trust_domain, *want)}")
         pod = self._claimed_pod(node_id)
         if pod is None:
             raise PermissionError(f"node {shorten(node_id)} is not a known pod")
         if not pod.live:
             raise PermissionError(f"pod {pod.namespace}/{pod.name} is {_state(pod)}")
         want = (pod.namespace, service_account(pod))
-        if any((m.group("ns"), m.group("sa")) == want for m in ids):
+        if want in ids:
             return
         raise PermissionError(f"certificate {_shown(identities)} does not name node {shorten(node_id)}: "
-                              f"want spiffe://{self.trust_domain}/ns/{want[0]}/sa/{want[1]}")
+                              f"want {spiffe.spiffe_id(self.trust_domain, *want)}")
 
 
 def _state(pod: Pod) -> str:

@@ -214,6 +214,7 @@ def mesh_options(args: argparse.Namespace) -> MeshOptions | None:
     import ipaddress
     import os
 
+    from trafficmgr.core.identity import DEFAULT_PORT
     from trafficmgr.core.identity import ca as ca_mod
     from trafficmgr.core.identity import server as srv
 
@@ -259,7 +260,7 @@ def mesh_options(args: argparse.Namespace) -> MeshOptions | None:
     check("identity_agent_service_account", srv.check_namespace, agent_ns)
     check("identity_agent_service_account", lambda v: srv.check_name(v, "ServiceAccount name"), agent_sa)
     return MeshOptions(mode=opt("mesh_ca_mode", "generate"), secret=secret, namespace=namespace, ttl=ttl,
-                       address=address, port=opt("identity_port", srv.DEFAULT_PORT), dns_names=names,
+                       address=address, port=opt("identity_port", DEFAULT_PORT), dns_names=names,
                        audience=audience, agent_namespace=agent_ns, agent_service_account=agent_sa,
                        trust_domain=getattr(args, "trust_domain", None) or "cluster.local")
 

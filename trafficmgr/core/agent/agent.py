@@ -62,6 +62,7 @@ from trafficmgr.core.bootstrap import (
     bootstrap,
 )
 from trafficmgr.core.corelabels import ENVOY_ENABLED
+from trafficmgr.core.identity.spiffe import pod_service_account
 from trafficmgr.core.kube.assemble import DAEMON_SET, DEPLOYMENT, POD, REPLICA_SET, STATEFUL_SET, Assembler
 from trafficmgr.core.kube.client import Kind, KubeClient
 from trafficmgr.core.kube.events import EventRecorder
@@ -402,7 +403,7 @@ class Agent:
                 log.warning("sidecar %s of %s/%s is not LIVE after %.0fs (control plane unreachable?); capturing anyway",
                             sidecar.id[:12], key[0], key[1], LIVE_TIMEOUT)
         if self.identity is not None and not self.identity.tracked(sidecar.id):
-            self.identity.track(sidecar.id, self.runtime.workdir(sidecar), pod, _service_account(raw), _pod_ref(raw or {}))
+            self.identity.track(sidecar.id, self.runtime.workdir(sidecar), pod, pod_service_account(raw or {}), _pod_ref(raw or {}))
         if self.runtime.captures_traffic:
             run = iptables.netns_runner(network.netns)
             inbound = self.config.inbound_port
@@ -422,7 +423,7 @@ class Agent:
             pod, sidecar_bootstrap(pod, self.config, self.plugins, self.options, own_netns=self.runtime.captures_traffic),
             self.config.proxy_uid,
             xds_socket=host[len("unix:"):] if host.startswith("unix:") else None,
-            prepare=self.identity.prepare(pod, _service_account(raw)) if self.identity is not None else None,
+            prepare=self.identity.prepare(pod, pod_service_account(raw or {})) if self.identity is not None else None,
         )
         sidecar = self.runtime.start(spec, network)
         log.info("started sidecar %s for pod %s/%s", sidecar.id[:12], pod.namespace, pod.name)
@@ -468,11 +469,6 @@ LIVE_TIMEOUT = 10.0
 
 def _annotation(raw: dict[str, Any] | None) -> str | None:
     return (((raw or {}).get("metadata") or {}).get("annotations") or {}).get(ANNOTATION)
-
-
-def _service_account(raw: dict[str, Any] | None) -> str:
-    """The pod's ServiceAccount ("" is ``default``, as in Kubernetes)."""
-    return str(((raw or {}).get("spec") or {}).get("serviceAccountName") or "default")
 
 
 def _pod_ref(raw: dict[str, Any]) -> ObjectRef:

@@ -8,7 +8,8 @@ directory (:mod:`trafficmgr.core.identity.files`, ``identity/``, owned by the pr
 Envoy starts; Envoy reads them through file-based SDS and picks up every later change without a restart.
 
 - Renewal at half-life of the current certificate (read from ``identity/cert.pem``, so a restarted agent
-  adopting running sidecars renews them on time), and at once when the trust bundle changes.
+  adopting running sidecars renews them on time). A trust bundle change rewrites every ``bundle.pem``
+  (same key and chain) and renews nothing.
 - A failed renewal is retried with capped, jittered exponential backoff and reported as a Warning Event
   ``CertificateRenewalFailed`` on the pod; the current certificate stays in place (Envoy keeps serving
   it) until a new one arrives, even past its expiry (then peers refuse it: the Event said so before).
@@ -36,7 +37,7 @@ from typing import Any
 import attrs
 
 from trafficmgr.core.agent.runtime import PodRef, SidecarError
-from trafficmgr.core.identity import client, files, spiffe
+from trafficmgr.core.identity import BUNDLE_CONFIGMAP, BUNDLE_KEY, client, files, spiffe
 from trafficmgr.core.kube.client import Kind, KubeClient
 from trafficmgr.core.kube.events import EventRecorder
 from trafficmgr.core.kube.watch import Watcher
@@ -47,8 +48,6 @@ log = logging.getLogger(__name__)
 #: The Warning Event reason of a failed renewal.
 REASON_RENEWAL_FAILED = "CertificateRenewalFailed"
 #: The ConfigMap the control plane publishes the trust bundle in (its namespace), and its key.
-TRUST_BUNDLE_CONFIGMAP = "trafficmgr-trust-bundle"
-TRUST_BUNDLE_KEY = "ca.crt"
 CONFIG_MAP = Kind("ConfigMap", "v1", "configmaps")
 #: The shortest time between two renewals of one certificate (a signer issuing nearly expired ones).
 MIN_RENEWAL_S = 5.0
@@ -123,7 +122,7 @@ class IdentityManager:
 
     def start(self) -> IdentityManager:
         self.watcher = Watcher(self.kube, CONFIG_MAP, self._on_configmap, namespace=self.config.ca_namespace,
-                               field_selector=f"metadata.name={TRUST_BUNDLE_CONFIGMAP}")
+                               field_selector=f"metadata.name={BUNDLE_CONFIGMAP}")
         self.watcher.start()
         self._thread = threading.Thread(target=self._loop, name="identity", daemon=True)
         self._thread.start()
@@ -146,20 +145,20 @@ class IdentityManager:
             return self._bundle
 
     def describe_bundle(self) -> str:
-        return f"ConfigMap {self.config.ca_namespace}/{TRUST_BUNDLE_CONFIGMAP}"
+        return f"ConfigMap {self.config.ca_namespace}/{BUNDLE_CONFIGMAP}"
 
     # -- the trust bundle ---------------------------------------------------------------------
 
     def _on_configmap(self, etype: str, kind: Kind, obj: Any) -> None:
         objs = obj if etype == "RELIST" else [] if etype == "DELETED" else [obj]
-        found = next((o for o in objs if (o.get("metadata") or {}).get("name") == TRUST_BUNDLE_CONFIGMAP), None)
-        if etype == "DELETED" and (obj.get("metadata") or {}).get("name") != TRUST_BUNDLE_CONFIGMAP:
+        found = next((o for o in objs if (o.get("metadata") or {}).get("name") == BUNDLE_CONFIGMAP), None)
+        if etype == "DELETED" and (obj.get("metadata") or {}).get("name") != BUNDLE_CONFIGMAP:
             return
-        text = ((found or {}).get("data") or {}).get(TRUST_BUNDLE_KEY) or ""
+        text = ((found or {}).get("data") or {}).get(BUNDLE_KEY) or ""
         if not text:
             # Deleted or emptied: keep the last bundle (proxies keep trusting what they trust), say so.
             if self._bundle is not None:
-                log.warning("%s is gone or has no %s: keeping the last trust bundle", self.describe_bundle(), TRUST_BUNDLE_KEY)
+                log.warning("%s is gone or has no %s: keeping the last trust bundle", self.describe_bundle(), BUNDLE_KEY)
             return
         data = text.encode()
         try:
@@ -173,10 +172,10 @@ class IdentityManager:
             first = self._bundle is None
             self._bundle = data
             if not first:
+                # Rewrite every sidecar's bundle.pem (same key and chain). No renewal: the roots change
+                # at rotation steps 1 and 3, and certificates of the current signer stay valid (step 2
+                # switches the signer; certificates move to it at their half-life).
                 self._bundle_changed = True
-                for entry in self._entries.values():
-                    entry.due = 0.0  # renew at once (a rotation may be under way)
-                    entry.failures = 0
             self._wake.notify_all()
         log.info("trust bundle %s from %s", "loaded" if first else "changed", self.describe_bundle())
 

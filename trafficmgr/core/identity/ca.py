@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from trafficmgr.core import metrics
+from trafficmgr.core.identity import BUNDLE_CONFIGMAP, BUNDLE_KEY
 
 if TYPE_CHECKING:
     import grpc
@@ -54,8 +55,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_SECRET = "trafficmgr-mesh-ca"
-BUNDLE_CONFIGMAP = "trafficmgr-trust-bundle"
-BUNDLE_KEY = "ca.crt"
 MODES = ("generate", "provided")
 #: Lifetime of a generated root.
 ROOT_LIFETIME = datetime.timedelta(days=3650)
@@ -557,10 +556,11 @@ class MeshCA:
         )
         return pem(cert) + m.chain_pem, cert.not_valid_after_utc
 
-    def sign(self, csr_pem: str | bytes, spiffe_id: str, ttl: datetime.timedelta) -> tuple[str, datetime.datetime]:
-        """Sign a workload CSR whose only SAN must be ``spiffe_id``: ``(chain PEM, notAfter)``, the chain
-        being the leaf, the signing CA and its intermediates. Raises :class:`CSRError` / :class:`CAError`."""
-        checked = check_csr(csr_pem)
+    def sign(self, csr: str | bytes | CheckedCSR, spiffe_id: str, ttl: datetime.timedelta) -> tuple[str, datetime.datetime]:
+        """Sign a workload CSR (PEM, or already :func:`check_csr`-ed) whose only SAN must be ``spiffe_id``:
+        ``(chain PEM, notAfter)``, the chain being the leaf, the signing CA and its intermediates. Raises
+        :class:`CSRError` / :class:`CAError`."""
+        checked = csr if isinstance(csr, CheckedCSR) else check_csr(csr)
         if checked.uri != spiffe_id:
             raise CSRError(f"CSR asks for {checked.uri}, expected {spiffe_id}")
         return self._issue(checked.csr.public_key(), [x509.UniformResourceIdentifier(spiffe_id)], ttl)

@@ -25,10 +25,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-#: The gRPC method (unary; request and response are UTF-8 JSON bytes, no generated stubs).
-METHOD = "/trafficmgr.identity.v1.Identity/Sign"
-#: Default port of the signing service (``serve --identity-port``).
-DEFAULT_PORT = 15012
+from trafficmgr.core.identity import DEFAULT_PORT, METHOD
+
 #: Largest answer accepted (a chain and a bundle of a few certificates are a few KiB).
 MAX_RESPONSE = 256 * 1024
 

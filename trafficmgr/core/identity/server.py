@@ -51,8 +51,9 @@ import attrs
 import grpc
 
 from trafficmgr.core import metrics
+from trafficmgr.core.identity import DEFAULT_PORT, SERVICE
 from trafficmgr.core.identity.ca import CAError, CSRError, MeshCA, ServingCredentials, check_csr
-from trafficmgr.core.identity.spiffe import spiffe_id
+from trafficmgr.core.identity.spiffe import pod_service_account, spiffe_id
 from trafficmgr.core.once import Seen
 
 if TYPE_CHECKING:
@@ -60,9 +61,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SERVICE = "trafficmgr.identity.v1.Identity"
-METHOD = f"/{SERVICE}/Sign"
-DEFAULT_PORT = 15012
 DEFAULT_AUDIENCE = "trafficmgr"
 DEFAULT_AGENT_SERVICE_ACCOUNT = "trafficmgr-agent"
 DEFAULT_TTL = datetime.timedelta(hours=24)
@@ -184,11 +182,6 @@ def parse_request(body: bytes) -> tuple[str, PodRef]:
     if not isinstance(uid, str) or not uid or len(uid) > 128:
         raise bad("pod.uid missing (the uid binds the request to one pod: a replaced pod gets nothing)")
     return csr, PodRef(ns, name, uid)
-
-
-def pod_service_account(pod: Mapping[str, Any]) -> str:
-    spec = pod.get("spec") or {}
-    return spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
 
 
 def authorize(review: Review, pod: Mapping[str, Any] | None, ref: PodRef, agent_username: str,
@@ -345,7 +338,7 @@ class IdentityService:
                 raise _denied("identity_mismatch", f"CSR asks for {checked.uri}, pod {ref} runs as "
                                                    f"sa/{identity.rpartition('/')[2]} ({identity})")
             try:
-                chain, expires = self.ca.sign(csr_pem, identity, self.options.ttl)
+                chain, expires = self.ca.sign(checked, identity, self.options.ttl)
                 bundle = self.ca.trust_bundle()
             except CAError as exc:
                 raise Refusal(grpc.StatusCode.UNAVAILABLE, "unavailable", str(exc)) from None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from typing import Any
 
 _ID = re.compile(r"^spiffe://(?P<td>[^/]+)/ns/(?P<ns>[^/]+)/sa/(?P<sa>[^/]+)$")
 
@@ -16,3 +18,10 @@ def parse(text: str) -> tuple[str, str, str] | None:
     """``(trust domain, namespace, service account)`` of a workload SPIFFE ID, or None."""
     m = _ID.match(text)
     return (m["td"], m["ns"], m["sa"]) if m else None
+
+
+def pod_service_account(pod: Mapping[str, Any]) -> str:
+    """The ServiceAccount a raw pod runs as: ``spec.serviceAccountName``, else the deprecated
+    ``spec.serviceAccount``, else ``default`` (as Kubernetes decides)."""
+    spec = pod.get("spec") or {}
+    return str(spec.get("serviceAccountName") or spec.get("serviceAccount") or "default")
