@@ -418,24 +418,32 @@ def _rbac(policy: str, permission: rbac_pb2.Permission, principal: rbac_pb2.Prin
 
 
 def plan(model: Model, options: argparse.Namespace,
-         report: Callable[[ObjectRef, str], None] | None = None) -> list[NetworkFilter | HttpFilter]:
+         report: Callable[[ObjectRef, str], None] | None = None,
+         memo: dict[Any, Any] | None = None) -> list[NetworkFilter | HttpFilter]:
     """The inbound listener's policies: one strict filter (the pods and endpoint ports of every strict
     Service), and per Service with authorization labels an RBAC network filter (TCP chains) and an RBAC
-    HTTP filter. ``report(ref, message)`` gets the labels that cannot work as written."""
+    HTTP filter. ``report(ref, message)`` gets the labels that cannot work as written. ``memo`` (kept
+    across builds) makes unchanged policies the same filter objects, built once: only the Services that
+    are strict or have authorization labels are looked at past their labels."""
+    memo = {} if memo is None else memo
     namespaces = {ns.name: ns.mode for ns in (model.extra.get(NAMESPACE) or {}).values()}
     authz: Mapping[tuple[str, str], Authorization] = model.extra.get(AUTHZ) or {}
     td = trust_domain(options)
     out: list[NetworkFilter | HttpFilter] = []
     strict: list[Target] = []
+    used: set[Any] = {"strict"}
     for key in sorted(model.services):
         service = model.services[key]
         if service.kind != "Service":
             continue
+        mode = service_mode(service, namespaces)
+        auth = authz.get(key)
+        if mode != STRICT and auth is None:
+            continue  # no policy: its pods need no filter (the common case, so no endpoint walk)
         target = _target(model, service)
         if not target.ips or not target.ports:
             continue
         ref = ObjectRef("Service", service.namespace, service.name, service.uid)
-        mode = service_mode(service, namespaces)
         # Clients reach a headless Service's pods by address (an ORIGINAL_DST cluster, no endpoint list
         # to mark for mTLS): they arrive in plaintext, so "strict" would refuse every one of them.
         if mode == STRICT and service.headless:
@@ -444,27 +452,39 @@ def plan(model: Model, options: argparse.Namespace,
                             f"without mutual TLS")
         elif mode == STRICT:
             strict.append(target)
-        auth = authz.get(key)
         if auth is None:
             continue
         if (service.headless or mode == DISABLE) and report is not None:
             why = "a headless Service" if service.headless else f"a Service with {MODE}={DISABLE}"
             report(ref, f"traffic.allow.* labels on {why}: its clients connect without mutual TLS, so none has an "
                         f"identity and every caller is denied")
-        ns, name = key
-        prefix = f"rbac_{ns}_{name}."
-        rules = _rbac(f"{ns}/{name}", _permission(target), _allowed(auth, td))
-        out.append(NetworkFilter(f"trafficmgr.mtls.authz.{ns}.{name}", AUTHZ_ORDER,
-                                 net_rbac_pb2.RBAC(stat_prefix=prefix, rules=rules), TCP_CHAINS))
-        out.append(HttpFilter(f"trafficmgr.mtls.authz.{ns}.{name}", AUTHZ_ORDER,
-                              http_rbac_pb2.RBAC(rules=rules, rules_stat_prefix=prefix)))
+        inputs = (target, auth, td)
+        used.add(key)
+        cached = memo.get(key)
+        if cached is None or cached[0] != inputs:
+            ns, name = key
+            prefix = f"rbac_{ns}_{name}."
+            rules = _rbac(f"{ns}/{name}", _permission(target), _allowed(auth, td))
+            cached = memo[key] = (inputs, (
+                NetworkFilter(f"trafficmgr.mtls.authz.{ns}.{name}", AUTHZ_ORDER,
+                              net_rbac_pb2.RBAC(stat_prefix=prefix, rules=rules), TCP_CHAINS),
+                HttpFilter(f"trafficmgr.mtls.authz.{ns}.{name}", AUTHZ_ORDER,
+                           http_rbac_pb2.RBAC(rules=rules, rules_stat_prefix=prefix))))
+        out.extend(cached[1])
     if strict:
-        perm = rbac_pb2.Permission()
-        for t in strict:
-            perm.or_rules.rules.append(_permission(t))
-        not_tls = rbac_pb2.Principal(not_id=rbac_pb2.Principal(authenticated=rbac_pb2.Principal.Authenticated()))
-        out.append(NetworkFilter("trafficmgr.mtls.strict", STRICT_ORDER,
-                                 net_rbac_pb2.RBAC(stat_prefix="mtls_strict.", rules=_rbac("strict", perm, not_tls)), ALL_CHAINS))
+        targets = tuple(strict)
+        cached = memo.get("strict")
+        if cached is None or cached[0] != targets:
+            perm = rbac_pb2.Permission()
+            for t in strict:
+                perm.or_rules.rules.append(_permission(t))
+            not_tls = rbac_pb2.Principal(not_id=rbac_pb2.Principal(authenticated=rbac_pb2.Principal.Authenticated()))
+            cached = memo["strict"] = (targets, NetworkFilter(
+                "trafficmgr.mtls.strict", STRICT_ORDER,
+                net_rbac_pb2.RBAC(stat_prefix="mtls_strict.", rules=_rbac("strict", perm, not_tls)), ALL_CHAINS))
+        out.append(cached[1])
+    for gone in [k for k in memo if k not in used]:
+        del memo[gone]  # Services that lost their policy or went away
     return out
 
 
@@ -472,9 +492,10 @@ def plan(model: Model, options: argparse.Namespace,
 def trafficmgr_network_filters(role: str, ctx: BuildContext) -> list[NetworkFilter | HttpFilter]:
     if role != "inbound" or not enabled(ctx.options):
         return []
-    # O(services + endpoints) per build, with --mtls only (the core rebuilds the listener only when
+    # O(services) label lookups per build with --mtls, plus the endpoints of strict or restricted
+    # Services; unchanged policies are the same filter objects (the core rebuilds the listener only when
     # the result differs).
-    return plan(ctx.model, ctx.options, ctx.report)
+    return plan(ctx.model, ctx.options, ctx.report, ctx.memo.setdefault("mtls.plan", {}))
 
 
 __all__ = ["ALLOW_NAMESPACE", "ALLOW_SA", "ALPN_HTTP", "ALPN_TCP", "MODE", "plan"]
