@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, TypeVar
 
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 
-from trafficmgr.core.contrib import ORDER_ROUTER, HttpFilter
+from trafficmgr.core.contrib import HttpFilter, NetworkFilter
 from trafficmgr.core.model import Service, ServicePort
 from trafficmgr.core.protos import ads_config_source, pack
 from trafficmgr.core.translate.context import BuildContext
@@ -41,14 +42,14 @@ class HttpFilters:
         current = self._current.get(ctx.role)
         if current is not None and current[0] is ctx:
             return current[1]
-        ordered = _order(self.hooks.http_filters(ctx))
+        ordered_filters = ordered(self.hooks.http_filters(ctx), "HTTP")
         prev = self._by_role.get(ctx.role)
-        if prev is not None and prev[0] == ordered:
+        if prev is not None and prev[0] == ordered_filters:
             filters = prev[1]
         else:
-            filters = [hcm_pb2.HttpFilter(name=f.name, typed_config=pack(f.config)) for f in ordered]
+            filters = [hcm_pb2.HttpFilter(name=f.name, typed_config=pack(f.config)) for f in ordered_filters]
             filters.append(ROUTER_FILTER)
-            self._by_role[ctx.role] = (ordered, filters)
+            self._by_role[ctx.role] = (ordered_filters, filters)
         self._current[ctx.role] = (ctx, filters)
         return filters
 
@@ -73,16 +74,18 @@ class HttpFilters:
         return hcm
 
 
-def _order(contributed: list[HttpFilter]) -> tuple[HttpFilter, ...]:
+F = TypeVar("F", HttpFilter, NetworkFilter)
+
+
+def ordered(contributed: Iterable[F], what: str) -> tuple[F, ...]:
+    """Contributed filters by (order, name); a name contributed twice is dropped the second time (logged).
+    (Orders from ``ORDER_ROUTER`` on were already refused when the plugin returned them.)"""
     names: set[str] = set()
-    ordered: list[HttpFilter] = []
+    out: list[F] = []
     for f in sorted(contributed, key=lambda f: (f.order, f.name)):
-        if f.order >= ORDER_ROUTER:
-            log.error("HTTP filter %r has order %d: orders from %d on are the router's; dropped", f.name, f.order, ORDER_ROUTER)
-            continue
         if f.name in names:
-            log.error("HTTP filter %r contributed twice: the second one was dropped", f.name)
+            log.error("%s filter %r contributed twice: the second one was dropped", what, f.name)
             continue
         names.add(f.name)
-        ordered.append(f)
-    return tuple(ordered)
+        out.append(f)
+    return tuple(out)

@@ -31,7 +31,7 @@ from trafficmgr.core.contrib import ALL_CHAINS, HttpFilter, NetworkFilter
 from trafficmgr.core.protos import HCM_FILTER, TCP_PROXY_FILTER, duration_ms, pack, socket_address
 from trafficmgr.core.translate.context import BuildContext
 from trafficmgr.core.translate.hooks import Hooks
-from trafficmgr.core.translate.http import ROUTER_FILTER, HttpFilters, _order
+from trafficmgr.core.translate.http import ROUTER_FILTER, HttpFilters, ordered
 from trafficmgr.core.translate.memo import Memo
 from trafficmgr.core.translate.services import Changes
 from trafficmgr.core.translate.sidecar_outbound import any_port
@@ -79,8 +79,8 @@ class InboundTranslator:
     def listener(self, ctx: BuildContext) -> cache.Resource:
         ports = tuple(sorted(self._http_port_counts))
         contributed = self.hooks.network_filters(INBOUND_LISTENER, ctx)
-        network = _order_network([f for f in contributed if isinstance(f, NetworkFilter)])
-        http = _order([f for f in contributed if isinstance(f, HttpFilter)])
+        network = ordered((f for f in contributed if isinstance(f, NetworkFilter)), "network")
+        http = ordered((f for f in contributed if isinstance(f, HttpFilter)), "HTTP")
         # Keyed on the filters' content (attrs equality compares the configs as messages).
         return self._listener.get(INBOUND_LISTENER, (ports, network, http), self._make_listener, ports, network, http, ctx)
 
@@ -135,19 +135,6 @@ class InboundTranslator:
         lst.default_filter_chain.filters.add(name=TCP_PROXY_FILTER, typed_config=pack(tcp))
         self.hooks.listener(lst, INBOUND_LISTENER, ctx)
         return ctx.resource(lst, INBOUND_LISTENER, [(cache.CLUSTER, INBOUND_CLUSTER), (cache.CLUSTER, BLACKHOLE_CLUSTER)])
-
-
-def _order_network(contributed: list[NetworkFilter]) -> tuple[NetworkFilter, ...]:
-    """By order, then name; a name contributed twice is dropped the second time (as for HTTP filters)."""
-    names: set[str] = set()
-    ordered: list[NetworkFilter] = []
-    for f in sorted(contributed, key=lambda f: (f.order, f.name)):
-        if f.name in names:
-            log.error("network filter %r contributed twice: the second one was dropped", f.name)
-            continue
-        names.add(f.name)
-        ordered.append(f)
-    return tuple(ordered)
 
 
 def _clusters(ctx: BuildContext) -> dict[str, cache.Resource]:
