@@ -33,14 +33,14 @@ class ExplicitProxyTranslator:
         self._blocked = blocked_virtual_host()
 
     def routes(self, vhosts: tuple[route_components_pb2.VirtualHost, ...], ctx: BuildContext,
-               clusters: tuple[str, ...] = ()) -> cache.Resource:
-        """Every HTTP port's virtual hosts, each with a CONNECT route first (to ``clusters[i]``, the
-        Service port's cluster; default: the first route's), then the blocked catch-all."""
+               clusters: tuple[str, ...]) -> cache.Resource:
+        """Every HTTP port's virtual hosts, each with a CONNECT route first (to ``clusters[i]``, that
+        Service port's cluster), then the blocked catch-all."""
         return self._memo.get(PROXY_ROUTE, (*vhosts, *clusters), self._routes, vhosts, clusters, ctx)
 
     def _routes(self, vhosts: tuple[route_components_pb2.VirtualHost, ...], clusters: tuple[str, ...],
                 ctx: BuildContext) -> cache.Resource:
-        connected = [with_connect(vh, clusters[i] if i < len(clusters) else "") for i, vh in enumerate(vhosts)]
+        connected = [with_connect(vh, cluster) for vh, cluster in zip(vhosts, clusters, strict=True)]
         return route_configuration(PROXY_ROUTE, [*connected, self._blocked], ctx)
 
     def listener(self, ctx: BuildContext) -> cache.Resource:
@@ -58,16 +58,13 @@ class ExplicitProxyTranslator:
         return ctx.resource(lst, PROXY_LISTENER, [(cache.ROUTE, PROXY_ROUTE)])
 
 
-def with_connect(vhost: route_components_pb2.VirtualHost, cluster: str = "") -> route_components_pb2.VirtualHost:
+def with_connect(vhost: route_components_pb2.VirtualHost, cluster: str) -> route_components_pb2.VirtualHost:
     """A copy of ``vhost`` whose first route terminates ``CONNECT <service>:<port>`` (how grpcio and other
-    clients use an HTTP proxy): the tunnel's bytes go to ``cluster`` (the service's; default: the first
-    route's) as a TCP stream, so one tunnel reaches one pod (no per-request balancing inside it, and no
-    plugin routes: a tunnel carries no requests to route). The other routes are unchanged."""
+    clients use an HTTP proxy): the tunnel's bytes go to ``cluster`` (the service's) as a TCP stream, so
+    one tunnel reaches one pod (no per-request balancing inside it, and no plugin routes: a tunnel
+    carries no requests to route). The other routes are unchanged."""
     out = route_components_pb2.VirtualHost()
     out.CopyFrom(vhost)
-    cluster = cluster or (vhost.routes[0].route.cluster if vhost.routes else "")
-    if not cluster:
-        return out
     connect = route_components_pb2.Route()
     connect.match.connect_matcher.SetInParent()
     connect.route.cluster = cluster
