@@ -40,6 +40,7 @@ twins depend only on the listener and options, so ``trafficmgr_listener`` adds t
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -244,7 +245,9 @@ def trafficmgr_watch_kinds() -> list[WatchKind]:
 # -- client side ----------------------------------------------------------------------------------
 
 
+@functools.cache
 def _sds(name: str) -> secret_pb2.SdsSecretConfig:
+    """Parsed once per name (every rebuilt cluster and the listener copy it: ``append`` copies)."""
     return json_format.ParseDict(identity_files.sds_config(name), secret_pb2.SdsSecretConfig())
 
 
