@@ -565,7 +565,8 @@ class Registry:
                 for ct in after:
                     self._types[(ct.rt.group, ct.rt.version, ct.rt.plural)] = ct
                 self._by_crd[name] = after
-            self._generation += 1
+            if after != before:  # a status- or metadata-only change keeps the OpenAPI documents
+                self._generation += 1
         kept = {c.rt for c in after}
         return [c.rt for c in after if c.rt not in {b.rt for b in before}], [b.rt for b in before if b.rt not in kept]
 

@@ -278,7 +278,10 @@ def _cached(custom: Registry | None, key: Any, build: Any) -> Any:
         cache_.clear()
         cache_["generation"] = gen
     if key not in cache_:
-        cache_[key] = build()
+        document = build()
+        if custom.generation != gen:  # the types changed while building: do not keep a stale document
+            return document
+        cache_[key] = document
     return cache_[key]
 
 
