@@ -25,15 +25,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from kubernetes import client as k8s
 
 from trafficmgr.apiserver import APIServer
 from trafficmgr.apiserver.access import new_token
+from trafficmgr.core.identity import METHOD
 from trafficmgr.core.identity.ca import MeshCA
-from trafficmgr.core.identity.server import METHOD, IdentityServer, SignOptions
+from trafficmgr.core.identity.client import make_csr, new_key
+from trafficmgr.core.identity.server import IdentityServer, SignOptions
 from trafficmgr.core.identity.spiffe import spiffe_id
 from trafficmgr.core.kube.client import KubeClient, load_api_client
 
@@ -41,11 +40,7 @@ NS = "trafficmgr"
 
 
 def _csr(uri: str) -> str:
-    key = ec.generate_private_key(ec.SECP256R1())
-    req = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
-           .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True)
-           .sign(key, hashes.SHA256()))
-    return req.public_bytes(serialization.Encoding.PEM).decode()
+    return make_csr(new_key(), uri).decode()
 
 
 def main() -> None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from trafficmgr.core.identity.ca import BUNDLE_CONFIGMAP, MeshCA
+from trafficmgr.core.identity import BUNDLE_CONFIGMAP
+from trafficmgr.core.identity.ca import MeshCA
 from trafficmgr.core.identity.server import IdentityServer, SignOptions
 from trafficmgr.core.kube.client import KubeClient
 

@@ -18,7 +18,8 @@ from cryptography.hazmat.primitives import hashes
 from tests.identity.mesh import NS, Api, api_fixture, csr, key_pem, make_ca, pem, secret, uri_sans, verify_chain
 from trafficmgr.apiserver import ApiError
 from trafficmgr.core import metrics
-from trafficmgr.core.identity.ca import BUNDLE_CONFIGMAP, CAError, CSRError, MeshCA
+from trafficmgr.core.identity import BUNDLE_CONFIGMAP
+from trafficmgr.core.identity.ca import CAError, CSRError, MeshCA
 from trafficmgr.core.identity.spiffe import spiffe_id
 
 ID = spiffe_id("cluster.local", "default", "reviews")

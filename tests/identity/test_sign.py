@@ -21,9 +21,9 @@ from kubernetes import client as k8s
 from tests.identity.mesh import NS, Api, csr, uri_sans, verify_chain, weak_rsa_csr
 from trafficmgr.apiserver import ApiError
 from trafficmgr.core import metrics
-from trafficmgr.core.identity import METHOD
+from trafficmgr.core.identity import BUNDLE_CONFIGMAP, METHOD
 from trafficmgr.core.identity import server as srv
-from trafficmgr.core.identity.ca import BUNDLE_CONFIGMAP, MeshCA
+from trafficmgr.core.identity.ca import MeshCA
 from trafficmgr.core.identity.server import IdentityServer, Review, SignOptions
 from trafficmgr.core.identity.spiffe import spiffe_id
 

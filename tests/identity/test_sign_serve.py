@@ -19,8 +19,8 @@ from kubernetes import client as k8s
 from tests.identity.mesh import NS, Api, csr, key_pem, make_ca, pem, secret, uri_sans, verify_chain
 from trafficmgr.apiserver import ApiError
 from trafficmgr.core.bootstrap import XdsTls, bootstrap
-from trafficmgr.core.identity import METHOD
-from trafficmgr.core.identity.ca import BUNDLE_CONFIGMAP, DEFAULT_SECRET
+from trafficmgr.core.identity import BUNDLE_CONFIGMAP, METHOD
+from trafficmgr.core.identity.ca import DEFAULT_SECRET
 from trafficmgr.core.identity.spiffe import spiffe_id
 from trafficmgr.testing.cluster import http_get
 from trafficmgr.testing.envoy import EnvoyProcess, free_port, wait_for
