@@ -79,7 +79,6 @@ class Watcher(threading.Thread):
                 # The API server does not serve this kind (a plugin's CustomResourceDefinition is not
                 # installed): it has no objects, which must not keep the control plane from being ready.
                 # Listed again every ``not_served_retry`` seconds, so installing the CRD later is noticed.
-                self.resource_version = ""
                 self._stop.wait(self.not_served_retry)
             except Exception as exc:  # noqa: BLE001 - any failure means: wait, then reconnect
                 if self._stop.is_set():
@@ -155,10 +154,10 @@ class Watcher(threading.Thread):
                 if etype in ("ADDED", "MODIFIED", "DELETED"):
                     self.sink(etype, self.kind, obj)
         except ApiException as exc:
-            if exc.status == 410:
+            # 410: our version expired; 404: the kind stopped being served (its CRD was deleted). Both:
+            # list again at once (the list's 404 handling makes it empty), not "API unreachable".
+            if exc.status in (410, 404):
                 raise _Expired() from None
-            if exc.status == 404:  # the kind stopped being served (its CRD was deleted): list again
-                self.resource_version = ""
             raise
 
 
