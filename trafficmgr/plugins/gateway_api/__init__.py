@@ -95,10 +95,26 @@ def trafficmgr_service_routes(role: str, ctx: BuildContext) -> list[ServiceRoute
     return mesh.service_routes(mesh_table, ctx) if mesh_table or ctx.memo.get(mesh.MEMO) else []
 
 
+#: The last status answer and what it was made from: the plan object and the gateway's addresses.
+_last_status: tuple[object, list[dict[str, str]], list[ObjectStatus]] | None = None
+
+
 @hookimpl
 def trafficmgr_object_status(model: Model, options: argparse.Namespace) -> list[ObjectStatus]:
-    """GatewayClass, Gateway and route status (only what differs from what the objects have)."""
-    return status.statuses(plan.plan(model, options), model, options)
+    """GatewayClass, Gateway and route status (only what differs from what the objects have).
+
+    Called after every published build, most of them for pod or endpoint changes: while the plan is the
+    same object (no Gateway API object, backend Service or option changed: a status write changes the
+    object's resourceVersion, so it makes a new plan) and the gateway's addresses are the same, the last
+    answer stands (no O(objects) JSON work, and the same condition times)."""
+    global _last_status
+    result = plan.plan(model, options)
+    addresses = status.gateway_addresses(model, options)
+    if _last_status is not None and _last_status[0] is result and _last_status[1] == addresses:
+        return _last_status[2]
+    answer = status.statuses(result, model, options)
+    _last_status = (result, addresses, answer)
+    return answer
 
 
 __all__ = ["TRAFFICMGR_DEPENDS"]
