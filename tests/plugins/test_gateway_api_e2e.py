@@ -446,3 +446,68 @@ def test_request_timeout(rig: Rig) -> None:
     started = time.monotonic()
     assert rig.served("/slow", host) == "<504>"
     assert time.monotonic() - started < 1.2
+
+
+def _presented_der(port: int, sni: str) -> bytes:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, ctx.wrap_socket(raw, server_hostname=sni) as tls:
+        return tls.getpeercert(binary_form=True) or b""
+
+
+def test_listener_with_several_certificate_refs_serves_each_by_sni(rig: Rig) -> None:
+    """A listener with three certificateRefs (two Secrets and a missing one): Envoy presents each
+    Secret's certificate to the SNI it names (the first to any other SNI) and routes over both; the
+    listener's ResolvedRefs is False InvalidCertificateRef naming the missing Secret, Programmed True."""
+    port = free_port()
+    alt = "alt.example.com"
+    cert, key = make_cert(alt)
+    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    rig.apply(f"""
+apiVersion: v1
+kind: Secret
+metadata: {{name: alt-cert, namespace: default}}
+type: kubernetes.io/tls
+data: {{tls.crt: {b64(cert)}, tls.key: {b64(key)}}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: multi, namespace: default}}
+spec:
+  gatewayClassName: traffic
+  listeners:
+  - {{name: https, port: {port}, protocol: HTTPS,
+     tls: {{mode: Terminate, certificateRefs: [{{name: secure-cert}}, {{name: gone-cert}}, {{name: alt-cert}}]}}}}
+""" + httproute("multi", "'*.example.com'", f"[{{backendRefs: [{to('canary')}]}}]",
+                parent="{name: multi, namespace: default}"))
+    der = lambda pem: ssl.PEM_cert_to_DER_cert(pem.decode())  # noqa: E731
+    try:
+        rig.wait("both certificates by SNI", lambda: _presented_der(port, alt) == der(cert)
+                 and _presented_der(port, SECURE_HOST) == der(make_cert(SECURE_HOST)[0]))
+        assert _presented_der(port, "other.example.com") == der(make_cert(SECURE_HOST)[0])  # no match: the first
+        for host, ca in ((SECURE_HOST, make_cert(SECURE_HOST)[0]), (alt, cert)):
+            ctx = ssl.create_default_context(cadata=ca.decode())  # verified against that Secret's certificate
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, ctx.wrap_socket(raw, server_hostname=host) as tls:
+                tls.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+                data = b""
+                while chunk := tls.recv(65536):
+                    data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            assert int(head.split()[1]) == 200 and json.loads(body)["backend"] == "canary", data[:200]
+
+        def listener_status() -> dict[str, Any] | None:
+            gw = json.loads(rig.c.kubectl("get", "gateway", "multi", "-o", "json"))
+            lst = (gw.get("status") or {}).get("listeners") or []
+            return lst[0] if lst and lst[0].get("conditions") else None
+
+        rig.c.wait_config(lambda: listener_status() is not None, 20, message="listener status")
+        got = listener_status()
+        assert got is not None
+        conds = {c["type"]: c for c in got["conditions"]}
+        assert (conds["ResolvedRefs"]["status"], conds["ResolvedRefs"]["reason"]) == ("False", "InvalidCertificateRef")
+        assert "default/gone-cert" in conds["ResolvedRefs"]["message"]
+        assert conds["Programmed"]["status"] == "True" and got["attachedRoutes"] == 1
+    finally:
+        rig.c.kubectl("delete", "gateway", "multi")
+        rig.c.kubectl("delete", "httproute", "multi")
+        rig.c.kubectl("delete", "secret", "alt-cert")

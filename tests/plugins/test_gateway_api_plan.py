@@ -457,8 +457,9 @@ def tls_secret(name: str = "cert", ns: str = "default", host: str = "foo.example
             "data": {"tls.crt": base64.b64encode(cert).decode(), "tls.key": base64.b64encode(key).decode()}}
 
 
-def https(refs: list[dict[str, Any]], name: str = "https", hostname: str = "foo.example.com", mode: str = "Terminate") -> dict[str, Any]:
-    return listener(name, 8443, "HTTPS", hostname=hostname, tls={"mode": mode, "certificateRefs": refs})
+def https(refs: list[dict[str, Any]], name: str = "https", hostname: str | None = "foo.example.com", mode: str = "Terminate") -> dict[str, Any]:
+    extra = {"hostname": hostname} if hostname is not None else {}
+    return listener(name, 8443, "HTTPS", tls={"mode": mode, "certificateRefs": refs}, **extra)
 
 
 def test_https_listener_with_secret() -> None:
@@ -677,3 +678,14 @@ def test_arbitrary_gateway_never_raises_and_never_breaks_the_older_gateway(liste
     assert sources(vhost(p)) == ["HTTPRoute/default/r/rule0/match0"]
     for sp in p.table.ports:
         translate._check_port(sp)
+
+
+def test_several_certificate_refs_all_served_and_a_bad_one_reported() -> None:
+    bar = tls_secret("bar", host="bar.example.com")
+    p = base(gw=gateway(listeners=[https([{"name": "missing"}, {"name": "cert"}, {"name": "bar"}, {"name": "cert"}], hostname=None)]),
+             secrets=(tls_secret(), bar))
+    (chain,) = p.table.ports[0].chains
+    assert [c.secret for c in chain.certificates] == [("default", "cert"), ("default", "bar")]
+    conds, _ = listener_conds(p, name="https")
+    assert (conds["ResolvedRefs"].status, conds["ResolvedRefs"].reason) == (False, "InvalidCertificateRef")
+    assert "default/missing" in conds["ResolvedRefs"].message and conds["Programmed"].status

@@ -7,7 +7,8 @@ identity, so a build where none of them changed costs a tuple comparison).
   accepted class of ours are served on the shared gateway proxies: each distinct listener port is one
   :class:`table.ServedPort`, bound on ``--gateway-address``.
 - Listener validation: protocol HTTP or HTTPS, a port other than ``--gateway-port`` (the Ingress
-  listener), TLS ``Terminate`` with a permitted, valid Secret; listeners of any Gateway of ours that share
+  listener), TLS ``Terminate`` with at least one permitted, valid Secret (every such certificateRef is
+  served; a bad one sets ResolvedRefs False while the others serve); listeners of any Gateway of ours that share
   a port must share the protocol (else ``Conflicted`` ``ProtocolConflict``) and not the hostname (else
   ``HostnameConflict``): the oldest Gateway, then the first listener, keeps it.
 - Route attachment per parentRef: sectionName/port, ``allowedRoutes`` (namespaces Same/All/Selector, kinds),
@@ -176,7 +177,7 @@ class _Lst:
     kinds: tuple[str, ...]  # supported route kinds
     conditions: list[Condition]
     usable: bool  # serves traffic (accepted, programmed)
-    secret: CertSecret | None = None
+    certificates: tuple[CertSecret, ...] = ()  # HTTPS: the usable certificateRefs, in order
 
 
 def _permitted(grants: Iterable[ReferenceGrant], from_group: str, from_kind: str, from_ns: str,
@@ -204,7 +205,7 @@ def _validate_listener(gw: Gateway, lst: Listener, ingress_port: int, grants: tu
     kinds, bad_kinds = _supported_kinds(lst)
     accepted: Condition = Condition(ACCEPTED, True, "Accepted", "listener accepted")
     resolved: Condition = Condition(RESOLVED_REFS, True, "ResolvedRefs", "all references resolved")
-    secret = None
+    certificates: tuple[CertSecret, ...] = ()
     if lst.problems:
         accepted = Condition(ACCEPTED, False, "UnsupportedValue", "; ".join(lst.problems))
     elif lst.protocol not in SUPPORTED_PROTOCOLS:
@@ -222,30 +223,41 @@ def _validate_listener(gw: Gateway, lst: Listener, ingress_port: int, grants: tu
         resolved = Condition(RESOLVED_REFS, False, "InvalidRouteKinds",
                              f"route kinds not supported: {', '.join(bad_kinds)} (HTTPRoute and GRPCRoute are)")
     elif accepted.status and lst.protocol == "HTTPS":
-        secret, resolved = _certificate(gw, lst, grants, secrets)
-    usable = accepted.status and bool(kinds) and (lst.protocol != "HTTPS" or secret is not None)
-    return _Lst(gw, lst, kinds, [accepted, resolved], usable, secret)
+        certificates, resolved = _certificate(gw, lst, grants, secrets)
+    usable = accepted.status and bool(kinds) and (lst.protocol != "HTTPS" or bool(certificates))
+    return _Lst(gw, lst, kinds, [accepted, resolved], usable, certificates)
 
 
 def _certificate(gw: Gateway, lst: Listener, grants: tuple[ReferenceGrant, ...],
-                 secrets: Mapping[tuple[str, str], CertSecret]) -> tuple[CertSecret | None, Condition]:
-    """The first certificateRef (the only one served); a reason for any unusable ref."""
+                 secrets: Mapping[tuple[str, str], CertSecret]) -> tuple[tuple[CertSecret, ...], Condition]:
+    """Every usable certificateRef, in order (a Secret named twice counts once: all are served, Envoy
+    picks by SNI), and ResolvedRefs: False with the first unusable ref's reason (InvalidCertificateRef,
+    RefNotPermitted) and every one's message, while the usable ones are still served."""
     if not lst.certificate_refs:
-        return None, Condition(RESOLVED_REFS, False, "InvalidCertificateRef", "HTTPS needs tls.certificateRefs")
-    ref = lst.certificate_refs[0]
-    ns = ref.namespace or gw.meta.namespace
-    if ref.group not in ("", "core") or ref.kind != "Secret":
-        return None, Condition(RESOLVED_REFS, False, "InvalidCertificateRef",
-                               f"certificateRef {ref.kind} {ref.name!r}: only core Secrets are supported")
-    if not _permitted(grants, GROUP, GATEWAY, gw.meta.namespace, ns, "", "Secret", ref.name):
-        return None, Condition(RESOLVED_REFS, False, "RefNotPermitted",
-                               f"Secret {ns}/{ref.name}: no ReferenceGrant in {ns} allows Gateways of {gw.meta.namespace}")
-    secret = secrets.get((ns, ref.name))
-    if secret is None:
-        return None, Condition(RESOLVED_REFS, False, "InvalidCertificateRef", f"Secret {ns}/{ref.name} ({'kubernetes.io/tls'}) not found")
-    if secret.error:
-        return None, Condition(RESOLVED_REFS, False, "InvalidCertificateRef", f"Secret {ns}/{ref.name}: {secret.error}")
-    return secret, Condition(RESOLVED_REFS, True, "ResolvedRefs", "all references resolved")
+        return (), Condition(RESOLVED_REFS, False, "InvalidCertificateRef", "HTTPS needs tls.certificateRefs")
+    good: dict[tuple[str, str], CertSecret] = {}
+    bad: list[Condition] = []
+    for ref in lst.certificate_refs:
+        ns = ref.namespace or gw.meta.namespace
+        secret = secrets.get((ns, ref.name))
+        if ref.group not in ("", "core") or ref.kind != "Secret":
+            bad.append(Condition(RESOLVED_REFS, False, "InvalidCertificateRef",
+                                 f"certificateRef {ref.kind} {ref.name!r}: only core Secrets are supported"))
+        elif not _permitted(grants, GROUP, GATEWAY, gw.meta.namespace, ns, "", "Secret", ref.name):
+            bad.append(Condition(RESOLVED_REFS, False, "RefNotPermitted",
+                                 f"Secret {ns}/{ref.name}: no ReferenceGrant in {ns} allows Gateways of {gw.meta.namespace}"))
+        elif secret is None:
+            bad.append(Condition(RESOLVED_REFS, False, "InvalidCertificateRef", f"Secret {ns}/{ref.name} (kubernetes.io/tls) not found"))
+        elif secret.error:
+            bad.append(Condition(RESOLVED_REFS, False, "InvalidCertificateRef", f"Secret {ns}/{ref.name}: {secret.error}"))
+        else:
+            good.setdefault((ns, ref.name), secret)
+    if not bad:
+        return tuple(good.values()), Condition(RESOLVED_REFS, True, "ResolvedRefs", "all references resolved")
+    message = "; ".join(c.message for c in bad)
+    if good:
+        message += f" (the other {len(good)} certificate{'s are' if len(good) > 1 else ' is'} served)"
+    return tuple(good.values()), Condition(RESOLVED_REFS, False, bad[0].reason, message)
 
 
 def _conflicts(listeners: list[_Lst]) -> None:
@@ -728,10 +740,11 @@ def _table(usable: list[_Lst], vhosts: dict[tuple[int, int, str], list[_Entry]])
                 chains.append(t.Chain("http", tuple(hosts)))
             else:
                 e = group[0]
-                assert e.secret is not None
+                first, *more = e.certificates
                 name = f"https|{e.gateway.meta.namespace}/{e.gateway.meta.name}/{e.listener.name}"
                 chains.append(t.Chain(name, tuple(hosts), (e.listener.hostname,) if e.listener.hostname else (),
-                                      (e.secret.namespace, e.secret.name), e.secret.cert_pem, e.secret.key_pem))
+                                      (first.namespace, first.name), first.cert_pem, first.key_pem,
+                                      tuple(t.Certificate((c.namespace, c.name), c.cert_pem, c.key_pem) for c in more)))
         ports.append(t.ServedPort(port, protocol, tuple(chains)))
     return t.Table(tuple(ports))
 

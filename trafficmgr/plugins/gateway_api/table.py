@@ -130,11 +130,22 @@ class VirtualHost:
 
 
 @attrs.frozen(slots=True)
+class Certificate:
+    """One more certificate of an HTTPS chain: the ``(namespace, name)`` of its Secret and its PEMs."""
+
+    secret: tuple[str, str]
+    cert_pem: bytes = attrs.field(repr=False)
+    key_pem: bytes = attrs.field(repr=False)
+
+
+@attrs.frozen(slots=True)
 class Chain:
     """One filter chain of a port. Plain HTTP: ``server_names`` empty, ``secret`` None. HTTPS (TLS
     terminated here): ``server_names`` from the Gateway listener's hostname (empty: any SNI) and
     ``secret`` the ``(namespace, name)`` of the certificate Secret (already permitted; its PEMs in
-    ``cert_pem``/``key_pem``). ``name`` is unique within the port."""
+    ``cert_pem``/``key_pem``): the listener's first usable ``certificateRef``; ``more_certificates``
+    its further usable ones, in order (distinct Secrets; Envoy presents the one whose names match the
+    client's SNI, and its key type, else the first). ``name`` is unique within the port."""
 
     name: str
     virtual_hosts: tuple[VirtualHost, ...]
@@ -142,6 +153,14 @@ class Chain:
     secret: tuple[str, str] | None = None
     cert_pem: bytes = attrs.field(default=b"", repr=False)
     key_pem: bytes = attrs.field(default=b"", repr=False)
+    more_certificates: tuple[Certificate, ...] = ()
+
+    @property
+    def certificates(self) -> tuple[Certificate, ...]:
+        """Every certificate of the chain, the first (``secret``) first; empty for plain HTTP."""
+        if self.secret is None:
+            return ()
+        return (Certificate(self.secret, self.cert_pem, self.key_pem), *self.more_certificates)
 
 
 @attrs.frozen(slots=True)

@@ -13,11 +13,12 @@ What each part becomes:
   plugin's ``trafficmgr_listener`` (listener name ``gateway_api|<port>``). HTTP: one filter chain.
   HTTPS: ``tls_inspector`` and one chain per ``Chain`` matching ``transport_protocol: tls`` and its
   ``server_names`` (none: the default certificate, any SNI), terminating TLS (ALPN h2, http/1.1) with
-  the certificate over SDS; plain text on an HTTPS port matches no chain and is closed.
+  the certificates over SDS (a Gateway listener's several ``certificateRefs``: one SDS config each in
+  the chain's ``DownstreamTlsContext``; Envoy presents the one matching the SNI); plain text on an HTTPS port matches no chain and is closed.
 - ``Chain`` -> RouteConfiguration ``gateway_api|<port>|<chain name>`` (RDS); on an SNI chain a request
   for a host outside its server names gets 421 (a catch-all virtual host, as the ingress plugin's
   ``misdirected.py``: the client retries on a connection with the right SNI).
-- ``Chain.secret`` -> SDS Secret ``gateway_api|<namespace>|<name>`` (one per Secret, gateway view only).
+- ``Chain.certificates`` -> SDS Secret ``gateway_api|<namespace>|<name>`` each (one per Secret, gateway view only).
 - ``VirtualHost`` -> a virtual host with ``domains: [hostname]`` (exact, ``*.suffix`` (Envoy, like the
   Gateway API, matches one or more labels there) or ``*``); requests for no virtual host get 404.
 - ``Route`` -> one Envoy route named after ``Route.source``, in order (Envoy takes the first match):
@@ -92,6 +93,7 @@ from trafficmgr.plugins.gateway_api.table import (
     PREFIX,
     REGEX,
     Backend,
+    Certificate,
     Chain,
     HeaderChanges,
     KeyMatch,
@@ -169,11 +171,11 @@ def resources(table: Table, ctx: BuildContext) -> list[Resource]:
         rcs = [route_configuration(sp, chain, ctx) for chain in sp.chains]
         refs = [(RDS, rc.name) for rc in rcs]
         for chain in sp.chains:
-            if chain.secret is not None and sp.protocol == "HTTPS":
-                name = secret_name(*chain.secret)
+            for cert in chain.certificates if sp.protocol == "HTTPS" else ():
+                name = secret_name(*cert.secret)
                 refs.append((SDS, name))
                 if name not in secrets:
-                    secrets[name] = ctx.resource(secret(chain), name)
+                    secrets[name] = ctx.resource(secret(cert), name)
         out.append(ctx.resource(lst, lst.name, refs))
         out.extend(ctx.resource(rc, rc.name) for rc in rcs)
     out.extend(secrets[n] for n in sorted(secrets))
@@ -198,6 +200,9 @@ def _check_port(sp: ServedPort) -> None:
         if sp.protocol == "HTTPS":
             if chain.secret is None or not chain.cert_pem or not chain.key_pem:
                 raise ValueError(f"{where}: HTTPS chain {chain.name!r} has no certificate Secret")
+            chain_secrets = [c.secret for c in chain.certificates]
+            if len(set(chain_secrets)) != len(chain_secrets) or any(not c.cert_pem or not c.key_pem for c in chain.certificates):
+                raise ValueError(f"{where}: HTTPS chain {chain.name!r} lists a certificate Secret twice or one without PEMs")
             # Envoy refuses a listener where two chains match the same server name (or both none).
             for sni in {n.lower() for n in chain.server_names} or {""}:
                 if sni in server_names:
@@ -244,21 +249,25 @@ def listener(sp: ServedPort, ctx: BuildContext) -> listener_pb2.Listener:
         assert chain.secret is not None  # _check_port
         tls = tls_pb2.DownstreamTlsContext()
         tls.common_tls_context.alpn_protocols.extend(ALPN)
-        sds = tls.common_tls_context.tls_certificate_sds_secret_configs.add(name=secret_name(*chain.secret))
-        sds.sds_config.CopyFrom(ads_config_source())
+        # Several certificates (a Gateway listener's certificateRefs): Envoy presents the one whose
+        # SAN matches the SNI (and whose key type the client takes), else the first.
+        for cert in chain.certificates:
+            sds = tls.common_tls_context.tls_certificate_sds_secret_configs.add(name=secret_name(*cert.secret))
+            sds.sds_config.CopyFrom(ads_config_source())
         fc.transport_socket.name = "envoy.transport_sockets.tls"
         fc.transport_socket.typed_config.CopyFrom(pack(tls))
     ctx.apply_listener_hooks(lst, name)
     return lst
 
 
-def secret(chain: Chain) -> secret_pb2.Secret:
-    """The SDS Secret of an HTTPS chain's certificate (gateway view only: the core drops Secrets any
-    other view is given)."""
-    assert chain.secret is not None
-    msg = secret_pb2.Secret(name=secret_name(*chain.secret))
-    msg.tls_certificate.certificate_chain.inline_bytes = chain.cert_pem
-    msg.tls_certificate.private_key.inline_bytes = chain.key_pem
+def secret(cert: Certificate | Chain) -> secret_pb2.Secret:
+    """The SDS Secret of one certificate of an HTTPS chain (a Chain: its first) (gateway view only: the
+    core drops Secrets any other view is given)."""
+    if isinstance(cert, Chain):
+        cert = cert.certificates[0]
+    msg = secret_pb2.Secret(name=secret_name(*cert.secret))
+    msg.tls_certificate.certificate_chain.inline_bytes = cert.cert_pem
+    msg.tls_certificate.private_key.inline_bytes = cert.key_pem
     return msg
 
 
