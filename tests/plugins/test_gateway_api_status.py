@@ -54,6 +54,18 @@ spec: {{clusterIP: 10.96.0.50, ports: [{{name: http, port: 80}}]}}
         assert c.cp.nacks() == [], f"Envoy rejected config: {c.cp.nacks()}"
 
 
+def expose(c: GatewayCluster, *ports: int) -> None:
+    """The gateway Service (``--gateway-service``) exposes these Gateway listener ports (as the chart's
+    ``gateway.gatewayAPIPorts``: target port ``gw-<port>``) besides port 80."""
+    extra = "".join(f", {{name: gw-{p}, port: {p}, targetPort: gw-{p}}}" for p in ports)
+    c.apply(f"""
+apiVersion: v1
+kind: Service
+metadata: {{name: traffic-ingress, namespace: default}}
+spec: {{clusterIP: 10.96.0.50, ports: [{{name: http, port: 80}}{extra}]}}
+""")
+
+
 def get(c: GatewayCluster, kind: str, name: str, ns: str | None = "default") -> dict[str, Any]:
     args = ["get", kind, name, "-o", "json"] + (["-n", ns] if ns else [])
     return json.loads(c.kubectl(*args))  # type: ignore[no-any-return]
@@ -106,6 +118,7 @@ spec:
      tls: {{certificateRefs: [{{name: cert, namespace: certs}}]}}}}
   - {{name: tcp, port: TCP_PORT, protocol: TCP}}
   - {{name: ingress-port, port: INGRESS_PORT, protocol: HTTP}}
+  - {{name: hidden, port: HIDDEN_PORT, protocol: HTTP, hostname: hidden.example.com}}
 """
 
 
@@ -142,9 +155,11 @@ ROUTES = "".join([
 
 
 def test_every_status_reason_read_back_with_kubectl(gw: GatewayCluster) -> None:
-    http_port, https_port, tcp_port = free_port(), free_port(), free_port()
+    http_port, https_port, tcp_port, hidden_port = free_port(), free_port(), free_port(), free_port()
+    expose(gw, http_port, https_port)
     manifest = (GATEWAY.replace("HTTP_PORT", str(http_port)).replace("HTTPS_PORT", str(https_port))
-                .replace("TCP_PORT", str(tcp_port)).replace("INGRESS_PORT", str(gw.gateway_port)))
+                .replace("TCP_PORT", str(tcp_port)).replace("INGRESS_PORT", str(gw.gateway_port))
+                .replace("HIDDEN_PORT", str(hidden_port)))
     gw.kubectl.apply(manifest + "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: team}\n---\n"
                      "apiVersion: v1\nkind: Namespace\nmetadata: {name: prod}\n" + ROUTES
                      + route("other-ns", "[{backendRefs: [{name: web, port: 80}]}]", ns="team"))
@@ -154,7 +169,10 @@ def test_every_status_reason_read_back_with_kubectl(gw: GatewayCluster) -> None:
     theirs = get(gw, "gatewayclass", "theirs", None).get("status", {}).get("conditions", [])
     assert ("True", "Accepted") not in conds(theirs).values()  # another controller's class: not ours to accept
 
-    status = wait("Gateway status", lambda: (s := get(gw, "gateway", "gw")["status"]) and s.get("listeners") and s)
+    def ready(s: dict[str, Any]) -> bool:  # the Service's exposed ports may reach the plan after the Gateway
+        return conds({ls["name"]: ls for ls in s["listeners"]}["http"]["conditions"])["Programmed"][0] == "True"
+
+    status = wait("Gateway status", lambda: (s := get(gw, "gateway", "gw")["status"]) and s.get("listeners") and ready(s) and s)
     assert status["addresses"] == [{"type": "IPAddress", "value": "10.96.0.50"}]
     assert conds(status["conditions"]) == {"Accepted": ("True", "ListenersNotValid"), "Programmed": ("True", "Programmed")}
     listeners = {ls["name"]: ls for ls in status["listeners"]}
@@ -169,6 +187,12 @@ def test_every_status_reason_read_back_with_kubectl(gw: GatewayCluster) -> None:
     assert conds(listeners["tcp"]["conditions"])["Accepted"] == ("False", "UnsupportedProtocol")
     assert listeners["tcp"]["supportedKinds"] == []
     assert conds(listeners["ingress-port"]["conditions"])["Accepted"] == ("False", "PortUnavailable")
+    # A valid listener on a port the gateway Service does not expose: served, but not ready for clients.
+    hidden = {c["type"]: c for c in listeners["hidden"]["conditions"]}
+    assert conds(listeners["hidden"]["conditions"]) == {
+        "Accepted": ("True", "Accepted"), "Programmed": ("False", "Pending"),
+        "ResolvedRefs": ("True", "ResolvedRefs"), "Conflicted": ("False", "NoConflicts")}
+    assert f"port {hidden_port} is not exposed by the gateway Service default/traffic-ingress" in hidden["Programmed"]["message"]
     for c in status["conditions"] + [c for ls in status["listeners"] for c in ls["conditions"]]:
         assert c["observedGeneration"] == 1 and c["lastTransitionTime"].endswith("Z") and c["message"]
 
@@ -307,6 +331,7 @@ def test_programmed_false_address_not_assigned_without_any_address() -> None:
 
 def test_conflicts_route_kinds_and_class_parameters_read_back(gw: GatewayCluster) -> None:
     port, other = free_port(), free_port()
+    expose(gw, port, other)
     gw.kubectl.apply(f"""
 apiVersion: gateway.networking.k8s.io/v1
 kind: GatewayClass
@@ -346,7 +371,7 @@ spec: {{gatewayClassName: with-params, listeners: [{{name: h, port: {free_port()
     def listener_conds(name: str) -> dict[str, dict[str, tuple[str, str]]]:
         return {ls["name"]: conds(ls["conditions"]) for ls in get(gw, "gateway", name)["status"]["listeners"]}
 
-    first = wait("first", lambda: (x := listener_conds("first")) and len(x) == 3 and x)
+    first = wait("first", lambda: (x := listener_conds("first")) and len(x) == 3 and x["a"]["Programmed"][0] == "True" and x)
     assert first["a"]["Conflicted"] == ("False", "NoConflicts") and first["a"]["Programmed"] == ("True", "Programmed")
     assert first["same-host"]["Conflicted"] == ("True", "HostnameConflict")
     assert first["same-host"]["Programmed"] == ("False", "Invalid")

@@ -16,7 +16,8 @@
 
 Builds on the ingress plugin (``TRAFFICMGR_DEPENDS``): its ``--gateway-address``, ``--gateway-port`` (a
 Gateway listener on that port is refused: ``PortUnavailable``), ``--gateway-service`` and
-``--gateway-namespace`` (whose addresses are each Gateway's ``status.addresses``).
+``--gateway-namespace`` (whose addresses are each Gateway's ``status.addresses``, and whose ports say which
+Gateway listener ports clients can reach: a listener on another port is ``Programmed`` False ``Pending``).
 """
 
 from __future__ import annotations

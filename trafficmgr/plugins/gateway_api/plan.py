@@ -72,6 +72,9 @@ RESERVED_PORTS = {15000: "the gateway Envoy's admin port", 8900: "the gateway En
 
 # Condition types and reasons (the specification's names).
 ACCEPTED, PROGRAMMED, RESOLVED_REFS, CONFLICTED = "Accepted", "Programmed", "ResolvedRefs", "Conflicted"
+#: Listener Programmed False: served, but its port is not one the gateway Service exposes (the
+#: specification's reason for a listener "not yet online and ready to accept client traffic").
+PORT_NOT_EXPOSED = "Pending"
 
 
 @attrs.frozen(slots=True)
@@ -258,6 +261,32 @@ def _certificate(gw: Gateway, lst: Listener, grants: tuple[ReferenceGrant, ...],
     if good:
         message += f" (the other {len(good)} certificate{'s are' if len(good) > 1 else ' is'} served)"
     return tuple(good.values()), Condition(RESOLVED_REFS, False, bad[0].reason, message)
+
+
+def gateway_service_key(options: argparse.Namespace) -> tuple[str, str]:
+    """``(namespace, name)`` of the gateway Service (``--gateway-namespace``, ``--gateway-service``)."""
+    return (str(ingress_option(options, "gateway_namespace")), str(ingress_option(options, "gateway_service")))
+
+
+def exposed_ports(model: Model, options: argparse.Namespace) -> frozenset[int] | None:
+    """The gateway-pod ports the gateway Service sends traffic to (None: no such Service in the model,
+    e.g. local mode binding a loopback address: nothing to check against).
+
+    A Service port exposes pod port P when its ``targetPort`` is P, or is named ``gw-P`` (the chart's
+    container port names for ``gateway.gatewayAPIPorts``), or is another name its endpoints resolve to P."""
+    svc: Service | None = model.services.get(gateway_service_key(options))
+    if svc is None:
+        return None
+    out: set[int] = set()
+    for sp in svc.ports:
+        target = sp.target_port
+        if isinstance(target, int):
+            out.add(target)
+        elif target.startswith("gw-") and target[3:].isdigit():
+            out.add(int(target[3:]))
+        else:
+            out.update(e.port for e in model.endpoints_of(svc, sp))
+    return frozenset(out)
 
 
 def _conflicts(listeners: list[_Lst]) -> None:
@@ -609,7 +638,9 @@ def build(model: Model, options: argparse.Namespace) -> Plan:
             route_status.append((route, tuple(parents)))
 
     table = _table(usable, vhosts)
-    statuses = tuple(_gateway_status(gw, [e for e in listeners if e.gateway is gw], attached_count, gw_problem.get(id(gw)))
+    exposed = exposed_ports(model, options)
+    statuses = tuple(_gateway_status(gw, [e for e in listeners if e.gateway is gw], attached_count, gw_problem.get(id(gw)),
+                                     exposed, options)
                      for gw in gateways)
     return Plan(table, tuple(ours.values()), statuses, tuple(route_status), tuple(sorted(protocols, key=str)),
                 gamma.table(mesh_entries))
@@ -749,7 +780,12 @@ def _table(usable: list[_Lst], vhosts: dict[tuple[int, int, str], list[_Entry]])
     return t.Table(tuple(ports))
 
 
-def _gateway_status(gw: Gateway, listeners: list[_Lst], attached: Mapping[int, int], problem: Condition | None) -> GatewayStatus:
+def _gateway_status(gw: Gateway, listeners: list[_Lst], attached: Mapping[int, int], problem: Condition | None,
+                    exposed: frozenset[int] | None = None, options: argparse.Namespace | None = None) -> GatewayStatus:
+    """The Gateway's and its listeners' conditions. ``exposed``: the pod ports the gateway Service
+    exposes (None: unknown); a served listener on another port is ``Programmed`` False ``Pending`` (the
+    specification's reason for a listener not ready to accept client traffic): it is bound in the gateway
+    pods all the same, and answers once the Service exposes its port."""
     if problem is not None:
         conds = (problem, Condition(PROGRAMMED, False, "Invalid", problem.message))
         return GatewayStatus(gw, conds, ())
@@ -757,7 +793,13 @@ def _gateway_status(gw: Gateway, listeners: list[_Lst], attached: Mapping[int, i
     for e in listeners:
         accepted, resolved, conflicted = e.conditions[0], e.conditions[1], e.conditions[2] if len(e.conditions) > 2 else \
             Condition(CONFLICTED, False, "NoConflicts", "no conflicts")
-        if e.usable:
+        if e.usable and exposed is not None and e.listener.port not in exposed:
+            ns, name = gateway_service_key(options) if options is not None else ("", "")
+            programmed = Condition(PROGRAMMED, False, PORT_NOT_EXPOSED,
+                                   f"port {e.listener.port} is not exposed by the gateway Service {ns}/{name} "
+                                   f"(exposed pod ports: {', '.join(map(str, sorted(exposed))) or 'none'}): "
+                                   f"clients cannot reach it; add it to the chart's gateway.gatewayAPIPorts")
+        elif e.usable:
             programmed = Condition(PROGRAMMED, True, "Programmed", "listener programmed")
         else:
             why = next((c.message for c in (accepted, resolved) if not c.status), conflicted.message if conflicted.status else
@@ -801,7 +843,17 @@ def inputs(model: Model, options: argparse.Namespace) -> tuple[Any, ...]:
     objs.append(len(names))
     objs.extend(model.services.get(k) for k in names)
     objs.append((controller_name(options), int(ingress_option(options, "gateway_port"))))
+    objs.extend(_gateway_service_inputs(model, options))
     return tuple(objs)
+
+
+def _gateway_service_inputs(model: Model, options: argparse.Namespace) -> tuple[Any, ...]:
+    """The gateway Service and the endpoints of its named target ports (what :func:`exposed_ports` reads)."""
+    key = gateway_service_key(options)
+    svc = model.services.get(key)
+    if svc is None:
+        return (key, None)
+    return (key, svc, *(model.endpoints_of(svc, sp) for sp in svc.ports if isinstance(sp.target_port, str)))
 
 
 def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
