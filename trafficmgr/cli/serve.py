@@ -68,7 +68,33 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--xds-max-request-mib", metavar="MIB", type=int_at_least(1), default=4,
                         help="largest xDS request accepted, in MiB (default 4: a delta request naming 30k "
                              "resources; 10k Services with two ports need 2.6 MB)")
+    add_leader_arguments(parser)
     add_identity_arguments(parser)
+
+
+def add_leader_arguments(parser: argparse.ArgumentParser) -> None:
+    """Leader election among replicas (:mod:`trafficmgr.core.kube.leader`): every replica serves xDS, only
+    the holder of the Lease writes status and Events."""
+    parser.add_argument("--leader-election", action=argparse.BooleanOptionalAction, default=True,
+                        help="elect one writer among the replicas with a coordination.k8s.io/v1 Lease (default on); "
+                             "--no-leader-election: this process writes status and Events without a Lease "
+                             "(one replica only: several would each write them)")
+    parser.add_argument("--lease-name", metavar="NAME", default=None,
+                        help="name of the Lease (default trafficmgr; the chart sets the release name)")
+    parser.add_argument("--lease-namespace", metavar="NS", default=None,
+                        help="namespace of the Lease (default: $POD_NAMESPACE, else default)")
+    parser.add_argument("--lease-duration", metavar="SECONDS", type=int_at_least(3), default=None,
+                        help="how long a Lease not renewed keeps others from taking over, whole seconds (default 15); "
+                             "a leader that dies is replaced within it plus two retry periods")
+    parser.add_argument("--lease-renew-deadline", metavar="SECONDS", type=positive_seconds, default=None,
+                        help="a leader that could not renew for this long stops writing (default 2/3 of the lease "
+                             "duration; renew deadline + retry period must stay below the lease duration)")
+    parser.add_argument("--lease-retry-period", metavar="SECONDS", type=positive_seconds, default=None,
+                        help="how often the leader renews and the others try to acquire (default lease duration / "
+                             "7.5, at least 1)")
+    parser.add_argument("--replica-name", metavar="NAME", default=None,
+                        help="this replica's name: the Lease's holderIdentity and proxy-status's replica column "
+                             "(default: $POD_NAME, else <hostname>-<pid>)")
 
 
 def add_identity_arguments(parser: argparse.ArgumentParser) -> None:

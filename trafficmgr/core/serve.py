@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from trafficmgr.core.identity.ca import MeshCA
     from trafficmgr.core.identity.server import IdentityServer
     from trafficmgr.core.kube.client import KubeClient
+    from trafficmgr.core.kube.leader import LeaseTiming
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ def run_serve(args: argparse.Namespace, plugins: PluginHost, stop: threading.Eve
                          "the sidecar's inbound and outbound listeners need different ports")
     _check_identity_options(args)  # before Kubernetes: a bad option is reported as such
     mesh = mesh_options(args)
+    lease = lease_options(args)
     try:
         api = load_api_client(args.kubeconfig, args.context)
     except Exception as exc:  # noqa: BLE001 - config errors come in many types
@@ -58,6 +60,10 @@ def run_serve(args: argparse.Namespace, plugins: PluginHost, stop: threading.Eve
         credentials = _xds_credentials(args, ca, mesh, stop)
         warn_if_open(args.xds_auth)
         cp = ControlPlane(plugins, args, kube, freeze_gc=True)
+        if lease is not None:
+            from trafficmgr.core.kube.leader import LeaderElector
+
+            cp.leader = LeaderElector(api, lease.name, lease.namespace, lease.identity, lease.timing)
         xds = XdsServerThread(cp.cache, args.xds_address, args.xds_port, credentials, cp.authorize,
                               max_streams_per_peer=getattr(args, "xds_max_streams_per_peer", 128),
                               node_timeout=getattr(args, "xds_node_timeout", 10.0),
@@ -86,8 +92,10 @@ def run_serve(args: argparse.Namespace, plugins: PluginHost, stop: threading.Eve
             ca.stop()
         raise ServeError(str(exc)) from None
     cp.start_watches(args.namespace)
-    log.info("trafficmgr serving xDS on %s:%d, %s, plugins: %s", args.xds_address, xds.port,
-             ", ".join(f"{'admin' if i == 0 else 'metrics'} on {s.url}" for i, s in enumerate(servers)), ", ".join(plugins.infos))
+    log.info("trafficmgr serving xDS on %s:%d, %s, plugins: %s; %s", args.xds_address, xds.port,
+             ", ".join(f"{'admin' if i == 0 else 'metrics'} on {s.url}" for i, s in enumerate(servers)), ", ".join(plugins.infos),
+             f"replica {lease.identity}, writes while it holds Lease {lease.namespace}/{lease.name}" if lease is not None
+             else "leader election off: this process writes status and Events")
     stop.wait()
     log.info("shutting down: draining xDS streams")
     cp.stop()
@@ -99,6 +107,54 @@ def run_serve(args: argparse.Namespace, plugins: PluginHost, stop: threading.Eve
     if ca is not None:
         ca.stop()
     return 0
+
+
+@attrs.frozen(slots=True)
+class LeaseOptions:
+    """``serve``'s leader election options, checked (see :func:`lease_options`)."""
+
+    name: str
+    namespace: str
+    identity: str
+    timing: LeaseTiming
+
+
+def lease_options(args: argparse.Namespace) -> LeaseOptions | None:
+    """The checked leader election options (None with ``--no-leader-election``; its other options are
+    then an error). Sets ``args.replica_name`` to the identity (proxy-status shows the same name).
+    Raises :class:`ServeError` naming the option."""
+    import os
+
+    from trafficmgr.core.identity import server as srv
+    from trafficmgr.core.kube.leader import DEFAULT_LEASE_NAME, DEFAULT_LEASE_SECONDS, check_timing, default_identity
+
+    name = getattr(args, "replica_name", None) or default_identity()
+    if not name.strip() or len(name) > 253 or any(c.isspace() for c in name):
+        raise ServeError(f"--replica-name {name!r}: one word of at most 253 characters")
+    args.replica_name = name
+    flags = ("lease_name", "lease_namespace", "lease_duration", "lease_renew_deadline", "lease_retry_period")
+    if not getattr(args, "leader_election", True):
+        for flag in flags:
+            if getattr(args, flag, None) is not None:
+                raise ServeError(f"--{flag.replace('_', '-')} needs leader election (drop --no-leader-election)")
+        return None
+    lease_name = getattr(args, "lease_name", None) or DEFAULT_LEASE_NAME
+    namespace = getattr(args, "lease_namespace", None) or os.environ.get("POD_NAMESPACE") or "default"
+    try:
+        srv.check_name(lease_name, "Lease name")
+    except ValueError as exc:
+        raise ServeError(f"--lease-name: {exc}") from None
+    try:
+        srv.check_namespace(namespace)
+    except ValueError as exc:
+        raise ServeError(f"--lease-namespace: {exc}") from None
+    duration = getattr(args, "lease_duration", None)
+    try:
+        timing = check_timing(DEFAULT_LEASE_SECONDS if duration is None else duration,
+                              getattr(args, "lease_renew_deadline", None), getattr(args, "lease_retry_period", None))
+    except ValueError as exc:
+        raise ServeError(f"--lease-duration/--lease-renew-deadline/--lease-retry-period: {exc}") from None
+    return LeaseOptions(lease_name, namespace, name, timing)
 
 
 def _http_servers(state: AdminState, args: argparse.Namespace) -> list[AdminServer]:

@@ -2,6 +2,11 @@
 
 Each distinct problem (object uid, reason, message) is recorded once, however often the object is
 re-read or rebuilt; writing never blocks the sync loop and failures are retried a few times.
+
+With several replicas only the leader writes (see :mod:`trafficmgr.core.kube.writer`): a follower holds
+the Events it would have written, and a new leader writes each held one for which the API has no Event
+with the same object uid, reason and message from trafficmgr yet (the old leader may have written it
+before it died). So a problem seen while the old leader was dying is recorded once, not lost.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import socket
+from collections.abc import Callable
 
 from trafficmgr.core.kube.client import KubeClient
 from trafficmgr.core.kube.writer import BackgroundWriter
@@ -43,8 +49,9 @@ class EventRecorder(BackgroundWriter):
 
     thread_name = "events"
 
-    def __init__(self, client: KubeClient | None, registry: LabelRegistry | None = None, max_remembered: int = 50000) -> None:
-        super().__init__(client, max_remembered)
+    def __init__(self, client: KubeClient | None, registry: LabelRegistry | None = None, max_remembered: int = 50000,
+                 leading: Callable[[], bool] | None = None) -> None:
+        super().__init__(client, max_remembered, leading)
         self.registry = registry
         self.recorded: list[tuple[ObjectRef, str, str]] = []
         self.host = socket.gethostname()
@@ -64,6 +71,16 @@ class EventRecorder(BackgroundWriter):
 
     def write(self, item: tuple[ObjectRef, str, str, str]) -> None:
         self._write(*item)
+
+    def already_written(self, item: tuple[ObjectRef, str, str, str]) -> bool:
+        """True when the API has this Event already (same object, reason and message, from trafficmgr)."""
+        assert self.client is not None
+        ref, reason, message, _ = item
+        selector = f"involvedObject.uid={ref.uid}" if ref.uid else f"involvedObject.kind={ref.kind},involvedObject.name={ref.name}"
+        events = self.client.list(f"/api/v1/namespaces/{ref.namespace or 'default'}/events",
+                                  {"fieldSelector": f"{selector},reason={reason}"})
+        return any(e.get("message") == message[:1024] and e.get("reportingComponent") == COMPONENT
+                   for e in events.get("items") or ())
 
     def describe(self, item: tuple[ObjectRef, str, str, str]) -> str:
         return f"an event on {item[0]}"
