@@ -55,8 +55,11 @@ class ControlPlane:
         self.plugins = plugins
         self.options = options or argparse.Namespace()
         self.kube = kube
-        self.events = EventRecorder(kube, plugins.labels)
-        self.status = StatusWriter(kube)
+        # Several replicas: ``leader`` (a LeaderElector, set by ``serve`` before start_watches) decides who
+        # writes; None: this process alone writes (one replica, tests, local tools).
+        self.leader: Any = None
+        self.events = EventRecorder(kube, plugins.labels, leading=self.leading)
+        self.status = StatusWriter(kube, leading=self.leading)
         self.builder = Builder(plugins, self.options, reporter=self.events.warn)
         self.cache = SnapshotCache(self.resolve)
         self.extra_kinds: list[WatchKind] = plugins.collect("trafficmgr_watch_kinds")
@@ -105,11 +108,25 @@ class ControlPlane:
     def watched_kinds(self) -> list[Kind | WatchKind]:
         return [*CORE_KINDS, *self.extra_kinds]
 
+    def leading(self) -> bool:
+        """Whether this replica may write to the API now (always without leader election)."""
+        return self.leader is None or bool(self.leader.leading())
+
+    def gained_leadership(self) -> None:
+        """The elector's callback: write what this replica held back as a follower (the status its last
+        build asked for, the Events it saw), each unless the API already shows it."""
+        queued = self.events.resume() + self.status.resume()
+        log.info("leader: writing %d held status update(s) and Event(s) not already in the API", queued)
+
     def start_watches(self, namespace: str | None = None) -> None:
-        """Start one watcher per core kind and per plugin kind, and the sync loop."""
+        """Start one watcher per core kind and per plugin kind, and the sync loop (then the leader
+        election, when ``leader`` is set: the writers run first so a quick win finds them ready)."""
         assert self.kube is not None
         self.events.start()
         self.status.start()
+        if self.leader is not None:
+            self.leader.on_started = self.gained_leadership
+            self.leader.start()
         for kind in self.watched_kinds():
             k = kind if isinstance(kind, Kind) else Kind(kind.kind, kind.api_version, kind.plural, kind.namespaced)
             w = Watcher(
@@ -122,6 +139,8 @@ class ControlPlane:
         self._thread.start()
 
     def stop(self) -> None:
+        if self.leader is not None:  # first: a stopping replica writes nothing more, and hands the Lease on
+            self.leader.stop()
         self._stopping.set()
         for w in self.watchers:
             w.stop()
