@@ -267,3 +267,24 @@ def test_rewrite_mirror_and_redirect(cluster: LocalCluster) -> None:
     assert status == 200 and body["backend"] == "reviews-v2" and body["path"] == "/new/page"
     wait_for(lambda: v1.hits >= 1, 5, message="the mirror target saw no copy")
     assert v1.requests[-1]["path"] == "/new/page"
+
+
+def test_route_on_a_tcp_service_port_is_not_accepted(cluster: LocalCluster) -> None:
+    """A mesh route whose parent Service port is labelled tcp gets no HTTP routes in the sidecars: its
+    parent status says so (Accepted False NotAllowedByListeners, naming the port and protocol), not
+    Accepted True; the same route on the Service's http port next to it is accepted."""
+    from trafficmgr.testing.manifests import service as svc
+
+    c = cluster
+    c.apply(svc("legacy", labels={"traffic.port.9080": "tcp"}) + "---\n" + httproute(
+        "on-tcp", "[{backendRefs: [{name: reviews-v1, port: 9080}]}]", parent="{group: '', kind: Service, name: legacy}"))
+    try:
+        p = wait_for(lambda: _parent(c, "on-tcp"), 15, message="no status on on-tcp")
+        assert _conds(p) == {"Accepted": ("False", "NotAllowedByListeners"), "ResolvedRefs": ("True", "ResolvedRefs")}, p
+        msg = {x["type"]: x["message"] for x in p["conditions"]}["Accepted"]
+        assert "Service default/legacy port 9080 (tcp) is not HTTP" in msg, msg
+        c.label("service", "legacy", {"traffic.port.9080": "http"})
+        wait_for(lambda: (q := _parent(c, "on-tcp")) is not None and _conds(q)["Accepted"] == ("True", "Accepted"), 15,
+                 message="the route is accepted once the port is http")
+    finally:
+        c.store.delete("services", "legacy", "default")

@@ -14,7 +14,8 @@ Service parent in another namespace; those need per-namespace sidecar views, whi
 nothing is served for it), and ``ResolvedRefs`` as for Gateway parents.
 
 The parent Service port and the backends count as ``http`` ports (``grpc`` for GRPCRoute), as implied
-protocols (a port labelled ``traffic.port.N`` keeps its label: a ``tcp`` port gets no HTTP routes).
+protocols (a port labelled ``traffic.port.N`` keeps its label: a ``tcp`` or ``direct`` port gets no HTTP
+routes, and a route whose parent has only such ports is ``Accepted`` False ``NotAllowedByListeners``).
 
 Label policies (``trafficmgr_route``: retries, timeouts, hashing): a route with one backend gets that
 backend Service's, as on the gateway; a weighted route (several backends) gets the *parent* Service's

@@ -30,7 +30,7 @@ from typing import Any
 
 import attrs
 
-from trafficmgr.plugin import Model, Service
+from trafficmgr.plugin import HTTP_PROTOCOLS, Model, Service
 from trafficmgr.plugins.gateway_api import mesh as gamma
 from trafficmgr.plugins.gateway_api import table as t
 from trafficmgr.plugins.gateway_api.ir import (
@@ -75,6 +75,10 @@ ACCEPTED, PROGRAMMED, RESOLVED_REFS, CONFLICTED = "Accepted", "Programmed", "Res
 #: Listener Programmed False: served, but its port is not one the gateway Service exposes (the
 #: specification's reason for a listener "not yet online and ready to accept client traffic").
 PORT_NOT_EXPOSED = "Pending"
+#: Route parent Accepted False: a mesh route's parent Service port is not an HTTP port (labelled ``tcp``
+#: or ``direct``): the specification's reason for a parent whose listener does not take the route kind
+#: (a Service port is GAMMA's listener).
+NOT_HTTP_PORT = "NotAllowedByListeners"
 
 
 @attrs.frozen(slots=True)
@@ -904,6 +908,15 @@ def _attach_service_parent(route: Route, ref: ParentRef, model: Model, resolver:
         what = " ".join(x for x in (f"port {ref.port}" if ref.port is not None else "",
                                     f"port named {ref.section_name!r}" if ref.section_name else "") if x)
         return refused("NoMatchingParent", f"Service {ns}/{ref.name} has no {what}")
+    # A port labelled (traffic.port.N or appProtocol) with a non-HTTP protocol (tcp, direct) gets no HTTP
+    # routes in the sidecars: the route does not apply there (unlabelled ports become http/grpc).
+    http_ports = [p for p in ports if p.protocol is None or p.protocol in HTTP_PROTOCOLS]
+    if not http_ports:
+        listed = ", ".join(f"{p.port} ({p.protocol})" for p in ports)
+        return refused(NOT_HTTP_PORT, f"Service {ns}/{ref.name} port{'s' if len(ports) > 1 else ''} {listed} "
+                                      f"{'are' if len(ports) > 1 else 'is'} not HTTP: {route.kind}s apply to "
+                                      f"http, http2, grpc and unlabelled ports only")
+    ports = http_ports
     if route.problems:
         return refused("UnsupportedValue", "; ".join(route.problems))
     matches, problems, ref_conds = route_matches(route, resolver)
