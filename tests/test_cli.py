@@ -381,7 +381,7 @@ def test_proxy_status_table(capsys: pytest.CaptureFixture[str], admin_url: Calla
     assert row.rstrip().endswith(" -")
 
     code, out, _ = run(capsys, "proxy-status", "--server", url, "--json")
-    assert code == 0 and json.loads(out) == streams
+    assert code == 0 and json.loads(out) == sorted(streams, key=lambda s: s["node_id"])  # merged: by node id
 
 
 def test_proxy_status_no_proxies(capsys: pytest.CaptureFixture[str], admin_url: Callable[[State], str]) -> None:

@@ -138,7 +138,7 @@ def _rows(table: str) -> dict[str, dict[str, str]]:
     """Rows of the proxy-status table by node, cells cut at the header's column starts."""
     lines = table.splitlines()
     header = lines[0]
-    titles = ["NODE", "ROLE", "MODE", "CDS", "EDS", "LDS", "RDS", "SDS", "IDENTITY", "CERT EXPIRES", "MTLS"]
+    titles = ["NODE", "ROLE", "MODE", "CDS", "EDS", "LDS", "RDS", "SDS", "REPLICA", "IDENTITY", "CERT EXPIRES", "MTLS"]
     starts = [header.index(t) for t in titles]
     assert starts == sorted(starts), header
     out = {}

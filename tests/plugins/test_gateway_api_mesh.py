@@ -288,3 +288,37 @@ def test_route_on_a_tcp_service_port_is_not_accepted(cluster: LocalCluster) -> N
                  message="the route is accepted once the port is http")
     finally:
         c.store.delete("services", "legacy", "default")
+
+
+def test_http_and_grpc_routes_on_one_service_port_the_older_wins(cluster: LocalCluster) -> None:
+    """An HTTPRoute and a younger GRPCRoute on the same Service port: the specification's rule (one
+    listener hostname takes one kind; the older route, then namespace/name, wins): the GRPCRoute is
+    Accepted False NotAllowedByListeners naming the HTTPRoute, the HTTPRoute stays Accepted and served."""
+    import time
+
+    c = cluster
+    c.apply(httproute("http-first", "[{backendRefs: [{name: reviews-v2, port: 9080}]}]"))
+    c.wait_config(lambda: _spread(c, 10) == Counter({"reviews-v2": 10}), timeout=15, message="HTTPRoute not served")
+    time.sleep(1.1)  # creationTimestamp has one-second resolution: the GRPCRoute is younger
+    c.apply("""
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: grpc-second, namespace: default}
+spec:
+  parentRefs: [{group: '', kind: Service, name: reviews, port: 9080}]
+  rules: [{backendRefs: [{name: reviews-v1, port: 9080}]}]
+""")
+    try:
+        def grpc_parent() -> dict[str, Any] | None:
+            obj = c.store.get("grpcroutes", "grpc-second", "default")
+            return next(iter((obj.get("status") or {}).get("parents") or []), None)
+
+        p = wait_for(grpc_parent, 15, message="no status on the GRPCRoute")
+        assert _conds(p)["Accepted"] == ("False", "NotAllowedByListeners"), p
+        msg = {x["type"]: x["message"] for x in p["conditions"]}["Accepted"]
+        assert "already routed by HTTPRoute default/http-first" in msg, msg
+        winner = wait_for(lambda: _parent(c, "http-first"), 15, message="no status on the HTTPRoute")
+        assert _conds(winner)["Accepted"] == ("True", "Accepted")
+        assert _spread(c, 20) == Counter({"reviews-v2": 20})
+    finally:
+        c.store.delete("grpcroutes", "grpc-second", "default")

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
-import json
 import logging
 import os
 import socket
@@ -44,13 +44,16 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import attrs
 
 from trafficmgr import __version__
+from trafficmgr.cli import replicas
 from trafficmgr.core import render
+from trafficmgr.core.admin import DEFAULT_PORT as ADMIN_PORT
 from trafficmgr.core.admin import DEFAULT_URL, AdminError
+from trafficmgr.core.argtypes import listen_port, positive_seconds
 from trafficmgr.core.plugins import ENV_SELECTION, PluginError, PluginHost, PluginInfo, available, is_builtin
 
 log = logging.getLogger(__name__)
@@ -266,11 +269,88 @@ def _add_plugins_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_server_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server", metavar="URL", default=os.environ.get(ENV_SERVER, DEFAULT_URL),
-                        help=f"admin endpoint of 'trafficmgr serve' (default: ${ENV_SERVER} or {DEFAULT_URL}; in a "
-                             "cluster: kubectl port-forward deploy/<release> 18080)")
+    """The options naming the replicas to ask (see :mod:`trafficmgr.cli.replicas`)."""
+    parser.add_argument("--admin", metavar="URL", action="append", default=None,
+                        help="admin endpoint of a 'trafficmgr serve' replica; repeat it or separate URLs with commas "
+                             f"to ask several replicas and merge their answers (default: ${ENV_SERVER} or {DEFAULT_URL}; "
+                             "in a cluster: --discover, or kubectl port-forward deploy/<release> 18080)")
+    parser.add_argument("--server", metavar="URL", action="append", default=None,
+                        help="the same as --admin (its older name)")
+    parser.add_argument("--discover", metavar="[NS/]SERVICE", default=None,
+                        help="ask every replica behind this control plane Service (found through its EndpointSlices), "
+                             "each through the API server's port-forward to its pod (needs list endpointslices and "
+                             "create pods/portforward in NS; NS defaults to the kubeconfig context's namespace)")
+    parser.add_argument("--kubeconfig", metavar="FILE", default=None, help="kubeconfig for --discover (default: $KUBECONFIG or ~/.kube/config)")
+    parser.add_argument("--context", metavar="NAME", default=None, help="kubeconfig context for --discover")
+    parser.add_argument("--admin-port", metavar="PORT", type=listen_port, default=None,
+                        help=f"with --discover: the admin port inside each replica pod (default {ADMIN_PORT})")
+    parser.add_argument("--timeout", metavar="SECONDS", type=positive_seconds, default=10.0,
+                        help="how long to wait for each replica (default 10)")
     parser.add_argument("--token-file", metavar="FILE", default=os.environ.get(ENV_TOKEN_FILE) or None,
-                        help=f"bearer token for an admin endpoint started with --admin-token-file (default: ${ENV_TOKEN_FILE})")
+                        help=f"bearer token for admin endpoints started with --admin-token-file (default: ${ENV_TOKEN_FILE})")
+
+
+def _replicas(args: argparse.Namespace) -> tuple[list[replicas.Target], replicas.Asker]:
+    """The replicas the options name, and an :class:`~trafficmgr.cli.replicas.Asker` for them.
+    Raises :class:`CliError` for bad values, an unreadable token, a failed discovery."""
+    token = _read_token(args.token_file)
+    asker = replicas.Asker(token, args.timeout, unreachable=_unreachable, not_admin=_not_admin)
+    if args.discover is not None:
+        if args.admin or args.server:
+            raise CliError("--discover finds the replicas itself: give it or --admin/--server, not both")
+        return _discover(args, asker), asker
+    if args.admin_port is not None or args.kubeconfig is not None or args.context is not None:
+        raise CliError("--admin-port, --kubeconfig and --context go with --discover")
+    urls: list[str] = []
+    try:
+        for flag, values in (("--admin", args.admin), ("--server", args.server)):
+            urls += [u for u in replicas.admin_urls(values or (), functools.partial(normalize_server, flag=flag), flag)
+                     if u not in urls]
+        if not urls:
+            default = os.environ.get(ENV_SERVER) or DEFAULT_URL
+            urls = replicas.admin_urls([default], normalize_server, f"${ENV_SERVER}")
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    return [replicas.Target(name=u, url=u) for u in urls], asker
+
+
+def _discover(args: argparse.Namespace, asker: replicas.Asker) -> list[replicas.Target]:
+    from kubernetes.config import ConfigException
+
+    from trafficmgr.core.kube.client import ApiException, KubeClient, load_api_client
+
+    try:
+        api_client = load_api_client(args.kubeconfig, args.context)
+    except (ConfigException, OSError, ValueError) as exc:
+        raise CliError(f"--discover: cannot load the kubeconfig: {exc}") from None
+    try:
+        namespace, service = replicas.parse_service(args.discover, _context_namespace(args.kubeconfig, args.context))
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        targets = replicas.discover(KubeClient(api_client), namespace, service, args.admin_port or ADMIN_PORT)
+    except LookupError as exc:
+        raise CliError(str(exc.args[0])) from None
+    except ApiException as exc:
+        raise CliError(f"--discover: listing the EndpointSlices of {namespace}/{service} failed: HTTP {exc.status} "
+                       f"{exc.reason}") from None
+    except Exception as exc:  # noqa: BLE001 - urllib3 errors: the API server is unreachable
+        raise CliError(f"--discover: cannot reach the API server at {api_client.configuration.host}: "
+                       f"{type(exc).__name__}: {exc}") from None
+    asker.api_client = api_client
+    return targets
+
+
+def _context_namespace(kubeconfig: str | None, context: str | None) -> str:
+    """The namespace of the kubeconfig's ``context`` (default: the current one), else ``default``."""
+    from kubernetes import config as k8s_config
+
+    try:
+        contexts, current = k8s_config.list_kube_config_contexts(config_file=kubeconfig)
+    except Exception:  # noqa: BLE001 - in-cluster config or no kubeconfig: the default namespace
+        return "default"
+    chosen = next((c for c in contexts if c.get("name") == context), None) if context else current
+    return str(((chosen or {}).get("context") or {}).get("namespace") or "default")
 
 
 def _read_token(path: str | None) -> str | None:
@@ -292,50 +372,20 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
-def normalize_server(server: str) -> str:
-    """``host:port`` -> ``http://host:port``; raises :class:`CliError` for anything but http(s) URLs."""
+def normalize_server(server: str, flag: str = "--server") -> str:
+    """``host:port`` -> ``http://host:port``; raises :class:`CliError` (naming ``flag``) for anything but
+    http(s) URLs."""
     server = server.strip().rstrip("/")
     if "://" not in server:
         server = "http://" + server
     parts = urllib.parse.urlsplit(server)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise CliError(f"--server must be an http(s) URL such as {DEFAULT_URL}, not {server!r}")
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query or parts.fragment:
+        raise CliError(f"{flag} must be an http(s) URL such as {DEFAULT_URL}, not {server!r}")
     try:
         parts.port  # noqa: B018 - validates the port
     except ValueError:
-        raise CliError(f"--server has an invalid port: {server!r}") from None
+        raise CliError(f"{flag} has an invalid port: {server!r}") from None
     return server
-
-
-def fetch_json(server: str, path: str, params: dict[str, str] | None = None, timeout: float = 10.0,
-               token: str | None = None) -> Any:
-    """GET ``path`` from the admin endpoint and decode JSON (with ``Authorization: Bearer <token>`` when
-    ``token`` is given).
-
-    Raises :class:`CliError`: unreachable server (with a hint), or the endpoint's own error message with
-    ``http_status`` set (404, 400, 401, ...).
-    """
-    base = normalize_server(server)
-    url = base + path + ("?" + urllib.parse.urlencode(params) if params else "")
-    log.debug("GET %s", url)
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 - URL scheme checked above
-            body = resp.read()
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.loads(exc.read())["error"]
-        except (ValueError, TypeError, KeyError, OSError):
-            raise CliError(f"{_not_admin(server, path)} (HTTP {exc.code})") from None
-        raise CliError(str(message), http_status=exc.code) from None
-    except urllib.error.URLError as exc:
-        raise CliError(_unreachable(base, exc.reason)) from None
-    except (OSError, TimeoutError) as exc:
-        raise CliError(_unreachable(base, exc)) from None
-    try:
-        return json.loads(body)
-    except ValueError:
-        raise CliError(_not_admin(server, path)) from None
 
 
 def _not_admin(server: str, path: str) -> str:
@@ -413,20 +463,42 @@ def _run_labels(args: argparse.Namespace) -> int:
 
 def _setup_proxy_status(parser: argparse.ArgumentParser) -> None:
     _add_server_option(parser)
-    parser.add_argument("--json", action="store_true", help="print the admin endpoint's JSON")
+    parser.add_argument("--json", action="store_true", help="print the streams as JSON (the admin endpoints' rows, merged)")
+
+
+def _report_failures(answers: list[replicas.Answer], level: str = "error") -> bool:
+    """One stderr line per replica that did not answer; True if there was any."""
+    failed = [a for a in answers if a.error is not None]
+    for a in failed:
+        print(f"{PROG}: {level}: {replicas.failure_line(a)}", file=sys.stderr)
+    return bool(failed)
+
+
+def _ask_status(targets: list[replicas.Target], asker: replicas.Asker) -> list[replicas.Answer]:
+    """``/debug/proxy-status`` of every target; an answer that is not a list of objects is an error. With
+    one target its failure is the command's error (:class:`CliError`, one line, as before replicas)."""
+    answers = []
+    for a in asker.get_all(targets, "/debug/proxy-status"):
+        if a.error is None and not (isinstance(a.data, list) and all(isinstance(s, dict) for s in a.data)):
+            where = a.target.url or f"pod {a.target.namespace}/{a.target.pod}"
+            a = replicas.Answer(a.target, a.replica, error=replicas.ReplicaError(_not_admin(where, "/debug/proxy-status")))
+        answers.append(a)
+    if len(answers) == 1 and answers[0].error is not None:
+        raise CliError(str(answers[0].error), http_status=answers[0].error.http_status)
+    return answers
 
 
 def _run_proxy_status(args: argparse.Namespace) -> int:
-    streams = fetch_json(args.server, "/debug/proxy-status", token=_read_token(args.token_file))
-    if not isinstance(streams, list) or not all(isinstance(s, dict) for s in streams):
-        raise CliError(_not_admin(args.server, "/debug/proxy-status"))
+    targets, asker = _replicas(args)
+    answers = _ask_status(targets, asker)
+    streams = replicas.merge_status(answers, fill=len(targets) > 1)
     if args.json:
         _write(render.to_json(streams))
     elif not streams:
         print("No proxies connected.", file=sys.stderr)
     else:
         _write(render.proxy_status_table(streams))
-    return 0
+    return 1 if _report_failures(answers) else 0
 
 
 def _setup_config_dump(parser: argparse.ArgumentParser) -> None:
@@ -437,19 +509,37 @@ def _setup_config_dump(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_config_dump(args: argparse.Namespace) -> int:
-    params = {"node_id": args.node_id}
-    if args.type:
-        params["type"] = args.type
-    try:
-        dump = fetch_json(args.server, "/debug/config-dump", params, token=_read_token(args.token_file))
-    except CliError as exc:
-        if exc.http_status == 404:
-            raise CliError(f"unknown node id {args.node_id!r}; 'trafficmgr proxy-status' lists connected nodes") from None
-        raise
-    if not isinstance(dump, dict) or "resources" not in dump:
-        raise CliError(_not_admin(args.server, "/debug/config-dump"))
-    _write(render.to_json(dump) if args.output == "json" else render.to_yaml(dump))
-    return 0
+    """Ask every replica which holds the node's stream, then that replica for the node's resources;
+    a node with no stream anywhere (a pod whose Envoy is not connected) from the first replica that
+    knows it (every replica serves the same config)."""
+    node_id = args.node_id.strip()
+    if not node_id:
+        raise CliError("--node-id is empty; 'trafficmgr proxy-status' lists connected nodes")
+    targets, asker = _replicas(args)
+    answers = _ask_status(targets, asker)
+    found = replicas.holder(answers, node_id)
+    candidates = ([found] if found else []) + sorted((a for a in answers if a.error is None and a is not found),
+                                                     key=lambda a: a.replica)
+    params = {"node_id": node_id, **({"type": args.type} if args.type else {})}
+    for candidate in candidates:
+        answer = asker.get(candidate.target, "/debug/config-dump", params)
+        if answer.error is not None and answer.error.http_status == 404:
+            continue
+        if answer.error is not None:
+            if len(targets) == 1:
+                raise CliError(str(answer.error), http_status=answer.error.http_status)
+            answers.append(answer)
+            continue
+        dump = answer.data
+        if not isinstance(dump, dict) or "resources" not in dump:
+            raise CliError(_not_admin(answer.target.url or answer.replica, "/debug/config-dump"))
+        if len(targets) > 1:
+            dump.setdefault("replica", answer.replica)
+        _write(render.to_json(dump) if args.output == "json" else render.to_yaml(dump))
+        _report_failures(answers, "warning")
+        return 0
+    _report_failures(answers)
+    raise CliError(f"unknown node id {node_id!r}; 'trafficmgr proxy-status' lists connected nodes")
 
 
 register_command("plugins", "list installed plugins or create a new one", _setup_plugins, _run_plugins)

@@ -6,14 +6,17 @@ Routes (all GET):
 - ``/healthz``: 200 ``ok`` while :meth:`AdminState.healthy`, else 503;
 - ``/readyz``: 200 ``ready`` when :meth:`AdminState.ready` is true, else 503 with the reason;
 - ``/debug/proxy-status``: JSON list, one object per open xDS stream (see :meth:`AdminState.proxy_status`
-  and :func:`proxy_identity`);
+  and :func:`proxy_identity`), each naming the ``replica`` that holds the stream;
 - ``/debug/config-dump?node_id=ID[&type=clusters]``: JSON
-  ``{"node_id", "view", "resources": {"clusters": [{"name", "version", "config"}]}}``, private keys
+  ``{"node_id", "view", "replica", "resources": {"clusters": [{"name", "version", "config"}]}}`` (``replica``: the
+  one answering, see :func:`config_dump`), private keys
   redacted (:func:`trafficmgr.core.render.resource_dict`; workload keys are never in it at all: Envoy
   reads them from files on its node); 404 for an unknown node, 400 for a bad type;
 - ``/debug/nacks``, ``/debug/plugins``, ``/debug/labels``: JSON lists.
 
 Errors are JSON ``{"error": message}``. The server runs in a daemon thread; handlers only read state.
+Every answer carries the header ``Trafficmgr-Replica: <name>`` when the state has a ``replica`` name
+(:func:`replica_name`), so a client asking several replicas knows which one answered, streams or not.
 
 Two listeners (``trafficmgr serve``): the **admin** endpoint serves every route and is bound to loopback
 by default; ``/debug/*`` names every proxy, pod IP and the gateway's configuration, so binding it to a
@@ -30,6 +33,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
 import socket
 import threading
 from collections.abc import Callable, Mapping
@@ -52,6 +56,17 @@ log = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 18080
 DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"
+#: The environment variable a replica takes its name from (the chart sets it from ``metadata.name``).
+REPLICA_ENV = "POD_NAME"
+#: The response header naming the replica that answered.
+REPLICA_HEADER = "Trafficmgr-Replica"
+
+
+def replica_name(configured: str | None = None) -> str:
+    """The name this control-plane replica reports in ``proxy-status`` (``replica``): ``configured``
+    (``serve --replica-name``), else ``$POD_NAME``, else ``<hostname>-<pid>`` (the same rule as the
+    Lease's holder identity, :func:`trafficmgr.core.kube.leader.default_identity`)."""
+    return (configured or "").strip() or os.environ.get(REPLICA_ENV, "").strip() or f"{socket.gethostname()}-{os.getpid()}"
 
 
 class AdminState(Protocol):
@@ -64,7 +79,8 @@ class AdminState(Protocol):
         """One dict per open xDS stream, as ``XdsServer.status()`` returns them (``node_id``,
         ``node_cluster``, ``view``, ``peer``, ``mode``, ``connected_at``, ``identities``, ``cert_expiry``
         and per short type name ``{"sent", "acked", "last_nack"}``), with the keys of :func:`proxy_identity`
-        when the implementation knows the pods (``trafficmgr serve`` does)."""
+        when the implementation knows the pods, and ``replica`` (:func:`replica_name`) when it has one
+        (``trafficmgr serve`` does both)."""
         ...
 
     def config_dump(self, node_id: str) -> dict[str, list[Resource]] | None:
@@ -150,7 +166,9 @@ def config_dump(state: AdminState, node_id: str, type_name: str | None = None) -
     """The ``/debug/config-dump`` document for ``node_id`` (optionally one type).
 
     ``view`` is taken from the node's open stream in :meth:`AdminState.proxy_status` (None when the node
-    has no open stream). Raises ``LookupError`` for an unknown node and ``ValueError`` for a bad type.
+    has no open stream); ``replica`` (left out when the state has no ``replica`` attribute) is the replica
+    that answered, whether or not it holds the node's stream (every replica serves the same config).
+    Raises ``LookupError`` for an unknown node and ``ValueError`` for a bad type.
     """
     if type_name is not None and type_name not in render.TYPES:
         raise ValueError(f"unknown type {type_name!r}; valid types: {', '.join(render.TYPES)}")
@@ -160,7 +178,8 @@ def config_dump(state: AdminState, node_id: str, type_name: str | None = None) -
     view = next((s.get("view") for s in state.proxy_status() if s.get("node_id") == node_id), None)
     types = [type_name] if type_name else [t for t in render.TYPES if t in by_type]
     resources = {t: [render.resource_dict(r) for r in sorted(by_type.get(t, ()), key=lambda r: r.name)] for t in types}
-    return {"node_id": node_id, "view": view, "resources": resources}
+    replica = getattr(state, "replica", None)
+    return {"node_id": node_id, "view": view, **({"replica": replica} if replica else {}), "resources": resources}
 
 
 def is_loopback(host: str) -> bool:
@@ -220,6 +239,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        replica = getattr(self.server.state, "replica", None)
+        if isinstance(replica, str) and replica.isascii() and replica.isprintable():
+            self.send_header(REPLICA_HEADER, replica)
         for name, value in extra_headers.items():
             self.send_header(name, value)
         self.end_headers()

@@ -19,7 +19,7 @@ from typing import Any
 from trafficmgr.core import cache as cache_mod
 from trafficmgr.core import metrics
 from trafficmgr.core.access import DEFAULT_GATEWAY_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN, AccessControl, parse_selector
-from trafficmgr.core.admin import proxy_identity
+from trafficmgr.core.admin import proxy_identity, replica_name
 from trafficmgr.core.cache import Resource, SnapshotCache
 from trafficmgr.core.contrib import WatchKind
 from trafficmgr.core.identity.spiffe import spiffe_id
@@ -254,8 +254,15 @@ class ControlPlane:
             return False, "no snapshot published yet"
         return True, "ok"
 
+    @property
+    def replica(self) -> str:
+        """This replica's name (``serve --replica-name``, else ``$POD_NAME``, else ``<hostname>-<pid>``): every
+        ``proxy-status`` row carries it, so a merged view across replicas shows who holds each stream."""
+        return replica_name(getattr(self.options, "replica_name", None))
+
     def proxy_status(self) -> list[dict[str, Any]]:
         streams = self.xds.status() if self.xds is not None else []
+        replica = self.replica
         a = self.access
         gateway = spiffe_id(a.trust_domain, a.gateway_namespace, a.gateway_service_account)
         mtls = bool(getattr(self.options, "mtls", False))  # the mtls plugin's serve --mtls
@@ -263,6 +270,7 @@ class ControlPlane:
             pod_name, _, namespace = str(s.get("node_id") or "").rpartition(".")
             pod = self.assembler.pods.get((namespace, pod_name)) if s.get("view") == SIDECAR else None
             s.update(proxy_identity(s, pod, a.trust_domain, gateway, mtls))
+            s["replica"] = replica
         return streams
 
     def nacks(self) -> list[dict[str, Any]]:

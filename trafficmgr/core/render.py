@@ -206,18 +206,21 @@ def expiry_cell(stream: Mapping[str, Any]) -> str:
 
 
 def proxy_status_table(streams: Iterable[Mapping[str, Any]]) -> str:
-    """The ``trafficmgr proxy-status`` table, sorted by node id. The identity columns (``IDENTITY``,
-    ``CERT EXPIRES``, ``MTLS``) are shown when the admin endpoint reports them (an older server does not)."""
-    streams = sorted(streams, key=lambda s: (str(s.get("node_id")), str(s.get("connected_at"))))
+    """The ``trafficmgr proxy-status`` table, sorted by node id, then replica. ``REPLICA`` (the control
+    plane replica holding the stream; after the sync columns) and the identity columns (``IDENTITY``, ``CERT EXPIRES``, ``MTLS``)
+    are shown when the admin endpoints report them (an older server does not)."""
+    streams = sorted(streams, key=lambda s: (str(s.get("node_id")), str(s.get("replica")), str(s.get("connected_at"))))
     identity = any("identity" in s for s in streams)
+    replica = any("replica" in s for s in streams)
     rows = []
     for s in streams:
-        row = [s.get("node_id") or "-", s.get("view") or "-", s.get("mode") or "-", *(sync_cell(s.get(t)) for t in TYPES)]
+        row = [s.get("node_id") or "-", s.get("view") or "-", s.get("mode") or "-", *(sync_cell(s.get(t)) for t in TYPES),
+               *([s.get("replica") or "-"] if replica else [])]
         if identity:
             row += [identity_cell(s), expiry_cell(s), s.get("mtls") or "-"]
         rows.append(row)
     extra = ("IDENTITY", "CERT EXPIRES", "MTLS") if identity else ()
-    return table(("NODE", "ROLE", "MODE", *TYPE_COLUMNS.values(), *extra), rows)
+    return table(("NODE", "ROLE", "MODE", *TYPE_COLUMNS.values(), *(("REPLICA",) if replica else ()), *extra), rows)
 
 
 # -- resources and redaction ----------------------------------------------------------------------

@@ -5,8 +5,10 @@ Service, name, port?}`` applies to every request a sidecar sends to that Service
 Service port only; ``sectionName``: the port of that name). Its rules replace the Service port's default
 route in the sidecar's virtual host (``trafficmgr_service_routes``): matches, filters, timeouts and
 weighted backendRefs, in the same precedence as on a Gateway (every route attached to that Service port
-together); a request that matches no rule gets 404 (GAMMA: once routes are bound to a Service, they
-define its routing). Hostnames do not apply to Service parents (GAMMA: the Service is the host).
+together; HTTPRoutes or GRPCRoutes, not both: the older route's kind keeps the port, as the specification
+rules for a listener hostname, and a route of the other kind there is ``Accepted`` False); a request
+that matches no rule gets 404 (GAMMA: once routes are bound to a Service, they define its routing).
+Hostnames do not apply to Service parents (GAMMA: the Service is the host).
 
 Status per Service parent (our ``controllerName``): ``Accepted`` True, or False with
 ``NoMatchingParent`` (no such Service, or no such port) or ``UnsupportedValue`` (a consumer route: a

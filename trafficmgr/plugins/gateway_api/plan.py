@@ -79,6 +79,9 @@ PORT_NOT_EXPOSED = "Pending"
 #: or ``direct``): the specification's reason for a parent whose listener does not take the route kind
 #: (a Service port is GAMMA's listener).
 NOT_HTTP_PORT = "NotAllowedByListeners"
+#: Route parent Accepted False: an HTTPRoute and a GRPCRoute on one listener hostname or Service port;
+#: the older keeps it (the specification names no reason: the one for a listener refusing the route).
+KIND_CONFLICT = "NotAllowedByListeners"
 
 
 @attrs.frozen(slots=True)
@@ -608,13 +611,14 @@ def build(model: Model, options: argparse.Namespace) -> Plan:
     protocols: set[tuple[str, str, int | str, str]] = set()
     claims: dict[tuple[int, str], list[tuple[Route, tuple[str, ...]]]] = {}
     mesh_entries: dict[gamma.MeshKey, list[tuple[tuple[Any, ...], t.Route]]] = {}
+    mesh_claims: dict[gamma.MeshKey, Route] = {}
     for route in routes:
         parents = []
         mine = False
         for ref in route.parent_refs:
             if gamma.is_service_parent(ref):
                 mine = True  # this control plane is the mesh of every Service (GAMMA)
-                parents.append(_attach_service_parent(route, ref, model, resolver, mesh_entries, protocols))
+                parents.append(_attach_service_parent(route, ref, model, resolver, mesh_entries, protocols, mesh_claims))
                 continue
             if ref.group != GROUP or ref.kind != GATEWAY:
                 continue  # other kinds: not ours
@@ -886,9 +890,16 @@ def table(model: Model, options: argparse.Namespace) -> t.Table:
 
 def _attach_service_parent(route: Route, ref: ParentRef, model: Model, resolver: _Resolver,
            entries: dict[gamma.MeshKey, list[tuple[tuple[Any, ...], t.Route]]],
-           protocols: set[tuple[str, str, int | str, str]]) -> ParentStatus:
+           protocols: set[tuple[str, str, int | str, str]],
+           claims: dict[gamma.MeshKey, Route] | None = None) -> ParentStatus:
     """Attach ``route`` to the Service parent ``ref``: its matches go to ``entries`` (by Service port,
-    with their precedence key); returns our status entry for that parent."""
+    with their precedence key); returns our status entry for that parent.
+
+    ``claims``: which route kind each Service port already serves (routes come oldest first, then
+    ``namespace/name``). An HTTPRoute and a GRPCRoute never share a Service port (the specification's rule
+    for a listener and hostname: for a Service parent the Service is the only host): the route of the
+    other kind is not attached to a port already claimed, and is ``Accepted`` False when that leaves it
+    no port."""
 
     ok_refs = Condition(RESOLVED_REFS, True, "ResolvedRefs", "all references resolved")
     ns = ref.namespace or route.meta.namespace
@@ -919,9 +930,19 @@ def _attach_service_parent(route: Route, ref: ParentRef, model: Model, resolver:
     ports = http_ports
     if route.problems:
         return refused("UnsupportedValue", "; ".join(route.problems))
+    claims = {} if claims is None else claims
+    taken = [(p, owner) for p in ports if (owner := claims.get((ns, ref.name, p.port))) is not None and owner.kind != route.kind]
+    if taken:
+        ports = [p for p in ports if all(p is not q for q, _ in taken)]
+        if not ports:
+            owner = taken[0][1]
+            return refused(KIND_CONFLICT, f"Service {ns}/{ref.name} port {taken[0][0].port} is already routed by "
+                                          f"{owner.kind} {owner.meta.namespace}/{owner.meta.name} (older, or the same age "
+                                          f"and first by namespace/name): a Service port takes HTTPRoutes or GRPCRoutes, not both")
     matches, problems, ref_conds = route_matches(route, resolver)
     grpc = route.kind == GRPC_ROUTE
     for port in ports:
+        claims.setdefault((ns, ref.name, port.port), route)
         protocols.add((ns, ref.name, port.port, "grpc" if grpc else "http"))
         for m, tie, tr in matches:
             add_protocols(tr, protocols)
