@@ -310,7 +310,13 @@ def _setup_bootstrap(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node-id", metavar="ID", required=True, help="Envoy node id (sidecars: <pod>.<namespace>)")
     parser.add_argument("--node-cluster", metavar="CLUSTER", required=True,
                         help="Envoy node cluster (the gateway's role name for gateways, 'sidecar' for sidecars)")
-    parser.add_argument("--xds-address", metavar="HOST:PORT", required=True, help="the control plane's xDS address (HOST:PORT or unix:/path)")
+    parser.add_argument("--xds-address", metavar="HOST:PORT[,HOST:PORT]", required=True,
+                        help="the control plane's xDS address (HOST:PORT or unix:/path); several replicas outside a "
+                             "cluster: comma-separated HOST:PORTs (all IPs or all names), Envoy moves to another when "
+                             "its stream breaks")
+    parser.add_argument("--xds-prefer-first", action="store_true",
+                        help="with several --xds-address: use the first while it is up, the others only while it is "
+                             "down (TCP health checks every 2 s)")
     parser.add_argument("--admin-port", type=listen_port, default=ADMIN_PORT, help=f"Envoy admin port (default {ADMIN_PORT})")
     parser.add_argument("--admin-address", default=ADMIN_ADDRESS,
                         help=f"Envoy admin address (default {ADMIN_ADDRESS}: admin has mutating endpoints, keep it "
@@ -373,13 +379,17 @@ def _run_bootstrap(args: argparse.Namespace) -> int:
     from trafficmgr.core.bootstrap import add_stats_listener, bootstrap
 
     try:
-        host, port = parse_xds_address(args.xds_address)
+        addresses = [parse_xds_address(a) for a in args.xds_address.split(",") if a.strip()]
+        if not addresses:
+            raise ValueError("--xds-address is empty")
+        host, port = addresses[0]
+        if args.stats_port and args.stats_port == args.admin_port:
+            raise CliError("--stats-port and --admin-port must differ: the stats listener forwards to admin")
+        config = bootstrap(args.node_id, args.node_cluster, host, port, admin_port=args.admin_port,
+                           admin_address=args.admin_address, delta=args.delta, xds_tls=_xds_tls(args),
+                           xds_more=addresses[1:], xds_prefer_first=args.xds_prefer_first)
     except ValueError as exc:
-        raise CliError(str(exc)) from None
-    if args.stats_port and args.stats_port == args.admin_port:
-        raise CliError("--stats-port and --admin-port must differ: the stats listener forwards to admin")
-    config = bootstrap(args.node_id, args.node_cluster, host, port, admin_port=args.admin_port,
-                       admin_address=args.admin_address, delta=args.delta, xds_tls=_xds_tls(args))
+        raise CliError(f"--xds-address: {exc}" if not str(exc).startswith("xDS address") else str(exc)) from None
     if args.stats_port:
         add_stats_listener(config, args.stats_address, args.stats_port)
     plugins_of(args).call_all("trafficmgr_bootstrap", bootstrap=config, role=args.node_cluster, options=args)

@@ -61,12 +61,12 @@ class XdsIdentityTls:
 _UPSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 
 
-def xds_transport_socket(tls: XdsTls | XdsIdentityTls, xds_host: str) -> dict[str, Any]:
+def xds_transport_socket(tls: XdsTls | XdsIdentityTls, xds_host: str, more_hosts: Sequence[str] = ()) -> dict[str, Any]:
     """The xDS cluster's ``transport_socket``: TLS with the client certificate, ALPN ``h2`` (gRPC), the
     server's chain checked against ``tls.ca`` (or the mesh trust bundle) and, for a TCP address, its SAN
     against the host (a DNS name or an IP of ``--xds-address``: another certificate of the same CA, e.g. a
-    proxy's, cannot pose as the control plane). Over ``unix:`` only the chain is checked (the socket path
-    names the server)."""
+    proxy's, cannot pose as the control plane; with several replicas, ``more_hosts``, any of their hosts).
+    Over ``unix:`` only the chain is checked (the socket path names the server)."""
     from trafficmgr.core.identity import files
 
     san: list[dict[str, Any]] = []
@@ -75,8 +75,8 @@ def xds_transport_socket(tls: XdsTls | XdsIdentityTls, xds_host: str) -> dict[st
     if server_name:
         san = [{"san_type": "DNS", "matcher": {"exact": server_name}}]
     elif not xds_host.startswith("unix:"):
-        san_type = "IP_ADDRESS" if is_ip(host) else "DNS"
-        san = [{"san_type": san_type, "matcher": {"exact": host}}]
+        for h in dict.fromkeys([host, *(m.strip("[]") for m in more_hosts)]):
+            san.append({"san_type": "IP_ADDRESS" if is_ip(h) else "DNS", "matcher": {"exact": h}})
     common: dict[str, Any]
     if isinstance(tls, XdsIdentityTls):
         default: dict[str, Any] = {"match_typed_subject_alt_names": san} if san else {}
@@ -119,6 +119,8 @@ def bootstrap(
     xds_retry_base_s: float = 0.25,
     xds_retry_max_s: float = 3.0,
     xds_tls: XdsTls | XdsIdentityTls | None = None,
+    xds_more: Sequence[tuple[str, int]] = (),
+    xds_prefer_first: bool = False,
 ) -> dict[str, Any]:
     """An Envoy v3 bootstrap fetching CDS and LDS (and through them EDS/RDS/SDS) over one ADS stream.
 
@@ -130,7 +132,16 @@ def bootstrap(
     - ``runtime``: keys of the static runtime layer. There is no admin runtime layer: ``/runtime_modify``
       cannot change anything (nor could it from outside the pod: admin is on loopback, see
       :func:`add_stats_listener`).
-    - ``xds_retry_*``: reconnect backoff of the ADS stream when the control plane is away.
+    - ``xds_retry_*``: reconnect backoff of the ADS stream when the control plane is away (or the replica
+      it was connected to died: the next attempt picks another address).
+    - ``xds_more``: further control-plane replicas (host, port) besides ``xds_host:xds_port`` (outside a
+      cluster; in one, the control plane's Service name balances over the replicas). All must be IPs, or
+      all DNS names; not ``unix:``. Envoy picks one per stream (round robin over the addresses, from a
+      random start); a stream that breaks is re-established, after the retry backoff, to the next one, and
+      meanwhile Envoy keeps serving its config. With ``xds_tls`` the server's SAN may be any of them.
+    - ``xds_prefer_first``: with ``xds_more``, connect to ``xds_host`` while it is up and to the others
+      only while it is down (priorities, with a TCP health check of every address every 2 s: a dead one
+      counts as down within ~2 s).
     - ``xds_tls``: mutual TLS to the xDS server (``serve --xds-auth mtls``), see :func:`xds_transport_socket`:
       :class:`XdsTls` (PEM file paths) or :class:`XdsIdentityTls` (the workload identity files, through
       SDS relative to Envoy's working directory).
@@ -139,9 +150,25 @@ def bootstrap(
     loopback (sidecars and the gateway: ``127.0.0.1:15000`` inside the pod's network namespace) and expose
     only the read-only stats with :func:`add_stats_listener`.
     """
+    addresses = [(xds_host, xds_port), *xds_more]
+    if xds_more:
+        if any(h.startswith("unix:") for h, _ in addresses):
+            raise ValueError("several xDS addresses must all be HOST:PORT (not unix:/path)")
+        if len({is_ip(h.strip("[]")) for h, _ in addresses}) > 1:
+            raise ValueError("several xDS addresses must all be IPs or all DNS names")
+        twice = [f"{h}:{p}" for i, (h, p) in enumerate(addresses) if (h, p) in addresses[:i]]
+        if twice:
+            raise ValueError(f"{twice[0]} is listed twice")
+    elif xds_prefer_first:
+        raise ValueError("preferring the first xDS address needs more than one")
+    if xds_prefer_first:
+        endpoints = [{"priority": min(i, 1), "lb_endpoints": [{"endpoint": {"address": _xds_address(h, p)}}]}
+                     for i, (h, p) in enumerate(addresses)]
+    else:
+        endpoints = [{"lb_endpoints": [{"endpoint": {"address": _xds_address(h, p)}} for h, p in addresses]}]
     xds_cluster: dict[str, Any] = {
         "name": XDS_CLUSTER,
-        "type": "STATIC" if is_ip(xds_host) or xds_host.startswith("unix:") else "STRICT_DNS",
+        "type": "STATIC" if is_ip(xds_host.strip("[]")) or xds_host.startswith("unix:") else "STRICT_DNS",
         "connect_timeout": "1s",
         # ADS is gRPC: HTTP/2 must be explicit, Envoy defaults upstreams to HTTP/1.1.
         "typed_extension_protocol_options": {
@@ -156,11 +183,16 @@ def bootstrap(
         },
         "load_assignment": {
             "cluster_name": XDS_CLUSTER,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _xds_address(xds_host, xds_port)}}]}],
+            "endpoints": endpoints,
         },
     }
+    if xds_prefer_first:
+        # Priority 1 takes over only when priority 0 is unhealthy: a TCP connect check tells (no payload;
+        # the gRPC server just sees a connection open and close).
+        xds_cluster["health_checks"] = [{"timeout": "1s", "interval": "2s", "no_traffic_interval": "2s",
+                                         "unhealthy_threshold": 1, "healthy_threshold": 1, "tcp_health_check": {}}]
     if xds_tls is not None:
-        xds_cluster["transport_socket"] = xds_transport_socket(xds_tls, xds_host)
+        xds_cluster["transport_socket"] = xds_transport_socket(xds_tls, xds_host, [h for h, _ in xds_more])
     if xds_source_address:
         xds_cluster["upstream_bind_config"] = {"source_address": {"address": xds_source_address, "port_value": 0}}
 
