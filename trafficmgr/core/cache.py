@@ -14,6 +14,7 @@ import asyncio
 import collections
 import hashlib
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
@@ -128,7 +129,8 @@ def _entry_hash(r: Resource) -> int:
 class TypeSet:
     """All resources of one type in one view; immutable once built; caches response bodies."""
 
-    __slots__ = ("type_url", "resources", "version", "_bodies", "_responses", "_lock", "_names", "_refs", "_acc")
+    __slots__ = ("type_url", "resources", "version", "_bodies", "_responses", "_lock", "_names", "_refs", "_acc",
+                 "_base", "_changed", "__weakref__")
 
     def __init__(self, type_url: str, resources: Iterable[Resource], _sorted: dict[str, Resource] | None = None,
                  _acc: int | None = None) -> None:
@@ -149,6 +151,18 @@ class TypeSet:
         self._lock = threading.Lock()
         self._names: frozenset[str] | None = None
         self._refs: dict[str, frozenset[str]] | None = None
+        # Set by derive(): the TypeSet this one was derived from (weakly) and the names that changed.
+        self._base: weakref.ref[TypeSet] | None = None
+        self._changed: frozenset[str] = frozenset()
+
+    def changed_since(self, base: TypeSet) -> frozenset[str] | None:
+        """The names whose resources differ from ``base``'s when this set was derived from ``base`` in one
+        :meth:`derive` step (``frozenset()`` when it is ``base``); None when unknown (compare yourself)."""
+        if base is self:
+            return frozenset()
+        if self._base is not None and self._base() is base:
+            return self._changed
+        return None
 
     def names(self) -> frozenset[str]:
         """The resource names (computed once)."""
@@ -195,6 +209,8 @@ class TypeSet:
         if added:
             resources = dict(sorted(resources.items()))
         derived = TypeSet(self.type_url, (), _sorted=resources, _acc=acc)
+        derived._base = weakref.ref(self)
+        derived._changed = frozenset(changes)
         if not added and not removed:  # the same names; and the same references when no ref changed
             derived._names = self._names
             if same_refs:
@@ -242,7 +258,8 @@ class TypeSet:
 
 
 #: Name/reference set compositions that passed the consistency gate (see :meth:`Snapshot.errors`).
-_CONSISTENT: Bounded[tuple[int, ...], tuple[Any, ...]] = Bounded(8)
+#: Room for every view of a build (the scoped sidecar views too) and a few older compositions.
+_CONSISTENT: Bounded[tuple[int, ...], tuple[Any, ...]] = Bounded(128)
 
 
 class InconsistentSnapshot(ValueError):
@@ -355,7 +372,10 @@ class SnapshotCache:
         wakes the streams once itself (see :meth:`notify`) after publishing several views.
 
         Raises :class:`InconsistentSnapshot` (and keeps serving the previous snapshot) when it fails.
+        The snapshot already served (it passed the gate then) returns at once.
         """
+        if self._views.get(view) is snapshot:
+            return
         problems = snapshot.errors()
         if problems:
             self.rejected[view] = problems
@@ -367,6 +387,13 @@ class SnapshotCache:
             self._views[view] = snapshot
         if notify:
             self.notify()
+
+    def drop_view(self, view: str) -> None:
+        """Stop serving ``view`` (a scoped sidecar view no pod uses any more); streams still resolved to it
+        re-resolve at the next :meth:`notify`."""
+        with self._lock:
+            self._views.pop(view, None)
+        self.rejected.pop(view, None)
 
     def notify(self) -> None:
         """Wake every stream so it re-resolves its node and compares versions."""

@@ -32,6 +32,7 @@ from trafficmgr.core.labels import LabelSpec
 from trafficmgr.core.model import GATEWAY, GATEWAY_CLUSTER, SIDECAR, Model, ObjectRef
 from trafficmgr.core.plugins import PluginHost, PluginInfo
 from trafficmgr.core.translate.builder import Builder
+from trafficmgr.core.translate.scopes import is_sidecar_view, view_of
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +96,15 @@ class ControlPlane:
         self.access(node_id, node_cluster, peer, identities)
 
     def resolve(self, node_id: str, node_cluster: str, peer: str = "") -> str | None:
-        """The view of a connecting proxy: gateways by node cluster, sidecars by ``<pod>.<namespace>``."""
+        """The view of a connecting proxy: gateways by node cluster, sidecars by ``<pod>.<namespace>``:
+        ``sidecar``, or the shared view of the pod's ``traffic.scope`` (from the pod's current labels and
+        its Namespace's: a view the next build makes is served from then on, the stream waits till then)."""
         if node_cluster == GATEWAY_CLUSTER or node_id == GATEWAY_CLUSTER:
             return GATEWAY
         pod, _, namespace = node_id.rpartition(".")
-        if pod and (namespace, pod) in self.assembler.pods:
-            return SIDECAR
+        found = self.assembler.pods.get((namespace, pod)) if pod else None
+        if found is not None:
+            return view_of(found, self.assembler.namespaces)
         return None
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -224,6 +228,9 @@ class ControlPlane:
                 metrics.SNAPSHOTS_REJECTED.labels(view=view).inc()
                 self.last_error = str(exc)
                 log.error("snapshot not published, the previous one is still served: %s", exc)
+        for view in self.cache.views():
+            if view not in snapshots and view != SIDECAR and is_sidecar_view(view):
+                self.cache.drop_view(view)  # a scope no pod has any more
         first = not self._published.is_set()
         self._published.set()
         # One wake-up per build for every stream (it also lets nodes that just became known resolve).

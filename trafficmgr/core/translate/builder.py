@@ -30,6 +30,7 @@ from trafficmgr.core.translate.hooks import Hooks
 from trafficmgr.core.translate.http import HttpFilters
 from trafficmgr.core.translate.memo import Memo
 from trafficmgr.core.translate.plan import Planner
+from trafficmgr.core.translate.scopes import ScopedViews
 from trafficmgr.core.translate.services import ServiceTable
 from trafficmgr.core.translate.sidecar_inbound import InboundTranslator, inbound_port
 from trafficmgr.core.translate.sidecar_outbound import OutboundTranslator
@@ -84,15 +85,21 @@ class Builder:
         self._resources: dict[tuple[str, str], cache.Resource] = {}
         self._extras: Memo[tuple[str, str], cache.TypeSet] = Memo("view extras")
         self._previous: dict[str, cache.Snapshot] = {}
+        #: Scoped sidecar views (``traffic.scope``), made from the sidecar view's products; their own
+        #: resources (scoped listener, route configurations) are kept per view.
+        self.scoped = ScopedViews(self.outbound, bool(self.options.explicit_proxy))
+        self._view_resources: dict[str, dict[tuple[str, str], cache.Resource]] = {}
 
     def build(self, model: Model) -> dict[str, cache.Snapshot]:
-        """Snapshots by role (``sidecar``, ``gateway``); deterministic for equal inputs."""
+        """Snapshots by view: one per role (``sidecar``, ``gateway``) and one per distinct sidecar scope in use
+        (``sidecar~<id>``, see :mod:`~trafficmgr.core.translate.scopes`); deterministic for equal inputs."""
         start = time.perf_counter()
         self.stats = BuildStats()
         changes = self.services.update(model)
         shared = self.clusters.translate(changes, self._context(SHARED, model))
         self.inbound.count(changes)
         snapshots: dict[str, cache.Snapshot] = {}
+        scoped: dict[str, cache.Snapshot] = {}
         for role in ROLES:
             ctx = self._context(role, model)
             resources: dict[str, Any] = {t: [] for t in cache.TYPE_ORDER}
@@ -124,6 +131,11 @@ class Builder:
             for type_url, extra in extras.items():
                 resources[type_url] = self._with_extras(role, resources[type_url], extra)
             snapshots[role] = cache.Snapshot.build(resources, self._previous.get(role))
+            if role == SIDECAR:
+                scoped = self.scoped.build(model, out, resources, shared, extras, lambda view: self._view_context(view, model))
+                for view in [v for v in self._view_resources if v not in scoped]:
+                    del self._view_resources[view]
+        snapshots.update(scoped)
         self._previous = snapshots
         self.stats.seconds = time.perf_counter() - start
         self.stats.resources = sum(s.resource_count() for s in snapshots.values())
@@ -142,6 +154,25 @@ class Builder:
             return old
         self._resources[key] = res
         return res
+
+    def _view_resource(self, view: str, message: Message, name: str, refs: Iterable[tuple[str, str]] = ()) -> cache.Resource:
+        """:meth:`resource` for a scoped view's own resources (its listener and route configurations
+        share names with the full view's, with other content)."""
+        res = cache.Resource.from_message(message, name, refs)
+        type_short = cache.short_name(res.type_url)
+        self.stats.serialized[type_short] = self.stats.serialized.get(type_short, 0) + 1
+        metrics.RESOURCES_SERIALIZED.labels(type=type_short).inc()
+        kept = self._view_resources.setdefault(view, {})
+        old = kept.get((res.type_url, name))
+        if old is not None and old.body == res.body and old.refs == res.refs:
+            return old
+        kept[(res.type_url, name)] = res
+        return res
+
+    def _view_context(self, view: str, model: Model) -> BuildContext:
+        return BuildContext(SIDECAR, model, self.options, self.hooks, self._memos[SIDECAR],
+                            lambda message, name, refs=(): self._view_resource(view, message, name, refs),
+                            self.reporter, filters=self.filters)
 
     def _context(self, role: str, model: Model) -> BuildContext:
         return BuildContext(role, model, self.options, self.hooks, self._memos[role], self.resource, self.reporter,

@@ -45,13 +45,13 @@ def route_config_name(port: int) -> str:
     return f"outbound|{port}"
 
 
-def blocked_virtual_host() -> route_components_pb2.VirtualHost:
-    """A catch-all virtual host answering the blocked 404."""
+def blocked_virtual_host(body: str = BLOCKED_BODY) -> route_components_pb2.VirtualHost:
+    """A catch-all virtual host answering the blocked 404 with ``body`` (a scoped view names its scope)."""
     vh = route_components_pb2.VirtualHost(name="blocked", domains=["*"])
     r = vh.routes.add()
     r.match.prefix = "/"
     r.direct_response.status = 404
-    r.direct_response.body.inline_string = BLOCKED_BODY
+    r.direct_response.body.inline_string = body
     return vh
 
 
@@ -68,6 +68,17 @@ def any_port(ports: tuple[int, ...]) -> listener_components_pb2.ListenerFilterCh
     return predicate
 
 
+@attrs.frozen(slots=True)
+class OutboundEntry:
+    """One planned destination as the full sidecar view serves it: its filter chain and (HTTP) its final
+    virtual host (the objects in the full view; scoped views reuse them). Equal while those are the same
+    objects (compared by identity first)."""
+
+    dest: Destination
+    chain: listener_components_pb2.FilterChain
+    vhost: route_components_pb2.VirtualHost | None
+
+
 @attrs.frozen(slots=True, eq=False)
 class OutboundOut:
     listener: cache.Resource
@@ -76,6 +87,8 @@ class OutboundOut:
     vhosts: tuple[route_components_pb2.VirtualHost, ...]
     #: The Service port cluster of each of ``vhosts`` (where the explicit proxy's CONNECT tunnels go).
     clusters: tuple[str, ...] = ()
+    #: Every planned destination in plan order (see :class:`OutboundEntry`), for the scoped views.
+    entries: tuple[OutboundEntry, ...] = ()
 
 
 class OutboundTranslator:
@@ -132,7 +145,15 @@ class OutboundTranslator:
         listener = self._listener.get(OUTBOUND_LISTENER, (*chains, tcp_ports), self._make_listener, chains, tcp_ports, routes, ctx)
         vhosts = tuple(vh for p in sorted(vhosts_by_port) for vh in vhosts_by_port[p])
         clusters = tuple(d.service.cluster_name(d.port) for p in sorted(by_port) for d, _ in by_port[p])
-        return OutboundOut(listener, routes, vhosts, clusters)
+        final = {d.key: vh for p, pairs in by_port.items() for (d, _), vh in zip(pairs, vhosts_by_port[p], strict=True)}
+        entries = tuple(OutboundEntry(d, chain, final.get(d.key)) for d, chain in zip(plan.destinations, chains, strict=False))
+        return OutboundOut(listener, routes, vhosts, clusters, entries)
+
+    def make_listener(self, chains: list[listener_components_pb2.FilterChain], tcp_ports: tuple[int, ...],
+                      routes: tuple[cache.Resource, ...], ctx: BuildContext) -> cache.Resource:
+        """The outbound listener of ``chains`` (a scoped view's: its own chains and blocked chains), made
+        exactly as the full view's, listener hooks included."""
+        return self._make_listener(chains, tcp_ports, routes, ctx)
 
     def _service_routes(self, ctx: BuildContext) -> dict[tuple[str, str, int], tuple[bytes, tuple[object, ...]]]:
         """Every plugin's ``trafficmgr_service_routes`` by (namespace, service, port): (serialization, routes).
@@ -276,8 +297,13 @@ def _without_domains(d: Destination, vh: route_components_pb2.VirtualHost, drop:
     return out
 
 
-def _blocked_chain(port: int | None) -> listener_components_pb2.FilterChain:
-    """HTTP to a destination no chain serves gets a 404 explaining why; other TCP is closed
+def blocked_chain(port: int | None, body: str = BLOCKED_BODY) -> listener_components_pb2.FilterChain:
+    """The blocked chain of ``port`` (None: the catch-all) answering ``body``."""
+    return _blocked_chain(port, body)
+
+
+def _blocked_chain(port: int | None, body: str = BLOCKED_BODY) -> listener_components_pb2.FilterChain:
+    """HTTP to a destination no chain serves gets a 404 explaining why (``body``); other TCP is closed
     (``port`` None: every port without chains of its own)."""
     chain = listener_components_pb2.FilterChain(name="blocked" if port is None else f"blocked|{port}")
     if port is not None:
@@ -286,6 +312,6 @@ def _blocked_chain(port: int | None) -> listener_components_pb2.FilterChain:
     hcm = hcm_pb2.HttpConnectionManager(stat_prefix="outbound_blocked", codec_type=hcm_pb2.HttpConnectionManager.AUTO)
     hcm.http_filters.append(ROUTER_FILTER)
     hcm.route_config.name = "blocked"
-    hcm.route_config.virtual_hosts.append(blocked_virtual_host())
+    hcm.route_config.virtual_hosts.append(blocked_virtual_host(body))
     chain.filters.add(name=HCM_FILTER, typed_config=pack(hcm))
     return chain
