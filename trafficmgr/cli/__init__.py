@@ -495,7 +495,8 @@ def _run_proxy_status(args: argparse.Namespace) -> int:
     if args.json:
         _write(render.to_json(streams))
     elif not streams:
-        print("No proxies connected.", file=sys.stderr)
+        if any(a.error is None for a in answers):
+            print("No proxies connected.", file=sys.stderr)
     else:
         _write(render.proxy_status_table(streams))
     return 1 if _report_failures(answers) else 0

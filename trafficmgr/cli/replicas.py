@@ -205,8 +205,7 @@ class Asker:
                 forward = portforward(k8s.CoreV1Api(self.api_client).connect_get_namespaced_pod_portforward,
                                       target.pod, target.namespace, ports=str(target.port))
         except Exception as exc:  # noqa: BLE001 - ApiException(status=0) wraps every websocket failure
-            reason = getattr(exc, "reason", None) or exc
-            raise ReplicaError(f"cannot port-forward to {where}: {reason}") from None
+            raise ReplicaError(f"cannot port-forward to {where}: {handshake_reason(str(getattr(exc, 'reason', None) or exc))}") from None
         try:
             sock = forward.socket(target.port)
             sock.settimeout(self.timeout)
@@ -221,6 +220,24 @@ class Asker:
                 raise ReplicaError(f"cannot reach the admin endpoint of {where}: {error or exc or type(exc).__name__}") from None
         finally:
             forward.close()
+
+
+def handshake_reason(text: str) -> str:
+    """A failed port-forward handshake in a line: ``HTTP 403: <the API server's Status message>`` (with
+    the permission it needs for 403) instead of the websocket library's dump of headers and body."""
+    m = re.search(r"Handshake status (\d+)", text)
+    if m is None:
+        return text.splitlines()[0] if text else "failed"
+    code = int(m.group(1))
+    message = ""
+    start = text.find('{"kind"')
+    if start >= 0:
+        try:
+            message = str(json.JSONDecoder().raw_decode(text[start:])[0].get("message") or "")
+        except ValueError:
+            message = ""
+    hint = " (needs create pods/portforward in the namespace)" if code == 403 else ""
+    return f"HTTP {code}{': ' + message if message else ''}{hint}"
 
 
 # -- merging ------------------------------------------------------------------------------------------
@@ -262,5 +279,5 @@ def failure_line(answer: Answer) -> str:
     return f"replica {name} did not answer: {answer.error}"
 
 
-__all__ = ["Answer", "Asker", "ReplicaError", "Target", "admin_urls", "discover", "failure_line", "holder",
-           "merge_status", "parse_service"]
+__all__ = ["Answer", "Asker", "ReplicaError", "Target", "admin_urls", "discover", "failure_line", "handshake_reason",
+           "holder", "merge_status", "parse_service"]
