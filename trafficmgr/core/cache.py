@@ -269,11 +269,12 @@ class InconsistentSnapshot(ValueError):
 class Snapshot:
     """Immutable resources of one view, by type. Equal inputs give byte-identical snapshots."""
 
-    __slots__ = ("types", "version")
+    __slots__ = ("types", "version", "_count")
 
     def __init__(self, types: Mapping[str, TypeSet]) -> None:
         self.types: dict[str, TypeSet] = {t: types.get(t) or TypeSet(t, ()) for t in TYPE_ORDER}
         self.version = "-".join(self.types[t].version[:6] for t in TYPE_ORDER)
+        self._count = sum(len(ts.resources) for ts in self.types.values())
 
     @classmethod
     def build(cls, resources: Mapping[str, Iterable[Resource] | TypeSet], previous: Snapshot | None = None) -> Snapshot:
@@ -323,7 +324,7 @@ class Snapshot:
         return problems
 
     def resource_count(self) -> int:
-        return sum(len(ts.resources) for ts in self.types.values())
+        return self._count
 
 
 def short_name(type_url: str) -> str:

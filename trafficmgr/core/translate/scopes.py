@@ -106,6 +106,8 @@ class ScopeIndex:
     def __init__(self) -> None:
         self.by_pod: dict[tuple[str, str], Scope] = {}
         self.users: dict[Scope, int] = {}
+        #: Bumped whenever the set of scopes in use changes.
+        self.generation = 0
         self._ns_pods: dict[str, set[tuple[str, str]]] = {}
         self._started = False
 
@@ -113,6 +115,7 @@ class ScopeIndex:
         delta = model.delta
         if delta is None or not self._started:  # unknown changes, or a new index (after a failed build)
             self._started = True
+            self.generation += 1
             self.by_pod.clear()
             self.users.clear()
             self._ns_pods.clear()
@@ -141,10 +144,14 @@ class ScopeIndex:
                 self.users[old] = left
             else:
                 del self.users[old]
+                self.generation += 1
         new = scope_of(pod, namespaces) if pod is not None else None
         if new is not None:
             self.by_pod[key] = new
-            self.users[new] = self.users.get(new, 0) + 1
+            count = self.users.get(new, 0)
+            self.users[new] = count + 1
+            if not count:
+                self.generation += 1
 
 
 def route_clusters(vh: route_components_pb2.VirtualHost) -> frozenset[str]:
@@ -198,6 +205,9 @@ class ScopedViews:
         self._connect: Memo[tuple[str, str, str], route_components_pb2.VirtualHost] = Memo("CONNECT virtual hosts")
         self._memo: Memo[tuple[str, object], Any] = Memo("scoped products")
         self._extras: Memo[tuple[str, str], cache.TypeSet] = Memo("scoped extras")
+        self._base_key: tuple[object, ...] = ()
+        self._live: tuple[int, dict[str, Scope]] = (-1, {})
+        self._shared: tuple[cache.TypeSet | None, cache.TypeSet | None] = (None, None)
 
     def build(self, model: Model, out: Any, base: Resources, shared: Mapping[str, cache.TypeSet],
               extras: Mapping[str, Mapping[str, cache.Resource]], context: Callable[[str], BuildContext]) -> dict[str, cache.Snapshot]:
@@ -206,7 +216,9 @@ class ScopedViews:
         ``extras``: the sidecar view's own resources of those types; ``context(view)``: a sidecar build
         context whose resources are kept per view."""
         self.index.update(model)
-        live = {scope.view: scope for scope in self.index.users}
+        if self._live[0] != self.index.generation:
+            self._live = (self.index.generation, dict(sorted((scope.view, scope) for scope in self.index.users)))
+        live = self._live[1]
         gone = [v for v in self.states if v not in live]
         for view in gone:
             del self.states[view]
@@ -216,13 +228,38 @@ class ScopedViews:
         if not live:
             self._out = None
             return {}
-        if out is not self._out:
+        regrouped = out is not self._out
+        if regrouped:
             self._regroup(out)
+        # Everything of the full view a scoped view takes as is: while it is the same objects, a scope whose
+        # destinations and clusters did not change keeps its snapshot (the usual case: O(1) per scope).
+        from trafficmgr.core.translate.sidecar_outbound import OUTBOUND_LISTENER
+
+        full_routes = {r.name for r in out.routes}
+        base_key = (tuple(r for r in base[cache.LISTENER] if r.name != OUTBOUND_LISTENER),
+                    tuple(r for r in base[cache.ROUTE] if r.name not in full_routes), tuple(base[cache.SECRET]),
+                    tuple((t, tuple(e.items())) for t, e in sorted(extras.items())))
+        base_same = base_key == self._base_key
+        self._base_key = base_key
+        clusters, endpoints = shared[cache.CLUSTER], shared[cache.ENDPOINT]
+        prev_clusters, prev_endpoints = self._shared
+        self._shared = (clusters, endpoints)
+        changed_clusters = clusters.changed_since(prev_clusters) if prev_clusters is not None else None
+        changed_endpoints = endpoints.changed_since(prev_endpoints) if prev_endpoints is not None else None
         snapshots: dict[str, cache.Snapshot] = {}
-        for view, scope in sorted(live.items()):
-            state = self.states.get(view)
+        states = self.states
+        for view, scope in live.items():
+            state = states.get(view)
             if state is None:
-                state = self.states[view] = ViewState(scope)
+                state = states[view] = ViewState(scope)
+            elif (base_same and not regrouped and changed_clusters is not None and changed_endpoints is not None
+                  and state.snapshot is not None):
+                held = state.shared
+                if (held.get(cache.CLUSTER) is prev_clusters and held.get(cache.ENDPOINT) is prev_endpoints
+                        and changed_clusters.isdisjoint(state.names_used) and changed_endpoints.isdisjoint(state.names_used)):
+                    held[cache.CLUSTER], held[cache.ENDPOINT] = clusters, endpoints
+                    snapshots[view] = state.snapshot
+                    continue
             snapshots[view] = self._view(view, state, out, base, shared, extras, context)
         return snapshots
 
