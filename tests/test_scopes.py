@@ -279,3 +279,86 @@ def test_control_plane_resolves_scoped_pods_and_drops_unused_views() -> None:
     assert cp.resolve("web-1.shop", "") == SIDECAR
     assert cp.cache.get(view) is None
     assert cp.resolve("nope.shop", "") is None
+
+
+# -- mesh routes: their backends come with the in-scope Service; the explicit proxy -----------------
+
+MESH = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: payments}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop, labels: {traffic.port.8080: http}}
+spec: {selector: {app: web}, ports: [{name: http, port: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: pay, namespace: payments, labels: {traffic.port.8080: http}}
+spec: {selector: {app: pay}, ports: [{name: http, port: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: pay-canary, namespace: payments, labels: {traffic.port.8080: http}}
+spec: {selector: {app: pay-canary}, ports: [{name: http, port: 8080}]}
+---
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: from-shop, namespace: payments}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: shop}]
+  to: [{group: "", kind: Service}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, port: 8080}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /pay}}]
+    backendRefs: [{name: pay-canary, namespace: payments, port: 8080}]
+  - backendRefs: [{name: web, port: 8080}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: shop, labels: {app: client, traffic.scope: namespace}}
+spec: {nodeName: node-1, containers: [{name: c, image: c}]}
+status: {podIP: 10.244.0.9, conditions: [{type: Ready, status: "True"}]}
+"""
+
+
+@pytest.mark.parametrize("explicit_proxy", [False, True])
+def test_mesh_route_backends_are_in_scope(explicit_proxy: bool) -> None:
+    import argparse
+
+    import yaml
+
+    from trafficmgr.apiserver.crds import GATEWAY_API_CRDS
+    from trafficmgr.apiserver.crds import load_manifests as load_crds
+    from trafficmgr.core.translate.explicit_proxy import PROXY_ROUTE
+
+    docs = [*load_crds(GATEWAY_API_CRDS), *(d for d in yaml.safe_load_all(MESH) if d)]
+    options = argparse.Namespace(sidecar_port=10000, sidecar_address="0.0.0.0", explicit_proxy=explicit_proxy,
+                                 sidecar_inbound_port=15006)
+    snaps, _ = build_from_manifests(docs, PluginHost.load(["ingress", "gateway_api"]), options)
+    view = view_name(("shop",))
+    snap = snaps[view]
+    assert snap.errors() == []
+    clusters = {n for n in snap.types[cache.CLUSTER].resources if n.endswith(".outbound")}
+    # The route's backend in another namespace comes with it; the namespace's other Service does not.
+    assert clusters == {"8080|shop|web.outbound", "8080|payments|pay-canary.outbound"}
+    assert snaps[SIDECAR].types[cache.CLUSTER].resources["8080|payments|pay.outbound"]
+    vhosts = [vh.name for rc in snap.types[cache.ROUTE].resources.values() for vh in rc.message().virtual_hosts]
+    if explicit_proxy:
+        proxy = snap.types[cache.ROUTE].resources[PROXY_ROUTE].message()
+        assert [vh.name for vh in proxy.virtual_hosts] == ["web.shop:8080", "blocked"]
+        assert "traffic.scope (namespaces: shop)" in proxy.virtual_hosts[-1].routes[0].direct_response.body.inline_string
+        full = snaps[SIDECAR].types[cache.ROUTE].resources[PROXY_ROUTE].message()
+        assert proxy.virtual_hosts[0] == next(vh for vh in full.virtual_hosts if vh.name == "web.shop:8080")
+    else:
+        assert vhosts == ["web.shop:8080"]
