@@ -48,7 +48,7 @@ from trafficmgr.core import metrics, render
 from trafficmgr.core.cache import SHORT_NAMES, Resource, Snapshot
 from trafficmgr.core.identity import spiffe
 from trafficmgr.core.labels import LabelSpec
-from trafficmgr.core.model import GATEWAY, SIDECAR
+from trafficmgr.core.model import GATEWAY
 from trafficmgr.core.plugins import PluginInfo
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,8 @@ def proxy_identity(stream: Mapping[str, Any], pod: Any, trust_domain: str, gatew
         expected = gateway_identity
     elif pod is not None:
         expected = spiffe.spiffe_id(trust_domain, pod.namespace, pod.service_account)
-    sidecar = stream.get("view") == SIDECAR and pod is not None and bool(getattr(pod, "sidecar", False))
+    # Any view but the gateway's is a sidecar's: ``sidecar`` or a scoped one (``sidecar~<hash>``).
+    sidecar = stream.get("view") != GATEWAY and pod is not None and bool(getattr(pod, "sidecar", False))
     return {"identity": verified or expected, "identity_verified": verified is not None,
             "mtls": "mtls" if mtls and sidecar else "plaintext"}
 

@@ -275,7 +275,7 @@ class ControlPlane:
         mtls = bool(getattr(self.options, "mtls", False))  # the mtls plugin's serve --mtls
         for s in streams:
             pod_name, _, namespace = str(s.get("node_id") or "").rpartition(".")
-            pod = self.assembler.pods.get((namespace, pod_name)) if s.get("view") == SIDECAR else None
+            pod = self.assembler.pods.get((namespace, pod_name)) if is_sidecar_view(s.get("view")) else None
             s.update(proxy_identity(s, pod, a.trust_domain, gateway, mtls))
             s["replica"] = replica
         return streams
