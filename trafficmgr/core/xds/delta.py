@@ -53,6 +53,14 @@ class DeltaProtocol:
             st.wildcard = type_url not in NAMED_TYPES and (not subscribe or "*" in subscribe)
             st.names = intern_names(frozenset(n for n in subscribe if n != "*"))
             st.known = Known(req.initial_resource_versions)
+            early = stream.early_force.pop(type_url, None)
+            if early:
+                # Replaced clusters (listeners) were sent on this stream before the client asked for their
+                # endpoints (routes): a reconnect to another replica, or after a restart, with a change made
+                # meanwhile. They warm until their endpoints come again, which the client's versions alone
+                # would not cause (it has them): resend those it has (the others differ anyway).
+                st.force = {n for n in early if n in st.known}
+                st.force_tag = "reconnect"
             await self.push(stream, [st])
             return
         if req.response_nonce:
@@ -112,6 +120,7 @@ class DeltaProtocol:
                 continue
             force, st.force = st.force, set()
             tag = st.force_tag if force else ""
+            reconnected = not st.known.empty()  # the client had versions of this type before this push
             if ts.version == st.synced_version and not force:
                 continue  # nothing changed since the last diff (subscription changes reset it)
             prev = st.synced_ts
@@ -147,6 +156,12 @@ class DeltaProtocol:
                             dependent.force_tag = ts.version
                 if dependent.force and dependent not in pending:
                     pending.append(dependent)
+            elif updates and reconnected and st.type_url in DEPENDENT:
+                # The client has not asked for the dependent type on this stream yet (Envoy asks for
+                # clusters first after a reconnect): force the referenced names when it does.
+                early = stream.early_force.setdefault(DEPENDENT[st.type_url], set())
+                for r in updates:
+                    early.update(ref_name for ref_type, ref_name in r.refs if ref_type == DEPENDENT[st.type_url])
             if (
                 st.last_nack is not None
                 and not st.rejected

@@ -277,7 +277,7 @@ class Stream:
 
     __slots__ = (
         "mode", "context", "peer", "node_id", "node_cluster", "identified", "view", "role", "connected_at",
-        "types", "inbox", "unknown_logged", "identities", "unknown_types", "cert_expiry",
+        "types", "inbox", "unknown_logged", "identities", "unknown_types", "cert_expiry", "early_force",
     )
 
     def __init__(self, mode: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
@@ -296,6 +296,9 @@ class Stream:
         self.inbox = Inbox()
         self.unknown_logged = False
         self.unknown_types = 0  # requests for types this server does not serve (ignored)
+        # Delta: dependent names (type -> names) to resend once the client first asks for that type on
+        # this stream (a replaced cluster sent before its endpoints' type was asked for; see DeltaProtocol).
+        self.early_force: dict[str, set[str]] = {}
 
     def signal_change(self) -> None:
         self.inbox.signal_change()
