@@ -181,6 +181,8 @@ class ViewState:
     #: its cluster and endpoint sets were last restricted to.
     names: frozenset[str] = frozenset()
     names_used: frozenset[str] = frozenset()
+    #: This view's own products (blocked chains, route configurations, listener) by what they are.
+    memo: Memo[object, Any] = attrs.field(factory=lambda: Memo("scoped view"))
     shared: dict[str, cache.TypeSet] = attrs.field(factory=dict)
     scoped: dict[str, cache.TypeSet] = attrs.field(factory=dict)
     snapshot: cache.Snapshot | None = None
@@ -203,7 +205,6 @@ class ScopedViews:
         self._groups: Memo[str, tuple[Any, ...]] = Memo("scope groups")
         self._route_clusters: Memo[tuple[str, str, str], frozenset[str]] = Memo("route clusters")
         self._connect: Memo[tuple[str, str, str], route_components_pb2.VirtualHost] = Memo("CONNECT virtual hosts")
-        self._memo: Memo[tuple[str, object], Any] = Memo("scoped products")
         self._extras: Memo[tuple[str, str], cache.TypeSet] = Memo("scoped extras")
         self._base_key: tuple[object, ...] = ()
         self._live: tuple[int, dict[str, Scope]] = (-1, {})
@@ -223,7 +224,6 @@ class ScopedViews:
         for view in gone:
             del self.states[view]
         if gone:
-            self._memo.keep_only(lambda key: key[0] in live)
             self._extras.keep_only(lambda key: key[0] in live)
         if not live:
             self._out = None
@@ -236,6 +236,10 @@ class ScopedViews:
         from trafficmgr.core.translate.sidecar_outbound import OUTBOUND_LISTENER
 
         full_routes = {r.name for r in out.routes}
+        if self.explicit_proxy:  # each scoped view has its own
+            from trafficmgr.core.translate.explicit_proxy import PROXY_ROUTE
+
+            full_routes.add(PROXY_ROUTE)
         base_key = (tuple(r for r in base[cache.LISTENER] if r.name != OUTBOUND_LISTENER),
                     tuple(r for r in base[cache.ROUTE] if r.name not in full_routes), tuple(base[cache.SECRET]),
                     tuple((t, tuple(e.items())) for t, e in sorted(extras.items())))
@@ -252,10 +256,11 @@ class ScopedViews:
             state = states.get(view)
             if state is None:
                 state = states[view] = ViewState(scope)
-            elif (base_same and not regrouped and changed_clusters is not None and changed_endpoints is not None
+            elif (base_same and changed_clusters is not None and changed_endpoints is not None
                   and state.snapshot is not None):
                 held = state.shared
-                if (held.get(cache.CLUSTER) is prev_clusters and held.get(cache.ENDPOINT) is prev_endpoints
+                if ((not regrouped or tuple(self._groups.peek(ns) or () for ns in scope.namespaces) == state.groups)
+                        and held.get(cache.CLUSTER) is prev_clusters and held.get(cache.ENDPOINT) is prev_endpoints
                         and changed_clusters.isdisjoint(state.names_used) and changed_endpoints.isdisjoint(state.names_used)):
                     held[cache.CLUSTER], held[cache.ENDPOINT] = clusters, endpoints
                     snapshots[view] = state.snapshot
@@ -336,17 +341,17 @@ class ScopedViews:
         ports = {e.dest.port.port for e in entries}
         tcp_ports = tuple(sorted({e.dest.port.port for e in entries if not e.dest.http}))
         for p in sorted(ports - set(tcp_ports)):
-            chains.append(self._memo.get((view, ("blocked", p)), (body,), blocked_chain, p, body))
-        chains.append(self._memo.get((view, ("blocked", None)), (body,), blocked_chain, None, body))
+            chains.append(state.memo.get(("blocked", p), (body,), blocked_chain, p, body))
+        chains.append(state.memo.get(("blocked", None), (body,), blocked_chain, None, body))
         routes = []
         for p in sorted(by_port):
             vhosts = [e.vhost for e in by_port[p]]
             name = route_config_name(p)
-            routes.append(self._memo.get((view, name), tuple(vhosts), route_configuration, name, vhosts, ctx))
+            routes.append(state.memo.get(name, tuple(vhosts), route_configuration, name, vhosts, ctx))
         state.routes = tuple(routes)
-        self._memo.keep_only(lambda key: key[0] != view or not str(key[1]).startswith("outbound|")
-                             or key[1] in {r.name for r in state.routes})
-        state.listener = self._memo.get((view, "listener"), (*chains, tcp_ports), self.outbound.make_listener,
+        kept = {r.name for r in state.routes}
+        state.memo.keep_only(lambda key: not isinstance(key, str) or not key.startswith("outbound|") or key in kept)
+        state.listener = state.memo.get("listener", (*chains, tcp_ports), self.outbound.make_listener,
                                         chains, tcp_ports, state.routes, ctx)
         if self.explicit_proxy:
             connected = []
@@ -354,9 +359,9 @@ class ScopedViews:
                 for e in by_port[p]:
                     cluster = e.dest.service.cluster_name(e.dest.port)
                     connected.append(self._connect.get(e.dest.key, (e.vhost, cluster), with_connect, e.vhost, cluster))
-            blocked = self._memo.get((view, "blocked-vh"), (body,), blocked_virtual_host, body)
+            blocked = state.memo.get("blocked-vh", (body,), blocked_virtual_host, body)
             vhosts = [*connected, blocked]
-            state.proxy_route = self._memo.get((view, PROXY_ROUTE), tuple(vhosts), route_configuration, PROXY_ROUTE, vhosts, ctx)
+            state.proxy_route = state.memo.get(PROXY_ROUTE, tuple(vhosts), route_configuration, PROXY_ROUTE, vhosts, ctx)
         state.names = frozenset(names)
 
     @staticmethod
