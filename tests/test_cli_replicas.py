@@ -155,11 +155,22 @@ def test_merge_is_sorted_and_names_every_replica(capsys: pytest.CaptureFixture[s
 
 def test_admin_names_the_replica_in_a_header(servers: list[AdminServer]) -> None:
     url = _serve(servers, State("cp-a", []))
+    import urllib.error
     import urllib.request
 
-    with urllib.request.urlopen(url + "/healthz", timeout=5) as resp:  # noqa: S310 - loopback test server
+    with urllib.request.urlopen(url + "/debug/proxy-status", timeout=5) as resp:  # noqa: S310 - loopback test server
         assert resp.headers[REPLICA_HEADER] == "cp-a"
-    assert http_get(url + "/debug/proxy-status")[0] == 200
+    with urllib.request.urlopen(url + "/healthz", timeout=5) as resp:  # noqa: S310
+        assert REPLICA_HEADER not in resp.headers, "only /debug/* names the replica"
+    assert http_get(url + "/readyz")[0] == 200
+    guarded = AdminServer(State("cp-b", []), port=0, token="a-token-of-sixteen-chars")  # type: ignore[arg-type]
+    guarded.start()
+    servers.append(guarded)
+    try:
+        urllib.request.urlopen(guarded.url + "/debug/proxy-status", timeout=5)  # noqa: S310
+        raise AssertionError("no token: 401 expected")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 401 and REPLICA_HEADER not in exc.headers, "a caller without the token learns nothing"
 
 
 # -- --discover against the project's API server -----------------------------------------------------

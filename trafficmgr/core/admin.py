@@ -15,8 +15,9 @@ Routes (all GET):
 - ``/debug/nacks``, ``/debug/plugins``, ``/debug/labels``: JSON lists.
 
 Errors are JSON ``{"error": message}``. The server runs in a daemon thread; handlers only read state.
-Every answer carries the header ``Trafficmgr-Replica: <name>`` when the state has a ``replica`` name
-(:func:`replica_name`), so a client asking several replicas knows which one answered, streams or not.
+Every ``/debug/*`` answer carries the header ``Trafficmgr-Replica: <name>`` when the state has a
+``replica`` name (:func:`replica_name`), so a client asking several replicas knows which one answered,
+streams or not.
 
 Two listeners (``trafficmgr serve``): the **admin** endpoint serves every route and is bound to loopback
 by default; ``/debug/*`` names every proxy, pod IP and the gateway's configuration, so binding it to a
@@ -241,7 +242,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         replica = getattr(self.server.state, "replica", None)
-        if isinstance(replica, str) and replica.isascii() and replica.isprintable():
+        # Only on /debug/* (what proxy-status and config-dump read) and never to a caller without the token;
+        # the metrics endpoint, which other pods reach, does not name the pod.
+        if (path.startswith("/debug/") and status != HTTPStatus.UNAUTHORIZED and isinstance(replica, str)
+                and replica.isascii() and replica.isprintable()):
             self.send_header(REPLICA_HEADER, replica)
         for name, value in extra_headers.items():
             self.send_header(name, value)
