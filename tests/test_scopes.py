@@ -362,3 +362,20 @@ def test_mesh_route_backends_are_in_scope(explicit_proxy: bool) -> None:
         assert proxy.virtual_hosts[0] == next(vh for vh in full.virtual_hosts if vh.name == "web.shop:8080")
     else:
         assert vhosts == ["web.shop:8080"]
+
+
+def test_a_new_service_rebuilds_only_the_scopes_holding_it() -> None:
+    def svc(ns: str, name: str, ip: str) -> Service:
+        return Service(ns, name, (ServicePort("p", 8080, 8080, "http"),), cluster_ip=ip)
+
+    services = {s.key: s for s in (svc("a", "web", "10.96.0.1"), svc("b", "web", "10.96.0.2"), svc("c", "db", "10.96.0.3"))}
+    pods = {(ns, "p"): Pod(ns, "p", labels=Labels({"traffic.scope": "namespace"})) for ns in ("a", "b", "c")}
+    builder = Builder(PluginHost.load([]))
+    first = builder.build(Model(services=services, pods=pods))
+    added = svc("a", "api", "10.96.0.4")
+    second = builder.build(Model(services={**services, added.key: added}, pods=pods,
+                                 delta=ModelDelta(services=frozenset({added.key}))))
+    va, vb, vc = (view_name((ns,)) for ns in ("a", "b", "c"))
+    assert second[vb] is first[vb] and second[vc] is first[vc]
+    assert "8080|a|api.outbound" in second[va].types[cache.CLUSTER].resources
+    assert second[SIDECAR] is not first[SIDECAR]
