@@ -81,7 +81,7 @@ def test_cluster_role_matches_the_watched_kinds(selection: list[str]) -> None:
 
 def test_core_kinds_are_what_the_chart_calls_core() -> None:
     """With no plugin the chart grants exactly the core's kinds (independent of any plugin)."""
-    assert reads_of([]) == {("", "services"), ("discovery.k8s.io", "endpointslices"), ("", "pods"),
+    assert reads_of([]) == {("", "services"), ("discovery.k8s.io", "endpointslices"), ("", "pods"), ("", "namespaces"),
                             ("apps", "replicasets"), ("apps", "deployments"), ("apps", "statefulsets"), ("apps", "daemonsets")}
 
 

@@ -72,9 +72,10 @@ class WatchKind:
     field_selector: str = ""
     label_selector: str = ""
     #: Optional ``keep(extra) -> container of (namespace, name)``: called with every plugin kind's converted
-    #: objects (``{kind: {(namespace, name): obj}}``) each time the model is assembled; only the objects
-    #: of this kind whose key it returns appear in ``ctx.model.extra`` (e.g. only Secrets some Ingress
-    #: references). Keep it cheap.
+    #: objects (``{kind: {(namespace, name): obj}}``, read-only) when the model is assembled after an object
+    #: of any plugin kind changed (its result is reused while none did: it must depend on ``extra`` only);
+    #: only the objects of this kind whose key it returns appear in ``ctx.model.extra`` (e.g. only Secrets
+    #: some Ingress references). Keep it cheap.
     keep: Callable[[Mapping[str, Mapping[tuple[str, str], Any]]], Container[tuple[str, str]]] | None = None
 
     @property

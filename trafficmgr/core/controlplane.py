@@ -203,7 +203,7 @@ class ControlPlane:
             log.error("build failed; the previous snapshots are still served and the next change rebuilds "
                       "everything (counted in trafficmgr_build_errors_total): %s", message, exc_info=exc)
         self.builder = Builder(self.plugins, self.options, reporter=self.events.warn)
-        self.assembler.dirty = True
+        self.assembler.forget_changes()
 
     def _apply(self, item: tuple[str, Any, Any]) -> None:
         etype, kind, obj = item

@@ -28,6 +28,7 @@ from trafficmgr.core.protos import MAX_DURATION_MS, UINT32_MAX
 PREFIX = "traffic."
 SERVICE = "Service"
 POD = "Pod"
+NAMESPACE = "Namespace"
 WORKLOADS = frozenset({"Deployment", "StatefulSet", "DaemonSet"})
 POD_AND_WORKLOADS = frozenset({POD}) | WORKLOADS
 #: Ceiling of an integer label that declares none: the largest protobuf ``int64``.

@@ -281,11 +281,49 @@ class Pod:
 
 
 @attrs.frozen(slots=True)
+class Namespace:
+    """A Kubernetes Namespace with its parsed traffic labels (``Namespace`` is a label kind)."""
+
+    name: str
+    labels: Labels = EMPTY_LABELS
+    uid: str = ""
+
+
+_NO_KEYS: frozenset[Any] = frozenset()
+
+
+@attrs.frozen(slots=True)
+class ModelDelta:
+    """What changed between the previous :class:`Model` the Kubernetes layer handed out and this one.
+
+    ``services``: keys of Services whose object or any of whose endpoints changed (added, replaced or
+    removed); ``pods`` / ``port_pods``: pod keys whose entry in that table changed; ``namespaces``: names;
+    ``extra``: plugin kinds (``model.extra`` keys) with any change. A key may be listed although its value
+    ended up equal (a change and its revert in one batch): consumers compare, the delta only bounds the work.
+    """
+
+    services: frozenset[tuple[str, str]] = _NO_KEYS
+    pods: frozenset[tuple[str, str]] = _NO_KEYS
+    port_pods: frozenset[tuple[str, str]] = _NO_KEYS
+    namespaces: frozenset[str] = _NO_KEYS
+    extra: frozenset[str] = _NO_KEYS
+
+    @property
+    def empty(self) -> bool:
+        return not (self.services or self.pods or self.port_pods or self.namespaces or self.extra)
+
+
+@attrs.frozen(slots=True)
 class Model:
     """Everything the builder needs, as of one point in time.
 
     ``endpoints`` maps ``(namespace, service, port name)`` to its endpoints. ``extra`` holds objects of
     kinds that plugins asked to watch (see ``trafficmgr_watch_kinds``), by kind then ``(namespace, name)``.
+
+    The Kubernetes layer hands out read-only views of its live tables, not copies: a Model and its
+    mappings are valid only during the build (and the hook calls) that received it. Keep the IR objects
+    in them (they are immutable), never the Model or a mapping, across builds. ``delta`` says what changed
+    since the previous Model (None: unknown, treat everything as changed).
     """
 
     services: Mapping[tuple[str, str], Service] = attrs.field(factory=dict)
@@ -297,6 +335,9 @@ class Model:
     port_pods: Mapping[tuple[str, str], Pod] = attrs.field(
         default=attrs.Factory(lambda self: {k: p for k, p in self.pods.items() if p.ip and p.has_port_labels}, takes_self=True)
     )
+
+    namespaces: Mapping[str, Namespace] = attrs.field(factory=dict)
+    delta: ModelDelta | None = None
 
     def endpoints_of(self, service: Service, port: ServicePort) -> tuple[Endpoint, ...]:
         return self.endpoints.get((service.namespace, service.name, port.name), ())

@@ -5,7 +5,7 @@ a selection (tests/helm/test_rbac.py derives the expected rules from that code, 
 */}}
 {{- define "trafficmgr.watchedResources" -}}
 core:
-  "": [services, pods]
+  "": [services, pods, namespaces]
   discovery.k8s.io: [endpointslices]
   apps: [replicasets, deployments, statefulsets, daemonsets]
 ingress:

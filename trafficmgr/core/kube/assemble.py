@@ -9,7 +9,8 @@ indexes that say what an event affects are in :mod:`trafficmgr.core.kube.indexes
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from trafficmgr.core import metrics
@@ -24,6 +25,8 @@ from trafficmgr.core.model import (
     LabelError,
     Labels,
     Model,
+    ModelDelta,
+    Namespace,
     ObjectRef,
     Pod,
     Service,
@@ -42,7 +45,9 @@ REPLICA_SET = Kind("ReplicaSet", "apps/v1", "replicasets")
 DEPLOYMENT = Kind("Deployment", "apps/v1", "deployments")
 STATEFUL_SET = Kind("StatefulSet", "apps/v1", "statefulsets")
 DAEMON_SET = Kind("DaemonSet", "apps/v1", "daemonsets")
-CORE_KINDS: tuple[Kind, ...] = (SERVICE, ENDPOINT_SLICE, POD, REPLICA_SET, DEPLOYMENT, STATEFUL_SET, DAEMON_SET)
+#: Cluster-scoped: their traffic labels (``Model.namespaces``) are defaults for what runs in them.
+NAMESPACE = Kind("Namespace", "v1", "namespaces", namespaced=False)
+CORE_KINDS: tuple[Kind, ...] = (SERVICE, ENDPOINT_SLICE, POD, REPLICA_SET, DEPLOYMENT, STATEFUL_SET, DAEMON_SET, NAMESPACE)
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 
 Key = tuple[str, str]
@@ -94,7 +99,8 @@ class ConvertContext:
 
 
 class Assembler:
-    """Applies watch events to the IR. ``dirty`` is set whenever the model changed."""
+    """Applies watch events to the IR. ``dirty`` is set whenever the model changed; what changed is
+    collected until :meth:`model` hands it out as the model's :class:`~trafficmgr.core.model.ModelDelta`."""
 
     def __init__(
         self,
@@ -111,6 +117,7 @@ class Assembler:
         self.pods: dict[Key, Pod] = {}
         self.endpoints: dict[tuple[str, str, str], tuple[Endpoint, ...]] = {}
         self.extra: dict[str, dict[Key, Any]] = {k: {} for k in self.extra_kinds}
+        self.namespaces: dict[str, Namespace] = {}
         self._raw: dict[str, dict[Key, dict[str, Any]]] = {k.kind: {} for k in CORE_KINDS}
         self._workloads = WorkloadIndex()
         self._pod_index = PodIndex()
@@ -118,6 +125,14 @@ class Assembler:
         self._deferred: set[Key] | None = None  # during a relist: services whose endpoints wait for its end
         self.port_pods: dict[Key, Pod] = {}
         self.dirty = True
+        # What changed since the last model() (None before the first: every consumer starts from scratch).
+        self._delta: dict[str, set[Any]] | None = None
+        self._extra_view: Mapping[str, Mapping[Key, Any]] | None = None
+
+    def _changed(self, table: str, key: Any) -> None:
+        self.dirty = True
+        if self._delta is not None:
+            self._delta[table].add(key)
 
     # -- entry points -------------------------------------------------------------------------
 
@@ -171,20 +186,41 @@ class Assembler:
                 self.apply("MODIFIED", kind, obj)
 
     def model(self) -> Model:
-        """A consistent copy of the current IR (cheap: shallow dict copies)."""
+        """The current IR and what changed since the previous call. Core tables are read-only views of
+        the live tables (O(1): nothing copied; valid until the next :meth:`apply`, the caller builds
+        before applying more); each plugin kind is a snapshot, copied again only after it changed (a
+        plugin may compare it with the last build's)."""
         self.dirty = False
+        delta = self._delta
+        self._delta = {"services": set(), "pods": set(), "port_pods": set(), "namespaces": set(), "extra": set()}
+        if delta is None or delta["extra"] or self._extra_view is None:
+            self._extra_view = self._extra_model(None if delta is None else delta["extra"])
         return Model(
-            services=dict(self.services),
-            endpoints=dict(self.endpoints),
-            pods=dict(self.pods),
-            port_pods=dict(self.port_pods),
-            extra=self._extra_model(),
+            services=MappingProxyType(self.services),
+            endpoints=MappingProxyType(self.endpoints),
+            pods=MappingProxyType(self.pods),
+            port_pods=MappingProxyType(self.port_pods),
+            extra=self._extra_view,
+            namespaces=MappingProxyType(self.namespaces),
+            delta=None if delta is None else ModelDelta(**{k: frozenset(v) for k, v in delta.items()}),
         )
 
-    def _extra_model(self) -> dict[str, dict[Key, Any]]:
-        """Plugin kinds for the model; a kind with ``WatchKind.keep`` shows only the keys it keeps."""
-        extra = {k: dict(v) for k, v in self.extra.items()}
-        for kind, table in extra.items():
+    def forget_changes(self) -> None:
+        """The next :meth:`model` says "changes unknown" (``delta`` None): call it when the model handed out
+        last was not built (a failed build), so the next builder starts from scratch."""
+        self._delta = None
+        self.dirty = True
+
+    def _extra_model(self, changed: set[str] | None) -> Mapping[str, Mapping[Key, Any]]:
+        """Plugin kinds for the model: the kinds in ``changed`` (None: all) copied again, the others'
+        copies reused; a kind with ``WatchKind.keep`` shows only the keys it keeps (filtered again
+        whenever any kind changed: keep() reads them all)."""
+        last = self._extra_view or {}
+        extra: dict[str, Mapping[Key, Any]] = {}
+        for kind, table in self.extra.items():
+            reuse = changed is not None and kind not in changed and kind in last and self.extra_kinds[kind].keep is None
+            extra[kind] = last[kind] if reuse else MappingProxyType(dict(table))
+        for kind, table in self.extra.items():
             keep = self.extra_kinds[kind].keep
             if keep is not None:
                 try:
@@ -192,8 +228,8 @@ class Assembler:
                 except Exception:  # a plugin's filter must not stop the build
                     log.exception("WatchKind %s keep() failed; none of its objects are in the model", kind)
                     wanted = ()
-                extra[kind] = {key: obj for key, obj in table.items() if key in wanted}
-        return extra
+                extra[kind] = MappingProxyType({key: obj for key, obj in table.items() if key in wanted})
+        return MappingProxyType(extra)
 
     # -- labels -------------------------------------------------------------------------------
 
@@ -210,13 +246,13 @@ class Assembler:
     def _on_service(self, key: Key, obj: dict[str, Any] | None) -> None:
         if obj is None:
             if self.services.pop(key, None) is not None:
-                self.dirty = True
+                self._changed("services", key)
             return
         spec = obj.get("spec") or {}
         if spec.get("type") == "ExternalName":
             log.info("service %s/%s is ExternalName: ignored", *key)
             if self.services.pop(key, None) is not None:
-                self.dirty = True
+                self._changed("services", key)
             return
         labels = self._parse("Service", obj)
         ports = []
@@ -241,15 +277,28 @@ class Assembler:
             uid=_meta(obj).get("uid") or "",
             load_balancer=load_balancer_addresses(obj.get("status") or {}),
         )
-        self._set(self.services, key, svc)
+        self._set(self.services, key, svc, "services", key)
 
-    def _set(self, table: dict[Any, Any], key: Any, value: Any) -> bool:
+    def _set(self, table: dict[Any, Any], key: Any, value: Any, delta: str, delta_key: Any) -> bool:
+        """``table[key] = value`` unless an equal value is there (the old object is kept: identity tells
+        the builder nothing changed); a change is recorded as ``delta_key`` in the delta's ``delta`` set."""
         old = table.get(key)
         if old is not None and old == value:
             return False
         table[key] = value
-        self.dirty = True
+        self._changed(delta, delta_key)
         return True
+
+    # -- namespaces ---------------------------------------------------------------------------
+
+    def _on_namespace(self, key: Key, obj: dict[str, Any] | None) -> None:
+        name = key[1]
+        if obj is None:
+            if self.namespaces.pop(name, None) is not None:
+                self._changed("namespaces", name)
+            return
+        ns = Namespace(name=name, labels=self._parse("Namespace", obj), uid=_meta(obj).get("uid") or "")
+        self._set(self.namespaces, name, ns, "namespaces", name)
 
     # -- workloads and pods -------------------------------------------------------------------
 
@@ -282,10 +331,11 @@ class Assembler:
         if obj is None:
             index.forget(key)
             gone = self.pods.pop(key, None)
-            self.port_pods.pop(key, None)
+            if self.port_pods.pop(key, None) is not None:
+                self._changed("port_pods", key)
             if gone is not None:
                 index.set_ips(key, gone.ips, ())
-                self.dirty = True
+                self._changed("pods", key)
                 self._refresh_endpoints_of_pod(key)
             return
         index.own[key] = self._parse("Pod", obj)
@@ -319,11 +369,14 @@ class Assembler:
         )
         old = self.pods.get(key)
         index.set_ips(key, old.ips if old else (), pod.ips)
-        changed = self._set(self.pods, key, pod)
+        changed = self._set(self.pods, key, pod, "pods", key)
         if pod.ip and pod.has_port_labels:
-            self.port_pods[key] = self.pods[key]  # the stored object: identity drives the builder's memo
-        else:
-            self.port_pods.pop(key, None)
+            stored = self.pods[key]  # the stored object: identity drives the builder's memo
+            if self.port_pods.get(key) is not stored:
+                self.port_pods[key] = stored
+                self._changed("port_pods", key)
+        elif self.port_pods.pop(key, None) is not None:
+            self._changed("port_pods", key)
         if changed and (old is None or old.labels != pod.labels or old.sidecar != pod.sidecar):
             self._refresh_endpoints_of_pod(key)
 
@@ -396,10 +449,10 @@ class Assembler:
             if k not in self.endpoints:
                 continue
             del self.endpoints[k]
-            self.dirty = True
+            self._changed("services", svc_key)
         for pname, eps in by_port.items():
             eps.sort(key=lambda e: (e.address, e.port))
-            self._set(self.endpoints, (ns, svc, pname), tuple(eps))
+            self._set(self.endpoints, (ns, svc, pname), tuple(eps), "services", svc_key)
 
     # -- plugin kinds -------------------------------------------------------------------------
 
@@ -408,7 +461,7 @@ class Assembler:
         key = _key(obj)
         if deleted:
             if table.pop(key, None) is not None:
-                self.dirty = True
+                self._changed("extra", kind)
             return
         try:
             value = self.extra_kinds[kind].convert(obj, self.convert_ctx)
@@ -417,6 +470,6 @@ class Assembler:
             value = None
         if value is None:
             if table.pop(key, None) is not None:
-                self.dirty = True
+                self._changed("extra", kind)
             return
-        self._set(table, key, value)
+        self._set(table, key, value, "extra", kind)

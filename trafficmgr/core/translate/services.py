@@ -60,13 +60,27 @@ class ServiceState:
         return frozenset(ports)
 
 
-@attrs.define
 class Changes:
-    """Every destination of this build (sorted by key) and the ones that differ from the last build."""
+    """Every destination of this build (:attr:`states`, sorted: Services by key, then pod destinations by
+    key) and the ones that differ from the last build (``replaced``: ``(before, after)``, ``before`` None
+    when added; ``removed``)."""
 
-    states: list[ServiceState]
-    replaced: list[tuple[ServiceState | None, ServiceState]]
-    removed: list[ServiceState]
+    __slots__ = ("replaced", "removed", "_states", "_all")
+
+    def __init__(self, states: list[ServiceState] | Callable[[], list[ServiceState]],
+                 replaced: list[tuple[ServiceState | None, ServiceState]], removed: list[ServiceState]) -> None:
+        self.replaced = replaced
+        self.removed = removed
+        self._states: list[ServiceState] | None = states if isinstance(states, list) else None
+        self._all = states
+
+    @property
+    def states(self) -> list[ServiceState]:
+        """Made on first use (O(destinations)): most builds never ask."""
+        if self._states is None:
+            assert callable(self._all)
+            self._states = self._all()
+        return self._states
 
     @property
     def any(self) -> bool:
@@ -78,54 +92,123 @@ class Changes:
 
 
 class ServiceTable:
-    """Keeps the last build's destination states; ``update(model)`` returns the :class:`Changes`."""
+    """Keeps the last build's destination states; ``update(model)`` returns the :class:`Changes`.
+
+    With ``model.delta`` it looks only at the destinations the delta names (plus those whose
+    plugin-implied protocols changed): O(changes), not O(services). Without it (first build, hand-made
+    models) it compares every destination."""
 
     def __init__(self, plugins: PluginHost, options: argparse.Namespace, reporter: Reporter) -> None:
         self.plugins = plugins
         self.options = options
         self.reporter = reporter
         self._states: dict[tuple[str, str], ServiceState] = {}
+        self._order: list[tuple[str, str]] | None = None  # sorted state keys (None: sort again)
         self._implied: Memo[tuple[str, str], Service] = Memo("implied protocols")
+        self._implied_last: dict[tuple[str, str], tuple[tuple[int | str, str], ...]] = {}
         self._pods: Memo[tuple[str, str], Service] = Memo("pod destinations")
 
     def update(self, model: Model) -> Changes:
+        implied = self._implied_protocols(model)
+        if model.delta is None or self._order is None and not self._states:
+            # Unknown changes, or nothing to be incremental from (a fresh builder: a delta is relative
+            # to the model some other builder saw).
+            return self._update_all(model, implied)
+        return self._update_some(model, implied)
+
+    def _update_all(self, model: Model, implied: dict[tuple[str, str], tuple[tuple[int | str, str], ...]]) -> Changes:
         get_eps, previous = model.endpoints.get, self._states
         states: list[ServiceState] = []
         replaced: list[tuple[ServiceState | None, ServiceState]] = []
-        added = False
-        for svc in self._effective(model):
+        for svc in self._effective(model, implied):
             state = previous.get((svc.namespace, svc.name))
             # Unchanged when the same Service object and equal endpoints (identity first, in C).
             if state is None or state.svc is not svc or tuple(map(get_eps, state.ep_keys)) != state.eps:
-                keys = tuple((svc.namespace, svc.name, p.name) for p in svc.ports)
-                added = added or state is None
-                new = ServiceState(svc, tuple(map(get_eps, keys)), keys)
+                new = _state(svc, get_eps)
                 replaced.append((state, new))
                 state = new
             states.append(state)
-        removed: list[ServiceState] = []
-        if added or len(states) != len(previous):
-            live = {s.key: s for s in states}
-            removed = [s for k, s in previous.items() if k not in live]
-            self._states = live
-        else:  # the same destinations: update the replaced ones in place, O(changes)
-            for _, new in replaced:
-                previous[new.key] = new
+        live = {s.key: s for s in states}
+        removed = [s for k, s in previous.items() if k not in live]
+        self._states = live
+        self._order = [s.key for s in states]
         return Changes(states, replaced, removed)
 
-    def _effective(self, model: Model) -> list[Service]:
-        """Services sorted by key, with protocols implied by plugins applied, then pod destinations."""
+    def _update_some(self, model: Model, implied: dict[tuple[str, str], tuple[tuple[int | str, str], ...]]) -> Changes:
+        delta = model.delta
+        assert delta is not None
+        touched = set(delta.services) | delta.port_pods
+        touched.update(k for k in implied.keys() | self._implied_last.keys() if implied.get(k) != self._implied_last.get(k))
+        get_eps, states = model.endpoints.get, self._states
+        replaced: list[tuple[ServiceState | None, ServiceState]] = []
+        removed: list[ServiceState] = []
+        for key in sorted(touched):
+            old = states.get(key)
+            svc = self._destination(model, key, implied)
+            if svc is None:
+                if old is not None:
+                    removed.append(states.pop(key))
+                    self._order = None
+                continue
+            if old is not None and old.svc is svc and tuple(map(get_eps, old.ep_keys)) == old.eps:
+                continue
+            new = _state(svc, get_eps)
+            replaced.append((old, new))
+            states[key] = new
+            if old is None or old.svc.kind != svc.kind:
+                self._order = None
+        self._implied_last = implied
+        return Changes(self._sorted_states, replaced, removed)
+
+    def _sorted_states(self) -> list[ServiceState]:
+        if self._order is None:
+            self._order = sorted(self._states, key=lambda k: (self._states[k].svc.kind == "Pod", k))
+        return [self._states[k] for k in self._order]
+
+    def _implied_protocols(self, model: Model) -> dict[tuple[str, str], tuple[tuple[int | str, str], ...]]:
+        """The protocols plugins imply for unlabeled ports (``trafficmgr_port_protocols``), by service."""
         implied: dict[tuple[str, str], list[tuple[int | str, str]]] = {}
         for ns, name, port, proto in self.plugins.collect("trafficmgr_port_protocols", model=model, options=self.options):
             implied.setdefault((ns, name), []).append((port, proto))
+        return {k: tuple(sorted(v, key=str)) for k, v in implied.items()}
+
+    def _destination(self, model: Model, key: tuple[str, str],
+                     implied: dict[tuple[str, str], tuple[tuple[int | str, str], ...]]) -> Service | None:
+        """The effective destination at ``key`` now: its Service (implied protocols applied), else the pod
+        destination of a pod with its own port labels, else None."""
+        svc = model.services.get(key)
+        pod = model.port_pods.get(key)
+        if svc is not None:
+            if pod is not None:
+                self._conflict(pod)
+            self._pods.drop((key,))
+            extra = implied.get(key)
+            if extra is None:
+                self._implied.drop((key,))
+                return svc
+            return self._implied.get(key, (svc, extra), _apply_implied, svc, extra)
+        self._implied.drop((key,))
+        if pod is None:
+            self._pods.drop((key,))
+            return None
+        return self._pods.get(key, (pod,), pod_destination, pod)
+
+    def _conflict(self, pod: Pod) -> None:
+        self.reporter(ObjectRef("Pod", pod.namespace, pod.name, pod.uid),
+                      f"pod {pod.name} has traffic.port labels but a Service of the same name exists; "
+                      "its own ports are ignored", "TrafficConfigConflict")
+
+    def _effective(self, model: Model, implied: dict[tuple[str, str], tuple[tuple[int | str, str], ...]]) -> list[Service]:
+        """Services sorted by key, with protocols implied by plugins applied, then pod destinations."""
         out: list[Service] = []
         for key in sorted(model.services):
             svc = model.services[key]
             if key in implied:
-                extra = tuple(sorted(implied[key], key=str))
+                extra = implied[key]
                 svc = self._implied.get(key, (svc, extra), _apply_implied, svc, extra)
             out.append(svc)
         self._implied.keep_only(lambda k: k in implied and k in model.services)
+        self._implied_last = implied
         out.extend(self._pod_destinations(model))
         return out
 
@@ -134,13 +217,16 @@ class ServiceTable:
         out: list[Service] = []
         for key, pod in model.port_pods.items():
             if key in model.services:
-                self.reporter(ObjectRef("Pod", pod.namespace, pod.name, pod.uid),
-                              f"pod {pod.name} has traffic.port labels but a Service of the same name exists; "
-                              "its own ports are ignored", "TrafficConfigConflict")
+                self._conflict(pod)
                 continue
             out.append(self._pods.get(key, (pod,), pod_destination, pod))
         self._pods.keep_only(lambda k: k in model.port_pods and k not in model.services)
         return sorted(out, key=lambda s: (s.namespace, s.name))
+
+
+def _state(svc: Service, get_eps: Callable[[tuple[str, str, str]], tuple[Endpoint, ...] | None]) -> ServiceState:
+    keys = tuple((svc.namespace, svc.name, p.name) for p in svc.ports)
+    return ServiceState(svc, tuple(map(get_eps, keys)), keys)
 
 
 def pod_destination(pod: Pod) -> Service:

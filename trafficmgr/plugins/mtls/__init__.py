@@ -99,6 +99,8 @@ MATCH_NAME = "mtls"
 METADATA_KEY = "trafficmgr.mtls"
 INVALID_LABEL = "InvalidTrafficLabel"
 NAMESPACE = "Namespace"
+#: The kind name of this plugin's Namespace watch in ``model.extra`` (the core's own is ``Model.namespaces``).
+NAMESPACE_MODES = "mtls.Namespace"
 #: The plugin's second view of Services: only their authorization labels (kind name of model.extra).
 AUTHZ = "mtls.ServiceAuthorization"
 TLS_INSPECTOR = "envoy.filters.listener.tls_inspector"
@@ -238,7 +240,7 @@ def convert_service(raw: dict[str, Any], ctx: Any) -> Authorization | None:
 def trafficmgr_watch_kinds() -> list[WatchKind]:
     # Services a second time (their traffic.allow.* keys carry names, which the label registry cannot
     # declare), and Namespaces (the core does not watch them) for their traffic.mtls label.
-    return [WatchKind(NAMESPACE, "v1", "namespaces", convert_namespace, namespaced=False),
+    return [WatchKind(NAMESPACE_MODES, "v1", "namespaces", convert_namespace, namespaced=False),
             WatchKind(AUTHZ, "v1", "services", convert_service)]
 
 
@@ -429,7 +431,7 @@ def plan(model: Model, options: argparse.Namespace,
     across builds) makes unchanged policies the same filter objects, built once: only the Services that
     are strict or have authorization labels are looked at past their labels."""
     memo = {} if memo is None else memo
-    namespaces = {ns.name: ns.mode for ns in (model.extra.get(NAMESPACE) or {}).values()}
+    namespaces = {ns.name: ns.mode for ns in (model.extra.get(NAMESPACE_MODES) or {}).values()}
     authz: Mapping[tuple[str, str], Authorization] = model.extra.get(AUTHZ) or {}
     td = trust_domain(options)
     out: list[NetworkFilter | HttpFilter] = []
