@@ -244,15 +244,16 @@ def test_endpoint_change_rederives_only_scopes_holding_it() -> None:
 
 # -- the control plane: node -> view, views dropped when unused ------------------------------------
 
-def _objects(scope_label: str | None, version: int) -> dict[str, list[dict[str, Any]]]:
+def _objects(scope_label: str | None, version: int, ns_labels: dict[str, str] | None = None) -> dict[str, list[dict[str, Any]]]:
     labels = {"app": "web"} | ({"traffic.scope": scope_label} if scope_label else {})
     return {
-        "Namespace": [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop", "uid": "n1"}}],
+        "Namespace": [{"apiVersion": "v1", "kind": "Namespace",
+                       "metadata": {"name": "shop", "uid": "n1", "labels": ns_labels or {}, "resourceVersion": str(version)}}],
         "Service": [{"apiVersion": "v1", "kind": "Service",
                      "metadata": {"name": "web", "namespace": "shop", "uid": "s1", "labels": {"traffic.port.8080": "http"}},
                      "spec": {"clusterIP": "10.96.0.5", "selector": {"app": "web"}, "ports": [{"name": "http", "port": 8080}]}}],
         "Pod": [{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web-1", "namespace": "shop", "uid": "p1", "labels": labels,
-                                                          "resourceVersion": str(version)},
+                                                          "resourceVersion": str(scope_label)},
                  "spec": {"nodeName": "n"}, "status": {"phase": "Running", "podIP": "10.244.0.5"}}],
     }
 
@@ -263,8 +264,8 @@ def test_control_plane_resolves_scoped_pods_and_drops_unused_views() -> None:
 
     versions = iter(range(1, 100))
 
-    def relist(scope_label: str | None) -> None:
-        for kind, items in _objects(scope_label, next(versions)).items():
+    def relist(scope_label: str | None, ns_labels: dict[str, str] | None = None) -> None:
+        for kind, items in _objects(scope_label, next(versions), ns_labels).items():
             cp.assembler.apply("RELIST", kinds[kind], items)
         cp.publish_model(cp.assembler.model())
 
@@ -279,6 +280,15 @@ def test_control_plane_resolves_scoped_pods_and_drops_unused_views() -> None:
     assert cp.resolve("web-1.shop", "") == SIDECAR
     assert cp.cache.get(view) is None
     assert cp.resolve("nope.shop", "") is None
+    # The Namespace's labels are the default of its pods (only a Namespace change: the pod is not touched).
+    relist("mesh", {"traffic.scope": "namespace", "traffic.scope.namespaces": "payments"})
+    assert cp.resolve("web-1.shop", "") == SIDECAR  # the pod's own label wins
+    relist(None)
+    relist(None, {"traffic.scope": "namespace", "traffic.scope.namespaces": "payments"})
+    both = view_name(("payments", "shop"))
+    assert cp.resolve("web-1.shop", "") == both and cp.cache.get(both) is not None
+    relist(None, {})
+    assert cp.resolve("web-1.shop", "") == SIDECAR and cp.cache.get(both) is None
 
 
 # -- mesh routes: their backends come with the in-scope Service; the explicit proxy -----------------
