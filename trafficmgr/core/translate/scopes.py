@@ -5,7 +5,8 @@
 Contracts:
 - A :class:`Scope` is a value computed per pod from its labels and its Namespace's (the pod's or its
   workload's label wins over the Namespace's, each label separately). Equal scopes share one view,
-  named ``sidecar~<8 hex digits>`` (a hash of the namespaces: stable across processes and replicas).
+  named ``sidecar~<16 hex digits>`` (a 64-bit hash of the namespaces: stable across processes and replicas,
+  and two scopes sharing a name, which would give one of them the other's view, is as unlikely as a 64-bit collision).
   Pods without a scope keep the view ``sidecar``, which is built exactly as before.
 - A scoped view is the full sidecar view restricted to its scope: the outbound listener's chains and
   the route configurations' virtual hosts of the in-scope destinations (the very protobuf objects of the
@@ -63,7 +64,7 @@ class Scope:
 
 @functools.lru_cache(maxsize=4096)
 def view_name(namespaces: tuple[str, ...]) -> str:
-    digest = hashlib.blake2b("\n".join(namespaces).encode(), digest_size=4).hexdigest()
+    digest = hashlib.blake2b("\n".join(namespaces).encode(), digest_size=8).hexdigest()
     return VIEW_PREFIX + digest
 
 
