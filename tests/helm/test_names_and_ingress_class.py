@@ -115,11 +115,12 @@ def test_auto_defers_to_the_clusters_default_class(cluster: tuple[Any, Path], ex
 
 
 def _notes(kubeconfig: Path, namespace: str) -> str:
-    """The NOTES of ``helm install --dry-run=server`` (kinds the project's API server does not serve, RBAC
-    and admission policies, switched off: they do not change the notes checked here)."""
+    """The NOTES of ``helm install --dry-run=server`` (kinds the project's API server does not serve, RBAC,
+    admission policies and PodDisruptionBudgets, switched off: they do not change the notes checked here)."""
     proc = subprocess.run([helm_path(), "install", RELEASE, str(CHART), "--dry-run=server", "--kubeconfig", str(kubeconfig),
                            "--namespace", namespace, "--set", "rbac.create=false", "--set", "agentPodPolicy.enabled=false",
-                           "--set", "networkPolicy.enabled=false"], capture_output=True, text=True, timeout=120)
+                           "--set", "networkPolicy.enabled=false", "--set", "controlPlane.podDisruptionBudget.enabled=false"],
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout[proc.stdout.index("NOTES:"):]
 
