@@ -72,8 +72,16 @@ def trafficmgr_watch_kinds() -> list[WatchKind]:
 
 @hookimpl
 def trafficmgr_port_protocols(model: Model, options: argparse.Namespace) -> list[tuple[str, str, int | str, str]]:
-    """Backends (and mirror targets) of attached routes: ``http`` for HTTPRoute, ``grpc`` for GRPCRoute."""
-    return list(plan.plan(model, options).protocols)
+    """Backends (and mirror targets) of attached routes: ``http`` for HTTPRoute, ``grpc`` for GRPCRoute
+    (the same list object while the plan is the same: callers read it, never change it)."""
+    global _protocols
+    result = plan.plan(model, options)
+    if _protocols is None or _protocols[0] is not result:
+        _protocols = (result, list(result.protocols))
+    return _protocols[1]
+
+
+_protocols: tuple[object, list[tuple[str, str, int | str, str]]] | None = None
 
 
 @hookimpl

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import threading
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -600,6 +601,9 @@ def build(model: Model, options: argparse.Namespace) -> Plan:
         listeners.extend(_validate_listener(gw, lst, ingress_port, grants, secrets) for lst in gw.listeners)
     _conflicts(listeners)
     usable = [e for e in listeners if e.usable]
+    usable_by_port: dict[int | None, list[_Lst]] = {}
+    for e in usable:
+        usable_by_port.setdefault(e.listener.port, []).append(e)
     resolver = _Resolver(model, grants)
     gateway_keys = {(g.meta.namespace, g.meta.name): g for g in gateways}
 
@@ -634,7 +638,7 @@ def build(model: Model, options: argparse.Namespace) -> Plan:
             att = _attach(route, ref, gw, listeners, namespaces)
             _kind_conflicts(route, att, claims)
             served = [e for e in att.listeners if e.usable]
-            accepted, resolved, programmed = _program_route(route, served, usable, resolver, vhosts, protocols)
+            accepted, resolved, programmed = _program_route(route, served, usable_by_port, resolver, vhosts, protocols)
             if att.accepted is not None and att.accepted.status:
                 att.accepted = accepted or att.accepted
                 if att.accepted.status:
@@ -645,6 +649,9 @@ def build(model: Model, options: argparse.Namespace) -> Plan:
         if mine or _has_our_entries(route, controller):
             route_status.append((route, tuple(parents)))
 
+    live = {(r.kind, r.meta.namespace, r.meta.name) for r in routes}
+    for k in [k for k in _route_memo if k not in live]:
+        _route_memo.pop(k, None)
     table = _table(usable, vhosts)
     exposed = exposed_ports(model, options)
     statuses = tuple(_gateway_status(gw, [e for e in listeners if e.gateway is gw], attached_count, gw_problem.get(id(gw)),
@@ -686,11 +693,11 @@ def _has_our_entries(route: Route, controller: str) -> bool:
     return any(p.get("controllerName") == controller for p in route.parents)
 
 
-def _program_route(route: Route, served: list[_Lst], usable: list[_Lst], resolver: _Resolver,
+def _program_route(route: Route, served: list[_Lst], usable: Mapping[int | None, list[_Lst]], resolver: _Resolver,
                    vhosts: dict[tuple[int, int, str], list[_Entry]],
                    protocols: set[tuple[str, str, int | str, str]]) -> tuple[Condition | None, Condition, bool]:
-    """Add the route's matches to the virtual hosts of the listeners it attached to; its Accepted
-    override (``UnsupportedValue``) and its ResolvedRefs condition."""
+    """Add the route's matches to the virtual hosts of the listeners it attached to (``usable``: the
+    usable listeners by port); its Accepted override (``UnsupportedValue``) and its ResolvedRefs condition."""
     if route.problems:  # an invalid hostname: serving the rest could widen the route to every host
         return (Condition(ACCEPTED, False, "UnsupportedValue", "; ".join(route.problems) + " (the route is not served)"),
                 Condition(RESOLVED_REFS, True, "ResolvedRefs", "all references resolved"), False)
@@ -700,7 +707,7 @@ def _program_route(route: Route, served: list[_Lst], usable: list[_Lst], resolve
     for m, tie, tr in matches if served else ():
         add_protocols(tr, protocols)
         for e in served:
-            port_listeners = [u for u in usable if u.listener.port == e.listener.port]
+            port_listeners = usable.get(e.listener.port, [])
             for host in intersect(e.listener.hostname, route.hostnames):
                 owner = _owner(port_listeners, host)
                 if owner is not e:
@@ -712,10 +719,39 @@ def _program_route(route: Route, served: list[_Lst], usable: list[_Lst], resolve
     return accepted, resolved, programmed
 
 
-def route_matches(route: Route, resolver: _Resolver) -> tuple[list[tuple[RouteMatch, tuple[Any, ...], t.Route]], list[str], list[Condition]]:
+_Matches = tuple[list[tuple[RouteMatch, tuple[Any, ...], t.Route]], list[str], list[Condition]]
+#: route_matches results by (kind, namespace, name): (route, what it read, result); pruned by each build.
+_route_memo: dict[tuple[str, str, str], tuple[Route, tuple[Any, ...], _Matches]] = {}
+
+
+def _route_deps(route: Route, resolver: _Resolver) -> tuple[Any, ...]:
+    """What :func:`_route_matches` reads besides the route: the Services it names (compared by identity)
+    and, when it names another namespace's, the ReferenceGrants."""
+    ns = route.meta.namespace
+    refs = [b for rule in route.rules for b in (*rule.backends, *(f.mirror for f in rule.filters if f.mirror))]
+    deps: list[Any] = [resolver.model.services.get((b.namespace or ns, b.name)) for b in refs]
+    if any((b.namespace or ns) != ns for b in refs):
+        deps.extend(resolver.grants)
+    return tuple(deps)
+
+
+def route_matches(route: Route, resolver: _Resolver) -> _Matches:
     """Every match of every valid rule of ``route`` as ``(match, tie-break key, table route)``, with the
     problems of the rules left out (``UnsupportedValue``) and the backend conditions (shared by Gateway
-    and Service parents)."""
+    and Service parents). Memoized per route while the route object and what it reads are the same (the
+    same table routes again: the translation compares them by identity first). Callers must not mutate
+    the lists."""
+    key = (route.kind, route.meta.namespace, route.meta.name)
+    deps = _route_deps(route, resolver)
+    old = _route_memo.get(key)
+    if old is not None and old[0] is route and len(old[1]) == len(deps) and all(a is b for a, b in zip(old[1], deps)):
+        return old[2]
+    result = _route_matches(route, resolver)
+    _route_memo[key] = (route, deps, result)
+    return result
+
+
+def _route_matches(route: Route, resolver: _Resolver) -> _Matches:
     problems: list[str] = []
     ref_conds: list[Condition] = []
     out: list[tuple[RouteMatch, tuple[Any, ...], t.Route]] = []
@@ -757,6 +793,9 @@ def route_conditions(problems: list[str], ref_conds: list[Condition]) -> tuple[C
 
 
 def _table(usable: list[_Lst], vhosts: dict[tuple[int, int, str], list[_Entry]]) -> t.Table:
+    by_listener: dict[tuple[int, int], dict[str, list[_Entry]]] = {}
+    for (p, lid, h), entries in vhosts.items():
+        by_listener.setdefault((p, lid), {})[h] = entries
     ports = []
     for port in sorted({int(e.listener.port or 0) for e in usable}):
         on_port = [e for e in usable if e.listener.port == port]
@@ -766,12 +805,15 @@ def _table(usable: list[_Lst], vhosts: dict[tuple[int, int, str], list[_Entry]])
         for group in groups:
             hosts: list[t.VirtualHost] = []
             for e in group:
-                mine = {h: entries for (p, lid, h), entries in vhosts.items() if p == port and lid == id(e)}
+                mine = dict(by_listener.get((port, id(e)), {}))
                 own = e.listener.hostname or CATCH_ALL
                 mine.setdefault(own, [])  # the listener's own hostname answers (404) even without routes
+                # Only wildcards and the catch-all cover other hostnames (an exact one only itself): the
+                # few broader hostnames are checked per host, not every pair (2000 hosts: 4M checks).
+                broader = [h for h in mine if h == CATCH_ALL or h.startswith("*.")]
                 for host in sorted(mine, key=lambda h: (specificity(h), h)):
                     # Routes of broader hostnames on the same listener apply to this host too.
-                    entries = [x for h, xs in mine.items() if h != host and host_matches(h, host) for x in xs] + mine[host]
+                    entries = [x for h in broader if h != host and host_matches(h, host) for x in mine[h]] + mine[host]
                     entries.sort(key=lambda x: x.key)
                     hosts.append(t.VirtualHost(host, tuple(x.route for x in entries)))
             hosts.sort(key=lambda v: (specificity(v.hostname), v.hostname))
@@ -835,21 +877,33 @@ _lock = threading.Lock()
 _memo: list[tuple[tuple[Any, ...], Plan]] = []
 
 
-def inputs(model: Model, options: argparse.Namespace) -> tuple[Any, ...]:
+_KIND_SET = frozenset(_KINDS)
+#: The last plan made per options object (one per control plane), the Service keys it read and the
+#: option values: while a model's delta names none of our kinds and none of those Services, it stands.
+#: Keyed by ``id(options)`` with a weak reference to check it (a Namespace is not hashable).
+_last: dict[int, tuple[weakref.ref[argparse.Namespace], Plan, frozenset[tuple[str, str]], tuple[Any, ...]]] = {}
+
+
+def referenced_services(model: Model) -> frozenset[tuple[str, str]]:
+    """The Services routes name (backends, mirrors, Service parents), present or not."""
+    routes = [r for kind in ROUTE_KINDS for r in (model.extra.get(kind) or {}).values()]
+    return frozenset({(b.namespace or r.meta.namespace, b.name)
+                      for r in routes for rule in r.rules for b in (*rule.backends, *(f.mirror for f in rule.filters if f.mirror))}
+                     | {(p.namespace or r.meta.namespace, p.name) for r in routes for p in r.parent_refs if gamma.is_service_parent(p)})
+
+
+def inputs(model: Model, options: argparse.Namespace, names: frozenset[tuple[str, str]] | None = None) -> tuple[Any, ...]:
     """What a plan is made of: our kinds' objects, the Services that routes name (backends, mirrors,
-    Service parents), the options it reads.
+    Service parents; ``names``, computed when not given), the gateway Service, the options it reads.
     Compared by identity (objects) and value (option values)."""
     objs: list[Any] = []
     for kind in _KINDS:
         table = model.extra.get(kind) or {}
         objs.append(len(table))
         objs.extend(table.values())
-    routes = [r for kind in ROUTE_KINDS for r in (model.extra.get(kind) or {}).values()]
-    names = sorted({(b.namespace or r.meta.namespace, b.name)
-                    for r in routes for rule in r.rules for b in (*rule.backends, *(f.mirror for f in rule.filters if f.mirror))}
-                   | {(p.namespace or r.meta.namespace, p.name) for r in routes for p in r.parent_refs if gamma.is_service_parent(p)})
-    objs.append(len(names))
-    objs.extend(model.services.get(k) for k in names)
+    ordered = sorted(referenced_services(model) if names is None else names)
+    objs.append(len(ordered))
+    objs.extend(model.services.get(k) for k in ordered)
     objs.append((controller_name(options), int(ingress_option(options, "gateway_port"))))
     objs.extend(_gateway_service_inputs(model, options))
     return tuple(objs)
@@ -868,19 +922,61 @@ def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
     return len(a) == len(b) and all(x is y or (type(x) in (int, tuple) and x == y) for x, y in zip(a, b))
 
 
+def _option_values(options: argparse.Namespace) -> tuple[Any, ...]:
+    return (controller_name(options), int(ingress_option(options, "gateway_port")), gateway_service_key(options))
+
+
 def plan(model: Model, options: argparse.Namespace) -> Plan:
     """:func:`build`, memoized on :func:`inputs` (a few recent plans, shared by the resource, protocol
-    and status hooks of one build)."""
-    key = inputs(model, options)
+    and status hooks of one build).
+
+    With ``model.delta`` (the Kubernetes layer's models, each the successor of the last one this
+    ``options`` object's control plane built): when it names none of our kinds and none of the Services
+    the last plan read, that plan stands without walking anything (O(changed Services), the common case:
+    pod and endpoint changes)."""
+    delta = model.delta
+    opts = _option_values(options)
+    with _lock:
+        same = _same_model[1] if _same_model is not None and _same_model[0]() is model and _same_model[2] is options else None
+    if same is not None:  # the other hooks of the same build
+        return same
+    if delta is not None:
+        with _lock:
+            last = _last.get(id(options))
+        if (last is not None and last[0]() is options and last[3] == opts and _KIND_SET.isdisjoint(delta.extra)
+                and last[2].isdisjoint(delta.services)):
+            _remember(model, options, last[1])
+            return last[1]
+    names = referenced_services(model)
+    key = inputs(model, options, names)
+    result = None
     with _lock:
         for k, p in _memo:
             if _same(k, key):
-                return p
-    result = build(model, options)
+                result = p
+                break
+    if result is None:
+        result = build(model, options)
+        with _lock:
+            _memo.insert(0, (key, result))
+            del _memo[4:]
     with _lock:
-        _memo.insert(0, (key, result))
-        del _memo[4:]
+        for gone in [i for i, v in _last.items() if v[0]() is None]:
+            del _last[gone]  # options objects gone (control planes of earlier tests)
+        _last[id(options)] = (weakref.ref(options), result, names | {gateway_service_key(options)}, opts)
+    _remember(model, options, result)
     return result
+
+
+#: The plan of the model being built (a weak reference: never kept past its build), for the other hooks
+#: of the same build (port protocols, resources, mesh routes, status all ask).
+_same_model: tuple[weakref.ref[Model], Plan, argparse.Namespace] | None = None
+
+
+def _remember(model: Model, options: argparse.Namespace, result: Plan) -> None:
+    global _same_model
+    with _lock:
+        _same_model = (weakref.ref(model), result, options)
 
 
 def table(model: Model, options: argparse.Namespace) -> t.Table:

@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -150,14 +150,36 @@ def secret_name(namespace: str, name: str) -> str:
     return f"{PREFIX_NAME}|{namespace}|{name}"
 
 
+@attrs.define
+class _Memo:
+    """What the last build made, per Envoy resource (the gateway view's ``ctx.memo``): each keyed by what
+    it is made of, so a change rebuilds and re-serializes only the resources it touches."""
+
+    table: Table | None = None
+    out: list[Resource] = attrs.field(factory=list)
+    #: (port, protocol, chain name, hostname) -> (virtual host, its message)
+    vhosts: dict[tuple[int, str, str, str], tuple[VirtualHost, route_components_pb2.VirtualHost]] = attrs.field(factory=dict)
+    #: (port, chain name) -> (protocol, chain, RouteConfiguration resource)
+    rcs: dict[tuple[int, str], tuple[str, Chain, Resource]] = attrs.field(factory=dict)
+    #: port -> (what the listener is made of, Listener resource)
+    listeners: dict[int, tuple[Any, Resource]] = attrs.field(factory=dict)
+    #: Secret resource name -> (certificate, key, Secret resource)
+    secrets: dict[str, tuple[bytes, bytes, Resource]] = attrs.field(factory=dict)
+
+
 def resources(table: Table, ctx: BuildContext) -> list[Resource]:
     """Listeners, RouteConfigurations and Secrets of ``table`` for the gateway view, each through
-    ``ctx.resource`` (the listener refs its RDS and SDS names). Memoized on the Table's value: an equal
-    Table returns the same list without building anything. Raises ValueError for a Table that breaks
-    ``table.py``'s structural contract (which Envoy would reject as a whole)."""
+    ``ctx.resource`` (the listener refs its RDS and SDS names). Memoized on the Table's value (an equal
+    Table returns the same list without building anything) and per resource: a listener is rebuilt only
+    when its port's protocol, chains' names, server names or certificate Secrets change, a route
+    configuration when its chain changes (and then only its changed virtual hosts are translated again),
+    a Secret when its PEMs change. Raises ValueError for a Table that breaks ``table.py``'s structural
+    contract (which Envoy would reject as a whole)."""
     memo = ctx.memo.get(MEMO_KEY)
-    if memo is not None and (memo[0] is table or memo[0] == table):
-        return memo[1]  # type: ignore[no-any-return]
+    if not isinstance(memo, _Memo):
+        memo = ctx.memo[MEMO_KEY] = _Memo()
+    if memo.table is not None and (memo.table is table or memo.table == table):
+        return memo.out
     out: list[Resource] = []
     secrets: dict[str, Resource] = {}
     seen_ports: set[int] = set()
@@ -166,21 +188,57 @@ def resources(table: Table, ctx: BuildContext) -> list[Resource]:
             raise ValueError(f"gateway_api table: port {sp.port} listed twice")
         seen_ports.add(sp.port)
         _check_port(sp)
+    live_vhosts: set[tuple[int, str, str, str]] = set()
+    live_rcs: set[tuple[int, str]] = set()
     for sp in table.ports:
-        lst = listener(sp, ctx)
-        rcs = [route_configuration(sp, chain, ctx) for chain in sp.chains]
+        rcs = []
+        for chain in sp.chains:
+            key = (sp.port, chain.name)
+            live_rcs.add(key)
+            live_vhosts.update((sp.port, sp.protocol, chain.name, vh.hostname) for vh in chain.virtual_hosts)
+            old = memo.rcs.get(key)
+            if old is not None and old[0] == sp.protocol and (old[1] is chain or old[1] == chain):
+                rcs.append(old[2])
+                continue
+            rc = route_configuration(sp, chain, ctx, memo)
+            res = ctx.resource(rc, rc.name)
+            memo.rcs[key] = (sp.protocol, chain, res)
+            rcs.append(res)
         refs = [(RDS, rc.name) for rc in rcs]
         for chain in sp.chains:
             for cert in chain.certificates if sp.protocol == "HTTPS" else ():
                 name = secret_name(*cert.secret)
                 refs.append((SDS, name))
-                if name not in secrets:
+                if name in secrets:
+                    continue
+                old_secret = memo.secrets.get(name)
+                if old_secret is not None and old_secret[0] == cert.cert_pem and old_secret[1] == cert.key_pem:
+                    secrets[name] = old_secret[2]
+                else:
                     secrets[name] = ctx.resource(secret(cert), name)
-        out.append(ctx.resource(lst, lst.name, refs))
-        out.extend(ctx.resource(rc, rc.name) for rc in rcs)
+                    memo.secrets[name] = (cert.cert_pem, cert.key_pem, secrets[name])
+        shape = (sp.protocol, tuple((c.name, c.server_names, tuple(x.secret for x in c.certificates)) for c in sp.chains))
+        old_listener = memo.listeners.get(sp.port)
+        if old_listener is not None and old_listener[0] == shape:
+            out.append(old_listener[1])
+        else:
+            lst = listener(sp, ctx)
+            res = ctx.resource(lst, lst.name, refs)
+            memo.listeners[sp.port] = (shape, res)
+            out.append(res)
+        out.extend(rcs)
     out.extend(secrets[n] for n in sorted(secrets))
-    ctx.memo[MEMO_KEY] = (table, out)
+    _prune(memo.vhosts, live_vhosts)
+    _prune(memo.rcs, live_rcs)
+    _prune(memo.listeners, seen_ports)
+    _prune(memo.secrets, secrets.keys())
+    memo.table, memo.out = table, out
     return out
+
+
+def _prune(mapping: dict[Any, Any], live: Collection[Any]) -> None:
+    for k in [k for k in mapping if k not in live]:
+        del mapping[k]
 
 
 def _check_port(sp: ServedPort) -> None:
@@ -274,11 +332,20 @@ def secret(cert: Certificate | Chain) -> secret_pb2.Secret:
 # -- routes ----------------------------------------------------------------------------------------
 
 
-def route_configuration(sp: ServedPort, chain: Chain, ctx: BuildContext) -> route_pb2.RouteConfiguration:
+def route_configuration(sp: ServedPort, chain: Chain, ctx: BuildContext, memo: _Memo | None = None) -> route_pb2.RouteConfiguration:
+    """The chain's RouteConfiguration; with ``memo``, a virtual host equal to the last build's is not
+    translated again (its message is copied in)."""
     rc = route_pb2.RouteConfiguration(name=route_config_name(sp.port, chain.name))
     rc.validate_clusters.value = False
     for vh in chain.virtual_hosts:
-        rc.virtual_hosts.append(virtual_host(sp, vh, ctx))
+        if memo is None:
+            rc.virtual_hosts.append(virtual_host(sp, vh, ctx))
+            continue
+        key = (sp.port, sp.protocol, chain.name, vh.hostname)
+        old = memo.vhosts.get(key)
+        if old is None or not (old[0] is vh or old[0] == vh):
+            old = memo.vhosts[key] = (vh, virtual_host(sp, vh, ctx))
+        rc.virtual_hosts.append(old[1])
     if sp.protocol == "HTTPS" and chain.server_names and not any(vh.hostname == "*" for vh in chain.virtual_hosts):
         # Named with a "|" that no hostname has (virtual host names are unique in a route table).
         catch_all = rc.virtual_hosts.add(name=MISDIRECTED_NAME, domains=["*"])
