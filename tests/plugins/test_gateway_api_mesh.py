@@ -226,6 +226,9 @@ def test_status_per_service_parent_and_bad_route_changes_nothing_else(cluster: L
         assert _conds(p) == {"Accepted": (acc, acc_reason), "ResolvedRefs": (res, res_reason)}, (name, p)
     consumer = wait_for(lambda: _parent(c, "consumer", "shop"), 15, message="no status on the consumer route")
     assert _conds(consumer)["Accepted"] == ("False", "UnsupportedValue")
+    msg = {x["type"]: x["message"] for x in consumer["conditions"]}["Accepted"]
+    assert ("consumer route, which would apply only to callers in namespace shop" in msg
+            and "not supported: they need per-namespace sidecar views" in msg and msg.endswith("(not served)")), msg
     # Nothing else changed: the good route still sends everything to v2 (the consumer route's v1 is not
     # served); the bad backend's rule answers 500; the unsupported rule is not served (its path goes to the
     # good route's catch-all).

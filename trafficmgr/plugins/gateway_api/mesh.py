@@ -12,8 +12,9 @@ Hostnames do not apply to Service parents (GAMMA: the Service is the host).
 
 Status per Service parent (our ``controllerName``): ``Accepted`` True, or False with
 ``NoMatchingParent`` (no such Service, or no such port) or ``UnsupportedValue`` (a consumer route: a
-Service parent in another namespace; those need per-namespace sidecar views, which do not exist yet:
-nothing is served for it), and ``ResolvedRefs`` as for Gateway parents.
+Service parent in another namespace, which GAMMA applies to the callers of the route's namespace only;
+those need per-namespace sidecar views, which do not exist: nothing is served for it, and the message
+says so), and ``ResolvedRefs`` as for Gateway parents.
 
 The parent Service port and the backends count as ``http`` ports (``grpc`` for GRPCRoute), as implied
 protocols (a port labelled ``traffic.port.N`` keeps its label: a ``tcp`` or ``direct`` port gets no HTTP

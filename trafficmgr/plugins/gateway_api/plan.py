@@ -984,6 +984,19 @@ def table(model: Model, options: argparse.Namespace) -> t.Table:
     return plan(model, options).table
 
 
+#: Route parent Accepted False: a consumer route (GAMMA: a Service parent in another namespace).
+CONSUMER_ROUTE = "UnsupportedValue"
+
+
+def consumer_route_message(route: Route, ns: str, name: str) -> str:
+    """Why a consumer route is not served: GAMMA scopes it to the callers in the route's namespace, and
+    the sidecars share one view of every Service's routes (per-namespace sidecar views do not exist)."""
+    return (f"Service {ns}/{name} is in another namespace: this is a consumer route, which would apply only to "
+            f"callers in namespace {route.meta.namespace}; consumer routes are not supported: they need "
+            f"per-namespace sidecar views, and every sidecar shares one view of each Service's routes "
+            f"(only routes in the Service's own namespace apply, to every caller)")
+
+
 def _attach_service_parent(route: Route, ref: ParentRef, model: Model, resolver: _Resolver,
            entries: dict[gamma.MeshKey, list[tuple[tuple[Any, ...], t.Route]]],
            protocols: set[tuple[str, str, int | str, str]],
@@ -1004,8 +1017,7 @@ def _attach_service_parent(route: Route, ref: ParentRef, model: Model, resolver:
         return ParentStatus(ref, (Condition(ACCEPTED, False, reason, message + " (not served)"), ok_refs))
 
     if ns != route.meta.namespace:
-        return refused("UnsupportedValue", f"Service {ns}/{ref.name} is in another namespace: consumer routes are not "
-                                           f"supported yet (only routes in the Service's own namespace apply)")
+        return refused(CONSUMER_ROUTE, consumer_route_message(route, ns, ref.name))
     svc: Service | None = model.services.get((ns, ref.name))
     if svc is None:
         return refused("NoMatchingParent", f"Service {ns}/{ref.name} not found")
