@@ -141,8 +141,9 @@ def test_writers_hold_as_followers_and_a_new_leader_writes_only_what_is_missing(
     try:
         svc = [store.create({"apiVersion": "v1", "kind": "Service", "metadata": {"name": f"s{i}", "namespace": "default"},
                              "spec": {"ports": [{"port": 80}]}}) for i in range(2)]
-        ing = [store.create({"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
-                             "metadata": {"name": f"i{i}", "namespace": "default"}, "spec": {}}) for i in range(2)]
+        for i in range(2):
+            store.create({"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+                          "metadata": {"name": f"i{i}", "namespace": "default"}, "spec": {}})
         # What the old leader wrote before it died: the Event on s0 and the status of i0.
         store.create({"apiVersion": "v1", "kind": "Event", "metadata": {"name": "old", "namespace": "default"},
                       "involvedObject": {"kind": "Service", "namespace": "default", "name": "s0", "uid": svc[0]["metadata"]["uid"]},
