@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -116,18 +116,31 @@ class ScopeIndex:
         delta = model.delta
         if delta is None or not self._started:  # unknown changes, or a new index (after a failed build)
             self._started = True
-            self.generation += 1
-            self.by_pod.clear()
-            self.users.clear()
-            self._ns_pods.clear()
-            keys: Iterable[tuple[str, str]] = model.pods
-        else:
-            touched = set(delta.pods)
-            for ns in delta.namespaces:
-                touched.update(self._ns_pods.get(ns, ()))
-            keys = touched
-        for key in keys:
+            self._rebuild(model)
+            return
+        touched = set(delta.pods)
+        for ns in delta.namespaces:
+            touched.update(self._ns_pods.get(ns, ()))
+        for key in touched:
             self._set(key, model.pods.get(key), model.namespaces)
+
+    def _rebuild(self, model: Model) -> None:
+        """Every pod afresh (one pass, no per-pod call but :func:`scope_of`)."""
+        self.generation += 1
+        by_pod: dict[tuple[str, str], Scope] = {}
+        users: dict[Scope, int] = {}
+        ns_pods: dict[str, set[tuple[str, str]]] = {}
+        namespaces = model.namespaces
+        for key, pod in model.pods.items():
+            keys = ns_pods.get(key[0])
+            if keys is None:
+                keys = ns_pods[key[0]] = set()
+            keys.add(key)
+            scope = scope_of(pod, namespaces)
+            if scope is not None:
+                by_pod[key] = scope
+                users[scope] = users.get(scope, 0) + 1
+        self.by_pod, self.users, self._ns_pods = by_pod, users, ns_pods
 
     def _set(self, key: tuple[str, str], pod: Pod | None, namespaces: Mapping[str, Namespace]) -> None:
         if pod is None:
