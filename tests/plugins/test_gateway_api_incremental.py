@@ -147,3 +147,30 @@ def test_one_route_change_reserializes_one_resource_and_unrelated_changes_keep_t
     snaps = rig.builder.build(model)
     assert not any(k in rig.builder.stats.serialized for k in ("routes", "listeners", "secrets"))
     assert "gateway_api|8080|http" in snaps["gateway"].types[cache.ROUTE].resources
+
+
+def test_route_status_recomputed_only_for_the_changed_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After one route change the status hook builds one route's status (JSON and all), not every
+    route's; its answer equals one computed from scratch."""
+    from trafficmgr.plugins.gateway_api import status
+
+    rig = Rig(routes=100, mesh=10)
+    model = rig.assembler.model()
+    rig.builder.build(model)
+    status.statuses(plan.plan(model, rig.options), model, rig.options)
+    route = rig.objects["httproutes"][42]
+    route["spec"]["rules"][0]["backendRefs"][0]["name"] = "missing"  # ResolvedRefs False: a new status
+    rig.apply("httproutes", route)
+    model = rig.assembler.model()
+    rig.builder.build(model)
+    emitted: list[str] = []
+    real = status._emit
+    monkeypatch.setattr(status, "_emit", lambda path, *a: emitted.append(path) or real(path, *a))
+    got = status.statuses(plan.plan(model, rig.options), model, rig.options)
+    assert [p for p in emitted if "/httproutes/" in p] == ["/apis/gateway.networking.k8s.io/v1/namespaces/ns-2/httproutes/r-42"]
+    mine = next(s for s in got if s.path.endswith("/httproutes/r-42"))
+    conds = {c["type"]: c["reason"] for c in mine.status["parents"][0]["conditions"]}
+    assert conds["ResolvedRefs"] == "BackendNotFound"
+    monkeypatch.setattr(status, "_route_answers", {})
+    fresh = status.statuses(plan.plan(model, rig.options), model, rig.options)
+    assert [(s.path, s.status) for s in fresh] == [(s.path, s.status) for s in got]

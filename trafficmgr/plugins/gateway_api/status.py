@@ -23,8 +23,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from trafficmgr.plugin import Model, ObjectStatus, is_ip
-from trafficmgr.plugins.gateway_api.ir import API_V1, GROUP, Gateway, Meta
-from trafficmgr.plugins.gateway_api.plan import PROGRAMMED, Condition, GatewayStatus, Plan, controller_name
+from trafficmgr.plugins.gateway_api.ir import API_V1, GROUP, Gateway, Meta, Route
+from trafficmgr.plugins.gateway_api.plan import PROGRAMMED, Condition, GatewayStatus, ParentStatus, Plan, controller_name
 from trafficmgr.plugins.ingress.ir import option as ingress_option
 
 OWNED_CLASS = ("Accepted",)
@@ -143,22 +143,45 @@ def statuses(result: Plan, model: Model, options: argparse.Namespace) -> list[Ob
                          {"conditions": [dict(c) for c in gc.conditions]}, gc.ref))
     addresses = gateway_addresses(model, options)
     out.extend(_gateway(st, addresses, options) for st in result.gateways)
+    live: set[str] = set()
     for route, parents in result.routes:
-        gen = route.meta.generation
-        old_ours = {json.dumps(p.get("parentRef"), sort_keys=True): p for p in route.parents
-                    if p.get("controllerName") == controller}
-        others = [dict(p) for p in route.parents if p.get("controllerName") != controller]
-        if any(_stale(p.get("conditions") or [], gen) for p in old_ours.values()):
-            continue
-        stamp = now()
-        ours = []
-        for ps in parents:
-            ref = ps.ref.to_dict()
-            old = old_ours.get(json.dumps(ref, sort_keys=True)) or {}
-            ours.append({"parentRef": ref, "controllerName": controller,
-                         "conditions": _conditions(ps.conditions, old.get("conditions") or [], gen, stamp=stamp)})
-        desired = {"parents": others + ours}
         plural = "httproutes" if route.kind == "HTTPRoute" else "grpcroutes"
         path = f"/apis/{API_V1}/namespaces/{route.meta.namespace}/{plural}/{route.meta.name}"
-        out.append(_emit(path, route.meta, desired, {"parents": [dict(p) for p in route.parents]}, route.ref))
+        live.add(path)
+        with _lock:
+            old_answer = _route_answers.get(path)
+        if old_answer is not None and old_answer[0] is route and old_answer[1] == parents and old_answer[2] == controller:
+            out.append(old_answer[3])  # the same object version and conditions: the same answer, no JSON work
+            continue
+        answer = _route_status(route, parents, controller, path)
+        with _lock:
+            _route_answers[path] = (route, parents, controller, answer)
+        out.append(answer)
+    with _lock:
+        for gone in [p for p in _route_answers if p not in live]:
+            del _route_answers[gone]
     return [s for s in out if s is not None]
+
+
+#: The last answer per route path: (route object, its parent statuses, controller, answer). A route's
+#: status is a function of those alone, so a build that changed one route recomputes one route's JSON.
+_route_answers: dict[str, tuple[Route, tuple[ParentStatus, ...], str, ObjectStatus | None]] = {}
+
+
+def _route_status(route: Route, parents: tuple[ParentStatus, ...], controller: str, path: str) -> ObjectStatus | None:
+    """One route's ``status.parents`` write (None: nothing to write)."""
+    gen = route.meta.generation
+    old_ours = {json.dumps(p.get("parentRef"), sort_keys=True): p for p in route.parents
+                if p.get("controllerName") == controller}
+    others = [dict(p) for p in route.parents if p.get("controllerName") != controller]
+    if any(_stale(p.get("conditions") or [], gen) for p in old_ours.values()):
+        return None
+    stamp = now()
+    ours = []
+    for ps in parents:
+        ref = ps.ref.to_dict()
+        old = old_ours.get(json.dumps(ref, sort_keys=True)) or {}
+        ours.append({"parentRef": ref, "controllerName": controller,
+                     "conditions": _conditions(ps.conditions, old.get("conditions") or [], gen, stamp=stamp)})
+    desired = {"parents": others + ours}
+    return _emit(path, route.meta, desired, {"parents": [dict(p) for p in route.parents]}, route.ref)
