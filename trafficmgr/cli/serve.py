@@ -93,8 +93,8 @@ def add_leader_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how often the leader renews and the others try to acquire (default lease duration / "
                              "7.5, at least 1)")
     parser.add_argument("--replica-name", metavar="NAME", default=None,
-                        help="this replica's name: the Lease's holderIdentity and proxy-status's replica column "
-                             "(default: $POD_NAME, else <hostname>-<pid>)")
+                        help="this replica's name, unique among the replicas: the Lease's holderIdentity and "
+                             "proxy-status's replica column (default: $POD_NAME, else <hostname>-<pid>)")
 
 
 def add_identity_arguments(parser: argparse.ArgumentParser) -> None:
