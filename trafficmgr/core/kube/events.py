@@ -48,6 +48,9 @@ class EventRecorder(BackgroundWriter):
     """Records Warning Events on objects; deduplicates; writes from a background thread."""
 
     thread_name = "events"
+    # A follower keeps the 5000 latest problems it saw: a new leader asks the API about each (one list
+    # request per Event, from the writer thread), and older ones were most likely written by the old leader.
+    max_held = 5000
 
     def __init__(self, client: KubeClient | None, registry: LabelRegistry | None = None, max_remembered: int = 50000,
                  leading: Callable[[], bool] | None = None) -> None:

@@ -42,6 +42,9 @@ class BackgroundWriter:
 
     thread_name = "writer"
 
+    #: How many items a follower holds at most (the oldest dropped): a new leader checks each with a request.
+    max_held = 50000
+
     def __init__(self, client: KubeClient | None, max_remembered: int = 50000,
                  leading: Callable[[], bool] | None = None) -> None:
         self.client = client
@@ -84,7 +87,7 @@ class BackgroundWriter:
             slot = self.slot(key, item)
             self._held[slot] = (key, item)
             self._held.move_to_end(slot)
-            if len(self._held) > self._max:
+            if len(self._held) > self.max_held:
                 self._held.popitem(last=False)
 
     @property
