@@ -60,10 +60,12 @@ def run_serve(args: argparse.Namespace, plugins: PluginHost, stop: threading.Eve
         credentials = _xds_credentials(args, ca, mesh, stop)
         warn_if_open(args.xds_auth)
         cp = ControlPlane(plugins, args, kube, freeze_gc=True)
-        if lease is not None:
-            from trafficmgr.core.kube.leader import LeaderElector
+        from trafficmgr.core.kube.leader import LEADER, LeaderElector
 
+        if lease is not None:
             cp.leader = LeaderElector(api, lease.name, lease.namespace, lease.identity, lease.timing)
+        else:
+            LEADER.set(1)  # --no-leader-election: this process writes
         xds = XdsServerThread(cp.cache, args.xds_address, args.xds_port, credentials, cp.authorize,
                               max_streams_per_peer=getattr(args, "xds_max_streams_per_peer", 128),
                               node_timeout=getattr(args, "xds_node_timeout", 10.0),

@@ -50,8 +50,8 @@ logging.getLogger("leaderelection").setLevel(logging.WARNING)
 DEFAULT_LEASE_SECONDS = 15
 DEFAULT_LEASE_NAME = "trafficmgr"
 
-LEADER = Gauge("trafficmgr_leader", "1 while this replica holds the leader Lease (it alone writes status and "
-               "Events), else 0", registry=REGISTRY)
+LEADER = Gauge("trafficmgr_leader", "1 while this replica writes status and Events (it holds the leader Lease, "
+               "or runs with --no-leader-election), else 0", registry=REGISTRY)
 TRANSITIONS = Counter("trafficmgr_leader_transitions", "times this replica gained or lost the leader Lease",
                       ["change"], registry=REGISTRY)
 
