@@ -131,6 +131,8 @@ class Plan:
     routes: tuple[tuple[Route, tuple[ParentStatus, ...]], ...] = ()
     protocols: tuple[tuple[str, str, int | str, str], ...] = ()
     mesh: tuple[tuple[tuple[str, str, int], tuple[t.Route, ...]], ...] = ()
+    #: The working state the next build may start from (not part of the plan's value).
+    state: Any = attrs.field(default=None, eq=False, repr=False)
 
 
 def controller_name(options: argparse.Namespace) -> str:
@@ -524,6 +526,7 @@ def _namespace_allowed(entry: _Lst, route: Route, namespaces: Mapping[tuple[str,
 
 def _attach(route: Route, ref: ParentRef, gw: Gateway, listeners: list[_Lst],
             namespaces: Mapping[tuple[str, str], Namespace]) -> _Attach:
+    """``listeners``: the Gateway's (or every Gateway's: only ``gw``'s are considered)."""
     out = _Attach()
     candidates = [e for e in listeners if e.gateway is gw]
     if ref.section_name is not None:
@@ -566,8 +569,65 @@ def _owner(port_listeners: list[_Lst], host: str) -> _Lst | None:
     return min(covering, key=lambda e: specificity(e.listener.hostname))
 
 
-def build(model: Model, options: argparse.Namespace) -> Plan:
-    """The plan of ``model`` (no memo: see :func:`plan`)."""
+@attrs.define(eq=False)
+class _Contribution:
+    """What one route adds to a plan: virtual host and mesh entries, implied protocols, the listeners it
+    is attached to (counted in attachedRoutes), its status entries (None: not ours), and the Services it
+    reads (backends, mirrors, Service parents)."""
+
+    route: Route
+    vhosts: list[tuple[tuple[int, int, str], _Entry]] = attrs.field(factory=list)
+    mesh: list[tuple[gamma.MeshKey, tuple[tuple[Any, ...], t.Route]]] = attrs.field(factory=list)
+    protocols: set[tuple[str, str, int | str, str]] = attrs.field(factory=set)
+    attached: list[int] = attrs.field(factory=list)
+    status: tuple[ParentStatus, ...] | None = None
+    services: frozenset[tuple[str, str]] = frozenset()
+
+
+@attrs.define(eq=False)
+class _State:
+    """A plan's working state, for the next build to start from when only routes changed (never a model
+    mapping: IR objects and this build's listener records only)."""
+
+    options: tuple[Any, ...]
+    ours: dict[str, tuple[GatewayClass, tuple[Condition, ...]]]
+    gateways: list[Gateway]
+    gw_problem: dict[int, Condition]
+    listeners: list[_Lst]
+    grants: tuple[ReferenceGrant, ...]
+    gateway_service: Any
+    contributions: dict[tuple[str, str, str], _Contribution]
+    users: dict[tuple[str, str], set[tuple[str, str, str]]]  # Service key -> route keys reading it
+
+
+def _route_key(route: Route) -> tuple[str, str, str]:
+    return (route.kind, route.meta.namespace, route.meta.name)
+
+
+class _Common:
+    """Everything routes attach to, derived once per full build (classes, Gateways, listeners)."""
+
+    def __init__(self, model: Model, options: argparse.Namespace, ours: dict[str, tuple[GatewayClass, tuple[Condition, ...]]],
+                 gateways: list[Gateway], gw_problem: dict[int, Condition], listeners: list[_Lst],
+                 grants: tuple[ReferenceGrant, ...]) -> None:
+        self.model, self.options, self.ours, self.gateways = model, options, ours, gateways
+        self.gw_problem, self.listeners, self.grants = gw_problem, listeners, grants
+        self.controller = controller_name(options)
+        self.namespaces: Mapping[tuple[str, str], Namespace] = model.extra.get(NAMESPACE) or {}
+        self.usable = [e for e in listeners if e.usable]
+        self.listeners_of: dict[int, list[_Lst]] = {}
+        for e in listeners:
+            self.listeners_of.setdefault(id(e.gateway), []).append(e)
+        self.usable_by_port: dict[int | None, list[_Lst]] = {}
+        for e in self.usable:
+            self.usable_by_port.setdefault(e.listener.port, []).append(e)
+        self.resolver = _Resolver(model, grants)
+        self.gateway_keys = {(g.meta.namespace, g.meta.name): g for g in gateways}
+        self.claims: dict[tuple[int, str], list[tuple[Route, tuple[str, ...]]]] = {}
+        self.mesh_claims: dict[gamma.MeshKey, Route] = {}
+
+
+def _common(model: Model, options: argparse.Namespace) -> _Common:
     extra = model.extra
     controller = controller_name(options)
     ingress_port = int(ingress_option(options, "gateway_port"))
@@ -583,7 +643,6 @@ def build(model: Model, options: argparse.Namespace) -> Plan:
         ours[gc.name] = (gc, (cond,))
     grants: tuple[ReferenceGrant, ...] = tuple((extra.get(REFERENCE_GRANT) or {}).values())
     secrets: Mapping[tuple[str, str], CertSecret] = extra.get(SECRET) or {}
-    namespaces: Mapping[tuple[str, str], Namespace] = extra.get(NAMESPACE) or {}
     gateways = sorted((g for g in (extra.get(GATEWAY) or {}).values() if g.class_name in ours),
                       key=lambda g: (g.meta.created, g.meta.namespace, g.meta.name))
     # Listeners of served Gateways (a Gateway of a class we do not accept, or asking for addresses, serves nothing).
@@ -600,65 +659,151 @@ def build(model: Model, options: argparse.Namespace) -> Plan:
             continue
         listeners.extend(_validate_listener(gw, lst, ingress_port, grants, secrets) for lst in gw.listeners)
     _conflicts(listeners)
-    usable = [e for e in listeners if e.usable]
-    usable_by_port: dict[int | None, list[_Lst]] = {}
-    for e in usable:
-        usable_by_port.setdefault(e.listener.port, []).append(e)
-    resolver = _Resolver(model, grants)
-    gateway_keys = {(g.meta.namespace, g.meta.name): g for g in gateways}
+    return _Common(model, options, ours, gateways, gw_problem, listeners, grants)
 
-    routes = sorted([r for kind in ROUTE_KINDS for r in (extra.get(kind) or {}).values()], key=lambda r: (r.age_key, r.kind))
-    attached_count: dict[int, int] = {}
-    route_status: list[tuple[Route, tuple[ParentStatus, ...]]] = []
-    # (port, listener id, hostname) -> entries
+
+def _contribution(route: Route, c: _Common) -> _Contribution:
+    """What ``route`` adds (attachment, conditions, entries). Routes must come oldest first (kind
+    conflicts: the older route's claims are already in ``c``)."""
+    out = _Contribution(route)
     vhosts: dict[tuple[int, int, str], list[_Entry]] = {}
-    protocols: set[tuple[str, str, int | str, str]] = set()
-    claims: dict[tuple[int, str], list[tuple[Route, tuple[str, ...]]]] = {}
     mesh_entries: dict[gamma.MeshKey, list[tuple[tuple[Any, ...], t.Route]]] = {}
-    mesh_claims: dict[gamma.MeshKey, Route] = {}
-    for route in routes:
-        parents = []
-        mine = False
-        for ref in route.parent_refs:
-            if gamma.is_service_parent(ref):
-                mine = True  # this control plane is the mesh of every Service (GAMMA)
-                parents.append(_attach_service_parent(route, ref, model, resolver, mesh_entries, protocols, mesh_claims))
-                continue
-            if ref.group != GROUP or ref.kind != GATEWAY:
-                continue  # other kinds: not ours
-            gw = gateway_keys.get((ref.namespace or route.meta.namespace, ref.name))
-            if gw is None:
-                continue
-            mine = True
-            if id(gw) in gw_problem:
-                parents.append(ParentStatus(ref, (Condition(ACCEPTED, False, "NotAllowedByListeners",
-                                                            f"Gateway {gw.meta.namespace}/{gw.meta.name} is not accepted"),
-                                                  Condition(RESOLVED_REFS, True, "ResolvedRefs", "all references resolved"))))
-                continue
-            att = _attach(route, ref, gw, listeners, namespaces)
-            _kind_conflicts(route, att, claims)
-            served = [e for e in att.listeners if e.usable]
-            accepted, resolved, programmed = _program_route(route, served, usable_by_port, resolver, vhosts, protocols)
-            if att.accepted is not None and att.accepted.status:
-                att.accepted = accepted or att.accepted
-                if att.accepted.status:
-                    for e in att.listeners:
-                        attached_count[id(e)] = attached_count.get(id(e), 0) + 1
-            assert att.accepted is not None
-            parents.append(ParentStatus(ref, (att.accepted, resolved)))
-        if mine or _has_our_entries(route, controller):
-            route_status.append((route, tuple(parents)))
+    parents = []
+    mine = False
+    names: set[tuple[str, str]] = set()
+    for rule in route.rules:
+        for b in (*rule.backends, *(f.mirror for f in rule.filters if f.mirror)):
+            names.add((b.namespace or route.meta.namespace, b.name))
+    for ref in route.parent_refs:
+        if gamma.is_service_parent(ref):
+            mine = True  # this control plane is the mesh of every Service (GAMMA)
+            names.add((ref.namespace or route.meta.namespace, ref.name))
+            parents.append(_attach_service_parent(route, ref, c.model, c.resolver, mesh_entries, out.protocols, c.mesh_claims))
+            continue
+        if ref.group != GROUP or ref.kind != GATEWAY:
+            continue  # other kinds: not ours
+        gw = c.gateway_keys.get((ref.namespace or route.meta.namespace, ref.name))
+        if gw is None:
+            continue
+        mine = True
+        if id(gw) in c.gw_problem:
+            parents.append(ParentStatus(ref, (Condition(ACCEPTED, False, "NotAllowedByListeners",
+                                                        f"Gateway {gw.meta.namespace}/{gw.meta.name} is not accepted"),
+                                              Condition(RESOLVED_REFS, True, "ResolvedRefs", "all references resolved"))))
+            continue
+        att = _attach(route, ref, gw, c.listeners_of.get(id(gw), []), c.namespaces)
+        _kind_conflicts(route, att, c.claims)
+        served = [e for e in att.listeners if e.usable]
+        accepted, resolved, programmed = _program_route(route, served, c.usable_by_port, c.resolver, vhosts, out.protocols)
+        if att.accepted is not None and att.accepted.status:
+            att.accepted = accepted or att.accepted
+            if att.accepted.status:
+                out.attached.extend(id(e) for e in att.listeners)
+        assert att.accepted is not None
+        parents.append(ParentStatus(ref, (att.accepted, resolved)))
+    if mine or _has_our_entries(route, c.controller):
+        out.status = tuple(parents)
+    out.vhosts = [(k, e) for k, entries in vhosts.items() for e in entries]
+    out.mesh = [(k, e) for k, entries in mesh_entries.items() for e in entries]
+    out.services = frozenset(names)
+    return out
 
-    live = {(r.kind, r.meta.namespace, r.meta.name) for r in routes}
+
+def _sorted_routes(model: Model) -> list[Route]:
+    return sorted([r for kind in ROUTE_KINDS for r in (model.extra.get(kind) or {}).values()], key=lambda r: (r.age_key, r.kind))
+
+
+def build(model: Model, options: argparse.Namespace, previous: Plan | None = None) -> Plan:
+    """The plan of ``model`` (no memo: see :func:`plan`). ``previous``: the plan of the model before this
+    one (``model.delta`` relative to it): when only HTTPRoutes (and Services they read) changed, only the
+    changed routes are planned again; the result equals a full build."""
+    state = previous.state if previous is not None else None
+    if state is not None and model.delta is not None:
+        changed = _changed_routes(model, options, state)
+        if changed is not None:
+            return _rebuild(model, options, state, changed)
+    c = _common(model, options)
+    contributions = {_route_key(r): _contribution(r, c) for r in _sorted_routes(model)}
+    state = _State(_option_values(options), c.ours, c.gateways, c.gw_problem, c.listeners, c.grants,
+                   _gateway_service_inputs(model, options), contributions, {})
+    for key, contrib in contributions.items():
+        for name in contrib.services:
+            state.users.setdefault(name, set()).add(key)
+    return _finish(model, options, state)
+
+
+def _changed_routes(model: Model, options: argparse.Namespace, state: _State) -> set[tuple[str, str, str]] | None:
+    """The routes to plan again, or None when a full build is needed (anything but HTTPRoutes and the
+    Services routes read changed, or GRPCRoutes exist: their kind conflicts couple routes)."""
+    delta = model.delta
+    assert delta is not None
+    if not (delta.extra & _KIND_SET) <= {HTTP_ROUTE} or model.extra.get(GRPC_ROUTE):
+        return None
+    if any(k[0] == GRPC_ROUTE for k in state.contributions) or state.options != _option_values(options):
+        return None
+    gw_inputs = _gateway_service_inputs(model, options)
+    if len(gw_inputs) != len(state.gateway_service) or not all(a is b or a == b for a, b in zip(gw_inputs, state.gateway_service)):
+        return None
+    current = model.extra.get(HTTP_ROUTE) or {}
+    changed = {(HTTP_ROUTE, ns, name) for (ns, name), r in current.items()
+               if (old := state.contributions.get((HTTP_ROUTE, ns, name))) is None or old.route is not r}
+    changed.update(k for k in state.contributions if (k[1], k[2]) not in current)
+    for svc in delta.services:
+        changed.update(state.users.get(svc, ()))
+    return changed
+
+
+def _rebuild(model: Model, options: argparse.Namespace, state: _State, changed: set[tuple[str, str, str]]) -> Plan:
+    """``state``'s plan with the ``changed`` routes planned again (the rest reused)."""
+    c = _Common(model, options, state.ours, state.gateways, state.gw_problem, state.listeners, state.grants)
+    current = model.extra.get(HTTP_ROUTE) or {}
+    contributions = dict(state.contributions)
+    users = {k: set(v) for k, v in state.users.items()} if changed else state.users
+    for key in changed:
+        old = contributions.pop(key, None)
+        if old is not None:
+            for name in old.services:
+                users.get(name, set()).discard(key)
+        route = current.get((key[1], key[2]))
+        if route is None:
+            continue
+        contrib = _contribution(route, c)
+        contributions[key] = contrib
+        for name in contrib.services:
+            users.setdefault(name, set()).add(key)
+    state = attrs.evolve(state, contributions=contributions, users={k: v for k, v in users.items() if v})
+    return _finish(model, options, state)
+
+
+def _finish(model: Model, options: argparse.Namespace, state: _State) -> Plan:
+    """The plan from the routes' contributions (in route order: oldest first)."""
+    contributions = sorted(state.contributions.values(), key=lambda x: (x.route.age_key, x.route.kind))
+    attached_count: dict[int, int] = {}
+    vhosts: dict[tuple[int, int, str], list[_Entry]] = {}
+    mesh_entries: dict[gamma.MeshKey, list[tuple[tuple[Any, ...], t.Route]]] = {}
+    protocols: set[tuple[str, str, int | str, str]] = set()
+    route_status: list[tuple[Route, tuple[ParentStatus, ...]]] = []
+    for contrib in contributions:
+        for lid in contrib.attached:
+            attached_count[lid] = attached_count.get(lid, 0) + 1
+        for vkey, entry in contrib.vhosts:
+            vhosts.setdefault(vkey, []).append(entry)
+        for mkey, mentry in contrib.mesh:
+            mesh_entries.setdefault(mkey, []).append(mentry)
+        protocols.update(contrib.protocols)
+        if contrib.status is not None:
+            route_status.append((contrib.route, contrib.status))
+    live = set(state.contributions)
     for k in [k for k in _route_memo if k not in live]:
         _route_memo.pop(k, None)
+    usable = [e for e in state.listeners if e.usable]
     table = _table(usable, vhosts)
     exposed = exposed_ports(model, options)
-    statuses = tuple(_gateway_status(gw, [e for e in listeners if e.gateway is gw], attached_count, gw_problem.get(id(gw)),
-                                     exposed, options)
-                     for gw in gateways)
-    return Plan(table, tuple(ours.values()), statuses, tuple(route_status), tuple(sorted(protocols, key=str)),
-                gamma.table(mesh_entries))
+    statuses = tuple(_gateway_status(gw, [e for e in state.listeners if e.gateway is gw], attached_count,
+                                     state.gw_problem.get(id(gw)), exposed, options)
+                     for gw in state.gateways)
+    return Plan(table, tuple(state.ours.values()), statuses, tuple(route_status), tuple(sorted(protocols, key=str)),
+                gamma.table(mesh_entries), state)
 
 
 def _overlap(a: str, b: str) -> bool:
@@ -704,17 +849,16 @@ def _program_route(route: Route, served: list[_Lst], usable: Mapping[int | None,
     matches, problems, ref_conds = route_matches(route, resolver)
     programmed = False
     grpc = route.kind == GRPC_ROUTE
+    # Where the route's requests land: (listener, hostname) pairs this listener owns on its port (a more
+    # specific listener on the same port owns the others); the same for every match.
+    targets = [(e, host) for e in served for host in intersect(e.listener.hostname, route.hostnames)
+               if _owner(usable.get(e.listener.port, []), host) is e] if matches else []
     for m, tie, tr in matches if served else ():
         add_protocols(tr, protocols)
-        for e in served:
-            port_listeners = usable.get(e.listener.port, [])
-            for host in intersect(e.listener.hostname, route.hostnames):
-                owner = _owner(port_listeners, host)
-                if owner is not e:
-                    continue  # a more specific listener on this port owns these requests
-                key = (_grpc_key(m, host) if grpc else _http_key(m)) + tie
-                vhosts.setdefault((int(e.listener.port or 0), id(e), host), []).append(_Entry((1 if grpc else 0, key), tr))
-                programmed = True
+        for e, host in targets:
+            key = (_grpc_key(m, host) if grpc else _http_key(m)) + tie
+            vhosts.setdefault((int(e.listener.port or 0), id(e), host), []).append(_Entry((1 if grpc else 0, key), tr))
+            programmed = True
     accepted, resolved = route_conditions(problems, ref_conds)
     return accepted, resolved, programmed
 
@@ -933,20 +1077,23 @@ def plan(model: Model, options: argparse.Namespace) -> Plan:
     With ``model.delta`` (the Kubernetes layer's models, each the successor of the last one this
     ``options`` object's control plane built): when it names none of our kinds and none of the Services
     the last plan read, that plan stands without walking anything (O(changed Services), the common case:
-    pod and endpoint changes)."""
+    pod and endpoint changes); when only HTTPRoutes and Services they read changed, :func:`build` plans
+    only those routes again (and assembles the rest from the last plan's per-route results)."""
     delta = model.delta
     opts = _option_values(options)
     with _lock:
         same = _same_model[1] if _same_model is not None and _same_model[0]() is model and _same_model[2] is options else None
     if same is not None:  # the other hooks of the same build
         return same
+    previous: Plan | None = None
     if delta is not None:
         with _lock:
             last = _last.get(id(options))
-        if (last is not None and last[0]() is options and last[3] == opts and _KIND_SET.isdisjoint(delta.extra)
-                and last[2].isdisjoint(delta.services)):
-            _remember(model, options, last[1])
-            return last[1]
+        if last is not None and last[0]() is options and last[3] == opts:
+            if _KIND_SET.isdisjoint(delta.extra) and last[2].isdisjoint(delta.services):
+                _remember(model, options, last[1])
+                return last[1]
+            previous = last[1]  # the plan of the model before this one: a start for build()
     names = referenced_services(model)
     key = inputs(model, options, names)
     result = None
@@ -956,7 +1103,7 @@ def plan(model: Model, options: argparse.Namespace) -> Plan:
                 result = p
                 break
     if result is None:
-        result = build(model, options)
+        result = build(model, options, previous)
         with _lock:
             _memo.insert(0, (key, result))
             del _memo[4:]
