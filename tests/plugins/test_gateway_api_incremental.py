@@ -202,3 +202,27 @@ def test_route_status_recomputed_only_for_the_changed_route(monkeypatch: pytest.
     monkeypatch.setattr(status, "_route_answers", {})
     fresh = status.statuses(plan.plan(model, rig.options), model, rig.options)
     assert [(s.path, s.status) for s in fresh] == [(s.path, s.status) for s in got]
+
+
+def test_a_failed_plan_does_not_leave_a_stale_plan_for_the_next_delta(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plugin's hooks fail while a route change is built (the core isolates them and builds the rest);
+    the next model's delta names only an unrelated Service: the plan must still show the route change."""
+    rig = Rig(routes=20, mesh=0)
+    rig.build()
+    route = rig.objects["httproutes"][5]
+    route["spec"]["rules"][0]["matches"][0]["path"]["value"] = "/after-failure"
+    rig.apply("httproutes", route)
+    real = plan.build
+
+    def broken(*a: Any, **kw: Any) -> Any:
+        raise RuntimeError("injected plan failure")
+
+    monkeypatch.setattr(plan, "build", broken)
+    with pytest.raises(RuntimeError):
+        plan.plan(rig.assembler.model(), rig.options)
+    monkeypatch.setattr(plan, "build", real)
+    rig.apply("services", {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "unrelated", "namespace": "ns-1"},
+                           "spec": {"clusterIP": "10.97.0.1", "ports": [{"name": "http", "port": 80}]}})
+    table = plan.table(rig.assembler.model(), rig.options)
+    paths = {r.match.path for sp in table.ports for ch in sp.chains for vh in ch.virtual_hosts for r in vh.routes}
+    assert "/after-failure" in paths

@@ -1103,7 +1103,13 @@ def plan(model: Model, options: argparse.Namespace) -> Plan:
                 result = p
                 break
     if result is None:
-        result = build(model, options, previous)
+        try:
+            result = build(model, options, previous)
+        except BaseException:
+            # This model's changes are not in any plan: the next delta cannot be trusted against the last one.
+            with _lock:
+                _last.pop(id(options), None)
+            raise
         with _lock:
             _memo.insert(0, (key, result))
             del _memo[4:]
