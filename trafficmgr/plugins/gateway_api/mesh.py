@@ -72,6 +72,7 @@ def service_routes(mesh: tuple[tuple[MeshKey, tuple[t.Route, ...]], ...], ctx: B
     delta = ctx.model.delta
     if last is not None and last[0] is mesh and delta is not None and last[1].isdisjoint(delta.services):
         return last[2]  # type: ignore[no-any-return]
+    ctx.memo.pop(LAST, None)  # set again only when this build's list is complete (a failure leaves none)
     out: list[ServiceRoutes] = []
     live = set()
     for key, routes in mesh:
