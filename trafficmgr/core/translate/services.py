@@ -107,6 +107,8 @@ class ServiceTable:
         self._implied: Memo[tuple[str, str], Service] = Memo("implied protocols")
         self._implied_last: dict[tuple[str, str], tuple[tuple[int | str, str], ...]] = {}
         self._pods: Memo[tuple[str, str], Service] = Memo("pod destinations")
+        #: Destinations the last update looked at (all of them without a delta): for tests and benchmarks.
+        self.examined = 0
 
     def update(self, model: Model) -> Changes:
         implied = self._implied_protocols(model)
@@ -119,6 +121,7 @@ class ServiceTable:
     def _update_all(self, model: Model, implied: dict[tuple[str, str], tuple[tuple[int | str, str], ...]]) -> Changes:
         get_eps, previous = model.endpoints.get, self._states
         states: list[ServiceState] = []
+        self.examined = len(model.services) + len(model.port_pods)
         replaced: list[tuple[ServiceState | None, ServiceState]] = []
         for svc in self._effective(model, implied):
             state = previous.get((svc.namespace, svc.name))
@@ -140,6 +143,7 @@ class ServiceTable:
         touched = set(delta.services) | delta.port_pods
         touched.update(k for k in implied.keys() | self._implied_last.keys() if implied.get(k) != self._implied_last.get(k))
         get_eps, states = model.endpoints.get, self._states
+        self.examined = len(touched)
         replaced: list[tuple[ServiceState | None, ServiceState]] = []
         removed: list[ServiceState] = []
         for key in sorted(touched):
