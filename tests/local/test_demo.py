@@ -189,6 +189,12 @@ def test_gateway_api_objects(demo: Demo) -> None:
                                         "allowedRoutes": {"namespaces": {"from": "Same"}}}]
     assert "httproutes" in demo.kubectl("api-resources", "--api-group=gateway.networking.k8s.io")
 
+    def listener_programmed() -> bool:  # the demo's gateway Service exposes the listener's port
+        status = json.loads(demo.kubectl("get", "gateway", "traffic", "-n", "default", "-o", "json")).get("status") or {}
+        return any(c["type"] == "Programmed" and c["status"] == "True"
+                   for li in status.get("listeners") or [] for c in li.get("conditions") or [])
+    wait_for(listener_programmed, 20, message="the demo Gateway's listener is not Programmed")
+
 
 def test_gateway_api_route_on_the_demo_gateway(demo: Demo) -> None:
     """An HTTPRoute on the demo's Gateway ``traffic`` serves bookinfo on ``--gateway-api-port``."""

@@ -191,8 +191,8 @@ def test_namespace_label_is_the_default_and_a_bad_value_is_reported(fresh: Rig) 
     r.c.store.patch("namespaces", "default", {"metadata": {"labels": {mtls.MODE: "sometimes"}}}, patch_type="merge")
     wait_for(lambda: next((e for e in r.c.store.list("events", namespace="default")["items"]
                            if e["involvedObject"].get("kind") == "Namespace" and e["reason"] == "InvalidTrafficLabel"
-                           and e["message"] == "invalid value 'sometimes' for label traffic.mtls on a Namespace: must be "
-                           "permissive or strict (disable is set on each Service); the default (permissive) applies"), None),
+                           and e["message"] == "invalid value 'sometimes' for label traffic.mtls: must be one of permissive, strict, "
+                           "disable; the default (permissive) applies"), None),
              10, message="no Event on the Namespace")
     r.c.store.patch("namespaces", "default", {"metadata": {"labels": {mtls.MODE: mtls.STRICT}}}, patch_type="merge")
     r.wait_listener(lambda cfg: "trafficmgr.mtls.strict" in cfg, "the Namespace label made nothing strict")

@@ -380,7 +380,10 @@ class Demo:
             "name": GATEWAY, "namespace": NAMESPACE, "labels": {"app": GATEWAY}},
             "spec": {"type": "LoadBalancer", "ports": [
                 {"name": "http", "port": c.http_port, "targetPort": c.http_port},
-                {"name": "https", "port": c.https_port, "targetPort": c.https_port}]}})
+                {"name": "https", "port": c.https_port, "targetPort": c.https_port},
+                # The Gateway API listener's port, named as the chart names it (the plugin reports a listener
+                # on a port its gateway Service does not expose as Pending).
+                {"name": f"gw-{c.gateway_api_port}", "port": c.gateway_api_port, "targetPort": c.gateway_api_port}]}})
         store.patch("services", GATEWAY, {"status": {"loadBalancer": {"ingress": [{"ip": "127.0.0.1"}]}}},
                     namespace=NAMESPACE, subresource="status")
         # The collector as Service "zipkin" (samples/ingress.yaml routes /api/v2 to it), like the chart's.
@@ -541,7 +544,8 @@ class Demo:
                  f"http://127.0.0.1:{c.zipkin_port}/api/v2/traces (Zipkin), "
                  + (f"http://127.0.0.1:{c.http_port}/api/v1/query (Prometheus on the gateway; itself on "
                     f"http://{c.prometheus_ip}:{prom.PORT}), " if self.prometheus is not None else "")
-                 + f"http://127.0.0.1:{c.serve_admin_port} (control plane admin); in another shell:")
+                 + f"http://127.0.0.1:{c.serve_admin_port}/dashboard/ (dashboard), "
+                 f"http://127.0.0.1:{c.serve_admin_port} (control plane admin); in another shell:")
         self.say(f"export KUBECONFIG={self.kubeconfig}")
 
     # -- run / stop ---------------------------------------------------------------------------

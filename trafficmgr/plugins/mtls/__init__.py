@@ -181,7 +181,9 @@ def convert_namespace(raw: dict[str, Any], ctx: Any) -> NamespaceMode | None:
     ref = ObjectRef(NAMESPACE, "", name, str(meta.get("uid") or ""))
     parsed, errors = ctx.labels.parse(ref, {MODE: value})
     mode = parsed.value(MODE)
-    if errors or mode == DISABLE:
+    if errors:  # not a value at all: the core's Namespace watch reports it (one Event, not two)
+        return NamespaceMode(name, None)
+    if mode == DISABLE:
         # disable is per Service: clients choose TLS in hooks that see the Service, not its Namespace.
         ctx.report(ref, f"invalid value {value!r} for label {MODE} on a Namespace: must be {PERMISSIVE} or {STRICT} "
                         f"({DISABLE} is set on each Service); the default ({PERMISSIVE}) applies", INVALID_LABEL)
