@@ -64,7 +64,7 @@ ENV_SERVER = "TRAFFICMGR_SERVER"
 ENV_TOKEN_FILE = "TRAFFICMGR_TOKEN_FILE"
 #: Modules imported by :func:`main` so that they can call :func:`register_command`.
 COMMAND_MODULES: list[str] = ["trafficmgr.cli.serve", "trafficmgr.cli.agent", "trafficmgr.cli.apps", "trafficmgr.cli.demo",
-                              "trafficmgr.cli.bench", "trafficmgr.cli.identity"]
+                              "trafficmgr.cli.bench", "trafficmgr.cli.identity", "trafficmgr.cli.dashboard"]
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
