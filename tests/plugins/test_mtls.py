@@ -426,3 +426,67 @@ def test_server_first_protocol_over_mtls_is_not_delayed(fresh: Rig) -> None:
     finally:
         greeter.shutdown()
         r.c.store.delete("services", "greeter", "default")
+
+
+def test_plan_from_the_model_delta_equals_a_fresh_plan() -> None:
+    """The policy plan reuses the last one when a build's delta names no policy-relevant change (a pod of an
+    unrelated Service, a new plain Service), and recomputes otherwise: after every step it equals a plan made
+    from scratch without a delta. Fails if the fast path ignores endpoint changes of strict Services,
+    authorization or Namespace-mode changes."""
+    import attrs
+    import yaml
+
+    from trafficmgr.core.kube import assemble
+    from trafficmgr.core.kube.assemble import Assembler
+    from trafficmgr.core.kube.client import Kind
+    from trafficmgr.core.plugins import PluginHost
+    from trafficmgr.testing.manifests import pod
+
+    host = PluginHost.load(["mtls"])
+    kinds = host.collect("trafficmgr_watch_kinds")
+    asm = Assembler(host.labels, kinds)
+    by_name = {k.kind: Kind(k.kind, k.api_version, k.plural, k.namespaced) for k in kinds}
+    options = argparse.Namespace(mtls=True, trust_domain="cluster.local", sidecar_inbound_port=15006)
+
+    def svc(name: str, labels: dict[str, str] | None = None, ns: str = "default") -> dict[str, Any]:
+        obj: dict[str, Any] = yaml.safe_load(service(name, labels=labels, namespace=ns))
+        obj["metadata"]["uid"] = f"uid-{ns}-{name}"
+        obj["spec"]["clusterIP"] = f"10.96.3.{len(name)}"
+        return obj
+
+    def slice_of(name: str, ips: list[str], ns: str = "default") -> dict[str, Any]:
+        return {"metadata": {"name": f"{name}-x", "namespace": ns, "labels": {"kubernetes.io/service-name": name}},
+                "addressType": "IPv4", "ports": [{"name": "http", "port": 9080}],
+                "endpoints": [{"addresses": [ip], "conditions": {"ready": True}} for ip in ips]}
+
+    def event(etype: str, kind: Any, obj: dict[str, Any]) -> None:
+        asm.apply(etype, kind, obj)
+        if kind is assemble.SERVICE:  # the plugin's own Service and Namespace watches see the same objects
+            asm.apply(etype, by_name[mtls.AUTHZ], obj)
+        if kind is assemble.NAMESPACE:
+            asm.apply(etype, by_name[mtls.NAMESPACE_MODES], obj)
+
+    steps: list[list[tuple[str, Any, dict[str, Any]]]] = [
+        [("ADDED", assemble.SERVICE, svc("plain")), ("ADDED", assemble.ENDPOINT_SLICE, slice_of("plain", ["10.1.0.1"]))],
+        [("ADDED", assemble.SERVICE, svc("locked", {mtls.MODE: mtls.STRICT})),
+         ("ADDED", assemble.ENDPOINT_SLICE, slice_of("locked", ["10.1.1.1"]))],
+        [("MODIFIED", assemble.ENDPOINT_SLICE, slice_of("plain", ["10.1.0.1", "10.1.0.2"]))],  # unrelated: fast path
+        [("MODIFIED", assemble.ENDPOINT_SLICE, slice_of("locked", ["10.1.1.1", "10.1.1.2"]))],  # a strict Service's pods
+        [("MODIFIED", assemble.SERVICE, svc("plain", {"traffic.allow.namespace.ops": "true"}))],  # authorization
+        [("ADDED", assemble.SERVICE, svc("other", ns="shop")), ("ADDED", assemble.ENDPOINT_SLICE, slice_of("other", ["10.2.0.1"], "shop"))],
+        [("ADDED", assemble.NAMESPACE, {"metadata": {"name": "shop", "uid": "ns-shop", "labels": {mtls.MODE: mtls.STRICT}}})],
+        [("MODIFIED", assemble.SERVICE, svc("plain")), ("MODIFIED", assemble.SERVICE, svc("locked"))],  # policies removed
+        [("MODIFIED", assemble.ENDPOINT_SLICE, slice_of("plain", ["10.1.0.3"]))],
+    ]
+    memo: dict[Any, Any] = {}
+    mtls.plan(asm.model(), options, memo=memo)
+    fast = 0
+    for step in steps:
+        for etype, kind, obj in step:
+            event(etype, kind, obj)
+        model = asm.model()
+        last = memo.get("last")
+        got = mtls.plan(model, options, memo=memo)
+        fast += memo.get("last") is last and last is not None
+        assert got == mtls.plan(attrs.evolve(model, delta=None), options, memo={}), step
+    assert fast >= 2  # the unrelated endpoint changes reused the last plan

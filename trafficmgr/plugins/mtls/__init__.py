@@ -436,9 +436,14 @@ def plan(model: Model, options: argparse.Namespace,
     namespaces = {ns.name: ns.mode for ns in (model.extra.get(NAMESPACE_MODES) or {}).values()}
     authz: Mapping[tuple[str, str], Authorization] = model.extra.get(AUTHZ) or {}
     td = trust_domain(options)
+    last, memo["last"] = memo.get("last"), None  # set again only when this plan completes
+    if last is not None and _unchanged(model, last[0], namespaces, authz):
+        memo["last"] = last
+        return list(last[1])
     out: list[NetworkFilter | HttpFilter] = []
     strict: list[Target] = []
     used: set[Any] = {"strict"}
+    policy: set[tuple[str, str]] = set()
     for key in sorted(model.services):
         service = model.services[key]
         if service.kind != "Service":
@@ -447,6 +452,7 @@ def plan(model: Model, options: argparse.Namespace,
         auth = authz.get(key)
         if mode != STRICT and auth is None:
             continue  # no policy: its pods need no filter (the common case, so no endpoint walk)
+        policy.add(key)
         target = _target(model, service)
         if not target.ips or not target.ports:
             continue
@@ -490,9 +496,29 @@ def plan(model: Model, options: argparse.Namespace,
                 "trafficmgr.mtls.strict", STRICT_ORDER,
                 net_rbac_pb2.RBAC(stat_prefix="mtls_strict.", rules=_rbac("strict", perm, not_tls)), ALL_CHAINS))
         out.append(cached[1])
+    used.add("last")
     for gone in [k for k in memo if k not in used]:
         del memo[gone]  # Services that lost their policy or went away
+    memo["last"] = (frozenset(policy), tuple(out))
     return out
+
+
+def _unchanged(model: Model, policy_keys: frozenset[Any], namespaces: Mapping[str, str | None],
+               authz: Mapping[tuple[str, str], Authorization]) -> bool:
+    """The last plan still holds: the model's delta (relative to the model that plan was made from:
+    ``plan`` runs on every build, and a failed one leaves no last plan) names no Namespace mode or
+    authorization change, and no changed Service had or now has a policy. The common build (a pod or an
+    unrelated Service changed) then costs O(changes), not a walk of every Service."""
+    delta = model.delta
+    if delta is None or NAMESPACE_MODES in delta.extra or AUTHZ in delta.extra:
+        return False
+    for key in delta.services:
+        if key in policy_keys or key in authz:
+            return False
+        service = model.services.get(key)
+        if service is not None and service.kind == "Service" and service_mode(service, namespaces) == STRICT:
+            return False
+    return True
 
 
 @hookimpl
