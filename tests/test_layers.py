@@ -41,6 +41,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         # mesh identity's leaf modules: the on-disk layout Envoy reads and SPIFFE ID helpers
         "trafficmgr.core.identity", "trafficmgr.core.identity.files", "trafficmgr.core.identity.spiffe",
         "trafficmgr.core.tlspem",  # PEM chain + key check shared by the tls and gateway_api plugins
+        "trafficmgr.dashboard",  # the dashboard page's static files and their paths (the admin endpoint serves them)
     ]),
     ("L1 cache and plugin host", ["trafficmgr.core.cache", "trafficmgr.core.hookspecs", "trafficmgr.core.plugins"]),
     ("L2 Kubernetes, translation, xDS", [
