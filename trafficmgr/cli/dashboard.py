@@ -38,24 +38,25 @@ from trafficmgr.core.admin import DEFAULT_URL
 from trafficmgr.core.argtypes import listen_port, positive_seconds
 from trafficmgr.dashboard import DATA_PATH, PAGE_PATH
 
-#: Response headers passed from the admin endpoint to the browser (everything else is dropped).
-PASS_HEADERS = ("Content-Type", "Trafficmgr-Replica")
+#: Response headers passed from the admin endpoint to the browser (everything else is dropped; the proxy
+#: sets its own Cache-Control, Referrer-Policy and X-Content-Type-Options).
+PASS_HEADERS = ("Content-Type", "Content-Security-Policy", "Trafficmgr-Replica", "WWW-Authenticate")
 
 
-def fetch(url: str, token: str | None, timeout: float) -> tuple[int, str, bytes]:
-    """GET ``url`` (with ``Authorization: Bearer <token>`` when given): ``(status, content type, body)``.
+def fetch(url: str, token: str | None, timeout: float) -> tuple[int, dict[str, str], bytes]:
+    """GET ``url`` (with ``Authorization: Bearer <token>`` when given): ``(status, headers, body)``.
     HTTP error statuses are returned, not raised; an unreachable endpoint raises :class:`CliError`."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     request = urllib.request.Request(url, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 - http(s) checked by normalize_server
-            return resp.status, resp.headers.get("Content-Type", ""), resp.read()
+            return resp.status, dict(resp.headers.items()), resp.read()
     except urllib.error.HTTPError as exc:
         try:
             body = exc.read()
         except OSError:
             body = b""
-        return exc.code, (exc.headers.get("Content-Type", "") if exc.headers else ""), body
+        return exc.code, dict(exc.headers.items()) if exc.headers else {}, body
     except urllib.error.URLError as exc:
         raise CliError(_unreachable(_base(url), exc.reason).replace("use --server", "use --admin")) from None
     except (OSError, http.client.HTTPException) as exc:
@@ -76,24 +77,24 @@ def _error_text(body: bytes) -> str:
 
 
 def check(admin: str, token: str | None, timeout: float) -> None:
-    """Raise :class:`CliError` unless ``admin`` serves the page and (with ``token``) its data route."""
-    status, _, body = fetch(admin + PAGE_PATH, None, timeout)
-    if status == 404:
-        raise CliError(f"{admin} has no dashboard ({PAGE_PATH} answers 404): is it a trafficmgr admin endpoint of "
-                       "a version with the dashboard? (use --admin)")
-    if status != 200:
-        raise CliError(f"{admin}{PAGE_PATH} answered HTTP {status}: {_error_text(body)}")
-    status, _, body = fetch(admin + DATA_PATH, token, timeout)
-    if status == 401:
-        raise CliError(f"{admin}{DATA_PATH} needs a bearer token: " +
-                       (f"the token in --token-file was refused ({_error_text(body)})" if token else
-                        f"give --token-file FILE (the file of serve --admin-token-file; default ${ENV_TOKEN_FILE})"))
-    if status != 200:
-        raise CliError(f"{admin}{DATA_PATH} answered HTTP {status}: {_error_text(body)}")
+    """Raise :class:`CliError` unless ``admin`` serves the page and its data route (with ``token`` when
+    given: the admin endpoint asks the token for both once it has one)."""
+    for path in (PAGE_PATH, DATA_PATH):
+        status, _, body = fetch(admin + path, token, timeout)
+        if status == 401:
+            raise CliError(f"{admin}{path} needs a bearer token: " +
+                           (f"the token in --token-file was refused ({_error_text(body)})" if token else
+                            f"give --token-file FILE (the file of serve --admin-token-file; default ${ENV_TOKEN_FILE})"))
+        if status == 404:
+            raise CliError(f"{admin} has no dashboard ({path} answers 404: {_error_text(body)}); is it the admin "
+                           "endpoint of a 'trafficmgr serve' with the dashboard? (use --admin)")
+        if status != 200:
+            raise CliError(f"{admin}{path} answered HTTP {status}: {_error_text(body)}")
 
 
 class DashboardProxy(http.server.ThreadingHTTPServer):
-    """A loopback-only proxy that adds the admin token to the dashboard's two kinds of requests.
+    """A loopback-only proxy that adds the admin token to the dashboard's requests (the page's files and
+    its data route; the admin endpoint asks the token for both).
 
     Why it is safe to run:
     - it listens on 127.0.0.1 only, on an ephemeral port by default (``--port``), and only while the
@@ -160,7 +161,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             self._send(404, b"not found\n")
             return
         path = "/" + rest
-        if path == "/":
+        if path in ("/", PAGE_PATH.rstrip("/")):
             self._send(302, b"", extra={"Location": f"/{srv.secret}{PAGE_PATH}"})
             return
         # No dot segments or escapes: the path reaches the admin endpoint as it is, and must stay one of these.
@@ -169,12 +170,14 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             return
         target = srv.admin + path + (f"?{split.query}" if split.query else "")
         try:
-            status, ctype, body = fetch(target, srv.token if path == DATA_PATH else None, srv.fetch_timeout)
+            status, headers, body = fetch(target, srv.token, srv.fetch_timeout)
         except CliError as exc:
             # The page shows this text in its error banner.
             self._send(502, str(exc).encode())
             return
-        self._send(status, body, ctype or "application/octet-stream")
+        keep = {h.lower() for h in PASS_HEADERS} - {"content-type"}
+        passed = {k: v for k, v in headers.items() if k.lower() in keep}
+        self._send(status, body, headers.get("Content-Type") or "application/octet-stream", passed)
 
 
 def setup(parser: argparse.ArgumentParser) -> None:
