@@ -196,6 +196,13 @@ def trafficmgr_object_status(model):
     return [ObjectStatus(f"/apis/example.com/v1/namespaces/{ns}/greetings/{n}/status", {"ready": True}, g.resource_version)
             for (ns, n), g in model.extra.get("Greeting", {}).items() if not g.ready]
 ''',
+    "trafficmgr_dashboard_routes": '''
+@hookimpl
+def trafficmgr_dashboard_routes(model):
+    return [{"kind": "HTTPRoute", "namespace": ns, "name": n, "hosts": list(g.hosts), "matches": ["PathPrefix /"],
+             "backends": [f"{g.service}:80"], "status": "Accepted" if g.ready else "waiting"}
+            for (ns, n), g in model.extra.get("Greeting", {}).items()]
+''',
 }
 
 

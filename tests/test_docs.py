@@ -237,7 +237,7 @@ def test_hookdocs_sees_every_hookspec_under_a_phase_banner() -> None:
     in_phases = [h.name for p in phases for h in p.hooks]
     assert sorted(in_phases) == hookspec_names(), "hookspecs.py: the generator and pluggy see different hooks"
     assert all(p.hooks for p in phases), f"phase banners without hooks: {[p.name for p in phases if not p.hooks]}"
-    assert [p.name for p in phases] == ["startup", "model", "cached mutate", "per role", "bootstrap", "after publish"]
+    assert [p.name for p in phases] == ["startup", "model", "cached mutate", "per role", "bootstrap", "after publish", "on request"]
 
 
 def test_hookdocs_finds_unphased_hooks_and_unclosed_banners() -> None:

@@ -47,6 +47,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("L2 Kubernetes, translation, xDS", [
         "trafficmgr.core.kube.*", "trafficmgr.core.translate.*", "trafficmgr.core.xds.*", "trafficmgr.core.access",
         "trafficmgr.core.envoy", "trafficmgr.core.bootstrap", "trafficmgr.core.render", "trafficmgr.core.admin",
+        "trafficmgr.core.telemetry.*",  # the dashboard's data: reading the proxies' stats
         # the mesh CA, its signing service and the agent's client of it
         "trafficmgr.core.identity.ca", "trafficmgr.core.identity.server", "trafficmgr.core.identity.client",
     ]),

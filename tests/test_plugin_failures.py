@@ -158,6 +158,12 @@ class Failing:
         return []
 
     @hookimpl
+    def trafficmgr_dashboard_routes(self) -> list[dict[str, Any]]:
+        if self._fail("trafficmgr_dashboard_routes"):
+            raise RuntimeError("test failure in trafficmgr_dashboard_routes")
+        return [{"kind": "HTTPRoute", "namespace": "default", "name": "failing-route"}]
+
+    @hookimpl
     def trafficmgr_watch_kinds(self) -> list[WatchKind]:
         def convert(raw: dict[str, Any], ctx: Any) -> Any:
             if self._fail("trafficmgr_watch_kinds.convert"):
@@ -281,6 +287,9 @@ def test_failing_runtime_hook_keeps_serving_and_updating(hook: str, cluster_for:
     # Converted when an object of the kind changes; keep() runs when some plugin kind changed.
     if hook in ("trafficmgr_watch_kinds.convert", "trafficmgr_watch_kinds.keep"):
         c.store.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cm-2", "namespace": "default"}})
+    # Called only when someone reads the dashboard's data (not by builds): its rows are left out.
+    if hook == "trafficmgr_dashboard_routes":
+        assert not [r for r in c.cp.dashboard_data()["routes"] if r["name"] == "failing-route"]
     wait_for(lambda: errors(hook) > before, 10, message=f"{hook} failure not counted")
     assert failing.calls >= 1
 

@@ -8,6 +8,7 @@ import argparse
 from trafficmgr.cli import CliError, plugins_of, register_command
 from trafficmgr.core.access import DEFAULT_GATEWAY_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN, PROXY_UID
 from trafficmgr.core.argtypes import int_at_least, listen_port, port, positive_seconds
+from trafficmgr.core.bootstrap import STATS_PORT
 from trafficmgr.core.serve import ServeError, run_serve
 
 
@@ -68,8 +69,32 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--xds-max-request-mib", metavar="MIB", type=int_at_least(1), default=4,
                         help="largest xDS request accepted, in MiB (default 4: a delta request naming 30k "
                              "resources; 10k Services with two ports need 2.6 MB)")
+    add_dashboard_arguments(parser)
     add_leader_arguments(parser)
     add_identity_arguments(parser)
+
+
+def add_dashboard_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the dashboard's data comes from (``GET /debug/dashboard/data``, see :mod:`trafficmgr.core.telemetry`)."""
+    parser.add_argument("--dashboard-stats-port", metavar="PORT", type=port, default=STATS_PORT,
+                        help="port of the proxies' stats-only listener on their pod IPs, which the dashboard's data "
+                             f"reads on demand (GET /stats/prometheus; default {STATS_PORT}, the agent's --stats-port; "
+                             "0: read no stats, every number is null)")
+    parser.add_argument("--dashboard-window", metavar="SECONDS", type=positive_seconds, default=30.0,
+                        help="rates and latency quantiles span at most this many seconds of readings (default 30)")
+    parser.add_argument("--dashboard-traces-url", metavar="URL", type=_http_url, default=None,
+                        help="base URL of the trace collector's query API as the dashboard's users reach it "
+                             "(e.g. http://127.0.0.1:9411 for 'trafficmgr zipkin'): each service links to "
+                             "URL/api/v2/traces?meshService=<name>.<namespace> (default: no link)")
+
+
+def _http_url(text: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http(s) base URL (http://host:port[/path])")
+    return text.rstrip("/")
 
 
 def add_leader_arguments(parser: argparse.ArgumentParser) -> None:

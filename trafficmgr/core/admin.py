@@ -12,7 +12,14 @@ Routes (all GET):
   one answering, see :func:`config_dump`), private keys
   redacted (:func:`trafficmgr.core.render.resource_dict`; workload keys are never in it at all: Envoy
   reads them from files on its node); 404 for an unknown node, 400 for a bad type;
-- ``/debug/nacks``, ``/debug/plugins``, ``/debug/labels``: JSON lists.
+- ``/debug/nacks``, ``/debug/plugins``, ``/debug/labels``: JSON lists;
+- ``/debug/dashboard/data``: the dashboard's JSON document (golden signals from the proxies' Envoy stats,
+  the service graph, proxies with their last NACK, recent Warning Events, routes; the contract is in
+  :mod:`trafficmgr.core.telemetry`); 404 when the state has none (:meth:`AdminState.dashboard_data` is
+  optional);
+- ``/dashboard/`` and ``/dashboard/<file>``: the dashboard page, files of ``trafficmgr/dashboard/static``
+  (see :func:`static_file`); ``/dashboard`` redirects to ``/dashboard/``. The same token rule as
+  ``/debug/*`` applies (the page shows what ``/debug/*`` shows).
 
 Errors are JSON ``{"error": message}``. The server runs in a daemon thread; handlers only read state.
 Every ``/debug/*`` answer carries the header ``Trafficmgr-Replica: <name>`` when the state has a
@@ -35,11 +42,13 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import socket
 import threading
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
@@ -108,6 +117,50 @@ class AdminState(Protocol):
     def labels(self) -> list[LabelSpec]:
         """Every label of the loaded plugins."""
         ...
+
+
+#: Where the dashboard's files are (the ``trafficmgr.dashboard`` package's ``static`` directory; found by
+#: path, not imported: it holds no code the admin endpoint runs).
+STATIC_DIR = Path(__file__).resolve().parent.parent / "dashboard" / "static"
+DASHBOARD_PREFIX = "/dashboard"
+#: The only files served from :data:`STATIC_DIR`, by suffix (anything else is 404).
+STATIC_TYPES = {
+    ".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8", ".json": "application/json", ".svg": "image/svg+xml",
+    ".png": "image/png", ".ico": "image/x-icon", ".woff2": "font/woff2", ".txt": "text/plain; charset=utf-8",
+}
+_STATIC_SEGMENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
+#: Headers of every dashboard file: the page may load only its own files and talk only to this endpoint,
+#: cannot be framed, and types are not sniffed.
+STATIC_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+                               "script-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def static_file(subpath: str, root: Path = STATIC_DIR) -> tuple[Path, str] | None:
+    """``(file, content type)`` for the dashboard URL path below ``/dashboard/`` (``""``: ``index.html``), or
+    None (404).
+
+    Why this cannot leave ``root`` (directory traversal): the raw path (never percent-decoded, so ``%2e%2e``
+    and ``%2f`` stay literal and fail the next check) is split at ``/`` and every segment must be 1-128 of
+    ``[A-Za-z0-9_.-]`` not starting with a dot (so no ``..``, no hidden files, no empty segment, no backslash);
+    the suffix must be one of :data:`STATIC_TYPES`; the resolved path (symlinks followed) must still be
+    inside the resolved ``root`` and be a regular file. Files are read only, never listed or executed."""
+    parts = (subpath or "index.html").split("/")
+    if not all(_STATIC_SEGMENT.fullmatch(p) for p in parts):
+        return None
+    content_type = STATIC_TYPES.get(Path(parts[-1]).suffix.lower())
+    if content_type is None:
+        return None
+    base = root.resolve()
+    target = base.joinpath(*parts).resolve()
+    if not target.is_relative_to(base) or not target.is_file():
+        return None
+    return target, content_type
 
 
 class AdminError(OSError):
@@ -224,15 +277,23 @@ class _Handler(BaseHTTPRequestHandler):
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         path = url.path.rstrip("/") or "/"
         route = self.server.routes.get(path)
+        static = DASHBOARD_PREFIX in self.server.routes and (path == DASHBOARD_PREFIX or path.startswith(DASHBOARD_PREFIX + "/"))
         extra_headers: dict[str, str] = {}
         try:
-            if route is None:
+            if route is None and not static:
                 raise _HTTPError(HTTPStatus.NOT_FOUND, f"no such path {url.path!r}; try one of: {', '.join(sorted(self.server.routes))}")
-            if path.startswith("/debug/") and self.server.token is not None and not self._authorized(self.server.token):
+            if protected(path) and self.server.token is not None and not self._authorized(self.server.token):
                 extra_headers["WWW-Authenticate"] = 'Bearer realm="trafficmgr-admin"'
                 raise _HTTPError(HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token (Authorization: Bearer <token>; "
                                                           "trafficmgr proxy-status --token-file FILE)")
-            status, content_type, body = route(self.server.state, query)
+            if static:
+                status, content_type, body = self._static(url.path)
+                extra_headers.update(STATIC_HEADERS)
+                if status == HTTPStatus.MOVED_PERMANENTLY:
+                    extra_headers["Location"] = DASHBOARD_PREFIX + "/"
+            else:
+                assert route is not None
+                status, content_type, body = route(self.server.state, query)
         except _HTTPError as exc:
             status, content_type, body = exc.status, "application/json", self._json({"error": str(exc)})
         except Exception as exc:  # a broken view must not kill the endpoint
@@ -251,6 +312,15 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
+
+    def _static(self, raw_path: str) -> tuple[HTTPStatus, str, bytes]:
+        if raw_path == DASHBOARD_PREFIX:  # relative links of the page need the trailing slash
+            return _text(HTTPStatus.MOVED_PERMANENTLY, f"see {DASHBOARD_PREFIX}/")
+        found = static_file(raw_path[len(DASHBOARD_PREFIX) + 1:], self.server.static_dir)
+        if found is None:
+            raise _HTTPError(HTTPStatus.NOT_FOUND, f"no dashboard file {raw_path!r}")
+        target, content_type = found
+        return HTTPStatus.OK, content_type, target.read_bytes()
 
     def _authorized(self, token: bytes) -> bool:
         """The request carries ``Authorization: Bearer <token>`` (constant-time comparison)."""
@@ -286,6 +356,22 @@ def _readyz(state: AdminState, query: dict[str, str]) -> tuple[HTTPStatus, str, 
     return _text(HTTPStatus.OK, reason or "ready") if ok else _text(HTTPStatus.SERVICE_UNAVAILABLE, reason or "not ready")
 
 
+def protected(path: str) -> bool:
+    """True for the paths that need the bearer token when one is set: ``/debug/*`` and the dashboard."""
+    return path.startswith("/debug/") or path == DASHBOARD_PREFIX or path.startswith(DASHBOARD_PREFIX + "/")
+
+
+def _dashboard_data(state: AdminState, query: dict[str, str]) -> tuple[HTTPStatus, str, bytes]:
+    data = getattr(state, "dashboard_data", None)
+    if data is None:
+        raise _HTTPError(HTTPStatus.NOT_FOUND, "this endpoint has no dashboard data (only trafficmgr serve has)")
+    return _json_response(data())
+
+
+def _dashboard_page(state: AdminState, query: dict[str, str]) -> tuple[HTTPStatus, str, bytes]:
+    raise AssertionError("served by the handler (static files)")  # pragma: no cover - never called
+
+
 def _config_dump(state: AdminState, query: dict[str, str]) -> tuple[HTTPStatus, str, bytes]:
     node_id = query.get("node_id")
     if not node_id:
@@ -307,6 +393,8 @@ ROUTES: dict[str, Route] = {
     "/debug/nacks": lambda state, q: _json_response(state.nacks()),
     "/debug/plugins": lambda state, q: _json_response([render.plugin_row(p) for p in state.plugins_info()]),
     "/debug/labels": lambda state, q: _json_response([render.label_row(s) for s in state.labels()]),
+    "/debug/dashboard/data": _dashboard_data,
+    DASHBOARD_PREFIX: _dashboard_page,  # and every path below it: files of STATIC_DIR
 }
 
 #: What the metrics endpoint serves: nothing that names a proxy, a pod or a resource.
@@ -317,8 +405,10 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], state: AdminState, routes: dict[str, Route], token: bytes | None) -> None:
+    def __init__(self, address: tuple[str, int], state: AdminState, routes: dict[str, Route], token: bytes | None,
+                 static_dir: Path = STATIC_DIR) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.static_dir = static_dir
         self.state = state
         self.routes = routes
         self.token = token
@@ -331,12 +421,15 @@ class AdminServer:
     ``port=0`` picks a free port; read it back from :attr:`port` after :meth:`start`. With ``token``,
     ``/debug/*`` answers only requests carrying ``Authorization: Bearer <token>`` (401 otherwise).
     :meth:`start` refuses to serve ``/debug/*`` on a non-loopback ``host`` without a token. ``flag`` names
-    the port option in error messages (``--admin-port``, ``--metrics-port``).
+    the port option in error messages (``--admin-port``, ``--metrics-port``). ``static_dir``: where the
+    ``/dashboard/`` files are (tests).
     """
 
     def __init__(self, state: AdminState, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
-                 routes: Mapping[str, Route] | None = None, token: str | None = None, flag: str = "--admin-port") -> None:
+                 routes: Mapping[str, Route] | None = None, token: str | None = None, flag: str = "--admin-port",
+                 static_dir: Path = STATIC_DIR) -> None:
         self.state = state
+        self.static_dir = static_dir
         self.host = host
         self.routes = dict(ROUTES if routes is None else routes)
         self.token = token
@@ -360,7 +453,7 @@ class AdminServer:
         """Bind and serve in a daemon thread. Raises :class:`AdminError` when the port is taken."""
         if self._httpd is not None:
             return
-        debug = any(path.startswith("/debug/") for path in self.routes)
+        debug = any(protected(path) for path in self.routes)
         if debug and not self.token and not is_loopback(self.host):
             # /debug/* lists every proxy, pod IP and the gateway's configuration: never unauthenticated
             # on an address other pods can reach.
@@ -369,7 +462,7 @@ class AdminServer:
                              "/metrics and health with --metrics-address/--metrics-port")
         token = self.token.encode() if self.token else None
         try:
-            self._httpd = _Server((self.host, self._requested_port), self.state, self.routes, token)
+            self._httpd = _Server((self.host, self._requested_port), self.state, self.routes, token, self.static_dir)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise AdminError(

@@ -87,6 +87,10 @@ class ControlPlane:
         self.last_error = ""
         self._last_build_error = ""
         self.last_cycle: dict[str, float] = {}
+        #: The last published model (its tables are live views: copy before reading off the sync thread).
+        self.model: Model | None = None
+        self._scraper: Any = None  # the dashboard's StatsScraper, made on the first request for its data
+        self._scraper_lock = threading.Lock()
 
     # -- identity -----------------------------------------------------------------------------
 
@@ -98,13 +102,14 @@ class ControlPlane:
     def resolve(self, node_id: str, node_cluster: str, peer: str = "") -> str | None:
         """The view of a connecting proxy: gateways by node cluster, sidecars by ``<pod>.<namespace>``:
         ``sidecar``, or the shared view of the pod's ``traffic.scope`` (from the pod's current labels and
-        its Namespace's: a view the next build makes is served from then on, the stream waits till then)."""
+        its Namespace's: a view the next build makes is served from then on, the stream waits till then);
+        a pod in a namespace with Gateway API consumer routes (as of the last build) gets its consumer view."""
         if node_cluster == GATEWAY_CLUSTER or node_id == GATEWAY_CLUSTER:
             return GATEWAY
         pod, _, namespace = node_id.rpartition(".")
         found = self.assembler.pods.get((namespace, pod)) if pod else None
         if found is not None:
-            return view_of(found, self.assembler.namespaces)
+            return view_of(found, self.assembler.namespaces, self.builder.scoped.consumer_namespaces)
         return None
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -146,6 +151,8 @@ class ControlPlane:
         if self.leader is not None:  # first: a stopping replica writes nothing more, and hands the Lease on
             self.leader.stop()
         self._stopping.set()
+        if self._scraper is not None:
+            self._scraper.close()
         for w in self.watchers:
             w.stop()
         self._queue.put(None)
@@ -221,6 +228,7 @@ class ControlPlane:
         """Build snapshots from ``model`` and publish every view that passes the consistency gate."""
         snapshots = self.builder.build(model)
         self.builds += 1
+        self.model = model
         for view, snap in snapshots.items():
             try:
                 self.cache.set_view(view, snap, notify=False)
@@ -300,6 +308,44 @@ class ControlPlane:
 
     def labels(self) -> list[LabelSpec]:
         return self.plugins.labels.specs
+
+    def model_copy(self) -> Model | None:
+        """A copy of the last published model's tables, safe to read off the sync thread (each table is
+        copied in one C-level call, atomic under the GIL; the IR objects in them are immutable)."""
+        model = self.model
+        if model is None:
+            return None
+
+        def copy(table: Any) -> Any:
+            return table.copy() if hasattr(table, "copy") else dict(table)
+
+        return Model(services=copy(model.services), endpoints=copy(model.endpoints), pods=copy(model.pods),
+                     port_pods=copy(model.port_pods), extra=model.extra, namespaces=copy(model.namespaces))
+
+    def dashboard_data(self) -> dict[str, Any]:
+        """The ``/debug/dashboard/data`` document (see :mod:`trafficmgr.core.telemetry`): reads the proxies'
+        Envoy stats (at most every few seconds, only while someone asks), and this replica's proxy
+        streams, NACKs, recent Warning Events and the plugins' route rows."""
+        from trafficmgr.core import telemetry
+
+        model = self.model_copy()
+        streams = self.proxy_status()
+        port = int(getattr(self.options, "dashboard_stats_port", telemetry.STATS_PORT) or 0)
+        window = float(getattr(self.options, "dashboard_window", None) or telemetry.DEFAULT_WINDOW_S)
+        with self._scraper_lock:
+            if self._scraper is None:
+                self._scraper = telemetry.StatsScraper(window=window)
+        targets = telemetry.stats_targets(model, streams, port)
+        readings = self._scraper.collect({name: t.url for name, t in targets.items()})
+        services, edges = telemetry.golden_signals(model, targets, readings, self.plugins.labels,
+                                                   telemetry.traces_url_of(self.options))
+        routes = self.plugins.collect("trafficmgr_dashboard_routes", what="dashboard routes", model=model,
+                                      options=self.options) if model is not None else []
+        return {"generated": time.time(), "source": telemetry.SOURCE if port else None, "window_s": window,
+                "services": services, "edges": edges,
+                "proxies": telemetry.proxy_rows(streams, self.nacks()),
+                "events": self.events.recent(),
+                "routes": telemetry.route_rows(routes)}
 
     def report(self, ref: ObjectRef, message: str, reason: str) -> None:
         self.events.warn(ref, message, reason)

@@ -340,3 +340,24 @@ def trafficmgr_object_status(model: Model, options: argparse.Namespace) -> list[
     ``(path, resource_version, status)``, retrying a few times on errors. Without a Kubernetes client
     nothing is written.
     """
+
+
+# ---------------------------------------------------------------------------------------------------
+# Phase: on request. Called from the admin endpoint's thread when someone asks for a view, not by builds.
+# ---------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def trafficmgr_dashboard_routes(model: Model, options: argparse.Namespace) -> list[dict[str, Any]]:
+    """Describe the routes this plugin serves (Ingress rules, Gateway API routes) for the dashboard's
+    routes table (``GET /debug/dashboard/data``, ``routes``).
+
+    Call style: contribute; errors are isolated (the dashboard shows no rows of this plugin for that
+    request; the next request asks again). Called only while someone reads the dashboard's data, from the
+    admin endpoint's thread, with a copy of the last published model: read it, change nothing, no I/O.
+
+    Return one dict per route object: ``kind`` (``Ingress``, ``HTTPRoute``, ``GRPCRoute``), ``namespace``,
+    ``name``, ``hosts``, ``matches`` and ``backends`` (lists of short strings, e.g. ``PathPrefix /api``,
+    ``reviews:9080 (weight 80)``) and ``status`` (a short text: ``Accepted``, or why not). A row without
+    a str ``kind`` and ``name`` is left out.
+    """

@@ -87,6 +87,7 @@ HOOK_POLICY: dict[str, str] = {
     "trafficmgr_resources": LAST_GOOD,
     "trafficmgr_service_routes": LAST_GOOD,
     "trafficmgr_object_status": ISOLATED,
+    "trafficmgr_dashboard_routes": ISOLATED,
 }
 #: Distinct failures remembered for "log once" (the oldest is forgotten first; a forgotten failure that
 #: happens again is logged again). Bounded: a plugin whose error text names objects or values would

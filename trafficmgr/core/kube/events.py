@@ -11,10 +11,13 @@ before it died). So a problem seen while the old leader was dying is recorded on
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import logging
 import socket
+import time
 from collections.abc import Callable
+from typing import Any
 
 from trafficmgr.core.kube.client import KubeClient
 from trafficmgr.core.kube.writer import BackgroundWriter
@@ -51,12 +54,15 @@ class EventRecorder(BackgroundWriter):
     # A follower keeps the 5000 latest problems it saw: a new leader asks the API about each (one list
     # request per Event, from the writer thread), and older ones were most likely written by the old leader.
     max_held = 5000
+    #: How many problems :meth:`recent` keeps (newest last).
+    max_recent = 200
 
     def __init__(self, client: KubeClient | None, registry: LabelRegistry | None = None, max_remembered: int = 50000,
                  leading: Callable[[], bool] | None = None) -> None:
         super().__init__(client, max_remembered, leading)
         self.registry = registry
         self.recorded: list[tuple[ObjectRef, str, str]] = []
+        self._recent: collections.deque[tuple[float, ObjectRef, str, str, str]] = collections.deque(maxlen=self.max_recent)
         self.host = socket.gethostname()
 
     def label_errors(self, errors: list[LabelError]) -> None:
@@ -70,7 +76,18 @@ class EventRecorder(BackgroundWriter):
         with self._lock:
             self.recorded.append((ref, reason, message))
             del self.recorded[:-1000]
+            self._recent.append((time.time(), ref, reason, message, "Warning"))
         log.warning("%s: %s", ref, message)
+
+    def recent(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The latest ``limit`` distinct problems this process saw, newest first, as the dashboard shows
+        them: ``{"time", "type", "reason", "object": "Kind/ns/name", "message"}``. A follower replica has
+        them too (it records what it would write), whether or not an Event was written."""
+        with self._lock:
+            items = list(self._recent)[-limit:] if limit > 0 else []
+        return [{"time": at, "type": etype, "reason": reason, "message": message,
+                 "object": f"{ref.kind}/{ref.namespace}/{ref.name}" if ref.namespace else f"{ref.kind}/{ref.name}"}
+                for at, ref, reason, message, etype in reversed(items)]
 
     def write(self, item: tuple[ObjectRef, str, str, str]) -> None:
         self._write(*item)

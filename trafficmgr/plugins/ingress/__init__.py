@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from trafficmgr.plugin import GATEWAY, Model, ObjectStatus, WatchKind, hookimpl, is_ip, listen_port
 from trafficmgr.plugins.ingress import edge, gateway
+from trafficmgr.plugins.ingress.dashboard import trafficmgr_dashboard_routes as trafficmgr_dashboard_routes  # hook
 from trafficmgr.plugins.ingress.gateway import LISTENER, PLAIN_CHAIN, served
 from trafficmgr.plugins.ingress.ir import (
     DEFAULTS,

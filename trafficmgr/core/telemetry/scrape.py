@@ -1,0 +1,117 @@
+"""Reading the proxies' Envoy stats on demand: what the dashboard's numbers come from.
+
+Why the control plane reads the Envoys itself (and not Prometheus): every proxy already serves its stats
+on the stats-only listener (``<pod IP>:8900``, GET ``/stats/prometheus`` only, see
+:func:`trafficmgr.core.bootstrap.stats_listener`), in a cluster and in local mode alike, so the
+dashboard works without a Prometheus installed, and its numbers are seconds old instead of a scrape
+interval old. Which proxies are read is the caller's choice (the control plane: every live sidecar pod
+of the model, whichever replica holds its xDS stream, and the gateways connected to this replica; see
+:func:`trafficmgr.core.telemetry.dashboard.stats_targets`).
+
+Cost and bounds: nothing is read until someone asks for the data (``GET /debug/dashboard/data``);
+answers are cached ``min_interval`` seconds (concurrent askers share one round); at most ``workers``
+requests run at once, each with a ``timeout`` and a body cap of ``max_bytes``; Envoy is asked only for
+the few stats used (``usedonly`` and :data:`~trafficmgr.core.telemetry.promtext.STATS_FILTER`). Readings
+older than ``window`` seconds are dropped, and so are the readings of proxies no longer asked about.
+
+Safety: the scraper connects only to the addresses it is given (pod IPs from the Kubernetes API, on the
+configured stats port): a proxy cannot make the control plane connect elsewhere, and an answer is only
+parsed for numbers (a proxy can lie about its own traffic, nothing more).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+
+from trafficmgr.core.telemetry.promtext import STATS_FILTER, Reading, parse
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WINDOW_S = 30.0
+DEFAULT_MIN_INTERVAL_S = 2.0
+DEFAULT_TIMEOUT_S = 2.0
+DEFAULT_WORKERS = 8
+MAX_BYTES = 8 << 20
+STATS_PATH = "/stats/prometheus?usedonly&filter=" + urllib.parse.quote(STATS_FILTER, safe="")
+
+Fetch = Callable[[str, float], str]
+
+
+def fetch(url: str, timeout: float) -> str:
+    """GET ``url`` (no proxy from the environment: the address is a pod's) and return at most
+    :data:`MAX_BYTES` of its body as text."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=timeout) as resp:
+        return str(resp.read(MAX_BYTES).decode("utf-8", "replace"))
+
+
+def stats_url(ip: str, port: int) -> str:
+    """The stats URL of a proxy whose stats-only listener is on ``ip:port``."""
+    host = f"[{ip}]" if ":" in ip else ip
+    return f"http://{host}:{port}{STATS_PATH}"
+
+
+class StatsScraper:
+    """Keeps the recent readings of each proxy (keyed by a name, e.g. its node id), newest last."""
+
+    def __init__(self, window: float = DEFAULT_WINDOW_S, min_interval: float = DEFAULT_MIN_INTERVAL_S,
+                 timeout: float = DEFAULT_TIMEOUT_S, workers: int = DEFAULT_WORKERS, fetcher: Fetch = fetch,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.window = window
+        self.min_interval = min_interval
+        self.timeout = timeout
+        self.workers = max(1, workers)
+        self.fetcher = fetcher
+        self.clock = clock
+        self.readings: dict[str, collections.deque[tuple[float, Reading]]] = {}
+        self.errors: dict[str, str] = {}
+        self._last = -1e18
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+
+    def collect(self, targets: Mapping[str, str]) -> dict[str, list[tuple[float, Reading]]]:
+        """Read every target (name -> stats URL) unless the last round is younger than ``min_interval``;
+        returns each target's readings within the window (oldest first; a target that never answered has
+        none). Thread-safe; blocks at most about ``timeout`` seconds per ``workers`` targets."""
+        with self._lock:
+            now = self.clock()
+            if now - self._last >= self.min_interval:
+                self._round(targets, now)
+                self._last = self.clock()
+            return {name: list(self.readings.get(name, ())) for name in targets}
+
+    def _round(self, targets: Mapping[str, str], now: float) -> None:
+        for gone in set(self.readings) - set(targets):
+            del self.readings[gone]
+        for gone in set(self.errors) - set(targets):
+            del self.errors[gone]
+        if not targets:
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="stats-scrape")
+        futures = {name: self._executor.submit(self.fetcher, url, self.timeout) for name, url in targets.items()}
+        for name, future in futures.items():
+            try:
+                text = future.result(timeout=self.timeout * (1 + len(targets) / self.workers) + 1)
+            except Exception as exc:  # noqa: BLE001 - one unreachable proxy must not hide the others
+                self.errors[name] = f"{type(exc).__name__}: {exc}"[:300]
+                log.debug("stats of %s (%s): %s", name, targets[name], exc)
+                continue
+            self.errors.pop(name, None)
+            history = self.readings.setdefault(name, collections.deque())
+            history.append((self.clock(), parse(text)))
+            while history and history[0][0] < now - self.window:
+                history.popleft()
+
+    def close(self) -> None:
+        """Stop the worker threads (idempotent)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
