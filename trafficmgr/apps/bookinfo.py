@@ -13,7 +13,7 @@
 Services are called by name (``http://reviews:9080``). While ``HTTP_PROXY`` accepts connections (the
 pod's sidecar, in local mode) requests go through it, so Envoy routes them by their ``Host``;
 otherwise the name is resolved with ``<NAME>_SERVICE_HOST`` as Kubernetes sets it, else by DNS. Incoming
-tracing headers (B3, ``x-request-id``) are copied to outgoing requests, as tracing requires.
+tracing headers (B3, W3C ``traceparent``/``tracestate``, ``x-request-id``) are copied to outgoing requests, as tracing requires.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ ROLES = ("productpage", "details", "ratings", "reviews", "client")
 DEFAULT_PORT = 9080
 #: Headers applications must propagate for spans to join one trace (as with Istio).
 TRACE_HEADERS = ("x-request-id", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled",
-                 "x-b3-flags", "b3", "x-ot-span-context")
+                 "x-b3-flags", "b3", "x-ot-span-context", "traceparent", "tracestate")
 TIMEOUT_S = 10.0
 
 

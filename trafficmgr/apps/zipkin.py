@@ -5,13 +5,18 @@ Endpoints (as Zipkin's):
 - ``POST /api/v2/spans``: a JSON list of v2 spans; ``Content-Encoding: gzip`` and chunked bodies (Envoy
   sends chunked) are accepted; answers 202.
 - ``GET /api/v2/traces?serviceName=&spanName=&limit=10&endTs=&lookback=``: a list of traces (each a list
-  of spans), newest first.
+  of spans), newest first. trafficmgr's own ``meshService=<name>.<namespace>`` keeps the traces with a span
+  whose ``upstream_cluster`` tag is an outbound cluster of that Service (``<port>|<namespace>|<name>.outbound``):
+  the recent traces of a mesh Service (the dashboard links to it).
 - ``GET /api/v2/trace/{traceId}``: the spans of one trace (404 when unknown).
 - ``GET /api/v2/services``: service names (``localEndpoint.serviceName``), sorted.
 - ``GET /api/v2/spans?serviceName=``: span names of that service, sorted.
 
+With ``--otlp-port`` it also accepts OTLP/gRPC trace exports (:mod:`trafficmgr.apps.otlp`) into the same
+store, so the API above shows OpenTelemetry spans too.
+
 Run ``python -m trafficmgr.apps.zipkin --port 9411`` (or ``trafficmgr zipkin``), or in Python
-``ZipkinCollector(host, port).start()`` ... ``.stop()``. Service and span names are lower-cased and
+``ZipkinCollector(host, port, otlp_port=None).start()`` ... ``.stop()``. Service and span names are lower-cased and
 trace ids normalized to 16 or 32 lower-case hex digits, as Zipkin does. Spans are kept in memory up to
 ``max_spans`` (the oldest traces are dropped first).
 """
@@ -33,7 +38,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from trafficmgr.apps.base import AppCommand, ThreadedHTTPApp, serve_until_signal
+from trafficmgr.apps.otlp import OtlpReceiver
 from trafficmgr.core import argtypes
+from trafficmgr.core.signals import stop_on_signals
 
 DEFAULT_PORT = 9411
 MAX_BODY = 64 * 1024 * 1024
@@ -110,11 +117,20 @@ class SpanStore:
             return list(spans) if spans is not None else None
 
     def traces(self, service: str = "", span_name: str = "", limit: int = 10, end_ts_ms: int | None = None,
-               lookback_ms: int | None = None, min_duration_us: int = 0) -> list[list[dict[str, Any]]]:
-        """Traces with a span matching every given criterion, newest (latest span timestamp) first."""
+               lookback_ms: int | None = None, min_duration_us: int = 0,
+               mesh_service: str = "") -> list[list[dict[str, Any]]]:
+        """Traces with a span matching every given criterion, newest (latest span timestamp) first.
+        ``mesh_service`` (``<name>.<namespace>``): the span's ``upstream_cluster`` tag is an outbound
+        cluster of that Service."""
         end_us = (end_ts_ms if end_ts_ms is not None else int(time.time() * 1000)) * 1000
         start_us = end_us - lookback_ms * 1000 if lookback_ms is not None else None
         service, span_name = service.lower(), span_name.lower()
+        cluster_suffix = ""
+        if mesh_service:
+            name, dot, namespace = mesh_service.partition(".")
+            if not dot or not name or not namespace:
+                raise BadRequest("meshService must be <name>.<namespace>")
+            cluster_suffix = f"|{namespace}|{name}.outbound"
 
         def matches(span: dict[str, Any]) -> bool:
             ts = span.get("timestamp")
@@ -123,6 +139,8 @@ class SpanStore:
             if service and service_name(span) != service:
                 return False
             if span_name and span.get("name") != span_name:
+                return False
+            if cluster_suffix and not str((span.get("tags") or {}).get("upstream_cluster", "")).endswith(cluster_suffix):
                 return False
             return span.get("duration", 0) >= min_duration_us
 
@@ -192,10 +210,37 @@ class ZipkinCollector(ThreadedHTTPApp):
 
     thread_name = "zipkin"
 
-    def __init__(self, host: str = "127.0.0.1", port: int = DEFAULT_PORT, max_spans: int = 100_000) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = DEFAULT_PORT, max_spans: int = 100_000,
+                 otlp_port: int | None = None) -> None:
+        """``otlp_port``: also accept OTLP/gRPC on ``host:otlp_port`` (0 = any free port; None = no)."""
         super().__init__(host, port)
         self.store = SpanStore(max_spans)
         self.posts = 0
+        self.otlp: OtlpReceiver | None = None
+        if otlp_port is not None:
+            self.otlp = OtlpReceiver(self._add_otlp, host, otlp_port)
+
+    def _add_otlp(self, spans: list[dict[str, Any]]) -> None:
+        try:
+            normalized = [normalize_span(s) for s in spans]
+        except BadRequest as exc:
+            raise ValueError(str(exc)) from None
+        self.store.add(normalized)
+
+    def start(self) -> ZipkinCollector:
+        super().start()
+        if self.otlp is not None:
+            try:
+                self.otlp.start()
+            except OSError:
+                super().stop()
+                raise
+        return self
+
+    def stop(self) -> None:
+        if self.otlp is not None:
+            self.otlp.stop()
+        super().stop()
 
     def spans(self) -> list[dict[str, Any]]:
         """Every stored span (a copy), in arrival order."""
@@ -257,7 +302,8 @@ class ZipkinCollector(ThreadedHTTPApp):
                             service=one("serviceName"), span_name=one("spanName"),
                             limit=_int_param(query, "limit", 10) or 10, end_ts_ms=_int_param(query, "endTs", None),
                             lookback_ms=_int_param(query, "lookback", None),
-                            min_duration_us=_int_param(query, "minDuration", 0) or 0))
+                            min_duration_us=_int_param(query, "minDuration", 0) or 0,
+                            mesh_service=one("meshService")))
                     if url.path.startswith("/api/v2/trace/"):
                         trace = store.trace(normalize_id(url.path.rsplit("/", 1)[1], "traceId"))
                         if trace is None:
@@ -284,12 +330,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1; 0.0.0.0 in a pod)")
     parser.add_argument("--port", type=argtypes.port, default=DEFAULT_PORT, help=f"listen port (default {DEFAULT_PORT})")
     parser.add_argument("--max-spans", type=argtypes.int_at_least(1), default=100_000, help="spans kept in memory (default 100000)")
+    parser.add_argument("--otlp-port", type=argtypes.port, default=None, metavar="PORT",
+                        help="also accept OTLP/gRPC trace exports on --host:PORT (4317 is OTLP's usual port; "
+                             "default: off)")
 
 
 def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
     """Serve until SIGTERM/SIGINT (or ``stop``); OSError when the address cannot be bound."""
-    collector = ZipkinCollector(args.host, args.port, args.max_spans)
-    return serve_until_signal(collector, "zipkin collector on {url} (POST /api/v2/spans)", stop)
+    # The OTLP port binds the same --host as the Zipkin port: loopback unless told otherwise (a pod sets
+    # 0.0.0.0); the receiver only stores spans, with gRPC's message size cap and a per-request span cap.
+    collector = ZipkinCollector(args.host, args.port, args.max_spans, otlp_port=getattr(args, "otlp_port", None))
+    if collector.otlp is None:
+        return serve_until_signal(collector, "zipkin collector on {url} (POST /api/v2/spans)", stop)
+    collector.start()
+    print(f"zipkin collector on {collector.url} (POST /api/v2/spans), OTLP/gRPC on {collector.otlp.address}",
+          file=sys.stderr, flush=True)
+    stop = stop_on_signals(stop)
+    stop.wait()
+    collector.stop()
+    return 0
 
 
 COMMAND = AppCommand("zipkin", "run a small in-memory Zipkin collector (API v2) for local mode and tests", add_arguments, serve)

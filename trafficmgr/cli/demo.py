@@ -26,6 +26,12 @@ def _setup(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gateway-api-port", type=_port, default=d.gateway_api_port,
                         help=f"the HTTP listener of the Gateway 'traffic' (Gateway API) on 127.0.0.1 "
                              f"(default {d.gateway_api_port})")
+    parser.add_argument("--tracing-provider", choices=("zipkin", "opentelemetry"), default=d.tracing_provider,
+                        help="what the Envoys send to the built-in collector: zipkin (JSON, B3 headers; the default) "
+                             "or opentelemetry (OTLP/gRPC to --otlp-port, W3C traceparent)")
+    parser.add_argument("--otlp-port", type=_port, default=d.otlp_port,
+                        help=f"the collector's OTLP/gRPC port on 127.0.0.1 with --tracing-provider opentelemetry "
+                             f"(default {d.otlp_port})")
     parser.add_argument("--pod-cidr", default=d.pod_cidr, help=f"loopback network of pod IPs (default {d.pod_cidr})")
     parser.add_argument("--service-cidr", default=d.service_cidr, help=f"loopback network of ClusterIPs (default {d.service_cidr})")
 
@@ -33,7 +39,8 @@ def _setup(parser: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> int:
     config = DemoConfig(args.state_dir, args.http_port, args.https_port, args.admin_port, args.api_port, args.xds_port,
                         args.serve_admin_port, args.zipkin_port, args.pod_cidr, args.service_cidr,
-                        gateway_api_port=args.gateway_api_port)
+                        gateway_api_port=args.gateway_api_port, tracing_provider=args.tracing_provider,
+                        otlp_port=args.otlp_port)
     try:
         return Demo(config).run()
     except DemoError as exc:

@@ -13,7 +13,9 @@ In the foreground it runs, as its supervised children (threads of this process o
   local processes anyway);
 - the node agent with the ``local`` runtime: a sidecar Envoy per Envoy-enabled pod, explicit HTTP proxy
   on ``<pod IP>:15001``;
-- the Zipkin-compatible collector on 127.0.0.1:9411;
+- the Zipkin-compatible collector on 127.0.0.1:9411 (with ``--tracing-provider opentelemetry`` the Envoys
+  export OTLP/gRPC to the same collector on 127.0.0.1:``--otlp-port``, 4317 by default, and the Zipkin API
+  shows those traces);
 - Prometheus (when the ``prometheus`` binary is installed; else one line says how to get it) on the
   reserved pod IP after the gateway's (``127.1.0.2:9090``), behind the Service ``prometheus``, with the
   Helm chart's scrape configuration (:mod:`.prometheus`);
@@ -93,6 +95,14 @@ class DemoConfig:
     samples_dir: str = ""
     #: the port of the HTTP listener of the demo's Gateway ``traffic`` (Gateway API), on 127.0.0.1
     gateway_api_port: int = 8081
+    #: ``zipkin`` (default) or ``opentelemetry``: what the Envoys send to the built-in collector
+    tracing_provider: str = "zipkin"
+    #: the collector's OTLP/gRPC port on 127.0.0.1 (bound only with ``tracing_provider`` opentelemetry)
+    otlp_port: int = 4317
+
+    @property
+    def otlp(self) -> bool:
+        return self.tracing_provider == "opentelemetry"
 
     @property
     def gateway_ip(self) -> str:
@@ -110,6 +120,8 @@ class DemoConfig:
                (self.serve_admin_port, "--serve-admin-port", "control plane admin"),
                (self.zipkin_port, "--zipkin-port", "Zipkin collector"),
                (self.gateway_api_port, "--gateway-api-port", "Gateway API listener")]
+        if self.otlp:
+            out.append((self.otlp_port, "--otlp-port", "OTLP collector"))
         if self.api_port:
             out.append((self.api_port, "--api-port", "API server"))
         return out
@@ -223,7 +235,9 @@ class Demo:
 
     def options(self) -> argparse.Namespace:
         """Options the plugins' bootstrap hooks read (the same values ``serve`` gets)."""
-        return argparse.Namespace(zipkin_address=f"127.0.0.1:{self.config.zipkin_port}",
+        c = self.config
+        return argparse.Namespace(zipkin_address=f"127.0.0.1:{c.zipkin_port}",
+                                  tracing_provider=c.tracing_provider, otlp_address=f"127.0.0.1:{c.otlp_port}",
                                   zipkin_flush_spans=5, zipkin_flush_interval=ZIPKIN_FLUSH_MS)
 
     def _python_child(self, name: str, args: list[str]) -> Child:
@@ -250,7 +264,8 @@ class Demo:
         self.run_dir.mkdir(exist_ok=True)
         self.plugins = PluginHost.load(None)
         self._start_api()
-        self._python_child("zipkin", ["zipkin", "--host", "127.0.0.1", "--port", str(self.config.zipkin_port)])
+        self._python_child("zipkin", ["zipkin", "--host", "127.0.0.1", "--port", str(self.config.zipkin_port)]
+                           + (["--otlp-port", str(self.config.otlp_port)] if self.config.otlp else []))
         self._start_serve()
         self._start_agent()
         self._create_gateway_objects()
@@ -336,6 +351,7 @@ class Demo:
             "--admin-port", str(c.serve_admin_port), "--explicit-proxy", "--xds-gateway-namespace", NAMESPACE,
             "--gateway-address", "127.0.0.1", "--gateway-port", str(c.http_port), "--gateway-namespace", NAMESPACE,
             "--zipkin-address", f"127.0.0.1:{c.zipkin_port}",
+            "--tracing-provider", c.tracing_provider, "--otlp-address", f"127.0.0.1:{c.otlp_port}",
             "--log-level", "info",
         ])
 

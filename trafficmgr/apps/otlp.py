@@ -1,0 +1,184 @@
+"""OTLP/gRPC trace receiver for the built-in collector (``trafficmgr zipkin --otlp-port``).
+
+Serves ``opentelemetry.proto.collector.trace.v1.TraceService/Export`` (plaintext HTTP/2, as Envoy's
+``envoy.tracers.opentelemetry`` tracer sends it) and converts each span into the Zipkin v2 JSON the
+collector's :class:`~trafficmgr.apps.zipkin.SpanStore` holds, so ``GET /api/v2/traces`` shows OTLP spans next
+to Zipkin ones. The OTLP messages come from ``xds-protos`` (already a dependency: Envoy's API imports them).
+
+Conversion (OTLP -> Zipkin v2): ``trace_id`` (16 bytes) -> 32 hex digits, ``span_id``/``parent_span_id``
+(8 bytes) -> 16; kind SERVER/CLIENT/PRODUCER/CONSUMER kept (INTERNAL/unspecified: no kind); start/end
+nanoseconds -> ``timestamp``/``duration`` microseconds; attributes -> string ``tags``; events ->
+``annotations``; an ERROR status -> tag ``error``. ``localEndpoint.serviceName``: the span's ``node_id``
+attribute (Envoy puts its node id on every span: the proxy, as the Zipkin tracer's service name is for
+sidecars), else the resource's ``service.name``.
+
+Bad input is answered with a gRPC error and stores nothing: a message that does not parse or a span with a
+malformed id -> INVALID_ARGUMENT; a message over ``max_message_bytes`` -> RESOURCE_EXHAUSTED (gRPC's own
+limit); more spans than ``max_spans_per_request`` -> RESOURCE_EXHAUSTED.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+from opentelemetry.proto.common.v1 import common_pb2
+from opentelemetry.proto.trace.v1 import trace_pb2
+
+log = logging.getLogger(__name__)
+
+SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
+EXPORT = f"/{SERVICE}/Export"
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_SPANS_PER_REQUEST = 50_000
+
+#: ResourceSpans field 2: ``scope_spans`` (OTLP >= 0.15; what Envoy sends) is wire-identical to the
+#: ``instrumentation_library_spans`` of older OTLP protos (the copy xds-protos ships): same number, same
+#: layout (scope/library = 1, spans = 2, schema_url = 3). Whichever name the installed module has.
+GROUPS_FIELD = ("scope_spans" if "scope_spans" in trace_pb2.ResourceSpans.DESCRIPTOR.fields_by_name
+                else "instrumentation_library_spans")
+
+_KINDS = {trace_pb2.Span.SPAN_KIND_SERVER: "SERVER", trace_pb2.Span.SPAN_KIND_CLIENT: "CLIENT",
+          trace_pb2.Span.SPAN_KIND_PRODUCER: "PRODUCER", trace_pb2.Span.SPAN_KIND_CONSUMER: "CONSUMER"}
+
+
+class InvalidSpan(ValueError):
+    """An OTLP span that cannot be stored (the Export call fails with INVALID_ARGUMENT)."""
+
+
+def any_value(value: common_pb2.AnyValue) -> str:
+    """An attribute value as the string a Zipkin tag holds."""
+    which = value.WhichOneof("value")
+    if which is None:
+        return ""
+    if which == "string_value":
+        return value.string_value
+    if which == "bool_value":
+        return "true" if value.bool_value else "false"
+    if which == "bytes_value":
+        return value.bytes_value.hex()
+    if which == "array_value":
+        return "[" + ",".join(any_value(v) for v in value.array_value.values) + "]"
+    if which == "kvlist_value":
+        return "{" + ",".join(f"{kv.key}={any_value(kv.value)}" for kv in value.kvlist_value.values) + "}"
+    return str(getattr(value, which))
+
+
+def _attributes(attrs: Sequence[common_pb2.KeyValue]) -> dict[str, str]:
+    return {kv.key: any_value(kv.value) for kv in attrs}
+
+
+def _id(raw: bytes, size: int, what: str) -> str:
+    if len(raw) != size or not any(raw):
+        raise InvalidSpan(f"{what} must be {size} bytes and not all zero, got {len(raw)} bytes")
+    return raw.hex()
+
+
+def to_zipkin(span: trace_pb2.Span, resource: dict[str, str]) -> dict[str, Any]:
+    """One OTLP span as a Zipkin v2 span (see the module docstring); InvalidSpan when its ids are malformed."""
+    tags = _attributes(span.attributes)
+    out: dict[str, Any] = {"traceId": _id(span.trace_id, 16, "trace_id"), "id": _id(span.span_id, 8, "span_id"),
+                           "name": span.name}
+    if span.parent_span_id:
+        out["parentId"] = _id(span.parent_span_id, 8, "parent_span_id")
+    if span.kind in _KINDS:
+        out["kind"] = _KINDS[span.kind]
+    if span.start_time_unix_nano:
+        out["timestamp"] = span.start_time_unix_nano // 1000
+        if span.end_time_unix_nano >= span.start_time_unix_nano:
+            out["duration"] = max(1, (span.end_time_unix_nano - span.start_time_unix_nano) // 1000)
+    if span.status.code == trace_pb2.Status.STATUS_CODE_ERROR:
+        tags.setdefault("error", span.status.message or "true")
+    service = tags.get("node_id") or resource.get("service.name") or ""
+    out["localEndpoint"] = {"serviceName": service}
+    if span.trace_state:
+        tags["w3c.tracestate"] = span.trace_state
+    if tags:
+        out["tags"] = tags
+    if span.events:
+        out["annotations"] = [{"timestamp": e.time_unix_nano // 1000, "value": e.name} for e in span.events]
+    return out
+
+
+def convert(request: trace_service_pb2.ExportTraceServiceRequest, max_spans: int) -> list[dict[str, Any]]:
+    """Every span of an Export request as Zipkin v2 spans; InvalidSpan / OverflowError on bad input."""
+    out: list[dict[str, Any]] = []
+    for resource_spans in request.resource_spans:
+        resource = _attributes(resource_spans.resource.attributes)
+        groups = list(getattr(resource_spans, GROUPS_FIELD))
+        for group in groups:
+            if len(out) + len(group.spans) > max_spans:
+                raise OverflowError(f"more than {max_spans} spans in one request")
+            out.extend(to_zipkin(span, resource) for span in group.spans)
+    return out
+
+
+class OtlpReceiver:
+    """The Export service on ``host:port`` (0 = any free port); each accepted request's spans (Zipkin v2
+    dicts, not yet normalized) go to ``sink``, which may raise ValueError to reject them."""
+
+    def __init__(self, sink: Callable[[list[dict[str, Any]]], None], host: str = "127.0.0.1", port: int = 0,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 max_spans_per_request: int = DEFAULT_MAX_SPANS_PER_REQUEST) -> None:
+        self.sink = sink
+        self.host = host
+        self._port = port
+        self.max_message_bytes = max_message_bytes
+        self.max_spans_per_request = max_spans_per_request
+        self.exports = 0
+        self._server: grpc.Server | None = None
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self._port}"
+
+    def _export(self, body: bytes, context: grpc.ServicerContext) -> bytes:
+        request = trace_service_pb2.ExportTraceServiceRequest()
+        try:
+            request.ParseFromString(body)
+            spans = convert(request, self.max_spans_per_request)
+            self.sink(spans)
+        except OverflowError as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except (DecodeError, ValueError) as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad ExportTraceServiceRequest: {exc}")
+        self.exports += 1
+        return trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+
+    def start(self) -> OtlpReceiver:
+        """Bind and serve in background threads; OSError when the address cannot be bound."""
+        handler = grpc.method_handlers_generic_handler(SERVICE, {
+            # Raw bytes in and out: parsing happens in _export so a malformed message gets INVALID_ARGUMENT.
+            "Export": grpc.unary_unary_rpc_method_handler(self._export),
+        })
+        # Message size is capped by gRPC itself (RESOURCE_EXHAUSTED before any parsing); 4 workers bound
+        # the threads a flood of exporters can occupy.
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="otlp"),
+                             handlers=[handler], maximum_concurrent_rpcs=64,
+                             options=[("grpc.max_receive_message_length", self.max_message_bytes),
+                                      ("grpc.so_reuseport", 0)])
+        try:
+            bound = server.add_insecure_port(self.address)
+        except RuntimeError as exc:  # grpcio raises RuntimeError when the port is taken
+            raise OSError(f"cannot listen on {self.address}: {exc}") from None
+        if not bound:
+            raise OSError(f"cannot listen on {self.address}")
+        self._port = bound
+        server.start()
+        self._server = server
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop(0.5).wait(5)
+            self._server = None
