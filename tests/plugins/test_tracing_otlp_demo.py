@@ -103,3 +103,8 @@ def test_local_mode_shows_otlp_traces_across_the_bookinfo_apps(demo: base.Demo) 
     found = wait_for(joined, 30, 1.0, f"{n} traces across client -> productpage -> details expected: {traces()}")
     reviews = {t[0]["traceId"] for t in traces("meshService=reviews.default&limit=1000")}
     assert {t[0]["traceId"] for t in found} <= reviews
+    # The dashboard links reviews to that query on the collector.
+    status, _, body = base.request("127.0.0.1", demo.ports["serve_admin"], "", "/debug/dashboard/data", timeout=30)
+    assert status == 200, body[:200]
+    [row] = [r for r in json.loads(body)["services"] if (r["namespace"], r["name"]) == ("default", "reviews")]
+    assert row["traces_url"] == tracing.traces_url(f"http://127.0.0.1:{demo.ports['zipkin']}", "default", "reviews")

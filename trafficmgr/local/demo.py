@@ -352,6 +352,8 @@ class Demo:
             "--gateway-address", "127.0.0.1", "--gateway-port", str(c.http_port), "--gateway-namespace", NAMESPACE,
             "--zipkin-address", f"127.0.0.1:{c.zipkin_port}",
             "--tracing-provider", c.tracing_provider, "--otlp-address", f"127.0.0.1:{c.otlp_port}",
+            # The dashboard links each Service to its recent traces in the collector (its meshService query).
+            "--dashboard-traces-url", f"http://127.0.0.1:{c.zipkin_port}",
             "--log-level", "info",
         ])
 
