@@ -170,7 +170,11 @@ def _setup_proxies(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print a JSON list")
     parser.add_argument("--id", metavar="PREFIX", help="select the sidecar whose id starts with PREFIX")
     parser.add_argument("--log", action="store_true", help="with --id: print that sidecar's log")
-    parser.add_argument("--tail", type=int_at_least(0), default=None, metavar="N", help="with --log: only the last N lines")
+    parser.add_argument("--access-log", action="store_true",
+                        help="print the access-log lines (JSON, traffic.accesslog=on) of the sidecar of --id, or of "
+                             "every sidecar of this node, each line then prefixed with NAMESPACE/POD and a space")
+    parser.add_argument("--tail", type=int_at_least(0), default=None, metavar="N",
+                        help="with --log: only the last N lines; with --access-log: the last N access-log lines (per sidecar)")
     parser.add_argument("--admin", metavar="PATH",
                         help="with --id: GET PATH (e.g. /config_dump, /clusters, /stats) from that sidecar's Envoy admin, "
                              "from inside its pod's network namespace (admin is not reachable from the pod network)")
@@ -189,6 +193,8 @@ def _run_proxies(args: argparse.Namespace) -> int:
 
     if args.log and not args.id:
         raise CliError("--log needs --id PREFIX")
+    if args.access_log and (args.log or args.admin is not None or args.remove_all):
+        raise CliError("--access-log cannot be combined with --log, --admin or --remove-all")
     if args.admin is not None:
         if not args.id:
             raise CliError("--admin needs --id PREFIX")
@@ -224,9 +230,15 @@ def _run_proxies(args: argparse.Namespace) -> int:
             if args.log:
                 _write(runtime.logs(sidecar, args.tail))
                 return 0
+            if args.access_log:
+                _write_access_log(runtime, [sidecar], args.tail, prefix=False)
+                return 0
             if args.admin is not None:
                 return _admin_get(runtime, sidecar, args.admin, args.admin_port)
             sidecars = [sidecar]
+        elif args.access_log:
+            _write_access_log(runtime, sidecars, args.tail, prefix=True)
+            return 0
     except RuntimeUnavailable as exc:
         raise CliError(str(exc)) from None
     finally:
@@ -239,6 +251,21 @@ def _run_proxies(args: argparse.Namespace) -> int:
         _write(render.table(("ID", "POD", "NAMESPACE", "STATUS", "STATE"),
                             [(s.id, s.pod, s.namespace, s.status, s.state) for s in sidecars]))
     return 0
+
+
+def _write_access_log(runtime: Runtime, sidecars: list[Sidecar], tail: int | None, prefix: bool) -> None:
+    """The access-log lines of ``sidecars`` (from their logs: Envoy's stdout, where the ``accesslog``
+    plugin's stdout logger writes), the last ``tail`` of each; with ``prefix`` each line starts with
+    ``<namespace>/<pod> ``. The whole log is read: the lines to keep are found by content."""
+    from trafficmgr.plugins.accesslog import access_lines
+
+    out: list[str] = []
+    for s in sidecars:
+        lines = access_lines(runtime.logs(s))
+        if tail is not None:
+            lines = lines[-tail:] if tail else []
+        out.extend(f"{s.namespace}/{s.pod} {line}" if prefix else line for line in lines)
+    _write("".join(line + "\n" for line in out))
 
 
 def _admin_get(runtime: Runtime, sidecar: Sidecar, path: str, admin_port: int) -> int:
