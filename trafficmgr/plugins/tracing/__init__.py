@@ -106,14 +106,17 @@ def trafficmgr_add_arguments(parser: argparse.ArgumentParser, command: str) -> N
                        help="OpenTelemetry collector (OTLP gRPC, plaintext h2c) for --tracing-provider opentelemetry")
     if command == "serve":
         return
-    group.add_argument("--tracing-flush-spans", "--zipkin-flush-spans", dest="zipkin_flush_spans", type=int_at_least(1),
-                       default=DEFAULT_FLUSH_SPANS, metavar="N",
-                       help=f"Envoy sends buffered spans every N spans (bootstrap runtime of the selected provider; "
-                            f"default {DEFAULT_FLUSH_SPANS})")
-    group.add_argument("--tracing-flush-interval", "--zipkin-flush-interval", dest="zipkin_flush_interval",
-                       type=int_at_least(1), default=DEFAULT_FLUSH_INTERVAL_MS, metavar="MS",
-                       help=f"... or every MS milliseconds (bootstrap runtime; default {DEFAULT_FLUSH_INTERVAL_MS})")
-
+    # --tracing-flush-* name what applies to either provider; --zipkin-flush-* are the older spellings (one
+    # option each, sharing the destination, so an error names the option the user typed).
+    for name, dest, default, metavar, text in (
+            ("flush-spans", "zipkin_flush_spans", DEFAULT_FLUSH_SPANS, "N",
+             f"Envoy sends buffered spans every N spans (bootstrap runtime of the selected provider; "
+             f"default {DEFAULT_FLUSH_SPANS})"),
+            ("flush-interval", "zipkin_flush_interval", DEFAULT_FLUSH_INTERVAL_MS, "MS",
+             f"... or every MS milliseconds (bootstrap runtime; default {DEFAULT_FLUSH_INTERVAL_MS})")):
+        group.add_argument(f"--tracing-{name}", dest=dest, type=int_at_least(1), default=default, metavar=metavar, help=text)
+        group.add_argument(f"--zipkin-{name}", dest=dest, type=int_at_least(1), default=default, metavar=metavar,
+                           help=f"the same as --tracing-{name}")
 
 def provider(options: argparse.Namespace) -> str:
     """The selected provider (``zipkin`` unless ``--tracing-provider opentelemetry``)."""
