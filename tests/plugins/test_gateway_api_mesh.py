@@ -4,7 +4,8 @@ The rig: the project's API server with the Gateway API CRDs, the real control pl
 plugin, and a sidecar pod (``client.default``) whose outbound traffic to ClusterIPs goes through its
 Envoy. Service ``reviews`` selects both ``reviews-v1`` and ``reviews-v2`` pods; Services ``reviews-v1``
 and ``reviews-v2`` select one each. HTTPRoutes whose parentRef is Service ``reviews`` change where the
-client's requests to ``reviews`` go.
+client's requests to ``reviews`` go. Service ``shop/ratings`` (pod ``ratings-1``) is the parent of the
+consumer-route test: the client's namespace (``default``) is the consumer namespace.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from trafficmgr.testing.manifests import pod, service
 from trafficmgr.testing.netns import require as _require_netns
 
 PODS = {"reviews-v1": "10.244.0.11", "reviews-v2": "10.244.0.12"}
+RATINGS_IP = "10.244.0.13"
 PORT = 9080
 ROUTES: list[tuple[str, str]] = []
 
@@ -37,6 +39,7 @@ def _manifests() -> str:
             "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n"]
     for name, ip in PODS.items():
         docs.append(pod(f"{name}-abc", ip, "reviews", labels={"version": name}))
+    docs += [service("ratings", namespace="shop"), pod("ratings-1", RATINGS_IP, "ratings", namespace="shop")]
     out = "---\n".join(docs)
     # reviews-v1/v2 select by version (service() selects app=<app>): patch the selectors.
     for v in PODS:
@@ -50,11 +53,12 @@ def cluster(envoy_binary: str) -> Iterator[LocalCluster]:
     mp = pytest.MonkeyPatch()
     mp.setattr(watch_module, "NOT_SERVED_RETRY", 0.2)  # the CRDs come after the control plane started
     try:
-        with LocalCluster(list(PODS.values())) as c:
+        with LocalCluster([*PODS.values(), RATINGS_IP]) as c:
             for crd in load_manifests(GATEWAY_API_CRDS):
                 c.store.create(crd)
             for name, ip in PODS.items():
                 c.backend(name, ip, PORT)
+            c.backend("ratings-1", RATINGS_IP, PORT)
             c.apply(_manifests())
             c.wait_config(lambda: _spread(c, 20)["reviews-v1"] > 0, timeout=20, message="reviews not routed")
             yield c
@@ -72,6 +76,10 @@ def _clean(cluster: LocalCluster) -> Iterator[None]:
             cluster.store.delete("httproutes", name, ns)
         except ApiError:
             pass
+    try:
+        cluster.store.delete("referencegrants", "from-default", "shop")
+    except ApiError:
+        pass
     ROUTES.clear()
 
 
@@ -89,8 +97,8 @@ spec:
 
 
 def _request(c: LocalCluster, path: str = "/", headers: dict[str, str] | None = None,
-             method: str = "GET") -> tuple[int, dict[str, Any]]:
-    url = f"http://{c.cluster_ip('reviews')}:{PORT}{path}"
+             method: str = "GET", service: str = "reviews", namespace: str = "default") -> tuple[int, dict[str, Any]]:
+    url = f"http://{c.cluster_ip(service, namespace)}:{PORT}{path}"
 
     def run() -> tuple[int, dict[str, Any]]:
         req = urllib.request.Request(url, headers=headers or {}, method=method)
@@ -197,8 +205,7 @@ def test_header_modifier_and_backend_label_policy(cluster: LocalCluster) -> None
 
 def test_status_per_service_parent_and_bad_route_changes_nothing_else(cluster: LocalCluster) -> None:
     """Accepted/ResolvedRefs per Service parent (our controllerName); a missing Service or port is
-    NoMatchingParent, a consumer route (Service in another namespace) UnsupportedValue and not served, a
-    missing backend ResolvedRefs=False BackendNotFound, an unsupported filter UnsupportedValue; the good
+    NoMatchingParent, a missing backend ResolvedRefs=False BackendNotFound, an unsupported filter UnsupportedValue; the good
     route keeps being served throughout."""
     c = cluster
     c.apply(httproute("good", "[{backendRefs: [{name: reviews-v2, port: 9080}]}]"))
@@ -207,8 +214,6 @@ def test_status_per_service_parent_and_bad_route_changes_nothing_else(cluster: L
                       parent="{group: '', kind: Service, name: nope}")
             + "---" + httproute("missing-port", "[{backendRefs: [{name: reviews-v1, port: 9080}]}]",
                                 parent="{group: '', kind: Service, name: reviews, port: 1234}")
-            + "---" + httproute("consumer", "[{backendRefs: [{name: reviews-v1, namespace: default, port: 9080}]}]",
-                                parent="{group: '', kind: Service, name: reviews, namespace: default}", namespace="shop")
             + "---" + httproute("bad-backend", "[{matches: [{path: {type: PathPrefix, value: /gone}}], "
                                                "backendRefs: [{name: gone, port: 9080}]}]")
             + "---" + httproute("bad-filter", "[{matches: [{path: {type: PathPrefix, value: /ext}}], "
@@ -224,14 +229,8 @@ def test_status_per_service_parent_and_bad_route_changes_nothing_else(cluster: L
         assert p["controllerName"] == "trafficmgr.io/gateway-controller"
         assert p["parentRef"]["kind"] == "Service"
         assert _conds(p) == {"Accepted": (acc, acc_reason), "ResolvedRefs": (res, res_reason)}, (name, p)
-    consumer = wait_for(lambda: _parent(c, "consumer", "shop"), 15, message="no status on the consumer route")
-    assert _conds(consumer)["Accepted"] == ("False", "UnsupportedValue")
-    msg = {x["type"]: x["message"] for x in consumer["conditions"]}["Accepted"]
-    assert ("consumer route, which would apply only to callers in namespace shop" in msg
-            and "not supported: they need per-namespace sidecar views" in msg and msg.endswith("(not served)")), msg
-    # Nothing else changed: the good route still sends everything to v2 (the consumer route's v1 is not
-    # served); the bad backend's rule answers 500; the unsupported rule is not served (its path goes to the
-    # good route's catch-all).
+    # Nothing else changed: the good route still sends everything to v2; the bad backend's rule answers
+    # 500; the unsupported rule is not served (its path goes to the good route's catch-all).
     assert _spread(c, 20) == Counter({"reviews-v2": 20})
     assert _served(c, "/gone") == "<500>"
     assert _served(c, "/ext") == "reviews-v2"
@@ -325,3 +324,92 @@ spec:
         assert _spread(c, 20) == Counter({"reviews-v2": 20})
     finally:
         c.store.delete("grpcroutes", "grpc-second", "default")
+
+
+def _view(c: LocalCluster) -> str | None:
+    return next((s.get("view") for s in c.cp.proxy_status() if s.get("node_id") == "client.default"), None)
+
+
+def test_consumer_route_applies_to_its_namespace_callers_and_wins_over_the_producer_route(cluster: LocalCluster) -> None:
+    """GAMMA (GEP-1294): the producer route of ``shop/ratings`` applies to every caller; a consumer route in
+    another namespace (``other``) does not apply to the client (namespace ``default``); a consumer route in
+    the client's namespace replaces the producer route for the client only (matches, redirect, backends in
+    its own namespace), Accepted True; a backend in a third namespace needs a ReferenceGrant
+    (RefNotPermitted, then served once granted); deleting it gives the client the producer route and its
+    previous view back."""
+    import http.client
+
+    from trafficmgr.core.model import SIDECAR
+    from trafficmgr.core.translate.scopes import consumer_view_name
+
+    c = cluster
+    c.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: other}\n")
+    ratings = "{group: '', kind: Service, name: ratings, namespace: shop, port: 9080}"
+
+    def ask(path: str = "/", headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+        return _request(c, path, headers, service="ratings", namespace="shop")
+
+    def by_producer() -> bool:
+        status, body = ask()
+        return status == 200 and body["backend"] == "ratings-1" and body["headers"].get("x-by") == "producer"
+
+    c.apply(httproute("producer", """
+  - filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-by, value: producer}]}}]
+    backendRefs: [{name: ratings, port: 9080}]""", parent="{group: '', kind: Service, name: ratings, port: 9080}",
+                      namespace="shop")
+            + "---" + httproute("elsewhere", "[{filters: [{type: RequestRedirect, requestRedirect: {hostname: other.example}}]}]",
+                                parent=ratings, namespace="other"))
+    c.wait_config(by_producer, timeout=15, message="producer route not served")
+    elsewhere = wait_for(lambda: _parent(c, "elsewhere", "other"), 15, message="no status on the other namespace's route")
+    assert _conds(elsewhere) == {"Accepted": ("True", "Accepted"), "ResolvedRefs": ("True", "ResolvedRefs")}, elsewhere
+    assert _view(c) == SIDECAR  # a consumer route of another namespace: the client's view is unchanged
+    assert by_producer()
+
+    c.apply(httproute("mine", """
+  - matches: [{headers: [{name: x-canary, value: "true"}]}]
+    backendRefs: [{name: reviews-v2, port: 9080}]
+  - matches: [{path: {type: PathPrefix, value: /moved}}]
+    filters: [{type: RequestRedirect, requestRedirect: {hostname: example.com, statusCode: 302}}]
+  - matches: [{path: {type: PathPrefix, value: /r}}]
+    backendRefs: [{name: ratings, namespace: shop, port: 9080}]
+  - backendRefs: [{name: reviews-v1, port: 9080}]""", parent=ratings))
+    mine_view = consumer_view_name("default", None)
+    wait_for(lambda: _view(c) == mine_view, 15, message=f"client not moved to its consumer view: {_view(c)}")
+    c.wait_config(lambda: ask()[1].get("backend") == "reviews-v1", timeout=15, message="consumer route not served")
+    status, body = ask()
+    assert status == 200 and "x-by" not in body["headers"]  # the producer route does not apply here
+    assert ask("/", {"x-canary": "true"})[1]["backend"] == "reviews-v2"
+
+    def redirect() -> tuple[int, str]:
+        conn = http.client.HTTPConnection(c.cluster_ip("ratings", "shop"), PORT, timeout=5)
+        try:
+            conn.request("GET", "/moved/x")
+            resp = conn.getresponse()
+            return resp.status, resp.getheader("location") or ""
+        finally:
+            conn.close()
+
+    pod = c.pod
+    assert pod is not None
+    assert pod.in_ns(redirect) == (302, f"http://example.com:{PORT}/moved/x")
+    p = wait_for(lambda: _parent(c, "mine"), 15, message="no status on the consumer route")
+    assert p["controllerName"] == "trafficmgr.io/gateway-controller" and p["parentRef"]["namespace"] == "shop"
+    assert _conds(p) == {"Accepted": ("True", "Accepted"), "ResolvedRefs": ("False", "RefNotPermitted")}, p
+    assert ask("/r")[0] == 500  # the rule whose backend is not granted
+
+    c.apply("""
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: from-default, namespace: shop}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: default}]
+  to: [{group: "", kind: Service}]
+""")
+    c.wait_config(lambda: ask("/r")[1].get("backend") == "ratings-1", timeout=15, message="granted backend not served")
+    wait_for(lambda: (q := _parent(c, "mine")) is not None and _conds(q)["ResolvedRefs"] == ("True", "ResolvedRefs"), 15,
+             message="ResolvedRefs not True once granted")
+
+    c.store.delete("httproutes", "mine", "default")
+    wait_for(lambda: _view(c) == SIDECAR, 15, message=f"client not back on the full view: {_view(c)}")
+    c.wait_config(by_producer, timeout=15, message="producer route not back for the client")
+    assert c.cp.cache.get(mine_view) is None

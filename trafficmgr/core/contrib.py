@@ -112,9 +112,15 @@ class ServiceRoutes:
     ``routes`` are Envoy ``Route`` messages, final: the core runs no ``trafficmgr_route`` on them (a
     plugin applies the Services' route policies itself with ``ctx.apply_route_hooks``), then every
     plugin's ``trafficmgr_virtual_host`` on the virtual host as usual. Return the same tuple object while
-    nothing changed: the core keeps the previous serialization for it."""
+    nothing changed: the core keeps the previous serialization for it.
+
+    ``caller_namespace``: None (the default) applies the routes to every sidecar; a namespace restricts
+    them to the sidecars of pods in that namespace, where they win over an item without one for the same
+    Service port (Gateway API consumer routes). Those sidecars get a view of their own (see
+    :mod:`~trafficmgr.core.translate.scopes`); every other sidecar's view is unchanged."""
 
     namespace: str
     name: str
     port: int
     routes: tuple[Any, ...]
+    caller_namespace: str | None = None

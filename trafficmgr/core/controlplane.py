@@ -102,13 +102,14 @@ class ControlPlane:
     def resolve(self, node_id: str, node_cluster: str, peer: str = "") -> str | None:
         """The view of a connecting proxy: gateways by node cluster, sidecars by ``<pod>.<namespace>``:
         ``sidecar``, or the shared view of the pod's ``traffic.scope`` (from the pod's current labels and
-        its Namespace's: a view the next build makes is served from then on, the stream waits till then)."""
+        its Namespace's: a view the next build makes is served from then on, the stream waits till then);
+        a pod in a namespace with Gateway API consumer routes (as of the last build) gets its consumer view."""
         if node_cluster == GATEWAY_CLUSTER or node_id == GATEWAY_CLUSTER:
             return GATEWAY
         pod, _, namespace = node_id.rpartition(".")
         found = self.assembler.pods.get((namespace, pod)) if pod else None
         if found is not None:
-            return view_of(found, self.assembler.namespaces)
+            return view_of(found, self.assembler.namespaces, self.builder.scoped.consumer_namespaces)
         return None
 
     # -- lifecycle ----------------------------------------------------------------------------

@@ -16,6 +16,13 @@ Contracts:
   scope reaches the blocked chains, whose 404 names the scope.
 - Work per build: none while nothing in a scope changed; a changed Service re-derives only the scopes
   whose namespaces (or route backends) hold it. Views no pod uses any more are dropped.
+- Consumer views (Gateway API consumer routes: ``ServiceRoutes.caller_namespace``): a pod in a namespace
+  that has caller-restricted routes gets the view of its scope (or the full view) plus that namespace's
+  virtual hosts for the Services those routes name, named ``sidecar~<16 hex digits>`` from the namespace
+  and the scope (:func:`consumer_view_name`). Only the route configurations holding those virtual hosts
+  (and, with the explicit proxy, its route configuration) are its own; everything else is the very
+  resource objects of the view it is made from (a scoped one adds the clusters the routes reach). Pods of
+  other namespaces keep their view names and snapshots unchanged.
 - A scope limits the configuration a sidecar holds (its size, and the destinations its Envoy routes
   to); it is not an authorization boundary: a pod may still connect to out-of-scope addresses the
   sidecar does not intercept, and the destination's own policy (mtls ``traffic.allow.*``) decides.
@@ -25,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from typing import Any
 
 import attrs
@@ -68,6 +75,15 @@ def view_name(namespaces: tuple[str, ...]) -> str:
     return VIEW_PREFIX + digest
 
 
+@functools.lru_cache(maxsize=4096)
+def consumer_view_name(namespace: str, scope: Scope | None) -> str:
+    """The view of the sidecars of pods in ``namespace`` (which has caller-restricted routes) with
+    ``scope`` (None: the full view). Never a :func:`view_name` (``:`` is in no namespace name)."""
+    base = "*" if scope is None else "\n".join(scope.namespaces)
+    digest = hashlib.blake2b(f"consumer:{namespace}\n{base}".encode(), digest_size=8).hexdigest()
+    return VIEW_PREFIX + digest
+
+
 def is_sidecar_view(view: str | None) -> bool:
     """True for ``sidecar`` and every scoped sidecar view."""
     return view == SIDECAR or (view is not None and view.startswith(VIEW_PREFIX))
@@ -93,9 +109,12 @@ def scope_of(pod: Pod, namespaces: Mapping[str, Namespace]) -> Scope | None:
     return _scope(pod.namespace, mode, extra)
 
 
-def view_of(pod: Pod, namespaces: Mapping[str, Namespace]) -> str:
-    """The view name a sidecar of ``pod`` gets."""
+def view_of(pod: Pod, namespaces: Mapping[str, Namespace], consumers: Container[str] = frozenset()) -> str:
+    """The view name a sidecar of ``pod`` gets; ``consumers``: the namespaces with caller-restricted
+    routes (the last build's :attr:`ScopedViews.consumer_namespaces`)."""
     scope = scope_of(pod, namespaces)
+    if pod.namespace in consumers:
+        return consumer_view_name(pod.namespace, scope)
     return SIDECAR if scope is None else scope.view
 
 
@@ -110,6 +129,8 @@ class ScopeIndex:
         #: Bumped whenever the set of scopes in use changes.
         self.generation = 0
         self._ns_pods: dict[str, set[tuple[str, str]]] = {}
+        #: Per namespace: how many of its pods have each scope (None: no scope).
+        self.ns_scopes: dict[str, dict[Scope | None, int]] = {}
         self._started = False
 
     def update(self, model: Model) -> None:
@@ -130,19 +151,34 @@ class ScopeIndex:
         by_pod: dict[tuple[str, str], Scope] = {}
         users: dict[Scope, int] = {}
         ns_pods: dict[str, set[tuple[str, str]]] = {}
+        ns_scopes: dict[str, dict[Scope | None, int]] = {}
         namespaces = model.namespaces
         for key, pod in model.pods.items():
             keys = ns_pods.get(key[0])
             if keys is None:
                 keys = ns_pods[key[0]] = set()
+                ns_scopes[key[0]] = {}
             keys.add(key)
             scope = scope_of(pod, namespaces)
+            counts = ns_scopes[key[0]]
+            counts[scope] = counts.get(scope, 0) + 1
             if scope is not None:
                 by_pod[key] = scope
                 users[scope] = users.get(scope, 0) + 1
-        self.by_pod, self.users, self._ns_pods = by_pod, users, ns_pods
+        self.by_pod, self.users, self._ns_pods, self.ns_scopes = by_pod, users, ns_pods, ns_scopes
 
     def _set(self, key: tuple[str, str], pod: Pod | None, namespaces: Mapping[str, Namespace]) -> None:
+        present = key in self._ns_pods.get(key[0], ())
+        if present:
+            counts = self.ns_scopes[key[0]]
+            was = self.by_pod.get(key)
+            left = counts[was] - 1
+            if left:
+                counts[was] = left
+            else:
+                del counts[was]
+                if not counts:
+                    del self.ns_scopes[key[0]]
         if pod is None:
             pods = self._ns_pods.get(key[0])
             if pods is not None:
@@ -160,6 +196,9 @@ class ScopeIndex:
                 del self.users[old]
                 self.generation += 1
         new = scope_of(pod, namespaces) if pod is not None else None
+        if pod is not None:
+            counts = self.ns_scopes.setdefault(key[0], {})
+            counts[new] = counts.get(new, 0) + 1
         if new is not None:
             self.by_pod[key] = new
             count = self.users.get(new, 0)
@@ -187,6 +226,10 @@ class ViewState:
     """What one scoped view was built from last, and its products."""
 
     scope: Scope
+    #: A consumer view's caller namespace ("" for a plain scoped view), and the virtual hosts of that
+    #: namespace's consumer routes it was last built with (by destination key, sorted).
+    caller: str = ""
+    subst: tuple[tuple[tuple[str, str, str], Any], ...] = ()
     groups: tuple[object, ...] = ()
     listener: cache.Resource | None = None
     routes: tuple[cache.Resource, ...] = ()
@@ -201,6 +244,24 @@ class ViewState:
     scoped: dict[str, cache.TypeSet] = attrs.field(factory=dict)
     snapshot: cache.Snapshot | None = None
 
+
+
+@attrs.define
+class FullConsumerState:
+    """A consumer view made from the full sidecar view: its own route configurations and what it was
+    last built from."""
+
+    caller: str
+    memo: Memo[object, Any] = attrs.field(factory=lambda: Memo("consumer view"))
+    key: tuple[object, ...] = ()
+    snapshot: cache.Snapshot | None = None
+
+
+Subst = dict[tuple[str, str, str], route_components_pb2.VirtualHost]
+
+
+def _same_subst(a: tuple[tuple[tuple[str, str, str], Any], ...], b: tuple[tuple[tuple[str, str, str], Any], ...]) -> bool:
+    return len(a) == len(b) and all(x[0] == y[0] and x[1] is y[1] for x, y in zip(a, b, strict=True))
 
 
 Resources = dict[str, Any]  # type URL -> list of Resource, or a TypeSet (what the builder assembles per view)
@@ -223,6 +284,13 @@ class ScopedViews:
         self._base_key: tuple[object, ...] = ()
         self._live: tuple[int, dict[str, Scope]] = (-1, {})
         self._shared: tuple[cache.TypeSet | None, cache.TypeSet | None] = (None, None)
+        #: The full view's HTTP entries by (namespace, Service, port), and by port in the full view's order.
+        self._entry_of: dict[tuple[str, str, int], Any] = {}
+        self._port_entries: dict[int, list[Any]] = {}
+        self.full_states: dict[str, FullConsumerState] = {}
+        #: The namespaces with caller-restricted routes as of the last build (what ``resolve`` reads: a
+        #: pod there gets :func:`consumer_view_name`); replaced whole, never mutated.
+        self.consumer_namespaces: frozenset[str] = frozenset()
 
     def build(self, model: Model, out: Any, base: Resources, shared: Mapping[str, cache.TypeSet],
               extras: Mapping[str, Mapping[str, cache.Resource]], context: Callable[[str], BuildContext]) -> dict[str, cache.Snapshot]:
@@ -234,12 +302,21 @@ class ScopedViews:
         if self._live[0] != self.index.generation:
             self._live = (self.index.generation, dict(sorted((scope.view, scope) for scope in self.index.users)))
         live = self._live[1]
-        gone = [v for v in self.states if v not in live]
+        # Consumer views: one per (namespace with caller-restricted routes, scope of a pod there).
+        consumer = self.outbound.consumer
+        consumer_live: dict[str, tuple[str, Scope | None]] = {}
+        for caller in sorted(consumer):
+            for scope in self.index.ns_scopes.get(caller, ()):
+                consumer_live[consumer_view_name(caller, scope)] = (caller, scope)
+        self.consumer_namespaces = frozenset(consumer) if consumer.keys() != self.consumer_namespaces else self.consumer_namespaces
+        gone = [v for v in self.states if v not in live and v not in consumer_live]
         for view in gone:
             del self.states[view]
+        for view in [v for v in self.full_states if v not in consumer_live]:
+            del self.full_states[view]
         if gone:
-            self._extras.keep_only(lambda key: key[0] in live)
-        if not live:
+            self._extras.keep_only(lambda key: key[0] in live or key[0] in consumer_live)
+        if not live and not consumer_live:
             self._out = None
             return {}
         regrouped = out is not self._out
@@ -266,12 +343,24 @@ class ScopedViews:
         changed_endpoints = endpoints.changed_since(prev_endpoints) if prev_endpoints is not None else None
         snapshots: dict[str, cache.Snapshot] = {}
         states = self.states
-        for view, scope in live.items():
+        todo: list[tuple[str, Scope, str, Subst]] = [(view, scope, "", {}) for view, scope in live.items()]
+        for view, (caller, cscope) in consumer_live.items():
+            ctx = context(view)
+            subst = self._subst(caller, consumer[caller], ctx)
+            if cscope is None:
+                fstate = self.full_states.get(view)
+                if fstate is None:
+                    fstate = self.full_states[view] = FullConsumerState(caller)
+                snapshots[view] = self._full_consumer(fstate, subst, base, ctx)
+            else:
+                todo.append((view, cscope, caller, subst))
+        for view, scope, caller, subst in todo:
+            key = tuple(sorted(subst.items(), key=lambda kv: kv[0]))
             state = states.get(view)
             if state is None:
-                state = states[view] = ViewState(scope)
+                state = states[view] = ViewState(scope, caller)
             elif (base_same and changed_clusters is not None and changed_endpoints is not None
-                  and state.snapshot is not None):
+                  and state.snapshot is not None and _same_subst(key, state.subst)):
                 held = state.shared
                 if ((not regrouped or tuple(self._groups.peek(ns) or () for ns in scope.namespaces) == state.groups)
                         and held.get(cache.CLUSTER) is prev_clusters and held.get(cache.ENDPOINT) is prev_endpoints
@@ -279,8 +368,60 @@ class ScopedViews:
                     held[cache.CLUSTER], held[cache.ENDPOINT] = clusters, endpoints
                     snapshots[view] = state.snapshot
                     continue
-            snapshots[view] = self._view(view, state, out, base, shared, extras, context)
+            snapshots[view] = self._view(view, state, out, base, shared, extras, context, subst, key)
         return snapshots
+
+    def _subst(self, caller: str, overrides: Mapping[tuple[str, str, int], tuple[bytes, tuple[object, ...]]],
+               ctx: BuildContext) -> Subst:
+        """The virtual hosts namespace ``caller``'s routes give the Service ports of the full view, by
+        destination key (routes for a Service port no sidecar serves over HTTP are left out)."""
+        out: Subst = {}
+        for key, (data, routes) in overrides.items():
+            entry = self._entry_of.get(key)
+            if entry is not None:
+                out[entry.dest.key] = self.outbound.consumer_vhost(caller, entry, data, routes, ctx)
+        return out
+
+    def _full_consumer(self, state: FullConsumerState, subst: Subst, base: Resources, ctx: BuildContext) -> cache.Snapshot:
+        """The full view with the route configurations holding ``subst``'s virtual hosts replaced (and the
+        explicit proxy's); every other resource is the full view's object."""
+        from trafficmgr.core.translate.explicit_proxy import PROXY_ROUTE, with_connect
+        from trafficmgr.core.translate.sidecar_outbound import blocked_virtual_host, route_config_name, route_configuration
+
+        own: dict[str, cache.Resource] = {}
+        for p in sorted(self._port_entries):
+            entries = self._port_entries[p]
+            if not any(e.dest.key in subst for e in entries):
+                continue
+            name = route_config_name(p)
+            vhosts = [subst.get(e.dest.key, e.vhost) for e in entries]
+            own[name] = state.memo.get(name, tuple(vhosts), route_configuration, name, vhosts, ctx)
+        if self.explicit_proxy and own:
+            connected = []
+            for p in sorted(self._port_entries):
+                for e in self._port_entries[p]:
+                    cluster = e.dest.service.cluster_name(e.dest.port)
+                    vh = subst.get(e.dest.key)
+                    if vh is None:
+                        connected.append(self._connect.get(e.dest.key, (e.vhost, cluster), with_connect, e.vhost, cluster))
+                    else:
+                        connected.append(state.memo.get(("connect", e.dest.key), (vh, cluster), with_connect, vh, cluster))
+            blocked = state.memo.get("blocked-vh", (), blocked_virtual_host)
+            vhosts = [*connected, blocked]
+            own[PROXY_ROUTE] = state.memo.get(PROXY_ROUTE, tuple(vhosts), route_configuration, PROXY_ROUTE, vhosts, ctx)
+        state.memo.keep_only(lambda k: not isinstance(k, str) or k in own or k == "blocked-vh")
+        routes = base[cache.ROUTE]
+        key = (*(base[t] for t in cache.TYPE_ORDER if t != cache.ROUTE), tuple(routes), tuple(own.values()))
+        if state.snapshot is not None and len(key) == len(state.key) and all(a is b or a == b for a, b in zip(key, state.key, strict=True)):
+            return state.snapshot
+        resources: Resources = dict(base)
+        resources[cache.ROUTE] = [own.get(r.name, r) for r in routes]
+        previous = state.snapshot
+        snap = cache.Snapshot.build(resources, previous)
+        if previous is not None and all(snap.types[t] is previous.types[t] for t in cache.TYPE_ORDER):
+            snap = previous
+        state.snapshot, state.key = snap, key
+        return snap
 
     def _regroup(self, out: Any) -> None:
         """The full view's entries by namespace; a namespace whose entries are unchanged keeps its tuple."""
@@ -292,17 +433,28 @@ class ScopedViews:
             group = tuple(entries)
             self._groups.get(ns, group, lambda g=group: g)
         self._groups.keep_only(by_ns.__contains__)
+        self._entry_of, self._port_entries = {}, {}
+        for e in out.entries:
+            d = e.dest
+            if e.vhost is not None and d.service.kind == "Service":
+                self._entry_of[(d.service.namespace, d.service.name, d.port.port)] = e
+            if e.vhost is not None:
+                self._port_entries.setdefault(d.port.port, []).append(e)
         live = {e.dest.key for e in out.entries if e.vhost is not None}
         self._route_clusters.keep_only(live.__contains__)
         self._connect.keep_only(live.__contains__)
 
     def _view(self, view: str, state: ViewState, out: Any, base: Resources, shared: Mapping[str, cache.TypeSet],
-              extras: Mapping[str, Mapping[str, cache.Resource]], context: Callable[[str], BuildContext]) -> cache.Snapshot:
+              extras: Mapping[str, Mapping[str, cache.Resource]], context: Callable[[str], BuildContext],
+              subst: Subst | None = None, subst_key: tuple[tuple[tuple[str, str, str], Any], ...] = ()) -> cache.Snapshot:
         from trafficmgr.core.translate.sidecar_outbound import OUTBOUND_LISTENER
 
         groups = tuple(self._groups.peek(ns) or () for ns in state.scope.namespaces)
-        if state.listener is None or groups != state.groups:
-            self._outbound(view, state, groups, context(view))
+        if state.listener is None or groups != state.groups or not _same_subst(subst_key, state.subst):
+            # A consumer view shares its scope's listener (the same chains) when that view is built already.
+            plain = self.states.get(state.scope.view) if state.caller else None
+            self._outbound(view, state, groups, context(view), subst or {}, plain)
+            state.subst = subst_key
         names = state.names
         scoped: dict[str, cache.TypeSet] = {}
         for type_url in (cache.CLUSTER, cache.ENDPOINT):
@@ -328,9 +480,12 @@ class ScopedViews:
         state.snapshot = snap
         return snap
 
-    def _outbound(self, view: str, state: ViewState, groups: tuple[Any, ...], ctx: BuildContext) -> None:
+    def _outbound(self, view: str, state: ViewState, groups: tuple[Any, ...], ctx: BuildContext,
+                  subst: Subst | None = None, plain: ViewState | None = None) -> None:
         """The scoped listener, route configurations (and explicit-proxy routes) of ``groups``, and the
-        cluster names they reach."""
+        cluster names they reach; ``subst``: a consumer view's virtual hosts by destination key (instead
+        of the full view's); ``plain``: the scope's own view, whose listener a consumer view reuses."""
+        subst = subst or {}
         from trafficmgr.core.translate.explicit_proxy import PROXY_ROUTE, with_connect
         from trafficmgr.core.translate.sidecar_outbound import (
             blocked_chain,
@@ -351,7 +506,9 @@ class ScopedViews:
             names.add(d.service.cluster_name(d.port))
             if e.vhost is not None:
                 by_port.setdefault(d.port.port, []).append(e)
-                names |= self._route_clusters.get(d.key, (e.vhost,), route_clusters, e.vhost)
+                own = subst.get(d.key)
+                names |= (self._route_clusters.get(d.key, (e.vhost,), route_clusters, e.vhost) if own is None
+                          else route_clusters(own))
         ports = {e.dest.port.port for e in entries}
         tcp_ports = tuple(sorted({e.dest.port.port for e in entries if not e.dest.http}))
         for p in sorted(ports - set(tcp_ports)):
@@ -359,20 +516,27 @@ class ScopedViews:
         chains.append(state.memo.get(("blocked", None), (body,), blocked_chain, None, body))
         routes = []
         for p in sorted(by_port):
-            vhosts = [e.vhost for e in by_port[p]]
+            vhosts = [subst.get(e.dest.key, e.vhost) for e in by_port[p]]
             name = route_config_name(p)
             routes.append(state.memo.get(name, tuple(vhosts), route_configuration, name, vhosts, ctx))
         state.routes = tuple(routes)
         kept = {r.name for r in state.routes}
         state.memo.keep_only(lambda key: not isinstance(key, str) or not key.startswith("outbound|") or key in kept)
-        state.listener = state.memo.get("listener", (*chains, tcp_ports), self.outbound.make_listener,
-                                        chains, tcp_ports, state.routes, ctx)
+        if plain is not None and plain.listener is not None and plain.groups == groups:
+            state.listener = plain.listener  # the same chains: the very object of the scope's view
+        else:
+            state.listener = state.memo.get("listener", (*chains, tcp_ports), self.outbound.make_listener,
+                                            chains, tcp_ports, state.routes, ctx)
         if self.explicit_proxy:
             connected = []
             for p in sorted(by_port):
                 for e in by_port[p]:
                     cluster = e.dest.service.cluster_name(e.dest.port)
-                    connected.append(self._connect.get(e.dest.key, (e.vhost, cluster), with_connect, e.vhost, cluster))
+                    own = subst.get(e.dest.key)
+                    if own is None:
+                        connected.append(self._connect.get(e.dest.key, (e.vhost, cluster), with_connect, e.vhost, cluster))
+                    else:
+                        connected.append(state.memo.get(("connect", e.dest.key), (own, cluster), with_connect, own, cluster))
             blocked = state.memo.get("blocked-vh", (body,), blocked_virtual_host, body)
             vhosts = [*connected, blocked]
             state.proxy_route = state.memo.get(PROXY_ROUTE, tuple(vhosts), route_configuration, PROXY_ROUTE, vhosts, ctx)

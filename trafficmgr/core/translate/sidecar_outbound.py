@@ -8,7 +8,10 @@ explaining why, other TCP is closed.
 A virtual host's routes are one default route to the Service port's cluster, unless a plugin's
 ``trafficmgr_service_routes`` gives that Service port its own routes (Gateway API mesh routes): they
 replace the default route. They are compared serialized with the previous build's, so only virtual
-hosts whose routes changed are rebuilt.
+hosts whose routes changed are rebuilt. Items restricted to one caller namespace (``caller_namespace``:
+Gateway API consumer routes) are not part of this view: they are kept in :attr:`OutboundTranslator.consumer`
+and :meth:`OutboundTranslator.consumer_vhost` makes their virtual hosts for the views of that namespace's
+sidecars (:mod:`~trafficmgr.core.translate.scopes`).
 """
 
 from __future__ import annotations
@@ -104,8 +107,13 @@ class OutboundTranslator:
         self._shared: Memo[int, frozenset[str]] = Memo("shared domains")
         self._listener: Memo[str, cache.Resource] = Memo("outbound listener")
         self._blocked: Memo[int | None, listener_components_pb2.FilterChain] = Memo("blocked chains")
-        #: Plugin routes by (namespace, service, port): the tuple last returned and its serialization.
-        self._serialized: dict[tuple[str, str, int], tuple[tuple[object, ...], bytes]] = {}
+        #: Plugin routes by (caller namespace or "", namespace, service, port): the tuple last returned and
+        #: its serialization.
+        self._serialized: dict[tuple[str, str, str, int], tuple[tuple[object, ...], bytes]] = {}
+        #: This build's caller-restricted plugin routes: caller namespace -> (namespace, service, port) ->
+        #: (serialization, routes). Not in the full view.
+        self.consumer: dict[str, dict[tuple[str, str, int], tuple[bytes, tuple[object, ...]]]] = {}
+        self._consumer_vhosts: Memo[tuple[str, tuple[str, str, str]], route_components_pb2.VirtualHost] = Memo("consumer virtual hosts")
 
     def translate(self, plan: SidecarPlan, ctx: BuildContext) -> OutboundOut:
         filters = self.filters.for_role(ctx)
@@ -160,22 +168,46 @@ class OutboundTranslator:
         A tuple returned again (the same object) keeps its serialization; others are serialized (routes
         are small next to a rebuilt virtual host, and only changed bytes rebuild one)."""
         out: dict[tuple[str, str, int], tuple[bytes, tuple[object, ...]]] = {}
-        kept: dict[tuple[str, str, int], tuple[tuple[object, ...], bytes]] = {}
+        consumer: dict[str, dict[tuple[str, str, int], tuple[bytes, tuple[object, ...]]]] = {}
+        kept: dict[tuple[str, str, str, int], tuple[tuple[object, ...], bytes]] = {}
         for item in self.hooks.service_routes(ctx):
             key = (item.namespace, item.name, item.port)
-            if key in out:
-                log.error("two plugins (or items) give routes to %s/%s port %d: the first is used", *key)
+            caller = item.caller_namespace
+            target = out if caller is None else consumer.setdefault(caller, {})
+            if key in target:
+                log.error("two plugins (or items) give routes to %s/%s port %d%s: the first is used", *key,
+                          "" if caller is None else f" for callers in namespace {caller}")
                 continue
-            old = self._serialized.get(key)
+            skey = (caller or "", *key)
+            old = self._serialized.get(skey)
             if old is not None and old[0] is item.routes:
                 data = old[1]
             else:
                 parts = [r.SerializeToString(deterministic=True) for r in item.routes]
                 data = b"".join(len(p).to_bytes(4, "big") + p for p in parts) or b"\0"
-            kept[key] = (item.routes, data)
-            out[key] = (data, item.routes)
+            kept[skey] = (item.routes, data)
+            target[key] = (data, item.routes)
         self._serialized = kept
+        self.consumer = consumer
+        self._consumer_vhosts.keep_only(lambda k: k[0] in consumer)
         return out
+
+    def consumer_vhost(self, caller: str, entry: OutboundEntry, data: bytes, routes: tuple[object, ...],
+                       ctx: BuildContext) -> route_components_pb2.VirtualHost:
+        """The virtual host of ``entry``'s Service port for the sidecars of namespace ``caller``, whose
+        routes (``data`` their serialization) replace the full view's: made as the full view makes one
+        with plugin routes (``trafficmgr_virtual_host`` runs), with the domains of the full view's final
+        virtual host (the same short names left out). The same object while its inputs are unchanged."""
+        d = entry.dest
+        return self._consumer_vhosts.get((caller, d.key), (entry.vhost, d.service, d.port, data),
+                                         self._consumer_vhost, entry, routes, ctx)
+
+    def _consumer_vhost(self, entry: OutboundEntry, routes: tuple[object, ...], ctx: BuildContext) -> route_components_pb2.VirtualHost:
+        assert entry.vhost is not None
+        vh = self._vhost(entry.dest, routes, ctx)
+        del vh.domains[:]
+        vh.domains.extend(entry.vhost.domains)
+        return vh
 
     def _chain(self, d: Destination, filters: Filters, ctx: BuildContext) -> listener_components_pb2.FilterChain:
         svc, port = d.service, d.port

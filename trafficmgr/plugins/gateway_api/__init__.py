@@ -10,7 +10,8 @@
   ``translate.py`` spells the table in Envoy's terms; ``status.py`` writes GatewayClass, Gateway and route
   status as the specification defines it.
 - Mesh routes (GAMMA, ``mesh.py``): HTTPRoutes/GRPCRoutes whose parentRef is a Service in their own
-  namespace replace that Service port's default route in every sidecar (``trafficmgr_service_routes``).
+  namespace replace that Service port's default route in every sidecar (``trafficmgr_service_routes``);
+  a consumer route (parent Service in another namespace) does so in the sidecars of its own namespace only.
 - Backends of attached routes count as ``http`` ports (GRPCRoute backends as ``grpc``: HTTP/2 upstream);
   the backend Services' label policies apply through ``ctx.apply_route_hooks`` in the translation.
 

@@ -1,8 +1,14 @@
 """Gateway API for the mesh (GAMMA): HTTPRoutes and GRPCRoutes whose parentRef is a Service.
 
-Producer routes only: a route in the Service's own namespace with a parentRef ``{group: "", kind:
-Service, name, port?}`` applies to every request a sidecar sends to that Service (``port`` given: that
-Service port only; ``sectionName``: the port of that name). Its rules replace the Service port's default
+A producer route (in the Service's own namespace) with a parentRef ``{group: "", kind: Service, name,
+port?}`` applies to every request a sidecar sends to that Service (``port`` given: that Service port only;
+``sectionName``: the port of that name). A consumer route (a parentRef to a Service in another namespace)
+applies only to the sidecars of pods in the route's own namespace (GEP-1294 "Namespace boundaries"), and
+for them replaces the producer routes of that Service port: GEP-1294 "Multiple routes for a Service":
+"Requests from a namespace with consumer routes will utilize the (possibly merged) set of routes in the
+consumer namespace; requests from other namespaces will utilize the (possibly merged) set of routes in
+the producer namespace", merging only within each group. Its items carry ``caller_namespace`` (the core
+builds those sidecars a view of their own). Its rules replace the Service port's default
 route in the sidecar's virtual host (``trafficmgr_service_routes``): matches, filters, timeouts and
 weighted backendRefs, in the same precedence as on a Gateway (every route attached to that Service port
 together; HTTPRoutes or GRPCRoutes, not both: the older route's kind keeps the port, as the specification
@@ -11,10 +17,10 @@ that matches no rule gets 404 (GAMMA: once routes are bound to a Service, they d
 Hostnames do not apply to Service parents (GAMMA: the Service is the host).
 
 Status per Service parent (our ``controllerName``): ``Accepted`` True, or False with
-``NoMatchingParent`` (no such Service, or no such port) or ``UnsupportedValue`` (a consumer route: a
-Service parent in another namespace, which GAMMA applies to the callers of the route's namespace only;
-those need per-namespace sidecar views, which do not exist: nothing is served for it, and the message
-says so), and ``ResolvedRefs`` as for Gateway parents.
+``NoMatchingParent`` (no such Service, or no such port) or ``NotAllowedByListeners`` (a consumer route
+on a port the Service's owner did not enable: a consumer route implies no protocol for another
+namespace's Service), and ``ResolvedRefs`` as for Gateway parents (backends in other namespaces need a
+ReferenceGrant, for consumer routes too; the parent Service does not).
 
 The parent Service port and the backends count as ``http`` ports (``grpc`` for GRPCRoute), as implied
 protocols (a port labelled ``traffic.port.N`` keeps its label: a ``tcp`` or ``direct`` port gets no HTTP
@@ -41,8 +47,9 @@ if TYPE_CHECKING:
 
 SERVICE = "Service"
 SERVICE_GROUPS = ("", "core")
-#: (namespace, service, port) -> the table routes of that Service port, in precedence order.
-MeshKey = tuple[str, str, int]
+#: (namespace, service, port, caller namespace) -> the table routes of that Service port, in precedence
+#: order; the caller namespace is ``""`` for producer routes (every caller), else the consumer routes' namespace.
+MeshKey = tuple[str, str, int, str]
 
 
 def is_service_parent(ref: ParentRef) -> bool:
@@ -76,7 +83,7 @@ def service_routes(mesh: tuple[tuple[MeshKey, tuple[t.Route, ...]], ...], ctx: B
     out: list[ServiceRoutes] = []
     live = set()
     for key, routes in mesh:
-        ns, name, number = key
+        ns, name, number, caller = key
         svc = ctx.model.services.get((ns, name))
         port = next((p for p in svc.ports if p.port == number), None) if svc is not None else None
         if svc is None or port is None:
@@ -89,11 +96,11 @@ def service_routes(mesh: tuple[tuple[MeshKey, tuple[t.Route, ...]], ...], ctx: B
         grpc = any(r.grpc for r in routes)
         policy = translate.effective(t.Backend(ns, name, number, 1, svc, port), grpc)
         served = t.ServedPort(number, "HTTP", ())  # redirects keep the Service port unless they name one
-        item = ServiceRoutes(ns, name, number, tuple(translate.routes(served, routes, ctx, policy)))
+        item = ServiceRoutes(ns, name, number, tuple(translate.routes(served, routes, ctx, policy)), caller or None)
         memo[key] = (routes, svc, item)
         out.append(item)
     for key in [k for k in memo if k not in live]:
         del memo[key]
-    ctx.memo[LAST] = (mesh, frozenset((ns, name) for ns, name, _ in (k for k, _ in mesh)), out)
+    ctx.memo[LAST] = (mesh, frozenset((k[0], k[1]) for k, _ in mesh), out)
     return out
 

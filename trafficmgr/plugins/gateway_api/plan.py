@@ -123,14 +123,14 @@ class Plan:
     ``routes`` holds every route with at least one parentRef to a Gateway of ours or to a Service (GAMMA),
     with its entries for those parents (empty tuple: none any more, our old entries are removed).
     ``mesh``: each Service port's mesh routes in precedence order (``mesh.py``), sorted by
-    ``(namespace, service, port)``."""
+    ``(namespace, service, port, caller namespace)`` (the caller namespace ``""`` for producer routes)."""
 
     table: t.Table
     classes: tuple[tuple[GatewayClass, tuple[Condition, ...]], ...] = ()
     gateways: tuple[GatewayStatus, ...] = ()
     routes: tuple[tuple[Route, tuple[ParentStatus, ...]], ...] = ()
     protocols: tuple[tuple[str, str, int | str, str], ...] = ()
-    mesh: tuple[tuple[tuple[str, str, int], tuple[t.Route, ...]], ...] = ()
+    mesh: tuple[tuple[gamma.MeshKey, tuple[t.Route, ...]], ...] = ()
     #: The working state the next build may start from (not part of the plan's value).
     state: Any = attrs.field(default=None, eq=False, repr=False)
 
@@ -1137,17 +1137,8 @@ def table(model: Model, options: argparse.Namespace) -> t.Table:
     return plan(model, options).table
 
 
-#: Route parent Accepted False: a consumer route (GAMMA: a Service parent in another namespace).
-CONSUMER_ROUTE = "UnsupportedValue"
-
-
-def consumer_route_message(route: Route, ns: str, name: str) -> str:
-    """Why a consumer route is not served: GAMMA scopes it to the callers in the route's namespace, and
-    the sidecars share one view of every Service's routes (per-namespace sidecar views do not exist)."""
-    return (f"Service {ns}/{name} is in another namespace: this is a consumer route, which would apply only to "
-            f"callers in namespace {route.meta.namespace}; consumer routes are not supported: they need "
-            f"per-namespace sidecar views, and every sidecar shares one view of each Service's routes "
-            f"(only routes in the Service's own namespace apply, to every caller)")
+#: Route parent Accepted False: a consumer route on a Service port its owner did not enable for the mesh.
+CONSUMER_PORT_NOT_ENABLED = "NotAllowedByListeners"
 
 
 def _attach_service_parent(route: Route, ref: ParentRef, model: Model, resolver: _Resolver,
@@ -1161,7 +1152,16 @@ def _attach_service_parent(route: Route, ref: ParentRef, model: Model, resolver:
     ``namespace/name``). An HTTPRoute and a GRPCRoute never share a Service port (the specification's rule
     for a listener and hostname: for a Service parent the Service is the only host): the route of the
     other kind is not attached to a port already claimed, and is ``Accepted`` False when that leaves it
-    no port."""
+    no port. Producer and consumer routes claim separately (per caller namespace).
+
+    A consumer route (GEP-1294 "Namespace boundaries": the parent Service is in another namespace; the
+    route is "scoped only [to] the same namespace ... so that for traffic between two namespaces, another
+    unrelated namespace cannot modify their traffic") is keyed by the route's namespace as the caller
+    namespace; the parent reference itself needs no ReferenceGrant (that is what a consumer route is).
+    It implies no protocol for the parent Service (that would enable the port for every caller): the
+    port must be enabled by its owner (a ``traffic.port.N`` label or ``appProtocol``), else ``Accepted``
+    False. Backends follow the same ReferenceGrant rule as every route of ours (stricter than GEP-1294,
+    which lets a mesh skip it)."""
 
     ok_refs = Condition(RESOLVED_REFS, True, "ResolvedRefs", "all references resolved")
     ns = ref.namespace or route.meta.namespace
@@ -1169,8 +1169,7 @@ def _attach_service_parent(route: Route, ref: ParentRef, model: Model, resolver:
     def refused(reason: str, message: str) -> ParentStatus:
         return ParentStatus(ref, (Condition(ACCEPTED, False, reason, message + " (not served)"), ok_refs))
 
-    if ns != route.meta.namespace:
-        return refused(CONSUMER_ROUTE, consumer_route_message(route, ns, ref.name))
+    caller = route.meta.namespace if ns != route.meta.namespace else ""
     svc: Service | None = model.services.get((ns, ref.name))
     if svc is None:
         return refused("NoMatchingParent", f"Service {ns}/{ref.name} not found")
@@ -1189,10 +1188,21 @@ def _attach_service_parent(route: Route, ref: ParentRef, model: Model, resolver:
                                       f"{'are' if len(ports) > 1 else 'is'} not HTTP: {route.kind}s apply to "
                                       f"http, http2, grpc and unlabelled ports only")
     ports = http_ports
+    if caller:
+        enabled = [p for p in ports if p.protocol is not None]
+        if not enabled:
+            listed = ", ".join(str(p.port) for p in ports)
+            return refused(CONSUMER_PORT_NOT_ENABLED,
+                           f"Service {ns}/{ref.name} port{'s' if len(ports) > 1 else ''} {listed} "
+                           f"{'are' if len(ports) > 1 else 'is'} not enabled for the mesh by the Service's owner (label "
+                           f"traffic.port.<port>=http|http2|grpc or appProtocol): a consumer route (namespace "
+                           f"{caller}) cannot enable another namespace's Service port")
+        ports = enabled
     if route.problems:
         return refused("UnsupportedValue", "; ".join(route.problems))
     claims = {} if claims is None else claims
-    taken = [(p, owner) for p in ports if (owner := claims.get((ns, ref.name, p.port))) is not None and owner.kind != route.kind]
+    taken = [(p, owner) for p in ports if (owner := claims.get((ns, ref.name, p.port, caller))) is not None
+             and owner.kind != route.kind]
     if taken:
         ports = [p for p in ports if all(p is not q for q, _ in taken)]
         if not ports:
@@ -1203,12 +1213,13 @@ def _attach_service_parent(route: Route, ref: ParentRef, model: Model, resolver:
     matches, problems, ref_conds = route_matches(route, resolver)
     grpc = route.kind == GRPC_ROUTE
     for port in ports:
-        claims.setdefault((ns, ref.name, port.port), route)
-        protocols.add((ns, ref.name, port.port, "grpc" if grpc else "http"))
+        claims.setdefault((ns, ref.name, port.port, caller), route)
+        if not caller:
+            protocols.add((ns, ref.name, port.port, "grpc" if grpc else "http"))
         for m, tie, tr in matches:
             add_protocols(tr, protocols)
             key = (_grpc_key(m, "*") if grpc else _http_key(m)) + tie
-            entries.setdefault((ns, ref.name, port.port), []).append(((1 if grpc else 0, key), tr))
+            entries.setdefault((ns, ref.name, port.port, caller), []).append(((1 if grpc else 0, key), tr))
     accepted, resolved = route_conditions(problems, ref_conds)
     conds: tuple[Condition, ...] = (accepted or Condition(ACCEPTED, True, "Accepted", "route accepted"), resolved)
     return ParentStatus(ref, conds)
