@@ -18,7 +18,7 @@ CHART = REPO / "helm" / "trafficmgr"
 CI_HELM = "/opt/trafficmgr-ci/bin/helm"  # installed by .ci/install.d/helm.sh
 RELEASE = "trafficmgr"
 NAMESPACE = "traffic-system"
-BUILTIN_PLUGINS = ["lb", "fault", "tracing", "circuit_breaker", "ingress", "tls", "ratelimit", "mtls", "gateway_api"]
+BUILTIN_PLUGINS = ["lb", "fault", "tracing", "circuit_breaker", "ingress", "tls", "ratelimit", "mtls", "gateway_api", "accesslog"]
 
 
 def need(tool: str, found: str | None) -> str:
