@@ -300,6 +300,11 @@ def test_collector_command_binds_otlp_on_loopback_and_rejects_a_bad_port() -> No
         assert f"OTLP/gRPC on 127.0.0.1:{port}" in banner, banner
         with socket.create_connection(("127.0.0.1", port), timeout=5):
             pass
+        # The port is taken now: a second collector says so in one line and exits 1.
+        busy = subprocess.run([sys.executable, "-m", "trafficmgr", "zipkin", "--port", "0", "--otlp-port", str(port)],
+                              capture_output=True, text=True, timeout=30)
+        assert busy.returncode == 1 and f"cannot listen for OTLP on 127.0.0.1:{port}" in busy.stderr, busy.stderr
+        assert "Traceback" not in busy.stderr
     finally:
         proc.terminate()
         assert proc.wait(10) == 0

@@ -47,6 +47,10 @@ _KINDS = {trace_pb2.Span.SPAN_KIND_SERVER: "SERVER", trace_pb2.Span.SPAN_KIND_CL
           trace_pb2.Span.SPAN_KIND_PRODUCER: "PRODUCER", trace_pb2.Span.SPAN_KIND_CONSUMER: "CONSUMER"}
 
 
+class OtlpBindError(OSError):
+    """The OTLP port cannot be bound (taken, or not allowed)."""
+
+
 class InvalidSpan(ValueError):
     """An OTLP span that cannot be stored (the Export call fails with INVALID_ARGUMENT)."""
 
@@ -156,7 +160,7 @@ class OtlpReceiver:
         return trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
 
     def start(self) -> OtlpReceiver:
-        """Bind and serve in background threads; OSError when the address cannot be bound."""
+        """Bind and serve in background threads; OtlpBindError when the address cannot be bound."""
         handler = grpc.method_handlers_generic_handler(SERVICE, {
             # Raw bytes in and out: parsing happens in _export so a malformed message gets INVALID_ARGUMENT.
             "Export": grpc.unary_unary_rpc_method_handler(self._export),
@@ -169,10 +173,10 @@ class OtlpReceiver:
                                       ("grpc.so_reuseport", 0)])
         try:
             bound = server.add_insecure_port(self.address)
-        except RuntimeError as exc:  # grpcio raises RuntimeError when the port is taken
-            raise OSError(f"cannot listen on {self.address}: {exc}") from None
+        except RuntimeError:  # grpcio raises RuntimeError when the port is taken
+            bound = 0
         if not bound:
-            raise OSError(f"cannot listen on {self.address}")
+            raise OtlpBindError(f"cannot listen for OTLP on {self.address} (port in use or not allowed)")
         self._port = bound
         server.start()
         self._server = server

@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from trafficmgr.apps.base import AppCommand, ThreadedHTTPApp, serve_until_signal
-from trafficmgr.apps.otlp import OtlpReceiver
+from trafficmgr.apps.otlp import OtlpBindError, OtlpReceiver
 from trafficmgr.core import argtypes
 from trafficmgr.core.signals import stop_on_signals
 
@@ -342,7 +342,11 @@ def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
     collector = ZipkinCollector(args.host, args.port, args.max_spans, otlp_port=getattr(args, "otlp_port", None))
     if collector.otlp is None:
         return serve_until_signal(collector, "zipkin collector on {url} (POST /api/v2/spans)", stop)
-    collector.start()
+    try:
+        collector.start()
+    except OtlpBindError as exc:
+        print(f"trafficmgr zipkin: error: {exc} (use --otlp-port)", file=sys.stderr, flush=True)
+        return 1
     print(f"zipkin collector on {collector.url} (POST /api/v2/spans), OTLP/gRPC on {collector.otlp.address}",
           file=sys.stderr, flush=True)
     stop = stop_on_signals(stop)
