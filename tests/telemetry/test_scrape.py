@@ -1,0 +1,95 @@
+"""The stats reader's bounds, against real sockets: a proxy that never answers costs at most the timeout,
+answers are shared for ``min_interval`` seconds, readings leave the window, and forgotten targets go."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from trafficmgr.core.telemetry.promtext import parse, quantile
+from trafficmgr.core.telemetry.scrape import STATS_PATH, StatsScraper
+
+TEXT = """# TYPE envoy_cluster_outbound_upstream_rq_total counter
+envoy_cluster_outbound_upstream_rq_total{envoy_cluster_name="9080|default|reviews"} 12
+envoy_cluster_outbound_upstream_rq_xx{envoy_response_code_class="5",envoy_cluster_name="9080|default|reviews"} 3
+envoy_cluster_outbound_upstream_rq_time_bucket{envoy_cluster_name="9080|default|reviews",le="10"} 6
+envoy_cluster_outbound_upstream_rq_time_bucket{envoy_cluster_name="9080|default|reviews",le="+Inf"} 12
+envoy_http_downstream_rq_xx{envoy_response_code_class="2",envoy_http_conn_manager_prefix="inbound_http"} 7
+"""
+
+
+class _Stats(BaseHTTPRequestHandler):
+    hits: list[str] = []
+
+    def do_GET(self) -> None:
+        self.hits.append(self.path)
+        body = TEXT.encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def stats_url() -> Iterator[str]:
+    _Stats.hits = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Stats)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}{STATS_PATH}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def silent() -> Iterator[str]:
+    """A listener that accepts connections and never answers."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(16)
+    yield f"http://127.0.0.1:{s.getsockname()[1]}{STATS_PATH}"
+    s.close()
+
+
+def test_parse_and_quantile() -> None:
+    r = parse(TEXT)
+    c = r.clusters["9080|default|reviews.outbound"]
+    assert (c.rq_total, c.rq_5xx, r.inbound_total, r.inbound_5xx) == (12, 3, 7, 0)
+    assert quantile(0.5, c.buckets) == 10.0 and quantile(0.25, c.buckets) == 5.0
+    assert quantile(0.99, c.buckets) == 10.0  # in +Inf: the largest finite bound
+    assert quantile(0.5, {}) is None and quantile(0.5, {float("inf"): 0.0}) is None
+
+
+def test_cached_for_min_interval_and_windowed(stats_url: str) -> None:
+    s = StatsScraper(window=0.6, min_interval=0.3)
+    try:
+        assert len(s.collect({"a": stats_url})["a"]) == 1
+        assert len(s.collect({"a": stats_url})["a"]) == 1 and len(_Stats.hits) == 1  # shared, not read again
+        assert "usedonly" in _Stats.hits[0] and "filter=" in _Stats.hits[0]
+        time.sleep(0.35)
+        assert len(s.collect({"a": stats_url})["a"]) == 2 and len(_Stats.hits) == 2
+        time.sleep(0.7)
+        assert len(s.collect({"a": stats_url})["a"]) == 1  # the older readings left the window
+        time.sleep(0.35)
+        s.collect({})
+        assert s.readings == {}  # a target no longer asked about is forgotten
+    finally:
+        s.close()
+
+
+def test_a_silent_proxy_costs_at_most_the_timeout(stats_url: str, silent: str) -> None:
+    s = StatsScraper(timeout=0.3, workers=2)
+    try:
+        start = time.monotonic()
+        got = s.collect({"silent-1": silent, "silent-2": silent, "silent-3": silent, "ok": stats_url})
+        assert time.monotonic() - start < 1.5
+        assert len(got["ok"]) == 1 and got["silent-1"] == [] and "timed out" in s.errors["silent-1"]
+    finally:
+        s.close()
