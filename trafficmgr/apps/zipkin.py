@@ -1,4 +1,4 @@
-"""A small in-memory Zipkin collector (API v2 subset, standard library only) for local mode and tests.
+"""A small in-memory Zipkin collector (API v2 subset; OTLP/gRPC too, see below) for local mode and tests.
 
 Endpoints (as Zipkin's):
 
