@@ -7,19 +7,25 @@ view it is made from. Traffic through real Envoy sidecars: tests/plugins/test_ga
 from __future__ import annotations
 
 import argparse
+import random
 from typing import Any
 
+import attrs
 import pytest
 import yaml
 
+from tests.test_scopes import NAMESPACES, edit, random_model
 from trafficmgr.apiserver.crds import GATEWAY_API_CRDS
 from trafficmgr.apiserver.crds import load_manifests as load_crds
 from trafficmgr.core import cache
-from trafficmgr.core.model import SIDECAR
+from trafficmgr.core.contrib import ServiceRoutes
+from trafficmgr.core.model import SIDECAR, Model
 from trafficmgr.core.plugins import PluginHost
+from trafficmgr.core.translate.builder import Builder
 from trafficmgr.core.translate.explicit_proxy import PROXY_ROUTE
-from trafficmgr.core.translate.scopes import Scope, consumer_view_name, view_name
+from trafficmgr.core.translate.scopes import Scope, consumer_view_name, scope_of, view_name
 from trafficmgr.core.translate.sidecar_outbound import OUTBOUND_LISTENER
+from trafficmgr.plugin import hookimpl
 from trafficmgr.testing.golden import build_from_manifests
 
 BASE = """
@@ -169,3 +175,70 @@ def test_resolve_moves_the_namespaces_pods_only() -> None:
     assert view_of(scoped, namespaces, consumers) == SCOPED_C
     assert view_of(elsewhere, namespaces, consumers) == SIDECAR
     assert view_of(plain, namespaces) == SIDECAR and view_of(scoped, namespaces) == view_name(("payments", "shop"))
+
+
+# -- property: incremental == fresh, and only the consumer namespaces' pods change views ---------------
+
+class _Routes:
+    """A plugin giving ``items`` (set by the test) as its service routes; ``producer_only`` leaves out the
+    caller-restricted ones (the baseline)."""
+
+    def __init__(self, producer_only: bool = False) -> None:
+        self.items: list[Any] = []
+        self.producer_only = producer_only
+
+    @hookimpl
+    def trafficmgr_service_routes(self, role: str) -> list[Any]:
+        if role != SIDECAR:
+            return []
+        return [i for i in self.items if not (self.producer_only and i.caller_namespace is not None)]
+
+
+def _random_items(rng: random.Random, model: Model) -> list[Any]:
+    from envoy.config.route.v3 import route_components_pb2
+
+    services = sorted(model.services.values(), key=lambda s: s.key)
+    items = []
+    for _ in range(rng.randint(0, 4)):
+        parent, backend = rng.choice(services), rng.choice(services)
+        r = route_components_pb2.Route()
+        r.match.prefix = rng.choice(("/", "/a"))
+        r.route.cluster = backend.cluster_name(backend.ports[0])
+        caller = rng.choice((None, *NAMESPACES))
+        items.append(ServiceRoutes(parent.namespace, parent.name, parent.ports[0].port, (r,), caller))
+    return items
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_consumer_views_incremental_equal_fresh_and_bystanders_unchanged(seed: int) -> None:
+    rng = random.Random(seed)
+    plugin, baseline = _Routes(), _Routes(producer_only=True)
+    host = PluginHost.load([], extra=[("routes", plugin)])
+    base_host = PluginHost.load([], extra=[("routes", baseline)])
+    builder = Builder(host)
+    model = random_model(rng)
+    for step in range(8):
+        if step == 0 or rng.random() < 0.6:
+            plugin.items = baseline.items = _random_items(rng, model)
+        snaps = builder.build(model)
+        fresh = Builder(host).build(attrs.evolve(model, delta=None))
+        assert sorted(fresh) == sorted(snaps)
+        for view in fresh:
+            assert fresh[view].version == snaps[view].version, (seed, step, view)
+            assert snaps[view].errors() == [], view
+        callers = {i.caller_namespace for i in plugin.items} - {None}
+        want = {consumer_view_name(p.namespace, scope_of(p, model.namespaces))
+                for p in model.pods.values() if p.namespace in callers}
+        plain = Builder(base_host).build(attrs.evolve(model, delta=None))
+        assert set(snaps) == set(plain) | want, (seed, step)
+        for view in plain:  # every view that is not a consumer view: byte for byte as without consumer routes
+            assert snaps[view].version == plain[view].version, (seed, step, view)
+        assert builder.scoped.consumer_namespaces == frozenset(callers)
+        index = builder.scoped.index  # the per-namespace scope counts kept incrementally equal a recount
+        recount: dict[str, dict[Any, int]] = {}
+        for p in model.pods.values():
+            counts = recount.setdefault(p.namespace, {})
+            s = scope_of(p, model.namespaces)
+            counts[s] = counts.get(s, 0) + 1
+        assert index.ns_scopes == recount
+        model = edit(rng, model)

@@ -76,10 +76,11 @@ def _clean(cluster: LocalCluster) -> Iterator[None]:
             cluster.store.delete("httproutes", name, ns)
         except ApiError:
             pass
-    try:
-        cluster.store.delete("referencegrants", "from-default", "shop")
-    except ApiError:
-        pass
+    for plural, name, ns in (("referencegrants", "from-default", "shop"), ("services", "closed", "shop")):
+        try:
+            cluster.store.delete(plural, name, ns)
+        except ApiError:
+            pass
     ROUTES.clear()
 
 
@@ -358,11 +359,21 @@ def test_consumer_route_applies_to_its_namespace_callers_and_wins_over_the_produ
     backendRefs: [{name: ratings, port: 9080}]""", parent="{group: '', kind: Service, name: ratings, port: 9080}",
                       namespace="shop")
             + "---" + httproute("elsewhere", "[{filters: [{type: RequestRedirect, requestRedirect: {hostname: other.example}}]}]",
-                                parent=ratings, namespace="other"))
+                                parent=ratings, namespace="other")
+            + "---\n" + service("closed", namespace="shop", app="ratings", http=False)
+            + "---" + httproute("unenabled", "[{backendRefs: [{name: reviews-v1, port: 9080}]}]",
+                                parent="{group: '', kind: Service, name: closed, namespace: shop}"))
     c.wait_config(by_producer, timeout=15, message="producer route not served")
     elsewhere = wait_for(lambda: _parent(c, "elsewhere", "other"), 15, message="no status on the other namespace's route")
     assert _conds(elsewhere) == {"Accepted": ("True", "Accepted"), "ResolvedRefs": ("True", "ResolvedRefs")}, elsewhere
-    assert _view(c) == SIDECAR  # a consumer route of another namespace: the client's view is unchanged
+    # A consumer route cannot enable another namespace's Service port (unlabelled: not in the mesh).
+    unenabled = wait_for(lambda: _parent(c, "unenabled"), 15, message="no status on the route to an unlabelled port")
+    assert _conds(unenabled)["Accepted"] == ("False", "NotAllowedByListeners"), unenabled
+    msg = {x["type"]: x["message"] for x in unenabled["conditions"]}["Accepted"]
+    assert "not enabled for the mesh by the Service's owner" in msg and "(not served)" in msg, msg
+    assert _view(c) == SIDECAR  # neither route applies to the client: its view is unchanged
+    status, body = _request(c, service="closed", namespace="shop")
+    assert status == 404 and "port not enabled" in body["body"], (status, body)
     assert by_producer()
 
     c.apply(httproute("mine", """
