@@ -255,6 +255,9 @@ class FullConsumerState:
     memo: Memo[object, Any] = attrs.field(factory=lambda: Memo("consumer view"))
     key: tuple[object, ...] = ()
     snapshot: cache.Snapshot | None = None
+    #: The full view's products and virtual hosts its own route configurations were made from, and those.
+    made_from: tuple[object, tuple[tuple[tuple[str, str, str], Any], ...]] | None = None
+    own: dict[str, cache.Resource] = attrs.field(factory=dict)
 
 
 Subst = dict[tuple[str, str, str], route_components_pb2.VirtualHost]
@@ -351,7 +354,7 @@ class ScopedViews:
                 fstate = self.full_states.get(view)
                 if fstate is None:
                     fstate = self.full_states[view] = FullConsumerState(caller)
-                snapshots[view] = self._full_consumer(fstate, subst, base, ctx)
+                snapshots[view] = self._full_consumer(fstate, subst, out, base, ctx)
             else:
                 todo.append((view, cscope, caller, subst))
         for view, scope, caller, subst in todo:
@@ -382,9 +385,31 @@ class ScopedViews:
                 out[entry.dest.key] = self.outbound.consumer_vhost(caller, entry, data, routes, ctx)
         return out
 
-    def _full_consumer(self, state: FullConsumerState, subst: Subst, base: Resources, ctx: BuildContext) -> cache.Snapshot:
+    def _full_consumer(self, state: FullConsumerState, subst: Subst, out: Any, base: Resources, ctx: BuildContext) -> cache.Snapshot:
         """The full view with the route configurations holding ``subst``'s virtual hosts replaced (and the
-        explicit proxy's); every other resource is the full view's object."""
+        explicit proxy's); every other resource is the full view's object. Its own route configurations
+        are made again only when the full view's outbound side or ``subst`` changed (O(1) otherwise)."""
+        made_from = (out, tuple(sorted(subst.items(), key=lambda kv: kv[0])))
+        if state.made_from is None or state.made_from[0] is not out or not _same_subst(made_from[1], state.made_from[1]):
+            state.own = self._consumer_routes(state, subst, ctx)
+            state.made_from = made_from
+        own = state.own
+        routes = base[cache.ROUTE]
+        key = (*(base[t] for t in cache.TYPE_ORDER if t != cache.ROUTE), tuple(routes), tuple(own.values()))
+        if state.snapshot is not None and len(key) == len(state.key) and all(a is b or a == b for a, b in zip(key, state.key, strict=True)):
+            return state.snapshot
+        resources: Resources = dict(base)
+        resources[cache.ROUTE] = [own.get(r.name, r) for r in routes]
+        previous = state.snapshot
+        snap = cache.Snapshot.build(resources, previous)
+        if previous is not None and all(snap.types[t] is previous.types[t] for t in cache.TYPE_ORDER):
+            snap = previous
+        state.snapshot, state.key = snap, key
+        return snap
+
+    def _consumer_routes(self, state: FullConsumerState, subst: Subst, ctx: BuildContext) -> dict[str, cache.Resource]:
+        """The route configurations of the full view that hold a virtual host of ``subst``, with it (and
+        the explicit proxy's, when there is one), by name."""
         from trafficmgr.core.translate.explicit_proxy import PROXY_ROUTE, with_connect
         from trafficmgr.core.translate.sidecar_outbound import blocked_virtual_host, route_config_name, route_configuration
 
@@ -410,18 +435,7 @@ class ScopedViews:
             vhosts = [*connected, blocked]
             own[PROXY_ROUTE] = state.memo.get(PROXY_ROUTE, tuple(vhosts), route_configuration, PROXY_ROUTE, vhosts, ctx)
         state.memo.keep_only(lambda k: not isinstance(k, str) or k in own or k == "blocked-vh")
-        routes = base[cache.ROUTE]
-        key = (*(base[t] for t in cache.TYPE_ORDER if t != cache.ROUTE), tuple(routes), tuple(own.values()))
-        if state.snapshot is not None and len(key) == len(state.key) and all(a is b or a == b for a, b in zip(key, state.key, strict=True)):
-            return state.snapshot
-        resources: Resources = dict(base)
-        resources[cache.ROUTE] = [own.get(r.name, r) for r in routes]
-        previous = state.snapshot
-        snap = cache.Snapshot.build(resources, previous)
-        if previous is not None and all(snap.types[t] is previous.types[t] for t in cache.TYPE_ORDER):
-            snap = previous
-        state.snapshot, state.key = snap, key
-        return snap
+        return own
 
     def _regroup(self, out: Any) -> None:
         """The full view's entries by namespace; a namespace whose entries are unchanged keeps its tuple."""
