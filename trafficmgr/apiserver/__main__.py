@@ -8,13 +8,38 @@ options is required, else nobody could use the server.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
+import threading
+import time
 
 from trafficmgr.core import argtypes
 
 from .access import TokenError, new_token, read_token_file
 from .server import APIServer
+from .store import Store
+
+#: Commits between two heap freezes, and seconds between two when there are fewer (see ``Store.freeze_heap``).
+FREEZE_EVERY = 20000
+FREEZE_PERIOD = 30.0
+
+
+def manage_gc(store: Store, period: float = FREEZE_PERIOD) -> threading.Thread:
+    """Turn the process's automatic garbage collections off and collect (then freeze) every ``period``
+    seconds on a daemon thread, besides every ``FREEZE_EVERY`` commits (the store does that): this process
+    holds the store's acyclic objects and little else, and the periodic collection reclaims the reference
+    cycles the request threads leave behind."""
+    gc.disable()
+
+    def loop() -> None:
+        while True:
+            time.sleep(period)
+            store.freeze_heap()
+
+    thread = threading.Thread(target=loop, name="apiserver-gc", daemon=True)
+    thread.start()
+    return thread
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO)
     srv = APIServer(host=args.host, port=args.port, history=args.history,
                     endpointslice_controller=not args.no_endpointslice_controller,
-                    workload_controllers=args.workload_controllers, token=token)
+                    workload_controllers=args.workload_controllers, token=token, freeze_every=FREEZE_EVERY)
+    manage_gc(srv.store)
     srv.start()
     if args.kubeconfig:
         srv.write_kubeconfig(args.kubeconfig)

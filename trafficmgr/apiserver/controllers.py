@@ -3,6 +3,11 @@
 
 Controllers run on one worker thread fed by store events; bursts of writes are coalesced, so a
 slice reflects a change within milliseconds (``Controllers.wait_idle`` waits for quiescence).
+
+A pod event costs the same however many Services and pods exist: it recomputes the EndpointSlices only
+of the Services whose selector matches the pod (before or after the change), found through an index of
+Service selectors by one of their ``(key, value)`` pairs; a ReplicaSet finds its pods through an index by
+controller uid, a Deployment its ReplicaSets through the store's owner index.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any, Protocol
 
 from .discovery import BY_KEY, ResourceType
 from .errors import ApiError
-from .selectors import match_label_map, match_label_selector_obj
+from .selectors import LabelSelector, match_label_map, match_label_selector_obj
 from .store import Store, WatchEvent, now_iso, random_suffix
 
 log = logging.getLogger(__name__)
@@ -155,11 +160,16 @@ class Controllers:
     ``endpointslices``: EndpointSlice controller and clusterIP allocation (default on).
     ``workloads``: Deployment -> ReplicaSet -> Pod controllers using ``pod_runtime``
     (default ``FakePodRuntime``). ``service_cidr``: where Service clusterIPs come from.
+    ``batch_interval``: seconds between the starts of two batches while writes keep coming (a write after
+    a quiet interval is handled at once; what arrives within the interval is handled together).
     """
 
     def __init__(self, store: Store, endpointslices: bool = True, workloads: bool = False,
-                 pod_runtime: PodRuntime | None = None, service_cidr: str = "10.96.0.0/16") -> None:
+                 pod_runtime: PodRuntime | None = None, service_cidr: str = "10.96.0.0/16",
+                 batch_interval: float = 0.02) -> None:
         self.store = store
+        self.batch_interval = batch_interval
+        self._last_batch = 0.0
         self.service_cidr = service_cidr
         self.endpointslices = endpointslices
         self.workloads = workloads
@@ -172,7 +182,16 @@ class Controllers:
         self._services: dict[str, dict[str, dict]] = {}
         self._pods: dict[str, dict[str, dict]] = {}
         self._label_index: dict[tuple[str, str, str], set[str]] = {}
+        # Services by one pair of their selector (a pod carrying no such pair matches none of them): the
+        # pair is the one fewest Services' selectors had when the Service was indexed, so a pair many
+        # selectors share (version=v1) is not where a Service with a rarer pair (app=x) waits.
+        self._selector_index: dict[tuple[str, str, str], set[str]] = {}
+        self._selector_pair: dict[tuple[str, str], tuple[str, str, str]] = {}  # (ns, service) -> its pair
+        self._pair_uses: dict[tuple[str, str, str], int] = {}  # (ns, key, value) -> selectors having it
+        self._selector_pairs: dict[str, dict[str, list[tuple[str, str, str]]]] = {}  # ns -> service -> pairs
+        self._pods_by_owner: dict[str, dict[tuple[str, str], None]] = {}  # controller uid -> {(ns, pod)}
         self._deadlines: dict[tuple[str, str], float] = {}  # rollouts in progress: when to check progress
+        self._suffixes: dict[tuple[str, tuple], str] = {}  # (service uid, ports) -> slice name hash
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -203,6 +222,11 @@ class Controllers:
         self._services.clear()
         self._pods.clear()
         self._label_index.clear()
+        self._selector_index.clear()
+        self._selector_pair.clear()
+        self._pair_uses.clear()
+        self._selector_pairs.clear()
+        self._pods_by_owner.clear()
         self._deadlines.clear()
 
     def wait_idle(self, timeout: float = 5.0) -> bool:
@@ -226,6 +250,13 @@ class Controllers:
                 continue
             if ev is None:
                 return
+            # Under a stream of writes, a batch starts at most every batch_interval: what arrives meanwhile
+            # joins it, so a Service whose pods arrive one request at a time is reconciled once per
+            # interval, not once per pod. A write after a quiet interval is handled at once.
+            wait = self._last_batch + self.batch_interval - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            self._last_batch = time.monotonic()
             batch = [ev]
             try:
                 while True:
@@ -268,26 +299,26 @@ class Controllers:
             md = ev.obj["metadata"]
             ns, name = md.get("namespace", ""), md["name"]
             if ev.rt is SERVICES:
+                self._unindex_service(ns, name)
                 if ev.type == "DELETED":
                     self._services.get(ns, {}).pop(name, None)
                 else:
                     self._services.setdefault(ns, {})[name] = ev.obj
+                    self._index_service(ns, name, ev.obj)
                 dirty_svcs.add((ns, name))
             elif ev.rt is PODS:
                 old = self._pods.get(ns, {}).get(name)
                 if old is not None:
                     self._unindex(ns, name, old)
+                self._own(ns, name, old, None if ev.type == "DELETED" else ev.obj)
                 if ev.type == "DELETED":
                     self._pods.get(ns, {}).pop(name, None)
                     deleted_pods.append(ev.obj)
                 else:
                     self._pods.setdefault(ns, {})[name] = ev.obj
                     self._index(ns, name, ev.obj)
-                labels = [(o["metadata"].get("labels") or {}) for o in (old, ev.obj) if o is not None]
-                for sname, svc in self._services.get(ns, {}).items():
-                    sel = (svc.get("spec") or {}).get("selector")
-                    if sel and any(match_label_map(sel, lb) for lb in labels):
-                        dirty_svcs.add((ns, sname))
+                for lb in [(o["metadata"].get("labels") or {}) for o in (old, ev.obj) if o is not None]:
+                    dirty_svcs.update((ns, sname) for sname in self._services_selecting(ns, lb))
                 owner = self._owner_name(ev.obj, "ReplicaSet")
                 if owner:
                     dirty_rs.add((ns, owner))
@@ -338,6 +369,63 @@ class Controllers:
                 if not s:
                     del self._label_index[(ns, k, v)]
 
+    def _own(self, ns: str, name: str, old: dict | None, new: dict | None) -> None:
+        """Move a pod between the controller-uid index entries (kept in arrival order, as ``_pods``)."""
+        before = _controller_uid(old) if old is not None else None
+        after = _controller_uid(new) if new is not None else None
+        if before == after:
+            return
+        owned = self._pods_by_owner.get(before) if before else None
+        if owned is not None:
+            owned.pop((ns, name), None)
+            if not owned:
+                del self._pods_by_owner[before]  # type: ignore[arg-type]
+        if after:
+            self._pods_by_owner.setdefault(after, {})[(ns, name)] = None
+
+    def _index_service(self, ns: str, name: str, svc: dict) -> None:
+        """Index a Service under the least shared ``(key, value)`` pair of its selector (none: no index)."""
+        sel = (svc.get("spec") or {}).get("selector")
+        if not sel or not isinstance(sel, dict):
+            return
+        pairs = sorted((ns, str(k), str(v)) for k, v in sel.items())
+        for pair in pairs:
+            self._pair_uses[pair] = self._pair_uses.get(pair, 0) + 1
+        pick = min(pairs, key=lambda p: self._pair_uses[p])
+        self._selector_index.setdefault(pick, set()).add(name)
+        self._selector_pair[(ns, name)] = pick
+        svc_pairs = self._selector_pairs.setdefault(ns, {})
+        svc_pairs[name] = pairs
+
+    def _unindex_service(self, ns: str, name: str) -> None:
+        pick = self._selector_pair.pop((ns, name), None)
+        if pick is None:
+            return
+        names = self._selector_index.get(pick)
+        if names is not None:
+            names.discard(name)
+            if not names:
+                del self._selector_index[pick]
+        for pair in self._selector_pairs.get(ns, {}).pop(name, ()):
+            left = self._pair_uses.get(pair, 0) - 1
+            if left > 0:
+                self._pair_uses[pair] = left
+            else:
+                self._pair_uses.pop(pair, None)
+
+    def _services_selecting(self, ns: str, labels: dict) -> list[str]:
+        """Names of the Services of ``ns`` whose selector matches ``labels``: only those indexed under one
+        of the labels' pairs are checked."""
+        out = []
+        svcs = self._services.get(ns, {})
+        for k, v in labels.items():
+            for sname in self._selector_index.get((ns, str(k), str(v)), ()):
+                svc = svcs.get(sname)
+                sel = (svc.get("spec") or {}).get("selector") if svc is not None else None
+                if sel and match_label_map(sel, labels):
+                    out.append(sname)
+        return out
+
     def _select_pods(self, ns: str, selector: dict[str, str]) -> list[dict]:
         sets = [self._label_index.get((ns, k, v), set()) for k, v in selector.items()]
         if not sets:
@@ -350,8 +438,9 @@ class Controllers:
 
     def _reconcile_slices(self, ns: str, name: str) -> None:
         svc = self._services.get(ns, {}).get(name)
-        existing, _ = self.store.list_raw(SLICES, ns, lambda lb: lb.get(SERVICE_NAME_LABEL) == name
-                                          and lb.get(MANAGED_BY_LABEL) == MANAGED_BY)
+        ours = LabelSelector([lambda lb: lb.get(SERVICE_NAME_LABEL) == name and lb.get(MANAGED_BY_LABEL) == MANAGED_BY],
+                             ((SERVICE_NAME_LABEL, name), (MANAGED_BY_LABEL, MANAGED_BY)))
+        existing, _ = self.store.list_raw(SLICES, ns, ours)
         spec = (svc or {}).get("spec") or {}
         selector = spec.get("selector")
         if svc is None or not selector or spec.get("type") == "ExternalName":
@@ -385,35 +474,46 @@ class Controllers:
             groups[()] = []
         labels = dict(svc["metadata"].get("labels") or {})
         labels.update({SERVICE_NAME_LABEL: name, MANAGED_BY_LABEL: MANAGED_BY})
+        self._write_endpoints(svc, groups, labels)
+        # Every object written below is built here and shares nothing with another (the store adopts it).
         desired: dict[str, dict] = {}
         for ports, eps in groups.items():
-            slice_name = f"{name}-{_short_hash([svc['metadata']['uid'], ports], 5)}"
+            slice_name = f"{name}-{self._slice_suffix(svc['metadata']['uid'], ports)}"
             desired[slice_name] = {
                 "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-                "metadata": {"name": slice_name, "namespace": ns, "labels": labels,
+                "metadata": {"name": slice_name, "namespace": ns, "labels": dict(labels),
                              "ownerReferences": [dict(_owner_ref(svc, SERVICES))]},
                 "addressType": "IPv4",
                 "endpoints": eps,
                 "ports": [dict(p) for p in ports] if ports else None,
             }
-        self._write_endpoints(svc, groups, labels)
         have = {s["metadata"]["name"]: s for s in existing}
         for slice_name, want in desired.items():
             cur = have.get(slice_name)
             if cur is None:
                 try:
-                    self.store.create(want, namespace=ns, resource=SLICES)
+                    self.store.create(want, namespace=ns, resource=SLICES, adopt=True)
                 except ApiError as e:
                     if e.code != 409:
                         raise
-                    self.store.update(want, namespace=ns, resource=SLICES)
+                    self.store.update(want, namespace=ns, resource=SLICES, adopt=True)
             elif (cur.get("endpoints") != want["endpoints"] or cur.get("ports") != want["ports"]
                   or cur["metadata"].get("labels") != labels):
                 want["metadata"]["resourceVersion"] = cur["metadata"]["resourceVersion"]
-                self.store.update(want, namespace=ns, resource=SLICES)
+                self.store.update(want, namespace=ns, resource=SLICES, adopt=True)
         for slice_name in have:
             if slice_name not in desired:
                 self._delete_quiet(SLICES, slice_name, ns)
+
+    def _slice_suffix(self, uid: str, ports: tuple) -> str:
+        """The hash part of a slice's name for a Service uid and port set (remembered: one per pair)."""
+        key = (uid, ports)
+        suffix = self._suffixes.get(key)
+        if suffix is None:
+            if len(self._suffixes) > 1 << 20:
+                self._suffixes.clear()
+            suffix = self._suffixes[key] = _short_hash([uid, ports], 5)
+        return suffix
 
     def _write_endpoints(self, svc: dict, groups: dict[tuple, list[dict]], labels: dict) -> None:
         ns, name = svc["metadata"]["namespace"], svc["metadata"]["name"]
@@ -423,7 +523,7 @@ class Controllers:
                 continue
             sub: dict = {}
             for key, ready in (("addresses", True), ("notReadyAddresses", False)):
-                addrs = [{"ip": e["addresses"][0], "nodeName": e.get("nodeName"), "targetRef": e["targetRef"]}
+                addrs = [{"ip": e["addresses"][0], "nodeName": e.get("nodeName"), "targetRef": dict(e["targetRef"])}
                          for e in eps if e["conditions"]["ready"] is ready]
                 for a in addrs:
                     if a["nodeName"] is None:
@@ -441,10 +541,10 @@ class Controllers:
         try:
             cur = self.store.get_raw(ENDPOINTS, name, ns)
         except ApiError:
-            self.store.create(want, namespace=ns, resource=ENDPOINTS)
+            self.store.create(want, namespace=ns, resource=ENDPOINTS, adopt=True)
             return
         if cur.get("subsets") != subsets or cur["metadata"].get("labels") != want["metadata"]["labels"]:
-            self.store.update(want, namespace=ns, resource=ENDPOINTS)
+            self.store.update(want, namespace=ns, resource=ENDPOINTS, adopt=True)
 
     @staticmethod
     def _resolve_ports(spec: dict, pod: dict) -> list[tuple[tuple[str, object], ...]]:
@@ -497,8 +597,8 @@ class Controllers:
         want = _pruned(template)
         h = _short_hash(want, 10)
         rs_name = f"{name}-{h}"
-        owned, _ = self.store.list_raw(REPLICASETS, ns)
-        owned = [rs for rs in owned if _controller_uid(rs) == d["metadata"]["uid"]]
+        owned = [rs for rs in self.store.owned(REPLICASETS, d["metadata"]["uid"], ns)
+                 if _controller_uid(rs) == d["metadata"]["uid"]]
         replicas = int(spec.get("replicas", 1))
         # the ReplicaSet whose template equals the Deployment's ignoring pod-template-hash (as the real
         # controller compares them: what `kubectl rollout undo` copies back finds its old ReplicaSet)
@@ -691,7 +791,8 @@ class Controllers:
             return
         spec = rs.get("spec") or {}
         uid = rs["metadata"]["uid"]
-        pods = [p for p in self._pods.get(ns, {}).values() if _controller_uid(p) == uid]
+        known = self._pods.get(ns, {})
+        pods = [known[n] for pns, n in self._pods_by_owner.get(uid, {}) if pns == ns and n in known]
         want = spec.get("replicas", 1)
         if len(pods) < want:
             tmpl = spec.get("template") or {}

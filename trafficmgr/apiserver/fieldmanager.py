@@ -52,8 +52,11 @@ _META_IGNORED = {"name", "namespace", "uid", "resourceVersion", "generation", "c
                  "deletionTimestamp", "deletionGracePeriodSeconds", "managedFields", "selfLink", "generateName"}
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"), sort_keys=True)  # made once, not per call
+
+
 def _compact(v: Any) -> str:
-    return json.dumps(v, separators=(",", ":"), sort_keys=True)
+    return _COMPACT.encode(v)
 
 
 def _list_style(field: str, items: list) -> tuple[str, str | None]:
@@ -381,7 +384,9 @@ def manager_for(field_manager: str | None, user_agent: str | None) -> str:
                            "must be at most 128 printable characters")
         return field_manager
     prefix = (user_agent or "").split("/")[0]
-    return "".join(c for c in prefix if ord(c) >= 32)[:MAX_MANAGER_LEN] or "unknown"
+    if not prefix.isprintable():
+        prefix = "".join(c for c in prefix if ord(c) >= 32)
+    return prefix[:MAX_MANAGER_LEN] or "unknown"
 
 
 @contextmanager

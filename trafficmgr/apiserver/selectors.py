@@ -50,24 +50,50 @@ def _label_requirement(key: str, op: str, values: set[str]) -> LabelMatcher:
     return lambda labels: key not in labels
 
 
-def parse_label_selector(selector: str | None) -> LabelMatcher | None:
+class LabelSelector:
+    """A compiled label selector: call it with a labels dict. ``pinned`` holds the ``(key, value)`` pairs
+    every matching object must carry (``k=v``, ``k==v``, ``k in (v)``), which the store answers from its
+    label index before checking the whole selector."""
+
+    __slots__ = ("_reqs", "pinned")
+
+    def __init__(self, reqs: list[LabelMatcher], pinned: tuple[tuple[str, str], ...]) -> None:
+        self._reqs = reqs
+        self.pinned = pinned
+
+    def __call__(self, labels: dict) -> bool:
+        return all(r(labels) for r in self._reqs)
+
+
+def pinned_pairs(matcher: object) -> tuple[tuple[str, str], ...]:
+    """The ``(key, value)`` pairs a matcher requires (a :class:`LabelSelector`'s ``pinned``; none for
+    any other callable)."""
+    return matcher.pinned if isinstance(matcher, LabelSelector) else ()
+
+
+def parse_label_selector(selector: str | None) -> LabelSelector | None:
     """Compile a label selector string (``=``, ``==``, ``!=``, ``in``, ``notin``, ``key``, ``!key``).
 
     Returns a predicate over a labels dict, or None for an empty selector. Raises ApiError(400).
     """
     if not selector or not selector.strip():
         return None
-    reqs: list[Callable[[dict], bool]] = []
+    reqs: list[LabelMatcher] = []
+    pinned: list[tuple[str, str]] = []
     for part in _split_top(selector):
         m = _SET_RE.match(part)
         if m:
             key, op, vals = m.group(1), m.group(2), {v.strip() for v in m.group(3).split(",") if v.strip()}
             reqs.append(_label_requirement(key, op, vals))
+            if op == "in" and len(vals) == 1:
+                pinned.append((key, next(iter(vals))))
             continue
         m = _OP_RE.match(part)
         if m:
             key, op, val = m.groups()
             reqs.append(_label_requirement(key, "!=" if op == "!=" else "==", {val}))
+            if op != "!=":
+                pinned.append((key, val))
             continue
         m = _EXISTS_RE.match(part)
         if m:
@@ -75,7 +101,7 @@ def parse_label_selector(selector: str | None) -> LabelMatcher | None:
             reqs.append(_label_requirement(key, "!exists" if neg else "exists", set()))
             continue
         raise ApiError.bad_request(f"unable to parse requirement: {part!r}")
-    return lambda labels: all(r(labels) for r in reqs)
+    return LabelSelector(reqs, tuple(pinned))
 
 
 def match_label_map(selector: dict[str, str], labels: dict[str, str]) -> bool:

@@ -21,18 +21,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-
-POLICY_LABELS = [
-    {"traffic.lb.policy": "RING_HASH", "traffic.hash.cookie.name": "session", "traffic.hash.cookie.ttl": "60000"},
-    {"traffic.retries.5xx": "2", "traffic.request.timeout": "3000", "traffic.request.max": "100"},
-    {"traffic.fault.delay.time": "10", "traffic.fault.delay.percentage": "1"},
-    {"traffic.rate.limit": "1024", "traffic.request.rate": "500"},
-    {"traffic.tracing.enabled": "true", "traffic.tracing.sampling": "10"},
-]
 
 
 def rss_mb(pid: int | None = None) -> float:
@@ -82,9 +74,10 @@ class Api:
         import yaml
 
         cfg = yaml.safe_load(self.kubeconfig.read_text())
-        ca = base64.b64decode(cfg["clusters"][0]["cluster"]["certificate-authority-data"]).decode()
-        self.ssl_context = ssl.create_default_context(cadata=ca)
-        self.auth = {"Authorization": f"Bearer {cfg['users'][0]['user']['token']}"}
+        self.ca = base64.b64decode(cfg["clusters"][0]["cluster"]["certificate-authority-data"]).decode()
+        self.ssl_context = ssl.create_default_context(cadata=self.ca)
+        self.token = cfg["users"][0]["user"]["token"]
+        self.auth = {"Authorization": f"Bearer {self.token}"}
         req = urllib.request.Request(self.url + "/version", headers=self.auth)
         urllib.request.urlopen(req, timeout=1, context=self.ssl_context).read()
 
@@ -92,6 +85,22 @@ class Api:
         req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method=method,
                                      headers={"Content-Type": ctype, **self.auth})
         urllib.request.urlopen(req, timeout=60, context=self.ssl_context).read()
+
+    def get(self, path: str) -> Any:
+        req = urllib.request.Request(self.url + path, headers=self.auth)
+        return json.loads(urllib.request.urlopen(req, timeout=60, context=self.ssl_context).read())
+
+    def count(self, path: str) -> int:
+        """How many objects a list answers (``path`` a collection)."""
+        return len(self.get(path)["items"])
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds the server process has used."""
+        import os
+
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -101,28 +110,40 @@ class Api:
             self.proc.kill()
 
 
-def load(api: Api, services: int, pods: int) -> float:
-    """Create S services (policy labels on every other one) and S*P ready pods; returns seconds."""
+def load(api: Api, services: int, pods: int, connections: int = 8, processes: int = 2,
+         window: int = 4) -> dict[str, Any]:
+    """Create S services (policy labels on every other one) and S*P ready pods through the API, one POST
+    per object (:mod:`trafficmgr.bench.loader`), then wait until the EndpointSlice controller has caught up
+    (the last Service's Endpoints list its P pods; the controller handles events in order).
+
+    Returns ``seconds`` (creates until settled), ``first_rate``/``last_rate`` (pods created per second over
+    the first and the last tenth of the pods) and ``settled_s`` (the wait after the last create)."""
+    from trafficmgr.bench.loader import Loader
+
     t = time.perf_counter()
-    svc_bodies, pod_bodies = [], []
-    for i in range(services):
-        labels = {"traffic.port.9080": "http"}
-        if i % 2 == 0:
-            labels.update(POLICY_LABELS[(i // 2) % len(POLICY_LABELS)])
-        svc_bodies.append({"apiVersion": "v1", "kind": "Service",
-                           "metadata": {"name": f"svc-{i}", "namespace": "default", "labels": labels},
-                           "spec": {"selector": {"app": f"svc-{i}"}, "ports": [{"name": "http", "port": 9080, "targetPort": 9080}]}})
-        for j in range(pods):
-            n = i * pods + j
-            pod_bodies.append({"apiVersion": "v1", "kind": "Pod",
-                               "metadata": {"name": f"svc-{i}-{j}", "namespace": "default", "labels": {"app": f"svc-{i}"}},
-                               "spec": {"nodeName": "node-1", "containers": [{"name": "app", "image": "app"}]},
-                               "status": {"podIP": f"10.{64 + n // 65536}.{(n // 256) % 256}.{n % 256}",
-                                          "conditions": [{"type": "Ready", "status": "True"}]}})
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda b: api.request("POST", "/api/v1/namespaces/default/services", b), svc_bodies))
-        list(pool.map(lambda b: api.request("POST", "/api/v1/namespaces/default/pods", b), pod_bodies))
-    return time.perf_counter() - t
+    loader = Loader(api.url, api.token, api.ca, connections=connections, processes=processes, window=window)
+    loader.create("services", services, services, pods)
+    times = loader.create("pods", services * pods, services, pods)
+    created = time.perf_counter()
+    last = f"/api/v1/namespaces/default/endpoints/svc-{services - 1}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            subsets = api.get(last).get("subsets") or []
+        except urllib.error.HTTPError:
+            subsets = []
+        if sum(len(s.get("addresses") or []) for s in subsets) >= pods:
+            break
+        time.sleep(0.05)
+    else:
+        raise RuntimeError(f"the API server's EndpointSlice controller did not catch up within 600 s ({last})")
+    tenth = max(1, len(times) // 10)
+
+    def rate(part: list[float]) -> float:
+        return round((len(part) - 1) / (part[-1] - part[0]), 1) if len(part) > 1 and part[-1] > part[0] else 0.0
+
+    return {"seconds": time.perf_counter() - t, "first_rate": rate(times[:tenth]), "last_rate": rate(times[-tenth:]),
+            "settled_s": round(time.perf_counter() - created, 2)}
 
 
 class Clients:
@@ -173,7 +194,9 @@ def run_bench(services: int = 1000, pods: int = 10, clients: tuple[int, ...] = (
     done = False
     gc_pauses: _GcPauses | None = None
     try:
-        result["load_s"] = round(load(api, services, pods), 2)
+        loaded = load(api, services, pods)
+        result["load_s"] = round(loaded["seconds"], 2)
+        result["load_pods_per_s_first_last_tenth"] = [loaded["first_rate"], loaded["last_rate"]]
         rss0 = rss_mb()
         options = argparse.Namespace(xds_auth="none", sidecar_port=10000, sidecar_address="0.0.0.0",
                                      zipkin_address="127.0.0.1:9411")
