@@ -19,6 +19,7 @@ from trafficmgr.core.agent.local_runtime import PROXY_PORT, add_explicit_proxy
 from trafficmgr.core.bootstrap import add_stats_listener, bootstrap
 from trafficmgr.core.controlplane import ControlPlane
 from trafficmgr.core.kube.client import KubeClient, load_api_client
+from trafficmgr.core.model import GATEWAY_CLUSTER
 from trafficmgr.core.plugins import PluginHost
 from trafficmgr.core.xds.server import XdsServerThread
 from trafficmgr.testing.backends import HttpBackend
@@ -43,9 +44,14 @@ def _block() -> tuple[int, int]:
 class Mesh:
     """See the module docstring. ``ip(n)`` is pod address ``n`` of this mesh's 127.a.b.0/24 block."""
 
+    GATEWAY_HOST = 2  # the gateway pod's address: ip(2); its ingress listener on ip(2):gateway_port
+
     def __init__(self, plugins: PluginHost, stats_port: int = 8900, **options: Any) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="tm-telemetry-"))
         self.block = _block()
+        self.gateway_ip = self.ip(self.GATEWAY_HOST)
+        self.gateway_port = free_port(self.gateway_ip)
+        options = {"gateway_address": self.gateway_ip, "gateway_port": self.gateway_port, **options}
         self.stats_port = stats_port
         self.api = APIServer().start()
         self.store = self.api.store
@@ -93,6 +99,19 @@ class Mesh:
         self.envoys[pod] = envoy
         return envoy
 
+    def gateway(self) -> EnvoyProcess:
+        """Start a gateway Envoy (node cluster ``traffic-ingress``) that connects to xDS from its pod's IP
+        (:attr:`gateway_ip`: how the control plane finds its stats) with its stats-only listener on
+        ``gateway_ip:<stats port>``; the ingress plugin's listener is on ``gateway_ip:gateway_port``."""
+        ip = self.gateway_ip
+        config = bootstrap("traffic-ingress-1", GATEWAY_CLUSTER, "127.0.0.1", self.xds.port, admin_port=free_port(),
+                           xds_source_address=ip)
+        add_stats_listener(config, ip, self.stats_port)
+        config["stats_flush_interval"] = "1s"
+        envoy = EnvoyProcess(config, self.tmp / "gateway").start()
+        self.envoys["gateway"] = envoy
+        return envoy
+
     def call(self, pod_ip: str, url: str, timeout: float = 5.0) -> int:
         """GET ``url`` through the sidecar of the pod at ``pod_ip`` (its explicit proxy, as apps do)."""
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": f"http://{pod_ip}:{PROXY_PORT}"}))
@@ -124,8 +143,9 @@ class Mesh:
 
         try:
             return wait_for(check, timeout, interval=0.5, message=message)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; last data: {last}") from None
+        except (AssertionError, TimeoutError) as exc:
+            errors = getattr(self.cp._scraper, "errors", None)  # noqa: SLF001 - what the stats reader could not read
+            raise AssertionError(f"{exc}; stats errors: {errors}; last data: {last}") from None
 
     def close(self) -> None:
         for e in self.envoys.values():

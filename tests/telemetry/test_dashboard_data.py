@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from trafficmgr.core.plugins import PluginHost
+from trafficmgr.testing.cluster import http_get
 from trafficmgr.testing.kit import NackingPlugin
 
 from .rig import Mesh, pod, service
@@ -118,3 +119,24 @@ def test_ingress_route_row(mesh: Mesh) -> None:
     assert row["hosts"] == ["bookinfo.example"]
     assert row["matches"] == ["Prefix /reviews"] and row["backends"] == ["reviews:9080"]
     assert row["status"]
+
+
+def test_gateway_calls_count_for_the_service_and_the_edge(mesh: Mesh) -> None:
+    """The gateway's own stats (read on its pod IP, found from its xDS peer address) count its requests
+    to productpage: productpage gets a rate, and the graph an edge from the gateway."""
+    mesh.apply(pod("traffic-ingress-1", "traffic-ingress", mesh.gateway_ip, sidecar=False))
+    mesh.backend("productpage-1", mesh.ip(10))
+    mesh.store.create({
+        "apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": {"name": "front", "namespace": "default"},
+        "spec": {"ingressClassName": "traffic", "rules": [{"host": "front.example", "http": {"paths": [
+            {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": "productpage", "port": {"number": 9080}}}}]}}]}})
+    gw = mesh.gateway()
+    url = f"http://{mesh.gateway_ip}:{mesh.gateway_port}/"
+    gw.wait_for(lambda: http_get(url, headers={"Host": "front.example"})[0] == 200, 15, message="the gateway route")
+    mesh.data()  # a first reading of the gateway
+    for _ in range(10):
+        assert http_get(url, headers={"Host": "front.example"})[0] == 200
+    data = mesh.wait_data(lambda d: bool(_service(d, "productpage")["rps"]), 15, message="productpage's rate")
+    edge = next(e for e in data["edges"] if e["to"] == "default/productpage")
+    assert edge["from"] == "default/traffic-ingress" and edge["rps"] > 0 and edge["error_rate"] == 0
+    assert _service(data, "productpage")["error_rate"] == 0

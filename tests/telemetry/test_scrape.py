@@ -73,8 +73,12 @@ def test_cached_for_min_interval_and_windowed(stats_url: str) -> None:
         assert len(s.collect({"a": stats_url})["a"]) == 1
         assert len(s.collect({"a": stats_url})["a"]) == 1 and len(_Stats.hits) == 1  # shared, not read again
         assert "usedonly" in _Stats.hits[0] and "filter=" in _Stats.hits[0]
+        # A proxy that appeared meanwhile is read at once (its first reading starts its rate), the others not.
+        got = s.collect({"a": stats_url, "b": stats_url + "&b"})
+        assert (len(got["a"]), len(got["b"]), len(_Stats.hits)) == (1, 1, 2) and _Stats.hits[1].endswith("&b")
+        s.collect({"a": stats_url})
         time.sleep(0.35)
-        assert len(s.collect({"a": stats_url})["a"]) == 2 and len(_Stats.hits) == 2
+        assert len(s.collect({"a": stats_url})["a"]) == 2 and len(_Stats.hits) == 3
         time.sleep(0.7)
         assert len(s.collect({"a": stats_url})["a"]) == 1  # the older readings left the window
         time.sleep(0.35)

@@ -77,21 +77,26 @@ class StatsScraper:
         self._executor: ThreadPoolExecutor | None = None
 
     def collect(self, targets: Mapping[str, str]) -> dict[str, list[tuple[float, Reading]]]:
-        """Read every target (name -> stats URL) unless the last round is younger than ``min_interval``;
-        returns each target's readings within the window (oldest first; a target that never answered has
+        """Read every target (name -> stats URL) unless the last round is younger than ``min_interval``
+        (then only targets never read before); returns each target's readings within the window (oldest first; a target that never answered has
         none). Thread-safe; blocks at most about ``timeout`` seconds per ``workers`` targets."""
         with self._lock:
             now = self.clock()
             if now - self._last >= self.min_interval:
                 self._round(targets, now)
                 self._last = self.clock()
+            else:  # targets that appeared since the last round get their first reading now
+                new = {name: url for name, url in targets.items() if name not in self.readings and name not in self.errors}
+                if new:
+                    self._round(new, now, forget=False)
             return {name: list(self.readings.get(name, ())) for name in targets}
 
-    def _round(self, targets: Mapping[str, str], now: float) -> None:
-        for gone in set(self.readings) - set(targets):
-            del self.readings[gone]
-        for gone in set(self.errors) - set(targets):
-            del self.errors[gone]
+    def _round(self, targets: Mapping[str, str], now: float, forget: bool = True) -> None:
+        if forget:
+            for gone in set(self.readings) - set(targets):
+                del self.readings[gone]
+            for gone in set(self.errors) - set(targets):
+                del self.errors[gone]
         if not targets:
             return
         if self._executor is None:
