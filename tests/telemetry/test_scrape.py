@@ -97,3 +97,61 @@ def test_a_silent_proxy_costs_at_most_the_timeout(stats_url: str, silent: str) -
         assert len(got["ok"]) == 1 and got["silent-1"] == [] and "timed out" in s.errors["silent-1"]
     finally:
         s.close()
+
+
+@pytest.fixture
+def dripping() -> Iterator[str]:
+    """A server that answers its headers, then one byte every 0.1 s for ever."""
+    stop = threading.Event()
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(16)
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = s.accept()
+            except OSError:
+                return
+            threading.Thread(target=drip, args=(conn,), daemon=True).start()
+
+    def drip(conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+                while not stop.is_set():
+                    conn.sendall(b"#")
+                    time.sleep(0.1)
+            except OSError:
+                return
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"http://127.0.0.1:{s.getsockname()[1]}{STATS_PATH}"
+    stop.set()
+    s.close()
+
+
+def test_a_dripping_proxy_is_cut_at_the_timeout(dripping: str) -> None:
+    s = StatsScraper(timeout=0.5)
+    try:
+        start = time.monotonic()
+        got = s.collect({"slow": dripping})
+        assert time.monotonic() - start < 1.2 and got["slow"] == [] and "no complete answer" in s.errors["slow"]
+    finally:
+        s.close()
+
+
+def test_a_round_has_a_budget_and_the_next_round_goes_on_with_the_others(silent: str) -> None:
+    s = StatsScraper(timeout=0.2, workers=1, min_interval=0)
+    targets = {f"p{i}": f"{silent}&{i}" for i in range(8)}
+    try:
+        start = time.monotonic()
+        s.collect(targets)
+        assert time.monotonic() - start < s.round_budget + 0.5
+        first = set(s.errors)
+        assert 0 < len(first) < len(targets)  # not all fit in one round's budget
+        s.collect(targets)
+        assert set(s.errors) - first  # the second round read some the first could not
+    finally:
+        s.close()

@@ -10,7 +10,9 @@ of the model, whichever replica holds its xDS stream, and the gateways connected
 
 Cost and bounds: nothing is read until someone asks for the data (``GET /debug/dashboard/data``);
 answers are cached ``min_interval`` seconds (concurrent askers share one round); at most ``workers``
-requests run at once, each with a ``timeout`` and a body cap of ``max_bytes``; Envoy is asked only for
+requests run at once, each with a ``timeout`` and a body cap of :data:`MAX_BYTES`, and a round lasts at
+most ``round_budget`` seconds (in a mesh too big for one round, each round reads first the proxies whose
+last read is oldest, so all of them are read over a few rounds); Envoy is asked only for
 the few stats used (``usedonly`` and :data:`~trafficmgr.core.telemetry.promtext.STATS_FILTER`). Readings
 older than ``window`` seconds are dropped, and so are the readings of proxies no longer asked about.
 
@@ -28,7 +30,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 from trafficmgr.core.telemetry.promtext import STATS_FILTER, Reading, parse
 
@@ -46,10 +48,23 @@ Fetch = Callable[[str, float], str]
 
 def fetch(url: str, timeout: float) -> str:
     """GET ``url`` (no proxy from the environment: the address is a pod's) and return at most
-    :data:`MAX_BYTES` of its body as text."""
+    :data:`MAX_BYTES` of its body as text. ``timeout`` bounds the whole exchange (not only each socket
+    operation: a proxy that sends one byte at a time cannot hold a worker longer); raises
+    ``TimeoutError`` past it."""
+    deadline = time.monotonic() + timeout
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    chunks: list[bytes] = []
+    size = 0
     with opener.open(url, timeout=timeout) as resp:
-        return str(resp.read(MAX_BYTES).decode("utf-8", "replace"))
+        while size < MAX_BYTES:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no complete answer within {timeout}s")
+            chunk = resp.read1(min(65536, MAX_BYTES - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    return b"".join(chunks).decode("utf-8", "replace")
 
 
 def stats_url(ip: str, port: int) -> str:
@@ -68,10 +83,13 @@ class StatsScraper:
         self.min_interval = min_interval
         self.timeout = timeout
         self.workers = max(1, workers)
+        #: The longest one round of reading may take (then the answer goes out with what was read).
+        self.round_budget = 2 * timeout + 0.5
         self.fetcher = fetcher
         self.clock = clock
         self.readings: dict[str, collections.deque[tuple[float, Reading]]] = {}
         self.errors: dict[str, str] = {}
+        self._attempted: dict[str, float] = {}  # when each target's last read ended (within a round)
         self._last = -1e18
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
@@ -97,14 +115,24 @@ class StatsScraper:
                 del self.readings[gone]
             for gone in set(self.errors) - set(targets):
                 del self.errors[gone]
+            for gone in set(self._attempted) - set(targets):
+                del self._attempted[gone]
         if not targets:
             return
         if self._executor is None:
             self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="stats-scrape")
-        futures = {name: self._executor.submit(self.fetcher, url, self.timeout) for name, url in targets.items()}
+        # Proxies read longest ago (or never) first: when a round cannot read them all within its budget,
+        # the next round goes on with the others instead of reading the same ones again.
+        order = sorted(targets, key=lambda name: self._attempted.get(name, -1e18))
+        futures = {name: self._executor.submit(self.fetcher, targets[name], self.timeout) for name in order}
+        done, _ = wait(futures.values(), timeout=self.round_budget)
         for name, future in futures.items():
+            if future not in done:
+                future.cancel()  # not started: dropped; started: its answer is ignored
+                continue
+            self._attempted[name] = now
             try:
-                text = future.result(timeout=self.timeout * (1 + len(targets) / self.workers) + 1)
+                text = future.result()
             except Exception as exc:  # noqa: BLE001 - one unreachable proxy must not hide the others
                 self.errors[name] = f"{type(exc).__name__}: {exc}"[:300]
                 log.debug("stats of %s (%s): %s", name, targets[name], exc)
@@ -112,6 +140,7 @@ class StatsScraper:
             self.errors.pop(name, None)
             history = self.readings.setdefault(name, collections.deque())
             history.append((self.clock(), parse(text)))
+        for history in self.readings.values():
             while history and history[0][0] < now - self.window:
                 history.popleft()
 
