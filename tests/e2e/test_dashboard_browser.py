@@ -7,7 +7,7 @@ read what a person sees (the rendered DOM's text, and element boxes that are on 
 - Against ``trafficmgr demo`` with requests flowing to ``reviews`` through productpage: the bookinfo
   service rows, a non-zero request rate for reviews, the graph edge productpage -> reviews, and a NACK
   (a plugin on ``TRAFFICMGR_PLUGIN_PATH`` that breaks the cluster of a Service labelled
-  ``traffic.test.break=true``) shown with Envoy's error. The screenshot is saved as a test artifact
+  ``traffic.test.break=true``: ratings) shown with Envoy's error. The screenshot is saved as a test artifact
   (``$TRAFFICMGR_TEST_ARTIFACTS/dashboard.png``, else pytest's temporary directory; the path is printed);
   with ``TRAFFICMGR_UPDATE_SCREENSHOT=1`` it also replaces ``docs/images/dashboard.png``.
 """
@@ -41,6 +41,7 @@ pytestmark = [pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 DOC_IMAGE = REPO / "docs" / "images" / "dashboard.png"
+BOOKINFO = ("productpage-v1", "details-v1", "ratings-v1", "reviews-v1", "reviews-v2", "reviews-v3")
 XSS = '<img src=x onerror="window.__pwned=1">'
 
 # What a person sees: the text of the row of a service, of a table cell, of the graph.
@@ -356,36 +357,49 @@ def test_dashboard_against_the_demo(demo: dict[str, Any], browser: Browser,
     admin = demo["ports"]["serve_admin"]
     url = f"http://127.0.0.1:{admin}{PAGE_PATH}"
     assert f"{url} (dashboard)" in demo["ready"], demo["ready"]
+    # Sidecars for bookinfo (the README's walkthrough): the sidecars' stats are where the numbers come from.
+    demo["kubectl"]("label", "deployment", *BOOKINFO, "traffic.envoy.enabled=true", "--overwrite")
+    demo["kubectl"]("label", "svc", "reviews", "traffic.lb.policy=LEAST_REQUEST", "--overwrite")
+
+    def sidecars() -> int:
+        status, body = _get(admin, DATA_PATH)
+        return sum(1 for p in json.loads(body)["proxies"] if p.get("view") == "sidecar") if status == 200 else 0
+
+    wait_for(lambda: sidecars() >= len(BOOKINFO) + 1, 120, 1, message="the bookinfo sidecars did not connect")
     with _Traffic(demo["ports"]["http"]) as traffic:
         page = _open(browser, url)
+        row = f"{JS_ROW_TEXT}('default/reviews')"
         # Service rows for bookinfo.
         for name in ("productpage", "details", "reviews", "ratings"):
             page.wait(f"{JS_ROW_TEXT}('default/{name}')", 60, message=f"no row for {name}")
         # A non-zero request rate for reviews while requests flow (rates need two readings of the counters).
         page.wait(f"(t => t && t.endsWith('req/s') && parseFloat(t) > 0)({JS_CELL}('default/reviews', 'rps'))", 90,
-                  message="reviews' request rate never became non-zero: "
-                          + str(page.eval(f"{JS_ROW_TEXT}('default/reviews')")))
+                  message=lambda: f"reviews' request rate never became non-zero: {page.eval(row)}")
         rps = _rate(page.eval(f"{JS_CELL}('default/reviews', 'rps')"))
         assert rps is not None and rps > 0
+        # Its traffic labels with the plugin owning each.
+        labels = page.eval("[...document.querySelectorAll('#services tr[data-service=\"default/reviews\"] .label')]"
+                           ".map(l => [l.firstChild.textContent, l.querySelector('.plugin').textContent])")
+        assert ["traffic.lb.policy=LEAST_REQUEST", "lb"] in labels, labels
         # The graph edge productpage -> reviews, drawn on screen with its rate.
         edge = page.wait(f"{JS_EDGE}('default/productpage', 'default/reviews')", 60,
                          message="no graph edge productpage -> reviews")
         assert edge["w"] + edge["h"] > 10 and "req/s" in edge["label"], edge
         assert "productpage \u2192 reviews" in edge["title"]
         assert {"productpage", "reviews"} <= set(page.eval(JS_NODE_NAMES))
-        # A bad plugin output: the cluster of details becomes one Envoy rejects; the page shows the NACK.
-        demo["kubectl"]("label", "svc", "details", "traffic.test.break=true", "--overwrite")
+        # A bad plugin output: the cluster of ratings becomes one Envoy rejects; the page shows the NACK.
+        demo["kubectl"]("label", "svc", "ratings", "traffic.test.break=true", "--overwrite")
         try:
             nack = page.wait("[...document.querySelectorAll('#proxies td.nack-cell .nack')].map(n => n.innerText)"
                              ".find(t => t.includes('cluster provided LB specified'))", 60,
-                             message="no NACK shown: " + str(page.eval("document.querySelector('#proxies').innerText")))
-            assert nack.startswith("clusters: Error adding/updating cluster(s)") and "details" in nack, nack
+                             message=lambda: "no NACK shown: " + str(page.eval("document.querySelector('#proxies').innerText")))
+            assert "Error adding/updating cluster(s)" in nack and "|default|ratings" in nack, nack
             assert "NACK" in page.eval("document.querySelector('#proxies tbody').innerText")
             assert traffic.ok > 0
-            out = page.screenshot(_artifact_dir(tmp_path_factory) / "dashboard.png")
+            out = page.screenshot(_artifact_dir(tmp_path_factory) / "dashboard.png", full_page=True)
             print(f"dashboard screenshot: {out}")
             if os.environ.get("TRAFFICMGR_UPDATE_SCREENSHOT") == "1":
                 DOC_IMAGE.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(out, DOC_IMAGE)
         finally:
-            demo["kubectl"]("label", "svc", "details", "traffic.test.break-")
+            demo["kubectl"]("label", "svc", "ratings", "traffic.test.break-")

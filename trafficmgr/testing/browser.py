@@ -20,6 +20,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,8 @@ class Page:
                     raise BrowserError(f"DevTools {method}: {msg['error']}")
                 return msg.get("result") or {}
 
+    width, height = 1366, 768
+
     def set_viewport(self, width: int, height: int) -> None:
         self.send("Emulation.setDeviceMetricsOverride",
                   {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
@@ -84,8 +87,10 @@ class Page:
             raise BrowserError(f"{expression[:80]!r} threw: {details.get('exception', {}).get('description') or details}")
         return result.get("result", {}).get("value")
 
-    def wait(self, expression: str, timeout: float, interval: float = 0.3, message: str = "") -> Any:
-        """Evaluate ``expression`` until truthy; return that value, else BrowserError after ``timeout`` s."""
+    def wait(self, expression: str, timeout: float, interval: float = 0.3,
+             message: str | Callable[[], str] = "") -> Any:
+        """Evaluate ``expression`` until truthy; return that value, else BrowserError after ``timeout`` s
+        (with ``message``, or what it returns when called then: e.g. what the page shows at that time)."""
         deadline = time.monotonic() + timeout
         value: Any = None
         while time.monotonic() < deadline:
@@ -93,14 +98,20 @@ class Page:
             if value:
                 return value
             time.sleep(interval)
-        raise BrowserError(message or f"{expression[:120]!r} still {value!r} after {timeout:.0f}s")
+        text = message() if callable(message) else message
+        raise BrowserError(text or f"{expression[:120]!r} still {value!r} after {timeout:.0f}s")
 
     def screenshot(self, path: str | os.PathLike[str], full_page: bool = False) -> Path:
-        """Save a PNG of the viewport (or the whole page) to ``path``."""
-        params: dict[str, Any] = {"format": "png"}
+        """Save a PNG of the viewport (1366x768), or of the whole page at that width, to ``path``."""
         if full_page:
-            params["captureBeyondViewport"] = True
-        data = base64.b64decode(self.send("Page.captureScreenshot", params)["data"])
+            height = int(self.eval("Math.ceil(document.documentElement.scrollHeight)") or self.height)
+            self.set_viewport(self.width, max(height, self.height))
+            time.sleep(0.3)  # one layout/paint at the new size
+        try:
+            data = base64.b64decode(self.send("Page.captureScreenshot", {"format": "png"})["data"])
+        finally:
+            if full_page:
+                self.set_viewport(self.width, self.height)
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(data)
@@ -164,7 +175,7 @@ class Browser:
         page = Page(ws)
         page.send("Page.enable")
         page.send("Runtime.enable")
-        page.set_viewport(1366, 768)
+        page.set_viewport(page.width, page.height)
         return page
 
     def close(self) -> None:

@@ -78,10 +78,10 @@
       const id = text(s.namespace) + "/" + text(s.name);
       const labels = (s.labels || []).map((l) => el("span", { class: "label", title: "owned by plugin " + text(l.plugin) },
         text(l.key) + "=" + text(l.value), el("span", { class: "plugin" }, text(l.plugin))));
-      const ups = (s.upstreams || []).map((u) => el("li", null,
+      const ups = (s.upstreams || []).map((u) => el("li", { title: text(u.address) },
         el("code", null, text(u.pod) || text(u.address)),
-        u.pod && u.address ? el("span", { class: "muted" }, " " + text(u.address)) : null,
-        " weight ", isNum(u.weight) ? String(u.weight) : noData(), ", ", rate(u.rps), ", ", errors(u.error_rate)));
+        " weight ", isNum(u.weight) ? String(u.weight) : noData(), ", ",
+        !isNum(u.rps) && !isNum(u.error_rate) ? noData() : [rate(u.rps), ", ", errors(u.error_rate)]));
       const traces = safeHttpUrl(s.traces_url);
       return el("tr", { "data-service": id },
         el("td", null, el("strong", null, text(s.name)), el("span", { class: "muted" }, " " + text(s.namespace))),
@@ -186,8 +186,8 @@
         el("td", null, text(p.mode)),
         TYPES.map(([short]) => el("td", null, syncCell(p[short]))),
         el("td", { class: "nack-cell" }, nack
-          ? el("span", { class: "nack" }, text(nack.type) + (nack.type ? ": " : "") + text(nack.error || "rejected") +
-            (isNum(nack.time) ? " (" + clock(nack.time) + ")" : ""))
+          ? el("span", { class: "nack", title: text(nack.error) }, (isNum(nack.time) ? clock(nack.time) + " " : "") +
+            text(nack.type) + (nack.type ? ": " : "") + text(nack.error || "rejected"))
           : el("span", { class: "muted" }, "none")));
     });
     fillBody("#proxies", rows, 9, "no proxies connected");
