@@ -1,7 +1,7 @@
 """Loading the project's API server over HTTP: does a create cost more as the store grows? (not a test)
 
-    python benchmarks/bench_apiserver.py [--services 10000] [--pods 10] [--connections 8] [--processes 2]
-                                         [--window 4]
+    python benchmarks/bench_apiserver.py [--services 10000] [--pods 10] [--connections 2] [--processes 2]
+                                         [--window 16]
 
 Starts ``python -m trafficmgr.apiserver`` (HTTPS, bearer token, EndpointSlice controller on: what
 ``trafficmgr bench`` and local mode run) and creates S Services, then S*P ready Pods through its REST API
@@ -28,9 +28,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--services", type=int, default=10000)
     p.add_argument("--pods", type=int, default=10)
-    p.add_argument("--connections", type=int, default=8, help="keep-alive connections per client process")
+    p.add_argument("--connections", type=int, default=2, help="keep-alive connections per client process")
     p.add_argument("--processes", type=int, default=2, help="client processes")
-    p.add_argument("--window", type=int, default=4, help="pipelined requests in flight per connection")
+    p.add_argument("--window", type=int, default=16, help="pipelined requests in flight per connection")
     args = p.parse_args()
     import tempfile
     from pathlib import Path

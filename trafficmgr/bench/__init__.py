@@ -110,8 +110,8 @@ class Api:
             self.proc.kill()
 
 
-def load(api: Api, services: int, pods: int, connections: int = 8, processes: int = 2,
-         window: int = 4) -> dict[str, Any]:
+def load(api: Api, services: int, pods: int, connections: int = 2, processes: int = 2,
+         window: int = 16) -> dict[str, Any]:
     """Create S services (policy labels on every other one) and S*P ready pods through the API, one POST
     per object (:mod:`trafficmgr.bench.loader`), then wait until the EndpointSlice controller has caught up
     (the last Service's Endpoints list its P pods; the controller handles events in order).

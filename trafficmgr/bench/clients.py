@@ -42,8 +42,8 @@ class SimClient:
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.acked: dict[str, float] = {}  # short type -> time of the last ACK
         self.counts: dict[str, int] = {}
-        self.eds_names: set[str] = set()
-        self.rds_names: set[str] = set()
+        self.eds_names: frozenset[str] = frozenset()
+        self.rds_names: frozenset[str] = frozenset()
         # The sorted subscriptions every state-of-the-world ACK repeats, kept instead of re-sorted per ACK:
         # the measuring process must not be what the figures measure (Envoy does this in C++).
         self.eds_sorted: list[str] = []
@@ -61,7 +61,7 @@ class SimClient:
     async def run(self) -> None:
         method = DELTA if self.delta else SOTW
         resp_cls = discovery_pb2.DeltaDiscoveryResponse if self.delta else discovery_pb2.DiscoveryResponse
-        call = self.channel.stream_stream(method, request_serializer=lambda m: m.SerializeToString(),
+        call = self.channel.stream_stream(method, request_serializer=_serialize,
                                           response_deserializer=resp_cls.FromString)(request_iterator=None)
         await call.write(self._req(cache.CLUSTER))
         await call.write(self._req(cache.LISTENER))
@@ -78,11 +78,11 @@ class SimClient:
                 for any_msg in resp.resources:
                     names.append(_name_of(t, any_msg))
         if t == cache.CLUSTER and names:
-            new = set(names) if not self.delta else self.eds_names | set(names)
+            new = _shared(frozenset(names) if not self.delta or not self.eds_names else self.eds_names | frozenset(names))
             if new != self.eds_names:
                 added = new - self.eds_names
                 self.eds_names = new
-                self.eds_sorted = sorted(new)
+                self.eds_sorted = _sorted(new)
                 if self.delta:
                     await call.write(self._req(cache.ENDPOINT, resource_names_subscribe=sorted(added)))
                 else:
@@ -92,9 +92,9 @@ class SimClient:
             for any_msg in resp.resources:
                 routes |= _route_names(any_msg.resource if self.delta else any_msg)
             if routes - self.rds_names:
-                added = routes - self.rds_names
-                self.rds_names |= routes
-                self.rds_sorted = sorted(self.rds_names)
+                added = frozenset(routes) - self.rds_names
+                self.rds_names = _shared(self.rds_names | frozenset(routes))
+                self.rds_sorted = _sorted(self.rds_names)
                 if self.delta:
                     await call.write(self._req(cache.ROUTE, resource_names_subscribe=sorted(added)))
                 else:
@@ -103,8 +103,11 @@ class SimClient:
         if self.delta:
             await call.write(self._req(t, response_nonce=resp.nonce))
         else:
+            # The subscribed names (10k at 10k services) every ACK repeats are serialized once per set and
+            # shared; the ACK's own fields follow (concatenated protobuf messages merge, lists append).
             subscribed = self.eds_sorted if t == cache.ENDPOINT else self.rds_sorted if t == cache.ROUTE else []
-            await call.write(self._req(t, response_nonce=resp.nonce, version_info=resp.version_info, resource_names=subscribed))
+            ack = self._req(t, response_nonce=resp.nonce, version_info=resp.version_info).SerializeToString()
+            await call.write(_names_bytes(subscribed) + ack if subscribed else ack)
         short = SHORT.get(t, t)
         now = time.time()
         self.acked[short] = now
@@ -112,11 +115,54 @@ class SimClient:
         self.queue.put_nowait((short, now))
 
 
+def _serialize(msg: Any) -> bytes:
+    return msg if isinstance(msg, bytes) else msg.SerializeToString()
+
+
+_SETS: dict[frozenset[str], frozenset[str]] = {}
+_SORTED: dict[int, list[str]] = {}
+_NAMES_BYTES: dict[int, bytes] = {}
+_STRINGS: dict[str, str] = {}
+
+
+def _shared(names: frozenset[str]) -> frozenset[str]:
+    """One object per distinct subscription set: a thousand clients subscribed to the same 10k clusters
+    hold one set (the measuring process must not need gigabytes to measure)."""
+    return _SETS.setdefault(names, names)
+
+
+def _sorted(names: frozenset[str]) -> list[str]:
+    out = _SORTED.get(id(names))
+    if out is None:
+        out = _SORTED[id(names)] = sorted(names)
+    return out
+
+
+def _names_bytes(names: list[str]) -> bytes:
+    """``resource_names`` (field 3 of a DiscoveryRequest) of a shared sorted list, serialized once."""
+    out = _NAMES_BYTES.get(id(names))
+    if out is None:
+        out = _NAMES_BYTES[id(names)] = discovery_pb2.DiscoveryRequest(resource_names=names).SerializeToString()
+    return out
+
+
 def _name_of(type_url: str, any_msg: Any) -> str:
+    """A resource's ``name`` (field 1, which serializers write first) read from its bytes, else parsed."""
+    data = any_msg.value
+    if data[:1] == b"\x0a":
+        length, shift, pos = 0, 0, 1
+        while pos < len(data):
+            b = data[pos]
+            length |= (b & 0x7F) << shift
+            pos += 1
+            if not b & 0x80:
+                name = data[pos:pos + length].decode()
+                return _STRINGS.setdefault(name, name)
+            shift += 7
     from trafficmgr.core.protos import message_class
 
     msg: Any = message_class(type_url)()  # an Envoy resource: generated code without stubs
-    msg.ParseFromString(any_msg.value)
+    msg.ParseFromString(data)
     return msg.name
 
 

@@ -154,8 +154,8 @@ class Loader:
     """Creates objects through ``url`` with ``token`` (server CA ``ca``) from ``processes`` client
     processes of ``connections`` connections each."""
 
-    def __init__(self, url: str, token: str, ca: str | None, connections: int = 8, processes: int = 2,
-                 window: int = 4) -> None:
+    def __init__(self, url: str, token: str, ca: str | None, connections: int = 2, processes: int = 2,
+                 window: int = 16) -> None:
         self.url, self.token, self.ca = url, token, ca
         self.connections, self.processes, self.window = connections, max(1, processes), max(1, window)
 
