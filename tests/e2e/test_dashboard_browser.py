@@ -31,6 +31,8 @@ from typing import Any
 
 import pytest
 
+from trafficmgr.cli.dashboard import DashboardProxy
+from trafficmgr.core.admin import AdminServer
 from trafficmgr.dashboard import DATA_PATH, PAGE_PATH, STATIC_DIR
 from trafficmgr.testing.browser import Browser, Page, find_chromium
 from trafficmgr.testing.cluster import Kubectl
@@ -241,6 +243,33 @@ def test_page_before_any_data(browser: Browser, fixture_server: _FixtureServer) 
     assert "no proxies connected" in page.eval("document.querySelector('#proxies tbody').innerText")
 
 
+class _State:
+    """An admin state with only dashboard data (the routes under test read nothing else)."""
+
+    def dashboard_data(self) -> dict[str, Any]:
+        return FIXTURE
+
+
+def test_page_through_the_token_proxy(browser: Browser) -> None:
+    """An admin endpoint with a bearer token: the browser alone gets 401; through ``trafficmgr dashboard``'s
+    proxy (which adds the token) the page loads and shows the data."""
+    token = "dashboard-test-token-0123456789"
+    with AdminServer(_State(), "127.0.0.1", 0, token=token) as admin:  # type: ignore[arg-type]
+        page = _open(browser, f"{admin.url}{PAGE_PATH}")
+        assert "missing or wrong bearer token" in page.eval("document.body.innerText")
+        proxy = DashboardProxy(admin.url, token)
+        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        try:
+            page = _open(browser, proxy.url)
+            assert "default/reviews" in page.wait("[...document.querySelectorAll('#services tr')]"
+                                                  ".map(r => r.dataset.service).join(' ')", 15)
+            assert page.eval(f"{JS_CELL}('default/reviews', 'rps')") == "2.50 req/s"
+            assert page.eval("document.getElementById('error').hidden")
+        finally:
+            proxy.shutdown()
+            proxy.server_close()
+
+
 # -- the page against trafficmgr demo ----------------------------------------------------------------
 
 NACK_PLUGIN = '''"""Test-only: a Service labelled traffic.test.break=true gets a cluster Envoy rejects."""
@@ -352,6 +381,7 @@ def _artifact_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.envoy
 def test_dashboard_against_the_demo(demo: dict[str, Any], browser: Browser,
                                     tmp_path_factory: pytest.TempPathFactory) -> None:
     admin = demo["ports"]["serve_admin"]
