@@ -4,7 +4,11 @@ Service shares the port; off and invalid values change nothing."""
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +17,7 @@ from typing import Any
 import pytest
 
 from trafficmgr.core.kube.events import INVALID_LABEL
-from trafficmgr.plugins.accesslog import FORMAT, LABEL, LOG_TYPE, access_lines
+from trafficmgr.plugins.accesslog import FORMAT, LABEL, LOG_TYPE, NAMESPACE, access_lines
 from trafficmgr.testing.kit import BuildResult, SidecarMesh
 
 WEB_API = """
@@ -55,22 +59,22 @@ def wait_line(envoy: Any, request_id: str, timeout: float = 10.0) -> dict[str, A
     return found
 
 
-def logging_listeners(envoy: Any) -> list[str]:
-    """Names of the Envoy's dynamic listeners whose configuration has an access log."""
-    return [str((lst.get("listener") or lst).get("name")) for lst in envoy.dynamic("listeners")
-            if '"access_log"' in json.dumps(lst)]
+def marked_routes(envoy: Any) -> list[str]:
+    """The destinations named by the plugin's route metadata in the Envoy's route configurations."""
+    return sorted(json.dumps(m) for rc in envoy.dynamic("routes") for vh in rc.get("virtual_hosts", [])
+                  for r in vh.get("routes", []) if (m := r.get("metadata", {}).get("filter_metadata", {}).get(NAMESPACE)))
 
 
-def ids(envoy: Any) -> list[str]:
+def ids(envoy: Any) -> list[Any]:
     return [line.get("request_id") for line in stdout_lines(envoy)]
 
 
 def test_sidecar_logs_requests_to_the_labeled_service_only(trafficmgr_envoy: Callable[..., SidecarMesh]) -> None:
     mesh = trafficmgr_envoy(WEB_API)
     assert mesh.build is not None and mesh.build.warnings == []
-    assert not logging_listeners(mesh.envoy)
+    assert marked_routes(mesh.envoy) == []
     mesh.label("service", "web", {LABEL: "on"})
-    assert mesh.build.warnings == [] and logging_listeners(mesh.envoy)
+    assert mesh.build.warnings == [] and marked_routes(mesh.envoy) == ['{"destination": "Service/default/web"}']
     web = mesh.backends["web-1"]
 
     r = mesh.get("web", "/hello?x=1", headers={"x-request-id": "rid-web-1"})
@@ -116,28 +120,41 @@ def test_sidecar_logs_requests_to_the_labeled_service_only(trafficmgr_envoy: Cal
         assert mesh.get("api", "/", headers={"x-request-id": f"rid-off-api-{i}"}).status == 200
     time.sleep(1.5)  # stdout lines are written within the request's completion; give a slow machine time
     assert len(stdout_lines(mesh.envoy)) == before
-    assert not logging_listeners(mesh.envoy)
+    assert marked_routes(mesh.envoy) == []
 
 
-def test_without_the_label_the_configuration_is_unchanged(trafficmgr_build: Callable[..., BuildResult]) -> None:
-    """No label (or off, or an invalid value): the same bytes as without the plugin; an invalid value is
-    an InvalidTrafficLabel warning and nothing else."""
-    plugins = ["lb", "fault", "tracing", "ratelimit"]
-    without = trafficmgr_build(WEB_API, plugins=plugins).render()
-    assert trafficmgr_build(WEB_API, plugins=[*plugins, "accesslog"]).render() == without
+def test_a_label_changes_only_that_services_routes(trafficmgr_build: Callable[..., BuildResult]) -> None:
+    """The access log is in every connection manager (so a label never touches a listener): ``on`` changes
+    only the labeled Service's route (its metadata); ``off`` and an invalid value change nothing, the
+    latter with an InvalidTrafficLabel warning."""
+    def resources(result: BuildResult) -> dict[tuple[str, str, str], bytes]:
+        return {(view, type_url, name): res.message().SerializeToString(deterministic=True)
+                for view, snap in result.snapshots.items() for type_url, ts in snap.types.items()
+                for name, res in ts.resources.items()}
+
+    base = trafficmgr_build(WEB_API)
+    assert base.warnings == []
+    hcms = [f for lst in base.sidecar.listeners.values() for c in lst.get("filter_chains", [])
+            for f in c.get("filters", []) if f["name"].endswith("http_connection_manager")
+            and f["typed_config"]["stat_prefix"] != "outbound_blocked"]  # the core's blocked 404 chains: no hooks
+    assert hcms and all("access_log" in json.dumps(f) for f in hcms)
     off = WEB_API.replace("labels: {traffic.port.9080: http}}\nspec: {selector: {app: web}",
                           "labels: {traffic.port.9080: http, traffic.accesslog: \"off\"}}\nspec: {selector: {app: web}")
     assert off != WEB_API
-    result = trafficmgr_build(off, plugins=[*plugins, "accesslog"])
-    assert result.warnings == [] and result.render() == without
-    bad = off.replace('traffic.accesslog: "off"', 'traffic.accesslog: "yes"')
-    result = trafficmgr_build(bad, plugins=[*plugins, "accesslog"])
-    assert result.render() == without
+    result = trafficmgr_build(off)
+    assert result.warnings == [] and resources(result) == resources(base)
+    result = trafficmgr_build(off.replace('traffic.accesslog: "off"', 'traffic.accesslog: "yes"'))
+    assert resources(result) == resources(base)
     [warning] = result.warnings
     assert INVALID_LABEL in warning and LABEL in warning and "one of off, on" in warning, warning
-    on = off.replace('traffic.accesslog: "off"', 'traffic.accesslog: "ON"')  # choices are case-insensitive
-    result = trafficmgr_build(on, plugins=[*plugins, "accesslog"])
-    assert result.warnings == [] and result.render() != without
+    result = trafficmgr_build(off.replace('traffic.accesslog: "off"', 'traffic.accesslog: "ON"'))  # case-insensitive
+    assert result.warnings == []
+    changed = sorted(k for k, v in resources(result).items() if resources(base).get(k) != v)
+    assert [k[2] for k in changed] == ["outbound|9080"], changed  # the sidecar's route configuration of port 9080
+    vhosts = {vh["name"]: vh for vh in result.sidecar.routes["outbound|9080"]["virtual_hosts"]}
+    assert vhosts["web.default:9080"]["routes"][0]["metadata"]["filter_metadata"][NAMESPACE] == {
+        "destination": "Service/default/web"}
+    assert "metadata" not in vhosts["api.default:9080"]["routes"][0]
 
 
 def test_invalid_value_logs_nothing(trafficmgr_envoy: Callable[..., SidecarMesh]) -> None:
@@ -148,7 +165,7 @@ def test_invalid_value_logs_nothing(trafficmgr_envoy: Callable[..., SidecarMesh]
     assert mesh.get("web", "/", headers={"x-request-id": "rid-bad"}).status == 200
     time.sleep(1.5)
     assert stdout_lines(mesh.envoy) == []
-    assert not logging_listeners(mesh.envoy)
+    assert marked_routes(mesh.envoy) == []
 
 
 GATEWAY_MANIFESTS = """
@@ -227,3 +244,100 @@ def test_gateway_logs_routes_to_the_labeled_service(trafficmgr_gateway: Callable
         return len(stdout_lines(gw.envoy)) == n
 
     gw.wait_config(quiet, timeout=15, message="the gateway still logs with an invalid label value")
+
+
+LOCAL_IPS = {"web-1": "127.0.91.11", "api-1": "127.0.91.12"}
+LOCAL_CLIENT_IP = "127.0.91.60"
+
+
+def test_local_mode_explicit_proxy_and_the_proxies_command(trafficmgr_build: Callable[..., BuildResult],
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Local mode's sidecars (the ``local`` runtime, as ``trafficmgr demo`` runs them: Envoy's stdout is its
+    log file) log explicit proxy requests to a labeled Service; ``trafficmgr proxies --access-log`` prints
+    exactly those lines."""
+    from trafficmgr import cli
+    from trafficmgr.core.agent.agent import AgentConfig, sidecar_bootstrap
+    from trafficmgr.core.agent.local_runtime import PROXY_PORT, LocalRuntime
+    from trafficmgr.core.agent.runtime import PodRef, SidecarSpec
+    from trafficmgr.core.model import SIDECAR
+    from trafficmgr.testing.backends import HttpBackend
+    from trafficmgr.testing.envoy import ControlPlane, free_port, wait_for
+
+    backends = {name: HttpBackend(name, ip, 0).start() for name, ip in LOCAL_IPS.items()}
+    manifests = WEB_API.replace("labels: {traffic.port.9080: http}}\nspec: {selector: {app: web}",
+                                "labels: {traffic.port.9080: http, traffic.accesslog: \"on\"}}\nspec: {selector: {app: web}")
+    for name, b in backends.items():
+        manifests = manifests.replace(
+            f"metadata: {{name: {name}, labels: {{app: {name[:3]}}}}}\nspec: {{containers: [{{name: app, image: {name[:3]}}}]}}",
+            f"metadata: {{name: {name}, labels: {{app: {name[:3]}}}}}\nspec: {{containers: [{{name: app, image: {name[:3]}}}]}}\n"
+            f"status: {{phase: Running, podIP: {b.host}, podIPs: [{{ip: {b.host}}}], conditions: [{{type: Ready, status: \"True\"}}]}}")
+    manifests = manifests.replace("ports: [{port: 9080}]", "ports: [{port: 9080, targetPort: PORT}]")
+    manifests = manifests.replace("targetPort: PORT}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: api",
+                                  f"targetPort: {backends['web-1'].port}}}]}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: api", 1)
+    manifests = manifests.replace("targetPort: PORT", f"targetPort: {backends['api-1'].port}")
+    result = trafficmgr_build(manifests, options={"explicit_proxy": True})
+    assert result.warnings == []
+    cp = ControlPlane().start()
+    pod = PodRef("client-2", "default", "uid-c2", LOCAL_CLIENT_IP)
+    cp.nodes[pod.node_id] = SIDECAR
+    cp.cache.set_view(SIDECAR, result.snapshots[SIDECAR])
+    state_dir = tempfile.mkdtemp(prefix="tm-accesslog-")
+    runtime = LocalRuntime(state_dir)
+    config = sidecar_bootstrap(pod, AgentConfig("n", f"127.0.0.1:{cp.port}", admin_port=free_port(), stats_port=0),
+                               own_netns=False)
+    sidecar = runtime.start(SidecarSpec(pod, config), runtime.pod_network(pod))
+    try:
+        def via_proxy(service: str, request_id: str) -> int:
+            conn = http.client.HTTPConnection(LOCAL_CLIENT_IP, PROXY_PORT, timeout=5)
+            try:
+                conn.request("GET", f"http://{service}:9080/local?x=1", headers={"x-request-id": request_id})
+                resp = conn.getresponse()
+                resp.read()
+                return resp.status
+            finally:
+                conn.close()
+
+        def logged() -> list[str] | None:
+            with contextlib.suppress(OSError):
+                if via_proxy("api", "local-api") == 200:
+                    via_proxy("web", "local-web")
+            found = [x for x in access_lines(runtime.logs(sidecar)) if '"local-web"' in x]
+            return found or None
+
+        wait_for(logged, 20, message=f"the local sidecar never logged an explicit proxy request: {runtime.logs(sidecar)[-3000:]}")
+        base = ("proxies", "--runtime", "local", "--state-dir", state_dir)
+        assert cli.main([*base, "--access-log"]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out and all(x.startswith("default/client-2 {") for x in out), out
+        rows = [json.loads(x.split(" ", 1)[1]) for x in out]
+        web = next(r for r in rows if r["request_id"] == "local-web")
+        assert web["direction"] == "outbound" and web["destination"] == "Service/default/web" and web["status"] == 200
+        assert web["authority"] == "web:9080" and web["path"] == "/local?x=1"
+        assert web["upstream_host"] == f"{backends['web-1'].host}:{backends['web-1'].port}"
+        assert not [r for r in rows if r["request_id"] == "local-api"]  # the unlabeled Service
+        # The whole log has Envoy's own lines too; --access-log leaves them out. --id and --tail:
+        assert len(runtime.logs(sidecar).splitlines()) > len(out)
+        assert cli.main([*base, "--id", sidecar.id[:8], "--access-log", "--tail", "1"]) == 0
+        [last] = capsys.readouterr().out.splitlines()
+        assert json.loads(last)["log"] == LOG_TYPE
+        assert cli.main([*base, "--id", sidecar.id[:8], "--access-log", "--log"]) == 1
+        assert "--access-log cannot be combined" in capsys.readouterr().err
+    finally:
+        runtime.remove(sidecar)
+        cp.stop()
+        for b in backends.values():
+            b.stop()
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def test_access_lines_picks_only_access_log_objects() -> None:
+    text = "\n".join([
+        "[2026-12-07 04:00:00.000][1][info][main] starting",
+        '{"log":"trafficmgr.accesslog/v1","status":200}',
+        '{"log":"something else","status":200}',
+        '{"status":200}',
+        '["trafficmgr.accesslog/v1"]',
+        '{"log":"trafficmgr.accesslog/v2","status":201}  ',
+        '{"log":"trafficmgr.accesslog/v1","status":',  # still being written
+    ])
+    assert access_lines(text) == ['{"log":"trafficmgr.accesslog/v1","status":200}', '{"log":"trafficmgr.accesslog/v2","status":201}']

@@ -22,10 +22,12 @@ of a role gets one stdout access log whose filter is a CEL expression (Envoy's
   the request's dynamic metadata (the list changes with labels, so it lives in a filter the core compares
   by content, never in a cached connection manager).
 
-The access log is added only to connection managers that carry this plugin's marker filter
-(``trafficmgr.accesslog``), which the per-role hooks contribute only while some object is labeled ``on``:
-without the label the configuration is byte for byte what it is without the plugin. The line format
-(:data:`FORMAT`) is documented field by field in the README ("Access logs").
+The access log sits in every sidecar and gateway connection manager whether or not anything is labeled
+(as the fault and rate-limit plugins' no-op filters do): a Service label changes only that Service's
+routes, never a listener, so turning logging on or off drains no connection and leaves every other
+Service's configuration byte for byte as it was. The cost without any label is one CEL evaluation per
+request. A Pod label changes the inbound listener (the pod list). The line format (:data:`FORMAT`) is
+documented field by field in the README ("Access logs").
 """
 
 from __future__ import annotations
@@ -62,9 +64,9 @@ def trafficmgr_labels() -> list[LabelSpec]:
                       "gateway log requests to it; Pod: its own sidecar logs requests arriving at it)")]
 
 
-#: The marker filter's name (a ``set_metadata`` filter), also the metadata namespace of routes and requests.
+#: The inbound ``set_metadata`` filter's name, also the metadata namespace of routes and requests.
 NAMESPACE = "trafficmgr.accesslog"
-#: Early, so that the inbound pod list is in the request's metadata whatever another filter answers.
+#: Early, so that the inbound pod list is in the request's metadata whatever a later filter answers.
 FILTER_ORDER = 50
 LOGGER = "envoy.access_loggers.stdout"
 CEL_FILTER = "envoy.access_loggers.extension_filters.cel"
@@ -125,13 +127,12 @@ def access_log(expression: str, side: str) -> accesslog_pb2.AccessLog:
     return entry
 
 
-def _marker(pods: tuple[str, ...] | None = None) -> set_metadata_pb2.Config:
-    """The marker filter: a no-op, or (inbound) one that puts ``pods`` into the request's metadata."""
+def pods_filter(pods: tuple[str, ...]) -> set_metadata_pb2.Config:
+    """The inbound filter putting the labeled pods' node ids into every request's dynamic metadata."""
     config = set_metadata_pb2.Config()
-    if pods is not None:
-        value = struct_pb2.Struct()
-        value.update({"pods": list(pods)})
-        config.metadata.add(metadata_namespace=NAMESPACE, value=value)
+    value = struct_pb2.Struct()
+    value.update({"pods": list(pods)})
+    config.metadata.add(metadata_namespace=NAMESPACE, value=value)
     return config
 
 
@@ -146,33 +147,26 @@ def destination(service: Service) -> str:
 
 
 class _Labeled:
-    """The labeled Services and pods of the model, kept in O(changed objects) per build (the model's
-    ``delta``; a full scan when it is unknown)."""
+    """The labeled pods of the model, kept in O(changed pods) per build (the model's ``delta``; a full
+    scan when it is unknown)."""
 
     def __init__(self) -> None:
-        self.services: set[tuple[str, str]] = set()
         self.pods: set[tuple[str, str]] = set()
-        self.model_seen = False
         #: The model last applied, weakly (each model's delta is applied once; a Model is not kept across builds).
         self.seen: weakref.ref[Model] | None = None
 
     def update(self, model: Model) -> None:
         delta = model.delta
-        if delta is None or not self.model_seen:
-            self.services = {k for k, s in model.services.items() if logged(s.labels)}
+        if delta is None or self.seen is None:
             self.pods = {k for k, p in model.pods.items() if logged(p.labels) and p.live}
-            self.model_seen = True
             return
-        for key in delta.services:
-            svc = model.services.get(key)
-            (self.services.add if svc is not None and logged(svc.labels) else self.services.discard)(key)
         for key in delta.pods:
             pod = model.pods.get(key)
             (self.pods.add if pod is not None and logged(pod.labels) and pod.live else self.pods.discard)(key)
 
 
 def _labeled(ctx: BuildContext) -> _Labeled:
-    """The labeled sets, updated once per model (several roles are built from one model)."""
+    """The sidecar view's labeled pods, updated once per model."""
     labeled = ctx.memo.get(NAMESPACE)
     if not isinstance(labeled, _Labeled):
         labeled = ctx.memo[NAMESPACE] = _Labeled()
@@ -183,26 +177,18 @@ def _labeled(ctx: BuildContext) -> _Labeled:
 
 
 @hookimpl
-def trafficmgr_resources(ctx: BuildContext) -> list[Resource]:
-    """Contributes nothing: called on every build of every view, it keeps the view's labeled sets current
-    (the filter hooks are not called on every build, and each model's delta must be applied once)."""
-    _labeled(ctx)
-    return []
-
-
-@hookimpl
-def trafficmgr_http_filters(role: str, ctx: BuildContext) -> list[HttpFilter]:
-    """The marker filter in the role's connection managers while something is labeled ``on`` (sidecars:
-    a Service or a pod, whose own labeled ports are destinations; the gateway: a Service)."""
-    labeled = _labeled(ctx)
-    if (role == SIDECAR and (labeled.services or labeled.pods)) or (role == GATEWAY and labeled.services):
-        return [HttpFilter(NAMESPACE, FILTER_ORDER, _marker())]
+def trafficmgr_resources(role: str, ctx: BuildContext) -> list[Resource]:
+    """Contributes nothing: called on every build of the sidecar view, it applies each model's delta to
+    the labeled pods (whether or not the inbound listener is built this time)."""
+    if role == SIDECAR:
+        _labeled(ctx)
     return []
 
 
 @hookimpl
 def trafficmgr_network_filters(role: str, ctx: BuildContext) -> list[NetworkFilter | HttpFilter]:
-    """Inbound: the marker filter listing the node ids of labeled pods, while there are any."""
+    """Inbound: the ``set_metadata`` filter listing the node ids of labeled pods, while there are any
+    (without it the inbound access log's expression is false)."""
     if role != "inbound":
         return []
     labeled = _labeled(ctx)
@@ -211,14 +197,14 @@ def trafficmgr_network_filters(role: str, ctx: BuildContext) -> list[NetworkFilt
     pods = tuple(sorted(f"{name}.{namespace}" for namespace, name in labeled.pods))
     memo = ctx.memo.get(f"{NAMESPACE}.inbound")
     if memo is None or memo[0] != pods:
-        memo = ctx.memo[f"{NAMESPACE}.inbound"] = (pods, HttpFilter(NAMESPACE, FILTER_ORDER, _marker(pods)))
+        memo = ctx.memo[f"{NAMESPACE}.inbound"] = (pods, HttpFilter(NAMESPACE, FILTER_ORDER, pods_filter(pods)))
     return [memo[1]]
 
 
 @hookimpl
 def trafficmgr_http_connection_manager(hcm: HttpConnectionManager, role: str, listener_name: str) -> None:
-    """The access log, in connection managers that carry the marker filter (depends on ``hcm`` only)."""
-    if not any(f.name == NAMESPACE for f in hcm.http_filters):
+    """The filtered access log, in every sidecar and gateway connection manager (depends on the arguments only)."""
+    if role not in (SIDECAR, GATEWAY):
         return
     if any(a.name == LOGGER and a.filter.extension_filter.name == CEL_FILTER for a in hcm.access_log):
         return  # already there (a hook run again on the same message)
