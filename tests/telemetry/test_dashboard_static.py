@@ -119,3 +119,14 @@ def test_no_numbers_without_readings(admin: AdminServer, plane: ControlPlane) ->
                                      "error_rate": None}]
         assert data["edges"] == [] and data["source"] == "envoy-stats"
         plane._scraper.min_interval = 0  # noqa: SLF001 - read again at once
+
+
+def test_stats_port_zero_reads_nothing(admin: AdminServer, plane: ControlPlane) -> None:
+    port = ServicePort("http", 9080, 9080)
+    svc = Service("default", "reviews", (port,), "10.96.0.9")
+    pod = Pod("default", "reviews-1", "127.0.0.1", ready=True, sidecar=True, ips=("127.0.0.1",))
+    plane.options.dashboard_stats_port = 0
+    plane.publish_model(Model(services={svc.key: svc}, pods={pod.key: pod}))
+    data = json.loads(_get(admin, "/debug/dashboard/data")[2])
+    assert data["source"] == "none" and data["services"][0]["rps"] is None
+    assert plane._scraper.readings == {} and plane._scraper.errors == {}  # noqa: SLF001 - nothing was read

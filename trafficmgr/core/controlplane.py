@@ -341,7 +341,7 @@ class ControlPlane:
                                                    telemetry.traces_url_of(self.options))
         routes = self.plugins.collect("trafficmgr_dashboard_routes", what="dashboard routes", model=model,
                                       options=self.options) if model is not None else []
-        return {"generated": time.time(), "source": telemetry.SOURCE if port else None, "window_s": window,
+        return {"generated": time.time(), "source": telemetry.SOURCE if port else "none", "window_s": window,
                 "services": services, "edges": edges,
                 "proxies": telemetry.proxy_rows(streams, self.nacks()),
                 "events": self.events.recent(),

@@ -3,7 +3,7 @@ Warning Events and routes (``GET /debug/dashboard/data`` on the admin endpoint).
 
 Contract (extend, never rename; ``null`` = no data yet)::
 
-    {"generated": <unix s>, "source": "envoy-stats", "window_s": <s>,
+    {"generated": <unix s>, "source": "envoy-stats" ("none": serve --dashboard-stats-port 0), "window_s": <s>,
      "services": [{"namespace", "name", "labels": [{"key", "value", "plugin"}], "rps", "error_rate",
                    "p50_ms", "p99_ms", "upstreams": [{"pod", "address", "weight", "rps", "error_rate"}],
                    "traces_url"}],
