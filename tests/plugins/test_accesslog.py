@@ -70,7 +70,8 @@ def ids(envoy: Any) -> list[Any]:
 
 
 def test_sidecar_logs_requests_to_the_labeled_service_only(trafficmgr_envoy: Callable[..., SidecarMesh]) -> None:
-    mesh = trafficmgr_envoy(WEB_API)
+    # A collector address nothing listens on (spans are dropped): tracing needs one to be on at all.
+    mesh = trafficmgr_envoy(WEB_API, options={"zipkin_address": "127.0.0.1:9"})
     assert mesh.build is not None and mesh.build.warnings == []
     assert marked_routes(mesh.envoy) == []
     mesh.label("service", "web", {LABEL: "on"})
@@ -105,6 +106,13 @@ def test_sidecar_logs_requests_to_the_labeled_service_only(trafficmgr_envoy: Cal
     mesh.get("web", "/", headers={"x-request-id": "rid-web-3"})
     wait_line(mesh.envoy, "rid-web-3")
     assert ids(mesh.envoy).count("rid-web-1") == 1 and "rid-api-1" not in ids(mesh.envoy)
+
+    # Traced requests carry their trace id (Zipkin here: the B3 trace id the caller sent and sampled).
+    mesh.label("service", "web", {"traffic.tracing.enabled": "true"})
+    trace = "463ac35c9f6413ad48485a3953bb6124"
+    mesh.get("web", "/traced", headers={"x-request-id": "rid-traced", "x-b3-traceid": trace,
+                                        "x-b3-spanid": "a2fb4a1d1a96d312", "x-b3-sampled": "1"})
+    assert wait_line(mesh.envoy, "rid-traced")["trace_id"] == trace
 
     # Label the other Service too: its requests log with their own destination.
     mesh.label("service", "api", {LABEL: "on"})
