@@ -193,10 +193,12 @@ def run_bench(services: int = 1000, pods: int = 10, clients: tuple[int, ...] = (
     xds = None
     done = False
     gc_pauses: _GcPauses | None = None
+    guard = _MemoryGuard().start()
     try:
         loaded = load(api, services, pods)
         result["load_s"] = round(loaded["seconds"], 2)
         result["load_pods_per_s_first_last_tenth"] = [loaded["first_rate"], loaded["last_rate"]]
+        _progress(result)
         rss0 = rss_mb()
         options = argparse.Namespace(xds_auth="none", sidecar_port=10000, sidecar_address="0.0.0.0",
                                      zipkin_address="127.0.0.1:9411")
@@ -215,6 +217,7 @@ def run_bench(services: int = 1000, pods: int = 10, clients: tuple[int, ...] = (
         result["bytes"] = sum(len(r.body) for ts in first.types.values() for r in ts.resources.values())
         result["rss_mb_after_build"] = round(rss_mb(), 1)
         result["rss_mb_model_and_snapshots"] = round(rss_mb() - rss0, 1)
+        _progress(result)
 
         if with_envoy:
             envoy = _start_envoy(xds.port, workdir)
@@ -233,6 +236,7 @@ def run_bench(services: int = 1000, pods: int = 10, clients: tuple[int, ...] = (
         result["incremental_cpu_ms"] = round(statistics.median(cpu), 3)
         result["incremental_cpu_ms_all"] = [round(c, 3) for c in cpu]
         result["incremental_resources_reserialized"] = statistics.median(ser)
+        _progress(result)
 
         # Propagation, then the minimal loop with the same clients. The control plane's garbage collector
         # pauses are recorded meanwhile (a full collection over millions of objects stalls every thread).
@@ -250,54 +254,64 @@ def run_bench(services: int = 1000, pods: int = 10, clients: tuple[int, ...] = (
         weight = 20
         for k in clients:
             for mode in ("sotw", "delta"):
-                sim = Clients(f"127.0.0.1:{xds.port}", k, mode == "delta", services, pods)
                 try:
-                    ready = sim.ask(cmd="ready", timeout=180)["ready"]
-                    if ready < k:
-                        raise RuntimeError(f"only {ready} of {k} simulated clients got config")
-                    time.sleep(3)  # let the initial burst's buffers go (the server trims after 2 s of quiet)
-                    rss_streams = max(rss_streams, rss_mb())
-                    rss_by[f"{mode}/{k}"] = round(rss_mb(), 1)
-                    worst = []
-                    for _ in range(changes):
-                        cp.last_cycle = {}
-                        builds_before = cp.builds
-                        weight = weight % 120 + 1
-                        sim.ask(cmd="drain")
-                        since = time.time()
-                        api.request("PATCH", "/api/v1/namespaces/default/pods/svc-11-0",
-                                    {"metadata": {"labels": {"traffic.endpoint.weight": str(weight)}}},
-                                    "application/merge-patch+json")
-                        lat = sim.ask(cmd="wait", since=since, type="endpoints", timeout=60)["latency_ms"]
-                        worst.append(max(lat) if lat else float("nan"))
-                        builds.append(cp.builds - builds_before)
-                        cycle = cp.last_cycle
-                        if cycle:
-                            to_model.append((cycle["started"] - since) * 1000)
-                            to_publish.append((cycle["published"] - since) * 1000)
-                            to_notify[mode].setdefault(str(k), []).append((cycle["notified"] - since) * 1000)
-                    prop50[mode][str(k)] = round(_pct(worst, 0.5), 2)
-                    prop99[mode][str(k)] = round(_pct(worst, 0.99), 2)
-                finally:
-                    sim.close()
-                snap = cp.cache.get("sidecar")
-                assert snap is not None
-                minimal = MinimalAds(snap).start()
-                sim = Clients(f"127.0.0.1:{minimal.port}", k, mode == "delta", services, pods)
-                try:
-                    sim.ask(cmd="ready", timeout=180)
-                    worst = []
-                    for i in range(changes):
-                        sim.ask(cmd="drain")
-                        since = time.time()
-                        minimal.push(f"min-{i}")
-                        lat = sim.ask(cmd="wait", since=since, type="endpoints", timeout=60)["latency_ms"]
-                        worst.append(max(lat) if lat else float("nan"))
-                    min50[mode][str(k)] = round(_pct(worst, 0.5), 2)
-                finally:
-                    sim.close()
-                    minimal.stop()
-                ratio[mode][str(k)] = round(prop50[mode][str(k)] / min50[mode][str(k)], 2) if min50[mode][str(k)] else None
+                    sim = guard.watch(Clients(f"127.0.0.1:{xds.port}", k, mode == "delta", services, pods))
+                    try:
+                        ready = sim.ask(cmd="ready", timeout=180)["ready"]
+                        if ready < k:
+                            raise RuntimeError(f"only {ready} of {k} simulated clients got config")
+                        time.sleep(3)  # let the initial burst's buffers go (the server trims after 2 s of quiet)
+                        rss_streams = max(rss_streams, rss_mb())
+                        rss_by[f"{mode}/{k}"] = round(rss_mb(), 1)
+                        worst = []
+                        for _ in range(changes):
+                            cp.last_cycle = {}
+                            builds_before = cp.builds
+                            weight = weight % 120 + 1
+                            sim.ask(cmd="drain")
+                            since = time.time()
+                            api.request("PATCH", "/api/v1/namespaces/default/pods/svc-11-0",
+                                        {"metadata": {"labels": {"traffic.endpoint.weight": str(weight)}}},
+                                        "application/merge-patch+json")
+                            lat = sim.ask(cmd="wait", since=since, type="endpoints", timeout=60)["latency_ms"]
+                            worst.append(max(lat) if lat else float("nan"))
+                            builds.append(cp.builds - builds_before)
+                            cycle = cp.last_cycle
+                            if cycle:
+                                to_model.append((cycle["started"] - since) * 1000)
+                                to_publish.append((cycle["published"] - since) * 1000)
+                                to_notify[mode].setdefault(str(k), []).append((cycle["notified"] - since) * 1000)
+                        prop50[mode][str(k)] = round(_pct(worst, 0.5), 2)
+                        prop99[mode][str(k)] = round(_pct(worst, 0.99), 2)
+                    finally:
+                        sim.close()
+                    snap = cp.cache.get("sidecar")
+                    assert snap is not None
+                    minimal = MinimalAds(snap).start()
+                    sim = guard.watch(Clients(f"127.0.0.1:{minimal.port}", k, mode == "delta", services, pods))
+                    try:
+                        sim.ask(cmd="ready", timeout=180)
+                        worst = []
+                        for i in range(changes):
+                            sim.ask(cmd="drain")
+                            since = time.time()
+                            minimal.push(f"min-{i}")
+                            lat = sim.ask(cmd="wait", since=since, type="endpoints", timeout=60)["latency_ms"]
+                            worst.append(max(lat) if lat else float("nan"))
+                        min50[mode][str(k)] = round(_pct(worst, 0.5), 2)
+                    finally:
+                        sim.close()
+                        minimal.stop()
+                    ratio[mode][str(k)] = round(prop50[mode][str(k)] / min50[mode][str(k)], 2) if min50[mode][str(k)] else None
+                except RuntimeError as e:  # this phase failed (or the memory guard stopped it): keep the rest
+                    result.setdefault("errors", []).append(f"{mode}/{k}: {e}")
+                    if guard.tripped:
+                        result["aborted"] = (f"{mode}/{k}: the machine's available memory fell under "
+                                             f"{guard.floor_mb} MB; the simulated clients were stopped")
+                        break
+                _progress(result, {"propagation_p50_ms": prop50, "propagation_p99_ms": prop99, "minimal_p50_ms": min50})
+            if guard.tripped:
+                break
         result["propagation_p50_ms"] = prop50
         result["propagation_p99_ms"] = prop99
         result["minimal_p50_ms"] = min50
@@ -323,6 +337,7 @@ def run_bench(services: int = 1000, pods: int = 10, clients: tuple[int, ...] = (
         done = True
         return result
     finally:
+        guard.stop()
         if gc_pauses is not None:
             gc_pauses.stop()  # idempotent: the callback must not outlive the run
         if envoy is not None:
@@ -336,6 +351,54 @@ def run_bench(services: int = 1000, pods: int = 10, clients: tuple[int, ...] = (
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             print(f"bench: logs kept in {workdir}", file=sys.stderr)
+
+
+def _progress(result: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+    """What is measured so far, one JSON line on stderr (a run stopped later still leaves its figures)."""
+    print("bench progress: " + json.dumps({**result, **(extra or {})}), file=sys.stderr, flush=True)
+
+
+class _MemoryGuard:
+    """Stops the simulated clients when the machine's available memory falls under ``floor_mb``: at 10k
+    services a thousand streams need many gigabytes, and the machine is shared (the kernel's OOM killer
+    would otherwise pick a process, after minutes of thrashing)."""
+
+    def __init__(self, floor_mb: int = 2500) -> None:
+        import threading
+
+        self.floor_mb = floor_mb
+        self.tripped = False
+        self._clients: Clients | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-memory-guard", daemon=True)
+
+    def start(self) -> _MemoryGuard:
+        self._thread.start()
+        return self
+
+    def watch(self, clients: Clients) -> Clients:
+        self._clients = clients
+        if self.tripped:
+            clients.proc.kill()
+        return clients
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.25):
+            if _available_mb() < self.floor_mb:
+                self.tripped = True
+                if self._clients is not None and self._clients.proc.poll() is None:
+                    self._clients.proc.kill()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _available_mb() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    return 1 << 30
 
 
 class _GcPauses:

@@ -190,7 +190,19 @@ async def main_async(args: argparse.Namespace) -> None:
     n_pods = args.services * args.pods
     clients = [SimClient(channels[i % len(channels)], f"svc-{(i % n_pods) // args.pods}-{i % args.pods}.default", args.delta)
                for i in range(args.clients)]
-    tasks = [asyncio.create_task(c.run()) for c in clients]
+    tasks: list[asyncio.Task[None]] = []
+
+    async def connect() -> None:
+        """Streams open in waves of ``--wave``, the next once the last has its endpoints (or after 60 s):
+        at 10k services each first answer is megabytes, and a thousand at once needed over 12 GB here."""
+        for start in range(0, len(clients), args.wave):
+            wave = clients[start:start + args.wave]
+            tasks.extend(asyncio.create_task(c.run()) for c in wave)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not all("endpoints" in c.acked for c in wave):
+                await asyncio.sleep(0.02)
+
+    connecting = asyncio.create_task(connect())
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -234,6 +246,7 @@ async def main_async(args: argparse.Namespace) -> None:
             except TimeoutError:
                 lat = []
             out({"latency_ms": lat})
+    connecting.cancel()
     for t in tasks:
         t.cancel()
     for ch in channels:
@@ -247,6 +260,7 @@ def main() -> None:
     p.add_argument("--delta", action="store_true")
     p.add_argument("--services", type=int, default=1000, help="services loaded (node ids name their pods)")
     p.add_argument("--pods", type=int, default=10, help="pods per service")
+    p.add_argument("--wave", type=int, default=100, help="streams opened at once (the next wave after their endpoints)")
     asyncio.run(main_async(p.parse_args()))
 
 
