@@ -247,6 +247,9 @@ def test_network_policies_default() -> None:
     # Gateway: its listener from anywhere, its stats from Prometheus only, its admin from nobody.
     assert reaches(policies, gw, 10000, OUTSIDE) and reaches(policies, gw, 10000, APP)
     assert reaches(policies, gw, 8900, PROM) and not reaches(policies, gw, 8900, APP) and not reaches(policies, gw, 15000, APP)
+    # ... and from the control plane (the dashboard's numbers), which reaches nothing else of the gateway.
+    CP = _pod(NAMESPACE, cp)
+    assert reaches(policies, gw, 8900, CP) and not reaches(policies, gw, 15000, CP)
     # Agent: no pod at all (kubelet probes come from the node, which NetworkPolicy exempts).
     assert not reaches(policies, agent, 18081, APP) and not reaches(policies, agent, 18081, PROM)
     assert not reaches(policies, _component("prometheus"), 9090, APP)
@@ -270,6 +273,7 @@ def test_network_policies_follow_the_values() -> None:
     # Without Prometheus and without metricsFrom the metrics rule disappears instead of opening up.
     bare = find(render({"prometheus": {"enabled": False}}), "NetworkPolicy")
     assert not reaches(bare, cp, 18090, APP) and not reaches(bare, _component("gateway"), 8900, APP)
+    assert reaches(bare, _component("gateway"), 8900, _pod(NAMESPACE, cp))  # the dashboard reads it without Prometheus too
     assert not find(render({"networkPolicy": {"enabled": False}}), "NetworkPolicy")
 
 
