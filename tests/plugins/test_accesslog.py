@@ -131,21 +131,24 @@ def test_sidecar_logs_requests_to_the_labeled_service_only(trafficmgr_envoy: Cal
     assert marked_routes(mesh.envoy) == []
 
 
-def test_a_label_changes_only_that_services_routes(trafficmgr_build: Callable[..., BuildResult]) -> None:
-    """The access log is in every connection manager (so a label never touches a listener): ``on`` changes
-    only the labeled Service's route (its metadata); ``off`` and an invalid value change nothing, the
-    latter with an InvalidTrafficLabel warning."""
+def test_a_label_changes_only_that_services_chain_and_route(trafficmgr_build: Callable[..., BuildResult]) -> None:
+    """Shared connection managers always carry the (filtered) access log, a redirected outbound chain
+    only while its destination is labeled: ``on`` changes only the labeled Service's chain and route
+    (its metadata); ``off`` and an invalid value change nothing, the latter with an InvalidTrafficLabel
+    warning."""
     def resources(result: BuildResult) -> dict[tuple[str, str, str], bytes]:
         return {(view, type_url, name): res.message().SerializeToString(deterministic=True)
                 for view, snap in result.snapshots.items() for type_url, ts in snap.types.items()
                 for name, res in ts.resources.items()}
 
+    def logging_chains(result: BuildResult, listener: str) -> list[str]:
+        return [c.get("name", "") for c in result.sidecar.listeners[listener].get("filter_chains", [])
+                if '"access_log"' in json.dumps(c)]
+
     base = trafficmgr_build(WEB_API)
     assert base.warnings == []
-    hcms = [f for lst in base.sidecar.listeners.values() for c in lst.get("filter_chains", [])
-            for f in c.get("filters", []) if f["name"].endswith("http_connection_manager")
-            and f["typed_config"]["stat_prefix"] != "outbound_blocked"]  # the core's blocked 404 chains: no hooks
-    assert hcms and all("access_log" in json.dumps(f) for f in hcms)
+    assert logging_chains(base, "outbound") == []
+    assert logging_chains(base, "inbound") == ["inbound|http|9080"]  # shared by every sidecar: always there
     off = WEB_API.replace("labels: {traffic.port.9080: http}}\nspec: {selector: {app: web}",
                           "labels: {traffic.port.9080: http, traffic.accesslog: \"off\"}}\nspec: {selector: {app: web}")
     assert off != WEB_API
@@ -157,12 +160,18 @@ def test_a_label_changes_only_that_services_routes(trafficmgr_build: Callable[..
     assert INVALID_LABEL in warning and LABEL in warning and "one of off, on" in warning, warning
     result = trafficmgr_build(off.replace('traffic.accesslog: "off"', 'traffic.accesslog: "ON"'))  # case-insensitive
     assert result.warnings == []
-    changed = sorted(k for k, v in resources(result).items() if resources(base).get(k) != v)
-    assert [k[2] for k in changed] == ["outbound|9080"], changed  # the sidecar's route configuration of port 9080
+    changed = sorted(k[2] for k, v in resources(result).items() if resources(base).get(k) != v)
+    assert changed == ["outbound", "outbound|9080"], changed  # the outbound listener and port 9080's routes
+    assert logging_chains(result, "outbound") == ["9080|default|web.outbound"]
+    base_chains = {c["name"]: c for c in base.sidecar.listeners["outbound"]["filter_chains"]}
+    for c in result.sidecar.listeners["outbound"]["filter_chains"]:
+        assert c["name"] == "9080|default|web.outbound" or c == base_chains[c["name"]], c["name"]
     vhosts = {vh["name"]: vh for vh in result.sidecar.routes["outbound|9080"]["virtual_hosts"]}
     assert vhosts["web.default:9080"]["routes"][0]["metadata"]["filter_metadata"][NAMESPACE] == {
         "destination": "Service/default/web"}
     assert "metadata" not in vhosts["api.default:9080"]["routes"][0]
+    assert vhosts["api.default:9080"] == {vh["name"]: vh for vh in base.sidecar.routes["outbound|9080"]["virtual_hosts"]}[
+        "api.default:9080"]
 
 
 def test_invalid_value_logs_nothing(trafficmgr_envoy: Callable[..., SidecarMesh]) -> None:

@@ -11,9 +11,8 @@ Who logs what:
   ``traffic.port.<port>`` labels of its own (the core then routes to it as a destination of kind Pod).
 
 How only those requests log, although connection managers are shared (the gateway's, the explicit
-proxy's, the inbound one; and an outbound chain's routes are the whole port's): every connection manager
-of a role gets one stdout access log whose filter is a CEL expression (Envoy's
-``envoy.access_loggers.extension_filters.cel``) --
+proxy's, the inbound one; and an outbound chain's routes are the whole port's): the access log (one
+stdout logger) is filtered by a CEL expression (Envoy's ``envoy.access_loggers.extension_filters.cel``) --
 
 - outbound and gateway: the request's route carries this plugin's route metadata
   (``filter_metadata["trafficmgr.accesslog"]``, set by ``trafficmgr_route`` on routes to a labeled Service);
@@ -22,12 +21,13 @@ of a role gets one stdout access log whose filter is a CEL expression (Envoy's
   the request's dynamic metadata (the list changes with labels, so it lives in a filter the core compares
   by content, never in a cached connection manager).
 
-The access log sits in every sidecar and gateway connection manager whether or not anything is labeled
-(as the fault and rate-limit plugins' no-op filters do): a Service label changes only that Service's
-routes, never a listener, so turning logging on or off drains no connection and leaves every other
-Service's configuration byte for byte as it was. The cost without any label is one CEL evaluation per
-request. A Pod label changes the inbound listener (the pod list). The line format (:data:`FORMAT`) is
-documented field by field in the README ("Access logs").
+The access log sits in every shared connection manager (the explicit proxy's, the inbound one, the
+gateway's) whether or not anything is labeled, as the fault and rate-limit plugins' no-op filters do, so
+a label never changes them; a redirected outbound chain (one per destination) gets it only while its
+destination is labeled. A Service label thus changes that Service's own chain and routes and nothing of
+any other Service (Envoy drains only a changed filter chain). The cost without any label is one CEL
+evaluation per request on the shared connection managers. A Pod label changes the inbound listener (the
+pod list). The line format (:data:`FORMAT`) is documented field by field in the README ("Access logs").
 """
 
 from __future__ import annotations
@@ -202,9 +202,15 @@ def trafficmgr_network_filters(role: str, ctx: BuildContext) -> list[NetworkFilt
 
 
 @hookimpl
-def trafficmgr_http_connection_manager(hcm: HttpConnectionManager, role: str, listener_name: str) -> None:
-    """The filtered access log, in every sidecar and gateway connection manager (depends on the arguments only)."""
+def trafficmgr_http_connection_manager(hcm: HttpConnectionManager, role: str, listener_name: str,
+                                       service: Service | None) -> None:
+    """The filtered access log (depends on the arguments only): in every shared connection manager of the
+    sidecar and gateway views (the explicit proxy's, the inbound one, the gateway's), and in a redirected
+    outbound chain's only when the chain's destination is labeled ``on`` (one per destination: an access
+    log in each would weigh about 1 KiB per Service in the outbound listener)."""
     if role not in (SIDECAR, GATEWAY):
+        return
+    if role == SIDECAR and service is not None and not logged(service.labels):
         return
     if any(a.name == LOGGER and a.filter.extension_filter.name == CEL_FILTER for a in hcm.access_log):
         return  # already there (a hook run again on the same message)
