@@ -67,3 +67,16 @@ def test_a_key_declared_twice_is_an_error_naming_both_plugins() -> None:
     reg = LabelRegistry([LabelSpec("traffic.x", frozenset({L.SERVICE}), L.boolean(), False, "x", plugin="a")])
     with pytest.raises(ValueError, match="declared by both 'a' and 'b'"):
         reg.add(LabelSpec("traffic.x", frozenset({L.SERVICE}), L.boolean(), False, "x", plugin="b"))
+
+
+def test_a_label_value_that_is_not_a_string_is_an_error_not_a_crash() -> None:
+    """A YAML ``yes`` unquoted is a boolean: a real API server refuses it, a hand-made object may carry it."""
+    from trafficmgr.core.model import ObjectRef
+    from trafficmgr.core.plugins import PluginHost
+
+    registry = PluginHost.load(["lb", "accesslog"]).labels
+    parsed, errors = registry.parse(ObjectRef("Service", "default", "web"),
+                                    {"traffic.accesslog": True, "traffic.lb.policy": 3, "traffic.port.80": "http"})  # type: ignore[dict-item]
+    assert dict(parsed) == {"traffic.port.80": "http"}
+    assert sorted((e.key, e.message) for e in errors) == [("traffic.accesslog", "must be a string, not bool"),
+                                                         ("traffic.lb.policy", "must be a string, not int")]

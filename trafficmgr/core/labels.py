@@ -284,6 +284,9 @@ class LabelRegistry:
             if ref.kind not in spec.kinds:
                 errors.append(LabelError(ref, key, value, f"not used on a {ref.kind} (allowed on: {', '.join(sorted(spec.kinds))})"))
                 continue
+            if not isinstance(value, str):  # a Kubernetes API server refuses these; a hand-made object may not
+                errors.append(LabelError(ref, key, str(value), f"must be a string, not {type(value).__name__}"))
+                continue
             if match is not None:
                 port = match.group("port")
                 # ASCII digits without leading zeros: "traffic.port.09080" or a unicode digit would parse as a
