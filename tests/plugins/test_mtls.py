@@ -440,7 +440,6 @@ def test_plan_from_the_model_delta_equals_a_fresh_plan() -> None:
     from trafficmgr.core.kube.assemble import Assembler
     from trafficmgr.core.kube.client import Kind
     from trafficmgr.core.plugins import PluginHost
-    from trafficmgr.testing.manifests import pod
 
     host = PluginHost.load(["mtls"])
     kinds = host.collect("trafficmgr_watch_kinds")

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 from trafficmgr.plugin import GATEWAY, SIDECAR, Model, ObjectStatus, WatchKind, hookimpl
 from trafficmgr.plugins.gateway_api import ir, mesh, plan, status, translate
-
 from trafficmgr.plugins.gateway_api.dashboard import trafficmgr_dashboard_routes as trafficmgr_dashboard_routes  # hook
+
 if TYPE_CHECKING:
     from trafficmgr.plugin import BuildContext, Resource, ServiceRoutes
 
