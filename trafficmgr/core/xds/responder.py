@@ -7,6 +7,7 @@ One :class:`Responder` per server, used by both :class:`~trafficmgr.core.xds.sot
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import time
@@ -26,6 +27,11 @@ log = logging.getLogger("trafficmgr.xds")
 NACK_HISTORY = 500
 NACK_RESOURCES = 100
 
+#: Bytes written after which the heap is trimmed once the writes pause (:meth:`Responder.write`).
+TRIM_AFTER_BYTES = 32 << 20
+#: Seconds without a write of that burst before trimming.
+TRIM_DELAY = 2.0
+
 #: When a resource of the key type is (re)sent, the resources it references of the value type follow.
 DEPENDENT = {cache_mod.CLUSTER: cache_mod.ENDPOINT, cache_mod.LISTENER: cache_mod.ROUTE}
 
@@ -44,6 +50,8 @@ class Responder:
         self.nonces = Nonces()
         self.nacks: collections.deque[dict[str, Any]] = collections.deque(maxlen=NACK_HISTORY)
         self._sent_metric: dict[tuple[str, str], Any] = {}
+        self._written = 0  # bytes written since the last trim
+        self._trim: asyncio.TimerHandle | None = None
 
     def snapshot(self, stream: Stream) -> Snapshot | None:
         """The snapshot of the stream's view (None: the node is unknown, or its view has none yet)."""
@@ -57,6 +65,25 @@ class Responder:
             counter = self._sent_metric[key] = metrics.RESPONSES_SENT.labels(*key)
         await stream.context.write(data)
         counter.inc()
+        self._written += len(data)
+        if self._written >= TRIM_AFTER_BYTES:
+            self.trim_soon()
+
+    def trim_soon(self) -> None:
+        """Give the heap back :data:`TRIM_DELAY` seconds after the last call (debounced).
+
+        Each write is copied into the stream's gRPC buffers until sent: a wave of streams connecting
+        (first answers of megabytes each) or a push to a thousand streams leaves the allocator holding the
+        high-water mark, not the live memory (1000 delta streams at 10k services: 955 MB in sync before a
+        trim, 392 MB after). Called by the server after a cache change too."""
+        if self._trim is not None:
+            self._trim.cancel()
+        self._trim = asyncio.get_running_loop().call_later(TRIM_DELAY, self._trimmed)
+
+    def _trimmed(self) -> None:
+        self._trim = None
+        self._written = 0
+        release_memory()
 
     def record_nack(
         self, stream: Stream, st: TypeState, nonce: str, version: str | None, error: str, resources: list[str]
@@ -84,3 +111,13 @@ class Responder:
         if clear_nack:
             st.last_nack = None
             st.nacked_version = None
+
+
+def release_memory() -> None:
+    """Return the allocator's free memory to the system (glibc ``malloc_trim``; nothing elsewhere)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

@@ -55,8 +55,12 @@ def intern_names(names: frozenset[str]) -> frozenset[str]:
 
 
 #: Delta messages shared by the streams in the same state, by (shared key, nonce): first answers hold
-#: every resource (~1 MB at 1000 services), hence the byte bound too.
-DELTA_MESSAGES: Bounded[Any, bytes] = Bounded(64, 16 << 20, len)
+#: every resource, hence the byte bound too. It must hold one first answer of every type at once, else the
+#: streams of a connect wave evict each other's and every stream encodes (and gRPC buffers) a copy of its
+#: own: at 10k services x 10 endpoints the four first answers are 16.4 MB (clusters 2.9, endpoints 4.4,
+#: listeners 7.3, routes 1.9), and with a 16 MiB bound 1000 streams peaked at 1.2 GB
+#: (``benchmarks/bench_streams_memory.py``). 96 MiB holds them for meshes up to ~50k services.
+DELTA_MESSAGES: Bounded[Any, bytes] = Bounded(64, 96 << 20, len)
 #: What changed between two type set versions, shared by every stream in sync with the older one.
 TRANSITIONS: Bounded[tuple[str, str, str], list[tuple[str, Resource | None]]] = Bounded(32)
 

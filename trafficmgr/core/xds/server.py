@@ -53,6 +53,7 @@ from trafficmgr.core.cache import SnapshotCache
 from trafficmgr.core.xds.delta import DeltaProtocol
 from trafficmgr.core.xds.responder import NACK_HISTORY as NACK_HISTORY
 from trafficmgr.core.xds.responder import Responder
+from trafficmgr.core.xds.responder import release_memory as release_memory
 from trafficmgr.core.xds.sotw import SotwProtocol
 from trafficmgr.core.xds.streams import CHANGED, CLOSED, MAX_NODE_FIELD, Refused, Stream, clip
 from trafficmgr.core.xds.streams import parse_peer as parse_peer
@@ -242,16 +243,13 @@ class XdsServer:
 
     async def _watch_cache(self) -> None:
         generation = self.cache.generation
-        trim: asyncio.TimerHandle | None = None
         while True:
             generation = await self.cache.wait_change(generation)
             for stream in list(self._streams):
                 stream.signal_change()
             # A push to many streams makes large transient buffers (a state-of-the-world response per
             # stream); give the memory back once the burst is over instead of keeping the high-water mark.
-            if trim is not None:
-                trim.cancel()
-            trim = asyncio.get_running_loop().call_later(2.0, _release_memory)
+            self._out.trim_soon()
 
     # -- introspection ---------------------------------------------------------------------------
 
@@ -432,15 +430,6 @@ class XdsServer:
             return
         await self._resolve(stream)
         await (self._sotw if stream.mode == SOTW else self._delta).on_change(stream)
-
-
-def _release_memory() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 class XdsServerThread:
