@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from trafficmgr.core import cache as cache_mod
-from trafficmgr.core import metrics
+from trafficmgr.core import gcpause, metrics
 from trafficmgr.core.access import DEFAULT_GATEWAY_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN, AccessControl, parse_selector
 from trafficmgr.core.admin import proxy_identity, replica_name
 from trafficmgr.core.cache import Resource, SnapshotCache
@@ -49,10 +49,15 @@ class ControlPlane:
 
     def __init__(self, plugins: PluginHost, options: argparse.Namespace | None = None, kube: KubeClient | None = None,
                  freeze_gc: bool = False) -> None:
-        """``freeze_gc``: after the first publish, move the start-up objects out of the garbage collector's
-        sight and raise its thresholds (process-wide, so only for the process that is the control plane:
-        ``serve`` and the benchmark; see :func:`freeze_startup_objects`)."""
+        """``freeze_gc``: the garbage collector is held off from :meth:`start_watches` until the first
+        publish (the initial lists, their assembly and the first build make millions of objects that all
+        stay: collections meanwhile free nothing and cost seconds at 10k services), then the start-up
+        objects move out of its sight and its thresholds rise (process-wide, so only for the process that
+        is the control plane: ``serve`` and the benchmark; see :func:`freeze_startup_objects`)."""
         self.freeze_gc = freeze_gc
+        self._gc_held = False
+        self._gc_lock = threading.Lock()  # also guards _relists_pending
+        self._relists_pending = 0  # RELISTs queued and not yet applied (see synced())
         self.plugins = plugins
         self.options = options or argparse.Namespace()
         self.kube = kube
@@ -131,6 +136,10 @@ class ControlPlane:
         """Start one watcher per core kind and per plugin kind, and the sync loop (then the leader
         election, when ``leader`` is set: the writers run first so a quick win finds them ready)."""
         assert self.kube is not None
+        with self._gc_lock:
+            if self.freeze_gc and not self._published.is_set() and not self._gc_held:
+                gcpause.pause()  # until the first publish (or stop): see __init__
+                self._gc_held = True
         self.events.start()
         self.status.start()
         if self.leader is not None:
@@ -151,6 +160,7 @@ class ControlPlane:
         if self.leader is not None:  # first: a stopping replica writes nothing more, and hands the Lease on
             self.leader.stop()
         self._stopping.set()
+        self._release_gc()
         if self._scraper is not None:
             self._scraper.close()
         for w in self.watchers:
@@ -162,6 +172,9 @@ class ControlPlane:
         self.status.stop()
 
     def _enqueue(self, etype: str, kind: Any, obj: Any) -> None:
+        if etype == "RELIST":
+            with self._gc_lock:
+                self._relists_pending += 1
         self._queue.put((etype, kind, obj))
 
     def _loop(self) -> None:
@@ -218,8 +231,19 @@ class ControlPlane:
             self.assembler.apply(etype, kind, obj)
         except Exception:  # one bad object must not stop the loop
             log.exception("failed to apply %s %s event", etype, getattr(kind, "kind", kind))
+        finally:
+            if etype == "RELIST":
+                with self._gc_lock:
+                    self._relists_pending -= 1
 
     def synced(self) -> bool:
+        """Every watcher has listed once and every list handed over is applied: a watcher marks itself
+        synced when it hands its list to the queue, and a long batch (a 100k-pod relist) can end at
+        ``MAX_BATCH_SECONDS`` with another kind's list still queued; publishing then would serve a
+        first snapshot without it (e.g. every endpoint without its pod's labels)."""
+        with self._gc_lock:
+            if self._relists_pending:
+                return False
         return all(w.synced.is_set() for w in self.watchers)
 
     # -- building -----------------------------------------------------------------------------
@@ -247,6 +271,15 @@ class ControlPlane:
         self.status.submit(self.plugins.collect("trafficmgr_object_status", what="object status", model=model, options=self.options))
         if first and self.freeze_gc:  # after the first snapshot is out, not before it
             freeze_startup_objects()
+            self._release_gc()
+
+    def _release_gc(self) -> None:
+        """End the collector hold :meth:`start_watches` began (once; from the sync thread or stop())."""
+        with self._gc_lock:
+            if not self._gc_held:
+                return
+            self._gc_held = False
+        gcpause.resume()
 
     def wait_ready(self, timeout: float) -> bool:
         end = time.monotonic() + timeout
