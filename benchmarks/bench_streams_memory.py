@@ -95,6 +95,7 @@ def main() -> None:
         if args.tracemalloc:
             snap = tracemalloc.take_snapshot()
             result["tracemalloc_total_mb"] = round(sum(s.size for s in snap.statistics("filename")) / 2**20, 1)
+            result["tracemalloc_peak_connect_mb"] = round(tracemalloc.get_traced_memory()[1] / 2**20, 1)
             result["tracemalloc_top"] = [
                 f"{s.size / 2**20:.1f} MB {s.count} blocks {s.traceback[0].filename.rsplit('/', 2)[-1]}:{s.traceback[0].lineno}"
                 for s in snap.statistics("lineno")[: args.top]

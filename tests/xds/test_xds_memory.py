@@ -121,3 +121,29 @@ def test_heap_is_trimmed_after_a_burst_of_stream_writes(
     assert trims[0] - written >= 0.2, "trimmed once the writes paused, not during them"
     time.sleep(0.5)
     assert len(trims) == 1, "once per burst"
+
+
+def test_a_first_answer_in_flight_keeps_no_per_name_maps(xds_server: ControlPlane, streams: list[Stream]) -> None:
+    # Until its ACK, a response is kept to undo it on a NACK. A first answer (every resource, none of which
+    # the client had) must not cost the stream dicts of every name: only the shared resources' list.
+    xds_server.nodes["node-1"] = "sidecar"
+    names = sorted(f"c{i}" for i in range(50))
+    xds_server.cache.set_view("sidecar", cache.Snapshot.build({
+        cache.CLUSTER: [big(cache.CLUSTER, n, 10, ((cache.ENDPOINT, n),)) for n in names],
+        cache.ENDPOINT: [big(cache.ENDPOINT, n, 10) for n in names],
+    }))
+    s = Stream(xds_server.port, "node-1")
+    streams.append(s)
+    r = s.ask(cache.CLUSTER)
+    assert sorted(x.name for x in r.resources) == names
+
+    def state() -> tuple[Any, ...]:
+        (stream,) = xds_server.server.server._streams
+        st = stream.types[cache.CLUSTER]
+        (sent,) = st.inflight.values()
+        return sent.previous, st.known.over, sorted(st.known)
+
+    # The push ends (``known`` rebased on the type set) just after the client got the response.
+    wait_for(lambda: xds_server.server.call(state)[2] == names, 3)
+    previous, over, _ = xds_server.server.call(state)
+    assert previous == {} and over == {}, f"no per-name map per stream for a first answer: {previous}"

@@ -95,17 +95,19 @@ class DeltaProtocol:
 
     def nack(self, stream: Stream, st: TypeState, nonce: str, sent: DeltaSent, error: str) -> None:
         # The client keeps what it had: restore our view of it, and never resend the rejected versions.
-        for name, previous in sent.previous.items():
-            if st.known.get(name) == sent.sent[name]:
+        names = []
+        for name, version in sent.sent():
+            names.append(name)
+            if st.known.get(name) == version:
+                previous = sent.previous.get(name)
                 if previous is None:
                     st.known.pop(name, None)
                 else:
                     st.known[name] = previous
-            version = sent.sent[name]
             if version is not None:
                 st.rejected[name] = version
         st.synced_version = None
-        self.out.record_nack(stream, st, nonce, sent.version, error, sorted(sent.sent))
+        self.out.record_nack(stream, st, nonce, sent.version, error, sorted(names))
 
     async def push(self, stream: Stream, states: Iterable[TypeState]) -> None:
         """Send what differs for ``states``: every update first (in type order), then every removal."""
@@ -194,16 +196,24 @@ class DeltaProtocol:
         # collide with a response of that version still awaiting its ACK.
         if not nonce or nonce == st.sent_nonce or nonce in st.inflight:
             nonce, shared = self.out.nonces.fresh(), None
-        previous: dict[str, str | None] = {}
-        sent: dict[str, str | None] = {}
+        # What the client had of these names, for a NACK to restore (only names it had: none on a first
+        # answer). Then ``known`` follows the send; not when :meth:`push` rebases it on ``ts`` right after
+        # the sends anyway (nothing else runs on this stream in between): a first answer would otherwise
+        # fill a dict of thousands of names per stream, just to drop it.
+        known = st.known
+        previous: dict[str, str] = {}
+        update_known = bool(st.rejected)
         for r in updates:
-            previous[r.name] = st.known.get(r.name)
-            sent[r.name] = r.version
-            st.known[r.name] = r.version
+            had = known.get(r.name)
+            if had is not None:
+                previous[r.name] = had
+            if update_known:
+                known[r.name] = r.version
         for name in removed:
-            previous[name] = st.known.pop(name, None)
-            sent[name] = None
-        st.inflight[nonce] = DeltaSent(ts.version, previous, sent)
+            had = known.pop(name, None) if update_known else known.get(name)
+            if had is not None:
+                previous[name] = had
+        st.inflight[nonce] = DeltaSent(ts.version, updates, removed, previous)
         while len(st.inflight) > MAX_INFLIGHT:
             st.inflight.popitem(last=False)
         st.sent_version = ts.version

@@ -11,7 +11,7 @@ import asyncio
 import collections
 import time
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -261,15 +261,28 @@ class Known:
 
 
 class DeltaSent:
-    """One delta response awaiting its ACK: what it changed, so a NACK can undo it."""
+    """One delta response awaiting its ACK: what it changed, so a NACK can undo it.
 
-    __slots__ = ("version", "previous", "sent", "at")
+    Holds the response's own list of resources (and removed names) and, per name, only a version the
+    client had before (most names of a push have none: a first answer sends thousands the client never
+    had), so a response in flight costs a pointer per resource, not two per-stream dicts of them."""
 
-    def __init__(self, version: str, previous: dict[str, str | None], sent: dict[str, str | None]) -> None:
+    __slots__ = ("version", "updates", "removed", "previous", "at")
+
+    def __init__(self, version: str, updates: Sequence[cache_mod.Resource], removed: Sequence[str],
+                 previous: dict[str, str]) -> None:
         self.version = version
-        self.previous = previous  # name -> version known before this response (None: unknown)
-        self.sent = sent  # name -> version sent (None: removed)
+        self.updates = updates
+        self.removed = removed
+        self.previous = previous  # name -> version known before this response (absent: unknown)
         self.at = time.monotonic()
+
+    def sent(self) -> Iterator[tuple[str, str | None]]:
+        """(name, version sent) for every name of the response; ``None``: removed."""
+        for r in self.updates:
+            yield r.name, r.version
+        for name in self.removed:
+            yield name, None
 
 
 class Stream:
