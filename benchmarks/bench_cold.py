@@ -15,6 +15,7 @@ snapshot (``wait_ready``), with the time split into:
 - ``build_s``: the first ``Builder.build``; ``publish_s``: the rest of the first ``publish_model``
   (consistency gate, snapshot cache, status) without the garbage collector freeze, reported apart as
   ``freeze_s`` (it runs after the snapshot is out);
+- ``rss_mb_at_ready`` / ``rss_mb_after_freeze``: this process's RSS then, and after the first collection;
 - ``gc_s``: time in the garbage collector's collections until ready (any thread), and how many were full;
 - ``cold_start_s``: ``start_watches()`` to ready (the figure with the 8 s target), and
   ``cold_start_cpu_s``, the CPU this process used meanwhile (all threads: on a shared machine the wall
@@ -44,7 +45,7 @@ def main() -> None:
     p.add_argument("--profile", action="store_true")
     args = p.parse_args()
 
-    from trafficmgr.bench import Api, load
+    from trafficmgr.bench import Api, load, rss_mb
     from trafficmgr.core import controlplane as cp_mod
     from trafficmgr.core.controlplane import ControlPlane
     from trafficmgr.core.kube.client import KubeClient, load_api_client
@@ -167,6 +168,7 @@ def main() -> None:
             time.sleep(0.005)
         cold, cpu = time.perf_counter() - t, time.process_time() - cpu0
         gc_until_ready = (round(gc_time[0], 3), gc_time[1])
+        rss_at_ready = rss_mb()
         time.sleep(0.5)
         while "freeze_s" not in marks and time.perf_counter() - t < 120:
             time.sleep(0.05)
@@ -181,6 +183,8 @@ def main() -> None:
         result["build_s"] = round(build, 3)
         result["publish_s"] = round(marks.get("publish_s", 0.0) - build - marks.get("freeze_s", 0.0), 3)
         result["freeze_s"] = round(marks.get("freeze_s", 0.0), 3)
+        result["rss_mb_at_ready"] = round(rss_at_ready, 1)
+        result["rss_mb_after_freeze"] = round(rss_mb(), 1)
         result["builds"] = cp.builds
         first = cp.cache.get("sidecar")
         result["resources"] = first.resource_count() if first is not None else None

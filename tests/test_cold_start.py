@@ -159,3 +159,51 @@ def test_first_publish_waits_for_every_queued_list() -> None:
         assert first[0] == 1, "the first snapshot was published before the pods' list was applied"
     finally:
         cp.stop()
+
+
+def test_initial_lists_compute_each_services_endpoints_once() -> None:
+    """Before the first model() the endpoints wait for it: the initial slices' list then the pods' list
+    (the order they usually arrive in) compute each service's endpoints once, not once per list, and the
+    result equals the usual one (pod labels on the endpoints)."""
+    from trafficmgr.apiserver.controllers import Controllers
+    from trafficmgr.apiserver.store import Store
+    from trafficmgr.core.kube import assemble
+
+    store = Store()
+    controllers = Controllers(store, endpointslices=True)
+    controllers.start()
+    try:
+        for i in range(3):
+            store.create(yaml.safe_load(service(f"svc-{i}")))
+            for j in range(2):
+                p = yaml.safe_load(pod(f"svc-{i}-{j}", f"10.1.{i}.{j + 1}", f"svc-{i}"))
+                p["metadata"]["labels"]["traffic.endpoint.weight"] = str(5 + j)
+                store.create(p)
+        controllers.wait_idle()
+    finally:
+        controllers.stop()
+    lists = {k.plural: store.list(k.plural)["items"] for k in assemble.CORE_KINDS}
+    labels = PluginHost.load(["lb"]).labels
+
+    def assembled(order: list[str]) -> tuple[Any, int]:
+        a = assemble.Assembler(labels)
+        computed = 0
+        refresh = a._refresh_endpoints
+
+        def counting(svc_key: Any) -> None:
+            nonlocal computed
+            computed += a._deferred is None
+            refresh(svc_key)
+
+        a._refresh_endpoints = counting  # type: ignore[method-assign]
+        by_plural = {k.plural: k for k in assemble.CORE_KINDS}
+        for plural in order:
+            a.apply("RELIST", by_plural[plural], lists[plural])
+        return dict(a.model().endpoints), computed
+
+    slices_first, computed = assembled(["services", "endpointslices", "pods"])
+    pods_first, _ = assembled(["services", "pods", "endpointslices"])
+    assert computed == 3, "each service's endpoints computed once"
+    assert slices_first == pods_first and len(slices_first) == 3
+    assert all(len(eps) == 2 and all(e.labels.value("traffic.endpoint.weight") for e in eps)
+               for eps in slices_first.values())

@@ -136,7 +136,10 @@ class Assembler:
         self._workloads = WorkloadIndex()
         self._pod_index = PodIndex()
         self._slices = SliceIndex()
-        self._deferred: set[Key] | None = None  # during a relist: services whose endpoints wait for its end
+        # Services whose endpoints wait: during a relist, until its end; before the first model(), until
+        # then (the initial lists arrive one kind after the other: slices, then pods, would otherwise
+        # compute every service's endpoints twice, 0.35 s at 10k services).
+        self._deferred: set[Key] | None = set()
         self.port_pods: dict[Key, Pod] = {}
         self.dirty = True
         # What changed since the last model() (None before the first: every consumer starts from scratch).
@@ -176,13 +179,20 @@ class Assembler:
         # The garbage collector is held off meanwhile (gcpause): a relist of 100k pods makes ~a million
         # long-lived IR objects, and the collections their allocation triggers would find nothing to free.
         with gcpause.paused():
+            if self._deferred is not None:  # before the first model(): it refreshes them
+                self._relist_items(kind, items)
+                return
             self._deferred = set()
             try:
                 self._relist_items(kind, items)
             finally:
-                deferred, self._deferred = self._deferred, None
-                for svc_key in sorted(deferred):
-                    self._refresh_endpoints(svc_key)
+                self._flush_endpoints()
+
+    def _flush_endpoints(self) -> None:
+        """Refresh the endpoints of every deferred service, and stop deferring."""
+        deferred, self._deferred = self._deferred, None
+        for svc_key in sorted(deferred or ()):
+            self._refresh_endpoints(svc_key)
 
     def _relist_items(self, kind: Kind | WatchKind, items: list[dict[str, Any]]) -> None:
         fresh = {_key(o): o for o in items}
@@ -207,6 +217,8 @@ class Assembler:
         the live tables (O(1): nothing copied; valid until the next :meth:`apply`, the caller builds
         before applying more); each plugin kind is a snapshot, copied again only after it changed (a
         plugin may compare it with the last build's)."""
+        if self._deferred is not None:
+            self._flush_endpoints()
         self.dirty = False
         delta = self._delta
         self._delta = {"services": set(), "pods": set(), "port_pods": set(), "namespaces": set(), "extra": set()}
