@@ -45,6 +45,8 @@ BAD_VALUES: dict[str, tuple[str, list[str]]] = {
     "traffic.retries.grpc": ("service", ["-1", "two"]),
     "traffic.connection.timeout": ("service", ["0", "-100"]),
     "traffic.outlier.consecutive-5xx": ("service", ["-1"]),
+    "traffic.scope": ("pod", ["everything", "ns"]),
+    "traffic.scope.namespaces": ("pod", ["Shop", "a__b", "-x"]),
 }
 # Cookie and header names: every value Kubernetes allows in a label is a valid HTTP token.
 NO_BAD_VALUE = {"traffic.hash.cookie.name", "traffic.hash.header.name"}
