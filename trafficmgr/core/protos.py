@@ -41,7 +41,7 @@ def message_class(type_url: str) -> type[Message]:
 def pack(msg: Message) -> any_pb2.Any:
     """Wrap ``msg`` in ``google.protobuf.Any``."""
     out = any_pb2.Any()
-    out.Pack(msg)
+    out.Pack(msg, deterministic=True)  # map fields (Struct) in a stable order: equal configs, equal bytes
     return out
 
 
