@@ -37,7 +37,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         "trafficmgr.core",  # the (empty) package __init__
         "trafficmgr.core.model", "trafficmgr.core.labels", "trafficmgr.core.wire", "trafficmgr.core.metrics",
         "trafficmgr.core.argtypes", "trafficmgr.core.protos", "trafficmgr.core.contrib", "trafficmgr.core.corelabels",
-        "trafficmgr.core.signals", "trafficmgr.core.once",
+        "trafficmgr.core.signals", "trafficmgr.core.once", "trafficmgr.core.gcpause",
         # mesh identity's leaf modules: the on-disk layout Envoy reads and SPIFFE ID helpers
         "trafficmgr.core.identity", "trafficmgr.core.identity.files", "trafficmgr.core.identity.spiffe",
         "trafficmgr.core.tlspem",  # PEM chain + key check shared by the tls and gateway_api plugins
