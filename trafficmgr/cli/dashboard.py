@@ -34,6 +34,7 @@ from trafficmgr.cli import (
     normalize_server,
     register_command,
 )
+from trafficmgr.cli.replicas import Unreachable, http_get
 from trafficmgr.core.admin import DEFAULT_URL
 from trafficmgr.core.argtypes import listen_port, positive_seconds
 from trafficmgr.dashboard import DATA_PATH, PAGE_PATH
@@ -46,21 +47,10 @@ PASS_HEADERS = ("Content-Type", "Content-Security-Policy", "Trafficmgr-Replica",
 def fetch(url: str, token: str | None, timeout: float) -> tuple[int, dict[str, str], bytes]:
     """GET ``url`` (with ``Authorization: Bearer <token>`` when given): ``(status, headers, body)``.
     HTTP error statuses are returned, not raised; an unreachable endpoint raises :class:`CliError`."""
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    request = urllib.request.Request(url, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 - http(s) checked by normalize_server
-            return resp.status, dict(resp.headers.items()), resp.read()
-    except urllib.error.HTTPError as exc:
-        try:
-            body = exc.read()
-        except OSError:
-            body = b""
-        return exc.code, dict(exc.headers.items()) if exc.headers else {}, body
-    except urllib.error.URLError as exc:
+        return http_get(url, {"Authorization": f"Bearer {token}"} if token else {}, timeout)
+    except Unreachable as exc:
         raise CliError(_unreachable(_base(url), exc.reason).replace("use --server", "use --admin")) from None
-    except (OSError, http.client.HTTPException) as exc:
-        raise CliError(_unreachable(_base(url), exc).replace("use --server", "use --admin")) from None
 
 
 def _base(url: str) -> str:

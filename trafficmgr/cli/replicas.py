@@ -180,20 +180,10 @@ class Asker:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
     def _http(self, base: str, query: str) -> tuple[int, dict[str, str], bytes]:
-        request = urllib.request.Request(base + query, headers=self._headers())
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as resp:  # noqa: S310 - http(s) checked by the caller
-                return resp.status, dict(resp.headers.items()), resp.read()
-        except urllib.error.HTTPError as exc:
-            try:
-                body = exc.read()
-            except OSError:
-                body = b""
-            return exc.code, dict(exc.headers.items()) if exc.headers else {}, body
-        except urllib.error.URLError as exc:
+            return http_get(base + query, self._headers(), self.timeout)
+        except Unreachable as exc:
             raise ReplicaError(self._unreachable(base, exc.reason)) from None
-        except (OSError, TimeoutError, http.client.HTTPException) as exc:
-            raise ReplicaError(self._unreachable(base, exc)) from None
 
     def _port_forward(self, target: Target, query: str) -> tuple[int, dict[str, str], bytes]:
         from kubernetes import client as k8s
@@ -220,6 +210,33 @@ class Asker:
                 raise ReplicaError(f"cannot reach the admin endpoint of {where}: {error or exc or type(exc).__name__}") from None
         finally:
             forward.close()
+
+
+class Unreachable(Exception):
+    """:func:`http_get` got no HTTP answer; ``reason`` says why (socket error, timeout, bad response)."""
+
+    def __init__(self, reason: object) -> None:
+        super().__init__(str(reason))
+        self.reason = reason
+
+
+def http_get(url: str, headers: dict[str, str], timeout: float) -> tuple[int, dict[str, str], bytes]:
+    """GET ``url``: ``(status, headers, body)``; HTTP error statuses are returned, not raised; no answer at
+    all raises :class:`Unreachable`. The caller has checked the scheme (http or https)."""
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 - scheme checked by the caller
+            return resp.status, dict(resp.headers.items()), resp.read()
+    except urllib.error.HTTPError as exc:
+        try:
+            body = exc.read()
+        except OSError:
+            body = b""
+        return exc.code, dict(exc.headers.items()) if exc.headers else {}, body
+    except urllib.error.URLError as exc:
+        raise Unreachable(exc.reason) from None
+    except (OSError, TimeoutError, http.client.HTTPException) as exc:
+        raise Unreachable(exc) from None
 
 
 def handshake_reason(text: str) -> str:
@@ -279,5 +296,5 @@ def failure_line(answer: Answer) -> str:
     return f"replica {name} did not answer: {answer.error}"
 
 
-__all__ = ["Answer", "Asker", "ReplicaError", "Target", "admin_urls", "discover", "failure_line", "handshake_reason",
+__all__ = ["Answer", "Asker", "ReplicaError", "Target", "Unreachable", "admin_urls", "discover", "failure_line", "handshake_reason", "http_get",
            "holder", "merge_status", "parse_service"]
