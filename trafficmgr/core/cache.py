@@ -265,10 +265,12 @@ class TypeSet:
                 same_refs = same_refs and old is not None and old.refs == res.refs
                 applied.append((name, res))
                 acc ^= _entry_hash(res)
+        if not applied:  # every change was already there: the same set (identity means unchanged)
+            return self
         resources = mine.updated(applied, same_names=not added and not removed)
         derived = TypeSet(self.type_url, (), _sorted=resources, _acc=acc)
         derived._base = weakref.ref(self)
-        derived._changed = frozenset(changes)
+        derived._changed = frozenset(name for name, _ in applied)
         if not added and not removed:  # the same names; and the same references when no ref changed
             derived._names = self._names
             if same_refs:

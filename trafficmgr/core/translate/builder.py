@@ -142,36 +142,26 @@ class Builder:
         metrics.BUILD_DURATION.observe(self.stats.seconds)
         return snapshots
 
-    def resource(self, message: Message, name: str, refs: Iterable[tuple[str, str]] = ()) -> cache.Resource:
-        """Serialize once; keep the previous Resource object when the bytes are unchanged."""
+    def resource(self, message: Message, name: str, refs: Iterable[tuple[str, str]] = (),
+                 kept: dict[tuple[str, str], cache.Resource] | None = None) -> cache.Resource:
+        """Serialize once; keep the previous Resource object when the bytes are unchanged. ``kept``: where
+        the previous objects are kept (a scoped view's own, whose listener and route configurations share
+        names with the full view's, with other content); the builder's own table by default."""
         res = cache.Resource.from_message(message, name, refs)
         type_short = cache.short_name(res.type_url)
         self.stats.serialized[type_short] = self.stats.serialized.get(type_short, 0) + 1
         metrics.RESOURCES_SERIALIZED.labels(type=type_short).inc()
+        kept = self._resources if kept is None else kept
         key = (res.type_url, name)
-        old = self._resources.get(key)
+        old = kept.get(key)
         if old is not None and old.body == res.body and old.refs == res.refs:
             return old
-        self._resources[key] = res
-        return res
-
-    def _view_resource(self, view: str, message: Message, name: str, refs: Iterable[tuple[str, str]] = ()) -> cache.Resource:
-        """:meth:`resource` for a scoped view's own resources (its listener and route configurations
-        share names with the full view's, with other content)."""
-        res = cache.Resource.from_message(message, name, refs)
-        type_short = cache.short_name(res.type_url)
-        self.stats.serialized[type_short] = self.stats.serialized.get(type_short, 0) + 1
-        metrics.RESOURCES_SERIALIZED.labels(type=type_short).inc()
-        kept = self._view_resources.setdefault(view, {})
-        old = kept.get((res.type_url, name))
-        if old is not None and old.body == res.body and old.refs == res.refs:
-            return old
-        kept[(res.type_url, name)] = res
+        kept[key] = res
         return res
 
     def _view_context(self, view: str, model: Model) -> BuildContext:
         return BuildContext(SIDECAR, model, self.options, self.hooks, self._memos[SIDECAR],
-                            lambda message, name, refs=(): self._view_resource(view, message, name, refs),
+                            lambda message, name, refs=(): self.resource(message, name, refs, self._view_resources.setdefault(view, {})),
                             self.reporter, filters=self.filters)
 
     def _context(self, role: str, model: Model) -> BuildContext:
