@@ -110,6 +110,8 @@ def test_proxy_adds_the_token_and_forwards_only_the_dashboard(admin_with_token: 
     try:
         port = proxy.server_address[1]
         secret = proxy.secret
+        # Loopback only: the proxy adds the token to what it forwards, so nothing off this host may reach it.
+        assert proxy.server_address[0] == "127.0.0.1"
         assert proxy.url == f"http://127.0.0.1:{port}/{secret}{PAGE_PATH}" and len(secret) >= 20
         status, headers, body = _get(port, f"/{secret}{PAGE_PATH}")
         assert status == 200 and b"<title>trafficmgr dashboard</title>" in body
