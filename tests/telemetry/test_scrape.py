@@ -155,3 +155,32 @@ def test_a_round_has_a_budget_and_the_next_round_goes_on_with_the_others(silent:
         assert set(s.errors) - first  # the second round read some the first could not
     finally:
         s.close()
+
+
+def test_a_flooding_proxy_is_read_no_further_than_the_cap() -> None:
+    """A pod's stats port answering far more than MAX_BYTES at full speed: the reader keeps at most
+    MAX_BYTES of it (a hostile pod cannot make the control plane hold its whole answer)."""
+    from trafficmgr.core.telemetry import scrape
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+
+    def flood() -> None:
+        conn, _ = s.accept()
+        with conn:
+            try:
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+                block = b"x" * (1 << 20)
+                for _ in range(3 * scrape.MAX_BYTES >> 20):
+                    conn.sendall(block)
+            except OSError:
+                return
+
+    threading.Thread(target=flood, daemon=True).start()
+    try:
+        body = scrape.fetch(f"http://127.0.0.1:{s.getsockname()[1]}{scrape.STATS_PATH}", 20)
+    finally:
+        s.close()
+    assert len(body) == scrape.MAX_BYTES
