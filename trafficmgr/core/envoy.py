@@ -80,9 +80,6 @@ def envoy_command(
     """
     cmd = [binary or find_envoy(), "-c", str(config_path), "-l", log_level, "--concurrency", str(concurrency)]
     cmd += ["--disable-hot-restart"]
-    # Access-log lines (the accesslog plugin's stdout JSON) reach `kubectl logs` / `proxies --access-log`
-    # within a second instead of Envoy's default 10 s buffering.
-    cmd += ["--file-flush-interval-msec", "1000"]
     if log_path is not None:
         cmd += ["--log-path", str(log_path)]
     if admin_address_path is not None:
