@@ -126,7 +126,7 @@ def test_sidecar_logs_requests_to_the_labeled_service_only(trafficmgr_envoy: Cal
     for i in range(3):
         assert mesh.get("web", "/", headers={"x-request-id": f"rid-off-{i}"}).status == 200
         assert mesh.get("api", "/", headers={"x-request-id": f"rid-off-api-{i}"}).status == 200
-    time.sleep(2.5)  # past Envoy's 1 s stdout flush (core/envoy.py): a line would be there by now
+    time.sleep(2.5)  # weak: Envoy buffers its stdout up to 10 s, a line could still be coming
     assert len(stdout_lines(mesh.envoy)) == before
     assert marked_routes(mesh.envoy) == []
 
@@ -180,7 +180,7 @@ def test_invalid_value_logs_nothing(trafficmgr_envoy: Callable[..., SidecarMesh]
     assert mesh.build is not None
     assert [w for w in mesh.build.warnings if INVALID_LABEL in w and LABEL in w], mesh.build.warnings
     assert mesh.get("web", "/", headers={"x-request-id": "rid-bad"}).status == 200
-    time.sleep(2.5)  # past the 1 s stdout flush
+    time.sleep(2.5)  # weak: Envoy buffers its stdout up to 10 s
     assert stdout_lines(mesh.envoy) == []
     assert marked_routes(mesh.envoy) == []
 
@@ -257,7 +257,7 @@ def test_gateway_logs_routes_to_the_labeled_service(trafficmgr_gateway: Callable
     def quiet() -> bool:
         n = len(stdout_lines(gw.envoy))
         gw.get("/web/z", host="shop.example")
-        time.sleep(2.5)  # past Envoy's 1 s stdout flush (core/envoy.py): a line would be there by now
+        time.sleep(2.5)  # weak: Envoy buffers its stdout up to 10 s, a line could still be coming
         return len(stdout_lines(gw.envoy)) == n
 
     gw.wait_config(quiet, timeout=15, message="the gateway still logs with an invalid label value")
