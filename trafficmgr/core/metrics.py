@@ -7,10 +7,32 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from trafficmgr.core.model import GATEWAY, SIDECAR
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 
+#: Values of ``trafficmgr_xds_connected_proxies``'s ``role`` label, a fixed set (see :func:`proxy_role`):
+#: ``sidecar`` the full sidecar view; ``sidecar-scoped`` any scoped or consumer sidecar view
+#: (``sidecar~<id>``, one per distinct ``traffic.scope``: as many as users' labels make, so never a label
+#: value); ``gateway``; ``unknown`` a node not (yet) known (its stream waits); ``other`` any other view.
+#: The view of each stream is in ``proxy-status`` (``/debug/proxy-status``, column VIEW).
+PROXY_ROLES = ("sidecar", "sidecar-scoped", "gateway", "unknown", "other")
+#: Scoped sidecar views are named ``sidecar~<id>`` (``trafficmgr.core.translate.scopes.VIEW_PREFIX``).
+_SCOPED_PREFIX = SIDECAR + "~"
+
+
+def proxy_role(view: str | None) -> str:
+    """The ``role`` label value of a stream resolved to ``view`` (None: unknown node): one of :data:`PROXY_ROLES`."""
+    if view is None:
+        return "unknown"
+    if view in (SIDECAR, GATEWAY):
+        return view
+    return "sidecar-scoped" if view.startswith(_SCOPED_PREFIX) else "other"
+
+
 CONNECTED_PROXIES = Gauge(
-    "trafficmgr_xds_connected_proxies", "xDS streams currently open", ["role", "mode"], registry=REGISTRY
+    "trafficmgr_xds_connected_proxies", "xDS streams currently open, by role (PROXY_ROLES) and mode", ["role", "mode"],
+    registry=REGISTRY,
 )
 RESPONSES_SENT = Counter(
     "trafficmgr_xds_responses_sent", "xDS responses sent", ["type", "mode"], registry=REGISTRY

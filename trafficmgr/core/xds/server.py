@@ -418,7 +418,7 @@ class XdsServer:
         if view is not None and stream.view is None and stream.unknown_logged:
             log.info("xDS node %r is now known as view %r", clip(stream.node_id), view)
         stream.view = view
-        role = view if view is not None else "unknown"
+        role = metrics.proxy_role(view)  # a bounded label value: never the view name (one per traffic.scope)
         if role != stream.role:
             if stream.role is not None:
                 metrics.CONNECTED_PROXIES.labels(stream.role, stream.mode).dec()

@@ -303,7 +303,7 @@ class Stream:
         self.node_cluster = ""
         self.identified = False
         self.view: str | None = None
-        self.role: str | None = None  # label of CONNECTED_PROXIES currently counted
+        self.role: str | None = None  # role label (metrics.proxy_role) of CONNECTED_PROXIES currently counted
         self.connected_at = time.time()
         self.types: dict[str, TypeState] = {}
         self.inbox = Inbox()
