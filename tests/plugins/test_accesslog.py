@@ -1,6 +1,14 @@
 """accesslog plugin: ``traffic.accesslog=on`` makes a real Envoy write one JSON line per request to its
 stdout (the sidecar's outbound side, the ingress gateway), only for the labeled Service even when another
-Service shares the port; off and invalid values change nothing."""
+Service shares the port; off and invalid values change nothing.
+
+Reading the lines: Envoy buffers its stdout access log and writes it every 10 s (or past 64 KiB); the
+tests have it write the buffer at once with the admin's ``POST /reopen_logs`` (:func:`flush`, the
+production configuration is unchanged). "No line" is proven with a barrier: after the request that must
+not log, a request to a Service that logs (``logged``, through the same Envoy, which runs one worker)
+and its line awaited. Envoy writes a line when a request's stream ends, appends lines to one buffer per
+file in that order and writes the buffer whole, so once the barrier's line is in the file, a line of the
+earlier request would be too."""
 
 from __future__ import annotations
 
@@ -9,7 +17,6 @@ import http.client
 import json
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,9 +49,31 @@ metadata: {name: api-1, labels: {app: api}}
 spec: {containers: [{name: app, image: api}]}
 """
 
+#: The barrier: a Service that always logs (its own port, so web's and api's routes are not shared with it).
+BARRIER = """
+apiVersion: v1
+kind: Service
+metadata: {name: logged, labels: {traffic.port.9180: http, traffic.accesslog: "on"}}
+spec: {selector: {app: logged}, ports: [{port: 9180}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: logged-1, labels: {app: logged}}
+spec: {containers: [{name: app, image: logged}]}
+"""
+BARRIER_MARK = '{"destination": "Service/default/logged"}'
+
+
+def flush(envoy: Any) -> None:
+    """Have Envoy write its buffered stdout now: ``POST /reopen_logs`` wakes the access-log flush thread
+    (left alone it writes every 10 s, ``--file-flush-interval-msec``)."""
+    envoy.admin("/reopen_logs", method="POST")
+
 
 def stdout_lines(envoy: Any) -> list[dict[str, Any]]:
-    """The access-log lines Envoy wrote to its stdout so far (``envoy.out`` in its working directory)."""
+    """The access-log lines Envoy wrote to its stdout (``envoy.out`` in its working directory), after a
+    :func:`flush`: every line of a request that ended before this call (and maybe later ones)."""
+    flush(envoy)
     path = Path(envoy.workdir) / "envoy.out"
     text = path.read_text(errors="replace") if path.exists() else ""
     return [json.loads(line) for line in access_lines(text)]
@@ -69,13 +98,22 @@ def ids(envoy: Any) -> list[Any]:
     return [line.get("request_id") for line in stdout_lines(envoy)]
 
 
+def barrier(mesh: SidecarMesh, request_id: str) -> list[Any]:
+    """Send a request that logs (to ``logged``) and wait for its line; then the request ids of every
+    line so far, which include those of all requests answered before this call."""
+    assert mesh.get("logged", "/", headers={"x-request-id": request_id}).status == 200
+    wait_line(mesh.envoy, request_id)
+    return ids(mesh.envoy)
+
+
 def test_sidecar_logs_requests_to_the_labeled_service_only(trafficmgr_envoy: Callable[..., SidecarMesh]) -> None:
     # A collector address nothing listens on (spans are dropped): tracing needs one to be on at all.
-    mesh = trafficmgr_envoy(WEB_API, options={"zipkin_address": "127.0.0.1:9"})
+    mesh = trafficmgr_envoy(WEB_API + "---" + BARRIER, options={"zipkin_address": "127.0.0.1:9"})
     assert mesh.build is not None and mesh.build.warnings == []
-    assert marked_routes(mesh.envoy) == []
+    assert marked_routes(mesh.envoy) == [BARRIER_MARK]
     mesh.label("service", "web", {LABEL: "on"})
-    assert mesh.build.warnings == [] and marked_routes(mesh.envoy) == ['{"destination": "Service/default/web"}']
+    assert mesh.build.warnings == [] and marked_routes(mesh.envoy) == sorted(
+        [BARRIER_MARK, '{"destination": "Service/default/web"}'])
     web = mesh.backends["web-1"]
 
     r = mesh.get("web", "/hello?x=1", headers={"x-request-id": "rid-web-1"})
@@ -105,7 +143,8 @@ def test_sidecar_logs_requests_to_the_labeled_service_only(trafficmgr_envoy: Cal
     # One line per request: a barrier request to web, logged after api's; api's never is.
     mesh.get("web", "/", headers={"x-request-id": "rid-web-3"})
     wait_line(mesh.envoy, "rid-web-3")
-    assert ids(mesh.envoy).count("rid-web-1") == 1 and "rid-api-1" not in ids(mesh.envoy)
+    seen = ids(mesh.envoy)
+    assert seen.count("rid-web-1") == 1 and "rid-api-1" not in seen
 
     # Traced requests carry their trace id (Zipkin here: the B3 trace id the caller sent and sampled).
     mesh.label("service", "web", {"traffic.tracing.enabled": "true"})
@@ -126,9 +165,9 @@ def test_sidecar_logs_requests_to_the_labeled_service_only(trafficmgr_envoy: Cal
     for i in range(3):
         assert mesh.get("web", "/", headers={"x-request-id": f"rid-off-{i}"}).status == 200
         assert mesh.get("api", "/", headers={"x-request-id": f"rid-off-api-{i}"}).status == 200
-    time.sleep(2.5)  # weak: Envoy buffers its stdout up to 10 s, a line could still be coming
-    assert len(stdout_lines(mesh.envoy)) == before
-    assert marked_routes(mesh.envoy) == []
+    seen = barrier(mesh, "barrier-off")
+    assert seen[before:] == ["barrier-off"], seen[before:]
+    assert marked_routes(mesh.envoy) == [BARRIER_MARK]
 
 
 def test_a_label_changes_only_that_services_chain_and_route(trafficmgr_build: Callable[..., BuildResult]) -> None:
@@ -175,14 +214,13 @@ def test_a_label_changes_only_that_services_chain_and_route(trafficmgr_build: Ca
 
 
 def test_invalid_value_logs_nothing(trafficmgr_envoy: Callable[..., SidecarMesh]) -> None:
-    mesh = trafficmgr_envoy(WEB_API)
+    mesh = trafficmgr_envoy(WEB_API + "---" + BARRIER)
     mesh.label("service", "web", {LABEL: "yes"})
     assert mesh.build is not None
     assert [w for w in mesh.build.warnings if INVALID_LABEL in w and LABEL in w], mesh.build.warnings
     assert mesh.get("web", "/", headers={"x-request-id": "rid-bad"}).status == 200
-    time.sleep(2.5)  # weak: Envoy buffers its stdout up to 10 s
-    assert stdout_lines(mesh.envoy) == []
-    assert marked_routes(mesh.envoy) == []
+    assert barrier(mesh, "barrier-bad") == ["barrier-bad"]
+    assert marked_routes(mesh.envoy) == [BARRIER_MARK]
 
 
 GATEWAY_MANIFESTS = """
@@ -208,6 +246,17 @@ metadata: {{name: api-1, labels: {{app: api}}}}
 spec: {{containers: [{{name: app, image: api}}]}}
 status: {{phase: Running, podIP: {api_ip}, podIPs: [{{ip: {api_ip}}}], conditions: [{{type: Ready, status: "True"}}]}}
 ---
+apiVersion: v1
+kind: Service
+metadata: {{name: logged, labels: {{traffic.accesslog: "on"}}}}
+spec: {{selector: {{app: logged}}, ports: [{{port: 80, targetPort: {logged_port}}}]}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: logged-1, labels: {{app: logged}}}}
+spec: {{containers: [{{name: app, image: logged}}]}}
+status: {{phase: Running, podIP: {logged_ip}, podIPs: [{{ip: {logged_ip}}}], conditions: [{{type: Ready, status: "True"}}]}}
+---
 apiVersion: networking.k8s.io/v1
 kind: Ingress
 metadata: {{name: shop}}
@@ -219,6 +268,7 @@ spec:
       paths:
       - {{path: /web, pathType: Prefix, backend: {{service: {{name: web, port: {{number: 80}}}}}}}}
       - {{path: /api, pathType: Prefix, backend: {{service: {{name: api, port: {{number: 80}}}}}}}}
+      - {{path: /logged, pathType: Prefix, backend: {{service: {{name: logged, port: {{number: 80}}}}}}}}
 """
 
 
@@ -226,7 +276,9 @@ def test_gateway_logs_routes_to_the_labeled_service(trafficmgr_gateway: Callable
     gw = trafficmgr_gateway(plugins=["ingress", "accesslog"])
     web = gw.backend("web-1", "127.0.0.71", 0)
     api = gw.backend("api-1", "127.0.0.72", 0)
-    gw.apply(GATEWAY_MANIFESTS.format(web_port=web.port, api_port=api.port, web_ip=web.host, api_ip=api.host))
+    logged_backend = gw.backend("logged-1", "127.0.0.73", 0)  # the barrier (see the module docstring)
+    gw.apply(GATEWAY_MANIFESTS.format(web_port=web.port, api_port=api.port, web_ip=web.host, api_ip=api.host,
+                                      logged_port=logged_backend.port, logged_ip=logged_backend.host))
     gw.wait_config(lambda: gw.get("/web", host="shop.example")[0] == 200, message="no route to web")
     gw.label("service", "web", {LABEL: "on"})
 
@@ -254,11 +306,15 @@ def test_gateway_logs_routes_to_the_labeled_service(trafficmgr_gateway: Callable
     gw.label("service", "web", {LABEL: "loud"})
     gw.wait_event("web", INVALID_LABEL, LABEL)
 
+    attempts = iter(range(1000))
+
     def quiet() -> bool:
-        n = len(stdout_lines(gw.envoy))
-        gw.get("/web/z", host="shop.example")
-        time.sleep(2.5)  # weak: Envoy buffers its stdout up to 10 s, a line could still be coming
-        return len(stdout_lines(gw.envoy)) == n
+        # The label reaches the gateway asynchronously: retried until a request to web logs nothing.
+        k = next(attempts)
+        assert gw.get(f"/web/z{k}", host="shop.example")[0] == 200
+        assert gw.get(f"/logged/{k}", host="shop.example")[0] == 200  # the barrier
+        gw.wait_config(lambda: by_path(f"/logged/{k}"), message=f"no line for the barrier /logged/{k}")
+        return by_path(f"/web/z{k}") is None
 
     gw.wait_config(quiet, timeout=15, message="the gateway still logs with an invalid label value")
 
