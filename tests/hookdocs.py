@@ -203,6 +203,11 @@ def trafficmgr_dashboard_routes(model):
              "backends": [f"{g.service}:80"], "status": "Accepted" if g.ready else "waiting"}
             for (ns, n), g in model.extra.get("Greeting", {}).items()]
 ''',
+    "trafficmgr_dashboard_endpoint_columns": '''
+@hookimpl
+def trafficmgr_dashboard_endpoint_columns(endpoints):
+    return [{"name": "greeting", "title": "greeting", "values": [ep.labels.value("traffic.greeting.canary") for ep in endpoints]}]
+''',
 }
 
 

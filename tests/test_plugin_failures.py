@@ -164,6 +164,12 @@ class Failing:
         return [{"kind": "HTTPRoute", "namespace": "default", "name": "failing-route"}]
 
     @hookimpl
+    def trafficmgr_dashboard_endpoint_columns(self, endpoints: tuple[Any, ...]) -> list[dict[str, Any]]:
+        if self._fail("trafficmgr_dashboard_endpoint_columns"):
+            raise RuntimeError("test failure in trafficmgr_dashboard_endpoint_columns")
+        return [{"name": "failing_column", "values": [1] * len(endpoints)}]
+
+    @hookimpl
     def trafficmgr_watch_kinds(self) -> list[WatchKind]:
         def convert(raw: dict[str, Any], ctx: Any) -> Any:
             if self._fail("trafficmgr_watch_kinds.convert"):
@@ -290,6 +296,8 @@ def test_failing_runtime_hook_keeps_serving_and_updating(hook: str, cluster_for:
     # Called only when someone reads the dashboard's data (not by builds): its rows are left out.
     if hook == "trafficmgr_dashboard_routes":
         assert not [r for r in c.cp.dashboard_data()["routes"] if r["name"] == "failing-route"]
+    if hook == "trafficmgr_dashboard_endpoint_columns":  # its column is left out, lb's is there
+        assert [h["name"] for h in c.cp.dashboard_data()["upstream_columns"]] == ["weight"]
     wait_for(lambda: errors(hook) > before, 10, message=f"{hook} failure not counted")
     assert failing.calls >= 1
 

@@ -81,12 +81,15 @@ FIXTURE: dict[str, Any] = {
          "labels": [{"key": "traffic.lb.policy", "value": "RING_HASH", "plugin": "lb"},
                     {"key": "traffic.test.note", "value": XSS, "plugin": "evil"}],
          "rps": 2.5, "error_rate": 0.04, "p50_ms": 8.0, "p99_ms": None,
-         "upstreams": [{"pod": "reviews-v1-abc", "address": "127.1.0.5:9080", "weight": 100, "rps": 2.0, "error_rate": 0.0},
+         "upstreams": [{"pod": "reviews-v1-abc", "address": "127.1.0.5:9080", "weight": 100, "zone": XSS, "rps": 2.0,
+                        "error_rate": 0.0},
                        {"pod": "reviews-v3-def", "address": "127.1.0.7:9080", "weight": None, "rps": None, "error_rate": None}],
          "traces_url": "javascript:window.__pwned=2"},
         {"namespace": "default", "name": "ratings", "labels": [], "rps": None, "error_rate": None, "p50_ms": None,
          "p99_ms": None, "upstreams": [], "traces_url": None},
     ],
+    # Plugins' upstream columns (lb's weight, a third party's zone): the page shows the ones listed here.
+    "upstream_columns": [{"name": "weight", "title": "weight"}, {"name": "zone", "title": "zone"}],
     "edges": [{"from": "default/productpage", "to": "default/reviews", "rps": 2.5, "error_rate": 0.04},
               {"from": "default/reviews", "to": "default/ratings", "rps": 1.0, "error_rate": 0.0}],
     "proxies": [{"node_id": "productpage-v1-x.default", "view": "sidecar", "mode": "sotw",
@@ -186,6 +189,10 @@ def test_page_shows_the_data_as_text(browser: Browser, fixture_server: _FixtureS
     assert page.eval(f"{JS_CELL}('default/reviews', 'error_rate')") == "4.0 %"
     assert "no data yet" in reviews  # p99 and the second upstream's weight and rate
     assert "reviews-v1-abc" in reviews and "weight 100" in reviews
+    # Plugin columns: named by the data's upstream_columns (the heading too), values as text.
+    assert f"zone {XSS}" in reviews
+    head = "document.getElementById('upstreams-head').innerText"
+    assert page.eval(head) == "Upstream pods (weight, zone, rate, errors)"
     assert page.eval(f"{JS_CELL}('default/ratings', 'rps')") == "no data yet"
     # Trace links: productpage's http URL is a link, reviews' javascript: URL is not.
     links = page.eval("[...document.querySelectorAll('#services a')].map(a => [a.closest('tr').dataset.service, a.href])")
@@ -208,6 +215,9 @@ def test_page_shows_the_data_as_text(browser: Browser, fixture_server: _FixtureS
     # Live: a change shows within a poll or two.
     fixture_server.data["services"][2]["rps"] = 7.25
     page.wait(f"{JS_CELL}('default/ratings', 'rps') === '7.25 req/s'", 10, message="the page did not update")
+    fixture_server.data["upstream_columns"] = []  # e.g. the lb plugin deselected: no weight on the page
+    page.wait(f"{head} === 'Upstream pods (rate, errors)'", 10, message="the columns did not update")
+    assert "weight" not in page.eval(f"{JS_ROW_TEXT}('default/reviews')")
 
 
 def test_page_shows_the_fetch_error_and_recovers(browser: Browser, fixture_server: _FixtureServer) -> None:

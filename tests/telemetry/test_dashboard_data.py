@@ -74,6 +74,7 @@ def test_golden_signals_and_edge_from_real_stats(mesh: Mesh) -> None:
     ups = {u["pod"]: u for u in reviews["upstreams"]}
     assert set(ups) == {"reviews-1", "reviews-2"}
     assert (ups["reviews-1"]["weight"], ups["reviews-2"]["weight"]) == (80, 20)
+    assert data["upstream_columns"] == [{"name": "weight", "title": "weight"}]  # the lb plugin's column
     assert ups["reviews-1"]["address"] == f"{mesh.ip(11)}:9080" and ups["reviews-1"]["rps"] is None
     # Nobody called productpage: no rate, no latency, no edge into it (null, not 0).
     productpage = _service(data, "productpage")

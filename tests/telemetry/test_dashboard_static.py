@@ -115,8 +115,10 @@ def test_no_numbers_without_readings(admin: AdminServer, plane: ControlPlane) ->
         data: dict[str, Any] = json.loads(_get(admin, "/debug/dashboard/data")[2])
         row = data["services"][0]
         assert (row["name"], row["rps"], row["error_rate"], row["p50_ms"], row["p99_ms"]) == ("reviews", None, None, None, None)
-        assert row["upstreams"] == [{"pod": "reviews-1", "address": "127.0.0.1:9080", "weight": None, "rps": None,
+        # The lb plugin's column: an unlabeled pod has the default weight (a known value, not "no data").
+        assert row["upstreams"] == [{"pod": "reviews-1", "address": "127.0.0.1:9080", "weight": 100, "rps": None,
                                      "error_rate": None}]
+        assert data["upstream_columns"] == [{"name": "weight", "title": "weight"}]
         assert data["edges"] == [] and data["source"] == "envoy-stats"
         plane._scraper.min_interval = 0  # noqa: SLF001 - read again at once
 

@@ -29,7 +29,7 @@ from trafficmgr.core.kube.events import EventRecorder
 from trafficmgr.core.kube.status import StatusWriter
 from trafficmgr.core.kube.watch import Watcher
 from trafficmgr.core.labels import LabelSpec
-from trafficmgr.core.model import GATEWAY, GATEWAY_CLUSTER, SIDECAR, Model, ObjectRef
+from trafficmgr.core.model import GATEWAY, GATEWAY_CLUSTER, SIDECAR, Endpoint, Model, ObjectRef
 from trafficmgr.core.plugins import PluginHost, PluginInfo
 from trafficmgr.core.translate.builder import Builder
 from trafficmgr.core.translate.scopes import is_sidecar_view, view_of
@@ -370,12 +370,17 @@ class ControlPlane:
                 self._scraper = telemetry.StatsScraper(window=window)
         targets = telemetry.stats_targets(model, streams, port)
         readings = self._scraper.collect({name: t.url for name, t in targets.items()})
-        services, edges = telemetry.golden_signals(model, targets, readings, self.plugins.labels,
-                                                   telemetry.traces_url_of(self.options))
+
+        def columns(endpoints: tuple[Endpoint, ...]) -> list[Any]:
+            return self.plugins.collect("trafficmgr_dashboard_endpoint_columns", what="dashboard columns",
+                                        endpoints=endpoints, model=model, options=self.options)
+
+        services, edges, heads = telemetry.golden_signals(model, targets, readings, self.plugins.labels,
+                                                          telemetry.traces_url_of(self.options), columns)
         routes = self.plugins.collect("trafficmgr_dashboard_routes", what="dashboard routes", model=model,
                                       options=self.options) if model is not None else []
         return {"generated": time.time(), "source": telemetry.SOURCE if port else "none", "window_s": window,
-                "services": services, "edges": edges,
+                "services": services, "edges": edges, "upstream_columns": heads,
                 "proxies": telemetry.proxy_rows(streams, self.nacks()),
                 "events": self.events.recent(),
                 "routes": telemetry.route_rows(routes)}

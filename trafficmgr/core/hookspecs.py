@@ -361,3 +361,25 @@ def trafficmgr_dashboard_routes(model: Model, options: argparse.Namespace) -> li
     ``reviews:9080 (weight 80)``) and ``status`` (a short text: ``Accepted``, or why not). A row without
     a str ``kind`` and ``name`` is left out.
     """
+
+
+@hookspec
+def trafficmgr_dashboard_endpoint_columns(endpoints: tuple[Endpoint, ...], model: Model,
+                                          options: argparse.Namespace) -> list[dict[str, Any]]:
+    """Add columns to the dashboard's upstream rows (``GET /debug/dashboard/data``,
+    ``services[].upstreams[]``): what this plugin makes of each endpoint (e.g. ``lb``: its effective
+    weight). The core knows no column: it shows the ones plugins give, in plugin call order.
+
+    Call style: contribute; errors are isolated (the dashboard shows none of this plugin's columns for that
+    request; the next request asks again). Called once per request for the data, only while someone reads
+    it, from the admin endpoint's thread, with a copy of the last published model: read it, change
+    nothing, no I/O.
+
+    ``endpoints``: the endpoint of each upstream row, in row order (one row per pod and Service: a pod
+    behind two Services is there twice). Return one dict per column: ``name`` (the row's key, also the
+    column's id: ``[a-z][a-z0-9_]{0,31}``, not one of the core's keys ``pod``, ``address``, ``rps``,
+    ``error_rate``), ``title`` (a short heading, cut to 40 characters; default: the name) and ``values``: a list as long as
+    ``endpoints``, one value per row in the same order, each an int, a float, a str (cut to 200
+    characters) or None (shown as "no data yet"). A column that breaks these rules, or whose name an
+    earlier plugin's column has, is left out (logged at warning level, once per name and reason).
+    """

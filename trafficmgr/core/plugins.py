@@ -88,6 +88,7 @@ HOOK_POLICY: dict[str, str] = {
     "trafficmgr_service_routes": LAST_GOOD,
     "trafficmgr_object_status": ISOLATED,
     "trafficmgr_dashboard_routes": ISOLATED,
+    "trafficmgr_dashboard_endpoint_columns": ISOLATED,
 }
 #: Distinct failures remembered for "log once" (the oldest is forgotten first; a forgotten failure that
 #: happens again is logged again). Bounded: a plugin whose error text names objects or values would
@@ -132,6 +133,9 @@ def _check_item(hook: str, item: Any) -> None:
         if not (isinstance(item, WatchKind) and all(isinstance(v, str) and v for v in (item.kind, item.api_version, item.plural))
                 and callable(item.convert)):
             raise TypeError(f"returned {item!r}, not a WatchKind with kind, api_version, plural and a callable convert")
+    elif hook == "trafficmgr_dashboard_endpoint_columns":
+        if not (isinstance(item, Mapping) and isinstance(item.get("name"), str) and isinstance(item.get("values"), (list, tuple))):
+            raise TypeError(f"returned {item!r:.200}, not a dict with a str 'name' and a list of 'values'")
     elif hook == "trafficmgr_labels":
         if not isinstance(item, LabelSpec):
             raise TypeError(f"returned {type(item).__name__}, not a LabelSpec")

@@ -5,8 +5,9 @@ Contract (extend, never rename; ``null`` = no data yet)::
 
     {"generated": <unix s>, "source": "envoy-stats" ("none": serve --dashboard-stats-port 0), "window_s": <s>,
      "services": [{"namespace", "name", "labels": [{"key", "value", "plugin"}], "rps", "error_rate",
-                   "p50_ms", "p99_ms", "upstreams": [{"pod", "address", "weight", "rps", "error_rate"}],
+                   "p50_ms", "p99_ms", "upstreams": [{"pod", "address", "rps", "error_rate", <column name>: value}],
                    "traces_url"}],
+     "upstream_columns": [{"name", "title"}],
      "edges": [{"from": "ns/name", "to": "ns/name", "rps", "error_rate"}],
      "proxies": [<proxy-status row> + {"last_nack": {"type", "error", "time"} | null}],
      "events": [{"time", "type": "Warning", "reason", "object": "Kind/ns/name", "message"}],
@@ -17,12 +18,16 @@ Contract (extend, never rename; ``null`` = no data yet)::
   (``upstream_rq_total``, ``upstream_rq_xx`` and the ``upstream_rq_time`` histogram), between the oldest
   and the newest reading of the window;
 - an upstream's ``rps``/``error_rate``: what the pod's own sidecar served on its inbound HTTP side (null
-  where sidecars have no inbound listener, e.g. local mode); ``weight``: its ``traffic.endpoint.weight``;
+  where sidecars have no inbound listener, e.g. local mode);
+- ``upstream_columns``: the columns plugins add to every upstream row (hook
+  ``trafficmgr_dashboard_endpoint_columns``, :mod:`.columns`), in order; each row has a value (or null)
+  under each column's ``name`` (the core names none; e.g. the ``lb`` plugin's ``weight``);
 - an edge ``from -> to``: the outbound cluster stats of the sidecars of ``from``'s pods (a pod in several
   Services is a caller for each) and of the gateways (``<ns>/traffic-ingress``).
 
 Submodules: :mod:`.promtext` (parsing), :mod:`.scrape` (reading the Envoys, bounded and cached),
-:mod:`.dashboard` (the document).
+:mod:`.dashboard` (the document), :mod:`.columns` (plugins' upstream columns), :mod:`.routes` (plugins'
+route rows).
 """
 
 from __future__ import annotations

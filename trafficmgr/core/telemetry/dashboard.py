@@ -11,18 +11,17 @@ requests in between, the number is ``None`` (JSON null), never a guess.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
 
 from trafficmgr.core.labels import LabelRegistry
-from trafficmgr.core.model import GATEWAY, GATEWAY_CLUSTER, Model, normalize_ip
+from trafficmgr.core.model import GATEWAY, GATEWAY_CLUSTER, Endpoint, Model, normalize_ip
+from trafficmgr.core.telemetry.columns import add_columns
 from trafficmgr.core.telemetry.promtext import ClusterStats, Reading, quantile
 from trafficmgr.core.telemetry.scrape import stats_url
 
-#: The ``lb`` plugin's per-pod weight label (read from the endpoints' labels; absent: null).
-WEIGHT_LABEL = "traffic.endpoint.weight"
 #: Seconds two readings must be apart for a rate.
 MIN_SPAN_S = 0.5
 
@@ -131,12 +130,18 @@ def _label_value(value: Any) -> str:
     return str(value)
 
 
+#: ``(endpoints of the upstream rows, in order) -> columns``: the plugins' ``trafficmgr_dashboard_endpoint_columns``.
+Columns = Callable[[tuple[Endpoint, ...]], Iterable[Any]]
+
+
 def golden_signals(model: Model | None, targets: Mapping[str, Target], readings: Mapping[str, Sequence[tuple[float, Reading]]],
-                   registry: LabelRegistry | None, traces_url: Any = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """``(services, edges)`` of the contract from the readings of ``targets``. ``traces_url``: a function
-    ``(namespace, name) -> str | None`` giving a service's recent-traces URL, or None."""
+                   registry: LabelRegistry | None, traces_url: Any = None, columns: Columns | None = None,
+                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, str]]]:
+    """``(services, edges, upstream_columns)`` of the contract from the readings of ``targets``.
+    ``traces_url``: a function ``(namespace, name) -> str | None`` giving a service's recent-traces URL, or
+    None. ``columns``: asked once for the plugins' columns of the upstream rows (:mod:`.columns`)."""
     if model is None:
-        return [], []
+        return [], [], []
     per_service: dict[str, _Delta] = {}
     edges: dict[tuple[str, str], _Delta] = {}
     inbound: dict[tuple[str, str], tuple[float | None, float | None]] = {}
@@ -158,6 +163,7 @@ def golden_signals(model: Model | None, targets: Mapping[str, Target], readings:
             for caller in target.callers:
                 edges.setdefault((caller, callee), _Delta()).add(stats, old.clusters.get(cluster), seconds)
     services: list[dict[str, Any]] = []
+    shown: list[tuple[dict[str, Any], Endpoint]] = []  # every upstream row with its endpoint, in row order
     for (ns, name), svc in sorted(model.services.items()):
         if svc.kind != "Service":
             continue
@@ -166,26 +172,25 @@ def golden_signals(model: Model | None, targets: Mapping[str, Target], readings:
         for label_key, value in sorted(svc.labels.items()):
             spec = registry.spec(label_key) if registry is not None else None
             labels.append({"key": label_key, "value": _label_value(value), "plugin": spec.plugin if spec else ""})
-        upstreams: dict[tuple[str, str], dict[str, Any]] = {}
+        upstreams: dict[tuple[str, str], tuple[dict[str, Any], Endpoint]] = {}
         for port in svc.ports:
             for ep in model.endpoints_of(svc, port):
                 pod = ep.pod or ""
                 if (pod, ep.address) in upstreams:  # one row per pod, with the address of its first port
                     continue
-                weight = ep.labels.value(WEIGHT_LABEL)
                 rps, error_rate = inbound.get((ep.namespace or ns, pod), (None, None)) if pod else (None, None)
-                upstreams[(pod, ep.address)] = {
-                    "pod": pod, "address": f"{ep.address}:{ep.port}",
-                    "weight": int(weight) if isinstance(weight, (int, float)) and not isinstance(weight, bool) else None,
-                    "rps": rps, "error_rate": error_rate}
+                upstreams[(pod, ep.address)] = ({"pod": pod, "address": f"{ep.address}:{ep.port}", "rps": rps,
+                                                 "error_rate": error_rate}, ep)
+        shown.extend(upstreams[k] for k in sorted(upstreams))
         row = {"namespace": ns, "name": name, "labels": labels, **_signals(per_service.get(key)),
-               "upstreams": [upstreams[k] for k in sorted(upstreams)],
+               "upstreams": [upstreams[k][0] for k in sorted(upstreams)],
                "traces_url": traces_url(ns, name) if traces_url is not None else None}
         services.append(row)
     edge_rows = [{"from": a, "to": b, "rps": _round(d.rate) or 0.0,
                   "error_rate": _round(d.errors / d.total, 4) if d.total else 0.0}
                  for (a, b), d in sorted(edges.items()) if d.total > 0]
-    return services, edge_rows
+    heads = add_columns([r for r, _ in shown], columns(tuple(ep for _, ep in shown))) if columns is not None else []
+    return services, edge_rows, heads
 
 
 def last_nacks(nacks: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:

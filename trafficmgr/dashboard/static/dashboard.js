@@ -73,14 +73,23 @@
   }
 
   // -- sections ----------------------------------------------------------------------------------------
-  function renderServices(services) {
+  // Plugin columns of the upstream rows (data.upstream_columns: [{name, title}]): the page names none.
+  function columnValue(v) {
+    if (isNum(v)) return String(v);
+    return typeof v === "string" ? v : noData();
+  }
+  function renderServices(services, columns) {
+    const heads = columns.filter((c) => c && typeof c.name === "string");
+    const head = document.getElementById("upstreams-head");
+    if (head) head.textContent = "Upstream pods (" + heads.map((c) => text(c.title) || c.name).concat(["rate", "errors"]).join(", ") + ")";
     const rows = services.map((s) => {
       const id = text(s.namespace) + "/" + text(s.name);
       const labels = (s.labels || []).map((l) => el("span", { class: "label", title: "owned by plugin " + text(l.plugin) },
         text(l.key) + "=" + text(l.value), el("span", { class: "plugin" }, text(l.plugin))));
       const ups = (s.upstreams || []).map((u) => el("li", { title: text(u.address) },
         el("code", null, text(u.pod) || text(u.address)),
-        " weight ", isNum(u.weight) ? String(u.weight) : noData(), ", ",
+        heads.map((c) => el("span", { "data-column": c.name }, " " + (text(c.title) || c.name) + " ",
+          columnValue(Object.prototype.hasOwnProperty.call(u, c.name) ? u[c.name] : null), ",")), " ",
         !isNum(u.rps) && !isNum(u.error_rate) ? noData() : [rate(u.rps), ", ", errors(u.error_rate)]));
       const traces = safeHttpUrl(s.traces_url);
       return el("tr", { "data-service": id },
@@ -220,7 +229,7 @@
 
   function render(data) {
     const arr = (v) => (Array.isArray(v) ? v : []);
-    renderServices(arr(data.services));
+    renderServices(arr(data.services), arr(data.upstream_columns));
     renderGraph(arr(data.services), arr(data.edges));
     renderProxies(arr(data.proxies));
     renderEvents(arr(data.events));

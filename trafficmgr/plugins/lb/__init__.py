@@ -10,6 +10,8 @@ COOKIE_NAME = "traffic.hash.cookie.name"
 COOKIE_TTL = "traffic.hash.cookie.ttl"
 HEADER_NAME = "traffic.hash.header.name"
 WEIGHT = "traffic.endpoint.weight"
+#: The weight of an endpoint whose pod (and workload) has no valid weight label.
+DEFAULT_WEIGHT = 100
 SVC = frozenset({L.SERVICE})
 
 
@@ -22,7 +24,7 @@ def trafficmgr_labels() -> list[LabelSpec]:
         LabelSpec(COOKIE_TTL, SVC, L.duration(), 0,
                   "when > 0 Envoy generates the cookie if absent, Max-Age = ttl/1000 s"),
         LabelSpec(HEADER_NAME, SVC, L.token("a header name"), "", "hash requests on this header"),
-        LabelSpec(WEIGHT, L.POD_AND_WORKLOADS, L.integer(0, 128), 100,
+        LabelSpec(WEIGHT, L.POD_AND_WORKLOADS, L.integer(0, 128), DEFAULT_WEIGHT,
                   "endpoint load-balancing weight; 0 removes the pod from the endpoints"),
     ]
 
@@ -41,7 +43,7 @@ def trafficmgr_endpoints(assignment, pairs) -> None:  # type: ignore[no-untyped-
     """Weight every endpoint (default 100); weight 0 removes the endpoint."""
     removed = set()
     for pair in pairs:
-        weight = pair.endpoint.labels.value(WEIGHT, 100)
+        weight = pair.endpoint.labels.value(WEIGHT, DEFAULT_WEIGHT)
         if weight > 0:
             pair.lb_endpoint.load_balancing_weight.value = weight
         else:
@@ -75,3 +77,11 @@ def trafficmgr_route(route, service, port, ctx) -> None:  # type: ignore[no-unty
         ttl = service.labels.value(COOKIE_TTL, 0)
         if ttl > 0:
             policy.ttl.FromMilliseconds(ttl)
+
+
+@hookimpl
+def trafficmgr_dashboard_endpoint_columns(endpoints):  # type: ignore[no-untyped-def]
+    """The dashboard's ``weight`` column: each endpoint's effective weight, as ``trafficmgr_endpoints``
+    gives it to Envoy (its label, else the default; 0: the endpoint is not sent at all)."""
+    return [{"name": "weight", "title": "weight",
+             "values": [ep.labels.value(WEIGHT, DEFAULT_WEIGHT) for ep in endpoints]}]
