@@ -1,6 +1,6 @@
 """Cold start of the control plane, phase by phase, against the project's API server (not a test).
 
-    python benchmarks/bench_cold.py [--services 10000] [--pods 10] [--profile]
+    python benchmarks/bench_cold.py [--services 10000] [--pods 10] [--page-size N] [--profile]
 
 Starts ``python -m trafficmgr.apiserver`` in a subprocess and loads S Services x P ready Pods through its
 REST API (:func:`trafficmgr.bench.load`, what ``trafficmgr bench`` does: the EndpointSlice controller
@@ -8,10 +8,11 @@ makes the slices). Then, in this process, a :class:`~trafficmgr.core.controlplan
 plugin, ``freeze_gc`` as ``serve`` runs it) is timed from ``start_watches()`` to its first published
 snapshot (``wait_ready``), with the time split into:
 
-- ``lists``: per kind, ``http_s`` (the list request until its body is read) and ``decode_s`` (the rest of
-  ``KubeClient.list``: the JSON decode); the watcher threads run in parallel and share the GIL;
+- ``lists``: per kind, ``http_s`` (the list requests until their bodies are read) and ``decode_s`` (the rest
+  of ``KubeClient.list``: the JSON decode), summed over the list's ``pages`` (``--page-size``); the watcher
+  threads run in parallel and share the GIL;
 - ``all_synced_s``: wall time until every watcher has listed once;
-- ``relist_s``: the assembler's RELIST of each kind (in the sync thread);
+- ``relist_s``: the assembler's RELIST of each kind, its pages summed (in the sync thread);
 - ``build_s``: the first ``Builder.build``; ``publish_s``: the rest of the first ``publish_model``
   (consistency gate, snapshot cache, status) without the garbage collector freeze, reported apart as
   ``freeze_s`` (it runs after the snapshot is out);
@@ -43,17 +44,24 @@ def main() -> None:
     p.add_argument("--services", type=int, default=10000)
     p.add_argument("--pods", type=int, default=10)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--page-size", type=int, default=None,
+                   help="the watchers' list limit (default: trafficmgr.core.kube.watch.LIST_PAGE_SIZE; 0: no paging)")
     args = p.parse_args()
 
     from trafficmgr.bench import Api, load, rss_mb
     from trafficmgr.core import controlplane as cp_mod
     from trafficmgr.core.controlplane import ControlPlane
+    from trafficmgr.core.kube import watch as watch_mod
     from trafficmgr.core.kube.client import KubeClient, load_api_client
     from trafficmgr.core.plugins import PluginHost
 
+    if args.page_size is not None:
+        watch_mod.LIST_PAGE_SIZE = args.page_size
+
     workdir = Path(tempfile.mkdtemp(prefix="tm-bench-cold-"))
     api = Api(workdir)
-    result: dict[str, Any] = {"services": args.services, "pods": args.services * args.pods}
+    result: dict[str, Any] = {"services": args.services, "pods": args.services * args.pods,
+                              "page_size": watch_mod.LIST_PAGE_SIZE}
     lock = threading.Lock()
     lists: dict[str, dict[str, float]] = {}
     relists: dict[str, float] = {}
@@ -89,9 +97,12 @@ def main() -> None:
             obj = orig_list(path, query, timeout=timeout)
             t2 = time.perf_counter()
             t1 = read_done.get(path, t2)
-            with lock:
-                lists[path] = {"http_s": round(t1 - t0, 3), "decode_s": round(t2 - t1, 3),
-                               "items": len(obj.get("items", []))}
+            with lock:  # summed over the list's pages
+                entry = lists.setdefault(path, {"http_s": 0.0, "decode_s": 0.0, "items": 0, "pages": 0})
+                entry["http_s"] = round(entry["http_s"] + t1 - t0, 3)
+                entry["decode_s"] = round(entry["decode_s"] + t2 - t1, 3)
+                entry["items"] += len(obj.get("items", []))
+                entry["pages"] += 1
             return obj
 
         kube._call = timed_call  # type: ignore[method-assign]
@@ -107,7 +118,7 @@ def main() -> None:
                 profile.enable()
             t0 = time.perf_counter()
             orig_apply(etype, kind, obj)
-            relists[kind.plural] = round(time.perf_counter() - t0, 3)
+            relists[kind.plural] = round(relists.get(kind.plural, 0.0) + time.perf_counter() - t0, 3)
             if profile is not None:
                 profile.disable()
 

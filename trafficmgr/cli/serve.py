@@ -9,6 +9,7 @@ from trafficmgr.cli import CliError, plugins_of, register_command
 from trafficmgr.core.access import DEFAULT_GATEWAY_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN, PROXY_UID
 from trafficmgr.core.argtypes import int_at_least, listen_port, port, positive_seconds
 from trafficmgr.core.bootstrap import STATS_PORT
+from trafficmgr.core.kube.watch import LIST_PAGE_SIZE
 from trafficmgr.core.serve import ServeError, run_serve
 
 
@@ -17,6 +18,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster config, else ~/.kube/config)")
     parser.add_argument("--context", help="kubeconfig context")
     parser.add_argument("--namespace", help="watch only this namespace (default: all namespaces)")
+    parser.add_argument("--list-page-size", metavar="N", type=int_at_least(0), default=LIST_PAGE_SIZE,
+                        help=f"objects per list request (limit/continue; default {LIST_PAGE_SIZE}; 0: whole lists)")
     parser.add_argument("--xds-address", default="0.0.0.0", help="xDS listen address (default 0.0.0.0)")
     parser.add_argument("--xds-port", type=port, default=18000, help="xDS (ADS gRPC) port (default 18000; 0: any free port)")
     parser.add_argument("--admin-address", default="127.0.0.1",

@@ -150,6 +150,7 @@ class ControlPlane:
             w = Watcher(
                 self.kube, k, self._enqueue, namespace=namespace,
                 field_selector=getattr(kind, "field_selector", ""), label_selector=getattr(kind, "label_selector", ""),
+                hand_pages=True, page_size=getattr(self.options, "list_page_size", None),
             )
             self.watchers.append(w)
             w.start()
@@ -398,16 +399,21 @@ GC_THRESHOLDS = (10_000, 20, 100)
 
 
 def freeze_startup_objects() -> None:
-    """After the first build: one full collection, then move every surviving object (the listed cluster,
-    the model, the first snapshots: millions of objects at 10k pods) out of the garbage collector's
-    sight. Otherwise each later full collection scans them all and stalls every thread, pushes
-    included, for ~150 ms (measured by ``trafficmgr bench``: ``gc_pauses_ms``). Reference counting still
-    frees them when they are replaced; only reference cycles among them would stay, and the pipeline's
-    data (attrs model, tuples, dicts, bytes) has none."""
+    """After the first build: move every object made so far (the listed cluster, the model, the first
+    snapshots: over a million objects at 10k pods) out of the garbage collector's sight. Otherwise each
+    later full collection scans them all and stalls every thread, pushes included, for ~150 ms (measured
+    by ``trafficmgr bench``: ``gc_pauses_ms``). Reference counting still frees them when they are replaced;
+    only reference cycles among them would stay, and the pipeline's data (attrs model, tuples, dicts,
+    bytes) has none.
+
+    No collection first: with the collector held off since the watches started, it would scan every one
+    of those objects once more (1.3-1.9 s at 10k services x 10 pods, with every thread stalled just when
+    the proxies fetch their first config) to free the start-up's few reference cycles (7965 objects of
+    1.15 million, measured by ``benchmarks/bench_cold.py``), which now stay allocated instead: a one-time
+    cost of about a megabyte."""
     start = time.perf_counter()
-    gc.collect()
     gc.freeze()
-    log.info("start-up objects frozen out of the garbage collector in %.0f ms (%d objects)",
+    log.info("start-up objects frozen out of the garbage collector in %.1f ms (%d objects)",
              (time.perf_counter() - start) * 1000, gc.get_freeze_count())
     # Fewer, larger young collections, and full ones ten times rarer: with a thousand streams the
     # default thresholds (700, 10, 10) ran ~15 full collections of up to 140 ms in a 4-minute benchmark.

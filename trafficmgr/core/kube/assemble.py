@@ -11,13 +11,17 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Callable, Iterable, Mapping
+from operator import attrgetter
 from types import MappingProxyType
 from typing import Any
+
+import attrs
 
 from trafficmgr.core import gcpause, metrics
 from trafficmgr.core.contrib import WatchKind
 from trafficmgr.core.kube.client import Kind
-from trafficmgr.core.kube.indexes import PodIndex, SliceIndex, WorkloadIndex, controller
+from trafficmgr.core.kube.indexes import Controllers, PodIndex, SliceIndex, WorkloadIndex, controller, pod_controllers
+from trafficmgr.core.kube.watch import ListPage
 from trafficmgr.core.labels import LabelRegistry
 from trafficmgr.core.model import (
     EMPTY_LABELS,
@@ -99,9 +103,86 @@ def _normalize_ip(text: str) -> str:
     return normalize_ip(text)
 
 
+_ENDPOINT_ORDER = attrgetter("address", "port")
+
+
+def _k8s_labels(obj: dict[str, Any]) -> dict[str, str]:
+    labels = _meta(obj).get("labels")
+    return labels if isinstance(labels, dict) else {}
+
+
+def _pod_from(key: Key, obj: dict[str, Any], labels: Labels) -> Pod:
+    """The model's pod for the raw ``obj`` with ``labels``."""
+    status = obj.get("status") or {}
+    spec = obj.get("spec") or {}
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    ports = tuple(
+        (p.get("name") or "", int(p.get("containerPort", 0)))
+        for c in spec.get("containers") or []
+        for p in c.get("ports") or []
+    )
+    ip = status.get("podIP") or None
+    return Pod(
+        namespace=key[0], name=key[1], ip=ip, node=spec.get("nodeName") or None,
+        ready=ready, labels=labels, uid=_meta(obj).get("uid") or "", ports=ports,
+        ips=pod_ips(ip, status.get("podIPs")), phase=str(status.get("phase") or "Pending"),
+        terminating=bool(_meta(obj).get("deletionTimestamp")), host_network=bool(spec.get("hostNetwork")),
+        service_account=str(spec.get("serviceAccountName") or spec.get("serviceAccount") or ""),
+        sidecar=has_sidecar(obj),
+    )
+
+
 def ref_of(kind: str, obj: dict[str, Any]) -> ObjectRef:
     m = _meta(obj)
     return ObjectRef(kind, m.get("namespace") or "", m.get("name") or "", m.get("uid") or "", m.get("resourceVersion") or "")
+
+
+class PodSource:
+    """What the assembler keeps of a raw Pod after converting it, instead of the raw object (a decoded pod
+    is ~4.7 KB of dicts and strings even when small: 470 MB at 100k pods, and real pods are larger):
+    ``base``, the pod as built from the object with its own labels (the model's pod unless its workload
+    adds labels), its Kubernetes labels (:meth:`Assembler.pods_with_ip`) and its controllers (its workload
+    is looked up again when a ReplicaSet or workload changes)."""
+
+    __slots__ = ("base", "k8s_labels", "controllers")
+
+    def __init__(self, base: Pod, k8s_labels: dict[str, str], controllers: Controllers) -> None:
+        self.base = base
+        self.k8s_labels = k8s_labels
+        self.controllers = controllers
+
+
+#: One endpoint of a slice: (addresses, ready, its pod's key or None, node name or None).
+SliceEndpoint = tuple[tuple[str, ...], bool, Key | None, str | None]
+
+
+class SliceSource:
+    """What the assembler keeps of a raw EndpointSlice: its ports ``(name, number)`` and endpoints
+    (:data:`SliceEndpoint`), or ``usable`` False for an address type other than IPv4/IPv6."""
+
+    __slots__ = ("usable", "ports", "endpoints")
+
+    def __init__(self, obj: dict[str, Any], namespace: str) -> None:
+        self.usable = obj.get("addressType", "IPv4") in ("IPv4", "IPv6")
+        ports: list[tuple[str, int]] = []
+        for port in obj.get("ports") or []:
+            number = port.get("port")
+            if number is None:
+                continue
+            try:
+                ports.append((port.get("name") or "", int(number)))
+            except (TypeError, ValueError):
+                log.warning("EndpointSlice %s/%s: port %r is not a number: ignored", namespace,
+                            _meta(obj).get("name"), number)
+        self.ports = tuple(ports)
+        endpoints: list[SliceEndpoint] = []
+        for ep in obj.get("endpoints") or []:
+            cond = ep.get("conditions") or {}
+            target = ep.get("targetRef") or {}
+            pod_key = (target.get("namespace") or namespace, target.get("name") or "") if target.get("kind") == "Pod" else None
+            endpoints.append((tuple(ep.get("addresses") or ()), cond.get("ready") is not False and not cond.get("terminating", False),
+                              pod_key, ep.get("nodeName")))
+        self.endpoints = tuple(endpoints)
 
 
 class ConvertContext:
@@ -132,7 +213,13 @@ class Assembler:
         self.endpoints: dict[tuple[str, str, str], tuple[Endpoint, ...]] = {}
         self.extra: dict[str, dict[Key, Any]] = {k: {} for k in self.extra_kinds}
         self.namespaces: dict[str, Namespace] = {}
-        self._raw: dict[str, dict[Key, dict[str, Any]]] = {k.kind: {} for k in CORE_KINDS}
+        # Of the raw objects only what later events need: each object's resourceVersion (a relist applies
+        # only what changed), and for pods and slices their converted sources.
+        self._versions: dict[str, dict[Key, str]] = {k.kind: {} for k in CORE_KINDS}
+        self._pod_src: dict[Key, PodSource] = {}
+        self._slice_src: dict[Key, SliceSource] = {}
+        # Keys listed so far by each kind's relist in progress (a paged list: see ListPage).
+        self._seen: dict[str, set[Key]] = {}
         self._workloads = WorkloadIndex()
         self._pod_index = PodIndex()
         self._slices = SliceIndex()
@@ -154,7 +241,8 @@ class Assembler:
     # -- entry points -------------------------------------------------------------------------
 
     def apply(self, etype: str, kind: Kind | WatchKind, obj: Any) -> None:
-        """Apply one watch event (``ADDED``/``MODIFIED``/``DELETED``) or a ``RELIST`` (obj = items)."""
+        """Apply one watch event (``ADDED``/``MODIFIED``/``DELETED``) or a ``RELIST`` (obj: the whole list's
+        items, or one :class:`~trafficmgr.core.kube.watch.ListPage` of a paged list)."""
         if etype == "RELIST":
             self._relist(kind, obj)
             return
@@ -165,26 +253,27 @@ class Assembler:
         if handler is None:
             return
         key = _key(obj)
-        raw = self._raw.setdefault(kind.kind, {})
+        versions = self._versions.setdefault(kind.kind, {})
         if etype == "DELETED":
-            raw.pop(key, None)
+            versions.pop(key, None)
             handler(key, None)
         else:
-            raw[key] = obj
+            versions[key] = _meta(obj).get("resourceVersion") or ""
             handler(key, obj)
 
-    def _relist(self, kind: Kind | WatchKind, items: list[dict[str, Any]]) -> None:
+    def _relist(self, kind: Kind | WatchKind, items: list[dict[str, Any]] | ListPage) -> None:
         # A relist touches many objects of one service (its pods, its slices): refresh each service's
-        # endpoints once at the end instead of once per object (10 pods per service: 10x fewer).
+        # endpoints once at the end of the page instead of once per object (10 pods per service: 10x fewer).
         # The garbage collector is held off meanwhile (gcpause): a relist of 100k pods makes ~a million
         # long-lived IR objects, and the collections their allocation triggers would find nothing to free.
+        page = items if isinstance(items, ListPage) else ListPage(items, first=True, last=True)
         with gcpause.paused():
             if self._deferred is not None:  # before the first model(): it refreshes them
-                self._relist_items(kind, items)
+                self._relist_page(kind, page)
                 return
             self._deferred = set()
             try:
-                self._relist_items(kind, items)
+                self._relist_page(kind, page)
             finally:
                 self._flush_endpoints()
 
@@ -194,23 +283,40 @@ class Assembler:
         for svc_key in sorted(deferred or ()):
             self._refresh_endpoints(svc_key)
 
-    def _relist_items(self, kind: Kind | WatchKind, items: list[dict[str, Any]]) -> None:
-        fresh = {_key(o): o for o in items}
-        if kind.kind in self.extra_kinds:
-            for key in list(self.extra[kind.kind]):
-                if key not in fresh:
-                    self._extra(kind.kind, {"metadata": {"namespace": key[0], "name": key[1]}}, deleted=True)
-            for obj in fresh.values():
-                self._extra(kind.kind, obj, deleted=False)
+    def _relist_page(self, kind: Kind | WatchKind, page: ListPage) -> None:
+        """Apply one page of a (re)list: its objects that are new or changed now; at its last page, delete
+        the objects no page listed. A first page starts afresh (an earlier list that failed half-way leaves
+        its objects applied, which is what a watch would have shown, and its deletions undone: done now)."""
+        name = kind.kind
+        if page.first or name not in self._seen:
+            self._seen[name] = set()
+        seen = self._seen[name]
+        if name in self.extra_kinds:
+            for obj in page.items:
+                seen.add(_key(obj))
+                self._extra(name, obj, deleted=False)
+            if page.last:
+                for key in [k for k in self.extra[name] if k not in seen]:
+                    self._extra(name, {"metadata": {"namespace": key[0], "name": key[1]}}, deleted=True)
+                del self._seen[name]
             return
-        raw = self._raw.setdefault(kind.kind, {})
-        for key in list(raw):
-            if key not in fresh:
-                self.apply("DELETED", kind, raw[key])
-        for key, obj in fresh.items():
-            old = raw.get(key)
-            if old is None or _meta(old).get("resourceVersion") != _meta(obj).get("resourceVersion"):
+        versions = self._versions.setdefault(name, {})
+        for obj in page.items:
+            key = _key(obj)
+            seen.add(key)
+            old = versions.get(key)
+            if old is None or old != (_meta(obj).get("resourceVersion") or ""):
                 self.apply("MODIFIED", kind, obj)
+        if page.last:
+            gone = [key for key in versions if key not in seen]
+            del self._seen[name]
+            for key in gone:
+                self.apply("DELETED", kind, {"metadata": {"namespace": key[0], "name": key[1]}})
+
+    @property
+    def relisting(self) -> bool:
+        """A paged list is half applied: some kind's first page is in, its last is not."""
+        return bool(self._seen)
 
     def model(self) -> Model:
         """The current IR and what changed since the previous call. Core tables are read-only views of
@@ -359,6 +465,7 @@ class Assembler:
         index.set_replicaset(key, (key[0], rs_name) if rs_name else None)
         if obj is None:
             index.forget(key)
+            self._pod_src.pop(key, None)
             gone = self.pods.pop(key, None)
             if self.port_pods.pop(key, None) is not None:
                 self._changed("port_pods", key)
@@ -367,35 +474,20 @@ class Assembler:
                 self._changed("pods", key)
                 self._refresh_endpoints_of_pod(key)
             return
-        index.own[key] = self._parse("Pod", obj)
+        own = index.own[key] = self._parse("Pod", obj)
+        self._pod_src[key] = PodSource(_pod_from(key, obj, own), _k8s_labels(obj), pod_controllers(obj))
         self._refresh_pod(key)
 
     def _refresh_pod(self, key: Key) -> None:
-        obj = self._raw["Pod"].get(key)
-        if obj is None:
+        src = self._pod_src.get(key)
+        if src is None:
             return
         index = self._pod_index
-        owner = self._workloads.owner_of(key, obj)
+        owner = self._workloads.owner_of(key, src.controllers)
         index.set_owner(key, owner)
-        own = index.own.get(key, EMPTY_LABELS)
-        workload = self._workloads.labels_of(key[0], owner)
-        status = obj.get("status") or {}
-        spec = obj.get("spec") or {}
-        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
-        ports = tuple(
-            (p.get("name") or "", int(p.get("containerPort", 0)))
-            for c in spec.get("containers") or []
-            for p in c.get("ports") or []
-        )
-        ip = status.get("podIP") or None
-        pod = Pod(
-            namespace=key[0], name=key[1], ip=ip, node=spec.get("nodeName") or None,
-            ready=ready, labels=workload.merged(own), uid=_meta(obj).get("uid") or "", ports=ports,
-            ips=pod_ips(ip, status.get("podIPs")), phase=str(status.get("phase") or "Pending"),
-            terminating=bool(_meta(obj).get("deletionTimestamp")), host_network=bool(spec.get("hostNetwork")),
-            service_account=str(spec.get("serviceAccountName") or spec.get("serviceAccount") or ""),
-            sidecar=has_sidecar(obj),
-        )
+        base = src.base
+        labels = self._workloads.labels_of(key[0], owner).merged(base.labels)
+        pod = base if labels is base.labels else attrs.evolve(base, labels=labels)
         old = self.pods.get(key)
         index.set_ips(key, old.ips if old else (), pod.ips)
         changed = self._set(self.pods, key, pod, "pods", key)
@@ -415,16 +507,20 @@ class Assembler:
         :func:`~trafficmgr.core.model.normalize_ip`). Called from the xDS threads: single reads only."""
         out = []
         for key in self._pod_index.with_ip(normalize_ip(ip)):
-            raw = self._raw["Pod"].get(key)
+            src = self._pod_src.get(key)
             pod = self.pods.get(key)
-            if raw is not None and pod is not None:
-                out.append((pod, dict(_meta(raw).get("labels") or {})))
+            if src is not None and pod is not None:
+                out.append((pod, dict(src.k8s_labels)))
         return out
 
     # -- endpoint slices ----------------------------------------------------------------------
 
     def _on_endpointslice(self, key: Key, obj: dict[str, Any] | None) -> None:
         service = ((_meta(obj).get("labels") or {}).get(SERVICE_NAME_LABEL) if obj is not None else None)
+        if obj is None:
+            self._slice_src.pop(key, None)
+        else:
+            self._slice_src[key] = SliceSource(obj, key[0])
         old_service = self._slices.set_slice(key, service)
         if service:
             self._refresh_endpoints((key[0], service))
@@ -442,32 +538,22 @@ class Assembler:
         ns, svc = svc_key
         by_port: dict[str, list[Endpoint]] = {}
         pods_seen: set[Key] = set()
-        raw_slices = self._raw["EndpointSlice"]
+        sources = self._slice_src
         for slice_name in self._slices.slices_of(svc_key):
-            sl = raw_slices.get((ns, slice_name))
-            if sl is None:
+            sl = sources.get((ns, slice_name))
+            if sl is None or not sl.usable:
                 continue
-            if sl.get("addressType", "IPv4") not in ("IPv4", "IPv6"):
-                continue
-            for port in sl.get("ports") or []:
-                number = port.get("port")
-                if number is None:
-                    continue
-                pname = port.get("name") or ""
+            for pname, number in sl.ports:
                 bucket = by_port.setdefault(pname, [])
-                for ep in sl.get("endpoints") or []:
-                    cond = ep.get("conditions") or {}
-                    ready = cond.get("ready") is not False and not cond.get("terminating", False)
-                    target = ep.get("targetRef") or {}
-                    pod_key = (target.get("namespace") or ns, target.get("name") or "") if target.get("kind") == "Pod" else None
+                for addresses, ready, pod_key, node in sl.endpoints:
                     pod = self.pods.get(pod_key) if pod_key else None
                     if pod_key:
                         pods_seen.add(pod_key)
-                    for addr in ep.get("addresses") or []:
+                    for addr in addresses:
                         bucket.append(Endpoint(
-                            address=addr, port=int(number), ready=ready,
+                            address=addr, port=number, ready=ready,
                             pod=pod_key[1] if pod_key else None, namespace=ns,
-                            node=ep.get("nodeName"), labels=pod.labels if pod else EMPTY_LABELS,
+                            node=node, labels=pod.labels if pod else EMPTY_LABELS,
                             sidecar=pod.sidecar if pod else False,
                         ))
         self._slices.set_service_pods(svc_key, pods_seen)
@@ -480,7 +566,7 @@ class Assembler:
             del self.endpoints[k]
             self._changed("services", svc_key)
         for pname, eps in by_port.items():
-            eps.sort(key=lambda e: (e.address, e.port))
+            eps.sort(key=_ENDPOINT_ORDER)
             self._set(self.endpoints, (ns, svc, pname), tuple(eps), "services", svc_key)
 
     # -- plugin kinds -------------------------------------------------------------------------

@@ -41,6 +41,18 @@ def controller(obj: dict[str, Any], kind: str) -> str | None:
     return None
 
 
+#: A pod's controlling StatefulSet, DaemonSet and ReplicaSet names ("": none), see :func:`pod_controllers`.
+Controllers = tuple[str, str, str]
+NO_CONTROLLERS: Controllers = ("", "", "")
+
+
+def pod_controllers(obj: dict[str, Any]) -> Controllers:
+    """What :meth:`WorkloadIndex.owner_of` needs of a raw pod: its controlling owners of the kinds a pod
+    inherits labels through (the pod's raw object is not kept, see the assembler)."""
+    found = (controller(obj, "StatefulSet") or "", controller(obj, "DaemonSet") or "", controller(obj, "ReplicaSet") or "")
+    return NO_CONTROLLERS if found == NO_CONTROLLERS else found
+
+
 def _workload_key(namespace: str, owner: tuple[str, str] | None) -> WorkloadKey | None:
     return (owner[0], namespace, owner[1]) if owner else None
 
@@ -76,13 +88,14 @@ class WorkloadIndex:
             self.rs_owner[key] = owner
         return True
 
-    def owner_of(self, key: Key, obj: dict[str, Any]) -> tuple[str, str] | None:
-        """The workload ``(kind, name)`` of the pod ``key`` (a ReplicaSet's pod: its Deployment)."""
-        for kind in ("StatefulSet", "DaemonSet"):
-            name = controller(obj, kind)
-            if name:
-                return (kind, name)
-        rs = controller(obj, "ReplicaSet")
+    def owner_of(self, key: Key, controllers: Controllers) -> tuple[str, str] | None:
+        """The workload ``(kind, name)`` of the pod ``key`` whose controllers are ``controllers`` (see
+        :func:`pod_controllers`; a ReplicaSet's pod: its Deployment)."""
+        sts, ds, rs = controllers
+        if sts:
+            return ("StatefulSet", sts)
+        if ds:
+            return ("DaemonSet", ds)
         if rs:
             deploy = self.rs_owner.get((key[0], rs))
             if deploy:

@@ -1,4 +1,4 @@
-"""List + watch with resourceVersion, bookmarks, relist on 410, and reconnect with backoff and jitter.
+"""List (in pages) + watch with resourceVersion, bookmarks, relist on 410, and reconnect with backoff and jitter.
 
 Each :class:`Watcher` runs in its own thread and hands events to one callback (the sync loop's queue).
 """
@@ -12,15 +12,34 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import attrs
+
 from trafficmgr.core.kube.client import ApiException, Kind, KubeClient
 
 log = logging.getLogger(__name__)
 
+#: Objects per list request by default (``limit``; client-go's pager uses 500). Paging bounds what one answer
+#: costs the API server and this process: a 100k-pod list is one ~75 MB answer decoded into ~470 MB of dicts
+#: at once without it; with it the pages' objects are converted (and dropped) while the next page is made.
+LIST_PAGE_SIZE = 500
+
 #: Seconds between lists of a kind the API server does not serve (404), by default.
 NOT_SERVED_RETRY = 30.0
 
-# Event handed to the sink: ("RELIST", kind, [objects]) after a (re)list, or (type, kind, object).
+# Event handed to the sink: ("RELIST", kind, [objects]) after a (re)list (with ``hand_pages``: ("RELIST",
+# kind, ListPage) per page of it), or (type, kind, object).
 Sink = Callable[[str, Kind, Any], None]
+
+
+@attrs.frozen(slots=True)
+class ListPage:
+    """One page of a (re)list of a kind. ``first``: the list starts (anything an earlier, unfinished list of
+    the kind handed over is superseded); ``last``: it is complete, and objects no page of it listed are gone.
+    Pages of one list show the collection at one resourceVersion (the API server's ``continue`` contract)."""
+
+    items: list[dict[str, Any]]
+    first: bool
+    last: bool
 
 
 class Watcher(threading.Thread):
@@ -39,7 +58,13 @@ class Watcher(threading.Thread):
         watch_timeout: float = 300.0,
         max_backoff: float = 10.0,
         not_served_retry: float | None = None,
+        page_size: int | None = None,
+        hand_pages: bool = False,
     ) -> None:
+        """``page_size``: ``limit`` of each list request (None: :data:`LIST_PAGE_SIZE`; 0: one request for
+        the whole list);
+        ``hand_pages``: each page goes to the sink as it arrives (a :class:`ListPage`), else the whole
+        list once it is complete."""
         super().__init__(name=f"watch-{kind.plural}", daemon=True)
         self.client = client
         self.kind = kind
@@ -60,6 +85,9 @@ class Watcher(threading.Thread):
         #: True while a list answered 404 (the kind is not served: e.g. a CRD not installed).
         self.not_served = False
         self.not_served_retry = NOT_SERVED_RETRY if not_served_retry is None else not_served_retry
+        self.page_size = LIST_PAGE_SIZE if page_size is None else page_size
+        self.hand_pages = hand_pages
+        self.pages = 0  # list requests answered (all lists)
 
     def stop(self) -> None:
         self._stop.set()
@@ -103,28 +131,59 @@ class Watcher(threading.Thread):
             self._down_since = None
 
     def _list(self) -> None:
-        try:
-            data = self.client.list(self.path, dict(self.selectors))
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+        """List the kind, a page of ``page_size`` objects per request, each page handed over as it
+        arrives (see :class:`ListPage`). A ``continue`` token that expired mid-list (410) starts the list
+        again from its first page."""
+        token = ""
+        first = True
+        listed: list[dict[str, Any]] = []
+        while True:
+            query = dict(self.selectors)
+            if self.page_size > 0:
+                query["limit"] = str(self.page_size)
+            if token:
+                query["continue"] = token
+            try:
+                data = self.client.list(self.path, query)
+            except ApiException as exc:
+                if exc.status == 410 and token:
+                    log.info("%s: list continue token expired after %d page(s); listing again", self.kind.plural,
+                             self.pages)
+                    raise _Expired() from None
+                if exc.status != 404:
+                    raise
+                self._not_served()
+                raise _NotServed() from None
+            if self.not_served:
+                log.warning("%s: now served by the Kubernetes API", self.kind.plural)
+                self.not_served = False
             self._recovered()
-            if not self.not_served:
-                log.warning("%s: not served by the Kubernetes API (%s; is its CustomResourceDefinition installed?): "
-                            "taken as having no objects, listed again every %.0fs", self.kind.plural, self.path,
-                            self.not_served_retry)
-            self.not_served = True
-            self.sink("RELIST", self.kind, [])
-            self.synced.set()
-            raise _NotServed() from None
-        if self.not_served:
-            log.warning("%s: now served by the Kubernetes API", self.kind.plural)
-            self.not_served = False
-        self._recovered()
-        self.resource_version = data.get("metadata", {}).get("resourceVersion", "")
-        items = data.get("items", [])
+            self.pages += 1
+            meta = data.get("metadata") or {}
+            token = str(meta.get("continue") or "")
+            items = data.get("items") or []
+            if not token:
+                self.resource_version = meta.get("resourceVersion", "")
+            if self.hand_pages:
+                self.sink("RELIST", self.kind, ListPage(items, first=first, last=not token))
+            else:
+                listed.extend(items)
+                if not token:
+                    self.sink("RELIST", self.kind, listed)
+            first = False
+            if not token:
+                break
         self.relists += 1
-        self.sink("RELIST", self.kind, items)
+        self.synced.set()
+
+    def _not_served(self) -> None:
+        self._recovered()
+        if not self.not_served:
+            log.warning("%s: not served by the Kubernetes API (%s; is its CustomResourceDefinition installed?): "
+                        "taken as having no objects, listed again every %.0fs", self.kind.plural, self.path,
+                        self.not_served_retry)
+        self.not_served = True
+        self.sink("RELIST", self.kind, ListPage([], first=True, last=True) if self.hand_pages else [])
         self.synced.set()
 
     def _watch(self) -> None:

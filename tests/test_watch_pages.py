@@ -1,0 +1,86 @@
+"""The watcher lists in pages (``limit``/``continue``, as client-go's pager does): each page is handed
+over as it arrives (``hand_pages``, the control plane) or the whole list once complete (other users), and a
+``continue`` token that expired mid-list (410) starts the list again from its first page."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from trafficmgr.core.kube.client import ApiException, Kind
+from trafficmgr.core.kube.watch import ListPage, Watcher
+
+KIND = Kind("Widget", "example.com/v1", "widgets")
+
+
+class PagedStandIn:
+    """Answers lists in pages of ``limit`` from ``objects`` with a continue token (its offset); the first
+    continued request of the first list answers 410 Expired, as an API server does for an old token."""
+
+    host = "test"
+
+    def __init__(self, objects: list[dict[str, Any]]) -> None:
+        self.objects = objects
+        self.queries: list[dict[str, Any]] = []
+        self.expired_once = False
+
+    def list(self, path: str, query: dict[str, Any]) -> dict[str, Any]:
+        self.queries.append(dict(query))
+        limit = int(query["limit"])
+        start = int(query.get("continue") or 0)
+        if start and not self.expired_once:
+            self.expired_once = True
+            raise ApiException(status=410, reason="Expired")
+        end = start + limit
+        meta = {"resourceVersion": "42"}
+        if end < len(self.objects):
+            meta["continue"] = str(end)
+        return {"metadata": meta, "items": self.objects[start:end]}
+
+    def watch(self, path: str, query: dict[str, Any], timeout: float) -> Any:
+        time.sleep(0.05)
+        return iter(())
+
+
+def _run(watcher: Watcher) -> None:
+    watcher.start()
+    try:
+        assert watcher.synced.wait(5)
+    finally:
+        watcher.stop()
+
+
+def test_pages_are_handed_over_and_an_expired_token_starts_again() -> None:
+    objects = [{"metadata": {"name": f"w{i}"}} for i in range(7)]
+    client = PagedStandIn(objects)
+    events: list[Any] = []
+    lock = threading.Lock()
+
+    def sink(etype: str, kind: Kind, obj: Any) -> None:
+        with lock:
+            events.append(obj)
+
+    w = Watcher(client, KIND, sink, page_size=3, hand_pages=True)  # type: ignore[arg-type]
+    _run(w)
+    # First attempt: page 1, then 410 on the continue -> a new list from the start, 3 pages.
+    assert [q.get("continue") for q in client.queries] == [None, "3", None, "3", "6"]
+    assert all(q["limit"] == "3" for q in client.queries)
+    assert events == [
+        ListPage(objects[0:3], first=True, last=False),
+        ListPage(objects[0:3], first=True, last=False),
+        ListPage(objects[3:6], first=False, last=False),
+        ListPage(objects[6:7], first=False, last=True),
+    ]
+    assert w.resource_version == "42" and w.relists == 1
+
+
+def test_without_hand_pages_the_whole_list_is_handed_over_once() -> None:
+    objects = [{"metadata": {"name": f"w{i}"}} for i in range(5)]
+    client = PagedStandIn(objects)
+    client.expired_once = True  # no 410 here
+    events: list[Any] = []
+    w = Watcher(client, KIND, lambda t, k, o: events.append((t, o)), page_size=2)  # type: ignore[arg-type]
+    _run(w)
+    assert events == [("RELIST", objects)]
+    assert len(client.queries) == 3
