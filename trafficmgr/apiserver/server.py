@@ -22,13 +22,12 @@ from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
-from . import access, crds, discovery, fieldmanager, openapi, podlogs, protobuf, tables, tokens
+from . import access, crds, discovery, fieldmanager, openapi, paging, podlogs, protobuf, tables, tokens
 from .controllers import Controllers, PodRuntime
 from .discovery import BY_GVR, ResourceType
 from .errors import ApiError
 from .patch import json_patch, merge_patch, strategic_merge
-from .selectors import parse_field_selector, parse_label_selector
-from .store import PATCH_APPLY, PATCH_JSON, PATCH_MERGE, PATCH_STRATEGIC, Store, Watcher
+from .store import PATCH_APPLY, PATCH_JSON, PATCH_MERGE, PATCH_STRATEGIC, Store, Watcher, encode_json
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +36,12 @@ _WRITES = ("POST", "PUT", "PATCH")
 _DRAIN_LIMIT = 1 << 20  # a refused request's body is read (to answer on a clean connection) up to 1 MiB
 
 
-_ENCODER = json.JSONEncoder(separators=(",", ":"), check_circular=False)  # made once, not per answer
 _MAX_LINE = 65536  # request line and header line limits, and the header count, as http.server's
 _MAX_HEADERS = 100
 _TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
-def _encode(obj: Any) -> bytes:
-    return _ENCODER.encode(obj).encode()
+_encode = encode_json  # the encoding the store caches per object: a list joins those bytes
 
 
 class _Headers(Message):
@@ -442,15 +439,22 @@ class _Handler(BaseHTTPRequestHandler):
     # ---- collection verbs --------------------------------------------------------------------
 
     def _get_collection(self, r: _Route) -> None:
-        if self.query.get("watch") in _TRUE:
+        """A list (one page of it with ``limit``/``continue``, see :mod:`.paging`). The body is the list's
+        head, the items' cached encodings (:meth:`Store.encoded`) joined by commas, and its tail: the same
+        bytes as encoding the whole list at once. Tables are encoded whole."""
+        q = self.query
+        if q.get("watch") in _TRUE:
             return self._watch(r)
-        labels = parse_label_selector(self.query.get("labelSelector"))
-        fields = parse_field_selector(self.query.get("fieldSelector"))
-        items, rv = self.store.list_raw(r.rt, r.namespace, labels, fields)
+        page = paging.list_page(self.store, r.rt, r.namespace, q.get("labelSelector"), q.get("fieldSelector"),
+                                q.get("limit"), q.get("continue"), q.get("resourceVersion"))
         if self._wants_table():
-            return self._send_obj(200, self._table(r.rt, items, rv))
-        self._send_obj(200, {"kind": r.rt.list_kind, "apiVersion": r.rt.api_version,
-                             "metadata": {"resourceVersion": rv}, "items": items})
+            table = self._table(r.rt, page.items, page.rv)
+            table["metadata"] = page.list_metadata()
+            return self._send_obj(200, table)
+        head = _encode({"kind": r.rt.list_kind, "apiVersion": r.rt.api_version, "metadata": page.list_metadata(),
+                        "items": []})
+        assert head.endswith(b"[]}")
+        self._send(200, b"".join((head[:-2], b",".join(self.store.encoded(r.rt, page.items)), b"]}")))
 
     def _post_collection(self, r: _Route) -> None:
         if r.sub:
@@ -469,7 +473,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError.bad_request(f"the kind of the object ({kind}) does not match the URL ({r.rt.kind})")
         # adopt: the body was decoded for this request alone, and the answer is only encoded
         obj = self.store.create(body, namespace=r.namespace, resource=r.rt, dry_run=self._dry_run(), adopt=True)
-        self._send_obj(201, obj)
+        self._send(201, self.store.encoded_one(r.rt, obj))  # the stored object: its encoding is kept for lists
 
     def _delete_collection(self, r: _Route) -> None:
         items = self.store.delete_collection(r.rt, r.namespace, self.query.get("labelSelector"),
@@ -490,7 +494,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send_obj(200, _scale_of(obj))
         if self._wants_table() and r.sub is None:
             return self._send_obj(200, self._table(r.rt, [obj], obj["metadata"]["resourceVersion"]))
-        self._send_obj(200, obj)
+        self._send(200, self.store.encoded_one(r.rt, obj))
 
     def _pod_log(self, r: _Route) -> None:
         """``kubectl logs``: the file the pod runtime names (see :mod:`.podlogs`), sent chunked as
@@ -542,7 +546,7 @@ class _Handler(BaseHTTPRequestHandler):
         md["name"] = r.name
         obj = self.store.update(body, namespace=r.namespace, resource=r.rt, subresource=r.sub,
                                 dry_run=self._dry_run(), adopt=True)
-        self._send_obj(200, obj)
+        self._send(200, self.store.encoded_one(r.rt, obj))
 
     def _set_replicas(self, r: _Route, scale: dict) -> None:
         replicas = (scale.get("spec") or {}).get("replicas")
@@ -660,7 +664,9 @@ class _Handler(BaseHTTPRequestHandler):
                 if table:
                     obj = self._table(r.rt, [obj], obj["metadata"]["resourceVersion"], columns=first)
                     first = False
-                self._chunk(_encode({"type": etype, "object": obj}) + b"\n")
+                    self._chunk(_encode({"type": etype, "object": obj}) + b"\n")
+                else:  # a stored object's encoding is made once for all watches and lists
+                    self._chunk(b'{"type":"%s","object":%s}\n' % (etype.encode(), self.store.encoded_one(r.rt, obj)))
             self._chunk(b"")
         except (BrokenPipeError, ConnectionResetError, OSError):
             pass

@@ -7,6 +7,10 @@ No write costs more as the store grows: objects are indexed by namespace, by lab
 owner uid (kept exact on every commit), so a namespaced list, a list whose label selector pins a value
 (``app=x``, ``app in (x)``), a namespace deletion's cascade and an owner's garbage collection visit only
 the objects they concern (see ``tests/apiserver/test_scale.py``).
+
+The JSON encoding of each stored object is kept once made (:meth:`Store.encoded`, dropped when the object
+is replaced or deleted), so a list answer joins bytes instead of encoding every object again; paged lists
+(``limit``/``continue``) keep their snapshots in :attr:`Store.list_snapshots` (see ``paging.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import crds as _crds
+from . import paging as _paging
 from . import patch as _patch
 from .discovery import BY_GVK, BY_KEY, RESOURCES, ResourceType, resolve
 from .errors import ApiError
@@ -88,6 +93,14 @@ Listener = Callable[["WatchEvent"], None]
 
 
 _ATOMIC = frozenset({str, int, float, bool, type(None)})
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), check_circular=False)  # made once, not per answer
+
+
+def encode_json(obj: Any) -> bytes:
+    """Compact JSON (what the API server answers): an encoding of a list equals its head, its items'
+    encodings joined by commas and its tail, byte for byte."""
+    return _ENCODER.encode(obj).encode()
 
 
 def clone(value: Any) -> Any:
@@ -241,7 +254,7 @@ class Store:
 
     def __init__(self, history: int = 10000,
                  namespaces: Iterable[str] = ("default", "kube-system", "kube-public", "kube-node-lease"),
-                 freeze_every: int = 0) -> None:
+                 freeze_every: int = 0, continue_ttl: float = _paging.TTL) -> None:
         self._lock = threading.RLock()
         self._freeze_every = max(0, freeze_every)
         self._commits = 0
@@ -260,6 +273,12 @@ class Store:
         self._by_ns[EVENTS_V1.key] = self._by_ns[EVENTS_CORE.key]
         self._by_label[EVENTS_V1.key] = self._by_label[EVENTS_CORE.key]
         self._applied: dict[str, dict[str, Any]] = {}  # uid -> field manager -> its last applied body
+        # id(stored object) -> (the object, its encode_json bytes), for stored objects only (the entry is
+        # dropped when _commit replaces or deletes the object, so an id is never reused while listed here).
+        # Costs about the JSON size of the objects once listed or watched (~80 MB at 100k pods).
+        self._json: dict[int, tuple[dict, bytes]] = {}
+        # The snapshots behind continue tokens of paged lists (bounded: see paging.py).
+        self.list_snapshots = _paging.Snapshots(ttl=continue_ttl)
         self._listeners: list[Listener] = []
         self._admission: list[Admission] = []
         self._dependents: dict[str, set[tuple[str, str, str]]] = {}
@@ -373,6 +392,34 @@ class Store:
         if fields:
             objs = [o for o in objs if fields(o)]
         return objs, rv
+
+    def encoded(self, rt: ResourceType, objs: builtins.list[dict]) -> builtins.list[bytes]:
+        """``encode_json`` of each of ``objs`` (of type ``rt``), from the cache for stored objects; those
+        encoded here are cached when still stored (checked under the lock: a stale one is not kept)."""
+        cache = self._json
+        out: builtins.list[bytes] = []
+        fresh: builtins.list[tuple[dict, bytes]] = []
+        for obj in objs:
+            hit = cache.get(id(obj))
+            if hit is not None and hit[0] is obj:
+                out.append(hit[1])
+            else:
+                data = encode_json(obj)
+                out.append(data)
+                fresh.append((obj, data))
+        if fresh:
+            with self._lock:
+                bucket = self._objects.get(rt.key)
+                if bucket is not None:
+                    for obj, data in fresh:
+                        md = obj.get("metadata")
+                        if isinstance(md, dict) and bucket.get((md.get("namespace", ""), md.get("name", ""))) is obj:
+                            cache[id(obj)] = (obj, data)
+        return out
+
+    def encoded_one(self, rt: ResourceType, obj: dict) -> bytes:
+        """``encoded`` for one object."""
+        return self.encoded(rt, [obj])[0]
 
     def count(self, resource: str | ResourceType) -> int:
         rt = self._rt_for(resource)
@@ -702,6 +749,7 @@ class Store:
             self._history.clear()
             self._rv += 1
             self._window_start = self._rv
+        self.list_snapshots.clear()  # as a compaction, it also expires every continue token
 
     def freeze_heap(self) -> None:
         """Collect the process's cyclic garbage, then move every surviving object out of the garbage
@@ -738,6 +786,7 @@ class Store:
         prev = self._objects[rt.key].get(key)
         if prev is not None:
             self._unindex(rt.key, key, prev, None if type == "DELETED" else obj)
+            self._json.pop(id(prev), None)
         if type == "DELETED":
             obj = dict(obj)
             obj["metadata"] = md = dict(md)
