@@ -389,3 +389,51 @@ def test_a_new_service_rebuilds_only_the_scopes_holding_it() -> None:
     assert second[vb] is first[vb] and second[vc] is first[vc]
     assert "8080|a|api.outbound" in second[va].types[cache.CLUSTER].resources
     assert second[SIDECAR] is not first[SIDECAR]
+
+
+class _CountingEntries(tuple):  # type: ignore[type-arg]
+    """An out's entries that count how many of them were iterated (the scoped views' walks)."""
+
+    visited = 0
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        for e in tuple.__iter__(self):
+            _CountingEntries.visited += 1
+            yield e
+
+
+def test_a_service_change_does_not_walk_every_outbound_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A changed Service re-groups only its own destination for the scoped views: none of the full view's
+    outbound entries is walked (the old ``_regroup`` walked all of them on every Service change), and the
+    views still equal a fresh build's."""
+    from trafficmgr.core.translate.sidecar_outbound import OutboundTranslator
+
+    real = OutboundTranslator.translate
+
+    def counted(self: OutboundTranslator, plan: Any, ctx: Any) -> Any:
+        out = real(self, plan, ctx)
+        if not isinstance(out.entries, _CountingEntries):
+            object.__setattr__(out, "entries", _CountingEntries(out.entries))  # in-process only
+        return out
+
+    monkeypatch.setattr(OutboundTranslator, "translate", counted)
+    n = 200
+    services = {}
+    for i in range(n):
+        svc = Service(f"ns-{i % 20}", f"svc-{i}", (ServicePort("http", 8080, 8080, "http"),), cluster_ip=f"10.96.{i // 250}.{i % 250 + 1}")
+        services[svc.key] = svc
+    pods = {(f"ns-{i}", "p"): Pod(f"ns-{i}", "p", labels=Labels({"traffic.scope": "namespace"})) for i in range(20)}
+    builder = Builder(PluginHost.load([]))
+    model = Model(services=services, pods=pods)
+    builder.build(model)  # the first build walks every entry once: nothing to be incremental from
+    changed = attrs.evolve(services[("ns-3", "svc-3")], labels=Labels({"app": "new"}))  # a new chain and virtual host
+    added = Service("ns-4", "api", (ServicePort("http", 8080, 8080, "http"),), cluster_ip="10.96.9.9")
+    for edit in ({changed.key: changed}, {added.key: added}):
+        services = {**services, **edit}
+        model = Model(services=services, pods=pods, delta=ModelDelta(services=frozenset(edit)))
+        _CountingEntries.visited = 0
+        snaps = builder.build(model)
+        assert _CountingEntries.visited == 0  # the old code: 3 walks of all n entries per change
+        fresh = Builder(PluginHost.load([])).build(attrs.evolve(model, delta=None))
+        assert {v: s.version for v, s in snaps.items()} == {v: s.version for v, s in fresh.items()}
+    check_restricted(snaps, model)

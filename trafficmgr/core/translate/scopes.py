@@ -221,6 +221,13 @@ def route_clusters(vh: route_components_pb2.VirtualHost) -> frozenset[str]:
     return frozenset(names)
 
 
+def _plan_order(entry: Any) -> tuple[bool, str, int]:
+    """Where an outbound entry of one namespace is in the plan: Services by name, then pods' own ports;
+    a destination's ports in its order."""
+    d = entry.dest
+    return (d.service.kind == "Pod", d.service.name, d.service.ports.index(d.port))
+
+
 @attrs.define
 class ViewState:
     """What one scoped view was built from last, and its products."""
@@ -280,16 +287,20 @@ class ScopedViews:
         self.index = ScopeIndex()
         self.states: dict[str, ViewState] = {}
         self._out: Any = None
-        self._groups: Memo[str, tuple[Any, ...]] = Memo("scope groups")
+        #: The full view's entries by namespace (plan order), and by namespace then destination key.
+        self._groups: dict[str, tuple[Any, ...]] = {}
+        self._ns_entries: dict[str, dict[tuple[str, str, str], Any]] = {}
         self._route_clusters: Memo[tuple[str, str, str], frozenset[str]] = Memo("route clusters")
         self._connect: Memo[tuple[str, str, str], route_components_pb2.VirtualHost] = Memo("CONNECT virtual hosts")
         self._extras: Memo[tuple[str, str], cache.TypeSet] = Memo("scoped extras")
         self._base_key: tuple[object, ...] = ()
         self._live: tuple[int, dict[str, Scope]] = (-1, {})
         self._shared: tuple[cache.TypeSet | None, cache.TypeSet | None] = (None, None)
-        #: The full view's HTTP entries by (namespace, Service, port), and by port in the full view's order.
-        self._entry_of: dict[tuple[str, str, int], Any] = {}
-        self._port_entries: dict[int, list[Any]] = {}
+        #: The full view's HTTP entries of Services by namespace, then (namespace, Service, port).
+        self._entry_of: dict[str, dict[tuple[str, str, int], Any]] = {}
+        #: The full view's HTTP entries by port in the full view's order (made when a full consumer view
+        #: asks, for the out it was made from).
+        self._port_entries: tuple[Any, dict[int, list[Any]]] = (None, {})
         self.full_states: dict[str, FullConsumerState] = {}
         #: The namespaces with caller-restricted routes as of the last build (what ``resolve`` reads: a
         #: pod there gets :func:`consumer_view_name`); replaced whole, never mutated.
@@ -320,23 +331,23 @@ class ScopedViews:
         if gone:
             self._extras.keep_only(lambda key: key[0] in live or key[0] in consumer_live)
         if not live and not consumer_live:
-            self._out = None
+            self._out, self._port_entries = None, (None, {})
             return {}
         regrouped = out is not self._out
         if regrouped:
             self._regroup(out)
         # Everything of the full view a scoped view takes as is: while it is the same objects, a scope whose
         # destinations and clusters did not change keeps its snapshot (the usual case: O(1) per scope).
+        from trafficmgr.core.translate.explicit_proxy import PROXY_ROUTE
         from trafficmgr.core.translate.sidecar_outbound import OUTBOUND_LISTENER
 
+        # The full view's route configurations but its outbound ones (once per build, for every view; the
+        # explicit proxy's is replaced by each view's own).
         full_routes = {r.name for r in out.routes}
-        if self.explicit_proxy:  # each scoped view has its own
-            from trafficmgr.core.translate.explicit_proxy import PROXY_ROUTE
-
-            full_routes.add(PROXY_ROUTE)
+        kept_routes = [r for r in base[cache.ROUTE] if r.name not in full_routes]
         base_key = (tuple(r for r in base[cache.LISTENER] if r.name != OUTBOUND_LISTENER),
-                    tuple(r for r in base[cache.ROUTE] if r.name not in full_routes), tuple(base[cache.SECRET]),
-                    tuple((t, tuple(e.items())) for t, e in sorted(extras.items())))
+                    tuple(r for r in kept_routes if not (self.explicit_proxy and r.name == PROXY_ROUTE)),
+                    tuple(base[cache.SECRET]), tuple((t, tuple(e.items())) for t, e in sorted(extras.items())))
         base_same = base_key == self._base_key
         self._base_key = base_key
         clusters, endpoints = shared[cache.CLUSTER], shared[cache.ENDPOINT]
@@ -347,9 +358,12 @@ class ScopedViews:
         snapshots: dict[str, cache.Snapshot] = {}
         states = self.states
         todo: list[tuple[str, Scope, str, Subst]] = [(view, scope, "", {}) for view, scope in live.items()]
+        substs: dict[str, Subst] = {}  # once per caller namespace, whatever the number of its scopes
         for view, (caller, cscope) in consumer_live.items():
             ctx = context(view)
-            subst = self._subst(caller, consumer[caller], ctx)
+            subst = substs.get(caller)
+            if subst is None:
+                subst = substs[caller] = self._subst(caller, consumer[caller], ctx)
             if cscope is None:
                 fstate = self.full_states.get(view)
                 if fstate is None:
@@ -365,13 +379,13 @@ class ScopedViews:
             elif (base_same and changed_clusters is not None and changed_endpoints is not None
                   and state.snapshot is not None and _same_subst(key, state.subst)):
                 held = state.shared
-                if ((not regrouped or tuple(self._groups.peek(ns) or () for ns in scope.namespaces) == state.groups)
+                if ((not regrouped or tuple(self._groups.get(ns, ()) for ns in scope.namespaces) == state.groups)
                         and held.get(cache.CLUSTER) is prev_clusters and held.get(cache.ENDPOINT) is prev_endpoints
                         and changed_clusters.isdisjoint(state.names_used) and changed_endpoints.isdisjoint(state.names_used)):
                     held[cache.CLUSTER], held[cache.ENDPOINT] = clusters, endpoints
                     snapshots[view] = state.snapshot
                     continue
-            snapshots[view] = self._view(view, state, out, base, shared, extras, context, subst, key)
+            snapshots[view] = self._view(view, state, base, kept_routes, shared, extras, context, subst, key)
         return snapshots
 
     def _subst(self, caller: str, overrides: Mapping[tuple[str, str, int], tuple[bytes, tuple[object, ...]]],
@@ -380,7 +394,7 @@ class ScopedViews:
         destination key (routes for a Service port no sidecar serves over HTTP are left out)."""
         out: Subst = {}
         for key, (data, routes) in overrides.items():
-            entry = self._entry_of.get(key)
+            entry = self._entry_of.get(key[0], {}).get(key)
             if entry is not None:
                 out[entry.dest.key] = self.outbound.consumer_vhost(caller, entry, data, routes, ctx)
         return out
@@ -410,60 +424,131 @@ class ScopedViews:
     def _consumer_routes(self, state: FullConsumerState, subst: Subst, ctx: BuildContext) -> dict[str, cache.Resource]:
         """The route configurations of the full view that hold a virtual host of ``subst``, with it (and
         the explicit proxy's, when there is one), by name."""
-        from trafficmgr.core.translate.explicit_proxy import PROXY_ROUTE, with_connect
-        from trafficmgr.core.translate.sidecar_outbound import blocked_virtual_host, route_config_name, route_configuration
+        from trafficmgr.core.translate.explicit_proxy import PROXY_ROUTE
+        from trafficmgr.core.translate.sidecar_outbound import route_config_name, route_configuration
 
         own: dict[str, cache.Resource] = {}
-        for p in sorted(self._port_entries):
-            entries = self._port_entries[p]
+        port_entries = self._full_port_entries()
+        for p in sorted(port_entries):
+            entries = port_entries[p]
             if not any(e.dest.key in subst for e in entries):
                 continue
             name = route_config_name(p)
             vhosts = [subst.get(e.dest.key, e.vhost) for e in entries]
             own[name] = state.memo.get(name, tuple(vhosts), route_configuration, name, vhosts, ctx)
         if self.explicit_proxy and own:
-            connected = []
-            for p in sorted(self._port_entries):
-                for e in self._port_entries[p]:
-                    cluster = e.dest.service.cluster_name(e.dest.port)
-                    vh = subst.get(e.dest.key)
-                    if vh is None:
-                        connected.append(self._connect.get(e.dest.key, (e.vhost, cluster), with_connect, e.vhost, cluster))
-                    else:
-                        connected.append(state.memo.get(("connect", e.dest.key), (vh, cluster), with_connect, vh, cluster))
-            blocked = state.memo.get("blocked-vh", (), blocked_virtual_host)
-            vhosts = [*connected, blocked]
-            own[PROXY_ROUTE] = state.memo.get(PROXY_ROUTE, tuple(vhosts), route_configuration, PROXY_ROUTE, vhosts, ctx)
+            own[PROXY_ROUTE] = self._proxy_route(state.memo, port_entries, subst, None, ctx)
         state.memo.keep_only(lambda k: not isinstance(k, str) or k in own or k == "blocked-vh")
         return own
 
+    def _proxy_route(self, memo: Memo[object, Any], by_port: Mapping[int, list[Any]], subst: Subst, body: str | None,
+                     ctx: BuildContext) -> cache.Resource:
+        """The explicit proxy's route configuration of a view: a CONNECT virtual host per entry of
+        ``by_port`` (ports in order; ``subst``'s virtual host where it has one: made and kept in ``memo``,
+        the view's own; else the full view's, shared by every view) and the blocked one answering ``body``
+        (None: the full view's text)."""
+        from trafficmgr.core.translate.explicit_proxy import PROXY_ROUTE, with_connect
+        from trafficmgr.core.translate.sidecar_outbound import blocked_virtual_host, route_configuration
+
+        connected = []
+        for p in sorted(by_port):
+            for e in by_port[p]:
+                key = e.dest.key
+                cluster = e.dest.service.cluster_name(e.dest.port)
+                own = subst.get(key)
+                if own is None:
+                    connected.append(self._connect.get(key, (e.vhost, cluster), with_connect, e.vhost, cluster))
+                else:
+                    connected.append(memo.get(("connect", key), (own, cluster), with_connect, own, cluster))
+        args = () if body is None else (body,)
+        vhosts = [*connected, memo.get("blocked-vh", args, blocked_virtual_host, *args)]
+        route: cache.Resource = memo.get(PROXY_ROUTE, tuple(vhosts), route_configuration, PROXY_ROUTE, vhosts, ctx)
+        return route
+
+    def _full_port_entries(self) -> dict[int, list[Any]]:
+        """The full view's HTTP entries by port, in its order (O(mesh), made once per out: only a consumer
+        view made from the full view, whose route configurations hold every virtual host, asks)."""
+        made_from, by_port = self._port_entries
+        if made_from is not self._out:
+            by_port = {}
+            for e in self._out.entries:
+                if e.vhost is not None:
+                    by_port.setdefault(e.dest.port.port, []).append(e)
+            self._port_entries = (self._out, by_port)
+        return by_port
+
     def _regroup(self, out: Any) -> None:
-        """The full view's entries by namespace; a namespace whose entries are unchanged keeps its tuple."""
+        """The full view's entries by namespace, from the entries of the destinations that changed since
+        the last out (O(changed entries + the sizes of their namespaces)); every entry when that is
+        unknown (the first build, or after a build this did not see). A namespace whose entries are
+        unchanged keeps its tuple (views compare them first by identity)."""
+        changed = out.changed_since(self._out) if self._out is not None else None
         self._out = out
-        by_ns: dict[str, list[Any]] = {}
-        for e in out.entries:
-            by_ns.setdefault(e.dest.service.namespace, []).append(e)
-        for ns, entries in by_ns.items():
-            group = tuple(entries)
-            self._groups.get(ns, group, lambda g=group: g)
-        self._groups.keep_only(by_ns.__contains__)
-        self._entry_of, self._port_entries = {}, {}
-        for e in out.entries:
+        if changed is None:
+            by_ns: dict[str, dict[tuple[str, str, str], Any]] = {}
+            for e in out.entries:  # plan order
+                by_ns.setdefault(e.dest.service.namespace, {})[e.dest.key] = e
+            self._ns_entries = by_ns
+            for ns in [ns for ns in self._groups if ns not in by_ns]:
+                self._drop_namespace(ns)
+            for ns, in_ns in by_ns.items():
+                self._set_group(ns, tuple(in_ns.values()))
+            live = {e.dest.key for e in out.entries if e.vhost is not None}
+            self._route_clusters.keep_only(live.__contains__)
+            self._connect.keep_only(live.__contains__)
+            return
+        touched: set[str] = set()
+        for key in changed:
+            ns = key[0]
+            touched.add(ns)
+            entry = out.by_key.get(key)
+            entries: dict[tuple[str, str, str], Any] | None = self._ns_entries.get(ns)
+            if entry is not None:
+                if entries is None:
+                    entries = self._ns_entries[ns] = {}
+                entries[key] = entry
+            elif entries is not None:
+                entries.pop(key, None)
+            if entry is None or entry.vhost is None:
+                self._route_clusters.drop((key,))
+                self._connect.drop((key,))
+        for ns in sorted(touched):
+            left = self._ns_entries.get(ns)
+            if not left:
+                self._ns_entries.pop(ns, None)
+                self._drop_namespace(ns)
+                continue
+            # The plan's order: Services by name, then pods' own ports; a destination's ports in its order.
+            self._set_group(ns, tuple(sorted(left.values(), key=_plan_order)))
+
+    def _set_group(self, ns: str, group: tuple[Any, ...]) -> None:
+        """Namespace ``ns``'s entries are ``group`` now (the old tuple is kept while equal)."""
+        old = self._groups.get(ns)
+        if old is not None and old == group:
+            return
+        self._groups[ns] = group
+        index: dict[tuple[str, str, int], Any] = {}
+        for e in group:
             d = e.dest
             if e.vhost is not None and d.service.kind == "Service":
-                self._entry_of[(d.service.namespace, d.service.name, d.port.port)] = e
-            if e.vhost is not None:
-                self._port_entries.setdefault(d.port.port, []).append(e)
-        live = {e.dest.key for e in out.entries if e.vhost is not None}
-        self._route_clusters.keep_only(live.__contains__)
-        self._connect.keep_only(live.__contains__)
+                index[(ns, d.service.name, d.port.port)] = e
+        if index:
+            self._entry_of[ns] = index
+        else:
+            self._entry_of.pop(ns, None)
 
-    def _view(self, view: str, state: ViewState, out: Any, base: Resources, shared: Mapping[str, cache.TypeSet],
-              extras: Mapping[str, Mapping[str, cache.Resource]], context: Callable[[str], BuildContext],
-              subst: Subst | None = None, subst_key: tuple[tuple[tuple[str, str, str], Any], ...] = ()) -> cache.Snapshot:
+    def _drop_namespace(self, ns: str) -> None:
+        self._groups.pop(ns, None)
+        self._entry_of.pop(ns, None)
+
+    def _view(self, view: str, state: ViewState, base: Resources, kept_routes: list[cache.Resource],
+              shared: Mapping[str, cache.TypeSet], extras: Mapping[str, Mapping[str, cache.Resource]],
+              context: Callable[[str], BuildContext], subst: Subst | None = None,
+              subst_key: tuple[tuple[tuple[str, str, str], Any], ...] = ()) -> cache.Snapshot:
+        """``kept_routes``: the full view's route configurations but its outbound ones."""
         from trafficmgr.core.translate.sidecar_outbound import OUTBOUND_LISTENER
 
-        groups = tuple(self._groups.peek(ns) or () for ns in state.scope.namespaces)
+        groups = tuple(self._groups.get(ns, ()) for ns in state.scope.namespaces)
         if state.listener is None or groups != state.groups or not _same_subst(subst_key, state.subst):
             # A consumer view shares its scope's listener (the same chains) when that view is built already.
             plain = self.states.get(state.scope.view) if state.caller else None
@@ -479,10 +564,9 @@ class ScopedViews:
                 own = self._extras.get((view, type_url), (own, versions), own.derive, extra)
             scoped[type_url] = own
         state.names_used = names
-        full_routes = {r.name for r in out.routes}
         resources: Resources = dict(base)
         resources[cache.LISTENER] = [state.listener if r.name == OUTBOUND_LISTENER else r for r in base[cache.LISTENER]]
-        routes = [r for r in base[cache.ROUTE] if r.name not in full_routes]
+        routes = kept_routes
         if state.proxy_route is not None:
             routes = [state.proxy_route if r.name == state.proxy_route.name else r for r in routes]
         resources[cache.ROUTE] = routes + list(state.routes)
@@ -500,13 +584,7 @@ class ScopedViews:
         cluster names they reach; ``subst``: a consumer view's virtual hosts by destination key (instead
         of the full view's); ``plain``: the scope's own view, whose listener a consumer view reuses."""
         subst = subst or {}
-        from trafficmgr.core.translate.explicit_proxy import PROXY_ROUTE, with_connect
-        from trafficmgr.core.translate.sidecar_outbound import (
-            blocked_chain,
-            blocked_virtual_host,
-            route_config_name,
-            route_configuration,
-        )
+        from trafficmgr.core.translate.sidecar_outbound import blocked_chain, route_config_name, route_configuration
 
         state.groups = groups
         # The full listener's order: Services by key, then pods' own ports (each group is in plan order).
@@ -542,18 +620,7 @@ class ScopedViews:
             state.listener = state.memo.get("listener", (*chains, tcp_ports), self.outbound.make_listener,
                                             chains, tcp_ports, state.routes, ctx)
         if self.explicit_proxy:
-            connected = []
-            for p in sorted(by_port):
-                for e in by_port[p]:
-                    cluster = e.dest.service.cluster_name(e.dest.port)
-                    own = subst.get(e.dest.key)
-                    if own is None:
-                        connected.append(self._connect.get(e.dest.key, (e.vhost, cluster), with_connect, e.vhost, cluster))
-                    else:
-                        connected.append(state.memo.get(("connect", e.dest.key), (own, cluster), with_connect, own, cluster))
-            blocked = state.memo.get("blocked-vh", (body,), blocked_virtual_host, body)
-            vhosts = [*connected, blocked]
-            state.proxy_route = state.memo.get(PROXY_ROUTE, tuple(vhosts), route_configuration, PROXY_ROUTE, vhosts, ctx)
+            state.proxy_route = self._proxy_route(state.memo, by_port, subst, body, ctx)
         state.names = frozenset(names)
 
     @staticmethod

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import weakref
+from collections.abc import Mapping
 
 import attrs
 from envoy.config.core.v3 import base_pb2
@@ -90,8 +92,25 @@ class OutboundOut:
     vhosts: tuple[route_components_pb2.VirtualHost, ...]
     #: The Service port cluster of each of ``vhosts`` (where the explicit proxy's CONNECT tunnels go).
     clusters: tuple[str, ...] = ()
-    #: Every planned destination in plan order (see :class:`OutboundEntry`), for the scoped views.
+    #: Every planned destination in plan order (see :class:`OutboundEntry`), for the scoped views; an
+    #: entry whose destination, chain and virtual host are unchanged is the previous out's entry object.
     entries: tuple[OutboundEntry, ...] = ()
+    #: ``entries`` by destination key (read-only).
+    by_key: Mapping[tuple[str, str, str], OutboundEntry] = attrs.field(factory=dict)
+    #: The out this one was made right after (by the same translator) and the keys whose entry differs
+    #: from it (added, replaced or gone): see :meth:`changed_since`.
+    _base: weakref.ref[OutboundOut] | None = None
+    _changed: frozenset[tuple[str, str, str]] = frozenset()
+
+    def changed_since(self, base: OutboundOut) -> frozenset[tuple[str, str, str]] | None:
+        """The destination keys whose entry differs from ``base``'s when this out was made right after
+        ``base`` (``frozenset()`` when it is ``base``); None when unknown (compare yourself). Found while
+        the entries are made (that walk exists anyway), so a consumer works in O(changed keys)."""
+        if base is self:
+            return frozenset()
+        if self._base is not None and self._base() is base:
+            return self._changed
+        return None
 
 
 class OutboundTranslator:
@@ -114,6 +133,8 @@ class OutboundTranslator:
         #: (serialization, routes). Not in the full view.
         self.consumer: dict[str, dict[tuple[str, str, int], tuple[bytes, tuple[object, ...]]]] = {}
         self._consumer_vhosts: Memo[tuple[str, tuple[str, str, str]], route_components_pb2.VirtualHost] = Memo("consumer virtual hosts")
+        #: The last out made and its entries by key (what the next one's entries are compared with).
+        self._last: tuple[OutboundOut | None, dict[tuple[str, str, str], OutboundEntry]] = (None, {})
 
     def translate(self, plan: SidecarPlan, ctx: BuildContext) -> OutboundOut:
         filters = self.filters.for_role(ctx)
@@ -154,8 +175,24 @@ class OutboundTranslator:
         vhosts = tuple(vh for p in sorted(vhosts_by_port) for vh in vhosts_by_port[p])
         clusters = tuple(d.service.cluster_name(d.port) for p in sorted(by_port) for d, _ in by_port[p])
         final = {d.key: vh for p, pairs in by_port.items() for (d, _), vh in zip(pairs, vhosts_by_port[p], strict=True)}
-        entries = tuple(OutboundEntry(d, chain, final.get(d.key)) for d, chain in zip(plan.destinations, chains, strict=False))
-        return OutboundOut(listener, routes, vhosts, clusters, entries)
+        # The previous out's entry object while its three parts are unchanged; the keys of the others.
+        prev_out, prev = self._last
+        by_key: dict[tuple[str, str, str], OutboundEntry] = {}
+        changed: set[tuple[str, str, str]] = set()
+        entries: list[OutboundEntry] = []
+        for d, chain in zip(plan.destinations, chains, strict=False):  # chains: then the blocked ones
+            vh = final.get(d.key)
+            entry = prev.get(d.key)
+            if entry is None or entry.chain is not chain or entry.vhost is not vh or (entry.dest is not d and entry.dest != d):
+                entry = OutboundEntry(d, chain, vh)
+                changed.add(d.key)
+            by_key[d.key] = entry
+            entries.append(entry)
+        changed.update(prev.keys() - by_key.keys())
+        out = OutboundOut(listener, routes, vhosts, clusters, tuple(entries), by_key,
+                          None if prev_out is None else weakref.ref(prev_out), frozenset(changed))
+        self._last = (out, by_key)
+        return out
 
     def make_listener(self, chains: list[listener_components_pb2.FilterChain], tcp_ports: tuple[int, ...],
                       routes: tuple[cache.Resource, ...], ctx: BuildContext) -> cache.Resource:
