@@ -124,7 +124,17 @@ def convert(request: trace_service_pb2.ExportTraceServiceRequest, max_spans: int
 
 class OtlpReceiver:
     """The Export service on ``host:port`` (0 = any free port); each accepted request's spans (Zipkin v2
-    dicts, not yet normalized) go to ``sink``, which may raise ValueError to reject them."""
+    dicts, not yet normalized) go to ``sink``, which may raise ValueError to reject them.
+
+    Why this listener is safe to open: it binds ``host`` only (default loopback; ``trafficmgr zipkin`` gives
+    its ``--host``, 127.0.0.1 unless told otherwise), so from another network namespace it is reachable
+    only when bound to an address there. It has no authentication: whoever reaches it can add spans (and
+    read them back through the collector's HTTP API), so bind it where only trusted exporters reach it. What
+    a caller can make it do is bounded: one message of at most ``max_message_bytes`` (refused by gRPC
+    before parsing), ``max_spans_per_request`` spans, 4 worker threads and 64 calls in flight (the rest
+    RESOURCE_EXHAUSTED); a unary call's extra messages are never read. Proven from another network
+    namespace by ``tests/plugins/test_otlp_receiver_abuse.py``.
+    """
 
     def __init__(self, sink: Callable[[list[dict[str, Any]]], None], host: str = "127.0.0.1", port: int = 0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
