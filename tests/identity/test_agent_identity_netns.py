@@ -44,6 +44,7 @@ APP_IP, REVIEWS_IP, BLOCKED_IP = "10.244.81.2", "10.244.81.11", "10.244.81.12"
 TLS_PORT = 15443
 CA_NS = "trafficmgr"  # the control plane's namespace: CA Secret, trust bundle ConfigMap, the agent's pod
 SPIFFE = "spiffe://cluster.local/ns/default/sa/web"
+TTL_S = 20  # workload certificate lifetime in these tests: renewal due 10 s after issue
 
 POD = """
 apiVersion: v1
@@ -90,7 +91,9 @@ def cluster(envoy_binary: str) -> Iterator[Cluster]:
 
 @pytest.fixture
 def signer(cluster: Cluster) -> Iterator[RealSigner]:
-    s = RealSigner(cluster.store, cluster.kube_client(), NODE, ttl_s=60)  # the shortest TTL serve accepts
+    # Shorter than the 60 s `serve --workload-cert-ttl` accepts, to see renewals at half-life (10 s) soon;
+    # the agent's renewal arithmetic does not depend on the lifetime (its floor, MIN_RENEWAL_S, is 5 s).
+    s = RealSigner(cluster.store, cluster.kube_client(), NODE, ttl_s=TTL_S)
     try:
         wait_for(s.published, 10, message=f"ConfigMap {BUNDLE_CONFIGMAP} not published")
         yield s
@@ -185,7 +188,7 @@ def test_sidecar_identity_renewal_failure_adoption_removal(cluster: Cluster, sig
     leaf = x509.load_pem_x509_certificates(files.read_chain(workdir) or b"")[0]
     assert leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
         x509.UniformResourceIdentifier) == [SPIFFE]
-    assert leaf.not_valid_after_utc - leaf.not_valid_before_utc <= dt.timedelta(seconds=121)  # 60 s + backdating
+    assert leaf.not_valid_after_utc - leaf.not_valid_before_utc <= dt.timedelta(seconds=TTL_S + 61)  # + backdating
     # Envoy runs with its state directory as working directory (the relative SDS paths resolve there).
     pid = json.load(open(os.path.join(workdir, "sidecar.json")))["pid"]
     assert os.readlink(f"/proc/{pid}/cwd") == workdir
@@ -195,7 +198,7 @@ def test_sidecar_identity_renewal_failure_adoption_removal(cluster: Cluster, sig
     assert first == file_serial(workdir)
     uptime = envoy_stat(ns, "server.uptime")
 
-    # ... and after the renewal (half of the 60 s) presents the new one: same Envoy, no failed request.
+    # ... and after the renewal (at half of TTL_S) presents the new one: same Envoy, no failed request.
     results: list[int | str] = []
     stop = threading.Event()
 
