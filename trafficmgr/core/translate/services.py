@@ -9,7 +9,8 @@ so the translators after this one work in O(changed services).
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import attrs
 
@@ -94,9 +95,10 @@ class Changes:
 class ServiceTable:
     """Keeps the last build's destination states; ``update(model)`` returns the :class:`Changes`.
 
-    With ``model.delta`` it looks only at the destinations the delta names (plus those whose
-    plugin-implied protocols changed): O(changes), not O(services). Without it (first build, hand-made
-    models) it compares every destination."""
+    One decision per destination key (:meth:`_apply`): with ``model.delta`` it is made for the keys the
+    delta names (plus those whose plugin-implied protocols changed): O(changes), not O(services); without
+    it (first build, hand-made models, after a failed build) for every key, so a full rebuild and an
+    incremental one cannot decide differently."""
 
     def __init__(self, plugins: PluginHost, options: argparse.Namespace, reporter: Reporter) -> None:
         self.plugins = plugins
@@ -106,6 +108,8 @@ class ServiceTable:
         self._order: list[tuple[str, str]] | None = None  # sorted state keys (None: sort again)
         self._implied: Memo[tuple[str, str], Service] = Memo("implied protocols")
         self._implied_last: dict[tuple[str, str], tuple[tuple[int | str, str], ...]] = {}
+        #: The hook's last items and the dict made from them.
+        self._implied_made: tuple[list[Any] | None, dict[tuple[str, str], tuple[tuple[int | str, str], ...]]] = (None, {})
         self._pods: Memo[tuple[str, str], Service] = Memo("pod destinations")
         #: Destinations the last update looked at (all of them without a delta): for tests and benchmarks.
         self.examined = 0
@@ -114,39 +118,29 @@ class ServiceTable:
         implied = self._implied_protocols(model)
         if model.delta is None or self._order is None and not self._states:
             # Unknown changes, or nothing to be incremental from (a fresh builder: a delta is relative
-            # to the model some other builder saw).
-            return self._update_all(model, implied)
-        return self._update_some(model, implied)
-
-    def _update_all(self, model: Model, implied: dict[tuple[str, str], tuple[tuple[int | str, str], ...]]) -> Changes:
-        get_eps, previous = model.endpoints.get, self._states
-        states: list[ServiceState] = []
-        self.examined = len(model.services) + len(model.port_pods)
-        replaced: list[tuple[ServiceState | None, ServiceState]] = []
-        for svc in self._effective(model, implied):
-            state = previous.get((svc.namespace, svc.name))
-            # Unchanged when the same Service object and equal endpoints (identity first, in C).
-            if state is None or state.svc is not svc or tuple(map(get_eps, state.ep_keys)) != state.eps:
-                new = _state(svc, get_eps)
-                replaced.append((state, new))
-                state = new
-            states.append(state)
-        live = {s.key: s for s in states}
-        removed = [s for k, s in previous.items() if k not in live]
-        self._states = live
-        self._order = [s.key for s in states]
-        return Changes(states, replaced, removed)
-
-    def _update_some(self, model: Model, implied: dict[tuple[str, str], tuple[tuple[int | str, str], ...]]) -> Changes:
+            # to the model some other builder saw): every key, the previous ones included.
+            keys = model.services.keys() | model.port_pods.keys() | self._states.keys()
+            changes = self._apply(model, keys, implied)
+            self._implied.keep_only(lambda k: k in implied and k in model.services)
+            self._pods.keep_only(lambda k: k in model.port_pods and k not in model.services)
+            return changes
         delta = model.delta
-        assert delta is not None
-        touched = set(delta.services) | delta.port_pods
-        touched.update(k for k in implied.keys() | self._implied_last.keys() if implied.get(k) != self._implied_last.get(k))
+        keys = set(delta.services) | delta.port_pods
+        if implied is not self._implied_last:
+            last = self._implied_last
+            keys.update(k for k in implied.keys() | last.keys() if implied.get(k) != last.get(k))
+        return self._apply(model, keys, implied)
+
+    def _apply(self, model: Model, keys: Iterable[tuple[str, str]],
+               implied: dict[tuple[str, str], tuple[tuple[int | str, str], ...]]) -> Changes:
+        """The destination at each of ``keys`` now, compared with the last build's (same Service object and
+        equal endpoints: unchanged, identity first)."""
         get_eps, states = model.endpoints.get, self._states
-        self.examined = len(touched)
         replaced: list[tuple[ServiceState | None, ServiceState]] = []
         removed: list[ServiceState] = []
-        for key in sorted(touched):
+        examined = 0
+        for key in sorted(keys):
+            examined += 1
             old = states.get(key)
             svc = self._destination(model, key, implied)
             if svc is None:
@@ -161,6 +155,7 @@ class ServiceTable:
             states[key] = new
             if old is None or old.svc.kind != svc.kind:
                 self._order = None
+        self.examined = examined
         self._implied_last = implied
         return Changes(self._sorted_states, replaced, removed)
 
@@ -170,11 +165,22 @@ class ServiceTable:
         return [self._states[k] for k in self._order]
 
     def _implied_protocols(self, model: Model) -> dict[tuple[str, str], tuple[tuple[int | str, str], ...]]:
-        """The protocols plugins imply for unlabeled ports (``trafficmgr_port_protocols``), by service."""
-        implied: dict[tuple[str, str], list[tuple[int | str, str]]] = {}
-        for ns, name, port, proto in self.plugins.collect("trafficmgr_port_protocols", model=model, options=self.options):
-            implied.setdefault((ns, name), []).append((port, proto))
-        return {k: tuple(sorted(v, key=str)) for k, v in implied.items()}
+        """The protocols plugins imply for unlabeled ports (``trafficmgr_port_protocols``), by service: the
+        last build's dict (the same object) while the hook's items are equal to the last ones.
+
+        The hook runs on every build (its contract: it may read any part of the model, so no part of the
+        delta bounds its result); comparing its items is one list comparison, and only a changed result
+        is regrouped and diffed by service."""
+        items = self.plugins.collect("trafficmgr_port_protocols", model=model, options=self.options)
+        last_items, last = self._implied_made
+        if items == last_items:
+            return last
+        by_service: dict[tuple[str, str], list[tuple[int | str, str]]] = {}
+        for ns, name, port, proto in items:
+            by_service.setdefault((ns, name), []).append((port, proto))
+        implied = {k: tuple(sorted(v, key=str)) for k, v in by_service.items()}
+        self._implied_made = (items, implied)
+        return implied
 
     def _destination(self, model: Model, key: tuple[str, str],
                      implied: dict[tuple[str, str], tuple[tuple[int | str, str], ...]]) -> Service | None:
@@ -201,31 +207,6 @@ class ServiceTable:
         self.reporter(ObjectRef("Pod", pod.namespace, pod.name, pod.uid),
                       f"pod {pod.name} has traffic.port labels but a Service of the same name exists; "
                       "its own ports are ignored", "TrafficConfigConflict")
-
-    def _effective(self, model: Model, implied: dict[tuple[str, str], tuple[tuple[int | str, str], ...]]) -> list[Service]:
-        """Services sorted by key, with protocols implied by plugins applied, then pod destinations."""
-        out: list[Service] = []
-        for key in sorted(model.services):
-            svc = model.services[key]
-            if key in implied:
-                extra = implied[key]
-                svc = self._implied.get(key, (svc, extra), _apply_implied, svc, extra)
-            out.append(svc)
-        self._implied.keep_only(lambda k: k in implied and k in model.services)
-        self._implied_last = implied
-        out.extend(self._pod_destinations(model))
-        return out
-
-    def _pod_destinations(self, model: Model) -> list[Service]:
-        """Service-like destinations for pods with their own ``traffic.port.<port>`` labels."""
-        out: list[Service] = []
-        for key, pod in model.port_pods.items():
-            if key in model.services:
-                self._conflict(pod)
-                continue
-            out.append(self._pods.get(key, (pod,), pod_destination, pod))
-        self._pods.keep_only(lambda k: k in model.port_pods and k not in model.services)
-        return sorted(out, key=lambda s: (s.namespace, s.name))
 
 
 def _state(svc: Service, get_eps: Callable[[tuple[str, str, str]], tuple[Endpoint, ...] | None]) -> ServiceState:
