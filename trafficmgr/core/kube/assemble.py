@@ -22,6 +22,7 @@ from trafficmgr.core.contrib import WatchKind
 from trafficmgr.core.kube.client import Kind
 from trafficmgr.core.kube.indexes import Controllers, PodIndex, SliceIndex, WorkloadIndex, controller, pod_controllers
 from trafficmgr.core.kube.watch import ListPage
+from trafficmgr.core.labels import PREFIX as TRAFFIC_PREFIX
 from trafficmgr.core.labels import LabelRegistry
 from trafficmgr.core.model import (
     EMPTY_LABELS,
@@ -113,6 +114,7 @@ def _k8s_labels(obj: dict[str, Any]) -> dict[str, str]:
 
 def _pod_from(key: Key, obj: dict[str, Any], labels: Labels) -> Pod:
     """The model's pod for the raw ``obj`` with ``labels``."""
+    meta = _meta(obj)
     status = obj.get("status") or {}
     spec = obj.get("spec") or {}
     ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
@@ -124,9 +126,9 @@ def _pod_from(key: Key, obj: dict[str, Any], labels: Labels) -> Pod:
     ip = status.get("podIP") or None
     return Pod(
         namespace=key[0], name=key[1], ip=ip, node=spec.get("nodeName") or None,
-        ready=ready, labels=labels, uid=_meta(obj).get("uid") or "", ports=ports,
+        ready=ready, labels=labels, uid=meta.get("uid") or "", ports=ports,
         ips=pod_ips(ip, status.get("podIPs")), phase=str(status.get("phase") or "Pending"),
-        terminating=bool(_meta(obj).get("deletionTimestamp")), host_network=bool(spec.get("hostNetwork")),
+        terminating=bool(meta.get("deletionTimestamp")), host_network=bool(spec.get("hostNetwork")),
         service_account=str(spec.get("serviceAccountName") or spec.get("serviceAccount") or ""),
         sidecar=has_sidecar(obj),
     )
@@ -369,7 +371,10 @@ class Assembler:
     # -- labels -------------------------------------------------------------------------------
 
     def _parse(self, kind: str, obj: dict[str, Any]) -> Labels:
-        parsed, errors = self.labels.parse(ref_of(kind, obj), _meta(obj).get("labels"))
+        raw = _meta(obj).get("labels")
+        if not raw or (isinstance(raw, dict) and not any(k.startswith(TRAFFIC_PREFIX) for k in raw)):
+            return EMPTY_LABELS  # most objects (every pod but a few): no traffic label, nothing to parse
+        parsed, errors = self.labels.parse(ref_of(kind, obj), raw)
         if errors:
             for e in errors:
                 metrics.LABEL_ERRORS.labels(kind=kind, label=e.key).inc()

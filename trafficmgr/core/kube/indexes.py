@@ -49,8 +49,10 @@ NO_CONTROLLERS: Controllers = ("", "", "")
 def pod_controllers(obj: dict[str, Any]) -> Controllers:
     """What :meth:`WorkloadIndex.owner_of` needs of a raw pod: its controlling owners of the kinds a pod
     inherits labels through (the pod's raw object is not kept, see the assembler)."""
-    found = (controller(obj, "StatefulSet") or "", controller(obj, "DaemonSet") or "", controller(obj, "ReplicaSet") or "")
-    return NO_CONTROLLERS if found == NO_CONTROLLERS else found
+    refs = (obj.get("metadata") or {}).get("ownerReferences")
+    if not refs:
+        return NO_CONTROLLERS
+    return (controller(obj, "StatefulSet") or "", controller(obj, "DaemonSet") or "", controller(obj, "ReplicaSet") or "")
 
 
 def _workload_key(namespace: str, owner: tuple[str, str] | None) -> WorkloadKey | None:
