@@ -242,3 +242,21 @@ def test_consumer_views_incremental_equal_fresh_and_bystanders_unchanged(seed: i
             counts[s] = counts.get(s, 0) + 1
         assert index.ns_scopes == recount
         model = edit(rng, model)
+
+
+def test_a_callers_virtual_hosts_are_made_once_per_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    """shop has two consumer views (its full and its scoped one): its routes' virtual hosts are looked up
+    once per build for both (the old code did it once per view)."""
+    from trafficmgr.core.translate.scopes import ScopedViews
+
+    calls: list[str] = []
+    real = ScopedViews._subst
+
+    def counted(self: ScopedViews, caller: str, *args: Any) -> Any:
+        calls.append(caller)
+        return real(self, caller, *args)
+
+    monkeypatch.setattr(ScopedViews, "_subst", counted)
+    snaps = _build(True)
+    assert FULL_C in snaps and SCOPED_C in snaps
+    assert calls == ["shop"]
