@@ -314,3 +314,5 @@ def test_kubectl_get_with_chunk_size_pages(srv: APIServer, tmp_path: Any) -> Non
     assert [line.split()[0] for line in run.stdout.splitlines()] == [f"p{i:03d}" for i in range(5)]
     gets = [line for line in run.stderr.splitlines() if "/namespaces/kc/pods?" in line]
     assert len(gets) == 3 and sum("continue=" in line for line in gets) == 2, run.stderr
+    table = kubectl("get", "pods", "-n", "kc", "--chunk-size=2").splitlines()
+    assert [line.split()[0] for line in table] == ["NAME", "p000", "p001", "p002", "p003", "p004"]
