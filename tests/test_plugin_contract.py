@@ -92,7 +92,7 @@ def test_wrapper_implementations_are_refused(plugin: type) -> None:
     obj = plugin()
     with pytest.raises(PluginError):
         host.register("wrapping", obj)
-    assert not host.pm.is_registered(obj) and host._impls("trafficmgr_cluster") == []  # noqa: SLF001
+    assert not host.pm.is_registered(obj) and host._impls("trafficmgr_cluster") == ()  # noqa: SLF001
     assert "wrapping" not in host.infos
 
 

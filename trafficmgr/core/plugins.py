@@ -384,6 +384,7 @@ class PluginHost:
         # LAST_GOOD hooks: (hook, plugin, what) -> that call's last successful items (bounded by
         # plugins x hooks x roles).
         self._last_good: dict[tuple[str, str, str], list[Any]] = {}
+        self._impl_cache: dict[str, tuple[pluggy.HookImpl, ...]] = {}
 
     @classmethod
     def load(
@@ -444,6 +445,7 @@ class PluginHost:
         """Register one plugin object under ``name``; unknown ``trafficmgr_*`` hooks, wrapper
         implementations and an unsupported trafficmgr version (:data:`REQUIRES_ATTR`) are errors."""
         check_compatible(name, getattr(plugin, REQUIRES_ATTR, None))
+        self._impl_cache.clear()
         try:
             self.pm.register(plugin, name=name)
             self.pm.check_pending()
@@ -479,9 +481,13 @@ class PluginHost:
 
     # -- hook calls -----------------------------------------------------------------------------
 
-    def _impls(self, hook: str) -> list[pluggy.HookImpl]:
-        # pluggy calls the last registered implementation first (LIFO, then tryfirst/trylast).
-        return list(reversed(getattr(self.pm.hook, hook).get_hookimpls()))
+    def _impls(self, hook: str) -> tuple[pluggy.HookImpl, ...]:
+        # pluggy calls the last registered implementation first (LIFO, then tryfirst/trylast). Cached per
+        # hook (a build calls mutate hooks ~5 times per service; :meth:`register` clears the cache).
+        impls = self._impl_cache.get(hook)
+        if impls is None:
+            impls = self._impl_cache[hook] = tuple(reversed(getattr(self.pm.hook, hook).get_hookimpls()))
+        return impls
 
     def _failed(self, plugin: str, hook: str, exc: BaseException, what: str) -> None:
         """An isolated failure: counted every time, logged (with the traceback) once per distinct message."""
