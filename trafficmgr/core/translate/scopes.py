@@ -15,7 +15,9 @@ Contracts:
   and everything else of the sidecar view (inbound side, plugin resources) unchanged. Anything out of
   scope reaches the blocked chains, whose 404 names the scope.
 - Work per build: none while nothing in a scope changed; a changed Service re-derives only the scopes
-  whose namespaces (or route backends) hold it. Views no pod uses any more are dropped.
+  whose namespaces (or route backends) hold it, and the full view's outbound entries are regrouped by
+  namespace from the changed destinations only (:meth:`OutboundOut.changed_since`), never by walking
+  them all. Views no pod uses any more are dropped.
 - Consumer views (Gateway API consumer routes: ``ServiceRoutes.caller_namespace``): a pod in a namespace
   that has caller-restricted routes gets the view of its scope (or the full view) plus that namespace's
   virtual hosts for the Services those routes name, named ``sidecar~<16 hex digits>`` from the namespace
