@@ -11,7 +11,8 @@ key answered. A later page bisects that key in the snapshot: it costs O(log n + 
 Deviations from kube-apiserver, whose token holds only a key and an etcd revision: a snapshot lives at most
 ``ttl`` seconds (default 300, about etcd's compaction interval) and there are at most ``max_snapshots``
 holding at most ``max_items`` references in all (the oldest go first), so a client that opens lists and
-never continues them cannot grow memory without bound; a token whose snapshot is gone gets 410 Expired
+never continues them cannot grow memory without bound, and a snapshot is dropped once its last page is
+answered (sending that page's token again is then 410, as a compacted one); a token whose snapshot is gone gets 410 Expired
 with kube's message and, as kube, a token in the error's ``metadata.continue`` that continues from the
 same key at the latest state (an inconsistent list). A ``continue`` sent with another namespace, label or
 field selector than its first page is refused with 400 (kube would apply the new selection to the rest).
@@ -41,7 +42,8 @@ if TYPE_CHECKING:
 
 TTL = 300.0  # seconds a snapshot (and so its continue tokens) stays usable
 MAX_SNAPSHOTS = 64  # snapshots kept at once (the oldest is dropped first)
-MAX_ITEMS = 2_000_000  # object references all snapshots hold together (~16 MB of pointers)
+MAX_ITEMS = 1_000_000  # object references all snapshots hold together (8 MB of pointers; the objects they
+# keep alive are those replaced or deleted since their first page: at most this many)
 
 CONTINUE_EXPIRED = ("The provided continue parameter is too old to display a consistent list result. You can "
                     "start a new list without the continue parameter.")
@@ -141,6 +143,12 @@ class Snapshots:
         with self._lock:
             self._expire()
             return self._snaps.get(snap_id)
+
+    def drop(self, snap_id: str) -> None:
+        """Forget snapshot ``snap_id`` (its list was read to the end); nothing when already gone."""
+        with self._lock:
+            if snap_id in self._snaps:
+                self._drop(snap_id)
 
     def clear(self) -> None:
         """Drop every snapshot (a compaction: every outstanding continue token expires)."""
@@ -245,7 +253,10 @@ def list_page(store: Store, rt: ResourceType, namespace: str | None, label_selec
                 "invalid continue token: it continues a list of another resource, namespace, label selector or "
                 "field selector (send the same ones as the first page)")
     at = bisect.bisect_right(snap.items, start, key=_key)
-    return _page(snap, at, n if n > 0 else len(snap.items), counted)
+    page = _page(snap, at, n if n > 0 else len(snap.items), counted)
+    if page.continue_token is None:
+        snaps.drop(snap.id)
+    return page
 
 
 def _page(snap: Snapshot, at: int, n: int, counted: bool) -> Page:
