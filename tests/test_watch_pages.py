@@ -4,12 +4,19 @@ over as it arrives (``hand_pages``, the control plane) or the whole list once co
 
 from __future__ import annotations
 
+import argparse
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
-from trafficmgr.core.kube.client import ApiException, Kind
+from trafficmgr.apiserver import APIServer
+from trafficmgr.core.controlplane import ControlPlane
+from trafficmgr.core.kube.client import ApiException, Kind, KubeClient, load_api_client
 from trafficmgr.core.kube.watch import ListPage, Watcher
+from trafficmgr.core.plugins import PluginHost
+from trafficmgr.testing.kit import load_manifests
+from trafficmgr.testing.manifests import join, pod, service
 
 KIND = Kind("Widget", "example.com/v1", "widgets")
 
@@ -84,3 +91,29 @@ def test_without_hand_pages_the_whole_list_is_handed_over_once() -> None:
     _run(w)
     assert events == [("RELIST", objects)]
     assert len(client.queries) == 3
+
+
+def test_the_control_plane_lists_in_pages_from_the_api_server(tmp_path: Path) -> None:
+    """Against the project's API server (kube-apiserver's limit/continue protocol): with a page size of 3
+    every kind with more objects is listed in several requests, and the first snapshot has everything."""
+    api = APIServer().start()
+    cp = None
+    try:
+        docs = [service(f"s{i}") for i in range(4)] + [pod(f"s{i}-{j}", f"10.244.{i}.{j + 1}", f"s{i}")
+                                                       for i in range(4) for j in range(2)]
+        for obj in load_manifests(join(*docs)):
+            api.store.create(obj)
+        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+        cp = ControlPlane(PluginHost.load(["lb"]), argparse.Namespace(list_page_size=3),
+                          KubeClient(load_api_client(str(kubeconfig))))
+        cp.start_watches()
+        assert cp.wait_ready(20), cp.ready()[1]
+        pods = [w for w in cp.watchers if w.kind.plural == "pods"][0]
+        assert pods.page_size == 3 and pods.pages == 3  # 8 pods: 3 + 3 + 2
+        assert cp.model is not None and len(cp.model.pods) == 8
+        assert sorted(k[1] for k in cp.model.services if k[1] != "kubernetes") == ["s0", "s1", "s2", "s3"]
+        assert all(len(eps) == 2 for eps in cp.model.endpoints.values())
+    finally:
+        if cp is not None:
+            cp.stop()
+        api.stop()
