@@ -81,11 +81,14 @@ async def write(call: Any, req: discovery_pb2.DiscoveryRequest) -> None:
 
 
 async def settle(calls: list[Any], quiet: float, limit: float) -> dict[str, int]:
-    """Wait until no call has ended for ``quiet`` seconds (or ``limit``); count end codes (``open``: not ended)."""
+    """Wait until every call ended or none has ended for ``quiet`` seconds (or ``limit``); count end codes
+    (``open``: not ended). An ended call's code is final: once all ended, waiting longer changes nothing."""
     deadline = time.monotonic() + limit
     ended, last_change = -1, time.monotonic()
     while time.monotonic() < deadline:
         now_ended = sum(1 for c in calls if c.done())
+        if now_ended == len(calls):
+            break
         if now_ended != ended:
             ended, last_change = now_ended, time.monotonic()
         elif time.monotonic() - last_change > quiet:
