@@ -749,7 +749,8 @@ class Store:
 
     def expire_history(self) -> None:
         """Drop the event window (like a compaction): a later watch from any resourceVersion issued
-        before this call gets 410 Expired; versions listed afterwards watch normally."""
+        before this call gets 410 Expired, and so does every continue token issued before it; versions
+        listed afterwards watch normally."""
         with self._lock:
             self._history.clear()
             self._rv += 1
