@@ -258,7 +258,7 @@ class ControlPlane:
             try:
                 self.cache.set_view(view, snap, notify=False)
             except cache_mod.InconsistentSnapshot as exc:
-                metrics.SNAPSHOTS_REJECTED.labels(view=view).inc()
+                metrics.SNAPSHOTS_REJECTED.labels(role=metrics.proxy_role(view)).inc()  # bounded: not the view name
                 self.last_error = str(exc)
                 log.error("snapshot not published, the previous one is still served: %s", exc)
         for view in self.cache.views():

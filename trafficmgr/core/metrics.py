@@ -5,9 +5,14 @@ One registry per process (``REGISTRY``) so tests can read values with ``REGISTRY
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from trafficmgr.core.model import GATEWAY, SIDECAR
+
+if TYPE_CHECKING:
+    from trafficmgr.core.labels import LabelRegistry
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -28,6 +33,19 @@ def proxy_role(view: str | None) -> str:
     if view in (SIDECAR, GATEWAY):
         return view
     return "sidecar-scoped" if view.startswith(_SCOPED_PREFIX) else "other"
+
+
+#: ``label`` of ``trafficmgr_label_errors_total`` for a key no loaded plugin declares (the registry ignores
+#: those, so none is counted today; the value exists so a future caller cannot mint one series per key).
+UNDECLARED_LABEL = "other"
+
+
+def declared_label(labels: LabelRegistry, key: str) -> str:
+    """The ``label`` value of ``trafficmgr_label_errors_total`` for an error on ``key``: the declared key it
+    belongs to (``traffic.port.9080`` and ``traffic.port.x`` -> ``traffic.port.<port>``), so the values are
+    the loaded plugins' declared keys (a fixed set), never what users type; :data:`UNDECLARED_LABEL` else."""
+    spec = labels.spec(key)
+    return spec.key if spec is not None else UNDECLARED_LABEL
 
 
 CONNECTED_PROXIES = Gauge(
@@ -74,13 +92,24 @@ RESOURCES_SERIALIZED = Counter(
     "trafficmgr_build_resources_serialized", "Resources (re)serialized by the builder", ["type"], registry=REGISTRY
 )
 SNAPSHOTS_REJECTED = Counter(
-    "trafficmgr_snapshots_rejected", "Snapshots refused by the consistency gate", ["view"], registry=REGISTRY
+    "trafficmgr_snapshots_rejected",
+    "Snapshots refused by the consistency gate, by role of the view (proxy_role: never the view name, one per "
+    "traffic.scope; the view and the reason are in the error log line)",
+    ["role"],
+    registry=REGISTRY,
 )
+for _role in PROXY_ROLES:
+    if _role != "unknown":  # a snapshot always has a view
+        SNAPSHOTS_REJECTED.labels(_role)
 PLUGIN_ERRORS = Counter(
     "trafficmgr_plugin_errors", "Plugin hook calls that raised (their change was skipped)", ["plugin", "hook"], registry=REGISTRY
 )
 LABEL_ERRORS = Counter(
-    "trafficmgr_label_errors", "Invalid traffic.* label values seen (once per object version)", ["kind", "label"], registry=REGISTRY
+    "trafficmgr_label_errors",
+    "Invalid or clamped traffic.* label values seen (once per object version), by object kind and declared "
+    "label key (declared_label: traffic.port.<port> for every port)",
+    ["kind", "label"],
+    registry=REGISTRY,
 )
 BUILD_ERRORS = Counter(
     "trafficmgr_build_errors",

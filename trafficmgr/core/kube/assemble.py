@@ -377,7 +377,7 @@ class Assembler:
         parsed, errors = self.labels.parse(ref_of(kind, obj), raw)
         if errors:
             for e in errors:
-                metrics.LABEL_ERRORS.labels(kind=kind, label=e.key).inc()
+                metrics.LABEL_ERRORS.labels(kind=kind, label=metrics.declared_label(self.labels, e.key)).inc()
             self.on_label_errors(errors)
         return parsed
 
