@@ -23,6 +23,7 @@ is the same, a failover just takes ~4-6 s instead of ~15-19 s.
 
 from __future__ import annotations
 
+import datetime
 import http.client
 import json
 import os
@@ -167,6 +168,26 @@ def _lb_policy(envoy: EnvoyProcess) -> str:
     return ""
 
 
+def _active_lb_policy(envoy: EnvoyProcess) -> str:
+    """:func:`_lb_policy` from a config dump of the active reviews cluster only (cheap to poll often)."""
+    dump = json.loads(envoy.admin("/config_dump?resource=dynamic_active_clusters&name_regex=" + REVIEWS.replace("|", "%5C%7C") + ".*"))
+    for item in dump.get("configs", []):
+        cluster = item.get("cluster") or {}
+        if cluster.get("name", "").startswith(REVIEWS):
+            return str(cluster.get("lb_policy", "ROUND_ROBIN"))
+    return ""
+
+
+def _lease_spec(kubectl: Kubectl) -> dict[str, Any]:
+    proc = kubectl.run("get", "lease", LEASE, "-n", "default", "-o", "json", check=False)
+    return dict(json.loads(proc.stdout).get("spec") or {}) if proc.returncode == 0 else {}
+
+
+def _instant(micro_time: str) -> float:
+    """Epoch seconds of a Lease's MicroTime (``2026-12-07T06:50:01.123456Z``)."""
+    return datetime.datetime.fromisoformat(micro_time.replace("Z", "+00:00")).timestamp()
+
+
 def _holder(kubectl: Kubectl) -> str:
     proc = kubectl.run("get", "lease", LEASE, "-n", "default", "-o", "json", check=False)
     if proc.returncode != 0:
@@ -308,34 +329,40 @@ def test_leader_killed_another_takes_over_writes_once_no_failed_request(mesh: di
 
         # 2. SIGKILL the leader; change things while nobody leads
         leader.kill()
-        killed_at = time.monotonic()
+        killed_at, killed_wall = time.monotonic(), time.time()
+        # The dead leader's last renewal: nobody writes the Lease until another replica takes it.
+        last_renewal = _instant(store.get("leases", LEASE, "default")["spec"]["renewTime"])
         store.patch("services", "reviews", {"metadata": {"labels": {"traffic.lb.policy": "RING_HASH"}}}, "default",
                     patch_type="merge")
         store.create(_service("ratings", {"traffic.lb.policy": "SLOW"}, [{"name": "http", "port": 9080}], {"app": "ratings"}))
         store.create(_ingress("shop"))
 
         # 3. the change applies on every Envoy (followers build and serve it; the dead one's Envoys move),
-        # and another replica takes the Lease: both watched at once, each time noted when first seen
-        seen: dict[str, float] = {}
-        holders: dict[str, str] = {}
+        # and another replica takes the Lease. When each Envoy has the change is polled (only the Envoys
+        # still without it, a small config dump each: the poll's own cost stays out of the figure); when
+        # the Lease was taken is the new holder's acquireTime, read with kubectl afterwards.
+        applied: dict[int, float] = {}
 
         def progress() -> bool:
-            if "applied" not in seen and all(_lb_policy(e) == "RING_HASH" for e in envoys):
-                seen["applied"] = time.monotonic() - killed_at
-            if "took_over" not in seen and (h := _holder(kubectl)) not in ("", holder):
-                seen["took_over"], holders["new"] = time.monotonic() - killed_at, h
-            return len(seen) == 2
+            for i, e in enumerate(envoys):
+                if i not in applied and _active_lb_policy(e) == "RING_HASH":
+                    applied[i] = time.monotonic() - killed_at
+            lease = store.get("leases", LEASE, "default")["spec"]
+            return len(applied) == len(envoys) and lease.get("holderIdentity") not in ("", holder)
 
         try:
-            wait_for(progress, 30, interval=0.2)
+            wait_for(progress, 30, interval=0.05)
         except TimeoutError:
             policies = [_lb_policy(e) for e in envoys]
-            raise AssertionError(f"after the SIGKILL of {holder}: {seen} (applied: the label change on every Envoy, "
-                                 f"now {policies}; took_over: another replica holds the Lease)") from None
-        applied_after, took_over = seen["applied"], seen["took_over"]
+            raise AssertionError(f"after the SIGKILL of {holder}: the label change on {sorted(applied)} of the Envoys "
+                                 f"(now {policies}); Lease {store.get('leases', LEASE, 'default')['spec']}") from None
+        applied_after = max(applied.values())
+        lease = _lease_spec(kubectl)
+        new_holder = str(lease.get("holderIdentity") or "")
+        acquired = _instant(lease["acquireTime"])
+        took_over = acquired - killed_wall
         survivors = [r for r in replicas if r is not leader]
-        new_holder = holders["new"]
-        assert new_holder in {r.name for r in survivors}
+        assert new_holder in {r.name for r in survivors}, lease
         wait_for(lambda: set(node_ids) == survivors[0].nodes() | survivors[1].nodes(), 20,
                  message="not every Envoy reconnected to a surviving replica")
         wait_for(lambda: store.get("ingresses", "shop", "default").get("status", {}).get("loadBalancer"), 15,
@@ -356,10 +383,17 @@ def test_leader_killed_another_takes_over_writes_once_no_failed_request(mesh: di
     assert [r.leader_gauge() for r in survivors] == [1.0 if r is new_leader else 0.0 for r in survivors]
     outcomes = [o for t in traffic for o in t.outcomes]
     failures = [f for t in traffic for f in t.failures()]
-    print(f"\nLease taken over {took_over:.1f} s after the SIGKILL (lease {LEASE_SECONDS} s, retry {RETRY_SECONDS:g} s); "
+    print(f"\nLease taken over {took_over:.1f} s after the SIGKILL, {acquired - last_renewal:.1f} s after the last renewal "
+          f"(lease {LEASE_SECONDS} s, retry {RETRY_SECONDS:g} s); "
           f"the change made meanwhile on all {SIDECARS} Envoys after {applied_after:.1f} s; {len(outcomes)} requests "
           f"through {len(traffic)} sidecars, {len(failures)} failed; {time.monotonic() - t0:.1f} s")
-    assert took_over <= LEASE_SECONDS + 2 * RETRY_SECONDS + 1.0, f"takeover took {took_over:.1f} s"
+    # The design's promise (trafficmgr.core.kube.leader): a replica that dies without releasing is replaced
+    # after the lease duration plus at most two retry periods, counted from its last renewal (a candidate's
+    # clock starts when it sees that renewal, and it checks once per retry period). Both instants are the
+    # replicas' own records in the Lease, so neither kubectl's latency nor this test's polling counts; 0.25 s
+    # for the candidates' two Lease round trips to the API server.
+    assert acquired - last_renewal <= LEASE_SECONDS + 2 * RETRY_SECONDS + 0.25, \
+        f"taken {acquired - last_renewal:.2f} s after the last renewal ({took_over:.2f} s after the SIGKILL)"
     # Serving needs no leader: the change is on every Envoy within the dead replica's health-check interval
     # (2 s) plus the reconnect backoff (<= 1 s), not after Envoy's 15 s initial-fetch timeout (a delta
     # Envoy reconnecting with the old endpoints' versions used to keep the changed cluster warming so long).
