@@ -152,3 +152,78 @@ def test_cli_command_reports_a_taken_port(zipkin: ZipkinCollector, capsys: pytes
     assert cli.main(["zipkin", "--port", str(zipkin.port)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("trafficmgr: error: cannot listen on 127.0.0.1:"), err
+
+
+# -- limits: what a sender can make the collector hold (review of issue 20; flood: tests/test_zipkin_memory.py) --
+
+
+def metric(z: ZipkinCollector, name: str) -> float:
+    conn = http.client.HTTPConnection("127.0.0.1", z.port, timeout=5)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics:\n{text}")
+
+
+def test_a_span_over_the_limit_is_refused_with_413_and_counted(zipkin: ZipkinCollector) -> None:
+    assert zipkin.store.max_span_bytes == 1024 * 1024
+    big = span("b1", "1", tags={"pad": "x" * (1024 * 1024)})
+    status, answer = call(zipkin, "POST", "/api/v2/spans", json.dumps([span("a1", "1"), big]).encode())
+    assert status == 413 and "over the limit of 1048576 per span" in answer["error"], answer
+    assert zipkin.spans() == []  # nothing of that request is stored
+    assert metric(zipkin, 'trafficmgr_zipkin_spans_refused_total{protocol="zipkin"}') == 1
+    assert post(zipkin, [span("a1", "1", tags={"pad": "x" * (1024 * 1024 - 400)})]) == 202  # just under: kept
+
+
+def test_the_byte_budget_keeps_the_newest_spans() -> None:
+    with ZipkinCollector("127.0.0.1", 0, max_store_bytes=1024 * 1024) as z:
+        assert z.store.max_span_bytes == 64 * 1024  # 1/16 of the budget
+        for i in range(1, 61):
+            assert post(z, [span(f"{i:x}", "1", tags={"pad": "x" * 30_000})]) == 202
+        kept = [int(s["traceId"], 16) for s in z.spans()]
+        assert kept == list(range(61 - len(kept), 61)) and 25 <= len(kept) <= 34, kept  # ~31 KB each in 1 MiB
+        assert z.store.stored_bytes <= 1024 * 1024 < z.store.stored_bytes + 31_500
+        assert metric(z, "trafficmgr_zipkin_spans_evicted_total") == 60 - len(kept)
+        _, traces = call(z, "GET", "/api/v2/traces?limit=1000")
+        assert sorted(int(t[0]["traceId"], 16) for t in traces) == kept
+
+
+def test_bodies_are_bounded_before_and_after_decoding(zipkin: ZipkinCollector) -> None:
+    bomb = gzip.compress(b"[" + b" " * (64 * 1024 * 1024) + b"]")  # 64 KB that inflate to 64 MiB
+    assert len(bomb) < 100_000
+    status, answer = call(zipkin, "POST", "/api/v2/spans", bomb, {"Content-Encoding": "gzip"})
+    assert status == 413 and "decodes to more than 8388608 bytes" in answer["error"], answer
+    with socket.create_connection(("127.0.0.1", zipkin.port), timeout=5) as s:  # refused on its headers, unread
+        s.sendall(b"POST /api/v2/spans HTTP/1.1\r\nHost: x\r\nContent-Length: 8388609\r\n\r\n")
+        reply = s.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 413") and b"body over 8388608 bytes" in reply, reply
+    many = json.dumps([{"traceId": "1", "id": "1"}] * 50_001).encode()
+    status, answer = call(zipkin, "POST", "/api/v2/spans", many)
+    assert status == 413 and "more than 50000 spans" in answer["error"], answer
+    assert zipkin.spans() == []
+    assert post(zipkin, [span("c3", "1")]) == 202
+
+
+def test_a_slow_sender_loses_its_slot_and_waiting_ones_get_503(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trafficmgr.apps import zipkin as zipkin_app
+
+    monkeypatch.setattr(zipkin_app, "BODY_DEADLINE", 1.5)
+    monkeypatch.setattr(zipkin_app, "POST_SLOT_WAIT", 0.5)
+    with ZipkinCollector("127.0.0.1", 0) as z:
+        stalled = []
+        for _ in range(zipkin_app.POST_SLOTS):  # each sends its headers and 10 of 1000 bytes, then nothing
+            s = socket.create_connection(("127.0.0.1", z.port), timeout=10)
+            s.sendall(b"POST /api/v2/spans HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n[{\"traceId")
+            stalled.append(s)
+        time.sleep(0.3)
+        status, answer = call(z, "POST", "/api/v2/spans", json.dumps([span("d4", "1")]).encode())
+        assert status == 503 and "too many requests" in answer["error"], answer  # both slots held
+        for s in stalled:
+            reply = s.recv(4096)
+            assert reply.startswith(b"HTTP/1.1 400") and b"not received within 1.5 s" in reply, reply
+            s.close()
+        assert post(z, [span("d4", "1")]) == 202  # the slots are free again
+        assert call(z, "GET", "/health") == (200, {"status": "UP"})

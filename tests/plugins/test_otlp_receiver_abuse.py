@@ -1,8 +1,12 @@
 """The built-in collector's OTLP/gRPC receiver (``trafficmgr zipkin --otlp-port``) under abuse.
 
 - Its message cap is 16 MiB (``DEFAULT_MAX_MESSAGE_BYTES``), not gRPC's default of 4 MiB: a valid export
-  of exactly the cap is stored, one byte more is refused with RESOURCE_EXHAUSTED before any parsing, and
-  the receiver keeps serving.
+  of exactly the cap (20 spans: a span is at most 1 MiB) is stored, one byte more is refused with
+  RESOURCE_EXHAUSTED before any parsing, and the receiver keeps serving.
+- A span over 1 MiB is not kept, as OTLP's partial success says: alone in its export, the call fails with
+  INVALID_ARGUMENT; next to a small one, the call succeeds, the small one is stored and the response's
+  ``partial_success`` (decoded here with a message class built from OTLP's own field numbers, which the
+  protos xds-protos ships lack) counts one rejected span and says why.
 - Junk gets a clean gRPC error or a closed connection, never a crash: a wrong method or service
   (UNIMPLEMENTED), a streaming call to the unary Export, raw bytes that are not HTTP/2, an HTTP/1.1
   request, an HTTP/2 preface followed by garbage frames.
@@ -37,29 +41,59 @@ from trafficmgr.testing.netns import require as require_netns
 NO_PROXY = [("grpc.enable_http_proxy", 0)]
 
 
-def export_request(pad: int = 0, span_id: bytes = b"\x02" * 8) -> bytes:
-    """A valid ExportTraceServiceRequest with one span whose tag ``pad`` holds ``pad`` bytes."""
+def export_request(pad: int = 0, span_id: bytes = b"\x02" * 8, spans: int = 1, pads: list[int] | None = None) -> bytes:
+    """A valid ExportTraceServiceRequest with ``spans`` spans (ids ``span_id``, then counting up from
+    ``span_id``'s first byte); the tag ``pad`` of the first holds ``pad`` bytes, or span ``i``'s holds
+    ``pads[i]``."""
     req = trace_service_pb2.ExportTraceServiceRequest()
     rs = req.resource_spans.add()
     rs.resource.attributes.add(key="service.name").value.string_value = "abuse"
     now = time.time_ns()
-    span = trace_pb2.Span(trace_id=b"\x01" * 16, span_id=span_id, name="GET /x", start_time_unix_nano=now - 1000,
-                          end_time_unix_nano=now, kind=trace_pb2.Span.SPAN_KIND_SERVER)
-    if pad:
-        span.attributes.add(key="pad").value.string_value = "p" * pad
-    getattr(rs, GROUPS_FIELD).add().spans.append(span)
+    group = getattr(rs, GROUPS_FIELD).add()
+    pads = pads if pads is not None else [pad] + [0] * (spans - 1)
+    for i, size in enumerate(pads):
+        sid = span_id if i == 0 else bytes([(span_id[0] + i) % 256 or 1]) * 8
+        span = trace_pb2.Span(trace_id=b"\x01" * 16, span_id=sid, name="GET /x", start_time_unix_nano=now - 1000,
+                              end_time_unix_nano=now, kind=trace_pb2.Span.SPAN_KIND_SERVER)
+        if size:
+            span.attributes.add(key="pad").value.string_value = "p" * size
+        group.spans.append(span)
     return req.SerializeToString()
 
 
-def export_of_size(size: int) -> bytes:
-    """A valid export request of exactly ``size`` bytes (the pad's length adjusted to its varints)."""
-    pad = size - len(export_request())
+def export_of_size(size: int, spans: int = 1) -> bytes:
+    """A valid export request of exactly ``size`` bytes in ``spans`` spans of about equal size (the last
+    pad's length adjusted to the varints)."""
+    base = len(export_request(spans=spans))
+    each = (size - base) // spans
+    pads = [each] * spans
     for _ in range(10):
-        body = export_request(pad)
+        body = export_request(pads=pads)
         if len(body) == size:
             return body
-        pad += size - len(body)
+        pads[-1] += size - len(body)
     raise AssertionError(f"no export request of exactly {size} bytes")
+
+
+def partial_success(response: bytes) -> tuple[int, str]:
+    """``(rejected_spans, error_message)`` of an encoded ExportTraceServiceResponse, read with a message class
+    built here from OTLP's field numbers (opentelemetry-proto >= 0.19), independent of the receiver's encoder."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    file = descriptor_pb2.FileDescriptorProto(name="otlp_partial_test.proto", package="otlptest", syntax="proto3")
+    partial = file.message_type.add(name="ExportTracePartialSuccess")
+    partial.field.add(name="rejected_spans", number=1, type=descriptor_pb2.FieldDescriptorProto.TYPE_INT64,
+                      label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL)
+    partial.field.add(name="error_message", number=2, type=descriptor_pb2.FieldDescriptorProto.TYPE_STRING,
+                      label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL)
+    resp = file.message_type.add(name="ExportTraceServiceResponse")
+    resp.field.add(name="partial_success", number=1, type=descriptor_pb2.FieldDescriptorProto.TYPE_MESSAGE,
+                   type_name=".otlptest.ExportTracePartialSuccess", label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    cls = message_factory.GetMessageClass(pool.FindMessageTypeByName("otlptest.ExportTraceServiceResponse"))
+    msg: Any = cls.FromString(response)
+    return msg.partial_success.rejected_spans, msg.partial_success.error_message
 
 
 def call(address: str, body: bytes, method: str = EXPORT) -> grpc.RpcError | None:
@@ -84,10 +118,10 @@ def _address(z: ZipkinCollector) -> str:
 
 def test_the_cap_is_16_mib_exactly_and_the_receiver_keeps_serving(collector: ZipkinCollector) -> None:
     assert DEFAULT_MAX_MESSAGE_BYTES == 16 * 1024 * 1024  # what README and the module docstring say
-    at_cap = export_of_size(DEFAULT_MAX_MESSAGE_BYTES)
+    at_cap = export_of_size(DEFAULT_MAX_MESSAGE_BYTES, spans=20)
     assert call(_address(collector), at_cap) is None, "a valid export of exactly 16 MiB must be accepted"
     stored = collector.spans()
-    assert len(stored) == 1 and len(stored[0]["tags"]["pad"]) > 16 * 1024 * 1024 - 200
+    assert len(stored) == 20 and sum(len(s["tags"]["pad"]) for s in stored) > 16 * 1024 * 1024 - 2000
     collector.clear()
     over = export_of_size(DEFAULT_MAX_MESSAGE_BYTES + 1)
     error = call(_address(collector), over)
@@ -95,6 +129,32 @@ def test_the_cap_is_16_mib_exactly_and_the_receiver_keeps_serving(collector: Zip
     assert collector.spans() == []
     assert call(_address(collector), export_request(span_id=b"\x03" * 8)) is None, "the receiver keeps serving"
     assert [s["id"] for s in collector.spans()] == ["03" * 8]
+
+
+def call_response(address: str, body: bytes) -> bytes:
+    with grpc.insecure_channel(address, options=[*NO_PROXY, ("grpc.max_send_message_length", -1)]) as channel:
+        response: bytes = channel.unary_unary(EXPORT)(body, timeout=20)
+    return response
+
+
+def test_a_span_over_1_mib_is_refused_per_otlp_partial_success(collector: ZipkinCollector) -> None:
+    address = _address(collector)
+    assert call_response(address, export_request()) == b""  # all kept: no partial_success at all
+    collector.clear()
+    big = 1024 * 1024 + 1
+    error = call(address, export_request(pad=big))
+    assert error is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT, error  # none kept: not retried
+    assert "over the limit of 1048576 per span" in (error.details() or "")
+    assert collector.spans() == []
+    response = call_response(address, export_request(pads=[big, 10]))  # one too large, one small
+    rejected, message = partial_success(response)
+    assert rejected == 1 and "over the limit of 1048576 per span" in message, message
+    assert [len(s["tags"]["pad"]) for s in collector.spans()] == [10]
+    # Just under the limit as protobuf, but over it as the stored JSON (more tags than pad): refused by the store.
+    near = export_request(pads=[1024 * 1024 - 100, 1])
+    rejected, message = partial_success(call_response(address, near))
+    assert rejected == 1 and "bytes as JSON, over the limit" in message, message
+    assert collector.otlp is not None and collector.otlp.spans_refused == 2 and collector.store.refused == 1
 
 
 def _raw(port: int, payload: bytes) -> bytes:

@@ -15,6 +15,12 @@ sidecars), else the resource's ``service.name``.
 Bad input is answered with a gRPC error and stores nothing: a message that does not parse or a span with a
 malformed id -> INVALID_ARGUMENT; a message over ``max_message_bytes`` -> RESOURCE_EXHAUSTED (gRPC's own
 limit); more spans than ``max_spans_per_request`` -> RESOURCE_EXHAUSTED.
+
+Spans too large to keep (over ``max_span_bytes`` as protobuf here, or refused by the sink, the collector's
+store, for their JSON size) follow OTLP's partial success: when some spans of a request are kept, the call
+succeeds and its ``ExportTraceServiceResponse.partial_success`` says how many were rejected and why (the
+sender must not retry them); when none is kept, the call fails with INVALID_ARGUMENT (not retryable: the same
+spans would be refused again).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from collections.abc import Callable, Sequence
 from concurrent import futures
 from typing import Any
 
+import attrs
 import grpc
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
@@ -36,6 +43,17 @@ SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
 EXPORT = f"/{SERVICE}/Export"
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_SPANS_PER_REQUEST = 50_000
+#: Export calls handled at once, and admitted to wait for that: the rest get RESOURCE_EXHAUSTED at once.
+#: One call at its cap holds about 7 times its message in memory while it is parsed and converted (gRPC's
+#: buffers, the bytes, the parsed message, the converted strings: measured 112 MB over the idle process for
+#: a 16 MB export), so each worker more would cost more than the collector's whole default span store
+#: (64 MiB); one worker converts the small exports proxies send (a few KB every 5 s each) far faster than
+#: they come. Waiting calls hold only their HTTP/2 flow-control window (64 KiB: gRPC's window growth is
+#: off, see :meth:`OtlpReceiver.start`), so 16 of them cost ~1 MB. Measured with 32 concurrent 16 MB
+#: exports: 4 workers and 64 calls with window growth 727 MB peak RSS, 1 worker 397 MB, 1 worker without
+#: window growth 152 MB (idle: 44 MB).
+MAX_WORKERS = 1
+MAX_CONCURRENT_RPCS = 16
 
 #: ResourceSpans field 2: ``scope_spans`` (OTLP >= 0.15; what Envoy sends) is wire-identical to the
 #: ``instrumentation_library_spans`` of older OTLP protos (the copy xds-protos ships): same number, same
@@ -53,6 +71,38 @@ class OtlpBindError(OSError):
 
 class InvalidSpan(ValueError):
     """An OTLP span that cannot be stored (the Export call fails with INVALID_ARGUMENT)."""
+
+
+@attrs.frozen
+class PartialSuccess:
+    """Spans of an accepted Export request that were not kept: OTLP's ``ExportTracePartialSuccess``."""
+
+    rejected_spans: int
+    error_message: str
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def export_response(partial: PartialSuccess | None = None) -> bytes:
+    """An encoded ``ExportTraceServiceResponse``, with ``partial_success`` (field 1: ``rejected_spans`` = 1,
+    ``error_message`` = 2) when ``partial`` rejects spans or says something. Encoded by hand: the OTLP
+    protos xds-protos ships predate the field (OTLP 0.19); receivers of older protos skip it as unknown."""
+    if partial is None or (not partial.rejected_spans and not partial.error_message):
+        return b""
+    inner = b""
+    if partial.rejected_spans:
+        inner += b"\x08" + _varint(partial.rejected_spans)
+    if partial.error_message:
+        message = partial.error_message.encode()
+        inner += b"\x12" + _varint(len(message)) + message
+    return b"\x0a" + _varint(len(inner)) + inner
 
 
 def any_value(value: common_pb2.AnyValue) -> str:
@@ -109,42 +159,59 @@ def to_zipkin(span: trace_pb2.Span, resource: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def convert(request: trace_service_pb2.ExportTraceServiceRequest, max_spans: int) -> list[dict[str, Any]]:
-    """Every span of an Export request as Zipkin v2 spans; InvalidSpan / OverflowError on bad input."""
+def convert(request: trace_service_pb2.ExportTraceServiceRequest, max_spans: int,
+            max_span_bytes: int | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """The spans of an Export request as Zipkin v2 spans, and one message per span left out because its
+    protobuf encoding is over ``max_span_bytes`` (None: no limit; such a span is never converted, so its
+    attributes never become strings); InvalidSpan / OverflowError on bad input."""
     out: list[dict[str, Any]] = []
+    too_large: list[str] = []
     for resource_spans in request.resource_spans:
         resource = _attributes(resource_spans.resource.attributes)
         groups = list(getattr(resource_spans, GROUPS_FIELD))
         for group in groups:
-            if len(out) + len(group.spans) > max_spans:
+            if len(out) + len(too_large) + len(group.spans) > max_spans:
                 raise OverflowError(f"more than {max_spans} spans in one request")
-            out.extend(to_zipkin(span, resource) for span in group.spans)
-    return out
+            for span in group.spans:
+                size = span.ByteSize() if max_span_bytes is not None else 0
+                if max_span_bytes is not None and size > max_span_bytes:
+                    too_large.append(f"span {span.span_id.hex() or '?'} is {size} bytes, over the limit of "
+                                     f"{max_span_bytes} per span")
+                else:
+                    out.append(to_zipkin(span, resource))
+    return out, too_large
 
 
 class OtlpReceiver:
     """The Export service on ``host:port`` (0 = any free port); each accepted request's spans (Zipkin v2
-    dicts, not yet normalized) go to ``sink``, which may raise ValueError to reject them.
+    dicts, not yet normalized) go to ``sink``, which may raise ValueError to reject them all, or return a
+    :class:`PartialSuccess` for the spans it did not keep (None: kept them all). Spans whose protobuf
+    encoding is over ``max_span_bytes`` never reach the sink; they are counted in ``spans_refused``.
 
     Why this listener is safe to open: it binds ``host`` only (default loopback; ``trafficmgr zipkin`` gives
     its ``--host``, 127.0.0.1 unless told otherwise), so from another network namespace it is reachable
     only when bound to an address there. It has no authentication: whoever reaches it can add spans (and
     read them back through the collector's HTTP API), so bind it where only trusted exporters reach it. What
     a caller can make it do is bounded: one message of at most ``max_message_bytes`` (refused by gRPC
-    before parsing), ``max_spans_per_request`` spans, 4 worker threads and 64 calls in flight (the rest
-    RESOURCE_EXHAUSTED); a unary call's extra messages are never read. Proven from another network
-    namespace by ``tests/plugins/test_otlp_receiver_abuse.py``.
+    before parsing), ``max_spans_per_request`` spans, one call handled at a time and 16 waiting
+    (:data:`MAX_WORKERS`, :data:`MAX_CONCURRENT_RPCS`: the rest RESOURCE_EXHAUSTED), each waiting call
+    holding at most its 64 KiB flow-control window; a unary call's extra messages are never read. What it
+    stores is bounded by the sink (the collector's span store: a byte budget). Proven from another network
+    namespace by ``tests/plugins/test_otlp_receiver_abuse.py``, and the memory bound under a flood by
+    ``tests/test_zipkin_memory.py``.
     """
 
-    def __init__(self, sink: Callable[[list[dict[str, Any]]], None], host: str = "127.0.0.1", port: int = 0,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 max_spans_per_request: int = DEFAULT_MAX_SPANS_PER_REQUEST) -> None:
+    def __init__(self, sink: Callable[[list[dict[str, Any]]], PartialSuccess | None], host: str = "127.0.0.1",
+                 port: int = 0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 max_spans_per_request: int = DEFAULT_MAX_SPANS_PER_REQUEST, max_span_bytes: int | None = None) -> None:
         self.sink = sink
         self.host = host
         self._port = port
         self.max_message_bytes = max_message_bytes
         self.max_spans_per_request = max_spans_per_request
+        self.max_span_bytes = max_span_bytes
         self.exports = 0
+        self.spans_refused = 0  # left out for their protobuf size (the sink counts its own refusals)
         self._server: grpc.Server | None = None
 
     @property
@@ -158,16 +225,29 @@ class OtlpReceiver:
 
     def _export(self, body: bytes, context: grpc.ServicerContext) -> bytes:
         request = trace_service_pb2.ExportTraceServiceRequest()
+        partial: PartialSuccess | None = None
+        spans: list[dict[str, Any]] = []
+        too_large: list[str] = []
         try:
             request.ParseFromString(body)
-            spans = convert(request, self.max_spans_per_request)
-            self.sink(spans)
+            spans, too_large = convert(request, self.max_spans_per_request, self.max_span_bytes)
+            self.spans_refused += len(too_large)
+            if too_large and not spans:
+                raise InvalidSpan(f"no span kept: {len(too_large)} too large ({too_large[0]})")
+            partial = self.sink(spans)
         except OverflowError as exc:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except (DecodeError, ValueError) as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad ExportTraceServiceRequest: {exc}")
+        if too_large:
+            rejected = len(too_large) + (partial.rejected_spans if partial else 0)
+            messages = [too_large[0]] + ([partial.error_message] if partial and partial.error_message else [])
+            partial = PartialSuccess(rejected, f"{rejected} span(s) not kept: " + "; ".join(messages))
+        if partial is not None and partial.rejected_spans >= len(spans) + len(too_large) > 0:
+            # Nothing kept: a failure, not a partial success (OTLP: INVALID_ARGUMENT is not retried).
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, partial.error_message)
         self.exports += 1
-        return trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+        return export_response(partial)
 
     def start(self) -> OtlpReceiver:
         """Bind and serve in background threads; OtlpBindError when the address cannot be bound."""
@@ -175,12 +255,14 @@ class OtlpReceiver:
             # Raw bytes in and out: parsing happens in _export so a malformed message gets INVALID_ARGUMENT.
             "Export": grpc.unary_unary_rpc_method_handler(self._export),
         })
-        # Message size is capped by gRPC itself (RESOURCE_EXHAUSTED before any parsing); 4 workers bound
-        # the threads a flood of exporters can occupy.
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="otlp"),
-                             handlers=[handler], maximum_concurrent_rpcs=64,
+        # Message size is capped by gRPC itself (RESOURCE_EXHAUSTED before any parsing); one worker and 16
+        # admitted calls bound what a flood of exporters can make it hold (see MAX_WORKERS). Without BDP
+        # probing gRPC keeps each stream's flow-control window at 64 KiB instead of growing it towards the
+        # message size: with it, each waiting call buffered ~11 MB of its message before a worker took it.
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="otlp"),
+                             handlers=[handler], maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
                              options=[("grpc.max_receive_message_length", self.max_message_bytes),
-                                      ("grpc.so_reuseport", 0)])
+                                      ("grpc.http2.bdp_probe", 0), ("grpc.so_reuseport", 0)])
         try:
             bound = server.add_insecure_port(self.address)
         except RuntimeError:  # grpcio raises RuntimeError when the port is taken
