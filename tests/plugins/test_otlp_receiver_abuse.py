@@ -154,7 +154,10 @@ def test_a_span_over_1_mib_is_refused_per_otlp_partial_success(collector: Zipkin
     near = export_request(pads=[1024 * 1024 - 100, 1])
     rejected, message = partial_success(call_response(address, near))
     assert rejected == 1 and "bytes as JSON, over the limit" in message, message
-    assert collector.otlp is not None and collector.otlp.spans_refused == 2 and collector.store.refused == 1
+    error = call(address, export_request(pad=1024 * 1024 - 100))  # alone: none kept, so a failure
+    assert error is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
+    assert "bytes as JSON, over the limit" in (error.details() or "")
+    assert collector.otlp is not None and collector.otlp.spans_refused == 2 and collector.store.refused == 2
 
 
 def _raw(port: int, payload: bytes) -> bytes:

@@ -29,7 +29,7 @@ POST with one: 413, nothing stored; OTLP: partial success). A POST body is at mo
 :data:`POST_SLOTS` bodies are read and parsed at a time; an OTLP message is at most 16 MiB (1/4 of the store)
 and one is handled at a time; query answers are written span by span (chunked), never built whole. So the
 one knob ``max_store_bytes`` (``--max-store-mib``, default 64) bounds the whole process: under a flood of
-1 MB spans from 24 senders, a 16 MiB store's collector peaked at ~100 MB RSS, 47 MB idle
+1 MB spans from 24 senders, read whole meanwhile, a 16 MiB store's collector peaked at 110-117 MB RSS, 48 MB idle
 (``tests/test_zipkin_memory.py``, which allows idle + 1.1 x budget + one OTLP call and two POSTs at their caps).
 """
 
