@@ -95,11 +95,11 @@ def _install() -> None:
     impls = PluginHost._impls
     load_labels = PluginHost._load_labels
 
-    def _impls(self: PluginHost, hook: str) -> list[Any]:
+    def _impls(self: PluginHost, hook: str) -> tuple[Any, ...]:
         found = impls(self, hook)
         if not found or all(hook in r.first for r in _active):
             return found
-        return [_Recording(impl, hook) for impl in found]
+        return tuple(_Recording(impl, hook) for impl in found)
 
     def _load_labels(self: PluginHost) -> None:
         load_labels(self)
