@@ -8,6 +8,7 @@ import argparse
 import gc
 import random
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -148,10 +149,16 @@ def test_first_publish_waits_for_every_queued_list() -> None:
         publish(model)
 
     cp.publish_model = recording_publish  # type: ignore[method-assign]
-    for kind in assemble.CORE_KINDS:
-        items = {"services": [yaml.safe_load(service("svc-0"))],
-                 "pods": [yaml.safe_load(pod("svc-0-0", "10.1.0.1", "svc-0"))]}.get(kind.plural, [])
-        cp._enqueue("RELIST", kind, items)
+    def watchers() -> None:  # hand the lists over as watcher threads do (at most MAX_QUEUED_PAGES queued)
+        for kind in assemble.CORE_KINDS:
+            items = {"services": [yaml.safe_load(service("svc-0"))],
+                     "pods": [yaml.safe_load(pod("svc-0-0", "10.1.0.1", "svc-0"))]}.get(kind.plural, [])
+            cp._enqueue("RELIST", kind, items)
+
+    lister = threading.Thread(target=watchers, daemon=True)
+    lister.start()
+    while cp._queue.qsize() < 3:  # services, slices, pods queued before the loop starts
+        time.sleep(0.001)
     cp._thread = threading.Thread(target=cp._loop, daemon=True)
     cp._thread.start()
     try:
@@ -207,3 +214,41 @@ def test_initial_lists_compute_each_services_endpoints_once() -> None:
     assert slices_first == pods_first and len(slices_first) == 3
     assert all(len(eps) == 2 and all(e.labels.value("traffic.endpoint.weight") for e in eps)
                for eps in slices_first.values())
+
+
+def test_list_pages_wait_while_the_sync_loop_is_behind() -> None:
+    """A watcher decodes pages faster than the sync loop applies them: it waits while MAX_QUEUED_PAGES are
+    queued, so a paged 100k-pod list is never held decoded in the queue whole; every page is applied, in
+    order."""
+    from trafficmgr.core.kube import assemble
+    from trafficmgr.core.kube.watch import ListPage
+
+    cp = ControlPlane(PluginHost.load(["lb"]), argparse.Namespace())
+    pending: list[int] = []
+    applied: list[str] = []
+    apply = cp.assembler.apply
+
+    def slow(etype: str, kind: Any, obj: Any) -> None:
+        if etype == "RELIST":
+            pending.append(cp._relists_pending)
+            time.sleep(0.01)
+            applied.extend(p["metadata"]["name"] for p in obj.items)
+        apply(etype, kind, obj)
+
+    cp.assembler.apply = slow  # type: ignore[method-assign]
+    pages = [ListPage([yaml.safe_load(pod(f"p{i}", f"10.1.0.{i + 1}", "a"))], first=i == 0, last=i == 19)
+             for i in range(20)]
+    lister = threading.Thread(target=lambda: [cp._enqueue("RELIST", assemble.POD, p) for p in pages], daemon=True)
+    lister.start()
+    cp._thread = threading.Thread(target=cp._loop, daemon=True)
+    cp._thread.start()
+    try:
+        lister.join(10)
+        assert not lister.is_alive()
+        deadline = time.monotonic() + 10
+        while len(applied) < 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert applied == [f"p{i}" for i in range(20)]
+        assert max(pending) <= cp_mod.MAX_QUEUED_PAGES, pending
+    finally:
+        cp.stop()

@@ -117,3 +117,35 @@ def test_the_control_plane_lists_in_pages_from_the_api_server(tmp_path: Path) ->
         if cp is not None:
             cp.stop()
         api.stop()
+
+
+def test_kinds_reading_the_same_objects_share_one_watch(tmp_path: Path) -> None:
+    """The mtls plugin reads Services too (their traffic.allow.* labels): one list and watch of Services
+    serves both the core and the plugin, and each gets every event."""
+    from trafficmgr.plugins import mtls
+
+    api = APIServer().start()
+    cp = None
+    try:
+        for obj in load_manifests(join(service("web", labels={mtls.ALLOW_NAMESPACE + "shop": "true"}), service("db"))):
+            api.store.create(obj)
+        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+        cp = ControlPlane(PluginHost.load(["lb", "mtls"]), argparse.Namespace(list_page_size=1),
+                          KubeClient(load_api_client(str(kubeconfig))))
+        cp.start_watches()
+        assert cp.wait_ready(20), cp.ready()[1]
+        paths = [w.path for w in cp.watchers]
+        assert len(paths) == len(set(paths)), paths
+        assert [w.kind.kind for w in cp.watchers if w.kind.plural == "services"] == ["Service"]
+        assert ("default", "web") in cp.assembler.services
+        assert list(cp.assembler.extra[mtls.AUTHZ]) == [("default", "web")]
+        # A watch event reaches both: the label removed -> the plugin's object is gone.
+        api.store.patch("services", "web", {"metadata": {"labels": {mtls.ALLOW_NAMESPACE + "shop": None}}}, "default")
+        deadline = time.monotonic() + 10
+        while cp.assembler.extra[mtls.AUTHZ] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not cp.assembler.extra[mtls.AUTHZ]
+    finally:
+        if cp is not None:
+            cp.stop()
+        api.stop()

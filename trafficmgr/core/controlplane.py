@@ -13,7 +13,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from trafficmgr.core import cache as cache_mod
@@ -38,6 +38,12 @@ log = logging.getLogger(__name__)
 
 # How long the sync loop may keep applying queued events before it builds (bounds latency under load).
 MAX_BATCH_SECONDS = 0.05
+#: List pages (``RELIST`` events) queued for the sync loop at most; a watcher with one more waits.
+MAX_QUEUED_PAGES = 4
+
+
+def _as_kind(kind: Kind | WatchKind) -> Kind:
+    return kind if isinstance(kind, Kind) else Kind(kind.kind, kind.api_version, kind.plural, kind.namespaced)
 
 
 class ControlPlane:
@@ -58,6 +64,7 @@ class ControlPlane:
         self._gc_held = False
         self._gc_lock = threading.Lock()  # also guards _relists_pending
         self._relists_pending = 0  # RELISTs queued and not yet applied (see synced())
+        self._pages_applied = threading.Condition(self._gc_lock)  # signalled when one is applied
         self.plugins = plugins
         self.options = options or argparse.Namespace()
         self.kube = kube
@@ -145,11 +152,18 @@ class ControlPlane:
         if self.leader is not None:
             self.leader.on_started = self.gained_leadership
             self.leader.start()
+        # One watch per distinct (path, selectors): a plugin kind that reads the same objects as the core
+        # (mtls reads Services' traffic.allow.* keys) shares the core's list and watch, each event handed
+        # to every kind of the group, instead of listing 10k Services twice at start-up.
+        groups: dict[tuple[str, str, str], list[Kind | WatchKind]] = {}
         for kind in self.watched_kinds():
-            k = kind if isinstance(kind, Kind) else Kind(kind.kind, kind.api_version, kind.plural, kind.namespaced)
+            k = _as_kind(kind)
+            key = (k.path(namespace), getattr(kind, "field_selector", ""), getattr(kind, "label_selector", ""))
+            groups.setdefault(key, []).append(kind)
+        for (_, fields, labels), kinds in groups.items():
             w = Watcher(
-                self.kube, k, self._enqueue, namespace=namespace,
-                field_selector=getattr(kind, "field_selector", ""), label_selector=getattr(kind, "label_selector", ""),
+                self.kube, _as_kind(kinds[0]), self._fan_out(kinds), namespace=namespace,
+                field_selector=fields, label_selector=labels,
                 hand_pages=True, page_size=getattr(self.options, "list_page_size", None),
             )
             self.watchers.append(w)
@@ -172,9 +186,24 @@ class ControlPlane:
         self.events.stop()
         self.status.stop()
 
+    def _fan_out(self, kinds: list[Kind | WatchKind]) -> Callable[[str, Any, Any], None]:
+        """A watcher's sink that queues each event once per kind of its group (see start_watches)."""
+        if len(kinds) == 1:
+            return lambda etype, _kind, obj: self._enqueue(etype, kinds[0], obj)
+
+        def sink(etype: str, _kind: Any, obj: Any) -> None:
+            for kind in kinds:
+                self._enqueue(etype, kind, obj)
+        return sink
+
     def _enqueue(self, etype: str, kind: Any, obj: Any) -> None:
+        """Queue one event for the sync loop. A list page waits while MAX_QUEUED_PAGES are queued and not
+        applied: the watchers decode pages faster than the sync loop applies them, and without this bound a
+        100k-pod list would be held decoded in the queue whole (what paging is there to avoid)."""
         if etype == "RELIST":
-            with self._gc_lock:
+            with self._pages_applied:
+                while self._relists_pending >= MAX_QUEUED_PAGES and not self._stopping.is_set():
+                    self._pages_applied.wait(0.5)
                 self._relists_pending += 1
         self._queue.put((etype, kind, obj))
 
@@ -234,8 +263,9 @@ class ControlPlane:
             log.exception("failed to apply %s %s event", etype, getattr(kind, "kind", kind))
         finally:
             if etype == "RELIST":
-                with self._gc_lock:
+                with self._pages_applied:
                     self._relists_pending -= 1
+                    self._pages_applied.notify_all()
 
     def synced(self) -> bool:
         """Every watcher has listed once and every list handed over is applied: a watcher marks itself
