@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,8 +25,18 @@ from trafficmgr.testing.netns import require as _require_netns
 SERVER_ID = f"spiffe://{TD}/ns/default/sa/web"
 
 
+def flush(pod: SidecarPod) -> None:
+    """Have the sidecar write its buffered stdout now (``POST /reopen_logs`` on its admin, inside the pod's
+    namespace); left alone Envoy writes its access log every 10 s."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    req = urllib.request.Request(f"http://127.0.0.1:{pod.admin_port}/reopen_logs", method="POST")
+    pod.in_ns(lambda: opener.open(req, timeout=3).read())
+
+
 def lines(pod: SidecarPod) -> list[dict[str, Any]]:
-    """The access-log lines in a sidecar's output (its ``envoy.log``: stdout and stderr)."""
+    """The access-log lines in a sidecar's output (its ``envoy.log``: stdout and stderr), after a
+    :func:`flush`: every line of a request that ended before this call."""
+    flush(pod)
     text = pod.log_path.read_text(errors="replace") if pod.log_path.exists() else ""
     return [json.loads(x) for x in access_lines(text)]
 
@@ -100,7 +111,7 @@ def test_pod_label_logs_inbound_on_its_own_sidecar_with_the_callers_identity(
         # one may still log; once a request adds no line on either side, the change is in force.
         n_server, n_client = len(lines(server)), len(lines(client))
         get(c, "after-1")
-        time.sleep(2.5)  # weak: Envoy buffers its stdout up to 10 s, a line could still be coming
+        time.sleep(2.5)  # for the inbound side's line (written when its stream ends, maybe after the answer)
         return len(lines(server)) == n_server and len(lines(client)) == n_client
 
     wait_for(quiet, 20, message="a sidecar still logs after the labels were removed")
