@@ -149,3 +149,23 @@ def test_kinds_reading_the_same_objects_share_one_watch(tmp_path: Path) -> None:
         if cp is not None:
             cp.stop()
         api.stop()
+
+
+def test_the_connection_pool_holds_every_watch(tmp_path: Path) -> None:
+    """With every plugin the control plane holds more API connections at once (a watch stream per watcher,
+    plus the status and Event writers and the leader elector) than the official client's default pool (5 x
+    CPUs: 10 on two cores); past it urllib3 discards connections and each list page pays a new TLS handshake
+    (seen as "Connection pool is full" at 10k services)."""
+    api = APIServer().start()
+    cp = None
+    try:
+        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+        kube = KubeClient(load_api_client(str(kubeconfig)))
+        cp = ControlPlane(PluginHost.load(), argparse.Namespace(), kube)
+        cp.start_watches()
+        assert cp.wait_ready(20), cp.ready()[1]
+        assert kube.api.rest_client.pool_manager.connection_pool_kw["maxsize"] >= len(cp.watchers) + 3
+    finally:
+        if cp is not None:
+            cp.stop()
+        api.stop()
