@@ -113,7 +113,7 @@ def test_ring_hash_cookie_is_sticky(cluster: LocalCluster) -> None:
         m = re.search(r"^set-cookie: (mycookie=\"[0-9a-f]+\"; Max-Age=100; HttpOnly)", proc.stdout, re.M | re.I)
         return m.group(1) if m else ""
 
-    header = c.wait_config(first_cookie, timeout=10, message="no set-cookie with Max-Age=100")
+    header = c.wait_config(first_cookie, timeout=20, message="no set-cookie with Max-Age=100")
     value = header.split(";")[0]
     seen = _spread(c, 30, f"Cookie: {value}")
     assert len(seen) == 1, f"cookie {value} must stick to one pod: {seen}"

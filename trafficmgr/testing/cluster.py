@@ -414,8 +414,20 @@ status: {{podIP: {client_ip}, conditions: [{{type: Ready, status: "True"}}]}}
         return self.store.get("services", service, namespace)["spec"]["clusterIP"]
 
     def wait_config(self, predicate: Any, timeout: float = 10.0, message: str = "") -> Any:
-        """Poll until ``predicate()`` is truthy (e.g. the sidecar's config dump shows a change)."""
-        return wait_for(predicate, timeout, message=message)
+        """Poll until ``predicate()`` is truthy (e.g. the sidecar's config dump shows a change). On timeout
+        the error also tells what the control plane and the client sidecar were doing (a flake in CI is
+        then told apart: no build, a rejected snapshot, or an Envoy that did not apply it)."""
+        try:
+            return wait_for(predicate, timeout, message=message)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}\n{self._state()}") from exc.__cause__
+
+    def _state(self) -> str:
+        snap = self.cp.cache.get("sidecar")
+        versions = {t: ts.version for t, ts in snap.types.items()} if snap is not None else None
+        envoy = self.pod.log() if self.pod is not None else ""
+        return (f"control plane: builds={self.cp.builds} ready={self.cp.ready()} last_error={self.cp.last_error!r} "
+                f"sidecar snapshot versions={versions}\nclient sidecar's Envoy log (tail):\n{envoy[-2500:]}")
 
     def close(self) -> None:
         for b in self.backends:
