@@ -99,9 +99,11 @@ def test_restart_expire_and_drop_lose_nothing(envoy_binary: str) -> None:
             # config can converge before the kinds it does not depend on are back (their backoff runs on).
             served = [w for w in c.cp.watchers if not w.not_served]
             assert served, c.cp.watchers
-            wait_for(lambda: all(w.relists >= 2 for w in served), 20,
-                     message=f"410 must force a relist of every served kind, still at one list: "
-                             f"{[w.kind.plural for w in served if w.relists < 2]} (checked first)")
+            try:
+                wait_for(lambda: all(w.relists >= 2 for w in served), 20)
+            except TimeoutError:
+                raise AssertionError(f"410 must force a relist of every served kind; still at one list after 20 s: "
+                                     f"{[w.kind.plural for w in served if w.relists < 2]}") from None
         finally:
             traffic.stop_flag.set()
             traffic.join(10)

@@ -498,8 +498,9 @@ def test_canary_mesh_route(demo: Demo) -> None:
     def backends_have_endpoints() -> bool:
         # The new Services' EndpointSlices follow the Services: until the client sidecar holds an endpoint
         # of each backend, a request the route sends to it is a 503 (no healthy upstream), as on a cluster.
-        stats = request(client, 15000, "", "/stats?filter=membership_healthy")[2].decode()
-        return all(re.search(rf"\|{name}\.outbound\.membership_healthy: [1-9]", stats) for name in ("reviews-v1", "reviews-v2"))
+        stats = request(client, 15000, "", "/stats/prometheus")[2].decode()
+        return all((prom_value(stats, "envoy_cluster_outbound_membership_healthy", f"9080|default|{name}") or 0) >= 1
+                   for name in ("reviews-v1", "reviews-v2"))
 
     demo.kubectl("apply", "-f", "-", stdin=CANARY)
     try:
