@@ -435,6 +435,10 @@ def test_same_named_services_in_two_namespaces_are_both_served(envoy_binary: str
         vips = {ns: c.cluster_ip("web", ns) for ns in SAME_NAME}
         c.wait_config(lambda: all(ip in c.pod.listener_config("outbound") for ip in [*vips.values(), c.cluster_ip("reviews")]),  # type: ignore[union-attr]
                       message="services not configured")
+        # The pods follow their Services: a snapshot can hold a Service before its endpoint (no healthy upstream).
+        c.wait_config(lambda: all(c.pod.stat(f"cluster.9080|{ns}|{name}.outbound.membership_healthy") == 1  # type: ignore[union-attr]
+                                  for ns, name in [*((ns, "web") for ns in SAME_NAME), ("default", "reviews")]),
+                      message="endpoints not configured")
         for ns in SAME_NAME:
             for host in (f"web.{ns}:9080", f"web.{ns}.svc.cluster.local:9080", f"{vips[ns]}:9080"):
                 status, body = c.pod.get_many(vips[ns], 9080, host, 1)[0]
